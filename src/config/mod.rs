@@ -1,0 +1,1 @@
+//! Raw Kubernetes objects -> validated `model` types. (placeholder: being written)

@@ -1,0 +1,277 @@
+//! Pure types of the service model: what a Service and its endpoints *are*,
+//! once validated. No I/O, no async, no Kubernetes wire types.
+//!
+//! Every address role has its own type (`ServiceVip`, `EndpointAddr`,
+//! `ClientAddr`, `ProxyPort`) so that a function signature says which address
+//! it wants, and passing the wrong one does not compile.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One port of a Service: `namespace/name:port-name` (the port name may be
+/// empty for a single-port Service, as in Kubernetes). Each service port is
+/// balanced on its own.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortName {
+    pub service: ServiceName,
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.port.is_empty() {
+            write!(f, "{}", self.service)
+        } else {
+            write!(f, "{}:{}", self.service, self.port)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A virtual address a Service answers on and that no interface carries
+/// (cluster IP, non-local external or load-balancer IP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceVip(pub IpAddr);
+
+/// Where a backend pod (or external endpoint) listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EndpointAddr(pub SocketAddr);
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The peer address of an accepted client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A local port ringport listens on for one service port's cluster-IP
+/// traffic (the target of the REDIRECT rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ProxyPort(pub u16);
+
+/// `sessionAffinity`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Affinity {
+    None,
+    /// Pin a client IP to one endpoint for `timeout`, sliding on each use.
+    ClientIp {
+        timeout: Duration,
+    },
+}
+
+impl Affinity {
+    /// Kubernetes' default `timeoutSeconds` (3 hours).
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10_800);
+    /// Kubernetes' maximum `timeoutSeconds` (1 day).
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// `trafficDistribution`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TrafficDistribution {
+    #[default]
+    Any,
+    PreferSameZone,
+    PreferSameNode,
+}
+
+/// EndpointSlice `conditions`. Absent conditions read as `true`, except
+/// `terminating`, which reads as `false` (the Kubernetes API contract).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Default for Conditions {
+    fn default() -> Self {
+        Self {
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+}
+
+/// Where a model object came from, for error messages: a file (and the
+/// document's index in it), or the Kubernetes API.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Origin(pub String);
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One validated port of a validated [`Service`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePortSpec {
+    /// `ports[].name`; empty for an unnamed single port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub target_port: TargetPort,
+    pub node_port: Option<u16>,
+}
+
+/// `ports[].targetPort`: a number, or the name of a port the endpoints carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+impl fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetPort::Number(n) => write!(f, "{n}"),
+            TargetPort::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A validated `v1/Service` that the proxy serves (never headless, never
+/// ExternalName: those are dropped during validation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: ServiceName,
+    pub origin: Origin,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); may be empty for a Service
+    /// that has none yet, which is then served on node ports and external
+    /// addresses only.
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub ports: Vec<ServicePortSpec>,
+    pub affinity: Affinity,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub distribution: TrafficDistribution,
+    /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
+    /// without the prefix, sorted by key.
+    pub ringport_annotations: Vec<(String, String)>,
+}
+
+/// A port an [`EndpointSlice`] carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    /// Matches the Service port of the same name.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// One endpoint of an [`EndpointSlice`]: addresses × the slice's ports.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    pub conditions: Conditions,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hints_zones: Vec<String>,
+    pub hints_nodes: Vec<String>,
+}
+
+/// A validated `discovery.k8s.io/v1/EndpointSlice`, or a `v1/Endpoints`
+/// converted into the same shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    /// `namespace/name` of the slice object itself (unique per source).
+    pub id: ServiceName,
+    /// The Service it belongs to (`kubernetes.io/service-name` label, or the
+    /// Endpoints object's own name).
+    pub service: ServiceName,
+    pub origin: Origin,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of one service port, after Service and slices are joined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub addr: EndpointAddr,
+    pub conditions: Conditions,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub hints_zones: Vec<String>,
+    pub hints_nodes: Vec<String>,
+}
+
+/// One service port with everything the data plane needs: the unit that
+/// gets listeners, a balancer and (later) redirect rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub origin: Origin,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub cluster_ips: Vec<IpAddr>,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub affinity: Affinity,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub distribution: TrafficDistribution,
+    pub ringport_annotations: Vec<(String, String)>,
+    /// Sorted by address, deduplicated.
+    pub endpoints: Vec<Endpoint>,
+}
