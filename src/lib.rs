@@ -2,8 +2,20 @@
 //!
 //! Data flows one way: a source (`source/`) produces validated model objects
 //! (`config/` turns raw Kubernetes objects into `model` types), the table
-//! (`table`) joins them into one immutable snapshot, and the data plane
-//! (`dataplane/`) serves connections from whatever snapshot is current.
+//! (`table`) joins them into service ports, the control plane (`control`)
+//! binds listeners and publishes one immutable `snapshot`, and the data
+//! plane (`dataplane/`) serves connections from whatever snapshot is current.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
+pub mod balance;
+pub mod check;
 pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod demo;
 pub mod model;
+pub mod run;
+pub mod snapshot;
+pub mod source;
+pub mod table;

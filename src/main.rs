@@ -1,1 +1,202 @@
-fn main() {}
+//! The `ringport` command: parse the command line, start logging, and hand
+//! over to `run`, `check` or `demo`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use ringport::dataplane::listen::ListenOptions;
+use ringport::dataplane::{RelayMode, WorkerConfig};
+use ringport::run::{Handles, RunOptions};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "ringport",
+    version,
+    about = "A thread-per-core io_uring L4 service proxy for Kubernetes Services"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the services declared in manifests, reloading them on change.
+    Run(RunArgs),
+    /// Validate manifests and print the service-port table.
+    Check {
+        #[command(flatten)]
+        source: SourceArgs,
+        #[command(flatten)]
+        listen: ListenArgs,
+    },
+    /// Start three demo backends and the proxy in front of them, on loopback.
+    Demo(RunArgs),
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// A manifest file or a directory of them (multi-document YAML, as
+    /// `kubectl apply` takes).
+    #[arg(long, default_value = "examples/edge.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct ListenArgs {
+    /// The address proxy ports listen on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    bind_address: IpAddr,
+    /// Ports to allocate proxy ports from, e.g. 20000-20999 (default: the
+    /// kernel chooses).
+    #[arg(long, value_parser = parse_port_range)]
+    proxy_port_range: Option<RangeInclusive<u16>>,
+    /// CIDRs of the node addresses NodePorts listen on, comma separated
+    /// (default: every address).
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Vec<IpNet>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// Worker threads, each pinned to a core with its own io_uring
+    /// (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Do not pin workers to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// How bytes move: splice (zero-copy, through pooled pipes) or copy.
+    #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
+    relay: RelayMode,
+    /// Dial timeout of each connect attempt, comma separated; the number of
+    /// attempts is bounded by the endpoints available (at most 4).
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "250ms,500ms,1s,2s")]
+    connect_timeouts: Vec<Duration>,
+    /// How long open connections may finish after SIGTERM or SIGINT.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    drain_timeout: Duration,
+    /// Where /healthz and /livez are served.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// Where /readyz and /debug/snapshot are served.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+}
+
+fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or("expected FIRST-LAST, e.g. 20000-20999")?;
+    let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a == 0 || a > b {
+        return Err(format!("{s}: need 1 <= FIRST <= LAST"));
+    }
+    Ok(a..=b)
+}
+
+impl ListenArgs {
+    fn options(&self, workers: usize) -> ListenOptions {
+        ListenOptions {
+            bind_address: self.bind_address,
+            proxy_port_range: self.proxy_port_range.clone(),
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            workers,
+        }
+    }
+}
+
+impl RunArgs {
+    fn options(&self) -> anyhow::Result<RunOptions> {
+        let workers = match self.workers {
+            Some(0) => anyhow::bail!("--workers must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if self.connect_timeouts.is_empty() || self.connect_timeouts.iter().any(Duration::is_zero) {
+            anyhow::bail!("--connect-timeouts needs at least one non-zero duration");
+        }
+        Ok(RunOptions {
+            config: self.source.config.clone(),
+            listen: self.listen.options(workers),
+            workers: WorkerConfig {
+                workers,
+                pin: !self.no_pin,
+                relay: self.relay,
+                connect_timeouts: self.connect_timeouts.clone(),
+                drain_timeout: self.drain_timeout,
+                ..WorkerConfig::default()
+            },
+            healthz_bind_address: self.healthz_bind_address,
+            metrics_bind_address: self.metrics_bind_address,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match main_inner() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringport: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main_inner() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Run(args) => {
+            ringport::run::run(args.options()?, Handles::new())?;
+        }
+        Command::Demo(args) => {
+            let mut opts = args.options()?;
+            opts.config = ringport::demo::example_path(&opts.config)?;
+            ringport::demo::demo(opts)?;
+        }
+        Command::Check { source, listen } => return check(&source.config, &listen.options(1)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: &std::path::Path, listen: &ListenOptions) -> anyhow::Result<ExitCode> {
+    let manifests = match ringport::config::load_path(path) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    for w in &manifests.warnings {
+        eprintln!("warning: {w}");
+    }
+    let (ports, errors) = ringport::config::join(&manifests.services, &manifests.slices);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    print!("{}", ringport::check::render(&ports, listen));
+    println!("{} service ports OK in {}", ports.len(), path.display());
+    Ok(ExitCode::SUCCESS)
+}

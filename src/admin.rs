@@ -1,0 +1,94 @@
+//! The admin endpoints, on kube-proxy's conventions: `/healthz` and
+//! `/livez` on the health address, `/readyz` and `/debug/snapshot` on the
+//! metrics address. Read-only views of the current snapshot; nothing here
+//! changes what is served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+
+use crate::snapshot::SharedSnapshot;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub snapshot: SharedSnapshot,
+    /// True once the sources have synced and a snapshot is published.
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn ok() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+    }
+}
+
+async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
+    Json(s.snapshot.load().view())
+}
+
+fn health_routes() -> Router<AdminState> {
+    Router::new()
+        .route("/healthz", get(ok))
+        .route("/livez", get(ok))
+}
+
+fn metrics_routes() -> Router<AdminState> {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/debug/snapshot", get(snapshot))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve {what} on {addr}")]
+pub struct AdminError {
+    what: &'static str,
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Bind both admin addresses and serve them on the current tokio runtime.
+/// When the two addresses are the same, one listener serves every route.
+pub async fn serve(
+    state: AdminState,
+    health: SocketAddr,
+    metrics: SocketAddr,
+) -> Result<(), AdminError> {
+    let bind = |what, addr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError { what, addr, source })
+    };
+    let spawn = |listener: tokio::net::TcpListener, router: Router| {
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        })
+    };
+    if health == metrics {
+        let listener = bind("health and metrics", health).await?;
+        spawn(
+            listener,
+            health_routes().merge(metrics_routes()).with_state(state),
+        );
+        return Ok(());
+    }
+    let h = bind("health", health).await?;
+    let m = bind("metrics", metrics).await?;
+    spawn(h, health_routes().with_state(state.clone()));
+    spawn(m, metrics_routes().with_state(state));
+    Ok(())
+}

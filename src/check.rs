@@ -1,0 +1,93 @@
+//! `ringport check`: validate manifests and show the service-port table
+//! they would produce, without binding anything.
+
+use std::fmt::Write;
+
+use crate::dataplane::listen::{self, ListenOptions, ListenRole};
+use crate::model::{Endpoint, ServicePort};
+
+/// The table `ringport check` prints: one row per service port, with where
+/// it would listen and every endpoint with its conditions.
+pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
+    let rows: Vec<[String; 5]> = ports
+        .iter()
+        .map(|sp| {
+            [
+                sp.name.to_string(),
+                sp.protocol.to_string(),
+                sp.port.to_string(),
+                listens(sp, opts),
+                endpoints(&sp.endpoints),
+            ]
+        })
+        .collect();
+    let header = ["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (cell, w))| {
+                if i == 4 {
+                    cell.clone()
+                } else {
+                    format!("{cell:w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
+    let proxy = match &opts.proxy_port_range {
+        Some(r) => format!("{}:{}-{}", opts.bind_address, r.start(), r.end()),
+        None => format!("{}:<auto>", opts.bind_address),
+    };
+    listen::plan(
+        sp,
+        opts.bind_address,
+        &listen::node_addresses(&opts.nodeport_addresses),
+    )
+    .into_iter()
+    .map(|(role, ip, port)| match role {
+        ListenRole::Proxy => format!("proxy {proxy}"),
+        _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+fn endpoints(eps: &[Endpoint]) -> String {
+    if eps.is_empty() {
+        return "(none)".into();
+    }
+    eps.iter()
+        .map(|e| {
+            let c = e.conditions;
+            let mut states = Vec::new();
+            if c.ready {
+                states.push("ready");
+            }
+            if c.serving {
+                states.push("serving");
+            }
+            if c.terminating {
+                states.push("terminating");
+            }
+            if states.is_empty() {
+                states.push("not-ready");
+            }
+            format!("{} ({})", e.addr, states.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}

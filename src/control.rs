@@ -1,0 +1,88 @@
+//! The control plane's one job: turn a source's update into a published
+//! snapshot, or reject it and keep serving the last good one.
+//!
+//! update -> table (validate, join) -> binder (listeners) -> snapshot ->
+//! one `ArcSwap` store -> wake the workers. Nothing here touches a
+//! connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::{ConfigError, Manifests};
+use crate::dataplane::DataPlane;
+use crate::dataplane::listen::{BindError, Binder};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::table::Table;
+
+/// Why an update was not applied.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration rejected ({} errors); the last good configuration keeps serving", .0.len())]
+pub struct Rejected(pub Vec<ConfigError>);
+
+/// What a published update did.
+#[derive(Debug)]
+pub struct Applied {
+    pub generation: u64,
+    pub service_ports: usize,
+    pub listeners: usize,
+    /// Listen addresses that are not served (the rest are).
+    pub bind_errors: Vec<BindError>,
+}
+
+pub struct Control {
+    table: Table,
+    binder: Binder,
+    snapshot: SharedSnapshot,
+    ready: Arc<AtomicBool>,
+}
+
+impl Control {
+    pub fn new(binder: Binder, snapshot: SharedSnapshot, ready: Arc<AtomicBool>) -> Self {
+        Self {
+            table: Table::default(),
+            binder,
+            snapshot,
+            ready,
+        }
+    }
+
+    /// Apply a full set of manifests (a file source's load).
+    pub fn replace(
+        &mut self,
+        manifests: Manifests,
+        data_plane: &DataPlane,
+    ) -> Result<Applied, Rejected> {
+        let ports = self.table.try_replace(manifests).map_err(Rejected)?;
+        let previous = self.snapshot.load_full();
+        let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
+        for l in listeners
+            .iter()
+            .filter(|l| !previous.listeners.iter().any(|p| p.id == l.id))
+        {
+            tracing::info!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
+        }
+        for e in &bind_errors {
+            if e.is_benign() {
+                tracing::info!(error = %e, "not listening");
+            } else {
+                tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
+            }
+        }
+        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, &previous);
+        let applied = Applied {
+            generation: snapshot.generation,
+            service_ports: snapshot.ports.len(),
+            listeners: snapshot.listeners.len(),
+            bind_errors,
+        };
+        self.snapshot.store(Arc::new(snapshot));
+        data_plane.notify();
+        self.ready.store(true, Ordering::Release);
+        Ok(applied)
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+}

@@ -1,0 +1,258 @@
+//! The state of one proxied TCP connection, from accept to close.
+//!
+//! A connection first *connects*: it walks the candidates its balancer
+//! picked, one non-blocking connect at a time, each bounded by a timeout
+//! (the worker arms a poll linked to a timeout). It then *relays*: two
+//! [`Half`]s move the bytes, one per direction, until both have forwarded
+//! end of file. Any failure before a byte has flowed moves on to the next
+//! candidate; any failure after resets both sides.
+//!
+//! Invariants:
+//! - `armed` records every io_uring op in flight for this connection; the
+//!   worker removes the connection (closing its fds) only when it is
+//!   closing and `armed` is empty, so no completion ever refers to a
+//!   recycled slab entry.
+//! - Both sockets are non-blocking and `TCP_NODELAY`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+use super::relay::{Half, Pool, RelayError, Wait};
+use crate::balance::Candidates;
+use crate::model::{ClientAddr, EndpointAddr};
+use crate::snapshot::PortState;
+
+/// The two directions of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to endpoint.
+    Up = 0,
+    /// Endpoint to client.
+    Down = 1,
+}
+
+/// An io_uring op a connection can have in flight (a bit in `armed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Poll for the end of a non-blocking connect.
+    Connect,
+    /// The timeout linked to that poll.
+    ConnectTimeout,
+    /// Poll the source of a direction for readable.
+    Readable(Dir),
+    /// Poll the sink of a direction for writable.
+    Writable(Dir),
+}
+
+impl Op {
+    pub fn bit(self) -> u8 {
+        match self {
+            Op::Connect => 1,
+            Op::ConnectTimeout => 2,
+            Op::Readable(Dir::Up) => 4,
+            Op::Readable(Dir::Down) => 8,
+            Op::Writable(Dir::Up) => 16,
+            Op::Writable(Dir::Down) => 32,
+        }
+    }
+
+    pub const ALL: [Op; 6] = [
+        Op::Connect,
+        Op::ConnectTimeout,
+        Op::Readable(Dir::Up),
+        Op::Readable(Dir::Down),
+        Op::Writable(Dir::Up),
+        Op::Writable(Dir::Down),
+    ];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Relaying,
+    /// Waiting for in-flight ops to be cancelled before the fds close.
+    Closing,
+}
+
+/// Why a connection ended (for logs and counters).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("no endpoint to connect to")]
+    NoEndpoint,
+    #[error("every endpoint attempt failed; last {endpoint}")]
+    ConnectFailed {
+        endpoint: EndpointAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("relay failed")]
+    Relay(#[from] RelayError),
+}
+
+pub struct Conn {
+    pub client: OwnedFd,
+    pub client_addr: ClientAddr,
+    pub upstream: Option<OwnedFd>,
+    pub port: Arc<PortState>,
+    pub candidates: Candidates,
+    pub endpoint: Option<EndpointAddr>,
+    pub phase: Phase,
+    pub armed: u8,
+    halves: [Half; 2],
+}
+
+/// What to do after trying to open the next upstream connection.
+pub enum Dial {
+    /// Connected at once; start relaying.
+    Connected,
+    /// In progress; poll it for writable, with the timeout of this attempt.
+    InProgress { attempt: usize },
+    /// No candidate is left.
+    Exhausted(ConnError),
+}
+
+impl Conn {
+    pub fn new(
+        client: OwnedFd,
+        client_addr: ClientAddr,
+        port: Arc<PortState>,
+        candidates: Candidates,
+    ) -> Self {
+        Self {
+            client,
+            client_addr,
+            upstream: None,
+            port,
+            candidates,
+            endpoint: None,
+            phase: Phase::Connecting,
+            armed: 0,
+            halves: [Half::default(), Half::default()],
+        }
+    }
+
+    pub fn is_armed(&self, op: Op) -> bool {
+        self.armed & op.bit() != 0
+    }
+
+    /// Start a non-blocking connect to the next candidate, skipping those
+    /// that fail at once. `last` is the failure that led here, if any.
+    pub fn dial_next(&mut self, mut last: Option<io::Error>) -> Dial {
+        self.upstream = None;
+        loop {
+            let Some(i) = self.candidates.next_index(&self.port.balancer) else {
+                return Dial::Exhausted(match (self.endpoint, last) {
+                    (Some(endpoint), Some(source)) => ConnError::ConnectFailed { endpoint, source },
+                    _ => ConnError::NoEndpoint,
+                });
+            };
+            let Some(endpoint) = self.port.balancer.endpoint(i) else {
+                continue;
+            };
+            self.endpoint = Some(endpoint);
+            match start_connect(endpoint.0) {
+                Ok((socket, done)) => {
+                    self.upstream = Some(socket);
+                    return if done {
+                        Dial::Connected
+                    } else {
+                        Dial::InProgress {
+                            attempt: self.candidates.attempts() - 1,
+                        }
+                    };
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %endpoint, error = %e, "connect failed at once");
+                    last = Some(e);
+                }
+            }
+        }
+    }
+
+    /// The result of a finished non-blocking connect.
+    pub fn connect_result(&self) -> io::Result<()> {
+        let Some(upstream) = self.upstream.as_ref() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        match SockRef::from(upstream).take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Run one direction as far as it goes without blocking.
+    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> Result<Wait, RelayError> {
+        let Some(upstream) = self.upstream.as_ref() else {
+            return Ok(Wait::Finished);
+        };
+        let (source, sink) = ends(dir, self.client.as_fd(), upstream.as_fd());
+        self.halves[dir as usize].pump(source, sink, pool)
+    }
+
+    pub fn both_finished(&self) -> bool {
+        self.halves.iter().all(Half::is_finished)
+    }
+
+    /// The fd a poll op watches.
+    pub fn poll_fd(&self, op: Op) -> Option<BorrowedFd<'_>> {
+        let upstream = self.upstream.as_ref().map(|u| u.as_fd());
+        match op {
+            Op::Connect => upstream,
+            Op::ConnectTimeout => None,
+            Op::Readable(Dir::Up) | Op::Writable(Dir::Down) => Some(self.client.as_fd()),
+            Op::Readable(Dir::Down) | Op::Writable(Dir::Up) => upstream,
+        }
+    }
+
+    /// Begin closing: give back empty chunks and, for a reset, make the
+    /// coming close send RST on both sockets (SO_LINGER with a zero timeout).
+    pub fn begin_close(&mut self, reset: bool, pool: &mut Pool) {
+        self.phase = Phase::Closing;
+        for half in &mut self.halves {
+            half.close(pool);
+        }
+        if reset {
+            let _ = SockRef::from(&self.client).set_linger(Some(Duration::ZERO));
+            if let Some(u) = self.upstream.as_ref() {
+                let _ = SockRef::from(u).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+
+    /// Bytes delivered each way: (to the endpoint, to the client).
+    pub fn delivered(&self) -> (u64, u64) {
+        (self.halves[0].delivered, self.halves[1].delivered)
+    }
+}
+
+/// `(source, sink)` of a direction.
+fn ends<'a>(
+    dir: Dir,
+    client: BorrowedFd<'a>,
+    upstream: BorrowedFd<'a>,
+) -> (BorrowedFd<'a>, BorrowedFd<'a>) {
+    match dir {
+        Dir::Up => (client, upstream),
+        Dir::Down => (upstream, client),
+    }
+}
+
+/// A non-blocking connect. `true`: already connected (possible on loopback).
+fn start_connect(addr: SocketAddr) -> io::Result<(OwnedFd, bool)> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => Ok((socket.into(), true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((socket.into(), false)),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,480 @@
+//! Listening sockets: where each service port listens, bound once per
+//! worker with `SO_REUSEPORT`, and kept across reloads.
+//!
+//! The [`Binder`] turns the service ports of a new configuration into
+//! [`Listener`]s. A listener whose [`ListenKey`] already existed in the
+//! previous snapshot is reused as is, so an unchanged service port keeps its
+//! sockets and its proxy port for the life of the process, and a reload
+//! never drops a queued connection.
+//!
+//! Invariants:
+//! - A listener holds one socket per worker, and each worker takes its own
+//!   exactly once ([`Listener::take_socket`]): from then on the worker owns
+//!   it and closes it when the listener leaves the snapshot.
+//! - No two listeners of one configuration share an address and protocol.
+//! - A port that cannot be bound is an error for that listener only.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use socket2::{Domain, Socket, Type};
+
+use crate::model::{Protocol, ServicePort, ServicePortName};
+
+/// Backlog of every listening socket (the kernel caps it at somaxconn).
+const BACKLOG: i32 = 4096;
+
+/// What a listener is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum ListenRole {
+    /// The service port's proxy port on `--bind-address`: cluster-IP
+    /// traffic is redirected here.
+    Proxy,
+    /// `nodePort` on one node address.
+    NodePort(IpAddr),
+    /// `spec.externalIPs[]` that is local to this node.
+    External(IpAddr),
+    /// `status.loadBalancer.ingress[].ip` that is local to this node.
+    LoadBalancer(IpAddr),
+}
+
+impl fmt::Display for ListenRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenRole::Proxy => f.write_str("proxy"),
+            ListenRole::NodePort(_) => f.write_str("nodePort"),
+            ListenRole::External(_) => f.write_str("externalIP"),
+            ListenRole::LoadBalancer(_) => f.write_str("loadBalancer"),
+        }
+    }
+}
+
+/// What identifies a listener across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ListenKey {
+    pub port: ServicePortName,
+    pub protocol: Protocol,
+    pub role: ListenRole,
+    /// The port asked for; 0 for a proxy port (chosen at first bind).
+    pub wanted_port: u16,
+}
+
+/// Unique for the life of the process; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ListenerId(pub u64);
+
+/// Bound sockets for one listen address, one per worker.
+pub struct Listener {
+    pub id: ListenerId,
+    pub key: ListenKey,
+    /// The bound address (with the real port for a proxy port).
+    pub addr: SocketAddr,
+    sockets: Vec<Mutex<Option<OwnedFd>>>,
+}
+
+impl Listener {
+    /// Hand worker `worker` its socket. Some only the first time.
+    pub fn take_socket(&self, worker: usize) -> Option<OwnedFd> {
+        let slot = self.sockets.get(worker)?;
+        // A poisoned lock only means another worker panicked while taking
+        // its own socket; this worker's slot is still intact.
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.take()
+    }
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("id", &self.id)
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// A listen address that is not served, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{key_port} {role} {addr}: address is not local to this node")]
+    NotLocal {
+        key_port: ServicePortName,
+        role: ListenRole,
+        addr: SocketAddr,
+    },
+    #[error("{key_port} {role} {addr}: also claimed by {other}")]
+    Clash {
+        key_port: ServicePortName,
+        role: ListenRole,
+        addr: SocketAddr,
+        other: ServicePortName,
+    },
+    #[error("{key_port} {role} {addr}: cannot listen")]
+    Bind {
+        key_port: ServicePortName,
+        role: ListenRole,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{key_port}: no free port left in --proxy-port-range {start}-{end}")]
+    RangeExhausted {
+        key_port: ServicePortName,
+        start: u16,
+        end: u16,
+    },
+    #[error("{key_port}: UDP service ports are not proxied yet; skipped")]
+    UdpUnsupported { key_port: ServicePortName },
+}
+
+impl BindError {
+    /// Whether this is expected on a healthy node (a non-local external
+    /// address is the redirect rules' business, not a fault).
+    pub fn is_benign(&self) -> bool {
+        matches!(self, BindError::NotLocal { .. })
+    }
+}
+
+/// Where listeners go, from the command line.
+#[derive(Clone, Debug)]
+pub struct ListenOptions {
+    /// `--bind-address`: the address proxy ports listen on.
+    pub bind_address: IpAddr,
+    /// `--proxy-port-range`; `None` lets the kernel choose.
+    pub proxy_port_range: Option<RangeInclusive<u16>>,
+    /// `--nodeport-addresses`; empty means every address.
+    pub nodeport_addresses: Vec<IpNet>,
+    /// One socket per worker on every listen address.
+    pub workers: usize,
+}
+
+/// Binds listeners; remembers which proxy ports it handed out.
+pub struct Binder {
+    opts: ListenOptions,
+    next_id: u64,
+    range_cursor: u16,
+}
+
+impl Binder {
+    pub fn new(opts: ListenOptions) -> Self {
+        let range_cursor = opts.proxy_port_range.as_ref().map_or(0, |r| *r.start());
+        Self {
+            opts,
+            next_id: 1,
+            range_cursor,
+        }
+    }
+
+    pub fn options(&self) -> &ListenOptions {
+        &self.opts
+    }
+
+    /// The listeners for `ports`, reusing those of `previous` whose key is
+    /// unchanged. Errors concern single listeners; the rest are served.
+    pub fn bind(
+        &mut self,
+        ports: &[ServicePort],
+        previous: &[Arc<Listener>],
+    ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
+        let previous: HashMap<&ListenKey, &Arc<Listener>> =
+            previous.iter().map(|l| (&l.key, l)).collect();
+        let node_ips = node_addresses(&self.opts.nodeport_addresses);
+        let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
+        let mut used_proxy_ports: HashSet<u16> = previous
+            .values()
+            .filter(|l| l.key.role == ListenRole::Proxy)
+            .map(|l| l.addr.port())
+            .collect();
+        let mut listeners = Vec::new();
+        let mut errors = Vec::new();
+
+        for sp in ports {
+            if sp.protocol == Protocol::Udp {
+                errors.push(BindError::UdpUnsupported {
+                    key_port: sp.name.clone(),
+                });
+                continue;
+            }
+            for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips) {
+                let key = ListenKey {
+                    port: sp.name.clone(),
+                    protocol: sp.protocol,
+                    role,
+                    wanted_port: port,
+                };
+                let result = match previous.get(&key) {
+                    Some(existing) => Ok(Arc::clone(existing)),
+                    None => self.bind_new(key, ip, &mut used_proxy_ports),
+                };
+                match result {
+                    Ok(listener) => {
+                        let claim = (listener.addr, sp.protocol);
+                        if let Some(other) = claimed.get(&claim) {
+                            errors.push(BindError::Clash {
+                                key_port: sp.name.clone(),
+                                role,
+                                addr: listener.addr,
+                                other: other.clone(),
+                            });
+                            continue;
+                        }
+                        claimed.insert(claim, sp.name.clone());
+                        listeners.push(listener);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        (listeners, errors)
+    }
+
+    fn bind_new(
+        &mut self,
+        key: ListenKey,
+        ip: IpAddr,
+        used_proxy_ports: &mut HashSet<u16>,
+    ) -> Result<Arc<Listener>, BindError> {
+        let port = if key.role == ListenRole::Proxy {
+            match self.opts.proxy_port_range.clone() {
+                None => 0,
+                Some(range) => return self.bind_in_range(key, ip, range, used_proxy_ports),
+            }
+        } else {
+            key.wanted_port
+        };
+        let addr = SocketAddr::new(ip, port);
+        let sockets = bind_reuseport(addr, self.opts.workers).map_err(|source| {
+            let (key_port, role) = (key.port.clone(), key.role);
+            if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                BindError::NotLocal {
+                    key_port,
+                    role,
+                    addr,
+                }
+            } else {
+                BindError::Bind {
+                    key_port,
+                    role,
+                    addr,
+                    source,
+                }
+            }
+        })?;
+        Ok(self.listener(key, sockets))
+    }
+
+    fn bind_in_range(
+        &mut self,
+        key: ListenKey,
+        ip: IpAddr,
+        range: RangeInclusive<u16>,
+        used: &mut HashSet<u16>,
+    ) -> Result<Arc<Listener>, BindError> {
+        let (start, end) = (*range.start(), *range.end());
+        let span = usize::from(end - start) + 1;
+        for _ in 0..span {
+            let port = self.range_cursor;
+            self.range_cursor = if port >= end { start } else { port + 1 };
+            if used.contains(&port) {
+                continue;
+            }
+            if let Ok(sockets) = bind_reuseport(SocketAddr::new(ip, port), self.opts.workers) {
+                used.insert(port);
+                return Ok(self.listener(key, sockets));
+            }
+        }
+        Err(BindError::RangeExhausted {
+            key_port: key.port,
+            start,
+            end,
+        })
+    }
+
+    fn listener(&mut self, key: ListenKey, sockets: Vec<Socket>) -> Arc<Listener> {
+        let id = ListenerId(self.next_id);
+        self.next_id += 1;
+        let addr = sockets
+            .first()
+            .and_then(|s| s.local_addr().ok())
+            .and_then(|a| a.as_socket())
+            .unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
+        let sockets = sockets
+            .into_iter()
+            .map(|s| Mutex::new(Some(OwnedFd::from(s))))
+            .collect();
+        Arc::new(Listener {
+            id,
+            key,
+            addr,
+            sockets,
+        })
+    }
+}
+
+/// Addresses node ports listen on: every address (one wildcard socket)
+/// unless `--nodeport-addresses` narrows them to matching local ones.
+pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
+    if nets.is_empty() {
+        return vec![Ipv4Addr::UNSPECIFIED.into()];
+    }
+    let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| nets.iter().any(|net| net.contains(ip)))
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Every `(role, ip, port)` one service port should listen on.
+pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenRole, IpAddr, u16)> {
+    let mut out = vec![(ListenRole::Proxy, bind, 0)];
+    if let Some(node_port) = sp.node_port {
+        out.extend(
+            node_ips
+                .iter()
+                .map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)),
+        );
+    }
+    out.extend(
+        sp.external_ips
+            .iter()
+            .map(|ip| (ListenRole::External(*ip), *ip, sp.port)),
+    );
+    out.extend(
+        sp.load_balancer_ips
+            .iter()
+            .map(|ip| (ListenRole::LoadBalancer(*ip), *ip, sp.port)),
+    );
+    out
+}
+
+/// `n` listening sockets on one address, sharing it through SO_REUSEPORT.
+/// A port of 0 is chosen by the kernel for the first and reused by the rest.
+fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
+    let mut sockets: Vec<Socket> = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            None,
+        )?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        if addr.port() == 0 {
+            addr = socket.local_addr()?.as_socket().unwrap_or(addr);
+        }
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Affinity, Origin, ServiceName, TrafficDistribution, TrafficPolicy};
+
+    fn port(name: &str, ext: Vec<IpAddr>, node_port: Option<u16>) -> ServicePort {
+        ServicePort {
+            name: ServicePortName {
+                service: ServiceName::new("default", name),
+                port: "".into(),
+            },
+            origin: Origin("test".into()),
+            protocol: Protocol::Tcp,
+            port: 8080,
+            cluster_ips: vec![],
+            node_port,
+            external_ips: ext,
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            affinity: Affinity::None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            distribution: TrafficDistribution::Any,
+            ringport_annotations: vec![],
+            endpoints: vec![],
+        }
+    }
+
+    fn binder() -> Binder {
+        Binder::new(ListenOptions {
+            bind_address: Ipv4Addr::LOCALHOST.into(),
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 2,
+        })
+    }
+
+    #[test]
+    fn unchanged_service_port_keeps_its_proxy_port_across_rebinds() {
+        let mut b = binder();
+        let ports = vec![port("a", vec![], None)];
+        let (first, errors) = b.bind(&ports, &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let (second, _) = b.bind(&ports, &first);
+        assert_eq!(first[0].id, second[0].id);
+        assert_eq!(first[0].addr, second[0].addr);
+        assert_ne!(first[0].addr.port(), 0);
+    }
+
+    #[test]
+    fn every_worker_takes_its_own_socket_once() {
+        let mut b = binder();
+        let (ls, _) = b.bind(&[port("a", vec![], None)], &[]);
+        assert!(ls[0].take_socket(0).is_some());
+        assert!(ls[0].take_socket(0).is_none());
+        assert!(ls[0].take_socket(1).is_some());
+        assert!(ls[0].take_socket(2).is_none());
+    }
+
+    #[test]
+    fn non_local_external_ip_is_reported_as_not_local() {
+        let mut b = binder();
+        // 192.0.2.1 (TEST-NET-1) is never assigned here; bind only, no traffic.
+        let (ls, errors) = b.bind(&[port("a", vec!["192.0.2.1".parse().unwrap()], None)], &[]);
+        assert_eq!(ls.len(), 1, "the proxy port still listens");
+        assert!(
+            matches!(errors[..], [BindError::NotLocal { .. }]),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn two_service_ports_on_one_address_clash_and_the_first_keeps_it() {
+        let mut b = binder();
+        let ip: IpAddr = "127.0.0.77".parse().unwrap();
+        let (ls, errors) = b.bind(&[port("a", vec![ip], None), port("b", vec![ip], None)], &[]);
+        assert_eq!(ls.len(), 3);
+        assert!(
+            matches!(errors[..], [BindError::Clash { .. }]),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn proxy_ports_come_from_the_range() {
+        let mut b = Binder::new(ListenOptions {
+            proxy_port_range: Some(24310..=24319),
+            ..binder().opts
+        });
+        let (ls, errors) = b.bind(&[port("a", vec![], None), port("b", vec![], None)], &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(ls.iter().all(|l| (24310..=24319).contains(&l.addr.port())));
+        assert_ne!(ls[0].addr.port(), ls[1].addr.port());
+    }
+}

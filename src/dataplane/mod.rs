@@ -1,0 +1,160 @@
+//! The data plane: one worker thread per core, each with its own io_uring,
+//! serving TCP connections from the current snapshot.
+//!
+//! The control plane talks to workers in one way only: it publishes a new
+//! snapshot and calls [`DataPlane::notify`]; each worker then reconciles its
+//! listening sockets with the snapshot on its own thread. The data plane
+//! never waits on the control plane.
+
+pub mod conn;
+pub mod listen;
+pub mod relay;
+pub mod sys;
+mod worker;
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub use relay::RelayMode;
+
+use crate::snapshot::SharedSnapshot;
+
+/// How workers run.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub workers: usize,
+    /// Pin worker `i` to CPU `i % CPUs`.
+    pub pin: bool,
+    pub relay: RelayMode,
+    /// Dial timeout of each attempt; the last repeats for later attempts.
+    pub connect_timeouts: Vec<Duration>,
+    /// How long open connections may run after a stop is asked.
+    pub drain_timeout: Duration,
+    pub ring_entries: u32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            pin: true,
+            relay: RelayMode::Splice,
+            connect_timeouts: vec![
+                Duration::from_millis(250),
+                Duration::from_millis(500),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            ],
+            drain_timeout: Duration::from_secs(10),
+            ring_entries: 1024,
+        }
+    }
+}
+
+/// What the workers share: the snapshot, their wake-up eventfds, and the
+/// stop flag.
+struct Shared {
+    snapshot: SharedSnapshot,
+    wakers: Vec<OwnedFd>,
+    stop: AtomicBool,
+}
+
+/// Running workers.
+pub struct DataPlane {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+}
+
+impl DataPlane {
+    /// Start `config.workers` workers serving from `snapshot`.
+    pub fn start(snapshot: SharedSnapshot, config: WorkerConfig) -> io::Result<Self> {
+        let n = config.workers.max(1);
+        let wakers = (0..n)
+            .map(|_| sys::eventfd())
+            .collect::<io::Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared {
+            snapshot,
+            wakers,
+            stop: AtomicBool::new(false),
+        });
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut threads = Vec::with_capacity(n);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        for index in 0..n {
+            let (shared, config, ready) = (Arc::clone(&shared), config.clone(), ready_tx.clone());
+            let pin = config.pin.then_some(index % cpus);
+            let thread = std::thread::Builder::new()
+                .name(format!("ringport-w{index}"))
+                .spawn(move || {
+                    if let Some(cpu) = pin
+                        && let Err(e) = sys::pin_to_cpu(cpu)
+                    {
+                        tracing::warn!(worker = index, cpu, error = %e, "cannot pin worker");
+                    }
+                    // The ring is built on its own thread: it is a
+                    // single-issuer ring, owned by the task that creates it.
+                    let worker = match worker::Worker::new(index, shared, &config) {
+                        Ok(w) => {
+                            let _ = ready.send(Ok(()));
+                            w
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(io::Error::new(
+                                e.kind(),
+                                format!("worker {index}: io_uring setup: {e}"),
+                            )));
+                            return Err(e);
+                        }
+                    };
+                    let result = worker.run();
+                    if let Err(e) = &result {
+                        tracing::error!(worker = index, error = %e, "worker stopped");
+                    }
+                    result
+                })?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // Let the workers that did start wind down.
+                    shared.stop.store(true, Ordering::Release);
+                    shared
+                        .wakers
+                        .iter()
+                        .for_each(|w| sys::eventfd_signal(w.as_fd()));
+                    return Err(e);
+                }
+                Err(_) => return Err(io::Error::other("a worker thread died during setup")),
+            }
+        }
+        Ok(Self { shared, threads })
+    }
+
+    /// Tell every worker a new snapshot was published.
+    pub fn notify(&self) {
+        for waker in &self.shared.wakers {
+            sys::eventfd_signal(waker.as_fd());
+        }
+    }
+
+    /// Stop accepting, let open connections drain (up to the drain
+    /// timeout), and wait for every worker.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.notify();
+        for thread in self.threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+                Err(_) => tracing::error!("worker panicked"),
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The data plane's only home for `unsafe`: raw syscalls the std library and
+//! socket2 do not cover (splice, pipes, eventfd, CPU pinning) and pushing
+//! entries onto an io_uring submission queue.
+//!
+//! Every function here takes and returns owned or borrowed fds (`OwnedFd`,
+//! `BorrowedFd`), never a bare integer someone must remember to close, and
+//! every `unsafe` block says why it is sound.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{IoUring, squeue};
+
+/// Outcome of a non-blocking transfer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Moved {
+    /// This many bytes moved (never 0).
+    Bytes(usize),
+    /// The source reached end of file (orderly shutdown).
+    Eof,
+    /// Nothing could move now; wait for readiness.
+    WouldBlock,
+}
+
+fn classify(ret: isize) -> io::Result<Moved> {
+    match ret {
+        0 => Ok(Moved::Eof),
+        n if n > 0 => Ok(Moved::Bytes(n as usize)),
+        _ => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                Ok(Moved::WouldBlock)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// `splice(2)` up to `len` bytes from `from` to `to` without blocking.
+/// One of the two must be a pipe.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<Moved> {
+    let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+    loop {
+        // SAFETY: both fds are borrowed for the duration of the call, null
+        // offsets are valid for pipes and sockets, and splice reads no
+        // memory of ours.
+        let ret = unsafe {
+            libc::splice(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                len,
+                flags,
+            )
+        };
+        if ret < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return classify(ret);
+    }
+}
+
+/// `read(2)` into `buf` without blocking (the fd is O_NONBLOCK).
+pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Moved> {
+    loop {
+        // SAFETY: `buf` is a valid, writable slice for its whole length.
+        let ret = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if ret < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return classify(ret);
+    }
+}
+
+/// `send(2)` from `buf` without blocking and without SIGPIPE.
+pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<Moved> {
+    loop {
+        // SAFETY: `buf` is a valid, readable slice for its whole length.
+        let ret = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if ret < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if ret == 0 && !buf.is_empty() {
+            return Ok(Moved::WouldBlock);
+        }
+        return classify(ret);
+    }
+}
+
+/// A non-blocking pipe: `(read end, write end)`, resized to `size` bytes
+/// when the kernel allows it (the default 64 KiB otherwise).
+pub fn pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    let ret = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ takes an int argument; failure leaves the pipe
+    // at its default size, which is still correct, only slower.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+    Ok((r, w))
+}
+
+/// Capacity of a pipe in bytes.
+pub fn pipe_capacity(fd: BorrowedFd<'_>) -> usize {
+    // SAFETY: F_GETPIPE_SZ takes no argument and only reads kernel state.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if ret > 0 { ret as usize } else { 65_536 }
+}
+
+/// A non-blocking eventfd, used to wake a worker's ring from another thread.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: eventfd succeeded, so `fd` is open and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Add one to an eventfd's counter (wakes whoever polls it).
+pub fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64. A full counter (EAGAIN) means
+    // a wake-up is already pending, which is all we want.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Reset an eventfd's counter to zero.
+pub fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut buf: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64; EAGAIN (already zero)
+    // is fine.
+    unsafe { libc::read(fd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+}
+
+/// Pin the calling thread to one CPU. Best effort: a failure (e.g. a CPU
+/// set restricted by a container) is returned for the caller to log.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is a plain bitmask; zeroed is the empty set, and
+    // CPU_SET writes inside it for any cpu < CPU_SETSIZE (checked).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Push one submission entry, submitting first if the queue is full.
+///
+/// # Safety
+/// Every buffer, timespec or address the entry points to must stay valid
+/// and unmoved until the kernel has consumed the entry (for the entries the
+/// data plane builds: polls, accepts, cancels, and timeouts whose timespecs
+/// live in the worker for its whole life).
+pub unsafe fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
+    loop {
+        // SAFETY: forwarded from this function's contract.
+        if unsafe { ring.submission().push(entry) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
+/// Push two entries that must land back to back (an op and its linked
+/// timeout): make room for both first, so a full queue cannot split them.
+///
+/// # Safety
+/// As for [`push`], for both entries.
+pub unsafe fn push_linked(
+    ring: &mut IoUring,
+    first: &squeue::Entry,
+    second: &squeue::Entry,
+) -> io::Result<()> {
+    loop {
+        let mut sq = ring.submission();
+        if sq.capacity() - sq.len() >= 2 {
+            // SAFETY: forwarded from this function's contract; room for
+            // both was checked just above, so neither push can fail.
+            unsafe {
+                let _ = sq.push(first);
+                let _ = sq.push(second);
+            }
+            return Ok(());
+        }
+        drop(sq);
+        ring.submit()?;
+    }
+}

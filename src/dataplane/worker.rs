@@ -1,0 +1,482 @@
+//! One worker: a thread pinned to a core, with its own io_uring, its own
+//! listening sockets and its own connections. Workers share nothing but the
+//! snapshot (read) and the balancers' atomics.
+//!
+//! The event loop submits only ops that never block in the kernel (polls,
+//! multishot accepts, timeouts, cancels) and makes the actual transfers as
+//! non-blocking syscalls when a poll says they can progress. So no op ever
+//! parks an io-wq thread, however many connections sit idle.
+//!
+//! Invariants:
+//! - A completion's `user_data` is a [`Token`]; a connection's slab slot is
+//!   freed only once none of its ops is in flight (see `conn.rs`).
+//! - The worker reconciles its listeners with the snapshot whenever it is
+//!   woken, and never blocks on the control plane.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use slab::Slab;
+use socket2::SockRef;
+
+use super::conn::{Conn, Dial, Dir, Op, Phase};
+use super::listen::ListenerId;
+use super::relay::{Pool, Wait};
+use super::{Shared, WorkerConfig, sys};
+use crate::model::ClientAddr;
+
+/// What a completion belongs to: `kind << 56 | key`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    Wake,
+    Drain,
+    Cancel,
+    Accept(usize),
+    AcceptRetry(usize),
+    Conn(usize, Op),
+}
+
+impl Token {
+    fn encode(self) -> u64 {
+        let (kind, key): (u64, usize) = match self {
+            Token::Wake => (1, 0),
+            Token::Drain => (2, 0),
+            Token::Cancel => (3, 0),
+            Token::Accept(k) => (4, k),
+            Token::AcceptRetry(k) => (5, k),
+            Token::Conn(k, op) => (8 + op_index(op), k),
+        };
+        kind << 56 | key as u64
+    }
+
+    fn decode(v: u64) -> Option<Token> {
+        let key = (v & ((1 << 56) - 1)) as usize;
+        Some(match v >> 56 {
+            1 => Token::Wake,
+            2 => Token::Drain,
+            3 => Token::Cancel,
+            4 => Token::Accept(key),
+            5 => Token::AcceptRetry(key),
+            k @ 8..=13 => Token::Conn(key, Op::ALL[(k - 8) as usize]),
+            _ => return None,
+        })
+    }
+}
+
+fn op_index(op: Op) -> u64 {
+    Op::ALL.iter().position(|o| *o == op).unwrap_or(0) as u64
+}
+
+/// A listening socket this worker accepts on.
+struct Accepting {
+    id: ListenerId,
+    /// `None` once the listener left the snapshot: its accept is being
+    /// cancelled, and the slot is freed when that completes.
+    fd: Option<OwnedFd>,
+}
+
+/// Delay before re-arming an accept that failed for lack of fds.
+const ACCEPT_RETRY: Duration = Duration::from_millis(20);
+
+pub(super) struct Worker {
+    index: usize,
+    ring: IoUring,
+    shared: Arc<Shared>,
+    listeners: Slab<Accepting>,
+    by_id: HashMap<ListenerId, usize>,
+    conns: Slab<Conn>,
+    pool: Pool,
+    /// Timespecs handed to the kernel by pointer: boxed so they never move.
+    connect_timeouts: Box<[types::Timespec]>,
+    accept_retry: Box<types::Timespec>,
+    drain_timeout: Box<types::Timespec>,
+    /// Directions that yielded with work left, pumped again this turn.
+    yielded: Vec<(usize, Dir)>,
+    stopping: bool,
+}
+
+impl Worker {
+    pub(super) fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        config: &WorkerConfig,
+    ) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(config.ring_entries * 4)
+            .build(config.ring_entries)?;
+        let ts = |d: Duration| {
+            types::Timespec::new()
+                .sec(d.as_secs())
+                .nsec(d.subsec_nanos())
+        };
+        Ok(Self {
+            index,
+            ring,
+            shared,
+            listeners: Slab::new(),
+            by_id: HashMap::new(),
+            conns: Slab::with_capacity(1024),
+            pool: Pool::new(config.relay),
+            connect_timeouts: config.connect_timeouts.iter().map(|d| ts(*d)).collect(),
+            accept_retry: Box::new(ts(ACCEPT_RETRY)),
+            drain_timeout: Box::new(ts(config.drain_timeout)),
+            yielded: Vec::new(),
+            stopping: false,
+        })
+    }
+
+    /// Serve until told to stop and drained (or the drain timeout passes).
+    pub(super) fn run(mut self) -> io::Result<()> {
+        self.arm_wake()?;
+        self.reconcile()?;
+        let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
+        loop {
+            if self.stopping && self.conns.is_empty() && self.listeners.is_empty() {
+                return Ok(());
+            }
+            let wait = if self.yielded.is_empty() { 1 } else { 0 };
+            match self.ring.submit_and_wait(wait) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            completions.clear();
+            completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(data, result, flags) in &completions {
+                match Token::decode(data) {
+                    Some(Token::Drain) => return Ok(()),
+                    Some(token) => self.complete(token, result, flags)?,
+                    None => tracing::error!(data, "completion with an unknown token"),
+                }
+            }
+            for (key, dir) in std::mem::take(&mut self.yielded) {
+                self.pump(key, dir)?;
+            }
+        }
+    }
+
+    fn complete(&mut self, token: Token, result: i32, flags: u32) -> io::Result<()> {
+        match token {
+            Token::Wake => {
+                sys::eventfd_drain(self.shared.wakers[self.index].as_fd());
+                self.arm_wake()?;
+                self.reconcile()
+            }
+            Token::Accept(slot) => self.on_accept(slot, result, cqueue::more(flags)),
+            Token::AcceptRetry(slot) => self.arm_accept(slot),
+            Token::Conn(key, op) => self.on_conn_op(key, op, result),
+            Token::Cancel | Token::Drain => Ok(()),
+        }
+    }
+
+    // ---- listeners -------------------------------------------------------
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let fd = self.shared.wakers[self.index].as_raw_fd();
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(Token::Wake.encode());
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    /// Bring this worker's accepting sockets in line with the snapshot.
+    fn reconcile(&mut self) -> io::Result<()> {
+        if self.shared.stop.load(Ordering::Acquire) && !self.stopping {
+            self.begin_stop()?;
+        }
+        let snapshot = self.shared.snapshot.load_full();
+        let wanted: Vec<_> = if self.stopping {
+            Vec::new()
+        } else {
+            snapshot.listeners.clone()
+        };
+        let keep: std::collections::HashSet<ListenerId> = wanted.iter().map(|l| l.id).collect();
+        let gone: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, a)| a.fd.is_some() && !keep.contains(&a.id))
+            .map(|(slot, _)| slot)
+            .collect();
+        for slot in gone {
+            self.listeners[slot].fd = None;
+            self.cancel(Token::Accept(slot))?;
+        }
+        for listener in wanted {
+            if self.by_id.contains_key(&listener.id) {
+                continue;
+            }
+            if let Some(fd) = listener.take_socket(self.index) {
+                let slot = self.listeners.insert(Accepting {
+                    id: listener.id,
+                    fd: Some(fd),
+                });
+                self.by_id.insert(listener.id, slot);
+                self.arm_accept(slot)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn arm_accept(&mut self, slot: usize) -> io::Result<()> {
+        let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else {
+            return self.forget_listener(slot);
+        };
+        let entry = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Token::Accept(slot).encode());
+        // SAFETY: a multishot accept without an address points at no memory.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    fn forget_listener(&mut self, slot: usize) -> io::Result<()> {
+        if let Some(a) = self.listeners.try_remove(slot) {
+            self.by_id.remove(&a.id);
+        }
+        Ok(())
+    }
+
+    fn on_accept(&mut self, slot: usize, result: i32, more: bool) -> io::Result<()> {
+        let open = self.listeners.get(slot).is_some_and(|a| a.fd.is_some());
+        if result >= 0 {
+            // SAFETY: a successful accept returns a new fd that nothing else owns.
+            let client = unsafe { OwnedFd::from_raw_fd(result) };
+            if open {
+                self.on_client(slot, client)?;
+            }
+        } else if open && result != -libc::ECANCELED {
+            let e = io::Error::from_raw_os_error(-result);
+            tracing::warn!(worker = self.index, error = %e, "accept failed");
+            if !more {
+                let entry = opcode::Timeout::new(&*self.accept_retry)
+                    .build()
+                    .user_data(Token::AcceptRetry(slot).encode());
+                // SAFETY: the timespec is boxed in the worker and outlives the op.
+                return unsafe { sys::push(&mut self.ring, &entry) };
+            }
+        }
+        match (more, open) {
+            (true, _) => Ok(()),
+            (false, true) => self.arm_accept(slot),
+            (false, false) => self.forget_listener(slot),
+        }
+    }
+
+    // ---- connections -----------------------------------------------------
+
+    fn on_client(&mut self, slot: usize, client: OwnedFd) -> io::Result<()> {
+        let Some(listener) = self.listeners.get(slot).map(|a| a.id) else {
+            return Ok(());
+        };
+        let sock = SockRef::from(&client);
+        let Some(peer) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
+            return Ok(()); // the client is already gone
+        };
+        let _ = sock.set_tcp_nodelay(true);
+        let snapshot = self.shared.snapshot.load();
+        let Some(port) = snapshot.route(listener).cloned() else {
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return Ok(());
+        };
+        let client_addr = ClientAddr(peer);
+        let candidates = port.balancer.pick(client_addr, Instant::now());
+        let key = self
+            .conns
+            .insert(Conn::new(client, client_addr, port, candidates));
+        self.dial(key, None)
+    }
+
+    fn dial(&mut self, key: usize, last: Option<io::Error>) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        match conn.dial_next(last) {
+            Dial::Connected => self.start_relay(key),
+            Dial::InProgress { attempt } => {
+                let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
+                let timeout = &self.connect_timeouts[attempt.min(self.connect_timeouts.len() - 1)];
+                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(Token::Conn(key, Op::Connect).encode());
+                let limit = opcode::LinkTimeout::new(timeout)
+                    .build()
+                    .user_data(Token::Conn(key, Op::ConnectTimeout).encode());
+                conn.armed |= Op::Connect.bit() | Op::ConnectTimeout.bit();
+                // SAFETY: the timespec lives in the worker's boxed slice for
+                // the worker's whole life; a poll points at no memory.
+                unsafe { sys::push_linked(&mut self.ring, &poll, &limit) }
+            }
+            Dial::Exhausted(e) => {
+                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+                self.close(key, true)
+            }
+        }
+    }
+
+    fn on_conn_op(&mut self, key: usize, op: Op, result: i32) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            tracing::error!(key, ?op, "completion for a connection that is gone");
+            return Ok(());
+        };
+        conn.armed &= !op.bit();
+        if conn.phase == Phase::Closing {
+            return self.finish_close(key);
+        }
+        match op {
+            Op::ConnectTimeout => Ok(()),
+            Op::Connect => {
+                let outcome = if result == -libc::ECANCELED {
+                    Err(io::Error::from(io::ErrorKind::TimedOut))
+                } else {
+                    conn.connect_result()
+                };
+                match outcome {
+                    Ok(()) => self.start_relay(key),
+                    Err(e) => {
+                        tracing::debug!(endpoint = ?conn.endpoint, error = %e, "connect failed");
+                        self.dial(key, Some(e))
+                    }
+                }
+            }
+            Op::Readable(dir) | Op::Writable(dir) => self.pump(key, dir),
+        }
+    }
+
+    fn start_relay(&mut self, key: usize) -> io::Result<()> {
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.phase = Phase::Relaying;
+        }
+        self.pump(key, Dir::Up)?;
+        self.pump(key, Dir::Down)
+    }
+
+    fn pump(&mut self, key: usize, dir: Dir) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        if conn.phase != Phase::Relaying {
+            return Ok(());
+        }
+        match conn.pump(dir, &mut self.pool) {
+            Ok(Wait::SourceReadable) => self.arm_poll(key, Op::Readable(dir), libc::POLLIN),
+            Ok(Wait::SinkWritable) => self.arm_poll(key, Op::Writable(dir), libc::POLLOUT),
+            Ok(Wait::Yield) => {
+                self.yielded.push((key, dir));
+                Ok(())
+            }
+            Ok(Wait::Finished) if conn.both_finished() => self.close(key, false),
+            Ok(Wait::Finished) => Ok(()),
+            Err(e) => {
+                tracing::debug!(service = %conn.port.spec.name, ?dir, error = %e, source = %e.source, "connection reset");
+                self.close(key, true)
+            }
+        }
+    }
+
+    fn arm_poll(&mut self, key: usize, op: Op, events: i16) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        if conn.is_armed(op) {
+            return Ok(());
+        }
+        let Some(fd) = conn.poll_fd(op).map(|fd| fd.as_raw_fd()) else {
+            return Ok(());
+        };
+        conn.armed |= op.bit();
+        let entry = opcode::PollAdd::new(types::Fd(fd), events as u32)
+            .build()
+            .user_data(Token::Conn(key, op).encode());
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    /// Close a connection: cancel its in-flight ops, then free it.
+    fn close(&mut self, key: usize, reset: bool) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        conn.begin_close(reset, &mut self.pool);
+        let armed: Vec<Op> = Op::ALL
+            .into_iter()
+            .filter(|op| conn.is_armed(*op))
+            .collect();
+        for op in armed {
+            // The linked timeout goes with its poll.
+            if op != Op::ConnectTimeout {
+                self.cancel(Token::Conn(key, op))?;
+            }
+        }
+        self.finish_close(key)
+    }
+
+    fn finish_close(&mut self, key: usize) -> io::Result<()> {
+        if self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.phase == Phase::Closing && c.armed == 0)
+        {
+            let conn = self.conns.remove(key);
+            let (up, down) = conn.delivered();
+            tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
+        }
+        Ok(())
+    }
+
+    fn cancel(&mut self, target: Token) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target.encode())
+            .build()
+            .user_data(Token::Cancel.encode());
+        // SAFETY: a cancel points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    // ---- shutdown --------------------------------------------------------
+
+    /// Stop accepting and give open connections the drain timeout to end.
+    fn begin_stop(&mut self) -> io::Result<()> {
+        self.stopping = true;
+        let entry = opcode::Timeout::new(&*self.drain_timeout)
+            .build()
+            .user_data(Token::Drain.encode());
+        // SAFETY: the timespec is boxed in the worker and outlives the op.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        let tokens = [
+            Token::Wake,
+            Token::Drain,
+            Token::Cancel,
+            Token::Accept(7),
+            Token::AcceptRetry(9),
+            Token::Conn(123_456, Op::Connect),
+            Token::Conn(1, Op::ConnectTimeout),
+            Token::Conn(2, Op::Readable(Dir::Down)),
+            Token::Conn(3, Op::Writable(Dir::Up)),
+        ];
+        for t in tokens {
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The table: every validated Service and EndpointSlice the sources know,
+//! merged into one list of service ports.
+//!
+//! Sources feed the table; the table never reaches out to them. A change is
+//! tried on a copy first ([`Table::try_replace`]), so an invalid change
+//! leaves the table (and therefore the served snapshot) as it was.
+
+use std::collections::BTreeMap;
+
+use crate::config::{self, ConfigError, Manifests};
+use crate::model::{EndpointSlice, Service, ServiceName, ServicePort};
+
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    services: BTreeMap<ServiceName, Service>,
+    slices: BTreeMap<ServiceName, EndpointSlice>,
+}
+
+impl Table {
+    /// Replace the whole contents (a file source's reload), but only if the
+    /// result is valid. On error the table is unchanged.
+    pub fn try_replace(
+        &mut self,
+        manifests: Manifests,
+    ) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
+        // Join the lists as given, so duplicates are reported, not collapsed.
+        let (ports, errors) = config::join(&manifests.services, &manifests.slices);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        self.services = manifests
+            .services
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        self.slices = manifests
+            .slices
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        Ok(ports)
+    }
+
+    /// Every service port with its endpoints, sorted by name.
+    pub fn service_ports(&self) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
+        let services: Vec<Service> = self.services.values().cloned().collect();
+        let slices: Vec<EndpointSlice> = self.slices.values().cloned().collect();
+        let (ports, errors) = config::join(&services, &slices);
+        if errors.is_empty() {
+            Ok(ports)
+        } else {
+            Err(errors)
+        }
+    }
+}
