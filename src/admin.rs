@@ -39,15 +39,11 @@ async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 fn health_routes() -> Router<AdminState> {
-    Router::new()
-        .route("/healthz", get(ok))
-        .route("/livez", get(ok))
+    Router::new().route("/healthz", get(ok)).route("/livez", get(ok))
 }
 
 fn metrics_routes() -> Router<AdminState> {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .route("/debug/snapshot", get(snapshot))
+    Router::new().route("/readyz", get(readyz)).route("/debug/snapshot", get(snapshot))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +57,9 @@ pub struct AdminError {
 
 /// Bind both admin addresses and serve them on the current tokio runtime.
 /// When the two addresses are the same, one listener serves every route.
-pub async fn serve(
-    state: AdminState,
-    health: SocketAddr,
-    metrics: SocketAddr,
-) -> Result<(), AdminError> {
+pub async fn serve(state: AdminState, health: SocketAddr, metrics: SocketAddr) -> Result<(), AdminError> {
     let bind = |what, addr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| AdminError { what, addr, source })
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| AdminError { what, addr, source })
     };
     let spawn = |listener: tokio::net::TcpListener, router: Router| {
         tokio::spawn(async move {
@@ -80,10 +70,7 @@ pub async fn serve(
     };
     if health == metrics {
         let listener = bind("health and metrics", health).await?;
-        spawn(
-            listener,
-            health_routes().merge(metrics_routes()).with_state(state),
-        );
+        spawn(listener, health_routes().merge(metrics_routes()).with_state(state));
         return Ok(());
     }
     let h = bind("health", health).await?;

@@ -34,13 +34,7 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (cell, w))| {
-                if i == 4 {
-                    cell.clone()
-                } else {
-                    format!("{cell:w$}")
-                }
-            })
+            .map(|(i, (cell, w))| if i == 4 { cell.clone() } else { format!("{cell:w$}") })
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
@@ -52,18 +46,14 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
         Some(r) => format!("{}:{}-{}", opts.bind_address, r.start(), r.end()),
         None => format!("{}:<auto>", opts.bind_address),
     };
-    listen::plan(
-        sp,
-        opts.bind_address,
-        &listen::node_addresses(&opts.nodeport_addresses),
-    )
-    .into_iter()
-    .map(|(role, ip, port)| match role {
-        ListenRole::Proxy => format!("proxy {proxy}"),
-        _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
-    })
-    .collect::<Vec<_>>()
-    .join(", ")
+    listen::plan(sp, opts.bind_address, &listen::node_addresses(&opts.nodeport_addresses))
+        .into_iter()
+        .map(|(role, ip, port)| match role {
+            ListenRole::Proxy => format!("proxy {proxy}"),
+            _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn endpoints(eps: &[Endpoint]) -> String {

@@ -38,27 +38,15 @@ pub struct Control {
 
 impl Control {
     pub fn new(binder: Binder, snapshot: SharedSnapshot, ready: Arc<AtomicBool>) -> Self {
-        Self {
-            table: Table::default(),
-            binder,
-            snapshot,
-            ready,
-        }
+        Self { table: Table::default(), binder, snapshot, ready }
     }
 
     /// Apply a full set of manifests (a file source's load).
-    pub fn replace(
-        &mut self,
-        manifests: Manifests,
-        data_plane: &DataPlane,
-    ) -> Result<Applied, Rejected> {
+    pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
         let ports = self.table.try_replace(manifests).map_err(Rejected)?;
         let previous = self.snapshot.load_full();
         let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
-        for l in listeners
-            .iter()
-            .filter(|l| !previous.listeners.iter().any(|p| p.id == l.id))
-        {
+        for l in listeners.iter().filter(|l| !previous.listeners.iter().any(|p| p.id == l.id)) {
             tracing::info!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
         }
         for e in &bind_errors {

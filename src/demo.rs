@@ -15,11 +15,8 @@ use crate::run::{self, Handles, RunOptions};
 /// The shipped example, used when `examples/edge.yaml` is not on disk here.
 const EDGE_YAML: &str = include_str!("../examples/edge.yaml");
 /// The example's backends.
-const BACKENDS: [([u8; 4], u16); 3] = [
-    ([127, 0, 0, 11], 8080),
-    ([127, 0, 0, 12], 8080),
-    ([127, 0, 0, 13], 8080),
-];
+const BACKENDS: [([u8; 4], u16); 3] =
+    [([127, 0, 0, 11], 8080), ([127, 0, 0, 12], 8080), ([127, 0, 0, 13], 8080)];
 const REQUESTS: usize = 6;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +46,7 @@ pub fn example_path(wanted: &Path) -> Result<PathBuf, DemoError> {
     let path = dir.join("edge.yaml");
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&path, EDGE_YAML))
-        .map_err(|source| DemoError::Example {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(|source| DemoError::Example { path: path.clone(), source })?;
     Ok(path)
 }
 
@@ -60,8 +54,7 @@ pub fn example_path(wanted: &Path) -> Result<PathBuf, DemoError> {
 pub fn demo(opts: RunOptions) -> Result<(), DemoError> {
     for (ip, port) in BACKENDS {
         let addr = SocketAddr::from((ip, port));
-        let listener =
-            TcpListener::bind(addr).map_err(|source| DemoError::Backend { addr, source })?;
+        let listener = TcpListener::bind(addr).map_err(|source| DemoError::Backend { addr, source })?;
         std::thread::spawn(move || serve_backend(listener));
     }
     let handles = Handles::new();
@@ -73,9 +66,7 @@ pub fn demo(opts: RunOptions) -> Result<(), DemoError> {
 
 /// A tiny HTTP/1.1 responder that names itself in every answer.
 fn serve_backend(listener: TcpListener) {
-    let me = listener
-        .local_addr()
-        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let me = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
     for stream in listener.incoming().flatten() {
         let me = me.clone();
         std::thread::spawn(move || {
@@ -110,10 +101,7 @@ fn client(handles: &Handles) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let web = ServicePortName {
-        service: ServiceName::new("default", "web"),
-        port: "http".into(),
-    };
+    let web = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
     let snapshot = handles.snapshot.load_full();
     let Some(target) = snapshot
         .listeners
@@ -139,25 +127,14 @@ fn client(handles: &Handles) {
 }
 
 fn loopback_if_wildcard(ip: IpAddr) -> IpAddr {
-    if ip.is_unspecified() {
-        Ipv4Addr::LOCALHOST.into()
-    } else {
-        ip
-    }
+    if ip.is_unspecified() { Ipv4Addr::LOCALHOST.into() } else { ip }
 }
 
 fn get(target: SocketAddr) -> io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET / HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET / HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    Ok(response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string())
+    Ok(response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }

@@ -97,9 +97,7 @@ struct RunArgs {
 }
 
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
-    let (a, b) = s
-        .split_once('-')
-        .ok_or("expected FIRST-LAST, e.g. 20000-20999")?;
+    let (a, b) = s.split_once('-').ok_or("expected FIRST-LAST, e.g. 20000-20999")?;
     let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
     let (a, b) = (parse(a)?, parse(b)?);
     if a == 0 || a > b {

@@ -21,10 +21,7 @@ pub struct ServiceName {
 
 impl ServiceName {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self { namespace: namespace.into(), name: name.into() }
     }
 }
 
@@ -139,11 +136,7 @@ pub struct Conditions {
 
 impl Default for Conditions {
     fn default() -> Self {
-        Self {
-            ready: true,
-            serving: true,
-            terminating: false,
-        }
+        Self { ready: true, serving: true, terminating: false }
     }
 }
 

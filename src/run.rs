@@ -80,12 +80,10 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
 
 async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
     let mut source = FileSource::watch(&opts.config)?;
-    let manifests = source.load().map_err(|errors| RunError::Initial {
-        path: opts.config.clone(),
-        errors,
-    })?;
-    let data_plane = DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone())
-        .map_err(RunError::DataPlane)?;
+    let manifests =
+        source.load().map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
+    let data_plane =
+        DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
     let mut control = Control::new(
         Binder::new(opts.listen.clone()),
         Arc::clone(&handles.snapshot),
@@ -100,12 +98,8 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         listeners = applied.listeners,
         "serving"
     );
-    let state = AdminState {
-        snapshot: Arc::clone(&handles.snapshot),
-        ready: Arc::clone(&handles.ready),
-    };
-    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await
-    {
+    let state = AdminState { snapshot: Arc::clone(&handles.snapshot), ready: Arc::clone(&handles.ready) };
+    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
     }
 

@@ -58,29 +58,16 @@ impl Snapshot {
             .map(|spec| {
                 let usable = balance::usable(&spec.endpoints);
                 let balancer = match old.get(&spec.name) {
-                    Some(p) if p.balancer.endpoints() == usable.as_slice() => {
-                        Arc::clone(&p.balancer)
-                    }
+                    Some(p) if p.balancer.endpoints() == usable.as_slice() => Arc::clone(&p.balancer),
                     _ => Arc::new(Balancer::new(usable)),
                 };
                 Arc::new(PortState { spec, balancer })
             })
             .collect();
-        let index: HashMap<&ServicePortName, usize> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (&p.spec.name, i))
-            .collect();
-        let routes = listeners
-            .iter()
-            .filter_map(|l| index.get(&l.key.port).map(|i| (l.id, *i)))
-            .collect();
-        Self {
-            generation,
-            ports,
-            listeners,
-            routes,
-        }
+        let index: HashMap<&ServicePortName, usize> =
+            ports.iter().enumerate().map(|(i, p)| (&p.spec.name, i)).collect();
+        let routes = listeners.iter().filter_map(|l| index.get(&l.key.port).map(|i| (l.id, *i))).collect();
+        Self { generation, ports, listeners, routes }
     }
 
     /// The service port a listener serves.
@@ -113,10 +100,7 @@ impl Snapshot {
                         .listeners
                         .iter()
                         .filter(|l| l.key.port == p.spec.name)
-                        .map(|l| ListenerView {
-                            role: l.key.role.to_string(),
-                            addr: l.addr,
-                        })
+                        .map(|l| ListenerView { role: l.key.role.to_string(), addr: l.addr })
                         .collect(),
                     endpoints: p.spec.endpoints.iter().map(EndpointView::from).collect(),
                     balancing: p.balancer.endpoints().to_vec(),

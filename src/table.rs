@@ -19,25 +19,14 @@ pub struct Table {
 impl Table {
     /// Replace the whole contents (a file source's reload), but only if the
     /// result is valid. On error the table is unchanged.
-    pub fn try_replace(
-        &mut self,
-        manifests: Manifests,
-    ) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
+    pub fn try_replace(&mut self, manifests: Manifests) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
         // Join the lists as given, so duplicates are reported, not collapsed.
         let (ports, errors) = config::join(&manifests.services, &manifests.slices);
         if !errors.is_empty() {
             return Err(errors);
         }
-        self.services = manifests
-            .services
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
-        self.slices = manifests
-            .slices
-            .into_iter()
-            .map(|s| (s.id.clone(), s))
-            .collect();
+        self.services = manifests.services.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.slices = manifests.slices.into_iter().map(|s| (s.id.clone(), s)).collect();
         Ok(ports)
     }
 
@@ -46,10 +35,6 @@ impl Table {
         let services: Vec<Service> = self.services.values().cloned().collect();
         let slices: Vec<EndpointSlice> = self.slices.values().cloned().collect();
         let (ports, errors) = config::join(&services, &slices);
-        if errors.is_empty() {
-            Ok(ports)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(ports) } else { Err(errors) }
     }
 }

@@ -26,19 +26,11 @@ pub const MAX_ATTEMPTS: usize = 4;
 /// those still serving while terminating (the Kubernetes rule). An endpoint
 /// that is not serving never gets traffic.
 pub fn usable(endpoints: &[Endpoint]) -> Vec<EndpointAddr> {
-    let ready: Vec<_> = endpoints
-        .iter()
-        .filter(|e| e.conditions.ready)
-        .map(|e| e.addr)
-        .collect();
+    let ready: Vec<_> = endpoints.iter().filter(|e| e.conditions.ready).map(|e| e.addr).collect();
     if !ready.is_empty() {
         return ready;
     }
-    endpoints
-        .iter()
-        .filter(|e| e.conditions.serving && e.conditions.terminating)
-        .map(|e| e.addr)
-        .collect()
+    endpoints.iter().filter(|e| e.conditions.serving && e.conditions.terminating).map(|e| e.addr).collect()
 }
 
 /// The selection state of one service port.
@@ -50,10 +42,7 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(endpoints: Vec<EndpointAddr>) -> Self {
-        Self {
-            endpoints,
-            next: AtomicUsize::new(0),
-        }
+        Self { endpoints, next: AtomicUsize::new(0) }
     }
 
     /// The endpoints this balancer chooses from, in rotation order.
@@ -69,18 +58,10 @@ impl Balancer {
     pub fn pick(&self, _client: ClientAddr, _now: Instant) -> Candidates {
         let n = self.endpoints.len();
         if n == 0 {
-            return Candidates {
-                start: 0,
-                len: 0,
-                taken: 0,
-            };
+            return Candidates { start: 0, len: 0, taken: 0 };
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Candidates {
-            start,
-            len: n.min(MAX_ATTEMPTS),
-            taken: 0,
-        }
+        Candidates { start, len: n.min(MAX_ATTEMPTS), taken: 0 }
     }
 
     /// The endpoint a candidate index stands for.
@@ -132,11 +113,7 @@ mod tests {
     fn endpoint(port: u16, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
             addr: addr(port),
-            conditions: Conditions {
-                ready,
-                serving,
-                terminating,
-            },
+            conditions: Conditions { ready, serving, terminating },
             node_name: None,
             zone: None,
             hints_zones: vec![],
@@ -146,8 +123,7 @@ mod tests {
 
     fn first(b: &Balancer) -> EndpointAddr {
         let mut c = b.pick(client(), Instant::now());
-        b.endpoint(c.next_index(b).expect("a candidate"))
-            .expect("in range")
+        b.endpoint(c.next_index(b).expect("a candidate")).expect("in range")
     }
 
     #[test]
@@ -183,19 +159,13 @@ mod tests {
 
     #[test]
     fn ready_endpoints_win_over_terminating_ones() {
-        let eps = [
-            endpoint(1, true, true, false),
-            endpoint(2, false, true, true),
-        ];
+        let eps = [endpoint(1, true, true, false), endpoint(2, false, true, true)];
         assert_eq!(usable(&eps), vec![addr(1)]);
     }
 
     #[test]
     fn serving_terminating_endpoints_are_used_when_none_is_ready() {
-        let eps = [
-            endpoint(1, false, true, true),
-            endpoint(2, false, false, true),
-        ];
+        let eps = [endpoint(1, false, true, true), endpoint(2, false, false, true)];
         assert_eq!(usable(&eps), vec![addr(1)]);
     }
 }

@@ -161,9 +161,7 @@ impl Conn {
                     return if done {
                         Dial::Connected
                     } else {
-                        Dial::InProgress {
-                            attempt: self.candidates.attempts() - 1,
-                        }
+                        Dial::InProgress { attempt: self.candidates.attempts() - 1 }
                     };
                 }
                 Err(e) => {
@@ -231,11 +229,7 @@ impl Conn {
 }
 
 /// `(source, sink)` of a direction.
-fn ends<'a>(
-    dir: Dir,
-    client: BorrowedFd<'a>,
-    upstream: BorrowedFd<'a>,
-) -> (BorrowedFd<'a>, BorrowedFd<'a>) {
+fn ends<'a>(dir: Dir, client: BorrowedFd<'a>, upstream: BorrowedFd<'a>) -> (BorrowedFd<'a>, BorrowedFd<'a>) {
     match dir {
         Dir::Up => (client, upstream),
         Dir::Down => (upstream, client),
@@ -244,11 +238,7 @@ fn ends<'a>(
 
 /// A non-blocking connect. `true`: already connected (possible on loopback).
 fn start_connect(addr: SocketAddr) -> io::Result<(OwnedFd, bool)> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&addr.into()) {
         Ok(()) => Ok((socket.into(), true)),

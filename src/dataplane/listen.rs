@@ -92,10 +92,7 @@ impl Listener {
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Listener")
-            .field("id", &self.id)
-            .field("addr", &self.addr)
-            .finish()
+        f.debug_struct("Listener").field("id", &self.id).field("addr", &self.addr).finish()
     }
 }
 
@@ -103,18 +100,9 @@ impl fmt::Debug for Listener {
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     #[error("{key_port} {role} {addr}: address is not local to this node")]
-    NotLocal {
-        key_port: ServicePortName,
-        role: ListenRole,
-        addr: SocketAddr,
-    },
+    NotLocal { key_port: ServicePortName, role: ListenRole, addr: SocketAddr },
     #[error("{key_port} {role} {addr}: also claimed by {other}")]
-    Clash {
-        key_port: ServicePortName,
-        role: ListenRole,
-        addr: SocketAddr,
-        other: ServicePortName,
-    },
+    Clash { key_port: ServicePortName, role: ListenRole, addr: SocketAddr, other: ServicePortName },
     #[error("{key_port} {role} {addr}: cannot listen")]
     Bind {
         key_port: ServicePortName,
@@ -124,11 +112,7 @@ pub enum BindError {
         source: io::Error,
     },
     #[error("{key_port}: no free port left in --proxy-port-range {start}-{end}")]
-    RangeExhausted {
-        key_port: ServicePortName,
-        start: u16,
-        end: u16,
-    },
+    RangeExhausted { key_port: ServicePortName, start: u16, end: u16 },
     #[error("{key_port}: UDP service ports are not proxied yet; skipped")]
     UdpUnsupported { key_port: ServicePortName },
 }
@@ -164,11 +148,7 @@ pub struct Binder {
 impl Binder {
     pub fn new(opts: ListenOptions) -> Self {
         let range_cursor = opts.proxy_port_range.as_ref().map_or(0, |r| *r.start());
-        Self {
-            opts,
-            next_id: 1,
-            range_cursor,
-        }
+        Self { opts, next_id: 1, range_cursor }
     }
 
     pub fn options(&self) -> &ListenOptions {
@@ -182,32 +162,21 @@ impl Binder {
         ports: &[ServicePort],
         previous: &[Arc<Listener>],
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
-        let previous: HashMap<&ListenKey, &Arc<Listener>> =
-            previous.iter().map(|l| (&l.key, l)).collect();
+        let previous: HashMap<&ListenKey, &Arc<Listener>> = previous.iter().map(|l| (&l.key, l)).collect();
         let node_ips = node_addresses(&self.opts.nodeport_addresses);
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
-        let mut used_proxy_ports: HashSet<u16> = previous
-            .values()
-            .filter(|l| l.key.role == ListenRole::Proxy)
-            .map(|l| l.addr.port())
-            .collect();
+        let mut used_proxy_ports: HashSet<u16> =
+            previous.values().filter(|l| l.key.role == ListenRole::Proxy).map(|l| l.addr.port()).collect();
         let mut listeners = Vec::new();
         let mut errors = Vec::new();
 
         for sp in ports {
             if sp.protocol == Protocol::Udp {
-                errors.push(BindError::UdpUnsupported {
-                    key_port: sp.name.clone(),
-                });
+                errors.push(BindError::UdpUnsupported { key_port: sp.name.clone() });
                 continue;
             }
             for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips) {
-                let key = ListenKey {
-                    port: sp.name.clone(),
-                    protocol: sp.protocol,
-                    role,
-                    wanted_port: port,
-                };
+                let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
                 let result = match previous.get(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
                     None => self.bind_new(key, ip, &mut used_proxy_ports),
@@ -252,18 +221,9 @@ impl Binder {
         let sockets = bind_reuseport(addr, self.opts.workers).map_err(|source| {
             let (key_port, role) = (key.port.clone(), key.role);
             if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                BindError::NotLocal {
-                    key_port,
-                    role,
-                    addr,
-                }
+                BindError::NotLocal { key_port, role, addr }
             } else {
-                BindError::Bind {
-                    key_port,
-                    role,
-                    addr,
-                    source,
-                }
+                BindError::Bind { key_port, role, addr, source }
             }
         })?;
         Ok(self.listener(key, sockets))
@@ -289,11 +249,7 @@ impl Binder {
                 return Ok(self.listener(key, sockets));
             }
         }
-        Err(BindError::RangeExhausted {
-            key_port: key.port,
-            start,
-            end,
-        })
+        Err(BindError::RangeExhausted { key_port: key.port, start, end })
     }
 
     fn listener(&mut self, key: ListenKey, sockets: Vec<Socket>) -> Arc<Listener> {
@@ -304,16 +260,8 @@ impl Binder {
             .and_then(|s| s.local_addr().ok())
             .and_then(|a| a.as_socket())
             .unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-        let sockets = sockets
-            .into_iter()
-            .map(|s| Mutex::new(Some(OwnedFd::from(s))))
-            .collect();
-        Arc::new(Listener {
-            id,
-            key,
-            addr,
-            sockets,
-        })
+        let sockets = sockets.into_iter().map(|s| Mutex::new(Some(OwnedFd::from(s)))).collect();
+        Arc::new(Listener { id, key, addr, sockets })
     }
 }
 
@@ -338,22 +286,10 @@ pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
 pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenRole, IpAddr, u16)> {
     let mut out = vec![(ListenRole::Proxy, bind, 0)];
     if let Some(node_port) = sp.node_port {
-        out.extend(
-            node_ips
-                .iter()
-                .map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)),
-        );
+        out.extend(node_ips.iter().map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
     }
-    out.extend(
-        sp.external_ips
-            .iter()
-            .map(|ip| (ListenRole::External(*ip), *ip, sp.port)),
-    );
-    out.extend(
-        sp.load_balancer_ips
-            .iter()
-            .map(|ip| (ListenRole::LoadBalancer(*ip), *ip, sp.port)),
-    );
+    out.extend(sp.external_ips.iter().map(|ip| (ListenRole::External(*ip), *ip, sp.port)));
+    out.extend(sp.load_balancer_ips.iter().map(|ip| (ListenRole::LoadBalancer(*ip), *ip, sp.port)));
     out
 }
 
@@ -363,11 +299,7 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
     let mut sockets: Vec<Socket> = Vec::with_capacity(n);
     let mut addr = addr;
     for _ in 0..n.max(1) {
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.nonblocking().cloexec(),
-            None,
-        )?;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
@@ -390,10 +322,7 @@ mod tests {
 
     fn port(name: &str, ext: Vec<IpAddr>, node_port: Option<u16>) -> ServicePort {
         ServicePort {
-            name: ServicePortName {
-                service: ServiceName::new("default", name),
-                port: "".into(),
-            },
+            name: ServicePortName { service: ServiceName::new("default", name), port: "".into() },
             origin: Origin("test".into()),
             protocol: Protocol::Tcp,
             port: 8080,
@@ -448,10 +377,7 @@ mod tests {
         // 192.0.2.1 (TEST-NET-1) is never assigned here; bind only, no traffic.
         let (ls, errors) = b.bind(&[port("a", vec!["192.0.2.1".parse().unwrap()], None)], &[]);
         assert_eq!(ls.len(), 1, "the proxy port still listens");
-        assert!(
-            matches!(errors[..], [BindError::NotLocal { .. }]),
-            "{errors:?}"
-        );
+        assert!(matches!(errors[..], [BindError::NotLocal { .. }]), "{errors:?}");
     }
 
     #[test]
@@ -460,18 +386,12 @@ mod tests {
         let ip: IpAddr = "127.0.0.77".parse().unwrap();
         let (ls, errors) = b.bind(&[port("a", vec![ip], None), port("b", vec![ip], None)], &[]);
         assert_eq!(ls.len(), 3);
-        assert!(
-            matches!(errors[..], [BindError::Clash { .. }]),
-            "{errors:?}"
-        );
+        assert!(matches!(errors[..], [BindError::Clash { .. }]), "{errors:?}");
     }
 
     #[test]
     fn proxy_ports_come_from_the_range() {
-        let mut b = Binder::new(ListenOptions {
-            proxy_port_range: Some(24310..=24319),
-            ..binder().opts
-        });
+        let mut b = Binder::new(ListenOptions { proxy_port_range: Some(24310..=24319), ..binder().opts });
         let (ls, errors) = b.bind(&[port("a", vec![], None), port("b", vec![], None)], &[]);
         assert!(errors.is_empty(), "{errors:?}");
         assert!(ls.iter().all(|l| (24310..=24319).contains(&l.addr.port())));

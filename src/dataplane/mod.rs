@@ -73,49 +73,41 @@ impl DataPlane {
     /// Start `config.workers` workers serving from `snapshot`.
     pub fn start(snapshot: SharedSnapshot, config: WorkerConfig) -> io::Result<Self> {
         let n = config.workers.max(1);
-        let wakers = (0..n)
-            .map(|_| sys::eventfd())
-            .collect::<io::Result<Vec<_>>>()?;
-        let shared = Arc::new(Shared {
-            snapshot,
-            wakers,
-            stop: AtomicBool::new(false),
-        });
+        let wakers = (0..n).map(|_| sys::eventfd()).collect::<io::Result<Vec<_>>>()?;
+        let shared = Arc::new(Shared { snapshot, wakers, stop: AtomicBool::new(false) });
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut threads = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         for index in 0..n {
             let (shared, config, ready) = (Arc::clone(&shared), config.clone(), ready_tx.clone());
             let pin = config.pin.then_some(index % cpus);
-            let thread = std::thread::Builder::new()
-                .name(format!("ringport-w{index}"))
-                .spawn(move || {
-                    if let Some(cpu) = pin
-                        && let Err(e) = sys::pin_to_cpu(cpu)
-                    {
-                        tracing::warn!(worker = index, cpu, error = %e, "cannot pin worker");
+            let thread = std::thread::Builder::new().name(format!("ringport-w{index}")).spawn(move || {
+                if let Some(cpu) = pin
+                    && let Err(e) = sys::pin_to_cpu(cpu)
+                {
+                    tracing::warn!(worker = index, cpu, error = %e, "cannot pin worker");
+                }
+                // The ring is built on its own thread: it is a
+                // single-issuer ring, owned by the task that creates it.
+                let worker = match worker::Worker::new(index, shared, &config) {
+                    Ok(w) => {
+                        let _ = ready.send(Ok(()));
+                        w
                     }
-                    // The ring is built on its own thread: it is a
-                    // single-issuer ring, owned by the task that creates it.
-                    let worker = match worker::Worker::new(index, shared, &config) {
-                        Ok(w) => {
-                            let _ = ready.send(Ok(()));
-                            w
-                        }
-                        Err(e) => {
-                            let _ = ready.send(Err(io::Error::new(
-                                e.kind(),
-                                format!("worker {index}: io_uring setup: {e}"),
-                            )));
-                            return Err(e);
-                        }
-                    };
-                    let result = worker.run();
-                    if let Err(e) = &result {
-                        tracing::error!(worker = index, error = %e, "worker stopped");
+                    Err(e) => {
+                        let _ = ready.send(Err(io::Error::new(
+                            e.kind(),
+                            format!("worker {index}: io_uring setup: {e}"),
+                        )));
+                        return Err(e);
                     }
-                    result
-                })?;
+                };
+                let result = worker.run();
+                if let Err(e) = &result {
+                    tracing::error!(worker = index, error = %e, "worker stopped");
+                }
+                result
+            })?;
             threads.push(thread);
         }
         drop(ready_tx);
@@ -125,10 +117,7 @@ impl DataPlane {
                 Ok(Err(e)) => {
                     // Let the workers that did start wind down.
                     shared.stop.store(true, Ordering::Release);
-                    shared
-                        .wakers
-                        .iter()
-                        .for_each(|w| sys::eventfd_signal(w.as_fd()));
+                    shared.wakers.iter().for_each(|w| sys::eventfd_signal(w.as_fd()));
                     return Err(e);
                 }
                 Err(_) => return Err(io::Error::other("a worker thread died during setup")),

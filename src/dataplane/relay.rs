@@ -33,8 +33,7 @@ pub enum RelayMode {
 const PIPE_BYTES: usize = 256 * 1024;
 /// Buffer size in copy mode.
 const BUFFER_BYTES: usize = 64 * 1024;
-/// Idle chunks a worker keeps for reuse; beyond this they are freed, so a
-/// burst of transfers does not pin fds forever.
+/// Idle chunks a worker keeps for reuse at most; beyond this they are freed.
 const POOL_KEEP: usize = 64;
 /// Chunks moved per wake-up before yielding to other connections.
 const BUDGET: usize = 16;
@@ -57,40 +56,50 @@ enum Chunk {
 }
 
 /// A worker's idle chunks. Not shared: each worker has its own.
+///
+/// The pool shrinks by itself: [`Pool::trim`], called on the worker's
+/// housekeeping tick, frees the chunks that stayed idle for a whole tick, so
+/// after a burst the fds and memory go back to what steady traffic needs.
 pub struct Pool {
     mode: RelayMode,
     pipes: Vec<Pipe>,
     buffers: Vec<Box<[u8]>>,
+    /// The fewest idle chunks seen since the last trim: that many were not
+    /// needed during the whole period.
+    low_water: usize,
 }
 
 impl Pool {
     pub fn new(mode: RelayMode) -> Self {
-        Self {
-            mode,
-            pipes: Vec::new(),
-            buffers: Vec::new(),
-        }
+        Self { mode, pipes: Vec::new(), buffers: Vec::new(), low_water: 0 }
+    }
+
+    /// Free the chunks no transfer needed since the last trim.
+    pub fn trim(&mut self) {
+        let surplus = self.low_water.min(self.idle());
+        self.pipes.truncate(self.pipes.len().saturating_sub(surplus));
+        self.buffers.truncate(self.buffers.len().saturating_sub(surplus));
+        self.low_water = self.idle();
     }
 
     fn take(&mut self) -> io::Result<Chunk> {
+        let chunk = self.take_inner();
+        self.low_water = self.low_water.min(self.idle());
+        chunk
+    }
+
+    fn take_inner(&mut self) -> io::Result<Chunk> {
         Ok(match self.mode {
             RelayMode::Splice => Chunk::Pipe(match self.pipes.pop() {
                 Some(pipe) => pipe,
                 None => {
                     let (read, write) = sys::pipe(PIPE_BYTES)?;
                     let capacity = sys::pipe_capacity(write.as_fd());
-                    Pipe {
-                        read,
-                        write,
-                        capacity,
-                    }
+                    Pipe { read, write, capacity }
                 }
             }),
             RelayMode::Copy => Chunk::Buffer {
-                bytes: self
-                    .buffers
-                    .pop()
-                    .unwrap_or_else(|| vec![0; BUFFER_BYTES].into_boxed_slice()),
+                bytes: self.buffers.pop().unwrap_or_else(|| vec![0; BUFFER_BYTES].into_boxed_slice()),
                 start: 0,
                 end: 0,
             },
@@ -106,9 +115,7 @@ impl Pool {
         }
         match chunk {
             Chunk::Pipe(pipe) if self.pipes.len() < POOL_KEEP => self.pipes.push(pipe),
-            Chunk::Buffer { bytes, .. } if self.buffers.len() < POOL_KEEP => {
-                self.buffers.push(bytes)
-            }
+            Chunk::Buffer { bytes, .. } if self.buffers.len() < POOL_KEEP => self.buffers.push(bytes),
             _ => {}
         }
     }
@@ -201,17 +208,12 @@ impl Half {
 
     /// Read once from the source into an empty chunk. False: would block.
     fn fill(&mut self, source: BorrowedFd<'_>, pool: &mut Pool) -> Result<bool, RelayError> {
-        let err = |source| RelayError {
-            end: End::Source,
-            source,
-        };
+        let err = |source| RelayError { end: End::Source, source };
         if self.chunk.is_none() {
             self.chunk = Some(pool.take().map_err(err)?);
         }
         let moved = match self.chunk.as_mut() {
-            Some(Chunk::Pipe(pipe)) => {
-                sys::splice(source, pipe.write.as_fd(), pipe.capacity).map_err(err)?
-            }
+            Some(Chunk::Pipe(pipe)) => sys::splice(source, pipe.write.as_fd(), pipe.capacity).map_err(err)?,
             Some(Chunk::Buffer { bytes, start, end }) => {
                 (*start, *end) = (0, 0);
                 let moved = sys::read(source, bytes).map_err(err)?;
@@ -237,10 +239,7 @@ impl Half {
 
     /// Write once from the chunk to the sink. False: would block.
     fn deliver(&mut self, sink: BorrowedFd<'_>) -> Result<bool, RelayError> {
-        let err = |source| RelayError {
-            end: End::Sink,
-            source,
-        };
+        let err = |source| RelayError { end: End::Sink, source };
         let moved = match self.chunk.as_mut() {
             Some(Chunk::Pipe(pipe)) => sys::splice(pipe.read.as_fd(), sink, self.pending),
             Some(Chunk::Buffer { bytes, start, end }) => {
@@ -304,9 +303,7 @@ mod tests {
         writer.shutdown(Shutdown::Write).expect("shutdown");
         let mut waits = Vec::new();
         for _ in 0..100 {
-            let wait = half
-                .pump(src.as_fd(), sink.as_fd(), &mut pool)
-                .expect("pump");
+            let wait = half.pump(src.as_fd(), sink.as_fd(), &mut pool).expect("pump");
             if wait == Wait::Finished {
                 break;
             }
@@ -320,6 +317,10 @@ mod tests {
         reader.read_to_end(&mut got).expect("read to eof");
         assert_eq!(got, b"hello, relay");
         assert_eq!(pool.idle(), 1, "the drained chunk went back to the pool");
+        pool.trim();
+        assert_eq!(pool.idle(), 1, "used during this period: kept");
+        pool.trim();
+        assert_eq!(pool.idle(), 0, "idle for a whole period: freed");
     }
 
     #[test]
@@ -338,9 +339,7 @@ mod tests {
         let (sink, _reader) = pair();
         let mut pool = Pool::new(RelayMode::Splice);
         let mut half = Half::default();
-        let wait = half
-            .pump(src.as_fd(), sink.as_fd(), &mut pool)
-            .expect("pump");
+        let wait = half.pump(src.as_fd(), sink.as_fd(), &mut pool).expect("pump");
         assert_eq!(wait, Wait::SourceReadable);
         assert!(half.chunk.is_none());
         assert_eq!(pool.idle(), 1);

@@ -28,11 +28,7 @@ fn classify(ret: isize) -> io::Result<Moved> {
         n if n > 0 => Ok(Moved::Bytes(n as usize)),
         _ => {
             let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::WouldBlock {
-                Ok(Moved::WouldBlock)
-            } else {
-                Err(err)
-            }
+            if err.kind() == io::ErrorKind::WouldBlock { Ok(Moved::WouldBlock) } else { Err(err) }
         }
     }
 }
@@ -78,14 +74,7 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Moved> {
 pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<Moved> {
     loop {
         // SAFETY: `buf` is a valid, readable slice for its whole length.
-        let ret = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        let ret = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
         if ret < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
             continue;
         }

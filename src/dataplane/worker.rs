@@ -34,6 +34,7 @@ use crate::model::ClientAddr;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
     Wake,
+    Tick,
     Drain,
     Cancel,
     Accept(usize),
@@ -45,6 +46,7 @@ impl Token {
     fn encode(self) -> u64 {
         let (kind, key): (u64, usize) = match self {
             Token::Wake => (1, 0),
+            Token::Tick => (6, 0),
             Token::Drain => (2, 0),
             Token::Cancel => (3, 0),
             Token::Accept(k) => (4, k),
@@ -62,6 +64,7 @@ impl Token {
             3 => Token::Cancel,
             4 => Token::Accept(key),
             5 => Token::AcceptRetry(key),
+            6 => Token::Tick,
             k @ 8..=13 => Token::Conn(key, Op::ALL[(k - 8) as usize]),
             _ => return None,
         })
@@ -82,6 +85,9 @@ struct Accepting {
 
 /// Delay before re-arming an accept that failed for lack of fds.
 const ACCEPT_RETRY: Duration = Duration::from_millis(20);
+/// Period of the worker's housekeeping (one timer per worker, never one per
+/// connection or packet).
+const TICK: Duration = Duration::from_secs(1);
 
 pub(super) struct Worker {
     index: usize,
@@ -94,6 +100,7 @@ pub(super) struct Worker {
     /// Timespecs handed to the kernel by pointer: boxed so they never move.
     connect_timeouts: Box<[types::Timespec]>,
     accept_retry: Box<types::Timespec>,
+    tick: Box<types::Timespec>,
     drain_timeout: Box<types::Timespec>,
     /// Directions that yielded with work left, pumped again this turn.
     yielded: Vec<(usize, Dir)>,
@@ -101,21 +108,13 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn new(
-        index: usize,
-        shared: Arc<Shared>,
-        config: &WorkerConfig,
-    ) -> io::Result<Self> {
+    pub(super) fn new(index: usize, shared: Arc<Shared>, config: &WorkerConfig) -> io::Result<Self> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
             .setup_cqsize(config.ring_entries * 4)
             .build(config.ring_entries)?;
-        let ts = |d: Duration| {
-            types::Timespec::new()
-                .sec(d.as_secs())
-                .nsec(d.subsec_nanos())
-        };
+        let ts = |d: Duration| types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
         Ok(Self {
             index,
             ring,
@@ -126,6 +125,7 @@ impl Worker {
             pool: Pool::new(config.relay),
             connect_timeouts: config.connect_timeouts.iter().map(|d| ts(*d)).collect(),
             accept_retry: Box::new(ts(ACCEPT_RETRY)),
+            tick: Box::new(ts(TICK)),
             drain_timeout: Box::new(ts(config.drain_timeout)),
             yielded: Vec::new(),
             stopping: false,
@@ -135,6 +135,7 @@ impl Worker {
     /// Serve until told to stop and drained (or the drain timeout passes).
     pub(super) fn run(mut self) -> io::Result<()> {
         self.arm_wake()?;
+        self.arm_tick()?;
         self.reconcile()?;
         let mut completions: Vec<(u64, i32, u32)> = Vec::with_capacity(256);
         loop {
@@ -149,11 +150,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             completions.clear();
-            completions.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
             for &(data, result, flags) in &completions {
                 match Token::decode(data) {
                     Some(Token::Drain) => return Ok(()),
@@ -174,6 +171,10 @@ impl Worker {
                 self.arm_wake()?;
                 self.reconcile()
             }
+            Token::Tick => {
+                self.pool.trim();
+                self.arm_tick()
+            }
             Token::Accept(slot) => self.on_accept(slot, result, cqueue::more(flags)),
             Token::AcceptRetry(slot) => self.arm_accept(slot),
             Token::Conn(key, op) => self.on_conn_op(key, op, result),
@@ -185,10 +186,15 @@ impl Worker {
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let fd = self.shared.wakers[self.index].as_raw_fd();
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(Token::Wake.encode());
+        let entry =
+            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(Token::Wake.encode());
         // SAFETY: a poll points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    fn arm_tick(&mut self) -> io::Result<()> {
+        let entry = opcode::Timeout::new(&*self.tick).build().user_data(Token::Tick.encode());
+        // SAFETY: the timespec is boxed in the worker and outlives the op.
         unsafe { sys::push(&mut self.ring, &entry) }
     }
 
@@ -198,11 +204,7 @@ impl Worker {
             self.begin_stop()?;
         }
         let snapshot = self.shared.snapshot.load_full();
-        let wanted: Vec<_> = if self.stopping {
-            Vec::new()
-        } else {
-            snapshot.listeners.clone()
-        };
+        let wanted: Vec<_> = if self.stopping { Vec::new() } else { snapshot.listeners.clone() };
         let keep: std::collections::HashSet<ListenerId> = wanted.iter().map(|l| l.id).collect();
         let gone: Vec<usize> = self
             .listeners
@@ -219,10 +221,7 @@ impl Worker {
                 continue;
             }
             if let Some(fd) = listener.take_socket(self.index) {
-                let slot = self.listeners.insert(Accepting {
-                    id: listener.id,
-                    fd: Some(fd),
-                });
+                let slot = self.listeners.insert(Accepting { id: listener.id, fd: Some(fd) });
                 self.by_id.insert(listener.id, slot);
                 self.arm_accept(slot)?;
             }
@@ -293,9 +292,7 @@ impl Worker {
         };
         let client_addr = ClientAddr(peer);
         let candidates = port.balancer.pick(client_addr, Instant::now());
-        let key = self
-            .conns
-            .insert(Conn::new(client, client_addr, port, candidates));
+        let key = self.conns.insert(Conn::new(client, client_addr, port, candidates));
         self.dial(key, None)
     }
 
@@ -411,10 +408,7 @@ impl Worker {
             return Ok(());
         };
         conn.begin_close(reset, &mut self.pool);
-        let armed: Vec<Op> = Op::ALL
-            .into_iter()
-            .filter(|op| conn.is_armed(*op))
-            .collect();
+        let armed: Vec<Op> = Op::ALL.into_iter().filter(|op| conn.is_armed(*op)).collect();
         for op in armed {
             // The linked timeout goes with its poll.
             if op != Op::ConnectTimeout {
@@ -425,11 +419,7 @@ impl Worker {
     }
 
     fn finish_close(&mut self, key: usize) -> io::Result<()> {
-        if self
-            .conns
-            .get(key)
-            .is_some_and(|c| c.phase == Phase::Closing && c.armed == 0)
-        {
+        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && c.armed == 0) {
             let conn = self.conns.remove(key);
             let (up, down) = conn.delivered();
             tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
@@ -438,9 +428,7 @@ impl Worker {
     }
 
     fn cancel(&mut self, target: Token) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target.encode())
-            .build()
-            .user_data(Token::Cancel.encode());
+        let entry = opcode::AsyncCancel::new(target.encode()).build().user_data(Token::Cancel.encode());
         // SAFETY: a cancel points at no memory of ours.
         unsafe { sys::push(&mut self.ring, &entry) }
     }
@@ -450,9 +438,7 @@ impl Worker {
     /// Stop accepting and give open connections the drain timeout to end.
     fn begin_stop(&mut self) -> io::Result<()> {
         self.stopping = true;
-        let entry = opcode::Timeout::new(&*self.drain_timeout)
-            .build()
-            .user_data(Token::Drain.encode());
+        let entry = opcode::Timeout::new(&*self.drain_timeout).build().user_data(Token::Drain.encode());
         // SAFETY: the timespec is boxed in the worker and outlives the op.
         unsafe { sys::push(&mut self.ring, &entry) }
     }
@@ -466,6 +452,7 @@ mod tests {
     fn tokens_round_trip() {
         let tokens = [
             Token::Wake,
+            Token::Tick,
             Token::Drain,
             Token::Cancel,
             Token::Accept(7),

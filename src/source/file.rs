@@ -39,43 +39,24 @@ impl FileSource {
     pub fn watch(path: &Path) -> Result<Self, WatchError> {
         let path = path.to_path_buf();
         let (tx, changes) = mpsc::unbounded_channel();
-        let watched = if path.is_dir() {
-            path.clone()
-        } else {
-            parent_dir(&path)
-        };
+        let watched = if path.is_dir() { path.clone() } else { parent_dir(&path) };
         let target = path.clone();
         let is_dir = path.is_dir();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                let Ok(event) = event else { return };
-                if matches!(event.kind, EventKind::Access(_)) {
-                    return;
-                }
-                let relevant = is_dir
-                    || event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name() == target.file_name());
-                if relevant {
-                    let _ = tx.send(());
-                }
-            })
-            .map_err(|source| WatchError::Watch {
-                path: watched.clone(),
-                source,
-            })?;
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, EventKind::Access(_)) {
+                return;
+            }
+            let relevant = is_dir || event.paths.iter().any(|p| p.file_name() == target.file_name());
+            if relevant {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(|source| WatchError::Watch { path: watched.clone(), source })?;
         watcher
             .watch(&watched, RecursiveMode::NonRecursive)
-            .map_err(|source| WatchError::Watch {
-                path: watched.clone(),
-                source,
-            })?;
-        Ok(Self {
-            path,
-            _watcher: watcher,
-            changes,
-        })
+            .map_err(|source| WatchError::Watch { path: watched.clone(), source })?;
+        Ok(Self { path, _watcher: watcher, changes })
     }
 
     pub fn path(&self) -> &Path {
