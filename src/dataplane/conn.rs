@@ -8,10 +8,12 @@
 //! candidate; any failure after resets both sides.
 //!
 //! Invariants:
-//! - `armed` records every io_uring op in flight for this connection; the
-//!   worker removes the connection (closing its fds) only when it is
-//!   closing and `armed` is empty, so no completion ever refers to a
-//!   recycled slab entry.
+//! - `armed` and `timeouts` record every io_uring op in flight for this
+//!   connection; the worker removes the connection (closing its fds) only
+//!   when it is closing and nothing is in flight, so no completion ever
+//!   refers to a recycled slab entry. Timeouts are counted, not flagged: a
+//!   failed attempt's linked timeout may still be completing while the next
+//!   attempt's is armed.
 //! - Both sockets are non-blocking and `TCP_NODELAY`.
 
 use std::io;
@@ -102,7 +104,10 @@ pub struct Conn {
     pub candidates: Candidates,
     pub endpoint: Option<EndpointAddr>,
     pub phase: Phase,
-    pub armed: u8,
+    /// Polls in flight, one bit per [`Op`].
+    armed: u8,
+    /// Linked connect timeouts in flight.
+    timeouts: u8,
     halves: [Half; 2],
 }
 
@@ -132,12 +137,37 @@ impl Conn {
             endpoint: None,
             phase: Phase::Connecting,
             armed: 0,
+            timeouts: 0,
             halves: [Half::default(), Half::default()],
         }
     }
 
     pub fn is_armed(&self, op: Op) -> bool {
-        self.armed & op.bit() != 0
+        match op {
+            Op::ConnectTimeout => self.timeouts > 0,
+            _ => self.armed & op.bit() != 0,
+        }
+    }
+
+    /// Record that `op` was submitted.
+    pub fn arm(&mut self, op: Op) {
+        match op {
+            Op::ConnectTimeout => self.timeouts += 1,
+            _ => self.armed |= op.bit(),
+        }
+    }
+
+    /// Record that `op` completed.
+    pub fn disarm(&mut self, op: Op) {
+        match op {
+            Op::ConnectTimeout => self.timeouts = self.timeouts.saturating_sub(1),
+            _ => self.armed &= !op.bit(),
+        }
+    }
+
+    /// Whether any op of this connection is still in flight.
+    pub fn in_flight(&self) -> bool {
+        self.armed != 0 || self.timeouts != 0
     }
 
     /// Start a non-blocking connect to the next candidate, skipping those

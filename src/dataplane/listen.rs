@@ -203,6 +203,8 @@ impl Binder {
         (listeners, errors)
     }
 
+    // Bind errors are rare and off the hot path; their size does not matter.
+    #[allow(clippy::result_large_err)]
     fn bind_new(
         &mut self,
         key: ListenKey,
@@ -229,6 +231,7 @@ impl Binder {
         Ok(self.listener(key, sockets))
     }
 
+    #[allow(clippy::result_large_err)]
     fn bind_in_range(
         &mut self,
         key: ListenKey,

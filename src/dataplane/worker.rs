@@ -312,7 +312,8 @@ impl Worker {
                 let limit = opcode::LinkTimeout::new(timeout)
                     .build()
                     .user_data(Token::Conn(key, Op::ConnectTimeout).encode());
-                conn.armed |= Op::Connect.bit() | Op::ConnectTimeout.bit();
+                conn.arm(Op::Connect);
+                conn.arm(Op::ConnectTimeout);
                 // SAFETY: the timespec lives in the worker's boxed slice for
                 // the worker's whole life; a poll points at no memory.
                 unsafe { sys::push_linked(&mut self.ring, &poll, &limit) }
@@ -329,7 +330,7 @@ impl Worker {
             tracing::error!(key, ?op, "completion for a connection that is gone");
             return Ok(());
         };
-        conn.armed &= !op.bit();
+        conn.disarm(op);
         if conn.phase == Phase::Closing {
             return self.finish_close(key);
         }
@@ -394,7 +395,7 @@ impl Worker {
         let Some(fd) = conn.poll_fd(op).map(|fd| fd.as_raw_fd()) else {
             return Ok(());
         };
-        conn.armed |= op.bit();
+        conn.arm(op);
         let entry = opcode::PollAdd::new(types::Fd(fd), events as u32)
             .build()
             .user_data(Token::Conn(key, op).encode());
@@ -419,7 +420,7 @@ impl Worker {
     }
 
     fn finish_close(&mut self, key: usize) -> io::Result<()> {
-        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && c.armed == 0) {
+        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && !c.in_flight()) {
             let conn = self.conns.remove(key);
             let (up, down) = conn.delivered();
             tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
