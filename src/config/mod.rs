@@ -30,7 +30,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
-pub use join::{join, join_with_warnings};
+pub use join::{Joined, join, join_with_warnings};
 pub use load::{load_path, parse_str};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
@@ -520,100 +520,4 @@ pub(crate) fn service_ref(name: &ServiceName) -> ObjectRef {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_display_names_origin_object_field_and_problem() {
-        let error = ConfigError {
-            origin: Origin("examples/bad.yaml (document 2)".into()),
-            object: Some(ObjectRef::of(
-                "Service",
-                &ServiceName::new("default", "web"),
-            )),
-            field: Some("spec.ports[0].port".into()),
-            kind: port_number(70000).unwrap_err(),
-        };
-        assert_eq!(
-            error.to_string(),
-            "examples/bad.yaml (document 2): Service default/web: spec.ports[0].port: \
-             70000 is out of range 1-65535"
-        );
-    }
-
-    #[test]
-    fn config_errors_print_one_per_line() {
-        let make = |n: &str| ConfigError {
-            origin: Origin(n.into()),
-            object: None,
-            field: None,
-            kind: ConfigErrorKind::NotAnObject,
-        };
-        let errors = ConfigErrors::from_vec(vec![make("a"), make("b")]).unwrap();
-        assert_eq!(errors.to_string().lines().count(), 2);
-        assert!(ConfigErrors::from_vec(Vec::new()).is_none());
-    }
-
-    #[test]
-    fn port_number_accepts_only_1_to_65535() {
-        assert_eq!(port_number(1).ok(), Some(1));
-        assert_eq!(port_number(65535).ok(), Some(65535));
-        assert!(port_number(0).is_err());
-        assert!(port_number(-1).is_err());
-        assert!(port_number(65536).is_err());
-    }
-
-    #[test]
-    fn protocol_defaults_to_tcp_and_rejects_sctp_and_unknowns() {
-        assert_eq!(protocol(None).ok(), Some(Protocol::Tcp));
-        assert_eq!(protocol(Some("UDP")).ok(), Some(Protocol::Udp));
-        let sctp = protocol(Some("SCTP")).unwrap_err().to_string();
-        assert_eq!(sctp, "SCTP is not supported");
-        let tcpx = protocol(Some("tcp")).unwrap_err().to_string();
-        assert!(tcpx.contains("unknown protocol \"tcp\""), "{tcpx}");
-    }
-
-    #[test]
-    fn port_names_follow_the_kubernetes_rule() {
-        assert!(port_name("http").is_ok());
-        assert!(port_name("http-alt2").is_ok());
-        assert!(port_name("8080").is_err());
-        assert!(port_name("Http").is_err());
-        assert!(port_name("-http").is_err());
-        assert!(port_name("a--b").is_err());
-        assert!(port_name("a-very-long-port-name").is_err());
-    }
-}
-
-/// Helpers shared by the unit tests of this module's files.
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::panic)]
-pub(crate) mod testing {
-    use super::{Manifests, parse_str};
-
-    /// The manifests of `text`, read as file `t.yaml`; panics on errors.
-    pub(crate) fn manifests(text: &str) -> Manifests {
-        parse_str(text, "t.yaml").unwrap_or_else(|errors| panic!("unexpected errors:\n{errors}"))
-    }
-
-    /// The errors of `text`, read as file `t.yaml`, one per line.
-    pub(crate) fn errors(text: &str) -> String {
-        match parse_str(text, "t.yaml") {
-            Ok(manifests) => panic!("expected errors, got {manifests:#?}"),
-            Err(errors) => errors.to_string(),
-        }
-    }
-
-    /// Asserts one error line starts with `location` (origin, object and
-    /// field) and contains `problem`.
-    pub(crate) fn assert_error(text: &str, location: &str, problem: &str) {
-        let errors = errors(text);
-        assert!(
-            errors
-                .lines()
-                .any(|line| line.starts_with(location) && line.contains(problem)),
-            "expected an error at `{location}` containing `{problem}`, got:\n{errors}"
-        );
-    }
-}
+mod tests;
