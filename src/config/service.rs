@@ -1,9 +1,9 @@
 //! `v1/Service` -> `model::Service`.
 //!
-//! Follows the API server's validation and defaulting where ringport depends
-//! on it, so that a manifest `kubectl apply` would take means the same here,
-//! and one it would refuse is refused with the field named. An empty string
-//! counts as absent, as it does for the API server (Go's zero value).
+//! Follows the API server's validation and defaulting for the fields
+//! ringport uses, so that they mean here what they mean in a cluster (the
+//! node-port range and fields ringport ignores are not checked). An empty
+//! string counts as absent, as it does for the API server (Go's zero value).
 //! Headless and ExternalName Services are valid but skipped: they are DNS
 //! only. All errors of a Service are reported, not just the first.
 
