@@ -222,12 +222,36 @@ pub struct SliceEndpoint {
     pub hints_nodes: Vec<String>,
 }
 
+/// Which Kubernetes object an [`EndpointSlice`] was built from. kube-proxy
+/// ignores a Service's `v1/Endpoints` once it has EndpointSlices, and an
+/// Endpoints object may share its `namespace/name` with an EndpointSlice, so
+/// the join needs to know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum SliceKind {
+    /// `discovery.k8s.io/v1/EndpointSlice`.
+    EndpointSlice,
+    /// `v1/Endpoints`, converted into the slice shape.
+    Endpoints,
+}
+
+impl fmt::Display for SliceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SliceKind::EndpointSlice => "EndpointSlice",
+            SliceKind::Endpoints => "Endpoints",
+        })
+    }
+}
+
 /// A validated `discovery.k8s.io/v1/EndpointSlice`, or a `v1/Endpoints`
 /// converted into the same shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EndpointSlice {
-    /// `namespace/name` of the slice object itself (unique per source).
+    /// `namespace/name` of the slice object itself (unique per source and
+    /// [`SliceKind`]).
     pub id: ServiceName,
+    /// The object this slice was built from.
+    pub kind: SliceKind,
     /// The Service it belongs to (`kubernetes.io/service-name` label, or the
     /// Endpoints object's own name).
     pub service: ServiceName,

@@ -1,0 +1,393 @@
+//! `v1/Service` -> `model::Service`.
+//!
+//! Follows the API server's validation and defaulting for the fields
+//! ringport uses, so that they mean here what they mean in a cluster (the
+//! node-port range and fields ringport ignores are not checked). An empty
+//! string counts as absent, as it does for the API server (Go's zero value).
+//! Headless and ExternalName Services are valid but skipped: they are DNS
+//! only. All errors of a Service are reported, not just the first.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{
+    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, WarningKind, ip,
+    namespace_of, port_name, port_number, protocol, required_name,
+};
+use crate::model::{
+    self, Affinity, Origin, Protocol, ServiceName, ServicePortSpec, TargetPort,
+    TrafficDistribution, TrafficPolicy,
+};
+
+/// Annotations under this prefix tune ringport per Service.
+const ANNOTATION_PREFIX: &str = "ringport.io/";
+
+/// Validates one Service. `Ok(Conversion::Skipped(_))` for a headless or
+/// ExternalName Service; `Err` lists every problem found.
+pub fn service_from_k8s(
+    svc: &Service,
+    origin: Origin,
+) -> Result<Conversion<model::Service>, ConfigErrors> {
+    let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Service", &svc.metadata));
+    let name = required_name(&mut diag, &svc.metadata);
+    let default_spec = ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+
+    let service_type = service_type(&mut diag, spec);
+    let skip = match service_type {
+        Some(ServiceType::ExternalName) => Some(Skip::ExternalName),
+        _ if is_headless(spec) => Some(Skip::Headless),
+        _ => None,
+    };
+    if let Some(skip) = skip {
+        return diag.into_result(()).map(|_| Conversion::Skipped(skip));
+    }
+
+    let cluster_ips = cluster_ips(&mut diag, spec);
+    let ports = ports(&mut diag, spec, service_type);
+    let external_ips = ip_list(&mut diag, "spec.externalIPs", spec.external_ips.as_deref());
+    let load_balancer_ips = match service_type {
+        Some(ServiceType::LoadBalancer) => load_balancer_ips(&mut diag, svc),
+        _ => Vec::new(),
+    };
+    let load_balancer_source_ranges = source_ranges(&mut diag, spec);
+    let affinity = affinity(&mut diag, spec);
+    let external_policy = policy(
+        &mut diag,
+        "spec.externalTrafficPolicy",
+        &spec.external_traffic_policy,
+    );
+    let internal_policy = policy(
+        &mut diag,
+        "spec.internalTrafficPolicy",
+        &spec.internal_traffic_policy,
+    );
+    let distribution = distribution(&mut diag, spec);
+    let ringport_annotations = ringport_annotations(svc);
+
+    // Each `None` above comes with a recorded error, so `finish` returns
+    // `Err` whenever one of these placeholders was needed.
+    let service = model::Service {
+        name: ServiceName::new(namespace_of(&svc.metadata), name.unwrap_or_default()),
+        origin: diag.origin().clone(),
+        cluster_ips,
+        external_ips,
+        load_balancer_ips,
+        load_balancer_source_ranges,
+        ports,
+        affinity: affinity.unwrap_or(Affinity::None),
+        external_policy: external_policy.unwrap_or_default(),
+        internal_policy: internal_policy.unwrap_or_default(),
+        distribution,
+        ringport_annotations,
+    };
+    diag.finish(service)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+impl ServiceType {
+    fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+}
+
+/// An empty string is the same as absent (the API's zero value).
+fn given(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.is_empty())
+}
+
+fn service_type(diag: &mut Diagnostics, spec: &ServiceSpec) -> Option<ServiceType> {
+    let parsed = match given(&spec.type_) {
+        None | Some("ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            diag.error(
+                "spec.type",
+                ConfigErrorKind::UnknownValue {
+                    value: other.to_owned(),
+                    expected: "ClusterIP, NodePort, LoadBalancer or ExternalName",
+                },
+            );
+            return None;
+        }
+    };
+    Some(parsed)
+}
+
+fn is_headless(spec: &ServiceSpec) -> bool {
+    let first = spec.cluster_ips.as_ref().and_then(|ips| ips.first());
+    given(&spec.cluster_ip) == Some("None") || first.map(String::as_str) == Some("None")
+}
+
+/// `spec.clusterIPs` wins; `spec.clusterIP`, when also given, must be its
+/// first entry (the API keeps the two in step).
+fn cluster_ips(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpAddr> {
+    let single = given(&spec.cluster_ip);
+    let Some(list) = spec.cluster_ips.as_deref().filter(|list| !list.is_empty()) else {
+        let parsed = single.and_then(|s| diag.check(|| "spec.clusterIP".to_owned(), ip(s)));
+        return parsed.into_iter().collect();
+    };
+    if let Some(single) = single
+        && single != list[0]
+    {
+        diag.error(
+            "spec.clusterIP",
+            ConfigErrorKind::ClusterIpMismatch {
+                cluster_ip: single.to_owned(),
+                first: list[0].clone(),
+            },
+        );
+    }
+    if list.len() > 2 {
+        diag.error(
+            "spec.clusterIPs",
+            ConfigErrorKind::TooManyClusterIps(list.len()),
+        );
+    }
+    let ips = ip_list(diag, "spec.clusterIPs", Some(list));
+    if let [a, b] = ips[..]
+        && a.is_ipv4() == b.is_ipv4()
+    {
+        diag.error("spec.clusterIPs", ConfigErrorKind::SameFamilyClusterIps);
+    }
+    ips
+}
+
+/// Parses a list of IPs, naming each bad entry `field[i]`.
+fn ip_list(diag: &mut Diagnostics, field: &str, values: Option<&[String]>) -> Vec<IpAddr> {
+    let values = values.unwrap_or_default();
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, value)| diag.check(|| format!("{field}[{i}]"), ip(value)))
+        .collect()
+}
+
+/// `status.loadBalancer.ingress[].ip`; entries with only a hostname carry
+/// nothing ringport can listen for.
+fn load_balancer_ips(diag: &mut Diagnostics, svc: &Service) -> Vec<IpAddr> {
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    ingress
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            let value = given(&entry.ip)?;
+            diag.check(|| format!("status.loadBalancer.ingress[{i}].ip"), ip(value))
+        })
+        .collect()
+}
+
+fn source_ranges(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpNet> {
+    let ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or_default();
+    ranges
+        .iter()
+        .enumerate()
+        .filter_map(|(i, value)| {
+            // The API server trims spaces here, so people write them.
+            let parsed = value.trim().parse::<IpNet>().map(|net| net.trunc());
+            let parsed = parsed.map_err(|source| ConfigErrorKind::InvalidCidr {
+                value: value.clone(),
+                source,
+            });
+            diag.check(|| format!("spec.loadBalancerSourceRanges[{i}]"), parsed)
+        })
+        .collect()
+}
+
+fn ports(
+    diag: &mut Diagnostics,
+    spec: &ServiceSpec,
+    service_type: Option<ServiceType>,
+) -> Vec<ServicePortSpec> {
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    if ports.is_empty() {
+        diag.error("spec.ports", ConfigErrorKind::NoPorts);
+        return Vec::new();
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut numbers: HashMap<(u16, Protocol), usize> = HashMap::new();
+    let mut out = Vec::with_capacity(ports.len());
+    for (i, raw) in ports.iter().enumerate() {
+        let Some(port) = service_port(diag, i, raw, ports.len() > 1, service_type) else {
+            continue;
+        };
+        if !port.name.is_empty()
+            && let Some(first) = names.insert(port.name.clone(), i)
+        {
+            let kind = ConfigErrorKind::DuplicatePortName {
+                name: port.name.clone(),
+                first: format!("spec.ports[{first}].name"),
+            };
+            diag.error(format!("spec.ports[{i}].name"), kind);
+        }
+        if let Some(first) = numbers.insert((port.port, port.protocol), i) {
+            let kind = ConfigErrorKind::DuplicatePort {
+                port: port.port,
+                protocol: port.protocol,
+                first: format!("spec.ports[{first}].port"),
+            };
+            diag.error(format!("spec.ports[{i}].port"), kind);
+        }
+        out.push(port);
+    }
+    out
+}
+
+/// One `spec.ports[i]`; `None` when any of its fields is invalid (each such
+/// field has an error recorded).
+fn service_port(
+    diag: &mut Diagnostics,
+    i: usize,
+    raw: &ServicePort,
+    several: bool,
+    service_type: Option<ServiceType>,
+) -> Option<ServicePortSpec> {
+    let at = |field: &str| format!("spec.ports[{i}].{field}");
+    let name = given(&raw.name).unwrap_or_default().to_owned();
+    if name.is_empty() && several {
+        diag.error(at("name"), ConfigErrorKind::PortNameRequired);
+    }
+    let port = diag.check(|| at("port"), port_number(raw.port));
+    let protocol = diag.check(|| at("protocol"), protocol(given(&raw.protocol)));
+    let target_port = match &raw.target_port {
+        None => port.map(TargetPort::Number),
+        Some(IntOrString::Int(n)) => diag
+            .check(|| at("targetPort"), port_number(*n))
+            .map(TargetPort::Number),
+        Some(IntOrString::String(s)) if s.is_empty() => {
+            diag.error(at("targetPort"), ConfigErrorKind::Required);
+            None
+        }
+        Some(IntOrString::String(s)) => diag
+            .check(|| at("targetPort"), port_name(s))
+            .map(|()| TargetPort::Name(s.clone())),
+    };
+    let node_port = match (raw.node_port, service_type) {
+        (None, _) => Some(None),
+        // An unknown type already has its error; do not pile on.
+        (Some(_), None) => None,
+        (Some(n), Some(ServiceType::NodePort | ServiceType::LoadBalancer)) => {
+            diag.check(|| at("nodePort"), port_number(n)).map(Some)
+        }
+        (Some(_), Some(other)) => {
+            let kind = ConfigErrorKind::NodePortNotAllowed(other.as_str().to_owned());
+            diag.error(at("nodePort"), kind);
+            None
+        }
+    };
+    Some(ServicePortSpec {
+        name,
+        protocol: protocol?,
+        port: port?,
+        target_port: target_port?,
+        node_port: node_port?,
+    })
+}
+
+fn affinity(diag: &mut Diagnostics, spec: &ServiceSpec) -> Option<Affinity> {
+    match given(&spec.session_affinity) {
+        None | Some("None") => Some(Affinity::None),
+        Some("ClientIP") => {
+            let seconds = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            let max = Affinity::MAX_TIMEOUT.as_secs();
+            let timeout = match seconds {
+                None | Some(0) => Ok(Affinity::DEFAULT_TIMEOUT),
+                Some(s) => match u64::try_from(s) {
+                    Ok(s) if s <= max => Ok(Duration::from_secs(s)),
+                    _ => Err(ConfigErrorKind::OutOfRange {
+                        value: s.into(),
+                        min: 1,
+                        max: max.try_into().unwrap_or(i64::MAX),
+                    }),
+                },
+            };
+            let field = || "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_owned();
+            diag.check(field, timeout)
+                .map(|timeout| Affinity::ClientIp { timeout })
+        }
+        Some(other) => {
+            let kind = ConfigErrorKind::UnknownValue {
+                value: other.to_owned(),
+                expected: "None or ClientIP",
+            };
+            diag.error("spec.sessionAffinity", kind);
+            None
+        }
+    }
+}
+
+fn policy(diag: &mut Diagnostics, field: &str, value: &Option<String>) -> Option<TrafficPolicy> {
+    match given(value) {
+        None | Some("Cluster") => Some(TrafficPolicy::Cluster),
+        Some("Local") => Some(TrafficPolicy::Local),
+        Some(other) => {
+            let kind = ConfigErrorKind::UnknownValue {
+                value: other.to_owned(),
+                expected: "Cluster or Local",
+            };
+            diag.error(field, kind);
+            None
+        }
+    }
+}
+
+/// Unknown values are ignored with a warning, as kube-proxy does: newer API
+/// servers may add values older proxies do not know.
+fn distribution(diag: &mut Diagnostics, spec: &ServiceSpec) -> TrafficDistribution {
+    match given(&spec.traffic_distribution) {
+        None => TrafficDistribution::Any,
+        Some("PreferClose" | "PreferSameZone") => TrafficDistribution::PreferSameZone,
+        Some("PreferSameNode") => TrafficDistribution::PreferSameNode,
+        Some(other) => {
+            let kind = WarningKind::UnknownTrafficDistribution(other.to_owned());
+            diag.warn("spec.trafficDistribution", kind);
+            TrafficDistribution::Any
+        }
+    }
+}
+
+/// `ringport.io/*` annotations, prefix stripped; sorted because the source
+/// is a `BTreeMap`.
+fn ringport_annotations(svc: &Service) -> Vec<(String, String)> {
+    let Some(annotations) = &svc.metadata.annotations else {
+        return Vec::new();
+    };
+    annotations
+        .iter()
+        .filter_map(|(key, value)| {
+            let key = key.strip_prefix(ANNOTATION_PREFIX)?;
+            (!key.is_empty()).then(|| (key.to_owned(), value.clone()))
+        })
+        .collect()
+}

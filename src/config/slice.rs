@@ -1,0 +1,299 @@
+//! `discovery.k8s.io/v1/EndpointSlice` and hand-written `v1/Endpoints` ->
+//! `model::EndpointSlice`.
+//!
+//! Both shapes end up as one slice: a list of ports and a list of endpoints,
+//! each endpoint serving on every port. Condition defaults follow the API
+//! contract: `ready` absent = true, `serving` absent = `ready`,
+//! `terminating` absent = false. An Endpoints object's `addresses` are ready
+//! and its `notReadyAddresses` neither ready nor serving. All errors of an
+//! object are reported, not just the first.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::{
+    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, ip, namespace_of,
+    port_number, protocol, required_name,
+};
+use crate::model::{self, Conditions, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Validates one EndpointSlice. `Ok(Conversion::Skipped(_))` for
+/// `addressType: FQDN`, which a proxy cannot use.
+pub fn slice_from_k8s(
+    slice: &EndpointSlice,
+    origin: Origin,
+) -> Result<Conversion<model::EndpointSlice>, ConfigErrors> {
+    let meta = &slice.metadata;
+    let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("EndpointSlice", meta));
+    let name = required_name(&mut diag, meta);
+    let namespace = namespace_of(meta);
+    let service = meta
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .filter(|service| !service.is_empty());
+    if service.is_none() {
+        diag.error("metadata.labels", ConfigErrorKind::MissingServiceLabel);
+    }
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Some(Family::V4),
+        "IPv6" => Some(Family::V6),
+        "FQDN" => {
+            return diag
+                .into_result(())
+                .map(|_| Conversion::Skipped(Skip::FqdnAddressType));
+        }
+        "" => {
+            diag.error("addressType", ConfigErrorKind::Required);
+            None
+        }
+        other => {
+            let kind = ConfigErrorKind::UnknownValue {
+                value: other.to_owned(),
+                expected: "IPv4, IPv6 or FQDN",
+            };
+            diag.error("addressType", kind);
+            None
+        }
+    };
+
+    let raw_ports = slice.ports.as_deref().unwrap_or_default();
+    let raw_ports = raw_ports.iter().map(|p| RawPort {
+        name: p.name.as_deref(),
+        port: p.port,
+        protocol: p.protocol.as_deref(),
+    });
+    let ports = slice_ports(&mut diag, "ports", raw_ports);
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .enumerate()
+        .filter_map(|(i, endpoint)| slice_endpoint(&mut diag, i, endpoint, family))
+        .collect();
+
+    // Placeholders only where an error was recorded, so `finish` fails.
+    let value = model::EndpointSlice {
+        id: ServiceName::new(namespace.clone(), name.unwrap_or_default()),
+        kind: SliceKind::EndpointSlice,
+        service: ServiceName::new(namespace, service.cloned().unwrap_or_default()),
+        origin: diag.origin().clone(),
+        ports,
+        endpoints,
+    };
+    diag.finish(value)
+}
+
+/// Converts a hand-written `v1/Endpoints` into one slice with `id` and
+/// `service` both the Endpoints' own `namespace/name`. Every subset must
+/// carry the same ports, because the model has one port list per slice.
+pub fn slice_from_endpoints(
+    ep: &Endpoints,
+    origin: Origin,
+) -> Result<model::EndpointSlice, ConfigErrors> {
+    let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Endpoints", &ep.metadata));
+    let name = required_name(&mut diag, &ep.metadata);
+    let namespace = namespace_of(&ep.metadata);
+
+    let mut ports: Option<Vec<SlicePort>> = None;
+    let mut endpoints = Vec::new();
+    for (i, subset) in ep.subsets.iter().flatten().enumerate() {
+        let raw_ports = subset.ports.iter().flatten().map(|p| RawPort {
+            name: p.name.as_deref(),
+            port: Some(p.port),
+            protocol: p.protocol.as_deref(),
+        });
+        let field = format!("subsets[{i}].ports");
+        let subset_ports = slice_ports(&mut diag, &field, raw_ports);
+        match &ports {
+            None => ports = Some(subset_ports),
+            Some(first) if same_ports(first, &subset_ports) => {}
+            Some(_) => diag.error(field, ConfigErrorKind::SubsetPortsDiffer),
+        }
+        let lists = [
+            ("addresses", &subset.addresses, true),
+            ("notReadyAddresses", &subset.not_ready_addresses, false),
+        ];
+        for (list, addresses, ready) in lists {
+            for (j, address) in addresses.iter().flatten().enumerate() {
+                let field = format!("subsets[{i}].{list}[{j}].ip");
+                endpoints.extend(address_endpoint(&mut diag, field, address, ready));
+            }
+        }
+    }
+
+    let name = name.unwrap_or_default();
+    let value = model::EndpointSlice {
+        id: ServiceName::new(namespace.clone(), name.clone()),
+        kind: SliceKind::Endpoints,
+        service: ServiceName::new(namespace, name),
+        origin: diag.origin().clone(),
+        ports: ports.unwrap_or_default(),
+        endpoints,
+    };
+    diag.into_result(value).map(|(value, _)| value)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn address_type(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
+    fn matches(self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == (self == Family::V4)
+    }
+}
+
+/// The fields the two port shapes (`discovery/v1` and `core/v1`) share.
+struct RawPort<'a> {
+    name: Option<&'a str>,
+    port: Option<i32>,
+    protocol: Option<&'a str>,
+}
+
+/// Validates `{field}[i]` for each port. Names must be unique: the join
+/// finds a slice port by name.
+fn slice_ports<'a>(
+    diag: &mut Diagnostics,
+    field: &str,
+    raw: impl Iterator<Item = RawPort<'a>>,
+) -> Vec<SlicePort> {
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, raw) in raw.enumerate() {
+        let at = |f: &str| format!("{field}[{i}].{f}");
+        let name = raw.name.unwrap_or_default().to_owned();
+        let port = match raw.port {
+            Some(port) => diag.check(|| at("port"), port_number(port)),
+            None => {
+                diag.error(at("port"), ConfigErrorKind::SlicePortRequired);
+                None
+            }
+        };
+        let protocol = diag.check(
+            || at("protocol"),
+            protocol(raw.protocol.filter(|p| !p.is_empty())),
+        );
+        if let Some(first) = names.insert(name.clone(), i) {
+            let kind = ConfigErrorKind::DuplicatePortName {
+                name: name.clone(),
+                first: format!("{field}[{first}].name"),
+            };
+            diag.error(at("name"), kind);
+        }
+        if let (Some(port), Some(protocol)) = (port, protocol) {
+            out.push(SlicePort {
+                name,
+                port,
+                protocol,
+            });
+        }
+    }
+    out
+}
+
+/// Order does not matter when comparing two subsets' ports.
+fn same_ports(a: &[SlicePort], b: &[SlicePort]) -> bool {
+    let key = |ports: &[SlicePort]| {
+        let mut keys: Vec<_> = ports
+            .iter()
+            .map(|p| (p.name.clone(), p.port, p.protocol))
+            .collect();
+        keys.sort();
+        keys
+    };
+    key(a) == key(b)
+}
+
+/// `endpoints[i]`; `None` when an address is invalid (its error recorded).
+fn slice_endpoint(
+    diag: &mut Diagnostics,
+    i: usize,
+    endpoint: &Endpoint,
+    family: Option<Family>,
+) -> Option<SliceEndpoint> {
+    if endpoint.addresses.is_empty() {
+        diag.error(
+            format!("endpoints[{i}].addresses"),
+            ConfigErrorKind::NoAddresses,
+        );
+        return None;
+    }
+    let mut addresses = Vec::with_capacity(endpoint.addresses.len());
+    for (j, raw) in endpoint.addresses.iter().enumerate() {
+        let at = || format!("endpoints[{i}].addresses[{j}]");
+        let checked = ip(raw).and_then(|addr| match family {
+            Some(family) if !family.matches(addr) => Err(ConfigErrorKind::WrongFamily {
+                ip: addr,
+                address_type: family.address_type(),
+            }),
+            _ => Ok(addr),
+        });
+        addresses.extend(diag.check(at, checked));
+    }
+    if addresses.len() != endpoint.addresses.len() {
+        return None;
+    }
+    let raw = endpoint.conditions.clone().unwrap_or_default();
+    let ready = raw.ready.unwrap_or(true);
+    let conditions = Conditions {
+        ready,
+        serving: raw.serving.unwrap_or(ready),
+        terminating: raw.terminating.unwrap_or(false),
+    };
+    let hints = endpoint.hints.as_ref();
+    let hints_zones = hints
+        .and_then(|h| h.for_zones.as_deref())
+        .unwrap_or_default();
+    let hints_nodes = hints
+        .and_then(|h| h.for_nodes.as_deref())
+        .unwrap_or_default();
+    Some(SliceEndpoint {
+        addresses,
+        conditions,
+        node_name: non_empty(endpoint.node_name.as_deref()),
+        zone: non_empty(endpoint.zone.as_deref()),
+        hints_zones: hints_zones.iter().map(|z| z.name.clone()).collect(),
+        hints_nodes: hints_nodes.iter().map(|n| n.name.clone()).collect(),
+    })
+}
+
+/// One `subsets[i].addresses[j]` or `notReadyAddresses[j]`.
+fn address_endpoint(
+    diag: &mut Diagnostics,
+    field: String,
+    address: &EndpointAddress,
+    ready: bool,
+) -> Option<SliceEndpoint> {
+    let addr = diag.check(|| field, ip(&address.ip))?;
+    Some(SliceEndpoint {
+        addresses: vec![addr],
+        conditions: Conditions {
+            ready,
+            serving: ready,
+            terminating: false,
+        },
+        node_name: non_empty(address.node_name.as_deref()),
+        zone: None,
+        hints_zones: Vec::new(),
+        hints_nodes: Vec::new(),
+    })
+}
+
+fn non_empty(value: Option<&str>) -> Option<String> {
+    value.filter(|v| !v.is_empty()).map(str::to_owned)
+}
