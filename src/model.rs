@@ -230,15 +230,16 @@ pub struct SliceEndpoint {
 pub enum SliceKind {
     /// `discovery.k8s.io/v1/EndpointSlice`.
     EndpointSlice,
-    /// `v1/Endpoints`, converted into the slice shape.
-    Endpoints,
+    /// One subset of a `v1/Endpoints`, converted into the slice shape (each
+    /// subset has its own ports, so each becomes its own slice).
+    Endpoints { subset: usize },
 }
 
 impl fmt::Display for SliceKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SliceKind::EndpointSlice => "EndpointSlice",
-            SliceKind::Endpoints => "Endpoints",
+            SliceKind::Endpoints { .. } => "Endpoints",
         })
     }
 }

@@ -55,8 +55,12 @@ fn reloads_apply_to_new_connections_and_spare_open_ones() {
 
     // Open connections, one per service, mid-stream.
     let mut on_svc = open(svc);
-    let mut greeting = [0u8; 1];
-    on_svc.read_exact(&mut greeting).expect("greeting starts");
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        on_svc.read_exact(&mut byte).expect("greeting");
+        greeting.push(byte[0]);
+    }
     let mut on_extra = open(extra1);
     echo_once(&mut on_extra, b"before");
 

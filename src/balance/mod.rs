@@ -11,8 +11,9 @@
 //! - A balancer is shared by every worker (through the snapshot); its only
 //!   mutable state is atomic, so workers never block each other, and round
 //!   robin is fair across all workers together.
-//! - The candidates of one pick are distinct endpoints, at most
-//!   [`MAX_ATTEMPTS`] of them.
+//! - One pick yields [`MAX_ATTEMPTS`] candidates, going through every
+//!   endpoint once before any repeats (with one endpoint, it is tried four
+//!   times with growing timeouts, as kube-proxy's userspace mode did).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -61,7 +62,7 @@ impl Balancer {
             return Candidates { start: 0, len: 0, taken: 0 };
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Candidates { start, len: n.min(MAX_ATTEMPTS), taken: 0 }
+        Candidates { start, len: MAX_ATTEMPTS, taken: 0 }
     }
 
     /// The endpoint a candidate index stands for.
@@ -145,16 +146,23 @@ mod tests {
         assert_eq!(b.pick(client(), Instant::now()).next_index(&b), None);
     }
 
+    fn all_candidates(b: &Balancer) -> Vec<usize> {
+        let mut c = b.pick(client(), Instant::now());
+        std::iter::from_fn(|| c.next_index(b)).collect()
+    }
+
     #[test]
     fn candidates_are_distinct_and_capped_at_max_attempts() {
         let b = Balancer::new((1..=6).map(addr).collect());
-        let mut c = b.pick(client(), Instant::now());
-        let mut seen = Vec::new();
-        while let Some(i) = c.next_index(&b) {
-            assert!(!seen.contains(&i));
-            seen.push(i);
-        }
-        assert_eq!(seen.len(), MAX_ATTEMPTS);
+        let seen = all_candidates(&b);
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn fewer_endpoints_than_attempts_are_cycled() {
+        let b = Balancer::new(vec![addr(1), addr(2)]);
+        assert_eq!(all_candidates(&b), vec![0, 1, 0, 1]);
+        assert_eq!(all_candidates(&b), vec![1, 0, 1, 0]);
     }
 
     #[test]

@@ -13,9 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
-use super::{
-    ConfigError, ConfigErrorKind, ObjectRef, Warning, WarningKind, service_ref, slice_ref,
-};
+use super::{ConfigError, ConfigErrorKind, ObjectRef, Warning, WarningKind, service_ref, slice_ref};
 use crate::model::{
     self, Endpoint, EndpointAddr, Origin, Protocol, ServiceName, ServicePort, ServicePortName,
     ServicePortSpec, SliceKind, SlicePort, TargetPort,
@@ -52,10 +50,7 @@ pub fn join_with_warnings(services: &[model::Service], slices: &[model::Endpoint
     check_node_ports(&services, &mut joined.errors);
 
     for service in &services {
-        let own = slices
-            .get(&service.name)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let own = slices.get(&service.name).map(Vec::as_slice).unwrap_or_default();
         for (i, spec) in service.ports.iter().enumerate() {
             let endpoints = endpoints_for(service, i, spec, own, &mut joined.errors);
             joined.ports.push(service_port(service, spec, endpoints));
@@ -78,11 +73,7 @@ fn unique_services<'a>(
     let mut unique = Vec::with_capacity(services.len());
     for service in services {
         if let Some(first) = seen.get(&service.name) {
-            errors.push(duplicate(
-                service_ref(&service.name),
-                &service.origin,
-                first,
-            ));
+            errors.push(duplicate(service_ref(&service.name), &service.origin, first));
         } else {
             seen.insert(&service.name, &service.origin);
             unique.push(service);
@@ -101,11 +92,7 @@ fn unique_slices<'a>(
     let mut unique = Vec::with_capacity(slices.len());
     for slice in slices {
         if let Some(first) = seen.get(&(slice.kind, &slice.id)) {
-            errors.push(duplicate(
-                slice_ref(slice.kind, &slice.id),
-                &slice.origin,
-                first,
-            ));
+            errors.push(duplicate(slice_ref(slice.kind, &slice.id), &slice.origin, first));
         } else {
             seen.insert((slice.kind, &slice.id), &slice.origin);
             unique.push(slice);
@@ -119,9 +106,7 @@ fn duplicate(object: ObjectRef, origin: &Origin, first: &Origin) -> ConfigError 
         origin: origin.clone(),
         object: Some(object),
         field: None,
-        kind: ConfigErrorKind::DuplicateObject {
-            first_origin: first.clone(),
-        },
+        kind: ConfigErrorKind::DuplicateObject { first_origin: first.clone() },
     }
 }
 
@@ -138,10 +123,7 @@ fn slices_by_service<'a>(
     let mut grouped: HashMap<ServiceName, Vec<&model::EndpointSlice>> = HashMap::new();
     for slice in slices {
         if known.contains(&slice.service) {
-            grouped
-                .entry(slice.service.clone())
-                .or_default()
-                .push(slice);
+            grouped.entry(slice.service.clone()).or_default().push(slice);
         } else {
             let kind = WarningKind::NoSuchService(slice.service.clone());
             warnings.push(slice_warning(slice, kind));
@@ -149,7 +131,7 @@ fn slices_by_service<'a>(
     }
     for group in grouped.values_mut() {
         if group.iter().any(|s| s.kind == SliceKind::EndpointSlice) {
-            for shadowed in group.iter().filter(|s| s.kind == SliceKind::Endpoints) {
+            for shadowed in group.iter().filter(|s| matches!(s.kind, SliceKind::Endpoints { .. })) {
                 warnings.push(slice_warning(shadowed, WarningKind::EndpointsShadowed));
             }
             group.retain(|s| s.kind == SliceKind::EndpointSlice);
@@ -199,16 +181,8 @@ fn check_node_ports(services: &[&model::Service], errors: &mut Vec<ConfigError>)
 
 /// The slice port serving `spec`: by the service port's name first, then by
 /// a named targetPort.
-fn slice_port_for<'a>(
-    spec: &ServicePortSpec,
-    slice: &'a model::EndpointSlice,
-) -> Option<&'a SlicePort> {
-    let named = |name: &str| {
-        slice
-            .ports
-            .iter()
-            .find(|p| p.name == name && p.protocol == spec.protocol)
-    };
+fn slice_port_for<'a>(spec: &ServicePortSpec, slice: &'a model::EndpointSlice) -> Option<&'a SlicePort> {
+    let named = |name: &str| slice.ports.iter().find(|p| p.name == name && p.protocol == spec.protocol);
     named(&spec.name).or_else(|| match &spec.target_port {
         TargetPort::Name(target) => named(target),
         TargetPort::Number(_) => None,
@@ -287,16 +261,9 @@ fn dedupe_by_address(mut endpoints: Vec<Endpoint>) -> Vec<Endpoint> {
     out
 }
 
-fn service_port(
-    service: &model::Service,
-    spec: &ServicePortSpec,
-    endpoints: Vec<Endpoint>,
-) -> ServicePort {
+fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec<Endpoint>) -> ServicePort {
     ServicePort {
-        name: ServicePortName {
-            service: service.name.clone(),
-            port: spec.name.clone(),
-        },
+        name: ServicePortName { service: service.name.clone(), port: spec.name.clone() },
         origin: service.origin.clone(),
         protocol: spec.protocol,
         port: spec.port,

@@ -26,8 +26,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
 use super::{
-    ConfigError, ConfigErrorKind, ConfigErrors, Conversion, Manifests, ObjectRef, Warning,
-    WarningKind, service_from_k8s, slice_from_endpoints, slice_from_k8s,
+    ConfigError, ConfigErrorKind, ConfigErrors, Conversion, Manifests, ObjectRef, Warning, WarningKind,
+    service_from_k8s, slice_from_endpoints, slice_from_k8s,
 };
 use crate::model::Origin;
 
@@ -39,9 +39,7 @@ pub fn load_path(path: &Path) -> Result<Manifests, ConfigErrors> {
         let name = file.display().to_string();
         match fs::read_to_string(&file) {
             Ok(text) => collector.file(&text, &name),
-            Err(source) => collector
-                .errors
-                .push(file_error(&name, ConfigErrorKind::Io(source))),
+            Err(source) => collector.errors.push(file_error(&name, ConfigErrorKind::Io(source))),
         }
     }
     collector.finish()
@@ -56,12 +54,7 @@ pub fn parse_str(text: &str, file: &str) -> Result<Manifests, ConfigErrors> {
 }
 
 fn file_error(file: &str, kind: ConfigErrorKind) -> ConfigError {
-    ConfigError {
-        origin: Origin(file.to_owned()),
-        object: None,
-        field: None,
-        kind,
-    }
+    ConfigError { origin: Origin(file.to_owned()), object: None, field: None, kind }
 }
 
 /// Where a document sits: `file (document 2)` or, for an item of a List,
@@ -77,10 +70,7 @@ impl Place<'_> {
     fn origin(self) -> Origin {
         match self.item {
             None => Origin(format!("{} (document {})", self.file, self.document)),
-            Some(item) => Origin(format!(
-                "{} (document {}, items[{item}])",
-                self.file, self.document
-            )),
+            Some(item) => Origin(format!("{} (document {}, items[{item}])", self.file, self.document)),
         }
     }
 }
@@ -111,8 +101,7 @@ impl Collector {
         let is_dir = match fs::metadata(path) {
             Ok(meta) => meta.is_dir(),
             Err(source) => {
-                self.errors
-                    .push(file_error(&shown, ConfigErrorKind::Io(source)));
+                self.errors.push(file_error(&shown, ConfigErrorKind::Io(source)));
                 return Vec::new();
             }
         };
@@ -122,8 +111,7 @@ impl Collector {
         let entries = match fs::read_dir(path) {
             Ok(entries) => entries,
             Err(source) => {
-                self.errors
-                    .push(file_error(&shown, ConfigErrorKind::Io(source)));
+                self.errors.push(file_error(&shown, ConfigErrorKind::Io(source)));
                 return Vec::new();
             }
         };
@@ -132,9 +120,7 @@ impl Collector {
             match entry {
                 Ok(entry) if is_manifest(&entry.path()) => files.push(entry.path()),
                 Ok(_) => {}
-                Err(source) => self
-                    .errors
-                    .push(file_error(&shown, ConfigErrorKind::Io(source))),
+                Err(source) => self.errors.push(file_error(&shown, ConfigErrorKind::Io(source))),
             }
         }
         files.sort();
@@ -159,18 +145,13 @@ impl Collector {
 
     fn yaml_documents(&mut self, text: &str, file: &str) {
         for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let place = Place {
-                file,
-                document: i + 1,
-                item: None,
-            };
+            let place = Place { file, document: i + 1, item: None };
             match <Value as serde::Deserialize>::deserialize(document) {
                 Ok(value) => self.document(value, place),
                 Err(source) => {
                     // The parser cannot resynchronise after a syntax error:
                     // it would repeat the same error forever.
-                    self.errors
-                        .push(file_error(&place.origin().0, ConfigErrorKind::Yaml(source)));
+                    self.errors.push(file_error(&place.origin().0, ConfigErrorKind::Yaml(source)));
                     break;
                 }
             }
@@ -180,11 +161,7 @@ impl Collector {
     fn json_documents(&mut self, text: &str, file: &str) {
         let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
         for (i, document) in stream.enumerate() {
-            let place = Place {
-                file,
-                document: i + 1,
-                item: None,
-            };
+            let place = Place { file, document: i + 1, item: None };
             let value = document
                 .map_err(ConfigErrorKind::Json)
                 .and_then(|json| serde_yaml::to_value(json).map_err(ConfigErrorKind::Yaml));
@@ -203,8 +180,7 @@ impl Collector {
         let origin = place.origin();
         let Value::Mapping(map) = &value else {
             if !value.is_null() {
-                self.errors
-                    .push(file_error(&origin.0, ConfigErrorKind::NotAnObject));
+                self.errors.push(file_error(&origin.0, ConfigErrorKind::NotAnObject));
             }
             return;
         };
@@ -212,10 +188,7 @@ impl Collector {
         let kind = string_at(map, "kind");
         let object = peek_object(map, kind.unwrap_or("object"));
         let (Some(api_version), Some(kind)) = (api_version, kind) else {
-            for (field, present) in [
-                ("apiVersion", api_version.is_some()),
-                ("kind", kind.is_some()),
-            ] {
+            for (field, present) in [("apiVersion", api_version.is_some()), ("kind", kind.is_some())] {
                 if !present {
                     self.errors.push(ConfigError {
                         origin: origin.clone(),
@@ -244,10 +217,7 @@ impl Collector {
                 origin,
                 object: Some(object),
                 field: None,
-                kind: WarningKind::UnknownKind {
-                    api_version: api_version.to_owned(),
-                    kind: kind.to_owned(),
-                },
+                kind: WarningKind::UnknownKind { api_version: api_version.to_owned(), kind: kind.to_owned() },
             }),
         }
     }
@@ -283,16 +253,10 @@ impl Collector {
                     }
                 }
             }
-            let item_place = Place {
-                item: Some(i),
-                ..place
-            };
+            let item_place = Place { item: Some(i), ..place };
             // An empty item is not an empty document: it is an error.
             if item.is_null() {
-                self.errors.push(file_error(
-                    &item_place.origin().0,
-                    ConfigErrorKind::NotAnObject,
-                ));
+                self.errors.push(file_error(&item_place.origin().0, ConfigErrorKind::NotAnObject));
                 continue;
             }
             self.document(item, item_place);
@@ -332,18 +296,13 @@ impl Collector {
             return;
         };
         match slice_from_endpoints(&endpoints, origin) {
-            Ok(slice) => self.manifests.slices.push(slice),
+            Ok(slices) => self.manifests.slices.extend(slices),
             Err(errors) => self.errors.extend(errors),
         }
     }
 
     fn skipped(&mut self, origin: Origin, object: ObjectRef, skip: super::Skip) {
-        self.warn(Warning {
-            origin,
-            object: Some(object),
-            field: None,
-            kind: WarningKind::Skipped(skip),
-        });
+        self.warn(Warning { origin, object: Some(object), field: None, kind: WarningKind::Skipped(skip) });
     }
 
     /// Deserializes into a k8s-openapi type; an error names the field path.
@@ -380,19 +339,21 @@ impl Collector {
 }
 
 fn is_manifest(path: &Path) -> bool {
-    let hidden = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_none_or(|n| n.starts_with('.'));
-    let extension = path.extension().and_then(|e| e.to_str());
     // Follows symlinks, as a ConfigMap mount needs.
-    !hidden && matches!(extension, Some("yaml" | "yml" | "json")) && path.is_file()
+    is_manifest_name(path) && path.is_file()
+}
+
+/// Whether a directory entry's name makes it a manifest file: `*.yaml`,
+/// `*.yml` or `*.json`, not hidden. (The file watcher uses the same rule,
+/// so a log or an editor's swap file beside the manifests never reloads.)
+pub fn is_manifest_name(path: &Path) -> bool {
+    let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+    let extension = path.extension().and_then(|e| e.to_str());
+    !hidden && matches!(extension, Some("yaml" | "yml" | "json"))
 }
 
 fn string_at<'a>(map: &'a Mapping, key: &str) -> Option<&'a str> {
-    map.get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
+    map.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
 /// The object's kind and name, read before it is decoded so that even a
@@ -422,14 +383,8 @@ fn diff_keys(input: &Value, kept: &Value, path: String, found: &mut Vec<String>)
     match (input, kept) {
         (Value::Mapping(input), Value::Mapping(kept)) => {
             for (key, value) in input {
-                let name = key
-                    .as_str()
-                    .map_or_else(|| format!("{key:?}"), str::to_owned);
-                let child = if path.is_empty() {
-                    name
-                } else {
-                    format!("{path}.{name}")
-                };
+                let name = key.as_str().map_or_else(|| format!("{key:?}"), str::to_owned);
+                let child = if path.is_empty() { name } else { format!("{path}.{name}") };
                 match kept.get(key) {
                     Some(kept_value) => diff_keys(value, kept_value, child, found),
                     None if value.is_null() => {}

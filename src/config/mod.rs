@@ -31,7 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
-pub use load::{load_path, parse_str};
+pub use load::{is_manifest_name, load_path, parse_str};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
 
@@ -88,19 +88,11 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// The namespace defaults to `default`, as `kubectl apply` does.
     pub fn from_meta(kind: impl Into<String>, meta: &ObjectMeta) -> Self {
-        Self {
-            kind: kind.into(),
-            namespace: namespace_of(meta),
-            name: meta.name.clone().unwrap_or_default(),
-        }
+        Self { kind: kind.into(), namespace: namespace_of(meta), name: meta.name.clone().unwrap_or_default() }
     }
 
     fn of(kind: impl fmt::Display, name: &ServiceName) -> Self {
-        Self {
-            kind: kind.to_string(),
-            namespace: name.namespace.clone(),
-            name: name.name.clone(),
-        }
+        Self { kind: kind.to_string(), namespace: name.namespace.clone(), name: name.name.clone() }
     }
 }
 
@@ -193,10 +185,7 @@ pub enum ConfigErrorKind {
     #[error("unknown protocol {0:?} (expected TCP or UDP)")]
     UnknownProtocol(String),
     #[error("unknown value {value:?} (expected {expected})")]
-    UnknownValue {
-        value: String,
-        expected: &'static str,
-    },
+    UnknownValue { value: String, expected: &'static str },
     #[error("{value:?} is not a valid IP address")]
     InvalidIp {
         value: String,
@@ -210,10 +199,7 @@ pub enum ConfigErrorKind {
         source: ipnet::AddrParseError,
     },
     #[error("{ip} is not an {address_type} address")]
-    WrongFamily {
-        ip: IpAddr,
-        address_type: &'static str,
-    },
+    WrongFamily { ip: IpAddr, address_type: &'static str },
     #[error("{cluster_ip:?} must equal spec.clusterIPs[0] ({first:?})")]
     ClusterIpMismatch { cluster_ip: String, first: String },
     #[error("{0} addresses given; at most two (one IPv4, one IPv6)")]
@@ -227,39 +213,20 @@ pub enum ConfigErrorKind {
     #[error("duplicate port name {name:?} (also {first})")]
     DuplicatePortName { name: String, first: String },
     #[error("duplicate port {port}/{protocol} (also {first})")]
-    DuplicatePort {
-        port: u16,
-        protocol: Protocol,
-        first: String,
-    },
-    #[error(
-        "differs from subsets[0].ports; ringport needs every subset of an Endpoints \
-         object to carry the same ports (write EndpointSlices instead)"
-    )]
-    SubsetPortsDiffer,
+    DuplicatePort { port: u16, protocol: Protocol, first: String },
     #[error(
         "no EndpointSlice or Endpoints port of this Service is named {port_name:?} \
          (the service port's name) or {target:?} (the targetPort), with protocol {protocol}"
     )]
-    TargetPortNameNotFound {
-        target: String,
-        port_name: String,
-        protocol: Protocol,
-    },
+    TargetPortNameNotFound { target: String, port_name: String, protocol: Protocol },
     #[error(
         "no EndpointSlice or Endpoints port of this Service is named {port_name:?} with \
          protocol {protocol}: endpoints are matched to a service port by the port's name \
          (the EndpointSlice controller names slice ports after service ports), \
          and the numeric targetPort {target} is not used for matching"
     )]
-    ServicePortNotFound {
-        port_name: String,
-        target: u16,
-        protocol: Protocol,
-    },
-    #[error(
-        "nodePort {node_port}/{protocol} is already used by {other} ({other_field}, {other_origin})"
-    )]
+    ServicePortNotFound { port_name: String, target: u16, protocol: Protocol },
+    #[error("nodePort {node_port}/{protocol} is already used by {other} ({other_field}, {other_origin})")]
     DuplicateNodePort {
         node_port: u16,
         protocol: Protocol,
@@ -278,11 +245,7 @@ pub struct ConfigErrors(Vec<ConfigError>);
 impl ConfigErrors {
     /// `None` when `errors` is empty: no errors is not a failure.
     pub fn from_vec(errors: Vec<ConfigError>) -> Option<Self> {
-        if errors.is_empty() {
-            None
-        } else {
-            Some(Self(errors))
-        }
+        if errors.is_empty() { None } else { Some(Self(errors)) }
     }
 
     pub fn iter(&self) -> std::slice::Iter<'_, ConfigError> {
@@ -358,9 +321,7 @@ pub enum WarningKind {
     UnknownField,
     #[error("unknown value {0:?} ignored (expected PreferClose, PreferSameZone or PreferSameNode)")]
     UnknownTrafficDistribution(String),
-    #[error(
-        "ignored: the Service also has EndpointSlices, which take precedence (as in kube-proxy)"
-    )]
+    #[error("ignored: the Service also has EndpointSlices, which take precedence (as in kube-proxy)")]
     EndpointsShadowed,
     #[error("ignored: its Service {0} is not defined")]
     NoSuchService(ServiceName),
@@ -379,12 +340,7 @@ pub(crate) struct Diagnostics {
 
 impl Diagnostics {
     pub(crate) fn new(origin: Origin, object: ObjectRef) -> Self {
-        Self {
-            origin,
-            object,
-            errors: Vec::new(),
-            warnings: Vec::new(),
-        }
+        Self { origin, object, errors: Vec::new(), warnings: Vec::new() }
     }
 
     pub(crate) fn error(&mut self, field: impl Into<String>, kind: ConfigErrorKind) {
@@ -429,8 +385,7 @@ impl Diagnostics {
     }
 
     pub(crate) fn finish<T>(self, value: T) -> Result<Conversion<T>, ConfigErrors> {
-        self.into_result(value)
-            .map(|(value, warnings)| Conversion::Accepted { value, warnings })
+        self.into_result(value).map(|(value, warnings)| Conversion::Accepted { value, warnings })
     }
 }
 
@@ -457,11 +412,7 @@ pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta) -> Option
 pub(crate) fn port_number(value: i32) -> Result<u16, ConfigErrorKind> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Ok(port),
-        _ => Err(ConfigErrorKind::OutOfRange {
-            value: value.into(),
-            min: 1,
-            max: 65535,
-        }),
+        _ => Err(ConfigErrorKind::OutOfRange { value: value.into(), min: 1, max: 65535 }),
     }
 }
 
@@ -476,10 +427,7 @@ pub(crate) fn protocol(value: Option<&str>) -> Result<Protocol, ConfigErrorKind>
 }
 
 pub(crate) fn ip(value: &str) -> Result<IpAddr, ConfigErrorKind> {
-    value.parse().map_err(|source| ConfigErrorKind::InvalidIp {
-        value: value.to_owned(),
-        source,
-    })
+    value.parse().map_err(|source| ConfigErrorKind::InvalidIp { value: value.to_owned(), source })
 }
 
 /// The Kubernetes rule for a port name (IANA_SVC_NAME): at most 15
@@ -488,10 +436,7 @@ pub(crate) fn ip(value: &str) -> Result<IpAddr, ConfigErrorKind> {
 pub(crate) fn port_name(name: &str) -> Result<(), ConfigErrorKind> {
     let reason = if name.len() > 15 {
         Some("longer than 15 characters")
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
         Some("only lowercase letters, digits and '-' are allowed")
     } else if !name.bytes().any(|b| b.is_ascii_lowercase()) {
         Some("it must contain a letter (write a port number without quotes)")
@@ -501,10 +446,7 @@ pub(crate) fn port_name(name: &str) -> Result<(), ConfigErrorKind> {
         None
     };
     match reason {
-        Some(reason) => Err(ConfigErrorKind::InvalidPortName {
-            name: name.to_owned(),
-            reason,
-        }),
+        Some(reason) => Err(ConfigErrorKind::InvalidPortName { name: name.to_owned(), reason }),
         None => Ok(()),
     }
 }

@@ -16,12 +16,12 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, WarningKind, ip,
-    namespace_of, port_name, port_number, protocol, required_name,
+    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, WarningKind, ip, namespace_of,
+    port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, Origin, Protocol, ServiceName, ServicePortSpec, TargetPort,
-    TrafficDistribution, TrafficPolicy,
+    self, Affinity, Origin, Protocol, ServiceName, ServicePortSpec, TargetPort, TrafficDistribution,
+    TrafficPolicy,
 };
 
 /// Annotations under this prefix tune ringport per Service.
@@ -29,10 +29,7 @@ const ANNOTATION_PREFIX: &str = "ringport.io/";
 
 /// Validates one Service. `Ok(Conversion::Skipped(_))` for a headless or
 /// ExternalName Service; `Err` lists every problem found.
-pub fn service_from_k8s(
-    svc: &Service,
-    origin: Origin,
-) -> Result<Conversion<model::Service>, ConfigErrors> {
+pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<model::Service>, ConfigErrors> {
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Service", &svc.metadata));
     let name = required_name(&mut diag, &svc.metadata);
     let default_spec = ServiceSpec::default();
@@ -57,16 +54,8 @@ pub fn service_from_k8s(
     };
     let load_balancer_source_ranges = source_ranges(&mut diag, spec);
     let affinity = affinity(&mut diag, spec);
-    let external_policy = policy(
-        &mut diag,
-        "spec.externalTrafficPolicy",
-        &spec.external_traffic_policy,
-    );
-    let internal_policy = policy(
-        &mut diag,
-        "spec.internalTrafficPolicy",
-        &spec.internal_traffic_policy,
-    );
+    let external_policy = policy(&mut diag, "spec.externalTrafficPolicy", &spec.external_traffic_policy);
+    let internal_policy = policy(&mut diag, "spec.internalTrafficPolicy", &spec.internal_traffic_policy);
     let distribution = distribution(&mut diag, spec);
     let ringport_annotations = ringport_annotations(svc);
 
@@ -151,17 +140,11 @@ fn cluster_ips(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpAddr> {
     {
         diag.error(
             "spec.clusterIP",
-            ConfigErrorKind::ClusterIpMismatch {
-                cluster_ip: single.to_owned(),
-                first: list[0].clone(),
-            },
+            ConfigErrorKind::ClusterIpMismatch { cluster_ip: single.to_owned(), first: list[0].clone() },
         );
     }
     if list.len() > 2 {
-        diag.error(
-            "spec.clusterIPs",
-            ConfigErrorKind::TooManyClusterIps(list.len()),
-        );
+        diag.error("spec.clusterIPs", ConfigErrorKind::TooManyClusterIps(list.len()));
     }
     let ips = ip_list(diag, "spec.clusterIPs", Some(list));
     if let [a, b] = ips[..]
@@ -202,20 +185,15 @@ fn load_balancer_ips(diag: &mut Diagnostics, svc: &Service) -> Vec<IpAddr> {
 }
 
 fn source_ranges(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpNet> {
-    let ranges = spec
-        .load_balancer_source_ranges
-        .as_deref()
-        .unwrap_or_default();
+    let ranges = spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
     ranges
         .iter()
         .enumerate()
         .filter_map(|(i, value)| {
             // The API server trims spaces here, so people write them.
             let parsed = value.trim().parse::<IpNet>().map(|net| net.trunc());
-            let parsed = parsed.map_err(|source| ConfigErrorKind::InvalidCidr {
-                value: value.clone(),
-                source,
-            });
+            let parsed =
+                parsed.map_err(|source| ConfigErrorKind::InvalidCidr { value: value.clone(), source });
             diag.check(|| format!("spec.loadBalancerSourceRanges[{i}]"), parsed)
         })
         .collect()
@@ -278,16 +256,14 @@ fn service_port(
     let protocol = diag.check(|| at("protocol"), protocol(given(&raw.protocol)));
     let target_port = match &raw.target_port {
         None => port.map(TargetPort::Number),
-        Some(IntOrString::Int(n)) => diag
-            .check(|| at("targetPort"), port_number(*n))
-            .map(TargetPort::Number),
+        Some(IntOrString::Int(n)) => diag.check(|| at("targetPort"), port_number(*n)).map(TargetPort::Number),
         Some(IntOrString::String(s)) if s.is_empty() => {
             diag.error(at("targetPort"), ConfigErrorKind::Required);
             None
         }
-        Some(IntOrString::String(s)) => diag
-            .check(|| at("targetPort"), port_name(s))
-            .map(|()| TargetPort::Name(s.clone())),
+        Some(IntOrString::String(s)) => {
+            diag.check(|| at("targetPort"), port_name(s)).map(|()| TargetPort::Name(s.clone()))
+        }
     };
     let node_port = match (raw.node_port, service_type) {
         (None, _) => Some(None),
@@ -333,14 +309,11 @@ fn affinity(diag: &mut Diagnostics, spec: &ServiceSpec) -> Option<Affinity> {
                 },
             };
             let field = || "spec.sessionAffinityConfig.clientIP.timeoutSeconds".to_owned();
-            diag.check(field, timeout)
-                .map(|timeout| Affinity::ClientIp { timeout })
+            diag.check(field, timeout).map(|timeout| Affinity::ClientIp { timeout })
         }
         Some(other) => {
-            let kind = ConfigErrorKind::UnknownValue {
-                value: other.to_owned(),
-                expected: "None or ClientIP",
-            };
+            let kind =
+                ConfigErrorKind::UnknownValue { value: other.to_owned(), expected: "None or ClientIP" };
             diag.error("spec.sessionAffinity", kind);
             None
         }
@@ -352,10 +325,8 @@ fn policy(diag: &mut Diagnostics, field: &str, value: &Option<String>) -> Option
         None | Some("Cluster") => Some(TrafficPolicy::Cluster),
         Some("Local") => Some(TrafficPolicy::Local),
         Some(other) => {
-            let kind = ConfigErrorKind::UnknownValue {
-                value: other.to_owned(),
-                expected: "Cluster or Local",
-            };
+            let kind =
+                ConfigErrorKind::UnknownValue { value: other.to_owned(), expected: "Cluster or Local" };
             diag.error(field, kind);
             None
         }

@@ -1,8 +1,9 @@
 //! `discovery.k8s.io/v1/EndpointSlice` and hand-written `v1/Endpoints` ->
 //! `model::EndpointSlice`.
 //!
-//! Both shapes end up as one slice: a list of ports and a list of endpoints,
-//! each endpoint serving on every port. Condition defaults follow the API
+//! Both shapes end up as slices: a list of ports and a list of endpoints,
+//! each endpoint serving on every port (an Endpoints object gives one slice
+//! per subset). Condition defaults follow the API
 //! contract: `ready` absent = true, `serving` absent = `ready`,
 //! `terminating` absent = false. An Endpoints object's `addresses` are ready
 //! and its `notReadyAddresses` neither ready nor serving. All errors of an
@@ -15,8 +16,8 @@ use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{
-    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, ip, namespace_of,
-    port_number, protocol, required_name,
+    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, ip, namespace_of, port_number,
+    protocol, required_name,
 };
 use crate::model::{self, Conditions, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
 
@@ -45,19 +46,15 @@ pub fn slice_from_k8s(
         "IPv4" => Some(Family::V4),
         "IPv6" => Some(Family::V6),
         "FQDN" => {
-            return diag
-                .into_result(())
-                .map(|_| Conversion::Skipped(Skip::FqdnAddressType));
+            return diag.into_result(()).map(|_| Conversion::Skipped(Skip::FqdnAddressType));
         }
         "" => {
             diag.error("addressType", ConfigErrorKind::Required);
             None
         }
         other => {
-            let kind = ConfigErrorKind::UnknownValue {
-                value: other.to_owned(),
-                expected: "IPv4, IPv6 or FQDN",
-            };
+            let kind =
+                ConfigErrorKind::UnknownValue { value: other.to_owned(), expected: "IPv4, IPv6 or FQDN" };
             diag.error("addressType", kind);
             None
         }
@@ -89,32 +86,35 @@ pub fn slice_from_k8s(
     diag.finish(value)
 }
 
-/// Converts a hand-written `v1/Endpoints` into one slice with `id` and
-/// `service` both the Endpoints' own `namespace/name`. Every subset must
-/// carry the same ports, because the model has one port list per slice.
+/// Converts a hand-written `v1/Endpoints` into one slice per subset (each
+/// subset carries its own ports), with `id` and `service` both the
+/// Endpoints' own `namespace/name`. An Endpoints with no subsets gives one
+/// empty slice: the Service has endpoints declared, and none of them.
 pub fn slice_from_endpoints(
     ep: &Endpoints,
     origin: Origin,
-) -> Result<model::EndpointSlice, ConfigErrors> {
+) -> Result<Vec<model::EndpointSlice>, ConfigErrors> {
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Endpoints", &ep.metadata));
-    let name = required_name(&mut diag, &ep.metadata);
-    let namespace = namespace_of(&ep.metadata);
-
-    let mut ports: Option<Vec<SlicePort>> = None;
-    let mut endpoints = Vec::new();
+    let name = required_name(&mut diag, &ep.metadata).unwrap_or_default();
+    let id = ServiceName::new(namespace_of(&ep.metadata), name);
+    let origin = diag.origin().clone();
+    let slice = |subset, ports, endpoints| model::EndpointSlice {
+        id: id.clone(),
+        kind: SliceKind::Endpoints { subset },
+        service: id.clone(),
+        origin: origin.clone(),
+        ports,
+        endpoints,
+    };
+    let mut slices = Vec::new();
     for (i, subset) in ep.subsets.iter().flatten().enumerate() {
         let raw_ports = subset.ports.iter().flatten().map(|p| RawPort {
             name: p.name.as_deref(),
             port: Some(p.port),
             protocol: p.protocol.as_deref(),
         });
-        let field = format!("subsets[{i}].ports");
-        let subset_ports = slice_ports(&mut diag, &field, raw_ports);
-        match &ports {
-            None => ports = Some(subset_ports),
-            Some(first) if same_ports(first, &subset_ports) => {}
-            Some(_) => diag.error(field, ConfigErrorKind::SubsetPortsDiffer),
-        }
+        let ports = slice_ports(&mut diag, &format!("subsets[{i}].ports"), raw_ports);
+        let mut endpoints = Vec::new();
         let lists = [
             ("addresses", &subset.addresses, true),
             ("notReadyAddresses", &subset.not_ready_addresses, false),
@@ -125,18 +125,12 @@ pub fn slice_from_endpoints(
                 endpoints.extend(address_endpoint(&mut diag, field, address, ready));
             }
         }
+        slices.push(slice(i, ports, endpoints));
     }
-
-    let name = name.unwrap_or_default();
-    let value = model::EndpointSlice {
-        id: ServiceName::new(namespace.clone(), name.clone()),
-        kind: SliceKind::Endpoints,
-        service: ServiceName::new(namespace, name),
-        origin: diag.origin().clone(),
-        ports: ports.unwrap_or_default(),
-        endpoints,
-    };
-    diag.into_result(value).map(|(value, _)| value)
+    if slices.is_empty() {
+        slices.push(slice(0, Vec::new(), Vec::new()));
+    }
+    diag.into_result(slices).map(|(value, _)| value)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,10 +178,7 @@ fn slice_ports<'a>(
                 None
             }
         };
-        let protocol = diag.check(
-            || at("protocol"),
-            protocol(raw.protocol.filter(|p| !p.is_empty())),
-        );
+        let protocol = diag.check(|| at("protocol"), protocol(raw.protocol.filter(|p| !p.is_empty())));
         if let Some(first) = names.insert(name.clone(), i) {
             let kind = ConfigErrorKind::DuplicatePortName {
                 name: name.clone(),
@@ -196,27 +187,10 @@ fn slice_ports<'a>(
             diag.error(at("name"), kind);
         }
         if let (Some(port), Some(protocol)) = (port, protocol) {
-            out.push(SlicePort {
-                name,
-                port,
-                protocol,
-            });
+            out.push(SlicePort { name, port, protocol });
         }
     }
     out
-}
-
-/// Order does not matter when comparing two subsets' ports.
-fn same_ports(a: &[SlicePort], b: &[SlicePort]) -> bool {
-    let key = |ports: &[SlicePort]| {
-        let mut keys: Vec<_> = ports
-            .iter()
-            .map(|p| (p.name.clone(), p.port, p.protocol))
-            .collect();
-        keys.sort();
-        keys
-    };
-    key(a) == key(b)
 }
 
 /// `endpoints[i]`; `None` when an address is invalid (its error recorded).
@@ -227,20 +201,16 @@ fn slice_endpoint(
     family: Option<Family>,
 ) -> Option<SliceEndpoint> {
     if endpoint.addresses.is_empty() {
-        diag.error(
-            format!("endpoints[{i}].addresses"),
-            ConfigErrorKind::NoAddresses,
-        );
+        diag.error(format!("endpoints[{i}].addresses"), ConfigErrorKind::NoAddresses);
         return None;
     }
     let mut addresses = Vec::with_capacity(endpoint.addresses.len());
     for (j, raw) in endpoint.addresses.iter().enumerate() {
         let at = || format!("endpoints[{i}].addresses[{j}]");
         let checked = ip(raw).and_then(|addr| match family {
-            Some(family) if !family.matches(addr) => Err(ConfigErrorKind::WrongFamily {
-                ip: addr,
-                address_type: family.address_type(),
-            }),
+            Some(family) if !family.matches(addr) => {
+                Err(ConfigErrorKind::WrongFamily { ip: addr, address_type: family.address_type() })
+            }
             _ => Ok(addr),
         });
         addresses.extend(diag.check(at, checked));
@@ -256,12 +226,8 @@ fn slice_endpoint(
         terminating: raw.terminating.unwrap_or(false),
     };
     let hints = endpoint.hints.as_ref();
-    let hints_zones = hints
-        .and_then(|h| h.for_zones.as_deref())
-        .unwrap_or_default();
-    let hints_nodes = hints
-        .and_then(|h| h.for_nodes.as_deref())
-        .unwrap_or_default();
+    let hints_zones = hints.and_then(|h| h.for_zones.as_deref()).unwrap_or_default();
+    let hints_nodes = hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or_default();
     Some(SliceEndpoint {
         addresses,
         conditions,
@@ -282,11 +248,7 @@ fn address_endpoint(
     let addr = diag.check(|| field, ip(&address.ip))?;
     Some(SliceEndpoint {
         addresses: vec![addr],
-        conditions: Conditions {
-            ready,
-            serving: ready,
-            terminating: false,
-        },
+        conditions: Conditions { ready, serving: ready, terminating: false },
         node_name: non_empty(address.node_name.as_deref()),
         zone: None,
         hints_zones: Vec::new(),

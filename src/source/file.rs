@@ -47,7 +47,9 @@ impl FileSource {
             if matches!(event.kind, EventKind::Access(_)) {
                 return;
             }
-            let relevant = is_dir || event.paths.iter().any(|p| p.file_name() == target.file_name());
+            let relevant = event.paths.iter().any(|p| {
+                if is_dir { config::is_manifest_name(p) } else { p.file_name() == target.file_name() }
+            });
             if relevant {
                 let _ = tx.send(());
             }

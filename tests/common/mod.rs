@@ -29,7 +29,10 @@ pub fn free_port() -> u16 {
 /// The `ringport run` process under test.
 pub struct Proxy {
     child: Child,
+    /// The manifest directory ringport watches.
     pub dir: tempfile::TempDir,
+    /// Logs and other files, kept out of the watched directory.
+    scratch: tempfile::TempDir,
     pub metrics: SocketAddr,
     log: PathBuf,
 }
@@ -40,7 +43,8 @@ impl Proxy {
     pub fn start(manifest: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("services.yaml"), manifest).expect("write manifest");
-        let log = dir.path().join("ringport.log");
+        let scratch = tempfile::tempdir().expect("temp dir");
+        let log = scratch.path().join("ringport.log");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let child = Command::new(env!("CARGO_BIN_EXE_ringport"))
             .arg("run")
@@ -56,7 +60,7 @@ impl Proxy {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn ringport");
-        let mut proxy = Proxy { child, dir, metrics, log };
+        let mut proxy = Proxy { child, dir, scratch, metrics, log };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = proxy.child.try_wait() {
@@ -111,12 +115,19 @@ impl Proxy {
 
     /// Wait until a snapshot newer than `generation` is served.
     pub fn wait_newer_than(&self, generation: u64) -> serde_json::Value {
-        let mut snap = serde_json::Value::Null;
-        eventually(Duration::from_secs(10), "a reload to be applied", || {
-            snap = self.snapshot();
-            snap["generation"].as_u64().unwrap_or(0) > generation
-        });
-        snap
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let snap = self.snapshot();
+            if snap["generation"].as_u64().unwrap_or(0) > generation {
+                return snap;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload past generation {generation} in 10 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `127.0.0.1:<proxy port>` of a service port (`ns/name:port`).
@@ -163,7 +174,14 @@ pub struct Backend {
 
 impl Backend {
     pub fn spawn(bind: &str, handler: fn(TcpStream)) -> Backend {
-        let listener = TcpListener::bind(bind).expect("bind backend");
+        // A deep backlog: std's 128 would drop SYNs under a 1000-connection burst.
+        let addr: SocketAddr = bind.parse().expect("backend address");
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(&addr.into()).expect("bind backend");
+        socket.listen(4096).expect("listen");
+        let listener = TcpListener::from(socket);
         let addr = listener.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);

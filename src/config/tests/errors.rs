@@ -9,10 +9,7 @@ use crate::model::{Origin, Protocol, ServiceName};
 fn error_display_names_origin_object_field_and_problem() {
     let error = ConfigError {
         origin: Origin("examples/bad.yaml (document 2)".into()),
-        object: Some(ObjectRef::of(
-            "Service",
-            &ServiceName::new("default", "web"),
-        )),
+        object: Some(ObjectRef::of("Service", &ServiceName::new("default", "web"))),
         field: Some("spec.ports[0].port".into()),
         kind: port_number(70000).unwrap_err(),
     };

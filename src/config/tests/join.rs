@@ -51,23 +51,13 @@ fn named_target_port_resolves_through_slice_port_name() {
     );
     let j = joined(&text);
     assert!(j.errors.is_empty(), "{:?}", error_lines(&j));
-    let [http, metrics] = &j.ports[..] else {
-        panic!("{:?}", j.ports)
-    };
+    let [http, metrics] = &j.ports[..] else { panic!("{:?}", j.ports) };
     assert_eq!(http.name.to_string(), "default/web:http");
     assert_eq!(addrs(http), ["127.0.0.1:18080", "127.0.0.2:18080"]);
     assert_eq!(addrs(metrics), ["127.0.0.1:19100", "127.0.0.2:19100"]);
     assert_eq!((http.port, metrics.port), (80, 9100));
-    assert_eq!(
-        http.cluster_ips,
-        ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
-    );
-    assert_eq!(
-        http.affinity,
-        model::Affinity::ClientIp {
-            timeout: model::Affinity::DEFAULT_TIMEOUT
-        }
-    );
+    assert_eq!(http.cluster_ips, ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(http.affinity, model::Affinity::ClientIp { timeout: model::Affinity::DEFAULT_TIMEOUT });
 }
 
 #[test]
@@ -84,15 +74,13 @@ fn service_port_name_wins_over_target_port_name() {
 
 #[test]
 fn the_protocol_of_the_slice_port_must_match() {
-    let text = service(
-        "dns",
-        "{ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]}",
-    ) + &slice(
-        "dns-1",
-        "dns",
-        "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]",
-        "[{addresses: [127.0.0.1]}]",
-    );
+    let text = service("dns", "{ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]}")
+        + &slice(
+            "dns-1",
+            "dns",
+            "[{name: dns, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354, protocol: TCP}]",
+            "[{addresses: [127.0.0.1]}]",
+        );
     let j = joined(&text);
     assert!(j.errors.is_empty(), "{:?}", error_lines(&j));
     assert_eq!(addrs(&j.ports[0]), ["127.0.0.1:5353"]);
@@ -100,58 +88,35 @@ fn the_protocol_of_the_slice_port_must_match() {
     let udp_only = text.replace("protocol: TCP}", "protocol: UDP}");
     let lines = error_lines(&joined(&udp_only));
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(
-        lines[0].contains("spec.ports[1].targetPort: no EndpointSlice or Endpoints port"),
-        "{lines:?}"
-    );
+    assert!(lines[0].contains("spec.ports[1].targetPort: no EndpointSlice or Endpoints port"), "{lines:?}");
 }
 
 #[test]
 fn unknown_target_port_name_is_an_error_naming_service_and_field() {
-    let text = service(
-        "web",
-        "{ports: [{name: http, port: 80, targetPort: http-web}]}",
-    ) + &slice(
-        "web-1",
-        "web",
-        "[{name: grpc, port: 9000}]",
-        "[{addresses: [127.0.0.1]}]",
-    );
+    let text = service("web", "{ports: [{name: http, port: 80, targetPort: http-web}]}")
+        + &slice("web-1", "web", "[{name: grpc, port: 9000}]", "[{addresses: [127.0.0.1]}]");
     let j = joined(&text);
     let lines = error_lines(&j);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
-        lines[0]
-            .starts_with("t.yaml (document 1): Service default/web: spec.ports[0].targetPort: "),
+        lines[0].starts_with("t.yaml (document 1): Service default/web: spec.ports[0].targetPort: "),
         "{lines:?}"
     );
-    assert!(
-        lines[0].contains("\"http-web\" (the targetPort)"),
-        "{lines:?}"
-    );
+    assert!(lines[0].contains("\"http-web\" (the targetPort)"), "{lines:?}");
     assert!(j.ports[0].endpoints.is_empty());
 }
 
 #[test]
 fn numeric_target_port_without_a_slice_port_of_that_name_is_an_error_explaining_the_rule() {
     let text = service("web", "{ports: [{name: http, port: 80, targetPort: 8080}]}")
-        + &slice(
-            "web-1",
-            "web",
-            "[{name: web, port: 8080}]",
-            "[{addresses: [127.0.0.1]}]",
-        );
+        + &slice("web-1", "web", "[{name: web, port: 8080}]", "[{addresses: [127.0.0.1]}]");
     let lines = error_lines(&joined(&text));
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
-        lines[0]
-            .starts_with("t.yaml (document 1): Service default/web: spec.ports[0].targetPort: "),
+        lines[0].starts_with("t.yaml (document 1): Service default/web: spec.ports[0].targetPort: "),
         "{lines:?}"
     );
-    assert!(
-        lines[0].contains("matched to a service port by the port's name"),
-        "{lines:?}"
-    );
+    assert!(lines[0].contains("matched to a service port by the port's name"), "{lines:?}");
 }
 
 #[test]
@@ -166,13 +131,8 @@ fn a_service_without_slices_or_with_portless_slices_has_no_endpoints_and_no_erro
 
 #[test]
 fn duplicate_node_port_is_an_error_naming_both_services() {
-    let text = service(
-        "a",
-        "{type: NodePort, ports: [{port: 80, nodePort: 30080}]}",
-    ) + &service(
-        "b",
-        "{type: NodePort, ports: [{port: 81, nodePort: 30080}]}",
-    );
+    let text = service("a", "{type: NodePort, ports: [{port: 80, nodePort: 30080}]}")
+        + &service("b", "{type: NodePort, ports: [{port: 81, nodePort: 30080}]}");
     let lines = error_lines(&joined(&text));
     assert_eq!(
         lines,
@@ -212,8 +172,7 @@ fn a_service_defined_twice_is_an_error_and_the_first_wins() {
 #[test]
 fn a_slice_defined_twice_is_an_error_but_an_endpoints_of_the_same_name_is_not() {
     let one = slice("web", "web", "[{port: 80}]", "[{addresses: [127.0.0.1]}]");
-    let text =
-        service("web", "{ports: [{port: 80}]}") + &one + &one + &endpoints("web", "127.0.0.9", 80);
+    let text = service("web", "{ports: [{port: 80}]}") + &one + &one + &endpoints("web", "127.0.0.9", 80);
     let lines = error_lines(&joined(&text));
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(
@@ -226,21 +185,12 @@ fn a_slice_defined_twice_is_an_error_but_an_endpoints_of_the_same_name_is_not() 
 fn endpoint_slices_take_precedence_over_endpoints_with_a_warning() {
     let text = service("web", "{ports: [{port: 80}]}")
         + &endpoints("web", "127.0.0.9", 80)
-        + &slice(
-            "web-1",
-            "web",
-            "[{port: 8080}]",
-            "[{addresses: [127.0.0.1]}]",
-        );
+        + &slice("web-1", "web", "[{port: 8080}]", "[{addresses: [127.0.0.1]}]");
     let j = joined(&text);
     assert_eq!(addrs(&j.ports[0]), ["127.0.0.1:8080"]);
     assert_eq!(j.warnings.len(), 1);
     assert_eq!(j.warnings[0].kind, WarningKind::EndpointsShadowed);
-    assert!(
-        j.warnings[0]
-            .to_string()
-            .starts_with("t.yaml (document 2): Endpoints default/web: ")
-    );
+    assert!(j.warnings[0].to_string().starts_with("t.yaml (document 2): Endpoints default/web: "));
 }
 
 #[test]
@@ -252,18 +202,10 @@ fn endpoints_alone_serve_a_selectorless_service() {
 
 #[test]
 fn a_slice_whose_service_is_missing_is_only_a_warning() {
-    let text = slice(
-        "ghost-1",
-        "ghost",
-        "[{port: 80}]",
-        "[{addresses: [127.0.0.1]}]",
-    );
+    let text = slice("ghost-1", "ghost", "[{port: 80}]", "[{addresses: [127.0.0.1]}]");
     let j = joined(&text);
     assert!(j.errors.is_empty() && j.ports.is_empty());
-    assert_eq!(
-        j.warnings[0].kind,
-        WarningKind::NoSuchService(ServiceName::new("default", "ghost"))
-    );
+    assert_eq!(j.warnings[0].kind, WarningKind::NoSuchService(ServiceName::new("default", "ghost")));
     assert_eq!(
         j.warnings[0].to_string(),
         "t.yaml (document 1): EndpointSlice default/ghost-1: ignored: its Service default/ghost is not defined"
@@ -279,47 +221,21 @@ fn endpoints_are_sorted_deduplicated_and_keep_not_ready_ones() {
             "[{port: 80}]",
             "[{addresses: [127.0.0.3], conditions: {ready: false}}, {addresses: [127.0.0.2], conditions: {ready: false}}]",
         )
-        + &slice(
-            "web-b",
-            "web",
-            "[{port: 80}]",
-            "[{addresses: [127.0.0.3]}, {addresses: [127.0.0.1]}]",
-        );
+        + &slice("web-b", "web", "[{port: 80}]", "[{addresses: [127.0.0.3]}, {addresses: [127.0.0.1]}]");
     let port = &joined(&text).ports[0];
-    assert_eq!(
-        addrs(port),
-        ["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]
-    );
+    assert_eq!(addrs(port), ["127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80"]);
     let ready: Vec<_> = port.endpoints.iter().map(|e| e.conditions.ready).collect();
-    assert_eq!(
-        ready,
-        [true, false, true],
-        "the ready copy of 127.0.0.3 wins"
-    );
-    let not_ready = Conditions {
-        ready: false,
-        serving: false,
-        terminating: false,
-    };
+    assert_eq!(ready, [true, false, true], "the ready copy of 127.0.0.3 wins");
+    let not_ready = Conditions { ready: false, serving: false, terminating: false };
     assert_eq!(port.endpoints[1].conditions, not_ready);
 }
 
 #[test]
 fn output_is_sorted_by_service_port_name() {
     let text = service("zeta", "{ports: [{port: 80}]}")
-        + &service(
-            "alpha",
-            "{ports: [{name: b, port: 81}, {name: a, port: 80}]}",
-        );
-    let names: Vec<_> = joined(&text)
-        .ports
-        .iter()
-        .map(|p| p.name.to_string())
-        .collect();
-    assert_eq!(
-        names,
-        ["default/alpha:a", "default/alpha:b", "default/zeta"]
-    );
+        + &service("alpha", "{ports: [{name: b, port: 81}, {name: a, port: 80}]}");
+    let names: Vec<_> = joined(&text).ports.iter().map(|p| p.name.to_string()).collect();
+    assert_eq!(names, ["default/alpha:a", "default/alpha:b", "default/zeta"]);
 }
 
 #[test]

@@ -29,9 +29,7 @@ pub(crate) fn errors(text: &str) -> String {
 pub(crate) fn assert_error(text: &str, location: &str, problem: &str) {
     let errors = errors(text);
     assert!(
-        errors
-            .lines()
-            .any(|line| line.starts_with(location) && line.contains(problem)),
+        errors.lines().any(|line| line.starts_with(location) && line.contains(problem)),
         "expected an error at `{location}` containing `{problem}`, got:\n{errors}"
     );
 }

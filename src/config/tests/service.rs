@@ -40,10 +40,7 @@ fn minimal_service_gets_the_api_defaults() {
     assert_eq!(s.origin.0, "t.yaml (document 1)");
     assert_eq!(s.cluster_ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
     let port = &s.ports[0];
-    assert_eq!(
-        (port.name.as_str(), port.protocol, port.port),
-        ("", Protocol::Tcp, 80)
-    );
+    assert_eq!((port.name.as_str(), port.protocol, port.port), ("", Protocol::Tcp, 80));
     assert_eq!(port.target_port, TargetPort::Number(80));
     assert_eq!(port.node_port, None);
     assert_eq!(s.affinity, Affinity::None);
@@ -55,29 +52,18 @@ fn minimal_service_gets_the_api_defaults() {
 #[test]
 fn missing_name_is_an_error_naming_metadata_name() {
     let text = "apiVersion: v1\nkind: Service\nspec: {ports: [{port: 80}]}\n";
-    assert_error(
-        text,
-        "t.yaml (document 1): Service default/<unnamed>: metadata.name: ",
-        "is required",
-    );
+    assert_error(text, "t.yaml (document 1): Service default/<unnamed>: metadata.name: ", "is required");
 }
 
 #[test]
 fn namespace_is_kept_when_given() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}\n";
-    assert_eq!(
-        manifests(text).services[0].name,
-        ServiceName::new("shop", "web")
-    );
+    assert_eq!(manifests(text).services[0].name, ServiceName::new("shop", "web"));
 }
 
 #[test]
 fn unknown_service_type_is_an_error() {
-    bad(
-        "{type: Magic, ports: [{port: 80}]}",
-        "spec.type",
-        "unknown value \"Magic\"",
-    );
+    bad("{type: Magic, ports: [{port: 80}]}", "spec.type", "unknown value \"Magic\"");
 }
 
 #[test]
@@ -85,24 +71,17 @@ fn external_name_service_is_skipped_with_the_reason() {
     let text = svc("{type: ExternalName, externalName: example.org}");
     let manifests = manifests(&text);
     assert!(manifests.services.is_empty());
-    assert_eq!(
-        manifests.warnings[0].kind,
-        WarningKind::Skipped(Skip::ExternalName)
-    );
+    assert_eq!(manifests.warnings[0].kind, WarningKind::Skipped(Skip::ExternalName));
     assert!(manifests.warnings[0].to_string().starts_with(AT));
 }
 
 #[test]
 fn headless_service_is_skipped_through_the_api_conversion_too() {
-    let raw: Service =
-        serde_yaml::from_str(&svc("{clusterIP: None, ports: [{port: 80}]}")).unwrap();
+    let raw: Service = serde_yaml::from_str(&svc("{clusterIP: None, ports: [{port: 80}]}")).unwrap();
     let converted = service_from_k8s(&raw, Origin("api".into())).unwrap();
     assert_eq!(converted, Conversion::Skipped(Skip::Headless));
     let listed = svc("{clusterIPs: [None], ports: [{port: 80}]}");
-    assert_eq!(
-        warnings(&listed)[0].kind,
-        WarningKind::Skipped(Skip::Headless)
-    );
+    assert_eq!(warnings(&listed)[0].kind, WarningKind::Skipped(Skip::Headless));
 }
 
 #[test]
@@ -122,17 +101,12 @@ fn invalid_cluster_ip_is_an_error() {
         "spec.clusterIP",
         "\"10.96.0.300\" is not a valid IP address",
     );
-    bad(
-        "{clusterIPs: [10.96.0.1, 'fd00::x'], ports: [{port: 80}]}",
-        "spec.clusterIPs[1]",
-        "not a valid IP",
-    );
+    bad("{clusterIPs: [10.96.0.1, 'fd00::x'], ports: [{port: 80}]}", "spec.clusterIPs[1]", "not a valid IP");
 }
 
 #[test]
 fn cluster_ips_win_and_cluster_ip_must_equal_their_first_entry() {
-    let s =
-        service("{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}");
+    let s = service("{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1, 'fd00::1'], ports: [{port: 80}]}");
     assert_eq!(s.cluster_ips.len(), 2);
     bad(
         "{clusterIP: 10.96.0.2, clusterIPs: [10.96.0.1], ports: [{port: 80}]}",
@@ -162,84 +136,38 @@ fn absent_cluster_ip_is_allowed() {
 
 #[test]
 fn a_service_needs_at_least_one_port() {
-    bad(
-        "{clusterIP: 10.96.0.1}",
-        "spec.ports",
-        "at least one port is required",
-    );
+    bad("{clusterIP: 10.96.0.1}", "spec.ports", "at least one port is required");
     bad("{ports: []}", "spec.ports", "at least one port is required");
 }
 
 #[test]
 fn port_out_of_range_is_an_error() {
-    bad(
-        "{ports: [{port: 70000}]}",
-        "spec.ports[0].port",
-        "70000 is out of range 1-65535",
-    );
-    bad(
-        "{ports: [{port: 0}]}",
-        "spec.ports[0].port",
-        "0 is out of range 1-65535",
-    );
+    bad("{ports: [{port: 70000}]}", "spec.ports[0].port", "70000 is out of range 1-65535");
+    bad("{ports: [{port: 0}]}", "spec.ports[0].port", "0 is out of range 1-65535");
 }
 
 #[test]
 fn sctp_and_unknown_protocols_are_errors() {
-    bad(
-        "{ports: [{port: 80, protocol: SCTP}]}",
-        "spec.ports[0].protocol",
-        "SCTP is not supported",
-    );
-    bad(
-        "{ports: [{port: 80, protocol: QUIC}]}",
-        "spec.ports[0].protocol",
-        "unknown protocol \"QUIC\"",
-    );
-    assert_eq!(
-        service("{ports: [{port: 53, protocol: UDP}]}").ports[0].protocol,
-        Protocol::Udp
-    );
+    bad("{ports: [{port: 80, protocol: SCTP}]}", "spec.ports[0].protocol", "SCTP is not supported");
+    bad("{ports: [{port: 80, protocol: QUIC}]}", "spec.ports[0].protocol", "unknown protocol \"QUIC\"");
+    assert_eq!(service("{ports: [{port: 53, protocol: UDP}]}").ports[0].protocol, Protocol::Udp);
 }
 
 #[test]
 fn target_port_is_a_port_number_or_a_port_name() {
-    bad(
-        "{ports: [{port: 80, targetPort: 70000}]}",
-        "spec.ports[0].targetPort",
-        "70000 is out of range",
-    );
-    bad(
-        "{ports: [{port: 80, targetPort: ''}]}",
-        "spec.ports[0].targetPort",
-        "is required",
-    );
-    bad(
-        "{ports: [{port: 80, targetPort: '8080'}]}",
-        "spec.ports[0].targetPort",
-        "must contain a letter",
-    );
+    bad("{ports: [{port: 80, targetPort: 70000}]}", "spec.ports[0].targetPort", "70000 is out of range");
+    bad("{ports: [{port: 80, targetPort: ''}]}", "spec.ports[0].targetPort", "is required");
+    bad("{ports: [{port: 80, targetPort: '8080'}]}", "spec.ports[0].targetPort", "must contain a letter");
     let named = service("{ports: [{port: 80, targetPort: http-web}]}");
-    assert_eq!(
-        named.ports[0].target_port,
-        TargetPort::Name("http-web".into())
-    );
+    assert_eq!(named.ports[0].target_port, TargetPort::Name("http-web".into()));
     let numbered = service("{ports: [{port: 80, targetPort: 8080}]}");
     assert_eq!(numbered.ports[0].target_port, TargetPort::Number(8080));
 }
 
 #[test]
 fn node_port_is_only_allowed_for_node_port_and_load_balancer_types() {
-    bad(
-        "{ports: [{port: 80, nodePort: 30080}]}",
-        "spec.ports[0].nodePort",
-        "not allowed for type ClusterIP",
-    );
-    bad(
-        "{type: NodePort, ports: [{port: 80, nodePort: 70000}]}",
-        "spec.ports[0].nodePort",
-        "out of range",
-    );
+    bad("{ports: [{port: 80, nodePort: 30080}]}", "spec.ports[0].nodePort", "not allowed for type ClusterIP");
+    bad("{type: NodePort, ports: [{port: 80, nodePort: 70000}]}", "spec.ports[0].nodePort", "out of range");
     let s = service("{type: LoadBalancer, ports: [{port: 80, nodePort: 30080}]}");
     assert_eq!(s.ports[0].node_port, Some(30080));
 }
@@ -262,11 +190,7 @@ fn port_names_are_required_and_unique_when_there_are_several() {
 fn one_port_number_may_serve_tcp_and_udp_but_not_twice_one_protocol() {
     let s = service("{ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53}]}");
     assert_eq!(s.ports.len(), 2);
-    bad(
-        "{ports: [{name: a, port: 80}, {name: b, port: 80}]}",
-        "spec.ports[1].port",
-        "duplicate port 80/TCP",
-    );
+    bad("{ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1].port", "duplicate port 80/TCP");
 }
 
 #[test]
@@ -280,31 +204,16 @@ fn external_ips_must_be_ip_addresses() {
 
 #[test]
 fn load_balancer_ingress_ips_are_validated_and_used_only_for_load_balancers() {
-    let status =
-        "status: {loadBalancer: {ingress: [{ip: 192.0.2.7}, {hostname: lb.example.org}]}}\n";
-    let lb = format!(
-        "{}{status}",
-        svc("{type: LoadBalancer, ports: [{port: 80}]}")
-    );
-    assert_eq!(
-        manifests(&lb).services[0].load_balancer_ips,
-        ["192.0.2.7".parse::<IpAddr>().unwrap()]
-    );
+    let status = "status: {loadBalancer: {ingress: [{ip: 192.0.2.7}, {hostname: lb.example.org}]}}\n";
+    let lb = format!("{}{status}", svc("{type: LoadBalancer, ports: [{port: 80}]}"));
+    assert_eq!(manifests(&lb).services[0].load_balancer_ips, ["192.0.2.7".parse::<IpAddr>().unwrap()]);
     let cluster_ip = format!("{}{status}", svc("{ports: [{port: 80}]}"));
-    assert!(
-        manifests(&cluster_ip).services[0]
-            .load_balancer_ips
-            .is_empty()
-    );
+    assert!(manifests(&cluster_ip).services[0].load_balancer_ips.is_empty());
     let broken = format!(
         "{}status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.999}}]}}}}\n",
         svc("{type: LoadBalancer, ports: [{port: 80}]}")
     );
-    assert_error(
-        &broken,
-        &format!("{AT}status.loadBalancer.ingress[0].ip: "),
-        "not a valid IP",
-    );
+    assert_error(&broken, &format!("{AT}status.loadBalancer.ingress[0].ip: "), "not a valid IP");
 }
 
 #[test]
@@ -321,9 +230,7 @@ fn load_balancer_source_ranges_must_be_cidrs() {
 #[test]
 fn client_ip_affinity_timeout_defaults_to_three_hours() {
     let absent = service("{sessionAffinity: ClientIP, ports: [{port: 80}]}");
-    let default = Affinity::ClientIp {
-        timeout: Affinity::DEFAULT_TIMEOUT,
-    };
+    let default = Affinity::ClientIp { timeout: Affinity::DEFAULT_TIMEOUT };
     assert_eq!(absent.affinity, default);
     let zero = service(
         "{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ports: [{port: 80}]}",
@@ -332,12 +239,7 @@ fn client_ip_affinity_timeout_defaults_to_three_hours() {
     let set = service(
         "{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ports: [{port: 80}]}",
     );
-    assert_eq!(
-        set.affinity,
-        Affinity::ClientIp {
-            timeout: Duration::from_secs(60)
-        }
-    );
+    assert_eq!(set.affinity, Affinity::ClientIp { timeout: Duration::from_secs(60) });
 }
 
 #[test]
@@ -347,22 +249,13 @@ fn affinity_timeout_above_one_day_and_unknown_affinities_are_errors() {
         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
         "86401 is out of range 1-86400",
     );
-    bad(
-        "{sessionAffinity: Cookie, ports: [{port: 80}]}",
-        "spec.sessionAffinity",
-        "unknown value \"Cookie\"",
-    );
+    bad("{sessionAffinity: Cookie, ports: [{port: 80}]}", "spec.sessionAffinity", "unknown value \"Cookie\"");
 }
 
 #[test]
 fn traffic_policies_accept_only_cluster_and_local() {
-    let s = service(
-        "{externalTrafficPolicy: Local, internalTrafficPolicy: Local, ports: [{port: 80}]}",
-    );
-    assert_eq!(
-        (s.external_policy, s.internal_policy),
-        (TrafficPolicy::Local, TrafficPolicy::Local)
-    );
+    let s = service("{externalTrafficPolicy: Local, internalTrafficPolicy: Local, ports: [{port: 80}]}");
+    assert_eq!((s.external_policy, s.internal_policy), (TrafficPolicy::Local, TrafficPolicy::Local));
     bad(
         "{externalTrafficPolicy: OnlyLocal, ports: [{port: 80}]}",
         "spec.externalTrafficPolicy",
@@ -386,20 +279,10 @@ fn prefer_close_is_read_as_prefer_same_zone() {
 #[test]
 fn unknown_traffic_distribution_is_ignored_with_a_warning() {
     let text = svc("{trafficDistribution: PreferMars, ports: [{port: 80}]}");
-    assert_eq!(
-        manifests(&text).services[0].distribution,
-        TrafficDistribution::Any
-    );
+    assert_eq!(manifests(&text).services[0].distribution, TrafficDistribution::Any);
     let warning = warnings(&text).remove(0);
-    assert_eq!(
-        warning.kind,
-        WarningKind::UnknownTrafficDistribution("PreferMars".into())
-    );
-    assert!(
-        warning
-            .to_string()
-            .starts_with(&format!("{AT}spec.trafficDistribution: "))
-    );
+    assert_eq!(warning.kind, WarningKind::UnknownTrafficDistribution("PreferMars".into()));
+    assert!(warning.to_string().starts_with(&format!("{AT}spec.trafficDistribution: ")));
 }
 
 #[test]
@@ -407,10 +290,7 @@ fn ringport_annotations_are_stripped_of_their_prefix_and_sorted() {
     let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    ringport.io/scheduler: maglev\n    ringport.io/retries: '3'\n    other.io/x: y\nspec: {ports: [{port: 80}]}\n";
     let annotations = &manifests(text).services[0].ringport_annotations;
     let expected = [("retries", "3"), ("scheduler", "maglev")];
-    let expected: Vec<_> = expected
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let expected: Vec<_> = expected.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     assert_eq!(annotations, &expected);
 }
 

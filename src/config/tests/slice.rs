@@ -25,11 +25,7 @@ fn slice(ports: &str, endpoints: &str) -> model::EndpointSlice {
 }
 
 fn bad(ports: &str, endpoints: &str, field: &str, problem: &str) {
-    assert_error(
-        &slice_text(ports, endpoints),
-        &format!("{AT}{field}: "),
-        problem,
-    );
+    assert_error(&slice_text(ports, endpoints), &format!("{AT}{field}: "), problem);
 }
 
 #[test]
@@ -40,23 +36,14 @@ fn slice_belongs_to_the_labelled_service_in_its_own_namespace() {
     assert_eq!(s.id, ServiceName::new("shop", "web-abc"));
     assert_eq!(s.service, ServiceName::new("shop", "web"));
     assert_eq!(s.kind, SliceKind::EndpointSlice);
-    let port = SlicePort {
-        name: "http".into(),
-        port: 8080,
-        protocol: Protocol::Tcp,
-    };
+    let port = SlicePort { name: "http".into(), port: 8080, protocol: Protocol::Tcp };
     assert_eq!(s.ports, [port]);
 }
 
 #[test]
 fn missing_service_name_label_is_an_error_naming_metadata_labels() {
-    let text =
-        slice_text("[]", "[]").replace("labels: {kubernetes.io/service-name: web}", "labels: {}");
-    assert_error(
-        &text,
-        &format!("{AT}metadata.labels: "),
-        "kubernetes.io/service-name label is required",
-    );
+    let text = slice_text("[]", "[]").replace("labels: {kubernetes.io/service-name: web}", "labels: {}");
+    assert_error(&text, &format!("{AT}metadata.labels: "), "kubernetes.io/service-name label is required");
 }
 
 #[test]
@@ -67,19 +54,8 @@ fn conditions_default_to_ready_serving_follows_ready_terminating_false() {
           {addresses: [127.0.0.3], conditions: {ready: false, serving: true, terminating: true}}]",
     );
     let conditions: Vec<_> = s.endpoints.iter().map(|e| e.conditions).collect();
-    let c = |ready, serving, terminating| Conditions {
-        ready,
-        serving,
-        terminating,
-    };
-    assert_eq!(
-        conditions,
-        [
-            c(true, true, false),
-            c(false, false, false),
-            c(false, true, true)
-        ]
-    );
+    let c = |ready, serving, terminating| Conditions { ready, serving, terminating };
+    assert_eq!(conditions, [c(true, true, false), c(false, false, false), c(false, true, true)]);
 }
 
 #[test]
@@ -90,10 +66,7 @@ fn node_zone_and_hints_are_kept() {
            hints: {forZones: [{name: zone-1}], forNodes: [{name: node-a}]}}]",
     );
     let e = &s.endpoints[0];
-    assert_eq!(
-        (e.node_name.as_deref(), e.zone.as_deref()),
-        (Some("node-a"), Some("zone-1"))
-    );
+    assert_eq!((e.node_name.as_deref(), e.zone.as_deref()), (Some("node-a"), Some("zone-1")));
     assert_eq!(
         (e.hints_zones.as_slice(), e.hints_nodes.as_slice()),
         (&["zone-1".to_owned()][..], &["node-a".to_owned()][..])
@@ -102,24 +75,16 @@ fn node_zone_and_hints_are_kept() {
 
 #[test]
 fn fqdn_slices_are_skipped_with_a_warning() {
-    let text =
-        slice_text("[{port: 80}]", "[{addresses: [db.example.org]}]").replace("IPv4", "FQDN");
+    let text = slice_text("[{port: 80}]", "[{addresses: [db.example.org]}]").replace("IPv4", "FQDN");
     let manifests = manifests(&text);
     assert!(manifests.slices.is_empty());
-    assert_eq!(
-        manifests.warnings[0].kind,
-        WarningKind::Skipped(Skip::FqdnAddressType)
-    );
+    assert_eq!(manifests.warnings[0].kind, WarningKind::Skipped(Skip::FqdnAddressType));
 }
 
 #[test]
 fn unknown_address_type_is_an_error() {
     let text = slice_text("[{port: 80}]", "[]").replace("IPv4", "IPv5");
-    assert_error(
-        &text,
-        &format!("{AT}addressType: "),
-        "unknown value \"IPv5\"",
-    );
+    assert_error(&text, &format!("{AT}addressType: "), "unknown value \"IPv5\"");
     let missing = slice_text("[{port: 80}]", "[]").replace("addressType: IPv4\n", "");
     assert_error(&missing, &format!("{AT}addressType: "), "is required");
 }
@@ -138,62 +103,24 @@ fn addresses_must_parse_and_match_the_address_type() {
         "endpoints[0].addresses[0]",
         "not a valid IP address",
     );
-    bad(
-        "[{port: 80}]",
-        "[{addresses: []}]",
-        "endpoints[0].addresses",
-        "at least one address is required",
-    );
+    bad("[{port: 80}]", "[{addresses: []}]", "endpoints[0].addresses", "at least one address is required");
     let v6 = slice_text("[{port: 80}]", "[{addresses: ['::1']}]").replace("IPv4", "IPv6");
-    assert_eq!(
-        manifests(&v6).slices[0].endpoints[0].addresses,
-        ["::1".parse::<IpAddr>().unwrap()]
-    );
+    assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses, ["::1".parse::<IpAddr>().unwrap()]);
 }
 
 #[test]
 fn slice_ports_need_a_port_in_range_and_a_known_protocol() {
     bad("[{name: http}]", "[]", "ports[0].port", "port is required");
-    bad(
-        "[{name: http, port: null}]",
-        "[]",
-        "ports[0].port",
-        "port is required",
-    );
-    bad(
-        "[{name: http, port: 65536}]",
-        "[]",
-        "ports[0].port",
-        "65536 is out of range 1-65535",
-    );
-    bad(
-        "[{name: http, port: 80, protocol: SCTP}]",
-        "[]",
-        "ports[0].protocol",
-        "SCTP is not supported",
-    );
-    bad(
-        "[{name: http, port: 80, protocol: tcp}]",
-        "[]",
-        "ports[0].protocol",
-        "unknown protocol",
-    );
+    bad("[{name: http, port: null}]", "[]", "ports[0].port", "port is required");
+    bad("[{name: http, port: 65536}]", "[]", "ports[0].port", "65536 is out of range 1-65535");
+    bad("[{name: http, port: 80, protocol: SCTP}]", "[]", "ports[0].protocol", "SCTP is not supported");
+    bad("[{name: http, port: 80, protocol: tcp}]", "[]", "ports[0].protocol", "unknown protocol");
 }
 
 #[test]
 fn slice_port_names_are_unique_and_absent_means_empty() {
-    bad(
-        "[{name: a, port: 80}, {name: a, port: 81}]",
-        "[]",
-        "ports[1].name",
-        "duplicate port name \"a\"",
-    );
-    bad(
-        "[{port: 80}, {port: 81}]",
-        "[]",
-        "ports[1].name",
-        "duplicate port name \"\"",
-    );
+    bad("[{name: a, port: 80}, {name: a, port: 81}]", "[]", "ports[1].name", "duplicate port name \"a\"");
+    bad("[{port: 80}, {port: 81}]", "[]", "ports[1].name", "duplicate port name \"\"");
     assert_eq!(slice("[{port: 80}]", "[]").ports[0].name, "");
 }
 
@@ -208,43 +135,30 @@ fn endpoints_become_one_slice_with_ready_and_not_ready_addresses() {
     let s = manifests(&text).slices.remove(0);
     assert_eq!(
         (s.kind, &s.id, &s.service),
-        (
-            SliceKind::Endpoints,
-            &ServiceName::new("default", "legacy"),
-            &s.id
-        )
+        (SliceKind::Endpoints { subset: 0 }, &ServiceName::new("default", "legacy"), &s.id)
     );
-    assert_eq!(
-        s.ports,
-        [SlicePort {
-            name: String::new(),
-            port: 9000,
-            protocol: Protocol::Tcp
-        }]
-    );
+    assert_eq!(s.ports, [SlicePort { name: String::new(), port: 9000, protocol: Protocol::Tcp }]);
     let ready = &s.endpoints[0];
-    assert_eq!(
-        (ready.conditions, ready.node_name.as_deref()),
-        (Conditions::default(), Some("node-a"))
-    );
-    let not_ready = Conditions {
-        ready: false,
-        serving: false,
-        terminating: false,
-    };
+    assert_eq!((ready.conditions, ready.node_name.as_deref()), (Conditions::default(), Some("node-a")));
+    let not_ready = Conditions { ready: false, serving: false, terminating: false };
     assert_eq!(s.endpoints[1].conditions, not_ready);
 }
 
 #[test]
-fn endpoints_subsets_must_share_their_ports() {
+fn each_endpoints_subset_becomes_a_slice_with_its_own_ports() {
     let text = format!(
         "{ENDPOINTS}- addresses: [{{ip: 127.0.0.1}}]\n  ports: [{{port: 9000}}]\n\
          - addresses: [{{ip: 127.0.0.2}}]\n  ports: [{{port: 9001}}]\n"
     );
-    let at = "t.yaml (document 1): Endpoints default/legacy: subsets[1].ports: ";
-    assert_error(&text, at, "differs from subsets[0].ports");
-    let same = text.replace("9001", "9000");
-    assert_eq!(manifests(&same).slices[0].endpoints.len(), 2);
+    let slices = manifests(&text).slices;
+    let got: Vec<_> = slices.iter().map(|s| (s.kind, s.ports[0].port, s.endpoints[0].addresses[0])).collect();
+    assert_eq!(
+        got,
+        [
+            (SliceKind::Endpoints { subset: 0 }, 9000, "127.0.0.1".parse().unwrap()),
+            (SliceKind::Endpoints { subset: 1 }, 9001, "127.0.0.2".parse().unwrap()),
+        ]
+    );
 }
 
 #[test]
@@ -253,30 +167,16 @@ fn endpoints_errors_name_the_subset_list_and_port() {
         "{ENDPOINTS}- notReadyAddresses: [{{ip: 127.0.0.x}}]\n  ports: [{{port: 0, protocol: SCTP}}]\n"
     );
     let at = "t.yaml (document 1): Endpoints default/legacy: ";
-    assert_error(
-        &text,
-        &format!("{at}subsets[0].notReadyAddresses[0].ip: "),
-        "not a valid IP",
-    );
-    assert_error(
-        &text,
-        &format!("{at}subsets[0].ports[0].port: "),
-        "out of range",
-    );
-    assert_error(
-        &text,
-        &format!("{at}subsets[0].ports[0].protocol: "),
-        "SCTP is not supported",
-    );
+    assert_error(&text, &format!("{at}subsets[0].notReadyAddresses[0].ip: "), "not a valid IP");
+    assert_error(&text, &format!("{at}subsets[0].ports[0].port: "), "out of range");
+    assert_error(&text, &format!("{at}subsets[0].ports[0].protocol: "), "SCTP is not supported");
 }
 
 #[test]
 fn slice_from_k8s_takes_an_api_object_and_its_origin() {
     let raw: EndpointSlice =
         serde_yaml::from_str(&slice_text("[{port: 80}]", "[{addresses: [127.0.0.1]}]")).unwrap();
-    let Conversion::Accepted { value, warnings } =
-        slice_from_k8s(&raw, Origin("api".into())).unwrap()
-    else {
+    let Conversion::Accepted { value, warnings } = slice_from_k8s(&raw, Origin("api".into())).unwrap() else {
         panic!("skipped");
     };
     assert_eq!((value.origin.0.as_str(), warnings.len()), ("api", 0));
