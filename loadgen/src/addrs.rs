@@ -111,6 +111,7 @@ fn expand_range(spec: &str, a: IpAddr, b: IpAddr) -> Result<Vec<IpAddr>, AddrErr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

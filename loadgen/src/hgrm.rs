@@ -58,6 +58,7 @@ pub fn render(h: &Histogram<u64>) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::report::new_histogram;

@@ -9,5 +9,8 @@ pub mod addrs;
 pub mod hgrm;
 pub mod plot;
 pub mod report;
+pub mod runner;
 pub mod schedule;
+pub mod serve;
 pub mod sys;
+pub mod worker;

@@ -67,6 +67,7 @@ pub fn write_svg(h: &Histogram<u64>, title: &str, path: &Path) -> Result<(), Plo
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::report::new_histogram;

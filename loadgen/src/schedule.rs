@@ -61,6 +61,7 @@ pub fn corrected_latency(origin: Duration, completed: Duration) -> Duration {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use hdrhistogram::Histogram;

@@ -74,6 +74,9 @@ pub struct Ring {
     ring: IoUring,
     bufs: Vec<Buf>,
     free_bufs: Vec<BufId>,
+    // Boxed on purpose: the kernel holds pointers to these while the Vec
+    // may grow and move its elements.
+    #[allow(clippy::vec_box)]
     addrs: Vec<Box<SockAddr>>,
     ops: Vec<Option<OpRecord>>,
     free_ops: Vec<u32>,
@@ -391,6 +394,7 @@ pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
