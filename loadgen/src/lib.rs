@@ -5,6 +5,8 @@
 //! `worker` (load side) and `serve` (backend side); `sys` is the only
 //! module with `unsafe`.
 
+#![deny(unsafe_code)]
+
 pub mod addrs;
 pub mod hgrm;
 pub mod plot;

@@ -2,6 +2,8 @@
 //! scenario, and prints the result (a table, or one JSON object with
 //! `--json`). All the work happens in the library modules.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -16,6 +16,8 @@
 //! Operation ids carry a generation, so cancelling an operation that already
 //! completed can never hit a newer one that reused its slot.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
