@@ -28,11 +28,7 @@ pub enum AddrError {
 }
 
 fn loopback(ip: IpAddr) -> Result<IpAddr, AddrError> {
-    if ip.is_loopback() {
-        Ok(ip)
-    } else {
-        Err(AddrError::NotLoopback(ip))
-    }
+    if ip.is_loopback() { Ok(ip) } else { Err(AddrError::NotLoopback(ip)) }
 }
 
 /// Parses targets given as repeated flags and/or comma lists.
@@ -43,9 +39,7 @@ pub fn parse_targets<S: AsRef<str>>(specs: &[S]) -> Result<Vec<SocketAddr>, Addr
         if item.is_empty() {
             continue;
         }
-        let addr: SocketAddr = item
-            .parse()
-            .map_err(|_| AddrError::BadSocketAddr(item.to_string()))?;
+        let addr: SocketAddr = item.parse().map_err(|_| AddrError::BadSocketAddr(item.to_string()))?;
         loopback(addr.ip())?;
         out.push(addr);
     }
@@ -81,9 +75,7 @@ pub fn parse_sources<S: AsRef<str>>(specs: &[S]) -> Result<Vec<IpAddr>, AddrErro
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, AddrError> {
-    s.trim()
-        .parse()
-        .map_err(|_| AddrError::BadIp(s.to_string()))
+    s.trim().parse().map_err(|_| AddrError::BadIp(s.to_string()))
 }
 
 fn expand_range(spec: &str, a: IpAddr, b: IpAddr) -> Result<Vec<IpAddr>, AddrError> {
@@ -100,11 +92,7 @@ fn expand_range(spec: &str, a: IpAddr, b: IpAddr) -> Result<Vec<IpAddr>, AddrErr
     }
     (lo..=hi)
         .map(|n| {
-            let ip = if v4 {
-                IpAddr::V4(Ipv4Addr::from(n as u32))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(n))
-            };
+            let ip = if v4 { IpAddr::V4(Ipv4Addr::from(n as u32)) } else { IpAddr::V6(Ipv6Addr::from(n)) };
             loopback(ip)
         })
         .collect()
@@ -132,26 +120,14 @@ mod tests {
 
     #[test]
     fn backwards_or_mixed_ranges_are_rejected() {
-        assert!(matches!(
-            parse_sources(&["127.0.0.9-127.0.0.2"]),
-            Err(AddrError::BadRange(_))
-        ));
-        assert!(matches!(
-            parse_sources(&["127.0.0.1-::1"]),
-            Err(AddrError::BadRange(_))
-        ));
+        assert!(matches!(parse_sources(&["127.0.0.9-127.0.0.2"]), Err(AddrError::BadRange(_))));
+        assert!(matches!(parse_sources(&["127.0.0.1-::1"]), Err(AddrError::BadRange(_))));
     }
 
     #[test]
     fn ranges_leaving_loopback_are_rejected() {
-        assert!(matches!(
-            parse_sources(&["127.255.255.254-128.0.0.1"]),
-            Err(AddrError::NotLoopback(_))
-        ));
-        assert!(matches!(
-            parse_sources(&["127.0.0.0-127.255.255.255"]),
-            Err(AddrError::RangeTooLarge(_))
-        ));
+        assert!(matches!(parse_sources(&["127.255.255.254-128.0.0.1"]), Err(AddrError::NotLoopback(_))));
+        assert!(matches!(parse_sources(&["127.0.0.0-127.255.255.255"]), Err(AddrError::RangeTooLarge(_))));
     }
 
     #[test]
@@ -162,10 +138,7 @@ mod tests {
 
     #[test]
     fn non_loopback_targets_are_refused() {
-        assert_eq!(
-            parse_targets(&["10.0.0.1:80"]),
-            Err(AddrError::NotLoopback("10.0.0.1".parse().unwrap()))
-        );
+        assert_eq!(parse_targets(&["10.0.0.1:80"]), Err(AddrError::NotLoopback("10.0.0.1".parse().unwrap())));
         assert_eq!(parse_targets::<&str>(&[]), Err(AddrError::NoTarget));
     }
 }

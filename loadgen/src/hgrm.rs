@@ -15,11 +15,8 @@ const SCALE: f64 = 1000.0;
 /// Renders `h` (microseconds) as `.hgrm` text in milliseconds.
 pub fn render(h: &Histogram<u64>) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    );
+    let _ =
+        writeln!(s, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
     let mut total = 0u64;
     if !h.is_empty() {
         for v in h.iter_quantiles(TICKS_PER_HALF_DISTANCE) {
@@ -27,11 +24,7 @@ pub fn render(h: &Histogram<u64>) -> String {
             let value = h.highest_equivalent(v.value_iterated_to()) as f64 / SCALE;
             let q = v.quantile_iterated_to();
             if q < 1.0 {
-                let _ = writeln!(
-                    s,
-                    "{value:12.3} {q:2.12} {total:10} {:14.2}",
-                    1.0 / (1.0 - q)
-                );
+                let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
             } else {
                 let _ = writeln!(s, "{value:12.3} {q:2.12} {total:10}");
             }
@@ -43,17 +36,8 @@ pub fn render(h: &Histogram<u64>) -> String {
         (h.mean() / SCALE, h.stdev() / SCALE, h.max() as f64 / SCALE)
     };
     let _ = writeln!(s, "#[Mean    = {mean:12.3}, StdDeviation   = {stdev:12.3}]");
-    let _ = writeln!(
-        s,
-        "#[Max     = {max:12.3}, Total count    = {:12}]",
-        h.len()
-    );
-    let _ = writeln!(
-        s,
-        "#[Buckets = {:12}, SubBuckets     = {:12}]",
-        h.buckets(),
-        h.distinct_values()
-    );
+    let _ = writeln!(s, "#[Max     = {max:12.3}, Total count    = {:12}]", h.len());
+    let _ = writeln!(s, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), h.distinct_values());
     s
 }
 
@@ -77,10 +61,7 @@ mod tests {
             .map(|l| l.split_whitespace().map(|x| x.parse().unwrap()).collect())
             .collect();
         assert!(rows.len() > 20);
-        assert!(
-            rows.windows(2)
-                .all(|w| w[0][1] <= w[1][1] && w[0][2] <= w[1][2])
-        );
+        assert!(rows.windows(2).all(|w| w[0][1] <= w[1][1] && w[0][2] <= w[1][2]));
         let last = rows.last().unwrap();
         assert_eq!(last.len(), 3, "the 100% row has no 1/(1-p) column");
         assert_eq!(last[1], 1.0);

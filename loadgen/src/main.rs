@@ -18,11 +18,7 @@ use loadgen::worker::{Direction, Scenario};
 use loadgen::{addrs, hgrm, plot};
 
 #[derive(Parser)]
-#[command(
-    name = "loadgen",
-    version,
-    about = "io_uring load generator and test backend (loopback only)"
-)]
+#[command(name = "loadgen", version, about = "io_uring load generator and test backend (loopback only)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -147,13 +143,8 @@ enum Dir {
 /// Parses "1.5", "250ms", "10s", "2m" or "1h".
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration"))?;
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| s.split_at(i));
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration"))?;
     let secs = match unit {
         "ms" => v / 1000.0,
         "s" => v,
@@ -194,11 +185,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         (Mode::Source, &a.tcp_source),
         (Mode::Http, &a.http),
     ] {
-        tcp.extend(
-            addrs::parse_listen(specs)?
-                .into_iter()
-                .map(|addr| (mode, addr)),
-        );
+        tcp.extend(addrs::parse_listen(specs)?.into_iter().map(|addr| (mode, addr)));
     }
     let udp = addrs::parse_listen(&a.udp_echo)?;
     if tcp.is_empty() && udp.is_empty() {
@@ -209,30 +196,14 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     println!("{line}");
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("cannot install signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
     }
-    serve::run(
-        listeners,
-        a.workers.unwrap_or_else(cores),
-        a.greet,
-        stop,
-        Instant::now() + a.duration,
-    )?;
+    serve::run(listeners, a.workers.unwrap_or_else(cores), a.greet, stop, Instant::now() + a.duration)?;
     Ok(())
 }
 
-fn load(
-    scenario: Scenario,
-    name: &'static str,
-    c: Common,
-    ready_file: Option<PathBuf>,
-) -> Result<()> {
-    let default_size = if matches!(scenario, Scenario::TcpStream(_)) {
-        65_536
-    } else {
-        64
-    };
+fn load(scenario: Scenario, name: &'static str, c: Common, ready_file: Option<PathBuf>) -> Result<()> {
+    let default_size = if matches!(scenario, Scenario::TcpStream(_)) { 65_536 } else { 64 };
     let size = c.size.unwrap_or(default_size);
     match scenario {
         Scenario::UdpRr if !(1..=65_507).contains(&size) => {

@@ -25,20 +25,15 @@ pub fn points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     h.iter_quantiles(10)
         .map(|v| {
             let q = v.quantile_iterated_to().min(0.999_999);
-            (
-                -(1.0 - q).log10(),
-                h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0,
-            )
+            (-(1.0 - q).log10(), h.highest_equivalent(v.value_iterated_to()) as f64 / 1000.0)
         })
         .collect()
 }
 
 /// Writes the SVG plot of `h` (microseconds) to `path`.
 pub fn write_svg(h: &Histogram<u64>, title: &str, path: &Path) -> Result<(), PlotError> {
-    let err = |e: &dyn std::fmt::Display| PlotError {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    };
+    let err =
+        |e: &dyn std::fmt::Display| PlotError { path: path.display().to_string(), message: e.to_string() };
     let pts = points(h);
     let x_max = pts.iter().map(|p| p.0).fold(1.0_f64, f64::max).ceil();
     let y_max = pts.iter().map(|p| p.1).fold(0.001_f64, f64::max) * 1.1;
@@ -59,9 +54,7 @@ pub fn write_svg(h: &Histogram<u64>, title: &str, path: &Path) -> Result<(), Plo
         .x_label_formatter(&|x| format!("{}%", 100.0 - 100.0 / 10f64.powf(*x)))
         .draw()
         .map_err(|e| err(&e))?;
-    chart
-        .draw_series(LineSeries::new(pts, BLUE.stroke_width(2)))
-        .map_err(|e| err(&e))?;
+    chart.draw_series(LineSeries::new(pts, BLUE.stroke_width(2))).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }

@@ -74,13 +74,7 @@ impl ErrorCounts {
     }
 
     pub fn total(&self) -> u64 {
-        self.refused
-            + self.reset
-            + self.timeout
-            + self.short
-            + self.mismatch
-            + self.aborted
-            + self.other
+        self.refused + self.reset + self.timeout + self.short + self.mismatch + self.aborted + self.other
     }
 
     fn merge(&mut self, o: &ErrorCounts) {
@@ -215,42 +209,21 @@ impl Report {
             self.concurrency,
             self.size,
             self.mode,
-            self.rate_target
-                .map(|r| format!(" at {r}/s"))
-                .unwrap_or_default()
+            self.rate_target.map(|r| format!(" at {r}/s")).unwrap_or_default()
         );
-        let _ = writeln!(
-            s,
-            "  measured     {:.3} s (after {:.3} s warmup)",
-            self.duration_s, self.warmup_s
-        );
+        let _ = writeln!(s, "  measured     {:.3} s (after {:.3} s warmup)", self.duration_s, self.warmup_s);
         let _ = writeln!(s, "  attempted    {}", self.attempted);
         let _ = writeln!(s, "  completed    {}", self.completed);
         let _ = writeln!(
             s,
             "  errors       {} (refused {}, reset {}, timeout {}, short {}, mismatch {}, aborted {}, other {})",
-            self.errors_total,
-            e.refused,
-            e.reset,
-            e.timeout,
-            e.short,
-            e.mismatch,
-            e.aborted,
-            e.other
+            self.errors_total, e.refused, e.reset, e.timeout, e.short, e.mismatch, e.aborted, e.other
         );
         if let (Some(est), Some(held)) = (self.established, self.held) {
             let _ = writeln!(s, "  established  {est}\n  held         {held}");
         }
-        let _ = writeln!(
-            s,
-            "  bytes        sent {} / received {}",
-            self.bytes_sent, self.bytes_received
-        );
-        let _ = writeln!(
-            s,
-            "  rate         {:.1} ops/s, {:.3} Gbit/s",
-            self.ops_per_s, self.gbit_per_s
-        );
+        let _ = writeln!(s, "  bytes        sent {} / received {}", self.bytes_sent, self.bytes_received);
+        let _ = writeln!(s, "  rate         {:.1} ops/s, {:.3} Gbit/s", self.ops_per_s, self.gbit_per_s);
         if let Some(l) = &self.latency_us {
             let _ = writeln!(
                 s,
@@ -287,19 +260,12 @@ mod tests {
     fn merged_worker_histograms_equal_one_histogram_of_all_samples() {
         let (mut a, mut b, mut all) = (new_histogram(), new_histogram(), new_histogram());
         for v in 0..1000u64 {
-            let (h, x) = if v % 3 == 0 {
-                (&mut a, v * 7)
-            } else {
-                (&mut b, v * 13)
-            };
+            let (h, x) = if v % 3 == 0 { (&mut a, v * 7) } else { (&mut b, v * 13) };
             h.record(x).unwrap();
             all.record(x).unwrap();
         }
         a.add(&b).unwrap();
-        assert_eq!(
-            LatencySummary::from_histogram(&a),
-            LatencySummary::from_histogram(&all)
-        );
+        assert_eq!(LatencySummary::from_histogram(&a), LatencySummary::from_histogram(&all));
     }
 
     #[test]
@@ -310,36 +276,20 @@ mod tests {
     #[test]
     fn errors_are_classified_by_errno_and_summed() {
         let mut e = ErrorCounts::default();
-        for errno in [
-            libc::ECONNREFUSED,
-            libc::ECONNRESET,
-            libc::EPIPE,
-            libc::ETIMEDOUT,
-            libc::EADDRNOTAVAIL,
-        ] {
+        for errno in [libc::ECONNREFUSED, libc::ECONNRESET, libc::EPIPE, libc::ETIMEDOUT, libc::EADDRNOTAVAIL]
+        {
             e.add(ErrorKind::from_errno(errno));
         }
         e.add(ErrorKind::Short);
-        assert_eq!(
-            (e.refused, e.reset, e.timeout, e.other, e.short),
-            (1, 2, 1, 1, 1)
-        );
+        assert_eq!((e.refused, e.reset, e.timeout, e.other, e.short), (1, 2, 1, 1, 1));
         assert_eq!(e.total(), 6);
     }
 
     #[test]
     fn merged_counts_keep_attempted_equal_to_completed_plus_errors() {
-        let mut a = Counts {
-            attempted: 10,
-            completed: 9,
-            ..Default::default()
-        };
+        let mut a = Counts { attempted: 10, completed: 9, ..Default::default() };
         a.errors.add(ErrorKind::Timeout);
-        let mut b = Counts {
-            attempted: 5,
-            completed: 3,
-            ..Default::default()
-        };
+        let mut b = Counts { attempted: 5, completed: 3, ..Default::default() };
         b.errors.add(ErrorKind::Refused);
         b.errors.add(ErrorKind::Aborted);
         a.merge(&b);

@@ -68,12 +68,7 @@ pub fn run(cfg: &RunConfig) -> Result<(Report, Histogram<u64>), RunError> {
     let start = Instant::now();
     let measure_start = start + cfg.warmup;
     let measure_end = measure_start + cfg.duration;
-    let clock = Clock {
-        start,
-        measure_start,
-        measure_end,
-        hard_deadline: measure_end + cfg.timeout + GRACE,
-    };
+    let clock = Clock { start, measure_start, measure_end, hard_deadline: measure_end + cfg.timeout + GRACE };
     let workers = cfg.workers.clamp(1, cfg.concurrency.max(1));
     let progress = Arc::new(Progress::default());
     let mut handles = Vec::with_capacity(workers);
@@ -102,8 +97,7 @@ pub fn run(cfg: &RunConfig) -> Result<(Report, Histogram<u64>), RunError> {
         handles.push(h);
     }
     watch(cfg, &clock, &progress, &handles)?;
-    let (mut counts, mut hist, mut last_done) =
-        (Counts::default(), new_histogram(), None::<Instant>);
+    let (mut counts, mut hist, mut last_done) = (Counts::default(), new_histogram(), None::<Instant>);
     for h in handles {
         let out = h.join().map_err(|_| RunError::Panicked)??;
         counts.merge(&out.counts);
@@ -117,10 +111,7 @@ pub fn run(cfg: &RunConfig) -> Result<(Report, Histogram<u64>), RunError> {
         }
         _ => measure_end,
     };
-    Ok((
-        report(cfg, workers, &counts, &hist, measured_end - measure_start),
-        hist,
-    ))
+    Ok((report(cfg, workers, &counts, &hist, measured_end - measure_start), hist))
 }
 
 /// Polls the workers' progress until they finish: draws the progress bar
@@ -148,10 +139,8 @@ fn watch<T>(
             let established = progress.established.load(Ordering::Relaxed);
             if let Some(path) = &cfg.ready_file {
                 let line = format!("established={established} attempted={}\n", cfg.concurrency);
-                std::fs::write(path, line).map_err(|source| RunError::ReadyFile {
-                    path: path.clone(),
-                    source,
-                })?;
+                std::fs::write(path, line)
+                    .map_err(|source| RunError::ReadyFile { path: path.clone(), source })?;
             }
         }
         if let Some(bar) = &bar {
@@ -169,13 +158,7 @@ fn watch<T>(
     Ok(())
 }
 
-fn report(
-    cfg: &RunConfig,
-    workers: usize,
-    c: &Counts,
-    hist: &Histogram<u64>,
-    measured: Duration,
-) -> Report {
+fn report(cfg: &RunConfig, workers: usize, c: &Counts, hist: &Histogram<u64>, measured: Duration) -> Report {
     let (ops_per_s, gbit_per_s) = rates(c, measured);
     let long_lived = matches!(cfg.scenario, Scenario::Idle | Scenario::TcpStream(_));
     Report {

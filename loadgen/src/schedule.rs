@@ -28,11 +28,7 @@ impl OpenLoop {
         let per_conn = (total_rate / conns as f64).max(1e-6);
         let interval = Duration::from_secs_f64(1.0 / per_conn);
         let offset = interval.mul_f64((index % conns) as f64 / conns as f64);
-        OpenLoop {
-            first: start + offset,
-            interval,
-            next: 0,
-        }
+        OpenLoop { first: start + offset, interval, next: 0 }
     }
 
     /// When the next request is intended to leave.
@@ -73,12 +69,7 @@ mod tests {
     /// Drives one connection at `rate` for `total`, with a fixed service time
     /// and one stall: a request sent in `[stall_at, stall_at + stall)` is
     /// answered only at `stall_at + stall`. Returns (corrected, uncorrected).
-    fn simulate(
-        rate: f64,
-        total: Duration,
-        stall_at: Duration,
-        stall: Duration,
-    ) -> [Histogram<u64>; 2] {
+    fn simulate(rate: f64, total: Duration, stall_at: Duration, stall: Duration) -> [Histogram<u64>; 2] {
         let service = Duration::from_micros(100);
         let mut sched = OpenLoop::new(Duration::ZERO, rate, 0, 1);
         let mut corrected = Histogram::<u64>::new(3).unwrap();
@@ -92,12 +83,8 @@ mod tests {
             } else {
                 sent + service
             };
-            corrected
-                .record(us(corrected_latency(intended, done)))
-                .unwrap();
-            uncorrected
-                .record(us(corrected_latency(sent, done)))
-                .unwrap();
+            corrected.record(us(corrected_latency(intended, done))).unwrap();
+            uncorrected.record(us(corrected_latency(sent, done))).unwrap();
             now = done;
         }
         [corrected, uncorrected]
@@ -123,12 +110,8 @@ mod tests {
 
     #[test]
     fn a_one_second_stall_at_1000_per_second_is_charged_to_a_thousand_requests() {
-        let [c, u] = simulate(
-            1000.0,
-            Duration::from_secs(10),
-            Duration::from_secs(3),
-            Duration::from_secs(1),
-        );
+        let [c, u] =
+            simulate(1000.0, Duration::from_secs(10), Duration::from_secs(3), Duration::from_secs(1));
         assert_eq!(c.len(), 10_000);
         // ~1000 samples spread linearly from 1 s down to ~0 (a few more while
         // the backlog drains at 100 us per request).
@@ -137,11 +120,7 @@ mod tests {
         let over_1ms = c.count_between(1_000, u64::MAX);
         assert!((1000..=1200).contains(&over_1ms), "{over_1ms}");
         // The top 1% are all at least 0.85 s: p99 is the stall, not a fluke.
-        assert!(
-            c.value_at_quantile(0.99) >= 850_000,
-            "{}",
-            c.value_at_quantile(0.99)
-        );
+        assert!(c.value_at_quantile(0.99) >= 850_000, "{}", c.value_at_quantile(0.99));
         assert!(c.max() >= 999_000 && c.max() <= 1_002_000);
         // Without the correction, the stall is a single outlier.
         assert_eq!(u.count_between(500_000, u64::MAX), 1);
@@ -151,10 +130,7 @@ mod tests {
     #[test]
     fn closed_loop_latency_is_measured_from_the_actual_send() {
         let sent = Duration::from_millis(5);
-        assert_eq!(
-            corrected_latency(sent, Duration::from_millis(7)),
-            Duration::from_millis(2)
-        );
+        assert_eq!(corrected_latency(sent, Duration::from_millis(7)), Duration::from_millis(2));
         assert_eq!(corrected_latency(sent, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -86,43 +86,19 @@ const TAG_RECV: u64 = 2;
 const TAG_GREET: u64 = 3;
 
 /// Binds every listener (port 0 picks a free port; the bound one is reported).
-pub fn bind(
-    tcp: &[(Mode, SocketAddr)],
-    udp: &[SocketAddr],
-    id: &str,
-) -> Result<Listeners, ServeError> {
-    let mut out = Listeners {
-        tcp: Vec::new(),
-        udp: Vec::new(),
-        bound: Vec::new(),
-    };
+pub fn bind(tcp: &[(Mode, SocketAddr)], udp: &[SocketAddr], id: &str) -> Result<Listeners, ServeError> {
+    let mut out = Listeners { tcp: Vec::new(), udp: Vec::new(), bound: Vec::new() };
     for &(mode, addr) in tcp {
         let err = |source| ServeError::Bind { addr, source };
-        let sock = Socket::new(
-            Domain::for_address(addr),
-            Type::STREAM.cloexec(),
-            Some(Protocol::TCP),
-        )
-        .map_err(err)?;
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))
+            .map_err(err)?;
         sock.set_reuse_address(true).map_err(err)?;
         sock.bind(&SockAddr::from(addr)).map_err(err)?;
         sock.listen(LISTEN_BACKLOG).map_err(err)?;
-        let local = sock
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(addr);
+        let local = sock.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
         let identity = format!("{id} {local}");
-        out.bound.push(Bound {
-            mode,
-            addr: local,
-            identity: identity.clone(),
-        });
-        out.tcp.push(TcpListener {
-            mode,
-            fd: OwnedFd::from(sock),
-            identity,
-        });
+        out.bound.push(Bound { mode, addr: local, identity: identity.clone() });
+        out.tcp.push(TcpListener { mode, fd: OwnedFd::from(sock), identity });
     }
     for &addr in udp {
         let err = |source| ServeError::Bind { addr, source };
@@ -130,11 +106,7 @@ pub fn bind(
         sock.set_read_timeout(Some(POLL)).map_err(err)?;
         let local = sock.local_addr().map_err(err)?;
         let identity = format!("{id} {local}");
-        out.bound.push(Bound {
-            mode: Mode::UdpEcho,
-            addr: local,
-            identity: identity.clone(),
-        });
+        out.bound.push(Bound { mode: Mode::UdpEcho, addr: local, identity: identity.clone() });
         out.udp.push((sock, identity));
     }
     Ok(out)
@@ -184,10 +156,7 @@ fn spawn(
     name: String,
     f: impl FnOnce() -> Result<(), ServeError> + Send + 'static,
 ) -> Result<Handle, ServeError> {
-    std::thread::Builder::new()
-        .name(name)
-        .spawn(f)
-        .map_err(ServeError::Spawn)
+    std::thread::Builder::new().name(name).spawn(f).map_err(ServeError::Spawn)
 }
 
 fn udp_echo(sock: &UdpSocket, identity: &str, stop: &AtomicBool, deadline: Instant) {
@@ -196,11 +165,7 @@ fn udp_echo(sock: &UdpSocket, identity: &str, stop: &AtomicBool, deadline: Insta
         let Ok((n, peer)) = sock.recv_from(&mut buf) else {
             continue;
         };
-        let reply: &[u8] = if n == 0 {
-            identity.as_bytes()
-        } else {
-            &buf[..n]
-        };
+        let reply: &[u8] = if n == 0 { identity.as_bytes() } else { &buf[..n] };
         // A lost reply is what UDP promises; the client counts it.
         let _ = sock.send_to(reply, peer);
     }
@@ -250,14 +215,10 @@ impl<'a> TcpWorker<'a> {
             ring.buf_mut(id).copy_from_slice(bytes);
             id
         };
-        let greetings = listeners
-            .iter()
-            .map(|l| fill(&mut ring, format!("{}\n", l.identity).as_bytes()))
-            .collect();
-        let responses = listeners
-            .iter()
-            .map(|l| fill(&mut ring, http_response(&l.identity).as_bytes()))
-            .collect();
+        let greetings =
+            listeners.iter().map(|l| fill(&mut ring, format!("{}\n", l.identity).as_bytes())).collect();
+        let responses =
+            listeners.iter().map(|l| fill(&mut ring, http_response(&l.identity).as_bytes())).collect();
         let pattern: Vec<u8> = (0..CONN_BUF).map(|i| (i % 251) as u8).collect();
         let source = fill(&mut ring, &pattern);
         Ok(TcpWorker {
@@ -275,9 +236,7 @@ impl<'a> TcpWorker<'a> {
     fn run(mut self, stop: &AtomicBool, deadline: Instant) -> Result<(), ServeError> {
         for (i, l) in self.listeners.iter().enumerate() {
             for _ in 0..ACCEPTS_PER_LISTENER {
-                self.ring
-                    .accept(&l.fd, ((i as u64) << 8) | TAG_ACCEPT)
-                    .map_err(ServeError::Ring)?;
+                self.ring.accept(&l.fd, ((i as u64) << 8) | TAG_ACCEPT).map_err(ServeError::Ring)?;
             }
         }
         let mut done: Vec<Completion> = Vec::with_capacity(1024);
@@ -316,9 +275,7 @@ impl<'a> TcpWorker<'a> {
 
     fn accepted(&mut self, listener: usize, fd: OwnedFd) {
         let mode = self.listeners[listener].mode;
-        let buf = self
-            .ring
-            .alloc_buf(if mode == Mode::Source { 1 } else { CONN_BUF });
+        let buf = self.ring.alloc_buf(if mode == Mode::Source { 1 } else { CONN_BUF });
         let conn = ServerConn {
             fd,
             mode,
@@ -352,9 +309,7 @@ impl<'a> TcpWorker<'a> {
 
     fn conn(&mut self, slot: usize) -> &mut ServerConn {
         // Slots are only addressed while their connection lives.
-        self.conns[slot]
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("dead slot {slot}"))
+        self.conns[slot].as_mut().unwrap_or_else(|| unreachable!("dead slot {slot}"))
     }
 
     /// The first op of a connection's mode (after any greeting).
@@ -376,10 +331,7 @@ impl<'a> TcpWorker<'a> {
         };
         let len = self.ring.buf(c.buf).len();
         let from = if c.mode == Mode::Http { c.filled } else { 0 };
-        match self
-            .ring
-            .recv(&c.fd, c.buf, from..len, ((slot as u64) << 8) | TAG_RECV)
-        {
+        match self.ring.recv(&c.fd, c.buf, from..len, ((slot as u64) << 8) | TAG_RECV) {
             Ok(op) => c.op = Some(op),
             Err(_) => self.close(slot),
         }
@@ -397,12 +349,7 @@ impl<'a> TcpWorker<'a> {
             (_, Mode::Source) => self.source,
             _ => c.buf,
         };
-        match self.ring.send(
-            &c.fd,
-            buf,
-            c.out_sent..c.out_len,
-            ((slot as u64) << 8) | tag,
-        ) {
+        match self.ring.send(&c.fd, buf, c.out_sent..c.out_len, ((slot as u64) << 8) | tag) {
             Ok(op) => c.op = Some(op),
             Err(_) => self.close(slot),
         }
@@ -521,11 +468,7 @@ pub fn parse_request(data: &[u8]) -> Request {
         }
     }
     let len = end + 4 + body;
-    if data.len() >= len {
-        Request::Complete { len, close }
-    } else {
-        Request::Partial
-    }
+    if data.len() >= len { Request::Complete { len, close } } else { Request::Partial }
 }
 
 #[cfg(test)]
@@ -536,13 +479,7 @@ mod tests {
     #[test]
     fn a_get_without_body_is_complete_at_the_blank_line() {
         let r = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /next";
-        assert_eq!(
-            parse_request(r),
-            Request::Complete {
-                len: 27,
-                close: false
-            }
-        );
+        assert_eq!(parse_request(r), Request::Complete { len: 27, close: false });
     }
 
     #[test]
@@ -551,21 +488,12 @@ mod tests {
         assert_eq!(parse_request(r), Request::Partial);
         let mut full = r.to_vec();
         full.extend_from_slice(b"cd");
-        assert_eq!(
-            parse_request(&full),
-            Request::Complete {
-                len: full.len(),
-                close: true
-            }
-        );
+        assert_eq!(parse_request(&full), Request::Complete { len: full.len(), close: true });
     }
 
     #[test]
     fn a_bad_content_length_is_invalid() {
-        assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"),
-            Request::Invalid
-        );
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), Request::Invalid);
     }
 
     #[test]

@@ -89,9 +89,7 @@ pub struct Ring {
 impl Ring {
     /// A ring with `entries` submission slots and room for 4x completions.
     pub fn new(entries: u32) -> io::Result<Ring> {
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 4)
-            .build(entries)?;
+        let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
         Ok(Ring {
             ring,
             bufs: Vec::new(),
@@ -111,11 +109,7 @@ impl Ring {
 
     /// A zeroed buffer of `len` bytes, reusing a freed one of the same size.
     pub fn alloc_buf(&mut self, len: usize) -> BufId {
-        if let Some(pos) = self
-            .free_bufs
-            .iter()
-            .rposition(|b| self.bufs[b.0 as usize].data.len() == len)
-        {
+        if let Some(pos) = self.free_bufs.iter().rposition(|b| self.bufs[b.0 as usize].data.len() == len) {
             return self.free_bufs.swap_remove(pos);
         }
         self.bufs.push(Buf {
@@ -147,10 +141,7 @@ impl Ring {
     /// Write access; panics if any operation uses the buffer.
     pub fn buf_mut(&mut self, id: BufId) -> &mut [u8] {
         let b = &mut self.bufs[id.0 as usize];
-        assert!(
-            b.readers == 0 && !b.writer,
-            "buffer written while in flight"
-        );
+        assert!(b.readers == 0 && !b.writer, "buffer written while in flight");
         &mut b.data
     }
 
@@ -163,12 +154,7 @@ impl Ring {
     fn record(&mut self, user: u64, kind: Kind, buf: Option<(BufId, bool)>) -> u64 {
         self.next_gen = self.next_gen.wrapping_add(1);
         let generation = self.next_gen;
-        let rec = OpRecord {
-            user,
-            generation,
-            kind,
-            buf,
-        };
+        let rec = OpRecord { user, generation, kind, buf };
         let idx = match self.free_ops.pop() {
             Some(i) => {
                 self.ops[i as usize] = Some(rec);
@@ -207,10 +193,7 @@ impl Ring {
 
     fn checked_range(&self, id: BufId, range: &Range<usize>) -> (*mut u8, u32) {
         let b = &self.bufs[id.0 as usize];
-        assert!(
-            range.start <= range.end && range.end <= b.data.len(),
-            "range outside buffer"
-        );
+        assert!(range.start <= range.end && range.end <= b.data.len(), "range outside buffer");
         // The pointer is derived from the boxed slice, which never moves.
         let ptr = b.data.as_ptr().wrapping_add(range.start) as *mut u8;
         (ptr, (range.end - range.start) as u32)
@@ -219,42 +202,24 @@ impl Ring {
     /// Connects `fd` to a registered address.
     pub fn connect(&mut self, fd: &OwnedFd, addr: AddrId, user: u64) -> io::Result<OpId> {
         let a = &self.addrs[addr.0 as usize];
-        let entry =
-            opcode::Connect::new(types::Fd(fd.as_raw_fd()), a.as_ptr().cast(), a.len()).build();
+        let entry = opcode::Connect::new(types::Fd(fd.as_raw_fd()), a.as_ptr().cast(), a.len()).build();
         let ud = self.record(user, Kind::Plain, None);
         self.push(entry.user_data(ud))?;
         Ok(OpId(ud))
     }
 
     /// Sends `buf[range]` on `fd`.
-    pub fn send(
-        &mut self,
-        fd: &OwnedFd,
-        buf: BufId,
-        range: Range<usize>,
-        user: u64,
-    ) -> io::Result<OpId> {
-        assert!(
-            !self.bufs[buf.0 as usize].writer,
-            "send from a buffer being received into"
-        );
+    pub fn send(&mut self, fd: &OwnedFd, buf: BufId, range: Range<usize>, user: u64) -> io::Result<OpId> {
+        assert!(!self.bufs[buf.0 as usize].writer, "send from a buffer being received into");
         let (ptr, len) = self.checked_range(buf, &range);
-        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build();
+        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, len).flags(libc::MSG_NOSIGNAL).build();
         let ud = self.record(user, Kind::Plain, Some((buf, false)));
         self.push(entry.user_data(ud))?;
         Ok(OpId(ud))
     }
 
     /// Receives into `buf[range]` from `fd`.
-    pub fn recv(
-        &mut self,
-        fd: &OwnedFd,
-        buf: BufId,
-        range: Range<usize>,
-        user: u64,
-    ) -> io::Result<OpId> {
+    pub fn recv(&mut self, fd: &OwnedFd, buf: BufId, range: Range<usize>, user: u64) -> io::Result<OpId> {
         let b = &self.bufs[buf.0 as usize];
         assert!(b.readers == 0 && !b.writer, "recv into a buffer in flight");
         let (ptr, len) = self.checked_range(buf, &range);
@@ -266,13 +231,10 @@ impl Ring {
 
     /// Accepts one connection on a listening `fd`.
     pub fn accept(&mut self, fd: &OwnedFd, user: u64) -> io::Result<OpId> {
-        let entry = opcode::Accept::new(
-            types::Fd(fd.as_raw_fd()),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        )
-        .flags(libc::SOCK_CLOEXEC)
-        .build();
+        let entry =
+            opcode::Accept::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build();
         let ud = self.record(user, Kind::Accept, None);
         self.push(entry.user_data(ud))?;
         Ok(OpId(ud))
@@ -292,14 +254,7 @@ impl Ring {
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -311,10 +266,7 @@ impl Ring {
         for (ud, result) in raw {
             let idx = (ud & 0xffff_ffff) as usize;
             let generation = (ud >> 32) as u32;
-            let Some(rec) = self
-                .ops
-                .get_mut(idx)
-                .and_then(|r| r.take_if(|r| r.generation == generation))
+            let Some(rec) = self.ops.get_mut(idx).and_then(|r| r.take_if(|r| r.generation == generation))
             else {
                 continue;
             };
@@ -339,11 +291,7 @@ impl Ring {
                 Kind::Accept if result >= 0 => Some(unsafe { OwnedFd::from_raw_fd(result) }),
                 _ => None,
             };
-            out.push(Completion {
-                user: rec.user,
-                result,
-                accepted,
-            });
+            out.push(Completion { user: rec.user, result, accepted });
         }
     }
 }
@@ -388,11 +336,7 @@ pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(test)]
@@ -448,11 +392,7 @@ mod tests {
         ring.cancel(op).unwrap();
         let c = wait_one(&mut ring);
         assert_eq!((c.user, c.result), (1, -libc::ECANCELED));
-        assert_eq!(
-            ring.alloc_buf(16),
-            buf,
-            "the freed buffer is reused once idle"
-        );
+        assert_eq!(ring.alloc_buf(16), buf, "the freed buffer is reused once idle");
     }
 
     #[test]

@@ -17,8 +17,7 @@ use super::{CONNECT_WINDOW, Direction, Phase, Scenario, TAG_CONNECT, TAG_RECV, T
 use crate::report::ErrorKind;
 
 fn io_kind(e: &io::Error) -> ErrorKind {
-    e.raw_os_error()
-        .map_or(ErrorKind::Other, ErrorKind::from_errno)
+    e.raw_os_error().map_or(ErrorKind::Other, ErrorKind::from_errno)
 }
 
 impl Worker {
@@ -42,8 +41,7 @@ impl Worker {
 
     /// Marks the start of a transaction whose latency counts from `origin`.
     fn count_start(&mut self, slot: usize, origin: Instant, now: Instant) {
-        let counted =
-            origin >= self.plan.clock.measure_start || now >= self.plan.clock.measure_start;
+        let counted = origin >= self.plan.clock.measure_start || now >= self.plan.clock.measure_start;
         let c = &mut self.conns[slot];
         c.counted = counted;
         c.origin = origin;
@@ -129,10 +127,7 @@ impl Worker {
         let size = self.plan.size;
         let c = &mut self.conns[slot];
         let Some(fd) = c.fd.as_ref() else { return };
-        match self
-            .ring
-            .send(fd, c.tx, c.sent..size, Self::tag(slot, TAG_SEND))
-        {
+        match self.ring.send(fd, c.tx, c.sent..size, Self::tag(slot, TAG_SEND)) {
             Ok(op) => {
                 c.op = Some(op);
                 c.phase = Phase::Sending;
@@ -147,11 +142,7 @@ impl Worker {
         let c = &mut self.conns[slot];
         let Some(fd) = c.fd.as_ref() else { return };
         let rx_len = self.ring.buf(c.rx).len();
-        let end = if datagram {
-            rx_len
-        } else {
-            (size - c.got).min(rx_len)
-        };
+        let end = if datagram { rx_len } else { (size - c.got).min(rx_len) };
         match self.ring.recv(fd, c.rx, 0..end, Self::tag(slot, TAG_RECV)) {
             Ok(op) => {
                 c.op = Some(op);
@@ -166,10 +157,7 @@ impl Worker {
         if !matches!(self.plan.scenario, Scenario::Idle | Scenario::TcpStream(_)) {
             return;
         }
-        while !self.stopped
-            && self.connecting < CONNECT_WINDOW
-            && self.next_connect < self.conns.len()
-        {
+        while !self.stopped && self.connecting < CONNECT_WINDOW && self.next_connect < self.conns.len() {
             let slot = self.next_connect;
             self.next_connect += 1;
             let now = Instant::now();
@@ -269,20 +257,16 @@ impl Worker {
         let Some(fd) = c.fd.as_ref() else { return };
         let posted = if tag == TAG_SEND {
             let len = self.ring.buf(c.tx).len();
-            self.ring
-                .send(fd, c.tx, 0..len, Self::tag(slot, TAG_SEND))
-                .map(|op| c.op = Some(op))
+            self.ring.send(fd, c.tx, 0..len, Self::tag(slot, TAG_SEND)).map(|op| c.op = Some(op))
         } else {
             let len = self.ring.buf(c.rx).len();
-            self.ring
-                .recv(fd, c.rx, 0..len, Self::tag(slot, TAG_RECV))
-                .map(|op| {
-                    if both {
-                        c.op2 = Some(op);
-                    } else {
-                        c.op = Some(op);
-                    }
-                })
+            self.ring.recv(fd, c.rx, 0..len, Self::tag(slot, TAG_RECV)).map(|op| {
+                if both {
+                    c.op2 = Some(op);
+                } else {
+                    c.op = Some(op);
+                }
+            })
         };
         if posted.is_err() {
             self.sync_fail(slot, ErrorKind::Other, now);

@@ -172,11 +172,7 @@ pub struct Worker {
 /// Runs one worker to completion.
 pub fn run(plan: Plan, progress: Arc<Progress>) -> Result<Outcome, WorkerError> {
     let entries = (plan.conns * 2 + 64).next_power_of_two().clamp(256, 16_384) as u32;
-    let mut w = Worker::new(
-        plan,
-        Ring::new(entries).map_err(WorkerError::Ring)?,
-        progress,
-    );
+    let mut w = Worker::new(plan, Ring::new(entries).map_err(WorkerError::Ring)?, progress);
     w.event_loop()?;
     Ok(Outcome {
         counts: w.counts.clone(),
@@ -187,11 +183,7 @@ pub fn run(plan: Plan, progress: Arc<Progress>) -> Result<Outcome, WorkerError> 
 
 impl Worker {
     fn new(plan: Plan, mut ring: Ring, progress: Arc<Progress>) -> Worker {
-        let addr_ids: Vec<AddrId> = plan
-            .targets
-            .iter()
-            .map(|t| ring.add_addr(SockAddr::from(*t)))
-            .collect();
+        let addr_ids: Vec<AddrId> = plan.targets.iter().map(|t| ring.add_addr(SockAddr::from(*t))).collect();
         let rx_len = match plan.scenario {
             Scenario::UdpRr => 65_536,
             Scenario::Idle => 4096,
@@ -206,19 +198,13 @@ impl Worker {
                 *b = (k.wrapping_mul(31).wrapping_add(index) % 251) as u8;
             }
             let sched = plan.rate.map(|r| {
-                OpenLoop::new(
-                    plan.clock.measure_start - plan.clock.start,
-                    r,
-                    index,
-                    plan.total_conns,
-                )
+                OpenLoop::new(plan.clock.measure_start - plan.clock.start, r, index, plan.total_conns)
             });
             conns.push(Conn {
                 fd: None,
                 addr: addr_ids[t],
                 target: plan.targets[t],
-                source: (!plan.sources.is_empty())
-                    .then(|| plan.sources[index % plan.sources.len()]),
+                source: (!plan.sources.is_empty()).then(|| plan.sources[index % plan.sources.len()]),
                 tx,
                 rx: ring.alloc_buf(rx_len),
                 phase: Phase::Queued,
@@ -254,10 +240,7 @@ impl Worker {
     }
 
     fn event_loop(&mut self) -> Result<(), WorkerError> {
-        if matches!(
-            self.plan.scenario,
-            Scenario::TcpCrr | Scenario::TcpRr | Scenario::UdpRr
-        ) {
+        if matches!(self.plan.scenario, Scenario::TcpCrr | Scenario::TcpRr | Scenario::UdpRr) {
             self.runq.extend((0..self.conns.len()).rev());
         }
         self.fill_connect_window();
@@ -305,15 +288,11 @@ impl Worker {
             }
             self.timers.pop();
             let c = &mut self.conns[slot];
-            if c.wake.is_some_and(|w| w <= now) && matches!(c.phase, Phase::Waiting | Phase::Queued)
-            {
+            if c.wake.is_some_and(|w| w <= now) && matches!(c.phase, Phase::Waiting | Phase::Queued) {
                 c.wake = None;
                 self.runq.push(slot);
             } else if c.deadline.is_some_and(|d| d <= now)
-                && matches!(
-                    c.phase,
-                    Phase::Connecting | Phase::Sending | Phase::Receiving
-                )
+                && matches!(c.phase, Phase::Connecting | Phase::Sending | Phase::Receiving)
             {
                 c.deadline = None;
                 c.timed_out = true;
@@ -349,10 +328,8 @@ impl Worker {
 
     fn abort_in_flight(&mut self) {
         for c in &mut self.conns {
-            if matches!(
-                c.phase,
-                Phase::Connecting | Phase::Sending | Phase::Receiving | Phase::Cancelling
-            ) && c.counted
+            if matches!(c.phase, Phase::Connecting | Phase::Sending | Phase::Receiving | Phase::Cancelling)
+                && c.counted
             {
                 self.counts.errors.add(ErrorKind::Aborted);
                 c.counted = false;
