@@ -38,7 +38,8 @@ enum Command {
         #[command(flatten)]
         listen: ListenArgs,
     },
-    /// Start three demo backends and the proxy in front of them, on loopback.
+    /// Start three demo backends and the proxy in front of them, on loopback
+    /// only (the listen-address flags are overridden to 127.0.0.1).
     Demo(RunArgs),
 }
 
@@ -170,6 +171,12 @@ fn main_inner() -> anyhow::Result<ExitCode> {
         Command::Demo(args) => {
             let mut opts = args.options()?;
             opts.config = ringport::demo::example_path(&opts.config)?;
+            // The demo is for this machine only: listen on loopback alone.
+            let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            opts.listen.bind_address = loopback;
+            opts.listen.nodeport_addresses = vec![IpNet::new(loopback, 8)?];
+            opts.healthz_bind_address.set_ip(loopback);
+            opts.metrics_bind_address.set_ip(loopback);
             ringport::demo::demo(opts)?;
         }
         Command::Check { source, listen } => return check(&source.config, &listen.options(1)),

@@ -162,6 +162,8 @@ pub struct Half {
     /// Bytes in the chunk not yet delivered.
     pending: usize,
     eof: bool,
+    /// The last read took less than the chunk holds: the source is empty.
+    drained: bool,
     finished: bool,
     /// Bytes delivered to the sink so far.
     pub delivered: u64,
@@ -198,7 +200,9 @@ impl Half {
                 let _ = socket2::SockRef::from(&sink).shutdown(Shutdown::Write);
                 return Ok(Wait::Finished);
             }
-            if !self.fill(source, pool)? {
+            // A read that did not fill the chunk emptied the socket: waiting
+            // for readiness now saves a read that would only say EAGAIN.
+            if std::mem::take(&mut self.drained) || !self.fill(source, pool)? {
                 self.release(pool);
                 return Ok(Wait::SourceReadable);
             }
@@ -212,21 +216,24 @@ impl Half {
         if self.chunk.is_none() {
             self.chunk = Some(pool.take().map_err(err)?);
         }
-        let moved = match self.chunk.as_mut() {
-            Some(Chunk::Pipe(pipe)) => sys::splice(source, pipe.write.as_fd(), pipe.capacity).map_err(err)?,
+        let (moved, capacity) = match self.chunk.as_mut() {
+            Some(Chunk::Pipe(pipe)) => {
+                (sys::splice(source, pipe.write.as_fd(), pipe.capacity).map_err(err)?, pipe.capacity)
+            }
             Some(Chunk::Buffer { bytes, start, end }) => {
                 (*start, *end) = (0, 0);
                 let moved = sys::read(source, bytes).map_err(err)?;
                 if let Moved::Bytes(n) = moved {
                     *end = n;
                 }
-                moved
+                (moved, bytes.len())
             }
             None => return Ok(false),
         };
         Ok(match moved {
             Moved::Bytes(n) => {
                 self.pending = n;
+                self.drained = n < capacity;
                 true
             }
             Moved::Eof => {
