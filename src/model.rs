@@ -293,3 +293,27 @@ pub struct ServicePort {
     /// Sorted by address, deduplicated.
     pub endpoints: Vec<Endpoint>,
 }
+
+impl ServicePort {
+    /// A service port with no addresses, no endpoints and every policy at
+    /// its Kubernetes default; callers fill in what they need.
+    pub fn new(name: ServicePortName, origin: Origin, protocol: Protocol, port: u16) -> Self {
+        Self {
+            name,
+            origin,
+            protocol,
+            port,
+            cluster_ips: Vec::new(),
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            affinity: Affinity::None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            distribution: TrafficDistribution::Any,
+            ringport_annotations: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
+}

@@ -14,33 +14,20 @@ use ringport::model::*;
 use ringport::snapshot::Snapshot;
 
 fn service_port(endpoints: &[SocketAddr]) -> ServicePort {
-    ServicePort {
-        name: ServicePortName { service: ServiceName::new("default", "echo"), port: String::new() },
-        origin: Origin("test".into()),
-        protocol: Protocol::Tcp,
-        port: 80,
-        cluster_ips: vec![],
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        affinity: Affinity::None,
-        external_policy: TrafficPolicy::Cluster,
-        internal_policy: TrafficPolicy::Cluster,
-        distribution: TrafficDistribution::Any,
-        ringport_annotations: vec![],
-        endpoints: endpoints
-            .iter()
-            .map(|a| Endpoint {
-                addr: EndpointAddr(*a),
-                conditions: Conditions::default(),
-                node_name: None,
-                zone: None,
-                hints_zones: vec![],
-                hints_nodes: vec![],
-            })
-            .collect(),
-    }
+    let name = ServicePortName { service: ServiceName::new("default", "echo"), port: String::new() };
+    let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 80);
+    sp.endpoints = endpoints
+        .iter()
+        .map(|a| Endpoint {
+            addr: EndpointAddr(*a),
+            conditions: Conditions::default(),
+            node_name: None,
+            zone: None,
+            hints_zones: vec![],
+            hints_nodes: vec![],
+        })
+        .collect();
+    sp
 }
 
 /// An echo server that answers one line-less blob per connection:

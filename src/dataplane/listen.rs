@@ -321,26 +321,14 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Affinity, Origin, ServiceName, TrafficDistribution, TrafficPolicy};
+    use crate::model::{Origin, ServiceName};
 
     fn port(name: &str, ext: Vec<IpAddr>, node_port: Option<u16>) -> ServicePort {
-        ServicePort {
-            name: ServicePortName { service: ServiceName::new("default", name), port: "".into() },
-            origin: Origin("test".into()),
-            protocol: Protocol::Tcp,
-            port: 8080,
-            cluster_ips: vec![],
-            node_port,
-            external_ips: ext,
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity: Affinity::None,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            distribution: TrafficDistribution::Any,
-            ringport_annotations: vec![],
-            endpoints: vec![],
-        }
+        let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+        let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);
+        sp.external_ips = ext;
+        sp.node_port = node_port;
+        sp
     }
 
     fn binder() -> Binder {
