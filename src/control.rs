@@ -8,10 +8,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::balance::BalanceOptions;
+use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
 use crate::dataplane::listen::{BindError, Binder};
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::table::Table;
 
 /// Why an update was not applied.
@@ -32,13 +34,22 @@ pub struct Applied {
 pub struct Control {
     table: Table,
     binder: Binder,
+    balance: BalanceOptions,
+    /// Endpoint health and load, kept across snapshots.
+    health: HealthRegistry,
     snapshot: SharedSnapshot,
     ready: Arc<AtomicBool>,
 }
 
 impl Control {
-    pub fn new(binder: Binder, snapshot: SharedSnapshot, ready: Arc<AtomicBool>) -> Self {
-        Self { table: Table::default(), binder, snapshot, ready }
+    pub fn new(
+        binder: Binder,
+        balance: BalanceOptions,
+        health: HealthRegistry,
+        snapshot: SharedSnapshot,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Self { table: Table::default(), binder, balance, health, snapshot, ready }
     }
 
     /// Apply a full set of manifests (a file source's load).
@@ -56,7 +67,8 @@ impl Control {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
             }
         }
-        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, &previous);
+        let ctx = BalanceContext { options: &self.balance, registry: &self.health };
+        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, &previous, &ctx);
         let applied = Applied {
             generation: snapshot.generation,
             service_ports: snapshot.ports.len(),

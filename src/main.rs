@@ -9,8 +9,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use ringport::balance::eligible::Locality;
+use ringport::balance::health::HealthPolicy;
+use ringport::balance::{BalanceOptions, MAX_ATTEMPTS};
 use ringport::dataplane::listen::ListenOptions;
 use ringport::dataplane::{RelayMode, WorkerConfig};
+use ringport::model::Scheduler;
 use ringport::run::{Handles, RunOptions};
 
 #[global_allocator]
@@ -86,6 +90,27 @@ struct RunArgs {
     /// attempts is bounded by the endpoints available (at most 4).
     #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "250ms,500ms,1s,2s")]
     connect_timeouts: Vec<Duration>,
+    /// How a service port picks endpoints when it has no
+    /// `ringport.io/scheduler` annotation: rr, random, lc, p2c, sh, maglev.
+    #[arg(long, default_value_t = Scheduler::Rr)]
+    scheduler: Scheduler,
+    /// This node's name, for `Local` traffic policies and topology
+    /// (default: the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// This node's zone, for `PreferSameZone` and zone hints.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Consecutive connect failures that eject an endpoint for a while
+    /// (0: never eject).
+    #[arg(long, default_value_t = 3)]
+    eject_after: u32,
+    /// The first ejection's length; each further one doubles it, up to
+    /// --eject-max.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    eject_backoff: Duration,
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    eject_max: Duration,
     /// How long open connections may finish after SIGTERM or SIGINT.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
@@ -128,6 +153,15 @@ impl RunArgs {
         if self.connect_timeouts.is_empty() || self.connect_timeouts.iter().any(Duration::is_zero) {
             anyhow::bail!("--connect-timeouts needs at least one non-zero duration");
         }
+        if self.connect_timeouts.len() > MAX_ATTEMPTS {
+            anyhow::bail!("--connect-timeouts allows at most {MAX_ATTEMPTS} attempts");
+        }
+        if self.eject_backoff.is_zero() || self.eject_max < self.eject_backoff {
+            anyhow::bail!("--eject-backoff must be non-zero and at most --eject-max");
+        }
+        let node_name = self.node_name.clone().or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned())
+        });
         Ok(RunOptions {
             config: self.source.config.clone(),
             listen: self.listen.options(workers),
@@ -138,6 +172,15 @@ impl RunArgs {
                 connect_timeouts: self.connect_timeouts.clone(),
                 drain_timeout: self.drain_timeout,
                 ..WorkerConfig::default()
+            },
+            balance: BalanceOptions {
+                scheduler: self.scheduler,
+                locality: Locality { node_name, zone: self.zone.clone() },
+            },
+            health: HealthPolicy {
+                failures: self.eject_after,
+                base: self.eject_backoff,
+                max: self.eject_max,
             },
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,

@@ -108,6 +108,61 @@ impl Affinity {
     pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 }
 
+/// How a service port picks the endpoint of a new connection
+/// (`ringport.io/scheduler` annotation, `--scheduler` by default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Round robin over a shuffled order, fair across all workers.
+    #[default]
+    Rr,
+    /// Uniformly random.
+    Random,
+    /// Least active connections, counted over all workers.
+    Lc,
+    /// Power of two random choices on active connections.
+    P2c,
+    /// Source-IP hash.
+    Sh,
+    /// Maglev consistent hashing on the client IP.
+    Maglev,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 6] =
+        [Scheduler::Rr, Scheduler::Random, Scheduler::Lc, Scheduler::P2c, Scheduler::Sh, Scheduler::Maglev];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Rr => "rr",
+            Scheduler::Random => "random",
+            Scheduler::Lc => "lc",
+            Scheduler::P2c => "p2c",
+            Scheduler::Sh => "sh",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown scheduler name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler {0:?} (expected rr, random, lc, p2c, sh or maglev)")]
+pub struct UnknownScheduler(pub String);
+
+impl std::str::FromStr for Scheduler {
+    type Err = UnknownScheduler;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scheduler::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| UnknownScheduler(s.to_owned()))
+    }
+}
+
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum TrafficPolicy {
@@ -197,6 +252,8 @@ pub struct Service {
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
     pub distribution: TrafficDistribution,
+    /// `ringport.io/scheduler`; `None` means the process default.
+    pub scheduler: Option<Scheduler>,
     /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
     /// without the prefix, sorted by key.
     pub ringport_annotations: Vec<(String, String)>,
@@ -289,6 +346,7 @@ pub struct ServicePort {
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
     pub distribution: TrafficDistribution,
+    pub scheduler: Option<Scheduler>,
     pub ringport_annotations: Vec<(String, String)>,
     /// Sorted by address, deduplicated.
     pub endpoints: Vec<Endpoint>,
@@ -312,6 +370,7 @@ impl ServicePort {
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
             distribution: TrafficDistribution::Any,
+            scheduler: None,
             ringport_annotations: Vec::new(),
             endpoints: Vec::new(),
         }

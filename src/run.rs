@@ -10,6 +10,8 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin::{self, AdminState};
+use crate::balance::BalanceOptions;
+use crate::balance::health::{HealthPolicy, HealthRegistry};
 use crate::config::ConfigErrors;
 use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions};
@@ -22,6 +24,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     pub listen: ListenOptions,
     pub workers: WorkerConfig,
+    pub balance: BalanceOptions,
+    pub health: HealthPolicy,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
 }
@@ -86,6 +90,8 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
     let mut control = Control::new(
         Binder::new(opts.listen.clone()),
+        opts.balance.clone(),
+        HealthRegistry::new(opts.health, std::time::Instant::now()),
         Arc::clone(&handles.snapshot),
         Arc::clone(&handles.ready),
     );

@@ -9,8 +9,9 @@
 //! - A snapshot never changes after it is published; a new configuration
 //!   is a new snapshot swapped in whole (one swap, so listeners, endpoints
 //!   and balancers always agree).
-//! - A service port whose endpoints did not change keeps its `Balancer`
-//!   (the same `Arc`), so a reload does not restart its rotation.
+//! - A service port whose balancer inputs (eligible endpoints, scheduler,
+//!   affinity) did not change keeps its `Balancer` (the same `Arc`), so a
+//!   reload does not restart its rotation or drop its pins.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,15 +20,58 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::balance::{self, Balancer};
+use crate::balance::eligible::Scope;
+use crate::balance::health::HealthRegistry;
+use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::dataplane::listen::{ListenRole, Listener, ListenerId};
 use crate::model::{EndpointAddr, ProxyPort, ServicePort, ServicePortName};
 
-/// One service port as served: its spec and its selection state.
+/// One service port as served: its spec and its selection state for each
+/// kind of traffic (they differ when a traffic policy is `Local`).
 #[derive(Debug)]
 pub struct PortState {
     pub spec: ServicePort,
-    pub balancer: Arc<Balancer>,
+    /// Cluster-IP / proxy-port traffic (`internalTrafficPolicy`).
+    pub internal: Arc<Balancer>,
+    /// Node-port, external-IP and load-balancer traffic
+    /// (`externalTrafficPolicy`).
+    pub external: Arc<Balancer>,
+}
+
+impl PortState {
+    pub fn balancer(&self, scope: Scope) -> &Arc<Balancer> {
+        match scope {
+            Scope::Internal => &self.internal,
+            Scope::External => &self.external,
+        }
+    }
+}
+
+/// What the balancers of a new snapshot are built with.
+pub struct BalanceContext<'a> {
+    pub options: &'a BalanceOptions,
+    pub registry: &'a HealthRegistry,
+}
+
+/// Where a listener's connections go.
+#[derive(Debug, Clone, Copy)]
+struct RouteEntry {
+    port: usize,
+    scope: Scope,
+}
+
+/// A listener's service port, and the balancer for its kind of traffic.
+pub struct Route<'a> {
+    pub port: &'a Arc<PortState>,
+    pub balancer: &'a Arc<Balancer>,
+}
+
+/// Which traffic a listener receives.
+pub fn scope_of(role: ListenRole) -> Scope {
+    match role {
+        ListenRole::Proxy => Scope::Internal,
+        ListenRole::NodePort(_) | ListenRole::External(_) | ListenRole::LoadBalancer(_) => Scope::External,
+    }
 }
 
 /// The whole served state.
@@ -38,41 +82,52 @@ pub struct Snapshot {
     /// Sorted by service port name.
     pub ports: Vec<Arc<PortState>>,
     pub listeners: Vec<Arc<Listener>>,
-    /// Which port each listener serves (index into `ports`).
-    routes: HashMap<ListenerId, usize>,
+    /// Which port (index into `ports`) and scope each listener serves.
+    routes: HashMap<ListenerId, RouteEntry>,
 }
 
 impl Snapshot {
-    /// Assemble a snapshot; balancers of unchanged endpoint sets are taken
-    /// over from `previous`.
+    /// Assemble a snapshot; balancers whose inputs did not change are taken
+    /// over from `previous` (same `Arc`: rotation, pins and counts go on).
     pub fn new(
         generation: u64,
         ports: Vec<ServicePort>,
         listeners: Vec<Arc<Listener>>,
         previous: &Snapshot,
+        ctx: &BalanceContext<'_>,
     ) -> Self {
         let old: HashMap<&ServicePortName, &Arc<PortState>> =
             previous.ports.iter().map(|p| (&p.spec.name, p)).collect();
         let ports: Vec<Arc<PortState>> = ports
             .into_iter()
             .map(|spec| {
-                let usable = balance::usable(&spec.endpoints);
-                let balancer = match old.get(&spec.name) {
-                    Some(p) if p.balancer.endpoints() == usable.as_slice() => Arc::clone(&p.balancer),
-                    _ => Arc::new(Balancer::new(usable)),
+                let prev = old.get(&spec.name);
+                let build = |scope| {
+                    let prev = prev.map(|p| p.balancer(scope));
+                    Balancer::build(&spec, scope, ctx.options, ctx.registry, prev)
                 };
-                Arc::new(PortState { spec, balancer })
+                let (internal, external) = (build(Scope::Internal), build(Scope::External));
+                Arc::new(PortState { spec, internal, external })
             })
             .collect();
+        ctx.registry.prune();
         let index: HashMap<&ServicePortName, usize> =
             ports.iter().enumerate().map(|(i, p)| (&p.spec.name, i)).collect();
-        let routes = listeners.iter().filter_map(|l| index.get(&l.key.port).map(|i| (l.id, *i))).collect();
+        let routes = listeners
+            .iter()
+            .filter_map(|l| {
+                let port = *index.get(&l.key.port)?;
+                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role) }))
+            })
+            .collect();
         Self { generation, ports, listeners, routes }
     }
 
-    /// The service port a listener serves.
-    pub fn route(&self, listener: ListenerId) -> Option<&Arc<PortState>> {
-        self.routes.get(&listener).and_then(|i| self.ports.get(*i))
+    /// The service port a listener serves, and its balancer.
+    pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
+        let entry = self.routes.get(&listener)?;
+        let port = self.ports.get(entry.port)?;
+        Some(Route { port, balancer: port.balancer(entry.scope) })
     }
 
     /// The proxy port of a service port, if it is bound.
@@ -85,6 +140,7 @@ impl Snapshot {
 
     /// A serializable view for `/debug/snapshot` and `ringport check`.
     pub fn view(&self) -> SnapshotView {
+        let now = std::time::Instant::now();
         SnapshotView {
             generation: self.generation,
             service_ports: self
@@ -103,7 +159,8 @@ impl Snapshot {
                         .map(|l| ListenerView { role: l.key.role.to_string(), addr: l.addr })
                         .collect(),
                     endpoints: p.spec.endpoints.iter().map(EndpointView::from).collect(),
-                    balancing: p.balancer.endpoints().to_vec(),
+                    internal: p.internal.view(now),
+                    external: p.external.view(now),
                 })
                 .collect(),
         }
@@ -129,8 +186,10 @@ pub struct PortView {
     pub proxy_port: Option<u16>,
     pub listeners: Vec<ListenerView>,
     pub endpoints: Vec<EndpointView>,
-    /// The endpoints traffic goes to, in rotation order.
-    pub balancing: Vec<EndpointAddr>,
+    /// Where cluster-IP traffic goes: rotation order, with health.
+    pub internal: BalancerView,
+    /// Where node-port / external / load-balancer traffic goes.
+    pub external: BalancerView,
 }
 
 #[derive(Debug, Serialize)]

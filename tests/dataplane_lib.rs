@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ringport::balance::BalanceOptions;
+use ringport::balance::health::HealthRegistry;
 use ringport::dataplane::listen::{Binder, ListenOptions};
 use ringport::dataplane::{DataPlane, WorkerConfig};
 use ringport::model::*;
-use ringport::snapshot::Snapshot;
+use ringport::snapshot::{BalanceContext, Snapshot};
 
 fn service_port(endpoints: &[SocketAddr]) -> ServicePort {
     let name = ServicePortName { service: ServiceName::new("default", "echo"), port: String::new() };
@@ -67,7 +69,9 @@ fn snapshot_built_in_code_is_served_by_two_workers() {
     let (listeners, errors) = binder.bind(&ports, &[]);
     assert!(errors.is_empty(), "{errors:?}");
     let proxy = listeners[0].addr;
-    snapshot.store(Arc::new(Snapshot::new(1, ports, listeners, &Snapshot::default())));
+    let (options, registry) = (BalanceOptions::default(), HealthRegistry::default());
+    let ctx = BalanceContext { options: &options, registry: &registry };
+    snapshot.store(Arc::new(Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx)));
     dp.notify();
 
     for round in 0..20 {

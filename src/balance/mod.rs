@@ -3,177 +3,332 @@
 //!
 //! For one new connection, [`Balancer::pick`] yields the ordered candidates
 //! to try. Retry on connect failure is then "take the next candidate"
-//! (pingora's selection iterator). The skeleton balances by round robin
-//! over the usable endpoints; affinity, health and other schedulers grow
-//! behind the same `pick`.
+//! (pingora's selection iterator). The outcome of each attempt is reported
+//! back ([`Balancer::connected`], [`Balancer::failed`], [`Balancer::closed`])
+//! and feeds passive health, session affinity and least-connections.
+//!
+//! Order of one pick:
+//! 1. With ClientIP affinity, a live pin to an endpoint that is still
+//!    eligible and not ejected comes first (and its window slides).
+//! 2. Otherwise the scheduler chooses (rr, random, lc, p2c, sh, maglev),
+//!    skipping ejected endpoints; with affinity the choice is pinned.
+//! 3. The rest follow in rotation order, ejected ones skipped; when fewer
+//!    healthy endpoints exist than attempts, they are cycled; when none is
+//!    healthy, all are tried (health never fails a service closed).
 //!
 //! Invariants:
-//! - A balancer is shared by every worker (through the snapshot); its only
-//!   mutable state is atomic, so workers never block each other, and round
-//!   robin is fair across all workers together.
-//! - One pick yields [`MAX_ATTEMPTS`] candidates, going through every
-//!   endpoint once before any repeats (with one endpoint, it is tried four
-//!   times with growing timeouts, as kube-proxy's userspace mode did).
+//! - A balancer is shared by every worker (through the snapshot); its
+//!   mutable state is atomic or briefly locked (affinity shards), so workers
+//!   never wait on each other for long, and round robin is fair across all
+//!   workers together.
+//! - A balancer is rebuilt only when its inputs change; the rebuild
+//!   reshuffles the rotation and keeps the pins to endpoints that remain.
 
+pub mod affinity;
+pub mod eligible;
+pub mod health;
+pub mod maglev;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::model::{ClientAddr, Endpoint, EndpointAddr};
+use serde::Serialize;
 
-/// Most endpoints one connection tries (kube-proxy's userspace mode: 4).
-pub const MAX_ATTEMPTS: usize = 4;
+use self::affinity::Pins;
+use self::eligible::{Locality, Scope};
+use self::health::{EndpointState, HealthRegistry, HealthView};
+use self::maglev::Maglev;
+use crate::model::{Affinity, ClientAddr, EndpointAddr, Scheduler, ServicePort};
 
-/// Which endpoints may receive traffic: the ready ones; when none is ready,
-/// those still serving while terminating (the Kubernetes rule). An endpoint
-/// that is not serving never gets traffic.
-pub fn usable(endpoints: &[Endpoint]) -> Vec<EndpointAddr> {
-    let ready: Vec<_> = endpoints.iter().filter(|e| e.conditions.ready).map(|e| e.addr).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    endpoints.iter().filter(|e| e.conditions.serving && e.conditions.terminating).map(|e| e.addr).collect()
+/// Most attempts one connection may make.
+pub const MAX_ATTEMPTS: usize = 8;
+
+/// Process-wide selection settings (from the command line).
+#[derive(Clone, Debug, Default)]
+pub struct BalanceOptions {
+    /// `--scheduler`: for service ports without `ringport.io/scheduler`.
+    pub scheduler: Scheduler,
+    pub locality: Locality,
 }
 
-/// The selection state of one service port.
+/// Everything that decides a balancer; equal inputs mean the same balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Inputs {
+    /// Eligible endpoints, in address order.
+    endpoints: Vec<EndpointAddr>,
+    scheduler: Scheduler,
+    affinity: Affinity,
+}
+
+/// The selection state of one service port for one traffic scope.
 #[derive(Debug)]
 pub struct Balancer {
-    endpoints: Vec<EndpointAddr>,
+    inputs: Inputs,
+    /// Rotation order: shuffled for rr/random/lc/p2c, address order for the
+    /// hashing schedulers (so every rebuild hashes alike).
+    endpoints: Vec<Arc<EndpointState>>,
+    index: HashMap<EndpointAddr, usize>,
     next: AtomicUsize,
+    pins: Option<Arc<Pins>>,
+    maglev: Option<Maglev>,
 }
 
 impl Balancer {
-    pub fn new(endpoints: Vec<EndpointAddr>) -> Self {
-        Self { endpoints, next: AtomicUsize::new(0) }
+    /// The balancer for `sp`'s `scope` traffic: `previous` itself when its
+    /// inputs are unchanged, otherwise a new one (reshuffled, keeping the
+    /// pins to endpoints that remain).
+    pub fn build(
+        sp: &ServicePort,
+        scope: Scope,
+        opts: &BalanceOptions,
+        registry: &HealthRegistry,
+        previous: Option<&Arc<Balancer>>,
+    ) -> Arc<Balancer> {
+        let inputs = Inputs {
+            endpoints: eligible::eligible(sp, scope, &opts.locality),
+            scheduler: sp.scheduler.unwrap_or(opts.scheduler),
+            affinity: sp.affinity,
+        };
+        if let Some(prev) = previous
+            && prev.inputs == inputs
+        {
+            return Arc::clone(prev);
+        }
+        Arc::new(Self::new(inputs, registry, previous.map(AsRef::as_ref), &mut fastrand::Rng::new()))
     }
 
-    /// The endpoints this balancer chooses from, in rotation order.
-    pub fn endpoints(&self) -> &[EndpointAddr] {
-        &self.endpoints
+    fn new(
+        inputs: Inputs,
+        registry: &HealthRegistry,
+        previous: Option<&Balancer>,
+        rng: &mut fastrand::Rng,
+    ) -> Self {
+        let pins = previous.and_then(|p| p.pins.clone());
+        let mut order = inputs.endpoints.clone();
+        if matches!(inputs.scheduler, Scheduler::Rr | Scheduler::Random | Scheduler::Lc | Scheduler::P2c) {
+            rng.shuffle(&mut order);
+        }
+        let pins = match inputs.affinity {
+            Affinity::None => None,
+            Affinity::ClientIp { timeout } => Some(match pins {
+                Some(p) if p.timeout() == timeout => {
+                    p.retain(&order.iter().copied().collect::<HashSet<_>>());
+                    p
+                }
+                _ => Arc::new(Pins::new(timeout)),
+            }),
+        };
+        let maglev = (inputs.scheduler == Scheduler::Maglev)
+            .then(|| {
+                // After a removal, keep the survivors' slots (only the
+                // removed endpoints' clients move); otherwise build afresh.
+                let shrunk = previous.and_then(|p| Some((p.maglev.as_ref()?, &p.inputs.endpoints)));
+                shrunk.and_then(|(m, old)| m.shrink(old, &order)).or_else(|| Maglev::new(&order))
+            })
+            .flatten();
+        Self {
+            index: order.iter().enumerate().map(|(i, e)| (*e, i)).collect(),
+            endpoints: order.into_iter().map(|e| registry.state(e)).collect(),
+            inputs,
+            next: AtomicUsize::new(0),
+            pins,
+            maglev,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
 
-    /// The ordered candidates for one new connection from `client`.
-    pub fn pick(&self, _client: ClientAddr, _now: Instant) -> Candidates {
-        let n = self.endpoints.len();
-        if n == 0 {
-            return Candidates { start: 0, len: 0, taken: 0 };
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        Candidates { start, len: MAX_ATTEMPTS, taken: 0 }
+    /// The endpoints in rotation order.
+    pub fn endpoints(&self) -> impl Iterator<Item = EndpointAddr> + '_ {
+        self.endpoints.iter().map(|e| e.addr)
+    }
+
+    pub fn scheduler(&self) -> Scheduler {
+        self.inputs.scheduler
     }
 
     /// The endpoint a candidate index stands for.
     pub fn endpoint(&self, candidate: usize) -> Option<EndpointAddr> {
-        self.endpoints.get(candidate).copied()
+        self.endpoints.get(candidate).map(|e| e.addr)
     }
+
+    /// The ordered candidates for one new connection from `client`, at most
+    /// `attempts` of them.
+    pub fn pick(&self, client: ClientAddr, now: Instant, attempts: usize) -> Candidates {
+        let n = self.endpoints.len();
+        if n == 0 || attempts == 0 {
+            return Candidates::default();
+        }
+        let healthy = |i: usize| !self.endpoints[i].is_ejected(now);
+        let first = match &self.pins {
+            Some(pins) => pins
+                .pinned_or(
+                    client.0.ip(),
+                    now,
+                    |e| self.index.get(&e).is_some_and(|&i| healthy(i)),
+                    || self.endpoint(self.schedule(client.0.ip(), now)),
+                )
+                .and_then(|e| self.index.get(&e).copied())
+                .unwrap_or(0),
+            None => self.schedule(client.0.ip(), now),
+        };
+        let mut order: Vec<usize> = Vec::with_capacity(attempts.min(n));
+        order.push(first);
+        order.extend((1..n).map(|k| (first + k) % n).filter(|&i| healthy(i)).take(attempts - 1));
+        if order.len() == 1 && !healthy(first) {
+            // Nothing is healthy: try them all in rotation.
+            order.extend((1..n).map(|k| (first + k) % n).take(attempts - 1));
+        }
+        Candidates::cycled(&order, attempts.min(MAX_ATTEMPTS))
+    }
+
+    /// The scheduler's choice, moved on to the next healthy endpoint in
+    /// rotation if it is ejected (kept if none is healthy).
+    fn schedule(&self, client: IpAddr, now: Instant) -> usize {
+        let n = self.endpoints.len();
+        let active = |i: usize| self.endpoints[i].active();
+        let choice = match self.inputs.scheduler {
+            Scheduler::Rr => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            Scheduler::Random => fastrand::usize(..n),
+            Scheduler::Lc => {
+                // Ties go round robin, so equal loads still spread.
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|&i| !self.endpoints[i].is_ejected(now))
+                    .min_by_key(|&i| active(i))
+                    .unwrap_or(start)
+            }
+            Scheduler::P2c => {
+                let a = fastrand::usize(..n);
+                let b = if n > 1 { (a + 1 + fastrand::usize(..n - 1)) % n } else { a };
+                if active(b) < active(a) { b } else { a }
+            }
+            Scheduler::Sh => (hash_ip(client) % n as u64) as usize,
+            Scheduler::Maglev => self.maglev.as_ref().map_or(0, |m| m.lookup(hash_ip(client))),
+        };
+        (0..n).map(|k| (choice + k) % n).find(|&i| !self.endpoints[i].is_ejected(now)).unwrap_or(choice)
+    }
+
+    /// A connect to candidate `i` is about to start.
+    pub fn attempting(&self, i: usize) {
+        if let Some(e) = self.endpoints.get(i) {
+            e.attempted();
+        }
+    }
+
+    /// The connect to candidate `i` succeeded: it is healthy, holds one more
+    /// active connection, and (with affinity) becomes the client's pin.
+    pub fn connected(&self, client: ClientAddr, i: usize, now: Instant) {
+        let Some(e) = self.endpoints.get(i) else { return };
+        e.connected();
+        if let Some(pins) = &self.pins
+            && pins.get(client.0.ip(), now) != Some(e.addr)
+        {
+            pins.repin(client.0.ip(), e.addr, now);
+        }
+    }
+
+    /// The connect to candidate `i` failed: count it for passive health and
+    /// reset the client's pin if it pointed there. True if now ejected.
+    pub fn failed(&self, client: ClientAddr, i: usize, now: Instant) -> bool {
+        let Some(e) = self.endpoints.get(i) else { return false };
+        if let Some(pins) = &self.pins {
+            pins.unpin(client.0.ip(), e.addr);
+        }
+        e.failed(now)
+    }
+
+    /// A connection counted by [`Balancer::connected`] ended.
+    pub fn closed(&self, i: usize) {
+        if let Some(e) = self.endpoints.get(i) {
+            e.closed();
+        }
+    }
+
+    /// The client's live pin, if any.
+    pub fn pin(&self, client: IpAddr, now: Instant) -> Option<EndpointAddr> {
+        self.pins.as_ref().and_then(|p| p.get(client, now))
+    }
+
+    /// Rotation order with each endpoint's health, for `/debug/snapshot`.
+    pub fn view(&self, now: Instant) -> BalancerView {
+        BalancerView {
+            scheduler: self.inputs.scheduler,
+            pins: self.pins.as_ref().map_or(0, |p| p.len()),
+            endpoints: self.endpoints.iter().map(|e| (e.addr, e.view(now))).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BalancerView {
+    pub scheduler: Scheduler,
+    pub pins: usize,
+    pub endpoints: Vec<(EndpointAddr, HealthView)>,
 }
 
 /// The endpoints to try for one connection, best first. Holds indices into
 /// its [`Balancer`], so it is `Copy` and lives inside a connection's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Candidates {
-    start: usize,
-    len: usize,
-    taken: usize,
+    order: [u16; MAX_ATTEMPTS],
+    len: u8,
+    taken: u8,
 }
 
 impl Candidates {
+    /// `len` candidates cycling through `order` (which is non-empty).
+    fn cycled(order: &[usize], len: usize) -> Self {
+        let mut c = Candidates::default();
+        for (slot, i) in c.order.iter_mut().zip(order.iter().cycle()).take(len) {
+            *slot = u16::try_from(*i).unwrap_or(u16::MAX);
+        }
+        c.len = len as u8;
+        c
+    }
+
     /// The next endpoint to try, as an index for [`Balancer::endpoint`].
-    pub fn next_index(&mut self, balancer: &Balancer) -> Option<usize> {
+    pub fn next_index(&mut self) -> Option<usize> {
         if self.taken >= self.len {
             return None;
         }
-        let i = (self.start + self.taken) % balancer.endpoints.len();
         self.taken += 1;
-        Some(i)
+        Some(usize::from(self.order[usize::from(self.taken - 1)]))
     }
 
     /// How many candidates were handed out so far (the attempt number).
     pub fn attempts(&self) -> usize {
-        self.taken
+        usize::from(self.taken)
+    }
+}
+
+/// A stable 64-bit hash (FNV-1a with a splitmix64 finish): the same on
+/// every worker, every run and every build, unlike std's `RandomState`.
+pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// [`hash_bytes`] of a client address.
+pub fn hash_ip(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => hash_bytes(&v4.octets(), 0),
+        IpAddr::V6(v6) => hash_bytes(&v6.octets(), 0),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::Conditions;
-    use std::net::SocketAddr;
-
-    fn addr(port: u16) -> EndpointAddr {
-        EndpointAddr(SocketAddr::from(([127, 0, 0, 1], port)))
-    }
-
-    fn client() -> ClientAddr {
-        ClientAddr(SocketAddr::from(([127, 0, 0, 9], 40000)))
-    }
-
-    fn endpoint(port: u16, ready: bool, serving: bool, terminating: bool) -> Endpoint {
-        Endpoint {
-            addr: addr(port),
-            conditions: Conditions { ready, serving, terminating },
-            node_name: None,
-            zone: None,
-            hints_zones: vec![],
-            hints_nodes: vec![],
-        }
-    }
-
-    fn first(b: &Balancer) -> EndpointAddr {
-        let mut c = b.pick(client(), Instant::now());
-        b.endpoint(c.next_index(b).expect("a candidate")).expect("in range")
-    }
-
-    #[test]
-    fn three_endpoints_rotate_a_b_c_a() {
-        let b = Balancer::new(vec![addr(1), addr(2), addr(3)]);
-        let got: Vec<_> = (0..4).map(|_| first(&b)).collect();
-        assert_eq!(got, vec![addr(1), addr(2), addr(3), addr(1)]);
-    }
-
-    #[test]
-    fn single_endpoint_is_returned_every_time() {
-        let b = Balancer::new(vec![addr(7)]);
-        assert!((0..5).all(|_| first(&b) == addr(7)));
-    }
-
-    #[test]
-    fn empty_balancer_yields_no_candidate() {
-        let b = Balancer::new(vec![]);
-        assert_eq!(b.pick(client(), Instant::now()).next_index(&b), None);
-    }
-
-    fn all_candidates(b: &Balancer) -> Vec<usize> {
-        let mut c = b.pick(client(), Instant::now());
-        std::iter::from_fn(|| c.next_index(b)).collect()
-    }
-
-    #[test]
-    fn candidates_are_distinct_and_capped_at_max_attempts() {
-        let b = Balancer::new((1..=6).map(addr).collect());
-        let seen = all_candidates(&b);
-        assert_eq!(seen, vec![0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn fewer_endpoints_than_attempts_are_cycled() {
-        let b = Balancer::new(vec![addr(1), addr(2)]);
-        assert_eq!(all_candidates(&b), vec![0, 1, 0, 1]);
-        assert_eq!(all_candidates(&b), vec![1, 0, 1, 0]);
-    }
-
-    #[test]
-    fn ready_endpoints_win_over_terminating_ones() {
-        let eps = [endpoint(1, true, true, false), endpoint(2, false, true, true)];
-        assert_eq!(usable(&eps), vec![addr(1)]);
-    }
-
-    #[test]
-    fn serving_terminating_endpoints_are_used_when_none_is_ready() {
-        let eps = [endpoint(1, false, true, true), endpoint(2, false, false, true)];
-        assert_eq!(usable(&eps), vec![addr(1)]);
-    }
-}
+mod tests;

@@ -276,6 +276,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         external_policy: service.external_policy,
         internal_policy: service.internal_policy,
         distribution: service.distribution,
+        scheduler: service.scheduler,
         ringport_annotations: service.ringport_annotations.clone(),
         endpoints,
     }

@@ -153,6 +153,8 @@ fn write_location(
 /// (see [`ConfigError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigErrorKind {
+    #[error("{0}")]
+    UnknownScheduler(#[source] crate::model::UnknownScheduler),
     #[error("cannot read: {0}")]
     Io(#[source] io::Error),
     #[error("invalid YAML: {0}")]

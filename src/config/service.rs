@@ -20,12 +20,14 @@ use super::{
     port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, Origin, Protocol, ServiceName, ServicePortSpec, TargetPort, TrafficDistribution,
-    TrafficPolicy,
+    self, Affinity, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, TargetPort,
+    TrafficDistribution, TrafficPolicy,
 };
 
 /// Annotations under this prefix tune ringport per Service.
 const ANNOTATION_PREFIX: &str = "ringport.io/";
+/// `ringport.io/scheduler`: the service's endpoint scheduler.
+const SCHEDULER_ANNOTATION: &str = "scheduler";
 
 /// Validates one Service. `Ok(Conversion::Skipped(_))` for a headless or
 /// ExternalName Service; `Err` lists every problem found.
@@ -58,6 +60,11 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
     let internal_policy = policy(&mut diag, "spec.internalTrafficPolicy", &spec.internal_traffic_policy);
     let distribution = distribution(&mut diag, spec);
     let ringport_annotations = ringport_annotations(svc);
+    let scheduler =
+        ringport_annotations.iter().find(|(k, _)| k == SCHEDULER_ANNOTATION).and_then(|(_, v)| {
+            let field = || format!("metadata.annotations[\"{ANNOTATION_PREFIX}{SCHEDULER_ANNOTATION}\"]");
+            diag.check(field, v.parse::<Scheduler>().map_err(ConfigErrorKind::UnknownScheduler))
+        });
 
     // Each `None` above comes with a recorded error, so `finish` returns
     // `Err` whenever one of these placeholders was needed.
@@ -73,6 +80,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         external_policy: external_policy.unwrap_or_default(),
         internal_policy: internal_policy.unwrap_or_default(),
         distribution,
+        scheduler,
         ringport_annotations,
     };
     diag.finish(service)

@@ -20,12 +20,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::relay::{Half, Pool, RelayError, Wait};
-use crate::balance::Candidates;
+use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
 
@@ -101,7 +101,14 @@ pub struct Conn {
     pub client_addr: ClientAddr,
     pub upstream: Option<OwnedFd>,
     pub port: Arc<PortState>,
-    pub candidates: Candidates,
+    /// The balancer of the listener's traffic scope.
+    balancer: Arc<Balancer>,
+    candidates: Candidates,
+    /// The candidate being tried, or connected to.
+    current: Option<usize>,
+    /// Whether `current` counts this connection as active.
+    counted: bool,
+    last_error: Option<io::Error>,
     pub endpoint: Option<EndpointAddr>,
     pub phase: Phase,
     /// Polls in flight, one bit per [`Op`].
@@ -126,6 +133,7 @@ impl Conn {
         client: OwnedFd,
         client_addr: ClientAddr,
         port: Arc<PortState>,
+        balancer: Arc<Balancer>,
         candidates: Candidates,
     ) -> Self {
         Self {
@@ -133,7 +141,11 @@ impl Conn {
             client_addr,
             upstream: None,
             port,
+            balancer,
             candidates,
+            current: None,
+            counted: false,
+            last_error: None,
             endpoint: None,
             phase: Phase::Connecting,
             armed: 0,
@@ -170,21 +182,21 @@ impl Conn {
         self.armed != 0 || self.timeouts != 0
     }
 
-    /// Start a non-blocking connect to the next candidate, skipping those
-    /// that fail at once. `last` is the failure that led here, if any.
-    pub fn dial_next(&mut self, mut last: Option<io::Error>) -> Dial {
+    /// Start a non-blocking connect to the next candidate, skipping (and
+    /// recording) those that fail at once.
+    pub fn dial_next(&mut self, now: Instant) -> Dial {
         self.upstream = None;
         loop {
-            let Some(i) = self.candidates.next_index(&self.port.balancer) else {
-                return Dial::Exhausted(match (self.endpoint, last) {
+            let Some(i) = self.candidates.next_index() else {
+                return Dial::Exhausted(match (self.endpoint, self.last_error.take()) {
                     (Some(endpoint), Some(source)) => ConnError::ConnectFailed { endpoint, source },
                     _ => ConnError::NoEndpoint,
                 });
             };
-            let Some(endpoint) = self.port.balancer.endpoint(i) else {
-                continue;
-            };
+            let Some(endpoint) = self.balancer.endpoint(i) else { continue };
+            self.current = Some(i);
             self.endpoint = Some(endpoint);
+            self.balancer.attempting(i);
             match start_connect(endpoint.0) {
                 Ok((socket, done)) => {
                     self.upstream = Some(socket);
@@ -194,11 +206,34 @@ impl Conn {
                         Dial::InProgress { attempt: self.candidates.attempts() - 1 }
                     };
                 }
-                Err(e) => {
-                    tracing::debug!(endpoint = %endpoint, error = %e, "connect failed at once");
-                    last = Some(e);
-                }
+                Err(e) => self.attempt_failed(e, now),
             }
+        }
+    }
+
+    /// The current attempt failed: passive health and affinity hear of it.
+    pub fn attempt_failed(&mut self, error: io::Error, now: Instant) {
+        if let Some(i) = self.current.take() {
+            tracing::debug!(service = %self.port.spec.name, endpoint = ?self.endpoint, error = %error, "connect failed");
+            if self.balancer.failed(self.client_addr, i, now) {
+                tracing::warn!(service = %self.port.spec.name, endpoint = ?self.endpoint, "endpoint ejected after consecutive connect failures");
+            }
+        }
+        self.last_error = Some(error);
+    }
+
+    /// The current attempt connected: it counts as active until release.
+    pub fn attempt_succeeded(&mut self, now: Instant) {
+        if let Some(i) = self.current {
+            self.balancer.connected(self.client_addr, i, now);
+            self.counted = true;
+        }
+    }
+
+    /// The connection is gone: stop counting it as active.
+    pub fn release(&mut self) {
+        if let (true, Some(i)) = (std::mem::take(&mut self.counted), self.current) {
+            self.balancer.closed(i);
         }
     }
 
@@ -255,6 +290,12 @@ impl Conn {
     /// Bytes delivered each way: (to the endpoint, to the client).
     pub fn delivered(&self) -> (u64, u64) {
         (self.halves[0].delivered, self.halves[1].delivered)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -29,7 +29,7 @@ use socket2::{Domain, Socket, Type};
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
 /// Backlog of every listening socket (the kernel caps it at somaxconn).
-const BACKLOG: i32 = 4096;
+pub const BACKLOG: i32 = 4096;
 
 /// What a listener is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -297,25 +297,36 @@ pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenR
 }
 
 /// `n` listening sockets on one address, sharing it through SO_REUSEPORT.
-/// A port of 0 is chosen by the kernel for the first and reused by the rest.
+/// A port of 0 is chosen by the kernel through a probe socket, and every
+/// listener then binds that port explicitly: a socket bound to port 0 would
+/// lose its port when paused (`shutdown`) and resumed (`listen`).
 fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
-    let mut sockets: Vec<Socket> = Vec::with_capacity(n);
-    let mut addr = addr;
-    for _ in 0..n.max(1) {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    let socket = |addr: SocketAddr| -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
         if addr.is_ipv6() {
-            socket.set_only_v6(true)?;
+            s.set_only_v6(true)?;
         }
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(BACKLOG)?;
-        if addr.port() == 0 {
-            addr = socket.local_addr()?.as_socket().unwrap_or(addr);
-        }
-        sockets.push(socket);
-    }
-    Ok(sockets)
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    let mut addr = addr;
+    // Held until every listener is bound, so nobody else takes the port.
+    let _probe = if addr.port() == 0 {
+        let probe = socket(addr)?;
+        addr = probe.local_addr()?.as_socket().unwrap_or(addr);
+        Some(probe)
+    } else {
+        None
+    };
+    (0..n.max(1))
+        .map(|_| {
+            let s = socket(addr)?;
+            s.listen(BACKLOG)?;
+            Ok(s)
+        })
+        .collect()
 }
 
 #[cfg(test)]

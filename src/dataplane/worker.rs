@@ -25,7 +25,7 @@ use slab::Slab;
 use socket2::SockRef;
 
 use super::conn::{Conn, Dial, Dir, Op, Phase};
-use super::listen::ListenerId;
+use super::listen::{self, ListenRole, ListenerId};
 use super::relay::{Pool, Wait};
 use super::{Shared, WorkerConfig, sys};
 use crate::model::ClientAddr;
@@ -78,9 +78,15 @@ fn op_index(op: Op) -> u64 {
 /// A listening socket this worker accepts on.
 struct Accepting {
     id: ListenerId,
+    role: ListenRole,
     /// `None` once the listener left the snapshot: its accept is being
     /// cancelled, and the slot is freed when that completes.
     fd: Option<OwnedFd>,
+    /// Not listening, because its service port has no usable endpoint:
+    /// the kernel refuses connections at once, and the port stays bound.
+    paused: bool,
+    /// A multishot accept is in flight.
+    armed: bool,
 }
 
 /// Delay before re-arming an accept that failed for lack of fds.
@@ -198,42 +204,91 @@ impl Worker {
         unsafe { sys::push(&mut self.ring, &entry) }
     }
 
-    /// Bring this worker's accepting sockets in line with the snapshot.
+    /// Bring this worker's accepting sockets in line with the snapshot:
+    /// take new listeners, drop those that left, and pause (resume) those
+    /// whose service port has no (again has a) usable endpoint.
     fn reconcile(&mut self) -> io::Result<()> {
         if self.shared.stop.load(Ordering::Acquire) && !self.stopping {
             self.begin_stop()?;
         }
         let snapshot = self.shared.snapshot.load_full();
-        let wanted: Vec<_> = if self.stopping { Vec::new() } else { snapshot.listeners.clone() };
-        let keep: std::collections::HashSet<ListenerId> = wanted.iter().map(|l| l.id).collect();
-        let gone: Vec<usize> = self
-            .listeners
-            .iter()
-            .filter(|(_, a)| a.fd.is_some() && !keep.contains(&a.id))
-            .map(|(slot, _)| slot)
-            .collect();
-        for slot in gone {
-            self.listeners[slot].fd = None;
-            self.cancel(Token::Accept(slot))?;
+        let wanted: HashMap<ListenerId, bool> = if self.stopping {
+            HashMap::new()
+        } else {
+            let serving = |id| snapshot.route(id).is_some_and(|r| !r.balancer.is_empty());
+            snapshot.listeners.iter().map(|l| (l.id, serving(l.id))).collect()
+        };
+        let slots: Vec<usize> = self.listeners.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            let a = &mut self.listeners[slot];
+            let Some(fd) = a.fd.as_ref() else { continue };
+            match wanted.get(&a.id) {
+                None => {
+                    a.fd = None;
+                    if a.armed {
+                        self.cancel(Token::Accept(slot))?;
+                    } else {
+                        self.forget_listener(slot)?;
+                    }
+                }
+                Some(false) if !a.paused => {
+                    // shutdown(SHUT_RD) stops a listening socket but keeps
+                    // its port; listen() later resumes it on the same port.
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Read);
+                    a.paused = true;
+                    if a.armed {
+                        self.cancel(Token::Accept(slot))?;
+                    }
+                }
+                Some(true) if a.paused => {
+                    if let Err(e) = SockRef::from(fd).listen(listen::BACKLOG) {
+                        tracing::error!(worker = self.index, error = %e, "cannot resume listening");
+                        continue;
+                    }
+                    a.paused = false;
+                    if !a.armed {
+                        self.arm_accept(slot)?;
+                    }
+                }
+                Some(_) => {}
+            }
         }
-        for listener in wanted {
+        for listener in &snapshot.listeners {
+            let Some(&serving) = wanted.get(&listener.id) else { continue };
             if self.by_id.contains_key(&listener.id) {
                 continue;
             }
             if let Some(fd) = listener.take_socket(self.index) {
-                let slot = self.listeners.insert(Accepting { id: listener.id, fd: Some(fd) });
+                if !serving {
+                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
+                }
+                let a = Accepting {
+                    id: listener.id,
+                    role: listener.key.role,
+                    fd: Some(fd),
+                    paused: !serving,
+                    armed: false,
+                };
+                let slot = self.listeners.insert(a);
                 self.by_id.insert(listener.id, slot);
-                self.arm_accept(slot)?;
+                if serving {
+                    self.arm_accept(slot)?;
+                }
             }
         }
         Ok(())
     }
 
     fn arm_accept(&mut self, slot: usize) -> io::Result<()> {
-        let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else {
+        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
+        let Some(fd) = a.fd.as_ref().map(|fd| fd.as_raw_fd()) else {
             return self.forget_listener(slot);
         };
-        let entry = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
+        if a.paused {
+            return Ok(());
+        }
+        a.armed = true;
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(Token::Accept(slot).encode());
@@ -249,7 +304,11 @@ impl Worker {
     }
 
     fn on_accept(&mut self, slot: usize, result: i32, more: bool) -> io::Result<()> {
-        let open = self.listeners.get(slot).is_some_and(|a| a.fd.is_some());
+        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
+        let open = a.fd.is_some() && !a.paused;
+        if !more {
+            a.armed = false;
+        }
         if result >= 0 {
             // SAFETY: a successful accept returns a new fd that nothing else owns.
             let client = unsafe { OwnedFd::from_raw_fd(result) };
@@ -267,40 +326,51 @@ impl Worker {
                 return unsafe { sys::push(&mut self.ring, &entry) };
             }
         }
-        match (more, open) {
-            (true, _) => Ok(()),
-            (false, true) => self.arm_accept(slot),
-            (false, false) => self.forget_listener(slot),
+        if more {
+            return Ok(());
+        }
+        match self.listeners.get(slot) {
+            Some(a) if a.fd.is_none() => self.forget_listener(slot),
+            Some(a) if !a.paused => self.arm_accept(slot),
+            _ => Ok(()),
         }
     }
 
     // ---- connections -----------------------------------------------------
 
     fn on_client(&mut self, slot: usize, client: OwnedFd) -> io::Result<()> {
-        let Some(listener) = self.listeners.get(slot).map(|a| a.id) else {
-            return Ok(());
-        };
+        let Some((listener, role)) = self.listeners.get(slot).map(|a| (a.id, a.role)) else { return Ok(()) };
         let sock = SockRef::from(&client);
         let Some(peer) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
             return Ok(()); // the client is already gone
         };
         let _ = sock.set_tcp_nodelay(true);
         let snapshot = self.shared.snapshot.load();
-        let Some(port) = snapshot.route(listener).cloned() else {
+        let Some(route) = snapshot.route(listener) else {
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         };
+        let ranges = &route.port.spec.load_balancer_source_ranges;
+        if matches!(role, ListenRole::LoadBalancer(_))
+            && !ranges.is_empty()
+            && !ranges.iter().any(|r| r.contains(&peer.ip()))
+        {
+            tracing::debug!(service = %route.port.spec.name, client = %peer, "client outside loadBalancerSourceRanges");
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return Ok(());
+        }
         let client_addr = ClientAddr(peer);
-        let candidates = port.balancer.pick(client_addr, Instant::now());
-        let key = self.conns.insert(Conn::new(client, client_addr, port, candidates));
-        self.dial(key, None)
+        let now = Instant::now();
+        let candidates = route.balancer.pick(client_addr, now, self.connect_timeouts.len());
+        let conn =
+            Conn::new(client, client_addr, Arc::clone(route.port), Arc::clone(route.balancer), candidates);
+        let key = self.conns.insert(conn);
+        self.dial(key, now)
     }
 
-    fn dial(&mut self, key: usize, last: Option<io::Error>) -> io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Ok(());
-        };
-        match conn.dial_next(last) {
+    fn dial(&mut self, key: usize, now: Instant) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        match conn.dial_next(now) {
             Dial::Connected => self.start_relay(key),
             Dial::InProgress { attempt } => {
                 let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
@@ -342,11 +412,12 @@ impl Worker {
                 } else {
                     conn.connect_result()
                 };
+                let now = Instant::now();
                 match outcome {
                     Ok(()) => self.start_relay(key),
                     Err(e) => {
-                        tracing::debug!(endpoint = ?conn.endpoint, error = %e, "connect failed");
-                        self.dial(key, Some(e))
+                        conn.attempt_failed(e, now);
+                        self.dial(key, now)
                     }
                 }
             }
@@ -357,6 +428,7 @@ impl Worker {
     fn start_relay(&mut self, key: usize) -> io::Result<()> {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.phase = Phase::Relaying;
+            conn.attempt_succeeded(Instant::now());
         }
         self.pump(key, Dir::Up)?;
         self.pump(key, Dir::Down)

@@ -1,0 +1,259 @@
+//! Passive health and load of each endpoint, shared by every worker and
+//! every snapshot.
+//!
+//! An endpoint that fails `failures` consecutive connects is ejected for a
+//! back-off that doubles with each ejection (1 s, 2 s, ... capped at 30 s by
+//! default). It is readmitted when the back-off ends, on probation: until a
+//! connect to it succeeds, a single failure ejects it again (so a dead
+//! endpoint costs one attempt per back-off, not `failures`). A successful
+//! connect readmits it at once and resets the back-off. Ejection only ever
+//! reorders candidates: when every endpoint is ejected, all are tried
+//! (health alone never fails a service closed).
+//!
+//! Invariants:
+//! - One [`EndpointState`] per endpoint address for the whole process
+//!   (through [`HealthRegistry`]), so ejection and active-connection counts
+//!   survive reloads and are the same for every worker.
+//! - Everything mutable is atomic: workers never block each other here.
+//! - Time is passed in; nothing here reads a clock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::model::EndpointAddr;
+
+/// When to eject an endpoint, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Consecutive connect failures that eject an endpoint (0: never eject).
+    pub failures: u32,
+    /// The first ejection's length; each further one doubles it.
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self { failures: 3, base: Duration::from_secs(1), max: Duration::from_secs(30) }
+    }
+}
+
+/// Health and load of one endpoint address.
+#[derive(Debug)]
+pub struct EndpointState {
+    pub addr: EndpointAddr,
+    epoch: Instant,
+    policy: HealthPolicy,
+    /// Consecutive failures since the last success or ejection.
+    failures: AtomicU32,
+    /// Ejections since the last success (sets the back-off).
+    ejections: AtomicU32,
+    /// Nanoseconds after `epoch` until which the endpoint is skipped.
+    ejected_until: AtomicU64,
+    /// Connections to it open right now, over all workers.
+    active: AtomicU32,
+    attempts: AtomicU64,
+    failures_total: AtomicU64,
+}
+
+/// A point-in-time view, for `/debug/snapshot` and tests.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HealthView {
+    pub ejected: bool,
+    pub consecutive_failures: u32,
+    pub ejections: u32,
+    pub active: u32,
+    pub attempts: u64,
+    pub failures: u64,
+}
+
+impl EndpointState {
+    fn new(addr: EndpointAddr, epoch: Instant, policy: HealthPolicy) -> Self {
+        Self {
+            addr,
+            epoch,
+            policy,
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            active: AtomicU32::new(0),
+            attempts: AtomicU64::new(0),
+            failures_total: AtomicU64::new(0),
+        }
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.nanos(now) < self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// A connect to this endpoint is about to be tried.
+    pub fn attempted(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connect succeeded: readmit at once, forget past failures, and count
+    /// the connection as active until [`EndpointState::closed`].
+    pub fn connected(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection counted by [`EndpointState::connected`] ended.
+    pub fn closed(&self) {
+        // Saturating: a count can never go below zero, even if misused.
+        let _ = self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// A connect failed (refused, reset or timed out). True when this
+    /// failure ejected the endpoint.
+    pub fn failed(&self, now: Instant) -> bool {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        // Readmitted after an ejection but not yet proven by a success, one
+        // failure is enough to eject again (a half-open probe).
+        let on_probation = self.ejections.load(Ordering::Relaxed) > 0;
+        let threshold = if on_probation { 1 } else { self.policy.failures };
+        if self.policy.failures == 0 || failures < threshold {
+            return false;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let ejections = self.ejections.fetch_add(1, Ordering::Relaxed);
+        let backoff = self.policy.base.saturating_mul(1u32 << ejections.min(16)).min(self.policy.max);
+        let until = self.nanos(now).saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
+        self.ejected_until.store(until, Ordering::Relaxed);
+        true
+    }
+
+    pub fn view(&self, now: Instant) -> HealthView {
+        HealthView {
+            ejected: self.is_ejected(now),
+            consecutive_failures: self.failures.load(Ordering::Relaxed),
+            ejections: self.ejections.load(Ordering::Relaxed),
+            active: self.active(),
+            attempts: self.attempts.load(Ordering::Relaxed),
+            failures: self.failures_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Hands out the one [`EndpointState`] of each address. Held by the control
+/// plane; balancers hold the states themselves.
+#[derive(Debug)]
+pub struct HealthRegistry {
+    epoch: Instant,
+    policy: HealthPolicy,
+    states: Mutex<HashMap<EndpointAddr, Weak<EndpointState>>>,
+}
+
+impl HealthRegistry {
+    pub fn new(policy: HealthPolicy, epoch: Instant) -> Self {
+        Self { epoch, policy, states: Mutex::new(HashMap::new()) }
+    }
+
+    /// The state of `addr`: the existing one while any balancer holds it.
+    pub fn state(&self, addr: EndpointAddr) -> Arc<EndpointState> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = states.get(&addr).and_then(Weak::upgrade) {
+            return state;
+        }
+        let state = Arc::new(EndpointState::new(addr, self.epoch, self.policy));
+        states.insert(addr, Arc::downgrade(&state));
+        state
+    }
+
+    /// Forget addresses no balancer holds any more.
+    pub fn prune(&self) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.retain(|_, s| s.strong_count() > 0);
+    }
+}
+
+impl Default for HealthRegistry {
+    fn default() -> Self {
+        Self::new(HealthPolicy::default(), Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn state(t0: Instant) -> Arc<EndpointState> {
+        let registry = HealthRegistry::new(HealthPolicy::default(), t0);
+        registry.state(EndpointAddr(SocketAddr::from(([127, 0, 0, 1], 80))))
+    }
+
+    #[test]
+    fn three_consecutive_failures_eject_for_a_doubling_backoff() {
+        let t0 = Instant::now();
+        let s = state(t0);
+        assert!(!s.failed(t0));
+        assert!(!s.failed(t0));
+        assert!(s.failed(t0), "the third failure ejects");
+        assert!(s.is_ejected(t0 + Duration::from_millis(999)));
+        assert!(!s.is_ejected(t0 + Duration::from_millis(1001)), "readmitted after 1 s");
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(s.failed(t1), "on probation, one failure ejects again");
+        assert!(s.is_ejected(t1 + Duration::from_millis(1999)), "second ejection lasts 2 s");
+        assert!(!s.is_ejected(t1 + Duration::from_millis(2001)));
+    }
+
+    #[test]
+    fn backoff_is_capped_at_30_seconds() {
+        let t0 = Instant::now();
+        let s = state(t0);
+        let mut t = t0;
+        for _ in 0..10 {
+            for _ in 0..3 {
+                s.failed(t);
+            }
+            t += Duration::from_secs(60);
+        }
+        let last = t - Duration::from_secs(60);
+        assert!(s.is_ejected(last + Duration::from_secs(29)));
+        assert!(!s.is_ejected(last + Duration::from_millis(30_001)));
+    }
+
+    #[test]
+    fn a_success_readmits_at_once_and_resets_the_backoff() {
+        let t0 = Instant::now();
+        let s = state(t0);
+        for _ in 0..3 {
+            s.failed(t0);
+        }
+        assert!(s.is_ejected(t0));
+        s.connected();
+        assert!(!s.is_ejected(t0));
+        assert_eq!(s.view(t0).ejections, 0);
+        assert_eq!(s.active(), 1);
+        s.closed();
+        s.closed();
+        assert_eq!(s.active(), 0, "never below zero");
+    }
+
+    #[test]
+    fn one_state_per_address_while_held() {
+        let registry = HealthRegistry::default();
+        let addr = EndpointAddr(SocketAddr::from(([127, 0, 0, 1], 80)));
+        let a = registry.state(addr);
+        assert!(Arc::ptr_eq(&a, &registry.state(addr)));
+        drop(a);
+        registry.prune();
+        assert!(registry.states.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,420 @@
+//! The selection module's tests: kube-proxy userspace mode's own scenarios
+//! (`USERSPACE-SEMANTICS.md`), each scheduler, pin expiry on a fake clock,
+//! and seeded random simulations that check invariants after every step.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::model::{Conditions, Endpoint, Origin, Protocol, ServiceName, ServicePortName};
+
+fn ep(n: u8) -> EndpointAddr {
+    EndpointAddr(SocketAddr::from(([10, 0, 0, n], 80)))
+}
+
+fn client(n: u8) -> ClientAddr {
+    ClientAddr(SocketAddr::from(([127, 0, 1, n], 40_000)))
+}
+
+fn inputs(eps: &[u8], scheduler: Scheduler, affinity: Affinity) -> Inputs {
+    let mut endpoints: Vec<_> = eps.iter().map(|n| ep(*n)).collect();
+    endpoints.sort();
+    Inputs { endpoints, scheduler, affinity }
+}
+
+/// A balancer shuffled with a fixed seed.
+fn seeded(i: Inputs, registry: &HealthRegistry, previous: Option<&Balancer>, seed: u64) -> Balancer {
+    Balancer::new(i, registry, previous, &mut fastrand::Rng::with_seed(seed))
+}
+
+fn rr(eps: &[u8]) -> Balancer {
+    seeded(inputs(eps, Scheduler::Rr, Affinity::None), &HealthRegistry::default(), None, 7)
+}
+
+fn sticky(eps: &[u8], registry: &HealthRegistry, previous: Option<&Balancer>) -> Balancer {
+    let affinity = Affinity::ClientIp { timeout: Affinity::DEFAULT_TIMEOUT };
+    seeded(inputs(eps, Scheduler::Rr, affinity), registry, previous, 11)
+}
+
+/// Pick, connect to the first candidate, and return it.
+fn next(b: &Balancer, c: ClientAddr, now: Instant) -> Option<EndpointAddr> {
+    let i = b.pick(c, now, 4).next_index()?;
+    b.connected(c, i, now);
+    b.endpoint(i)
+}
+
+// ---- the userspace scenarios --------------------------------------------
+
+#[test]
+fn no_endpoints_yield_no_candidate() {
+    let b = rr(&[]);
+    assert_eq!(b.pick(client(1), Instant::now(), 4).next_index(), None);
+}
+
+#[test]
+fn single_endpoint_is_returned_every_time() {
+    let b = rr(&[1]);
+    let now = Instant::now();
+    assert!((0..5).all(|_| next(&b, client(1), now) == Some(ep(1))));
+}
+
+#[test]
+fn three_endpoints_rotate_each_once_then_repeat() {
+    let b = rr(&[1, 2, 3]);
+    let now = Instant::now();
+    let got: Vec<_> = (0..6).filter_map(|_| next(&b, client(1), now)).collect();
+    assert_eq!(got.iter().take(3).collect::<HashSet<_>>().len(), 3, "{got:?}");
+    assert_eq!(got[..3], got[3..], "the rotation repeats in the same order");
+}
+
+#[test]
+fn two_ports_of_one_service_rotate_independently() {
+    let (http, admin) = (rr(&[1, 2, 3]), rr(&[1, 2, 3]));
+    let now = Instant::now();
+    let first_admin = next(&admin, client(1), now);
+    for _ in 0..5 {
+        next(&http, client(1), now);
+    }
+    assert_eq!(next(&rr(&[1, 2, 3]), client(1), now), first_admin, "same seed, untouched by http's picks");
+}
+
+#[test]
+fn replacing_the_endpoint_set_restarts_the_rotation() {
+    let registry = HealthRegistry::default();
+    let old = seeded(inputs(&[1, 2, 3], Scheduler::Rr, Affinity::None), &registry, None, 3);
+    let now = Instant::now();
+    next(&old, client(1), now);
+    let new = seeded(inputs(&[4, 5, 6], Scheduler::Rr, Affinity::None), &registry, Some(&old), 3);
+    let first = new.endpoints[0].addr;
+    assert_eq!(next(&new, client(1), now), Some(first), "index restarts at 0");
+    let empty = seeded(inputs(&[], Scheduler::Rr, Affinity::None), &registry, Some(&new), 3);
+    assert_eq!(empty.pick(client(1), now, 4).next_index(), None);
+}
+
+#[test]
+fn affinity_keeps_each_of_three_clients_on_its_endpoint_across_interleaved_calls() {
+    let registry = HealthRegistry::default();
+    let b = sticky(&[1, 2, 3], &registry, None);
+    let now = Instant::now();
+    let first: Vec<_> = (1..=3).map(|c| next(&b, client(c), now)).collect();
+    assert_eq!(first.iter().collect::<HashSet<_>>().len(), 3, "new clients take the next endpoints");
+    for round in 0..5 {
+        for c in 1..=3u8 {
+            let t = now + Duration::from_secs(round);
+            assert_eq!(next(&b, client(c), t), first[usize::from(c) - 1]);
+        }
+    }
+}
+
+#[test]
+fn affinity_repins_only_the_client_of_a_removed_endpoint_and_survives_additions() {
+    let registry = HealthRegistry::default();
+    let b = sticky(&[1, 2, 3], &registry, None);
+    let now = Instant::now();
+    let pins: Vec<_> = (1..=3).map(|c| next(&b, client(c), now).unwrap()).collect();
+    // Remove the endpoint client 1 is pinned to.
+    let remaining: Vec<u8> = [1, 2, 3].into_iter().filter(|n| ep(*n) != pins[0]).collect();
+    let b2 = sticky(&remaining, &registry, Some(&b));
+    assert_eq!(b2.pin(client(1).0.ip(), now), None, "the pin to the removed endpoint is dropped");
+    assert_eq!(next(&b2, client(2), now), Some(pins[1]));
+    assert_eq!(next(&b2, client(3), now), Some(pins[2]));
+    assert!(next(&b2, client(1), now).is_some_and(|e| e != pins[0]));
+    // Add an endpoint: every pin survives.
+    let mut more = remaining.clone();
+    more.push(9);
+    let b3 = sticky(&more, &registry, Some(&b2));
+    assert_eq!(next(&b3, client(2), now), Some(pins[1]));
+    assert_eq!(next(&b3, client(3), now), Some(pins[2]));
+}
+
+#[test]
+fn affinity_after_a_full_replacement_repins_in_rotation_from_the_start() {
+    let registry = HealthRegistry::default();
+    let b = sticky(&[1, 2, 3], &registry, None);
+    let now = Instant::now();
+    for c in 1..=3 {
+        next(&b, client(c), now);
+    }
+    let b2 = sticky(&[4, 5, 6], &registry, Some(&b));
+    let rotation: Vec<_> = b2.endpoints().collect();
+    let got: Vec<_> = (1..=3).filter_map(|c| next(&b2, client(c), now)).collect();
+    assert_eq!(got, rotation, "clients take the new endpoints in rotation order from index 0");
+    let empty = sticky(&[], &registry, Some(&b2));
+    assert_eq!(empty.pick(client(1), now, 4).next_index(), None);
+}
+
+#[test]
+fn a_failure_bypasses_the_pin_and_the_next_candidate_becomes_the_pin() {
+    let registry = HealthRegistry::default();
+    let b = sticky(&[1, 2, 3], &registry, None);
+    let now = Instant::now();
+    let pinned = next(&b, client(1), now).unwrap();
+    let mut c = b.pick(client(1), now, 4);
+    let first = c.next_index().unwrap();
+    assert_eq!(b.endpoint(first), Some(pinned));
+    b.failed(client(1), first, now);
+    let second = c.next_index().unwrap();
+    assert_ne!(b.endpoint(second), Some(pinned), "the retry goes elsewhere");
+    b.connected(client(1), second, now);
+    assert_eq!(b.pin(client(1).0.ip(), now), b.endpoint(second), "the pin is overwritten");
+}
+
+#[test]
+fn pins_slide_and_expire_on_a_fake_clock() {
+    let registry = HealthRegistry::default();
+    let two = Affinity::ClientIp { timeout: Duration::from_secs(2) };
+    let b = seeded(inputs(&[1, 2, 3], Scheduler::Rr, two), &registry, None, 5);
+    let t0 = Instant::now();
+    let pinned = next(&b, client(1), t0);
+    // Used every 1.5 s: the window slides, the pin holds past 2 s.
+    for k in 1..=4u64 {
+        assert_eq!(next(&b, client(1), t0 + Duration::from_millis(1500 * k)), pinned);
+    }
+    let idle = t0 + Duration::from_millis(6000 + 3000);
+    assert_eq!(b.pin(client(1).0.ip(), idle), None, "3 s idle > 2 s timeout: the pin is gone");
+    // Another client moved the rotation on, so re-pinning picks afresh.
+    next(&b, client(2), idle);
+    assert!(next(&b, client(1), idle).is_some());
+}
+
+// ---- schedulers --------------------------------------------------------
+
+#[test]
+fn least_connections_prefers_the_emptiest_endpoint() {
+    let registry = HealthRegistry::default();
+    let b = seeded(inputs(&[1, 2, 3], Scheduler::Lc, Affinity::None), &registry, None, 1);
+    let now = Instant::now();
+    // Load endpoints 0 and 1 of the rotation with two connections each.
+    for i in [0, 0, 1, 1] {
+        b.connected(client(9), i, now);
+    }
+    for _ in 0..5 {
+        assert_eq!(b.pick(client(1), now, 4).next_index(), Some(2));
+    }
+    b.closed(0);
+    b.closed(0);
+    b.connected(client(9), 2, now);
+    assert_eq!(b.pick(client(1), now, 4).next_index(), Some(0), "now endpoint 0 is the emptiest");
+}
+
+#[test]
+fn p2c_never_picks_the_busier_of_two_when_one_is_idle() {
+    let registry = HealthRegistry::default();
+    let b = seeded(inputs(&[1, 2], Scheduler::P2c, Affinity::None), &registry, None, 1);
+    let now = Instant::now();
+    b.connected(client(9), 0, now);
+    assert!((0..50).all(|_| b.pick(client(1), now, 4).next_index() == Some(1)));
+}
+
+#[test]
+fn source_hash_and_maglev_keep_a_client_on_one_endpoint_across_rebuilds() {
+    for scheduler in [Scheduler::Sh, Scheduler::Maglev] {
+        let registry = HealthRegistry::default();
+        let now = Instant::now();
+        let a = seeded(inputs(&[1, 2, 3, 4], scheduler, Affinity::None), &registry, None, 1);
+        let b = seeded(inputs(&[1, 2, 3, 4], scheduler, Affinity::None), &registry, None, 99);
+        let mut spread = HashSet::new();
+        for c in 1..=40 {
+            let x = next(&a, client(c), now);
+            assert_eq!(x, next(&a, client(c), now), "{scheduler}: stable");
+            assert_eq!(x, next(&b, client(c), now), "{scheduler}: independent of the shuffle seed");
+            spread.insert(x);
+        }
+        assert!(spread.len() > 1, "{scheduler}: clients spread over endpoints");
+    }
+}
+
+#[test]
+fn maglev_removing_one_of_five_moves_only_its_clients() {
+    let registry = HealthRegistry::default();
+    let now = Instant::now();
+    let before = seeded(inputs(&[1, 2, 3, 4, 5], Scheduler::Maglev, Affinity::None), &registry, None, 1);
+    let after = seeded(inputs(&[1, 2, 4, 5], Scheduler::Maglev, Affinity::None), &registry, Some(&before), 1);
+    let mut moved = 0;
+    for c in 0..=255u8 {
+        let (x, y) = (next(&before, client(c), now), next(&after, client(c), now));
+        if x != y {
+            assert_eq!(x, Some(ep(3)), "client {c} moved although its endpoint stayed");
+            moved += 1;
+        }
+    }
+    assert!((30..=80).contains(&moved), "about 1/5 of 256 clients moved: {moved}");
+}
+
+// ---- passive health ----------------------------------------------------
+
+#[test]
+fn an_ejected_endpoint_is_skipped_until_its_backoff_ends() {
+    let registry = HealthRegistry::default();
+    let b = seeded(inputs(&[1, 2, 3], Scheduler::Rr, Affinity::None), &registry, None, 2);
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        b.failed(client(1), 0, t0);
+    }
+    let firsts: HashSet<_> = (0..30).filter_map(|_| b.pick(client(1), t0, 4).next_index()).collect();
+    assert!(!firsts.contains(&0), "ejected: never first");
+    let mut c = b.pick(client(1), t0, 4);
+    assert!(std::iter::from_fn(|| c.next_index()).all(|i| i != 0), "nor a retry");
+    let later = t0 + Duration::from_millis(1100);
+    let firsts: HashSet<_> = (0..30).filter_map(|_| b.pick(client(1), later, 4).next_index()).collect();
+    assert!(firsts.contains(&0), "readmitted after 1 s");
+}
+
+#[test]
+fn when_every_endpoint_is_ejected_all_are_tried() {
+    let registry = HealthRegistry::default();
+    let b = seeded(inputs(&[1, 2, 3], Scheduler::Rr, Affinity::None), &registry, None, 2);
+    let t0 = Instant::now();
+    for i in 0..3 {
+        for _ in 0..3 {
+            b.failed(client(1), i, t0);
+        }
+    }
+    let mut c = b.pick(client(1), t0, 4);
+    let tried: HashSet<_> = std::iter::from_fn(|| c.next_index()).collect();
+    assert_eq!(tried.len(), 3);
+}
+
+// ---- the builder and eligibility ----------------------------------------
+
+fn port(eps: &[(u8, bool)]) -> ServicePort {
+    let name = ServicePortName { service: ServiceName::new("default", "s"), port: String::new() };
+    let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+    sp.endpoints = eps
+        .iter()
+        .map(|&(n, ready)| Endpoint {
+            addr: ep(n),
+            conditions: Conditions { ready, serving: ready, terminating: false },
+            node_name: None,
+            zone: None,
+            hints_zones: vec![],
+            hints_nodes: vec![],
+        })
+        .collect();
+    sp
+}
+
+#[test]
+fn build_reuses_the_balancer_while_its_inputs_are_unchanged() {
+    let (opts, registry) = (BalanceOptions::default(), HealthRegistry::default());
+    let a = Balancer::build(&port(&[(1, true), (2, true)]), Scope::Internal, &opts, &registry, None);
+    let same = Balancer::build(
+        &port(&[(1, true), (2, true), (3, false)]),
+        Scope::Internal,
+        &opts,
+        &registry,
+        Some(&a),
+    );
+    assert!(Arc::ptr_eq(&a, &same), "a not-ready endpoint changes nothing eligible");
+    let changed = Balancer::build(&port(&[(1, true)]), Scope::Internal, &opts, &registry, Some(&a));
+    assert!(!Arc::ptr_eq(&a, &changed));
+}
+
+// ---- seeded simulations --------------------------------------------------
+
+/// Random picks, outcomes, closes, endpoint changes and clock jumps under
+/// 256 seeds, with affinity; invariants checked after every step.
+#[test]
+fn simulation_keeps_pins_health_and_candidates_consistent() {
+    for seed in 0..256u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let registry = HealthRegistry::default();
+        let timeout = Duration::from_secs(rng.u64(1..20));
+        let affinity = Affinity::ClientIp { timeout };
+        let mut set: Vec<u8> = (1..=rng.u8(1..6)).collect();
+        let mut b = seeded(inputs(&set, Scheduler::Rr, affinity), &registry, None, seed);
+        let mut now = Instant::now();
+        let mut open: Vec<(usize, Arc<Balancer>)> = Vec::new();
+        let mut b_arc = Arc::new(b);
+        for step in 0..300 {
+            let c = client(rng.u8(1..8));
+            match rng.u8(0..10) {
+                0 => now += Duration::from_millis(rng.u64(0..5000)),
+                1 => {
+                    // Change the endpoint set: drop or add one.
+                    if set.len() > 1 && rng.bool() {
+                        set.remove(rng.usize(..set.len()));
+                    } else {
+                        set.push(rng.u8(10..30));
+                        set.sort();
+                        set.dedup();
+                    }
+                    b = seeded(inputs(&set, Scheduler::Rr, affinity), &registry, Some(&b_arc), seed + step);
+                    b_arc = Arc::new(b);
+                }
+                2 if !open.is_empty() => {
+                    let (i, owner) = open.swap_remove(rng.usize(..open.len()));
+                    owner.closed(i);
+                }
+                _ => {
+                    let pinned = b_arc.pin(c.0.ip(), now);
+                    let mut cands = b_arc.pick(c, now, 4);
+                    let first = cands.next_index().expect("a candidate while endpoints exist");
+                    let first_addr = b_arc.endpoint(first).expect("candidate in range");
+                    assert!(
+                        set.iter().any(|n| ep(*n) == first_addr),
+                        "seed {seed}: picked a removed endpoint"
+                    );
+                    if let Some(p) = pinned
+                        && !registry.state(p).is_ejected(now)
+                    {
+                        assert_eq!(first_addr, p, "seed {seed} step {step}: a live, healthy pin comes first");
+                    }
+                    if rng.u8(0..4) == 0 {
+                        b_arc.failed(c, first, now);
+                        assert_ne!(b_arc.pin(c.0.ip(), now), Some(first_addr), "seed {seed}: failure unpins");
+                    } else {
+                        b_arc.connected(c, first, now);
+                        assert_eq!(b_arc.pin(c.0.ip(), now), Some(first_addr), "seed {seed}: success pins");
+                        open.push((first, Arc::clone(&b_arc)));
+                    }
+                }
+            }
+            // Active counts equal the connections the simulation holds open.
+            let mut expected: HashMap<EndpointAddr, u32> = HashMap::new();
+            for (i, owner) in &open {
+                *expected.entry(owner.endpoint(*i).expect("in range")).or_default() += 1;
+            }
+            for (addr, n) in expected {
+                assert_eq!(registry.state(addr).active(), n, "seed {seed}: active count of {addr}");
+            }
+        }
+    }
+}
+
+/// Round robin is exactly fair across threads sharing one balancer.
+#[test]
+fn round_robin_is_fair_across_workers() {
+    let b = Arc::new(rr(&[1, 2, 3]));
+    let now = Instant::now();
+    let counts: Vec<HashMap<usize, usize>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let b = Arc::clone(&b);
+                s.spawn(move || {
+                    let mut seen = HashMap::new();
+                    for _ in 0..3000 {
+                        *seen.entry(b.pick(client(1), now, 4).next_index().unwrap()).or_default() += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut total: HashMap<usize, usize> = HashMap::new();
+    for c in counts {
+        for (k, v) in c {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    assert_eq!(total.values().copied().collect::<HashSet<_>>(), HashSet::from([2000]), "{total:?}");
+}
+
+#[test]
+fn stable_hash_never_changes() {
+    // A pinned value: a change here would re-map every sh/maglev client
+    // across an upgrade.
+    assert_eq!(hash_ip(IpAddr::from([10, 0, 0, 1])), 16_692_434_313_525_488_564);
+}
