@@ -216,3 +216,83 @@ impl From<&crate::model::Endpoint> for EndpointView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::listen::{Binder, ListenOptions};
+    use crate::model::{ClientAddr, Conditions, Endpoint, Origin, Protocol, ServiceName};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    fn port(name: &str, eps: &[u8]) -> ServicePort {
+        let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
+        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        sp.endpoints = eps
+            .iter()
+            .map(|n| Endpoint {
+                addr: EndpointAddr(SocketAddr::from(([10, 0, 0, *n], 80))),
+                conditions: Conditions::default(),
+                node_name: None,
+                zone: None,
+                hints_zones: vec![],
+                hints_nodes: vec![],
+            })
+            .collect();
+        sp
+    }
+
+    fn build(
+        ports: Vec<ServicePort>,
+        previous: &Snapshot,
+        binder: &mut Binder,
+        registry: &HealthRegistry,
+    ) -> Snapshot {
+        let (listeners, errors) = binder.bind(&ports, &previous.listeners);
+        assert!(errors.is_empty(), "{errors:?}");
+        let options = BalanceOptions::default();
+        Snapshot::new(
+            previous.generation + 1,
+            ports,
+            listeners,
+            previous,
+            &BalanceContext { options: &options, registry },
+        )
+    }
+
+    fn first(snap: &Snapshot, name: &str) -> EndpointAddr {
+        let p = snap.ports.iter().find(|p| p.spec.name.service.name == name).expect("port");
+        let client = ClientAddr(SocketAddr::from(([127, 0, 0, 9], 1)));
+        let i = p.internal.pick(client, Instant::now(), 4).next_index().expect("candidate");
+        p.internal.endpoint(i).expect("endpoint")
+    }
+
+    /// Userspace scenarios 1, 6 and 10: an unknown listener has no route;
+    /// removing service foo leaves bar's rotation (and pins) where they were.
+    #[test]
+    fn removing_another_service_leaves_this_ones_rotation_untouched() {
+        let registry = HealthRegistry::default();
+        let mut binder = Binder::new(ListenOptions {
+            bind_address: "127.0.0.1".parse().unwrap(),
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 1,
+        });
+        let s1 = build(
+            vec![port("bar", &[1, 2, 3]), port("foo", &[4, 5])],
+            &Snapshot::default(),
+            &mut binder,
+            &registry,
+        );
+        let rotation: Vec<_> = (0..3).map(|_| first(&s1, "bar")).collect();
+        let next_before = first(&s1, "bar");
+        assert_eq!(next_before, rotation[0]);
+        let s2 = build(vec![port("bar", &[1, 2, 3])], &s1, &mut binder, &registry);
+        assert!(Arc::ptr_eq(&s1.ports[0].internal, &s2.ports[0].internal), "bar keeps its balancer");
+        assert_eq!(first(&s2, "bar"), rotation[1], "bar carries on where it left off");
+        assert!(s2.route(ListenerId(u64::MAX)).is_none(), "an unknown listener has no route");
+        let foo_listener =
+            s1.listeners.iter().find(|l| l.key.port.service.name == "foo").expect("foo listener");
+        assert!(s2.route(foo_listener.id).is_none(), "removed foo has no route any more");
+    }
+}
