@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
+use crate::metrics::Metrics;
 use crate::snapshot::SharedSnapshot;
 
 #[derive(Clone)]
@@ -20,6 +21,7 @@ pub struct AdminState {
     pub snapshot: SharedSnapshot,
     /// True once the sources have synced and a snapshot is published.
     pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 async fn ok() -> &'static str {
@@ -38,12 +40,29 @@ async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.snapshot.load().view())
 }
 
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &s.metrics.registry()) {
+        Ok(()) => (
+            StatusCode::OK,
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        ),
+        Err(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, [("content-type", "text/plain")], "encoding failed\n".into())
+        }
+    }
+}
+
 fn health_routes() -> Router<AdminState> {
     Router::new().route("/healthz", get(ok)).route("/livez", get(ok))
 }
 
 fn metrics_routes() -> Router<AdminState> {
-    Router::new().route("/readyz", get(readyz)).route("/debug/snapshot", get(snapshot))
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/snapshot", get(snapshot))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
 use crate::dataplane::listen::{BindError, Binder};
+use crate::metrics::Metrics;
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::table::Table;
 
@@ -37,6 +38,7 @@ pub struct Control {
     balance: BalanceOptions,
     /// Endpoint health and load, kept across snapshots.
     health: HealthRegistry,
+    metrics: Arc<Metrics>,
     snapshot: SharedSnapshot,
     ready: Arc<AtomicBool>,
 }
@@ -46,10 +48,11 @@ impl Control {
         binder: Binder,
         balance: BalanceOptions,
         health: HealthRegistry,
+        metrics: Arc<Metrics>,
         snapshot: SharedSnapshot,
         ready: Arc<AtomicBool>,
     ) -> Self {
-        Self { table: Table::default(), binder, balance, health, snapshot, ready }
+        Self { table: Table::default(), binder, balance, health, metrics, snapshot, ready }
     }
 
     /// Apply a full set of manifests (a file source's load).
@@ -67,7 +70,7 @@ impl Control {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
             }
         }
-        let ctx = BalanceContext { options: &self.balance, registry: &self.health };
+        let ctx = BalanceContext { options: &self.balance, registry: &self.health, metrics: &self.metrics };
         let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, &previous, &ctx);
         let applied = Applied {
             generation: snapshot.generation,
@@ -75,6 +78,7 @@ impl Control {
             listeners: snapshot.listeners.len(),
             bind_errors,
         };
+        self.metrics.generation.store(snapshot.generation, Ordering::Relaxed);
         self.snapshot.store(Arc::new(snapshot));
         data_plane.notify();
         self.ready.store(true, Ordering::Release);

@@ -57,7 +57,7 @@ pub fn demo(opts: RunOptions) -> Result<(), DemoError> {
         let listener = TcpListener::bind(addr).map_err(|source| DemoError::Backend { addr, source })?;
         std::thread::spawn(move || serve_backend(listener));
     }
-    let handles = Handles::new();
+    let handles = Handles::new(opts.workers.workers);
     let watcher = handles.clone();
     std::thread::spawn(move || client(&watcher));
     run::run(opts, handles)?;

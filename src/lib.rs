@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod snapshot;

@@ -209,7 +209,9 @@ fn main() -> ExitCode {
 fn main_inner() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Run(args) => {
-            ringport::run::run(args.options()?, Handles::new())?;
+            let opts = args.options()?;
+            let handles = Handles::new(opts.workers.workers);
+            ringport::run::run(opts, handles)?;
         }
         Command::Demo(args) => {
             let mut opts = args.options()?;

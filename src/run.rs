@@ -16,6 +16,7 @@ use crate::config::ConfigErrors;
 use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions};
 use crate::dataplane::{DataPlane, WorkerConfig};
+use crate::metrics::Metrics;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
 
@@ -51,20 +52,16 @@ pub enum RunError {
 pub struct Handles {
     pub snapshot: SharedSnapshot,
     pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Handles {
-    pub fn new() -> Self {
+    pub fn new(workers: usize) -> Self {
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             ready: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::new(Metrics::new(workers)),
         }
-    }
-}
-
-impl Default for Handles {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -92,6 +89,7 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         Binder::new(opts.listen.clone()),
         opts.balance.clone(),
         HealthRegistry::new(opts.health, std::time::Instant::now()),
+        Arc::clone(&handles.metrics),
         Arc::clone(&handles.snapshot),
         Arc::clone(&handles.ready),
     );
@@ -104,7 +102,11 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         listeners = applied.listeners,
         "serving"
     );
-    let state = AdminState { snapshot: Arc::clone(&handles.snapshot), ready: Arc::clone(&handles.ready) };
+    let state = AdminState {
+        snapshot: Arc::clone(&handles.snapshot),
+        ready: Arc::clone(&handles.ready),
+        metrics: Arc::clone(&handles.metrics),
+    };
     if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
     }
@@ -119,17 +121,19 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
             _ = int.recv() => break,
             _ = term.recv() => break,
         };
-        reload(&source, &mut control, &data_plane, why);
+        reload(&source, &mut control, &data_plane, &handles.metrics, why);
     }
     Ok(data_plane)
 }
 
-fn reload(source: &FileSource, control: &mut Control, data_plane: &DataPlane, why: &str) {
+fn reload(source: &FileSource, control: &mut Control, data_plane: &DataPlane, metrics: &Metrics, why: &str) {
     let path = source.path().display();
     let outcome = source
         .load()
         .map_err(|errors| Rejected(errors.into_iter().collect()))
         .and_then(|m| control.replace(m, data_plane));
+    let counter = if outcome.is_ok() { &metrics.reloads_applied } else { &metrics.reloads_rejected };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match outcome {
         Ok(a) => {
             tracing::info!(config = %path, trigger = why, generation = a.generation, service_ports = a.service_ports, listeners = a.listeners, "reloaded")

@@ -24,6 +24,7 @@ use crate::balance::eligible::Scope;
 use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::dataplane::listen::{ListenRole, Listener, ListenerId};
+use crate::metrics::{Metrics, PortMetrics};
 use crate::model::{EndpointAddr, ProxyPort, ServicePort, ServicePortName};
 
 /// One service port as served: its spec and its selection state for each
@@ -36,6 +37,8 @@ pub struct PortState {
     /// Node-port, external-IP and load-balancer traffic
     /// (`externalTrafficPolicy`).
     pub external: Arc<Balancer>,
+    /// Its counters, one slot per worker; kept across reloads.
+    pub metrics: Arc<PortMetrics>,
 }
 
 impl PortState {
@@ -47,10 +50,11 @@ impl PortState {
     }
 }
 
-/// What the balancers of a new snapshot are built with.
+/// What the balancers and counters of a new snapshot are built with.
 pub struct BalanceContext<'a> {
     pub options: &'a BalanceOptions,
     pub registry: &'a HealthRegistry,
+    pub metrics: &'a Metrics,
 }
 
 /// Where a listener's connections go.
@@ -107,10 +111,12 @@ impl Snapshot {
                     Balancer::build(&spec, scope, ctx.options, ctx.registry, prev)
                 };
                 let (internal, external) = (build(Scope::Internal), build(Scope::External));
-                Arc::new(PortState { spec, internal, external })
+                let metrics = ctx.metrics.port(&spec.name);
+                Arc::new(PortState { spec, internal, external, metrics })
             })
             .collect();
         ctx.registry.prune();
+        ctx.metrics.prune();
         let index: HashMap<&ServicePortName, usize> =
             ports.iter().enumerate().map(|(i, p)| (&p.spec.name, i)).collect();
         let routes = listeners
@@ -250,14 +256,9 @@ mod tests {
     ) -> Snapshot {
         let (listeners, errors) = binder.bind(&ports, &previous.listeners);
         assert!(errors.is_empty(), "{errors:?}");
-        let options = BalanceOptions::default();
-        Snapshot::new(
-            previous.generation + 1,
-            ports,
-            listeners,
-            previous,
-            &BalanceContext { options: &options, registry },
-        )
+        let (options, metrics) = (BalanceOptions::default(), Metrics::new(1));
+        let ctx = BalanceContext { options: &options, registry, metrics: &metrics };
+        Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx)
     }
 
     fn first(snap: &Snapshot, name: &str) -> EndpointAddr {

@@ -12,6 +12,7 @@ use ringport::balance::BalanceOptions;
 use ringport::balance::health::HealthRegistry;
 use ringport::dataplane::listen::{Binder, ListenOptions};
 use ringport::dataplane::{DataPlane, WorkerConfig};
+use ringport::metrics::Metrics;
 use ringport::model::*;
 use ringport::snapshot::{BalanceContext, Snapshot};
 
@@ -69,8 +70,9 @@ fn snapshot_built_in_code_is_served_by_two_workers() {
     let (listeners, errors) = binder.bind(&ports, &[]);
     assert!(errors.is_empty(), "{errors:?}");
     let proxy = listeners[0].addr;
-    let (options, registry) = (BalanceOptions::default(), HealthRegistry::default());
-    let ctx = BalanceContext { options: &options, registry: &registry };
+    let (options, registry, metrics) =
+        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(2));
+    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics };
     snapshot.store(Arc::new(Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx)));
     dp.notify();
 

@@ -109,6 +109,9 @@ pub struct Conn {
     /// Whether `current` counts this connection as active.
     counted: bool,
     last_error: Option<io::Error>,
+    /// This connection's worker: the counter slot it writes.
+    worker: usize,
+    accepted_at: Instant,
     pub endpoint: Option<EndpointAddr>,
     pub phase: Phase,
     /// Polls in flight, one bit per [`Op`].
@@ -135,7 +138,11 @@ impl Conn {
         port: Arc<PortState>,
         balancer: Arc<Balancer>,
         candidates: Candidates,
+        worker: usize,
+        now: Instant,
     ) -> Self {
+        let counters = port.metrics.slot(worker);
+        counters.add(&counters.accepted, 1);
         Self {
             client,
             client_addr,
@@ -146,6 +153,8 @@ impl Conn {
             current: None,
             counted: false,
             last_error: None,
+            worker,
+            accepted_at: now,
             endpoint: None,
             phase: Phase::Connecting,
             armed: 0,
@@ -188,6 +197,8 @@ impl Conn {
         self.upstream = None;
         loop {
             let Some(i) = self.candidates.next_index() else {
+                let counters = self.port.metrics.slot(self.worker);
+                counters.add(&counters.refused, 1);
                 return Dial::Exhausted(match (self.endpoint, self.last_error.take()) {
                     (Some(endpoint), Some(source)) => ConnError::ConnectFailed { endpoint, source },
                     _ => ConnError::NoEndpoint,
@@ -197,6 +208,10 @@ impl Conn {
             self.current = Some(i);
             self.endpoint = Some(endpoint);
             self.balancer.attempting(i);
+            if self.candidates.attempts() > 1 {
+                let counters = self.port.metrics.slot(self.worker);
+                counters.add(&counters.retries, 1);
+            }
             match start_connect(endpoint.0) {
                 Ok((socket, done)) => {
                     self.upstream = Some(socket);
@@ -214,6 +229,8 @@ impl Conn {
     /// The current attempt failed: passive health and affinity hear of it.
     pub fn attempt_failed(&mut self, error: io::Error, now: Instant) {
         if let Some(i) = self.current.take() {
+            let counters = self.port.metrics.slot(self.worker);
+            counters.add(&counters.connect_failures, 1);
             tracing::debug!(service = %self.port.spec.name, endpoint = ?self.endpoint, error = %error, "connect failed");
             if self.balancer.failed(self.client_addr, i, now) {
                 tracing::warn!(service = %self.port.spec.name, endpoint = ?self.endpoint, "endpoint ejected after consecutive connect failures");
@@ -227,6 +244,11 @@ impl Conn {
         if let Some(i) = self.current {
             self.balancer.connected(self.client_addr, i, now);
             self.counted = true;
+            self.port
+                .metrics
+                .slot(self.worker)
+                .connect_duration
+                .observe(now.saturating_duration_since(self.accepted_at));
         }
     }
 
@@ -254,7 +276,19 @@ impl Conn {
             return Ok(Wait::Finished);
         };
         let (source, sink) = ends(dir, self.client.as_fd(), upstream.as_fd());
-        self.halves[dir as usize].pump(source, sink, pool)
+        let half = &mut self.halves[dir as usize];
+        let before = half.delivered;
+        let wait = half.pump(source, sink, pool);
+        let moved = half.delivered - before;
+        if moved > 0 {
+            let counters = self.port.metrics.slot(self.worker);
+            let counter = match dir {
+                Dir::Up => &counters.bytes_to_endpoint,
+                Dir::Down => &counters.bytes_to_client,
+            };
+            counters.add(counter, moved);
+        }
+        wait
     }
 
     pub fn both_finished(&self) -> bool {
@@ -296,6 +330,8 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.release();
+        let counters = self.port.metrics.slot(self.worker);
+        counters.add(&counters.closed, 1);
     }
 }
 

@@ -362,8 +362,15 @@ impl Worker {
         let client_addr = ClientAddr(peer);
         let now = Instant::now();
         let candidates = route.balancer.pick(client_addr, now, self.connect_timeouts.len());
-        let conn =
-            Conn::new(client, client_addr, Arc::clone(route.port), Arc::clone(route.balancer), candidates);
+        let conn = Conn::new(
+            client,
+            client_addr,
+            Arc::clone(route.port),
+            Arc::clone(route.balancer),
+            candidates,
+            self.index,
+            now,
+        );
         let key = self.conns.insert(conn);
         self.dial(key, now)
     }

@@ -51,7 +51,9 @@ impl Proxy {
             .arg("--config")
             .arg(dir.path())
             .args(["--workers", "2", "--no-pin", "--bind-address", "127.0.0.1"])
-            .args(["--healthz-bind-address", "127.0.0.1:0"])
+            // One admin address serves every route (health and metrics).
+            .arg("--healthz-bind-address")
+            .arg(metrics.to_string())
             .arg("--metrics-bind-address")
             .arg(metrics.to_string())
             .args(args)
@@ -101,6 +103,14 @@ impl Proxy {
         let code = response.split_whitespace().nth(1)?.parse().ok()?;
         let body = response.split_once("\r\n\r\n")?.1.to_string();
         Some((code, body))
+    }
+
+    /// The value of one exposed sample, e.g.
+    /// `ringport_connections_accepted_total{service_port="default/svc"}`.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (code, body) = self.get("/metrics")?;
+        assert_eq!(code, 200, "{body}");
+        body.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     pub fn snapshot(&self) -> serde_json::Value {
