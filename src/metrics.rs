@@ -198,6 +198,9 @@ impl Metrics {
 }
 
 type Enc<'a> = DescriptorEncoder<'a>;
+type Labels = [(&'static str, String)];
+/// One labelled histogram series, summed from several parts.
+type Series<'a> = (&'a Labels, Vec<&'a AtomicHistogram>);
 
 fn counter(enc: &mut Enc<'_>, name: &str, help: &str, value: u64) -> std::fmt::Result {
     let c = ConstCounter::new(value);
@@ -314,7 +317,7 @@ impl Collector for Metrics {
             ConstCounter::new(n.load(Ordering::Relaxed))
                 .encode(reloads.encode_family(&[("result", result)])?)?;
         }
-        let none: &[(&str, String)] = &[];
+        let none: &Labels = &[];
         histogram(
             &mut enc,
             SYNC_DURATION,
