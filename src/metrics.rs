@@ -212,12 +212,7 @@ fn gauge(enc: &mut Enc<'_>, name: &str, help: &str, value: i64) -> std::fmt::Res
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn histogram(
-    enc: &mut Enc<'_>,
-    name: &str,
-    help: &str,
-    hists: &[(&[(&str, String)], Vec<&AtomicHistogram>)],
-) -> std::fmt::Result {
+fn histogram(enc: &mut Enc<'_>, name: &str, help: &str, hists: &[Series<'_>]) -> std::fmt::Result {
     let mut family = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (labels, parts) in hists {
         let mut counts = [0u64; CONNECT_BUCKETS.len() + 1];
@@ -298,7 +293,7 @@ impl Collector for Metrics {
         )?;
         let labels: Vec<Vec<(&str, String)>> =
             ports.iter().map(|p| vec![("service_port", p.label.clone())]).collect();
-        let hists: Vec<(&[(&str, String)], Vec<&AtomicHistogram>)> = ports
+        let hists: Vec<Series<'_>> = ports
             .iter()
             .zip(&labels)
             .map(|(p, l)| (l.as_slice(), p.slots.iter().map(|s| &s.connect_duration).collect()))
