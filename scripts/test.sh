@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests need (the command each provides, for the check).
 packages=(
   "iproute2:ip"
+  "dnsmasq:dnsmasq"
+  "bind9-dnsutils:dig"
 )
 
 missing=()

@@ -111,6 +111,14 @@ struct RunArgs {
     eject_backoff: Duration,
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     eject_max: Duration,
+    /// A UDP flow idle this long in both directions is closed (see
+    /// docs/udp.md for the choice of default).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    udp_timeout: Duration,
+    /// Most UDP flows at once, over all workers; at the cap the least
+    /// recently active flow is closed first.
+    #[arg(long, default_value_t = 8192)]
+    udp_max_flows: usize,
     /// How long open connections may finish after SIGTERM or SIGINT.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
@@ -156,6 +164,9 @@ impl RunArgs {
         if self.connect_timeouts.len() > MAX_ATTEMPTS {
             anyhow::bail!("--connect-timeouts allows at most {MAX_ATTEMPTS} attempts");
         }
+        if self.udp_timeout.is_zero() || self.udp_max_flows == 0 {
+            anyhow::bail!("--udp-timeout and --udp-max-flows must be non-zero");
+        }
         if self.eject_backoff.is_zero() || self.eject_max < self.eject_backoff {
             anyhow::bail!("--eject-backoff must be non-zero and at most --eject-max");
         }
@@ -171,6 +182,8 @@ impl RunArgs {
                 relay: self.relay,
                 connect_timeouts: self.connect_timeouts.clone(),
                 drain_timeout: self.drain_timeout,
+                udp_timeout: self.udp_timeout,
+                udp_max_flows: self.udp_max_flows,
                 ..WorkerConfig::default()
             },
             balance: BalanceOptions {

@@ -34,6 +34,12 @@ pub mod names {
     pub const CONNECT_RETRIES: &str = "ringport_connect_retries";
     pub const CONNECTIONS_REFUSED: &str = "ringport_connections_refused";
     pub const CONNECT_DURATION: &str = "ringport_connect_duration_seconds";
+    pub const UDP_FLOWS_ACTIVE: &str = "ringport_udp_flows_active";
+    pub const UDP_FLOWS_CREATED: &str = "ringport_udp_flows_created";
+    pub const UDP_FLOWS_EXPIRED: &str = "ringport_udp_flows_expired";
+    pub const UDP_DATAGRAMS: &str = "ringport_udp_datagrams";
+    pub const UDP_DROPPED: &str = "ringport_udp_datagrams_dropped";
+    pub const UDP_TRUNCATED: &str = "ringport_udp_datagrams_truncated";
     pub const SNAPSHOT_GENERATION: &str = "ringport_snapshot_generation";
     pub const RELOADS: &str = "ringport_reloads";
     pub const SYNC_DURATION: &str = "ringport_sync_duration_seconds";
@@ -82,6 +88,13 @@ pub struct PortCounters {
     pub retries: AtomicU64,
     pub refused: AtomicU64,
     pub connect_duration: AtomicHistogram,
+    pub flows_created: AtomicU64,
+    pub flows_closed: AtomicU64,
+    pub flows_expired: AtomicU64,
+    pub datagrams_to_endpoint: AtomicU64,
+    pub datagrams_to_client: AtomicU64,
+    pub datagrams_dropped: AtomicU64,
+    pub truncated: AtomicU64,
 }
 
 impl PortCounters {
@@ -299,6 +312,52 @@ impl Collector for Metrics {
             .map(|(p, l)| (l.as_slice(), p.slots.iter().map(|s| &s.connect_duration).collect()))
             .collect();
         histogram(&mut enc, CONNECT_DURATION, "Time from accept to a connected endpoint", &hists)?;
+
+        let mut flows =
+            enc.encode_descriptor(UDP_FLOWS_ACTIVE, "UDP flows open now", None, MetricType::Gauge)?;
+        for p in &ports {
+            let n = p.sum(|c| &c.flows_created).saturating_sub(p.sum(|c| &c.flows_closed));
+            ConstGauge::new(n as i64).encode(flows.encode_family(&[("service_port", p.label.clone())])?)?;
+        }
+        port_counter(&mut enc, &ports, UDP_FLOWS_CREATED, "UDP flows created", None, |c| &c.flows_created)?;
+        port_counter(
+            &mut enc,
+            &ports,
+            UDP_FLOWS_EXPIRED,
+            "UDP flows closed by the idle timeout",
+            None,
+            |c| &c.flows_expired,
+        )?;
+        let mut datagrams =
+            enc.encode_descriptor(UDP_DATAGRAMS, "UDP datagrams relayed", None, MetricType::Counter)?;
+        for p in &ports {
+            for (dir, f) in [
+                (
+                    "to_endpoint",
+                    (|c: &PortCounters| &c.datagrams_to_endpoint) as fn(&PortCounters) -> &AtomicU64,
+                ),
+                ("to_client", |c: &PortCounters| &c.datagrams_to_client),
+            ] {
+                let labels = [("service_port", p.label.clone()), ("direction", dir.to_owned())];
+                ConstCounter::new(p.sum(f)).encode(datagrams.encode_family(&labels)?)?;
+            }
+        }
+        port_counter(
+            &mut enc,
+            &ports,
+            UDP_DROPPED,
+            "UDP datagrams dropped (no endpoint, flow limit, full buffers)",
+            None,
+            |c| &c.datagrams_dropped,
+        )?;
+        port_counter(
+            &mut enc,
+            &ports,
+            UDP_TRUNCATED,
+            "UDP datagrams larger than the buffer, dropped",
+            None,
+            |c| &c.truncated,
+        )?;
 
         gauge(
             &mut enc,

@@ -106,9 +106,21 @@ impl EndpointState {
     /// A connect succeeded: readmit at once, forget past failures, and count
     /// the connection as active until [`EndpointState::closed`].
     pub fn connected(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        self.ejections.store(0, Ordering::Relaxed);
-        self.ejected_until.store(0, Ordering::Relaxed);
+        self.succeeded();
+        self.opened();
+    }
+
+    /// The endpoint answered: readmit at once and forget past failures.
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 || self.ejections.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// One more connection or flow to it, until [`EndpointState::closed`].
+    pub fn opened(&self) {
         self.active.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -225,12 +225,26 @@ impl Balancer {
     /// The connect to candidate `i` succeeded: it is healthy, holds one more
     /// active connection, and (with affinity) becomes the client's pin.
     pub fn connected(&self, client: ClientAddr, i: usize, now: Instant) {
+        self.answered(i);
+        self.flow_opened(client, i, now);
+    }
+
+    /// A UDP flow to candidate `i` opened: it counts as active and (with
+    /// affinity) becomes the client's pin; health waits for an answer.
+    pub fn flow_opened(&self, client: ClientAddr, i: usize, now: Instant) {
         let Some(e) = self.endpoints.get(i) else { return };
-        e.connected();
+        e.opened();
         if let Some(pins) = &self.pins
             && pins.get(client.0.ip(), now) != Some(e.addr)
         {
             pins.repin(client.0.ip(), e.addr, now);
+        }
+    }
+
+    /// Candidate `i` answered a datagram: it is healthy.
+    pub fn answered(&self, i: usize) {
+        if let Some(e) = self.endpoints.get(i) {
+            e.succeeded();
         }
     }
 

@@ -1,5 +1,6 @@
-//! Listening sockets: where each service port listens, bound once per
-//! worker with `SO_REUSEPORT`, and kept across reloads.
+//! Listening sockets: where each service port listens (TCP: listening
+//! sockets; UDP: bound datagram sockets), one per worker with
+//! `SO_REUSEPORT`, and kept across reloads.
 //!
 //! The [`Binder`] turns the service ports of a new configuration into
 //! [`Listener`]s. A listener whose [`ListenKey`] already existed in the
@@ -30,6 +31,8 @@ use crate::model::{Protocol, ServicePort, ServicePortName};
 
 /// Backlog of every listening socket (the kernel caps it at somaxconn).
 pub const BACKLOG: i32 = 4096;
+/// Receive and send buffer asked for each UDP listening socket.
+const UDP_BUFFER_BYTES: usize = 8 << 20;
 
 /// What a listener is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -113,8 +116,6 @@ pub enum BindError {
     },
     #[error("{key_port}: no free port left in --proxy-port-range {start}-{end}")]
     RangeExhausted { key_port: ServicePortName, start: u16, end: u16 },
-    #[error("{key_port}: UDP service ports are not proxied yet; skipped")]
-    UdpUnsupported { key_port: ServicePortName },
 }
 
 impl BindError {
@@ -171,10 +172,6 @@ impl Binder {
         let mut errors = Vec::new();
 
         for sp in ports {
-            if sp.protocol == Protocol::Udp {
-                errors.push(BindError::UdpUnsupported { key_port: sp.name.clone() });
-                continue;
-            }
             for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
                 let result = match previous.get(&key) {
@@ -220,7 +217,7 @@ impl Binder {
             key.wanted_port
         };
         let addr = SocketAddr::new(ip, port);
-        let sockets = bind_reuseport(addr, self.opts.workers).map_err(|source| {
+        let sockets = bind_reuseport(addr, key.protocol, self.opts.workers).map_err(|source| {
             let (key_port, role) = (key.port.clone(), key.role);
             if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
                 BindError::NotLocal { key_port, role, addr }
@@ -247,7 +244,7 @@ impl Binder {
             if used.contains(&port) {
                 continue;
             }
-            if let Ok(sockets) = bind_reuseport(SocketAddr::new(ip, port), self.opts.workers) {
+            if let Ok(sockets) = bind_reuseport(SocketAddr::new(ip, port), key.protocol, self.opts.workers) {
                 used.insert(port);
                 return Ok(self.listener(key, sockets));
             }
@@ -296,13 +293,18 @@ pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenR
     out
 }
 
-/// `n` listening sockets on one address, sharing it through SO_REUSEPORT.
-/// A port of 0 is chosen by the kernel through a probe socket, and every
-/// listener then binds that port explicitly: a socket bound to port 0 would
-/// lose its port when paused (`shutdown`) and resumed (`listen`).
-fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
+/// `n` sockets on one address (listening for TCP, bound for UDP), sharing
+/// it through SO_REUSEPORT. A port of 0 is chosen by the kernel through a
+/// probe socket, and every socket then binds that port explicitly: a TCP
+/// socket bound to port 0 would lose its port when paused (`shutdown`) and
+/// resumed (`listen`).
+fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<Vec<Socket>> {
+    let kind = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
     let socket = |addr: SocketAddr| -> io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+        let s = Socket::new(Domain::for_address(addr), kind.nonblocking().cloexec(), None)?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
         }
@@ -323,7 +325,16 @@ fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<Vec<Socket>> {
     (0..n.max(1))
         .map(|_| {
             let s = socket(addr)?;
-            s.listen(BACKLOG)?;
+            match protocol {
+                Protocol::Tcp => s.listen(BACKLOG)?,
+                // One socket takes every client's datagrams for this worker:
+                // a deep buffer rides out bursts (the kernel caps it at
+                // net.core.rmem_max; failing to grow it is not an error).
+                Protocol::Udp => {
+                    let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
+                    let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+                }
+            }
             Ok(s)
         })
         .collect()

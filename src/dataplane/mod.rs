@@ -10,6 +10,8 @@ pub mod conn;
 pub mod listen;
 pub mod relay;
 pub mod sys;
+pub mod udp;
+mod udp_worker;
 mod worker;
 
 use std::io;
@@ -35,6 +37,10 @@ pub struct WorkerConfig {
     /// How long open connections may run after a stop is asked.
     pub drain_timeout: Duration,
     pub ring_entries: u32,
+    /// A UDP flow idle this long (both ways) is closed.
+    pub udp_timeout: Duration,
+    /// Most UDP flows, over all workers.
+    pub udp_max_flows: usize,
 }
 
 impl Default for WorkerConfig {
@@ -51,6 +57,8 @@ impl Default for WorkerConfig {
             ],
             drain_timeout: Duration::from_secs(10),
             ring_entries: 1024,
+            udp_timeout: Duration::from_secs(30),
+            udp_max_flows: 8192,
         }
     }
 }

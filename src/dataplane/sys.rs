@@ -196,3 +196,150 @@ pub unsafe fn push_linked(
         ring.submit()?;
     }
 }
+
+/// Datagrams per `recvmmsg` / `sendmmsg` call.
+pub const BATCH: usize = 16;
+/// Room for the largest UDP payload (65 507 bytes over IPv4; 65 527 over
+/// IPv6 without jumbograms), so nothing legal is ever truncated.
+pub const DATAGRAM_BYTES: usize = 65_536;
+
+/// Reusable buffers for receiving up to [`BATCH`] datagrams in one call.
+pub struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    addrs: Vec<socket2::SockAddrStorage>,
+    lens: [usize; BATCH],
+    addr_lens: [libc::socklen_t; BATCH],
+    flags: [libc::c_int; BATCH],
+}
+
+/// One received datagram.
+pub struct Datagram<'a> {
+    pub from: Option<std::net::SocketAddr>,
+    pub data: &'a [u8],
+    /// The datagram was larger than the buffer (`MSG_TRUNC`).
+    pub truncated: bool,
+}
+
+impl RecvBatch {
+    pub fn new() -> Self {
+        Self {
+            bufs: (0..BATCH).map(|_| vec![0u8; DATAGRAM_BYTES].into_boxed_slice()).collect(),
+            addrs: (0..BATCH).map(|_| socket2::SockAddrStorage::zeroed()).collect(),
+            lens: [0; BATCH],
+            addr_lens: [0; BATCH],
+            flags: [0; BATCH],
+        }
+    }
+
+    /// `recvmmsg(2)` without blocking: how many datagrams arrived (0 when
+    /// none was waiting).
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .iter_mut()
+            .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+            .collect();
+        // SAFETY: mmsghdr is plain old data; it is fully set up below.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, m) in msgs.iter_mut().enumerate() {
+            // SockAddrStorage is a transparent sockaddr_storage.
+            m.msg_hdr.msg_name = (&mut self.addrs[i] as *mut socket2::SockAddrStorage).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<socket2::SockAddrStorage>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        loop {
+            // SAFETY: every header points at a live buffer, iovec and
+            // address slot owned by `self`/`iovs`, which outlive the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Ok(0),
+                    _ => return Err(err),
+                }
+            }
+            let n = n as usize;
+            for (i, m) in msgs.iter().enumerate().take(n) {
+                self.lens[i] = m.msg_len as usize;
+                self.addr_lens[i] = m.msg_hdr.msg_namelen;
+                self.flags[i] = m.msg_hdr.msg_flags;
+            }
+            return Ok(n);
+        }
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`].
+    pub fn get(&self, i: usize) -> Datagram<'_> {
+        let len = self.lens[i].min(self.bufs[i].len());
+        // SAFETY: the kernel wrote a valid address of `addr_lens[i]` bytes
+        // into `addrs[i]` (0 bytes for a connected socket's datagram), and
+        // copying it with `ptr::read` is sound: it is plain old data with
+        // no destructor.
+        let from = (self.addr_lens[i] > 0)
+            .then(|| {
+                unsafe { socket2::SockAddr::new(std::ptr::read(&self.addrs[i]), self.addr_lens[i]) }
+                    .as_socket()
+            })
+            .flatten();
+        Datagram { from, data: &self.bufs[i][..len], truncated: self.flags[i] & libc::MSG_TRUNC != 0 }
+    }
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `sendmmsg(2)` without blocking: each datagram to its own address, in
+/// order. Returns how many were sent (the rest would block, or failed).
+pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[(std::net::SocketAddr, &[u8])]) -> io::Result<usize> {
+    let mut sent = 0;
+    for chunk in datagrams.chunks(BATCH) {
+        let addrs: Vec<socket2::SockAddr> = chunk.iter().map(|(a, _)| socket2::SockAddr::from(*a)).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|(_, d)| libc::iovec { iov_base: d.as_ptr() as *mut _, iov_len: d.len() })
+            .collect();
+        // SAFETY: mmsghdr is plain old data; it is fully set up below.
+        let mut msgs: Vec<libc::mmsghdr> = (0..chunk.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_name = addrs[i].as_ptr() as *mut _;
+            m.msg_hdr.msg_namelen = addrs[i].len();
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the headers point at addresses, iovecs and payloads that
+        // live until the call returns; the kernel only reads them.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                msgs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock || sent > 0 {
+                return Ok(sent);
+            }
+            return Err(err);
+        }
+        sent += n as usize;
+        if (n as usize) < chunk.len() {
+            return Ok(sent);
+        }
+    }
+    Ok(sent)
+}

@@ -27,12 +27,16 @@ use socket2::SockRef;
 use super::conn::{Conn, Dial, Dir, Op, Phase};
 use super::listen::{self, ListenRole, ListenerId};
 use super::relay::{Pool, Wait};
+use super::sys::RecvBatch;
+use super::udp::Flows;
+use super::udp_worker::PendingSend;
 use super::{Shared, WorkerConfig, sys};
 use crate::model::ClientAddr;
+use crate::model::Protocol;
 
 /// What a completion belongs to: `kind << 56 | key`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Token {
+pub(super) enum Token {
     Wake,
     Tick,
     Drain,
@@ -40,10 +44,16 @@ enum Token {
     Accept(usize),
     AcceptRetry(usize),
     Conn(usize, Op),
+    /// A UDP listening socket is readable.
+    UdpListen(usize),
+    /// A UDP flow's endpoint socket is readable.
+    UdpFlow(usize),
+    /// A datagram to an endpoint was sent.
+    UdpSent(usize),
 }
 
 impl Token {
-    fn encode(self) -> u64 {
+    pub(super) fn encode(self) -> u64 {
         let (kind, key): (u64, usize) = match self {
             Token::Wake => (1, 0),
             Token::Tick => (6, 0),
@@ -52,6 +62,9 @@ impl Token {
             Token::Accept(k) => (4, k),
             Token::AcceptRetry(k) => (5, k),
             Token::Conn(k, op) => (8 + op_index(op), k),
+            Token::UdpListen(k) => (20, k),
+            Token::UdpFlow(k) => (21, k),
+            Token::UdpSent(k) => (22, k),
         };
         kind << 56 | key as u64
     }
@@ -66,6 +79,9 @@ impl Token {
             5 => Token::AcceptRetry(key),
             6 => Token::Tick,
             k @ 8..=13 => Token::Conn(key, Op::ALL[(k - 8) as usize]),
+            20 => Token::UdpListen(key),
+            21 => Token::UdpFlow(key),
+            22 => Token::UdpSent(key),
             _ => return None,
         })
     }
@@ -75,18 +91,20 @@ fn op_index(op: Op) -> u64 {
     Op::ALL.iter().position(|o| *o == op).unwrap_or(0) as u64
 }
 
-/// A listening socket this worker accepts on.
-struct Accepting {
-    id: ListenerId,
-    role: ListenRole,
+/// A listening socket this worker accepts on (TCP) or receives on (UDP).
+pub(super) struct Accepting {
+    pub(super) id: ListenerId,
+    pub(super) role: ListenRole,
+    pub(super) protocol: Protocol,
     /// `None` once the listener left the snapshot: its accept is being
     /// cancelled, and the slot is freed when that completes.
-    fd: Option<OwnedFd>,
+    pub(super) fd: Option<OwnedFd>,
     /// Not listening, because its service port has no usable endpoint:
     /// the kernel refuses connections at once, and the port stays bound.
+    /// (TCP only: a UDP socket is never paused.)
     paused: bool,
-    /// A multishot accept is in flight.
-    armed: bool,
+    /// A multishot accept (TCP) or a readable poll (UDP) is in flight.
+    pub(super) armed: bool,
 }
 
 /// Delay before re-arming an accept that failed for lack of fds.
@@ -96,10 +114,10 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 const TICK: Duration = Duration::from_secs(1);
 
 pub(super) struct Worker {
-    index: usize,
-    ring: IoUring,
-    shared: Arc<Shared>,
-    listeners: Slab<Accepting>,
+    pub(super) index: usize,
+    pub(super) ring: IoUring,
+    pub(super) shared: Arc<Shared>,
+    pub(super) listeners: Slab<Accepting>,
     by_id: HashMap<ListenerId, usize>,
     conns: Slab<Conn>,
     pool: Pool,
@@ -111,6 +129,10 @@ pub(super) struct Worker {
     /// Directions that yielded with work left, pumped again this turn.
     yielded: Vec<(usize, Dir)>,
     stopping: bool,
+    pub(super) flows: Flows,
+    /// Datagrams on their way to endpoints, owned until their send completes.
+    pub(super) sends: Slab<PendingSend>,
+    pub(super) batch: RecvBatch,
 }
 
 impl Worker {
@@ -131,10 +153,14 @@ impl Worker {
             pool: Pool::new(config.relay),
             connect_timeouts: config.connect_timeouts.iter().map(|d| ts(*d)).collect(),
             accept_retry: Box::new(ts(ACCEPT_RETRY)),
-            tick: Box::new(ts(TICK)),
+            // Frequent enough to expire UDP flows within half a timeout.
+            tick: Box::new(ts(TICK.min(config.udp_timeout / 2).max(Duration::from_millis(50)))),
             drain_timeout: Box::new(ts(config.drain_timeout)),
             yielded: Vec::new(),
             stopping: false,
+            flows: Flows::new(config.udp_max_flows / config.workers.max(1), config.udp_timeout),
+            sends: Slab::new(),
+            batch: RecvBatch::new(),
         })
     }
 
@@ -179,11 +205,15 @@ impl Worker {
             }
             Token::Tick => {
                 self.pool.trim();
+                self.expire_flows()?;
                 self.arm_tick()
             }
             Token::Accept(slot) => self.on_accept(slot, result, cqueue::more(flags)),
             Token::AcceptRetry(slot) => self.arm_accept(slot),
             Token::Conn(key, op) => self.on_conn_op(key, op, result),
+            Token::UdpListen(slot) => self.on_udp_listener(slot),
+            Token::UdpFlow(key) => self.on_udp_flow(key, result),
+            Token::UdpSent(id) => self.on_udp_sent(id, result),
             Token::Cancel | Token::Drain => Ok(()),
         }
     }
@@ -215,8 +245,14 @@ impl Worker {
         let wanted: HashMap<ListenerId, bool> = if self.stopping {
             HashMap::new()
         } else {
+            // A UDP socket is never paused: datagrams without an endpoint
+            // are dropped and counted.
             let serving = |id| snapshot.route(id).is_some_and(|r| !r.balancer.is_empty());
-            snapshot.listeners.iter().map(|l| (l.id, serving(l.id))).collect()
+            snapshot
+                .listeners
+                .iter()
+                .map(|l| (l.id, l.key.protocol == Protocol::Udp || serving(l.id)))
+                .collect()
         };
         let slots: Vec<usize> = self.listeners.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
@@ -225,8 +261,12 @@ impl Worker {
             match wanted.get(&a.id) {
                 None => {
                     a.fd = None;
+                    let token = match a.protocol {
+                        Protocol::Tcp => Token::Accept(slot),
+                        Protocol::Udp => Token::UdpListen(slot),
+                    };
                     if a.armed {
-                        self.cancel(Token::Accept(slot))?;
+                        self.cancel(token)?;
                     } else {
                         self.forget_listener(slot)?;
                     }
@@ -262,21 +302,25 @@ impl Worker {
                 if !serving {
                     let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
                 }
+                let protocol = listener.key.protocol;
                 let a = Accepting {
                     id: listener.id,
                     role: listener.key.role,
+                    protocol,
                     fd: Some(fd),
                     paused: !serving,
                     armed: false,
                 };
                 let slot = self.listeners.insert(a);
                 self.by_id.insert(listener.id, slot);
-                if serving {
-                    self.arm_accept(slot)?;
+                match protocol {
+                    Protocol::Udp => self.arm_udp_listener(slot)?,
+                    Protocol::Tcp if serving => self.arm_accept(slot)?,
+                    Protocol::Tcp => {}
                 }
             }
         }
-        Ok(())
+        self.reconcile_flows(&snapshot)
     }
 
     fn arm_accept(&mut self, slot: usize) -> io::Result<()> {
@@ -296,7 +340,7 @@ impl Worker {
         unsafe { sys::push(&mut self.ring, &entry) }
     }
 
-    fn forget_listener(&mut self, slot: usize) -> io::Result<()> {
+    pub(super) fn forget_listener(&mut self, slot: usize) -> io::Result<()> {
         if let Some(a) = self.listeners.try_remove(slot) {
             self.by_id.remove(&a.id);
         }
@@ -507,7 +551,7 @@ impl Worker {
         Ok(())
     }
 
-    fn cancel(&mut self, target: Token) -> io::Result<()> {
+    pub(super) fn cancel(&mut self, target: Token) -> io::Result<()> {
         let entry = opcode::AsyncCancel::new(target.encode()).build().user_data(Token::Cancel.encode());
         // SAFETY: a cancel points at no memory of ours.
         unsafe { sys::push(&mut self.ring, &entry) }
@@ -541,6 +585,9 @@ mod tests {
             Token::Conn(1, Op::ConnectTimeout),
             Token::Conn(2, Op::Readable(Dir::Down)),
             Token::Conn(3, Op::Writable(Dir::Up)),
+            Token::UdpListen(4),
+            Token::UdpFlow(5),
+            Token::UdpSent(6),
         ];
         for t in tokens {
             assert_eq!(Token::decode(t.encode()), Some(t));

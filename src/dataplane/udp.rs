@@ -1,0 +1,198 @@
+//! UDP flows of one worker: a flow is a client `ip:port` on one listening
+//! socket, with its own socket connected to the endpoint the balancer
+//! picked (affinity honoured). Replies read from that socket go back to the
+//! client from the listening socket the client sent to, so under REDIRECT
+//! conntrack rewrites their source back to the service address.
+//!
+//! Invariants:
+//! - One flow per (listener, client); SO_REUSEPORT's 4-tuple hash keeps a
+//!   client's datagrams on one worker, so flows are never shared.
+//! - A flow counts as active on its endpoint (for least-connections) from
+//!   open to close, through its `Drop`.
+//! - Flows expire after the idle timeout, checked on the worker's tick (no
+//!   timer per packet or per flow); at the flow cap the least recently used
+//!   flow is evicted first, so the fd limit is never reached.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+use socket2::{Domain, Socket, Type};
+
+use crate::balance::Balancer;
+use crate::model::{ClientAddr, EndpointAddr};
+use crate::snapshot::PortState;
+
+pub struct Flow {
+    /// The worker's slot of the listening socket the client sent to.
+    pub listener: usize,
+    pub client: SocketAddr,
+    pub socket: OwnedFd,
+    pub port: Arc<PortState>,
+    pub balancer: Arc<Balancer>,
+    /// Candidate index of the endpoint in `balancer`.
+    pub endpoint: usize,
+    pub endpoint_addr: EndpointAddr,
+    pub last_active: Instant,
+    /// A readable poll on `socket` is in flight.
+    pub armed: bool,
+    /// Waiting for its poll to be cancelled before it is freed.
+    pub closing: bool,
+    /// Tells this flow from a later one in the same slab slot.
+    pub generation: u64,
+    worker: usize,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.balancer.closed(self.endpoint);
+        let c = self.port.metrics.slot(self.worker);
+        c.add(&c.flows_closed, 1);
+    }
+}
+
+/// Why a flow could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error("no usable endpoint")]
+    NoEndpoint,
+    #[error("cannot open a socket to {endpoint}")]
+    Socket {
+        endpoint: EndpointAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub struct Flows {
+    flows: Slab<Flow>,
+    index: HashMap<(usize, SocketAddr), usize>,
+    next_generation: u64,
+    /// Most flows this worker keeps.
+    pub max: usize,
+    pub timeout: Duration,
+}
+
+impl Flows {
+    pub fn new(max: usize, timeout: Duration) -> Self {
+        Self { flows: Slab::new(), index: HashMap::new(), next_generation: 1, max: max.max(1), timeout }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn get(&self, key: usize) -> Option<&Flow> {
+        self.flows.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: usize) -> Option<&mut Flow> {
+        self.flows.get_mut(key)
+    }
+
+    /// The open flow of `client` on `listener`.
+    pub fn find(&self, listener: usize, client: SocketAddr) -> Option<usize> {
+        self.index.get(&(listener, client)).copied()
+    }
+
+    /// Open a flow: pick the endpoint and connect a socket to it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        &mut self,
+        listener: usize,
+        client: SocketAddr,
+        port: &Arc<PortState>,
+        balancer: &Arc<Balancer>,
+        worker: usize,
+        now: Instant,
+    ) -> Result<usize, FlowError> {
+        let mut candidates = balancer.pick(ClientAddr(client), now, 1);
+        let i = candidates.next_index().ok_or(FlowError::NoEndpoint)?;
+        let endpoint_addr = balancer.endpoint(i).ok_or(FlowError::NoEndpoint)?;
+        let socket = connect(endpoint_addr.0)
+            .map_err(|source| FlowError::Socket { endpoint: endpoint_addr, source })?;
+        balancer.attempting(i);
+        balancer.flow_opened(ClientAddr(client), i, now);
+        let c = port.metrics.slot(worker);
+        c.add(&c.flows_created, 1);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let key = self.flows.insert(Flow {
+            listener,
+            client,
+            socket,
+            port: Arc::clone(port),
+            balancer: Arc::clone(balancer),
+            endpoint: i,
+            endpoint_addr,
+            last_active: now,
+            armed: false,
+            closing: false,
+            generation,
+            worker,
+        });
+        self.index.insert((listener, client), key);
+        Ok(key)
+    }
+
+    /// Begin closing a flow: it leaves the index at once (the client's next
+    /// datagram opens a new flow). True if its poll must be cancelled
+    /// first; otherwise it is already freed.
+    pub fn close(&mut self, key: usize) -> bool {
+        let Some(flow) = self.flows.get_mut(key) else { return false };
+        if !flow.closing {
+            flow.closing = true;
+            let k = (flow.listener, flow.client);
+            if self.index.get(&k) == Some(&key) {
+                self.index.remove(&k);
+            }
+        }
+        if flow.armed {
+            return true;
+        }
+        self.flows.remove(key);
+        false
+    }
+
+    /// Free a closing flow whose poll has completed.
+    pub fn reap(&mut self, key: usize) {
+        if self.flows.get(key).is_some_and(|f| f.closing && !f.armed) {
+            self.flows.remove(key);
+        }
+    }
+
+    /// Open flows idle for longer than the timeout.
+    pub fn idle(&self, now: Instant) -> Vec<usize> {
+        self.flows
+            .iter()
+            .filter(|(_, f)| !f.closing && now.saturating_duration_since(f.last_active) > self.timeout)
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// The least recently active open flow (evicted first at the cap).
+    pub fn oldest(&self) -> Option<usize> {
+        self.flows.iter().filter(|(_, f)| !f.closing).min_by_key(|(_, f)| f.last_active).map(|(k, _)| k)
+    }
+
+    /// Keys of every open flow matching `pred`.
+    pub fn matching(&self, pred: impl Fn(&Flow) -> bool) -> Vec<usize> {
+        self.flows.iter().filter(|(_, f)| !f.closing && pred(f)).map(|(k, _)| k).collect()
+    }
+}
+
+/// A non-blocking UDP socket connected to `endpoint`, so replies and ICMP
+/// errors from it (and only it) arrive on this socket.
+fn connect(endpoint: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(endpoint), Type::DGRAM.nonblocking().cloexec(), None)?;
+    socket.connect(&endpoint.into())?;
+    Ok(socket.into())
+}

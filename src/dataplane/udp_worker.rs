@@ -1,0 +1,265 @@
+//! The worker's UDP side: receiving client datagrams in batches, sending
+//! them to endpoints through io_uring, relaying replies back in batches,
+//! and closing flows on idleness, ICMP errors and endpoint changes.
+//!
+//! A datagram costs no syscall of its own: client datagrams arrive up to 16
+//! per `recvmmsg`, go out as io_uring `SEND`s submitted together with
+//! everything else of the loop turn, and replies return up to 16 per
+//! `recvmmsg` / `sendmmsg` pair.
+//!
+//! Invariants:
+//! - A datagram's bytes are owned by `Worker::sends` until the kernel
+//!   reports its send complete; the completion finds its flow by key and
+//!   generation, so a recycled slot is never mistaken for it.
+//! - A flow is freed only once its poll is no longer in flight.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+
+use super::sys;
+use super::udp::FlowError;
+use super::worker::{Token, Worker};
+use crate::snapshot::Snapshot;
+
+/// A datagram on its way to an endpoint.
+pub(super) struct PendingSend {
+    flow: usize,
+    generation: u64,
+    data: Vec<u8>,
+}
+
+/// Client datagram batches handled per readiness event before yielding.
+const BATCHES_PER_WAKE: usize = 8;
+
+impl Worker {
+    pub(super) fn arm_udp_listener(&mut self, slot: usize) -> io::Result<()> {
+        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
+        let Some(fd) = a.fd.as_ref().map(|f| f.as_raw_fd()) else { return self.forget_listener(slot) };
+        a.armed = true;
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(Token::UdpListen(slot).encode());
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    /// Client datagrams are waiting on a listening socket.
+    pub(super) fn on_udp_listener(&mut self, slot: usize) -> io::Result<()> {
+        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
+        a.armed = false;
+        if a.fd.is_none() {
+            return self.forget_listener(slot);
+        }
+        let id = a.id;
+        let snapshot = self.shared.snapshot.load_full();
+        let now = Instant::now();
+        for _ in 0..BATCHES_PER_WAKE {
+            let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else { break };
+            let n = match self.batch.recv(fd.as_fd()) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(worker = self.index, error = %e, "UDP receive failed");
+                    0
+                }
+            };
+            for i in 0..n {
+                self.on_client_datagram(slot, id, &snapshot, i, now)?;
+            }
+            if n < sys::BATCH {
+                break;
+            }
+        }
+        self.arm_udp_listener(slot)
+    }
+
+    /// Datagram `i` of the batch, from a client on listener `slot`.
+    fn on_client_datagram(
+        &mut self,
+        slot: usize,
+        id: super::listen::ListenerId,
+        snapshot: &Arc<Snapshot>,
+        i: usize,
+        now: Instant,
+    ) -> io::Result<()> {
+        let Some(route) = snapshot.route(id) else { return Ok(()) };
+        let counters = route.port.metrics.slot(self.index);
+        let datagram = self.batch.get(i);
+        let Some(client) = datagram.from else { return Ok(()) };
+        if datagram.truncated {
+            counters.add(&counters.truncated, 1);
+            tracing::debug!(service = %route.port.spec.name, %client, "datagram truncated; dropped");
+            return Ok(());
+        }
+        let data = datagram.data.to_vec();
+        let key = match self.flows.find(slot, client) {
+            Some(key) => key,
+            None => {
+                if self.flows.len() >= self.flows.max
+                    && let Some(oldest) = self.flows.oldest()
+                {
+                    self.close_flow(oldest)?;
+                }
+                match self.flows.open(slot, client, route.port, route.balancer, self.index, now) {
+                    Ok(key) => {
+                        self.arm_flow(key)?;
+                        key
+                    }
+                    Err(e) => {
+                        counters.add(&counters.datagrams_dropped, 1);
+                        if !matches!(e, FlowError::NoEndpoint) {
+                            tracing::warn!(service = %route.port.spec.name, error = %e, "cannot open UDP flow");
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
+        flow.last_active = now;
+        counters.add(&counters.datagrams_to_endpoint, 1);
+        counters.add(&counters.bytes_to_endpoint, data.len() as u64);
+        let fd = flow.socket.as_raw_fd();
+        let generation = flow.generation;
+        let id = self.sends.insert(PendingSend { flow: key, generation, data });
+        let pending = &self.sends[id].data;
+        let entry = opcode::Send::new(types::Fd(fd), pending.as_ptr(), pending.len() as u32)
+            .build()
+            .user_data(Token::UdpSent(id).encode());
+        // SAFETY: the bytes live on the heap in `self.sends[id]` until this
+        // send's completion removes them; moving the slab entry does not
+        // move the Vec's buffer.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    pub(super) fn on_udp_sent(&mut self, id: usize, result: i32) -> io::Result<()> {
+        let Some(sent) = self.sends.try_remove(id) else { return Ok(()) };
+        if result >= 0 {
+            return Ok(());
+        }
+        let flow = self.flows.get(sent.flow).filter(|f| f.generation == sent.generation && !f.closing);
+        if let Some(flow) = flow {
+            let c = flow.port.metrics.slot(self.index);
+            c.add(&c.datagrams_dropped, 1);
+            if -result == libc::ECONNREFUSED {
+                return self.flow_failed(sent.flow);
+            }
+        }
+        Ok(())
+    }
+
+    fn arm_flow(&mut self, key: usize) -> io::Result<()> {
+        let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
+        flow.armed = true;
+        let entry = opcode::PollAdd::new(types::Fd(flow.socket.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(Token::UdpFlow(key).encode());
+        // SAFETY: a poll points at no memory of ours.
+        unsafe { sys::push(&mut self.ring, &entry) }
+    }
+
+    /// An endpoint's replies (or an ICMP error) wait on a flow's socket.
+    pub(super) fn on_udp_flow(&mut self, key: usize, result: i32) -> io::Result<()> {
+        let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
+        flow.armed = false;
+        if flow.closing || result < 0 {
+            self.flows.reap(key);
+            return Ok(());
+        }
+        let (listener, client) = (flow.listener, flow.client);
+        let (port, balancer, endpoint) = (Arc::clone(&flow.port), Arc::clone(&flow.balancer), flow.endpoint);
+        if self.listeners.get(listener).and_then(|a| a.fd.as_ref()).is_none() {
+            return self.close_flow(key);
+        }
+        let counters = port.metrics.slot(self.index);
+        let now = Instant::now();
+        for _ in 0..BATCHES_PER_WAKE {
+            let Some(flow) = self.flows.get(key) else { break };
+            let n = match self.batch.recv(flow.socket.as_fd()) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return self.flow_failed(key),
+                Err(e) => {
+                    tracing::debug!(service = %port.spec.name, error = %e, "UDP receive from endpoint failed");
+                    return self.close_flow(key);
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            balancer.answered(endpoint);
+            let replies: Vec<(SocketAddr, &[u8])> = (0..n)
+                .map(|i| self.batch.get(i))
+                .filter(|d| {
+                    if d.truncated {
+                        counters.add(&counters.truncated, 1);
+                    }
+                    !d.truncated
+                })
+                .map(|d| (client, d.data))
+                .collect();
+            let Some(fd) = self.listeners.get(listener).and_then(|a| a.fd.as_ref()) else { break };
+            let sent = sys::send_batch(fd.as_fd(), &replies).unwrap_or(0);
+            let bytes: usize = replies.iter().take(sent).map(|(_, d)| d.len()).sum();
+            counters.add(&counters.datagrams_to_client, sent as u64);
+            counters.add(&counters.bytes_to_client, bytes as u64);
+            counters.add(&counters.datagrams_dropped, (replies.len() - sent) as u64);
+            if let Some(flow) = self.flows.get_mut(key) {
+                flow.last_active = now;
+            }
+            if n < sys::BATCH {
+                break;
+            }
+        }
+        self.arm_flow(key)
+    }
+
+    /// The endpoint refused (ICMP port unreachable): count it for passive
+    /// health and close the flow; the client's next datagram picks afresh.
+    fn flow_failed(&mut self, key: usize) -> io::Result<()> {
+        if let Some(flow) = self.flows.get(key) {
+            tracing::debug!(service = %flow.port.spec.name, endpoint = %flow.endpoint_addr, "UDP endpoint unreachable");
+            flow.balancer.failed(crate::model::ClientAddr(flow.client), flow.endpoint, Instant::now());
+        }
+        self.close_flow(key)
+    }
+
+    pub(super) fn close_flow(&mut self, key: usize) -> io::Result<()> {
+        if self.flows.close(key) {
+            self.cancel(Token::UdpFlow(key))?;
+        }
+        Ok(())
+    }
+
+    /// Close flows idle for longer than the UDP timeout.
+    pub(super) fn expire_flows(&mut self) -> io::Result<()> {
+        for key in self.flows.idle(Instant::now()) {
+            if let Some(flow) = self.flows.get(key) {
+                let c = flow.port.metrics.slot(self.index);
+                c.add(&c.flows_expired, 1);
+            }
+            self.close_flow(key)?;
+        }
+        Ok(())
+    }
+
+    /// After a new snapshot: close flows whose listener is gone or whose
+    /// endpoint no longer receives this traffic.
+    pub(super) fn reconcile_flows(&mut self, snapshot: &Snapshot) -> io::Result<()> {
+        let listeners = &self.listeners;
+        let stale = self.flows.matching(|f| {
+            let Some(a) = listeners.get(f.listener).filter(|a| a.fd.is_some()) else { return true };
+            match snapshot.route(a.id) {
+                Some(route) => !route.balancer.endpoints().any(|e| e == f.endpoint_addr),
+                None => true,
+            }
+        });
+        for key in stale {
+            self.close_flow(key)?;
+        }
+        Ok(())
+    }
+}
