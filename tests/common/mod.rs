@@ -51,6 +51,8 @@ impl Proxy {
             .arg("--config")
             .arg(dir.path())
             .args(["--workers", "2", "--no-pin", "--bind-address", "127.0.0.1"])
+            // These tests run on the host: they must never touch its rules.
+            .args(["--redirect", "none"])
             .args(["--healthz-bind-address", "127.0.0.1:0"])
             .arg("--metrics-bind-address")
             .arg(metrics.to_string())
