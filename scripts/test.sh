@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests need (the command each provides, for the check).
 packages=(
   "iproute2:ip"
+  "nftables:nft"
+  "iptables:iptables"
+  "curl:curl"
+  "python3:python3"
 )
 
 missing=()
