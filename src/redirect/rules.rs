@@ -144,10 +144,41 @@ impl Diff {
     }
 }
 
+/// One walk over both sorted sets: linear, which matters at 100k rules.
 pub fn diff(old: &Rules, new: &Rules) -> Diff {
-    let remove = old.iter().filter(|(k, t)| new.get(k) != Some(t)).map(|(k, _)| *k).collect();
-    let add = new.iter().filter(|(k, t)| old.get(k) != Some(t)).map(|(k, t)| (*k, t.clone())).collect();
-    Diff { remove, add }
+    let mut d = Diff::default();
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => return d,
+            (Some((ok, _)), None) => {
+                d.remove.push(**ok);
+                o.next();
+            }
+            (None, Some((nk, nt))) => {
+                d.add.push((**nk, (*nt).clone()));
+                n.next();
+            }
+            (Some((ok, ot)), Some((nk, nt))) => match ok.cmp(nk) {
+                std::cmp::Ordering::Less => {
+                    d.remove.push(**ok);
+                    o.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    d.add.push((**nk, (*nt).clone()));
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ot != nt {
+                        d.remove.push(**ok);
+                        d.add.push((**nk, (*nt).clone()));
+                    }
+                    o.next();
+                    n.next();
+                }
+            },
+        }
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,10 @@ pub struct SyncReport {
     pub removed: usize,
     /// Rules in place after the sync.
     pub total: usize,
+    /// The whole sync: diff, render and apply.
     pub duration: Duration,
+    /// The rule tool's share of `duration`.
+    pub apply: Duration,
 }
 
 pub struct Syncer {
@@ -72,20 +75,28 @@ impl Syncer {
     /// the last state is unknown.
     pub fn sync_rules(&mut self, desired: Rules, full: bool) -> Result<SyncReport, RedirectError> {
         let started = Instant::now();
+        let mut apply = Duration::ZERO;
+        let mut timed = |f: &mut dyn FnMut() -> Result<(), RedirectError>| {
+            let t = Instant::now();
+            let r = f();
+            apply = t.elapsed();
+            r
+        };
         let (full, added, removed, result) = match self.applied.take() {
             Some(applied) if !full => {
                 let diff = rules::diff(&applied, &desired);
-                (false, diff.add.len(), diff.remove.len(), self.backend.update(&diff, &desired))
+                let r = timed(&mut || self.backend.update(&diff, &desired));
+                (false, diff.add.len(), diff.remove.len(), r)
             }
             applied => {
                 let before = applied.as_ref().map_or(0, |a| a.len());
-                (true, desired.len(), before, self.backend.replace(&desired))
+                (true, desired.len(), before, timed(&mut || self.backend.replace(&desired)))
             }
         };
         result?;
         let total = desired.len();
         self.applied = Some(desired);
-        Ok(SyncReport { full, added, removed, total, duration: started.elapsed() })
+        Ok(SyncReport { full, added, removed, total, duration: started.elapsed(), apply })
     }
 }
 
@@ -178,6 +189,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool) 
                         removed = r.removed,
                         rules = r.total,
                         duration_ms = r.duration.as_secs_f64() * 1e3,
+                        apply_ms = r.apply.as_secs_f64() * 1e3,
                         "redirect rules synced"
                     );
                 }
