@@ -36,7 +36,7 @@ subsets:
 - addresses: [{ip: 127.0.0.1}]
   ports: [{name: sink, port: $sink_port}, {name: echo, port: $echo_port}]
 YAML
-  "$bin/ringport" run --config "$work/$1.yaml" --relay "$1" --workers 2 \
+  "$bin/ringport" run --config "$work/$1.yaml" --relay "$1" --workers 2 --redirect none \
     --healthz-bind-address 127.0.0.1:0 --metrics-bind-address "127.0.0.1:$4" 2> "$work/$1.log" &
   pids+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$4/readyz" >/dev/null 2>&1 && return; sleep 0.1; done

@@ -12,6 +12,10 @@ packages=(
   "iproute2:ip"
   "dnsmasq:dnsmasq"
   "bind9-dnsutils:dig"
+  "nftables:nft"
+  "iptables:iptables"
+  "curl:curl"
+  "python3:python3"
 )
 
 missing=()

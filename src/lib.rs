@@ -4,7 +4,8 @@
 //! (`config/` turns raw Kubernetes objects into `model` types), the table
 //! (`table`) joins them into service ports, the control plane (`control`)
 //! binds listeners and publishes one immutable `snapshot`, and the data
-//! plane (`dataplane/`) serves connections from whatever snapshot is current.
+//! plane (`dataplane/`) serves connections from whatever snapshot is current;
+//! the redirect syncer (`redirect/`) then brings the REDIRECT rules to match.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
@@ -16,6 +17,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod metrics;
 pub mod model;
+pub mod redirect;
 pub mod run;
 pub mod snapshot;
 pub mod source;

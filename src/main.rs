@@ -1,5 +1,5 @@
 //! The `ringport` command: parse the command line, start logging, and hand
-//! over to `run`, `check` or `demo`.
+//! over to `run`, `check`, `demo` or `cleanup`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -15,6 +15,7 @@ use ringport::balance::{BalanceOptions, MAX_ATTEMPTS};
 use ringport::dataplane::listen::ListenOptions;
 use ringport::dataplane::{RelayMode, WorkerConfig};
 use ringport::model::Scheduler;
+use ringport::redirect::RedirectMode;
 use ringport::run::{Handles, RunOptions};
 
 #[global_allocator]
@@ -27,8 +28,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "A thread-per-core io_uring L4 service proxy for Kubernetes Services"
 )]
 struct Cli {
+    /// Same as `ringport cleanup` (kube-proxy's spelling).
+    #[arg(long, exclusive = true)]
+    cleanup: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +49,9 @@ enum Command {
     /// Start three demo backends and the proxy in front of them, on loopback
     /// only (the listen-address flags are overridden to 127.0.0.1).
     Demo(RunArgs),
+    /// Remove every redirect rule, chain and table ringport made (nft and
+    /// iptables, IPv4 and IPv6), then exit. Nothing to remove is a success.
+    Cleanup,
 }
 
 #[derive(Args)]
@@ -128,6 +135,10 @@ struct RunArgs {
     /// Where /readyz and /debug/snapshot are served.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// How cluster-IP traffic reaches the proxy ports: nft, iptables, none
+    /// (the edge proxy), or auto (nft if it works, else iptables, else none).
+    #[arg(long, value_enum, default_value_t = RedirectMode::Auto)]
+    redirect: RedirectMode,
 }
 
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -197,6 +208,7 @@ impl RunArgs {
             },
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
+            redirect: self.redirect,
         })
     }
 }
@@ -220,7 +232,13 @@ fn main() -> ExitCode {
 }
 
 fn main_inner() -> anyhow::Result<ExitCode> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let command = match (cli.cleanup, cli.command) {
+        (true, _) => Command::Cleanup,
+        (false, Some(c)) => c,
+        (false, None) => anyhow::bail!("no command given; see `ringport --help`"),
+    };
+    match command {
         Command::Run(args) => {
             let opts = args.options()?;
             let handles = Handles::new(opts.workers.workers);
@@ -235,9 +253,22 @@ fn main_inner() -> anyhow::Result<ExitCode> {
             opts.listen.nodeport_addresses = vec![IpNet::new(loopback, 8)?];
             opts.healthz_bind_address.set_ip(loopback);
             opts.metrics_bind_address.set_ip(loopback);
+            opts.redirect = RedirectMode::None;
             ringport::demo::demo(opts)?;
         }
         Command::Check { source, listen } => return check(&source.config, &listen.options(1)),
+        Command::Cleanup => {
+            let cleaned = ringport::redirect::cleanup()?;
+            if cleaned.nft_table {
+                println!("removed nft table inet ringport");
+            }
+            if cleaned.iptables_chains {
+                println!("removed RINGPORT-* iptables chains and their jumps");
+            }
+            if !cleaned.nft_table && !cleaned.iptables_chains {
+                println!("nothing to remove");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,7 @@ use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions};
 use crate::dataplane::{DataPlane, WorkerConfig};
 use crate::metrics::Metrics;
+use crate::redirect::{self, RedirectError, RedirectMode, Syncer, SyncerThread};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
 
@@ -29,6 +30,7 @@ pub struct RunOptions {
     pub health: HealthPolicy,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
+    pub redirect: RedirectMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,10 @@ pub enum RunError {
     DataPlane(#[source] std::io::Error),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error(transparent)]
+    Redirect(#[from] RedirectError),
+    #[error("cannot start the redirect syncer")]
+    RedirectThread(#[source] std::io::Error),
     #[error("cannot start the control-plane runtime")]
     Runtime(#[source] std::io::Error),
 }
@@ -85,15 +91,19 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         source.load().map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
     let data_plane =
         DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
+    // Ready means the sources have synced *and* their rules are in place:
+    // the syncer sets `handles.ready`, Control only its own flag.
+    let redirect = start_redirect(&opts, Arc::clone(&handles.ready))?;
     let mut control = Control::new(
         Binder::new(opts.listen.clone()),
         opts.balance.clone(),
         HealthRegistry::new(opts.health, std::time::Instant::now()),
         Arc::clone(&handles.metrics),
         Arc::clone(&handles.snapshot),
-        Arc::clone(&handles.ready),
+        Arc::new(AtomicBool::new(false)),
     );
     let applied = control.replace(manifests, &data_plane)?;
+    redirect.publish(control.current());
     tracing::info!(
         config = %opts.config.display(),
         workers = opts.workers.workers,
@@ -121,12 +131,30 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
             _ = int.recv() => break,
             _ = term.recv() => break,
         };
-        reload(&source, &mut control, &data_plane, &handles.metrics, why);
+        reload(&source, &mut control, &data_plane, &redirect, &handles.metrics, why);
     }
     Ok(data_plane)
 }
 
-fn reload(source: &FileSource, control: &mut Control, data_plane: &DataPlane, metrics: &Metrics, why: &str) {
+/// The redirect syncer for `--redirect`, on its own thread.
+fn start_redirect(opts: &RunOptions, ready: Arc<AtomicBool>) -> Result<SyncerThread, RunError> {
+    let backend = redirect::backend(opts.redirect)?;
+    let bind = opts.listen.bind_address;
+    if backend.name() != "none" && !bind.is_unspecified() {
+        tracing::warn!(bind_address = %bind, "redirected traffic arrives on the receiving interface's address (127.0.0.1 from the node itself); a proxy port on one specific --bind-address will not accept all of it");
+    }
+    tracing::info!(backend = backend.name(), "redirect rules");
+    SyncerThread::spawn(Syncer::new(backend), ready).map_err(RunError::RedirectThread)
+}
+
+fn reload(
+    source: &FileSource,
+    control: &mut Control,
+    data_plane: &DataPlane,
+    redirect: &SyncerThread,
+    metrics: &Metrics,
+    why: &str,
+) {
     let path = source.path().display();
     let outcome = source
         .load()
@@ -136,6 +164,7 @@ fn reload(source: &FileSource, control: &mut Control, data_plane: &DataPlane, me
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match outcome {
         Ok(a) => {
+            redirect.publish(control.current());
             tracing::info!(config = %path, trigger = why, generation = a.generation, service_ports = a.service_ports, listeners = a.listeners, "reloaded")
         }
         Err(rejected) => {

@@ -51,6 +51,8 @@ impl Proxy {
             .arg("--config")
             .arg(dir.path())
             .args(["--workers", "2", "--no-pin", "--bind-address", "127.0.0.1"])
+            // These tests run on the host: they must never touch its rules.
+            .args(["--redirect", "none"])
             // One admin address serves every route (health and metrics).
             .arg("--healthz-bind-address")
             .arg(metrics.to_string())

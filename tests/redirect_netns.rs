@@ -1,0 +1,271 @@
+//! The redirect rules end to end, in network namespaces: the real
+//! `ringport` binary in a node namespace with real nft (or iptables)
+//! rules, a client namespace, and three backend namespaces each running a
+//! real HTTP server that names itself.
+//!
+//! Needs root and `ip`, `nft`, `iptables`, `curl`, `python3` (CI has them
+//! through scripts/test.sh); without them every test here fails saying so.
+
+mod netns;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use netns::{Lab, NODE_IP};
+
+const TOOLS: [&str; 6] = ["ip", "nft", "iptables", "iptables-save", "curl", "python3"];
+const BACKENDS: [(&str, &str); 3] = [("be1", "10.200.0.11"), ("be2", "10.200.0.12"), ("be3", "10.200.0.13")];
+
+/// `web`: cluster IP, NodePort, a non-local externalIP and a local one (the
+/// node's own address), a LoadBalancer ingress IP; three backends.
+/// `empty`: a cluster IP with no endpoints. `extra` (when asked for): one
+/// more cluster IP on be1, to delete later.
+fn manifest(with_extra: bool) -> String {
+    let endpoints = |name: &str, ips: &[&str]| {
+        let addresses: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+        format!(
+            "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: default}}\n\
+             subsets:\n- addresses: [{}]\n  ports: [{{port: 8080, protocol: TCP}}]\n",
+            addresses.join(", ")
+        )
+    };
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: LoadBalancer\n  \
+         clusterIP: 10.96.0.10\n  externalIPs: [\"10.97.0.10\", \"{NODE_IP}\"]\n  \
+         ports:\n  - {{port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}\n\
+         status:\n  loadBalancer:\n    ingress: [{{ip: \"10.98.0.10\"}}]\n"
+    );
+    y += &endpoints("web", &BACKENDS.map(|(_, ip)| ip));
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\n\
+          spec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
+    if with_extra {
+        y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: default}\n\
+              spec:\n  clusterIP: 10.96.0.30\n  ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
+        y += &endpoints("extra", &[BACKENDS[0].1]);
+    }
+    y
+}
+
+/// A lab with backends serving and ringport running in the node namespace.
+struct Node {
+    lab: Lab,
+    ringport: usize,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(redirect: &str) -> Node {
+        netns::require_privileges_and_tools(&TOOLS);
+        let mut lab = Lab::new();
+        lab.topology(&BACKENDS);
+        for (role, ip) in BACKENDS {
+            let root = lab.scratch.path().join(role);
+            std::fs::create_dir_all(&root).expect("backend dir");
+            std::fs::write(root.join("whoami"), role).expect("backend file");
+            let log = lab.scratch.path().join(format!("{role}.log"));
+            let root = root.to_string_lossy().into_owned();
+            lab.spawn(
+                role,
+                &["python3", "-m", "http.server", "--bind", ip, "8080", "--directory", &root],
+                &log,
+            );
+        }
+        for (role, ip) in BACKENDS {
+            let url = format!("http://{ip}:8080/whoami");
+            lab.eventually(Duration::from_secs(20), &format!("backend {role} serving"), || {
+                lab.curl("node", &url).1 == role
+            });
+        }
+        let config = lab.scratch.path().join("manifests");
+        std::fs::create_dir_all(&config).expect("manifest dir");
+        std::fs::write(config.join("services.yaml"), manifest(true)).expect("manifest");
+        let log = lab.scratch.path().join("ringport.log");
+        let args = [
+            env!("CARGO_BIN_EXE_ringport"),
+            "run",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--redirect",
+            redirect,
+            "--workers",
+            "2",
+            "--no-pin",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ];
+        let ringport = lab.spawn("node", &args, &log);
+        let node = Node { lab, ringport, config, log };
+        node.lab.eventually(Duration::from_secs(20), "ringport ready (rules synced)", || {
+            node.assert_running();
+            node.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok"
+        });
+        node
+    }
+
+    fn assert_running(&self) {
+        // try_wait needs &mut; a zombie in /proc means it exited.
+        let pid = self.pid();
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")),
+            "ringport exited:\n{}",
+            self.log()
+        );
+    }
+
+    /// `ip netns exec` execs the command: the child is ringport itself.
+    fn pid(&self) -> u32 {
+        self.lab.child_id(self.ringport)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Which backends answer `n` requests to `url` from `role`.
+    fn answers(&self, role: &str, url: &str, n: usize) -> BTreeSet<String> {
+        (0..n)
+            .map(|_| {
+                let (code, body) = self.lab.curl(role, url);
+                assert_eq!(code, 0, "curl {url} from {role}: exit {code}\n{}", self.log());
+                body
+            })
+            .collect()
+    }
+
+    fn rewrite_manifest(&self, text: &str) {
+        let tmp = self.config.join(".services.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.config.join("services.yaml")).expect("rename manifest");
+    }
+
+    fn cleanup(&self) -> String {
+        self.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"])
+    }
+}
+
+fn every_backend() -> BTreeSet<String> {
+    BACKENDS.iter().map(|(role, _)| role.to_string()).collect()
+}
+
+/// Everything a client should reach, from the client and from the node.
+fn assert_web_is_served(node: &Node) {
+    // (1) The cluster IP, round robin over every backend, from another
+    // host (PREROUTING) and from the node itself (OUTPUT).
+    assert_eq!(node.answers("client", "http://10.96.0.10/whoami", 6), every_backend());
+    assert_eq!(node.answers("node", "http://10.96.0.10/whoami", 6), every_backend());
+    // (2) NodePort on the node's address; a non-local externalIP and a
+    // LoadBalancer IP routed to the node; a local externalIP (no rule: the
+    // data plane listens on it).
+    for url in [
+        format!("http://{NODE_IP}:30080/whoami"),
+        "http://10.97.0.10/whoami".into(),
+        "http://10.98.0.10/whoami".into(),
+        format!("http://{NODE_IP}/whoami"),
+    ] {
+        assert_eq!(node.answers("client", &url, 3), every_backend(), "{url}");
+    }
+}
+
+/// (3) A service with no endpoints is refused at once, never by a timeout:
+/// its proxy port is paused (not listening, port kept), so the kernel
+/// answers the redirected SYN with RST.
+fn assert_no_endpoints_fails_fast(node: &Node) {
+    for role in ["client", "node"] {
+        let outcome = node.lab.probe(role, "10.96.0.20", 80);
+        assert_eq!(outcome, "refused", "no-endpoint service from {role}");
+    }
+}
+
+/// (4) Deleting `extra` removes its rule: its cluster IP is no longer
+/// intercepted, so a connection to it goes nowhere.
+fn delete_extra_and_check(node: &Node, rules_mention: impl Fn() -> bool) {
+    assert_eq!(node.answers("client", "http://10.96.0.30/whoami", 1), BTreeSet::from(["be1".to_string()]));
+    assert!(rules_mention(), "extra's rule is missing before its deletion");
+    node.rewrite_manifest(&manifest(false));
+    node.lab.eventually(Duration::from_secs(10), "extra's rule removed", || !rules_mention());
+    let (code, _) = node.lab.curl("client", "http://10.96.0.30/whoami");
+    assert_ne!(code, 0, "10.96.0.30 still answers after its service was deleted");
+    assert_eq!(node.answers("client", "http://10.96.0.10/whoami", 3), every_backend());
+}
+
+#[test]
+fn nft_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
+    let mut node = Node::start("nft");
+    let table = node.lab.ok("node", &["nft", "list", "table", "inet", "ringport"]);
+    println!("nft list table inet ringport:\n{table}");
+    for vip in ["10.96.0.10", "10.97.0.10", "10.98.0.10", "10.96.0.20", "10.96.0.30"] {
+        assert!(table.contains(&format!("tcp . {vip} . 80 : ")), "no element for {vip}:\n{table}");
+    }
+    assert!(!table.contains(&format!("{NODE_IP} . 80")), "a local externalIP got a rule:\n{table}");
+    assert_eq!(table.matches("redirect to").count(), 4, "one rule per family per chain:\n{table}");
+
+    assert_web_is_served(&node);
+    assert_no_endpoints_fails_fast(&node);
+    delete_extra_and_check(&node, || {
+        node.lab.ok("node", &["nft", "list", "map", "inet", "ringport", "svc4"]).contains("10.96.0.30")
+    });
+
+    // (5) Rules stay when ringport stops (see docs/redirect.md); cleanup
+    // removes them and is happy to find nothing the second time.
+    let ringport = node.ringport;
+    node.lab.stop(ringport);
+    assert!(node.lab.ok("node", &["nft", "list", "tables"]).contains("ringport"));
+    assert!(node.cleanup().contains("removed nft table inet ringport"));
+    let ruleset = node.lab.ok("node", &["nft", "list", "ruleset"]);
+    assert!(!ruleset.contains("ringport") && !ruleset.contains("RINGPORT"), "{ruleset}");
+    assert_eq!(node.cleanup().trim(), "nothing to remove");
+}
+
+#[test]
+fn iptables_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
+    let mut node = Node::start("iptables");
+    let saved = node.lab.ok("node", &["iptables-save", "-t", "nat"]);
+    println!("iptables-save -t nat:\n{saved}");
+    assert!(
+        saved.contains("-A PREROUTING -m comment --comment \"ringport redirects\" -j RINGPORT-PREROUTING")
+    );
+    assert!(saved.contains("-A OUTPUT -m comment --comment \"ringport redirects\" -j RINGPORT-OUTPUT"));
+    assert!(
+        saved.contains("-A RINGPORT-PREROUTING -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web\"")
+    );
+    assert!(!saved.contains(&format!("-d {NODE_IP}/32")), "a local externalIP got a rule:\n{saved}");
+    assert!(!node.lab.ok("node", &["nft", "list", "tables"]).contains("inet ringport"));
+
+    assert_web_is_served(&node);
+    assert_no_endpoints_fails_fast(&node);
+    delete_extra_and_check(&node, || {
+        node.lab.ok("node", &["iptables-save", "-t", "nat"]).contains("10.96.0.30")
+    });
+
+    let ringport = node.ringport;
+    node.lab.stop(ringport);
+    assert!(node.cleanup().contains("removed RINGPORT-* iptables chains"));
+    let saved = node.lab.ok("node", &["iptables-save"]) + &node.lab.ok("node", &["ip6tables-save"]);
+    assert!(!saved.contains("RINGPORT"), "{saved}");
+    assert!(!node.lab.ok("node", &["nft", "list", "ruleset"]).contains("RINGPORT"));
+    assert_eq!(node.cleanup().trim(), "nothing to remove");
+}
+
+/// (6) A test that fails half-way still leaves no namespace and no process.
+#[test]
+fn a_failing_lab_still_removes_its_namespaces_and_processes() {
+    netns::require_privileges_and_tools(&TOOLS);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let failed = std::thread::spawn(move || {
+        let node = Node::start("nft");
+        tx.send((node.lab.namespaces().to_vec(), node.pid())).expect("send");
+        panic!("a deliberate failure with ringport, backends and rules in place");
+    })
+    .join();
+    assert!(failed.is_err(), "the inner test was meant to fail");
+    let (namespaces, pid) = rx.recv().expect("the lab was built before the failure");
+    assert_eq!(namespaces.len(), 5, "{namespaces:?}");
+    let left: Vec<String> =
+        netns::existing_namespaces().into_iter().filter(|n| namespaces.contains(n)).collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "ringport {pid} left running");
+}
