@@ -18,6 +18,7 @@ use crate::dataplane::listen::{Binder, ListenOptions};
 use crate::dataplane::{DataPlane, WorkerConfig};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
+use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -28,6 +29,16 @@ pub struct RunOptions {
     pub health: HealthPolicy,
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
+    /// Where the services come from; `config` is read only for `File`.
+    pub source: SourceChoice,
+}
+
+/// `--source`: manifest files (the default) or the Kubernetes API.
+#[derive(Clone, Debug, Default)]
+pub enum SourceChoice {
+    #[default]
+    File,
+    Kube(KubeOptions),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +55,8 @@ pub enum RunError {
     Admin(#[from] admin::AdminError),
     #[error("cannot start the control-plane runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
 }
 
 /// Handles a caller (e.g. the demo) may keep to watch the running proxy.
@@ -75,7 +88,10 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
         .thread_name("ringport-control")
         .build()
         .map_err(RunError::Runtime)?;
-    let data_plane = runtime.block_on(serve(opts, handles))?;
+    let data_plane = match opts.source.clone() {
+        SourceChoice::File => runtime.block_on(serve(opts, handles))?,
+        SourceChoice::Kube(kube) => runtime.block_on(serve_kube(opts, kube, handles))?,
+    };
     tracing::info!("stopping: no new connections; draining open ones");
     data_plane.stop();
     tracing::info!("stopped");
@@ -141,4 +157,80 @@ fn reload(source: &FileSource, control: &mut Control, data_plane: &DataPlane, wh
             tracing::error!(config = %path, trigger = why, error = %rejected, "reload rejected");
         }
     }
+}
+
+/// How long the start waits for this node's Node (its zone) before going
+/// on without a zone.
+const NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The Kubernetes API source. The admin endpoints come up first (`/livez`
+/// answers, `/readyz` is 503), the zone is read from this node's Node
+/// before anything is published, and the first publish (which makes
+/// `/readyz` 200) waits for both watchers' initial lists.
+async fn serve_kube(
+    mut opts: RunOptions,
+    kube: KubeOptions,
+    handles: Handles,
+) -> Result<DataPlane, RunError> {
+    let state = AdminState { snapshot: Arc::clone(&handles.snapshot), ready: Arc::clone(&handles.ready) };
+    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
+        tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
+    }
+    let client = crate::source::kube::client(kube.kubeconfig.as_deref()).await?;
+    let locality = &mut opts.balance.locality;
+    match (&locality.zone, &locality.node_name) {
+        (Some(zone), _) => tracing::info!(%zone, "zone from --zone"),
+        (None, None) => tracing::warn!("no node name: no zone, Local policies match no endpoint"),
+        (None, Some(node)) => {
+            match crate::source::kube::node_zone(client.clone(), node, NODE_TIMEOUT).await {
+                Ok(Some(zone)) => {
+                    tracing::info!(node = %node, %zone, "zone from the Node's label");
+                    locality.zone = Some(zone);
+                }
+                Ok(None) => tracing::info!(node = %node, "the Node has no zone label"),
+                Err(e) => {
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "going on without a zone")
+                }
+            }
+        }
+    }
+    let data_plane =
+        DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
+    let mut control = Control::new(
+        Binder::new(opts.listen.clone()),
+        opts.balance.clone(),
+        HealthRegistry::new(opts.health, std::time::Instant::now()),
+        Arc::clone(&handles.snapshot),
+        Arc::clone(&handles.ready),
+    )
+    .tolerate_cross_object_errors();
+    let mut source = KubeSource::watch(client, Filter { service_proxy_name: kube.service_proxy_name });
+    tracing::info!("waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then");
+
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
+    loop {
+        let manifests = tokio::select! {
+            manifests = source.next() => manifests?,
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+        };
+        match control.replace(manifests, &data_plane) {
+            Ok(a) => {
+                tracing::info!(
+                    generation = a.generation,
+                    service_ports = a.service_ports,
+                    listeners = a.listeners,
+                    "applied"
+                )
+            }
+            Err(rejected) => {
+                for e in &rejected.0 {
+                    tracing::error!(error = %e, "invalid object");
+                }
+                tracing::error!(error = %rejected, "update rejected");
+            }
+        }
+    }
+    Ok(data_plane)
 }

@@ -4,8 +4,14 @@
 //! Sources feed the table; the table never reaches out to them. A change is
 //! tried on a copy first ([`Table::try_replace`]), so an invalid change
 //! leaves the table (and therefore the served snapshot) as it was.
+//!
+//! A [`Table::tolerant`] table (the Kubernetes API source's) still rejects
+//! nothing per object (the source has already kept each object's last good
+//! version) but serves through cross-object findings of `join`, such as a
+//! service port no slice port matches: it logs each new one once and serves
+//! the rest, as kube-proxy does, instead of freezing every update.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{self, ConfigError, Manifests};
 use crate::model::{EndpointSlice, Service, ServiceName, ServicePort};
@@ -14,15 +20,30 @@ use crate::model::{EndpointSlice, Service, ServiceName, ServicePort};
 pub struct Table {
     services: BTreeMap<ServiceName, Service>,
     slices: BTreeMap<ServiceName, EndpointSlice>,
+    /// `Some` for a tolerant table: the cross-object errors last reported,
+    /// so each is logged when it appears, not on every update.
+    tolerated: Option<BTreeSet<String>>,
 }
 
 impl Table {
+    /// A table that serves through cross-object errors (see the module
+    /// header); for sources whose objects are validated one by one.
+    pub fn tolerant() -> Self {
+        Self { tolerated: Some(BTreeSet::new()), ..Self::default() }
+    }
+
     /// Replace the whole contents (a file source's reload), but only if the
     /// result is valid. On error the table is unchanged.
     pub fn try_replace(&mut self, manifests: Manifests) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
         // Join the lists as given, so duplicates are reported, not collapsed.
         let (ports, errors) = config::join(&manifests.services, &manifests.slices);
-        if !errors.is_empty() {
+        if let Some(reported) = &mut self.tolerated {
+            let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
+            for error in now.difference(reported) {
+                tracing::warn!(%error, "served without what this error concerns");
+            }
+            *reported = now;
+        } else if !errors.is_empty() {
             return Err(errors);
         }
         self.services = manifests.services.into_iter().map(|s| (s.name.clone(), s)).collect();
