@@ -59,3 +59,36 @@ impl Table {
         if errors.is_empty() { Ok(ports) } else { Err(errors) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+    use crate::config::parse_str;
+
+    /// A Service whose named targetPort no slice port carries: a
+    /// cross-object error (`join`), not an invalid object.
+    const UNMATCHED: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: other, port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+";
+
+    #[test]
+    fn strict_table_rejects_a_cross_object_error_and_tolerant_one_serves_the_rest() {
+        let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
+        assert!(Table::default().try_replace(manifests.clone()).is_err());
+        let ports = Table::tolerant().try_replace(manifests).unwrap();
+        assert_eq!(ports.len(), 1);
+        assert!(ports[0].endpoints.is_empty(), "served, without the unmatched slice's endpoints");
+    }
+}
