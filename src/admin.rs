@@ -22,10 +22,24 @@ pub struct AdminState {
     /// True once the sources have synced and a snapshot is published.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// With redirect rules: how long the rule sync may go without a success
+    /// before `/healthz` fails (`None`: no rules, always healthy).
+    pub sync_stall: Option<std::time::Duration>,
+    pub started: std::time::Instant,
 }
 
 async fn ok() -> &'static str {
     "ok\n"
+}
+
+async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
+    let Some(limit) = s.sync_stall else { return (StatusCode::OK, "ok\n") };
+    let since = s.metrics.sync.since_last_success().unwrap_or_else(|| s.started.elapsed());
+    if since <= limit {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "redirect rules have not synced for over twice the sync period\n")
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -55,7 +69,7 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 fn health_routes() -> Router<AdminState> {
-    Router::new().route("/healthz", get(ok)).route("/livez", get(ok))
+    Router::new().route("/healthz", get(healthz)).route("/livez", get(ok))
 }
 
 fn metrics_routes() -> Router<AdminState> {

@@ -89,4 +89,12 @@ impl Control {
     pub fn current(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
     }
+
+    /// Serve through cross-object errors (logged once each) instead of
+    /// rejecting the update: for the Kubernetes API source, which keeps
+    /// each object's last good version itself (`table` module header).
+    pub fn tolerate_cross_object_errors(mut self) -> Self {
+        self.table = Table::tolerant();
+        self
+    }
 }

@@ -16,7 +16,8 @@ use ringport::dataplane::listen::ListenOptions;
 use ringport::dataplane::{RelayMode, WorkerConfig};
 use ringport::model::Scheduler;
 use ringport::redirect::RedirectMode;
-use ringport::run::{Handles, RunOptions};
+use ringport::run::{Handles, RunOptions, SourceChoice};
+use ringport::source::kube::KubeOptions;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -62,6 +63,30 @@ struct SourceArgs {
     config: PathBuf,
 }
 
+/// Where `run` gets its services.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SourceKind {
+    /// Manifest files at --config.
+    File,
+    /// The Kubernetes API (Services and EndpointSlices of every namespace).
+    Kube,
+}
+
+#[derive(Args)]
+struct KubeArgs {
+    /// Where the services come from.
+    #[arg(long = "source", value_enum, default_value = "file")]
+    kind: SourceKind,
+    /// The kubeconfig for --source kube (default: the in-cluster
+    /// configuration, or $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Serve Services labelled service.kubernetes.io/service-proxy-name
+    /// with this value (without it, every labelled Service is skipped).
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+}
+
 #[derive(Args)]
 struct ListenArgs {
     /// The address proxy ports listen on.
@@ -81,6 +106,8 @@ struct ListenArgs {
 struct RunArgs {
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    kube: KubeArgs,
     #[command(flatten)]
     listen: ListenArgs,
     /// Worker threads, each pinned to a core with its own io_uring
@@ -209,6 +236,13 @@ impl RunArgs {
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
             redirect: self.redirect,
+            source: match self.kube.kind {
+                SourceKind::File => SourceChoice::File,
+                SourceKind::Kube => SourceChoice::Kube(KubeOptions {
+                    kubeconfig: self.kube.kubeconfig.clone(),
+                    service_proxy_name: self.kube.service_proxy_name.clone(),
+                }),
+            },
         })
     }
 }
@@ -246,6 +280,7 @@ fn main_inner() -> anyhow::Result<ExitCode> {
         }
         Command::Demo(args) => {
             let mut opts = args.options()?;
+            anyhow::ensure!(matches!(opts.source, SourceChoice::File), "demo serves its own manifests");
             opts.config = ringport::demo::example_path(&opts.config)?;
             // The demo is for this machine only: listen on loopback alone.
             let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::admin::{self, AdminState};
 use crate::balance::BalanceOptions;
 use crate::balance::health::{HealthPolicy, HealthRegistry};
-use crate::config::ConfigErrors;
+use crate::config::{ConfigError, ConfigErrors, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions};
 use crate::dataplane::{DataPlane, WorkerConfig};
@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, Syncer, SyncerThread};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
+use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -31,6 +32,16 @@ pub struct RunOptions {
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub redirect: RedirectMode,
+    /// Where the services come from; `config` is read only for `File`.
+    pub source: SourceChoice,
+}
+
+/// `--source`: manifest files (the default) or the Kubernetes API.
+#[derive(Clone, Debug, Default)]
+pub enum SourceChoice {
+    #[default]
+    File,
+    Kube(KubeOptions),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +62,10 @@ pub enum RunError {
     RedirectThread(#[source] std::io::Error),
     #[error("cannot start the control-plane runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("the manifest watcher stopped")]
+    WatchEnded,
 }
 
 /// Handles a caller (e.g. the demo) may keep to watch the running proxy.
@@ -85,16 +100,28 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
-    let mut source = FileSource::watch(&opts.config)?;
-    let manifests =
-        source.load().map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
+async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
+    // The admin endpoints come first: /livez answers and /readyz says 503
+    // while a source is still syncing.
+    let state = AdminState {
+        snapshot: Arc::clone(&handles.snapshot),
+        ready: Arc::clone(&handles.ready),
+        metrics: Arc::clone(&handles.metrics),
+        // kube-proxy's rule: unhealthy when the rules made no progress for
+        // twice the sync period.
+        sync_stall: (opts.redirect != RedirectMode::None).then_some(redirect::RESYNC * 2),
+        started: std::time::Instant::now(),
+    };
+    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
+        tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
+    }
+    let (mut source, first) = Source::start(&mut opts).await?;
     let data_plane =
         DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
     // Ready means the sources have synced *and* their rules are in place:
     // the syncer sets `handles.ready`, Control only its own flag.
-    let redirect = start_redirect(&opts, Arc::clone(&handles.ready))?;
-    let mut control = Control::new(
+    let redirect = start_redirect(&opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
+    let control = Control::new(
         Binder::new(opts.listen.clone()),
         opts.balance.clone(),
         HealthRegistry::new(opts.health, std::time::Instant::now()),
@@ -102,76 +129,162 @@ async fn serve(opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError
         Arc::clone(&handles.snapshot),
         Arc::new(AtomicBool::new(false)),
     );
-    let applied = control.replace(manifests, &data_plane)?;
-    redirect.publish(control.current());
-    tracing::info!(
-        config = %opts.config.display(),
-        workers = opts.workers.workers,
-        generation = applied.generation,
-        service_ports = applied.service_ports,
-        listeners = applied.listeners,
-        "serving"
-    );
-    let state = AdminState {
-        snapshot: Arc::clone(&handles.snapshot),
-        ready: Arc::clone(&handles.ready),
-        metrics: Arc::clone(&handles.metrics),
+    // The API serves objects one by one: a cross-object error concerns one
+    // Service, and must not freeze every later update for the node.
+    let mut control = match source {
+        Source::Kube(_) => control.tolerate_cross_object_errors(),
+        Source::File(_) => control,
     };
-    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
-        tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
+    let mut plane = Plane {
+        control: &mut control,
+        data_plane: &data_plane,
+        redirect: &redirect,
+        metrics: &handles.metrics,
+    };
+    if let Some(manifests) = first {
+        let applied = plane.control.replace(manifests, &data_plane)?;
+        redirect.publish(plane.control.current());
+        tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, generation = applied.generation, service_ports = applied.service_ports, listeners = applied.listeners, "serving");
     }
 
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     loop {
-        let why = tokio::select! {
-            Some(()) = source.changed() => "file change",
-            Some(()) = hup.recv() => "SIGHUP",
+        tokio::select! {
+            update = source.next() => {
+                let (update, why) = update?;
+                plane.apply(update, why);
+            }
+            Some(()) = hup.recv() => match &source {
+                Source::File(file) => plane.apply(file.load().map_err(|e| e.into_iter().collect()), "SIGHUP"),
+                Source::Kube(_) => tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload"),
+            },
             _ = int.recv() => break,
             _ = term.recv() => break,
-        };
-        reload(&source, &mut control, &data_plane, &redirect, &handles.metrics, why);
+        }
     }
     Ok(data_plane)
 }
 
+/// Where the services come from.
+enum Source {
+    File(FileSource),
+    Kube(KubeSource),
+}
+
+/// How long the start waits for this node's Node (its zone) before going
+/// on without a zone.
+const NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Source {
+    /// Start the source chosen by `opts`. The file source is read at once
+    /// (an invalid start is an error: there is no last good state yet); the
+    /// Kubernetes source first reads this node's zone into `opts`, and
+    /// yields its first state once both watchers have listed.
+    async fn start(opts: &mut RunOptions) -> Result<(Source, Option<Manifests>), RunError> {
+        match opts.source.clone() {
+            SourceChoice::File => {
+                let source = FileSource::watch(&opts.config)?;
+                let manifests = source
+                    .load()
+                    .map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
+                Ok((Source::File(source), Some(manifests)))
+            }
+            SourceChoice::Kube(kube) => {
+                let client = crate::source::kube::client(kube.kubeconfig.as_deref()).await?;
+                zone_from_node(&client, &mut opts.balance.locality).await;
+                let filter = Filter { service_proxy_name: kube.service_proxy_name };
+                tracing::info!(
+                    "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
+                );
+                Ok((Source::Kube(KubeSource::watch(client, filter)), None))
+            }
+        }
+    }
+
+    /// The next full state, valid or not, and what triggered it.
+    async fn next(&mut self) -> Result<(Result<Manifests, Vec<ConfigError>>, &'static str), RunError> {
+        match self {
+            Source::File(file) => {
+                if file.changed().await.is_none() {
+                    return Err(RunError::WatchEnded);
+                }
+                Ok((file.load().map_err(|e| e.into_iter().collect()), "file change"))
+            }
+            Source::Kube(kube) => Ok((Ok(kube.next().await?), "API change")),
+        }
+    }
+}
+
+/// This node's zone from its Node's label, unless `--zone` gave one.
+async fn zone_from_node(client: &kube::Client, locality: &mut crate::balance::eligible::Locality) {
+    match (&locality.zone, &locality.node_name) {
+        (Some(zone), _) => tracing::info!(%zone, "zone from --zone"),
+        (None, None) => tracing::warn!("no node name: no zone, Local policies match no endpoint"),
+        (None, Some(node)) => {
+            match crate::source::kube::node_zone(client.clone(), node, NODE_TIMEOUT).await {
+                Ok(Some(zone)) => {
+                    tracing::info!(node = %node, %zone, "zone from the Node's label");
+                    locality.zone = Some(zone);
+                }
+                Ok(None) => tracing::info!(node = %node, "the Node has no zone label"),
+                Err(e) => {
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "going on without a zone")
+                }
+            }
+        }
+    }
+}
+
+/// What an update goes through: control plane, then redirect rules.
+struct Plane<'a> {
+    control: &'a mut Control,
+    data_plane: &'a DataPlane,
+    redirect: &'a SyncerThread,
+    metrics: &'a Metrics,
+}
+
+impl Plane<'_> {
+    /// Apply a source's new state, or log why it was rejected (the last good
+    /// state keeps serving).
+    fn apply(&mut self, update: Result<Manifests, Vec<ConfigError>>, why: &str) {
+        let outcome = update.map_err(Rejected).and_then(|m| self.control.replace(m, self.data_plane));
+        let counter =
+            if outcome.is_ok() { &self.metrics.reloads_applied } else { &self.metrics.reloads_rejected };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match outcome {
+            Ok(a) => {
+                self.redirect.publish(self.control.current());
+                tracing::info!(
+                    trigger = why,
+                    generation = a.generation,
+                    service_ports = a.service_ports,
+                    listeners = a.listeners,
+                    "reloaded"
+                );
+            }
+            Err(rejected) => {
+                for e in &rejected.0 {
+                    tracing::error!(error = %e, "invalid manifest");
+                }
+                tracing::error!(trigger = why, error = %rejected, "reload rejected");
+            }
+        }
+    }
+}
+
 /// The redirect syncer for `--redirect`, on its own thread.
-fn start_redirect(opts: &RunOptions, ready: Arc<AtomicBool>) -> Result<SyncerThread, RunError> {
+fn start_redirect(
+    opts: &RunOptions,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) -> Result<SyncerThread, RunError> {
     let backend = redirect::backend(opts.redirect)?;
     let bind = opts.listen.bind_address;
     if backend.name() != "none" && !bind.is_unspecified() {
         tracing::warn!(bind_address = %bind, "redirected traffic arrives on the receiving interface's address (127.0.0.1 from the node itself); a proxy port on one specific --bind-address will not accept all of it");
     }
     tracing::info!(backend = backend.name(), "redirect rules");
-    SyncerThread::spawn(Syncer::new(backend), ready).map_err(RunError::RedirectThread)
-}
-
-fn reload(
-    source: &FileSource,
-    control: &mut Control,
-    data_plane: &DataPlane,
-    redirect: &SyncerThread,
-    metrics: &Metrics,
-    why: &str,
-) {
-    let path = source.path().display();
-    let outcome = source
-        .load()
-        .map_err(|errors| Rejected(errors.into_iter().collect()))
-        .and_then(|m| control.replace(m, data_plane));
-    let counter = if outcome.is_ok() { &metrics.reloads_applied } else { &metrics.reloads_rejected };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    match outcome {
-        Ok(a) => {
-            redirect.publish(control.current());
-            tracing::info!(config = %path, trigger = why, generation = a.generation, service_ports = a.service_ports, listeners = a.listeners, "reloaded")
-        }
-        Err(rejected) => {
-            for e in &rejected.0 {
-                tracing::error!(config = %path, error = %e, "invalid manifest");
-            }
-            tracing::error!(config = %path, trigger = why, error = %rejected, "reload rejected");
-        }
-    }
+    SyncerThread::spawn(Syncer::new(backend), ready, metrics).map_err(RunError::RedirectThread)
 }

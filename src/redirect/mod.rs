@@ -22,7 +22,7 @@ pub mod syncer;
 
 use std::process::ExitStatus;
 
-pub use syncer::{Syncer, SyncerThread};
+pub use syncer::{RESYNC, Syncer, SyncerThread};
 
 use rules::{Diff, Rules};
 

@@ -16,6 +16,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::metrics::Metrics;
+
 use super::rules::{self, Locality, Rules};
 use super::{Backend, RedirectError};
 use crate::snapshot::Snapshot;
@@ -116,12 +118,12 @@ pub struct SyncerThread {
 
 impl SyncerThread {
     /// Start syncing; `ready` is set after the first successful sync.
-    pub fn spawn(syncer: Syncer, ready: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub fn spawn(syncer: Syncer, ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> std::io::Result<Self> {
         let inbox = Arc::new((Mutex::new(Inbox::default()), Condvar::new()));
         let theirs = Arc::clone(&inbox);
         let thread = std::thread::Builder::new()
             .name("ringport-redirect".into())
-            .spawn(move || run(syncer, &theirs, &ready))?;
+            .spawn(move || run(syncer, &theirs, &ready, &metrics))?;
         Ok(Self { inbox, thread: Some(thread) })
     }
 
@@ -144,7 +146,7 @@ impl Drop for SyncerThread {
     }
 }
 
-fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool) {
+fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, metrics: &Metrics) {
     let (lock, wake) = inbox;
     // `none` touches nothing, not even a previous run's rules.
     if syncer.backend_name() != "none"
@@ -173,7 +175,10 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool) 
         }
         let Some(snapshot) = current.as_deref() else { continue };
         let full = periodic && !failed;
-        match syncer.sync(snapshot, full) {
+        let started = Instant::now();
+        let result = syncer.sync(snapshot, full);
+        metrics.sync.record(started.elapsed(), result.as_ref().map(|r| r.total).map_err(|_| ()));
+        match result {
             Ok(r) => {
                 if r.full {
                     last_full = Instant::now();

@@ -2,3 +2,4 @@
 //! the table; none of them touches the data plane.
 
 pub mod file;
+pub mod kube;

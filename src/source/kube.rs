@@ -1,0 +1,211 @@
+//! Services and EndpointSlices from the Kubernetes API, through `kube`'s
+//! runtime watchers, as whole-state updates for the control plane.
+//!
+//! **Table updates: whole state, not per-object deltas.** The source keeps
+//! the last good version of every object itself ([`ClusterState`]) and
+//! yields the full `Manifests` for the control plane's `replace`, the same
+//! call the file source uses. Per-object validity lives here: an invalid
+//! object is logged (namespace/name/field) and its previous version kept,
+//! so the table only ever sees valid objects. Rebuilding the whole state
+//! costs a join over every object, which coalescing (below) bounds to ten
+//! times a second; in exchange there is one path into the table, relists
+//! are an atomic swap for free, and `Table` needs no delta logic.
+//! Cross-object findings (`join`'s errors, e.g. a named targetPort no slice
+//! carries) cannot be pinned on one object's last good version, so for this
+//! source they are logged and the rest served: the control plane is told to
+//! tolerate them (`Control::tolerate_cross_object_errors`), as kube-proxy
+//! would, rather than freeze the whole node on one odd Service.
+//!
+//! **Readiness.** Nothing is yielded until both watchers have delivered
+//! their initial list (`Init` .. `InitDone`), so the first publish (which
+//! makes `/readyz` answer 200) is the complete state, swapped in once.
+//!
+//! **Recovery.** The watchers carry `default_backoff()` (exponential, 0.8 s
+//! to 30 s, jittered): a dropped stream re-watches from the last resource
+//! version (a BOOKMARK advances it), a 410 Gone relists, and an API error is
+//! logged and retried. Errors never touch the state, so the last good
+//! snapshot keeps serving while the API is away; a relist is swapped in
+//! only at its `InitDone`.
+//!
+//! **Coalescing.** After the first change, events keep being absorbed for
+//! [`COALESCE`] before one update is yielded: a storm of EndpointSlice
+//! updates rebuilds the snapshot at most ten times a second.
+
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+
+pub use state::{API_ORIGIN, ClusterState, Filter, Outcome, SERVICE_PROXY_NAME_LABEL};
+
+use crate::config::Manifests;
+
+/// How long a burst of events is absorbed before one update is yielded.
+pub const COALESCE: Duration = Duration::from_millis(100);
+
+/// The Node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// EndpointSlices of headless Services carry this label; kube-proxy does
+/// not watch them, and neither do we (their Service is skipped anyway).
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// How the source reaches the API and which Services it serves.
+#[derive(Clone, Debug, Default)]
+pub struct KubeOptions {
+    /// `None`: in-cluster configuration (or `KUBECONFIG`, through
+    /// `kube::Config::infer`).
+    pub kubeconfig: Option<PathBuf>,
+    pub service_proxy_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot load kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no Kubernetes client configuration: not in a cluster and no kubeconfig (give --kubeconfig)")]
+    Infer(#[source] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("cannot get Node {name}")]
+    Node {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("timed out after {0:?} getting Node {1}")]
+    NodeTimeout(Duration, String),
+    #[error("the {0} watch stream ended")]
+    StreamEnded(&'static str),
+}
+
+/// A client from `--kubeconfig`, or the in-cluster configuration.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| KubeError::Kubeconfig { path: path.to_path_buf(), source };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(err)?
+        }
+        None => kube::Config::infer().await.map_err(KubeError::Infer)?,
+    };
+    tracing::info!(api = %config.cluster_url, "Kubernetes API");
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+/// The `topology.kubernetes.io/zone` label of Node `name` (`None` when it
+/// has none), waiting at most `timeout`.
+pub async fn node_zone(client: Client, name: &str, timeout: Duration) -> Result<Option<String>, KubeError> {
+    let nodes: Api<Node> = Api::all(client);
+    let node = tokio::time::timeout(timeout, nodes.get(name))
+        .await
+        .map_err(|_| KubeError::NodeTimeout(timeout, name.to_owned()))?
+        .map_err(|source| KubeError::Node { name: name.to_owned(), source })?;
+    Ok(node.metadata.labels.and_then(|mut labels| labels.remove(ZONE_LABEL)))
+}
+
+/// One watcher's stream, boxed so tests can substitute synthetic events.
+pub type Events<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
+
+/// The Service and EndpointSlice watchers and the state they feed.
+pub struct KubeSource {
+    services: Events<Service>,
+    slices: Events<EndpointSlice>,
+    state: ClusterState,
+}
+
+impl KubeSource {
+    /// Watch every namespace through `client`.
+    pub fn watch(client: Client, filter: Filter) -> Self {
+        // Server-side filtering only where it is exact: headless slices.
+        // The service-proxy-name rule ("absent, or equal to ours") has no
+        // label-selector form, so it is applied to each Service here.
+        let services = watcher::watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let slice_config = watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}"));
+        let slices =
+            watcher::watcher(Api::<EndpointSlice>::all(client), slice_config).default_backoff().boxed();
+        Self::from_streams(services, slices, filter)
+    }
+
+    /// A source over any event streams (tests feed synthetic ones).
+    pub fn from_streams(services: Events<Service>, slices: Events<EndpointSlice>, filter: Filter) -> Self {
+        Self { services, slices, state: ClusterState::new(filter) }
+    }
+
+    /// Both watchers have delivered their initial list.
+    pub fn synced(&self) -> bool {
+        self.state.synced()
+    }
+
+    /// The next whole state to publish: the first once both watchers have
+    /// listed, then one per burst of changes. Stream errors are logged and
+    /// retried (with backoff) inside; only a stream that ends is an error.
+    pub async fn next(&mut self) -> Result<Manifests, KubeError> {
+        loop {
+            while !self.state.pending() {
+                self.step().await?;
+            }
+            let window = tokio::time::sleep(COALESCE);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    () = &mut window => break,
+                    stepped = self.step() => stepped?,
+                }
+            }
+            if let Some(manifests) = self.state.take_update() {
+                return Ok(manifests);
+            }
+        }
+    }
+
+    /// Wait for one event from either watcher and apply it. Cancel-safe:
+    /// the only await is on the streams' `next`.
+    async fn step(&mut self) -> Result<(), KubeError> {
+        tokio::select! {
+            event = self.services.next() => match event {
+                Some(Ok(event)) => {
+                    self.state.handle_service(event);
+                }
+                Some(Err(e)) => stream_error("Service", &e),
+                None => return Err(KubeError::StreamEnded("Service")),
+            },
+            event = self.slices.next() => match event {
+                Some(Ok(event)) => {
+                    self.state.handle_slice(event);
+                }
+                Some(Err(e)) => stream_error("EndpointSlice", &e),
+                None => return Err(KubeError::StreamEnded("EndpointSlice")),
+            },
+        }
+        Ok(())
+    }
+}
+
+fn stream_error(kind: &'static str, e: &watcher::Error) {
+    // A 410 Gone arrives here too, just before the watcher relists.
+    tracing::warn!(
+        kind,
+        error = %e,
+        source = ?std::error::Error::source(e).map(ToString::to_string),
+        "watch error; retrying with backoff, the last good state keeps serving"
+    );
+}

@@ -1,0 +1,291 @@
+//! The Kubernetes source's view of the cluster: the last good version of
+//! every Service and EndpointSlice the watchers delivered, fed one watcher
+//! event at a time. Pure: no I/O, no clock, so tests feed it synthetic
+//! events built from real `k8s-openapi` objects.
+//!
+//! Invariants:
+//! - Each object goes through `config::service_from_k8s` /
+//!   `config::slice_from_k8s`, exactly as a manifest file does. An invalid
+//!   object is reported (namespace/name/field) and skipped; the last good
+//!   version of that object, if there was one, stays.
+//! - `Init` .. `InitApply`* .. `InitDone` is buffered aside and swapped in
+//!   whole at `InitDone`, so objects absent from a relist disappear and the
+//!   served state is never a half-listed (or empty) one.
+//! - [`ClusterState::take_update`] yields nothing until both kinds have
+//!   delivered their first `InitDone`, and nothing when nothing changed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::watcher::Event;
+
+use crate::config::{self, ConfigErrors, Conversion, Manifests, ObjectRef};
+use crate::model::{self, Origin, ServiceName};
+
+/// The label that hands a Service to a named proxy (kube-proxy skips every
+/// Service carrying it; ringport serves those whose value is its own
+/// `--service-proxy-name`).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Where API objects come from, in error messages.
+pub const API_ORIGIN: &str = "kubernetes API";
+
+/// What became of one object of one event.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The object is now served as given (or was deleted).
+    Stored,
+    /// Valid, but nothing to proxy: headless, ExternalName, FQDN slice, or
+    /// another proxy's Service. Any earlier version is no longer served.
+    Skipped(String),
+    /// Invalid: reported, and its last good version (if any) kept.
+    Rejected(ConfigErrors),
+    /// A marker event (`Init`, `InitDone`) with no object.
+    Marker,
+}
+
+/// What one watcher's objects convert into.
+trait Convert: Sized {
+    type Raw;
+    const KIND: &'static str;
+    fn meta(raw: &Self::Raw) -> &ObjectMeta;
+    /// `Some(reason)` when the object is another proxy's to serve.
+    fn foreign(_raw: &Self::Raw, _filter: &Filter) -> Option<String> {
+        None
+    }
+    fn convert(raw: &Self::Raw) -> Result<Conversion<Self>, ConfigErrors>;
+}
+
+/// The `--service-proxy-name` rule, kube-proxy's semantics extended: a
+/// labelled Service is served only by the proxy of that name.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub service_proxy_name: Option<String>,
+}
+
+impl Filter {
+    /// `Some(reason)` when the Service belongs to another proxy.
+    fn foreign(&self, meta: &ObjectMeta) -> Option<String> {
+        let label = meta.labels.as_ref()?.get(SERVICE_PROXY_NAME_LABEL)?;
+        match &self.service_proxy_name {
+            Some(mine) if mine == label => None,
+            Some(mine) => Some(format!("{SERVICE_PROXY_NAME_LABEL}={label:?} is not ours ({mine:?})")),
+            None => Some(format!(
+                "{SERVICE_PROXY_NAME_LABEL}={label:?}: served by another proxy (no --service-proxy-name given)"
+            )),
+        }
+    }
+}
+
+impl Convert for model::Service {
+    type Raw = Service;
+    const KIND: &'static str = "Service";
+    fn meta(raw: &Service) -> &ObjectMeta {
+        &raw.metadata
+    }
+    fn foreign(raw: &Service, filter: &Filter) -> Option<String> {
+        filter.foreign(&raw.metadata)
+    }
+    fn convert(raw: &Service) -> Result<Conversion<Self>, ConfigErrors> {
+        config::service_from_k8s(raw, Origin(API_ORIGIN.to_owned()))
+    }
+}
+
+impl Convert for model::EndpointSlice {
+    type Raw = EndpointSlice;
+    const KIND: &'static str = "EndpointSlice";
+    fn meta(raw: &EndpointSlice) -> &ObjectMeta {
+        &raw.metadata
+    }
+    fn convert(raw: &EndpointSlice) -> Result<Conversion<Self>, ConfigErrors> {
+        config::slice_from_k8s(raw, Origin(API_ORIGIN.to_owned()))
+    }
+}
+
+/// One kind's objects: what is served, and a relist being gathered.
+#[derive(Debug)]
+struct Objects<T> {
+    live: BTreeMap<ServiceName, T>,
+    /// `Some` between `Init` and `InitDone`.
+    relisting: Option<BTreeMap<ServiceName, T>>,
+    /// A first `InitDone` has been seen.
+    synced: bool,
+}
+
+impl<T> Default for Objects<T> {
+    fn default() -> Self {
+        Self { live: BTreeMap::new(), relisting: None, synced: false }
+    }
+}
+
+impl<T: Convert + Clone> Objects<T> {
+    /// Applies one event; `changed` is set when what is served changed.
+    fn handle(&mut self, event: Event<T::Raw>, filter: &Filter, changed: &mut bool) -> Outcome {
+        match event {
+            Event::Init => {
+                if self.synced {
+                    tracing::info!(
+                        kind = T::KIND,
+                        "relisting; the current state keeps serving until it is done"
+                    );
+                }
+                self.relisting = Some(BTreeMap::new());
+                Outcome::Marker
+            }
+            Event::InitDone => {
+                // A stray InitDone without Init keeps what is there.
+                if let Some(listed) = self.relisting.take() {
+                    self.live = listed;
+                }
+                self.synced = true;
+                *changed = true;
+                tracing::info!(kind = T::KIND, objects = self.live.len(), "listed");
+                Outcome::Marker
+            }
+            Event::InitApply(raw) => {
+                // The previous version, for when the listed one is invalid.
+                let key = key_of(T::meta(&raw));
+                let previous = key.as_ref().and_then(|k| self.live.get(k).cloned());
+                let target = self.relisting.get_or_insert_with(BTreeMap::new);
+                store(target, &raw, previous, filter).0
+            }
+            Event::Apply(raw) => {
+                let listing = self.relisting.is_some();
+                let target = self.relisting.as_mut().unwrap_or(&mut self.live);
+                let key = key_of(T::meta(&raw));
+                let previous = key.as_ref().and_then(|k| target.get(k).cloned());
+                let (outcome, stored) = store(target, &raw, previous, filter);
+                *changed |= stored && !listing;
+                outcome
+            }
+            Event::Delete(raw) => {
+                let listing = self.relisting.is_some();
+                let target = self.relisting.as_mut().unwrap_or(&mut self.live);
+                if let Some(key) = key_of(T::meta(&raw)) {
+                    *changed |= target.remove(&key).is_some() && !listing;
+                }
+                Outcome::Stored
+            }
+        }
+    }
+}
+
+/// Converts `raw` into `target`: stored when valid, removed when skipped,
+/// `previous` restored when invalid. The flag says whether `target`
+/// changed.
+fn store<T: Convert>(
+    target: &mut BTreeMap<ServiceName, T>,
+    raw: &T::Raw,
+    previous: Option<T>,
+    filter: &Filter,
+) -> (Outcome, bool) {
+    let meta = T::meta(raw);
+    let object = ObjectRef::from_meta(T::KIND, meta);
+    let Some(key) = key_of(meta) else {
+        // The API server never sends a nameless object; convert anyway so
+        // the error names the field.
+        let outcome = match T::convert(raw) {
+            Err(errors) => reject(errors, &object, false),
+            Ok(_) => Outcome::Skipped("no metadata.name".to_owned()),
+        };
+        return (outcome, false);
+    };
+    if let Some(reason) = T::foreign(raw, filter) {
+        let removed = target.remove(&key).is_some();
+        tracing::debug!(object = %object, reason = %reason, "skipped");
+        return (Outcome::Skipped(reason), removed);
+    }
+    match T::convert(raw) {
+        Ok(Conversion::Accepted { value, .. }) => {
+            target.insert(key, value);
+            (Outcome::Stored, true)
+        }
+        Ok(Conversion::Skipped(skip)) => {
+            let removed = target.remove(&key).is_some();
+            tracing::debug!(object = %object, reason = %skip, "skipped");
+            (Outcome::Skipped(skip.to_string()), removed)
+        }
+        Err(errors) => {
+            let kept = previous.is_some();
+            match previous {
+                Some(previous) => target.insert(key, previous),
+                None => target.remove(&key),
+            };
+            (reject(errors, &object, kept), false)
+        }
+    }
+}
+
+fn reject(errors: ConfigErrors, object: &ObjectRef, kept: bool) -> Outcome {
+    for e in errors.iter() {
+        tracing::error!(object = %object, error = %e, "invalid object from the API; skipped");
+    }
+    if kept {
+        tracing::warn!(object = %object, "its last good version keeps serving");
+    }
+    Outcome::Rejected(errors)
+}
+
+/// `namespace/name`, the key of both kinds (a slice is keyed by its own
+/// name, not its Service's). `None` without a name.
+fn key_of(meta: &ObjectMeta) -> Option<ServiceName> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
+    Some(ServiceName::new(namespace.to_owned(), name.to_owned()))
+}
+
+/// Everything both watchers delivered, validated, and whether it changed
+/// since the last [`ClusterState::take_update`].
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    filter: Filter,
+    services: Objects<model::Service>,
+    slices: Objects<model::EndpointSlice>,
+    changed: bool,
+}
+
+impl ClusterState {
+    pub fn new(filter: Filter) -> Self {
+        Self { filter, ..Self::default() }
+    }
+
+    pub fn handle_service(&mut self, event: Event<Service>) -> Outcome {
+        self.services.handle(event, &self.filter, &mut self.changed)
+    }
+
+    pub fn handle_slice(&mut self, event: Event<EndpointSlice>) -> Outcome {
+        self.slices.handle(event, &self.filter, &mut self.changed)
+    }
+
+    /// Both watchers have delivered their initial list.
+    pub fn synced(&self) -> bool {
+        self.services.synced && self.slices.synced
+    }
+
+    /// There is something new to publish.
+    pub fn pending(&self) -> bool {
+        self.synced() && self.changed
+    }
+
+    /// The whole state to publish, once synced and only when it changed.
+    /// Slices whose Service is unknown (not created yet, skipped, another
+    /// proxy's) are left out here rather than warned about by `join` on
+    /// every update.
+    pub fn take_update(&mut self) -> Option<Manifests> {
+        if !self.pending() {
+            return None;
+        }
+        self.changed = false;
+        let services: Vec<model::Service> = self.services.live.values().cloned().collect();
+        let slices = self
+            .slices
+            .live
+            .values()
+            .filter(|s| self.services.live.contains_key(&s.service))
+            .cloned()
+            .collect();
+        Some(Manifests { services, slices, warnings: Vec::new() })
+    }
+}

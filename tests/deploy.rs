@@ -1,0 +1,208 @@
+//! Every manifest in `deploy/` parses into its `k8s-openapi` type (by
+//! `kind`; an unknown kind fails), round-trips without losing a field (so a
+//! misspelt field, which serde would silently drop, fails too), and says
+//! what the node agent needs; the systemd unit has the keys it must have.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+#[derive(Default)]
+struct Objects {
+    daemonsets: Vec<DaemonSet>,
+    service_accounts: Vec<ServiceAccount>,
+    roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+}
+
+/// Deserializes `doc` as `T` and checks that nothing was dropped.
+fn typed<T: DeserializeOwned + serde::Serialize>(doc: &serde_json::Value, at: &str) -> T {
+    let value: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
+    let back = serde_json::to_value(&value).unwrap();
+    assert_eq!(&back, doc, "{at}: a field did not survive the round trip (misspelt or misplaced?)");
+    value
+}
+
+fn load() -> Objects {
+    let mut objects = Objects::default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in deploy/");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let at = format!("{} document {i}", file.display());
+            let doc: serde_json::Value = serde_yaml::Value::deserialize(doc)
+                .and_then(serde_yaml::from_value)
+                .unwrap_or_else(|e| panic!("{at}: {e}"));
+            let kind = (doc["apiVersion"].as_str().unwrap_or(""), doc["kind"].as_str().unwrap_or(""));
+            match kind {
+                ("apps/v1", "DaemonSet") => objects.daemonsets.push(typed(&doc, &at)),
+                ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&doc, &at)),
+                ("rbac.authorization.k8s.io/v1", "ClusterRole") => objects.roles.push(typed(&doc, &at)),
+                ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                    objects.bindings.push(typed(&doc, &at))
+                }
+                (api, kind) => panic!("{at}: unexpected {api}/{kind}"),
+            }
+        }
+    }
+    objects
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type() {
+    let o = load();
+    assert_eq!((o.daemonsets.len(), o.service_accounts.len(), o.roles.len(), o.bindings.len()), (1, 1, 1, 1));
+}
+
+#[test]
+fn daemonset_runs_the_kube_source_on_the_host_network_with_only_the_capabilities_it_needs() {
+    let o = load();
+    let spec = o.daemonsets[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.priority_class_name.as_deref(), Some("system-node-critical"));
+    assert!(
+        spec.tolerations
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    assert_eq!(spec.service_account_name, o.service_accounts[0].metadata.name);
+
+    let c = &spec.containers[0];
+    let args = c.args.as_ref().unwrap().join(" ");
+    assert!(
+        args.starts_with("run ") && args.contains("--source kube") && args.contains("--redirect nft"),
+        "{args}"
+    );
+    let node_name = c.env.as_ref().unwrap().iter().find(|e| e.name == "NODE_NAME").unwrap();
+    let field = node_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+    assert_eq!(field.field_path, "spec.nodeName");
+
+    let sc = c.security_context.as_ref().unwrap();
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    let mut added = caps.add.clone().unwrap();
+    added.sort();
+    assert_eq!(added, ["NET_ADMIN", "NET_BIND_SERVICE"]);
+
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+}
+
+#[test]
+fn probes_point_where_the_admin_server_serves() {
+    let o = load();
+    let c = &o.daemonsets[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let get = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().http_get.clone().unwrap();
+    let live = get(&c.liveness_probe);
+    assert_eq!(
+        (live.path.as_deref(), &live.port),
+        (Some("/livez"), &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10256))
+    );
+    // src/admin.rs serves /readyz on the metrics address, 127.0.0.1:10249.
+    let ready = get(&c.readiness_probe);
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    assert_eq!(ready.host.as_deref(), Some("127.0.0.1"));
+    assert_eq!(ready.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(10249));
+}
+
+#[test]
+fn cluster_role_grants_the_watches_and_is_bound_to_the_service_account() {
+    let o = load();
+    let rules = o.roles[0].rules.as_ref().unwrap();
+    let allows = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.as_ref().is_some_and(|g| g.iter().any(|x| x == group))
+                && r.resources.as_ref().is_some_and(|rs| rs.iter().any(|x| x == resource))
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in ["list", "watch"] {
+        assert!(allows("", "services", verb), "services {verb}");
+        assert!(allows("discovery.k8s.io", "endpointslices", verb), "endpointslices {verb}");
+    }
+    for verb in ["get", "list", "watch"] {
+        assert!(allows("", "nodes", verb), "nodes {verb}");
+    }
+    assert!(
+        rules.iter().all(|r| r.verbs.iter().all(|v| ["get", "list", "watch"].contains(&v.as_str()))),
+        "read only"
+    );
+
+    let binding = &o.bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(Some(&binding.role_ref.name), o.roles[0].metadata.name.as_ref());
+    let sa = &o.service_accounts[0].metadata;
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), Some(&subject.name), subject.namespace.as_ref()),
+        ("ServiceAccount", sa.name.as_ref(), sa.namespace.as_ref())
+    );
+    let ds = &o.daemonsets[0].metadata;
+    assert_eq!(ds.namespace, sa.namespace);
+}
+
+/// `[Section]` -> key -> values (a key may repeat).
+fn unit(text: &str) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut sections: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    let mut current = None;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = Some(name.to_owned());
+            continue;
+        }
+        let (key, value) =
+            line.split_once('=').unwrap_or_else(|| panic!("line {}: not key=value: {line}", n + 1));
+        let section = current.clone().unwrap_or_else(|| panic!("line {}: key outside a section", n + 1));
+        sections
+            .entry(section)
+            .or_default()
+            .entry(key.trim().to_owned())
+            .or_default()
+            .push(value.trim().to_owned());
+    }
+    sections
+}
+
+#[test]
+fn edge_unit_runs_the_file_source_with_the_keys_it_must_have() {
+    let text = std::fs::read_to_string(deploy_dir().join("ringport-edge.service")).unwrap();
+    let unit = unit(&text);
+    let service = &unit["Service"];
+    let one = |key: &str| -> &str {
+        let values = service.get(key).unwrap_or_else(|| panic!("[Service] {key} is missing"));
+        assert_eq!(values.len(), 1, "{key} given more than once");
+        &values[0]
+    };
+    let exec = one("ExecStart");
+    assert!(exec.ends_with("ringport run --config /etc/ringport/ --redirect none"), "{exec}");
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert!(one("LimitNOFILE").parse::<u64>().unwrap() >= 65536);
+    assert_eq!(one("NoNewPrivileges"), "yes");
+    assert_eq!(unit["Install"]["WantedBy"], ["multi-user.target"]);
+    assert!(unit.contains_key("Unit"));
+}
