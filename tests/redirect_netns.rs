@@ -1,9 +1,11 @@
 //! The redirect rules end to end, in network namespaces: the real
 //! `ringport` binary in a node namespace with real nft (or iptables)
 //! rules, a client namespace, and three backend namespaces each running a
-//! real HTTP server that names itself.
+//! real HTTP server that names itself; the first also runs a real DNS
+//! server (dnsmasq) behind a UDP cluster IP.
 //!
-//! Needs root and `ip`, `nft`, `iptables`, `curl`, `python3` (CI has them
+//! Needs root and `ip`, `nft`, `iptables`, `curl`, `python3`, `dnsmasq`,
+//! `dig` (CI has them
 //! through scripts/test.sh); without them every test here fails saying so.
 
 mod netns;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use netns::{Lab, NODE_IP};
 
-const TOOLS: [&str; 6] = ["ip", "nft", "iptables", "iptables-save", "curl", "python3"];
+const TOOLS: [&str; 8] = ["ip", "nft", "iptables", "iptables-save", "curl", "python3", "dnsmasq", "dig"];
 const BACKENDS: [(&str, &str); 3] = [("be1", "10.200.0.11"), ("be2", "10.200.0.12"), ("be3", "10.200.0.13")];
 
 /// `web`: cluster IP, NodePort, a non-local externalIP and a local one (the
@@ -37,6 +39,14 @@ fn manifest(with_extra: bool) -> String {
          status:\n  loadBalancer:\n    ingress: [{{ip: \"10.98.0.10\"}}]\n"
     );
     y += &endpoints("web", &BACKENDS.map(|(_, ip)| ip));
+    // `dns`: UDP 53 on a cluster IP, answered by dnsmasq in be1 on 5353.
+    y += &format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\n\
+         spec:\n  clusterIP: 10.96.0.53\n  ports:\n  - {{port: 53, targetPort: 5353, protocol: UDP}}\n\
+         ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: dns, namespace: default}}\n\
+         subsets:\n- addresses: [{{ip: \"{}\"}}]\n  ports: [{{port: 5353, protocol: UDP}}]\n",
+        BACKENDS[0].1
+    );
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\n\
           spec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
     if with_extra {
@@ -72,6 +82,26 @@ impl Node {
                 &log,
             );
         }
+        let hosts = lab.scratch.path().join("hosts");
+        std::fs::write(&hosts, "10.1.2.3 web.ringport.test\n").expect("hosts file");
+        let dns_log = lab.scratch.path().join("dnsmasq.log");
+        let (be1, be1_ip) = BACKENDS[0];
+        lab.spawn(
+            be1,
+            &[
+                "dnsmasq",
+                "--no-daemon",
+                "--bind-interfaces",
+                &format!("--listen-address={be1_ip}"),
+                "--port=5353",
+                "--no-resolv",
+                "--no-hosts",
+                &format!("--addn-hosts={}", hosts.display()),
+                "--pid-file=",
+                "--user=root",
+            ],
+            &dns_log,
+        );
         for (role, ip) in BACKENDS {
             let url = format!("http://{ip}:8080/whoami");
             lab.eventually(Duration::from_secs(20), &format!("backend {role} serving"), || {
@@ -170,6 +200,20 @@ fn assert_web_is_served(node: &Node) {
     }
 }
 
+/// A real DNS client reaches the UDP cluster IP, from another host and from
+/// the node itself; the replies come back from the cluster IP (conntrack
+/// undoes the REDIRECT), or dig would not accept them.
+fn assert_dns_through_cluster_ip(node: &Node) {
+    for role in ["client", "node"] {
+        node.lab.eventually(Duration::from_secs(10), &format!("DNS through 10.96.0.53 from {role}"), || {
+            let out = node
+                .lab
+                .exec(role, &["dig", "+short", "+tries=2", "+time=1", "@10.96.0.53", "web.ringport.test"]);
+            String::from_utf8_lossy(&out.stdout).trim() == "10.1.2.3"
+        });
+    }
+}
+
 /// (3) A service with no endpoints is refused at once, never by a timeout:
 /// its proxy port is paused (not listening, port kept), so the kernel
 /// answers the redirected SYN with RST.
@@ -203,7 +247,10 @@ fn nft_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
     assert!(!table.contains(&format!("{NODE_IP} . 80")), "a local externalIP got a rule:\n{table}");
     assert_eq!(table.matches("redirect to").count(), 4, "one rule per family per chain:\n{table}");
 
+    assert!(table.contains("udp . 10.96.0.53 . 53 : "), "no element for the UDP cluster IP:\n{table}");
+
     assert_web_is_served(&node);
+    assert_dns_through_cluster_ip(&node);
     assert_no_endpoints_fails_fast(&node);
     delete_extra_and_check(&node, || {
         node.lab.ok("node", &["nft", "list", "map", "inet", "ringport", "svc4"]).contains("10.96.0.30")
@@ -236,6 +283,7 @@ fn iptables_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
     assert!(!node.lab.ok("node", &["nft", "list", "tables"]).contains("inet ringport"));
 
     assert_web_is_served(&node);
+    assert_dns_through_cluster_ip(&node);
     assert_no_endpoints_fails_fast(&node);
     delete_extra_and_check(&node, || {
         node.lab.ok("node", &["iptables-save", "-t", "nat"]).contains("10.96.0.30")

@@ -333,6 +333,11 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<
                 Protocol::Udp => {
                     let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
                     let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+                    // Replies must leave from the address each datagram was
+                    // sent to (see `sys::Datagram::to`).
+                    if addr.is_ipv4() {
+                        super::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s))?;
+                    }
                 }
             }
             Ok(s)

@@ -203,21 +203,47 @@ pub const BATCH: usize = 16;
 /// IPv6 without jumbograms), so nothing legal is ever truncated.
 pub const DATAGRAM_BYTES: usize = 65_536;
 
+/// Room for the ancillary data of one datagram (an `in_pktinfo`).
+const CONTROL_BYTES: usize = 64;
+
 /// Reusable buffers for receiving up to [`BATCH`] datagrams in one call.
 pub struct RecvBatch {
     bufs: Vec<Box<[u8]>>,
     addrs: Vec<socket2::SockAddrStorage>,
+    /// u64 words keep the control buffers aligned for `cmsghdr`.
+    controls: Vec<[u64; CONTROL_BYTES / 8]>,
     lens: [usize; BATCH],
     addr_lens: [libc::socklen_t; BATCH],
+    control_lens: [usize; BATCH],
     flags: [libc::c_int; BATCH],
 }
 
 /// One received datagram.
 pub struct Datagram<'a> {
     pub from: Option<std::net::SocketAddr>,
+    /// The address it was sent to (IPv4 `IP_PKTINFO`, when enabled on the
+    /// socket): a reply must come from it, so that conntrack can undo a
+    /// REDIRECT; a wildcard-bound socket would otherwise pick another source.
+    pub to: Option<std::net::IpAddr>,
     pub data: &'a [u8],
     /// The datagram was larger than the buffer (`MSG_TRUNC`).
     pub truncated: bool,
+}
+
+/// Ask the kernel for each datagram's destination address (`IP_PKTINFO`).
+pub fn enable_pktinfo(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int and its exact size.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 impl RecvBatch {
@@ -225,8 +251,10 @@ impl RecvBatch {
         Self {
             bufs: (0..BATCH).map(|_| vec![0u8; DATAGRAM_BYTES].into_boxed_slice()).collect(),
             addrs: (0..BATCH).map(|_| socket2::SockAddrStorage::zeroed()).collect(),
+            controls: vec![[0u64; CONTROL_BYTES / 8]; BATCH],
             lens: [0; BATCH],
             addr_lens: [0; BATCH],
+            control_lens: [0; BATCH],
             flags: [0; BATCH],
         }
     }
@@ -247,6 +275,8 @@ impl RecvBatch {
             m.msg_hdr.msg_namelen = std::mem::size_of::<socket2::SockAddrStorage>() as libc::socklen_t;
             m.msg_hdr.msg_iov = &mut iovs[i];
             m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = CONTROL_BYTES as _;
         }
         loop {
             // SAFETY: every header points at a live buffer, iovec and
@@ -272,6 +302,7 @@ impl RecvBatch {
             for (i, m) in msgs.iter().enumerate().take(n) {
                 self.lens[i] = m.msg_len as usize;
                 self.addr_lens[i] = m.msg_hdr.msg_namelen;
+                self.control_lens[i] = m.msg_hdr.msg_controllen as usize;
                 self.flags[i] = m.msg_hdr.msg_flags;
             }
             return Ok(n);
@@ -291,7 +322,33 @@ impl RecvBatch {
                     .as_socket()
             })
             .flatten();
-        Datagram { from, data: &self.bufs[i][..len], truncated: self.flags[i] & libc::MSG_TRUNC != 0 }
+        Datagram {
+            from,
+            to: self.pktinfo(i),
+            data: &self.bufs[i][..len],
+            truncated: self.flags[i] & libc::MSG_TRUNC != 0,
+        }
+    }
+
+    /// The IPv4 destination of datagram `i`, from its `IP_PKTINFO`.
+    fn pktinfo(&self, i: usize) -> Option<std::net::IpAddr> {
+        // SAFETY: a msghdr describing exactly the control bytes the kernel
+        // wrote for datagram `i`; the CMSG_* macros only walk inside them,
+        // and `in_pktinfo` is read unaligned from within one cmsg.
+        unsafe {
+            let mut hdr: libc::msghdr = std::mem::zeroed();
+            hdr.msg_control = self.controls[i].as_ptr() as *mut _;
+            hdr.msg_controllen = self.control_lens[i].min(CONTROL_BYTES) as _;
+            let mut cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+                    let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    return Some(std::net::Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)).into());
+                }
+                cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
+            }
+            None
+        }
     }
 }
 
@@ -302,8 +359,39 @@ impl Default for RecvBatch {
 }
 
 /// `sendmmsg(2)` without blocking: each datagram to its own address, in
-/// order. Returns how many were sent (the rest would block, or failed).
-pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[(std::net::SocketAddr, &[u8])]) -> io::Result<usize> {
+/// order, from `from` when given (an IPv4 `IP_PKTINFO` source). Returns how
+/// many were sent (the rest would block, or failed).
+pub fn send_batch(
+    fd: BorrowedFd<'_>,
+    from: Option<std::net::IpAddr>,
+    datagrams: &[(std::net::SocketAddr, &[u8])],
+) -> io::Result<usize> {
+    // The same source for every datagram of the batch: one control block.
+    let mut control = [0u64; CONTROL_BYTES / 8];
+    let control_len = match from {
+        Some(std::net::IpAddr::V4(src)) => {
+            // SAFETY: `control` is aligned and large enough for one cmsg
+            // holding an in_pktinfo (CMSG_SPACE of it is at most 32 bytes).
+            unsafe {
+                let space = libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                let mut hdr: libc::msghdr = std::mem::zeroed();
+                hdr.msg_control = control.as_mut_ptr().cast();
+                hdr.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as _;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr { s_addr: u32::from(src).to_be() },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                space
+            }
+        }
+        _ => 0,
+    };
     let mut sent = 0;
     for chunk in datagrams.chunks(BATCH) {
         let addrs: Vec<socket2::SockAddr> = chunk.iter().map(|(a, _)| socket2::SockAddr::from(*a)).collect();
@@ -318,9 +406,14 @@ pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[(std::net::SocketAddr, &[u8])
             m.msg_hdr.msg_namelen = addrs[i].len();
             m.msg_hdr.msg_iov = &mut iovs[i];
             m.msg_hdr.msg_iovlen = 1;
+            if control_len > 0 {
+                m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = control_len as _;
+            }
         }
-        // SAFETY: the headers point at addresses, iovecs and payloads that
-        // live until the call returns; the kernel only reads them.
+        // SAFETY: the headers point at addresses, iovecs, payloads and the
+        // control block, which all live until the call returns; the kernel
+        // only reads them.
         let n = unsafe {
             libc::sendmmsg(
                 fd.as_raw_fd(),

@@ -31,6 +31,8 @@ pub struct Flow {
     /// The worker's slot of the listening socket the client sent to.
     pub listener: usize,
     pub client: SocketAddr,
+    /// The address the client sent to: replies leave from it.
+    pub local: Option<std::net::IpAddr>,
     pub socket: OwnedFd,
     pub port: Arc<PortState>,
     pub balancer: Arc<Balancer>,
@@ -109,6 +111,7 @@ impl Flows {
         &mut self,
         listener: usize,
         client: SocketAddr,
+        local: Option<std::net::IpAddr>,
         port: &Arc<PortState>,
         balancer: &Arc<Balancer>,
         worker: usize,
@@ -128,6 +131,7 @@ impl Flows {
         let key = self.flows.insert(Flow {
             listener,
             client,
+            local,
             socket,
             port: Arc::clone(port),
             balancer: Arc::clone(balancer),

@@ -96,6 +96,7 @@ impl Worker {
             return Ok(());
         }
         let data = datagram.data.to_vec();
+        let local = datagram.to;
         let key = match self.flows.find(slot, client) {
             Some(key) => key,
             None => {
@@ -104,7 +105,7 @@ impl Worker {
                 {
                     self.close_flow(oldest)?;
                 }
-                match self.flows.open(slot, client, route.port, route.balancer, self.index, now) {
+                match self.flows.open(slot, client, local, route.port, route.balancer, self.index, now) {
                     Ok(key) => {
                         self.arm_flow(key)?;
                         key
@@ -170,7 +171,7 @@ impl Worker {
             self.flows.reap(key);
             return Ok(());
         }
-        let (listener, client) = (flow.listener, flow.client);
+        let (listener, client, local) = (flow.listener, flow.client, flow.local);
         let (port, balancer, endpoint) = (Arc::clone(&flow.port), Arc::clone(&flow.balancer), flow.endpoint);
         if self.listeners.get(listener).and_then(|a| a.fd.as_ref()).is_none() {
             return self.close_flow(key);
@@ -202,7 +203,7 @@ impl Worker {
                 .map(|d| (client, d.data))
                 .collect();
             let Some(fd) = self.listeners.get(listener).and_then(|a| a.fd.as_ref()) else { break };
-            let sent = sys::send_batch(fd.as_fd(), &replies).unwrap_or(0);
+            let sent = sys::send_batch(fd.as_fd(), local, &replies).unwrap_or(0);
             let bytes: usize = replies.iter().take(sent).map(|(_, d)| d.len()).sum();
             counters.add(&counters.datagrams_to_client, sent as u64);
             counters.add(&counters.bytes_to_client, bytes as u64);

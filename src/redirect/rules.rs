@@ -88,13 +88,9 @@ pub fn desired<'a>(
 ) -> Desired {
     let mut out = Desired::default();
     for (sp, proxy) in ports {
-        // UDP service ports are not proxied yet. When they are, they take
-        // the same map; a UDP port with no endpoints will need an explicit
-        // ICMP-unreachable reject (see `nft::NO_ENDPOINT_REJECTS`), since
-        // an unbound UDP port does not answer the way a closed TCP one does.
-        if sp.protocol != Protocol::Tcp {
-            continue;
-        }
+        // TCP and UDP share the map (its key starts with the protocol).
+        // A UDP port without endpoints gets no ICMP reject yet: its
+        // datagrams reach the proxy port, which drops and counts them.
         let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
         for ip in sp.cluster_ips.iter().chain(remote) {
             if ip.is_ipv6() != proxy.is_ipv6() {
@@ -218,10 +214,15 @@ mod tests {
     }
 
     #[test]
-    fn udp_service_ports_get_no_rule_yet() {
+    fn udp_service_ports_get_rules_in_the_same_map() {
         let mut dns = sp("dns", Protocol::Udp, 53);
         dns.cluster_ips = vec![ip("10.96.0.53")];
-        assert!(desired([(&dns, v4_proxy(31000))], &Locality::default()).rules.is_empty());
+        let d = desired([(&dns, v4_proxy(31000))], &Locality::default());
+        let keys: Vec<RuleKey> = d.rules.keys().copied().collect();
+        assert_eq!(
+            keys,
+            vec![RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 }]
+        );
     }
 
     #[test]
