@@ -302,7 +302,7 @@ impl RecvBatch {
             for (i, m) in msgs.iter().enumerate().take(n) {
                 self.lens[i] = m.msg_len as usize;
                 self.addr_lens[i] = m.msg_hdr.msg_namelen;
-                self.control_lens[i] = m.msg_hdr.msg_controllen as usize;
+                self.control_lens[i] = m.msg_hdr.msg_controllen;
                 self.flags[i] = m.msg_hdr.msg_flags;
             }
             return Ok(n);
