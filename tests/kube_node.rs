@@ -134,7 +134,8 @@ fn ready_only_after_both_lists_then_proxies_to_the_listed_endpoint() {
     let healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let child = Command::new(env!("CARGO_BIN_EXE_ringport"))
-        .args(["run", "--source", "kube", "--kubeconfig"])
+        // On the host: never touch its rules.
+        .args(["run", "--redirect", "none", "--source", "kube", "--kubeconfig"])
         .arg(&kubeconfig)
         .args(["--node-name", "node-1", "--workers", "1", "--no-pin", "--bind-address", "127.0.0.1"])
         .args(["--nodeport-addresses", "127.0.0.0/8"])
