@@ -57,6 +57,7 @@ measure() {
   local -a extra=()
   [ "$is_idle" = 1 ] && extra=(--ready-file "$out.ready")
   rm -f "$out.ready"
+  local started; started=$(date +%s%N)
   # shellcheck disable=SC2046
   $(load_cpu) "$BIN/loadgen" "$@" --workers "$(load_workers)" --warmup "$WARMUP" \
     --json "${extra[@]}" >"$out.json" 2>"$out.err" &
@@ -87,6 +88,7 @@ measure() {
   fi
   local rc=0
   wait "$lg" || rc=$?
+  local wall; wall=$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN{printf "%.2f", (b-a)/1e9}')
   local lgjson
   lgjson=$(cat "$out.json" 2>/dev/null)
   if ! jq -e . >/dev/null 2>&1 <<<"$lgjson" || [ -z "$lgjson" ]; then
@@ -97,17 +99,17 @@ measure() {
     --argjson rc "$rc" --argjson lg "$lgjson" \
     --argjson cpu_s "$(awk -v a="$cpu0" -v b="$cpu1" -v h="$CLK_TCK" 'BEGIN{printf "%.4f", (b-a)/h}')" \
     --argjson window_s "$(awk -v a="${t0:-0}" -v b="${t1:-0}" 'BEGIN{printf "%.4f", (b-a)/1e9}')" \
-    --argjson nprocs "${#pids[@]}" \
+    --argjson nprocs "${#pids[@]}" --argjson wall "$wall" \
     --argjson rss0 "$rss0" --argjson rss1 "$rss1" --argjson fd0 "$fd0" --argjson fd1 "$fd1" \
     --argjson rss_r "$rss_r" --argjson fd_r "$fd_r" \
     --arg ready "$ready" \
     '{scenario:$scenario, peer:$peer, round:$round, loadgen_rc:$rc, loadgen:$lg,
-      cpu_s:$cpu_s, cpu_window_s:$window_s, processes:$nprocs,
+      cpu_s:$cpu_s, cpu_window_s:$window_s, processes:$nprocs, wall_s:$wall,
       idle:{rss_kb_before:$rss0, rss_kb_ready:$rss_r, fds_before:$fd0, fds_ready:$fd_r,
             rss_kb_settled:$rss1, fds_settled:$fd1, ready:$ready}}' >>"$RAW"
   local summary
   summary=$(jq -r 'if .loadgen == null then "no result" else
-      "\(.loadgen.completed) done, \(.loadgen.errors_total) err, \(.loadgen.ops_per_s|floor)/s, \(.loadgen.gbit_per_s*100|floor/100) Gbit/s, cpu \(.cpu_s)s" end' <<<"$(tail -n1 "$RAW")")
+      "\(.loadgen.completed) done, \(.loadgen.errors_total) err, \(.loadgen.ops_per_s|floor)/s, \(.loadgen.gbit_per_s*100|floor/100) Gbit/s, cpu \(.cpu_s)s, \(.wall_s)s wall" end' <<<"$(tail -n1 "$RAW")")
   printf '  %-14s %-14s r%s  %s\n' "$scenario" "$peer" "$round" "$summary" >&2
   return 0
 }
