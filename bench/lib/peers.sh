@@ -44,10 +44,13 @@ wait_until() {
 
 port_free() { ! ss -Hltun "sport = :$1" | grep -q .; }
 
-# Picks $PORT_BASE: the first block of 100 ports with nothing listening.
+# Picks $PORT_BASE: the first block of 100 ports with nothing listening,
+# below the ephemeral range so no outgoing connection can hold one of them.
 choose_port_base() {
-  local base p ok
-  for base in 41000 42000 43000 44000 45000 46000; do
+  local base p ok low
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+  for base in 21000 22000 23000 24000 25000 26000 27000 28000 29000; do
+    [ $((base + 100)) -lt "$low" ] || continue
     ok=1
     for p in $(seq "$base" $((base + 99))); do port_free "$p" || { ok=0; break; }; done
     [ "$ok" = 1 ] && { PORT_BASE=$base; return 0; }
@@ -73,7 +76,8 @@ start_backends() {
   BACKEND_UDP=$(jq -r '.listening[] | select(.mode=="udp-echo") | .addr' <<<"$bound")
 }
 
-# Each peer listens on PORT_BASE + 10*slot + {0 echo, 1 sink, 2 source, 3 udp}.
+# Each peer listens on PORT_BASE + 10*slot + {0 echo, 1 sink, 2 source, 3 udp};
+# ringport's proxy ports are +4..+6, its admin ports +8 and +9.
 peer_slot() {
   case $1 in
     ringport) echo 1 ;; haproxy) echo 2 ;; nginx) echo 3 ;;
@@ -141,6 +145,7 @@ YAML
   # shellcheck disable=SC2046,SC2086
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
     --workers "$workers" $pin_flag --relay "$relay" --bind-address 127.0.0.1 \
+    --proxy-port-range "$((base + 4))-$((base + 6))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \
     --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
   track_pid $!
