@@ -35,7 +35,7 @@ done
 # Windows per mode (seconds). Idle: connections held, and how long.
 case $MODE in
   default) WARMUP=1;   DURATION=3;   DEF_ROUNDS=3; IDLE_CONNS=5000; IDLE_HOLD=3 ;;
-  quick)   WARMUP=0.3; DURATION=0.7; DEF_ROUNDS=3; IDLE_CONNS=5000; IDLE_HOLD=2 ;;
+  quick)   WARMUP=0.25; DURATION=0.6; DEF_ROUNDS=3; IDLE_CONNS=5000; IDLE_HOLD=1.5 ;;
   smoke)   WARMUP=0.2; DURATION=1;   DEF_ROUNDS=1; IDLE_CONNS=1000; IDLE_HOLD=2 ;;
 esac
 ROUNDS=${ROUNDS:-$DEF_ROUNDS}

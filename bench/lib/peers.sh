@@ -173,6 +173,7 @@ $cpumap
 defaults
     mode tcp
     maxconn 7000
+    backlog 4096
     timeout connect 2s
     timeout client 120s
     timeout server 120s
@@ -223,9 +224,9 @@ events { worker_connections 12000; }
 stream {
     proxy_connect_timeout 2s;
     proxy_timeout 120s;
-    server { listen 127.0.0.1:$base reuseport; proxy_pass $BACKEND_ECHO; }
-    server { listen 127.0.0.1:$((base + 1)) reuseport; proxy_pass $BACKEND_SINK; }
-    server { listen 127.0.0.1:$((base + 2)) reuseport; proxy_pass $BACKEND_SOURCE; }
+    server { listen 127.0.0.1:$base reuseport backlog=4096; proxy_pass $BACKEND_ECHO; }
+    server { listen 127.0.0.1:$((base + 1)) reuseport backlog=4096; proxy_pass $BACKEND_SINK; }
+    server { listen 127.0.0.1:$((base + 2)) reuseport backlog=4096; proxy_pass $BACKEND_SOURCE; }
     server {
         listen 127.0.0.1:$((base + 3)) udp reuseport;
         proxy_pass $BACKEND_UDP;
