@@ -90,6 +90,10 @@ def summarize(rows):
             good = [m for m in ms if m is not None]
             keys = {k for m in good for k in m}
             s = {k: median([m.get(k) for m in good]) for k in keys}
+            for k in keys:
+                vals = [m[k] for m in good if m.get(k) is not None]
+                if vals:
+                    s[k + "_min"], s[k + "_max"] = min(vals), max(vals)
             s["errors"] = sum(m["errors"] for m in good)
             s["rounds"] = len(ms)
             s["failed_rounds"] = len(ms) - len(good)
@@ -117,8 +121,8 @@ def fmt_ratio(v):
 
 def detail_table(summary):
     lines = [
-        "| scenario | peer | median | vs direct | vs HAProxy | p99 µs | work per CPU-second | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenario | peer | median | rounds min–max | vs direct | vs HAProxy | p99 µs | work per CPU-second | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for scen, (title, metric, unit, work, _) in SCENARIOS.items():
         peers = summary.get(scen, {})
@@ -137,13 +141,14 @@ def detail_table(summary):
             eff = s.get("per_cpu_s")
             eff_cell = f"{fmt(eff)} {work}/CPU-s" if work and eff else "n/a"
             fail = f" ({s['failed_rounds']} rounds without result)" if s["failed_rounds"] else ""
+            spread = f"{fmt(s.get(metric + '_min'))}–{fmt(s.get(metric + '_max'))}"
             lines.append(
-                f"| {title} | {peer} | {cell} | {fmt_ratio(ratio(v, direct))} | {fmt_ratio(ratio(v, haproxy))}"
+                f"| {title} | {peer} | {cell} | {spread} | {fmt_ratio(ratio(v, direct))} | {fmt_ratio(ratio(v, haproxy))}"
                 f" | {fmt(s.get('p99'))} | {eff_cell} | {s['errors']}{fail} |"
             )
         if scen == "udp-rr":
-            lines.append(f"| {title} | ringport | n/a (no UDP yet) | | | | | |")
-            lines.append(f"| {title} | haproxy | n/a (HAProxy has no UDP proxying) | | | | | |")
+            lines.append(f"| {title} | ringport | n/a (no UDP yet) | | | | | | |")
+            lines.append(f"| {title} | haproxy | n/a (HAProxy has no UDP proxying) | | | | | | |")
     return lines
 
 
@@ -275,6 +280,8 @@ def main():
         f"Mode `{a.mode}`, {a.rounds} interleaved round(s), {pin}; {a.elapsed} s of load. "
         f"ringport `{env['ringport_commit'][:10]}`{' (uncommitted source changes)' if env['source_dirty'] else ''}.",
         "Every figure is the median over rounds; ratios divide two medians of the same run.",
+        "The machine is shared: see the rounds' min–max and the load averages below before",
+        "reading much into a difference of a few percent.",
         "",
         "## Where we stand",
         "",
@@ -301,7 +308,7 @@ def main():
         "",
         "## Environment",
         "",
-        *[f"- {k}: `{v}`" for k, v in env.items()],
+        *[f"- {k}: `{v if isinstance(v, str) else json.dumps(v)}`" for k, v in env.items()],
         "",
     ]
     problems, warnings = check(rows, summary)

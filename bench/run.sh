@@ -145,6 +145,7 @@ run_round() {
 }
 
 mkdir -p "$WORK/svg"
+LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 for r in $(seq 1 "$ROUNDS"); do
   echo "bench/run.sh: round $r of $ROUNDS" >&2

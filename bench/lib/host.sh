@@ -84,9 +84,9 @@ record_environment() {
     --arg bin "$BIN" --arg date "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --arg tw_reuse "$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null)" \
     --arg port_range "$(sysctl -n net.ipv4.ip_local_port_range 2>/dev/null | tr '\t' ' ')" \
-    --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" \
+    --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" --arg loadavg0 "${LOADAVG_AT_START:-}" \
     '{date:$date, kernel:$kernel, cpu_model:$cpu, cores:$cores, haproxy:$haproxy, nginx:$nginx,
       ringport_commit:$ringport_commit, source_dirty:$dirty, ringport:$ringport, loadgen:$loadgen,
       rustc:$rustc, bin_dir:$bin, tcp_tw_reuse:$tw_reuse, ip_local_port_range:$port_range,
-      loadavg_at_end:$loadavg}'
+      loadavg_at_start:$loadavg0, loadavg_at_end:$loadavg}'
 }
