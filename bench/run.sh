@@ -41,14 +41,17 @@ esac
 ROUNDS=${ROUNDS:-$DEF_ROUNDS}
 RR1_RATE=1000   # tcp-rr 1 connection: requests per second, open loop
 
+# shellcheck source=bench/lib/host.sh
+. "$ROOT/bench/lib/host.sh"
+ensure_packages
+[ "$MODE" = smoke ] || [ "$FORCE" = 1 ] || refuse_if_busy
+
 WORK=$(mktemp -d /tmp/ringport-bench.XXXXXX)
 RAW=$WORK/raw.jsonl
 # shellcheck source=bench/lib/peers.sh
 . "$ROOT/bench/lib/peers.sh"
 # shellcheck source=bench/lib/measure.sh
 . "$ROOT/bench/lib/measure.sh"
-# shellcheck source=bench/lib/host.sh
-. "$ROOT/bench/lib/host.sh"
 
 cleanup() {
   local rc=$?
@@ -62,9 +65,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-ensure_packages
-[ "$MODE" = smoke ] || [ "$FORCE" = 1 ] || refuse_if_busy
 
 # Binaries: build unless a directory is given.
 if [ -z "$BIN" ]; then
@@ -146,6 +146,7 @@ run_round() {
 
 mkdir -p "$WORK/svg"
 LOADAVG_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+CONNTRACK_AT_START=$(conntrack_state)
 START=$(date +%s)
 for r in $(seq 1 "$ROUNDS"); do
   echo "bench/run.sh: round $r of $ROUNDS" >&2

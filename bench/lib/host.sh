@@ -36,11 +36,30 @@ refuse_if_busy() {
     echo "bench/run.sh: refusing to start: 1-minute load average $load > 0.7 x $cores cores (use --force to override)" >&2
     exit 3
   fi
+  # With netfilter connection tracking active (any nat rule in this network
+  # namespace loads it), every benchmark connection takes a conntrack entry
+  # (TIME_WAIT ones for 120 s); a full table drops new flows (EPERM on UDP
+  # sends, SYNs lost) for every peer.
+  local ct
+  ct=$(conntrack_state)
+  if [ "$ct" != off ] && awk -v c="${ct%/*}" -v m="${ct#*/}" 'BEGIN{exit !(c > 0.5 * m)}'; then
+    echo "bench/run.sh: refusing to start: conntrack table $ct entries (over half full; a full table drops packets). Nat rules in this namespace: $(nft list tables 2>/dev/null | tr '\n' ' ') (use --force to override)" >&2
+    exit 3
+  fi
   busy=$(busy_processes)
   if [ -n "$busy" ]; then
     echo "bench/run.sh: refusing to start: processes above 20% CPU over 1 s (use --force to override):" >&2
     echo "$busy" >&2
     exit 3
+  fi
+}
+
+# "count/max" of the conntrack table, or "off" when netfilter tracks nothing.
+conntrack_state() {
+  if [ -r /proc/sys/net/netfilter/nf_conntrack_count ]; then
+    echo "$(cat /proc/sys/net/netfilter/nf_conntrack_count)/$(cat /proc/sys/net/netfilter/nf_conntrack_max)"
+  else
+    echo off
   fi
 }
 
@@ -85,8 +104,11 @@ record_environment() {
     --arg tw_reuse "$(sysctl -n net.ipv4.tcp_tw_reuse 2>/dev/null)" \
     --arg port_range "$(sysctl -n net.ipv4.ip_local_port_range 2>/dev/null | tr '\t' ' ')" \
     --arg loadavg "$(cut -d' ' -f1-3 /proc/loadavg)" --arg loadavg0 "${LOADAVG_AT_START:-}" \
+    --arg ct0 "${CONNTRACK_AT_START:-}" --arg ct1 "$(conntrack_state)" \
+    --arg nft "$(nft list tables 2>/dev/null | tr '\n' ' ' || true)" \
     '{date:$date, kernel:$kernel, cpu_model:$cpu, cores:$cores, haproxy:$haproxy, nginx:$nginx,
       ringport_commit:$ringport_commit, source_dirty:$dirty, ringport:$ringport, loadgen:$loadgen,
       rustc:$rustc, bin_dir:$bin, tcp_tw_reuse:$tw_reuse, ip_local_port_range:$port_range,
-      loadavg_at_start:$loadavg0, loadavg_at_end:$loadavg}'
+      loadavg_at_start:$loadavg0, loadavg_at_end:$loadavg,
+      conntrack_at_start:$ct0, conntrack_at_end:$ct1, nft_tables:$nft}'
 }
