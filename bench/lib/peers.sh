@@ -1,0 +1,243 @@
+# shellcheck shell=bash
+# Peers of the benchmark: the backends and each proxy in front of them.
+#
+# Sourced by bench/run.sh (and flamegraphs/record.sh). Every process started
+# here is recorded with `track_pid` so the caller's EXIT trap stops it, even
+# when the run fails half way. Every config lives in $WORK (a temp dir): the
+# system nginx and haproxy services and their files are never touched.
+#
+# Needs: $WORK, $BIN (dir with ringport and loadgen), $PIN (0|1),
+# $PROXY_WORKERS, $PORT_BASE.
+
+PIDS=()
+track_pid() { PIDS+=("$1"); }
+
+# Stops every tracked process: TERM, a bounded wait, then KILL.
+stop_all() {
+  local pid i
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for i in $(seq 1 50); do
+    local alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+
+# Prefix that puts a proxy on core 0 (--pin) or nowhere in particular.
+proxy_cpu() { if [ "$PIN" = 1 ]; then echo "taskset -c 0"; fi; }
+# Prefix for load generator and backends: core 1 under --pin.
+load_cpu() { if [ "$PIN" = 1 ]; then echo "taskset -c 1"; fi; }
+load_workers() { if [ "$PIN" = 1 ]; then echo 1; else nproc; fi; }
+
+# Polls a condition (a command) every 50 ms for at most $1 seconds.
+wait_until() {
+  local secs=$1; shift
+  local end=$(( $(date +%s%N) + secs * 1000000000 ))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s%N)" -ge "$end" ] && return 1
+    sleep 0.05
+  done
+}
+
+port_free() { ! ss -Hltun "sport = :$1" | grep -q .; }
+
+# Picks $PORT_BASE: the first block of 100 ports with nothing listening,
+# below the ephemeral range so no outgoing connection can hold one of them.
+choose_port_base() {
+  local base p ok low
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+  for base in 21000 22000 23000 24000 25000 26000 27000 28000 29000; do
+    [ $((base + 100)) -lt "$low" ] || continue
+    ok=1
+    for p in $(seq "$base" $((base + 99))); do port_free "$p" || { ok=0; break; }; done
+    [ "$ok" = 1 ] && { PORT_BASE=$base; return 0; }
+  done
+  echo "no free port block found" >&2; return 1
+}
+
+# Starts `loadgen serve` (echo, sink, source, udp echo on 127.0.0.1, free
+# ports) and sets BACKEND_{ECHO,SINK,SOURCE,UDP} to their addresses.
+start_backends() {
+  local out=$WORK/backend.out bound
+  # shellcheck disable=SC2046
+  $(load_cpu) "$BIN/loadgen" serve --id backend --workers "$(load_workers)" \
+    --tcp-echo 127.0.0.1:0 --tcp-sink 127.0.0.1:0 --tcp-source 127.0.0.1:0 \
+    --udp-echo 127.0.0.1:0 --duration "${SERVE_BOUND:-30m}" >"$out" 2>"$WORK/backend.err" &
+  track_pid $!
+  BACKEND_PID=$!
+  wait_until 10 grep -q listening "$out" || { cat "$WORK/backend.err" >&2; return 1; }
+  bound=$(head -n1 "$out")
+  BACKEND_ECHO=$(jq -r '.listening[] | select(.mode=="echo") | .addr' <<<"$bound")
+  BACKEND_SINK=$(jq -r '.listening[] | select(.mode=="sink") | .addr' <<<"$bound")
+  BACKEND_SOURCE=$(jq -r '.listening[] | select(.mode=="source") | .addr' <<<"$bound")
+  BACKEND_UDP=$(jq -r '.listening[] | select(.mode=="udp-echo") | .addr' <<<"$bound")
+}
+
+# Each peer listens on PORT_BASE + 10*slot + {0 echo, 1 sink, 2 source, 3 udp};
+# ringport's proxy ports are +4..+6, its admin ports +8 and +9.
+peer_slot() {
+  case $1 in
+    ringport) echo 1 ;; haproxy) echo 2 ;; nginx) echo 3 ;;
+    ringport-copy) echo 4 ;; ringport-w1) echo 5 ;; *) return 1 ;;
+  esac
+}
+
+# The address a scenario's load goes to for a peer; kind = echo|sink|source|udp.
+peer_target() {
+  local peer=$1 kind=$2 off
+  if [ "$peer" = direct ]; then
+    case $kind in
+      echo) echo "$BACKEND_ECHO" ;; sink) echo "$BACKEND_SINK" ;;
+      source) echo "$BACKEND_SOURCE" ;; udp) echo "$BACKEND_UDP" ;;
+    esac
+    return
+  fi
+  case $kind in echo) off=0 ;; sink) off=1 ;; source) off=2 ;; udp) off=3 ;; esac
+  echo "127.0.0.1:$((PORT_BASE + 10 * $(peer_slot "$peer") + off))"
+}
+
+# The process ids making up a peer now (main process and its children).
+peer_pids() {
+  local main=${PEER_PID[$1]:-}
+  [ -n "$main" ] || return 0
+  echo "$main"
+  pgrep -P "$main" || true
+}
+
+declare -A PEER_PID
+
+port_of() { echo "${1##*:}"; }
+
+# ringport on a generated manifest: one Service with externalIPs 127.0.0.1
+# and fixed ports, its Endpoints pointing at the backends.
+# Args: peer name, workers, relay mode.
+start_ringport() {
+  local peer=$1 workers=$2 relay=$3 dir=$WORK/$1 base
+  base=$((PORT_BASE + 10 * $(peer_slot "$peer")))
+  mkdir -p "$dir"
+  cat >"$dir/bench.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: default}
+spec:
+  clusterIP: 10.96.0.90
+  externalIPs: ["127.0.0.1"]
+  ports:
+    - {name: echo, protocol: TCP, port: $base, targetPort: echo}
+    - {name: sink, protocol: TCP, port: $((base + 1)), targetPort: sink}
+    - {name: source, protocol: TCP, port: $((base + 2)), targetPort: source}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: bench, namespace: default}
+subsets:
+  - addresses: [{ip: 127.0.0.1}]
+    ports:
+      - {name: echo, protocol: TCP, port: $(port_of "$BACKEND_ECHO")}
+      - {name: sink, protocol: TCP, port: $(port_of "$BACKEND_SINK")}
+      - {name: source, protocol: TCP, port: $(port_of "$BACKEND_SOURCE")}
+YAML
+  local pin_flag=--no-pin
+  [ "$PIN" = 1 ] && pin_flag=
+  # shellcheck disable=SC2046,SC2086
+  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
+    --workers "$workers" $pin_flag --relay "$relay" --bind-address 127.0.0.1 \
+    --proxy-port-range "$((base + 4))-$((base + 6))" \
+    --metrics-bind-address "127.0.0.1:$((base + 8))" \
+    --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
+  track_pid $!
+  PEER_PID[$peer]=$!
+  wait_until 15 curl -fsS -o /dev/null "http://127.0.0.1:$((base + 8))/readyz" ||
+    { echo "$peer did not become ready:" >&2; tail -20 "$dir/out.log" >&2; return 1; }
+  wait_until 5 listening "$base" || { echo "$peer: nothing on port $base" >&2; return 1; }
+}
+
+listening() { ss -Hltn "sport = :$1" | grep -q .; }
+
+# HAProxy in TCP mode with kernel splicing both ways, nbthread = workers.
+start_haproxy() {
+  local dir=$WORK/haproxy base cpumap=""
+  base=$((PORT_BASE + 10 * $(peer_slot haproxy)))
+  mkdir -p "$dir"
+  [ "$PIN" = 1 ] && cpumap="    cpu-map auto:1/1-1 0"
+  cat >"$dir/haproxy.cfg" <<CFG
+global
+    nbthread $PROXY_WORKERS
+$cpumap
+    maxconn 7000
+    pidfile $dir/haproxy.pid
+
+defaults
+    mode tcp
+    maxconn 7000
+    backlog 4096
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+    option splice-request
+    option splice-response
+
+frontend fe_echo
+    bind 127.0.0.1:$base
+    default_backend be_echo
+frontend fe_sink
+    bind 127.0.0.1:$((base + 1))
+    default_backend be_sink
+frontend fe_source
+    bind 127.0.0.1:$((base + 2))
+    default_backend be_source
+
+backend be_echo
+    server echo $BACKEND_ECHO
+backend be_sink
+    server sink $BACKEND_SINK
+backend be_source
+    server source $BACKEND_SOURCE
+CFG
+  # shellcheck disable=SC2046
+  $(proxy_cpu) haproxy -db -f "$dir/haproxy.cfg" >"$dir/out.log" 2>&1 &
+  track_pid $!
+  PEER_PID[haproxy]=$!
+  wait_until 10 listening "$base" || { echo "haproxy did not start:" >&2; tail -20 "$dir/out.log" >&2; return 1; }
+}
+
+# nginx stream{} proxy, worker_processes = workers, in the foreground with
+# its own prefix, pid file and error log.
+start_nginx() {
+  local dir=$WORK/nginx base affinity=""
+  base=$((PORT_BASE + 10 * $(peer_slot nginx)))
+  mkdir -p "$dir/logs"
+  [ "$PIN" = 1 ] && affinity="worker_cpu_affinity 0001;"
+  cat >"$dir/nginx.conf" <<CFG
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+master_process on;
+worker_processes $PROXY_WORKERS;
+$affinity
+worker_rlimit_nofile 19500;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 12000; }
+stream {
+    proxy_connect_timeout 2s;
+    proxy_timeout 120s;
+    server { listen 127.0.0.1:$base reuseport backlog=4096; proxy_pass $BACKEND_ECHO; }
+    server { listen 127.0.0.1:$((base + 1)) reuseport backlog=4096; proxy_pass $BACKEND_SINK; }
+    server { listen 127.0.0.1:$((base + 2)) reuseport backlog=4096; proxy_pass $BACKEND_SOURCE; }
+    server {
+        listen 127.0.0.1:$((base + 3)) udp reuseport;
+        proxy_pass $BACKEND_UDP;
+        proxy_responses 1;
+        proxy_timeout 5s;
+    }
+}
+CFG
+  # shellcheck disable=SC2046
+  $(proxy_cpu) nginx -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" >"$dir/out.log" 2>&1 &
+  track_pid $!
+  PEER_PID[nginx]=$!
+  wait_until 10 listening "$base" || { echo "nginx did not start:" >&2; tail -20 "$dir/logs/error.log" >&2; return 1; }
+}
