@@ -147,7 +147,6 @@ def detail_table(summary):
                 f" | {fmt(s.get('p99'))} | {eff_cell} | {s['errors']}{fail} |"
             )
         if scen == "udp-rr":
-            lines.append(f"| {title} | ringport | n/a (no UDP yet) | | | | | | |")
             lines.append(f"| {title} | haproxy | n/a (HAProxy has no UDP proxying) | | | | | | |")
     return lines
 

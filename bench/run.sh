@@ -104,7 +104,7 @@ restart_peer() {
 }
 echo "bench/run.sh: mode=$MODE pin=$PIN rounds=$ROUNDS proxy workers=$PROXY_WORKERS ports=$PORT_BASE.. bin=$BIN" >&2
 
-# TODO(redirect): ringport has no REDIRECT rules yet. When it does, add a
+# TODO(redirect): the REDIRECT rules exist now (src/redirect/); add a
 # peer "ringport-redirect" here: a network namespace with a veth pair
 # (only 127.0.0.0/8-style private addresses), the cluster IP redirected to
 # ringport's proxy port by its own rules, and the same scenarios run from
@@ -133,7 +133,7 @@ run_round() {
     plot=(); [ "$last" = 1 ] && plot=(--plot "$WORK/svg/rr-1-$p.svg")
     measure rr-1 "$p" "$r" -- tcp-rr -t "$(peer_target "$p" echo)" -c 1 --rate "$RR1_RATE" -d "${DURATION}s" "${plot[@]}"
   done
-  for p in direct nginx; do
+  for p in direct ringport nginx; do
     measure udp-rr "$p" "$r" -- udp-rr -t "$(peer_target "$p" udp)" -c 16 -d "${DURATION}s"
   done
   for p in ringport haproxy nginx; do

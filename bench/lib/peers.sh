@@ -129,6 +129,7 @@ spec:
     - {name: echo, protocol: TCP, port: $base, targetPort: echo}
     - {name: sink, protocol: TCP, port: $((base + 1)), targetPort: sink}
     - {name: source, protocol: TCP, port: $((base + 2)), targetPort: source}
+    - {name: udp, protocol: UDP, port: $((base + 3)), targetPort: udp}
 ---
 apiVersion: v1
 kind: Endpoints
@@ -139,12 +140,13 @@ subsets:
       - {name: echo, protocol: TCP, port: $(port_of "$BACKEND_ECHO")}
       - {name: sink, protocol: TCP, port: $(port_of "$BACKEND_SINK")}
       - {name: source, protocol: TCP, port: $(port_of "$BACKEND_SOURCE")}
+      - {name: udp, protocol: UDP, port: $(port_of "$BACKEND_UDP")}
 YAML
   local pin_flag=--no-pin
   [ "$PIN" = 1 ] && pin_flag=
   # shellcheck disable=SC2046,SC2086
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
-    --workers "$workers" $pin_flag --relay "$relay" --bind-address 127.0.0.1 \
+    --workers "$workers" $pin_flag --relay "$relay" --bind-address 127.0.0.1 --redirect none \
     --proxy-port-range "$((base + 4))-$((base + 6))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \
     --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
