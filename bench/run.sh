@@ -7,6 +7,9 @@
 #   bench/run.sh --smoke         every scenario ~1 s, 1 round, debug build;
 #                                fails if any peer did no work or direct erred
 #   bench/run.sh --pin           proxy on core 0, load + backends on core 1
+#   bench/run.sh --redirect      the node-agent path: everything in a fresh
+#                                network namespace, ringport reached through
+#                                a cluster IP and its own nft REDIRECT rule
 #   options: --force (run on a busy machine), --rounds N,
 #            --bin-dir DIR (or RINGPORT_BENCH_BIN_DIR; skips the build),
 #            --profile release|dev, --out DIR
@@ -15,18 +18,20 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export LC_ALL=C
 
-MODE=default PIN=0 FORCE=0 ROUNDS="" BIN=${RINGPORT_BENCH_BIN_DIR:-} PROFILE="" OUT=""
+MODE=default PIN=0 FORCE=0 ROUNDS="" BIN=${RINGPORT_BENCH_BIN_DIR:-} PROFILE="" OUT="" REDIRECT=0
+ARGS=("$@")
 while [ $# -gt 0 ]; do
   case $1 in
     --quick) MODE=quick ;;
     --smoke) MODE=smoke ;;
     --pin) PIN=1 ;;
+    --redirect) REDIRECT=1 ;;
     --force) FORCE=1 ;;
     --rounds) ROUNDS=$2; shift ;;
     --bin-dir) BIN=$2; shift ;;
     --profile) PROFILE=$2; shift ;;
     --out) OUT=$2; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "bench/run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -45,6 +50,38 @@ RR1_RATE=1000   # tcp-rr 1 connection: requests per second, open loop
 . "$ROOT/bench/lib/host.sh"
 ensure_packages
 [ "$MODE" = smoke ] || [ "$FORCE" = 1 ] || refuse_if_busy
+
+# Binaries: build unless a directory is given.
+if [ -z "$BIN" ]; then
+  PROFILE=${PROFILE:-$([ "$MODE" = smoke ] && echo dev || echo release)}
+  echo "bench/run.sh: cargo build --profile $PROFILE -p ringport -p loadgen" >&2
+  cargo build --locked --profile "$PROFILE" -p ringport -p loadgen >&2
+  dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
+  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$dir
+fi
+BIN=$(cd "$BIN" && pwd)
+[ -x "$BIN/ringport" ] && [ -x "$BIN/loadgen" ] || { echo "no ringport/loadgen in $BIN" >&2; exit 1; }
+
+# --redirect: run this very script again inside a fresh network namespace
+# (only loopback in it), so ringport's nft rules touch nothing outside. The
+# namespace goes away whatever happens.
+if [ "$REDIRECT" = 1 ] && [ -z "${RINGPORT_BENCH_NETNS:-}" ]; then
+  [ "$(id -u)" = 0 ] && command -v nft >/dev/null && command -v ip >/dev/null ||
+    { echo "bench/run.sh --redirect needs root, ip and nft" >&2; exit 1; }
+  NS=rp-bench-$$
+  ip netns add "$NS"
+  trap 'ip netns del "$NS" 2>/dev/null || true' EXIT
+  ip -n "$NS" link set lo up
+  rc=0
+  ip netns exec "$NS" env RINGPORT_BENCH_NETNS="$NS" "$0" "${ARGS[@]}" --bin-dir "$BIN" --force || rc=$?
+  exit "$rc"
+fi
+if [ "$REDIRECT" = 1 ]; then
+  # Every peer here pays connection tracking (nat rules exist in this
+  # namespace); TIME_WAIT entries are kept short so short-connection
+  # scenarios cannot fill the table.
+  sysctl -qw net.netfilter.nf_conntrack_tcp_timeout_time_wait=1 2>/dev/null || true
+fi
 
 WORK=$(mktemp -d /tmp/ringport-bench.XXXXXX)
 RAW=$WORK/raw.jsonl
@@ -65,17 +102,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# Binaries: build unless a directory is given.
-if [ -z "$BIN" ]; then
-  PROFILE=${PROFILE:-$([ "$MODE" = smoke ] && echo dev || echo release)}
-  echo "bench/run.sh: cargo build --profile $PROFILE -p ringport -p loadgen" >&2
-  cargo build --locked --profile "$PROFILE" -p ringport -p loadgen >&2
-  dir=$PROFILE; [ "$PROFILE" = dev ] && dir=debug
-  BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$dir
-fi
-BIN=$(cd "$BIN" && pwd)
-[ -x "$BIN/ringport" ] && [ -x "$BIN/loadgen" ] || { echo "no ringport/loadgen in $BIN" >&2; exit 1; }
 
 if [ "$PIN" = 1 ]; then PROXY_WORKERS=1; else PROXY_WORKERS=$(nproc); fi
 SERVE_BOUND=$((30 + ROUNDS * 5))m
@@ -104,7 +130,8 @@ restart_peer() {
 }
 echo "bench/run.sh: mode=$MODE pin=$PIN rounds=$ROUNDS proxy workers=$PROXY_WORKERS ports=$PORT_BASE.. bin=$BIN" >&2
 
-# TODO(redirect): the REDIRECT rules exist now (src/redirect/); add a
+# (--redirect runs the whole benchmark in a namespace with ringport behind
+# its own nft rule; see the top of this file.) Earlier plan, kept: a
 # peer "ringport-redirect" here: a network namespace with a veth pair
 # (only 127.0.0.0/8-style private addresses), the cluster IP redirected to
 # ringport's proxy port by its own rules, and the same scenarios run from
@@ -162,6 +189,7 @@ done
 record_environment >"$WORK/env.json"
 STAMP=$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD)
 SUFFIX=""; [ "$MODE" != default ] && SUFFIX="-$MODE"; [ "$PIN" = 1 ] && SUFFIX="$SUFFIX-pin"
+[ "$REDIRECT" = 1 ] && SUFFIX="$SUFFIX-redirect"
 if [ -z "$OUT" ]; then
   if [ "$MODE" = smoke ]; then OUT=$WORK/results; else OUT=$ROOT/bench/results; fi
 fi
@@ -171,7 +199,7 @@ rc=0
 python3 "$ROOT/bench/report.py" --raw "$RAW" --env "$WORK/env.json" --svg-dir "$WORK/svg" \
   --prefix "$PREFIX" --mode "$MODE" --pin "$PIN" --rounds "$ROUNDS" --elapsed "$ELAPSED" \
   $([ "$MODE" = smoke ] && echo --check) || rc=$?
-if [ "$MODE" = default ] && [ "$PIN" = 0 ] && [ "$rc" = 0 ] && [ "$OUT" = "$ROOT/bench/results" ]; then
+if [ "$MODE" = default ] && [ "$PIN" = 0 ] && [ "$REDIRECT" = 0 ] && [ "$rc" = 0 ] && [ "$OUT" = "$ROOT/bench/results" ]; then
   cp "$PREFIX.md" "$ROOT/bench/RESULTS.md"
 fi
 echo "bench/run.sh: $MODE run took ${ELAPSED}s of load; results in $PREFIX.{json,md}" >&2

@@ -96,7 +96,9 @@ peer_target() {
     return
   fi
   case $kind in echo) off=0 ;; sink) off=1 ;; source) off=2 ;; udp) off=3 ;; esac
-  echo "127.0.0.1:$((PORT_BASE + 10 * $(peer_slot "$peer") + off))"
+  local ip=127.0.0.1
+  redirected "$peer" && ip=$CLUSTER_IP
+  echo "$ip:$((PORT_BASE + 10 * $(peer_slot "$peer") + off))"
 }
 
 # The process ids making up a peer now (main process and its children).
@@ -111,20 +113,30 @@ declare -A PEER_PID
 
 port_of() { echo "${1##*:}"; }
 
-# ringport on a generated manifest: one Service with externalIPs 127.0.0.1
-# and fixed ports, its Endpoints pointing at the backends.
+# With --redirect, the cluster IP the main ringport peer is reached on: a
+# loopback address no interface has, so it gets a rule, and the client's
+# packets take the node's OUTPUT path (nat REDIRECT to the proxy port).
+CLUSTER_IP=127.96.0.10
+
+# Whether this peer is reached through the cluster IP and its rule.
+redirected() { [ "${REDIRECT:-0}" = 1 ] && [ "$1" = ringport ]; }
+
+# ringport on a generated manifest: one Service with fixed ports, reached on
+# externalIPs 127.0.0.1 (or, with --redirect, on its cluster IP through its
+# own nft rule), its Endpoints pointing at the backends.
 # Args: peer name, workers, relay mode.
 start_ringport() {
-  local peer=$1 workers=$2 relay=$3 dir=$WORK/$1 base
+  local peer=$1 workers=$2 relay=$3 dir=$WORK/$1 base cluster=10.96.0.90 external='  externalIPs: ["127.0.0.1"]' redirect=none bind=127.0.0.1
   base=$((PORT_BASE + 10 * $(peer_slot "$peer")))
+  redirected "$peer" && { cluster=$CLUSTER_IP external="" redirect=nft bind=0.0.0.0; }
   mkdir -p "$dir"
   cat >"$dir/bench.yaml" <<YAML
 apiVersion: v1
 kind: Service
 metadata: {name: bench, namespace: default}
 spec:
-  clusterIP: 10.96.0.90
-  externalIPs: ["127.0.0.1"]
+  clusterIP: $cluster
+$external
   ports:
     - {name: echo, protocol: TCP, port: $base, targetPort: echo}
     - {name: sink, protocol: TCP, port: $((base + 1)), targetPort: sink}
@@ -146,15 +158,17 @@ YAML
   [ "$PIN" = 1 ] && pin_flag=
   # shellcheck disable=SC2046,SC2086
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
-    --workers "$workers" $pin_flag --relay "$relay" --bind-address 127.0.0.1 --redirect none \
-    --proxy-port-range "$((base + 4))-$((base + 6))" \
+    --workers "$workers" $pin_flag --relay "$relay" --redirect "$redirect" --bind-address "$bind" \
+    --proxy-port-range "$((base + 4))-$((base + 7))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \
     --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
   track_pid $!
   PEER_PID[$peer]=$!
   wait_until 15 curl -fsS -o /dev/null "http://127.0.0.1:$((base + 8))/readyz" ||
     { echo "$peer did not become ready:" >&2; tail -20 "$dir/out.log" >&2; return 1; }
-  wait_until 5 listening "$base" || { echo "$peer: nothing on port $base" >&2; return 1; }
+  if ! redirected "$peer"; then
+    wait_until 5 listening "$base" || { echo "$peer: nothing on port $base" >&2; return 1; }
+  fi
 }
 
 listening() { ss -Hltn "sport = :$1" | grep -q .; }
