@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
 use crate::metrics::Metrics;
+use crate::redirect::rules;
 use crate::snapshot::SharedSnapshot;
 
 #[derive(Clone)]
@@ -50,8 +51,39 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
+/// The served state, plus the redirect rules it asks for (what the
+/// syncer programs unless `--redirect none`).
 async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
-    Json(s.snapshot.load().view())
+    let snapshot = s.snapshot.load_full();
+    let desired = rules::from_snapshot(&snapshot, &rules::Locality::from_interfaces());
+    let rules: Vec<RuleView> = desired
+        .rules
+        .iter()
+        .map(|(key, target)| RuleView {
+            protocol: key.protocol.to_string(),
+            daddr: key.daddr.0,
+            dport: key.dport,
+            proxy_port: target.proxy_port.0,
+            service_port: target.service.to_string(),
+        })
+        .collect();
+    Json(SnapshotWithRules { snapshot: snapshot.view(), redirect_rules: rules })
+}
+
+#[derive(serde::Serialize)]
+struct SnapshotWithRules {
+    #[serde(flatten)]
+    snapshot: crate::snapshot::SnapshotView,
+    redirect_rules: Vec<RuleView>,
+}
+
+#[derive(serde::Serialize)]
+struct RuleView {
+    protocol: String,
+    daddr: std::net::IpAddr,
+    dport: u16,
+    proxy_port: u16,
+    service_port: String,
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

@@ -19,6 +19,23 @@ fn health_and_readiness_answer() {
 }
 
 #[test]
+fn debug_snapshot_shows_ports_proxy_ports_endpoints_and_the_rules_they_ask_for() {
+    let a = Backend::echo();
+    let proxy = Proxy::start(&service_with_endpoints("svc", &[a.addr]), &[]);
+    let snap = proxy.snapshot();
+    let port = &snap["service_ports"][0];
+    assert_eq!(port["name"], "default/svc");
+    let proxy_port = port["proxy_port"].as_u64().expect("a proxy port");
+    assert_eq!(port["endpoints"][0]["addr"], a.addr.to_string());
+    let rules = snap["redirect_rules"].as_array().expect("redirect_rules");
+    assert_eq!(rules.len(), 1, "{snap:#}");
+    assert_eq!(rules[0]["daddr"], "10.96.7.7");
+    assert_eq!(rules[0]["dport"], 80);
+    assert_eq!(rules[0]["protocol"], "TCP");
+    assert_eq!(rules[0]["proxy_port"].as_u64(), Some(proxy_port));
+}
+
+#[test]
 fn metrics_count_connections_bytes_retries_and_connect_time() {
     let a = Backend::echo();
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
