@@ -244,154 +244,130 @@ fn histogram(enc: &mut Enc<'_>, name: &str, help: &str, hists: &[Series<'_>]) ->
     Ok(())
 }
 
-/// A per-service-port counter family.
+/// Picks one counter out of a worker slot.
+type Field = fn(&PortCounters) -> &AtomicU64;
+
+/// A per-service-port counter family; with `directions`, one series per
+/// `(direction label, counter)`.
 fn port_counter(
     enc: &mut Enc<'_>,
     ports: &[Arc<PortMetrics>],
     name: &str,
     help: &str,
-    extra: Option<(&str, &str)>,
-    f: impl Fn(&PortCounters) -> &AtomicU64,
+    directions: &[(&str, Field)],
 ) -> std::fmt::Result {
     let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for p in ports {
-        let mut labels = vec![("service_port", p.label.clone())];
-        if let Some((k, v)) = extra {
-            labels.push((k, v.to_owned()));
+        for (dir, f) in directions {
+            let mut labels = vec![("service_port", p.label.clone())];
+            if !dir.is_empty() {
+                labels.push(("direction", (*dir).to_owned()));
+            }
+            ConstCounter::new(p.sum(f)).encode(family.encode_family(&labels)?)?;
         }
-        ConstCounter::new(p.sum(&f)).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
+}
+
+/// A per-service-port gauge of things open now: opened minus closed.
+fn port_open_now(
+    enc: &mut Enc<'_>,
+    ports: &[Arc<PortMetrics>],
+    name: &str,
+    help: &str,
+    opened: Field,
+    closed: Field,
+) -> std::fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for p in ports {
+        let n = p.sum(opened).saturating_sub(p.sum(closed));
+        ConstGauge::new(n as i64).encode(family.encode_family(&[("service_port", p.label.clone())])?)?;
+    }
+    Ok(())
+}
+
+/// One series per service port, without a direction.
+fn total(f: Field) -> [(&'static str, Field); 1] {
+    [("", f)]
 }
 
 impl Collector for Metrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         use names::*;
         let ports = self.live_ports();
-        port_counter(&mut enc, &ports, CONNECTIONS_ACCEPTED, "Connections accepted", None, |c| &c.accepted)?;
-        let mut active =
-            enc.encode_descriptor(CONNECTIONS_ACTIVE, "Connections open now", None, MetricType::Gauge)?;
-        for p in &ports {
-            let n = p.sum(|c| &c.accepted).saturating_sub(p.sum(|c| &c.closed));
-            ConstGauge::new(n as i64).encode(active.encode_family(&[("service_port", p.label.clone())])?)?;
-        }
-        let mut bytes = enc.encode_descriptor(BYTES, "Bytes relayed", None, MetricType::Counter)?;
-        for p in &ports {
-            for (dir, f) in [
-                ("to_endpoint", (|c: &PortCounters| &c.bytes_to_endpoint) as fn(&PortCounters) -> &AtomicU64),
-                ("to_client", |c: &PortCounters| &c.bytes_to_client),
-            ] {
-                let labels = [("service_port", p.label.clone()), ("direction", dir.to_owned())];
-                ConstCounter::new(p.sum(f)).encode(bytes.encode_family(&labels)?)?;
-            }
-        }
+        let e = &mut enc;
+        let p = &ports;
+        port_counter(e, p, CONNECTIONS_ACCEPTED, "Connections accepted", &total(|c| &c.accepted))?;
+        port_open_now(e, p, CONNECTIONS_ACTIVE, "Connections open now", |c| &c.accepted, |c| &c.closed)?;
+        let bytes: [(&str, Field); 2] =
+            [("to_endpoint", |c| &c.bytes_to_endpoint), ("to_client", |c| &c.bytes_to_client)];
+        port_counter(e, p, BYTES, "Bytes relayed", &bytes)?;
         port_counter(
-            &mut enc,
-            &ports,
+            e,
+            p,
             CONNECT_FAILURES,
             "Failed connect attempts to endpoints",
-            None,
-            |c| &c.connect_failures,
+            &total(|c| &c.connect_failures),
         )?;
-        port_counter(&mut enc, &ports, CONNECT_RETRIES, "Connect attempts after a failed one", None, |c| {
-            &c.retries
-        })?;
-        port_counter(
-            &mut enc,
-            &ports,
-            CONNECTIONS_REFUSED,
-            "Client connections reset because every attempt failed",
-            None,
-            |c| &c.refused,
-        )?;
-        let labels: Vec<Vec<(&str, String)>> =
+        port_counter(e, p, CONNECT_RETRIES, "Connect attempts after a failed one", &total(|c| &c.retries))?;
+        let refused = "Client connections reset because every attempt failed";
+        port_counter(e, p, CONNECTIONS_REFUSED, refused, &total(|c| &c.refused))?;
+        let labels: Vec<Vec<(&'static str, String)>> =
             ports.iter().map(|p| vec![("service_port", p.label.clone())]).collect();
         let hists: Vec<Series<'_>> = ports
             .iter()
             .zip(&labels)
             .map(|(p, l)| (l.as_slice(), p.slots.iter().map(|s| &s.connect_duration).collect()))
             .collect();
-        histogram(&mut enc, CONNECT_DURATION, "Time from accept to a connected endpoint", &hists)?;
+        histogram(e, CONNECT_DURATION, "Time from accept to a connected endpoint", &hists)?;
 
-        let mut flows =
-            enc.encode_descriptor(UDP_FLOWS_ACTIVE, "UDP flows open now", None, MetricType::Gauge)?;
-        for p in &ports {
-            let n = p.sum(|c| &c.flows_created).saturating_sub(p.sum(|c| &c.flows_closed));
-            ConstGauge::new(n as i64).encode(flows.encode_family(&[("service_port", p.label.clone())])?)?;
-        }
-        port_counter(&mut enc, &ports, UDP_FLOWS_CREATED, "UDP flows created", None, |c| &c.flows_created)?;
+        port_open_now(
+            e,
+            p,
+            UDP_FLOWS_ACTIVE,
+            "UDP flows open now",
+            |c| &c.flows_created,
+            |c| &c.flows_closed,
+        )?;
+        port_counter(e, p, UDP_FLOWS_CREATED, "UDP flows created", &total(|c| &c.flows_created))?;
         port_counter(
-            &mut enc,
-            &ports,
+            e,
+            p,
             UDP_FLOWS_EXPIRED,
             "UDP flows closed by the idle timeout",
-            None,
-            |c| &c.flows_expired,
+            &total(|c| &c.flows_expired),
         )?;
-        let mut datagrams =
-            enc.encode_descriptor(UDP_DATAGRAMS, "UDP datagrams relayed", None, MetricType::Counter)?;
-        for p in &ports {
-            for (dir, f) in [
-                (
-                    "to_endpoint",
-                    (|c: &PortCounters| &c.datagrams_to_endpoint) as fn(&PortCounters) -> &AtomicU64,
-                ),
-                ("to_client", |c: &PortCounters| &c.datagrams_to_client),
-            ] {
-                let labels = [("service_port", p.label.clone()), ("direction", dir.to_owned())];
-                ConstCounter::new(p.sum(f)).encode(datagrams.encode_family(&labels)?)?;
-            }
-        }
-        port_counter(
-            &mut enc,
-            &ports,
-            UDP_DROPPED,
-            "UDP datagrams dropped (no endpoint, flow limit, full buffers)",
-            None,
-            |c| &c.datagrams_dropped,
-        )?;
-        port_counter(
-            &mut enc,
-            &ports,
-            UDP_TRUNCATED,
-            "UDP datagrams larger than the buffer, dropped",
-            None,
-            |c| &c.truncated,
-        )?;
+        let datagrams: [(&str, Field); 2] =
+            [("to_endpoint", |c| &c.datagrams_to_endpoint), ("to_client", |c| &c.datagrams_to_client)];
+        port_counter(e, p, UDP_DATAGRAMS, "UDP datagrams relayed", &datagrams)?;
+        let dropped = "UDP datagrams dropped (no endpoint, flow limit, full buffers)";
+        port_counter(e, p, UDP_DROPPED, dropped, &total(|c| &c.datagrams_dropped))?;
+        let truncated = "UDP datagrams larger than the buffer, dropped";
+        port_counter(e, p, UDP_TRUNCATED, truncated, &total(|c| &c.truncated))?;
 
         gauge(
-            &mut enc,
+            e,
             SNAPSHOT_GENERATION,
             "Generation of the served snapshot",
             self.generation.load(Ordering::Relaxed) as i64,
         )?;
         let mut reloads =
-            enc.encode_descriptor(RELOADS, "Configuration updates by result", None, MetricType::Counter)?;
+            e.encode_descriptor(RELOADS, "Configuration updates by result", None, MetricType::Counter)?;
         for (result, n) in [("applied", &self.reloads_applied), ("rejected", &self.reloads_rejected)] {
             ConstCounter::new(n.load(Ordering::Relaxed))
                 .encode(reloads.encode_family(&[("result", result)])?)?;
         }
         let none: &Labels = &[];
-        histogram(
-            &mut enc,
-            SYNC_DURATION,
-            "Redirect-rule sync duration",
-            &[(none, vec![&self.sync.duration])],
-        )?;
-        counter(
-            &mut enc,
-            SYNC_FAILURES,
-            "Failed redirect-rule syncs",
-            self.sync.failures.load(Ordering::Relaxed),
-        )?;
+        histogram(e, SYNC_DURATION, "Redirect-rule sync duration", &[(none, vec![&self.sync.duration])])?;
+        counter(e, SYNC_FAILURES, "Failed redirect-rule syncs", self.sync.failures.load(Ordering::Relaxed))?;
         gauge(
-            &mut enc,
+            e,
             PROGRAMMED_RULES,
             "Redirect rules programmed",
             self.sync.programmed.load(Ordering::Relaxed) as i64,
         )?;
         let last = self.sync.last_success_ms.load(Ordering::Relaxed) / 1000;
-        gauge(&mut enc, LAST_SYNC, "Unix time of the last successful sync", last as i64)
+        gauge(e, LAST_SYNC, "Unix time of the last successful sync", last as i64)
     }
 }
 

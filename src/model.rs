@@ -329,6 +329,20 @@ pub struct Endpoint {
     pub hints_nodes: Vec<String>,
 }
 
+impl Endpoint {
+    /// A ready endpoint with no node, zone or hints.
+    pub fn ready(addr: EndpointAddr) -> Self {
+        Self {
+            addr,
+            conditions: Conditions::default(),
+            node_name: None,
+            zone: None,
+            hints_zones: Vec::new(),
+            hints_nodes: Vec::new(),
+        }
+    }
+}
+
 /// One service port with everything the data plane needs: the unit that
 /// gets listeners, a balancer and (later) redirect rules.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -227,7 +227,7 @@ impl From<&crate::model::Endpoint> for EndpointView {
 mod tests {
     use super::*;
     use crate::dataplane::listen::{Binder, ListenOptions};
-    use crate::model::{ClientAddr, Conditions, Endpoint, Origin, Protocol, ServiceName};
+    use crate::model::{ClientAddr, Endpoint, Origin, Protocol, ServiceName};
     use std::net::SocketAddr;
     use std::time::Instant;
 
@@ -236,14 +236,7 @@ mod tests {
         let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
         sp.endpoints = eps
             .iter()
-            .map(|n| Endpoint {
-                addr: EndpointAddr(SocketAddr::from(([10, 0, 0, *n], 80))),
-                conditions: Conditions::default(),
-                node_name: None,
-                zone: None,
-                hints_zones: vec![],
-                hints_nodes: vec![],
-            })
+            .map(|n| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, *n], 80)))))
             .collect();
         sp
     }

@@ -19,17 +19,7 @@ use ringport::snapshot::{BalanceContext, Snapshot};
 fn service_port(endpoints: &[SocketAddr]) -> ServicePort {
     let name = ServicePortName { service: ServiceName::new("default", "echo"), port: String::new() };
     let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 80);
-    sp.endpoints = endpoints
-        .iter()
-        .map(|a| Endpoint {
-            addr: EndpointAddr(*a),
-            conditions: Conditions::default(),
-            node_name: None,
-            zone: None,
-            hints_zones: vec![],
-            hints_nodes: vec![],
-        })
-        .collect();
+    sp.endpoints = endpoints.iter().map(|a| Endpoint::ready(EndpointAddr(*a))).collect();
     sp
 }
 
