@@ -177,14 +177,20 @@ impl Balancer {
                 .unwrap_or(0),
             None => self.schedule(client.0.ip(), now),
         };
-        let mut order: Vec<usize> = Vec::with_capacity(attempts.min(n));
-        order.push(first);
-        order.extend((1..n).map(|k| (first + k) % n).filter(|&i| healthy(i)).take(attempts - 1));
-        if order.len() == 1 && !healthy(first) {
-            // Nothing is healthy: try them all in rotation.
-            order.extend((1..n).map(|k| (first + k) % n).take(attempts - 1));
+        // On the stack: a pick is on every new connection's path.
+        let attempts = attempts.min(MAX_ATTEMPTS);
+        let mut order = [first; MAX_ATTEMPTS];
+        let mut len = 1;
+        let rest = |only_healthy: bool| {
+            (1..n).map(move |k| (first + k) % n).filter(move |&i| !only_healthy || healthy(i))
+        };
+        // Nothing healthy at all: try them all in rotation.
+        let only_healthy = healthy(first) || (1..n).any(|k| healthy((first + k) % n));
+        for i in rest(only_healthy).take(attempts - 1) {
+            order[len] = i;
+            len += 1;
         }
-        Candidates::cycled(&order, attempts.min(MAX_ATTEMPTS))
+        Candidates::cycled(&order[..len], attempts)
     }
 
     /// The scheduler's choice, moved on to the next healthy endpoint in

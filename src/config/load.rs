@@ -267,13 +267,8 @@ impl Collector {
         let Some(svc) = self.decode::<Service>(value, &origin, &object) else {
             return;
         };
-        match service_from_k8s(&svc, origin.clone()) {
-            Ok(Conversion::Accepted { value, warnings }) => {
-                self.manifests.services.push(value);
-                self.manifests.warnings.extend(warnings);
-            }
-            Ok(Conversion::Skipped(skip)) => self.skipped(origin, object, skip),
-            Err(errors) => self.errors.extend(errors),
+        if let Some(service) = self.accept(service_from_k8s(&svc, origin.clone()), origin, object) {
+            self.manifests.services.push(service);
         }
     }
 
@@ -281,13 +276,32 @@ impl Collector {
         let Some(slice) = self.decode::<EndpointSlice>(value, &origin, &object) else {
             return;
         };
-        match slice_from_k8s(&slice, origin.clone()) {
+        if let Some(slice) = self.accept(slice_from_k8s(&slice, origin.clone()), origin, object) {
+            self.manifests.slices.push(slice);
+        }
+    }
+
+    /// The validated object, with its warnings recorded; `None` when it was
+    /// skipped (recorded as a warning) or invalid (its errors recorded).
+    fn accept<T>(
+        &mut self,
+        result: Result<Conversion<T>, ConfigErrors>,
+        origin: Origin,
+        object: ObjectRef,
+    ) -> Option<T> {
+        match result {
             Ok(Conversion::Accepted { value, warnings }) => {
-                self.manifests.slices.push(value);
                 self.manifests.warnings.extend(warnings);
+                Some(value)
             }
-            Ok(Conversion::Skipped(skip)) => self.skipped(origin, object, skip),
-            Err(errors) => self.errors.extend(errors),
+            Ok(Conversion::Skipped(skip)) => {
+                self.skipped(origin, object, skip);
+                None
+            }
+            Err(errors) => {
+                self.errors.extend(errors);
+                None
+            }
         }
     }
 
