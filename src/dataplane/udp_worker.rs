@@ -8,9 +8,9 @@
 //! `recvmmsg` / `sendmmsg` pair.
 //!
 //! Invariants:
-//! - A datagram's bytes are owned by `Worker::sends` until the kernel
-//!   reports its send complete; the completion finds its flow by key and
-//!   generation, so a recycled slot is never mistaken for it.
+//! - A datagram's bytes are owned by `Worker::sends` (`sys::Sends`) until
+//!   the kernel reports its send complete; the completion finds its flow by
+//!   key and generation, so a recycled slot is never mistaken for it.
 //! - A flow is freed only once its poll is no longer in flight.
 
 use std::io;
@@ -19,18 +19,15 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use io_uring::{opcode, types};
-
 use super::sys;
 use super::udp::FlowError;
 use super::worker::{Token, Worker};
 use crate::snapshot::Snapshot;
 
-/// A datagram on its way to an endpoint.
-pub(super) struct PendingSend {
+/// Which flow a datagram on its way to an endpoint belongs to.
+pub(super) struct SendTag {
     flow: usize,
     generation: u64,
-    data: Vec<u8>,
 }
 
 /// Client datagram batches handled per readiness event before yielding.
@@ -41,11 +38,7 @@ impl Worker {
         let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
         let Some(fd) = a.fd.as_ref().map(|f| f.as_raw_fd()) else { return self.forget_listener(slot) };
         a.armed = true;
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-            .build()
-            .user_data(Token::UdpListen(slot).encode());
-        // SAFETY: a poll points at no memory of ours.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::poll(&mut self.ring, fd, libc::POLLIN, Token::UdpListen(slot).encode())
     }
 
     /// Client datagrams are waiting on a listening socket.
@@ -124,21 +117,12 @@ impl Worker {
         flow.last_active = now;
         counters.add(&counters.datagrams_to_endpoint, 1);
         counters.add(&counters.bytes_to_endpoint, data.len() as u64);
-        let fd = flow.socket.as_raw_fd();
-        let generation = flow.generation;
-        let id = self.sends.insert(PendingSend { flow: key, generation, data });
-        let pending = &self.sends[id].data;
-        let entry = opcode::Send::new(types::Fd(fd), pending.as_ptr(), pending.len() as u32)
-            .build()
-            .user_data(Token::UdpSent(id).encode());
-        // SAFETY: the bytes live on the heap in `self.sends[id]` until this
-        // send's completion removes them; moving the slab entry does not
-        // move the Vec's buffer.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        let (fd, tag) = (flow.socket.as_raw_fd(), SendTag { flow: key, generation: flow.generation });
+        self.sends.send(&mut self.ring, fd, tag, data, |id| Token::UdpSent(id).encode())
     }
 
     pub(super) fn on_udp_sent(&mut self, id: usize, result: i32) -> io::Result<()> {
-        let Some(sent) = self.sends.try_remove(id) else { return Ok(()) };
+        let Some((sent, _bytes)) = self.sends.done(id) else { return Ok(()) };
         if result >= 0 {
             return Ok(());
         }
@@ -156,11 +140,7 @@ impl Worker {
     fn arm_flow(&mut self, key: usize) -> io::Result<()> {
         let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
         flow.armed = true;
-        let entry = opcode::PollAdd::new(types::Fd(flow.socket.as_raw_fd()), libc::POLLIN as u32)
-            .build()
-            .user_data(Token::UdpFlow(key).encode());
-        // SAFETY: a poll points at no memory of ours.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::poll(&mut self.ring, flow.socket.as_raw_fd(), libc::POLLIN, Token::UdpFlow(key).encode())
     }
 
     /// An endpoint's replies (or an ICMP error) wait on a flow's socket.

@@ -15,12 +15,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{IoUring, cqueue, types};
 use slab::Slab;
 use socket2::SockRef;
 
@@ -29,7 +29,7 @@ use super::listen::{self, ListenRole, ListenerId};
 use super::relay::{Pool, Wait};
 use super::sys::RecvBatch;
 use super::udp::Flows;
-use super::udp_worker::PendingSend;
+use super::udp_worker::SendTag;
 use super::{Shared, WorkerConfig, sys};
 use crate::model::ClientAddr;
 use crate::model::Protocol;
@@ -122,16 +122,17 @@ pub(super) struct Worker {
     conns: Slab<Conn>,
     pool: Pool,
     /// Timespecs handed to the kernel by pointer: boxed so they never move.
-    connect_timeouts: Box<[types::Timespec]>,
-    accept_retry: Box<types::Timespec>,
-    tick: Box<types::Timespec>,
-    drain_timeout: Box<types::Timespec>,
+    connect_timeouts: Vec<&'static types::Timespec>,
+    accept_retry: &'static types::Timespec,
+    tick: &'static types::Timespec,
+    drain_timeout: &'static types::Timespec,
     /// Directions that yielded with work left, pumped again this turn.
     yielded: Vec<(usize, Dir)>,
     stopping: bool,
     pub(super) flows: Flows,
-    /// Datagrams on their way to endpoints, owned until their send completes.
-    pub(super) sends: Slab<PendingSend>,
+    /// Datagrams on their way to endpoints, owned until their send
+    /// completes. Declared after `ring`, so the ring is dropped first.
+    pub(super) sends: sys::Sends<SendTag>,
     pub(super) batch: RecvBatch,
 }
 
@@ -142,7 +143,6 @@ impl Worker {
             .setup_coop_taskrun()
             .setup_cqsize(config.ring_entries * 4)
             .build(config.ring_entries)?;
-        let ts = |d: Duration| types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
         Ok(Self {
             index,
             ring,
@@ -151,15 +151,15 @@ impl Worker {
             by_id: HashMap::new(),
             conns: Slab::with_capacity(1024),
             pool: Pool::new(config.relay),
-            connect_timeouts: config.connect_timeouts.iter().map(|d| ts(*d)).collect(),
-            accept_retry: Box::new(ts(ACCEPT_RETRY)),
+            connect_timeouts: config.connect_timeouts.iter().map(|d| sys::timespec(*d)).collect(),
+            accept_retry: sys::timespec(ACCEPT_RETRY),
             // Frequent enough to expire UDP flows within half a timeout.
-            tick: Box::new(ts(TICK.min(config.udp_timeout / 2).max(Duration::from_millis(50)))),
-            drain_timeout: Box::new(ts(config.drain_timeout)),
+            tick: sys::timespec(TICK.min(config.udp_timeout / 2).max(Duration::from_millis(50))),
+            drain_timeout: sys::timespec(config.drain_timeout),
             yielded: Vec::new(),
             stopping: false,
             flows: Flows::new(config.udp_max_flows / config.workers.max(1), config.udp_timeout),
-            sends: Slab::new(),
+            sends: sys::Sends::default(),
             batch: RecvBatch::new(),
         })
     }
@@ -222,16 +222,11 @@ impl Worker {
 
     fn arm_wake(&mut self) -> io::Result<()> {
         let fd = self.shared.wakers[self.index].as_raw_fd();
-        let entry =
-            opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build().user_data(Token::Wake.encode());
-        // SAFETY: a poll points at no memory of ours.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::poll(&mut self.ring, fd, libc::POLLIN, Token::Wake.encode())
     }
 
     fn arm_tick(&mut self) -> io::Result<()> {
-        let entry = opcode::Timeout::new(&*self.tick).build().user_data(Token::Tick.encode());
-        // SAFETY: the timespec is boxed in the worker and outlives the op.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::timeout(&mut self.ring, self.tick, Token::Tick.encode())
     }
 
     /// Bring this worker's accepting sockets in line with the snapshot:
@@ -332,12 +327,7 @@ impl Worker {
             return Ok(());
         }
         a.armed = true;
-        let entry = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(Token::Accept(slot).encode());
-        // SAFETY: a multishot accept without an address points at no memory.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::accept_multi(&mut self.ring, fd, Token::Accept(slot).encode())
     }
 
     pub(super) fn forget_listener(&mut self, slot: usize) -> io::Result<()> {
@@ -353,9 +343,7 @@ impl Worker {
         if !more {
             a.armed = false;
         }
-        if result >= 0 {
-            // SAFETY: a successful accept returns a new fd that nothing else owns.
-            let client = unsafe { OwnedFd::from_raw_fd(result) };
+        if let Some(client) = sys::accepted(result) {
             if open {
                 self.on_client(slot, client)?;
             }
@@ -363,11 +351,7 @@ impl Worker {
             let e = io::Error::from_raw_os_error(-result);
             tracing::warn!(worker = self.index, error = %e, "accept failed");
             if !more {
-                let entry = opcode::Timeout::new(&*self.accept_retry)
-                    .build()
-                    .user_data(Token::AcceptRetry(slot).encode());
-                // SAFETY: the timespec is boxed in the worker and outlives the op.
-                return unsafe { sys::push(&mut self.ring, &entry) };
+                return sys::timeout(&mut self.ring, self.accept_retry, Token::AcceptRetry(slot).encode());
             }
         }
         if more {
@@ -425,19 +409,18 @@ impl Worker {
             Dial::Connected => self.start_relay(key),
             Dial::InProgress { attempt } => {
                 let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
-                let timeout = &self.connect_timeouts[attempt.min(self.connect_timeouts.len() - 1)];
-                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
-                    .build()
-                    .flags(squeue::Flags::IO_LINK)
-                    .user_data(Token::Conn(key, Op::Connect).encode());
-                let limit = opcode::LinkTimeout::new(timeout)
-                    .build()
-                    .user_data(Token::Conn(key, Op::ConnectTimeout).encode());
+                let timeout = self.connect_timeouts[attempt.min(self.connect_timeouts.len() - 1)];
                 conn.arm(Op::Connect);
                 conn.arm(Op::ConnectTimeout);
-                // SAFETY: the timespec lives in the worker's boxed slice for
-                // the worker's whole life; a poll points at no memory.
-                unsafe { sys::push_linked(&mut self.ring, &poll, &limit) }
+                let (poll, limit) = (Token::Conn(key, Op::Connect), Token::Conn(key, Op::ConnectTimeout));
+                sys::poll_with_timeout(
+                    &mut self.ring,
+                    fd,
+                    libc::POLLOUT,
+                    poll.encode(),
+                    timeout,
+                    limit.encode(),
+                )
             }
             Dial::Exhausted(e) => {
                 tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
@@ -519,11 +502,7 @@ impl Worker {
             return Ok(());
         };
         conn.arm(op);
-        let entry = opcode::PollAdd::new(types::Fd(fd), events as u32)
-            .build()
-            .user_data(Token::Conn(key, op).encode());
-        // SAFETY: a poll points at no memory of ours.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::poll(&mut self.ring, fd, events, Token::Conn(key, op).encode())
     }
 
     /// Close a connection: cancel its in-flight ops, then free it.
@@ -552,9 +531,7 @@ impl Worker {
     }
 
     pub(super) fn cancel(&mut self, target: Token) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target.encode()).build().user_data(Token::Cancel.encode());
-        // SAFETY: a cancel points at no memory of ours.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::cancel(&mut self.ring, target.encode(), Token::Cancel.encode())
     }
 
     // ---- shutdown --------------------------------------------------------
@@ -562,9 +539,7 @@ impl Worker {
     /// Stop accepting and give open connections the drain timeout to end.
     fn begin_stop(&mut self) -> io::Result<()> {
         self.stopping = true;
-        let entry = opcode::Timeout::new(&*self.drain_timeout).build().user_data(Token::Drain.encode());
-        // SAFETY: the timespec is boxed in the worker and outlives the op.
-        unsafe { sys::push(&mut self.ring, &entry) }
+        sys::timeout(&mut self.ring, self.drain_timeout, Token::Drain.encode())
     }
 }
 
