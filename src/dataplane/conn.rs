@@ -81,7 +81,7 @@ pub enum Phase {
     Closing,
 }
 
-/// Why a connection ended (for logs and counters).
+/// Why a connection could not be connected (for logs).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     #[error("no endpoint to connect to")]
@@ -92,8 +92,6 @@ pub enum ConnError {
         #[source]
         source: io::Error,
     },
-    #[error("relay failed")]
-    Relay(#[from] RelayError),
 }
 
 pub struct Conn {
