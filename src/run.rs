@@ -157,7 +157,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
                 plane.apply(update, why);
             }
             Some(()) = hup.recv() => match &source {
-                Source::File(file) => plane.apply(file.load().map_err(|e| e.into_iter().collect()), "SIGHUP"),
+                Source::File(file) => plane.apply(reload(file), "SIGHUP"),
                 Source::Kube(_) => tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload"),
             },
             _ = int.recv() => break,
@@ -210,11 +210,16 @@ impl Source {
                 if file.changed().await.is_none() {
                     return Err(RunError::WatchEnded);
                 }
-                Ok((file.load().map_err(|e| e.into_iter().collect()), "file change"))
+                Ok((reload(file), "file change"))
             }
             Source::Kube(kube) => Ok((Ok(kube.next().await?), "API change")),
         }
     }
+}
+
+/// The manifests on disk now, valid or not.
+fn reload(file: &FileSource) -> Result<Manifests, Vec<ConfigError>> {
+    file.load().map_err(|e| e.into_iter().collect())
 }
 
 /// This node's zone from its Node's label, unless `--zone` gave one.

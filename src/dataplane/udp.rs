@@ -38,7 +38,6 @@ pub struct Flow {
     pub balancer: Arc<Balancer>,
     /// Candidate index of the endpoint in `balancer`.
     pub endpoint: usize,
-    pub endpoint_addr: EndpointAddr,
     pub last_active: Instant,
     /// A readable poll on `socket` is in flight.
     pub armed: bool,
@@ -47,6 +46,13 @@ pub struct Flow {
     /// Tells this flow from a later one in the same slab slot.
     pub generation: u64,
     worker: usize,
+}
+
+impl Flow {
+    /// The endpoint this flow is connected to.
+    pub fn endpoint_addr(&self) -> Option<EndpointAddr> {
+        self.balancer.endpoint(self.endpoint)
+    }
 }
 
 impl Drop for Flow {
@@ -136,7 +142,6 @@ impl Flows {
             port: Arc::clone(port),
             balancer: Arc::clone(balancer),
             endpoint: i,
-            endpoint_addr,
             last_active: now,
             armed: false,
             closing: false,

@@ -22,7 +22,7 @@ use std::time::Instant;
 use super::sys;
 use super::udp::FlowError;
 use super::worker::{Token, Worker};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Route, Snapshot};
 
 /// Which flow a datagram on its way to an endpoint belongs to.
 pub(super) struct SendTag {
@@ -48,8 +48,10 @@ impl Worker {
         if a.fd.is_none() {
             return self.forget_listener(slot);
         }
-        let id = a.id;
         let snapshot = self.shared.snapshot.load_full();
+        // One route for the whole wake-up: every datagram here came to
+        // the same listener.
+        let Some(route) = snapshot.route(a.id) else { return self.arm_udp_listener(slot) };
         let now = Instant::now();
         for _ in 0..BATCHES_PER_WAKE {
             let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else { break };
@@ -61,7 +63,7 @@ impl Worker {
                 }
             };
             for i in 0..n {
-                self.on_client_datagram(slot, id, &snapshot, i, now)?;
+                self.on_client_datagram(slot, &route, i, now)?;
             }
             if n < sys::BATCH {
                 break;
@@ -74,12 +76,10 @@ impl Worker {
     fn on_client_datagram(
         &mut self,
         slot: usize,
-        id: super::listen::ListenerId,
-        snapshot: &Arc<Snapshot>,
+        route: &Route<'_>,
         i: usize,
         now: Instant,
     ) -> io::Result<()> {
-        let Some(route) = snapshot.route(id) else { return Ok(()) };
         let counters = route.port.metrics.slot(self.index);
         let datagram = self.batch.get(i);
         let Some(client) = datagram.from else { return Ok(()) };
@@ -202,7 +202,7 @@ impl Worker {
     /// health and close the flow; the client's next datagram picks afresh.
     fn flow_failed(&mut self, key: usize) -> io::Result<()> {
         if let Some(flow) = self.flows.get(key) {
-            tracing::debug!(service = %flow.port.spec.name, endpoint = %flow.endpoint_addr, "UDP endpoint unreachable");
+            tracing::debug!(service = %flow.port.spec.name, endpoint = ?flow.endpoint_addr(), "UDP endpoint unreachable");
             flow.balancer.failed(crate::model::ClientAddr(flow.client), flow.endpoint, Instant::now());
         }
         self.close_flow(key)
@@ -234,7 +234,7 @@ impl Worker {
         let stale = self.flows.matching(|f| {
             let Some(a) = listeners.get(f.listener).filter(|a| a.fd.is_some()) else { return true };
             match snapshot.route(a.id) {
-                Some(route) => !route.balancer.endpoints().any(|e| e == f.endpoint_addr),
+                Some(route) => !route.balancer.endpoints().any(|e| Some(e) == f.endpoint_addr()),
                 None => true,
             }
         });
