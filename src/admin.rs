@@ -2,10 +2,17 @@
 //! `/livez` on the health address, `/readyz` and `/debug/snapshot` on the
 //! metrics address. Read-only views of the current snapshot; nothing here
 //! changes what is served.
+//!
+//! `/healthz` answers as kube-proxy's does: a JSON body with
+//! `lastUpdated`, `currentTime` and `nodeEligible`, and 503 when the rule
+//! sync has stalled ([`ProxyHealth`]) or the Node is not eligible (being
+//! deleted, or tainted `ToBeDeletedByClusterAutoscaler`; see
+//! `source::kube::NodeView`). `/livez` ignores the Node, as kube-proxy's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
@@ -23,24 +30,70 @@ pub struct AdminState {
     /// True once the sources have synced and a snapshot is published.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
-    /// With redirect rules: how long the rule sync may go without a success
-    /// before `/healthz` fails (`None`: no rules, always healthy).
-    pub sync_stall: Option<std::time::Duration>,
-    pub started: std::time::Instant,
+    pub health: ProxyHealth,
+    /// kube-proxy's `nodeEligible`: true until the Node watch says
+    /// otherwise (and always without one).
+    pub node_eligible: Arc<AtomicBool>,
 }
+
+/// Whether the proxy itself is healthy, kube-proxy's `IsHealthy`: the
+/// redirect rules have synced within the allowed stall. Shared by
+/// `/healthz` and the `healthCheckNodePort` servers
+/// (`serviceProxyHealthy`).
+#[derive(Clone)]
+pub struct ProxyHealth {
+    pub metrics: Arc<Metrics>,
+    /// With redirect rules: how long the rule sync may go without a success
+    /// before the proxy is unhealthy (`None`: no rules, always healthy).
+    pub sync_stall: Option<Duration>,
+    pub started: Instant,
+}
+
+impl ProxyHealth {
+    /// Healthy or not, and when the rules last synced (`None`: never, or
+    /// no rules).
+    pub fn check(&self) -> (bool, Option<SystemTime>) {
+        let Some(limit) = self.sync_stall else { return (true, None) };
+        let since = self.metrics.sync.since_last_success();
+        let last = since.and_then(|d| SystemTime::now().checked_sub(d));
+        (since.unwrap_or_else(|| self.started.elapsed()) <= limit, last)
+    }
+}
+
+/// A time as Go's `time.Time.String()` prints it in UTC (what kube-proxy's
+/// `%q` gives, less the monotonic-clock suffix); the zero time when `None`.
+pub fn go_time(t: Option<SystemTime>) -> String {
+    let ts = t.and_then(|t| k8s_openapi::jiff::Timestamp::try_from(t).ok());
+    match ts {
+        Some(ts) => ts.strftime("%Y-%m-%d %H:%M:%S%.f +0000 UTC").to_string(),
+        None => "0001-01-01 00:00:00 +0000 UTC".to_owned(),
+    }
+}
+
+/// kube-proxy's JSON headers.
+const JSON_HEADERS: [(&str, &str); 2] =
+    [("content-type", "application/json"), ("x-content-type-options", "nosniff")];
 
 async fn ok() -> &'static str {
     "ok\n"
 }
 
 async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
-    let Some(limit) = s.sync_stall else { return (StatusCode::OK, "ok\n") };
-    let since = s.metrics.sync.since_last_success().unwrap_or_else(|| s.started.elapsed());
-    if since <= limit {
-        (StatusCode::OK, "ok\n")
+    let (healthy, last_updated) = s.health.check();
+    let eligible = s.node_eligible.load(Ordering::Acquire);
+    let now = SystemTime::now();
+    // As kube-proxy: a healthy answer reports lastUpdated as now.
+    let (status, last_updated) = if healthy && eligible {
+        (StatusCode::OK, Some(now))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "redirect rules have not synced for over twice the sync period\n")
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, last_updated)
+    };
+    let body = format!(
+        "{{\"lastUpdated\": {:?},\"currentTime\": {:?}, \"nodeEligible\": {eligible}}}",
+        go_time(last_updated),
+        go_time(Some(now))
+    );
+    (status, JSON_HEADERS, body)
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

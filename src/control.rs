@@ -12,8 +12,9 @@ use crate::balance::BalanceOptions;
 use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
-use crate::dataplane::listen::{BindError, Binder};
+use crate::dataplane::listen::{BindError, Binder, Listener};
 use crate::metrics::Metrics;
+use crate::model::ServicePort;
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::table::Table;
 
@@ -70,8 +71,39 @@ impl Control {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
             }
         }
+        Ok(self.publish(ports, listeners, bind_errors, &previous, data_plane))
+    }
+
+    /// Move this node to another zone (the Node's label changed): the
+    /// same service ports and listeners, with balancers rebuilt for the
+    /// new zone. Nothing is published before the first update (`None`).
+    pub fn relocate(&mut self, zone: Option<String>, data_plane: &DataPlane) -> Option<Applied> {
+        self.balance.locality.zone = zone;
+        let previous = self.snapshot.load_full();
+        if previous.generation == 0 {
+            return None;
+        }
+        let ports = previous.ports.iter().map(|p| p.spec.clone()).collect();
+        Some(self.publish(ports, previous.listeners.clone(), Vec::new(), &previous, data_plane))
+    }
+
+    /// This node's zone, as balancing uses it.
+    pub fn zone(&self) -> Option<&str> {
+        self.balance.locality.zone.as_deref()
+    }
+
+    /// Build the next snapshot and swap it in: the one way a snapshot is
+    /// published.
+    fn publish(
+        &mut self,
+        ports: Vec<ServicePort>,
+        listeners: Vec<Arc<Listener>>,
+        bind_errors: Vec<BindError>,
+        previous: &Snapshot,
+        data_plane: &DataPlane,
+    ) -> Applied {
         let ctx = BalanceContext { options: &self.balance, registry: &self.health, metrics: &self.metrics };
-        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, &previous, &ctx);
+        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx);
         let applied = Applied {
             generation: snapshot.generation,
             service_ports: snapshot.ports.len(),
@@ -82,7 +114,7 @@ impl Control {
         self.snapshot.store(Arc::new(snapshot));
         data_plane.notify();
         self.ready.store(true, Ordering::Release);
-        Ok(applied)
+        applied
     }
 
     /// The current snapshot.

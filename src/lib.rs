@@ -5,7 +5,8 @@
 //! (`table`) joins them into service ports, the control plane (`control`)
 //! binds listeners and publishes one immutable `snapshot`, and the data
 //! plane (`dataplane/`) serves connections from whatever snapshot is current;
-//! the redirect syncer (`redirect/`) then brings the REDIRECT rules to match.
+//! the redirect syncer (`redirect/`) then brings the REDIRECT rules to match,
+//! and `service_health` the healthCheckNodePort servers.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod redirect;
 pub mod run;
+pub mod service_health;
 pub mod snapshot;
 pub mod source;
 pub mod table;

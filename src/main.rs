@@ -81,6 +81,12 @@ struct KubeArgs {
     /// configuration, or $KUBECONFIG).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// The API server's address for --source kube, overriding the
+    /// kubeconfig's server (or the in-cluster one), as kube-proxy's flag.
+    /// Give the real address: the `kubernetes` Service's cluster IP only
+    /// works once ringport's own rules are in place.
+    #[arg(long)]
+    master: Option<String>,
     /// Serve Services labelled service.kubernetes.io/service-proxy-name
     /// with this value (without it, every labelled Service is skipped).
     #[arg(long)]
@@ -132,7 +138,9 @@ struct RunArgs {
     /// (default: the hostname).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// This node's zone, for `PreferSameZone` and zone hints.
+    /// This node's zone, for `PreferSameZone` and zone hints (default,
+    /// with --source kube: the Node's topology.kubernetes.io/zone label,
+    /// followed live).
     #[arg(long)]
     zone: Option<String>,
     /// Consecutive connect failures that eject an endpoint for a while
@@ -240,6 +248,7 @@ impl RunArgs {
                 SourceKind::File => SourceChoice::File,
                 SourceKind::Kube => SourceChoice::Kube(KubeOptions {
                     kubeconfig: self.kube.kubeconfig.clone(),
+                    master: self.kube.master.clone(),
                     service_proxy_name: self.kube.service_proxy_name.clone(),
                 }),
             },

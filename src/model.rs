@@ -257,6 +257,10 @@ pub struct Service {
     /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
     /// without the prefix, sorted by key.
     pub ringport_annotations: Vec<(String, String)>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with
+    /// `externalTrafficPolicy: Local` only): where load balancers ask
+    /// whether this node has a local endpoint.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// A port an [`EndpointSlice`] carries.
@@ -363,6 +367,8 @@ pub struct ServicePort {
     pub scheduler: Option<Scheduler>,
     pub ringport_annotations: Vec<(String, String)>,
     /// Sorted by address, deduplicated.
+    /// The Service's `spec.healthCheckNodePort` (same on each of its ports).
+    pub health_check_node_port: Option<u16>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -386,6 +392,7 @@ impl ServicePort {
             distribution: TrafficDistribution::Any,
             scheduler: None,
             ringport_annotations: Vec::new(),
+            health_check_node_port: None,
             endpoints: Vec::new(),
         }
     }

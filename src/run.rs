@@ -9,18 +9,19 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, ProxyHealth};
 use crate::balance::BalanceOptions;
 use crate::balance::health::{HealthPolicy, HealthRegistry};
 use crate::config::{ConfigError, ConfigErrors, Manifests};
 use crate::control::{Control, Rejected};
-use crate::dataplane::listen::{Binder, ListenOptions};
+use crate::dataplane::listen::{Binder, ListenOptions, node_addresses};
 use crate::dataplane::{DataPlane, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, Syncer, SyncerThread};
+use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
-use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource};
+use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource, NodeView, NodeWatch};
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -107,15 +108,27 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         snapshot: Arc::clone(&handles.snapshot),
         ready: Arc::clone(&handles.ready),
         metrics: Arc::clone(&handles.metrics),
-        // kube-proxy's rule: unhealthy when the rules made no progress for
-        // twice the sync period.
-        sync_stall: (opts.redirect != RedirectMode::None).then_some(redirect::RESYNC * 2),
-        started: std::time::Instant::now(),
+        health: ProxyHealth {
+            metrics: Arc::clone(&handles.metrics),
+            // kube-proxy's rule: unhealthy when the rules made no progress
+            // for twice the sync period.
+            sync_stall: (opts.redirect != RedirectMode::None).then_some(redirect::RESYNC * 2),
+            started: std::time::Instant::now(),
+        },
+        node_eligible: Arc::new(AtomicBool::new(true)),
     };
+    let node_eligible = Arc::clone(&state.node_eligible);
+    let mut service_health = ServiceHealth::new(
+        node_addresses(&opts.listen.nodeport_addresses),
+        opts.balance.locality.node_name.clone(),
+        state.health.clone(),
+    );
     if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
     }
-    let (mut source, first) = Source::start(&mut opts).await?;
+    // `--zone` wins over the Node's label.
+    let zone_fixed = opts.balance.locality.zone.is_some();
+    let (mut source, first, mut node) = Source::start(&mut opts).await?;
     let data_plane =
         DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
     // Ready means the sources have synced *and* their rules are in place:
@@ -139,11 +152,12 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         control: &mut control,
         data_plane: &data_plane,
         redirect: &redirect,
+        service_health: &mut service_health,
         metrics: &handles.metrics,
     };
     if let Some(manifests) = first {
         let applied = plane.control.replace(manifests, &data_plane)?;
-        redirect.publish(plane.control.current());
+        plane.published();
         tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, generation = applied.generation, service_ports = applied.service_ports, listeners = applied.listeners, "serving");
     }
 
@@ -155,6 +169,18 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
             update = source.next() => {
                 let (update, why) = update?;
                 plane.apply(update, why);
+            }
+            view = next_node(&mut node) => {
+                let view = view?;
+                node_eligible.store(view.eligible, std::sync::atomic::Ordering::Release);
+                if view.eligible {
+                    tracing::info!(zone = ?view.zone, "Node: eligible");
+                } else {
+                    tracing::warn!(zone = ?view.zone, "Node: being deleted or tainted ToBeDeletedByClusterAutoscaler; /healthz answers 503");
+                }
+                if !zone_fixed {
+                    plane.relocate(view.zone);
+                }
             }
             Some(()) = hup.recv() => match &source {
                 Source::File(file) => plane.apply(reload(file), "SIGHUP"),
@@ -173,32 +199,44 @@ enum Source {
     Kube(KubeSource),
 }
 
-/// How long the start waits for this node's Node (its zone) before going
-/// on without a zone.
-const NODE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl Source {
     /// Start the source chosen by `opts`. The file source is read at once
     /// (an invalid start is an error: there is no last good state yet); the
-    /// Kubernetes source first reads this node's zone into `opts`, and
-    /// yields its first state once both watchers have listed.
-    async fn start(opts: &mut RunOptions) -> Result<(Source, Option<Manifests>), RunError> {
+    /// Kubernetes source yields its first state once both watchers have
+    /// listed, and comes with a watch on this node's Node (its zone and
+    /// eligibility) when the node has a name.
+    async fn start(
+        opts: &mut RunOptions,
+    ) -> Result<(Source, Option<Manifests>, Option<NodeWatch>), RunError> {
         match opts.source.clone() {
             SourceChoice::File => {
                 let source = FileSource::watch(&opts.config)?;
                 let manifests = source
                     .load()
                     .map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
-                Ok((Source::File(source), Some(manifests)))
+                Ok((Source::File(source), Some(manifests), None))
             }
             SourceChoice::Kube(kube) => {
-                let client = crate::source::kube::client(kube.kubeconfig.as_deref()).await?;
-                zone_from_node(&client, &mut opts.balance.locality).await;
+                let client =
+                    crate::source::kube::client(kube.kubeconfig.as_deref(), kube.master.as_deref()).await?;
+                let locality = &opts.balance.locality;
+                let node = match (&locality.node_name, &locality.zone) {
+                    (None, _) => {
+                        tracing::warn!(
+                            "no node name: no Node watch, no zone, Local policies match no endpoint"
+                        );
+                        None
+                    }
+                    (Some(name), zone) => {
+                        tracing::info!(node = %name, zone_flag = ?zone, "watching this node's Node (zone label, eligibility)");
+                        Some(NodeWatch::watch(client.clone(), name))
+                    }
+                };
                 let filter = Filter { service_proxy_name: kube.service_proxy_name };
                 tracing::info!(
                     "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
                 );
-                Ok((Source::Kube(KubeSource::watch(client, filter)), None))
+                Ok((Source::Kube(KubeSource::watch(client, filter)), None, node))
             }
         }
     }
@@ -222,23 +260,11 @@ fn reload(file: &FileSource) -> Result<Manifests, Vec<ConfigError>> {
     file.load().map_err(|e| e.into_iter().collect())
 }
 
-/// This node's zone from its Node's label, unless `--zone` gave one.
-async fn zone_from_node(client: &kube::Client, locality: &mut crate::balance::eligible::Locality) {
-    match (&locality.zone, &locality.node_name) {
-        (Some(zone), _) => tracing::info!(%zone, "zone from --zone"),
-        (None, None) => tracing::warn!("no node name: no zone, Local policies match no endpoint"),
-        (None, Some(node)) => {
-            match crate::source::kube::node_zone(client.clone(), node, NODE_TIMEOUT).await {
-                Ok(Some(zone)) => {
-                    tracing::info!(node = %node, %zone, "zone from the Node's label");
-                    locality.zone = Some(zone);
-                }
-                Ok(None) => tracing::info!(node = %node, "the Node has no zone label"),
-                Err(e) => {
-                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "going on without a zone")
-                }
-            }
-        }
+/// The Node watch's next view; never, without one.
+async fn next_node(node: &mut Option<NodeWatch>) -> Result<NodeView, KubeError> {
+    match node {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -247,10 +273,30 @@ struct Plane<'a> {
     control: &'a mut Control,
     data_plane: &'a DataPlane,
     redirect: &'a SyncerThread,
+    service_health: &'a mut ServiceHealth,
     metrics: &'a Metrics,
 }
 
 impl Plane<'_> {
+    /// A snapshot was published: what follows it (rules, health checks).
+    fn published(&mut self) {
+        let current = self.control.current();
+        self.service_health.sync(&current);
+        self.redirect.publish(current);
+    }
+
+    /// Follow the Node's zone label: rebuild the balancers for it.
+    fn relocate(&mut self, zone: Option<String>) {
+        if self.control.zone() == zone.as_deref() {
+            return;
+        }
+        tracing::info!(zone = ?zone, "zone from the Node's label");
+        if let Some(a) = self.control.relocate(zone, self.data_plane) {
+            self.published();
+            tracing::info!(trigger = "Node zone", generation = a.generation, "reloaded");
+        }
+    }
+
     /// Apply a source's new state, or log why it was rejected (the last good
     /// state keeps serving).
     fn apply(&mut self, update: Result<Manifests, Vec<ConfigError>>, why: &str) {
@@ -260,7 +306,7 @@ impl Plane<'_> {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
             Ok(a) => {
-                self.redirect.publish(self.control.current());
+                self.published();
                 tracing::info!(
                     trigger = why,
                     generation = a.generation,

@@ -23,7 +23,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use futures::StreamExt;
 use ringport::config::Manifests;
-use ringport::source::kube::{Filter, KubeSource, client, node_zone};
+use ringport::source::kube::{Filter, KubeSource, NodeView, NodeWatch, client};
 use serde_json::{Value, json};
 
 /// Every request the fake server saw, as `path?query`.
@@ -46,6 +46,17 @@ fn slice(name: &str, service: &str, ip: &str) -> Value {
         "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
         "endpoints": [{"addresses": [ip]}]
     })
+}
+
+fn node(zone: &str, rv: &str, extra_meta: Value) -> Value {
+    let mut node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-1", "resourceVersion": rv, "labels": {"topology.kubernetes.io/zone": zone}}
+    });
+    for (k, v) in extra_meta.as_object().unwrap() {
+        node["metadata"][k] = v.clone();
+    }
+    node
 }
 
 fn list(kind: &str, rv: &str, items: Vec<Value>) -> Response {
@@ -126,12 +137,18 @@ async fn api(State(log): State<Log>, req: Request) -> Response {
             vec![slice("a-1", "a", "10.1.0.1"), slice("c-1", "c", "10.1.0.3")],
         ),
         ("/apis/discovery.k8s.io/v1/endpointslices", true) => watch(vec![], false),
-        ("/api/v1/nodes/node-1", false) => json_response(Body::from(
-            json!({"apiVersion": "v1", "kind": "Node",
-                   "metadata": {"name": "node-1", "resourceVersion": "1",
-                                "labels": {"topology.kubernetes.io/zone": "zone-a"}}})
-            .to_string(),
-        )),
+        // The Node watch asks for its own Node only.
+        ("/api/v1/nodes", false) if query.contains("fieldSelector=metadata.name%3Dnode-1") => {
+            list("NodeList", "30", vec![node("zone-a", "29", json!({}))])
+        }
+        ("/api/v1/nodes", true) if rv == "30" => watch(
+            vec![
+                json!({"type": "MODIFIED", "object": node("zone-b", "31", json!({}))}),
+                json!({"type": "MODIFIED", "object": node("zone-b", "32",
+                       json!({"deletionTimestamp": "2026-01-01T00:00:00Z"}))}),
+            ],
+            false,
+        ),
         _ => Response::builder().status(StatusCode::NOT_FOUND).body(Body::empty()).unwrap(),
     }
 }
@@ -162,7 +179,7 @@ fn names(m: &Manifests) -> Vec<String> {
 #[tokio::test]
 async fn watcher_follows_bookmark_rewatches_after_a_drop_and_relists_after_410_gone() {
     let (log, _dir, kubeconfig) = fake_api_server().await;
-    let client = client(Some(kubeconfig.as_path())).await.unwrap();
+    let client = client(Some(kubeconfig.as_path()), None).await.unwrap();
     let mut source = KubeSource::watch(client, Filter::default());
 
     let mut seen = Vec::new();
@@ -207,12 +224,39 @@ async fn watcher_follows_bookmark_rewatches_after_a_drop_and_relists_after_410_g
 }
 
 #[tokio::test]
-async fn zone_comes_from_the_node_label() {
-    let (_log, _dir, kubeconfig) = fake_api_server().await;
-    let client = client(Some(kubeconfig.as_path())).await.unwrap();
-    let zone = node_zone(client.clone(), "node-1", Duration::from_secs(10)).await.unwrap();
-    assert_eq!(zone.as_deref(), Some("zone-a"));
-    assert!(node_zone(client, "missing", Duration::from_secs(10)).await.is_err());
+async fn node_watch_follows_the_zone_label_and_a_deleting_node() {
+    let (log, _dir, kubeconfig) = fake_api_server().await;
+    let client = client(Some(kubeconfig.as_path()), None).await.unwrap();
+    let mut watch = NodeWatch::watch(client, "node-1");
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(20), watch.next()).await.unwrap().unwrap();
+    assert_eq!(next().await, NodeView { zone: Some("zone-a".into()), eligible: true });
+    assert_eq!(next().await, NodeView { zone: Some("zone-b".into()), eligible: true }, "relabelled");
+    assert_eq!(next().await, NodeView { zone: Some("zone-b".into()), eligible: false }, "being deleted");
+    let nodes: Vec<String> =
+        log.lock().unwrap().iter().filter(|r| r.starts_with("/api/v1/nodes")).cloned().collect();
+    assert!(nodes.iter().all(|r| r.contains("fieldSelector=metadata.name%3Dnode-1")), "{nodes:#?}");
+}
+
+#[tokio::test]
+async fn master_overrides_the_kubeconfig_server() {
+    let (log, dir, kubeconfig) = fake_api_server().await;
+    let good = std::fs::read_to_string(&kubeconfig).unwrap();
+    let server = good.split("server: \"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    // The kubeconfig names a dead address (the port of a closed listener).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let bad = dir.path().join("dead-kubeconfig");
+    std::fs::write(&bad, good.replace(&server, &format!("http://{dead}"))).unwrap();
+    let client = client(Some(bad.as_path()), Some(&server)).await.unwrap();
+    let mut source = KubeSource::watch(client, Filter::default());
+    let first = tokio::time::timeout(Duration::from_secs(20), source.next()).await.unwrap().unwrap();
+    assert!(names(&first).contains(&"default/a".to_owned()), "{:?}", names(&first));
+    assert!(!log.lock().unwrap().is_empty());
+
+    let Err(err) = ringport::source::kube::client(Some(bad.as_path()), Some("not a url")).await else {
+        panic!("a bad --master was taken")
+    };
+    assert!(err.to_string().contains("--master \"not a url\""), "{err}");
 }
 
 /// The one conditional test: it needs a real cluster, so without
@@ -229,7 +273,7 @@ async fn real_cluster_source_syncs_and_lists_the_kubernetes_service() {
         return;
     }
     // `None`: `kube::Config::infer`, which reads KUBECONFIG (a list too).
-    let client = client(None).await.unwrap();
+    let client = client(None, None).await.unwrap();
     let mut source = KubeSource::watch(client, Filter::default());
     let first = tokio::time::timeout(Duration::from_secs(60), source.next())
         .await

@@ -151,27 +151,31 @@ fn slice_warning(slice: &model::EndpointSlice, kind: WarningKind) -> Warning {
 }
 
 /// A nodePort is opened on every node address, so two service ports (of
-/// any Services) cannot share one for the same protocol.
+/// any Services) cannot share one for the same protocol; nor can a
+/// `healthCheckNodePort` (TCP, on the same addresses) share one with a
+/// TCP nodePort or another Service's health check.
 fn check_node_ports(services: &[&model::Service], errors: &mut Vec<ConfigError>) {
-    let mut used: HashMap<(u16, Protocol), (&model::Service, usize)> = HashMap::new();
+    let mut used: HashMap<(u16, Protocol), (&model::Service, String)> = HashMap::new();
     for service in services.iter().copied() {
-        for (i, spec) in service.ports.iter().enumerate() {
-            let Some(node_port) = spec.node_port else {
-                continue;
-            };
-            let Some((other, j)) = used.get(&(node_port, spec.protocol)).copied() else {
-                used.insert((node_port, spec.protocol), (service, i));
+        let ports = service.ports.iter().enumerate().filter_map(|(i, spec)| {
+            Some((spec.node_port?, spec.protocol, format!("spec.ports[{i}].nodePort")))
+        });
+        let health =
+            service.health_check_node_port.map(|p| (p, Protocol::Tcp, "spec.healthCheckNodePort".to_owned()));
+        for (node_port, protocol, field) in ports.chain(health) {
+            let Some((other, other_field)) = used.get(&(node_port, protocol)) else {
+                used.insert((node_port, protocol), (service, field));
                 continue;
             };
             errors.push(ConfigError {
                 origin: service.origin.clone(),
                 object: Some(service_ref(&service.name)),
-                field: Some(format!("spec.ports[{i}].nodePort")),
+                field: Some(field),
                 kind: ConfigErrorKind::DuplicateNodePort {
                     node_port,
-                    protocol: spec.protocol,
+                    protocol,
                     other: service_ref(&other.name),
-                    other_field: format!("spec.ports[{j}].nodePort"),
+                    other_field: other_field.clone(),
                     other_origin: other.origin.clone(),
                 },
             });
@@ -278,6 +282,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         distribution: service.distribution,
         scheduler: service.scheduler,
         ringport_annotations: service.ringport_annotations.clone(),
+        health_check_node_port: service.health_check_node_port,
         endpoints,
     }
 }

@@ -210,6 +210,8 @@ pub enum ConfigErrorKind {
     SameFamilyClusterIps,
     #[error("is not allowed for type {0} (only NodePort and LoadBalancer)")]
     NodePortNotAllowed(String),
+    #[error("is only allowed for type LoadBalancer with externalTrafficPolicy Local")]
+    HealthCheckNodePortNotAllowed,
     #[error("{name:?} is not a valid port name: {reason}")]
     InvalidPortName { name: String, reason: &'static str },
     #[error("duplicate port name {name:?} (also {first})")]

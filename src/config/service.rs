@@ -59,6 +59,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
     let external_policy = policy(&mut diag, "spec.externalTrafficPolicy", &spec.external_traffic_policy);
     let internal_policy = policy(&mut diag, "spec.internalTrafficPolicy", &spec.internal_traffic_policy);
     let distribution = distribution(&mut diag, spec);
+    let health_check_node_port = health_check_node_port(&mut diag, spec, service_type, external_policy);
     let ringport_annotations = ringport_annotations(svc);
     let scheduler =
         ringport_annotations.iter().find(|(k, _)| k == SCHEDULER_ANNOTATION).and_then(|(_, v)| {
@@ -82,6 +83,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         distribution,
         scheduler,
         ringport_annotations,
+        health_check_node_port,
     };
     diag.finish(service)
 }
@@ -293,6 +295,29 @@ fn service_port(
         target_port: target_port?,
         node_port: node_port?,
     })
+}
+
+/// `spec.healthCheckNodePort`, as the API server allows it: only on a
+/// LoadBalancer whose externalTrafficPolicy is Local.
+fn health_check_node_port(
+    diag: &mut Diagnostics,
+    spec: &ServiceSpec,
+    service_type: Option<ServiceType>,
+    external_policy: Option<TrafficPolicy>,
+) -> Option<u16> {
+    let value = spec.health_check_node_port?;
+    let field = || "spec.healthCheckNodePort".to_owned();
+    match (service_type, external_policy) {
+        (Some(ServiceType::LoadBalancer), Some(TrafficPolicy::Local)) => {
+            diag.check(field, port_number(value))
+        }
+        // An unknown type or policy already has its error.
+        (None, _) | (_, None) => None,
+        _ => {
+            diag.error(field(), ConfigErrorKind::HealthCheckNodePortNotAllowed);
+            None
+        }
+    }
 }
 
 fn affinity(diag: &mut Diagnostics, spec: &ServiceSpec) -> Option<Affinity> {

@@ -31,6 +31,7 @@
 //! [`COALESCE`] before one update is yielded: a storm of EndpointSlice
 //! updates rebuilds the snapshot at most ten times a second.
 
+mod node;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -40,12 +41,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
+pub use node::{NodeView, NodeWatch, TO_BE_DELETED_TAINT};
 pub use state::{API_ORIGIN, ClusterState, Filter, Outcome, SERVICE_PROXY_NAME_LABEL};
 
 use crate::config::Manifests;
@@ -66,6 +68,9 @@ pub struct KubeOptions {
     /// `None`: in-cluster configuration (or `KUBECONFIG`, through
     /// `kube::Config::infer`).
     pub kubeconfig: Option<PathBuf>,
+    /// `--master`: the API server's address, overriding the kubeconfig's
+    /// (or the in-cluster one), as kube-proxy's flag does.
+    pub master: Option<String>,
     pub service_proxy_name: Option<String>,
 }
 
@@ -79,45 +84,53 @@ pub enum KubeError {
     },
     #[error("no Kubernetes client configuration: not in a cluster and no kubeconfig (give --kubeconfig)")]
     Infer(#[source] kube::config::InferConfigError),
+    #[error("--master {value:?} is not a URL")]
+    Master {
+        value: String,
+        #[source]
+        source: axum::http::uri::InvalidUri,
+    },
     #[error("cannot build the Kubernetes client")]
     Client(#[source] kube::Error),
-    #[error("cannot get Node {name}")]
-    Node {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("timed out after {0:?} getting Node {1}")]
-    NodeTimeout(Duration, String),
     #[error("the {0} watch stream ended")]
     StreamEnded(&'static str),
 }
 
-/// A client from `--kubeconfig`, or the in-cluster configuration.
-pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<Client, KubeError> {
-    let config = match kubeconfig {
-        Some(path) => {
+/// A client from `--kubeconfig`, or the in-cluster configuration; `master`
+/// (`--master`) replaces the server either names.
+///
+/// With `--master` and no kubeconfig anywhere, the pod's ServiceAccount
+/// token and CA are still used (read from their files: no
+/// `KUBERNETES_SERVICE_HOST` needed), and outside a pod the client goes
+/// without credentials, as kube-proxy's `--master` does. This is what lets
+/// a node agent reach the API server before any Service rule exists.
+pub async fn client(kubeconfig: Option<&std::path::Path>, master: Option<&str>) -> Result<Client, KubeError> {
+    let master = master
+        .map(|m| {
+            m.parse::<axum::http::Uri>().map_err(|source| KubeError::Master { value: m.to_owned(), source })
+        })
+        .transpose()?;
+    let mut config = match (kubeconfig, &master) {
+        (Some(path), _) => {
             let err = |source| KubeError::Kubeconfig { path: path.to_path_buf(), source };
             let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(err)?
         }
-        None => kube::Config::infer().await.map_err(KubeError::Infer)?,
+        (None, None) => kube::Config::infer().await.map_err(KubeError::Infer)?,
+        (None, Some(url)) => match kube::Config::infer().await {
+            Ok(config) => config,
+            // `infer`'s in-cluster step needs KUBERNETES_SERVICE_HOST; with
+            // --master only the token and CA files matter.
+            Err(_) => kube::Config::incluster_dns().unwrap_or_else(|_| kube::Config::new(url.clone())),
+        },
     };
+    if let Some(url) = master {
+        config.cluster_url = url;
+    }
     tracing::info!(api = %config.cluster_url, "Kubernetes API");
     Client::try_from(config).map_err(KubeError::Client)
-}
-
-/// The `topology.kubernetes.io/zone` label of Node `name` (`None` when it
-/// has none), waiting at most `timeout`.
-pub async fn node_zone(client: Client, name: &str, timeout: Duration) -> Result<Option<String>, KubeError> {
-    let nodes: Api<Node> = Api::all(client);
-    let node = tokio::time::timeout(timeout, nodes.get(name))
-        .await
-        .map_err(|_| KubeError::NodeTimeout(timeout, name.to_owned()))?
-        .map_err(|source| KubeError::Node { name: name.to_owned(), source })?;
-    Ok(node.metadata.labels.and_then(|mut labels| labels.remove(ZONE_LABEL)))
 }
 
 /// One watcher's stream, boxed so tests can substitute synthetic events.
