@@ -221,7 +221,12 @@ impl Backend {
 
     /// Say who it is (its own address, one line), then echo until EOF.
     pub fn greeter() -> Backend {
-        Backend::spawn("127.0.0.1:0", |mut s| {
+        Backend::greeter_on("127.0.0.1:0")
+    }
+
+    /// A greeter on `bind`.
+    pub fn greeter_on(bind: &str) -> Backend {
+        Backend::spawn(bind, |mut s| {
             let me = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
             if writeln!(s, "{me}").is_err() {
                 return;

@@ -246,3 +246,28 @@ fn join_returns_the_same_ports_and_errors_as_join_with_warnings() {
     let (ports, errors) = join(&m.services, &m.slices);
     assert_eq!((ports.len(), errors.len()), (1, 1));
 }
+
+#[test]
+fn health_check_node_port_clashing_with_a_node_port_or_another_health_check_is_an_error() {
+    let local = |hc: u16, np: u16| {
+        format!(
+            "{{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: {hc}, \
+             ports: [{{port: 80, nodePort: {np}}}]}}"
+        )
+    };
+    let text = service("a", &local(32000, 30080))
+        + &service("b", &local(30080, 30081))
+        + &service("c", &local(32000, 30082))
+        // A UDP nodePort does not clash with a (TCP) health check.
+        + &service("d", "{type: NodePort, ports: [{port: 53, protocol: UDP, nodePort: 32000}]}");
+    let lines = error_lines(&joined(&text));
+    assert_eq!(
+        lines,
+        [
+            "t.yaml (document 2): Service default/b: spec.healthCheckNodePort: nodePort 30080/TCP is already used \
+             by Service default/a (spec.ports[0].nodePort, t.yaml (document 1))",
+            "t.yaml (document 3): Service default/c: spec.healthCheckNodePort: nodePort 32000/TCP is already used \
+             by Service default/a (spec.healthCheckNodePort, t.yaml (document 1))",
+        ]
+    );
+}

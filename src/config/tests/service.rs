@@ -301,3 +301,29 @@ fn every_error_of_a_service_is_reported_not_just_the_first() {
     ));
     assert_eq!(errors.lines().count(), 4, "{errors}");
 }
+
+#[test]
+fn health_check_node_port_is_only_allowed_for_local_load_balancers() {
+    let s = service(
+        "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+          ports: [{port: 80, nodePort: 30080}]}",
+    );
+    assert_eq!(s.health_check_node_port, Some(32000));
+    assert_eq!(service("{type: LoadBalancer, ports: [{port: 80}]}").health_check_node_port, None);
+    let not_allowed = "is only allowed for type LoadBalancer with externalTrafficPolicy Local";
+    bad(
+        "{type: LoadBalancer, healthCheckNodePort: 32000, ports: [{port: 80}]}",
+        "spec.healthCheckNodePort",
+        not_allowed,
+    );
+    bad(
+        "{type: NodePort, externalTrafficPolicy: Local, healthCheckNodePort: 32000, ports: [{port: 80}]}",
+        "spec.healthCheckNodePort",
+        not_allowed,
+    );
+    bad(
+        "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 70000, ports: [{port: 80}]}",
+        "spec.healthCheckNodePort",
+        "out of range",
+    );
+}
