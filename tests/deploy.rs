@@ -1,14 +1,16 @@
 //! Every manifest in `deploy/` parses into its `k8s-openapi` type (by
 //! `kind`; an unknown kind fails), round-trips without losing a field (so a
 //! misspelt field, which serde would silently drop, fails too), and says
-//! what the node agent needs; the systemd unit has the keys it must have.
+//! what the node agent needs (among it: reaching the API server by its real
+//! address, with no cluster DNS, so startup never depends on ringport's own
+//! rules); the systemd unit has the keys it must have.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -23,6 +25,7 @@ struct Objects {
     service_accounts: Vec<ServiceAccount>,
     roles: Vec<ClusterRole>,
     bindings: Vec<ClusterRoleBinding>,
+    config_maps: Vec<ConfigMap>,
 }
 
 /// Deserializes `doc` as `T` and checks that nothing was dropped.
@@ -53,6 +56,7 @@ fn load() -> Objects {
             match kind {
                 ("apps/v1", "DaemonSet") => objects.daemonsets.push(typed(&doc, &at)),
                 ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&doc, &at)),
+                ("v1", "ConfigMap") => objects.config_maps.push(typed(&doc, &at)),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => objects.roles.push(typed(&doc, &at)),
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     objects.bindings.push(typed(&doc, &at))
@@ -67,7 +71,9 @@ fn load() -> Objects {
 #[test]
 fn every_manifest_parses_into_its_kubernetes_type() {
     let o = load();
-    assert_eq!((o.daemonsets.len(), o.service_accounts.len(), o.roles.len(), o.bindings.len()), (1, 1, 1, 1));
+    let counts =
+        (o.daemonsets.len(), o.service_accounts.len(), o.roles.len(), o.bindings.len(), o.config_maps.len());
+    assert_eq!(counts, (1, 1, 1, 1, 1));
 }
 
 #[test]
@@ -158,6 +164,52 @@ fn cluster_role_grants_the_watches_and_is_bound_to_the_service_account() {
     );
     let ds = &o.daemonsets[0].metadata;
     assert_eq!(ds.namespace, sa.namespace);
+}
+
+#[test]
+fn daemonset_reaches_the_api_server_by_its_real_address_without_cluster_dns() {
+    let o = load();
+    let spec = o.daemonsets[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    // Cluster DNS is a Service: only the node's resolver works before
+    // ringport's rules exist.
+    assert_eq!(spec.dns_policy.as_deref(), Some("Default"));
+    assert_ne!(spec.automount_service_account_token, Some(false), "the kubeconfig uses the pod's token");
+
+    // --kubeconfig names a file of a mounted ConfigMap of deploy/.
+    let c = &spec.containers[0];
+    let args = c.args.as_ref().unwrap();
+    let at = args.iter().position(|a| a == "--kubeconfig").expect("--kubeconfig is given");
+    let path = Path::new(&args[at + 1]);
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()));
+    let volume = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == mount.name).unwrap();
+    let map_name = &volume.config_map.as_ref().expect("a ConfigMap volume").name;
+    let map = o.config_maps.iter().find(|m| m.metadata.name.as_ref() == Some(map_name)).unwrap();
+    assert_eq!(map.metadata.namespace, o.daemonsets[0].metadata.namespace);
+    let file = path.file_name().unwrap().to_str().unwrap();
+    let text = &map.data.as_ref().unwrap()[file];
+
+    // The kubeconfig: a real server address (not the `kubernetes`
+    // Service, by name or through cluster DNS), the pod's own credentials.
+    let kc = kube::config::Kubeconfig::from_yaml(text).unwrap();
+    let cluster = kc.clusters[0].cluster.as_ref().unwrap();
+    let server: axum::http::Uri = cluster.server.as_deref().unwrap().parse().unwrap();
+    let host = server.host().unwrap();
+    assert!(
+        !host.starts_with("kubernetes") && !host.ends_with(".svc") && !host.contains(".svc."),
+        "{host} goes through the kubernetes Service"
+    );
+    assert_eq!(server.scheme_str(), Some("https"));
+    const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    assert_eq!(cluster.certificate_authority.as_deref(), Some(format!("{SA}/ca.crt").as_str()));
+    let user = kc.auth_infos[0].auth_info.as_ref().unwrap();
+    assert_eq!(user.token_file.as_deref(), Some(format!("{SA}/token").as_str()));
+    assert_eq!(kc.current_context.as_deref(), Some(kc.contexts[0].name.as_str()));
 }
 
 /// `[Section]` -> key -> values (a key may repeat).

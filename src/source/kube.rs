@@ -27,6 +27,15 @@
 //! snapshot keeps serving while the API is away; a relist is swapped in
 //! only at its `InitDone`.
 //!
+//! **This node's Node** is watched apart ([`NodeWatch`]): its zone and
+//! eligibility are not Manifests, and reach the balancers and `/healthz`
+//! through the run loop, not the table.
+//!
+//! **Reaching the API.** [`client`] takes `--master` over any kubeconfig
+//! or in-cluster server: a node agent must reach the API server by its
+//! real address, since the `kubernetes` Service only works once ringport's
+//! own rules exist.
+//!
 //! **Coalescing.** After the first change, events keep being absorbed for
 //! [`COALESCE`] before one update is yielded: a storm of EndpointSlice
 //! updates rebuilds the snapshot at most ten times a second.
