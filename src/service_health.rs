@@ -9,7 +9,7 @@
 //! any path, `application/json` with `X-Content-Type-Options: nosniff`;
 //! 200 when the Service has local ready endpoints and the proxy is healthy
 //! ([`ProxyHealth`]), else 503; the body names the Service and gives
-//! `localEndpoints` (ready endpoints on this node, summed over the
+//! `localEndpoints` (ready endpoints on this node, counted by IP over the
 //! Service's ports) and `serviceProxyHealthy`.
 //!
 //! Invariants:
@@ -24,7 +24,7 @@
 //! - A port that cannot be bound is logged (naming the Service and field)
 //!   and tried again at the next sync; the other Services are served.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +35,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::admin::ProxyHealth;
-use crate::model::ServiceName;
+use crate::model::{ServiceName, ServicePort};
 use crate::snapshot::Snapshot;
 
 /// Connections served at once, over every healthCheckNodePort.
@@ -77,30 +77,36 @@ impl ServiceHealth {
         Self { node_ips, node_name, proxy, permits, servers: BTreeMap::new() }
     }
 
-    /// What the snapshot asks for: port -> (Service, local ready
-    /// endpoints). The first Service claiming a port keeps it.
-    pub fn wanted(snapshot: &Snapshot, node_name: Option<&str>) -> BTreeMap<u16, (ServiceName, usize)> {
-        let mut wanted: BTreeMap<u16, (ServiceName, usize)> = BTreeMap::new();
-        for port in &snapshot.ports {
-            let spec = &port.spec;
+    /// What service ports (a snapshot's, in order) ask for: port ->
+    /// (Service, local ready endpoints). The first Service claiming a port
+    /// keeps it.
+    pub fn wanted<'a>(
+        ports: impl IntoIterator<Item = &'a ServicePort>,
+        node_name: Option<&str>,
+    ) -> BTreeMap<u16, (ServiceName, usize)> {
+        let mut wanted: BTreeMap<u16, (ServiceName, BTreeSet<IpAddr>)> = BTreeMap::new();
+        for spec in ports {
             let Some(hc) = spec.health_check_node_port else { continue };
+            let (service, ips) =
+                wanted.entry(hc).or_insert_with(|| (spec.name.service.clone(), BTreeSet::new()));
+            if *service != spec.name.service {
+                continue;
+            }
+            // kube-proxy's LocalReadyEndpoints: ready (not terminating)
+            // endpoints on this node, counted by IP across the ports.
             let local = spec
                 .endpoints
                 .iter()
-                .filter(|e| e.conditions.ready && node_name.is_some() && e.node_name.as_deref() == node_name)
-                .count();
-            let entry = wanted.entry(hc).or_insert_with(|| (spec.name.service.clone(), 0));
-            if entry.0 == spec.name.service {
-                entry.1 += local;
-            }
+                .filter(|e| e.conditions.ready && node_name.is_some() && e.node_name.as_deref() == node_name);
+            ips.extend(local.map(|e| e.addr.0.ip()));
         }
-        wanted
+        wanted.into_iter().map(|(port, (service, ips))| (port, (service, ips.len()))).collect()
     }
 
     /// Bring the servers to match `snapshot`: open new ports, close
     /// dropped ones, update every count. Must run on a tokio runtime.
     pub fn sync(&mut self, snapshot: &Snapshot) {
-        let wanted = Self::wanted(snapshot, self.node_name.as_deref());
+        let wanted = Self::wanted(snapshot.ports.iter().map(|p| &p.spec), self.node_name.as_deref());
         self.servers.retain(|port, server| {
             let keep = wanted.get(port).is_some_and(|(service, _)| *service == server.service);
             if !keep {
@@ -233,4 +239,54 @@ async fn respond(stream: TcpStream, answer: &Answer) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServiceHealth;
+    use crate::model::{
+        Conditions, Endpoint, EndpointAddr, Origin, Protocol, ServiceName, ServicePort, ServicePortName,
+    };
+
+    fn ep(addr: &str, node: &str, ready: bool) -> Endpoint {
+        let mut e = Endpoint::ready(EndpointAddr(addr.parse().unwrap()));
+        e.node_name = Some(node.into());
+        e.conditions = Conditions { ready, serving: true, terminating: !ready };
+        e
+    }
+
+    fn port(service: &str, name: &str, hc: Option<u16>, endpoints: Vec<Endpoint>) -> ServicePort {
+        let name = ServicePortName { service: ServiceName::new("default", service), port: name.into() };
+        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        sp.health_check_node_port = hc;
+        sp.endpoints = endpoints;
+        sp
+    }
+
+    #[test]
+    fn local_ready_endpoints_are_counted_by_ip_across_ports_and_the_first_service_keeps_a_port() {
+        let s = [
+            port(
+                "a",
+                "http",
+                Some(32000),
+                vec![ep("10.0.0.1:80", "n1", true), ep("10.0.0.2:80", "n2", true)],
+            ),
+            port(
+                "a",
+                "https",
+                Some(32000),
+                vec![ep("10.0.0.1:443", "n1", true), ep("10.0.0.3:443", "n1", false)],
+            ),
+            port("b", "", Some(32000), vec![ep("10.0.0.9:80", "n1", true)]),
+            port("c", "", Some(32001), vec![ep("10.0.0.4:80", "n2", true)]),
+            port("d", "", None, vec![ep("10.0.0.5:80", "n1", true)]),
+        ];
+        let wanted = ServiceHealth::wanted(&s, Some("n1"));
+        let got: Vec<(u16, String, usize)> =
+            wanted.into_iter().map(|(p, (svc, n))| (p, svc.to_string(), n)).collect();
+        assert_eq!(got, [(32000, "default/a".to_owned(), 1), (32001, "default/c".to_owned(), 0)]);
+        let nameless = ServiceHealth::wanted(&s, None);
+        assert!(nameless.values().all(|(_, n)| *n == 0), "no node name: nothing is local");
+    }
 }
