@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{Backend, Proxy, eventually, free_port, whoami};
-use fake_api::{FakeApi, kubeconfig_for, node, service, slice};
+use fake_api::{FakeApi, kubeconfig_for, local_load_balancer, node, service, slice};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -246,12 +246,7 @@ fn healthz_gives_kube_proxys_json_and_fails_on_a_deleting_or_tainted_node() {
 }
 
 fn local_lb(hc: u16, node_port: u16, backend_port: u16) -> Value {
-    service(
-        "lb",
-        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.30", "externalTrafficPolicy": "Local",
-               "healthCheckNodePort": hc,
-               "ports": [{"port": 80, "targetPort": backend_port, "nodePort": node_port, "protocol": "TCP"}]}),
-    )
+    local_load_balancer("lb", "10.96.0.30", hc, node_port, backend_port)
 }
 
 #[test]

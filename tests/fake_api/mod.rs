@@ -62,14 +62,21 @@ fn key_of(object: &Value) -> String {
 }
 
 impl FakeApi {
-    /// Serve `objects` (each with its `kind`) on its own thread.
+    /// Serve `objects` (each with its `kind`) on 127.0.0.1, on its own
+    /// thread.
     pub fn start(objects: Vec<Value>) -> FakeApi {
+        FakeApi::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), objects)
+    }
+
+    /// As [`FakeApi::start`], on `bind` (e.g. an address a test's network
+    /// namespaces can reach).
+    pub fn start_on(bind: SocketAddr, objects: Vec<Value>) -> FakeApi {
         let inner = Arc::new(Inner {
             store: Mutex::default(),
             slices_gate: tokio::sync::Semaphore::new(1),
             log: Mutex::default(),
         });
-        let api = FakeApi { addr: serve(Arc::clone(&inner)), inner };
+        let api = FakeApi { addr: serve(bind, Arc::clone(&inner)), inner };
         for o in objects {
             api.apply(o);
         }
@@ -203,8 +210,8 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     json_response(Body::from(list.to_string()))
 }
 
-fn serve(inner: Arc<Inner>) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+fn serve(bind: SocketAddr, inner: Arc<Inner>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(bind).unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -251,4 +258,21 @@ pub fn slice(name: &str, service: &str, port: u16, endpoints: &[(&str, &str, &st
         "ports": [{"name": "", "port": port, "protocol": "TCP"}],
         "endpoints": endpoints,
     })
+}
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local`, one TCP
+/// port 80 -> `target_port` on `node_port`, and its `healthCheckNodePort`.
+pub fn local_load_balancer(
+    name: &str,
+    cluster_ip: &str,
+    health_check: u16,
+    node_port: u16,
+    target_port: u16,
+) -> Value {
+    service(
+        name,
+        json!({"type": "LoadBalancer", "clusterIP": cluster_ip, "externalTrafficPolicy": "Local",
+               "healthCheckNodePort": health_check,
+               "ports": [{"port": 80, "targetPort": target_port, "nodePort": node_port, "protocol": "TCP"}]}),
+    )
 }
