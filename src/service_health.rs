@@ -67,6 +67,9 @@ pub struct ServiceHealth {
     proxy: ProxyHealth,
     permits: Arc<Semaphore>,
     servers: BTreeMap<u16, Server>,
+    /// Ports that could not be bound, so each failure is logged at error
+    /// once, not at every update.
+    failing: BTreeMap<u16, ServiceName>,
 }
 
 impl ServiceHealth {
@@ -74,7 +77,7 @@ impl ServiceHealth {
     /// them) counting endpoints of node `node_name`.
     pub fn new(node_ips: Vec<IpAddr>, node_name: Option<String>, proxy: ProxyHealth) -> Self {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        Self { node_ips, node_name, proxy, permits, servers: BTreeMap::new() }
+        Self { node_ips, node_name, proxy, permits, servers: BTreeMap::new(), failing: BTreeMap::new() }
     }
 
     /// What service ports (a snapshot's, in order) ask for: port ->
@@ -114,6 +117,7 @@ impl ServiceHealth {
             }
             keep
         });
+        self.failing.retain(|port, service| wanted.get(port).is_some_and(|(s, _)| s == service));
         for (port, (service, local)) in wanted {
             if let Some(server) = self.servers.get(&port) {
                 server.local_endpoints.store(local, Ordering::Relaxed);
@@ -122,12 +126,19 @@ impl ServiceHealth {
             match self.open(port, &service, local) {
                 Ok(server) => {
                     tracing::info!(%service, port, local_endpoints = local, "healthCheckNodePort serving");
+                    self.failing.remove(&port);
                     self.servers.insert(port, server);
                 }
-                Err((addr, e)) => tracing::error!(
-                    %service, field = "spec.healthCheckNodePort", %addr, error = %e,
-                    "cannot serve the health check; retried at the next update"
-                ),
+                Err((addr, e)) if self.failing.get(&port) == Some(&service) => {
+                    tracing::debug!(%service, field = "spec.healthCheckNodePort", %addr, error = %e, "still cannot serve the health check");
+                }
+                Err((addr, e)) => {
+                    tracing::error!(
+                        %service, field = "spec.healthCheckNodePort", %addr, error = %e,
+                        "cannot serve the health check; retried at each update"
+                    );
+                    self.failing.insert(port, service);
+                }
             }
         }
     }

@@ -360,3 +360,30 @@ fn clashing_health_check_node_port_is_rejected_and_changes_nothing() {
     assert_eq!(proxy.generation(), generation, "a rejected update changed the served state");
     assert_eq!(status(hc_addr, "/"), Some(200), "a's health check still serves");
 }
+
+#[test]
+fn health_check_node_port_taken_by_a_node_port_from_the_api_is_logged_and_the_rest_served() {
+    let backend = Backend::greeter();
+    let port = backend.addr.port();
+    let taken = free_port();
+    let api = FakeApi::start(vec![
+        local_load_balancer("a-lb", "10.96.0.30", taken, free_port(), port),
+        slice("a-lb-1", "a-lb", port, &[("127.0.0.1", "node-1", "zone-a")]),
+        service(
+            "b-np",
+            json!({"type": "NodePort", "clusterIP": "10.96.0.31",
+                   "ports": [{"port": 80, "targetPort": port, "nodePort": taken, "protocol": "TCP"}]}),
+        ),
+        slice("b-np-1", "b-np", port, &[("127.0.0.1", "node-1", "zone-a")]),
+        node("node-1", "zone-a", json!({}), json!({})),
+    ]);
+    let ringport = Ringport::with_kubeconfig(&api);
+    ringport.wait_ready();
+    let logs = || ringport.logs();
+    eventually(WAIT, "the clash is logged with the Service and field", || {
+        logs().contains("Service default/b-np: spec.ports[0].nodePort: nodePort")
+            && logs().contains("service=default/a-lb field=\"spec.healthCheckNodePort\"")
+    });
+    // The node port keeps serving b-np.
+    assert_eq!(whoami(SocketAddr::from(([127, 0, 0, 1], taken))), backend.addr.to_string());
+}
