@@ -257,6 +257,10 @@ async fn master_overrides_the_kubeconfig_server() {
         panic!("a bad --master was taken")
     };
     assert!(err.to_string().contains("--master \"not a url\""), "{err}");
+    let Err(err) = ringport::source::kube::client(None, Some("10.0.0.1:6443")).await else {
+        panic!("a --master without a scheme was taken")
+    };
+    assert!(err.to_string().contains("needs a scheme"), "{err}");
 }
 
 /// The one conditional test: it needs a real cluster, so without

@@ -99,6 +99,8 @@ pub enum KubeError {
         #[source]
         source: axum::http::uri::InvalidUri,
     },
+    #[error("--master {0:?} needs a scheme and a host, e.g. https://10.0.0.1:6443")]
+    MasterIncomplete(String),
     #[error("cannot build the Kubernetes client")]
     Client(#[source] kube::Error),
     #[error("the {0} watch stream ended")]
@@ -114,11 +116,7 @@ pub enum KubeError {
 /// without credentials, as kube-proxy's `--master` does. This is what lets
 /// a node agent reach the API server before any Service rule exists.
 pub async fn client(kubeconfig: Option<&std::path::Path>, master: Option<&str>) -> Result<Client, KubeError> {
-    let master = master
-        .map(|m| {
-            m.parse::<axum::http::Uri>().map_err(|source| KubeError::Master { value: m.to_owned(), source })
-        })
-        .transpose()?;
+    let master = master.map(parse_master).transpose()?;
     let mut config = match (kubeconfig, &master) {
         (Some(path), _) => {
             let err = |source| KubeError::Kubeconfig { path: path.to_path_buf(), source };
@@ -140,6 +138,15 @@ pub async fn client(kubeconfig: Option<&std::path::Path>, master: Option<&str>) 
     }
     tracing::info!(api = %config.cluster_url, "Kubernetes API");
     Client::try_from(config).map_err(KubeError::Client)
+}
+
+fn parse_master(value: &str) -> Result<axum::http::Uri, KubeError> {
+    let uri: axum::http::Uri =
+        value.parse().map_err(|source| KubeError::Master { value: value.to_owned(), source })?;
+    if uri.scheme().is_none() || uri.host().is_none() {
+        return Err(KubeError::MasterIncomplete(value.to_owned()));
+    }
+    Ok(uri)
 }
 
 /// One watcher's stream, boxed so tests can substitute synthetic events.
