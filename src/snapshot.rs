@@ -158,6 +158,7 @@ impl Snapshot {
                     port: p.spec.port,
                     cluster_ips: p.spec.cluster_ips.iter().map(ToString::to_string).collect(),
                     proxy_port: self.proxy_port(&p.spec.name).map(|p| p.0),
+                    health_check_node_port: p.spec.health_check_node_port,
                     listeners: self
                         .listeners
                         .iter()
@@ -190,6 +191,9 @@ pub struct PortView {
     pub port: u16,
     pub cluster_ips: Vec<String>,
     pub proxy_port: Option<u16>,
+    /// Served by `service_health` (its Service's, on every port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
     pub listeners: Vec<ListenerView>,
     pub endpoints: Vec<EndpointView>,
     /// Where cluster-IP traffic goes: rotation order, with health.

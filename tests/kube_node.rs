@@ -264,6 +264,7 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
     ringport.wait_ready();
     let hc_addr = SocketAddr::from(([127, 0, 0, 1], hc));
     eventually(WAIT, "the health check answers", || get(hc_addr, "/").is_some());
+    assert_eq!(ringport.snapshot()["service_ports"][0]["health_check_node_port"], hc);
 
     let (code, head, body) = get(hc_addr, "/").unwrap();
     assert_eq!(code, 200, "{body}");
