@@ -192,12 +192,13 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         bail!("nothing to serve: give --tcp-echo, --tcp-sink, --tcp-source, --http or --udp-echo");
     }
     let listeners = serve::bind(&tcp, &udp, &a.id)?;
-    let line = serde_json::json!({ "id": a.id, "listening": listeners.bound });
-    println!("{line}");
+    // Handlers first: the "listening" line tells a supervisor it may signal us.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("cannot install signal handler")?;
     }
+    let line = serde_json::json!({ "id": a.id, "listening": listeners.bound });
+    println!("{line}");
     serve::run(listeners, a.workers.unwrap_or_else(cores), a.greet, stop, Instant::now() + a.duration)?;
     Ok(())
 }
