@@ -5,9 +5,21 @@
 //!
 //! `/healthz` answers as kube-proxy's does: a JSON body with
 //! `lastUpdated`, `currentTime` and `nodeEligible`, and 503 when the rule
-//! sync has stalled ([`ProxyHealth`]) or the Node is not eligible (being
+//! sync has stalled or a data-plane worker failed ([`ProxyHealth`]), or
+//! the Node is not eligible (being
 //! deleted, or tainted `ToBeDeletedByClusterAutoscaler`; see
 //! `source::kube::NodeView`). `/livez` ignores the Node, as kube-proxy's.
+//!
+//! The admin ports face the network (the health port binds `0.0.0.0` by
+//! default), so they must never take what the data plane needs:
+//! - at most [`MAX_CONNECTIONS`] admin connections are open at once, over
+//!   both servers; further ones wait in the kernel's accept queue, holding
+//!   no fd of ours (the fd budget reserves exactly this many);
+//! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`], which
+//!   also bounds an idle keep-alive connection, so slowloris clients are
+//!   cut; and no connection lives past [`CONNECTION_LIFETIME`], whatever it
+//!   does (e.g. never reading its response);
+//! - a failed accept (out of fds) backs off instead of spinning.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +32,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
+
+use crate::dataplane::Faults;
+use crate::dataplane::fault::Throttle;
 use crate::metrics::Metrics;
 use crate::redirect::rules;
 use crate::snapshot::SharedSnapshot;
@@ -37,7 +55,8 @@ pub struct AdminState {
 }
 
 /// Whether the proxy itself is healthy, kube-proxy's `IsHealthy`: the
-/// redirect rules have synced within the allowed stall. Shared by
+/// redirect rules have synced within the allowed stall, and no data-plane
+/// worker has failed. Shared by
 /// `/healthz` and the `healthCheckNodePort` servers
 /// (`serviceProxyHealthy`).
 #[derive(Clone)]
@@ -47,16 +66,19 @@ pub struct ProxyHealth {
     /// before the proxy is unhealthy (`None`: no rules, always healthy).
     pub sync_stall: Option<Duration>,
     pub started: Instant,
+    /// Data-plane workers that failed: any makes the proxy unhealthy.
+    pub faults: Arc<Faults>,
 }
 
 impl ProxyHealth {
     /// Healthy or not, and when the rules last synced (`None`: never, or
     /// no rules).
     pub fn check(&self) -> (bool, Option<SystemTime>) {
-        let Some(limit) = self.sync_stall else { return (true, None) };
+        let workers_ok = self.faults.count() == 0;
+        let Some(limit) = self.sync_stall else { return (workers_ok, None) };
         let since = self.metrics.sync.since_last_success();
         let last = since.and_then(|d| SystemTime::now().checked_sub(d));
-        (since.unwrap_or_else(|| self.started.elapsed()) <= limit, last)
+        (workers_ok && since.unwrap_or_else(|| self.started.elapsed()) <= limit, last)
     }
 }
 
@@ -73,6 +95,16 @@ pub fn go_time(t: Option<SystemTime>) -> String {
 /// kube-proxy's JSON headers.
 const JSON_HEADERS: [(&str, &str); 2] =
     [("content-type", "application/json"), ("x-content-type-options", "nosniff")];
+
+/// The most admin connections open at once, health and metrics servers
+/// together. The fd budget reserves this many fds for them.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must be complete this soon after the connection
+/// opens or the previous response ends (kubelet probes and Prometheus
+/// scrapes send theirs at once).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No admin connection lives longer than this.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 async fn ok() -> &'static str {
     "ok\n"
@@ -179,12 +211,9 @@ pub async fn serve(state: AdminState, health: SocketAddr, metrics: SocketAddr) -
     let bind = |what, addr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|source| AdminError { what, addr, source })
     };
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let spawn = |listener: tokio::net::TcpListener, router: Router| {
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "admin server stopped");
-            }
-        })
+        tokio::spawn(accept_loop(listener, router, Arc::clone(&permits)))
     };
     if health == metrics {
         let listener = bind("health and metrics", health).await?;
@@ -196,4 +225,39 @@ pub async fn serve(state: AdminState, health: SocketAddr, metrics: SocketAddr) -
     spawn(h, health_routes().with_state(state.clone()));
     spawn(m, metrics_routes().with_state(state));
     Ok(())
+}
+
+/// Accept while a permit is free, and serve each connection on its own
+/// task with the timeouts above. Without a permit, accepting waits: the
+/// client waits in the kernel's queue, holding none of our fds.
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router, permits: Arc<Semaphore>) {
+    let mut warnings = Throttle::new(Duration::from_secs(1));
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of fds, most likely: wait for some to come back rather
+                // than spin on the error.
+                if let Some(held_back) = warnings.allow(Instant::now()) {
+                    tracing::warn!(error = %e, retry_in = ?backoff, held_back, "admin accept failed");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            // A timeout or a client error ends only this connection.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            drop(permit);
+        });
+    }
 }

@@ -161,9 +161,19 @@ struct RunArgs {
     /// recently active flow is closed first.
     #[arg(long, default_value_t = 8192)]
     udp_max_flows: usize,
-    /// How long open connections may finish after SIGTERM or SIGINT.
+    /// How long open connections may finish after SIGTERM or SIGINT; those
+    /// still open then are reset (RST), so a cut-off transfer never looks
+    /// complete.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     drain_timeout: Duration,
+    /// A TCP connection that moves no byte either way this long is reset
+    /// (0: never). See docs/architecture.md for the choice of default.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    tcp_idle_timeout: Duration,
+    /// Fault injection for tests: each worker fails once it has accepted
+    /// this many connections.
+    #[arg(long, hide = true)]
+    fail_worker_after_accepts: Option<u64>,
     /// Where /healthz and /livez are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
@@ -230,6 +240,8 @@ impl RunArgs {
                 drain_timeout: self.drain_timeout,
                 udp_timeout: self.udp_timeout,
                 udp_max_flows: self.udp_max_flows,
+                tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
+                fail_after_accepts: self.fail_worker_after_accepts,
                 ..WorkerConfig::default()
             },
             balance: BalanceOptions {

@@ -15,7 +15,7 @@ use crate::balance::health::{HealthPolicy, HealthRegistry};
 use crate::config::{ConfigError, ConfigErrors, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions, node_addresses};
-use crate::dataplane::{DataPlane, WorkerConfig};
+use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, Syncer, SyncerThread};
 use crate::service_health::ServiceHealth;
@@ -67,6 +67,10 @@ pub enum RunError {
     Kube(#[from] KubeError),
     #[error("the manifest watcher stopped")]
     WatchEnded,
+    #[error(
+        "{0} data-plane worker(s) failed (see the error logged above); stopped so the process can be restarted"
+    )]
+    WorkerFailed(usize),
 }
 
 /// Handles a caller (e.g. the demo) may keep to watch the running proxy.
@@ -75,6 +79,8 @@ pub struct Handles {
     pub snapshot: SharedSnapshot,
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Data-plane workers that failed.
+    pub faults: Arc<Faults>,
 }
 
 impl Handles {
@@ -83,22 +89,28 @@ impl Handles {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
             ready: Arc::new(AtomicBool::new(false)),
             metrics: Arc::new(Metrics::new(workers)),
+            faults: Arc::default(),
         }
     }
 }
 
-/// Serve until SIGINT or SIGTERM, then drain.
+/// Serve until SIGINT or SIGTERM, then drain. A worker that fails stops
+/// the whole process the same way, and ends it with an error.
 pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("ringport-control")
         .build()
         .map_err(RunError::Runtime)?;
+    let faults = Arc::clone(&handles.faults);
     let data_plane = runtime.block_on(serve(opts, handles))?;
     tracing::info!("stopping: no new connections; draining open ones");
     data_plane.stop();
     tracing::info!("stopped");
-    Ok(())
+    match faults.count() {
+        0 => Ok(()),
+        n => Err(RunError::WorkerFailed(n)),
+    }
 }
 
 async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
@@ -114,6 +126,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
             // for twice the sync period.
             sync_stall: (opts.redirect != RedirectMode::None).then_some(redirect::RESYNC * 2),
             started: std::time::Instant::now(),
+            faults: Arc::clone(&handles.faults),
         },
         node_eligible: Arc::new(AtomicBool::new(true)),
     };
@@ -129,8 +142,12 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
     // `--zone` wins over the Node's label.
     let zone_fixed = opts.balance.locality.zone.is_some();
     let (mut source, first, mut node) = Source::start(&mut opts).await?;
-    let data_plane =
-        DataPlane::start(Arc::clone(&handles.snapshot), opts.workers.clone()).map_err(RunError::DataPlane)?;
+    let data_plane = DataPlane::start_with_faults(
+        Arc::clone(&handles.snapshot),
+        opts.workers.clone(),
+        Arc::clone(&handles.faults),
+    )
+    .map_err(RunError::DataPlane)?;
     // Ready means the sources have synced *and* their rules are in place:
     // the syncer sets `handles.ready`, Control only its own flag.
     let redirect = start_redirect(&opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
@@ -188,6 +205,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
             },
             _ = int.recv() => break,
             _ = term.recv() => break,
+            () = handles.faults.failed() => break,
         }
     }
     Ok(data_plane)

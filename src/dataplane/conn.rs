@@ -14,7 +14,11 @@
 //!   refers to a recycled slab entry. Timeouts are counted, not flagged: a
 //!   failed attempt's linked timeout may still be completing while the next
 //!   attempt's is armed.
-//! - Both sockets are non-blocking and `TCP_NODELAY`.
+//! - Both sockets are non-blocking, `TCP_NODELAY`, and run TCP keepalive
+//!   ([`tune`]), so a peer that vanished without a FIN or RST is found.
+//! - A failure is classified where it is created ([`Blame`]): only the
+//!   endpoint's own failures reach passive health; a shortage of local fds or
+//!   ports ends the connection without blaming anyone.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use super::fault::Blame;
 use super::relay::{Half, Pool, RelayError, Wait};
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
@@ -92,6 +97,29 @@ pub enum ConnError {
         #[source]
         source: io::Error,
     },
+    /// This host ran out of fds, buffers or local ports: no endpoint is to
+    /// blame, and no other would fare better now.
+    #[error("no local resources for a connection to {endpoint}")]
+    Local {
+        endpoint: EndpointAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Keepalive on both sockets of a connection: probes after 15 s of silence,
+/// every 15 s, 9 of them. These are Go's `net` defaults, which the
+/// userspace kube-proxy ran with on both its accepted and dialed sockets; a
+/// dead peer is found in under 2.5 minutes.
+pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(15))
+    .with_interval(Duration::from_secs(15))
+    .with_retries(9);
+
+/// Options every proxied TCP socket gets, on either side.
+pub fn tune(socket: SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(&KEEPALIVE)
 }
 
 pub struct Conn {
@@ -117,6 +145,12 @@ pub struct Conn {
     /// Linked connect timeouts in flight.
     timeouts: u8,
     halves: [Half; 2],
+    /// A failure that was this host's, not the endpoint's: dialing stops.
+    local_failure: Option<io::Error>,
+    /// Bytes moved since the worker last looked (see [`Conn::idle_since`]).
+    active: bool,
+    /// When this connection last moved a byte, as of the worker's tick.
+    idle_since: Instant,
 }
 
 /// What to do after trying to open the next upstream connection.
@@ -158,7 +192,20 @@ impl Conn {
             armed: 0,
             timeouts: 0,
             halves: [Half::default(), Half::default()],
+            local_failure: None,
+            active: false,
+            idle_since: now,
         }
+    }
+
+    /// How long this connection has moved no byte, as of `now`: called on
+    /// the worker's tick, which is how activity is sampled (one timer per
+    /// worker, none per connection).
+    pub fn idle_for(&mut self, now: Instant) -> Duration {
+        if std::mem::take(&mut self.active) {
+            self.idle_since = now;
+        }
+        now.saturating_duration_since(self.idle_since)
     }
 
     pub fn is_armed(&self, op: Op) -> bool {
@@ -194,6 +241,14 @@ impl Conn {
     pub fn dial_next(&mut self, now: Instant) -> Dial {
         self.upstream = None;
         loop {
+            if let Some(source) = self.local_failure.take() {
+                let counters = self.port.metrics.slot(self.worker);
+                counters.add(&counters.refused, 1);
+                return Dial::Exhausted(match self.endpoint {
+                    Some(endpoint) => ConnError::Local { endpoint, source },
+                    None => ConnError::NoEndpoint,
+                });
+            }
             let Some(i) = self.candidates.next_index() else {
                 let counters = self.port.metrics.slot(self.worker);
                 counters.add(&counters.refused, 1);
@@ -203,16 +258,25 @@ impl Conn {
                 });
             };
             let Some(endpoint) = self.balancer.endpoint(i) else { continue };
-            self.current = Some(i);
             self.endpoint = Some(endpoint);
+            // The socket first: failing to make one is this host's fault,
+            // and must not count as an attempt on the endpoint.
+            let socket = match new_socket(endpoint.0) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    self.local_failure = Some(e);
+                    continue;
+                }
+            };
+            self.current = Some(i);
             self.balancer.attempting(i);
             if self.candidates.attempts() > 1 {
                 let counters = self.port.metrics.slot(self.worker);
                 counters.add(&counters.retries, 1);
             }
-            match start_connect(endpoint.0) {
-                Ok((socket, done)) => {
-                    self.upstream = Some(socket);
+            match start_connect(&socket, endpoint.0) {
+                Ok(done) => {
+                    self.upstream = Some(socket.into());
                     return if done {
                         Dial::Connected
                     } else {
@@ -224,8 +288,15 @@ impl Conn {
         }
     }
 
-    /// The current attempt failed: passive health and affinity hear of it.
+    /// The current attempt failed. An endpoint's failure goes to passive
+    /// health and affinity; a local one (no fds, no ephemeral port) stops
+    /// dialing without blaming the endpoint.
     pub fn attempt_failed(&mut self, error: io::Error, now: Instant) {
+        if Blame::of_connect(&error) == Blame::Local {
+            self.current = None;
+            self.local_failure = Some(error);
+            return;
+        }
         if let Some(i) = self.current.take() {
             let counters = self.port.metrics.slot(self.worker);
             counters.add(&counters.connect_failures, 1);
@@ -279,6 +350,7 @@ impl Conn {
         let wait = half.pump(source, sink, pool);
         let moved = half.delivered - before;
         if moved > 0 {
+            self.active = true;
             let counters = self.port.metrics.slot(self.worker);
             let counter = match dir {
                 Dir::Up => &counters.bytes_to_endpoint,
@@ -341,13 +413,18 @@ fn ends<'a>(dir: Dir, client: BorrowedFd<'a>, upstream: BorrowedFd<'a>) -> (Borr
     }
 }
 
-/// A non-blocking connect. `true`: already connected (possible on loopback).
-fn start_connect(addr: SocketAddr) -> io::Result<(OwnedFd, bool)> {
+/// A tuned, non-blocking socket for `addr`. Every error here is local.
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
-    socket.set_tcp_nodelay(true)?;
+    tune(SockRef::from(&socket))?;
+    Ok(socket)
+}
+
+/// A non-blocking connect. `true`: already connected (possible on loopback).
+fn start_connect(socket: &Socket, addr: SocketAddr) -> io::Result<bool> {
     match socket.connect(&addr.into()) {
-        Ok(()) => Ok((socket.into(), true)),
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok((socket.into(), false)),
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
         Err(e) => Err(e),
     }
 }

@@ -5,22 +5,34 @@
 //! snapshot and calls [`DataPlane::notify`]; each worker then reconciles its
 //! listening sockets with the snapshot on its own thread. The data plane
 //! never waits on the control plane.
+//!
+//! A worker that ends with an error (or panics) is logged as an error and
+//! recorded in [`Faults`]: `/healthz` fails from then on, and `run` stops
+//! the process with a non-zero status so its supervisor (the DaemonSet)
+//! restarts it. A worker is not restarted in place: its connections were
+//! lost with it, and a fresh process is the state that is known good.
 
+mod accept;
 pub mod conn;
+pub mod fault;
 pub mod listen;
 pub mod relay;
+mod slots;
 pub mod sys;
+mod token;
 pub mod udp;
 mod udp_worker;
 mod worker;
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use fault::Faults;
 pub use relay::RelayMode;
 
 use crate::snapshot::SharedSnapshot;
@@ -41,7 +53,17 @@ pub struct WorkerConfig {
     pub udp_timeout: Duration,
     /// Most UDP flows, over all workers.
     pub udp_max_flows: usize,
+    /// A relayed TCP connection that moves no byte either way this long is
+    /// reset (`None`: never).
+    pub tcp_idle_timeout: Option<Duration>,
+    /// Fault injection for tests: a worker fails with an error once it has
+    /// accepted this many connections.
+    pub fail_after_accepts: Option<u64>,
 }
+
+/// The default of `--tcp-idle-timeout`: one hour, HAProxy's usual
+/// `timeout tunnel`; see docs/architecture.md for the choice.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for WorkerConfig {
     fn default() -> Self {
@@ -59,6 +81,8 @@ impl Default for WorkerConfig {
             ring_entries: 1024,
             udp_timeout: Duration::from_secs(30),
             udp_max_flows: 8192,
+            tcp_idle_timeout: Some(TCP_IDLE_TIMEOUT),
+            fail_after_accepts: None,
         }
     }
 }
@@ -69,6 +93,7 @@ struct Shared {
     snapshot: SharedSnapshot,
     wakers: Vec<OwnedFd>,
     stop: AtomicBool,
+    faults: Arc<Faults>,
 }
 
 /// Running workers.
@@ -80,9 +105,18 @@ pub struct DataPlane {
 impl DataPlane {
     /// Start `config.workers` workers serving from `snapshot`.
     pub fn start(snapshot: SharedSnapshot, config: WorkerConfig) -> io::Result<Self> {
+        Self::start_with_faults(snapshot, config, Arc::default())
+    }
+
+    /// [`DataPlane::start`], recording workers that fail in `faults`.
+    pub fn start_with_faults(
+        snapshot: SharedSnapshot,
+        config: WorkerConfig,
+        faults: Arc<Faults>,
+    ) -> io::Result<Self> {
         let n = config.workers.max(1);
         let wakers = (0..n).map(|_| sys::eventfd()).collect::<io::Result<Vec<_>>>()?;
-        let shared = Arc::new(Shared { snapshot, wakers, stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { snapshot, wakers, stop: AtomicBool::new(false), faults });
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut threads = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -110,9 +144,14 @@ impl DataPlane {
                         return Err(e);
                     }
                 };
-                let result = worker.run();
+                let faults = Arc::clone(&worker.shared.faults);
+                let result = match std::panic::catch_unwind(AssertUnwindSafe(|| worker.run())) {
+                    Ok(result) => result,
+                    Err(_) => Err(io::Error::other("the worker panicked")),
+                };
                 if let Err(e) = &result {
-                    tracing::error!(worker = index, error = %e, "worker stopped");
+                    tracing::error!(worker = index, error = %e, "worker failed; the process will stop");
+                    faults.worker_failed();
                 }
                 result
             })?;
@@ -149,7 +188,8 @@ impl DataPlane {
         for thread in self.threads {
             match thread.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "worker failed"),
+                // Already logged and recorded by the worker's thread.
+                Ok(Err(_)) => {}
                 Err(_) => tracing::error!("worker panicked"),
             }
         }

@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 use socket2::{Domain, Socket, Type};
 
+use super::slots::Key;
 use crate::balance::Balancer;
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
 
 pub struct Flow {
     /// The worker's slot of the listening socket the client sent to.
-    pub listener: usize,
+    pub listener: Key,
     pub client: SocketAddr,
     /// The address the client sent to: replies leave from it.
     pub local: Option<std::net::IpAddr>,
@@ -78,7 +79,7 @@ pub enum FlowError {
 
 pub struct Flows {
     flows: Slab<Flow>,
-    index: HashMap<(usize, SocketAddr), usize>,
+    index: HashMap<(Key, SocketAddr), usize>,
     next_generation: u64,
     /// Most flows this worker keeps.
     pub max: usize,
@@ -107,7 +108,7 @@ impl Flows {
     }
 
     /// The open flow of `client` on `listener`.
-    pub fn find(&self, listener: usize, client: SocketAddr) -> Option<usize> {
+    pub fn find(&self, listener: Key, client: SocketAddr) -> Option<usize> {
         self.index.get(&(listener, client)).copied()
     }
 
@@ -115,7 +116,7 @@ impl Flows {
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         &mut self,
-        listener: usize,
+        listener: Key,
         client: SocketAddr,
         local: Option<std::net::IpAddr>,
         port: &Arc<PortState>,

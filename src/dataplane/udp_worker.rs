@@ -19,9 +19,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::slots::Key;
 use super::sys;
+use super::token::Token;
 use super::udp::FlowError;
-use super::worker::{Token, Worker};
+use super::worker::Worker;
 use crate::snapshot::{Route, Snapshot};
 
 /// Which flow a datagram on its way to an endpoint belongs to.
@@ -34,7 +36,7 @@ pub(super) struct SendTag {
 const BATCHES_PER_WAKE: usize = 8;
 
 impl Worker {
-    pub(super) fn arm_udp_listener(&mut self, slot: usize) -> io::Result<()> {
+    pub(super) fn arm_udp_listener(&mut self, slot: Key) -> io::Result<()> {
         let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
         let Some(fd) = a.fd.as_ref().map(|f| f.as_raw_fd()) else { return self.forget_listener(slot) };
         a.armed = true;
@@ -42,7 +44,7 @@ impl Worker {
     }
 
     /// Client datagrams are waiting on a listening socket.
-    pub(super) fn on_udp_listener(&mut self, slot: usize) -> io::Result<()> {
+    pub(super) fn on_udp_listener(&mut self, slot: Key) -> io::Result<()> {
         let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
         a.armed = false;
         if a.fd.is_none() {
@@ -73,13 +75,7 @@ impl Worker {
     }
 
     /// Datagram `i` of the batch, from a client on listener `slot`.
-    fn on_client_datagram(
-        &mut self,
-        slot: usize,
-        route: &Route<'_>,
-        i: usize,
-        now: Instant,
-    ) -> io::Result<()> {
+    fn on_client_datagram(&mut self, slot: Key, route: &Route<'_>, i: usize, now: Instant) -> io::Result<()> {
         let counters = route.port.metrics.slot(self.index);
         let datagram = self.batch.get(i);
         let Some(client) = datagram.from else { return Ok(()) };

@@ -8,127 +8,72 @@
 //! parks an io-wq thread, however many connections sit idle.
 //!
 //! Invariants:
-//! - A completion's `user_data` is a [`Token`]; a connection's slab slot is
-//!   freed only once none of its ops is in flight (see `conn.rs`).
+//! - A completion's `user_data` is a [`Token`] whose key carries the
+//!   object's generation; a connection's slot is freed only once none of its
+//!   ops is in flight (see `conn.rs`), and a completion for a freed object
+//!   finds nothing (see `slots.rs`).
 //! - The worker reconciles its listeners with the snapshot whenever it is
-//!   woken, and never blocks on the control plane.
+//!   woken (see `accept.rs`), and never blocks on the control plane.
+//! - A connection that outlives the drain timeout, or stays idle past
+//!   `--tcp-idle-timeout`, is reset (RST), never closed with a FIN: a cut-off
+//!   transfer must never look complete to either peer.
+//! - An error this loop cannot handle ends the worker with that error; the
+//!   thread that runs it reports it (see `mod.rs` and `fault.rs`).
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, types};
-use slab::Slab;
 use socket2::SockRef;
 
-use super::conn::{Conn, Dial, Dir, Op, Phase};
-use super::listen::{self, ListenRole, ListenerId};
+use super::accept::{self, Accepting};
+use super::conn::{self, Conn, ConnError, Dial, Dir, Op, Phase};
+use super::fault::Throttle;
+use super::listen::{ListenRole, ListenerId};
 use super::relay::{Pool, Wait};
+use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
+use super::token::Token;
 use super::udp::Flows;
 use super::udp_worker::SendTag;
 use super::{Shared, WorkerConfig, sys};
 use crate::model::ClientAddr;
-use crate::model::Protocol;
 
-/// What a completion belongs to: `kind << 56 | key`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Token {
-    Wake,
-    Tick,
-    Drain,
-    Cancel,
-    Accept(usize),
-    AcceptRetry(usize),
-    Conn(usize, Op),
-    /// A UDP listening socket is readable.
-    UdpListen(usize),
-    /// A UDP flow's endpoint socket is readable.
-    UdpFlow(usize),
-    /// A datagram to an endpoint was sent.
-    UdpSent(usize),
-}
-
-impl Token {
-    pub(super) fn encode(self) -> u64 {
-        let (kind, key): (u64, usize) = match self {
-            Token::Wake => (1, 0),
-            Token::Tick => (6, 0),
-            Token::Drain => (2, 0),
-            Token::Cancel => (3, 0),
-            Token::Accept(k) => (4, k),
-            Token::AcceptRetry(k) => (5, k),
-            Token::Conn(k, op) => (8 + op_index(op), k),
-            Token::UdpListen(k) => (20, k),
-            Token::UdpFlow(k) => (21, k),
-            Token::UdpSent(k) => (22, k),
-        };
-        kind << 56 | key as u64
-    }
-
-    fn decode(v: u64) -> Option<Token> {
-        let key = (v & ((1 << 56) - 1)) as usize;
-        Some(match v >> 56 {
-            1 => Token::Wake,
-            2 => Token::Drain,
-            3 => Token::Cancel,
-            4 => Token::Accept(key),
-            5 => Token::AcceptRetry(key),
-            6 => Token::Tick,
-            k @ 8..=13 => Token::Conn(key, Op::ALL[(k - 8) as usize]),
-            20 => Token::UdpListen(key),
-            21 => Token::UdpFlow(key),
-            22 => Token::UdpSent(key),
-            _ => return None,
-        })
-    }
-}
-
-fn op_index(op: Op) -> u64 {
-    Op::ALL.iter().position(|o| *o == op).unwrap_or(0) as u64
-}
-
-/// A listening socket this worker accepts on (TCP) or receives on (UDP).
-pub(super) struct Accepting {
-    pub(super) id: ListenerId,
-    pub(super) role: ListenRole,
-    pub(super) protocol: Protocol,
-    /// `None` once the listener left the snapshot: its accept is being
-    /// cancelled, and the slot is freed when that completes.
-    pub(super) fd: Option<OwnedFd>,
-    /// Not listening, because its service port has no usable endpoint:
-    /// the kernel refuses connections at once, and the port stays bound.
-    /// (TCP only: a UDP socket is never paused.)
-    paused: bool,
-    /// A multishot accept (TCP) or a readable poll (UDP) is in flight.
-    pub(super) armed: bool,
-}
-
-/// Delay before re-arming an accept that failed for lack of fds.
-const ACCEPT_RETRY: Duration = Duration::from_millis(20);
 /// Period of the worker's housekeeping (one timer per worker, never one per
 /// connection or packet).
 const TICK: Duration = Duration::from_secs(1);
+/// A recurring warning (accept failed, out of local resources) is logged at
+/// most this often.
+const WARN_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Worker {
     pub(super) index: usize,
     pub(super) ring: IoUring,
     pub(super) shared: Arc<Shared>,
-    pub(super) listeners: Slab<Accepting>,
-    by_id: HashMap<ListenerId, usize>,
-    conns: Slab<Conn>,
+    pub(super) listeners: Slots<Accepting>,
+    pub(super) by_id: HashMap<ListenerId, Key>,
+    conns: Slots<Conn>,
     pool: Pool,
     /// Timespecs handed to the kernel by pointer: boxed so they never move.
     connect_timeouts: Vec<&'static types::Timespec>,
-    accept_retry: &'static types::Timespec,
+    pub(super) accept_retry: Vec<&'static types::Timespec>,
+    /// The step of `accept_retry` the next failed accept waits.
+    pub(super) accept_backoff: usize,
+    pub(super) accept_warnings: Throttle,
+    local_warnings: Throttle,
     tick: &'static types::Timespec,
     drain_timeout: &'static types::Timespec,
+    /// A relayed connection that moves no byte this long is reset.
+    idle_timeout: Option<Duration>,
+    /// Fault injection for tests: fail after this many accepted clients.
+    fail_after_accepts: Option<u64>,
+    accepted: u64,
     /// Directions that yielded with work left, pumped again this turn.
-    yielded: Vec<(usize, Dir)>,
-    stopping: bool,
+    yielded: Vec<(Key, Dir)>,
+    pub(super) stopping: bool,
     pub(super) flows: Flows,
     /// Datagrams on their way to endpoints, owned until their send
     /// completes. Declared after `ring`, so the ring is dropped first.
@@ -147,15 +92,29 @@ impl Worker {
             index,
             ring,
             shared,
-            listeners: Slab::new(),
+            listeners: Slots::default(),
             by_id: HashMap::new(),
-            conns: Slab::with_capacity(1024),
+            conns: Slots::with_capacity(1024),
             pool: Pool::new(config.relay),
             connect_timeouts: config.connect_timeouts.iter().map(|d| sys::timespec(*d)).collect(),
-            accept_retry: sys::timespec(ACCEPT_RETRY),
-            // Frequent enough to expire UDP flows within half a timeout.
-            tick: sys::timespec(TICK.min(config.udp_timeout / 2).max(Duration::from_millis(50))),
+            accept_retry: accept::backoff_timespecs(),
+            accept_backoff: 0,
+            accept_warnings: Throttle::new(WARN_EVERY),
+            local_warnings: Throttle::new(WARN_EVERY),
+            // Frequent enough to expire UDP flows and idle connections
+            // within half their timeout.
+            tick: sys::timespec(
+                [Some(TICK), Some(config.udp_timeout / 2), config.tcp_idle_timeout.map(|t| t / 2)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or(TICK)
+                    .max(Duration::from_millis(50)),
+            ),
             drain_timeout: sys::timespec(config.drain_timeout),
+            idle_timeout: config.tcp_idle_timeout,
+            fail_after_accepts: config.fail_after_accepts,
+            accepted: 0,
             yielded: Vec::new(),
             stopping: false,
             flows: Flows::new(config.udp_max_flows / config.workers.max(1), config.udp_timeout),
@@ -185,7 +144,10 @@ impl Worker {
             completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
             for &(data, result, flags) in &completions {
                 match Token::decode(data) {
-                    Some(Token::Drain) => return Ok(()),
+                    Some(Token::Drain) => {
+                        self.reset_all();
+                        return Ok(());
+                    }
                     Some(token) => self.complete(token, result, flags)?,
                     None => tracing::error!(data, "completion with an unknown token"),
                 }
@@ -206,10 +168,11 @@ impl Worker {
             Token::Tick => {
                 self.pool.trim();
                 self.expire_flows()?;
+                self.expire_idle_conns()?;
                 self.arm_tick()
             }
-            Token::Accept(slot) => self.on_accept(slot, result, cqueue::more(flags)),
-            Token::AcceptRetry(slot) => self.arm_accept(slot),
+            Token::Accept(key) => self.on_accept(key, result, cqueue::more(flags)),
+            Token::AcceptRetry(key) => self.on_accept_retry(key),
             Token::Conn(key, op) => self.on_conn_op(key, op, result),
             Token::UdpListen(slot) => self.on_udp_listener(slot),
             Token::UdpFlow(key) => self.on_udp_flow(key, result),
@@ -229,150 +192,25 @@ impl Worker {
         sys::timeout(&mut self.ring, self.tick, Token::Tick.encode())
     }
 
-    /// Bring this worker's accepting sockets in line with the snapshot:
-    /// take new listeners, drop those that left, and pause (resume) those
-    /// whose service port has no (again has a) usable endpoint.
-    fn reconcile(&mut self) -> io::Result<()> {
-        if self.shared.stop.load(Ordering::Acquire) && !self.stopping {
-            self.begin_stop()?;
-        }
-        let snapshot = self.shared.snapshot.load_full();
-        let wanted: HashMap<ListenerId, bool> = if self.stopping {
-            HashMap::new()
-        } else {
-            // A UDP socket is never paused: datagrams without an endpoint
-            // are dropped and counted.
-            let serving = |id| snapshot.route(id).is_some_and(|r| !r.balancer.is_empty());
-            snapshot
-                .listeners
-                .iter()
-                .map(|l| (l.id, l.key.protocol == Protocol::Udp || serving(l.id)))
-                .collect()
-        };
-        let slots: Vec<usize> = self.listeners.iter().map(|(slot, _)| slot).collect();
-        for slot in slots {
-            let a = &mut self.listeners[slot];
-            let Some(fd) = a.fd.as_ref() else { continue };
-            match wanted.get(&a.id) {
-                None => {
-                    a.fd = None;
-                    let token = match a.protocol {
-                        Protocol::Tcp => Token::Accept(slot),
-                        Protocol::Udp => Token::UdpListen(slot),
-                    };
-                    if a.armed {
-                        self.cancel(token)?;
-                    } else {
-                        self.forget_listener(slot)?;
-                    }
-                }
-                Some(false) if !a.paused => {
-                    // shutdown(SHUT_RD) stops a listening socket but keeps
-                    // its port; listen() later resumes it on the same port.
-                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Read);
-                    a.paused = true;
-                    if a.armed {
-                        self.cancel(Token::Accept(slot))?;
-                    }
-                }
-                Some(true) if a.paused => {
-                    if let Err(e) = SockRef::from(fd).listen(listen::BACKLOG) {
-                        tracing::error!(worker = self.index, error = %e, "cannot resume listening");
-                        continue;
-                    }
-                    a.paused = false;
-                    if !a.armed {
-                        self.arm_accept(slot)?;
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-        for listener in &snapshot.listeners {
-            let Some(&serving) = wanted.get(&listener.id) else { continue };
-            if self.by_id.contains_key(&listener.id) {
-                continue;
-            }
-            if let Some(fd) = listener.take_socket(self.index) {
-                if !serving {
-                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
-                }
-                let protocol = listener.key.protocol;
-                let a = Accepting {
-                    id: listener.id,
-                    role: listener.key.role,
-                    protocol,
-                    fd: Some(fd),
-                    paused: !serving,
-                    armed: false,
-                };
-                let slot = self.listeners.insert(a);
-                self.by_id.insert(listener.id, slot);
-                match protocol {
-                    Protocol::Udp => self.arm_udp_listener(slot)?,
-                    Protocol::Tcp if serving => self.arm_accept(slot)?,
-                    Protocol::Tcp => {}
-                }
-            }
-        }
-        self.reconcile_flows(&snapshot)
-    }
-
-    fn arm_accept(&mut self, slot: usize) -> io::Result<()> {
-        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
-        let Some(fd) = a.fd.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return self.forget_listener(slot);
-        };
-        if a.paused {
-            return Ok(());
-        }
-        a.armed = true;
-        sys::accept_multi(&mut self.ring, fd, Token::Accept(slot).encode())
-    }
-
-    pub(super) fn forget_listener(&mut self, slot: usize) -> io::Result<()> {
-        if let Some(a) = self.listeners.try_remove(slot) {
-            self.by_id.remove(&a.id);
-        }
-        Ok(())
-    }
-
-    fn on_accept(&mut self, slot: usize, result: i32, more: bool) -> io::Result<()> {
-        let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
-        let open = a.fd.is_some() && !a.paused;
-        if !more {
-            a.armed = false;
-        }
-        if let Some(client) = sys::accepted(result) {
-            if open {
-                self.on_client(slot, client)?;
-            }
-        } else if open && result != -libc::ECANCELED {
-            let e = io::Error::from_raw_os_error(-result);
-            tracing::warn!(worker = self.index, error = %e, "accept failed");
-            if !more {
-                return sys::timeout(&mut self.ring, self.accept_retry, Token::AcceptRetry(slot).encode());
-            }
-        }
-        if more {
-            return Ok(());
-        }
-        match self.listeners.get(slot) {
-            Some(a) if a.fd.is_none() => self.forget_listener(slot),
-            Some(a) if !a.paused => self.arm_accept(slot),
-            _ => Ok(()),
-        }
-    }
-
     // ---- connections -----------------------------------------------------
 
-    fn on_client(&mut self, slot: usize, client: OwnedFd) -> io::Result<()> {
-        let Some((listener, role)) = self.listeners.get(slot).map(|a| (a.id, a.role)) else { return Ok(()) };
+    pub(super) fn on_client(&mut self, listener_key: Key, client: OwnedFd) -> io::Result<()> {
+        self.accepted += 1;
+        if self.fail_after_accepts.is_some_and(|n| self.accepted >= n) {
+            return Err(io::Error::other(format!(
+                "injected fault after {} accepted connections (--fail-worker-after-accepts)",
+                self.accepted
+            )));
+        }
+        let Some((listener, role)) = self.listeners.get(listener_key).map(|a| (a.id, a.role)) else {
+            return Ok(());
+        };
         let sock = SockRef::from(&client);
         let Some(peer) = sock.peer_addr().ok().and_then(|a| a.as_socket()) else {
             return Ok(()); // the client is already gone
         };
-        let _ = sock.set_tcp_nodelay(true);
+        // Best effort: a socket without keepalive still relays correctly.
+        let _ = conn::tune(SockRef::from(&client));
         let snapshot = self.shared.snapshot.load();
         let Some(route) = snapshot.route(listener) else {
             let _ = sock.set_linger(Some(Duration::ZERO));
@@ -403,7 +241,7 @@ impl Worker {
         self.dial(key, now)
     }
 
-    fn dial(&mut self, key: usize, now: Instant) -> io::Result<()> {
+    fn dial(&mut self, key: Key, now: Instant) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
         match conn.dial_next(now) {
             Dial::Connected => self.start_relay(key),
@@ -423,15 +261,21 @@ impl Worker {
                 )
             }
             Dial::Exhausted(e) => {
-                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+                if let ConnError::Local { .. } = e {
+                    if let Some(held_back) = self.local_warnings.allow(now) {
+                        tracing::warn!(worker = self.index, service = %conn.port.spec.name, error = %e, source = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), held_back, "out of local resources; connection reset, endpoint not blamed");
+                    }
+                } else {
+                    tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+                }
                 self.close(key, true)
             }
         }
     }
 
-    fn on_conn_op(&mut self, key: usize, op: Op, result: i32) -> io::Result<()> {
+    fn on_conn_op(&mut self, key: Key, op: Op, result: i32) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else {
-            tracing::error!(key, ?op, "completion for a connection that is gone");
+            tracing::error!(?key, ?op, "completion for a connection that is gone");
             return Ok(());
         };
         conn.disarm(op);
@@ -459,7 +303,7 @@ impl Worker {
         }
     }
 
-    fn start_relay(&mut self, key: usize) -> io::Result<()> {
+    fn start_relay(&mut self, key: Key) -> io::Result<()> {
         if let Some(conn) = self.conns.get_mut(key) {
             conn.phase = Phase::Relaying;
             conn.attempt_succeeded(Instant::now());
@@ -468,7 +312,7 @@ impl Worker {
         self.pump(key, Dir::Down)
     }
 
-    fn pump(&mut self, key: usize, dir: Dir) -> io::Result<()> {
+    fn pump(&mut self, key: Key, dir: Dir) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else {
             return Ok(());
         };
@@ -491,7 +335,7 @@ impl Worker {
         }
     }
 
-    fn arm_poll(&mut self, key: usize, op: Op, events: i16) -> io::Result<()> {
+    fn arm_poll(&mut self, key: Key, op: Op, events: i16) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else {
             return Ok(());
         };
@@ -506,7 +350,7 @@ impl Worker {
     }
 
     /// Close a connection: cancel its in-flight ops, then free it.
-    fn close(&mut self, key: usize, reset: bool) -> io::Result<()> {
+    fn close(&mut self, key: Key, reset: bool) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else {
             return Ok(());
         };
@@ -521,11 +365,27 @@ impl Worker {
         self.finish_close(key)
     }
 
-    fn finish_close(&mut self, key: usize) -> io::Result<()> {
-        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && !c.in_flight()) {
-            let conn = self.conns.remove(key);
+    fn finish_close(&mut self, key: Key) -> io::Result<()> {
+        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && !c.in_flight())
+            && let Some(conn) = self.conns.remove(key)
+        {
             let (up, down) = conn.delivered();
             tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
+        }
+        Ok(())
+    }
+
+    /// Reset relayed connections that moved no byte for the idle timeout:
+    /// an upstream that accepts and never answers cannot hold one forever.
+    fn expire_idle_conns(&mut self) -> io::Result<()> {
+        let Some(limit) = self.idle_timeout else { return Ok(()) };
+        let now = Instant::now();
+        for key in self.conns.keys() {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            if conn.phase == Phase::Relaying && conn.idle_for(now) >= limit {
+                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?limit, "idle connection reset");
+                self.close(key, true)?;
+            }
         }
         Ok(())
     }
@@ -537,35 +397,23 @@ impl Worker {
     // ---- shutdown --------------------------------------------------------
 
     /// Stop accepting and give open connections the drain timeout to end.
-    fn begin_stop(&mut self) -> io::Result<()> {
+    pub(super) fn begin_stop(&mut self) -> io::Result<()> {
         self.stopping = true;
         sys::timeout(&mut self.ring, self.drain_timeout, Token::Drain.encode())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip() {
-        let tokens = [
-            Token::Wake,
-            Token::Tick,
-            Token::Drain,
-            Token::Cancel,
-            Token::Accept(7),
-            Token::AcceptRetry(9),
-            Token::Conn(123_456, Op::Connect),
-            Token::Conn(1, Op::ConnectTimeout),
-            Token::Conn(2, Op::Readable(Dir::Down)),
-            Token::Conn(3, Op::Writable(Dir::Up)),
-            Token::UdpListen(4),
-            Token::UdpFlow(5),
-            Token::UdpSent(6),
-        ];
-        for t in tokens {
-            assert_eq!(Token::decode(t.encode()), Some(t));
+    /// The drain timeout passed: every connection still open is cut short,
+    /// so each will close with RST when the worker drops it.
+    fn reset_all(&mut self) {
+        if !self.conns.is_empty() {
+            tracing::info!(
+                worker = self.index,
+                connections = self.conns.len(),
+                "drain timeout: resetting open connections"
+            );
+        }
+        for conn in self.conns.values_mut() {
+            conn.begin_close(true, &mut self.pool);
         }
     }
 }

@@ -1,0 +1,225 @@
+//! A worker's listening sockets: following the snapshot (take new ones,
+//! drop those that left, pause those with no usable endpoint), and the
+//! multishot accepts on them.
+//!
+//! Invariants:
+//! - A listener's slot is freed only when no accept of it is in flight; a
+//!   pending back-off timer counts as one (`armed`), and its token carries
+//!   the listener's generation, so a timer or accept that outlives its
+//!   listener never acts on the one that reused the slot.
+//! - An accepted fd is owned the moment its completion is read, so one
+//!   that arrives for a listener that is gone is closed, never leaked.
+//! - Accepting pauses with an exponential back-off (20 ms to 1 s) when the
+//!   process or host is out of fds or memory, and the warning is logged at
+//!   most once a second: exhaustion never turns into a spin or a log flood.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::types;
+use socket2::SockRef;
+
+use super::fault::Blame;
+use super::listen::{self, ListenRole, ListenerId};
+use super::slots::Key;
+use super::sys;
+use super::token::Token;
+use super::worker::Worker;
+use crate::model::Protocol;
+
+/// A listening socket this worker accepts on (TCP) or receives on (UDP).
+pub(super) struct Accepting {
+    pub(super) id: ListenerId,
+    pub(super) role: ListenRole,
+    pub(super) protocol: Protocol,
+    /// `None` once the listener left the snapshot: its accept is being
+    /// cancelled, and the slot is freed when that completes.
+    pub(super) fd: Option<std::os::fd::OwnedFd>,
+    /// Not listening, because its service port has no usable endpoint:
+    /// the kernel refuses connections at once, and the port stays bound.
+    /// (TCP only: a UDP socket is never paused.)
+    paused: bool,
+    /// A multishot accept (TCP) or a readable poll (UDP), or an accept's
+    /// back-off timer, is in flight.
+    pub(super) armed: bool,
+}
+
+/// The back-off of an accept that failed for lack of resources: the first
+/// delay, doubled on each further failure up to the last.
+pub(super) const ACCEPT_BACKOFF: [Duration; 7] = [
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+    Duration::from_millis(320),
+    Duration::from_millis(640),
+    Duration::from_secs(1),
+];
+
+/// The back-off timespecs, handed to the kernel by pointer.
+pub(super) fn backoff_timespecs() -> Vec<&'static types::Timespec> {
+    ACCEPT_BACKOFF.iter().map(|d| sys::timespec(*d)).collect()
+}
+
+impl Worker {
+    /// Bring this worker's accepting sockets in line with the snapshot:
+    /// take new listeners, drop those that left, and pause (resume) those
+    /// whose service port has no (again has a) usable endpoint.
+    pub(super) fn reconcile(&mut self) -> io::Result<()> {
+        if self.shared.stop.load(Ordering::Acquire) && !self.stopping {
+            self.begin_stop()?;
+        }
+        let snapshot = self.shared.snapshot.load_full();
+        let wanted: HashMap<ListenerId, bool> = if self.stopping {
+            HashMap::new()
+        } else {
+            // A UDP socket is never paused: datagrams without an endpoint
+            // are dropped and counted.
+            let serving = |id| snapshot.route(id).is_some_and(|r| !r.balancer.is_empty());
+            snapshot
+                .listeners
+                .iter()
+                .map(|l| (l.id, l.key.protocol == Protocol::Udp || serving(l.id)))
+                .collect()
+        };
+        for key in self.listeners.keys() {
+            let Some(a) = self.listeners.get_mut(key) else { continue };
+            let Some(fd) = a.fd.as_ref() else { continue };
+            match wanted.get(&a.id) {
+                None => {
+                    a.fd = None;
+                    let token = match a.protocol {
+                        Protocol::Tcp => Token::Accept(key),
+                        Protocol::Udp => Token::UdpListen(key),
+                    };
+                    if a.armed {
+                        self.cancel(token)?;
+                    } else {
+                        self.forget_listener(key)?;
+                    }
+                }
+                Some(false) if !a.paused => {
+                    // shutdown(SHUT_RD) stops a listening socket but keeps
+                    // its port; listen() later resumes it on the same port.
+                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Read);
+                    a.paused = true;
+                    if a.armed {
+                        self.cancel(Token::Accept(key))?;
+                    }
+                }
+                Some(true) if a.paused => {
+                    if let Err(e) = SockRef::from(fd).listen(listen::BACKLOG) {
+                        tracing::error!(worker = self.index, error = %e, "cannot resume listening");
+                        continue;
+                    }
+                    a.paused = false;
+                    if !a.armed {
+                        self.arm_accept(key)?;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for listener in &snapshot.listeners {
+            let Some(&serving) = wanted.get(&listener.id) else { continue };
+            if self.by_id.contains_key(&listener.id) {
+                continue;
+            }
+            if let Some(fd) = listener.take_socket(self.index) {
+                if !serving {
+                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
+                }
+                let protocol = listener.key.protocol;
+                let a = Accepting {
+                    id: listener.id,
+                    role: listener.key.role,
+                    protocol,
+                    fd: Some(fd),
+                    paused: !serving,
+                    armed: false,
+                };
+                let key = self.listeners.insert(a);
+                self.by_id.insert(listener.id, key);
+                match protocol {
+                    Protocol::Udp => self.arm_udp_listener(key)?,
+                    Protocol::Tcp if serving => self.arm_accept(key)?,
+                    Protocol::Tcp => {}
+                }
+            }
+        }
+        self.reconcile_flows(&snapshot)
+    }
+
+    pub(super) fn arm_accept(&mut self, key: Key) -> io::Result<()> {
+        let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
+        let Some(fd) = a.fd.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return self.forget_listener(key);
+        };
+        if a.paused {
+            return Ok(());
+        }
+        a.armed = true;
+        sys::accept_multi(&mut self.ring, fd, Token::Accept(key).encode())
+    }
+
+    /// An accept's back-off timer ran out: accept again (or let go of a
+    /// listener that left meanwhile).
+    pub(super) fn on_accept_retry(&mut self, key: Key) -> io::Result<()> {
+        let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
+        a.armed = false;
+        self.arm_accept(key)
+    }
+
+    pub(super) fn forget_listener(&mut self, key: Key) -> io::Result<()> {
+        if let Some(a) = self.listeners.remove(key) {
+            self.by_id.remove(&a.id);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_accept(&mut self, key: Key, result: i32, more: bool) -> io::Result<()> {
+        // Owned at once: dropped (closed) on every path that does not use it.
+        let client = sys::accepted(result);
+        let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
+        let open = a.fd.is_some() && !a.paused;
+        if !more {
+            a.armed = false;
+        }
+        if let Some(client) = client {
+            self.accept_backoff = 0;
+            if open {
+                self.on_client(key, client)?;
+            }
+        } else if open && result != -libc::ECANCELED {
+            let e = io::Error::from_raw_os_error(-result);
+            let delay = if Blame::of_local_resources(&e) {
+                let step = self.accept_backoff;
+                self.accept_backoff = (step + 1).min(ACCEPT_BACKOFF.len() - 1);
+                step
+            } else {
+                0
+            };
+            if let Some(held_back) = self.accept_warnings.allow(Instant::now()) {
+                tracing::warn!(worker = self.index, error = %e, retry_in = ?ACCEPT_BACKOFF[delay], held_back, "accept failed");
+            }
+            if !more {
+                if let Some(a) = self.listeners.get_mut(key) {
+                    a.armed = true;
+                }
+                let ts = self.accept_retry[delay];
+                return sys::timeout(&mut self.ring, ts, Token::AcceptRetry(key).encode());
+            }
+        }
+        if more {
+            return Ok(());
+        }
+        match self.listeners.get(key) {
+            Some(a) if a.fd.is_none() => self.forget_listener(key),
+            Some(a) if !a.paused && !a.armed => self.arm_accept(key),
+            _ => Ok(()),
+        }
+    }
+}
