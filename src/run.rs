@@ -103,9 +103,15 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
         .build()
         .map_err(RunError::Runtime)?;
     let faults = Arc::clone(&handles.faults);
-    let data_plane = runtime.block_on(serve(opts, handles))?;
-    tracing::info!("stopping: no new connections; draining open ones");
-    data_plane.stop();
+    runtime.block_on(async {
+        let data_plane = serve(opts, handles).await?;
+        tracing::info!("stopping: no new connections; draining open ones");
+        // The drain blocks, so it runs off this thread: the admin endpoints
+        // keep answering meanwhile (and /healthz says why we stop).
+        tokio::task::spawn_blocking(move || data_plane.stop())
+            .await
+            .map_err(|e| RunError::Runtime(std::io::Error::other(e)))
+    })?;
     tracing::info!("stopped");
     match faults.count() {
         0 => Ok(()),

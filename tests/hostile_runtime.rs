@@ -216,3 +216,69 @@ fn both_sides_of_a_proxied_connection_have_tcp_keepalive() {
     assert!(client_side.contains("keepalive"), "client side without keepalive: {client_side:?}");
     assert!(upstream_side.contains("keepalive"), "upstream side without keepalive: {upstream_side:?}");
 }
+
+#[test]
+fn a_failed_worker_fails_healthz_and_stops_the_process_with_an_error() {
+    let backend = Backend::echo();
+    // Each worker fails on its 30th accepted connection (test-only switch).
+    let mut proxy = proxy_for(&[&backend], &["--fail-worker-after-accepts", "30", "--drain-timeout", "5s"]);
+    let target = proxy.proxy_addr(SVC);
+    // Connections held open on both workers keep the survivor draining
+    // for a while after the first worker fails.
+    let held: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut c = TcpStream::connect(target).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            c.write_all(b"hold").expect("send");
+            let mut back = [0u8; 4];
+            c.read_exact(&mut back).expect("echo");
+            c
+        })
+        .collect();
+    assert_eq!(proxy.get("/healthz").map(|(c, _)| c), Some(200));
+    let mut unhealthy = false;
+    for i in 0..60 {
+        let _ = echo_ok(target, i);
+        if proxy.get("/healthz").is_some_and(|(code, _)| code == 503) {
+            unhealthy = true;
+            break;
+        }
+    }
+    assert!(unhealthy, "/healthz never failed after a worker failed:\n{}", proxy.log());
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "ringport exited with {status} after a worker failed");
+    let log = proxy.log();
+    assert!(log.contains("ERROR") && log.contains("worker failed"), "no error logged:\n{log}");
+    drop(held);
+}
+
+#[test]
+fn running_out_of_fds_never_ejects_the_endpoint_and_accept_warnings_are_rate_limited() {
+    let backend = Backend::echo();
+    let proxy = proxy_for(&[&backend], &[]);
+    let target = proxy.proxy_addr(SVC);
+    // An odd number of free fds: the last accept gets one, and the upstream
+    // socket() then fails with EMFILE, over and over as clients come back.
+    limit_fds(&proxy, proxy.fd_count() as u64 + 41);
+    let start = Instant::now();
+    let mut held = Vec::new();
+    while start.elapsed() < Duration::from_secs(3) {
+        if held.len() < 100
+            && let Ok(c) = TcpStream::connect_timeout(&target, Duration::from_millis(200))
+        {
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = proxy.log();
+    assert!(!log.contains("endpoint ejected"), "a shortage of local fds ejected the endpoint:\n{log}");
+    let warnings = log.matches("accept failed").count() + log.matches("out of local resources").count();
+    // At most one of each warning per worker per second (2 workers, 3 s).
+    assert!(warnings <= 14, "{warnings} fd-exhaustion warnings in 3 s:\n{log}");
+    drop(held);
+    // Once fds are back, accepting resumes (after its back-off) and the
+    // endpoint serves.
+    eventually(Duration::from_secs(10), "proxied connections to work again", || echo_ok(target, 0));
+    let failed = (0..20).filter(|i| !echo_ok(target, *i)).count();
+    assert_eq!(failed, 0, "{failed} of 20 connections failed after the fds came back:\n{}", proxy.log());
+}
