@@ -131,8 +131,7 @@ mod tests {
 
     #[test]
     fn generations_wrap_without_leaving_their_bits() {
-        let mut slots = Slots::default();
-        slots.next_generation = GENERATIONS - 1;
+        let mut slots = Slots { next_generation: GENERATIONS - 1, ..Slots::default() };
         let a = slots.insert(1);
         let b = slots.insert(2);
         assert_eq!(a.generation, GENERATIONS - 1);
