@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::fault::Blame;
-use super::relay::{Half, Pool, RelayError, Wait};
+use super::relay::{End, Half, Pool, RelayError, Wait};
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
@@ -405,6 +405,18 @@ impl Drop for Conn {
     }
 }
 
+/// Whom a failed transfer blames: the socket that failed, or this host
+/// when it was a shortage of fds or memory (a pipe that could not be made).
+pub fn relay_blame(dir: Dir, e: &RelayError) -> Blame {
+    if Blame::of_local_resources(&e.source) {
+        return Blame::Local;
+    }
+    match (dir, e.end) {
+        (Dir::Up, End::Source) | (Dir::Down, End::Sink) => Blame::Client,
+        (Dir::Up, End::Sink) | (Dir::Down, End::Source) => Blame::Endpoint,
+    }
+}
+
 /// `(source, sink)` of a direction.
 fn ends<'a>(dir: Dir, client: BorrowedFd<'a>, upstream: BorrowedFd<'a>) -> (BorrowedFd<'a>, BorrowedFd<'a>) {
     match dir {
@@ -426,5 +438,24 @@ fn start_connect(socket: &Socket, addr: SocketAddr) -> io::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_transfer_blames_the_socket_that_failed_or_this_host() {
+        let err = |end, errno| RelayError { end, source: io::Error::from_raw_os_error(errno) };
+        assert_eq!(relay_blame(Dir::Up, &err(End::Source, libc::ECONNRESET)), Blame::Client);
+        assert_eq!(relay_blame(Dir::Down, &err(End::Sink, libc::EPIPE)), Blame::Client);
+        assert_eq!(relay_blame(Dir::Up, &err(End::Sink, libc::EPIPE)), Blame::Endpoint);
+        assert_eq!(relay_blame(Dir::Down, &err(End::Source, libc::ECONNRESET)), Blame::Endpoint);
+        assert_eq!(
+            relay_blame(Dir::Up, &err(End::Source, libc::EMFILE)),
+            Blame::Local,
+            "no pipe for the chunk"
+        );
     }
 }

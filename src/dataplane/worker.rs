@@ -329,7 +329,8 @@ impl Worker {
             Ok(Wait::Finished) if conn.both_finished() => self.close(key, false),
             Ok(Wait::Finished) => Ok(()),
             Err(e) => {
-                tracing::debug!(service = %conn.port.spec.name, ?dir, error = %e, source = %e.source, "connection reset");
+                let blame = conn::relay_blame(dir, &e);
+                tracing::debug!(service = %conn.port.spec.name, ?dir, ?blame, error = %e, source = %e.source, "connection reset");
                 self.close(key, true)
             }
         }
