@@ -9,7 +9,8 @@
 //! added, removed or changed on top of 100k; the periodic resync at 100k;
 //! and the connect latency a new connection pays to reach the proxy
 //! through a cluster IP with 10 and with 100k services programmed (nft),
-//! against a direct connect, and through iptables' linear chain.
+//! with REDIRECT and with DNAT to the proxy address side by side, against
+//! a direct connect, and through iptables' linear chain.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -20,7 +21,7 @@ use ringport::redirect::iptables::Iptables;
 use ringport::redirect::nft::Nft;
 use ringport::redirect::rules::{RuleKey, Rules, Target};
 use ringport::redirect::syncer::SyncReport;
-use ringport::redirect::{Backend, Syncer};
+use ringport::redirect::{Backend, DEFAULT_PROXY_ADDRESS, Intercept, Syncer};
 
 const SAMPLES_CHANGE: usize = 25;
 const SAMPLES_CONNECT: usize = 3000;
@@ -47,6 +48,7 @@ fn main() {
         "addr add 10.200.0.1/24 dev d0",
         "link set d0 up",
         "route add 10.96.0.0/12 dev d0",
+        "addr add 169.254.99.1/32 dev lo",
     ] {
         let ok = Command::new("ip").args(args.split(' ')).status().is_ok_and(|s| s.success());
         assert!(ok, "ip {args} failed");
@@ -55,10 +57,10 @@ fn main() {
     println!("| what | backend | rules | median | min | max | of which the rule tool (median) |");
     println!("|---|---|---|---|---|---|---|");
     for n in [1_000, 10_000, 100_000] {
-        full_sync("nft", n, || Box::new(Nft));
+        full_sync("nft", n, || Box::new(Nft { to: Intercept::Redirect }));
     }
     for n in [1_000, 10_000] {
-        full_sync("iptables", n, || Box::new(Iptables));
+        full_sync("iptables", n, || Box::new(Iptables { to: Intercept::Redirect }));
     }
     // Neither set of iptables rules may sit in the path of the nft figures.
     ringport::redirect::iptables::cleanup().expect("iptables cleanup");
@@ -70,13 +72,22 @@ fn main() {
     let probe = |n: u32| SocketAddr::from((vip(PROBE_INDEX.min(n - 1)), 80));
     println!("\n| connect to | rules programmed | median | p99 |\n|---|---|---|---|");
     connect_latency("127.0.0.1:proxy (direct, no rule)", SocketAddr::from(([127, 0, 0, 1], proxy)), 0);
+    let dnat = Intercept::Dnat(DEFAULT_PROXY_ADDRESS);
     for n in [10, 100_000] {
-        let mut s = Syncer::new(Box::new(Nft));
-        s.sync_rules(rules(n, Some(proxy)), false).expect("nft sync");
-        connect_latency("cluster IP via nft map", probe(n), n);
+        // Side by side, alternating, so that load from elsewhere on the
+        // machine falls on both alike.
+        for round in 0..2 {
+            for (what, to) in
+                [("nft map, REDIRECT", Intercept::Redirect), ("nft map, DNAT to the proxy address", dnat)]
+            {
+                let mut s = Syncer::new(Box::new(Nft { to }));
+                s.sync_rules(rules(n, Some(proxy)), false).expect("nft sync");
+                connect_latency(&format!("cluster IP via {what} (round {})", round + 1), probe(n), n);
+            }
+        }
     }
     for n in [10, 10_000] {
-        let mut s = Syncer::new(Box::new(Iptables));
+        let mut s = Syncer::new(Box::new(Iptables { to: Intercept::Redirect }));
         ringport::redirect::nft::cleanup().expect("nft cleanup");
         s.sync_rules(rules(n, Some(proxy)), false).expect("iptables sync");
         connect_latency("cluster IP via iptables chain (probe last)", probe(n), n);
@@ -119,7 +130,7 @@ fn full_sync(name: &str, n: u32, backend: impl Fn() -> Box<dyn Backend>) {
 
 fn changes_on_top_of_100k() {
     let n = 100_000;
-    let mut s = Syncer::new(Box::new(Nft));
+    let mut s = Syncer::new(Box::new(Nft { to: Intercept::Redirect }));
     let base = rules(n, None);
     s.sync_rules(base.clone(), false).expect("full sync");
     let extra = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(vip(n).into()), dport: 80 };

@@ -143,6 +143,7 @@ async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
     let desired = rules::from_snapshot(&snapshot, &rules::Locality::from_interfaces());
     let rules: Vec<RuleView> = desired
         .rules
+        .redirects
         .iter()
         .map(|(key, target)| RuleView {
             protocol: key.protocol.to_string(),

@@ -50,6 +50,7 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
         .into_iter()
         .map(|(role, ip, port)| match role {
             ListenRole::Proxy => format!("proxy {proxy}"),
+            ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
             _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
         })
         .collect::<Vec<_>>()

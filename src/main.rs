@@ -184,6 +184,10 @@ struct RunArgs {
     /// (the edge proxy), or auto (nft if it works, else iptables, else none).
     #[arg(long, value_enum, default_value_t = RedirectMode::Auto)]
     redirect: RedirectMode,
+    /// With redirect rules and the wildcard --bind-address: the address,
+    /// put on `lo`, that proxy ports listen on and the rules DNAT to.
+    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
+    proxy_address: Ipv4Addr,
 }
 
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -256,6 +260,7 @@ impl RunArgs {
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
             redirect: self.redirect,
+            proxy_address: self.proxy_address,
             source: match self.kube.kind {
                 SourceKind::File => SourceChoice::File,
                 SourceKind::Kube => SourceChoice::Kube(KubeOptions {
@@ -314,14 +319,17 @@ fn main_inner() -> anyhow::Result<ExitCode> {
         }
         Command::Check { source, listen } => return check(&source.config, &listen.options(1)),
         Command::Cleanup => {
-            let cleaned = ringport::redirect::cleanup()?;
+            let cleaned = ringport::redirect::cleanup(ringport::redirect::DEFAULT_PROXY_ADDRESS)?;
             if cleaned.nft_table {
                 println!("removed nft table inet ringport");
             }
             if cleaned.iptables_chains {
                 println!("removed RINGPORT-* iptables chains and their jumps");
             }
-            if !cleaned.nft_table && !cleaned.iptables_chains {
+            if cleaned.proxy_address {
+                println!("removed the proxy address from lo");
+            }
+            if !cleaned.nft_table && !cleaned.iptables_chains && !cleaned.proxy_address {
                 println!("nothing to remove");
             }
         }

@@ -17,7 +17,7 @@ use crate::control::{Control, Rejected};
 use crate::dataplane::listen::{Binder, ListenOptions, node_addresses};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::metrics::Metrics;
-use crate::redirect::{self, RedirectError, RedirectMode, Syncer, SyncerThread};
+use crate::redirect::{self, Intercept, RedirectError, RedirectMode, Syncer, SyncerThread};
 use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileSource, WatchError};
@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub redirect: RedirectMode,
+    /// `--proxy-address`: where intercepted IPv4 traffic is DNATed to when
+    /// `--bind-address` is the wildcard (put on `lo` by ringport).
+    pub proxy_address: std::net::Ipv4Addr,
     /// Where the services come from; `config` is read only for `File`.
     pub source: SourceChoice,
 }
@@ -155,8 +158,9 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
     )
     .map_err(RunError::DataPlane)?;
     // Ready means the sources have synced *and* their rules are in place:
-    // the syncer sets `handles.ready`, Control only its own flag.
-    let redirect = start_redirect(&opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
+    // the syncer sets `handles.ready`, Control only its own flag. The
+    // syncer comes before the Binder: it decides where proxy ports listen.
+    let redirect = start_redirect(&mut opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
     let control = Control::new(
         Binder::new(opts.listen.clone()),
         opts.balance.clone(),
@@ -349,17 +353,38 @@ impl Plane<'_> {
     }
 }
 
-/// The redirect syncer for `--redirect`, on its own thread.
+/// The redirect syncer for `--redirect`, on its own thread. With rules,
+/// proxy ports listen on one address the rules DNAT to: `--bind-address`
+/// when it names one, else the proxy address, put on `lo` here.
 fn start_redirect(
-    opts: &RunOptions,
+    opts: &mut RunOptions,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncerThread, RunError> {
-    let backend = redirect::backend(opts.redirect)?;
     let bind = opts.listen.bind_address;
-    if backend.name() != "none" && !bind.is_unspecified() {
-        tracing::warn!(bind_address = %bind, "redirected traffic arrives on the receiving interface's address (127.0.0.1 from the node itself); a proxy port on one specific --bind-address will not accept all of it");
+    let to = match bind {
+        _ if opts.redirect == RedirectMode::None => Intercept::Redirect,
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => Intercept::Dnat(opts.proxy_address),
+        std::net::IpAddr::V4(v4) => {
+            if v4.is_loopback() {
+                tracing::warn!(bind_address = %bind, "traffic from other interfaces DNATed to a loopback address is dropped as martian; pods and other hosts will not reach cluster IPs");
+            }
+            Intercept::Dnat(v4)
+        }
+        std::net::IpAddr::V6(_) => {
+            tracing::warn!(bind_address = %bind, "IPv6 --bind-address: traffic is REDIRECTed, which needs an address on the receiving interface (address-less pod veths get no answer)");
+            Intercept::Redirect
+        }
+    };
+    let backend = redirect::backend(opts.redirect, to)?;
+    if let (Intercept::Dnat(addr), true) = (to, backend.name() != "none") {
+        if bind.is_unspecified() {
+            redirect::proxy_address(addr)?;
+            opts.listen.bind_address = addr.into();
+        }
+        tracing::info!(backend = backend.name(), proxy_address = %addr, "redirect rules: DNAT to the proxy address");
+    } else {
+        tracing::info!(backend = backend.name(), "redirect rules");
     }
-    tracing::info!(backend = backend.name(), "redirect rules");
     SyncerThread::spawn(Syncer::new(backend), ready, metrics).map_err(RunError::RedirectThread)
 }

@@ -74,8 +74,24 @@ pub struct Route<'a> {
 pub fn scope_of(role: ListenRole) -> Scope {
     match role {
         ListenRole::Proxy => Scope::Internal,
-        ListenRole::NodePort(_) | ListenRole::External(_) | ListenRole::LoadBalancer(_) => Scope::External,
+        ListenRole::ExternalProxy
+        | ListenRole::NodePort(_)
+        | ListenRole::External(_)
+        | ListenRole::LoadBalancer(_) => Scope::External,
     }
+}
+
+/// Whether a client may use a listener: `loadBalancerSourceRanges`, when
+/// given, admit only matching clients on a LoadBalancer IP. The rules drop
+/// the others before they get here; this check is what holds with
+/// `--redirect none` (kube-proxy, too, leaves NodePorts and externalIPs
+/// unfiltered). Redirected LB IPs arrive on the external proxy port mixed
+/// with externalIPs, so only the rules can tell them apart.
+pub fn admits(role: ListenRole, spec: &ServicePort, client: std::net::IpAddr) -> bool {
+    let ranges = &spec.load_balancer_source_ranges;
+    !matches!(role, ListenRole::LoadBalancer(_))
+        || ranges.is_empty()
+        || ranges.iter().any(|r| r.contains(&client))
 }
 
 /// The whole served state.

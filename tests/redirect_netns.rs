@@ -245,7 +245,12 @@ fn nft_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
         assert!(table.contains(&format!("tcp . {vip} . 80 : ")), "no element for {vip}:\n{table}");
     }
     assert!(!table.contains(&format!("{NODE_IP} . 80")), "a local externalIP got a rule:\n{table}");
-    assert_eq!(table.matches("redirect to").count(), 4, "one rule per family per chain:\n{table}");
+    assert_eq!(
+        table.matches("dnat ip to 169.254.99.1").count(),
+        2,
+        "IPv4: one DNAT rule per chain:\n{table}"
+    );
+    assert_eq!(table.matches("redirect to").count(), 2, "IPv6: one REDIRECT rule per chain:\n{table}");
 
     assert!(table.contains("udp . 10.96.0.53 . 53 : "), "no element for the UDP cluster IP:\n{table}");
 

@@ -40,6 +40,11 @@ pub enum ListenRole {
     /// The service port's proxy port on `--bind-address`: cluster-IP
     /// traffic is redirected here.
     Proxy,
+    /// The service port's second proxy port, for its non-local externalIPs
+    /// and LoadBalancer IPs: traffic redirected here keeps its external
+    /// scope (`externalTrafficPolicy`). Only service ports that have such
+    /// addresses get one.
+    ExternalProxy,
     /// `nodePort` on one node address.
     NodePort(IpAddr),
     /// `spec.externalIPs[]` that is local to this node.
@@ -52,10 +57,19 @@ impl fmt::Display for ListenRole {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ListenRole::Proxy => f.write_str("proxy"),
+            ListenRole::ExternalProxy => f.write_str("externalProxy"),
             ListenRole::NodePort(_) => f.write_str("nodePort"),
             ListenRole::External(_) => f.write_str("externalIP"),
             ListenRole::LoadBalancer(_) => f.write_str("loadBalancer"),
         }
+    }
+}
+
+impl ListenRole {
+    /// Whether this listener's port is chosen by ringport (a proxy port)
+    /// rather than declared by the Service.
+    pub fn is_proxy(self) -> bool {
+        matches!(self, ListenRole::Proxy | ListenRole::ExternalProxy)
     }
 }
 
@@ -167,7 +181,7 @@ impl Binder {
         let node_ips = node_addresses(&self.opts.nodeport_addresses);
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
         let mut used_proxy_ports: HashSet<u16> =
-            previous.values().filter(|l| l.key.role == ListenRole::Proxy).map(|l| l.addr.port()).collect();
+            previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
         let mut listeners = Vec::new();
         let mut errors = Vec::new();
 
@@ -208,7 +222,7 @@ impl Binder {
         ip: IpAddr,
         used_proxy_ports: &mut HashSet<u16>,
     ) -> Result<Arc<Listener>, BindError> {
-        let port = if key.role == ListenRole::Proxy {
+        let port = if key.role.is_proxy() {
             match self.opts.proxy_port_range.clone() {
                 None => 0,
                 Some(range) => return self.bind_in_range(key, ip, range, used_proxy_ports),
@@ -285,6 +299,9 @@ pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
 /// Every `(role, ip, port)` one service port should listen on.
 pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenRole, IpAddr, u16)> {
     let mut out = vec![(ListenRole::Proxy, bind, 0)];
+    if !sp.external_ips.is_empty() || !sp.load_balancer_ips.is_empty() {
+        out.push((ListenRole::ExternalProxy, bind, 0));
+    }
     if let Some(node_port) = sp.node_port {
         out.extend(node_ips.iter().map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
     }
@@ -394,7 +411,8 @@ mod tests {
         let mut b = binder();
         // 192.0.2.1 (TEST-NET-1) is never assigned here; bind only, no traffic.
         let (ls, errors) = b.bind(&[port("a", vec!["192.0.2.1".parse().unwrap()], None)], &[]);
-        assert_eq!(ls.len(), 1, "the proxy port still listens");
+        assert_eq!(ls.len(), 2, "the proxy ports still listen");
+        assert_eq!(ls[1].key.role, ListenRole::ExternalProxy);
         assert!(matches!(errors[..], [BindError::NotLocal { .. }]), "{errors:?}");
     }
 
@@ -403,7 +421,7 @@ mod tests {
         let mut b = binder();
         let ip: IpAddr = "127.0.0.77".parse().unwrap();
         let (ls, errors) = b.bind(&[port("a", vec![ip], None), port("b", vec![ip], None)], &[]);
-        assert_eq!(ls.len(), 3);
+        assert_eq!(ls.len(), 5, "two proxy ports each, and one of the two external listeners");
         assert!(matches!(errors[..], [BindError::Clash { .. }]), "{errors:?}");
     }
 

@@ -79,6 +79,12 @@ impl Worker {
         let counters = route.port.metrics.slot(self.index);
         let datagram = self.batch.get(i);
         let Some(client) = datagram.from else { return Ok(()) };
+        let role = self.listeners.get(slot).map(|a| a.role);
+        if role.is_some_and(|role| !crate::snapshot::admits(role, &route.port.spec, client.ip())) {
+            counters.add(&counters.datagrams_dropped, 1);
+            tracing::debug!(service = %route.port.spec.name, %client, "client outside loadBalancerSourceRanges");
+            return Ok(());
+        }
         if datagram.truncated {
             counters.add(&counters.truncated, 1);
             tracing::debug!(service = %route.port.spec.name, %client, "datagram truncated; dropped");

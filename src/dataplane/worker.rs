@@ -216,11 +216,7 @@ impl Worker {
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         };
-        let ranges = &route.port.spec.load_balancer_source_ranges;
-        if matches!(role, ListenRole::LoadBalancer(_))
-            && !ranges.is_empty()
-            && !ranges.iter().any(|r| r.contains(&peer.ip()))
-        {
+        if !crate::snapshot::admits(role, &route.port.spec, peer.ip()) {
             tracing::debug!(service = %route.port.spec.name, client = %peer, "client outside loadBalancerSourceRanges");
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());

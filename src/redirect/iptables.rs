@@ -1,22 +1,34 @@
-//! The iptables backend, for nodes without a working `nft`: two chains of
-//! ringport's own in the nat table, `RINGPORT-PREROUTING` (traffic from
-//! other hosts and pods) and `RINGPORT-OUTPUT` (traffic from the node
-//! itself), jumped to first from `PREROUTING` and `OUTPUT`. One rule per
-//! address, commented `ns/svc:port` as kube-proxy did; ip6tables likewise
-//! for IPv6.
+//! The iptables backend, for nodes without a working `nft`: chains of
+//! ringport's own, each jumped to first from its builtin chain:
+//! - nat `RINGPORT-PREROUTING` (traffic from other hosts and pods) and
+//!   `RINGPORT-OUTPUT` (traffic from the node itself): one rule per address,
+//!   commented `ns/svc:port` as kube-proxy did; IPv4 is DNATed to the proxy
+//!   address, IPv6 REDIRECTed;
+//! - filter `RINGPORT-INPUT` (the proxy address answers only what was
+//!   DNATed to it), `RINGPORT-FORWARD` and `RINGPORT-OUTPUT` (ICMP port
+//!   unreachable for UDP service ports with no endpoints);
+//! - mangle `RINGPORT-FIREWALL` (`loadBalancerSourceRanges`, before NAT).
 //!
-//! Each sync writes both chains whole with one `iptables-restore --noflush`
+//! Each sync writes every chain whole with one `iptables-restore --noflush`
 //! per family: declaring a chain in the batch flushes it, so the rewrite is
 //! atomic and repairs any rule someone else removed. Matching here is a
 //! linear walk of the chain; that is why nft is the default.
 
 use std::fmt::Write;
 
-use super::rules::{Diff, Rules};
-use super::{Backend, RedirectError, command};
+use super::rules::{Diff, RuleSet};
+use super::{Backend, Intercept, RedirectError, command};
 
-/// `(builtin chain, ringport's chain)`.
-const CHAINS: [(&str, &str); 2] = [("PREROUTING", "RINGPORT-PREROUTING"), ("OUTPUT", "RINGPORT-OUTPUT")];
+/// `(table, builtin chain, ringport's chain)`, in batch order.
+const CHAINS: [(&str, &str, &str); 6] = [
+    ("nat", "PREROUTING", "RINGPORT-PREROUTING"),
+    ("nat", "OUTPUT", "RINGPORT-OUTPUT"),
+    ("filter", "INPUT", "RINGPORT-INPUT"),
+    ("filter", "FORWARD", "RINGPORT-FORWARD"),
+    ("filter", "OUTPUT", "RINGPORT-OUTPUT"),
+    ("mangle", "PREROUTING", "RINGPORT-FIREWALL"),
+];
+const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -54,9 +66,18 @@ impl Family {
             Family::V6 => 128,
         }
     }
+
+    fn port_unreachable(self) -> &'static str {
+        match self {
+            Family::V4 => "icmp-port-unreachable",
+            Family::V6 => "icmp6-port-unreachable",
+        }
+    }
 }
 
-pub struct Iptables;
+pub struct Iptables {
+    pub to: Intercept,
+}
 
 impl Iptables {
     /// Whether iptables works here (the nat table can be listed).
@@ -70,69 +91,122 @@ impl Backend for Iptables {
         "iptables"
     }
 
-    fn replace(&mut self, rules: &Rules) -> Result<(), RedirectError> {
+    fn replace(&mut self, rules: &RuleSet) -> Result<(), RedirectError> {
         for family in Family::ALL {
-            write_family(family, rules)?;
+            write_family(family, rules, self.to)?;
         }
         Ok(())
     }
 
     /// The chains are rewritten whole; only families the change touches
     /// are written.
-    fn update(&mut self, diff: &Diff, rules: &Rules) -> Result<(), RedirectError> {
+    fn update(&mut self, diff: &Diff, rules: &RuleSet) -> Result<(), RedirectError> {
         for family in Family::ALL {
             let v6 = family == Family::V6;
-            let touched = diff.remove.iter().any(|k| k.is_ipv6() == v6)
-                || diff.add.iter().any(|(k, _)| k.is_ipv6() == v6);
+            let keys = diff.remove.iter().chain(diff.add.iter().map(|(k, _)| k));
+            let touched = keys.chain(&diff.reject).chain(&diff.unreject).any(|k| k.is_ipv6() == v6);
             if touched {
-                write_family(family, rules)?;
+                write_family(family, rules, self.to)?;
             }
         }
         Ok(())
     }
 }
 
-fn write_family(family: Family, rules: &Rules) -> Result<(), RedirectError> {
-    let missing: Vec<&str> = CHAINS
+fn write_family(family: Family, rules: &RuleSet, to: Intercept) -> Result<(), RedirectError> {
+    let missing: Vec<(&str, &str)> = CHAINS
         .iter()
-        .filter(|(builtin, chain)| {
-            !command::works(family.iptables(), &["-w", "-t", "nat", "-C", builtin, "-j", chain])
+        .filter(|(table, builtin, chain)| {
+            !command::works(family.iptables(), &["-w", "-t", table, "-C", builtin, "-j", chain])
         })
-        .map(|(builtin, _)| *builtin)
+        .map(|(table, builtin, _)| (*table, *builtin))
         .collect();
-    let batch = render_restore(family, rules, &missing);
+    let batch = render_restore(family, rules, to, &missing);
     command::run(family.restore(), &["-w", "--noflush"], Some(&batch)).map(drop)
 }
 
-/// The batch for one family: both chains declared (so flushed) and filled,
-/// plus a jump from each builtin chain in `missing_jumps`.
-pub fn render_restore(family: Family, rules: &Rules, missing_jumps: &[&str]) -> String {
-    let mut s = String::from("*nat\n");
-    for (_, chain) in CHAINS {
-        let _ = writeln!(s, ":{chain} - [0:0]");
-    }
-    for (builtin, chain) in CHAINS.iter().filter(|(b, _)| missing_jumps.contains(b)) {
-        let _ = writeln!(s, "-I {builtin} -m comment --comment \"ringport redirects\" -j {chain}");
-    }
-    let mine = rules.iter().filter(|(k, _)| k.is_ipv6() == (family == Family::V6));
-    for (key, target) in mine {
-        let proto = match key.protocol {
-            crate::model::Protocol::Tcp => "tcp",
-            crate::model::Protocol::Udp => "udp",
-        };
-        let comment = target.service.to_string().replace('"', "");
-        for (_, chain) in CHAINS {
-            let _ = writeln!(
-                s,
-                "-A {chain} -d {}/{} -p {proto} -m comment --comment \"{comment}\" -m {proto} --dport {} -j REDIRECT --to-ports {}",
-                key.daddr.0,
-                family.host_prefix(),
-                key.dport,
-                target.proxy_port.0
-            );
+/// The batch for one family: every chain declared (so flushed) and filled,
+/// plus a jump from each `(table, builtin chain)` in `missing_jumps`.
+pub fn render_restore(
+    family: Family,
+    rules: &RuleSet,
+    to: Intercept,
+    missing_jumps: &[(&str, &str)],
+) -> String {
+    let mine = |k: &super::rules::RuleKey| k.is_ipv6() == (family == Family::V6);
+    let proto = |k: &super::rules::RuleKey| match k.protocol {
+        crate::model::Protocol::Tcp => "tcp",
+        crate::model::Protocol::Udp => "udp",
+    };
+    let prefix = family.host_prefix();
+    let dnat = match (to, family) {
+        (Intercept::Dnat(addr), Family::V4) => Some(addr),
+        _ => None,
+    };
+    let mut s = String::new();
+    for table in TABLES {
+        let _ = writeln!(s, "*{table}");
+        let chains = CHAINS.iter().filter(|(t, _, _)| *t == table);
+        for (_, _, chain) in chains.clone() {
+            let _ = writeln!(s, ":{chain} - [0:0]");
         }
+        for (_, builtin, chain) in chains.filter(|(t, b, _)| missing_jumps.contains(&(*t, *b))) {
+            let _ = writeln!(s, "-I {builtin} -m comment --comment \"ringport redirects\" -j {chain}");
+        }
+        match table {
+            "nat" => {
+                for (key, target) in rules.redirects.iter().filter(|(k, _)| mine(k)) {
+                    let comment = target.service.to_string().replace('"', "");
+                    let jump = match dnat {
+                        Some(addr) => format!("DNAT --to-destination {addr}:{}", target.proxy_port.0),
+                        None => format!("REDIRECT --to-ports {}", target.proxy_port.0),
+                    };
+                    for chain in ["RINGPORT-PREROUTING", "RINGPORT-OUTPUT"] {
+                        let (p, ip, port) = (proto(key), key.daddr.0, key.dport);
+                        let _ = writeln!(
+                            s,
+                            "-A {chain} -d {ip}/{prefix} -p {p} -m comment --comment \"{comment}\" -m {p} --dport {port} -j {jump}"
+                        );
+                    }
+                }
+            }
+            "filter" => {
+                if let Some(addr) = dnat {
+                    let _ = writeln!(
+                        s,
+                        "-A RINGPORT-INPUT -d {addr}/32 ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
+                    );
+                }
+                for key in rules.reject.iter().filter(|k| mine(k)) {
+                    for chain in ["RINGPORT-FORWARD", "RINGPORT-OUTPUT"] {
+                        let (p, ip, port, icmp) =
+                            (proto(key), key.daddr.0, key.dport, family.port_unreachable());
+                        let _ = writeln!(
+                            s,
+                            "-A {chain} -d {ip}/{prefix} -p {p} -m {p} --dport {port} -j REJECT --reject-with {icmp}"
+                        );
+                    }
+                }
+            }
+            _ => {
+                // A packet matches one key at most: RETURN ends our chain
+                // for an allowed source, DROP catches the rest.
+                for (key, ranges) in rules.firewall.iter().filter(|(k, _)| mine(k)) {
+                    let m = format!(
+                        "-d {}/{prefix} -p {p} -m {p} --dport {}",
+                        key.daddr.0,
+                        key.dport,
+                        p = proto(key)
+                    );
+                    for r in ranges {
+                        let _ = writeln!(s, "-A RINGPORT-FIREWALL {m} -s {} -j RETURN", r.trunc());
+                    }
+                    let _ = writeln!(s, "-A RINGPORT-FIREWALL {m} -j DROP");
+                }
+            }
+        }
+        s.push_str("COMMIT\n");
     }
-    s.push_str("COMMIT\n");
     s
 }
 
@@ -141,19 +215,19 @@ pub fn render_restore(family: Family, rules: &Rules, missing_jumps: &[&str]) -> 
 pub fn cleanup() -> Result<bool, RedirectError> {
     let mut removed = false;
     for family in Family::ALL {
-        let Ok(before) = command::run(family.save(), &["-t", "nat"], None) else { continue };
+        let Ok(before) = command::run(family.save(), &[], None) else { continue };
         if !before.contains("RINGPORT-") {
             continue;
         }
         removed = true;
-        for (builtin, chain) in CHAINS {
+        for (table, builtin, chain) in CHAINS {
             // Each delete removes one jump; a jump added twice takes two.
             // Bounded, in case a delete succeeds without removing anything.
             for _ in 0..16 {
                 let spec = [
                     "-w",
                     "-t",
-                    "nat",
+                    table,
                     "-D",
                     builtin,
                     "-m",
@@ -163,17 +237,17 @@ pub fn cleanup() -> Result<bool, RedirectError> {
                     "-j",
                     chain,
                 ];
-                let plain = ["-w", "-t", "nat", "-D", builtin, "-j", chain];
+                let plain = ["-w", "-t", table, "-D", builtin, "-j", chain];
                 if !command::works(family.iptables(), &spec) && !command::works(family.iptables(), &plain) {
                     break;
                 }
             }
         }
-        for (_, chain) in CHAINS {
-            let _ = command::run(family.iptables(), &["-w", "-t", "nat", "-F", chain], None);
-            let _ = command::run(family.iptables(), &["-w", "-t", "nat", "-X", chain], None);
+        for (table, _, chain) in CHAINS {
+            let _ = command::run(family.iptables(), &["-w", "-t", table, "-F", chain], None);
+            let _ = command::run(family.iptables(), &["-w", "-t", table, "-X", chain], None);
         }
-        let after = command::run(family.save(), &["-t", "nat"], None)?;
+        let after = command::run(family.save(), &[], None)?;
         if after.contains("RINGPORT-") {
             // Someone else's rule still jumps to our chain, or the chain is
             // busy: say so rather than claim a clean slate.
@@ -192,35 +266,60 @@ mod tests {
     use crate::model::{Protocol, ProxyPort, ServiceName, ServicePortName, ServiceVip};
     use crate::redirect::rules::{RuleKey, Target};
 
-    fn rules() -> Rules {
+    fn rules() -> RuleSet {
         let service = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
-        [("10.96.0.1", 31000), ("fd00::1", 31001)]
-            .into_iter()
-            .map(|(ip, proxy)| {
-                let key =
-                    RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(ip.parse().unwrap()), dport: 80 };
-                (key, Target { proxy_port: ProxyPort(proxy), service: service.clone() })
-            })
-            .collect()
+        let key =
+            |ip: &str, protocol| RuleKey { protocol, daddr: ServiceVip(ip.parse().unwrap()), dport: 80 };
+        let mut set = RuleSet::from_redirects(
+            [("10.96.0.1", 31000), ("fd00::1", 31001)]
+                .into_iter()
+                .map(|(ip, proxy)| {
+                    (
+                        key(ip, Protocol::Tcp),
+                        Target { proxy_port: ProxyPort(proxy), service: service.clone() },
+                    )
+                })
+                .collect(),
+        );
+        set.reject.insert(key("10.96.0.53", Protocol::Udp));
+        set.firewall.insert(key("10.98.0.1", Protocol::Tcp), vec!["10.0.0.0/8".parse().unwrap()]);
+        set
     }
 
     #[test]
-    fn restore_batch_declares_both_chains_and_writes_one_rule_per_chain_per_address() {
+    fn restore_batch_declares_every_chain_and_writes_dnat_guard_reject_and_firewall_rules() {
+        let text = render_restore(
+            Family::V4,
+            &rules(),
+            Intercept::Dnat("169.254.99.1".parse().unwrap()),
+            &[("nat", "OUTPUT")],
+        );
         assert_eq!(
-            render_restore(Family::V4, &rules(), &["OUTPUT"]),
+            text,
             "*nat\n:RINGPORT-PREROUTING - [0:0]\n:RINGPORT-OUTPUT - [0:0]\n\
              -I OUTPUT -m comment --comment \"ringport redirects\" -j RINGPORT-OUTPUT\n\
-             -A RINGPORT-PREROUTING -d 10.96.0.1/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 31000\n\
-             -A RINGPORT-OUTPUT -d 10.96.0.1/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 31000\n\
+             -A RINGPORT-PREROUTING -d 10.96.0.1/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.99.1:31000\n\
+             -A RINGPORT-OUTPUT -d 10.96.0.1/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j DNAT --to-destination 169.254.99.1:31000\n\
+             COMMIT\n\
+             *filter\n:RINGPORT-INPUT - [0:0]\n:RINGPORT-FORWARD - [0:0]\n:RINGPORT-OUTPUT - [0:0]\n\
+             -A RINGPORT-INPUT -d 169.254.99.1/32 ! -i lo -m conntrack ! --ctstate DNAT -j DROP\n\
+             -A RINGPORT-FORWARD -d 10.96.0.53/32 -p udp -m udp --dport 80 -j REJECT --reject-with icmp-port-unreachable\n\
+             -A RINGPORT-OUTPUT -d 10.96.0.53/32 -p udp -m udp --dport 80 -j REJECT --reject-with icmp-port-unreachable\n\
+             COMMIT\n\
+             *mangle\n:RINGPORT-FIREWALL - [0:0]\n\
+             -A RINGPORT-FIREWALL -d 10.98.0.1/32 -p tcp -m tcp --dport 80 -s 10.0.0.0/8 -j RETURN\n\
+             -A RINGPORT-FIREWALL -d 10.98.0.1/32 -p tcp -m tcp --dport 80 -j DROP\n\
              COMMIT\n"
         );
     }
 
     #[test]
-    fn ipv6_batch_holds_only_ipv6_rules() {
-        let text = render_restore(Family::V6, &rules(), &[]);
+    fn ipv6_batch_holds_only_ipv6_rules_and_redirects() {
+        let text =
+            render_restore(Family::V6, &rules(), Intercept::Dnat("169.254.99.1".parse().unwrap()), &[]);
         assert!(text.contains("-d fd00::1/128 "), "{text}");
-        assert!(!text.contains("10.96.0.1"), "{text}");
+        assert!(text.contains("-j REDIRECT --to-ports 31001"), "{text}");
+        assert!(!text.contains("10.96.0.1") && !text.contains("169.254.99.1"), "{text}");
         assert!(!text.contains("-I "), "{text}");
     }
 }

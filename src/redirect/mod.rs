@@ -6,25 +6,52 @@
 //! the [`syncer`] on a thread of its own, so neither the data plane nor
 //! the control loop ever waits on a rule tool.
 //!
+//! Intercepted IPv4 traffic is DNATed to the *proxy address* (by default
+//! 169.254.99.1 on `lo`, [`proxy_address`]), the one address proxy ports
+//! listen on: unlike REDIRECT, DNAT needs no address on the interface a
+//! packet came in on, so address-less (Calico/Cilium-style) pod veths work,
+//! and the proxy ports are reachable by nothing the rules did not send
+//! there. docs/redirect.md gives the measurements behind the choice.
+//!
 //! Invariants:
-//! - ringport only ever touches its own table (`inet ringport`) and its
-//!   own chains (`RINGPORT-*`, and one jump to each).
+//! - ringport only ever touches its own table (`inet ringport`), its own
+//!   chains (`RINGPORT-*`, and one jump to each), its proxy address on
+//!   `lo`, and conntrack entries of its own UDP service keys.
 //! - Every sync is one process per table or family, never one per rule.
 //! - A service port with no usable endpoints needs no special rule for
 //!   TCP: its proxy port stays bound but stops listening, so the kernel
 //!   answers a redirected SYN with RST at once.
 
 pub mod command;
+pub mod conntrack;
 pub mod iptables;
 pub mod nft;
 pub mod rules;
 pub mod syncer;
 
+use std::net::Ipv4Addr;
 use std::process::ExitStatus;
 
 pub use syncer::{RESYNC, Syncer, SyncerThread};
 
-use rules::{Diff, Rules};
+use rules::{Diff, RuleKey, RuleSet};
+
+/// The default proxy address: link-local, so no network routes it, and
+/// clear of 169.254.169.254 (cloud metadata) and 169.254.20.10
+/// (NodeLocal DNSCache).
+pub const DEFAULT_PROXY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 99, 1);
+
+/// How intercepted traffic reaches the proxy ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intercept {
+    /// IPv4: `dnat to ADDR:proxyPort`, proxy ports listening on ADDR.
+    /// IPv6 keys are still redirected.
+    Dnat(Ipv4Addr),
+    /// `redirect to :proxyPort`: to the address of the incoming interface,
+    /// which an address-less pod veth does not have. Kept for an IPv6
+    /// `--bind-address` and for comparison.
+    Redirect,
+}
 
 /// `--redirect`: which rules program the redirects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,6 +67,12 @@ pub enum RedirectMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
+    #[error("cannot put the proxy address {addr} on lo")]
+    ProxyAddress {
+        addr: Ipv4Addr,
+        #[source]
+        source: Box<RedirectError>,
+    },
     #[error("cannot run {program}")]
     Spawn {
         program: String,
@@ -59,9 +92,14 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// Make ringport's rules exactly `rules`, whatever was there before (a
     /// stale run's state included).
-    fn replace(&mut self, rules: &Rules) -> Result<(), RedirectError>;
+    fn replace(&mut self, rules: &RuleSet) -> Result<(), RedirectError>;
     /// Apply `diff` to the rules last applied; `rules` is the result.
-    fn update(&mut self, diff: &Diff, rules: &Rules) -> Result<(), RedirectError>;
+    fn update(&mut self, diff: &Diff, rules: &RuleSet) -> Result<(), RedirectError>;
+    /// Delete the conntrack entries of these UDP keys, so a long-lived
+    /// client (same source port) is NATed afresh to the key's new fate.
+    fn forget_udp(&mut self, keys: &[RuleKey]) {
+        conntrack::forget_udp(keys);
+    }
 }
 
 /// `--redirect none`.
@@ -72,28 +110,30 @@ impl Backend for NoRules {
         "none"
     }
 
-    fn replace(&mut self, _rules: &Rules) -> Result<(), RedirectError> {
+    fn replace(&mut self, _rules: &RuleSet) -> Result<(), RedirectError> {
         Ok(())
     }
 
-    fn update(&mut self, _diff: &Diff, _rules: &Rules) -> Result<(), RedirectError> {
+    fn update(&mut self, _diff: &Diff, _rules: &RuleSet) -> Result<(), RedirectError> {
         Ok(())
     }
+
+    fn forget_udp(&mut self, _keys: &[RuleKey]) {}
 }
 
 /// The backend `mode` asks for; `auto` falls back to iptables, then to
 /// no rules with a warning.
-pub fn backend(mode: RedirectMode) -> Result<Box<dyn Backend>, RedirectError> {
+pub fn backend(mode: RedirectMode, to: Intercept) -> Result<Box<dyn Backend>, RedirectError> {
     match mode {
         RedirectMode::None => Ok(Box::new(NoRules)),
-        RedirectMode::Nft if nft::Nft::available() => Ok(Box::new(nft::Nft)),
+        RedirectMode::Nft if nft::Nft::available() => Ok(Box::new(nft::Nft { to })),
         RedirectMode::Nft => Err(RedirectError::Unavailable { mode: "nft", program: "nft list tables" }),
-        RedirectMode::Iptables if iptables::Iptables::available() => Ok(Box::new(iptables::Iptables)),
+        RedirectMode::Iptables if iptables::Iptables::available() => Ok(Box::new(iptables::Iptables { to })),
         RedirectMode::Iptables => {
             Err(RedirectError::Unavailable { mode: "iptables", program: "iptables -t nat -S" })
         }
-        RedirectMode::Auto if nft::Nft::available() => Ok(Box::new(nft::Nft)),
-        RedirectMode::Auto if iptables::Iptables::available() => Ok(Box::new(iptables::Iptables)),
+        RedirectMode::Auto if nft::Nft::available() => Ok(Box::new(nft::Nft { to })),
+        RedirectMode::Auto if iptables::Iptables::available() => Ok(Box::new(iptables::Iptables { to })),
         RedirectMode::Auto => {
             tracing::warn!(
                 "--redirect auto: neither nft nor iptables works here; no redirect rules, so cluster IPs are not served"
@@ -115,15 +155,28 @@ pub fn remove_stale(keep: &str) -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// Put the proxy address on `lo` (as a /32, so it claims no range), where
+/// proxy ports can bind it. Idempotent: a restart finds it there.
+pub fn proxy_address(addr: Ipv4Addr) -> Result<(), RedirectError> {
+    let cidr = format!("{addr}/32");
+    command::run("ip", &["addr", "replace", &cidr, "dev", "lo"], None)
+        .map(drop)
+        .map_err(|e| RedirectError::ProxyAddress { addr, source: Box::new(e) })
+}
+
 /// What `ringport cleanup` removed.
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub nft_table: bool,
     pub iptables_chains: bool,
+    pub proxy_address: bool,
 }
 
 /// Remove every rule, chain and table ringport made, with either backend,
-/// in both families. Nothing to remove is a success.
-pub fn cleanup() -> Result<Cleaned, RedirectError> {
-    Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()? })
+/// in both families, and the proxy address `addr`. Nothing to remove is a
+/// success.
+pub fn cleanup(addr: Ipv4Addr) -> Result<Cleaned, RedirectError> {
+    let cidr = format!("{addr}/32");
+    let proxy_address = command::works("ip", &["addr", "del", &cidr, "dev", "lo"]);
+    Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()?, proxy_address })
 }

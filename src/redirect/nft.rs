@@ -1,32 +1,38 @@
 //! The nftables backend: one table of ringport's own, two maps
-//! (`l4proto . daddr . dport -> proxy port`, one per address family) and
-//! one `redirect` rule per family in a prerouting and an output nat chain.
+//! (`l4proto . daddr . dport -> proxy port`, one per address family), one
+//! interception rule per family in a prerouting and an output nat chain,
+//! and three small filter chains: the firewall (`loadBalancerSourceRanges`,
+//! before NAT), the input guard (the proxy address answers only what the
+//! rules sent it) and the UDP rejects (ICMP port unreachable for service
+//! ports with no endpoints, on the forward and output paths, since a
+//! rejected VIP is not NATed and so is routed like any other address).
+//!
+//! IPv4 is DNATed to the proxy address ([`Intercept::Dnat`]), which works
+//! whatever interface the packet came in on, address-less veths included;
+//! IPv6 (a proxy port on `::`) is REDIRECTed.
 //!
 //! Matching is one hash lookup whatever the number of services. A change
-//! adds and deletes map elements in one `nft -f -` transaction; only a
-//! start, a periodic resync or the sync after a failure rewrites the whole
-//! table, and that too is one transaction (add, delete, redefine), so no
-//! packet ever sees a half-built table.
-//!
-//! Where ICMP-unreachable rejects for UDP service ports with no endpoints
-//! will go (a later issue): a set `noep4`/`noep6` of
-//! `l4proto . daddr . dport`, matched by a `reject` rule placed before the
-//! redirect rule in both chains. TCP needs none: the data plane keeps a
-//! paused proxy port bound without listening, so the kernel answers a
-//! redirected SYN with RST.
+//! adds and deletes map and set elements in one `nft -f -` transaction;
+//! only a start, a periodic resync, a firewall change or the sync after a
+//! failure rewrites the whole table, and that too is one transaction (add,
+//! delete, redefine), so no packet ever sees a half-built table.
 
 use std::fmt::Write;
 
-use super::rules::{Diff, RuleKey, Rules};
-use super::{Backend, RedirectError, command};
+use super::rules::{Diff, RuleKey, RuleSet};
+use super::{Backend, Intercept, RedirectError, command};
 
 pub const NFT: &str = "nft";
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "ringport";
 const MAP4: &str = "svc4";
 const MAP6: &str = "svc6";
+const REJECT4: &str = "noep4";
+const REJECT6: &str = "noep6";
 
-pub struct Nft;
+pub struct Nft {
+    pub to: Intercept,
+}
 
 impl Nft {
     /// Whether nftables works here (`nft list tables` succeeds).
@@ -40,11 +46,11 @@ impl Backend for Nft {
         "nft"
     }
 
-    fn replace(&mut self, rules: &Rules) -> Result<(), RedirectError> {
-        apply(&render_replace(rules))
+    fn replace(&mut self, rules: &RuleSet) -> Result<(), RedirectError> {
+        apply(&render_replace(rules, self.to))
     }
 
-    fn update(&mut self, diff: &Diff, _rules: &Rules) -> Result<(), RedirectError> {
+    fn update(&mut self, diff: &Diff, _rules: &RuleSet) -> Result<(), RedirectError> {
         if diff.is_empty() {
             return Ok(());
         }
@@ -75,28 +81,87 @@ pub fn cleanup() -> Result<bool, RedirectError> {
 /// The whole table, replacing whatever ringport's table held before (a
 /// stale one from an earlier run included): `add` makes sure the `delete`
 /// finds a table, and all of it is one transaction.
-pub fn render_replace(rules: &Rules) -> String {
+pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
     let mut s = format!("add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n");
     s += &format!("table {FAMILY} {TABLE} {{\n");
     s += &format!("  map {MAP4} {{ type inet_proto . ipv4_addr . inet_service : inet_service; }}\n");
     s += &format!("  map {MAP6} {{ type inet_proto . ipv6_addr . inet_service : inet_service; }}\n");
+    s += &format!("  set {REJECT4} {{ type inet_proto . ipv4_addr . inet_service; }}\n");
+    s += &format!("  set {REJECT6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
+    let v4 = match to {
+        Intercept::Dnat(addr) => {
+            format!("dnat ip to {addr} : meta l4proto . ip daddr . th dport map @{MAP4}")
+        }
+        Intercept::Redirect => format!("redirect to meta l4proto . ip daddr . th dport map @{MAP4}"),
+    };
     for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
         // -100 is `dstnat`; nft 1.0.6 accepts the name for prerouting only.
         s += &format!("  chain {chain} {{\n    type nat hook {hook} priority -100; policy accept;\n");
         // nft 1.0.6 needs the l4proto match before `th dport` in a concatenation.
-        s += &format!(
-            "    meta l4proto {{ tcp, udp }} redirect to meta l4proto . ip daddr . th dport map @{MAP4}\n"
-        );
+        s += &format!("    meta l4proto {{ tcp, udp }} {v4}\n");
         s += &format!(
             "    meta l4proto {{ tcp, udp }} redirect to meta l4proto . ip6 daddr . th dport map @{MAP6}\n"
         );
         s += "  }\n";
     }
+    for (chain, hook) in [("forward", "forward"), ("reject_output", "output")] {
+        s += &format!("  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;\n");
+        s += &format!("    meta l4proto udp meta l4proto . ip daddr . th dport @{REJECT4} reject\n");
+        s += &format!("    meta l4proto udp meta l4proto . ip6 daddr . th dport @{REJECT6} reject\n");
+        s += "  }\n";
+    }
+    if let Intercept::Dnat(addr) = to {
+        // Only what the rules DNATed, or the node itself, reaches the proxy
+        // address: a host that routes it to us is dropped.
+        s += "  chain input {\n    type filter hook input priority 0; policy accept;\n";
+        s += &format!("    ip daddr {addr} iif != \"lo\" ct status & dnat != dnat drop\n  }}\n");
+    }
+    render_firewall(&mut s, rules);
     s += "}\n";
-    let (v4, v6): (Vec<_>, Vec<_>) = rules.iter().partition(|(k, _)| !k.is_ipv6());
+    let (v4, v6): (Vec<_>, Vec<_>) = rules.redirects.iter().partition(|(k, _)| !k.is_ipv6());
     add_elements(&mut s, "add", MAP4, v4.iter().map(|(k, t)| element(k, Some(t.proxy_port.0))));
     add_elements(&mut s, "add", MAP6, v6.iter().map(|(k, t)| element(k, Some(t.proxy_port.0))));
+    let (r4, r6): (Vec<_>, Vec<_>) = rules.reject.iter().partition(|k| !k.is_ipv6());
+    add_elements(&mut s, "add", REJECT4, r4.iter().map(|k| element(k, None)));
+    add_elements(&mut s, "add", REJECT6, r6.iter().map(|k| element(k, None)));
+    for (fam, v6) in [("4", false), ("6", true)] {
+        let guarded: Vec<_> = rules.firewall.iter().filter(|(k, _)| k.is_ipv6() == v6).collect();
+        add_elements(&mut s, "add", &format!("fw{fam}"), guarded.iter().map(|(k, _)| element(k, None)));
+        let allowed = guarded.iter().flat_map(|(k, ranges)| {
+            ranges.iter().map(move |r| format!("{} . {}", element(k, None), r.trunc()))
+        });
+        add_elements(&mut s, "add", &format!("allow{fam}"), allowed);
+    }
     s
+}
+
+/// `loadBalancerSourceRanges`: a set of guarded keys, a set of
+/// `key . allowed source range`, and one drop rule per family, ahead of
+/// NAT so that a denied packet is never redirected. Only written when some
+/// Service has ranges.
+fn render_firewall(s: &mut String, rules: &RuleSet) {
+    let families = [("4", "ipv4_addr", "ip", false), ("6", "ipv6_addr", "ip6", true)];
+    let used: Vec<_> =
+        families.iter().filter(|f| rules.firewall.keys().any(|k| k.is_ipv6() == f.3)).collect();
+    if used.is_empty() {
+        return;
+    }
+    for (fam, addr, _, _) in &used {
+        let _ = writeln!(s, "  set fw{fam} {{ type inet_proto . {addr} . inet_service; }}");
+        let _ = writeln!(
+            s,
+            "  set allow{fam} {{ type inet_proto . {addr} . inet_service . {addr}; flags interval; }}"
+        );
+    }
+    s.push_str("  chain firewall {\n    type filter hook prerouting priority -110; policy accept;\n");
+    for (fam, _, saddr, _) in &used {
+        let _ = writeln!(
+            s,
+            "    meta l4proto {{ tcp, udp }} meta l4proto . {saddr} daddr . th dport @fw{fam} \
+             meta l4proto . {saddr} daddr . th dport . {saddr} saddr != @allow{fam} drop"
+        );
+    }
+    s.push_str("  }\n");
 }
 
 /// Deletions first, so a key whose target changed is deleted and re-added.
@@ -105,6 +170,14 @@ pub fn render_update(diff: &Diff) -> String {
     for (map, v6) in [(MAP4, false), (MAP6, true)] {
         let removed = diff.remove.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
         add_elements(&mut s, "delete", map, removed);
+    }
+    for (set, v6) in [(REJECT4, false), (REJECT6, true)] {
+        let removed = diff.unreject.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
+        add_elements(&mut s, "delete", set, removed);
+    }
+    for (set, v6) in [(REJECT4, false), (REJECT6, true)] {
+        let added = diff.reject.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
+        add_elements(&mut s, "add", set, added);
     }
     for (map, v6) in [(MAP4, false), (MAP6, true)] {
         let added =
@@ -155,8 +228,10 @@ mod tests {
 
     #[test]
     fn replace_recreates_the_table_and_fills_each_family_map() {
-        let rules: Rules = [rule("10.96.0.1", 80, 31000), rule("fd00::1", 443, 31001)].into_iter().collect();
-        let text = render_replace(&rules);
+        let rules = RuleSet::from_redirects(
+            [rule("10.96.0.1", 80, 31000), rule("fd00::1", 443, 31001)].into_iter().collect(),
+        );
+        let text = render_replace(&rules, Intercept::Redirect);
         assert!(
             text.starts_with("add table inet ringport\ndelete table inet ringport\ntable inet ringport {\n")
         );
@@ -172,10 +247,28 @@ mod tests {
     }
 
     #[test]
+    fn dnat_sends_ipv4_to_the_proxy_address_and_guards_it_and_ranges_make_a_firewall() {
+        let (lb, _) = rule("10.98.0.1", 80, 0);
+        let mut rules = RuleSet::from_redirects([rule("10.96.0.1", 80, 31000)].into_iter().collect());
+        rules.firewall.insert(lb, vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.7/24".parse().unwrap()]);
+        let text = render_replace(&rules, Intercept::Dnat("169.254.99.1".parse().unwrap()));
+        assert_eq!(text.matches("dnat ip to 169.254.99.1 : meta l4proto").count(), 2, "{text}");
+        assert_eq!(text.matches("redirect to").count(), 2, "IPv6 is still redirected: {text}");
+        assert!(text.contains("ip daddr 169.254.99.1 iif != \"lo\" ct status & dnat != dnat drop"), "{text}");
+        assert!(text.contains("saddr != @allow4 drop"), "{text}");
+        assert!(
+            text.contains("add element inet ringport allow4 {\n  tcp . 10.98.0.1 . 80 . 10.0.0.0/8,\n  tcp . 10.98.0.1 . 80 . 192.168.1.0/24\n}"),
+            "{text}"
+        );
+        assert!(!render_replace(&RuleSet::default(), Intercept::Redirect).contains("chain input"));
+    }
+
+    #[test]
     fn update_deletes_before_it_adds_and_skips_empty_maps() {
         let (gone, _) = rule("10.96.0.2", 80, 0);
         let (changed, _) = rule("10.96.0.3", 80, 0);
-        let diff = Diff { remove: vec![gone, changed], add: vec![rule("10.96.0.3", 80, 31003)] };
+        let diff =
+            Diff { remove: vec![gone, changed], add: vec![rule("10.96.0.3", 80, 31003)], ..Diff::default() };
         assert_eq!(
             render_update(&diff),
             "delete element inet ringport svc4 {\n  tcp . 10.96.0.2 . 80,\n  tcp . 10.96.0.3 . 80\n}\n\

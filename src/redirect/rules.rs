@@ -1,23 +1,29 @@
-//! The desired redirect rules of a snapshot, and the difference between two
-//! sets of them. Pure: no I/O except [`Locality::from_interfaces`].
+//! The desired interception rules of a snapshot, and the difference between
+//! two sets of them. Pure: no I/O except [`Locality::from_interfaces`].
 //!
-//! A rule is `(protocol, daddr, dport) -> proxy port`. Only addresses that
-//! no interface of this node carries need one: every cluster IP, and the
-//! externalIPs and LoadBalancer ingress IPs that are not local (the data
-//! plane listens on local ones itself, and on node ports). A service port
-//! without a bound proxy port gets no rule.
+//! A redirect is `(protocol, daddr, dport) -> proxy port`. Only addresses
+//! that no interface of this node carries need one: every cluster IP, and
+//! the externalIPs and LoadBalancer ingress IPs that are not local (the data
+//! plane listens on local ones itself, and on node ports). Cluster IPs go to
+//! the service port's proxy port (internal scope); external and LB IPs go to
+//! its external proxy port, so `externalTrafficPolicy` applies to them too.
+//! Besides the redirects, a [`RuleSet`] holds the UDP keys to reject with
+//! ICMP port unreachable (no endpoints) and each LoadBalancer IP's
+//! `loadBalancerSourceRanges` (the firewall).
 //!
 //! Invariants:
 //! - One key maps to one target: when two service ports claim the same
 //!   `(protocol, daddr, dport)`, the first by name keeps it and the clash
 //!   is reported.
-//! - A rule's family matches its proxy port's: an IPv4 proxy port
-//!   (`--bind-address 0.0.0.0`) cannot accept traffic redirected to `::1`,
-//!   so IPv6 addresses are then skipped and counted, not redirected to
-//!   nothing.
+//! - A key is either redirected or rejected, never both.
+//! - A rule's family matches its proxy port's: an IPv4 proxy port cannot
+//!   accept traffic sent to `::1`, so IPv6 addresses are then skipped and
+//!   counted, not redirected to nothing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use crate::dataplane::listen::ListenRole;
 use crate::model::{Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
@@ -35,6 +41,10 @@ impl RuleKey {
     pub fn is_ipv6(&self) -> bool {
         self.daddr.0.is_ipv6()
     }
+
+    pub fn is_udp(&self) -> bool {
+        self.protocol == Protocol::Udp
+    }
 }
 
 /// Where a rule sends the packet, and for whom (kept for comments).
@@ -44,8 +54,31 @@ pub struct Target {
     pub service: ServicePortName,
 }
 
-/// A full set of rules, ordered so that rendered text is stable.
+/// A full set of redirects, ordered so that rendered text is stable.
 pub type Rules = BTreeMap<RuleKey, Target>;
+
+/// Everything the backends program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    pub redirects: Rules,
+    /// UDP keys whose service port has no endpoints in scope: rejected with
+    /// ICMP port unreachable, as kube-proxy does.
+    pub reject: BTreeSet<RuleKey>,
+    /// LoadBalancer IP keys with `loadBalancerSourceRanges`: packets from
+    /// any other source are dropped (an empty list drops every source).
+    pub firewall: BTreeMap<RuleKey, Vec<IpNet>>,
+}
+
+impl RuleSet {
+    pub fn from_redirects(redirects: Rules) -> Self {
+        Self { redirects, ..Self::default() }
+    }
+
+    /// Every UDP key the set intercepts (redirected or rejected).
+    pub fn udp_keys(&self) -> impl Iterator<Item = RuleKey> + '_ {
+        self.redirects.keys().chain(&self.reject).copied().filter(RuleKey::is_udp)
+    }
+}
 
 /// The addresses of this node's interfaces.
 #[derive(Clone, Debug, Default)]
@@ -70,43 +103,80 @@ impl Locality {
     }
 }
 
+/// One service port as the rules see it.
+#[derive(Clone, Copy, Debug)]
+pub struct PortRules<'a> {
+    pub spec: &'a ServicePort,
+    /// Its proxy port (internal scope: cluster IPs).
+    pub proxy: SocketAddr,
+    /// Its external proxy port (external scope: non-local external and LB
+    /// IPs); the proxy port serves them when there is none.
+    pub external_proxy: Option<SocketAddr>,
+    /// No endpoint in scope for cluster-IP / for external traffic.
+    pub internal_empty: bool,
+    pub external_empty: bool,
+}
+
+impl<'a> PortRules<'a> {
+    /// A service port with endpoints in both scopes and one proxy port.
+    pub fn new(spec: &'a ServicePort, proxy: SocketAddr) -> Self {
+        Self { spec, proxy, external_proxy: None, internal_empty: false, external_empty: false }
+    }
+}
+
 /// The rules a snapshot wants, and what could not be expressed.
 #[derive(Debug, Default)]
 pub struct Desired {
-    pub rules: Rules,
+    pub rules: RuleSet,
     /// `(key, kept, dropped)`: two service ports claimed one key.
     pub clashes: Vec<(RuleKey, ServicePortName, ServicePortName)>,
     /// Addresses of the other family than their proxy port's.
     pub wrong_family: usize,
 }
 
-/// The rules for `ports`, each given with the address its proxy port is
-/// bound to.
-pub fn desired<'a>(
-    ports: impl IntoIterator<Item = (&'a ServicePort, SocketAddr)>,
-    local: &Locality,
-) -> Desired {
+/// The rules for `ports`.
+pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Locality) -> Desired {
     let mut out = Desired::default();
-    for (sp, proxy) in ports {
-        // TCP and UDP share the map (its key starts with the protocol).
-        // A UDP port without endpoints gets no ICMP reject yet: its
-        // datagrams reach the proxy port, which drops and counts them.
+    let mut owner: HashMap<RuleKey, &ServicePortName> = HashMap::new();
+    for p in ports {
+        let sp = p.spec;
+        let external = p.external_proxy.unwrap_or(p.proxy);
         let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
-        for ip in sp.cluster_ips.iter().chain(remote) {
+        let wanted = sp
+            .cluster_ips
+            .iter()
+            .map(|ip| (ip, p.proxy, p.internal_empty))
+            .chain(remote.map(|ip| (ip, external, p.external_empty)));
+        for (ip, proxy, empty) in wanted {
             if ip.is_ipv6() != proxy.is_ipv6() {
                 out.wrong_family += 1;
                 continue;
             }
             let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
-            let target = Target { proxy_port: ProxyPort(proxy.port()), service: sp.name.clone() };
-            match out.rules.get(&key) {
-                Some(kept) if kept.service != sp.name => {
-                    out.clashes.push((key, kept.service.clone(), sp.name.clone()));
+            match owner.get(&key) {
+                Some(kept) if **kept != sp.name => {
+                    out.clashes.push((key, (*kept).clone(), sp.name.clone()));
+                    continue;
                 }
-                Some(_) => {}
+                Some(_) => continue,
                 None => {
-                    out.rules.insert(key, target);
+                    owner.insert(key, &sp.name);
                 }
+            }
+            // TCP needs no reject: a paused proxy port answers SYN with RST.
+            if empty && key.is_udp() {
+                out.rules.reject.insert(key);
+            } else {
+                let target = Target { proxy_port: ProxyPort(proxy.port()), service: sp.name.clone() };
+                out.rules.redirects.insert(key, target);
+            }
+        }
+        if !sp.load_balancer_source_ranges.is_empty() {
+            for ip in &sp.load_balancer_ips {
+                let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
+                let same_family =
+                    sp.load_balancer_source_ranges.iter().filter(|r| r.addr().is_ipv6() == ip.is_ipv6());
+                out.rules.firewall.entry(key).or_insert_with(|| same_family.copied().collect());
             }
         }
     }
@@ -116,30 +186,62 @@ pub fn desired<'a>(
 /// The rules of a published snapshot: every service port with a bound
 /// proxy port.
 pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
-    let proxies: HashMap<&ServicePortName, SocketAddr> = snapshot
-        .listeners
-        .iter()
-        .filter(|l| l.key.role == ListenRole::Proxy)
-        .map(|l| (&l.key.port, l.addr))
-        .collect();
-    let ports = snapshot.ports.iter().filter_map(|p| proxies.get(&p.spec.name).map(|addr| (&p.spec, *addr)));
+    let mut proxies: HashMap<(&ServicePortName, bool), SocketAddr> = HashMap::new();
+    for l in &snapshot.listeners {
+        match l.key.role {
+            ListenRole::Proxy => proxies.insert((&l.key.port, false), l.addr),
+            ListenRole::ExternalProxy => proxies.insert((&l.key.port, true), l.addr),
+            _ => None,
+        };
+    }
+    let ports = snapshot.ports.iter().filter_map(|p| {
+        let proxy = *proxies.get(&(&p.spec.name, false))?;
+        Some(PortRules {
+            spec: &p.spec,
+            proxy,
+            external_proxy: proxies.get(&(&p.spec.name, true)).copied(),
+            internal_empty: p.internal.is_empty(),
+            external_empty: p.external.is_empty(),
+        })
+    });
     desired(ports, local)
 }
 
 /// What turns one rule set into another. A key whose target changed is
-/// both removed and added.
+/// both removed and added. The firewall has no incremental form: when it
+/// changes, the backends rewrite everything.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Diff {
     pub remove: Vec<RuleKey>,
     pub add: Vec<(RuleKey, Target)>,
+    pub unreject: Vec<RuleKey>,
+    pub reject: Vec<RuleKey>,
 }
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.add.is_empty()
+        self.remove.is_empty() && self.add.is_empty() && self.unreject.is_empty() && self.reject.is_empty()
+    }
+
+    /// The UDP keys whose fate changed: conntrack entries for them may
+    /// steer a client down a path that no longer exists.
+    pub fn udp_keys(&self) -> BTreeSet<RuleKey> {
+        let changed = self.remove.iter().chain(self.add.iter().map(|(k, _)| k));
+        changed.chain(&self.unreject).chain(&self.reject).copied().filter(RuleKey::is_udp).collect()
     }
 }
 
+/// The difference between two rule sets, `None` when the firewall changed
+/// (which needs a full rewrite).
+pub fn diff_sets(old: &RuleSet, new: &RuleSet) -> Option<Diff> {
+    if old.firewall != new.firewall {
+        return None;
+    }
+    let mut d = diff(&old.redirects, &new.redirects);
+    d.unreject = old.reject.difference(&new.reject).copied().collect();
+    d.reject = new.reject.difference(&old.reject).copied().collect();
+    Some(d)
+}
 /// One walk over both sorted sets: linear, which matters at 100k rules.
 pub fn diff(old: &Rules, new: &Rules) -> Diff {
     let mut d = Diff::default();
@@ -207,18 +309,18 @@ mod tests {
         web.load_balancer_ips = vec![ip("10.98.0.1"), ip("10.200.0.2")];
         web.node_port = Some(30080);
         let local = Locality::from_addrs([ip("10.200.0.1"), ip("10.200.0.2")]);
-        let d = desired([(&web, v4_proxy(31000))], &local);
-        let keys: Vec<RuleKey> = d.rules.keys().copied().collect();
+        let d = desired([PortRules::new(&web, v4_proxy(31000))], &local);
+        let keys: Vec<RuleKey> = d.rules.redirects.keys().copied().collect();
         assert_eq!(keys, vec![key("10.96.0.10", 80), key("10.97.0.1", 80), key("10.98.0.1", 80)]);
-        assert!(d.rules.values().all(|t| t.proxy_port == ProxyPort(31000)));
+        assert!(d.rules.redirects.values().all(|t| t.proxy_port == ProxyPort(31000)));
     }
 
     #[test]
     fn udp_service_ports_get_rules_in_the_same_map() {
         let mut dns = sp("dns", Protocol::Udp, 53);
         dns.cluster_ips = vec![ip("10.96.0.53")];
-        let d = desired([(&dns, v4_proxy(31000))], &Locality::default());
-        let keys: Vec<RuleKey> = d.rules.keys().copied().collect();
+        let d = desired([PortRules::new(&dns, v4_proxy(31000))], &Locality::default());
+        let keys: Vec<RuleKey> = d.rules.redirects.keys().copied().collect();
         assert_eq!(
             keys,
             vec![RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 }]
@@ -229,11 +331,11 @@ mod tests {
     fn ipv6_addresses_follow_an_ipv6_proxy_port_and_are_counted_when_the_family_differs() {
         let mut dual = sp("dual", Protocol::Tcp, 443);
         dual.cluster_ips = vec![ip("10.96.0.1"), ip("fd00:96::1")];
-        let on_v4 = desired([(&dual, v4_proxy(31000))], &Locality::default());
-        assert_eq!(on_v4.rules.keys().copied().collect::<Vec<_>>(), vec![key("10.96.0.1", 443)]);
+        let on_v4 = desired([PortRules::new(&dual, v4_proxy(31000))], &Locality::default());
+        assert_eq!(on_v4.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("10.96.0.1", 443)]);
         assert_eq!(on_v4.wrong_family, 1);
-        let on_v6 = desired([(&dual, "[::]:31000".parse().unwrap())], &Locality::default());
-        assert_eq!(on_v6.rules.keys().copied().collect::<Vec<_>>(), vec![key("fd00:96::1", 443)]);
+        let on_v6 = desired([PortRules::new(&dual, "[::]:31000".parse().unwrap())], &Locality::default());
+        assert_eq!(on_v6.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("fd00:96::1", 443)]);
     }
 
     #[test]
@@ -241,10 +343,72 @@ mod tests {
         let (mut a, mut b) = (sp("a", Protocol::Tcp, 80), sp("b", Protocol::Tcp, 80));
         a.cluster_ips = vec![ip("10.96.0.1")];
         b.cluster_ips = vec![ip("10.96.0.1")];
-        let d = desired([(&a, v4_proxy(31000)), (&b, v4_proxy(31001))], &Locality::default());
-        assert_eq!(d.rules.len(), 1);
-        assert_eq!(d.rules[&key("10.96.0.1", 80)].proxy_port, ProxyPort(31000));
+        let d = desired(
+            [PortRules::new(&a, v4_proxy(31000)), PortRules::new(&b, v4_proxy(31001))],
+            &Locality::default(),
+        );
+        assert_eq!(d.rules.redirects.len(), 1);
+        assert_eq!(d.rules.redirects[&key("10.96.0.1", 80)].proxy_port, ProxyPort(31000));
         assert_eq!(d.clashes.len(), 1);
+    }
+
+    #[test]
+    fn external_addresses_go_to_the_external_proxy_port_and_cluster_ips_to_the_proxy_port() {
+        let mut web = sp("web", Protocol::Tcp, 80);
+        web.cluster_ips = vec![ip("10.96.0.10")];
+        web.load_balancer_ips = vec![ip("10.98.0.1")];
+        let p = PortRules { external_proxy: Some(v4_proxy(32000)), ..PortRules::new(&web, v4_proxy(31000)) };
+        let d = desired([p], &Locality::default());
+        assert_eq!(d.rules.redirects[&key("10.96.0.10", 80)].proxy_port, ProxyPort(31000));
+        assert_eq!(d.rules.redirects[&key("10.98.0.1", 80)].proxy_port, ProxyPort(32000));
+    }
+
+    #[test]
+    fn a_udp_port_without_endpoints_is_rejected_not_redirected_and_tcp_is_still_redirected() {
+        let mut dns = sp("dns", Protocol::Udp, 53);
+        dns.cluster_ips = vec![ip("10.96.0.53")];
+        let mut web = sp("web", Protocol::Tcp, 80);
+        web.cluster_ips = vec![ip("10.96.0.10")];
+        let empty = |spec| PortRules {
+            internal_empty: true,
+            external_empty: true,
+            ..PortRules::new(spec, v4_proxy(31000))
+        };
+        let d = desired([empty(&dns), empty(&web)], &Locality::default());
+        let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 };
+        assert_eq!(d.rules.reject.iter().copied().collect::<Vec<_>>(), vec![udp]);
+        assert_eq!(d.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("10.96.0.10", 80)]);
+    }
+
+    #[test]
+    fn source_ranges_guard_every_load_balancer_ip_local_or_not_with_ranges_of_its_family() {
+        let mut web = sp("web", Protocol::Tcp, 80);
+        web.load_balancer_ips = vec![ip("10.98.0.1"), ip("10.200.0.1")];
+        web.load_balancer_source_ranges = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let local = Locality::from_addrs([ip("10.200.0.1")]);
+        let d = desired([PortRules::new(&web, v4_proxy(31000))], &local);
+        assert_eq!(d.rules.firewall.len(), 2);
+        assert_eq!(d.rules.firewall[&key("10.200.0.1", 80)], vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        let mut plain = web.clone();
+        plain.load_balancer_source_ranges.clear();
+        assert!(desired([PortRules::new(&plain, v4_proxy(31000))], &local).rules.firewall.is_empty());
+    }
+
+    #[test]
+    fn set_diff_tracks_rejects_names_changed_udp_keys_and_asks_for_a_rewrite_when_the_firewall_changes() {
+        let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 };
+        let target = Target {
+            proxy_port: ProxyPort(31000),
+            service: ServicePortName { service: ServiceName::new("default", "dns"), port: String::new() },
+        };
+        let old = RuleSet { reject: [udp].into(), ..RuleSet::default() };
+        let new = RuleSet::from_redirects([(udp, target)].into_iter().collect());
+        let d = diff_sets(&old, &new).expect("no firewall change");
+        assert_eq!((d.unreject.clone(), d.add.len()), (vec![udp], 1));
+        assert_eq!(d.udp_keys().into_iter().collect::<Vec<_>>(), vec![udp]);
+        let mut walled = new.clone();
+        walled.firewall.insert(key("10.98.0.1", 80), vec![]);
+        assert!(diff_sets(&new, &walled).is_none());
     }
 
     #[test]

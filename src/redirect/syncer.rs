@@ -10,6 +10,9 @@
 //!   apply the next sync rewrites everything (`replace`), as does the first
 //!   sync and the periodic resync that repairs rules someone else removed.
 //! - Ready is reported only once the first snapshot's rules are in place.
+//! - After every successful apply, the conntrack entries of each UDP key
+//!   whose fate changed are deleted; when what was applied before is not
+//!   known (a start, a restart, after a failure), those of every UDP key.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
 
-use super::rules::{self, Locality, Rules};
+use super::rules::{self, Locality, RuleKey, RuleSet, Rules};
 use super::{Backend, RedirectError};
 use crate::snapshot::Snapshot;
 
@@ -45,7 +48,7 @@ pub struct SyncReport {
 pub struct Syncer {
     backend: Box<dyn Backend>,
     /// `None` until the first success and after any failure.
-    applied: Option<Rules>,
+    applied: Option<RuleSet>,
 }
 
 impl Syncer {
@@ -70,12 +73,17 @@ impl Syncer {
                 "addresses of the other family than --bind-address get no rule (their proxy port could not accept them)"
             );
         }
-        self.sync_rules(desired.rules, full)
+        self.sync_set(desired.rules, full)
     }
 
-    /// Bring the rules to `desired`: the difference only, unless `full` or
-    /// the last state is unknown.
+    /// Bring the redirects to `desired` (no rejects, no firewall).
     pub fn sync_rules(&mut self, desired: Rules, full: bool) -> Result<SyncReport, RedirectError> {
+        self.sync_set(RuleSet::from_redirects(desired), full)
+    }
+
+    /// Bring the rules to `desired`: the difference only, unless `full`, the
+    /// last state is unknown or the firewall changed.
+    pub fn sync_set(&mut self, desired: RuleSet, full: bool) -> Result<SyncReport, RedirectError> {
         let started = Instant::now();
         let mut apply = Duration::ZERO;
         let mut timed = |f: &mut dyn FnMut() -> Result<(), RedirectError>| {
@@ -84,19 +92,32 @@ impl Syncer {
             apply = t.elapsed();
             r
         };
-        let (full, added, removed, result) = match self.applied.take() {
-            Some(applied) if !full => {
-                let diff = rules::diff(&applied, &desired);
+        let applied = self.applied.take();
+        let diff = applied.as_ref().and_then(|a| rules::diff_sets(a, &desired));
+        let forget: Vec<RuleKey> = match &diff {
+            Some(d) => d.udp_keys().into_iter().collect(),
+            // Unknown before, or the firewall changed: every UDP key.
+            None => applied.iter().flat_map(RuleSet::udp_keys).chain(desired.udp_keys()).collect(),
+        };
+        let (full, added, removed, result) = match diff {
+            Some(diff) if !full => {
                 let r = timed(&mut || self.backend.update(&diff, &desired));
-                (false, diff.add.len(), diff.remove.len(), r)
+                (false, diff.add.len() + diff.reject.len(), diff.remove.len() + diff.unreject.len(), r)
             }
-            applied => {
-                let before = applied.as_ref().map_or(0, |a| a.len());
-                (true, desired.len(), before, timed(&mut || self.backend.replace(&desired)))
+            _ => {
+                let before = applied.as_ref().map_or(0, |a| a.redirects.len() + a.reject.len());
+                let after = desired.redirects.len() + desired.reject.len();
+                (true, after, before, timed(&mut || self.backend.replace(&desired)))
             }
         };
         result?;
-        let total = desired.len();
+        if !forget.is_empty() {
+            let mut forget = forget;
+            forget.sort();
+            forget.dedup();
+            self.backend.forget_udp(&forget);
+        }
+        let total = desired.redirects.len() + desired.reject.len();
         self.applied = Some(desired);
         Ok(SyncReport { full, added, removed, total, duration: started.elapsed(), apply })
     }
@@ -211,7 +232,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
 mod tests {
     use super::*;
     use crate::model::{Protocol, ProxyPort, ServiceName, ServicePortName, ServiceVip};
-    use crate::redirect::rules::{Diff, RuleKey, Target};
+    use crate::redirect::rules::{Diff, Target};
 
     /// Records what it was asked to do; fails when told to.
     #[derive(Clone, Default)]
@@ -224,13 +245,16 @@ mod tests {
         fn name(&self) -> &'static str {
             "recorder"
         }
-        fn replace(&mut self, rules: &Rules) -> Result<(), RedirectError> {
-            self.calls.lock().unwrap().push(format!("replace {}", rules.len()));
+        fn replace(&mut self, rules: &RuleSet) -> Result<(), RedirectError> {
+            self.calls.lock().unwrap().push(format!("replace {}", rules.redirects.len()));
             self.result()
         }
-        fn update(&mut self, diff: &Diff, _rules: &Rules) -> Result<(), RedirectError> {
+        fn update(&mut self, diff: &Diff, _rules: &RuleSet) -> Result<(), RedirectError> {
             self.calls.lock().unwrap().push(format!("update +{} -{}", diff.add.len(), diff.remove.len()));
             self.result()
+        }
+        fn forget_udp(&mut self, keys: &[RuleKey]) {
+            self.calls.lock().unwrap().push(format!("forget {}", keys.len()));
         }
     }
 
@@ -269,6 +293,39 @@ mod tests {
         assert_eq!(
             *rec.calls.lock().unwrap(),
             vec!["replace 3", "update +1 -0", "update +0 -2", "replace 2", "replace 2"]
+        );
+    }
+
+    #[test]
+    fn conntrack_is_cleared_for_every_udp_key_at_start_and_then_only_for_changed_udp_keys() {
+        let rec = Recorder::default();
+        let mut s = Syncer::new(Box::new(rec.clone()));
+        let service = ServicePortName { service: ServiceName::new("default", "dns"), port: String::new() };
+        let udp = |i: u8, port: u16| {
+            let key =
+                RuleKey { protocol: Protocol::Udp, daddr: ServiceVip([10, 96, 0, i].into()), dport: 53 };
+            (key, Target { proxy_port: ProxyPort(port), service: service.clone() })
+        };
+        let mut set =
+            RuleSet::from_redirects(rules(2).into_iter().chain([udp(50, 31000), udp(51, 31001)]).collect());
+        s.sync_set(set.clone(), false).unwrap();
+        s.sync_set(set.clone(), false).unwrap();
+        set.redirects.insert(udp(51, 32001).0, udp(51, 32001).1);
+        s.sync_set(set.clone(), false).unwrap();
+        set.redirects.remove(&udp(50, 0).0);
+        set.reject.insert(udp(50, 0).0);
+        s.sync_set(set, false).unwrap();
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            vec![
+                "replace 4",
+                "forget 2",
+                "update +0 -0",
+                "update +1 -1",
+                "forget 1",
+                "update +0 -1",
+                "forget 1"
+            ]
         );
     }
 }
