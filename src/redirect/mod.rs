@@ -156,10 +156,13 @@ pub fn remove_stale(keep: &str) -> Result<(), RedirectError> {
 }
 
 /// Put the proxy address on `lo` (as a /32, so it claims no range), where
-/// proxy ports can bind it. Idempotent: a restart finds it there.
+/// proxy ports can bind it. `scope host` keeps the kernel from choosing it
+/// as the source of connections to other hosts (a pod behind an
+/// address-less veth would otherwise be dialled from it, and its replies
+/// dropped by the input guard). Idempotent: a restart finds it there.
 pub fn proxy_address(addr: Ipv4Addr) -> Result<(), RedirectError> {
     let cidr = format!("{addr}/32");
-    command::run("ip", &["addr", "replace", &cidr, "dev", "lo"], None)
+    command::run("ip", &["addr", "replace", &cidr, "dev", "lo", "scope", "host"], None)
         .map(drop)
         .map_err(|e| RedirectError::ProxyAddress { addr, source: Box::new(e) })
 }

@@ -9,6 +9,8 @@
 //! nft tables and iptables chains with it.
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
