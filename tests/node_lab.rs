@@ -63,6 +63,15 @@ except ConnectionRefusedError: print('refused')\n\
 except PermissionError: print('rejected')\n\
 except socket.timeout: print('timeout')\n";
 
+/// A TCP connect alone (no data asked for): prints `connected`, `refused`
+/// or `timeout` (2 s).
+const TCP_CONNECT: &str = "import socket, sys\n\
+s = socket.socket()\n\
+s.settimeout(2)\n\
+try:\n    s.connect((sys.argv[1], int(sys.argv[2])))\n    print('connected')\n\
+except ConnectionRefusedError: print('refused')\n\
+except socket.timeout: print('timeout')\n";
+
 fn objects(echo_on: &str) -> Vec<Value> {
     let echo_ep = if echo_on == "pa1" { (PA1, "node-a") } else { (PB1, "node-b") };
     vec![
@@ -197,6 +206,11 @@ impl Cluster {
             .ok(role, &["python3", "-c", UDP_ASK, ip, &port.to_string(), &sport.to_string()])
             .trim()
             .to_string()
+    }
+
+    /// How a TCP connect from `role` to `ip:port` ends.
+    fn connect(&self, role: &str, ip: &str, port: u16) -> String {
+        self.lab.ok(role, &["python3", "-c", TCP_CONNECT, ip, &port.to_string()]).trim().to_string()
     }
 
     /// The proxy port of service `name` on `node`, from /debug/snapshot.
@@ -340,8 +354,9 @@ fn outside_reaches_node_ports_and_not_proxy_ports(c: &Cluster) {
         assert_eq!(c.answers("out", &url, 8), set(&["pa1", "pb1"]), "{url}");
     }
     let proxy = c.proxy_port("a", "web");
-    assert_eq!(c.lab.probe("out", NODE_A, proxy), "refused", "the node's address:proxy port");
-    assert_eq!(c.lab.probe("out", "169.254.99.1", proxy), "timeout", "the proxy address routed to the node");
+    assert_eq!(c.connect("out", NODE_A, proxy), "refused", "the node's address:proxy port");
+    assert_eq!(c.connect("out", "169.254.99.1", proxy), "timeout", "the proxy address routed to the node");
+    assert_eq!(c.connect("a", "169.254.99.1", proxy), "connected", "the node itself may connect");
     assert_eq!(
         c.answers("pa1", &format!("http://{WEB}/whoami"), 1).len(),
         1,
@@ -356,7 +371,8 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     assert_eq!(c.answers("out", &format!("http://{LB_IP}/whoami"), 6), set(&["pa1"]));
     assert_eq!(c.answers("out", &format!("http://{NODE_A}:30081/whoami"), 6), set(&["pa1"]));
     assert_eq!(c.answers("out", &format!("http://{NODE_B}:30081/whoami"), 6), set(&["pb1"]));
-    assert_eq!(c.lab.probe("out2", LB_IP, 80), "timeout", "a source outside the ranges is dropped");
+    assert_eq!(c.connect("out2", LB_IP, 80), "timeout", "a source outside the ranges is dropped");
+    assert_eq!(c.connect("out", LB_IP, 80), "connected");
     // Cluster-internal traffic to the same Service keeps its own scope.
     let cluster = format!("http://{LB_LOCAL_CLUSTER}/whoami");
     assert_eq!(c.answers("pa1", &cluster, 8), set(&["pa1", "pb1"]));
