@@ -9,8 +9,8 @@
 //! added, removed or changed on top of 100k; the periodic resync at 100k;
 //! and the connect latency a new connection pays to reach the proxy
 //! through a cluster IP with 10 and with 100k services programmed (nft),
-//! with REDIRECT and with DNAT to the proxy address side by side, against
-//! a direct connect, and through iptables' linear chain.
+//! against a direct connect, and through iptables' linear chain (REDIRECT
+//! in both: `bench/intercept.rs` compares REDIRECT with DNAT).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -21,7 +21,7 @@ use ringport::redirect::iptables::Iptables;
 use ringport::redirect::nft::Nft;
 use ringport::redirect::rules::{RuleKey, Rules, Target};
 use ringport::redirect::syncer::SyncReport;
-use ringport::redirect::{Backend, DEFAULT_PROXY_ADDRESS, Intercept, Syncer};
+use ringport::redirect::{Backend, Intercept, Syncer};
 
 const SAMPLES_CHANGE: usize = 25;
 const SAMPLES_CONNECT: usize = 3000;
@@ -48,7 +48,6 @@ fn main() {
         "addr add 10.200.0.1/24 dev d0",
         "link set d0 up",
         "route add 10.96.0.0/12 dev d0",
-        "addr add 169.254.99.1/32 dev lo",
     ] {
         let ok = Command::new("ip").args(args.split(' ')).status().is_ok_and(|s| s.success());
         assert!(ok, "ip {args} failed");
@@ -72,19 +71,10 @@ fn main() {
     let probe = |n: u32| SocketAddr::from((vip(PROBE_INDEX.min(n - 1)), 80));
     println!("\n| connect to | rules programmed | median | p99 |\n|---|---|---|---|");
     connect_latency("127.0.0.1:proxy (direct, no rule)", SocketAddr::from(([127, 0, 0, 1], proxy)), 0);
-    let dnat = Intercept::Dnat(DEFAULT_PROXY_ADDRESS);
     for n in [10, 100_000] {
-        // Side by side, alternating, so that load from elsewhere on the
-        // machine falls on both alike.
-        for round in 0..2 {
-            for (what, to) in
-                [("nft map, REDIRECT", Intercept::Redirect), ("nft map, DNAT to the proxy address", dnat)]
-            {
-                let mut s = Syncer::new(Box::new(Nft { to }));
-                s.sync_rules(rules(n, Some(proxy)), false).expect("nft sync");
-                connect_latency(&format!("cluster IP via {what} (round {})", round + 1), probe(n), n);
-            }
-        }
+        let mut s = Syncer::new(Box::new(Nft { to: Intercept::Redirect }));
+        s.sync_rules(rules(n, Some(proxy)), false).expect("nft sync");
+        connect_latency("cluster IP via nft map", probe(n), n);
     }
     for n in [10, 10_000] {
         let mut s = Syncer::new(Box::new(Iptables { to: Intercept::Redirect }));
