@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 packages=(
   iproute2 nftables iptables curl python3 jq   # namespaces, rules, probes
   dnsmasq bind9-dnsutils                       # a real DNS server and dig
+  conntrack                                    # UDP conntrack clean-up and its tests
   haproxy nginx libnginx-mod-stream            # the benchmark's peers
 )
 

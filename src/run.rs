@@ -364,7 +364,7 @@ fn start_redirect(
     let bind = opts.listen.bind_address;
     let to = match bind {
         _ if opts.redirect == RedirectMode::None => Intercept::Redirect,
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => Intercept::Dnat(opts.proxy_address),
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => Intercept::ProxyAddress(opts.proxy_address),
         std::net::IpAddr::V4(v4) => {
             if v4.is_loopback() {
                 tracing::warn!(bind_address = %bind, "traffic from other interfaces DNATed to a loopback address is dropped as martian; pods and other hosts will not reach cluster IPs");
@@ -377,12 +377,12 @@ fn start_redirect(
         }
     };
     let backend = redirect::backend(opts.redirect, to)?;
-    if let (Intercept::Dnat(addr), true) = (to, backend.name() != "none") {
-        if bind.is_unspecified() {
+    if let (Some(addr), true) = (to.dnat_to(), backend.name() != "none") {
+        if to.guarded().is_some() {
             redirect::proxy_address(addr)?;
             opts.listen.bind_address = addr.into();
         }
-        tracing::info!(backend = backend.name(), proxy_address = %addr, "redirect rules: DNAT to the proxy address");
+        tracing::info!(backend = backend.name(), dnat_to = %addr, "redirect rules: DNAT to the proxy ports' address");
     } else {
         tracing::info!(backend = backend.name(), "redirect rules");
     }

@@ -139,10 +139,7 @@ pub fn render_restore(
         crate::model::Protocol::Udp => "udp",
     };
     let prefix = family.host_prefix();
-    let dnat = match (to, family) {
-        (Intercept::Dnat(addr), Family::V4) => Some(addr),
-        _ => None,
-    };
+    let dnat = if family == Family::V4 { to.dnat_to() } else { None };
     let mut s = String::new();
     for table in TABLES {
         let _ = writeln!(s, "*{table}");
@@ -171,7 +168,7 @@ pub fn render_restore(
                 }
             }
             "filter" => {
-                if let Some(addr) = dnat {
+                if let (Some(addr), Family::V4) = (to.guarded(), family) {
                     let _ = writeln!(
                         s,
                         "-A RINGPORT-INPUT -d {addr}/32 ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
@@ -291,7 +288,7 @@ mod tests {
         let text = render_restore(
             Family::V4,
             &rules(),
-            Intercept::Dnat("169.254.99.1".parse().unwrap()),
+            Intercept::ProxyAddress("169.254.99.1".parse().unwrap()),
             &[("nat", "OUTPUT")],
         );
         assert_eq!(
@@ -315,8 +312,12 @@ mod tests {
 
     #[test]
     fn ipv6_batch_holds_only_ipv6_rules_and_redirects() {
-        let text =
-            render_restore(Family::V6, &rules(), Intercept::Dnat("169.254.99.1".parse().unwrap()), &[]);
+        let text = render_restore(
+            Family::V6,
+            &rules(),
+            Intercept::ProxyAddress("169.254.99.1".parse().unwrap()),
+            &[],
+        );
         assert!(text.contains("-d fd00::1/128 "), "{text}");
         assert!(text.contains("-j REDIRECT --to-ports 31001"), "{text}");
         assert!(!text.contains("10.96.0.1") && !text.contains("169.254.99.1"), "{text}");

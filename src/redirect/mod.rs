@@ -36,6 +36,24 @@ pub use syncer::{RESYNC, Syncer, SyncerThread};
 
 use rules::{Diff, RuleKey, RuleSet};
 
+impl Intercept {
+    /// The IPv4 address DNAT sends to, if any.
+    pub fn dnat_to(self) -> Option<Ipv4Addr> {
+        match self {
+            Intercept::ProxyAddress(a) | Intercept::Dnat(a) => Some(a),
+            Intercept::Redirect => None,
+        }
+    }
+
+    /// The address the input guard protects, if any.
+    pub fn guarded(self) -> Option<Ipv4Addr> {
+        match self {
+            Intercept::ProxyAddress(a) => Some(a),
+            Intercept::Dnat(_) | Intercept::Redirect => None,
+        }
+    }
+}
+
 /// The default proxy address: link-local, so no network routes it, and
 /// clear of 169.254.169.254 (cloud metadata) and 169.254.20.10
 /// (NodeLocal DNSCache).
@@ -44,8 +62,13 @@ pub const DEFAULT_PROXY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 99, 1);
 /// How intercepted traffic reaches the proxy ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intercept {
-    /// IPv4: `dnat to ADDR:proxyPort`, proxy ports listening on ADDR.
-    /// IPv6 keys are still redirected.
+    /// IPv4: `dnat to ADDR:proxyPort` to ringport's own proxy address on
+    /// `lo`, with proxy ports listening on it alone; an input rule drops
+    /// whatever reaches it from another interface without having been
+    /// DNATed. IPv6 keys are still redirected.
+    ProxyAddress(Ipv4Addr),
+    /// IPv4: `dnat to ADDR:proxyPort` to a `--bind-address` the operator
+    /// chose. It is not ringport's, so it gets no guard.
     Dnat(Ipv4Addr),
     /// `redirect to :proxyPort`: to the address of the incoming interface,
     /// which an address-less pod veth does not have. Kept for an IPv6

@@ -7,7 +7,7 @@
 //! ports with no endpoints, on the forward and output paths, since a
 //! rejected VIP is not NATed and so is routed like any other address).
 //!
-//! IPv4 is DNATed to the proxy address ([`Intercept::Dnat`]), which works
+//! IPv4 is DNATed to the proxy address ([`Intercept::ProxyAddress`]), which works
 //! whatever interface the packet came in on, address-less veths included;
 //! IPv6 (a proxy port on `::`) is REDIRECTed.
 //!
@@ -88,11 +88,11 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
     s += &format!("  map {MAP6} {{ type inet_proto . ipv6_addr . inet_service : inet_service; }}\n");
     s += &format!("  set {REJECT4} {{ type inet_proto . ipv4_addr . inet_service; }}\n");
     s += &format!("  set {REJECT6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
-    let v4 = match to {
-        Intercept::Dnat(addr) => {
+    let v4 = match to.dnat_to() {
+        Some(addr) => {
             format!("dnat ip to {addr} : meta l4proto . ip daddr . th dport map @{MAP4}")
         }
-        Intercept::Redirect => format!("redirect to meta l4proto . ip daddr . th dport map @{MAP4}"),
+        None => format!("redirect to meta l4proto . ip daddr . th dport map @{MAP4}"),
     };
     for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
         // -100 is `dstnat`; nft 1.0.6 accepts the name for prerouting only.
@@ -110,7 +110,7 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         s += &format!("    meta l4proto udp meta l4proto . ip6 daddr . th dport @{REJECT6} reject\n");
         s += "  }\n";
     }
-    if let Intercept::Dnat(addr) = to {
+    if let Some(addr) = to.guarded() {
         // Only what the rules DNATed, or the node itself, reaches the proxy
         // address: a host that routes it to us is dropped.
         s += "  chain input {\n    type filter hook input priority 0; policy accept;\n";
@@ -251,7 +251,7 @@ mod tests {
         let (lb, _) = rule("10.98.0.1", 80, 0);
         let mut rules = RuleSet::from_redirects([rule("10.96.0.1", 80, 31000)].into_iter().collect());
         rules.firewall.insert(lb, vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.7/24".parse().unwrap()]);
-        let text = render_replace(&rules, Intercept::Dnat("169.254.99.1".parse().unwrap()));
+        let text = render_replace(&rules, Intercept::ProxyAddress("169.254.99.1".parse().unwrap()));
         assert_eq!(text.matches("dnat ip to 169.254.99.1 : meta l4proto").count(), 2, "{text}");
         assert_eq!(text.matches("redirect to").count(), 2, "IPv6 is still redirected: {text}");
         assert!(text.contains("ip daddr 169.254.99.1 iif != \"lo\" ct status & dnat != dnat drop"), "{text}");
@@ -261,6 +261,9 @@ mod tests {
             "{text}"
         );
         assert!(!render_replace(&RuleSet::default(), Intercept::Redirect).contains("chain input"));
+        let chosen = render_replace(&RuleSet::default(), Intercept::Dnat("10.200.0.1".parse().unwrap()));
+        assert!(chosen.contains("dnat ip to 10.200.0.1 : "), "{chosen}");
+        assert!(!chosen.contains("chain input"), "a --bind-address is not ringport's to guard: {chosen}");
     }
 
     #[test]
