@@ -84,15 +84,19 @@ fn objects(echo_on: &str) -> Vec<Value> {
             json!({"type": "NodePort"}),
         ),
         api::slice("web", "TCP", 8080, &[(PA1, "node-a"), (PB1, "node-b")]),
-        api::service(
+        lb_local(json!(["10.100.0.9/32"])),
+        api::named_slice(
             "lb-local",
-            LB_LOCAL_CLUSTER,
-            json!([{"port": 80, "targetPort": 8080, "nodePort": 30081, "protocol": "TCP"}]),
-            json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-                   "loadBalancerSourceRanges": ["10.100.0.9/32"],
-                   "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}),
+            "lb-local-1",
+            ("http", "TCP", 8080),
+            &[(PA1, "node-a"), (PB1, "node-b")],
         ),
-        api::slice("lb-local", "TCP", 8080, &[(PA1, "node-a"), (PB1, "node-b")]),
+        api::named_slice(
+            "lb-local",
+            "lb-local-2",
+            ("echo", "UDP", 7007),
+            &[(PA1, "node-a"), (PB1, "node-b")],
+        ),
         api::service("dns", DNS, json!([{"port": 53, "targetPort": 5353, "protocol": "UDP"}]), json!({})),
         api::slice("dns", "UDP", 5353, &[(PB1, "node-b")]),
         api::service("echo", ECHO, json!([{"port": 7, "targetPort": 7007, "protocol": "UDP"}]), json!({})),
@@ -104,6 +108,20 @@ fn objects(echo_on: &str) -> Vec<Value> {
             json!({}),
         ),
     ]
+}
+
+/// `lb-local`: TCP 80 (with a NodePort) and UDP 7 on a LoadBalancer IP,
+/// `externalTrafficPolicy: Local`, source ranges `ranges`.
+fn lb_local(ranges: Value) -> Value {
+    api::service(
+        "lb-local",
+        LB_LOCAL_CLUSTER,
+        json!([{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30081, "protocol": "TCP"},
+               {"name": "echo", "port": 7, "targetPort": 7007, "nodePort": 30082, "protocol": "UDP"}]),
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+               "loadBalancerSourceRanges": ranges,
+               "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}),
+    )
 }
 
 struct Cluster {
@@ -373,6 +391,20 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     assert_eq!(c.answers("out", &format!("http://{NODE_B}:30081/whoami"), 6), set(&["pb1"]));
     assert_eq!(c.connect("out2", LB_IP, 80), "timeout", "a source outside the ranges is dropped");
     assert_eq!(c.connect("out", LB_IP, 80), "connected");
+    // UDP on the same LB IP: the same scope, the same ranges.
+    assert_eq!(c.udp_ask("out", LB_IP, 7, 0), "pa1");
+    assert_eq!(c.udp_ask("out2", LB_IP, 7, 0), "timeout", "a UDP source outside the ranges is dropped");
+    // Ranges that do not parse: the error names the Service and the field,
+    // and the last good version keeps serving (and guarding).
+    c.api.apply([lb_local(json!(["10.100.0.9/33"]))]);
+    c.lab.eventually(Duration::from_secs(10), "the bad ranges are reported", || {
+        c.logs().contains("spec.loadBalancerSourceRanges[0]")
+    });
+    let logs = c.logs();
+    let line = logs.lines().find(|l| l.contains("spec.loadBalancerSourceRanges[0]")).unwrap_or_default();
+    assert!(line.contains("default/lb-local"), "the error names the Service: {line}");
+    assert_eq!(c.connect("out", LB_IP, 80), "connected");
+    assert_eq!(c.connect("out2", LB_IP, 80), "timeout", "the last good ranges still guard");
     // Cluster-internal traffic to the same Service keeps its own scope.
     let cluster = format!("http://{LB_LOCAL_CLUSTER}/whoami");
     assert_eq!(c.answers("pa1", &cluster, 8), set(&["pa1", "pb1"]));

@@ -197,17 +197,24 @@ pub fn service(name: &str, cluster_ip: &str, ports: Value, extra: Value) -> Valu
 }
 
 /// An EndpointSlice for Service `service`: `(ip, node)` endpoints, all
-/// ready, on one port.
+/// ready, on one unnamed port.
 pub fn slice(service: &str, protocol: &str, port: u16, endpoints: &[(&str, &str)]) -> Value {
+    named_slice(service, &format!("{service}-1"), ("", protocol, port), endpoints)
+}
+
+/// An EndpointSlice `name` for Service `service`, on one `(port name,
+/// protocol, port)`.
+pub fn named_slice(service: &str, name: &str, port: (&str, &str, u16), endpoints: &[(&str, &str)]) -> Value {
+    let (port_name, protocol, port) = port;
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|(ip, node)| json!({"addresses": [ip], "nodeName": node, "conditions": {"ready": true}}))
         .collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"namespace": "default", "name": format!("{service}-1"),
+           "metadata": {"namespace": "default", "name": name,
                         "labels": {"kubernetes.io/service-name": service}},
            "addressType": "IPv4",
-           "ports": [{"name": "", "port": port, "protocol": protocol}],
+           "ports": [{"name": port_name, "port": port, "protocol": protocol}],
            "endpoints": endpoints})
 }
 
