@@ -8,7 +8,8 @@
 //!  node a .1      node b .2        out .9          out2 .10
 //!  Calico-style:  bridge CNI:      outside client  outside client
 //!  pa1 10.220.0.5/32 behind an     + the fake API  outside the LB
-//!  address-less veth (proxy_arp,   (:6443)         source ranges
+//!  address-less veth (proxy_arp,   (tests/fake_api source ranges
+//!                                  on :6443)
 //!  default via 169.254.1.1)
 //!                 pb1 10.221.0.5/24 on cni0 (10.221.0.1)
 //! ```
@@ -17,13 +18,14 @@
 //! `dig`, `conntrack` (scripts/test.sh installs them); without them every
 //! test here fails saying so.
 
+mod fake_api;
 mod netns;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use fake_api::FakeApi;
 use netns::Lab;
-use netns::api::{self, FakeApi};
 use serde_json::{Value, json};
 
 const TOOLS: [&str; 9] =
@@ -42,6 +44,9 @@ const LB_IP: &str = "10.98.0.11";
 const DNS: &str = "10.96.0.53";
 const ECHO: &str = "10.96.0.54";
 const NO_ENDPOINTS_UDP: &str = "10.96.0.55";
+/// `hc`'s healthCheckNodePort (`externalTrafficPolicy: Local`, one
+/// endpoint, on node a).
+const HC_PORT: u16 = 30300;
 
 /// Answers a UDP datagram with the name given as its argument.
 const UDP_ECHO: &str = "import socket, sys\n\
@@ -75,52 +80,75 @@ except socket.timeout: print('timeout')\n";
 fn objects(echo_on: &str) -> Vec<Value> {
     let echo_ep = if echo_on == "pa1" { (PA1, "node-a") } else { (PB1, "node-b") };
     vec![
-        api::node("node-a"),
-        api::node("node-b"),
-        api::service(
-            "web",
-            WEB,
-            json!([{"port": 80, "targetPort": 8080, "nodePort": 30080, "protocol": "TCP"}]),
-            json!({"type": "NodePort"}),
-        ),
-        api::slice("web", "TCP", 8080, &[(PA1, "node-a"), (PB1, "node-b")]),
+        fake_api::node("node-a", "zone-a", json!({}), json!({})),
+        fake_api::node("node-b", "zone-a", json!({}), json!({})),
+        service("web", WEB, json!({"type": "NodePort"}), &[("", "TCP", 80, 8080, Some(30080))]),
+        slice("web", "", ("", "TCP", 8080), &[(PA1, "node-a"), (PB1, "node-b")]),
         lb_local(json!(["10.100.0.9/32"])),
-        api::named_slice(
-            "lb-local",
-            "lb-local-1",
-            ("http", "TCP", 8080),
-            &[(PA1, "node-a"), (PB1, "node-b")],
-        ),
-        api::named_slice(
-            "lb-local",
-            "lb-local-2",
-            ("echo", "UDP", 7007),
-            &[(PA1, "node-a"), (PB1, "node-b")],
-        ),
-        api::service("dns", DNS, json!([{"port": 53, "targetPort": 5353, "protocol": "UDP"}]), json!({})),
-        api::slice("dns", "UDP", 5353, &[(PB1, "node-b")]),
-        api::service("echo", ECHO, json!([{"port": 7, "targetPort": 7007, "protocol": "UDP"}]), json!({})),
-        api::slice("echo", "UDP", 7007, &[echo_ep]),
-        api::service(
-            "silent",
-            NO_ENDPOINTS_UDP,
-            json!([{"port": 53, "targetPort": 53, "protocol": "UDP"}]),
-            json!({}),
-        ),
+        slice("lb-local", "-1", ("http", "TCP", 8080), &[(PA1, "node-a"), (PB1, "node-b")]),
+        slice("lb-local", "-2", ("echo", "UDP", 7007), &[(PA1, "node-a"), (PB1, "node-b")]),
+        fake_api::local_load_balancer("hc", "10.96.0.12", HC_PORT, 30083, 8080),
+        fake_api::slice("hc-1", "hc", 8080, &[(PA1, "node-a", "zone-a")]),
+        service("dns", DNS, json!({}), &[("", "UDP", 53, 5353, None)]),
+        slice("dns", "", ("", "UDP", 5353), &[(PB1, "node-b")]),
+        service("echo", ECHO, json!({}), &[("", "UDP", 7, 7007, None)]),
+        slice("echo", "", ("", "UDP", 7007), &[echo_ep]),
+        service("silent", NO_ENDPOINTS_UDP, json!({}), &[("", "UDP", 53, 53, None)]),
     ]
+}
+
+/// A Service with `spec` plus its cluster IP and `(name, protocol, port,
+/// targetPort, nodePort)` ports; a `status` key in `spec` becomes its status.
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    spec: Value,
+    ports: &[(&str, &str, u16, u16, Option<u16>)],
+) -> Value {
+    let mut spec = spec;
+    let status = spec.as_object_mut().and_then(|s| s.remove("status"));
+    spec["clusterIP"] = json!(cluster_ip);
+    spec["ports"] = ports
+        .iter()
+        .map(|(name, protocol, port, target, node_port)| {
+            let mut p = json!({"name": name, "protocol": protocol, "port": port, "targetPort": target});
+            if let Some(n) = node_port {
+                p["nodePort"] = json!(n);
+            }
+            p
+        })
+        .collect();
+    let mut object = fake_api::service(name, spec);
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    object
+}
+
+/// EndpointSlice `<service><suffix>` on one `(port name, protocol, port)`,
+/// ready endpoints at `(ip, nodeName)`.
+fn slice(service: &str, suffix: &str, port: (&str, &str, u16), endpoints: &[(&str, &str)]) -> Value {
+    let (port_name, protocol, port) = port;
+    let endpoints: Vec<Value> =
+        endpoints.iter().map(|(ip, node)| json!({"addresses": [ip], "nodeName": node})).collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"namespace": "default", "name": format!("{service}{suffix}"),
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4",
+           "ports": [{"name": port_name, "port": port, "protocol": protocol}],
+           "endpoints": endpoints})
 }
 
 /// `lb-local`: TCP 80 (with a NodePort) and UDP 7 on a LoadBalancer IP,
 /// `externalTrafficPolicy: Local`, source ranges `ranges`.
 fn lb_local(ranges: Value) -> Value {
-    api::service(
+    service(
         "lb-local",
         LB_LOCAL_CLUSTER,
-        json!([{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30081, "protocol": "TCP"},
-               {"name": "echo", "port": 7, "targetPort": 7007, "nodePort": 30082, "protocol": "UDP"}]),
         json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
                "loadBalancerSourceRanges": ranges,
                "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}),
+        &[("http", "TCP", 80, 8080, Some(30081)), ("echo", "UDP", 7, 7007, Some(30082))],
     )
 }
 
@@ -143,10 +171,9 @@ impl Cluster {
         for (pod, ip) in [("pa1", PA1), ("pb1", PB1)] {
             serve_pod(&mut lab, pod, ip);
         }
-        let api = FakeApi::start(&lab.ns("out"), API.parse().expect("address"));
-        api.apply(objects("pb1"));
-        let kubeconfig = lab.scratch.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
+        let bind = API.parse().expect("address");
+        let api = netns::in_namespace(&lab.ns("out"), move || FakeApi::start_on(bind, objects("pb1")));
+        api.kubeconfig(lab.scratch.path());
         let mut cluster = Cluster { lab, api, backend, ringport: [0, 0], restarts: 0 };
         cluster.ringport = [cluster.spawn_ringport("a"), cluster.spawn_ringport("b")];
         for node in ["a", "b"] {
@@ -396,7 +423,7 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     assert_eq!(c.udp_ask("out2", LB_IP, 7, 0), "timeout", "a UDP source outside the ranges is dropped");
     // Ranges that do not parse: the error names the Service and the field,
     // and the last good version keeps serving (and guarding).
-    c.api.apply([lb_local(json!(["10.100.0.9/33"]))]);
+    c.api.apply(lb_local(json!(["10.100.0.9/33"])));
     c.lab.eventually(Duration::from_secs(10), "the bad ranges are reported", || {
         c.logs().contains("spec.loadBalancerSourceRanges[0]")
     });
@@ -408,9 +435,19 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     // Cluster-internal traffic to the same Service keeps its own scope.
     let cluster = format!("http://{LB_LOCAL_CLUSTER}/whoami");
     assert_eq!(c.answers("pa1", &cluster, 8), set(&["pa1", "pb1"]));
-    // healthCheckNodePort (helper h9b's server) belongs here: 200 from
-    // node a (pa1 is local) and 503 from node b would be asked of
-    // `lb-local`'s spec.healthCheckNodePort once that server exists.
+    // healthCheckNodePort of `hc` (its one endpoint is on node a), asked
+    // from outside as a cloud load balancer does: 200 on a, 503 on b.
+    for (node, code, local) in [(NODE_A, "200", 1), (NODE_B, "503", 0)] {
+        let url = format!("http://{node}:{HC_PORT}/healthz");
+        let out = c
+            .lab
+            .ok("out", &["curl", "-sS", "--noproxy", "*", "--max-time", "5", "-w", "\n%{http_code}", &url]);
+        let (body, status) = out.trim().rsplit_once('\n').unwrap_or_default();
+        assert_eq!(status, code, "{url}: {out}");
+        let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(body["localEndpoints"], local, "{url}: {body}");
+        assert_eq!(body["service"], json!({"namespace": "default", "name": "hc"}), "{url}: {body}");
+    }
 }
 
 /// DNS over UDP from an address-less-veth pod to a ClusterIP whose endpoint
@@ -440,7 +477,9 @@ fn udp_client_keeps_its_source_port_across_changes(c: &mut Cluster) {
         c.lab.eventually(Duration::from_secs(15), what, || c.udp_ask("pa1", ECHO, 7, SPORT) == want);
     };
     ask(c, "pb1", "echo from pb1");
-    c.api.apply(objects("pa1"));
+    for object in objects("pa1") {
+        c.api.apply(object);
+    }
     ask(c, "pa1", "echo from pa1 after the endpoint change, same source port");
     let before = c.proxy_port("a", "echo");
     c.restart("a");

@@ -9,8 +9,6 @@
 //! nft tables and iptables chains with it.
 #![allow(dead_code)]
 
-pub mod api;
-
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -217,6 +215,21 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
         }
     }
+}
+
+/// Run `f` on a thread of its own inside the named network namespace (its
+/// full name), e.g. to bind a server there; the rest of the test process
+/// stays where it is.
+pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd; it moves only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread in the namespace panicked")
 }
 
 /// `ip args`, which must succeed.
