@@ -139,14 +139,16 @@ fn slice(service: &str, suffix: &str, port: (&str, &str, u16), endpoints: &[(&st
            "endpoints": endpoints})
 }
 
-/// `lb-local`: TCP 80 (with a NodePort) and UDP 7 on a LoadBalancer IP,
-/// `externalTrafficPolicy: Local`, source ranges `ranges`.
+/// `lb-local`: TCP 80 (with a NodePort) and UDP 7 on a LoadBalancer IP and
+/// on an externalIP that is node a's own address (served by a listener
+/// there, not by a rule), `externalTrafficPolicy: Local`, source ranges
+/// `ranges` (which apply to the LB IP only, as in kube-proxy).
 fn lb_local(ranges: Value) -> Value {
     service(
         "lb-local",
         LB_LOCAL_CLUSTER,
         json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local",
-               "loadBalancerSourceRanges": ranges,
+               "loadBalancerSourceRanges": ranges, "externalIPs": [NODE_A],
                "status": {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}}),
         &[("http", "TCP", 80, 8080, Some(30081)), ("echo", "UDP", 7, 7007, Some(30082))],
     )
@@ -416,6 +418,9 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     assert_eq!(c.answers("out", &format!("http://{LB_IP}/whoami"), 6), set(&["pa1"]));
     assert_eq!(c.answers("out", &format!("http://{NODE_A}:30081/whoami"), 6), set(&["pa1"]));
     assert_eq!(c.answers("out", &format!("http://{NODE_B}:30081/whoami"), 6), set(&["pb1"]));
+    // A local externalIP: node a listens on it itself.
+    assert_eq!(c.answers("out2", &format!("http://{NODE_A}/whoami"), 6), set(&["pa1"]));
+    assert_eq!(c.udp_ask("out2", NODE_A, 7, 0), "pa1");
     assert_eq!(c.connect("out2", LB_IP, 80), "timeout", "a source outside the ranges is dropped");
     assert_eq!(c.connect("out", LB_IP, 80), "connected");
     // UDP on the same LB IP: the same scope, the same ranges.
