@@ -32,7 +32,7 @@ use socket2::SockRef;
 use super::accept::{self, Accepting};
 use super::conn::{self, Conn, ConnError, Dial, Dir, Op, Phase};
 use super::fault::Throttle;
-use super::listen::{ListenRole, ListenerId};
+use super::listen::ListenerId;
 use super::relay::{Pool, Wait};
 use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
