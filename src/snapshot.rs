@@ -277,7 +277,8 @@ mod tests {
     fn first(snap: &Snapshot, name: &str) -> EndpointAddr {
         let p = snap.ports.iter().find(|p| p.spec.name.service.name == name).expect("port");
         let client = ClientAddr(SocketAddr::from(([127, 0, 0, 9], 1)));
-        let i = p.internal.pick(client, Instant::now(), 4).next_index().expect("candidate");
+        let now = Instant::now();
+        let i = p.internal.next_candidate(&mut p.internal.pick(client, now, 4), now).expect("candidate");
         p.internal.endpoint(i).expect("endpoint")
     }
 

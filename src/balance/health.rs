@@ -11,9 +11,13 @@
 //! (health alone never fails a service closed).
 //!
 //! Invariants:
-//! - One [`EndpointState`] per endpoint address for the whole process
-//!   (through [`HealthRegistry`]), so ejection and active-connection counts
-//!   survive reloads and are the same for every worker.
+//! - One [`EndpointState`] per protocol and endpoint address for the whole
+//!   process (through [`HealthRegistry`]), so ejection and active-connection
+//!   counts survive reloads and are the same for every worker.
+//! - TCP and UDP never share a state: a UDP endpoint's ICMP port-unreachable
+//!   says nothing about the TCP server on the same `ip:port` (DNS on 53,
+//!   HTTPS and QUIC on 443), so it must not eject it, move its pins, or
+//!   weigh in its least-connections count.
 //! - Everything mutable is atomic: workers never block each other here.
 //! - Time is passed in; nothing here reads a clock.
 
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::model::EndpointAddr;
+use crate::model::{EndpointAddr, Protocol};
 
 /// When to eject an endpoint, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,13 +166,13 @@ impl EndpointState {
     }
 }
 
-/// Hands out the one [`EndpointState`] of each address. Held by the control
-/// plane; balancers hold the states themselves.
+/// Hands out the one [`EndpointState`] of each protocol and address. Held
+/// by the control plane; balancers hold the states themselves.
 #[derive(Debug)]
 pub struct HealthRegistry {
     epoch: Instant,
     policy: HealthPolicy,
-    states: Mutex<HashMap<EndpointAddr, Weak<EndpointState>>>,
+    states: Mutex<HashMap<(Protocol, EndpointAddr), Weak<EndpointState>>>,
 }
 
 impl HealthRegistry {
@@ -176,14 +180,15 @@ impl HealthRegistry {
         Self { epoch, policy, states: Mutex::new(HashMap::new()) }
     }
 
-    /// The state of `addr`: the existing one while any balancer holds it.
-    pub fn state(&self, addr: EndpointAddr) -> Arc<EndpointState> {
+    /// The state of `addr` for `protocol` traffic: the existing one while
+    /// any balancer holds it.
+    pub fn state(&self, protocol: Protocol, addr: EndpointAddr) -> Arc<EndpointState> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(state) = states.get(&addr).and_then(Weak::upgrade) {
+        if let Some(state) = states.get(&(protocol, addr)).and_then(Weak::upgrade) {
             return state;
         }
         let state = Arc::new(EndpointState::new(addr, self.epoch, self.policy));
-        states.insert(addr, Arc::downgrade(&state));
+        states.insert((protocol, addr), Arc::downgrade(&state));
         state
     }
 
@@ -207,7 +212,7 @@ mod tests {
 
     fn state(t0: Instant) -> Arc<EndpointState> {
         let registry = HealthRegistry::new(HealthPolicy::default(), t0);
-        registry.state(EndpointAddr(SocketAddr::from(([127, 0, 0, 1], 80))))
+        registry.state(Protocol::Tcp, EndpointAddr(SocketAddr::from(([127, 0, 0, 1], 80))))
     }
 
     #[test]
@@ -262,10 +267,27 @@ mod tests {
     fn one_state_per_address_while_held() {
         let registry = HealthRegistry::default();
         let addr = EndpointAddr(SocketAddr::from(([127, 0, 0, 1], 80)));
-        let a = registry.state(addr);
-        assert!(Arc::ptr_eq(&a, &registry.state(addr)));
+        let a = registry.state(Protocol::Tcp, addr);
+        assert!(Arc::ptr_eq(&a, &registry.state(Protocol::Tcp, addr)));
         drop(a);
         registry.prune();
         assert!(registry.states.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn udp_failures_never_touch_the_tcp_state_of_the_same_address() {
+        let t0 = Instant::now();
+        let registry = HealthRegistry::new(HealthPolicy::default(), t0);
+        let addr = EndpointAddr(SocketAddr::from(([127, 0, 0, 2], 8080)));
+        let (tcp, udp) = (registry.state(Protocol::Tcp, addr), registry.state(Protocol::Udp, addr));
+        assert!(!Arc::ptr_eq(&tcp, &udp));
+        tcp.opened();
+        for _ in 0..3 {
+            udp.failed(t0);
+        }
+        assert!(udp.is_ejected(t0));
+        assert!(!tcp.is_ejected(t0), "UDP failures leave TCP admitted");
+        assert_eq!(tcp.view(t0).failures, 0);
+        assert_eq!((tcp.active(), udp.active()), (1, 0), "active counts are per protocol");
     }
 }

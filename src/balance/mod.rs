@@ -41,7 +41,7 @@ use self::affinity::Pins;
 use self::eligible::{Locality, Scope};
 use self::health::{EndpointState, HealthRegistry, HealthView};
 use self::maglev::Maglev;
-use crate::model::{Affinity, ClientAddr, EndpointAddr, Scheduler, ServicePort};
+use crate::model::{Affinity, ClientAddr, EndpointAddr, Protocol, Scheduler, ServicePort};
 
 /// Most attempts one connection may make.
 pub const MAX_ATTEMPTS: usize = 8;
@@ -59,6 +59,8 @@ pub struct BalanceOptions {
 struct Inputs {
     /// Eligible endpoints, in address order.
     endpoints: Vec<EndpointAddr>,
+    /// Health and load are kept per protocol (see `health.rs`).
+    protocol: Protocol,
     scheduler: Scheduler,
     affinity: Affinity,
 }
@@ -89,6 +91,7 @@ impl Balancer {
     ) -> Arc<Balancer> {
         let inputs = Inputs {
             endpoints: eligible::eligible(sp, scope, &opts.locality),
+            protocol: sp.protocol,
             scheduler: sp.scheduler.unwrap_or(opts.scheduler),
             affinity: sp.affinity,
         };
@@ -131,7 +134,7 @@ impl Balancer {
             .flatten();
         Self {
             index: order.iter().enumerate().map(|(i, e)| (*e, i)).collect(),
-            endpoints: order.into_iter().map(|e| registry.state(e)).collect(),
+            endpoints: order.into_iter().map(|e| registry.state(inputs.protocol, e)).collect(),
             inputs,
             next: AtomicUsize::new(0),
             pins,
@@ -157,68 +160,132 @@ impl Balancer {
         self.endpoints.get(candidate).map(|e| e.addr)
     }
 
-    /// The ordered candidates for one new connection from `client`, at most
-    /// `attempts` of them.
+    /// The candidates for one new connection from `client`, at most
+    /// `attempts` of them: the first is chosen now (pin or scheduler), each
+    /// retry when [`Balancer::next_candidate`] asks for it.
     pub fn pick(&self, client: ClientAddr, now: Instant, attempts: usize) -> Candidates {
-        let n = self.endpoints.len();
-        if n == 0 || attempts == 0 {
-            return Candidates::default();
+        let ip = client.0.ip();
+        let mut c = Candidates { client: ip, tried: [0; MAX_ATTEMPTS], len: 0, taken: 0 };
+        if self.endpoints.is_empty() || attempts == 0 {
+            return c;
         }
-        let healthy = |i: usize| !self.endpoints[i].is_ejected(now);
         let first = match &self.pins {
             Some(pins) => pins
                 .pinned_or(
-                    client.0.ip(),
+                    ip,
                     now,
-                    |e| self.index.get(&e).is_some_and(|&i| healthy(i)),
-                    || self.endpoint(self.schedule(client.0.ip(), now)),
+                    |e| self.index.get(&e).is_some_and(|&i| !self.ejected(i, now)),
+                    || self.endpoint(self.first_choice(ip, now)),
                 )
                 .and_then(|e| self.index.get(&e).copied())
                 .unwrap_or(0),
-            None => self.schedule(client.0.ip(), now),
+            None => self.first_choice(ip, now),
         };
-        // On the stack: a pick is on every new connection's path.
-        let attempts = attempts.min(MAX_ATTEMPTS);
-        let mut order = [first; MAX_ATTEMPTS];
-        let mut len = 1;
-        let rest = |only_healthy: bool| {
-            (1..n).map(move |k| (first + k) % n).filter(move |&i| !only_healthy || healthy(i))
-        };
-        // Nothing healthy at all: try them all in rotation.
-        let only_healthy = healthy(first) || (1..n).any(|k| healthy((first + k) % n));
-        for i in rest(only_healthy).take(attempts - 1) {
-            order[len] = i;
-            len += 1;
-        }
-        Candidates::cycled(&order[..len], attempts)
+        c.tried[0] = u16::try_from(first).unwrap_or(0);
+        c.len = attempts.min(MAX_ATTEMPTS) as u8;
+        c
     }
 
-    /// The scheduler's choice, moved on to the next healthy endpoint in
-    /// rotation if it is ejected (kept if none is healthy).
-    fn schedule(&self, client: IpAddr, now: Instant) -> usize {
+    /// The next endpoint to try for `c`, as an index for
+    /// [`Balancer::endpoint`]; `None` when its attempts are spent.
+    ///
+    /// A retry asks the scheduler again, as if the endpoints already tried
+    /// (and the ejected ones) were absent: round robin moves on to the next
+    /// index of the shared rotation, like userspace mode, so a dead
+    /// endpoint's share spreads over all survivors instead of falling to its
+    /// neighbour. With fewer healthy endpoints than attempts, those tried
+    /// are cycled; with none healthy, every endpoint is tried.
+    pub fn next_candidate(&self, c: &mut Candidates, now: Instant) -> Option<usize> {
+        let k = usize::from(c.taken);
+        if k >= usize::from(c.len) {
+            return None;
+        }
+        if k > 0 {
+            let tried = c.tried;
+            let untried = |i: usize| !tried[..k].contains(&u16::try_from(i).unwrap_or(u16::MAX));
+            let salt = k as u64;
+            let next = self
+                .choose(c.client, salt, |i| untried(i) && !self.ejected(i, now))
+                .or_else(|| {
+                    let none_healthy = (0..self.endpoints.len()).all(|i| self.ejected(i, now));
+                    none_healthy.then(|| self.choose(c.client, salt, untried)).flatten()
+                })
+                .unwrap_or_else(|| {
+                    // Every candidate worth trying was tried: cycle them.
+                    let distinct = (1..k).find(|&j| tried[..j].contains(&tried[j])).unwrap_or(k);
+                    usize::from(tried[k % distinct])
+                });
+            c.tried[k] = u16::try_from(next).unwrap_or(0);
+        }
+        c.taken += 1;
+        Some(usize::from(c.tried[k]))
+    }
+
+    fn ejected(&self, i: usize, now: Instant) -> bool {
+        self.endpoints[i].is_ejected(now)
+    }
+
+    /// The scheduler's first choice among the healthy endpoints, or among
+    /// all of them when none is healthy.
+    fn first_choice(&self, client: IpAddr, now: Instant) -> usize {
+        self.choose(client, 0, |i| !self.ejected(i, now))
+            .or_else(|| self.choose(client, 0, |_| true))
+            .unwrap_or(0)
+    }
+
+    /// The scheduler's choice among the endpoints `allowed` lets through,
+    /// as if the others were absent. `salt` varies the hash schedulers'
+    /// choice between attempts (the same client always gets the same
+    /// sequence). `None` only when nothing is allowed.
+    fn choose(&self, client: IpAddr, salt: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.endpoints.len();
         let active = |i: usize| self.endpoints[i].active();
-        let choice = match self.inputs.scheduler {
-            Scheduler::Rr => self.next.fetch_add(1, Ordering::Relaxed) % n,
-            Scheduler::Random => fastrand::usize(..n),
+        let rr = || self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let hashed = |t: u64| {
+            let h = match (salt, t) {
+                (0, 0) => hash_ip(client),
+                _ => hash_ip_seeded(client, (salt << 32) | t),
+            };
+            match &self.maglev {
+                Some(m) if self.inputs.scheduler == Scheduler::Maglev => m.lookup(h),
+                _ => (h % n as u64) as usize,
+            }
+        };
+        // Draw up to n times, skipping what is not allowed; round robin thus
+        // takes the next rotation index, which keeps it fair over the
+        // survivors. Then scan on from the last draw, so one allowed
+        // endpoint is always found.
+        let draw = |f: &dyn Fn(u64) -> usize| {
+            let mut last = 0;
+            for t in 0..n as u64 {
+                last = f(t);
+                if allowed(last) {
+                    return Some(last);
+                }
+            }
+            (1..n).map(|k| (last + k) % n).find(|&i| allowed(i))
+        };
+        match self.inputs.scheduler {
+            Scheduler::Rr => draw(&|_| rr()),
+            Scheduler::Random => draw(&|_| fastrand::usize(..n)),
             Scheduler::Lc => {
                 // Ties go round robin, so equal loads still spread.
-                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .filter(|&i| !self.endpoints[i].is_ejected(now))
-                    .min_by_key(|&i| active(i))
-                    .unwrap_or(start)
+                let start = rr();
+                (0..n).map(|k| (start + k) % n).filter(|&i| allowed(i)).min_by_key(|&i| active(i))
             }
             Scheduler::P2c => {
-                let a = fastrand::usize(..n);
-                let b = if n > 1 { (a + 1 + fastrand::usize(..n - 1)) % n } else { a };
-                if active(b) < active(a) { b } else { a }
+                let a = draw(&|_| fastrand::usize(..n))?;
+                let b = (n > 1)
+                    .then(|| {
+                        let other = |_: u64| (a + 1 + fastrand::usize(..n - 1)) % n;
+                        (0..n as u64).map(other).find(|&i| allowed(i))
+                    })
+                    .flatten()
+                    .unwrap_or(a);
+                Some(if active(b) < active(a) { b } else { a })
             }
-            Scheduler::Sh => (hash_ip(client) % n as u64) as usize,
-            Scheduler::Maglev => self.maglev.as_ref().map_or(0, |m| m.lookup(hash_ip(client))),
-        };
-        (0..n).map(|k| (choice + k) % n).find(|&i| !self.endpoints[i].is_ejected(now)).unwrap_or(choice)
+            Scheduler::Sh | Scheduler::Maglev => draw(&hashed),
+        }
     }
 
     /// A connect to candidate `i` is about to start.
@@ -293,35 +360,18 @@ pub struct BalancerView {
     pub endpoints: Vec<(EndpointAddr, HealthView)>,
 }
 
-/// The endpoints to try for one connection, best first. Holds indices into
-/// its [`Balancer`], so it is `Copy` and lives inside a connection's state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The endpoints tried so far for one connection, and how many it may try.
+/// Holds indices into its [`Balancer`], so it is `Copy` and lives inside a
+/// connection's state; [`Balancer::next_candidate`] hands out the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Candidates {
-    order: [u16; MAX_ATTEMPTS],
+    client: IpAddr,
+    tried: [u16; MAX_ATTEMPTS],
     len: u8,
     taken: u8,
 }
 
 impl Candidates {
-    /// `len` candidates cycling through `order` (which is non-empty).
-    fn cycled(order: &[usize], len: usize) -> Self {
-        let mut c = Candidates::default();
-        for (slot, i) in c.order.iter_mut().zip(order.iter().cycle()).take(len) {
-            *slot = u16::try_from(*i).unwrap_or(u16::MAX);
-        }
-        c.len = len as u8;
-        c
-    }
-
-    /// The next endpoint to try, as an index for [`Balancer::endpoint`].
-    pub fn next_index(&mut self) -> Option<usize> {
-        if self.taken >= self.len {
-            return None;
-        }
-        self.taken += 1;
-        Some(usize::from(self.order[usize::from(self.taken - 1)]))
-    }
-
     /// How many candidates were handed out so far (the attempt number).
     pub fn attempts(&self) -> usize {
         usize::from(self.taken)
@@ -344,9 +394,13 @@ pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
 
 /// [`hash_bytes`] of a client address.
 pub fn hash_ip(ip: IpAddr) -> u64 {
+    hash_ip_seeded(ip, 0)
+}
+
+fn hash_ip_seeded(ip: IpAddr, seed: u64) -> u64 {
     match ip {
-        IpAddr::V4(v4) => hash_bytes(&v4.octets(), 0),
-        IpAddr::V6(v6) => hash_bytes(&v6.octets(), 0),
+        IpAddr::V4(v4) => hash_bytes(&v4.octets(), seed),
+        IpAddr::V6(v6) => hash_bytes(&v6.octets(), seed),
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::health::HealthPolicy;
 use super::*;
 use crate::model::{Conditions, Endpoint, Origin, Protocol, ServiceName, ServicePortName};
 
@@ -20,7 +21,22 @@ fn client(n: u8) -> ClientAddr {
 fn inputs(eps: &[u8], scheduler: Scheduler, affinity: Affinity) -> Inputs {
     let mut endpoints: Vec<_> = eps.iter().map(|n| ep(*n)).collect();
     endpoints.sort();
-    Inputs { endpoints, scheduler, affinity }
+    Inputs { endpoints, protocol: Protocol::Tcp, scheduler, affinity }
+}
+
+/// The first candidate of a fresh pick.
+fn first_of(b: &Balancer, c: ClientAddr, now: Instant) -> Option<usize> {
+    b.next_candidate(&mut b.pick(c, now, 4), now)
+}
+
+/// Every candidate of one pick, failing each as the worker would.
+fn all_failing(b: &Balancer, c: ClientAddr, now: Instant) -> Vec<usize> {
+    let mut cands = b.pick(c, now, 4);
+    std::iter::from_fn(|| b.next_candidate(&mut cands, now))
+        .inspect(|&i| {
+            b.failed(c, i, now);
+        })
+        .collect()
 }
 
 /// A balancer shuffled with a fixed seed.
@@ -39,7 +55,7 @@ fn sticky(eps: &[u8], registry: &HealthRegistry, previous: Option<&Balancer>) ->
 
 /// Pick, connect to the first candidate, and return it.
 fn next(b: &Balancer, c: ClientAddr, now: Instant) -> Option<EndpointAddr> {
-    let i = b.pick(c, now, 4).next_index()?;
+    let i = first_of(b, c, now)?;
     b.connected(c, i, now);
     b.endpoint(i)
 }
@@ -49,7 +65,7 @@ fn next(b: &Balancer, c: ClientAddr, now: Instant) -> Option<EndpointAddr> {
 #[test]
 fn no_endpoints_yield_no_candidate() {
     let b = rr(&[]);
-    assert_eq!(b.pick(client(1), Instant::now(), 4).next_index(), None);
+    assert_eq!(first_of(&b, client(1), Instant::now()), None);
 }
 
 #[test]
@@ -89,7 +105,7 @@ fn replacing_the_endpoint_set_restarts_the_rotation() {
     let first = new.endpoints[0].addr;
     assert_eq!(next(&new, client(1), now), Some(first), "index restarts at 0");
     let empty = seeded(inputs(&[], Scheduler::Rr, Affinity::None), &registry, Some(&new), 3);
-    assert_eq!(empty.pick(client(1), now, 4).next_index(), None);
+    assert_eq!(first_of(&empty, client(1), now), None);
 }
 
 #[test]
@@ -141,7 +157,7 @@ fn affinity_after_a_full_replacement_repins_in_rotation_from_the_start() {
     let got: Vec<_> = (1..=3).filter_map(|c| next(&b2, client(c), now)).collect();
     assert_eq!(got, rotation, "clients take the new endpoints in rotation order from index 0");
     let empty = sticky(&[], &registry, Some(&b2));
-    assert_eq!(empty.pick(client(1), now, 4).next_index(), None);
+    assert_eq!(first_of(&empty, client(1), now), None);
 }
 
 #[test]
@@ -151,10 +167,10 @@ fn a_failure_bypasses_the_pin_and_the_next_candidate_becomes_the_pin() {
     let now = Instant::now();
     let pinned = next(&b, client(1), now).unwrap();
     let mut c = b.pick(client(1), now, 4);
-    let first = c.next_index().unwrap();
+    let first = b.next_candidate(&mut c, now).unwrap();
     assert_eq!(b.endpoint(first), Some(pinned));
     b.failed(client(1), first, now);
-    let second = c.next_index().unwrap();
+    let second = b.next_candidate(&mut c, now).unwrap();
     assert_ne!(b.endpoint(second), Some(pinned), "the retry goes elsewhere");
     b.connected(client(1), second, now);
     assert_eq!(b.pin(client(1).0.ip(), now), b.endpoint(second), "the pin is overwritten");
@@ -190,12 +206,12 @@ fn least_connections_prefers_the_emptiest_endpoint() {
         b.connected(client(9), i, now);
     }
     for _ in 0..5 {
-        assert_eq!(b.pick(client(1), now, 4).next_index(), Some(2));
+        assert_eq!(first_of(&b, client(1), now), Some(2));
     }
     b.closed(0);
     b.closed(0);
     b.connected(client(9), 2, now);
-    assert_eq!(b.pick(client(1), now, 4).next_index(), Some(0), "now endpoint 0 is the emptiest");
+    assert_eq!(first_of(&b, client(1), now), Some(0), "now endpoint 0 is the emptiest");
 }
 
 #[test]
@@ -204,7 +220,7 @@ fn p2c_never_picks_the_busier_of_two_when_one_is_idle() {
     let b = seeded(inputs(&[1, 2], Scheduler::P2c, Affinity::None), &registry, None, 1);
     let now = Instant::now();
     b.connected(client(9), 0, now);
-    assert!((0..50).all(|_| b.pick(client(1), now, 4).next_index() == Some(1)));
+    assert!((0..50).all(|_| first_of(&b, client(1), now) == Some(1)));
 }
 
 #[test]
@@ -252,12 +268,12 @@ fn an_ejected_endpoint_is_skipped_until_its_backoff_ends() {
     for _ in 0..3 {
         b.failed(client(1), 0, t0);
     }
-    let firsts: HashSet<_> = (0..30).filter_map(|_| b.pick(client(1), t0, 4).next_index()).collect();
+    let firsts: HashSet<_> = (0..30).filter_map(|_| first_of(&b, client(1), t0)).collect();
     assert!(!firsts.contains(&0), "ejected: never first");
     let mut c = b.pick(client(1), t0, 4);
-    assert!(std::iter::from_fn(|| c.next_index()).all(|i| i != 0), "nor a retry");
+    assert!(std::iter::from_fn(|| b.next_candidate(&mut c, t0)).all(|i| i != 0), "nor a retry");
     let later = t0 + Duration::from_millis(1100);
-    let firsts: HashSet<_> = (0..30).filter_map(|_| b.pick(client(1), later, 4).next_index()).collect();
+    let firsts: HashSet<_> = (0..30).filter_map(|_| first_of(&b, client(1), later)).collect();
     assert!(firsts.contains(&0), "readmitted after 1 s");
 }
 
@@ -272,8 +288,144 @@ fn when_every_endpoint_is_ejected_all_are_tried() {
         }
     }
     let mut c = b.pick(client(1), t0, 4);
-    let tried: HashSet<_> = std::iter::from_fn(|| c.next_index()).collect();
+    let tried: HashSet<_> = std::iter::from_fn(|| b.next_candidate(&mut c, t0)).collect();
     assert_eq!(tried.len(), 3);
+}
+
+// ---- a fair share after a failure ---------------------------------------
+
+/// 1,200 connections through rr over four endpoints, one of which (`dead`)
+/// fails every connect; the worker retries as `conn.rs` does. Returns the
+/// connections each endpoint took and the ones no candidate served.
+fn spread_with_one_dead(b: &Balancer, dead: usize, now: Instant) -> (HashMap<usize, usize>, usize) {
+    let (mut served, mut lost) = (HashMap::new(), 0);
+    for k in 0..1200u32 {
+        let c = client((k % 200) as u8);
+        let mut cands = b.pick(c, now, 4);
+        let ok = std::iter::from_fn(|| b.next_candidate(&mut cands, now)).find(|&i| {
+            let up = i != dead;
+            if up {
+                b.connected(c, i, now)
+            } else {
+                b.failed(c, i, now);
+            }
+            up
+        });
+        match ok {
+            Some(i) => *served.entry(i).or_default() += 1,
+            None => lost += 1,
+        }
+    }
+    (served, lost)
+}
+
+#[test]
+fn a_dead_endpoints_share_spreads_evenly_over_the_survivors() {
+    // Never ejected: every fourth pick fails over by retry.
+    let never = HealthPolicy { failures: 0, ..HealthPolicy::default() };
+    let t0 = Instant::now();
+    let b = seeded(
+        inputs(&[1, 2, 3, 4], Scheduler::Rr, Affinity::None),
+        &HealthRegistry::new(never, t0),
+        None,
+        3,
+    );
+    let (served, lost) = spread_with_one_dead(&b, 2, t0);
+    assert_eq!(lost, 0);
+    assert_eq!(served.get(&2), None);
+    assert!(served.values().all(|&n| n == 400), "retries take the next rotation index: {served:?}");
+}
+
+#[test]
+fn an_ejected_endpoints_share_spreads_evenly_over_the_survivors() {
+    let t0 = Instant::now();
+    let b = seeded(
+        inputs(&[1, 2, 3, 4], Scheduler::Rr, Affinity::None),
+        &HealthRegistry::new(HealthPolicy::default(), t0),
+        None,
+        3,
+    );
+    let (served, lost) = spread_with_one_dead(&b, 1, t0);
+    assert!(b.endpoints[1].is_ejected(t0), "three failures eject it");
+    assert_eq!(lost, 0);
+    assert!(
+        served.values().all(|&n| (399..=401).contains(&n)),
+        "skips take the next rotation index: {served:?}"
+    );
+    assert_eq!(served.values().sum::<usize>(), 1200);
+}
+
+#[test]
+fn hashing_schedulers_spread_a_dead_endpoints_clients_over_the_survivors() {
+    for scheduler in [Scheduler::Sh, Scheduler::Maglev] {
+        let t0 = Instant::now();
+        let b = seeded(inputs(&[1, 2, 3, 4], scheduler, Affinity::None), &HealthRegistry::default(), None, 1);
+        let ejected = first_of(&b, client(1), t0).unwrap();
+        for _ in 0..3 {
+            b.failed(client(1), ejected, t0);
+        }
+        let mut moved: HashMap<usize, usize> = HashMap::new();
+        for n in 0..=255u8 {
+            let c = ClientAddr(SocketAddr::from(([10, 9, 8, n], 1)));
+            let now = first_of(&b, c, t0).unwrap();
+            let again = first_of(&b, c, t0).unwrap();
+            assert_eq!(now, again, "{scheduler:?}: a client keeps its endpoint");
+            assert_ne!(now, ejected);
+            let before =
+                seeded(inputs(&[1, 2, 3, 4], scheduler, Affinity::None), &HealthRegistry::default(), None, 1);
+            if first_of(&before, c, t0) == Some(ejected) {
+                *moved.entry(now).or_default() += 1;
+            }
+        }
+        assert_eq!(moved.len(), 3, "{scheduler:?}: every survivor takes some of its clients: {moved:?}");
+    }
+}
+
+#[test]
+fn retries_cycle_the_healthy_endpoints_before_repeating_any() {
+    let now = Instant::now();
+    let never = HealthPolicy { failures: 0, ..HealthPolicy::default() };
+    let b = seeded(inputs(&[1], Scheduler::Rr, Affinity::None), &HealthRegistry::new(never, now), None, 1);
+    assert_eq!(all_failing(&b, client(1), now), [0, 0, 0, 0], "one endpoint: tried 4 times");
+    let b = seeded(inputs(&[1, 2], Scheduler::Rr, Affinity::None), &HealthRegistry::new(never, now), None, 1);
+    let tried = all_failing(&b, client(1), now);
+    assert_eq!((tried[0], tried[1]), (tried[2], tried[3]), "two: each, then again: {tried:?}");
+    assert_ne!(tried[0], tried[1]);
+    for scheduler in [Scheduler::Random, Scheduler::Lc, Scheduler::P2c, Scheduler::Sh, Scheduler::Maglev] {
+        let b =
+            seeded(inputs(&[1, 2, 3], scheduler, Affinity::None), &HealthRegistry::new(never, now), None, 1);
+        let tried = all_failing(&b, client(1), now);
+        assert_eq!(tried[..3].iter().collect::<HashSet<_>>().len(), 3, "{scheduler:?}: {tried:?}");
+    }
+}
+
+// ---- health per protocol ------------------------------------------------
+
+#[test]
+fn udp_failures_leave_the_tcp_service_on_the_same_endpoint_untouched() {
+    let registry = HealthRegistry::default();
+    let t0 = Instant::now();
+    let affinity = Affinity::ClientIp { timeout: Affinity::DEFAULT_TIMEOUT };
+    let tcp = seeded(inputs(&[1, 2, 3], Scheduler::Lc, affinity), &registry, None, 4);
+    let mut udp_inputs = inputs(&[1], Scheduler::Lc, Affinity::None);
+    udp_inputs.protocol = Protocol::Udp;
+    let udp = seeded(udp_inputs, &registry, None, 4);
+    // Pin client 1 (TCP) to endpoint 1, and open a UDP flow to it.
+    let shared = tcp.index[&ep(1)];
+    tcp.connected(client(1), shared, t0);
+    udp.flow_opened(client(2), 0, t0);
+    for _ in 0..5 {
+        udp.failed(client(2), 0, t0);
+    }
+    assert!(udp.view(t0).endpoints[0].1.ejected);
+    let view = &tcp.view(t0).endpoints[shared].1;
+    assert!(!view.ejected && view.failures == 0 && view.active == 1, "{view:?}");
+    assert_eq!(tcp.pin(client(1).0.ip(), t0), Some(ep(1)), "the TCP pin holds");
+    assert_eq!(first_of(&tcp, client(1), t0), Some(shared));
+    // lc counts only TCP connections: the UDP flow weighs nothing here.
+    tcp.closed(shared);
+    let firsts: HashSet<_> = (3..9).filter_map(|n| first_of(&tcp, client(n), t0)).collect();
+    assert!(firsts.contains(&shared), "{firsts:?}");
 }
 
 // ---- the builder and eligibility ----------------------------------------
@@ -350,14 +502,15 @@ fn simulation_keeps_pins_health_and_candidates_consistent() {
                 _ => {
                     let pinned = b_arc.pin(c.0.ip(), now);
                     let mut cands = b_arc.pick(c, now, 4);
-                    let first = cands.next_index().expect("a candidate while endpoints exist");
+                    let first =
+                        b_arc.next_candidate(&mut cands, now).expect("a candidate while endpoints exist");
                     let first_addr = b_arc.endpoint(first).expect("candidate in range");
                     assert!(
                         set.iter().any(|n| ep(*n) == first_addr),
                         "seed {seed}: picked a removed endpoint"
                     );
                     if let Some(p) = pinned
-                        && !registry.state(p).is_ejected(now)
+                        && !registry.state(Protocol::Tcp, p).is_ejected(now)
                     {
                         assert_eq!(first_addr, p, "seed {seed} step {step}: a live, healthy pin comes first");
                     }
@@ -377,7 +530,11 @@ fn simulation_keeps_pins_health_and_candidates_consistent() {
                 *expected.entry(owner.endpoint(*i).expect("in range")).or_default() += 1;
             }
             for (addr, n) in expected {
-                assert_eq!(registry.state(addr).active(), n, "seed {seed}: active count of {addr}");
+                assert_eq!(
+                    registry.state(Protocol::Tcp, addr).active(),
+                    n,
+                    "seed {seed}: active count of {addr}"
+                );
             }
         }
     }
@@ -395,7 +552,7 @@ fn round_robin_is_fair_across_workers() {
                 s.spawn(move || {
                     let mut seen = HashMap::new();
                     for _ in 0..3000 {
-                        *seen.entry(b.pick(client(1), now, 4).next_index().unwrap()).or_default() += 1;
+                        *seen.entry(first_of(&b, client(1), now).unwrap()).or_default() += 1;
                     }
                     seen
                 })

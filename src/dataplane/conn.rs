@@ -249,7 +249,7 @@ impl Conn {
                     None => ConnError::NoEndpoint,
                 });
             }
-            let Some(i) = self.candidates.next_index() else {
+            let Some(i) = self.balancer.next_candidate(&mut self.candidates, now) else {
                 let counters = self.port.metrics.slot(self.worker);
                 counters.add(&counters.refused, 1);
                 return Dial::Exhausted(match (self.endpoint, self.last_error.take()) {

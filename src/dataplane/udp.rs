@@ -125,7 +125,7 @@ impl Flows {
         now: Instant,
     ) -> Result<usize, FlowError> {
         let mut candidates = balancer.pick(ClientAddr(client), now, 1);
-        let i = candidates.next_index().ok_or(FlowError::NoEndpoint)?;
+        let i = balancer.next_candidate(&mut candidates, now).ok_or(FlowError::NoEndpoint)?;
         let endpoint_addr = balancer.endpoint(i).ok_or(FlowError::NoEndpoint)?;
         let socket = connect(endpoint_addr.0)
             .map_err(|source| FlowError::Socket { endpoint: endpoint_addr, source })?;
