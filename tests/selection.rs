@@ -232,3 +232,144 @@ fn terminating_endpoints_still_serving_carry_traffic_and_not_serving_ones_never(
     proxy.wait_newer_than(g);
     eventually(Duration::from_secs(5), "refusal when nothing is serving", || refused_at_once(target));
 }
+
+/// 1,200 sequential connections through `proxy`, each counted by the
+/// greeting's endpoint; panics on any client-visible failure.
+fn spread(proxy: &Proxy, connections: usize) -> HashMap<String, usize> {
+    let target = proxy.proxy_addr(SVC);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for i in 0..connections {
+        let who = try_whoami(target).unwrap_or_else(|e| panic!("connection {i} failed: {e}"));
+        *seen.entry(who).or_default() += 1;
+    }
+    seen
+}
+
+/// Four endpoints, the third dead (nothing listens): each survivor's share.
+fn dead_one_of_four(args: &[&str]) -> (Proxy, SocketAddr, HashMap<String, usize>, Vec<Backend>) {
+    let live = vec![Backend::greeter(), Backend::greeter(), Backend::greeter()];
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let endpoints = [live[0].addr, live[1].addr, dead, live[2].addr];
+    let proxy = Proxy::start(&service_with_endpoints("svc", &endpoints), args);
+    let seen = spread(&proxy, 1200);
+    (proxy, dead, seen, live)
+}
+
+fn assert_fair_over_survivors(seen: &HashMap<String, usize>, live: &[Backend], what: &str) {
+    println!("{what}: 1200 connections gave {seen:?}");
+    assert_eq!(seen.len(), 3, "{what}: only the survivors served: {seen:?}");
+    for b in live {
+        let n = seen.get(&b.addr.to_string()).copied().unwrap_or(0);
+        assert!((380..=420).contains(&n), "{what}: {} took {n}, not 400 ± 5%: {seen:?}", b.addr);
+    }
+}
+
+#[test]
+fn a_dead_endpoints_share_is_spread_over_the_survivors_by_retries() {
+    // Never ejected: a quarter of the connections fail over by retry.
+    let (proxy, dead, seen, live) = dead_one_of_four(&["--eject-after", "0"]);
+    assert_fair_over_survivors(&seen, &live, "dead, retried");
+    let h = health(&proxy, dead);
+    assert!(h["failures"].as_u64().unwrap_or(0) >= 250, "every fourth pick tried it: {h}");
+}
+
+#[test]
+fn an_ejected_endpoints_share_is_spread_over_the_survivors_by_skips() {
+    let (proxy, dead, seen, live) =
+        dead_one_of_four(&["--eject-after", "3", "--eject-backoff", "60s", "--eject-max", "60s"]);
+    assert_fair_over_survivors(&seen, &live, "ejected, skipped");
+    let h = health(&proxy, dead);
+    assert_eq!(h["ejected"], true, "{h}");
+    assert_eq!(h["attempts"], 3, "after ejection it is skipped, never tried: {h}");
+}
+
+/// Serve HTTP on `addr` with python3's http.server; `/who` answers the
+/// server's own address. Killed on drop.
+struct HttpServer(std::process::Child, tempfile::TempDir);
+
+impl HttpServer {
+    fn start(addr: SocketAddr) -> HttpServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("who"), addr.to_string()).expect("write /who");
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", &addr.port().to_string(), "--bind", &addr.ip().to_string()])
+            .arg("--directory")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (scripts/test.sh installs it) to start an HTTP server");
+        let server = HttpServer(child, dir);
+        eventually(Duration::from_secs(10), &format!("HTTP server on {addr}"), || {
+            TcpStream::connect(addr).is_ok()
+        });
+        server
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET /who` through `target` with curl: the serving endpoint's address.
+fn curl_who(target: SocketAddr) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{target}/who")])
+        .output()
+        .expect("curl (scripts/test.sh installs it)");
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn udp_failures_on_an_address_leave_its_tcp_service_untouched() {
+    // Unusual loopback addresses, so no other test's 8080 is in the way.
+    let addrs: Vec<SocketAddr> =
+        (1..=3).map(|n| format!("127.0.16.{n}:8080").parse().expect("addr")).collect();
+    let _servers: Vec<_> = addrs.iter().map(|a| HttpServer::start(*a)).collect();
+    let shared = addrs[0];
+    let udp = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\n\
+         spec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {{port: 53, protocol: UDP}}\n---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: dns, namespace: default}}\nsubsets:\n\
+         - addresses: [{{ip: \"{}\"}}]\n  ports: [{{port: 8080, protocol: UDP}}]\n",
+        shared.ip()
+    );
+    let proxy = Proxy::start(&(service_with_endpoints("svc", &addrs) + &udp), &[]);
+    let endpoint_health = |service: &str| -> serde_json::Value {
+        let snap = proxy.snapshot();
+        let port =
+            snap["service_ports"].as_array().and_then(|p| p.iter().find(|p| p["name"] == service)).cloned();
+        let endpoints = port.map(|p| p["internal"]["endpoints"].clone()).unwrap_or_default();
+        endpoints
+            .as_array()
+            .and_then(|e| e.iter().find(|pair| pair[0] == shared.to_string()))
+            .map(|pair| pair[1].clone())
+            .unwrap_or_else(|| panic!("{shared} not in {service}: {snap:#}"))
+    };
+    // Nothing listens for UDP on the shared address: each datagram's flow
+    // gets ICMP port unreachable, until the UDP endpoint is ejected.
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
+    let dns = proxy.proxy_addr("default/dns");
+    eventually(Duration::from_secs(10), "the UDP endpoint to be ejected", || {
+        client.send_to(b"ping", dns).expect("send datagram");
+        std::thread::sleep(Duration::from_millis(20));
+        endpoint_health("default/dns")["ejected"] == true
+    });
+    let udp_view = endpoint_health("default/dns");
+    assert!(udp_view["failures"].as_u64().unwrap_or(0) >= 3, "{udp_view}");
+
+    let web = proxy.proxy_addr(SVC);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        *seen.entry(curl_who(web)).or_default() += 1;
+    }
+    println!("30 HTTP requests after UDP failures on {shared}: {seen:?}; UDP view {udp_view}");
+    assert_eq!(seen.get(&shared.to_string()), Some(&10), "the shared endpoint keeps its share: {seen:?}");
+    let tcp_view = endpoint_health(SVC);
+    assert_eq!(tcp_view["failures"], 0, "no UDP failure counted on the TCP endpoint: {tcp_view}");
+    assert_eq!(tcp_view["ejected"], false, "{tcp_view}");
+}
