@@ -8,6 +8,8 @@
 //!   atomics, 128-byte aligned); the scrape reads and sums all slots.
 //! - Counters of a service port live as long as any snapshot or connection
 //!   holds them, so they keep counting across reloads that keep the port.
+//! - A port exposes only the series of its protocol: the connection series
+//!   for TCP, the `ringport_udp_*` series for UDP (bytes for both).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +23,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::ServicePortName;
+use crate::model::{Protocol, ServicePortName};
 
 /// Metric names. Counters are named without `_total`: the exposition
 /// format appends it (so `ringport_connections_accepted` is scraped as
@@ -107,6 +109,7 @@ impl PortCounters {
 #[derive(Debug)]
 pub struct PortMetrics {
     label: String,
+    protocol: Protocol,
     slots: Box<[PortCounters]>,
 }
 
@@ -181,14 +184,15 @@ impl Metrics {
         }
     }
 
-    /// The counters of a service port: the existing ones while held.
-    pub fn port(&self, name: &ServicePortName) -> Arc<PortMetrics> {
+    /// The counters of a service port: the existing ones while held (and
+    /// the protocol is unchanged).
+    pub fn port(&self, name: &ServicePortName, protocol: Protocol) -> Arc<PortMetrics> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = ports.get(name).and_then(Weak::upgrade) {
+        if let Some(m) = ports.get(name).and_then(Weak::upgrade).filter(|m| m.protocol == protocol) {
             return m;
         }
         let slots = (0..self.workers).map(|_| PortCounters::default()).collect();
-        let m = Arc::new(PortMetrics { label: name.to_string(), slots });
+        let m = Arc::new(PortMetrics { label: name.to_string(), protocol, slots });
         ports.insert(name.clone(), Arc::downgrade(&m));
         m
     }
@@ -295,13 +299,15 @@ impl Collector for Metrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         use names::*;
         let ports = self.live_ports();
+        let of = |protocol| -> Vec<_> { ports.iter().filter(|p| p.protocol == protocol).cloned().collect() };
+        let (tcp, udp) = (of(Protocol::Tcp), of(Protocol::Udp));
         let e = &mut enc;
-        let p = &ports;
+        let p = &tcp;
         port_counter(e, p, CONNECTIONS_ACCEPTED, "Connections accepted", &total(|c| &c.accepted))?;
         port_open_now(e, p, CONNECTIONS_ACTIVE, "Connections open now", |c| &c.accepted, |c| &c.closed)?;
         let bytes: [(&str, Field); 2] =
             [("to_endpoint", |c| &c.bytes_to_endpoint), ("to_client", |c| &c.bytes_to_client)];
-        port_counter(e, p, BYTES, "Bytes relayed", &bytes)?;
+        port_counter(e, &ports, BYTES, "Bytes relayed", &bytes)?;
         port_counter(
             e,
             p,
@@ -313,13 +319,14 @@ impl Collector for Metrics {
         let refused = "Client connections reset because every attempt failed";
         port_counter(e, p, CONNECTIONS_REFUSED, refused, &total(|c| &c.refused))?;
         let labels: Vec<Vec<(&'static str, String)>> =
-            ports.iter().map(|p| vec![("service_port", p.label.clone())]).collect();
-        let hists: Vec<Series<'_>> = ports
+            tcp.iter().map(|p| vec![("service_port", p.label.clone())]).collect();
+        let hists: Vec<Series<'_>> = tcp
             .iter()
             .zip(&labels)
             .map(|(p, l)| (l.as_slice(), p.slots.iter().map(|s| &s.connect_duration).collect()))
             .collect();
         histogram(e, CONNECT_DURATION, "Time from accept to a connected endpoint", &hists)?;
+        let p = &udp;
 
         port_open_now(
             e,
@@ -380,7 +387,7 @@ mod tests {
     fn per_worker_counters_are_summed_at_scrape() {
         let metrics = Arc::new(Metrics::new(2));
         let name = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
-        let port = metrics.port(&name);
+        let port = metrics.port(&name, Protocol::Tcp);
         port.slot(0).add(&port.slot(0).accepted, 3);
         port.slot(1).add(&port.slot(1).accepted, 4);
         port.slot(1).add(&port.slot(1).closed, 2);
@@ -409,10 +416,29 @@ mod tests {
     fn a_port_nothing_holds_is_no_longer_exposed() {
         let metrics = Arc::new(Metrics::new(1));
         let name = ServicePortName { service: ServiceName::new("default", "gone"), port: String::new() };
-        drop(metrics.port(&name));
+        drop(metrics.port(&name, Protocol::Tcp));
         metrics.prune();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).unwrap();
         assert!(!text.contains("default/gone"), "{text}");
+    }
+
+    #[test]
+    fn each_port_exposes_only_the_series_of_its_protocol() {
+        let metrics = Arc::new(Metrics::new(1));
+        let name = |n: &str| ServicePortName { service: ServiceName::new("default", n), port: String::new() };
+        let (_web, _dns) =
+            (metrics.port(&name("web"), Protocol::Tcp), metrics.port(&name("dns"), Protocol::Udp));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).unwrap();
+        let series = |port: &str| -> Vec<&str> {
+            text.lines().filter(|l| !l.starts_with('#') && l.contains(port)).collect()
+        };
+        let (web, dns) = (series("\"default/web\""), series("\"default/dns\""));
+        assert!(web.iter().all(|l| !l.starts_with("ringport_udp_")), "{web:#?}");
+        assert!(web.iter().any(|l| l.starts_with("ringport_connections_accepted_total")), "{web:#?}");
+        assert!(dns.iter().all(|l| !l.starts_with("ringport_connect")), "{dns:#?}");
+        assert!(dns.iter().any(|l| l.starts_with("ringport_udp_flows_created_total")), "{dns:#?}");
+        assert!(dns.iter().any(|l| l.starts_with("ringport_bytes_total")), "bytes for both: {dns:#?}");
     }
 }

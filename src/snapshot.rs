@@ -127,7 +127,7 @@ impl Snapshot {
                     Balancer::build(&spec, scope, ctx.options, ctx.registry, prev)
                 };
                 let (internal, external) = (build(Scope::Internal), build(Scope::External));
-                let metrics = ctx.metrics.port(&spec.name);
+                let metrics = ctx.metrics.port(&spec.name, spec.protocol);
                 Arc::new(PortState { spec, internal, external, metrics })
             })
             .collect();

@@ -284,8 +284,11 @@ fn an_ejected_endpoints_share_is_spread_over_the_survivors_by_skips() {
 }
 
 /// Serve HTTP on `addr` with python3's http.server; `/who` answers the
-/// server's own address. Killed on drop.
-struct HttpServer(std::process::Child, tempfile::TempDir);
+/// server's own address. Killed on drop (and its directory removed).
+struct HttpServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
 
 impl HttpServer {
     fn start(addr: SocketAddr) -> HttpServer {
@@ -299,7 +302,7 @@ impl HttpServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("python3 (scripts/test.sh installs it) to start an HTTP server");
-        let server = HttpServer(child, dir);
+        let server = HttpServer { child, _dir: dir };
         eventually(Duration::from_secs(10), &format!("HTTP server on {addr}"), || {
             TcpStream::connect(addr).is_ok()
         });
@@ -309,8 +312,8 @@ impl HttpServer {
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,9 +1,10 @@
 //! Endpoint selection for one service port: pure logic, no I/O. The time is
 //! passed in, so every behaviour can be tested with a fake clock.
 //!
-//! For one new connection, [`Balancer::pick`] yields the ordered candidates
-//! to try. Retry on connect failure is then "take the next candidate"
-//! (pingora's selection iterator). The outcome of each attempt is reported
+//! For one new connection, [`Balancer::pick`] chooses the first candidate;
+//! retry on connect failure is then "take the next candidate"
+//! ([`Balancer::next_candidate`], after pingora's selection iterator), chosen
+//! when it is needed. The outcome of each attempt is reported
 //! back ([`Balancer::connected`], [`Balancer::failed`], [`Balancer::closed`])
 //! and feeds passive health, session affinity and least-connections.
 //!
@@ -12,9 +13,11 @@
 //!    eligible and not ejected comes first (and its window slides).
 //! 2. Otherwise the scheduler chooses (rr, random, lc, p2c, sh, maglev),
 //!    skipping ejected endpoints; with affinity the choice is pinned.
-//! 3. The rest follow in rotation order, ejected ones skipped; when fewer
-//!    healthy endpoints exist than attempts, they are cycled; when none is
-//!    healthy, all are tried (health never fails a service closed).
+//! 3. Each retry asks the scheduler again as if the endpoints already tried
+//!    and the ejected ones were absent (round robin: the next rotation
+//!    index), so a failed endpoint's share spreads over all survivors; when
+//!    fewer healthy endpoints exist than attempts, they are cycled; when
+//!    none is healthy, all are tried (health never fails a service closed).
 //!
 //! Invariants:
 //! - A balancer is shared by every worker (through the snapshot); its

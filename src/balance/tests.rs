@@ -540,7 +540,8 @@ fn simulation_keeps_pins_health_and_candidates_consistent() {
     }
 }
 
-/// Round robin is exactly fair across threads sharing one balancer.
+/// With every endpoint healthy, round robin gives each endpoint the same
+/// count across threads sharing one balancer.
 #[test]
 fn round_robin_is_fair_across_workers() {
     let b = Arc::new(rr(&[1, 2, 3]));
