@@ -28,6 +28,7 @@ SCENARIOS = {
     "rr-1": ("tcp-rr, 1 connection, fixed rate (latency)", "p50", "µs p50", "req", False),
     "udp-rr": ("udp-rr, 16 flows, closed loop", "ops", "req/s", "req", True),
     "idle": ("idle connections held (memory per connection)", "rss_per_conn", "KB/conn", None, False),
+    "udp-iperf": ("iperf3 -u -b 2G -l 32K (receiver's loss)", "loss", "% lost", None, False),
 }
 PEER_ORDER = ["direct", "ringport", "ringport-copy", "ringport-w1", "haproxy", "nginx"]
 
@@ -47,6 +48,12 @@ def work_done(row):
 
 def metrics(row):
     """Per-measurement figures, or None when loadgen produced no result."""
+    if "iperf" in row:
+        ip = row["iperf"]
+        if ip is None:
+            return None
+        return {"loss": ip["lost_percent"], "gbit": ip["gbit"], "errors": 0, "completed": ip["packets"],
+                "rcvbuf_errors": ip["rcvbuf_errors"]}
     lg = row["loadgen"]
     if lg is None:
         return None
@@ -138,6 +145,8 @@ def detail_table(summary):
             cell = f"{fmt(v)} {unit}"
             if scen == "idle":
                 cell += f", {fmt(s.get('fds_per_conn'))} fd/conn"
+            if scen == "udp-iperf":
+                cell += f", {fmt(s.get('rcvbuf_errors'))} UdpRcvbufErrors"
             eff = s.get("per_cpu_s")
             eff_cell = f"{fmt(eff)} {work}/CPU-s" if work and eff else "n/a"
             fail = f" ({s['failed_rounds']} rounds without result)" if s["failed_rounds"] else ""
@@ -146,7 +155,7 @@ def detail_table(summary):
                 f"| {title} | {peer} | {cell} | {spread} | {fmt_ratio(ratio(v, direct))} | {fmt_ratio(ratio(v, haproxy))}"
                 f" | {fmt(s.get('p99'))} | {eff_cell} | {s['errors']}{fail} |"
             )
-        if scen == "udp-rr":
+        if scen in ("udp-rr", "udp-iperf"):
             lines.append(f"| {title} | haproxy | n/a (HAProxy has no UDP proxying) | | | | | | |")
     return lines
 
@@ -169,6 +178,11 @@ def standing_table(summary):
         "| 1-connection p50 / p99 (µs) | "
         + " | ".join(f"{fmt(g('rr-1', p, 'p50'))} / {fmt(g('rr-1', p, 'p99'))}" for p in ("ringport", "haproxy", "nginx", "direct"))
         + " |"
+    )
+    lines.append(
+        "| UDP loss at 2 Gbit/s, iperf3 (× direct's loss) | "
+        + fmt_ratio(ratio(g("udp-iperf", "ringport", "loss"), g("udp-iperf", "direct", "loss")))
+        + f" | | | 1.00 ({fmt(g('udp-iperf', 'direct', 'loss'))}% lost) |"
     )
     lines.append(
         "| idle memory per connection | "

@@ -45,6 +45,7 @@ case $MODE in
 esac
 ROUNDS=${ROUNDS:-$DEF_ROUNDS}
 RR1_RATE=1000   # tcp-rr 1 connection: requests per second, open loop
+IPERF_RATE=2G IPERF_LEN=32K   # udp-iperf: iperf3 -u -b, -l (issue 16's loss case)
 
 # shellcheck source=bench/lib/host.sh
 . "$ROOT/bench/lib/host.sh"
@@ -107,6 +108,7 @@ if [ "$PIN" = 1 ]; then PROXY_WORKERS=1; else PROXY_WORKERS=$(nproc); fi
 SERVE_BOUND=$((30 + ROUNDS * 5))m
 choose_port_base
 start_backends
+start_iperf_server
 declare -A START_CMD=(
   [ringport]="start_ringport ringport $PROXY_WORKERS splice"
   [ringport-copy]="start_ringport ringport-copy $PROXY_WORKERS copy"
@@ -162,6 +164,9 @@ run_round() {
   done
   for p in direct ringport nginx; do
     measure udp-rr "$p" "$r" -- udp-rr -t "$(peer_target "$p" udp)" -c 16 -d "${DURATION}s"
+  done
+  for p in direct ringport; do
+    measure_iperf udp-iperf "$p" "$r" "$(peer_target "$p" iperf)"
   done
   for p in ringport haproxy nginx; do
     # A fresh process, so memory kept from the earlier scenarios (allocator

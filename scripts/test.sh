@@ -13,6 +13,7 @@ packages=(
   dnsmasq bind9-dnsutils                       # a real DNS server and dig
   conntrack                                    # UDP conntrack clean-up and its tests
   haproxy nginx libnginx-mod-stream            # the benchmark's peers
+  iperf3                                       # the benchmark's UDP loss case
 )
 
 missing=()

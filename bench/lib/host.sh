@@ -2,7 +2,7 @@
 # The machine: Debian packages the benchmark needs, the "is it busy?" gate,
 # and the environment recorded with every result.
 
-# Installs haproxy, nginx + its stream module, and the tools the runner
+# Installs haproxy, nginx + its stream module, iperf3, and the tools the runner
 # uses, when missing; one `apt-get update` at most. Services are not
 # started (policy-rc.d), and never used: the benchmark runs its own.
 ensure_packages() {
@@ -10,7 +10,8 @@ ensure_packages() {
   for entry in "haproxy:command -v haproxy" "nginx:command -v nginx" \
       "libnginx-mod-stream:test -e /usr/lib/nginx/modules/ngx_stream_module.so" \
       "jq:command -v jq" "python3:command -v python3" "curl:command -v curl" \
-      "iproute2:command -v ss" "procps:command -v pgrep" "util-linux:command -v taskset"; do
+      "iproute2:command -v ss" "procps:command -v pgrep" "util-linux:command -v taskset" \
+      "iperf3:command -v iperf3"; do
     pkg=${entry%%:*} test=${entry#*:}
     eval "$test" >/dev/null 2>&1 || missing+=("$pkg")
   done

@@ -131,3 +131,48 @@ ns() {
   awk -v d="$1" 'BEGIN{ if (d ~ /ms$/) { sub(/ms$/,"",d); printf "%d", d*1e6 }
                         else { sub(/s$/,"",d); printf "%d", d*1e9 } }'
 }
+
+# System-wide UDP receive-buffer drops (every socket of this namespace).
+udp_rcvbuf_errors() { awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) col[$i] = i; h = 1 } else print $col["RcvbufErrors"] }' /proc/net/snmp; }
+
+# measure_iperf SCENARIO PEER ROUND TARGET: iperf3 UDP at $IPERF_RATE with
+# $IPERF_LEN datagrams through TARGET. Appends one JSON line to $RAW with
+# the receiver's loss, the system's UdpRcvbufErrors over the run, and the
+# UDP sockets that had dropped datagrams (`ss -uam`'s d counter) mid-run,
+# so a loss can be placed on the socket where it happened.
+measure_iperf() {
+  local scenario=$1 peer=$2 round=$3 target=$4
+  local out=$WORK/runs/$scenario.$peer.$round
+  mkdir -p "$WORK/runs"
+  local secs rcv0 rcv1 rc=0 started
+  secs=$(awk -v d="$DURATION" 'BEGIN { s = int(d + 0.5); print (s < 1 ? 1 : s) }')
+  started=$(date +%s%N)
+  rcv0=$(udp_rcvbuf_errors)
+  # Mid-run, and again just before the end: every UDP socket with drops.
+  ( sleep "$(awk -v s="$secs" 'BEGIN { print s * 0.9 }')"; ss -uamnH >"$out.ss" 2>/dev/null ) &
+  local sampler=$!
+  # shellcheck disable=SC2046
+  $(load_cpu) timeout $((secs + 20)) iperf3 -c "${target%:*}" -p "${target##*:}" -u -b "$IPERF_RATE" \
+    -l "$IPERF_LEN" -t "$secs" -J >"$out.json" 2>"$out.err" || rc=$?
+  wait "$sampler" 2>/dev/null || true
+  rcv1=$(udp_rcvbuf_errors)
+  local wall; wall=$(awk -v a="$started" -v b="$(date +%s%N)" 'BEGIN{printf "%.2f", (b-a)/1e9}')
+  local result
+  result=$(jq -c 'if .end.sum.packets then {lost_percent: .end.sum.lost_percent, packets: .end.sum.packets,
+      lost_packets: .end.sum.lost_packets, gbit: (.end.sum.bits_per_second / 1e9)} else null end' "$out.json" 2>/dev/null) || result=null
+  [ -n "$result" ] || result=null
+  [ "$result" = null ] && echo "  ! $scenario/$peer round $round: iperf3 rc=$rc: $(jq -r '.error // empty' "$out.json" 2>/dev/null) $(tail -c 300 "$out.err")" >&2
+  # Sockets that dropped: local, peer and the skmem drop count.
+  local drops
+  # (`ss` prints each socket's addresses on one line, its skmem on the next.)
+  drops=$(awk '!/skmem:/ { local = $4; peer = $5; next }
+      match($0, /,d[0-9]+\)/) { d = substr($0, RSTART + 2, RLENGTH - 3) + 0
+        if (d > 0) { printf "%s%s -> %s dropped %d", sep, local, peer, d; sep = "; " } }' "$out.ss" 2>/dev/null)
+  jq -nc --arg scenario "$scenario" --arg peer "$peer" --argjson round "$round" --argjson rc "$rc" \
+    --argjson iperf "$result" --argjson rcvbuf "$((rcv1 - rcv0))" --arg drops "$drops" --argjson wall "$wall" \
+    '{scenario:$scenario, peer:$peer, round:$round, loadgen_rc:$rc, loadgen:null, cpu_s:0, wall_s:$wall,
+      iperf:(if $iperf == null then null else ($iperf + {rcvbuf_errors:$rcvbuf, socket_drops:$drops}) end)}' >>"$RAW"
+  printf '  %-14s %-14s r%s  %s\n' "$scenario" "$peer" "$round" \
+    "$(jq -r 'if .iperf == null then "no result" else "\(.iperf.lost_percent*100|floor/100)% lost of \(.iperf.packets), UdpRcvbufErrors +\(.iperf.rcvbuf_errors), drops: \(.iperf.socket_drops)" end' <<<"$(tail -n1 "$RAW")")" >&2
+  return 0
+}

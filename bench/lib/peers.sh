@@ -76,8 +76,21 @@ start_backends() {
   BACKEND_UDP=$(jq -r '.listening[] | select(.mode=="udp-echo") | .addr' <<<"$bound")
 }
 
+# An iperf3 server (UDP loss at a fixed rate, `udp-iperf`) on PORT_BASE + 60.
+# iperf3 talks TCP (control) and UDP (data) on one port, so a proxy in
+# front of it serves both protocols on one port number.
+start_iperf_server() {
+  IPERF_PORT=$((PORT_BASE + 60))
+  # shellcheck disable=SC2046
+  $(load_cpu) iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &
+  track_pid $!
+  wait_until 10 listening "$IPERF_PORT" || { echo "iperf3 -s did not start:" >&2; cat "$WORK/iperf3-server.log" >&2; return 1; }
+}
+
 # Each peer listens on PORT_BASE + 10*slot + {0 echo, 1 sink, 2 source, 3 udp};
-# ringport's proxy ports are +4..+6, its admin ports +8 and +9.
+# ringport's admin ports are +8 and +9. The iperf3 port (TCP and UDP) is
+# PORT_BASE + 60 + slot; ringport's six proxy ports are PORT_BASE + 60 +
+# 6*slot .. +5 (66..95 for slots 1..5).
 peer_slot() {
   case $1 in
     ringport) echo 1 ;; haproxy) echo 2 ;; nginx) echo 3 ;;
@@ -92,7 +105,12 @@ peer_target() {
     case $kind in
       echo) echo "$BACKEND_ECHO" ;; sink) echo "$BACKEND_SINK" ;;
       source) echo "$BACKEND_SOURCE" ;; udp) echo "$BACKEND_UDP" ;;
+      iperf) echo "127.0.0.1:$IPERF_PORT" ;;
     esac
+    return
+  fi
+  if [ "$kind" = iperf ]; then
+    echo "127.0.0.1:$((PORT_BASE + 60 + $(peer_slot "$peer")))"
     return
   fi
   case $kind in echo) off=0 ;; sink) off=1 ;; source) off=2 ;; udp) off=3 ;; esac
@@ -153,13 +171,32 @@ subsets:
       - {name: sink, protocol: TCP, port: $(port_of "$BACKEND_SINK")}
       - {name: source, protocol: TCP, port: $(port_of "$BACKEND_SOURCE")}
       - {name: udp, protocol: UDP, port: $(port_of "$BACKEND_UDP")}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: iperf, namespace: default}
+spec:
+  clusterIP: 10.96.0.91
+  externalIPs: ["127.0.0.1"]
+  ports:
+    - {name: ctl, protocol: TCP, port: $((PORT_BASE + 60 + $(peer_slot "$peer")))}
+    - {name: data, protocol: UDP, port: $((PORT_BASE + 60 + $(peer_slot "$peer")))}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: iperf, namespace: default}
+subsets:
+  - addresses: [{ip: 127.0.0.1}]
+    ports:
+      - {name: ctl, protocol: TCP, port: $IPERF_PORT}
+      - {name: data, protocol: UDP, port: $IPERF_PORT}
 YAML
   local pin_flag=--no-pin
   [ "$PIN" = 1 ] && pin_flag=
   # shellcheck disable=SC2046,SC2086
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
     --workers "$workers" $pin_flag --relay "$relay" --redirect "$redirect" --bind-address "$bind" \
-    --proxy-port-range "$((base + 4))-$((base + 7))" \
+    --proxy-port-range "$((PORT_BASE + 60 + 6 * $(peer_slot "$peer")))-$((PORT_BASE + 65 + 6 * $(peer_slot "$peer")))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \
     --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
   track_pid $!
