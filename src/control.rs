@@ -13,7 +13,7 @@ use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
 use crate::dataplane::listen::{BindError, Binder, Listener};
-use crate::metrics::Metrics;
+use crate::metrics::{Changes, Metrics};
 use crate::model::ServicePort;
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::table::Table;
@@ -58,8 +58,11 @@ impl Control {
 
     /// Apply a full set of manifests (a file source's load).
     pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
+        let received = std::time::Instant::now();
         let ports = self.table.try_replace(manifests).map_err(Rejected)?;
         let previous = self.snapshot.load_full();
+        let changes = changes(&previous, &ports);
+        self.metrics.apply.queued(changes);
         let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
         for l in listeners.iter().filter(|l| !previous.listeners.iter().any(|p| p.id == l.id)) {
             tracing::info!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
@@ -71,7 +74,9 @@ impl Control {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
             }
         }
-        Ok(self.publish(ports, listeners, bind_errors, &previous, data_plane))
+        let applied = self.publish(ports, listeners, bind_errors, &previous, data_plane);
+        self.metrics.apply.published(received, changes);
+        Ok(applied)
     }
 
     /// Move this node to another zone (the Node's label changed): the
@@ -83,8 +88,12 @@ impl Control {
         if previous.generation == 0 {
             return None;
         }
+        let started = std::time::Instant::now();
         let ports = previous.ports.iter().map(|p| p.spec.clone()).collect();
-        Some(self.publish(ports, previous.listeners.clone(), Vec::new(), &previous, data_plane))
+        let applied = self.publish(ports, previous.listeners.clone(), Vec::new(), &previous, data_plane);
+        // A sync with no service or endpoint change.
+        self.metrics.apply.published(started, Changes::default());
+        Some(applied)
     }
 
     /// This node's zone, as balancing uses it.
@@ -129,4 +138,38 @@ impl Control {
         self.table = Table::tolerant();
         self
     }
+}
+
+/// Which service ports an update changes, as kube-proxy counts endpoint
+/// and service changes (a port added or removed counts as both).
+fn changes(previous: &Snapshot, ports: &[ServicePort]) -> Changes {
+    let old: std::collections::HashMap<_, _> =
+        previous.ports.iter().map(|p| (&p.spec.name, &p.spec)).collect();
+    let mut c = Changes::default();
+    let mut kept = 0;
+    for new in ports {
+        let Some(old) = old.get(&new.name) else {
+            c.endpoints += 1;
+            c.services += 1;
+            continue;
+        };
+        kept += 1;
+        if *old == new {
+            continue;
+        }
+        if old.endpoints == new.endpoints {
+            c.services += 1;
+            continue;
+        }
+        c.endpoints += 1;
+        // Both may have changed: compare the rest (rare, so the clone is).
+        let rest = |p: &ServicePort| ServicePort { endpoints: Vec::new(), ..p.clone() };
+        if rest(old) != rest(new) {
+            c.services += 1;
+        }
+    }
+    let removed = (old.len() - kept) as u64;
+    c.endpoints += removed;
+    c.services += removed;
+    c
 }

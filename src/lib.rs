@@ -24,3 +24,4 @@ pub mod service_health;
 pub mod snapshot;
 pub mod source;
 pub mod table;
+pub mod version;

@@ -50,7 +50,7 @@ fn metrics_count_connections_bytes_retries_and_connect_time() {
         c.read_to_end(&mut back).expect("echo");
         assert_eq!(back, b"hello");
     }
-    let label = "{service_port=\"default/svc\"}";
+    let label = "{namespace=\"default\",service=\"svc\",port=\"\"}";
     let m = |name: &str| proxy.metric(&format!("{name}{label}"));
     eventually(Duration::from_secs(5), "every connection to be counted closed", || {
         m("ringport_connections_active") == Some(0.0)
@@ -58,7 +58,9 @@ fn metrics_count_connections_bytes_retries_and_connect_time() {
     assert_eq!(m("ringport_connections_accepted_total"), Some(20.0));
     assert_eq!(m("ringport_connect_duration_seconds_count"), Some(20.0));
     let bytes = |dir: &str| {
-        proxy.metric(&format!("ringport_bytes_total{{service_port=\"default/svc\",direction=\"{dir}\"}}"))
+        proxy.metric(&format!(
+            "ringport_bytes_total{{namespace=\"default\",service=\"svc\",port=\"\",direction=\"{dir}\"}}"
+        ))
     };
     assert_eq!(bytes("to_endpoint"), Some(100.0));
     assert_eq!(bytes("to_client"), Some(100.0));

@@ -155,7 +155,7 @@ fn thousand_flows_each_get_their_own_replies() {
         }
     }
     println!("1000 flows x 100 exchanges: {resent} datagrams resent after a loss");
-    let label = "{service_port=\"default/dns\"}";
+    let label = "{namespace=\"default\",service=\"dns\",port=\"\"}";
     assert_eq!(proxy.metric(&format!("ringport_udp_flows_created_total{label}")), Some(1000.0));
 }
 
@@ -176,7 +176,7 @@ fn idle_flows_expire_and_their_sockets_close() {
     eventually(Duration::from_secs(10), "the flows to expire and the fd count to return to baseline", || {
         proxy.fd_count() <= baseline
     });
-    let label = "{service_port=\"default/dns\"}";
+    let label = "{namespace=\"default\",service=\"dns\",port=\"\"}";
     assert_eq!(proxy.metric(&format!("ringport_udp_flows_expired_total{label}")), Some(50.0));
     assert_eq!(proxy.metric(&format!("ringport_udp_flows_active{label}")), Some(0.0));
 }

@@ -120,7 +120,7 @@ impl Proxy {
     }
 
     /// The value of one exposed sample, e.g.
-    /// `ringport_connections_accepted_total{service_port="default/svc"}`.
+    /// `ringport_connections_accepted_total{namespace="default",service="svc",port=""}`.
     pub fn metric(&self, sample: &str) -> Option<f64> {
         let (code, body) = self.get("/metrics")?;
         assert_eq!(code, 200, "{body}");

@@ -1,0 +1,379 @@
+//! Prometheus metrics: per-service-port counters kept per worker (summed at
+//! scrape, so cores never contend on a cache line), control-plane figures
+//! under ringport's names and kube-proxy's, process figures, and their
+//! exposition through `prometheus-client` (in [`expose`]).
+//!
+//! Invariants:
+//! - Every metric name is a constant in [`names`]; nothing else spells one.
+//! - A worker writes only its own slot of a [`PortMetrics`] (relaxed
+//!   atomics, 128-byte aligned); the scrape reads and sums all slots.
+//! - Counters of a service port live as long as any snapshot or connection
+//!   holds them, so they keep counting across reloads that keep the port.
+//! - A histogram stores per-bucket (not cumulative) counts; the encoder
+//!   accumulates them once, so `le="+Inf"` always equals `_count`.
+//! - A port exposes only the series of its protocol: the connection series
+//!   for TCP, the `ringport_udp_*` series for UDP (bytes, ejections and
+//!   readmissions for both).
+
+mod expose;
+mod process;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::registry::Registry;
+
+use crate::model::{Protocol, ServicePortName};
+
+/// Metric names. Counters are named without `_total`: the exposition
+/// format appends it (so `ringport_connections_accepted` is scraped as
+/// `ringport_connections_accepted_total`).
+pub mod names {
+    pub const CONNECTIONS_ACCEPTED: &str = "ringport_connections_accepted";
+    pub const CONNECTIONS_ACTIVE: &str = "ringport_connections_active";
+    pub const BYTES: &str = "ringport_bytes";
+    pub const CONNECT_FAILURES: &str = "ringport_connect_failures";
+    pub const CONNECT_RETRIES: &str = "ringport_connect_retries";
+    pub const CONNECTIONS_REFUSED: &str = "ringport_connections_refused";
+    pub const CONNECT_DURATION: &str = "ringport_connect_duration_seconds";
+    pub const UDP_FLOWS_ACTIVE: &str = "ringport_udp_flows_active";
+    pub const UDP_FLOWS_CREATED: &str = "ringport_udp_flows_created";
+    pub const UDP_FLOWS_EXPIRED: &str = "ringport_udp_flows_expired";
+    pub const UDP_DATAGRAMS: &str = "ringport_udp_datagrams";
+    pub const UDP_DROPPED: &str = "ringport_udp_datagrams_dropped";
+    pub const UDP_TRUNCATED: &str = "ringport_udp_datagrams_truncated";
+    pub const SNAPSHOT_GENERATION: &str = "ringport_snapshot_generation";
+    pub const RELOADS: &str = "ringport_reloads";
+    pub const SYNC_DURATION: &str = "ringport_sync_duration_seconds";
+    pub const SYNC_FAILURES: &str = "ringport_sync_failures";
+    pub const PROGRAMMED_RULES: &str = "ringport_programmed_rules";
+    pub const LAST_SYNC: &str = "ringport_last_sync_timestamp_seconds";
+    pub const BUILD_INFO: &str = "ringport_build_info";
+
+    // kube-proxy's own names (pkg/proxy/metrics), where the meaning is the same.
+    pub const KP_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+    pub const KP_LAST_SYNC: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
+    pub const KP_NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+    pub const KP_ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes";
+    pub const KP_ENDPOINT_CHANGES_PENDING: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_pending";
+    pub const KP_SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes";
+    pub const KP_SERVICE_CHANGES_PENDING: &str = "kubeproxy_sync_proxy_rules_service_changes_pending";
+
+    // The process figures every Prometheus client library exports.
+    pub const PROCESS_CPU: &str = "process_cpu_seconds";
+    pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+    pub const PROCESS_VSZ: &str = "process_virtual_memory_bytes";
+    pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+    pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+    pub const PROCESS_START: &str = "process_start_time_seconds";
+}
+
+/// The upper bounds (seconds) of one histogram's buckets, `+Inf` implied.
+pub trait Buckets {
+    const BOUNDS: &'static [f64];
+}
+
+/// Accept-to-connected time: 100 µs to 2.5 s.
+#[derive(Debug)]
+pub struct ConnectBuckets;
+impl Buckets for ConnectBuckets {
+    const BOUNDS: &'static [f64] =
+        &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+}
+
+/// Rule syncs, as kube-proxy's `sync_proxy_rules_duration_seconds`:
+/// `ExponentialBuckets(0.001, 2, 15)`, 1 ms to 16.384 s.
+#[derive(Debug)]
+pub struct SyncBuckets;
+impl Buckets for SyncBuckets {
+    const BOUNDS: &'static [f64] = &exponential::<15>(0.001, 2.0);
+}
+
+/// kube-proxy's `network_programming_duration_seconds`: 0.25 s and 0.5 s,
+/// each second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+#[derive(Debug)]
+pub struct ProgrammingBuckets;
+impl Buckets for ProgrammingBuckets {
+    const BOUNDS: &'static [f64] = &programming_bounds();
+}
+
+const fn exponential<const N: usize>(start: f64, factor: f64) -> [f64; N] {
+    let mut out = [0.0; N];
+    let (mut i, mut b) = (0, start);
+    while i < N {
+        out[i] = b;
+        b *= factor;
+        i += 1;
+    }
+    out
+}
+
+const fn programming_bounds() -> [f64; 80] {
+    // (start, step, count) of kube-proxy's four merged linear ranges.
+    let ranges: [(f64, f64, usize); 4] = [(0.25, 0.25, 2), (1.0, 1.0, 59), (60.0, 5.0, 12), (120.0, 30.0, 7)];
+    let mut out = [0.0; 80];
+    let (mut r, mut i) = (0, 0);
+    while r < ranges.len() {
+        let (start, step, count) = ranges[r];
+        let mut k = 0;
+        while k < count {
+            out[i] = start + step * k as f64;
+            i += 1;
+            k += 1;
+        }
+        r += 1;
+    }
+    out
+}
+
+/// Buckets, sum and count of a histogram, in atomics.
+#[derive(Debug)]
+pub struct AtomicHistogram<B: Buckets> {
+    /// One per bound, plus +Inf last (per-bucket counts, not cumulative).
+    buckets: Box<[AtomicU64]>,
+    sum_nanos: AtomicU64,
+    layout: PhantomData<B>,
+}
+
+impl<B: Buckets> Default for AtomicHistogram<B> {
+    fn default() -> Self {
+        let buckets = (0..=B::BOUNDS.len()).map(|_| AtomicU64::new(0)).collect();
+        Self { buckets, sum_nanos: AtomicU64::new(0), layout: PhantomData }
+    }
+}
+
+impl<B: Buckets> AtomicHistogram<B> {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = B::BOUNDS.iter().position(|b| secs <= *b).unwrap_or(B::BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Add this histogram's per-bucket counts and sum into `counts`/`sum`.
+    fn add_into(&self, counts: &mut [u64], sum: &mut f64) {
+        for (c, b) in counts.iter_mut().zip(self.buckets.iter()) {
+            *c += b.load(Ordering::Relaxed);
+        }
+        *sum += self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    }
+}
+
+/// One worker's counters for one service port.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct PortCounters {
+    pub accepted: AtomicU64,
+    pub closed: AtomicU64,
+    pub bytes_to_endpoint: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub retries: AtomicU64,
+    pub refused: AtomicU64,
+    pub connect_duration: AtomicHistogram<ConnectBuckets>,
+    pub flows_created: AtomicU64,
+    pub flows_closed: AtomicU64,
+    pub flows_expired: AtomicU64,
+    pub datagrams_to_endpoint: AtomicU64,
+    pub datagrams_to_client: AtomicU64,
+    pub datagrams_dropped: AtomicU64,
+    pub truncated: AtomicU64,
+}
+
+impl PortCounters {
+    pub fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The counters of one service port, one slot per worker.
+#[derive(Debug)]
+pub struct PortMetrics {
+    name: ServicePortName,
+    protocol: Protocol,
+    slots: Box<[PortCounters]>,
+}
+
+impl PortMetrics {
+    /// Worker `worker`'s slot (the last one if out of range, never a panic).
+    pub fn slot(&self, worker: usize) -> &PortCounters {
+        &self.slots[worker.min(self.slots.len() - 1)]
+    }
+
+    fn sum(&self, f: impl Fn(&PortCounters) -> &AtomicU64) -> u64 {
+        self.slots.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Control-plane figures of the redirect-rule sync.
+#[derive(Debug, Default)]
+pub struct SyncMetrics {
+    duration: AtomicHistogram<SyncBuckets>,
+    failures: AtomicU64,
+    programmed: AtomicU64,
+    /// Unix time (ms) of the last successful sync; 0 before the first.
+    last_success_ms: AtomicU64,
+}
+
+impl SyncMetrics {
+    pub fn record(&self, took: Duration, result: Result<usize, ()>) {
+        self.duration.observe(took);
+        match result {
+            Ok(programmed) => {
+                self.programmed.store(programmed as u64, Ordering::Relaxed);
+                self.last_success_ms.store(unix_ms(), Ordering::Relaxed);
+            }
+            Err(()) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Time since the last successful sync (`None` before the first).
+    pub fn since_last_success(&self) -> Option<Duration> {
+        match self.last_success_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(unix_ms().saturating_sub(ms))),
+        }
+    }
+}
+
+/// kube-proxy's figures of "syncing the proxy rules": for ringport, taking
+/// a source's update into a published snapshot (listeners bound, balancers
+/// built), whatever `--redirect` is.
+#[derive(Debug, Default)]
+pub struct ApplyMetrics {
+    duration: AtomicHistogram<SyncBuckets>,
+    last_ms: AtomicU64,
+    programming: AtomicHistogram<ProgrammingBuckets>,
+    endpoint_changes: AtomicU64,
+    service_changes: AtomicU64,
+    endpoint_pending: AtomicU64,
+    service_pending: AtomicU64,
+}
+
+/// How many service ports an update changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Service ports whose endpoints changed (added and removed ports count).
+    pub endpoints: u64,
+    /// Service ports whose service fields changed (added and removed count).
+    pub services: u64,
+}
+
+impl ApplyMetrics {
+    /// Changes received and not yet published.
+    pub fn queued(&self, changes: Changes) {
+        self.endpoint_pending.fetch_add(changes.endpoints, Ordering::Relaxed);
+        self.service_pending.fetch_add(changes.services, Ordering::Relaxed);
+    }
+
+    /// An update published: it was received at `received`.
+    pub fn published(&self, received: Instant, changes: Changes) {
+        let took = received.elapsed();
+        self.duration.observe(took);
+        if changes.endpoints + changes.services > 0 {
+            self.programming.observe(took);
+        }
+        self.endpoint_changes.fetch_add(changes.endpoints, Ordering::Relaxed);
+        self.service_changes.fetch_add(changes.services, Ordering::Relaxed);
+        self.endpoint_pending.store(0, Ordering::Relaxed);
+        self.service_pending.store(0, Ordering::Relaxed);
+        self.last_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `--per-service-metrics`: how much per-service-port detail `/metrics`
+/// carries (each service port costs series on every node).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[repr(u8)]
+pub enum PortDetail {
+    /// Every family per service port (about 26 series per TCP port, 11
+    /// per UDP port).
+    #[default]
+    Full = 0,
+    /// Per service port only accepted and active connections and bytes
+    /// (TCP: 4 series), or bytes, active flows and datagrams (UDP: 5); the
+    /// rest summed over all service ports.
+    Summary = 1,
+    /// Every family summed over all service ports: no per-port series.
+    Off = 2,
+}
+
+/// Every metric of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    workers: usize,
+    ports: Mutex<BTreeMap<ServicePortName, Weak<PortMetrics>>>,
+    detail: AtomicU8,
+    pub generation: AtomicU64,
+    pub reloads_applied: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    pub sync: SyncMetrics,
+    pub apply: ApplyMetrics,
+}
+
+impl Metrics {
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: workers.max(1),
+            ports: Mutex::new(BTreeMap::new()),
+            detail: AtomicU8::new(PortDetail::Full as u8),
+            generation: AtomicU64::new(0),
+            reloads_applied: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            sync: SyncMetrics::default(),
+            apply: ApplyMetrics::default(),
+        }
+    }
+
+    pub fn set_detail(&self, detail: PortDetail) {
+        self.detail.store(detail as u8, Ordering::Relaxed);
+    }
+
+    fn detail(&self) -> PortDetail {
+        match self.detail.load(Ordering::Relaxed) {
+            0 => PortDetail::Full,
+            1 => PortDetail::Summary,
+            _ => PortDetail::Off,
+        }
+    }
+
+    /// The counters of a service port: the existing ones while held (and
+    /// the protocol is unchanged).
+    pub fn port(&self, name: &ServicePortName, protocol: Protocol) -> Arc<PortMetrics> {
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = ports.get(name).and_then(Weak::upgrade).filter(|m| m.protocol == protocol) {
+            return m;
+        }
+        let slots = (0..self.workers).map(|_| PortCounters::default()).collect();
+        let m = Arc::new(PortMetrics { name: name.clone(), protocol, slots });
+        ports.insert(name.clone(), Arc::downgrade(&m));
+        m
+    }
+
+    /// Forget service ports nothing holds any more.
+    pub fn prune(&self) {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, m| m.strong_count() > 0);
+    }
+
+    /// A registry exposing these metrics, for `/metrics`.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Arc::clone(self)));
+        registry
+    }
+
+    fn live_ports(&self) -> Vec<Arc<PortMetrics>> {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner()).values().filter_map(Weak::upgrade).collect()
+    }
+}

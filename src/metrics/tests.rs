@@ -1,0 +1,166 @@
+//! Unit tests of the metrics: summing worker slots, histogram exposition,
+//! label escaping, per-service-port detail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::model::{Protocol, ServiceName, ServicePortName};
+
+fn scrape(metrics: &Arc<Metrics>) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).expect("encodes");
+    text
+}
+
+fn web() -> ServicePortName {
+    ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() }
+}
+
+const WEB: &str = "namespace=\"default\",service=\"web\",port=\"http\"";
+
+#[test]
+fn per_worker_counters_are_summed_at_scrape() {
+    let metrics = Arc::new(Metrics::new(2));
+    let port = metrics.port(&web(), Protocol::Tcp);
+    port.slot(0).add(&port.slot(0).accepted, 3);
+    port.slot(1).add(&port.slot(1).accepted, 4);
+    port.slot(1).add(&port.slot(1).closed, 2);
+    let text = scrape(&metrics);
+    assert!(text.contains(&format!("ringport_connections_accepted_total{{{WEB}}} 7")), "{text}");
+    assert!(text.contains(&format!("ringport_connections_active{{{WEB}}} 5")), "{text}");
+}
+
+#[test]
+fn histogram_buckets_are_cumulative_once_and_inf_equals_count() {
+    let metrics = Arc::new(Metrics::new(2));
+    let port = metrics.port(&web(), Protocol::Tcp);
+    // 300 µs, 300 µs, 3 ms, 10 s: buckets 0.0005 -> 2, 0.005 -> 3, +Inf -> 4.
+    for (w, d) in [(0, 300), (1, 300), (0, 3_000), (1, 10_000_000)] {
+        port.slot(w).connect_duration.observe(Duration::from_micros(d));
+    }
+    let text = scrape(&metrics);
+    let bucket = |le: &str| {
+        let key = format!("ringport_connect_duration_seconds_bucket{{le=\"{le}\",{WEB}}} ");
+        let line = text.lines().find(|l| l.starts_with(&key)).unwrap_or_else(|| panic!("{key} in {text}"));
+        line[key.len()..].parse::<u64>().expect("a count")
+    };
+    assert_eq!(bucket("0.00025"), 0);
+    assert_eq!(bucket("0.0005"), 2);
+    assert_eq!(bucket("0.0025"), 2);
+    assert_eq!(bucket("0.005"), 3);
+    assert_eq!(bucket("2.5"), 3);
+    assert_eq!(bucket("+Inf"), 4);
+    assert!(text.contains(&format!("ringport_connect_duration_seconds_count{{{WEB}}} 4")), "{text}");
+}
+
+#[test]
+fn rule_syncs_use_kube_proxys_buckets() {
+    assert_eq!(SyncBuckets::BOUNDS.len(), 15);
+    assert_eq!(SyncBuckets::BOUNDS[0], 0.001);
+    assert!((SyncBuckets::BOUNDS[14] - 16.384).abs() < 1e-9);
+    let p = ProgrammingBuckets::BOUNDS;
+    assert_eq!((p[0], p[1], p[2], p[60], p[61], p[73], p[79]), (0.25, 0.5, 1.0, 59.0, 60.0, 120.0, 300.0));
+    assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+    let metrics = Arc::new(Metrics::new(1));
+    metrics.sync.record(Duration::from_millis(3), Ok(2));
+    let text = scrape(&metrics);
+    assert!(text.contains("ringport_sync_duration_seconds_bucket{le=\"0.004\"} 1"), "{text}");
+    assert!(text.contains("ringport_sync_duration_seconds_bucket{le=\"0.002\"} 0"), "{text}");
+}
+
+#[test]
+fn a_label_value_cannot_inject_a_series() {
+    let metrics = Arc::new(Metrics::new(1));
+    let evil = ServicePortName {
+        service: ServiceName::new("default", "web"),
+        port: "x\"} 1\nringport_injected_total{a=\"\\".into(),
+    };
+    let _port = metrics.port(&evil, Protocol::Tcp);
+    let text = scrape(&metrics);
+    assert!(!text.lines().any(|l| l.starts_with("ringport_injected")), "{text}");
+    assert!(text.contains(r#"port="x\"} 1\nringport_injected_total{a=\"\\"}"#), "{text}");
+}
+
+#[test]
+fn summary_and_off_detail_cut_per_port_series() {
+    let metrics = Arc::new(Metrics::new(1));
+    let ports: Vec<_> = (0..3)
+        .map(|i| {
+            let p = metrics.port(
+                &ServicePortName { service: ServiceName::new("ns", format!("s{i}")), port: "p".into() },
+                Protocol::Tcp,
+            );
+            p.slot(0).add(&p.slot(0).retries, 2);
+            p.slot(0).connect_duration.observe(Duration::from_millis(1));
+            p
+        })
+        .collect();
+    let per_port = |text: &str| text.lines().filter(|l| l.contains("namespace=\"ns\"")).count();
+    let full = per_port(&scrape(&metrics));
+    metrics.set_detail(PortDetail::Summary);
+    let summary = scrape(&metrics);
+    assert_eq!(per_port(&summary), 3 * 4, "{summary}");
+    assert!(summary.contains("ringport_connect_retries_total 6"), "{summary}");
+    assert!(summary.contains("ringport_connect_duration_seconds_count 3"), "{summary}");
+    metrics.set_detail(PortDetail::Off);
+    let off = scrape(&metrics);
+    assert_eq!(per_port(&off), 0, "{off}");
+    assert!(full > 3 * 20, "full detail has about 26 series per TCP port: {full}");
+    drop(ports);
+}
+
+#[test]
+fn a_port_nothing_holds_is_no_longer_exposed() {
+    let metrics = Arc::new(Metrics::new(1));
+    let name = ServicePortName { service: ServiceName::new("default", "gone"), port: String::new() };
+    drop(metrics.port(&name, Protocol::Tcp));
+    metrics.prune();
+    assert!(!scrape(&metrics).contains("\"gone\""));
+}
+
+#[test]
+fn build_info_and_kube_proxy_names_are_exposed() {
+    let metrics = Arc::new(Metrics::new(1));
+    metrics.apply.queued(Changes { endpoints: 2, services: 1 });
+    let pending = scrape(&metrics);
+    assert!(pending.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 2"), "{pending}");
+    metrics.apply.published(Instant::now(), Changes { endpoints: 2, services: 1 });
+    let text = scrape(&metrics);
+    for line in [
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
+        "kubeproxy_sync_proxy_rules_service_changes_total 1",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
+        "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_network_programming_duration_seconds_count 1",
+        "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
+        "# TYPE process_cpu_seconds counter",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    let info = format!(
+        "ringport_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        crate::version::VERSION,
+        crate::version::COMMIT
+    );
+    assert!(text.contains(&info), "{text}");
+}
+
+#[test]
+fn each_port_exposes_only_the_series_of_its_protocol() {
+    let metrics = Arc::new(Metrics::new(1));
+    let name = |n: &str| ServicePortName { service: ServiceName::new("default", n), port: String::new() };
+    let (_web, _dns) = (metrics.port(&name("web"), Protocol::Tcp), metrics.port(&name("dns"), Protocol::Udp));
+    let text = scrape(&metrics);
+    let series = |service: &str| -> Vec<&str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&format!("service=\"{service}\"")))
+            .collect()
+    };
+    let (web, dns) = (series("web"), series("dns"));
+    assert!(web.iter().all(|l| !l.starts_with("ringport_udp_")), "{web:#?}");
+    assert!(web.iter().any(|l| l.starts_with("ringport_connections_accepted_total")), "{web:#?}");
+    assert!(dns.iter().all(|l| !l.starts_with("ringport_connect")), "{dns:#?}");
+    assert!(dns.iter().any(|l| l.starts_with("ringport_udp_flows_created_total")), "{dns:#?}");
+    assert!(dns.iter().any(|l| l.starts_with("ringport_bytes_total")), "bytes for both: {dns:#?}");
+}
