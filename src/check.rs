@@ -21,20 +21,26 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
             ]
         })
         .collect();
-    let header = ["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"].map(String::from);
+    table(["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"], &rows)
+}
+
+/// Columns padded to their widest cell, two spaces apart; the last one is
+/// not padded (it may be long). `check` and `status` print through this.
+pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let header = header.map(String::from);
     let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (cell, w))| if i == 4 { cell.clone() } else { format!("{cell:w$}") })
+            .map(|(i, (cell, w))| if i + 1 == N { cell.clone() } else { format!("{cell:w$}") })
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }

@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod balance;
 pub mod check;
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod dataplane;
@@ -23,5 +24,7 @@ pub mod run;
 pub mod service_health;
 pub mod snapshot;
 pub mod source;
+pub mod status;
+pub mod systemd;
 pub mod table;
 pub mod version;

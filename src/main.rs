@@ -1,5 +1,6 @@
 //! The `ringport` command: parse the command line, start logging, and hand
-//! over to `run`, `check`, `demo` or `cleanup`.
+//! over to `run`, `check`, `demo`, `status`, `cleanup`, or print shell
+//! completions or the man page.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -7,13 +8,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ipnet::IpNet;
 use ringport::balance::eligible::Locality;
 use ringport::balance::health::HealthPolicy;
 use ringport::balance::{BalanceOptions, MAX_ATTEMPTS};
 use ringport::dataplane::listen::ListenOptions;
 use ringport::dataplane::{RelayMode, WorkerConfig};
+use ringport::metrics::PortDetail;
 use ringport::model::Scheduler;
 use ringport::redirect::RedirectMode;
 use ringport::run::{Handles, RunOptions, SourceChoice};
@@ -25,15 +27,45 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(
     name = "ringport",
-    version,
+    version = ringport::version::LONG,
     about = "A thread-per-core io_uring L4 service proxy for Kubernetes Services"
 )]
 struct Cli {
     /// Same as `ringport cleanup` (kube-proxy's spelling).
     #[arg(long, exclusive = true)]
     cleanup: bool,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Log lines as text or as one JSON object each.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// More logging: -v debug, -vv trace.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// The log filter: a level (error, warn, info, debug, trace) or
+    /// tracing directives such as `info,ringport::redirect=debug`
+    /// (default: $RUST_LOG, else info).
+    #[arg(long, global = true, conflicts_with = "verbose")]
+    log_level: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `status -o`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -53,7 +85,23 @@ enum Command {
     /// Remove every redirect rule, chain and table ringport made (nft and
     /// iptables, IPv4 and IPv6), then exit. Nothing to remove is a success.
     Cleanup,
+    /// Show what a running ringport serves: each service port, its VIPs,
+    /// proxy port and listeners, and each endpoint's state, active
+    /// connections and ejections.
+    Status {
+        /// The running ringport's --metrics-bind-address.
+        #[arg(long, default_value = DEFAULT_METRICS_ADDRESS)]
+        metrics_bind_address: SocketAddr,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) on standard output.
+    Man,
 }
+
+const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10249";
 
 #[derive(Args)]
 struct SourceArgs {
@@ -127,7 +175,7 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
     relay: RelayMode,
     /// Dial timeout of each connect attempt, comma separated; the number of
-    /// attempts is bounded by the endpoints available (at most 4).
+    /// attempts is bounded by the endpoints available (at most 8).
     #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "250ms,500ms,1s,2s")]
     connect_timeouts: Vec<Duration>,
     /// How a service port picks endpoints when it has no
@@ -136,7 +184,7 @@ struct RunArgs {
     scheduler: Scheduler,
     /// This node's name, for `Local` traffic policies and topology
     /// (default: the hostname).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", alias = "hostname-override")]
     node_name: Option<String>,
     /// This node's zone, for `PreferSameZone` and zone hints (default,
     /// with --source kube: the Node's topology.kubernetes.io/zone label,
@@ -177,13 +225,19 @@ struct RunArgs {
     /// Where /healthz and /livez are served.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
-    /// Where /readyz and /debug/snapshot are served.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    /// Where /readyz, /metrics and /debug/snapshot are served.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDRESS)]
     metrics_bind_address: SocketAddr,
     /// How cluster-IP traffic reaches the proxy ports: nft, iptables, none
-    /// (the edge proxy), or auto (nft if it works, else iptables, else none).
-    #[arg(long, value_enum, default_value_t = RedirectMode::Auto)]
-    redirect: RedirectMode,
+    /// (the edge proxy), or auto (nft if it works, else iptables, else
+    /// none). Default: none for --source file, auto for --source kube.
+    #[arg(long, value_enum)]
+    redirect: Option<RedirectMode>,
+    /// Per-service-port series on /metrics: full (about 31 per service
+    /// port), summary (7: connections, bytes, datagrams; the rest summed)
+    /// or off (everything summed over all service ports).
+    #[arg(long, value_enum, default_value = "full")]
+    per_service_metrics: PortDetail,
     /// With redirect rules and the wildcard --bind-address: the address,
     /// put on `lo`, that proxy ports listen on and the rules DNAT to.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
@@ -221,6 +275,7 @@ impl RunArgs {
         if self.connect_timeouts.is_empty() || self.connect_timeouts.iter().any(Duration::is_zero) {
             anyhow::bail!("--connect-timeouts needs at least one non-zero duration");
         }
+        ringport::compat::check_config(&self.source.config)?;
         if self.connect_timeouts.len() > MAX_ATTEMPTS {
             anyhow::bail!("--connect-timeouts allows at most {MAX_ATTEMPTS} attempts");
         }
@@ -259,7 +314,11 @@ impl RunArgs {
             },
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
-            redirect: self.redirect,
+            // Programming a nat table must be asked for when serving files.
+            redirect: self.redirect.unwrap_or(match self.kube.kind {
+                SourceKind::File => RedirectMode::None,
+                SourceKind::Kube => RedirectMode::Auto,
+            }),
             proxy_address: self.proxy_address,
             source: match self.kube.kind {
                 SourceKind::File => SourceChoice::File,
@@ -274,15 +333,16 @@ impl RunArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match main_inner() {
+    // Before clap: a kube-proxy flag gets its ringport equivalent, not
+    // clap's bare "unexpected argument".
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = ringport::compat::check_args(&args) {
+        eprintln!("ringport: {e}");
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse_from(args);
+    init_logging(&cli.log, matches!(cli.command, Some(Command::Check { .. })));
+    match main_inner(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ringport: {e:#}");
@@ -291,8 +351,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn main_inner() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+/// Logs go to stderr, as text (coloured on a terminal) or JSON lines.
+/// `check` prints its findings itself, so the manifest loader's warnings
+/// are not logged a second time there.
+fn init_logging(log: &LogArgs, check: bool) {
+    let mut filter = match (&log.log_level, log.verbose) {
+        (Some(level), _) => level.clone(),
+        (None, 1) => "debug".into(),
+        (None, 2..) => "trace".into(),
+        (None, 0) => std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    };
+    if check {
+        filter.push_str(",ringport::config=error");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("ringport: ignoring the log filter {filter:?} ({e}); logging at info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Json => fmt.json().init(),
+        LogFormat::Text => fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+    }
+}
+
+fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
     let command = match (cli.cleanup, cli.command) {
         (true, _) => Command::Cleanup,
         (false, Some(c)) => c,
@@ -302,6 +385,7 @@ fn main_inner() -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let opts = args.options()?;
             let handles = Handles::new(opts.workers.workers);
+            handles.metrics.set_detail(args.per_service_metrics);
             ringport::run::run(opts, handles)?;
         }
         Command::Demo(args) => {
@@ -318,6 +402,24 @@ fn main_inner() -> anyhow::Result<ExitCode> {
             ringport::demo::demo(opts)?;
         }
         Command::Check { source, listen } => return check(&source.config, &listen.options(1)),
+        Command::Status { metrics_bind_address, output } => {
+            let status = match ringport::status::fetch(metrics_bind_address, Duration::from_secs(3)) {
+                Ok(s) => s,
+                Err(e) => {
+                    // One line: what failed and why.
+                    eprintln!("ringport: {:#}", anyhow::Error::from(e));
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            match output {
+                Output::Table => print!("{}", ringport::status::render(&status)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ringport", &mut std::io::stdout());
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
         Command::Cleanup => {
             let cleaned = ringport::redirect::cleanup(ringport::redirect::DEFAULT_PROXY_ADDRESS)?;
             if cleaned.nft_table {
@@ -338,6 +440,7 @@ fn main_inner() -> anyhow::Result<ExitCode> {
 }
 
 fn check(path: &std::path::Path, listen: &ListenOptions) -> anyhow::Result<ExitCode> {
+    ringport::compat::check_config(path)?;
     let manifests = match ringport::config::load_path(path) {
         Ok(m) => m,
         Err(errors) => {
@@ -345,10 +448,11 @@ fn check(path: &std::path::Path, listen: &ListenOptions) -> anyhow::Result<ExitC
             return Ok(ExitCode::FAILURE);
         }
     };
-    for w in &manifests.warnings {
+    let joined = ringport::config::join_with_warnings(&manifests.services, &manifests.slices);
+    for w in manifests.warnings.iter().chain(&joined.warnings) {
         eprintln!("warning: {w}");
     }
-    let (ports, errors) = ringport::config::join(&manifests.services, &manifests.slices);
+    let (ports, errors) = (joined.ports, joined.errors);
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{e}");

@@ -108,6 +108,7 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
     let faults = Arc::clone(&handles.faults);
     runtime.block_on(async {
         let data_plane = serve(opts, handles).await?;
+        crate::systemd::notify("STOPPING=1");
         tracing::info!("stopping: no new connections; draining open ones");
         // The drain blocks, so it runs off this thread: the admin endpoints
         // keep answering meanwhile (and /healthz says why we stop).
@@ -181,6 +182,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         redirect: &redirect,
         service_health: &mut service_health,
         metrics: &handles.metrics,
+        notified: false,
     };
     if let Some(manifests) = first {
         let applied = plane.control.replace(manifests, &data_plane)?;
@@ -303,14 +305,21 @@ struct Plane<'a> {
     redirect: &'a SyncerThread,
     service_health: &'a mut ServiceHealth,
     metrics: &'a Metrics,
+    /// Whether systemd has been told `READY=1`.
+    notified: bool,
 }
 
 impl Plane<'_> {
-    /// A snapshot was published: what follows it (rules, health checks).
+    /// A snapshot was published: what follows it (rules, health checks,
+    /// and for the first one systemd's `READY=1`, as `Type=notify` waits).
     fn published(&mut self) {
         let current = self.control.current();
         self.service_health.sync(&current);
         self.redirect.publish(current);
+        if !self.notified {
+            crate::systemd::notify("READY=1");
+            self.notified = true;
+        }
     }
 
     /// Follow the Node's zone label: rebuild the balancers for it.

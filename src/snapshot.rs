@@ -173,6 +173,8 @@ impl Snapshot {
                     protocol: p.spec.protocol.to_string(),
                     port: p.spec.port,
                     cluster_ips: p.spec.cluster_ips.iter().map(ToString::to_string).collect(),
+                    external_ips: p.spec.external_ips.iter().map(ToString::to_string).collect(),
+                    load_balancer_ips: p.spec.load_balancer_ips.iter().map(ToString::to_string).collect(),
                     proxy_port: self.proxy_port(&p.spec.name).map(|p| p.0),
                     health_check_node_port: p.spec.health_check_node_port,
                     listeners: self
@@ -206,6 +208,8 @@ pub struct PortView {
     pub protocol: String,
     pub port: u16,
     pub cluster_ips: Vec<String>,
+    pub external_ips: Vec<String>,
+    pub load_balancer_ips: Vec<String>,
     pub proxy_port: Option<u16>,
     /// Served by `service_health` (its Service's, on every port).
     #[serde(skip_serializing_if = "Option::is_none")]

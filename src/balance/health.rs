@@ -65,7 +65,7 @@ pub struct EndpointState {
 }
 
 /// A point-in-time view, for `/debug/snapshot` and tests.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct HealthView {
     pub ejected: bool,
     pub consecutive_failures: u32,
