@@ -233,7 +233,7 @@ struct RunArgs {
     /// none). Default: none for --source file, auto for --source kube.
     #[arg(long, value_enum)]
     redirect: Option<RedirectMode>,
-    /// Per-service-port series on /metrics: full (about 31 per service
+    /// Per-service-port series on /metrics: full (about 33 per service
     /// port), summary (7: connections, bytes, datagrams; the rest summed)
     /// or off (everything summed over all service ports).
     #[arg(long, value_enum, default_value = "full")]

@@ -109,18 +109,22 @@ impl EndpointState {
 
     /// A connect succeeded: readmit at once, forget past failures, and count
     /// the connection as active until [`EndpointState::closed`].
-    pub fn connected(&self) {
-        self.succeeded();
+    pub fn connected(&self) -> bool {
+        let readmitted = self.succeeded();
         self.opened();
+        readmitted
     }
 
     /// The endpoint answered: readmit at once and forget past failures.
-    pub fn succeeded(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 || self.ejections.load(Ordering::Relaxed) != 0 {
+    /// True when this readmits an endpoint that had been ejected.
+    pub fn succeeded(&self) -> bool {
+        let ejected_before = self.ejections.load(Ordering::Relaxed) != 0;
+        if self.failures.load(Ordering::Relaxed) != 0 || ejected_before {
             self.failures.store(0, Ordering::Relaxed);
             self.ejections.store(0, Ordering::Relaxed);
             self.ejected_until.store(0, Ordering::Relaxed);
         }
+        ejected_before
     }
 
     /// One more connection or flow to it, until [`EndpointState::closed`].

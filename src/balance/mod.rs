@@ -300,9 +300,11 @@ impl Balancer {
 
     /// The connect to candidate `i` succeeded: it is healthy, holds one more
     /// active connection, and (with affinity) becomes the client's pin.
-    pub fn connected(&self, client: ClientAddr, i: usize, now: Instant) {
-        self.answered(i);
+    /// True when this readmits an endpoint that had been ejected.
+    pub fn connected(&self, client: ClientAddr, i: usize, now: Instant) -> bool {
+        let readmitted = self.answered(i);
         self.flow_opened(client, i, now);
+        readmitted
     }
 
     /// A UDP flow to candidate `i` opened: it counts as active and (with
@@ -317,11 +319,10 @@ impl Balancer {
         }
     }
 
-    /// Candidate `i` answered a datagram: it is healthy.
-    pub fn answered(&self, i: usize) {
-        if let Some(e) = self.endpoints.get(i) {
-            e.succeeded();
-        }
+    /// Candidate `i` answered a datagram: it is healthy. True when this
+    /// readmits an endpoint that had been ejected.
+    pub fn answered(&self, i: usize) -> bool {
+        self.endpoints.get(i).is_some_and(|e| e.succeeded())
     }
 
     /// The connect to candidate `i` failed: count it for passive health and

@@ -305,7 +305,7 @@ fn spread_with_one_dead(b: &Balancer, dead: usize, now: Instant) -> (HashMap<usi
         let ok = std::iter::from_fn(|| b.next_candidate(&mut cands, now)).find(|&i| {
             let up = i != dead;
             if up {
-                b.connected(c, i, now)
+                b.connected(c, i, now);
             } else {
                 b.failed(c, i, now);
             }

@@ -302,6 +302,7 @@ impl Conn {
             counters.add(&counters.connect_failures, 1);
             tracing::debug!(service = %self.port.spec.name, endpoint = ?self.endpoint, error = %error, "connect failed");
             if self.balancer.failed(self.client_addr, i, now) {
+                counters.add(&counters.ejections, 1);
                 tracing::warn!(service = %self.port.spec.name, endpoint = ?self.endpoint, "endpoint ejected after consecutive connect failures");
             }
         }
@@ -311,7 +312,10 @@ impl Conn {
     /// The current attempt connected: it counts as active until release.
     pub fn attempt_succeeded(&mut self, now: Instant) {
         if let Some(i) = self.current {
-            self.balancer.connected(self.client_addr, i, now);
+            if self.balancer.connected(self.client_addr, i, now) {
+                let counters = self.port.metrics.slot(self.worker);
+                counters.add(&counters.readmissions, 1);
+            }
             self.counted = true;
             self.port
                 .metrics

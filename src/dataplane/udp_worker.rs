@@ -173,7 +173,9 @@ impl Worker {
             if n == 0 {
                 break;
             }
-            balancer.answered(endpoint);
+            if balancer.answered(endpoint) {
+                counters.add(&counters.readmissions, 1);
+            }
             let replies: Vec<(SocketAddr, &[u8])> = (0..n)
                 .map(|i| self.batch.get(i))
                 .filter(|d| {
@@ -205,7 +207,10 @@ impl Worker {
     fn flow_failed(&mut self, key: usize) -> io::Result<()> {
         if let Some(flow) = self.flows.get(key) {
             tracing::debug!(service = %flow.port.spec.name, endpoint = ?flow.endpoint_addr(), "UDP endpoint unreachable");
-            flow.balancer.failed(crate::model::ClientAddr(flow.client), flow.endpoint, Instant::now());
+            if flow.balancer.failed(crate::model::ClientAddr(flow.client), flow.endpoint, Instant::now()) {
+                let c = flow.port.metrics.slot(self.index);
+                c.add(&c.ejections, 1);
+            }
         }
         self.close_flow(key)
     }

@@ -189,6 +189,10 @@ impl Metrics {
         port_counter(e, &rest, CONNECT_RETRIES, retries, &total(|c| &c.retries))?;
         let refused = "Client connections reset because every attempt failed";
         port_counter(e, &rest, CONNECTIONS_REFUSED, refused, &total(|c| &c.refused))?;
+        let ejections = "Endpoints ejected after consecutive connect failures";
+        port_counter(e, &all_rest, EJECTIONS, ejections, &total(|c| &c.ejections))?;
+        let readmissions = "Ejected endpoints readmitted by a successful connect or answer";
+        port_counter(e, &all_rest, READMISSIONS, readmissions, &total(|c| &c.readmissions))?;
         let hists: Vec<_> = rest
             .0
             .iter()

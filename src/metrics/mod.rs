@@ -40,6 +40,8 @@ pub mod names {
     pub const CONNECT_FAILURES: &str = "ringport_connect_failures";
     pub const CONNECT_RETRIES: &str = "ringport_connect_retries";
     pub const CONNECTIONS_REFUSED: &str = "ringport_connections_refused";
+    pub const EJECTIONS: &str = "ringport_endpoint_ejections";
+    pub const READMISSIONS: &str = "ringport_endpoint_readmissions";
     pub const CONNECT_DURATION: &str = "ringport_connect_duration_seconds";
     pub const UDP_FLOWS_ACTIVE: &str = "ringport_udp_flows_active";
     pub const UDP_FLOWS_CREATED: &str = "ringport_udp_flows_created";
@@ -175,6 +177,9 @@ pub struct PortCounters {
     pub connect_failures: AtomicU64,
     pub retries: AtomicU64,
     pub refused: AtomicU64,
+    /// Endpoints ejected by passive health, and readmitted by a success.
+    pub ejections: AtomicU64,
+    pub readmissions: AtomicU64,
     pub connect_duration: AtomicHistogram<ConnectBuckets>,
     pub flows_created: AtomicU64,
     pub flows_closed: AtomicU64,
