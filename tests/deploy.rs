@@ -54,6 +54,8 @@ fn load() -> Objects {
                 .unwrap_or_else(|e| panic!("{at}: {e}"));
             let kind = (doc["apiVersion"].as_str().unwrap_or(""), doc["kind"].as_str().unwrap_or(""));
             match kind {
+                // The kustomize base and its ConfigMap: tests/packaging.rs.
+                ("kustomize.config.k8s.io/v1beta1", "Kustomization") | ("v1", "ConfigMap") => {}
                 ("apps/v1", "DaemonSet") => objects.daemonsets.push(typed(&doc, &at)),
                 ("v1", "ServiceAccount") => objects.service_accounts.push(typed(&doc, &at)),
                 ("v1", "ConfigMap") => objects.config_maps.push(typed(&doc, &at)),
@@ -250,7 +252,13 @@ fn edge_unit_runs_the_file_source_with_the_keys_it_must_have() {
     };
     let exec = one("ExecStart");
     assert!(exec.ends_with("ringport run --config /etc/ringport/ --redirect none"), "{exec}");
-    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("ExecStartPre"), "/usr/local/bin/ringport check --config /etc/ringport/");
+    // Reload checks first: a failing check stops the signal.
+    assert_eq!(
+        service["ExecReload"],
+        ["/usr/local/bin/ringport check --config /etc/ringport/", "/bin/kill -HUP $MAINPID"]
+    );
     assert_eq!(one("Restart"), "on-failure");
     assert_eq!(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
     assert!(one("LimitNOFILE").parse::<u64>().unwrap() >= 65536);

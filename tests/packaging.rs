@@ -1,0 +1,244 @@
+//! Packaging, checked statically where nothing here can run it (no
+//! container builder, no `kubectl`/`kustomize`, no image registry): the
+//! LICENSE, the Containerfile's stages, the kustomize base and overlay
+//! resolving to real objects; and systemd's readiness protocol against the
+//! real binary.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde::Deserialize;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_license_is_apache_2_in_full() {
+    let text = std::fs::read_to_string(root().join("LICENSE")).unwrap();
+    assert!(text.contains("Apache License") && text.contains("Version 2.0, January 2004"));
+    assert!(text.contains("END OF TERMS AND CONDITIONS"), "the full text, not a pointer");
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    assert!(cargo.contains("license = \"Apache-2.0\""));
+}
+
+/// Instructions of a Containerfile: (KEYWORD, arguments), continuations joined.
+fn instructions(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || (line.is_empty() && current.is_empty()) {
+            continue;
+        }
+        current.push_str(line.strip_suffix('\\').unwrap_or(line));
+        current.push(' ');
+        if !line.ends_with('\\') {
+            let (kw, args) = current.trim().split_once(' ').unwrap_or((current.trim(), ""));
+            out.push((kw.to_uppercase(), args.trim().to_owned()));
+            current.clear();
+        }
+    }
+    out
+}
+
+#[test]
+fn the_containerfile_builds_in_one_stage_and_ships_a_slim_one_with_the_rule_tools() {
+    let text = std::fs::read_to_string(root().join("Containerfile")).unwrap();
+    let steps = instructions(&text);
+    let froms: Vec<usize> =
+        steps.iter().enumerate().filter(|(_, (k, _))| k == "FROM").map(|(i, _)| i).collect();
+    assert_eq!(froms.len(), 2, "a build stage and a runtime stage: {steps:?}");
+    let (build, run) = (&steps[froms[0]..froms[1]], &steps[froms[1]..]);
+    assert!(build[0].1.ends_with(" AS build"), "{:?}", build[0]);
+    assert!(
+        build.iter().any(|(k, a)| k == "RUN" && a.contains("cargo build --release --locked")),
+        "{build:?}"
+    );
+    assert!(run[0].1.contains("-slim"), "a small base: {:?}", run[0]);
+    let installs = run.iter().find(|(k, a)| k == "RUN" && a.contains("apt-get install")).expect("an install");
+    for tool in ["nftables", "iptables", "conntrack"] {
+        assert!(installs.1.split_whitespace().any(|w| w == tool), "{tool} in {installs:?}");
+    }
+    assert!(
+        installs.1.contains("--no-install-recommends") && installs.1.contains("rm -rf /var/lib/apt/lists")
+    );
+    assert!(run.iter().any(|(k, a)| k == "COPY" && a.starts_with("--from=build ")));
+    assert!(run.iter().any(|(k, a)| k == "ENTRYPOINT" && a.contains("/usr/local/bin/ringport")));
+    // Every file the build stage copies from the context exists.
+    assert!(build.iter().any(|(k, a)| k == "COPY" && a == ". ."));
+    assert!(root().join("Cargo.lock").exists() && root().join("build.rs").exists());
+    let builders: Vec<&str> = ["podman", "buildah", "docker"]
+        .into_iter()
+        .filter(|b| {
+            Command::new(b).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+        })
+        .collect();
+    eprintln!(
+        "container builders installed: {builders:?} (the image is not built here: base images are not reachable)"
+    );
+}
+
+fn yaml_docs(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde_yaml::Value::deserialize(d)
+                .and_then(serde_yaml::from_value)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+fn kustomization(dir: &Path) -> serde_json::Value {
+    let docs = yaml_docs(&dir.join("kustomization.yaml"));
+    assert_eq!(docs.len(), 1);
+    let k = docs.into_iter().next().unwrap();
+    assert_eq!(k["apiVersion"], "kustomize.config.k8s.io/v1beta1");
+    assert_eq!(k["kind"], "Kustomization");
+    k
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+}
+
+#[test]
+fn the_kustomize_base_and_overlay_resolve_to_the_deploy_objects() {
+    let base_dir = root().join("deploy");
+    let base = kustomization(&base_dir);
+    let mut objects = Vec::new();
+    for r in strings(&base["resources"]) {
+        objects.extend(yaml_docs(&base_dir.join(&r)));
+    }
+    let ids: BTreeSet<(String, String)> = objects
+        .iter()
+        .map(|o| (o["kind"].as_str().unwrap().to_owned(), o["metadata"]["name"].as_str().unwrap().to_owned()))
+        .collect();
+    for kind in ["DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"] {
+        assert!(ids.iter().any(|(k, _)| k == kind), "the base has a {kind}: {ids:?}");
+    }
+    let ds: DaemonSet =
+        serde_json::from_value(objects.iter().find(|o| o["kind"] == "DaemonSet").unwrap().clone()).unwrap();
+    let cm_doc = objects.iter().find(|o| o["kind"] == "ConfigMap").unwrap().clone();
+    let cm: ConfigMap = serde_json::from_value(cm_doc.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&cm).unwrap(), cm_doc, "the ConfigMap round-trips");
+    let cm_name = cm.metadata.name.clone().unwrap();
+    let keys: BTreeSet<&String> = cm.data.as_ref().unwrap().keys().collect();
+    assert!(
+        keys.contains(&"KUBERNETES_SERVICE_HOST".to_owned())
+            && keys.contains(&"KUBERNETES_SERVICE_PORT".to_owned())
+    );
+
+    // Each patch targets an object of the base, and the env patch names the
+    // ConfigMap and the DaemonSet's container.
+    let containers: Vec<String> = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let patches = base["patches"].as_array().expect("patches");
+    assert!(!patches.is_empty());
+    for p in patches {
+        let patch = yaml_docs(&base_dir.join(p["path"].as_str().unwrap())).remove(0);
+        let id = (
+            patch["kind"].as_str().unwrap().to_owned(),
+            patch["metadata"]["name"].as_str().unwrap().to_owned(),
+        );
+        assert!(ids.contains(&id), "patch {p} targets {id:?}, not in the base");
+        if let Some(t) = p.get("target") {
+            assert_eq!(
+                (t["kind"].as_str().unwrap(), t["name"].as_str().unwrap()),
+                (id.0.as_str(), id.1.as_str())
+            );
+        }
+        for c in patch["spec"]["template"]["spec"]["containers"].as_array().into_iter().flatten() {
+            assert!(containers.contains(&c["name"].as_str().unwrap().to_owned()), "{c}");
+            for from in c["envFrom"].as_array().into_iter().flatten() {
+                assert_eq!(from["configMapRef"]["name"], cm_name.as_str());
+            }
+        }
+    }
+
+    // The overlay: the base, the image renamed, the API server set.
+    let overlay_dir = base_dir.join("overlays/example");
+    let overlay = kustomization(&overlay_dir);
+    let bases = strings(&overlay["resources"]);
+    assert_eq!(bases.len(), 1);
+    assert_eq!(overlay_dir.join(&bases[0]).canonicalize().unwrap(), base_dir.canonicalize().unwrap());
+    let image =
+        ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].image.clone().unwrap();
+    let image_name = image.split(':').next().unwrap();
+    let images = overlay["images"].as_array().expect("images");
+    assert!(
+        images.iter().any(|i| i["name"] == image_name && i["newName"].is_string()),
+        "{images:?} vs {image}"
+    );
+    for p in overlay["patches"].as_array().expect("patches") {
+        let patch = yaml_docs(&overlay_dir.join(p["path"].as_str().unwrap())).remove(0);
+        assert_eq!(
+            (patch["kind"].as_str(), patch["metadata"]["name"].as_str()),
+            (Some("ConfigMap"), Some(cm_name.as_str()))
+        );
+        let host = patch["data"]["KUBERNETES_SERVICE_HOST"].as_str().expect("an API-server host");
+        assert!(host.parse::<std::net::IpAddr>().is_ok() || host.contains('.'), "{host}");
+    }
+}
+
+#[test]
+fn systemd_hears_ready_once_serving_and_stopping_on_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let backend = common::Backend::echo();
+    let manifest = dir.path().join("svc.yaml");
+    std::fs::write(&manifest, common::service_with_endpoints("svc", &[backend.addr])).unwrap();
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringport"))
+        // Never the host's rules: --redirect none said outright.
+        .args([
+            "run",
+            "--redirect",
+            "none",
+            "--workers",
+            "1",
+            "--no-pin",
+            "--bind-address",
+            "127.0.0.1",
+            "--config",
+        ])
+        .arg(&manifest)
+        .args(["--healthz-bind-address", &admin, "--metrics-bind-address", &admin])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let started = Instant::now();
+    let n = socket.recv(&mut buf);
+    let ready = n.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    // SIGTERM, as `systemctl stop` sends.
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let stopping = socket.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ready.as_deref().ok(), Some("READY=1"), "after {:?}", started.elapsed());
+    assert_eq!(stopping.as_deref().ok(), Some("STOPPING=1"));
+}
