@@ -32,6 +32,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
+# Formatting and lints first: cheap, and a red build says why at once.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Every tests/*.rs runs here, among them: metrics_scrape (a real scrape read
+# by a real parser), cli (status, version, flags, completions, man),
+# packaging (LICENSE, Containerfile, kustomize, systemd notify).
 cargo test --workspace --locked "$@"
 
 # The benchmark must never rot: run every scenario for a second against
