@@ -276,3 +276,36 @@ fn every_metric_the_grafana_dashboard_queries_exists_in_a_real_scrape() {
         }
     }
 }
+
+#[test]
+fn an_ejected_endpoint_that_answers_again_counts_as_readmitted() {
+    let live = Backend::echo();
+    let port = common::free_port();
+    let revived: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let proxy = Proxy::start(
+        &service_with_endpoints("svc", &[live.addr, revived]),
+        &["--eject-after", "1", "--eject-backoff", "20ms", "--eject-max", "20ms"],
+    );
+    let m = |name: &str| proxy.metric(&format!("{name}{SVC}")).unwrap_or(0.0);
+    // Nothing listens there yet: connections fail over to the live one and
+    // eject it.
+    eventually(Duration::from_secs(10), "an ejection", || {
+        echo_connections(&proxy, 2);
+        m("ringport_endpoint_ejections_total") >= 1.0
+    });
+    assert_eq!(m("ringport_endpoint_readmissions_total"), 0.0);
+    // It comes up: once its ejection ends, a connect to it succeeds.
+    let _back = common::Backend::spawn(&revived.to_string(), |s| {
+        let mut r = match s.try_clone() {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        let mut w = s;
+        let _ = std::io::copy(&mut r, &mut w);
+        let _ = w.shutdown(Shutdown::Write);
+    });
+    eventually(Duration::from_secs(10), "a readmission", || {
+        echo_connections(&proxy, 2);
+        m("ringport_endpoint_readmissions_total") >= 1.0
+    });
+}
