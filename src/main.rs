@@ -288,6 +288,14 @@ impl RunArgs {
         let node_name = self.node_name.clone().or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned())
         });
+        let source = match self.kube.kind {
+            SourceKind::File => SourceChoice::File,
+            SourceKind::Kube => SourceChoice::Kube(KubeOptions {
+                kubeconfig: self.kube.kubeconfig.clone(),
+                master: self.kube.master.clone(),
+                service_proxy_name: self.kube.service_proxy_name.clone(),
+            }),
+        };
         Ok(RunOptions {
             config: self.source.config.clone(),
             listen: self.listen.options(workers),
@@ -314,20 +322,9 @@ impl RunArgs {
             },
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
-            // Programming a nat table must be asked for when serving files.
-            redirect: self.redirect.unwrap_or(match self.kube.kind {
-                SourceKind::File => RedirectMode::None,
-                SourceKind::Kube => RedirectMode::Auto,
-            }),
+            redirect: self.redirect.unwrap_or_else(|| source.default_redirect()),
             proxy_address: self.proxy_address,
-            source: match self.kube.kind {
-                SourceKind::File => SourceChoice::File,
-                SourceKind::Kube => SourceChoice::Kube(KubeOptions {
-                    kubeconfig: self.kube.kubeconfig.clone(),
-                    master: self.kube.master.clone(),
-                    service_proxy_name: self.kube.service_proxy_name.clone(),
-                }),
-            },
+            source,
         })
     }
 }

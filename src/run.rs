@@ -48,6 +48,17 @@ pub enum SourceChoice {
     Kube(KubeOptions),
 }
 
+impl SourceChoice {
+    /// `--redirect` when not given: a node agent wants its rules (`auto`);
+    /// serving files must never quietly write a nat table (`none`).
+    pub fn default_redirect(&self) -> RedirectMode {
+        match self {
+            SourceChoice::File => RedirectMode::None,
+            SourceChoice::Kube(_) => RedirectMode::Auto,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -396,4 +407,15 @@ fn start_redirect(
         tracing::info!(backend = backend.name(), "redirect rules");
     }
     SyncerThread::spawn(Syncer::new(backend), ready, metrics).map_err(RunError::RedirectThread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_defaults_to_none_for_files_and_auto_for_the_api() {
+        assert_eq!(SourceChoice::File.default_redirect(), RedirectMode::None);
+        assert_eq!(SourceChoice::Kube(KubeOptions::default()).default_redirect(), RedirectMode::Auto);
+    }
 }
