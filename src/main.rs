@@ -2,6 +2,7 @@
 //! over to `run`, `check`, `demo`, `status`, `cleanup`, or print shell
 //! completions or the man page.
 
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -409,14 +410,19 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             match output {
-                Output::Table => print!("{}", ringport::status::render(&status)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Output::Table => stdout(|w| w.write_all(ringport::status::render(&status).as_bytes()))?,
+                Output::Json => {
+                    let json = serde_json::to_string_pretty(&status)?;
+                    stdout(|w| writeln!(w, "{json}"))?
+                }
             }
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "ringport", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ringport", &mut script);
+            stdout(|w| w.write_all(&script))?;
         }
-        Command::Man => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
+        Command::Man => stdout(|w| clap_mangen::Man::new(Cli::command()).render(w))?,
         Command::Cleanup => {
             let cleaned = ringport::redirect::cleanup(ringport::redirect::DEFAULT_PROXY_ADDRESS)?;
             if cleaned.nft_table {
@@ -434,6 +440,16 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Write to stdout; a reader that went away (`ringport man | head`) is not
+/// an error, and never a panic.
+fn stdout(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 fn check(path: &std::path::Path, listen: &ListenOptions) -> anyhow::Result<ExitCode> {
