@@ -73,6 +73,10 @@ fn the_containerfile_builds_in_one_stage_and_ships_a_slim_one_with_the_rule_tool
     );
     assert!(run.iter().any(|(k, a)| k == "COPY" && a.starts_with("--from=build ")));
     assert!(run.iter().any(|(k, a)| k == "ENTRYPOINT" && a.contains("/usr/local/bin/ringport")));
+    // The context leaves out build output (podman, buildah and docker all
+    // read .dockerignore).
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l.trim() == "target/" || l.trim() == "target"), "{ignore}");
     // Every file the build stage copies from the context exists.
     assert!(build.iter().any(|(k, a)| k == "COPY" && a == ". ."));
     assert!(root().join("Cargo.lock").exists() && root().join("build.rs").exists());
