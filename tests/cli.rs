@@ -117,7 +117,7 @@ fn status_against_an_unreachable_address_is_one_line_and_fails() {
 fn a_kube_proxy_flag_is_refused_with_the_ringport_equivalent() {
     for (flag, equivalent) in [
         ("--proxy-mode=ipvs", "--redirect"),
-        ("--master", "--kubeconfig"),
+        ("--masquerade-all", "masquerade"),
         ("--ipvs-scheduler", "--scheduler"),
     ] {
         let out = ringport(&["run", flag, "x"]);
@@ -125,6 +125,18 @@ fn a_kube_proxy_flag_is_refused_with_the_ringport_equivalent() {
         let err = text(&out.stderr);
         let name = flag.split('=').next().expect("a name");
         assert!(err.contains(&format!("{name} is a kube-proxy flag")) && err.contains(equivalent), "{err}");
+    }
+    // No flag of ringport's own is in the table of refused ones.
+    for command in ["run", "check", "demo", "status"] {
+        let help = text(&ringport(&[command, "--help"]).stdout);
+        for word in help.split_whitespace() {
+            let Some(flag) = word.strip_prefix("--") else { continue };
+            let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+            assert!(
+                !ringport::compat::KUBE_PROXY_FLAGS.iter().any(|(f, _)| *f == flag),
+                "--{flag} is ringport's own flag yet refused as kube-proxy's"
+            );
+        }
     }
     // Same meaning, kube-proxy's spelling: accepted.
     let out = ringport(&["check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/edge.yaml")]);
