@@ -195,15 +195,17 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         metrics: &handles.metrics,
         notified: false,
     };
+    // Before the first publish tells systemd READY=1: a stop that follows
+    // at once must drain, not find the default action.
+    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     if let Some(manifests) = first {
         let applied = plane.control.replace(manifests, &data_plane)?;
         plane.published();
         tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, generation = applied.generation, service_ports = applied.service_ports, listeners = applied.listeners, "serving");
     }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
-    let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     loop {
         tokio::select! {
             update = source.next() => {
