@@ -79,7 +79,8 @@ fn a_local_load_balancer_ip_serves_tcp_and_udp_only_to_sources_in_its_ranges() {
 
     assert_eq!(udp_from(ALLOWED, udp_lb).as_deref(), Some("hello"), "{}", proxy.log());
     assert_eq!(udp_from(DENIED, udp_lb), None, "a UDP source outside the ranges was served");
-    let dropped = proxy.metric("ringport_udp_datagrams_dropped_total{service_port=\"default/lb:udp\"}");
+    let dropped = proxy
+        .metric("ringport_udp_datagrams_dropped_total{namespace=\"default\",service=\"lb\",port=\"udp\"}");
     assert!(dropped.is_some_and(|n| n >= 3.0), "denied datagrams are counted as dropped: {dropped:?}");
 
     assert!(tcp_from(ALLOWED, tcp_lb).starts_with(&tcp_backend.addr.to_string()), "{}", proxy.log());
