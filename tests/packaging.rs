@@ -196,11 +196,11 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let backend = common::Backend::echo();
     let manifest = dir.path().join("svc.yaml");
     std::fs::write(&manifest, common::service_with_endpoints("svc", &[backend.addr])).unwrap();
     let admin = format!("127.0.0.1:{}", common::free_port());
+    let log = dir.path().join("ringport.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringport"))
         // Never the host's rules: --redirect none said outright.
         .args([
@@ -218,18 +218,32 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
         .args(["--healthz-bind-address", &admin, "--metrics-bind-address", &admin])
         .env("NOTIFY_SOCKET", &socket_path)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut buf = [0u8; 256];
-    let started = Instant::now();
-    let n = socket.recv(&mut buf);
-    let ready = n.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Wait for one notification, failing at once (with the log) if the
+    // process ends first.
+    let mut next = |child: &mut std::process::Child| -> String {
+        socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 256];
+        loop {
+            if let Ok(n) = socket.recv(&mut buf) {
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("ringport exited ({status}) without notifying:\n{}", log());
+            }
+            assert!(Instant::now() < deadline, "no notification in 30 s:\n{}", log());
+        }
+    };
+    let ready = next(&mut child);
     // SIGTERM, as `systemctl stop` sends.
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let stopping = socket.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let stopping = next(&mut child);
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(ready.as_deref().ok(), Some("READY=1"), "after {:?}", started.elapsed());
-    assert_eq!(stopping.as_deref().ok(), Some("STOPPING=1"));
+    assert_eq!(ready, "READY=1", "{}", log());
+    assert_eq!(stopping, "STOPPING=1", "{}", log());
 }
