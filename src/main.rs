@@ -234,9 +234,10 @@ struct RunArgs {
     /// none). Default: none for --source file, auto for --source kube.
     #[arg(long, value_enum)]
     redirect: Option<RedirectMode>,
-    /// Per-service-port series on /metrics: full (about 33 per service
-    /// port), summary (7: connections, bytes, datagrams; the rest summed)
-    /// or off (everything summed over all service ports).
+    /// Per-service-port series on /metrics: full (about 26 per TCP port,
+    /// 11 per UDP port), summary (4 per TCP port: connections and bytes; 5
+    /// per UDP port: bytes, flows and datagrams; the rest summed) or off
+    /// (everything summed over all service ports).
     #[arg(long, value_enum, default_value = "full")]
     per_service_metrics: PortDetail,
     /// With redirect rules and the wildcard --bind-address: the address,
