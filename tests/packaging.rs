@@ -224,7 +224,7 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
     let log = || std::fs::read_to_string(&log).unwrap_or_default();
     // Wait for one notification, failing at once (with the log) if the
     // process ends first.
-    let mut next = |child: &mut std::process::Child| -> String {
+    let next = |child: &mut std::process::Child| -> String {
         socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut buf = [0u8; 256];
