@@ -12,9 +12,12 @@
 //!
 //! The admin ports face the network (the health port binds `0.0.0.0` by
 //! default), so they must never take what the data plane needs:
-//! - at most [`MAX_CONNECTIONS`] admin connections are open at once, over
-//!   both servers; further ones wait in the kernel's accept queue, holding
-//!   no fd of ours (the fd budget reserves exactly this many);
+//! - each server has its own [`accept::Gate`]: a bounded number of
+//!   connections, a cap per outside source, and permits kept for the node
+//!   itself, so kubelet's probes never wait behind outside clients; beyond
+//!   that, clients wait in the kernel's accept queue, holding no fd of ours
+//!   ([`MAX_CONNECTIONS`] bounds all servers together; the fd budget
+//!   reserves exactly this many);
 //! - a request's headers must arrive within [`HEADER_READ_TIMEOUT`], which
 //!   also bounds an idle keep-alive connection, so slowloris clients are
 //!   cut; and no connection lives past [`CONNECTION_LIFETIME`], whatever it
@@ -26,18 +29,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod accept;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
-
 use crate::dataplane::Faults;
-use crate::dataplane::fault::Throttle;
 use crate::metrics::Metrics;
 use crate::redirect::rules;
 use crate::snapshot::SharedSnapshot;
@@ -96,15 +96,24 @@ pub fn go_time(t: Option<SystemTime>) -> String {
 const JSON_HEADERS: [(&str, &str); 2] =
     [("content-type", "application/json"), ("x-content-type-options", "nosniff")];
 
-/// The most admin connections open at once, health and metrics servers
-/// together. The fd budget reserves this many fds for them.
-pub const MAX_CONNECTIONS: usize = 64;
+/// The most connections open at once over every HTTP server ringport runs:
+/// the health server, the metrics server and all `healthCheckNodePort`
+/// servers together, each with its own [`accept::Gate`]. The fd budget
+/// reserves this many fds for them.
+pub const MAX_CONNECTIONS: usize = 3 * accept::GATE_CONNECTIONS;
 /// A request's headers must be complete this soon after the connection
 /// opens or the previous response ends (kubelet probes and Prometheus
 /// scrapes send theirs at once).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// No admin connection lives longer than this.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+const HTTP: accept::Http = accept::Http {
+    header_timeout: HEADER_READ_TIMEOUT,
+    lifetime: CONNECTION_LIFETIME,
+    keep_alive: true,
+    title_case_headers: false,
+};
 
 async fn ok() -> &'static str {
     "ok\n"
@@ -206,59 +215,24 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// Bind both admin addresses and serve them on the current tokio runtime.
-/// When the two addresses are the same, one listener serves every route.
+/// Bind both admin addresses and serve them on the current tokio runtime,
+/// each with its own [`accept::Gate`]. When the two addresses are the same,
+/// one listener serves every route.
 pub async fn serve(state: AdminState, health: SocketAddr, metrics: SocketAddr) -> Result<(), AdminError> {
     let bind = |what, addr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|source| AdminError { what, addr, source })
     };
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let spawn = |listener: tokio::net::TcpListener, router: Router| {
-        tokio::spawn(accept_loop(listener, router, Arc::clone(&permits)))
+    let spawn = |listener: tokio::net::TcpListener, router: Router, name: &'static str| {
+        tokio::spawn(accept::serve(listener, router, accept::Gate::new(name), HTTP))
     };
     if health == metrics {
         let listener = bind("health and metrics", health).await?;
-        spawn(listener, health_routes().merge(metrics_routes()).with_state(state));
+        spawn(listener, health_routes().merge(metrics_routes()).with_state(state), "admin");
         return Ok(());
     }
     let h = bind("health", health).await?;
     let m = bind("metrics", metrics).await?;
-    spawn(h, health_routes().with_state(state.clone()));
-    spawn(m, metrics_routes().with_state(state));
+    spawn(h, health_routes().with_state(state.clone()), "health");
+    spawn(m, metrics_routes().with_state(state), "metrics");
     Ok(())
-}
-
-/// Accept while a permit is free, and serve each connection on its own
-/// task with the timeouts above. Without a permit, accepting waits: the
-/// client waits in the kernel's queue, holding none of our fds.
-async fn accept_loop(listener: tokio::net::TcpListener, router: Router, permits: Arc<Semaphore>) {
-    let mut warnings = Throttle::new(Duration::from_secs(1));
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of fds, most likely: wait for some to come back rather
-                // than spin on the error.
-                if let Some(held_back) = warnings.allow(Instant::now()) {
-                    tracing::warn!(error = %e, retry_in = ?backoff, held_back, "admin accept failed");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(20);
-        let service = TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            // A timeout or a client error ends only this connection.
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-            drop(permit);
-        });
-    }
 }

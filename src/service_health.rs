@@ -16,11 +16,13 @@
 //! - A port is served for one Service at a time: the first Service (in
 //!   snapshot order) claiming it keeps it; `config::join` reports the clash
 //!   (a file source's update is then rejected whole).
-//! - Outside traffic cannot pin the server: at most [`MAX_CONNECTIONS`]
-//!   connections over all ports (beyond that a connection is closed at
-//!   once), one request each (`Connection: close`), and a connection that
-//!   has not sent its request head within [`TIMEOUT`] is dropped. A probe
-//!   is one GET, so nothing more of HTTP is needed.
+//! - Outside traffic cannot pin the server: every port is served through
+//!   the admin server's accept loop (`admin::accept`) with one gate over
+//!   all ports: a bounded number of connections, taken before accepting
+//!   (beyond it, probes wait in the kernel's queue), a cap per outside
+//!   source and permits kept for the node itself; one request per
+//!   connection (`Connection: close`), and a connection that has not been
+//!   answered within [`TIMEOUT`] is dropped.
 //! - A port that cannot be bound is logged (naming the Service and field)
 //!   and tried again at the next sync; the other Services are served.
 
@@ -30,20 +32,25 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::admin::ProxyHealth;
+use crate::admin::accept::{self, Gate};
 use crate::model::{ServiceName, ServicePort};
 use crate::snapshot::Snapshot;
 
-/// Connections served at once, over every healthCheckNodePort.
-pub const MAX_CONNECTIONS: usize = 64;
 /// The whole life of one probe connection: request head in, answer out.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-/// The most request-head bytes read.
-const MAX_HEAD: usize = 4096;
+
+/// One request per connection (`Connection: close`), header names as Go
+/// writes them.
+const HTTP: accept::Http =
+    accept::Http { header_timeout: TIMEOUT, lifetime: TIMEOUT, keep_alive: false, title_case_headers: true };
 
 /// One Service's health-check server: its count and its listeners' tasks.
 struct Server {
@@ -65,7 +72,8 @@ pub struct ServiceHealth {
     node_ips: Vec<IpAddr>,
     node_name: Option<String>,
     proxy: ProxyHealth,
-    permits: Arc<Semaphore>,
+    /// One gate over every port's listeners.
+    gate: Arc<Gate>,
     servers: BTreeMap<u16, Server>,
     /// Ports that could not be bound, so each failure is logged at error
     /// once, not at every update.
@@ -76,8 +84,8 @@ impl ServiceHealth {
     /// Servers on `node_ips` (as `dataplane::listen::node_addresses` gives
     /// them) counting endpoints of node `node_name`.
     pub fn new(node_ips: Vec<IpAddr>, node_name: Option<String>, proxy: ProxyHealth) -> Self {
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        Self { node_ips, node_name, proxy, permits, servers: BTreeMap::new(), failing: BTreeMap::new() }
+        let gate = Gate::new("healthCheckNodePort");
+        Self { node_ips, node_name, proxy, gate, servers: BTreeMap::new(), failing: BTreeMap::new() }
     }
 
     /// What service ports (a snapshot's, in order) ask for: port ->
@@ -161,7 +169,8 @@ impl ServiceHealth {
                 local_endpoints: Arc::clone(&server.local_endpoints),
                 proxy: self.proxy.clone(),
             };
-            server.tasks.push(tokio::spawn(serve(listener, answer, Arc::clone(&self.permits))));
+            let serve = accept::serve(listener, router(answer), Arc::clone(&self.gate), HTTP);
+            server.tasks.push(tokio::spawn(serve));
         }
         Ok(server)
     }
@@ -176,6 +185,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// What one server answers.
+#[derive(Clone)]
 struct Answer {
     service: ServiceName,
     local_endpoints: Arc<AtomicUsize>,
@@ -183,73 +193,28 @@ struct Answer {
 }
 
 impl Answer {
-    /// kube-proxy's status line and body, byte for byte.
-    fn response(&self) -> String {
+    /// kube-proxy's status and body, byte for byte.
+    fn response(&self) -> (StatusCode, String) {
         let count = self.local_endpoints.load(Ordering::Relaxed);
         let (healthy, _) = self.proxy.check();
-        let status = if count != 0 && healthy { "200 OK" } else { "503 Service Unavailable" };
+        let status = if count != 0 && healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         let body = format!(
             "{{\n\t\"service\": {{\n\t\t\"namespace\": {:?},\n\t\t\"name\": {:?}\n\t}},\n\t\
              \"localEndpoints\": {count},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
             self.service.namespace, self.service.name
         );
-        format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
+        (status, body)
     }
 }
 
-async fn serve(listener: TcpListener, answer: Answer, permits: Arc<Semaphore>) {
-    let answer = Arc::new(answer);
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(service = %answer.service, error = %e, "healthCheckNodePort accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // At the cap, the connection is closed unanswered (dropped here).
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else { continue };
-        let answer = Arc::clone(&answer);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(TIMEOUT, respond(stream, &answer)).await;
-            drop(permit);
-        });
-    }
+async fn answer(State(answer): State<Answer>) -> impl IntoResponse {
+    let (status, body) = answer.response();
+    (status, [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")], body)
 }
 
-/// Read the request head (up to [`MAX_HEAD`] bytes), then answer.
-async fn respond(stream: TcpStream, answer: &Answer) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        stream.readable().await?;
-        let n = match stream.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 || head.len() + n > MAX_HEAD {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let response = answer.response();
-    let mut rest = response.as_bytes();
-    while !rest.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(rest) {
-            Ok(n) => rest = &rest[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Every path and method gets the answer, as from kube-proxy.
+fn router(answer: Answer) -> Router {
+    Router::new().fallback(self::answer).with_state(answer)
 }
 
 #[cfg(test)]

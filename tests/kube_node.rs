@@ -14,7 +14,7 @@
 mod common;
 mod fake_api;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -296,7 +296,7 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
 }
 
 #[test]
-fn health_check_node_port_sheds_connections_beyond_its_cap_and_drops_idle_ones() {
+fn health_check_node_port_queues_probes_beyond_its_cap_and_drops_idle_ones() {
     let backend = Backend::greeter();
     let (hc, node_port) = (free_port(), free_port());
     let port = backend.addr.port();
@@ -310,17 +310,31 @@ fn health_check_node_port_sheds_connections_beyond_its_cap_and_drops_idle_ones()
     let hc_addr = SocketAddr::from(([127, 0, 0, 1], hc));
     eventually(WAIT, "the health check answers", || status(hc_addr, "/") == Some(200));
 
-    // 64 connections that never send a request hold every slot
-    // (ringport::service_health::MAX_CONNECTIONS).
-    let idle: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(hc_addr).unwrap()).collect();
-    eventually(WAIT, "a probe beyond the cap is closed unanswered", || status(hc_addr, "/").is_none());
-    // The server gives up on the idle ones (its timeout), closing them...
-    for mut s in idle {
+    // Twice the gate's connections, none sending a request: the first
+    // hold every permit, the rest wait in the kernel's accept queue.
+    let idle: Vec<TcpStream> = (0..2 * ringport::admin::accept::GATE_CONNECTIONS)
+        .map(|_| TcpStream::connect(hc_addr).unwrap())
+        .collect();
+    // A probe behind them is never closed unanswered: it waits its turn in
+    // the queue and is answered once the server cuts the idle ones.
+    let mut probe = TcpStream::connect(hc_addr).unwrap();
+    probe.set_read_timeout(Some(WAIT)).unwrap();
+    write!(probe, "GET / HTTP/1.1\r\nhost: lb\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    probe.read_to_string(&mut answer).expect("the probe is answered, not timed out");
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    // Every idle connection was closed by the server, unanswered; a read
+    // that times out means it is still open, which is a failure.
+    for (i, mut s) in idle.into_iter().enumerate() {
         s.set_read_timeout(Some(WAIT)).unwrap();
         let mut buf = [0u8; 16];
-        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "an idle connection got an answer");
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(_) => panic!("idle connection {i} got an answer"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("idle connection {i} still open after {WAIT:?}: {e}"),
+        }
     }
-    // ... and probes are answered again.
     eventually(WAIT, "probes answered after the idle connections are dropped", || {
         status(hc_addr, "/") == Some(200)
     });
