@@ -234,13 +234,16 @@ impl Diff {
 /// The difference between two rule sets, `None` when the firewall changed
 /// (which needs a full rewrite).
 pub fn diff_sets(old: &RuleSet, new: &RuleSet) -> Option<Diff> {
-    if old.firewall != new.firewall {
-        return None;
-    }
+    (old.firewall == new.firewall).then(|| diff_keys(old, new))
+}
+
+/// The difference in redirects and rejects, whatever the firewall did:
+/// which keys changed fate (a firewall change alone changes none).
+pub fn diff_keys(old: &RuleSet, new: &RuleSet) -> Diff {
     let mut d = diff(&old.redirects, &new.redirects);
     d.unreject = old.reject.difference(&new.reject).copied().collect();
     d.reject = new.reject.difference(&old.reject).copied().collect();
-    Some(d)
+    d
 }
 /// One walk over both sorted sets: linear, which matters at 100k rules.
 pub fn diff(old: &Rules, new: &Rules) -> Diff {

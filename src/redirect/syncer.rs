@@ -11,8 +11,10 @@
 //!   sync and the periodic resync that repairs rules someone else removed.
 //! - Ready is reported only once the first snapshot's rules are in place.
 //! - After every successful apply, the conntrack entries of each UDP key
-//!   whose fate changed are deleted; when what was applied before is not
-//!   known (a start, a restart, after a failure), those of every UDP key.
+//!   whose fate changed are deleted (a firewall change alone changes no
+//!   key's fate); when what was applied before is not known (a start, a
+//!   restart, after a failure), those of every UDP key, listed with one
+//!   `conntrack` run per family (see `conntrack.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -93,12 +95,16 @@ impl Syncer {
             r
         };
         let applied = self.applied.take();
-        let diff = applied.as_ref().and_then(|a| rules::diff_sets(a, &desired));
-        let forget: Vec<RuleKey> = match &diff {
+        // Which keys changed fate is known whenever what was applied is,
+        // even when a firewall change forces a full rewrite.
+        let changes = applied.as_ref().map(|a| rules::diff_keys(a, &desired));
+        let forget: Vec<RuleKey> = match &changes {
             Some(d) => d.udp_keys().into_iter().collect(),
-            // Unknown before, or the firewall changed: every UDP key.
-            None => applied.iter().flat_map(RuleSet::udp_keys).chain(desired.udp_keys()).collect(),
+            // Unknown before (a start, after a failure): every UDP key.
+            None => desired.udp_keys().collect(),
         };
+        let same_firewall = applied.as_ref().is_some_and(|a| a.firewall == desired.firewall);
+        let diff = changes.filter(|_| same_firewall);
         let (full, added, removed, result) = match diff {
             Some(diff) if !full => {
                 let r = timed(&mut || self.backend.update(&diff, &desired));
@@ -297,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn conntrack_is_cleared_for_every_udp_key_at_start_and_then_only_for_changed_udp_keys() {
+    fn conntrack_is_cleared_for_every_udp_key_at_start_and_then_only_for_udp_keys_whose_fate_changed() {
         let rec = Recorder::default();
         let mut s = Syncer::new(Box::new(rec.clone()));
         let service = ServicePortName { service: ServiceName::new("default", "dns"), port: String::new() };
@@ -314,6 +320,14 @@ mod tests {
         s.sync_set(set.clone(), false).unwrap();
         set.redirects.remove(&udp(50, 0).0);
         set.reject.insert(udp(50, 0).0);
+        s.sync_set(set.clone(), false).unwrap();
+        // A firewall change rewrites everything but changes no key's fate.
+        set.firewall.insert(udp(51, 0).0, vec!["10.0.0.0/8".parse().unwrap()]);
+        s.sync_set(set.clone(), false).unwrap();
+        // Nor does a failed sync: the next one forgets every UDP key.
+        rec.fail.store(true, Ordering::SeqCst);
+        assert!(s.sync_set(set.clone(), false).is_err());
+        rec.fail.store(false, Ordering::SeqCst);
         s.sync_set(set, false).unwrap();
         assert_eq!(
             *rec.calls.lock().unwrap(),
@@ -324,7 +338,11 @@ mod tests {
                 "update +1 -1",
                 "forget 1",
                 "update +0 -1",
-                "forget 1"
+                "forget 1",
+                "replace 3",
+                "update +0 -0",
+                "replace 3",
+                "forget 2"
             ]
         );
     }
