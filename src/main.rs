@@ -425,17 +425,17 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Man => stdout(|w| clap_mangen::Man::new(Cli::command()).render(w))?,
         Command::Cleanup => {
-            let cleaned = ringport::redirect::cleanup(ringport::redirect::DEFAULT_PROXY_ADDRESS)?;
+            let cleaned = ringport::redirect::cleanup()?;
             if cleaned.nft_table {
                 println!("removed nft table inet ringport");
             }
             if cleaned.iptables_chains {
                 println!("removed RINGPORT-* iptables chains and their jumps");
             }
-            if cleaned.proxy_address {
-                println!("removed the proxy address from lo");
+            for addr in &cleaned.proxy_addresses {
+                println!("removed the proxy address {addr} from lo");
             }
-            if !cleaned.nft_table && !cleaned.iptables_chains && !cleaned.proxy_address {
+            if !cleaned.nft_table && !cleaned.iptables_chains && cleaned.proxy_addresses.is_empty() {
                 println!("nothing to remove");
             }
         }

@@ -67,6 +67,11 @@ struct Node {
 
 impl Node {
     fn start(redirect: &str) -> Node {
+        Self::start_with(redirect, &[])
+    }
+
+    /// Like `start`, with `extra` arguments for `ringport run`.
+    fn start_with(redirect: &str, extra: &[&str]) -> Node {
         netns::require_privileges_and_tools(&TOOLS);
         let mut lab = Lab::new();
         lab.topology(&BACKENDS);
@@ -127,6 +132,7 @@ impl Node {
             "--metrics-bind-address",
             "127.0.0.1:10249",
         ];
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
         let ringport = lab.spawn("node", &args, &log);
         let node = Node { lab, ringport, config, log };
         node.lab.eventually(Duration::from_secs(20), "ringport ready (rules synced)", || {
@@ -266,15 +272,21 @@ fn nft_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
     let ringport = node.ringport;
     node.lab.stop(ringport);
     assert!(node.lab.ok("node", &["nft", "list", "tables"]).contains("ringport"));
-    assert!(node.cleanup().contains("removed nft table inet ringport"));
+    assert!(node.lab.ok("node", &["ip", "addr", "show", "lo"]).contains("169.254.99.1/32"));
+    let cleaned = node.cleanup();
+    assert!(cleaned.contains("removed nft table inet ringport"), "{cleaned}");
+    assert!(cleaned.contains("removed the proxy address 169.254.99.1 from lo"), "{cleaned}");
     let ruleset = node.lab.ok("node", &["nft", "list", "ruleset"]);
     assert!(!ruleset.contains("ringport") && !ruleset.contains("RINGPORT"), "{ruleset}");
+    let lo = node.lab.ok("node", &["ip", "addr", "show", "lo"]);
+    assert!(!lo.contains("169.254.99.1"), "the proxy address is still on lo:\n{lo}");
     assert_eq!(node.cleanup().trim(), "nothing to remove");
 }
 
 #[test]
 fn iptables_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
-    let mut node = Node::start("iptables");
+    // A proxy address of the operator's choosing, which cleanup must find.
+    let mut node = Node::start_with("iptables", &["--proxy-address", "169.254.99.2"]);
     let saved = node.lab.ok("node", &["iptables-save", "-t", "nat"]);
     println!("iptables-save -t nat:\n{saved}");
     assert!(
@@ -296,7 +308,15 @@ fn iptables_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
 
     let ringport = node.ringport;
     node.lab.stop(ringport);
-    assert!(node.cleanup().contains("removed RINGPORT-* iptables chains"));
+    // An address on lo that ringport did not add must survive cleanup.
+    node.lab.ok("node", &["ip", "addr", "add", "169.254.99.9/32", "dev", "lo"]);
+    assert!(node.lab.ok("node", &["ip", "addr", "show", "lo"]).contains("169.254.99.2/32"));
+    let cleaned = node.cleanup();
+    assert!(cleaned.contains("removed RINGPORT-* iptables chains"), "{cleaned}");
+    assert!(cleaned.contains("removed the proxy address 169.254.99.2 from lo"), "{cleaned}");
+    let lo = node.lab.ok("node", &["ip", "addr", "show", "lo"]);
+    assert!(!lo.contains("169.254.99.2"), "the custom proxy address is still on lo:\n{lo}");
+    assert!(lo.contains("169.254.99.9/32"), "cleanup removed an address it did not add:\n{lo}");
     let saved = node.lab.ok("node", &["iptables-save"]) + &node.lab.ok("node", &["ip6tables-save"]);
     assert!(!saved.contains("RINGPORT"), "{saved}");
     assert!(!node.lab.ok("node", &["nft", "list", "ruleset"]).contains("RINGPORT"));

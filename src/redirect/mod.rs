@@ -178,16 +178,29 @@ pub fn remove_stale(keep: &str) -> Result<(), RedirectError> {
     Ok(())
 }
 
+/// The label ringport gives the proxy address on `lo`, so `cleanup` removes
+/// exactly the addresses it added (whatever `--proxy-address` was), and
+/// never one an administrator put there.
+pub const PROXY_ADDRESS_LABEL: &str = "lo:ringport";
+
 /// Put the proxy address on `lo` (as a /32, so it claims no range), where
-/// proxy ports can bind it. `scope host` keeps the kernel from choosing it
-/// as the source of connections to other hosts (a pod behind an
-/// address-less veth would otherwise be dialled from it, and its replies
-/// dropped by the input guard). Idempotent: a restart finds it there.
+/// proxy ports can bind it, labelled [`PROXY_ADDRESS_LABEL`]. `scope host`
+/// keeps the kernel from choosing it as the source of connections to other
+/// hosts (a pod behind an address-less veth would otherwise be dialled from
+/// it, and its replies dropped by the input guard). Idempotent: a restart
+/// finds it there. An address someone else put on `lo` is used as it is,
+/// and left to them.
 pub fn proxy_address(addr: Ipv4Addr) -> Result<(), RedirectError> {
     let cidr = format!("{addr}/32");
-    command::run("ip", &["addr", "replace", &cidr, "dev", "lo", "scope", "host"], None)
-        .map(drop)
-        .map_err(|e| RedirectError::ProxyAddress { addr, source: Box::new(e) })
+    let error = |e| RedirectError::ProxyAddress { addr, source: Box::new(e) };
+    let present =
+        command::run("ip", &["-o", "-4", "addr", "show", "dev", "lo", "to", &cidr], None).map_err(error)?;
+    if !present.trim().is_empty() && !present.contains(PROXY_ADDRESS_LABEL) {
+        tracing::info!(%addr, "the proxy address is already on lo, not added by ringport: using it as it is");
+        return Ok(());
+    }
+    let args = ["addr", "replace", &cidr, "dev", "lo", "scope", "host", "label", PROXY_ADDRESS_LABEL];
+    command::run("ip", &args, None).map(drop).map_err(error)
 }
 
 /// What `ringport cleanup` removed.
@@ -195,14 +208,44 @@ pub fn proxy_address(addr: Ipv4Addr) -> Result<(), RedirectError> {
 pub struct Cleaned {
     pub nft_table: bool,
     pub iptables_chains: bool,
-    pub proxy_address: bool,
+    /// The proxy addresses ringport had added to `lo`.
+    pub proxy_addresses: Vec<Ipv4Addr>,
 }
 
 /// Remove every rule, chain and table ringport made, with either backend,
-/// in both families, and the proxy address `addr`. Nothing to remove is a
-/// success.
-pub fn cleanup(addr: Ipv4Addr) -> Result<Cleaned, RedirectError> {
-    let cidr = format!("{addr}/32");
-    let proxy_address = command::works("ip", &["addr", "del", &cidr, "dev", "lo"]);
-    Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()?, proxy_address })
+/// in both families, and every address ringport added to `lo` (those
+/// labelled [`PROXY_ADDRESS_LABEL`], whatever `--proxy-address` was).
+/// Nothing to remove is a success.
+pub fn cleanup() -> Result<Cleaned, RedirectError> {
+    let listed =
+        command::run("ip", &["-o", "-4", "addr", "show", "dev", "lo", "label", PROXY_ADDRESS_LABEL], None)?;
+    let mut proxy_addresses = Vec::new();
+    for addr in labelled_addresses(&listed) {
+        command::run("ip", &["addr", "del", &format!("{addr}/32"), "dev", "lo"], None)?;
+        proxy_addresses.push(addr);
+    }
+    Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()?, proxy_addresses })
+}
+
+/// The addresses of `ip -o -4 addr show` lines
+/// (`1: lo    inet 169.254.99.1/32 scope host lo:ringport ...`).
+fn labelled_addresses(listing: &str) -> Vec<Ipv4Addr> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cleanup_reads_the_addresses_of_ip_o_addr_show() {
+        let listing = "1: lo    inet 169.254.99.2/32 scope host lo:ringport\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(super::labelled_addresses(listing), [std::net::Ipv4Addr::new(169, 254, 99, 2)]);
+        assert!(super::labelled_addresses("").is_empty());
+    }
 }
