@@ -87,11 +87,16 @@ pub fn scope_of(role: ListenRole) -> Scope {
 /// `--redirect none` (kube-proxy, too, leaves NodePorts and externalIPs
 /// unfiltered). Redirected LB IPs arrive on the external proxy port mixed
 /// with externalIPs, so only the rules can tell them apart.
+///
+/// As kube-proxy, ranges are filtered by family: with none of the client's
+/// family, the IP stays open (the rules leave it open too).
 pub fn admits(role: ListenRole, spec: &ServicePort, client: std::net::IpAddr) -> bool {
-    let ranges = &spec.load_balancer_source_ranges;
+    let client = client.to_canonical();
+    let mut ranges =
+        spec.load_balancer_source_ranges.iter().filter(|r| r.addr().is_ipv6() == client.is_ipv6()).peekable();
     !matches!(role, ListenRole::LoadBalancer(_))
-        || ranges.is_empty()
-        || ranges.iter().any(|r| r.contains(&client))
+        || ranges.peek().is_none()
+        || ranges.any(|r| r.contains(&client))
 }
 
 /// The whole served state.
@@ -263,6 +268,20 @@ mod tests {
             .map(|n| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, *n], 80)))))
             .collect();
         sp
+    }
+
+    #[test]
+    fn source_ranges_admit_by_family_and_leave_an_ip_open_when_none_is_of_its_family() {
+        let mut sp = port("lb", &[1]);
+        let lb = ListenRole::LoadBalancer("10.98.0.1".parse().unwrap());
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        sp.load_balancer_source_ranges = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert!(admits(lb, &sp, ip("10.1.2.3")));
+        assert!(admits(lb, &sp, ip("::ffff:10.1.2.3")));
+        assert!(!admits(lb, &sp, ip("192.168.1.1")));
+        sp.load_balancer_source_ranges = vec!["fd00::/8".parse().unwrap()];
+        assert!(admits(lb, &sp, ip("192.168.1.1")), "no IPv4 range: the IPv4 client is let in");
+        assert!(!admits(lb, &sp, ip("fe80::1")));
     }
 
     fn build(

@@ -64,8 +64,8 @@ pub struct RuleSet {
     /// UDP keys whose service port has no endpoints in scope: rejected with
     /// ICMP port unreachable, as kube-proxy does.
     pub reject: BTreeSet<RuleKey>,
-    /// LoadBalancer IP keys with `loadBalancerSourceRanges`: packets from
-    /// any other source are dropped (an empty list drops every source).
+    /// LoadBalancer IP keys with `loadBalancerSourceRanges` of their family:
+    /// packets from any other source are dropped.
     pub firewall: BTreeMap<RuleKey, Vec<IpNet>>,
 }
 
@@ -132,6 +132,9 @@ pub struct Desired {
     pub clashes: Vec<(RuleKey, ServicePortName, ServicePortName)>,
     /// Addresses of the other family than their proxy port's.
     pub wrong_family: usize,
+    /// LoadBalancer IPs left open because every `loadBalancerSourceRanges`
+    /// entry is of the other family.
+    pub open_without_ranges: Vec<(RuleKey, ServicePortName)>,
 }
 
 /// The rules for `ports`.
@@ -174,9 +177,19 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
         if !sp.load_balancer_source_ranges.is_empty() {
             for ip in &sp.load_balancer_ips {
                 let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
-                let same_family =
-                    sp.load_balancer_source_ranges.iter().filter(|r| r.addr().is_ipv6() == ip.is_ipv6());
-                out.rules.firewall.entry(key).or_insert_with(|| same_family.copied().collect());
+                let same_family: Vec<IpNet> = sp
+                    .load_balancer_source_ranges
+                    .iter()
+                    .filter(|r| r.addr().is_ipv6() == ip.is_ipv6())
+                    .copied()
+                    .collect();
+                // As kube-proxy: ranges are filtered by the IP's family, and
+                // an IP none of them applies to stays open.
+                if same_family.is_empty() {
+                    out.open_without_ranges.push((key, sp.name.clone()));
+                    continue;
+                }
+                out.rules.firewall.entry(key).or_insert(same_family);
             }
         }
     }
@@ -395,6 +408,13 @@ mod tests {
         let mut plain = web.clone();
         plain.load_balancer_source_ranges.clear();
         assert!(desired([PortRules::new(&plain, v4_proxy(31000))], &local).rules.firewall.is_empty());
+        // Only ranges of the other family: the IP stays open (no firewall
+        // entry, which would drop every source), and that is reported.
+        let mut v6_only = web.clone();
+        v6_only.load_balancer_source_ranges = vec!["fd00::/8".parse().unwrap()];
+        let d = desired([PortRules::new(&v6_only, v4_proxy(31000))], &local);
+        assert!(d.rules.firewall.is_empty(), "{:?}", d.rules.firewall);
+        assert_eq!(d.open_without_ranges.len(), 2);
     }
 
     #[test]

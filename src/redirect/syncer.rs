@@ -69,6 +69,9 @@ impl Syncer {
         for (key, kept, dropped) in &desired.clashes {
             tracing::warn!(address = %key.daddr.0, port = key.dport, kept = %kept, dropped = %dropped, "two service ports claim one address and port; the first keeps the rule");
         }
+        for (key, service) in &desired.open_without_ranges {
+            tracing::warn!(service = %service, field = "spec.loadBalancerSourceRanges", address = %key.daddr.0, port = key.dport, "no source range of this LoadBalancer IP's family: it stays open to every source, as with kube-proxy");
+        }
         if desired.wrong_family > 0 {
             tracing::warn!(
                 addresses = desired.wrong_family,
