@@ -366,9 +366,9 @@ pub struct ServicePort {
     pub distribution: TrafficDistribution,
     pub scheduler: Option<Scheduler>,
     pub ringport_annotations: Vec<(String, String)>,
-    /// Sorted by address, deduplicated.
     /// The Service's `spec.healthCheckNodePort` (same on each of its ports).
     pub health_check_node_port: Option<u16>,
+    /// Sorted by address, deduplicated.
     pub endpoints: Vec<Endpoint>,
 }
 
