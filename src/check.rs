@@ -52,7 +52,8 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
         Some(r) => format!("{}:{}-{}", opts.bind_address, r.start(), r.end()),
         None => format!("{}:<auto>", opts.bind_address),
     };
-    listen::plan(sp, opts.bind_address, &listen::node_addresses(&opts.nodeport_addresses))
+    let redirected = listen::redirected_by_rules(opts.redirect_rules);
+    listen::plan(sp, opts.bind_address, &listen::node_addresses(&opts.nodeport_addresses), redirected)
         .into_iter()
         .map(|(role, ip, port)| match role {
             ListenRole::Proxy => format!("proxy {proxy}"),

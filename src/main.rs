@@ -263,6 +263,9 @@ impl ListenArgs {
             proxy_port_range: self.proxy_port_range.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             workers,
+            // `run` sets it from the redirect backend it gets; `check`
+            // shows what the rules (`--redirect auto`) would need.
+            redirect_rules: true,
         }
     }
 }

@@ -399,6 +399,8 @@ fn start_redirect(
         }
     };
     let backend = redirect::backend(opts.redirect, to)?;
+    // External proxy ports only where rules send traffic to them.
+    opts.listen.redirect_rules = backend.name() != "none";
     if let (Some(addr), true) = (to.dnat_to(), backend.name() != "none") {
         if to.guarded().is_some() {
             redirect::proxy_address(addr)?;

@@ -315,6 +315,7 @@ mod tests {
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 1,
+            redirect_rules: false,
         });
         let s1 = build(
             vec![port("bar", &[1, 2, 3]), port("foo", &[4, 5])],

@@ -55,6 +55,7 @@ fn snapshot_built_in_code_is_served_by_two_workers() {
         proxy_port_range: None,
         nodeport_addresses: vec![],
         workers: 2,
+        redirect_rules: false,
     });
     let ports = vec![service_port(&[backend])];
     let (listeners, errors) = binder.bind(&ports, &[]);

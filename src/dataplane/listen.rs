@@ -151,6 +151,10 @@ pub struct ListenOptions {
     pub nodeport_addresses: Vec<IpNet>,
     /// One socket per worker on every listen address.
     pub workers: usize,
+    /// Redirect rules are programmed (`--redirect` is not `none`): only
+    /// then is an external proxy port needed, for the external and LB IPs
+    /// that are not local (which the rules send to it).
+    pub redirect_rules: bool,
 }
 
 /// Binds listeners; remembers which proxy ports it handed out.
@@ -179,6 +183,7 @@ impl Binder {
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
         let previous: HashMap<&ListenKey, &Arc<Listener>> = previous.iter().map(|l| (&l.key, l)).collect();
         let node_ips = node_addresses(&self.opts.nodeport_addresses);
+        let redirected = redirected_by_rules(self.opts.redirect_rules);
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
         let mut used_proxy_ports: HashSet<u16> =
             previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
@@ -186,7 +191,7 @@ impl Binder {
         let mut errors = Vec::new();
 
         for sp in ports {
-            for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips) {
+            for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
                 let result = match previous.get(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
@@ -296,10 +301,29 @@ pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
     ips
 }
 
+/// Whether the rules send an external or LB IP to the external proxy port:
+/// with `rules` on, every IP not on this node's interfaces now.
+pub fn redirected_by_rules(rules: bool) -> impl Fn(&IpAddr) -> bool {
+    let local: HashSet<IpAddr> = if rules {
+        if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect()
+    } else {
+        HashSet::new()
+    };
+    move |ip| rules && !local.contains(ip)
+}
+
 /// Every `(role, ip, port)` one service port should listen on.
-pub fn plan(sp: &ServicePort, bind: IpAddr, node_ips: &[IpAddr]) -> Vec<(ListenRole, IpAddr, u16)> {
+/// `redirected(ip)` says whether the rules send an external or LB IP to the
+/// external proxy port (rules on and the IP not local; the same locality the
+/// rules use, `redirect::rules::Locality`): only then is one planned.
+pub fn plan(
+    sp: &ServicePort,
+    bind: IpAddr,
+    node_ips: &[IpAddr],
+    redirected: impl Fn(&IpAddr) -> bool,
+) -> Vec<(ListenRole, IpAddr, u16)> {
     let mut out = vec![(ListenRole::Proxy, bind, 0)];
-    if !sp.external_ips.is_empty() || !sp.load_balancer_ips.is_empty() {
+    if sp.external_ips.iter().chain(&sp.load_balancer_ips).any(redirected) {
         out.push((ListenRole::ExternalProxy, bind, 0));
     }
     if let Some(node_port) = sp.node_port {
@@ -381,7 +405,22 @@ mod tests {
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 2,
+            redirect_rules: true,
         })
+    }
+
+    #[test]
+    fn an_external_proxy_port_only_with_rules_and_a_non_local_external_ip() {
+        let roles = |b: &mut Binder, ips: &[&str]| {
+            let ext = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+            let (ls, _) = b.bind(&[port("a", ext, None)], &[]);
+            ls.iter().filter(|l| l.key.role == ListenRole::ExternalProxy).count()
+        };
+        let mut rules = binder();
+        assert_eq!(roles(&mut rules, &["127.0.0.1"]), 0, "every external IP local: no external proxy port");
+        assert_eq!(roles(&mut rules, &["127.0.0.1", "192.0.2.1"]), 1);
+        let mut none = Binder::new(ListenOptions { redirect_rules: false, ..binder().opts });
+        assert_eq!(roles(&mut none, &["192.0.2.1"]), 0, "--redirect none: nothing sends traffic to one");
     }
 
     #[test]
