@@ -437,6 +437,26 @@ fn external_traffic_keeps_its_scope(c: &Cluster) {
     assert!(line.contains("default/lb-local"), "the error names the Service: {line}");
     assert_eq!(c.connect("out", LB_IP, 80), "connected");
     assert_eq!(c.connect("out2", LB_IP, 80), "timeout", "the last good ranges still guard");
+    // lb-local's endpoints only on node a, and the load balancer sends the
+    // LB IP to node b: endpoints exist, none local there. kube-proxy drops
+    // such traffic (it rejects only when there are no endpoints at all),
+    // TCP and UDP alike: a timeout, not a refusal.
+    let only_a = |suffix, port| slice("lb-local", suffix, port, &[(PA1, "node-a")]);
+    c.api.apply(only_a("-1", ("http", "TCP", 8080)));
+    c.api.apply(only_a("-2", ("echo", "UDP", 7007)));
+    netns::ip(&["-n", &c.lab.ns("out"), "route", "replace", LB_IP, "via", NODE_B]);
+    c.lab.eventually(Duration::from_secs(15), "node b drops TCP to the LB IP", || {
+        c.connect("out", LB_IP, 80) == "timeout"
+    });
+    let udp = c.udp_ask("out", LB_IP, 7, 0);
+    netns::ip(&["-n", &c.lab.ns("out"), "route", "replace", LB_IP, "via", NODE_A]);
+    assert_eq!(udp, "timeout", "UDP to a node without local endpoints is dropped, not refused");
+    c.api.apply(slice("lb-local", "-1", ("http", "TCP", 8080), &[(PA1, "node-a"), (PB1, "node-b")]));
+    c.api.apply(slice("lb-local", "-2", ("echo", "UDP", 7007), &[(PA1, "node-a"), (PB1, "node-b")]));
+    c.lab.eventually(Duration::from_secs(15), "node b serves lb-local again", || {
+        c.connect("out", NODE_B, 30081) == "connected"
+    });
+    assert_eq!(c.answers("out", &format!("http://{NODE_B}:30081/whoami"), 2), set(&["pb1"]));
     // Cluster-internal traffic to the same Service keeps its own scope.
     let cluster = format!("http://{LB_LOCAL_CLUSTER}/whoami");
     assert_eq!(c.answers("pa1", &cluster, 8), set(&["pa1", "pb1"]));

@@ -104,7 +104,8 @@ impl Backend for Iptables {
         for family in Family::ALL {
             let v6 = family == Family::V6;
             let keys = diff.remove.iter().chain(diff.add.iter().map(|(k, _)| k));
-            let touched = keys.chain(&diff.reject).chain(&diff.unreject).any(|k| k.is_ipv6() == v6);
+            let keys = keys.chain(&diff.reject).chain(&diff.unreject).chain(&diff.drop).chain(&diff.undrop);
+            let touched = keys.into_iter().any(|k| k.is_ipv6() == v6);
             if touched {
                 write_family(family, rules, self.to)?;
             }
@@ -182,6 +183,13 @@ pub fn render_restore(
                             s,
                             "-A {chain} -d {ip}/{prefix} -p {p} -m {p} --dport {port} -j REJECT --reject-with {icmp}"
                         );
+                    }
+                }
+                for key in rules.dropped.iter().filter(|k| mine(k)) {
+                    for chain in ["RINGPORT-FORWARD", "RINGPORT-OUTPUT"] {
+                        let (p, ip, port) = (proto(key), key.daddr.0, key.dport);
+                        let _ =
+                            writeln!(s, "-A {chain} -d {ip}/{prefix} -p {p} -m {p} --dport {port} -j DROP");
                     }
                 }
             }

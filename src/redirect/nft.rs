@@ -5,7 +5,9 @@
 //! before NAT), the input guard (the proxy address answers only what the
 //! rules sent it) and the UDP rejects (ICMP port unreachable for service
 //! ports with no endpoints, on the forward and output paths, since a
-//! rejected VIP is not NATed and so is routed like any other address).
+//! rejected VIP is not NATed and so is routed like any other address; on
+//! the same paths, the drops of keys whose endpoints are all out of scope,
+//! TCP and UDP).
 //!
 //! IPv4 is DNATed to the proxy address ([`Intercept::ProxyAddress`]), which works
 //! whatever interface the packet came in on, address-less veths included;
@@ -29,6 +31,8 @@ const MAP4: &str = "svc4";
 const MAP6: &str = "svc6";
 const REJECT4: &str = "noep4";
 const REJECT6: &str = "noep6";
+const DROP4: &str = "noloc4";
+const DROP6: &str = "noloc6";
 
 pub struct Nft {
     pub to: Intercept,
@@ -88,6 +92,8 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
     s += &format!("  map {MAP6} {{ type inet_proto . ipv6_addr . inet_service : inet_service; }}\n");
     s += &format!("  set {REJECT4} {{ type inet_proto . ipv4_addr . inet_service; }}\n");
     s += &format!("  set {REJECT6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
+    s += &format!("  set {DROP4} {{ type inet_proto . ipv4_addr . inet_service; }}\n");
+    s += &format!("  set {DROP6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
     let v4 = match to.dnat_to() {
         Some(addr) => {
             format!("dnat ip to {addr} : meta l4proto . ip daddr . th dport map @{MAP4}")
@@ -108,6 +114,8 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         s += &format!("  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;\n");
         s += &format!("    meta l4proto udp meta l4proto . ip daddr . th dport @{REJECT4} reject\n");
         s += &format!("    meta l4proto udp meta l4proto . ip6 daddr . th dport @{REJECT6} reject\n");
+        s += &format!("    meta l4proto {{ tcp, udp }} meta l4proto . ip daddr . th dport @{DROP4} drop\n");
+        s += &format!("    meta l4proto {{ tcp, udp }} meta l4proto . ip6 daddr . th dport @{DROP6} drop\n");
         s += "  }\n";
     }
     if let Some(addr) = to.guarded() {
@@ -124,6 +132,9 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
     let (r4, r6): (Vec<_>, Vec<_>) = rules.reject.iter().partition(|k| !k.is_ipv6());
     add_elements(&mut s, "add", REJECT4, r4.iter().map(|k| element(k, None)));
     add_elements(&mut s, "add", REJECT6, r6.iter().map(|k| element(k, None)));
+    let (d4, d6): (Vec<_>, Vec<_>) = rules.dropped.iter().partition(|k| !k.is_ipv6());
+    add_elements(&mut s, "add", DROP4, d4.iter().map(|k| element(k, None)));
+    add_elements(&mut s, "add", DROP6, d6.iter().map(|k| element(k, None)));
     for (fam, v6) in [("4", false), ("6", true)] {
         let guarded: Vec<_> = rules.firewall.iter().filter(|(k, _)| k.is_ipv6() == v6).collect();
         add_elements(&mut s, "add", &format!("fw{fam}"), guarded.iter().map(|(k, _)| element(k, None)));
@@ -171,13 +182,20 @@ pub fn render_update(diff: &Diff) -> String {
         let removed = diff.remove.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
         add_elements(&mut s, "delete", map, removed);
     }
-    for (set, v6) in [(REJECT4, false), (REJECT6, true)] {
-        let removed = diff.unreject.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
-        add_elements(&mut s, "delete", set, removed);
-    }
-    for (set, v6) in [(REJECT4, false), (REJECT6, true)] {
-        let added = diff.reject.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None));
-        add_elements(&mut s, "add", set, added);
+    let sets =
+        [((REJECT4, REJECT6), &diff.unreject, &diff.reject), ((DROP4, DROP6), &diff.undrop, &diff.drop)];
+    for (verb, gone) in [("delete", true), ("add", false)] {
+        for ((set4, set6), removed, added) in sets {
+            let keys = if gone { removed } else { added };
+            for (set, v6) in [(set4, false), (set6, true)] {
+                add_elements(
+                    &mut s,
+                    verb,
+                    set,
+                    keys.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None)),
+                );
+            }
+        }
     }
     for (map, v6) in [(MAP4, false), (MAP6, true)] {
         let added =

@@ -8,14 +8,16 @@
 //! the service port's proxy port (internal scope); external and LB IPs go to
 //! its external proxy port, so `externalTrafficPolicy` applies to them too.
 //! Besides the redirects, a [`RuleSet`] holds the UDP keys to reject with
-//! ICMP port unreachable (no endpoints) and each LoadBalancer IP's
-//! `loadBalancerSourceRanges` (the firewall).
+//! ICMP port unreachable (no endpoints at all), the keys to drop (TCP and
+//! UDP: endpoints exist, but none in the traffic's scope, i.e. a `Local`
+//! traffic policy and none on this node, as kube-proxy drops them) and each
+//! LoadBalancer IP's `loadBalancerSourceRanges` (the firewall).
 //!
 //! Invariants:
 //! - One key maps to one target: when two service ports claim the same
 //!   `(protocol, daddr, dport)`, the first by name keeps it and the clash
 //!   is reported.
-//! - A key is either redirected or rejected, never both.
+//! - A key is redirected, rejected or dropped: one of the three.
 //! - A rule's family matches its proxy port's: an IPv4 proxy port cannot
 //!   accept traffic sent to `::1`, so IPv6 addresses are then skipped and
 //!   counted, not redirected to nothing.
@@ -64,6 +66,9 @@ pub struct RuleSet {
     /// UDP keys whose service port has no endpoints in scope: rejected with
     /// ICMP port unreachable, as kube-proxy does.
     pub reject: BTreeSet<RuleKey>,
+    /// Keys whose service port has endpoints, but none in scope (a `Local`
+    /// policy and none on this node): dropped, TCP and UDP, as kube-proxy.
+    pub dropped: BTreeSet<RuleKey>,
     /// LoadBalancer IP keys with `loadBalancerSourceRanges` of their family:
     /// packets from any other source are dropped.
     pub firewall: BTreeMap<RuleKey, Vec<IpNet>>,
@@ -74,9 +79,9 @@ impl RuleSet {
         Self { redirects, ..Self::default() }
     }
 
-    /// Every UDP key the set intercepts (redirected or rejected).
+    /// Every UDP key the set intercepts (redirected, rejected or dropped).
     pub fn udp_keys(&self) -> impl Iterator<Item = RuleKey> + '_ {
-        self.redirects.keys().chain(&self.reject).copied().filter(RuleKey::is_udp)
+        self.redirects.keys().chain(&self.reject).chain(&self.dropped).copied().filter(RuleKey::is_udp)
     }
 }
 
@@ -115,13 +120,29 @@ pub struct PortRules<'a> {
     /// No endpoint in scope for cluster-IP / for external traffic.
     pub internal_empty: bool,
     pub external_empty: bool,
+    /// Endpoints exist at all (in any scope): with none in scope, traffic
+    /// is then dropped rather than rejected.
+    pub has_endpoints: bool,
 }
 
 impl<'a> PortRules<'a> {
     /// A service port with endpoints in both scopes and one proxy port.
     pub fn new(spec: &'a ServicePort, proxy: SocketAddr) -> Self {
-        Self { spec, proxy, external_proxy: None, internal_empty: false, external_empty: false }
+        Self {
+            spec,
+            proxy,
+            external_proxy: None,
+            internal_empty: false,
+            external_empty: false,
+            has_endpoints: has_endpoints(spec),
+        }
     }
+}
+
+/// Whether a service port has any endpoint that could serve (kube-proxy's
+/// `hasEndpoints`): ready, or serving while terminating.
+pub fn has_endpoints(spec: &ServicePort) -> bool {
+    spec.endpoints.iter().any(|e| e.conditions.ready || e.conditions.serving)
 }
 
 /// The rules a snapshot wants, and what could not be expressed.
@@ -166,8 +187,12 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
                     owner.insert(key, &sp.name);
                 }
             }
-            // TCP needs no reject: a paused proxy port answers SYN with RST.
-            if empty && key.is_udp() {
+            // Endpoints elsewhere, none in scope: dropped, as kube-proxy.
+            // None at all: UDP rejected; TCP needs no reject, a paused
+            // proxy port answers SYN with RST.
+            if empty && p.has_endpoints {
+                out.rules.dropped.insert(key);
+            } else if empty && key.is_udp() {
                 out.rules.reject.insert(key);
             } else {
                 let target = Target { proxy_port: ProxyPort(proxy.port()), service: sp.name.clone() };
@@ -215,6 +240,7 @@ pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
             external_proxy: proxies.get(&(&p.spec.name, true)).copied(),
             internal_empty: p.internal.is_empty(),
             external_empty: p.external.is_empty(),
+            has_endpoints: has_endpoints(&p.spec),
         })
     });
     desired(ports, local)
@@ -229,18 +255,26 @@ pub struct Diff {
     pub add: Vec<(RuleKey, Target)>,
     pub unreject: Vec<RuleKey>,
     pub reject: Vec<RuleKey>,
+    pub undrop: Vec<RuleKey>,
+    pub drop: Vec<RuleKey>,
 }
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.remove.is_empty() && self.add.is_empty() && self.unreject.is_empty() && self.reject.is_empty()
+        self.remove.is_empty()
+            && self.add.is_empty()
+            && self.unreject.is_empty()
+            && self.reject.is_empty()
+            && self.undrop.is_empty()
+            && self.drop.is_empty()
     }
 
     /// The UDP keys whose fate changed: conntrack entries for them may
     /// steer a client down a path that no longer exists.
     pub fn udp_keys(&self) -> BTreeSet<RuleKey> {
         let changed = self.remove.iter().chain(self.add.iter().map(|(k, _)| k));
-        changed.chain(&self.unreject).chain(&self.reject).copied().filter(RuleKey::is_udp).collect()
+        let changed = changed.chain(&self.unreject).chain(&self.reject).chain(&self.undrop).chain(&self.drop);
+        changed.copied().filter(RuleKey::is_udp).collect()
     }
 }
 
@@ -256,6 +290,8 @@ pub fn diff_keys(old: &RuleSet, new: &RuleSet) -> Diff {
     let mut d = diff(&old.redirects, &new.redirects);
     d.unreject = old.reject.difference(&new.reject).copied().collect();
     d.reject = new.reject.difference(&old.reject).copied().collect();
+    d.undrop = old.dropped.difference(&new.dropped).copied().collect();
+    d.drop = new.dropped.difference(&old.dropped).copied().collect();
     d
 }
 /// One walk over both sorted sets: linear, which matters at 100k rules.
@@ -298,7 +334,7 @@ pub fn diff(old: &Rules, new: &Rules) -> Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Origin, ServiceName};
+    use crate::model::{Endpoint, EndpointAddr, Origin, ServiceName};
 
     fn sp(name: &str, protocol: Protocol, port: u16) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
@@ -394,6 +430,37 @@ mod tests {
         let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 };
         assert_eq!(d.rules.reject.iter().copied().collect::<Vec<_>>(), vec![udp]);
         assert_eq!(d.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("10.96.0.10", 80)]);
+        assert!(d.rules.dropped.is_empty());
+    }
+
+    #[test]
+    fn endpoints_elsewhere_and_none_in_scope_are_dropped_for_tcp_and_udp_not_rejected() {
+        let with_remote_endpoint = |name, protocol| {
+            let mut spec = sp(name, protocol, 53);
+            spec.cluster_ips = vec![ip(if protocol == Protocol::Udp { "10.96.0.53" } else { "10.96.0.54" })];
+            spec.external_ips = vec![ip("10.97.0.1")];
+            spec.endpoints = vec![Endpoint::ready(EndpointAddr("10.0.0.9:53".parse().unwrap()))];
+            spec
+        };
+        let (dns, web) =
+            (with_remote_endpoint("dns", Protocol::Udp), with_remote_endpoint("web", Protocol::Tcp));
+        // externalTrafficPolicy Local and no local endpoint: only the
+        // external scope is empty.
+        let local_only = |spec| PortRules { external_empty: true, ..PortRules::new(spec, v4_proxy(31000)) };
+        let d = desired([local_only(&dns), local_only(&web)], &Locality::default());
+        let k = |protocol, daddr: &str| RuleKey { protocol, daddr: ServiceVip(ip(daddr)), dport: 53 };
+        assert_eq!(
+            d.rules.dropped.iter().copied().collect::<Vec<_>>(),
+            vec![k(Protocol::Tcp, "10.97.0.1"), k(Protocol::Udp, "10.97.0.1")]
+        );
+        assert!(d.rules.reject.is_empty(), "endpoints exist: nothing is rejected");
+        assert_eq!(
+            d.rules.redirects.keys().copied().collect::<Vec<_>>(),
+            vec![k(Protocol::Tcp, "10.96.0.54"), k(Protocol::Udp, "10.96.0.53")]
+        );
+        let old = RuleSet::default();
+        let diff = diff_keys(&old, &d.rules);
+        assert_eq!((diff.drop.len(), diff.udp_keys().len()), (2, 2));
     }
 
     #[test]
