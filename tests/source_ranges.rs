@@ -9,23 +9,11 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use common::{Backend, Proxy, free_port, whoami};
+use common::{Backend, Proxy, free_port, udp_backend, whoami};
 
 const LB_IP: &str = "127.0.0.77";
 const ALLOWED: &str = "127.0.0.5";
 const DENIED: &str = "127.0.0.6";
-
-fn udp_greeter() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP backend");
-    let addr = socket.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(b"hello", from);
-        }
-    });
-    addr
-}
 
 fn manifest(tcp: SocketAddr, udp: SocketAddr, tcp_port: u16, udp_port: u16) -> String {
     format!(
@@ -71,7 +59,7 @@ fn tcp_from(source: &str, to: SocketAddr) -> String {
 
 #[test]
 fn a_local_load_balancer_ip_serves_tcp_and_udp_only_to_sources_in_its_ranges() {
-    let (tcp_backend, udp_backend) = (Backend::greeter(), udp_greeter());
+    let (tcp_backend, udp_backend) = (Backend::greeter(), udp_backend(Some(b"hello")));
     let (tcp_port, udp_port) = (free_port(), free_port());
     let proxy = Proxy::start(&manifest(tcp_backend.addr, udp_backend, tcp_port, udp_port), &[]);
     let tcp_lb: SocketAddr = format!("{LB_IP}:{tcp_port}").parse().expect("addr");

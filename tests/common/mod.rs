@@ -253,6 +253,33 @@ impl Backend {
     }
 }
 
+/// A UDP backend on loopback: it answers each datagram with `reply`, or
+/// with the datagram itself (an echo) when `reply` is `None`.
+pub fn udp_backend(reply: Option<&'static [u8]>) -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP backend");
+    let addr = socket.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(reply.unwrap_or(&buf[..n]), from);
+        }
+    });
+    addr
+}
+
+/// One echo exchange through the proxy at `target`: true when the bytes
+/// came back whole.
+pub fn echo_ok(target: SocketAddr, i: usize) -> bool {
+    let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else { return false };
+    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+    let msg = format!("message {i:06} through the proxy");
+    if c.write_all(msg.as_bytes()).is_err() || c.shutdown(Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut back = String::new();
+    c.read_to_string(&mut back).is_ok() && back == msg
+}
+
 /// Connect to `addr` and read the greeter's first line.
 pub fn whoami(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).expect("connect through proxy");
