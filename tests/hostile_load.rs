@@ -172,8 +172,10 @@ fn a_udp_flood_past_the_flow_cap_keeps_fds_bounded_and_serving() {
     let proxy = Proxy::start(&udp_service("dns", "10.96.0.10", backend), &["--udp-max-flows", "64"]);
     let target = proxy.proxy_addr("default/dns");
     let baseline = proxy.fd_count();
-    let created =
-        || proxy.metric("ringport_udp_flows_created_total{service_port=\"default/dns\"}").unwrap_or(0.0);
+    let created = || {
+        let sample = "ringport_udp_flows_created_total{namespace=\"default\",service=\"dns\",port=\"\"}";
+        proxy.metric(sample).unwrap_or_else(|| panic!("no {sample} in /metrics"))
+    };
     // 2,000 client addresses, one datagram each, as fast as they go.
     for batch in 0..4 {
         let before = created();
