@@ -7,13 +7,14 @@
 //! end of file. Any failure before a byte has flowed moves on to the next
 //! candidate; any failure after resets both sides.
 //!
+//! What happens when is decided by the connection's I/O-free [`Machine`]
+//! (`machine.rs`); this file holds what it acts on: the sockets, the
+//! balancer's bookkeeping, the counters and the two relay halves.
+//!
 //! Invariants:
-//! - `armed` and `timeouts` record every io_uring op in flight for this
-//!   connection; the worker removes the connection (closing its fds) only
-//!   when it is closing and nothing is in flight, so no completion ever
-//!   refers to a recycled slab entry. Timeouts are counted, not flagged: a
-//!   failed attempt's linked timeout may still be completing while the next
-//!   attempt's is armed.
+//! - The machine counts every io_uring op in flight for this connection;
+//!   the worker removes the connection (closing its fds) only on the
+//!   machine's `Free`, so no completion ever refers to a recycled slot.
 //! - Both sockets are non-blocking, `TCP_NODELAY`, and run TCP keepalive
 //!   ([`tune`]), so a peer that vanished without a FIN or RST is found.
 //! - A failure is classified where it is created ([`Blame`]): only the
@@ -29,62 +30,12 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::fault::Blame;
+use super::machine::Machine;
+pub use super::machine::{Dir, Op};
 use super::relay::{End, Half, Pool, RelayError, Wait};
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
-
-/// The two directions of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Client to endpoint.
-    Up = 0,
-    /// Endpoint to client.
-    Down = 1,
-}
-
-/// An io_uring op a connection can have in flight (a bit in `armed`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    /// Poll for the end of a non-blocking connect.
-    Connect,
-    /// The timeout linked to that poll.
-    ConnectTimeout,
-    /// Poll the source of a direction for readable.
-    Readable(Dir),
-    /// Poll the sink of a direction for writable.
-    Writable(Dir),
-}
-
-impl Op {
-    pub fn bit(self) -> u8 {
-        match self {
-            Op::Connect => 1,
-            Op::ConnectTimeout => 2,
-            Op::Readable(Dir::Up) => 4,
-            Op::Readable(Dir::Down) => 8,
-            Op::Writable(Dir::Up) => 16,
-            Op::Writable(Dir::Down) => 32,
-        }
-    }
-
-    pub const ALL: [Op; 6] = [
-        Op::Connect,
-        Op::ConnectTimeout,
-        Op::Readable(Dir::Up),
-        Op::Readable(Dir::Down),
-        Op::Writable(Dir::Up),
-        Op::Writable(Dir::Down),
-    ];
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Connecting,
-    Relaying,
-    /// Waiting for in-flight ops to be cancelled before the fds close.
-    Closing,
-}
 
 /// Why a connection could not be connected (for logs).
 #[derive(Debug, thiserror::Error)]
@@ -139,18 +90,11 @@ pub struct Conn {
     worker: usize,
     accepted_at: Instant,
     pub endpoint: Option<EndpointAddr>,
-    pub phase: Phase,
-    /// Polls in flight, one bit per [`Op`].
-    armed: u8,
-    /// Linked connect timeouts in flight.
-    timeouts: u8,
+    /// What happens next, and which ops are in flight.
+    pub machine: Machine,
     halves: [Half; 2],
     /// A failure that was this host's, not the endpoint's: dialing stops.
     local_failure: Option<io::Error>,
-    /// Bytes moved since the worker last looked (see [`Conn::idle_since`]).
-    active: bool,
-    /// When this connection last moved a byte, as of the worker's tick.
-    idle_since: Instant,
 }
 
 /// What to do after trying to open the next upstream connection.
@@ -172,6 +116,7 @@ impl Conn {
         candidates: Candidates,
         worker: usize,
         now: Instant,
+        connect_timeouts: usize,
     ) -> Self {
         let counters = port.metrics.slot(worker);
         counters.add(&counters.accepted, 1);
@@ -188,52 +133,10 @@ impl Conn {
             worker,
             accepted_at: now,
             endpoint: None,
-            phase: Phase::Connecting,
-            armed: 0,
-            timeouts: 0,
+            machine: Machine::new(now, connect_timeouts),
             halves: [Half::default(), Half::default()],
             local_failure: None,
-            active: false,
-            idle_since: now,
         }
-    }
-
-    /// How long this connection has moved no byte, as of `now`: called on
-    /// the worker's tick, which is how activity is sampled (one timer per
-    /// worker, none per connection).
-    pub fn idle_for(&mut self, now: Instant) -> Duration {
-        if std::mem::take(&mut self.active) {
-            self.idle_since = now;
-        }
-        now.saturating_duration_since(self.idle_since)
-    }
-
-    pub fn is_armed(&self, op: Op) -> bool {
-        match op {
-            Op::ConnectTimeout => self.timeouts > 0,
-            _ => self.armed & op.bit() != 0,
-        }
-    }
-
-    /// Record that `op` was submitted.
-    pub fn arm(&mut self, op: Op) {
-        match op {
-            Op::ConnectTimeout => self.timeouts += 1,
-            _ => self.armed |= op.bit(),
-        }
-    }
-
-    /// Record that `op` completed.
-    pub fn disarm(&mut self, op: Op) {
-        match op {
-            Op::ConnectTimeout => self.timeouts = self.timeouts.saturating_sub(1),
-            _ => self.armed &= !op.bit(),
-        }
-    }
-
-    /// Whether any op of this connection is still in flight.
-    pub fn in_flight(&self) -> bool {
-        self.armed != 0 || self.timeouts != 0
     }
 
     /// Start a non-blocking connect to the next candidate, skipping (and
@@ -343,10 +246,11 @@ impl Conn {
         }
     }
 
-    /// Run one direction as far as it goes without blocking.
-    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> Result<Wait, RelayError> {
+    /// Run one direction as far as it goes without blocking; also the
+    /// bytes it moved.
+    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> (u64, Result<Wait, RelayError>) {
         let Some(upstream) = self.upstream.as_ref() else {
-            return Ok(Wait::Finished);
+            return (0, Ok(Wait::Finished));
         };
         let (source, sink) = ends(dir, self.client.as_fd(), upstream.as_fd());
         let half = &mut self.halves[dir as usize];
@@ -354,7 +258,6 @@ impl Conn {
         let wait = half.pump(source, sink, pool);
         let moved = half.delivered - before;
         if moved > 0 {
-            self.active = true;
             let counters = self.port.metrics.slot(self.worker);
             let counter = match dir {
                 Dir::Up => &counters.bytes_to_endpoint,
@@ -362,11 +265,7 @@ impl Conn {
             };
             counters.add(counter, moved);
         }
-        wait
-    }
-
-    pub fn both_finished(&self) -> bool {
-        self.halves.iter().all(Half::is_finished)
+        (moved, wait)
     }
 
     /// The fd a poll op watches.
@@ -383,7 +282,6 @@ impl Conn {
     /// Begin closing: give back empty chunks and, for a reset, make the
     /// coming close send RST on both sockets (SO_LINGER with a zero timeout).
     pub fn begin_close(&mut self, reset: bool, pool: &mut Pool) {
-        self.phase = Phase::Closing;
         for half in &mut self.halves {
             half.close(pool);
         }

@@ -16,6 +16,7 @@ mod accept;
 pub mod conn;
 pub mod fault;
 pub mod listen;
+mod machine;
 pub mod relay;
 mod slots;
 pub mod sys;

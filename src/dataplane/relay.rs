@@ -127,7 +127,7 @@ impl Pool {
 }
 
 /// What a direction waits for after a pump.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
     /// The source has nothing to read yet.
     SourceReadable,

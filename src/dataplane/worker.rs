@@ -30,10 +30,11 @@ use io_uring::{IoUring, cqueue, types};
 use socket2::SockRef;
 
 use super::accept::{self, Accepting};
-use super::conn::{self, Conn, ConnError, Dial, Dir, Op, Phase};
+use super::conn::{self, Conn, ConnError, Dial};
 use super::fault::Throttle;
 use super::listen::ListenerId;
-use super::relay::{Pool, Wait};
+use super::machine::{Action, Dialed, Dir, Op, Pumped};
+use super::relay::Pool;
 use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
 use super::token::Token;
@@ -153,7 +154,10 @@ impl Worker {
                 }
             }
             for (key, dir) in std::mem::take(&mut self.yielded) {
-                self.pump(key, dir)?;
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.machine.resume(dir);
+                    self.drive(key)?;
+                }
             }
         }
     }
@@ -232,39 +236,90 @@ impl Worker {
             candidates,
             self.index,
             now,
+            self.connect_timeouts.len(),
         );
         let key = self.conns.insert(conn);
-        self.dial(key, now)
+        self.drive(key)
     }
 
-    fn dial(&mut self, key: Key, now: Instant) -> io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
-        match conn.dial_next(now) {
-            Dial::Connected => self.start_relay(key),
-            Dial::InProgress { attempt } => {
-                let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
-                let timeout = self.connect_timeouts[attempt.min(self.connect_timeouts.len() - 1)];
-                conn.arm(Op::Connect);
-                conn.arm(Op::ConnectTimeout);
-                let (poll, limit) = (Token::Conn(key, Op::Connect), Token::Conn(key, Op::ConnectTimeout));
-                sys::poll_with_timeout(
-                    &mut self.ring,
-                    fd,
-                    libc::POLLOUT,
-                    poll.encode(),
-                    timeout,
-                    limit.encode(),
-                )
-            }
-            Dial::Exhausted(e) => {
-                if let ConnError::Local { .. } = e {
-                    if let Some(held_back) = self.local_warnings.allow(now) {
-                        tracing::warn!(worker = self.index, service = %conn.port.spec.name, error = %e, source = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), held_back, "out of local resources; connection reset, endpoint not blamed");
-                    }
-                } else {
-                    tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+    /// Run the actions a connection's machine wants until it wants none:
+    /// the one place that turns its decisions into syscalls and SQEs.
+    fn drive(&mut self, key: Key) -> io::Result<()> {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+            let Some(action) = conn.machine.poll_action() else { return Ok(()) };
+            match action {
+                Action::Dial => {
+                    let now = Instant::now();
+                    let dialed = match conn.dial_next(now) {
+                        Dial::Connected => Dialed::Connected,
+                        Dial::InProgress { attempt } => Dialed::InProgress { attempt },
+                        Dial::Exhausted(e) => {
+                            if let ConnError::Local { .. } = e {
+                                if let Some(held_back) = self.local_warnings.allow(now) {
+                                    tracing::warn!(worker = self.index, service = %conn.port.spec.name, error = %e, source = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), held_back, "out of local resources; connection reset, endpoint not blamed");
+                                }
+                            } else {
+                                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+                            }
+                            Dialed::Exhausted
+                        }
+                    };
+                    conn.machine.dialed(dialed);
                 }
-                self.close(key, true)
+                Action::ArmConnect { timeout } => {
+                    let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
+                    let (poll, limit) = (Token::Conn(key, Op::Connect), Token::Conn(key, Op::ConnectTimeout));
+                    let ts = self.connect_timeouts[timeout.min(self.connect_timeouts.len() - 1)];
+                    sys::poll_with_timeout(
+                        &mut self.ring,
+                        fd,
+                        libc::POLLOUT,
+                        poll.encode(),
+                        ts,
+                        limit.encode(),
+                    )?;
+                }
+                Action::CheckConnect { timed_out } => {
+                    let outcome = if timed_out {
+                        Err(io::Error::from(io::ErrorKind::TimedOut))
+                    } else {
+                        conn.connect_result()
+                    };
+                    let connected = outcome.is_ok();
+                    if let Err(e) = outcome {
+                        conn.attempt_failed(e, Instant::now());
+                    }
+                    conn.machine.connect_checked(connected);
+                }
+                Action::Connected => conn.attempt_succeeded(Instant::now()),
+                Action::ArmPoll(op) => {
+                    let events = if matches!(op, Op::Writable(_)) { libc::POLLOUT } else { libc::POLLIN };
+                    let fd = conn.poll_fd(op).map_or(-1, |fd| fd.as_raw_fd());
+                    sys::poll(&mut self.ring, fd, events, Token::Conn(key, op).encode())?;
+                }
+                Action::Pump(dir) => {
+                    let (moved, result) = conn.pump(dir, &mut self.pool);
+                    let outcome = match result {
+                        Ok(wait) => Pumped::Wait(wait),
+                        Err(e) => {
+                            let blame = conn::relay_blame(dir, &e);
+                            tracing::debug!(service = %conn.port.spec.name, ?dir, ?blame, error = %e, source = %e.source, "connection reset");
+                            Pumped::Failed
+                        }
+                    };
+                    conn.machine.pumped(dir, moved, outcome);
+                }
+                Action::PumpLater(dir) => self.yielded.push((key, dir)),
+                Action::Cancel(op) => self.cancel(Token::Conn(key, op))?,
+                Action::Close { reset } => conn.begin_close(reset, &mut self.pool),
+                Action::Free => {
+                    if let Some(conn) = self.conns.remove(key) {
+                        let (up, down) = conn.delivered();
+                        tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
+                    }
+                    return Ok(());
+                }
             }
         }
     }
@@ -274,114 +329,19 @@ impl Worker {
             tracing::error!(?key, ?op, "completion for a connection that is gone");
             return Ok(());
         };
-        conn.disarm(op);
-        if conn.phase == Phase::Closing {
-            return self.finish_close(key);
-        }
-        match op {
-            Op::ConnectTimeout => Ok(()),
-            Op::Connect => {
-                let outcome = if result == -libc::ECANCELED {
-                    Err(io::Error::from(io::ErrorKind::TimedOut))
-                } else {
-                    conn.connect_result()
-                };
-                let now = Instant::now();
-                match outcome {
-                    Ok(()) => self.start_relay(key),
-                    Err(e) => {
-                        conn.attempt_failed(e, now);
-                        self.dial(key, now)
-                    }
-                }
-            }
-            Op::Readable(dir) | Op::Writable(dir) => self.pump(key, dir),
-        }
-    }
-
-    fn start_relay(&mut self, key: Key) -> io::Result<()> {
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.phase = Phase::Relaying;
-            conn.attempt_succeeded(Instant::now());
-        }
-        self.pump(key, Dir::Up)?;
-        self.pump(key, Dir::Down)
-    }
-
-    fn pump(&mut self, key: Key, dir: Dir) -> io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Ok(());
-        };
-        if conn.phase != Phase::Relaying {
-            return Ok(());
-        }
-        match conn.pump(dir, &mut self.pool) {
-            Ok(Wait::SourceReadable) => self.arm_poll(key, Op::Readable(dir), libc::POLLIN),
-            Ok(Wait::SinkWritable) => self.arm_poll(key, Op::Writable(dir), libc::POLLOUT),
-            Ok(Wait::Yield) => {
-                self.yielded.push((key, dir));
-                Ok(())
-            }
-            Ok(Wait::Finished) if conn.both_finished() => self.close(key, false),
-            Ok(Wait::Finished) => Ok(()),
-            Err(e) => {
-                let blame = conn::relay_blame(dir, &e);
-                tracing::debug!(service = %conn.port.spec.name, ?dir, ?blame, error = %e, source = %e.source, "connection reset");
-                self.close(key, true)
-            }
-        }
-    }
-
-    fn arm_poll(&mut self, key: Key, op: Op, events: i16) -> io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Ok(());
-        };
-        if conn.is_armed(op) {
-            return Ok(());
-        }
-        let Some(fd) = conn.poll_fd(op).map(|fd| fd.as_raw_fd()) else {
-            return Ok(());
-        };
-        conn.arm(op);
-        sys::poll(&mut self.ring, fd, events, Token::Conn(key, op).encode())
-    }
-
-    /// Close a connection: cancel its in-flight ops, then free it.
-    fn close(&mut self, key: Key, reset: bool) -> io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return Ok(());
-        };
-        conn.begin_close(reset, &mut self.pool);
-        let armed: Vec<Op> = Op::ALL.into_iter().filter(|op| conn.is_armed(*op)).collect();
-        for op in armed {
-            // The linked timeout goes with its poll.
-            if op != Op::ConnectTimeout {
-                self.cancel(Token::Conn(key, op))?;
-            }
-        }
-        self.finish_close(key)
-    }
-
-    fn finish_close(&mut self, key: Key) -> io::Result<()> {
-        if self.conns.get(key).is_some_and(|c| c.phase == Phase::Closing && !c.in_flight())
-            && let Some(conn) = self.conns.remove(key)
-        {
-            let (up, down) = conn.delivered();
-            tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
-        }
-        Ok(())
+        conn.machine.completed(op, result);
+        self.drive(key)
     }
 
     /// Reset relayed connections that moved no byte for the idle timeout:
     /// an upstream that accepts and never answers cannot hold one forever.
     fn expire_idle_conns(&mut self) -> io::Result<()> {
-        let Some(limit) = self.idle_timeout else { return Ok(()) };
         let now = Instant::now();
         for key in self.conns.keys() {
             let Some(conn) = self.conns.get_mut(key) else { continue };
-            if conn.phase == Phase::Relaying && conn.idle_for(now) >= limit {
-                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?limit, "idle connection reset");
-                self.close(key, true)?;
+            if conn.machine.tick(now, self.idle_timeout) {
+                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?self.idle_timeout, "idle connection reset");
+                self.drive(key)?;
             }
         }
         Ok(())
@@ -410,6 +370,9 @@ impl Worker {
             );
         }
         for conn in self.conns.values_mut() {
+            // Only the close itself: the worker ends now, and dropping the
+            // ring and then the connections closes every fd with RST.
+            conn.machine.reset();
             conn.begin_close(true, &mut self.pool);
         }
     }

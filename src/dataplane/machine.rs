@@ -1,0 +1,342 @@
+//! The life of one proxied TCP connection as an I/O-free state machine:
+//! events and `now` in, wanted operations ([`Action`]s) out. It opens no
+//! socket, reads no clock and submits no SQE; the worker does those and
+//! feeds the outcomes back (quinn-proto's shape: `handle_event` in,
+//! `poll_transmit` out). So its whole life is unit-tested without sockets.
+//!
+//! ```text
+//! Connecting --dialed/connect ok--> Relaying --both EOFs forwarded--> Closing
+//!     |  \__ attempt failed or timed out: dial the next candidate     |  ^
+//!     |                                                               |  |
+//!     +-- candidates exhausted, reset, drain expiry ------------------+--+
+//! Closing --last in-flight op completed--> Freed
+//! ```
+//!
+//! Invariants:
+//! - Every op the machine asks for ([`Action::ArmConnect`],
+//!   [`Action::ArmPoll`]) is counted in flight until its completion is fed
+//!   back, and [`Action::Free`] is issued exactly once, only when the
+//!   machine is closing and nothing is in flight: a completion never finds
+//!   a freed slot's successor. Linked connect timeouts are counted, not
+//!   flagged, since a failed attempt's timeout may still be completing
+//!   while the next attempt's is armed.
+//! - A close after any failure, on drain expiry or on idleness is a reset
+//!   (RST); only a connection whose both directions forwarded end of file
+//!   closes with FIN, so a cut-off transfer never looks complete.
+//! - At most one poll per (op, direction) is in flight.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::relay::Wait;
+
+/// The two directions of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client to endpoint.
+    Up = 0,
+    /// Endpoint to client.
+    Down = 1,
+}
+
+/// An io_uring op a connection can have in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Poll for the end of a non-blocking connect.
+    Connect,
+    /// The timeout linked to that poll.
+    ConnectTimeout,
+    /// Poll the source of a direction for readable.
+    Readable(Dir),
+    /// Poll the sink of a direction for writable.
+    Writable(Dir),
+}
+
+impl Op {
+    fn bit(self) -> u8 {
+        match self {
+            Op::Connect => 1,
+            Op::ConnectTimeout => 2,
+            Op::Readable(Dir::Up) => 4,
+            Op::Readable(Dir::Down) => 8,
+            Op::Writable(Dir::Up) => 16,
+            Op::Writable(Dir::Down) => 32,
+        }
+    }
+
+    pub const ALL: [Op; 6] = [
+        Op::Connect,
+        Op::ConnectTimeout,
+        Op::Readable(Dir::Up),
+        Op::Readable(Dir::Down),
+        Op::Writable(Dir::Up),
+        Op::Writable(Dir::Down),
+    ];
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Relaying,
+    /// Waiting for in-flight ops to complete before the fds close.
+    Closing,
+    /// [`Action::Free`] was issued: the slot may be reused.
+    Freed,
+}
+
+/// The outcome of starting a dial to the next candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialed {
+    /// Connected at once (possible on loopback).
+    Connected,
+    /// In progress; this was attempt number `attempt` (from 0).
+    InProgress { attempt: usize },
+    /// No candidate is left, or this host ran out of resources.
+    Exhausted,
+}
+
+/// The outcome of pumping one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pumped {
+    Wait(Wait),
+    /// A transfer failed: the connection is reset.
+    Failed,
+}
+
+/// What the machine wants done next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start a non-blocking connect to the next candidate, then report
+    /// [`Machine::dialed`].
+    Dial,
+    /// Poll the upstream for writable, linked to timeout number `timeout`
+    /// of the configured list (the last repeats for later attempts).
+    ArmConnect { timeout: usize },
+    /// A connect poll completed: read the socket's error, count an
+    /// endpoint failure if there is one (`timed_out`: the attempt's timeout
+    /// fired, no need to look), then report [`Machine::connect_checked`].
+    CheckConnect { timed_out: bool },
+    /// The current attempt connected: count it as active on its endpoint.
+    Connected,
+    /// Submit a poll for `op`.
+    ArmPoll(Op),
+    /// Move bytes in `dir` now, then report [`Machine::pumped`].
+    Pump(Dir),
+    /// `dir` yielded with work left: pump it again later this loop turn.
+    PumpLater(Dir),
+    /// Cancel the in-flight `op`; its completion still comes back.
+    Cancel(Op),
+    /// Give back the buffers; with `reset`, make the close send RST.
+    Close { reset: bool },
+    /// Nothing is in flight any more: drop the connection, close its fds.
+    Free,
+}
+
+/// One TCP connection's state.
+#[derive(Debug)]
+pub struct Machine {
+    phase: Phase,
+    /// Polls in flight, one bit per [`Op`] (not the timeouts).
+    armed: u8,
+    /// Linked connect timeouts in flight.
+    timeouts: u8,
+    /// How many per-attempt connect timeouts are configured (at least 1).
+    connect_timeouts: usize,
+    finished: [bool; 2],
+    /// Bytes moved since the last [`Machine::idle_for`].
+    active: bool,
+    idle_since: Instant,
+    actions: VecDeque<Action>,
+}
+
+impl Machine {
+    /// A connection accepted at `now`; `connect_timeouts` per-attempt
+    /// timeouts are configured.
+    pub fn new(now: Instant, connect_timeouts: usize) -> Self {
+        Self {
+            phase: Phase::Connecting,
+            armed: 0,
+            timeouts: 0,
+            connect_timeouts: connect_timeouts.max(1),
+            finished: [false; 2],
+            active: false,
+            idle_since: now,
+            actions: VecDeque::from([Action::Dial]),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The next wanted operation.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether any op of this connection is in flight.
+    pub fn in_flight(&self) -> bool {
+        self.armed != 0 || self.timeouts != 0
+    }
+
+    pub fn is_armed(&self, op: Op) -> bool {
+        match op {
+            Op::ConnectTimeout => self.timeouts > 0,
+            _ => self.armed & op.bit() != 0,
+        }
+    }
+
+    /// The outcome of an [`Action::Dial`].
+    pub fn dialed(&mut self, dialed: Dialed) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        match dialed {
+            Dialed::Connected => self.relay(),
+            Dialed::InProgress { attempt } => {
+                self.armed |= Op::Connect.bit();
+                self.timeouts += 1;
+                let timeout = attempt.min(self.connect_timeouts - 1);
+                self.actions.push_back(Action::ArmConnect { timeout });
+            }
+            Dialed::Exhausted => self.close(true),
+        }
+    }
+
+    /// An op of this connection completed (`result` is the CQE's result).
+    pub fn completed(&mut self, op: Op, result: i32) {
+        match op {
+            Op::ConnectTimeout => self.timeouts = self.timeouts.saturating_sub(1),
+            _ => self.armed &= !op.bit(),
+        }
+        match (self.phase, op) {
+            (Phase::Closing, _) => self.free_if_idle(),
+            (Phase::Connecting, Op::Connect) => {
+                // A poll cut short by its linked timeout ends in ECANCELED.
+                let timed_out = result == -libc::ECANCELED;
+                self.actions.push_back(Action::CheckConnect { timed_out });
+            }
+            (Phase::Relaying, Op::Readable(dir) | Op::Writable(dir)) => {
+                self.actions.push_back(Action::Pump(dir));
+            }
+            _ => {}
+        }
+    }
+
+    /// The result of an [`Action::CheckConnect`]: on failure the next
+    /// candidate is dialed.
+    pub fn connect_checked(&mut self, connected: bool) {
+        if self.phase != Phase::Connecting {
+            return;
+        }
+        if connected {
+            self.relay();
+        } else {
+            self.actions.push_back(Action::Dial);
+        }
+    }
+
+    /// The outcome of an [`Action::Pump`] that moved `moved` bytes.
+    pub fn pumped(&mut self, dir: Dir, moved: u64, outcome: Pumped) {
+        if self.phase != Phase::Relaying {
+            return;
+        }
+        if moved > 0 {
+            self.active = true;
+        }
+        match outcome {
+            Pumped::Wait(Wait::SourceReadable) => self.arm(Op::Readable(dir)),
+            Pumped::Wait(Wait::SinkWritable) => self.arm(Op::Writable(dir)),
+            Pumped::Wait(Wait::Yield) => self.actions.push_back(Action::PumpLater(dir)),
+            Pumped::Wait(Wait::Finished) => {
+                self.finished[dir as usize] = true;
+                if self.finished == [true, true] {
+                    self.close(false);
+                }
+            }
+            Pumped::Failed => self.close(true),
+        }
+    }
+
+    /// A direction that yielded is pumped again.
+    pub fn resume(&mut self, dir: Dir) {
+        if self.phase == Phase::Relaying && !self.finished[dir as usize] {
+            self.actions.push_back(Action::Pump(dir));
+        }
+    }
+
+    /// How long this connection has moved no byte, as of `now`. Activity
+    /// is sampled here, on the worker's tick: one timer per worker.
+    pub fn idle_for(&mut self, now: Instant) -> Duration {
+        if std::mem::take(&mut self.active) {
+            self.idle_since = now;
+        }
+        now.saturating_duration_since(self.idle_since)
+    }
+
+    /// The worker's tick: a relayed connection idle for `limit` is reset.
+    /// True if it was.
+    pub fn tick(&mut self, now: Instant, limit: Option<Duration>) -> bool {
+        let idle = self.idle_for(now);
+        if self.phase == Phase::Relaying && limit.is_some_and(|l| idle >= l) {
+            self.close(true);
+            return true;
+        }
+        false
+    }
+
+    /// Cut the connection short with a reset (drain expiry, shutdown).
+    pub fn reset(&mut self) {
+        self.close(true);
+    }
+
+    fn relay(&mut self) {
+        self.phase = Phase::Relaying;
+        self.actions.extend([Action::Connected, Action::Pump(Dir::Up), Action::Pump(Dir::Down)]);
+    }
+
+    fn arm(&mut self, op: Op) {
+        if self.armed & op.bit() == 0 {
+            self.armed |= op.bit();
+            self.actions.push_back(Action::ArmPoll(op));
+        }
+    }
+
+    fn close(&mut self, reset: bool) {
+        if matches!(self.phase, Phase::Closing | Phase::Freed) {
+            return;
+        }
+        self.phase = Phase::Closing;
+        // Ops asked for but not yet run are moot now; a poll that was never
+        // submitted is not in flight.
+        for action in std::mem::take(&mut self.actions) {
+            match action {
+                Action::ArmPoll(op) => self.armed &= !op.bit(),
+                Action::ArmConnect { .. } => {
+                    self.armed &= !Op::Connect.bit();
+                    self.timeouts = self.timeouts.saturating_sub(1);
+                }
+                _ => {}
+            }
+        }
+        self.actions.push_back(Action::Close { reset });
+        // A linked timeout goes with its poll: only the poll is cancelled.
+        for op in Op::ALL {
+            if op != Op::ConnectTimeout && self.is_armed(op) {
+                self.actions.push_back(Action::Cancel(op));
+            }
+        }
+        self.free_if_idle();
+    }
+
+    fn free_if_idle(&mut self) {
+        if self.phase == Phase::Closing && !self.in_flight() {
+            self.phase = Phase::Freed;
+            self.actions.push_back(Action::Free);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;
