@@ -35,7 +35,7 @@ pub use super::machine::{Dir, Op};
 use super::relay::{End, Half, Pool, RelayError, Wait};
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
-use crate::snapshot::PortState;
+use crate::snapshot::{PortState, Route};
 
 /// Why a connection could not be connected (for logs).
 #[derive(Debug, thiserror::Error)]
@@ -111,13 +111,13 @@ impl Conn {
     pub fn new(
         client: OwnedFd,
         client_addr: ClientAddr,
-        port: Arc<PortState>,
-        balancer: Arc<Balancer>,
+        route: &Route<'_>,
         candidates: Candidates,
         worker: usize,
         now: Instant,
         connect_timeouts: usize,
     ) -> Self {
+        let (port, balancer) = (Arc::clone(route.port), Arc::clone(route.balancer));
         let counters = port.metrics.slot(worker);
         counters.add(&counters.accepted, 1);
         Self {

@@ -228,16 +228,8 @@ impl Worker {
         let client_addr = ClientAddr(peer);
         let now = Instant::now();
         let candidates = route.balancer.pick(client_addr, now, self.connect_timeouts.len());
-        let conn = Conn::new(
-            client,
-            client_addr,
-            Arc::clone(route.port),
-            Arc::clone(route.balancer),
-            candidates,
-            self.index,
-            now,
-            self.connect_timeouts.len(),
-        );
+        let conn =
+            Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len());
         let key = self.conns.insert(conn);
         self.drive(key)
     }
