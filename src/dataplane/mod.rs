@@ -22,6 +22,7 @@ mod slots;
 pub mod sys;
 mod token;
 pub mod udp;
+mod udp_flow;
 mod udp_worker;
 mod worker;
 

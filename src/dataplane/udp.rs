@@ -24,6 +24,7 @@ use slab::Slab;
 use socket2::{Domain, Socket, Type};
 
 use super::slots::Key;
+use super::udp_flow::FlowMachine;
 use crate::balance::Balancer;
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
@@ -39,11 +40,8 @@ pub struct Flow {
     pub balancer: Arc<Balancer>,
     /// Candidate index of the endpoint in `balancer`.
     pub endpoint: usize,
-    pub last_active: Instant,
-    /// A readable poll on `socket` is in flight.
-    pub armed: bool,
-    /// Waiting for its poll to be cancelled before it is freed.
-    pub closing: bool,
+    /// What happens next, and whether its poll is in flight.
+    pub machine: FlowMachine,
     /// Tells this flow from a later one in the same slab slot.
     pub generation: u64,
     worker: usize,
@@ -107,9 +105,11 @@ impl Flows {
         self.flows.get_mut(key)
     }
 
-    /// The open flow of `client` on `listener`.
+    /// The open flow of `client` on `listener`. A flow whose machine closed
+    /// it (the endpoint refused) is not found: the next datagram repicks.
     pub fn find(&self, listener: Key, client: SocketAddr) -> Option<usize> {
-        self.index.get(&(listener, client)).copied()
+        let key = self.index.get(&(listener, client)).copied()?;
+        self.flows.get(key).filter(|f| f.machine.is_open()).map(|_| key)
     }
 
     /// Open a flow: pick the endpoint and connect a socket to it.
@@ -143,9 +143,7 @@ impl Flows {
             port: Arc::clone(port),
             balancer: Arc::clone(balancer),
             endpoint: i,
-            last_active: now,
-            armed: false,
-            closing: false,
+            machine: FlowMachine::new(now),
             generation,
             worker,
         });
@@ -153,49 +151,42 @@ impl Flows {
         Ok(key)
     }
 
-    /// Begin closing a flow: it leaves the index at once (the client's next
-    /// datagram opens a new flow). True if its poll must be cancelled
-    /// first; otherwise it is already freed.
-    pub fn close(&mut self, key: usize) -> bool {
-        let Some(flow) = self.flows.get_mut(key) else { return false };
-        if !flow.closing {
-            flow.closing = true;
+    /// Begin closing a flow; its machine says when it may be freed. From
+    /// now on [`Flows::find`] no longer finds it.
+    pub fn close(&mut self, key: usize) {
+        if let Some(flow) = self.flows.get_mut(key) {
+            flow.machine.close();
+        }
+    }
+
+    /// Drop a flow its machine freed, and its index entry unless a newer
+    /// flow of the same client took it.
+    pub fn remove(&mut self, key: usize) {
+        if let Some(flow) = self.flows.try_remove(key) {
             let k = (flow.listener, flow.client);
             if self.index.get(&k) == Some(&key) {
                 self.index.remove(&k);
             }
         }
-        if flow.armed {
-            return true;
-        }
-        self.flows.remove(key);
-        false
-    }
-
-    /// Free a closing flow whose poll has completed.
-    pub fn reap(&mut self, key: usize) {
-        if self.flows.get(key).is_some_and(|f| f.closing && !f.armed) {
-            self.flows.remove(key);
-        }
     }
 
     /// Open flows idle for longer than the timeout.
     pub fn idle(&self, now: Instant) -> Vec<usize> {
-        self.flows
-            .iter()
-            .filter(|(_, f)| !f.closing && now.saturating_duration_since(f.last_active) > self.timeout)
-            .map(|(k, _)| k)
-            .collect()
+        self.flows.iter().filter(|(_, f)| f.machine.expired(now, self.timeout)).map(|(k, _)| k).collect()
     }
 
     /// The least recently active open flow (evicted first at the cap).
     pub fn oldest(&self) -> Option<usize> {
-        self.flows.iter().filter(|(_, f)| !f.closing).min_by_key(|(_, f)| f.last_active).map(|(k, _)| k)
+        self.flows
+            .iter()
+            .filter(|(_, f)| f.machine.is_open())
+            .min_by_key(|(_, f)| f.machine.last_active())
+            .map(|(k, _)| k)
     }
 
     /// Keys of every open flow matching `pred`.
     pub fn matching(&self, pred: impl Fn(&Flow) -> bool) -> Vec<usize> {
-        self.flows.iter().filter(|(_, f)| !f.closing && pred(f)).map(|(k, _)| k).collect()
+        self.flows.iter().filter(|(_, f)| f.machine.is_open() && pred(f)).map(|(k, _)| k).collect()
     }
 }
 

@@ -11,7 +11,8 @@
 //! - A datagram's bytes are owned by `Worker::sends` (`sys::Sends`) until
 //!   the kernel reports its send complete; the completion finds its flow by
 //!   key and generation, so a recycled slot is never mistaken for it.
-//! - A flow is freed only once its poll is no longer in flight.
+//! - A flow is freed only when its machine (`udp_flow.rs`) says so: once
+//!   its poll is no longer in flight.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use super::slots::Key;
 use super::sys;
 use super::token::Token;
 use super::udp::FlowError;
+use super::udp_flow::{FlowAction, Received};
 use super::worker::Worker;
 use crate::snapshot::{Route, Snapshot};
 
@@ -102,7 +104,7 @@ impl Worker {
                 }
                 match self.flows.open(slot, client, local, route.port, route.balancer, self.index, now) {
                     Ok(key) => {
-                        self.arm_flow(key)?;
+                        self.drive_flow(key)?;
                         key
                     }
                     Err(e) => {
@@ -116,7 +118,7 @@ impl Worker {
             }
         };
         let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
-        flow.last_active = now;
+        flow.machine.sent(now);
         counters.add(&counters.datagrams_to_endpoint, 1);
         counters.add(&counters.bytes_to_endpoint, data.len() as u64);
         let (fd, tag) = (flow.socket.as_raw_fd(), SendTag { flow: key, generation: flow.generation });
@@ -128,46 +130,77 @@ impl Worker {
         if result >= 0 {
             return Ok(());
         }
-        let flow = self.flows.get(sent.flow).filter(|f| f.generation == sent.generation && !f.closing);
-        if let Some(flow) = flow {
-            let c = flow.port.metrics.slot(self.index);
-            c.add(&c.datagrams_dropped, 1);
-            if -result == libc::ECONNREFUSED {
-                return self.flow_failed(sent.flow);
-            }
-        }
-        Ok(())
-    }
-
-    fn arm_flow(&mut self, key: usize) -> io::Result<()> {
-        let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
-        flow.armed = true;
-        sys::poll(&mut self.ring, flow.socket.as_raw_fd(), libc::POLLIN, Token::UdpFlow(key).encode())
+        let flow = self.flows.get_mut(sent.flow).filter(|f| f.generation == sent.generation);
+        let Some(flow) = flow.filter(|f| f.machine.is_open()) else { return Ok(()) };
+        let c = flow.port.metrics.slot(self.index);
+        c.add(&c.datagrams_dropped, 1);
+        flow.machine.send_failed(-result == libc::ECONNREFUSED);
+        self.drive_flow(sent.flow)
     }
 
     /// An endpoint's replies (or an ICMP error) wait on a flow's socket.
     pub(super) fn on_udp_flow(&mut self, key: usize, result: i32) -> io::Result<()> {
         let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
-        flow.armed = false;
-        if flow.closing || result < 0 {
-            self.flows.reap(key);
-            return Ok(());
+        flow.machine.polled(result);
+        self.drive_flow(key)
+    }
+
+    /// Run the actions a flow's machine wants until it wants none.
+    fn drive_flow(&mut self, key: usize) -> io::Result<()> {
+        loop {
+            let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
+            let Some(action) = flow.machine.poll_action() else { return Ok(()) };
+            match action {
+                FlowAction::ArmPoll => {
+                    let token = Token::UdpFlow(key).encode();
+                    sys::poll(&mut self.ring, flow.socket.as_raw_fd(), libc::POLLIN, token)?;
+                }
+                FlowAction::Receive => {
+                    let received = self.relay_replies(key);
+                    if let Some(flow) = self.flows.get_mut(key) {
+                        flow.machine.received(received, Instant::now());
+                    }
+                }
+                FlowAction::Blame => {
+                    tracing::debug!(service = %flow.port.spec.name, endpoint = ?flow.endpoint_addr(), "UDP endpoint unreachable");
+                    if flow.balancer.failed(
+                        crate::model::ClientAddr(flow.client),
+                        flow.endpoint,
+                        Instant::now(),
+                    ) {
+                        let c = flow.port.metrics.slot(self.index);
+                        c.add(&c.ejections, 1);
+                    }
+                }
+                FlowAction::Cancel => self.cancel(Token::UdpFlow(key))?,
+                FlowAction::Free => {
+                    self.flows.remove(key);
+                    return Ok(());
+                }
+            }
         }
+    }
+
+    /// Relay the replies waiting on a flow's socket to its client, in
+    /// batches.
+    fn relay_replies(&mut self, key: usize) -> Received {
+        let Some(flow) = self.flows.get(key) else { return Received::Failed };
         let (listener, client, local) = (flow.listener, flow.client, flow.local);
         let (port, balancer, endpoint) = (Arc::clone(&flow.port), Arc::clone(&flow.balancer), flow.endpoint);
         if self.listeners.get(listener).and_then(|a| a.fd.as_ref()).is_none() {
-            return self.close_flow(key);
+            // The listener left: replies have no way back.
+            return Received::Failed;
         }
         let counters = port.metrics.slot(self.index);
-        let now = Instant::now();
+        let mut relayed = 0;
         for _ in 0..BATCHES_PER_WAKE {
             let Some(flow) = self.flows.get(key) else { break };
             let n = match self.batch.recv(flow.socket.as_fd()) {
                 Ok(n) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return self.flow_failed(key),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Received::Refused,
                 Err(e) => {
                     tracing::debug!(service = %port.spec.name, error = %e, "UDP receive from endpoint failed");
-                    return self.close_flow(key);
+                    return Received::Failed;
                 }
             };
             if n == 0 {
@@ -192,34 +225,17 @@ impl Worker {
             counters.add(&counters.datagrams_to_client, sent as u64);
             counters.add(&counters.bytes_to_client, bytes as u64);
             counters.add(&counters.datagrams_dropped, (replies.len() - sent) as u64);
-            if let Some(flow) = self.flows.get_mut(key) {
-                flow.last_active = now;
-            }
+            relayed += n;
             if n < sys::BATCH {
                 break;
             }
         }
-        self.arm_flow(key)
-    }
-
-    /// The endpoint refused (ICMP port unreachable): count it for passive
-    /// health and close the flow; the client's next datagram picks afresh.
-    fn flow_failed(&mut self, key: usize) -> io::Result<()> {
-        if let Some(flow) = self.flows.get(key) {
-            tracing::debug!(service = %flow.port.spec.name, endpoint = ?flow.endpoint_addr(), "UDP endpoint unreachable");
-            if flow.balancer.failed(crate::model::ClientAddr(flow.client), flow.endpoint, Instant::now()) {
-                let c = flow.port.metrics.slot(self.index);
-                c.add(&c.ejections, 1);
-            }
-        }
-        self.close_flow(key)
+        Received::Replies { relayed }
     }
 
     pub(super) fn close_flow(&mut self, key: usize) -> io::Result<()> {
-        if self.flows.close(key) {
-            self.cancel(Token::UdpFlow(key))?;
-        }
-        Ok(())
+        self.flows.close(key);
+        self.drive_flow(key)
     }
 
     /// Close flows idle for longer than the UDP timeout.
