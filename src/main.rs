@@ -219,6 +219,12 @@ struct RunArgs {
     /// (0: never). See docs/architecture.md for the choice of default.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
     tcp_idle_timeout: Duration,
+    /// Most TCP connections open at once, over all workers (0: no cap),
+    /// split evenly among them; a worker at its share stops accepting, so
+    /// new clients wait in the kernel's backlog and are served as others
+    /// close. Must be at least --workers.
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
     /// Fault injection for tests: each worker fails once it has accepted
     /// this many connections.
     #[arg(long, hide = true)]
@@ -287,6 +293,12 @@ impl RunArgs {
         if self.udp_timeout.is_zero() || self.udp_max_flows == 0 {
             anyhow::bail!("--udp-timeout and --udp-max-flows must be non-zero");
         }
+        if self.max_connections != 0 && self.max_connections < workers {
+            anyhow::bail!(
+                "--max-connections ({}) must be 0 or at least --workers ({workers})",
+                self.max_connections
+            );
+        }
         if self.eject_backoff.is_zero() || self.eject_max < self.eject_backoff {
             anyhow::bail!("--eject-backoff must be non-zero and at most --eject-max");
         }
@@ -313,6 +325,7 @@ impl RunArgs {
                 udp_timeout: self.udp_timeout,
                 udp_max_flows: self.udp_max_flows,
                 tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
+                max_connections: (self.max_connections != 0).then_some(self.max_connections),
                 fail_after_accepts: self.fail_worker_after_accepts,
                 ..WorkerConfig::default()
             },

@@ -158,7 +158,8 @@ impl Worker {
         let Some(fd) = a.fd.as_ref().map(|fd| fd.as_raw_fd()) else {
             return self.forget_listener(key);
         };
-        if a.paused {
+        // Paused, or at the connection cap: clients wait in the backlog.
+        if a.paused || self.at_cap {
             return Ok(());
         }
         a.armed = true;

@@ -58,9 +58,23 @@ pub struct WorkerConfig {
     /// A relayed TCP connection that moves no byte either way this long is
     /// reset (`None`: never).
     pub tcp_idle_timeout: Option<Duration>,
+    /// Most TCP connections open at once, over all workers (`None`: no
+    /// cap). Worker `i` takes its share ([`WorkerConfig::connection_cap`]);
+    /// at its share it stops accepting, so clients wait in the kernel's
+    /// backlog instead of being reset.
+    pub max_connections: Option<usize>,
     /// Fault injection for tests: a worker fails with an error once it has
     /// accepted this many connections.
     pub fail_after_accepts: Option<u64>,
+}
+
+impl WorkerConfig {
+    /// Worker `index`'s share of `max_connections`: the total split as
+    /// evenly as it goes, so the shares add up to exactly the total.
+    pub fn connection_cap(&self, index: usize) -> Option<usize> {
+        let workers = self.workers.max(1);
+        self.max_connections.map(|total| total / workers + usize::from(index < total % workers))
+    }
 }
 
 /// The default of `--tcp-idle-timeout`: one hour, HAProxy's usual
@@ -84,6 +98,7 @@ impl Default for WorkerConfig {
             udp_timeout: Duration::from_secs(30),
             udp_max_flows: 8192,
             tcp_idle_timeout: Some(TCP_IDLE_TIMEOUT),
+            max_connections: None,
             fail_after_accepts: None,
         }
     }
@@ -195,5 +210,19 @@ impl DataPlane {
                 Err(_) => tracing::error!("worker panicked"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_splits_among_workers_adding_up_to_the_total() {
+        let config = |workers, max| WorkerConfig { workers, max_connections: max, ..WorkerConfig::default() };
+        let shares: Vec<_> = (0..3).map(|i| config(3, Some(10)).connection_cap(i)).collect();
+        assert_eq!(shares, [Some(4), Some(3), Some(3)]);
+        assert_eq!(config(1, Some(2)).connection_cap(0), Some(2));
+        assert_eq!(config(4, None).connection_cap(3), None, "no cap");
     }
 }

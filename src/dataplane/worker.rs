@@ -41,7 +41,7 @@ use super::token::Token;
 use super::udp::Flows;
 use super::udp_worker::SendTag;
 use super::{Shared, WorkerConfig, sys};
-use crate::model::ClientAddr;
+use crate::model::{ClientAddr, Protocol};
 
 /// Period of the worker's housekeeping (one timer per worker, never one per
 /// connection or packet).
@@ -69,6 +69,11 @@ pub(super) struct Worker {
     drain_timeout: &'static types::Timespec,
     /// A relayed connection that moves no byte this long is reset.
     idle_timeout: Option<Duration>,
+    /// Most connections this worker holds; at the cap it stops accepting.
+    pub(super) max_conns: Option<usize>,
+    /// At the cap: no accept is armed until a connection is freed.
+    pub(super) at_cap: bool,
+    cap_warnings: Throttle,
     /// Fault injection for tests: fail after this many accepted clients.
     fail_after_accepts: Option<u64>,
     accepted: u64,
@@ -114,6 +119,9 @@ impl Worker {
             ),
             drain_timeout: sys::timespec(config.drain_timeout),
             idle_timeout: config.tcp_idle_timeout,
+            max_conns: config.connection_cap(index),
+            at_cap: false,
+            cap_warnings: Throttle::new(WARN_EVERY),
             fail_after_accepts: config.fail_after_accepts,
             accepted: 0,
             yielded: Vec::new(),
@@ -231,7 +239,45 @@ impl Worker {
         let conn =
             Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len());
         let key = self.conns.insert(conn);
+        if self.max_conns.is_some_and(|max| self.conns.len() >= max) {
+            self.reach_cap(now)?;
+        }
         self.drive(key)
+    }
+
+    /// The worker holds its share of `--max-connections`: stop accepting,
+    /// so new clients wait in the kernel's backlog rather than being reset.
+    fn reach_cap(&mut self, now: Instant) -> io::Result<()> {
+        if std::mem::replace(&mut self.at_cap, true) {
+            return Ok(());
+        }
+        if let Some(held_back) = self.cap_warnings.allow(now) {
+            tracing::warn!(worker = self.index, max = ?self.max_conns, held_back, "connection cap reached; accepting paused");
+        }
+        for key in self.listeners.keys() {
+            if self
+                .listeners
+                .get(key)
+                .is_some_and(|a| a.armed && a.protocol == Protocol::Tcp && a.fd.is_some())
+            {
+                self.cancel(Token::Accept(key))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A connection was freed: below the cap again, accept again.
+    fn leave_cap(&mut self) -> io::Result<()> {
+        if !self.at_cap || self.max_conns.is_some_and(|max| self.conns.len() >= max) {
+            return Ok(());
+        }
+        self.at_cap = false;
+        for key in self.listeners.keys() {
+            if self.listeners.get(key).is_some_and(|a| !a.armed && a.protocol == Protocol::Tcp) {
+                self.arm_accept(key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Run the actions a connection's machine wants until it wants none:
@@ -310,7 +356,7 @@ impl Worker {
                         let (up, down) = conn.delivered();
                         tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
                     }
-                    return Ok(());
+                    return self.leave_cap();
                 }
             }
         }

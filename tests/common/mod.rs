@@ -38,8 +38,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Start `ringport run` on `manifest` with 2 unpinned workers plus
-    /// `args`, and wait until it is ready.
+    /// Start `ringport run` on `manifest` with 2 unpinned workers (unless
+    /// `args` says `--workers`) plus `args`, and wait until it is ready.
     pub fn start(manifest: &str, args: &[&str]) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("services.yaml"), manifest).expect("write manifest");
@@ -50,7 +50,9 @@ impl Proxy {
             .arg("run")
             .arg("--config")
             .arg(dir.path())
-            .args(["--workers", "2", "--no-pin", "--bind-address", "127.0.0.1"])
+            // Two workers unless the test asks for its own number.
+            .args(if args.contains(&"--workers") { &[][..] } else { &["--workers", "2"][..] })
+            .args(["--no-pin", "--bind-address", "127.0.0.1"])
             // These tests run on the host: they must never touch its rules.
             .args(["--redirect", "none"])
             // One admin address serves every route (health and metrics).
