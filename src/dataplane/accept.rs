@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -155,7 +155,7 @@ impl Worker {
 
     pub(super) fn arm_accept(&mut self, key: Key) -> io::Result<()> {
         let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
-        let Some(fd) = a.fd.as_ref().map(|fd| fd.as_raw_fd()) else {
+        let Some(fd) = a.fd.as_ref() else {
             return self.forget_listener(key);
         };
         // Paused, or at the connection cap: clients wait in the backlog.
@@ -163,7 +163,7 @@ impl Worker {
             return Ok(());
         }
         a.armed = true;
-        sys::accept_multi(&mut self.ring, fd, Token::Accept(key).encode())
+        self.driver.accept(fd.as_fd(), Token::Accept(key))
     }
 
     /// An accept's back-off timer ran out: accept again (or let go of a
@@ -211,7 +211,7 @@ impl Worker {
                     a.armed = true;
                 }
                 let ts = self.accept_retry[delay];
-                return sys::timeout(&mut self.ring, ts, Token::AcceptRetry(key).encode());
+                return self.driver.timeout(ts, Token::AcceptRetry(key));
             }
         }
         if more {

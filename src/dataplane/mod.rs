@@ -14,6 +14,7 @@
 
 mod accept;
 pub mod conn;
+mod driver;
 pub mod fault;
 pub mod listen;
 mod machine;

@@ -4,12 +4,15 @@
 //!
 //! Every function here takes and returns owned or borrowed fds (`OwnedFd`,
 //! `BorrowedFd`), never a bare integer someone must remember to close, and
-//! every `unsafe` block says why it is sound.
+//! every `unsafe` block says why it is sound. The io_uring submission side
+//! lives in `sys/ring.rs`, part of this module.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use io_uring::{IoUring, opcode, squeue, types};
+mod ring;
+
+pub use ring::{Ring, Sends, timespec};
 
 /// Outcome of a non-blocking transfer.
 #[derive(Debug, PartialEq, Eq)]
@@ -154,142 +157,11 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// Push one submission entry, submitting first if the queue is full.
-///
-/// # Safety
-/// Every buffer, timespec or address the entry points to must stay valid
-/// and unmoved until the kernel is done with the entry.
-unsafe fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> {
-    loop {
-        // SAFETY: forwarded from this function's contract.
-        if unsafe { ring.submission().push(entry) }.is_ok() {
-            return Ok(());
-        }
-        ring.submit()?;
-    }
-}
-
-/// A timespec for timeouts handed to the kernel by pointer. Leaked on
-/// purpose: it must outlive every op that may use it, and a worker makes
-/// a handful, once, at start.
-pub fn timespec(d: std::time::Duration) -> &'static types::Timespec {
-    Box::leak(Box::new(types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())))
-}
-
-/// Poll `fd` for `events` (one shot).
-pub fn poll(ring: &mut IoUring, fd: RawFd, events: i16, user_data: u64) -> io::Result<()> {
-    let entry = opcode::PollAdd::new(types::Fd(fd), events as u32).build().user_data(user_data);
-    // SAFETY: a poll points at no memory of ours (the kernel holds its own
-    // reference to the file).
-    unsafe { push(ring, &entry) }
-}
-
-/// Accept on `fd` until cancelled (multishot), non-blocking and
-/// close-on-exec sockets.
-pub fn accept_multi(ring: &mut IoUring, fd: RawFd, user_data: u64) -> io::Result<()> {
-    let entry = opcode::AcceptMulti::new(types::Fd(fd))
-        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-        .build()
-        .user_data(user_data);
-    // SAFETY: a multishot accept without an address points at no memory.
-    unsafe { push(ring, &entry) }
-}
-
-/// Cancel the op whose user data is `target`.
-pub fn cancel(ring: &mut IoUring, target: u64, user_data: u64) -> io::Result<()> {
-    let entry = opcode::AsyncCancel::new(target).build().user_data(user_data);
-    // SAFETY: a cancel points at no memory of ours.
-    unsafe { push(ring, &entry) }
-}
-
-/// Complete after `ts`.
-pub fn timeout(ring: &mut IoUring, ts: &'static types::Timespec, user_data: u64) -> io::Result<()> {
-    let entry = opcode::Timeout::new(ts).build().user_data(user_data);
-    // SAFETY: the timespec is 'static.
-    unsafe { push(ring, &entry) }
-}
-
-/// Poll `fd` for `events`, cancelled by a linked timeout after `ts`. Both
-/// complete: the poll with its result or `-ECANCELED`, the timeout with
-/// `-ETIME` or `-ECANCELED`. Room for both is made first, so a full queue
-/// cannot split the pair.
-pub fn poll_with_timeout(
-    ring: &mut IoUring,
-    fd: RawFd,
-    events: i16,
-    user_data: u64,
-    ts: &'static types::Timespec,
-    timeout_user_data: u64,
-) -> io::Result<()> {
-    let poll = opcode::PollAdd::new(types::Fd(fd), events as u32)
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(user_data);
-    let limit = opcode::LinkTimeout::new(ts).build().user_data(timeout_user_data);
-    loop {
-        let mut sq = ring.submission();
-        if sq.capacity() - sq.len() >= 2 {
-            // SAFETY: a poll points at no memory of ours and the timespec is
-            // 'static; room for both was checked just above.
-            unsafe {
-                let _ = sq.push(&poll);
-                let _ = sq.push(&limit);
-            }
-            return Ok(());
-        }
-        drop(sq);
-        ring.submit()?;
-    }
-}
-
 /// The new fd of a successful accept completion (`result >= 0`).
 pub fn accepted(result: i32) -> Option<OwnedFd> {
     // SAFETY: a non-negative accept result is a new fd that nothing else
     // owns.
     (result >= 0).then(|| unsafe { OwnedFd::from_raw_fd(result) })
-}
-
-/// Datagrams on their way out through io_uring `SEND`s: the bytes are
-/// owned here until their completion is taken back with [`Sends::done`].
-///
-/// The ring must be dropped before this (declare it first in the owning
-/// struct): closing the ring ends every op that could still read the bytes.
-pub struct Sends<T> {
-    pending: slab::Slab<(T, Vec<u8>)>,
-}
-
-impl<T> Default for Sends<T> {
-    fn default() -> Self {
-        Self { pending: slab::Slab::new() }
-    }
-}
-
-impl<T> Sends<T> {
-    /// Send `data` on `fd`; its completion carries `user_data(key)`, where
-    /// `key` identifies it for [`Sends::done`].
-    pub fn send(
-        &mut self,
-        ring: &mut IoUring,
-        fd: RawFd,
-        tag: T,
-        data: Vec<u8>,
-        user_data: impl FnOnce(usize) -> u64,
-    ) -> io::Result<()> {
-        let key = self.pending.insert((tag, data));
-        let bytes = &self.pending[key].1;
-        let entry = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
-            .build()
-            .user_data(user_data(key));
-        // SAFETY: the bytes live on the heap in `self.pending[key]` until
-        // `done(key)`, which the caller calls only on this send's
-        // completion; moving the slab entry does not move the Vec's buffer.
-        unsafe { push(ring, &entry) }
-    }
-
-    /// The tag and bytes of a completed send.
-    pub fn done(&mut self, key: usize) -> Option<(T, Vec<u8>)> {
-        self.pending.try_remove(key)
-    }
 }
 
 /// Datagrams per `recvmmsg` / `sendmmsg` call.

@@ -62,6 +62,14 @@ impl Drop for Flow {
     }
 }
 
+/// Which flow a datagram on its way to an endpoint belongs to: the flow's
+/// slot and generation, so a send completing after its flow was freed
+/// never reaches a later flow in the same slot.
+pub struct SendTag {
+    pub flow: usize,
+    pub generation: u64,
+}
+
 /// Why a flow could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {

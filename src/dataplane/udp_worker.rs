@@ -16,23 +16,17 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::slots::Key;
 use super::sys;
 use super::token::Token;
-use super::udp::FlowError;
+use super::udp::{FlowError, SendTag};
 use super::udp_flow::{FlowAction, Received};
 use super::worker::Worker;
 use crate::snapshot::{Route, Snapshot};
-
-/// Which flow a datagram on its way to an endpoint belongs to.
-pub(super) struct SendTag {
-    flow: usize,
-    generation: u64,
-}
 
 /// Client datagram batches handled per readiness event before yielding.
 const BATCHES_PER_WAKE: usize = 8;
@@ -40,9 +34,9 @@ const BATCHES_PER_WAKE: usize = 8;
 impl Worker {
     pub(super) fn arm_udp_listener(&mut self, slot: Key) -> io::Result<()> {
         let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
-        let Some(fd) = a.fd.as_ref().map(|f| f.as_raw_fd()) else { return self.forget_listener(slot) };
+        let Some(fd) = a.fd.as_ref() else { return self.forget_listener(slot) };
         a.armed = true;
-        sys::poll(&mut self.ring, fd, libc::POLLIN, Token::UdpListen(slot).encode())
+        self.driver.poll(fd.as_fd(), libc::POLLIN, Token::UdpListen(slot))
     }
 
     /// Client datagrams are waiting on a listening socket.
@@ -121,12 +115,12 @@ impl Worker {
         flow.machine.sent(now);
         counters.add(&counters.datagrams_to_endpoint, 1);
         counters.add(&counters.bytes_to_endpoint, data.len() as u64);
-        let (fd, tag) = (flow.socket.as_raw_fd(), SendTag { flow: key, generation: flow.generation });
-        self.sends.send(&mut self.ring, fd, tag, data, |id| Token::UdpSent(id).encode())
+        let tag = SendTag { flow: key, generation: flow.generation };
+        self.driver.send(flow.socket.as_fd(), tag, data)
     }
 
     pub(super) fn on_udp_sent(&mut self, id: usize, result: i32) -> io::Result<()> {
-        let Some((sent, _bytes)) = self.sends.done(id) else { return Ok(()) };
+        let Some(sent) = self.driver.sent(id) else { return Ok(()) };
         if result >= 0 {
             return Ok(());
         }
@@ -152,8 +146,7 @@ impl Worker {
             let Some(action) = flow.machine.poll_action() else { return Ok(()) };
             match action {
                 FlowAction::ArmPoll => {
-                    let token = Token::UdpFlow(key).encode();
-                    sys::poll(&mut self.ring, flow.socket.as_raw_fd(), libc::POLLIN, token)?;
+                    self.driver.poll(flow.socket.as_fd(), libc::POLLIN, Token::UdpFlow(key))?;
                 }
                 FlowAction::Receive => {
                     let received = self.relay_replies(key);

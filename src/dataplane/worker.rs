@@ -22,15 +22,16 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, types};
+use io_uring::{cqueue, types};
 use socket2::SockRef;
 
 use super::accept::{self, Accepting};
 use super::conn::{self, Conn, ConnError, Dial};
+use super::driver::Driver;
 use super::fault::Throttle;
 use super::listen::ListenerId;
 use super::machine::{Action, Dialed, Dir, Op, Pumped};
@@ -39,7 +40,6 @@ use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
 use super::token::Token;
 use super::udp::Flows;
-use super::udp_worker::SendTag;
 use super::{Shared, WorkerConfig, sys};
 use crate::model::{ClientAddr, Protocol};
 
@@ -52,7 +52,9 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Worker {
     pub(super) index: usize,
-    pub(super) ring: IoUring,
+    /// Declared first: dropped (ending every op) before anything an op
+    /// could point to.
+    pub(super) driver: Driver,
     pub(super) shared: Arc<Shared>,
     pub(super) listeners: Slots<Accepting>,
     pub(super) by_id: HashMap<ListenerId, Key>,
@@ -81,22 +83,14 @@ pub(super) struct Worker {
     yielded: Vec<(Key, Dir)>,
     pub(super) stopping: bool,
     pub(super) flows: Flows,
-    /// Datagrams on their way to endpoints, owned until their send
-    /// completes. Declared after `ring`, so the ring is dropped first.
-    pub(super) sends: sys::Sends<SendTag>,
     pub(super) batch: RecvBatch,
 }
 
 impl Worker {
     pub(super) fn new(index: usize, shared: Arc<Shared>, config: &WorkerConfig) -> io::Result<Self> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_cqsize(config.ring_entries * 4)
-            .build(config.ring_entries)?;
         Ok(Self {
             index,
-            ring,
+            driver: Driver::new(config.ring_entries)?,
             shared,
             listeners: Slots::default(),
             by_id: HashMap::new(),
@@ -127,7 +121,6 @@ impl Worker {
             yielded: Vec::new(),
             stopping: false,
             flows: Flows::new(config.udp_max_flows / config.workers.max(1), config.udp_timeout),
-            sends: sys::Sends::default(),
             batch: RecvBatch::new(),
         })
     }
@@ -142,15 +135,8 @@ impl Worker {
             if self.stopping && self.conns.is_empty() && self.listeners.is_empty() {
                 return Ok(());
             }
-            let wait = if self.yielded.is_empty() { 1 } else { 0 };
-            match self.ring.submit_and_wait(wait) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
-                Err(e) => return Err(e),
-            }
-            completions.clear();
-            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            // Wait only when no direction yielded with work left.
+            self.driver.turn(self.yielded.is_empty(), &mut completions)?;
             for &(data, result, flags) in &completions {
                 match Token::decode(data) {
                     Some(Token::Drain) => {
@@ -196,12 +182,11 @@ impl Worker {
     // ---- listeners -------------------------------------------------------
 
     fn arm_wake(&mut self) -> io::Result<()> {
-        let fd = self.shared.wakers[self.index].as_raw_fd();
-        sys::poll(&mut self.ring, fd, libc::POLLIN, Token::Wake.encode())
+        self.driver.poll(self.shared.wakers[self.index].as_fd(), libc::POLLIN, Token::Wake)
     }
 
     fn arm_tick(&mut self) -> io::Result<()> {
-        sys::timeout(&mut self.ring, self.tick, Token::Tick.encode())
+        self.driver.timeout(self.tick, Token::Tick)
     }
 
     // ---- connections -----------------------------------------------------
@@ -306,17 +291,16 @@ impl Worker {
                     conn.machine.dialed(dialed);
                 }
                 Action::ArmConnect { timeout } => {
-                    let fd = conn.upstream.as_ref().map(|u| u.as_raw_fd()).unwrap_or(-1);
-                    let (poll, limit) = (Token::Conn(key, Op::Connect), Token::Conn(key, Op::ConnectTimeout));
                     let ts = self.connect_timeouts[timeout.min(self.connect_timeouts.len() - 1)];
-                    sys::poll_with_timeout(
-                        &mut self.ring,
-                        fd,
-                        libc::POLLOUT,
-                        poll.encode(),
-                        ts,
-                        limit.encode(),
-                    )?;
+                    match conn.upstream.as_ref() {
+                        Some(fd) => self.driver.connect(fd.as_fd(), ts, key)?,
+                        // Cannot happen (a dial in progress has its socket);
+                        // if it did, the attempt fails as a timeout would.
+                        None => {
+                            conn.machine.completed(Op::ConnectTimeout, -libc::ECANCELED);
+                            conn.machine.completed(Op::Connect, -libc::ECANCELED);
+                        }
+                    }
                 }
                 Action::CheckConnect { timed_out } => {
                     let outcome = if timed_out {
@@ -333,8 +317,12 @@ impl Worker {
                 Action::Connected => conn.attempt_succeeded(Instant::now()),
                 Action::ArmPoll(op) => {
                     let events = if matches!(op, Op::Writable(_)) { libc::POLLOUT } else { libc::POLLIN };
-                    let fd = conn.poll_fd(op).map_or(-1, |fd| fd.as_raw_fd());
-                    sys::poll(&mut self.ring, fd, events, Token::Conn(key, op).encode())?;
+                    match conn.poll_fd(op) {
+                        Some(fd) => self.driver.poll(fd, events, Token::Conn(key, op))?,
+                        // No upstream to watch (cannot happen while
+                        // relaying): the poll ends at once, as a hang-up.
+                        None => conn.machine.completed(op, libc::POLLHUP as i32),
+                    }
                 }
                 Action::Pump(dir) => {
                     let (moved, result) = conn.pump(dir, &mut self.pool);
@@ -386,7 +374,7 @@ impl Worker {
     }
 
     pub(super) fn cancel(&mut self, target: Token) -> io::Result<()> {
-        sys::cancel(&mut self.ring, target.encode(), Token::Cancel.encode())
+        self.driver.cancel(target)
     }
 
     // ---- shutdown --------------------------------------------------------
@@ -394,7 +382,7 @@ impl Worker {
     /// Stop accepting and give open connections the drain timeout to end.
     pub(super) fn begin_stop(&mut self) -> io::Result<()> {
         self.stopping = true;
-        sys::timeout(&mut self.ring, self.drain_timeout, Token::Drain.encode())
+        self.driver.timeout(self.drain_timeout, Token::Drain)
     }
 
     /// The drain timeout passed: every connection still open is cut short,
