@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::dataplane::listen::{self, ListenOptions, ListenRole};
+use crate::listen::{self, ListenOptions, ListenRole};
 use crate::model::{Endpoint, ServicePort};
 
 /// The table `ringport check` prints: one row per service port, with where

@@ -12,7 +12,7 @@ use crate::balance::BalanceOptions;
 use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
-use crate::dataplane::listen::{BindError, Binder, Listener};
+use crate::listen::{BindError, Binder, Listener};
 use crate::metrics::{Changes, Metrics};
 use crate::model::ServicePort;
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};

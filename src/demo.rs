@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::dataplane::listen::ListenRole;
+use crate::listen::ListenRole;
 use crate::model::{ServiceName, ServicePortName};
 use crate::run::{self, Handles, RunOptions};
 

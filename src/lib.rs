@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod redirect;

@@ -81,7 +81,7 @@ pub struct ServiceHealth {
 }
 
 impl ServiceHealth {
-    /// Servers on `node_ips` (as `dataplane::listen::node_addresses` gives
+    /// Servers on `node_ips` (as `listen::node_addresses` gives
     /// them) counting endpoints of node `node_name`.
     pub fn new(node_ips: Vec<IpAddr>, node_name: Option<String>, proxy: ProxyHealth) -> Self {
         let gate = Gate::new("healthCheckNodePort");

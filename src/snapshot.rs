@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::balance::eligible::Scope;
 use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer, BalancerView};
-use crate::dataplane::listen::{ListenRole, Listener, ListenerId};
+use crate::listen::{ListenRole, Listener, ListenerId};
 use crate::metrics::{Metrics, PortMetrics};
 use crate::model::{EndpointAddr, ProxyPort, ServicePort, ServicePortName};
 
@@ -255,7 +255,7 @@ impl From<&crate::model::Endpoint> for EndpointView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::listen::{Binder, ListenOptions};
+    use crate::listen::{Binder, ListenOptions};
     use crate::model::{ClientAddr, Endpoint, Origin, Protocol, ServiceName};
     use std::net::SocketAddr;
     use std::time::Instant;

@@ -23,11 +23,11 @@ use io_uring::types;
 use socket2::SockRef;
 
 use super::fault::Blame;
-use super::listen::{self, ListenRole, ListenerId};
 use super::slots::Key;
 use super::sys;
 use super::token::Token;
 use super::worker::Worker;
+use crate::listen::{self, ListenRole, ListenerId};
 use crate::model::Protocol;
 
 /// A listening socket this worker accepts on (TCP) or receives on (UDP).

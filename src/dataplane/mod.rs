@@ -16,7 +16,6 @@ mod accept;
 pub mod conn;
 mod driver;
 pub mod fault;
-pub mod listen;
 mod machine;
 pub mod relay;
 mod slots;

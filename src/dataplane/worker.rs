@@ -33,7 +33,6 @@ use super::accept::{self, Accepting};
 use super::conn::{self, Conn, ConnError, Dial};
 use super::driver::Driver;
 use super::fault::Throttle;
-use super::listen::ListenerId;
 use super::machine::{Action, Dialed, Dir, Op, Pumped};
 use super::relay::Pool;
 use super::slots::{Key, Slots};
@@ -41,6 +40,7 @@ use super::sys::RecvBatch;
 use super::token::Token;
 use super::udp::Flows;
 use super::{Shared, WorkerConfig, sys};
+use crate::listen::ListenerId;
 use crate::model::{ClientAddr, Protocol};
 
 /// Period of the worker's housekeeping (one timer per worker, never one per

@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-use crate::dataplane::listen::ListenRole;
+use crate::listen::ListenRole;
 use crate::model::{Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
 use crate::snapshot::Snapshot;
 

@@ -377,7 +377,7 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<
                     // Replies must leave from the address each datagram was
                     // sent to (see `sys::Datagram::to`).
                     if addr.is_ipv4() {
-                        super::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s))?;
+                        crate::dataplane::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s))?;
                     }
                 }
             }
