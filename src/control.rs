@@ -12,7 +12,7 @@ use crate::balance::BalanceOptions;
 use crate::balance::health::HealthRegistry;
 use crate::config::{ConfigError, Manifests};
 use crate::dataplane::DataPlane;
-use crate::listen::{BindError, Binder, Listener};
+use crate::listen::{Binder, Listener};
 use crate::metrics::{Changes, Metrics};
 use crate::model::ServicePort;
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
@@ -29,8 +29,6 @@ pub struct Applied {
     pub generation: u64,
     pub service_ports: usize,
     pub listeners: usize,
-    /// Listen addresses that are not served (the rest are).
-    pub bind_errors: Vec<BindError>,
 }
 
 pub struct Control {
@@ -74,7 +72,7 @@ impl Control {
                 tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
             }
         }
-        let applied = self.publish(ports, listeners, bind_errors, &previous, data_plane);
+        let applied = self.publish(ports, listeners, &previous, data_plane);
         self.metrics.apply.published(received, changes);
         Ok(applied)
     }
@@ -90,7 +88,7 @@ impl Control {
         }
         let started = std::time::Instant::now();
         let ports = previous.ports.iter().map(|p| p.spec.clone()).collect();
-        let applied = self.publish(ports, previous.listeners.clone(), Vec::new(), &previous, data_plane);
+        let applied = self.publish(ports, previous.listeners.clone(), &previous, data_plane);
         // A sync with no service or endpoint change.
         self.metrics.apply.published(started, Changes::default());
         Some(applied)
@@ -107,7 +105,6 @@ impl Control {
         &mut self,
         ports: Vec<ServicePort>,
         listeners: Vec<Arc<Listener>>,
-        bind_errors: Vec<BindError>,
         previous: &Snapshot,
         data_plane: &DataPlane,
     ) -> Applied {
@@ -117,7 +114,6 @@ impl Control {
             generation: snapshot.generation,
             service_ports: snapshot.ports.len(),
             listeners: snapshot.listeners.len(),
-            bind_errors,
         };
         self.metrics.generation.store(snapshot.generation, Ordering::Relaxed);
         self.snapshot.store(Arc::new(snapshot));

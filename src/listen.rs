@@ -170,10 +170,6 @@ impl Binder {
         Self { opts, next_id: 1, range_cursor }
     }
 
-    pub fn options(&self) -> &ListenOptions {
-        &self.opts
-    }
-
     /// The listeners for `ports`, reusing those of `previous` whose key is
     /// unchanged. Errors concern single listeners; the rest are served.
     pub fn bind(

@@ -50,14 +50,6 @@ impl Table {
         self.slices = manifests.slices.into_iter().map(|s| (s.id.clone(), s)).collect();
         Ok(ports)
     }
-
-    /// Every service port with its endpoints, sorted by name.
-    pub fn service_ports(&self) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
-        let services: Vec<Service> = self.services.values().cloned().collect();
-        let slices: Vec<EndpointSlice> = self.slices.values().cloned().collect();
-        let (ports, errors) = config::join(&services, &slices);
-        if errors.is_empty() { Ok(ports) } else { Err(errors) }
-    }
 }
 
 #[cfg(test)]

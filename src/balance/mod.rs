@@ -154,10 +154,6 @@ impl Balancer {
         self.endpoints.iter().map(|e| e.addr)
     }
 
-    pub fn scheduler(&self) -> Scheduler {
-        self.inputs.scheduler
-    }
-
     /// The endpoint a candidate index stands for.
     pub fn endpoint(&self, candidate: usize) -> Option<EndpointAddr> {
         self.endpoints.get(candidate).map(|e| e.addr)

@@ -165,6 +165,7 @@ impl Machine {
         }
     }
 
+    #[cfg(test)]
     pub fn phase(&self) -> Phase {
         self.phase
     }

@@ -13,15 +13,15 @@
 //! lost with it, and a fresh process is the state that is known good.
 
 mod accept;
-pub mod conn;
+mod conn;
 mod driver;
-pub mod fault;
+pub(crate) mod fault;
 mod machine;
-pub mod relay;
+mod relay;
 mod slots;
-pub mod sys;
+pub(crate) mod sys;
 mod token;
-pub mod udp;
+mod udp;
 mod udp_flow;
 mod udp_worker;
 mod worker;

@@ -170,6 +170,7 @@ pub struct Half {
 }
 
 impl Half {
+    #[cfg(test)]
     pub fn is_finished(&self) -> bool {
         self.finished
     }

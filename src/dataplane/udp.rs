@@ -101,10 +101,6 @@ impl Flows {
         self.flows.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
-    }
-
     pub fn get(&self, key: usize) -> Option<&Flow> {
         self.flows.get(key)
     }

@@ -69,6 +69,7 @@ impl FlowMachine {
         }
     }
 
+    #[cfg(test)]
     pub fn phase(&self) -> FlowPhase {
         self.phase
     }

@@ -61,10 +61,6 @@ impl FileSource {
         Ok(Self { path, _watcher: watcher, changes })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Read and validate the manifests as they are on disk now.
     pub fn load(&self) -> Result<Manifests, ConfigErrors> {
         config::load_path(&self.path)

@@ -40,6 +40,7 @@ impl Ring {
     }
 
     /// Entries waiting for room in the submission queue.
+    #[cfg(test)]
     pub fn backlog(&self) -> usize {
         self.backlog.len()
     }
