@@ -25,7 +25,6 @@
 //!   closes with FIN, so a cut-off transfer never looks complete.
 //! - At most one poll per (op, direction) is in flight.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::relay::Wait;
@@ -111,7 +110,7 @@ pub enum Action {
     Dial,
     /// Poll the upstream for writable, linked to timeout number `timeout`
     /// of the configured list (the last repeats for later attempts).
-    ArmConnect { timeout: usize },
+    ArmConnect { timeout: u8 },
     /// A connect poll completed: read the socket's error, count an
     /// endpoint failure if there is one (`timed_out`: the attempt's timeout
     /// fired, no need to look), then report [`Machine::connect_checked`].
@@ -146,7 +145,67 @@ pub struct Machine {
     /// Bytes moved since the last [`Machine::idle_for`].
     active: bool,
     idle_since: Instant,
-    actions: VecDeque<Action>,
+    actions: Actions<Action, 8>,
+}
+
+/// The actions a machine wants, in order: a fixed ring inside the machine,
+/// so a connection or flow costs no heap allocation of its own.
+///
+/// For a connection, the most ever queued is a close with four polls in
+/// flight (itself, 4 cancels, a free: a close first clears the queue);
+/// otherwise at most 3 (a connect's `Connected` and two pumps), and the
+/// worker takes each before feeding the event it causes, which adds at most
+/// one. So 8 always suffice; a flow needs 4.
+#[derive(Debug)]
+pub(super) struct Actions<A: Copy, const N: usize> {
+    buf: [Option<A>; N],
+    head: u8,
+    len: u8,
+}
+
+impl<A: Copy + std::fmt::Debug, const N: usize> Actions<A, N> {
+    pub(super) fn new() -> Self {
+        Self { buf: [None; N], head: 0, len: 0 }
+    }
+
+    pub(super) fn push_back(&mut self, action: A) {
+        // Past the bounds above only through a bug in the machines; the
+        // queue refuses loudly in tests and keeps what it has otherwise.
+        debug_assert!((self.len as usize) < N, "action queue full: {self:?}");
+        if (self.len as usize) < N {
+            self.buf[(self.head as usize + self.len as usize) % N] = Some(action);
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<A> {
+        if self.len == 0 {
+            return None;
+        }
+        let action = self.buf[self.head as usize].take();
+        self.head = ((self.head as usize + 1) % N) as u8;
+        self.len -= 1;
+        action
+    }
+
+    pub(super) fn extend(&mut self, actions: impl IntoIterator<Item = A>) {
+        actions.into_iter().for_each(|a| self.push_back(a));
+    }
+
+    /// Keep only the queued actions `keep` accepts, in order.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&A) -> bool) {
+        let mut kept = Self::new();
+        while let Some(a) = self.pop_front() {
+            if keep(&a) {
+                kept.push_back(a);
+            }
+        }
+        *self = kept;
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = A> + '_ {
+        (0..self.len as usize).filter_map(|i| self.buf[(self.head as usize + i) % N])
+    }
 }
 
 impl Machine {
@@ -161,7 +220,11 @@ impl Machine {
             finished: [false; 2],
             active: false,
             idle_since: now,
-            actions: VecDeque::from([Action::Dial]),
+            actions: {
+                let mut actions = Actions::new();
+                actions.push_back(Action::Dial);
+                actions
+            },
         }
     }
 
@@ -197,7 +260,8 @@ impl Machine {
             Dialed::InProgress { attempt } => {
                 self.armed |= Op::Connect.bit();
                 self.timeouts += 1;
-                let timeout = attempt.min(self.connect_timeouts - 1);
+                // At most 255: --connect-timeouts allows far fewer.
+                let timeout = attempt.min(self.connect_timeouts - 1).min(255) as u8;
                 self.actions.push_back(Action::ArmConnect { timeout });
             }
             Dialed::Exhausted => self.close(true),
@@ -310,7 +374,7 @@ impl Machine {
         self.phase = Phase::Closing;
         // Ops asked for but not yet run are moot now; a poll that was never
         // submitted is not in flight.
-        for action in std::mem::take(&mut self.actions) {
+        while let Some(action) = self.actions.pop_front() {
             match action {
                 Action::ArmPoll(op) => self.armed &= !op.bit(),
                 Action::ArmConnect { .. } => {

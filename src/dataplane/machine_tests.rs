@@ -263,3 +263,28 @@ fn a_yielded_direction_is_pumped_again_and_a_second_poll_is_never_armed() {
     m.pumped(Dir::Up, 0, Pumped::Wait(Wait::SinkWritable));
     assert_eq!(actions(&mut m), [Action::ArmPoll(Op::Writable(Dir::Up))]);
 }
+
+#[test]
+fn the_largest_close_fits_the_action_queue() {
+    let mut m = relaying(Instant::now());
+    for dir in [Dir::Up, Dir::Down] {
+        m.pumped(dir, 0, Pumped::Wait(Wait::SourceReadable));
+        m.pumped(dir, 0, Pumped::Wait(Wait::SinkWritable));
+    }
+    assert_eq!(actions(&mut m).len(), 4, "four polls armed");
+    m.reset();
+    let close = actions(&mut m);
+    assert_eq!(close.len(), 5, "close and four cancels: {close:?}");
+    for op in [Op::Readable(Dir::Up), Op::Writable(Dir::Up), Op::Readable(Dir::Down), Op::Writable(Dir::Down)]
+    {
+        m.completed(op, CANCELED);
+    }
+    assert_eq!(actions(&mut m), [Action::Free]);
+}
+
+#[test]
+fn a_machine_is_small_and_holds_no_heap_memory() {
+    // Idle connections must stay cheap: the machine lives inline in the
+    // connection, with its action queue.
+    assert!(std::mem::size_of::<Machine>() <= 64, "{} bytes", std::mem::size_of::<Machine>());
+}

@@ -14,8 +14,9 @@
 //! - Only an endpoint's refusal (ICMP port unreachable) is blamed on it
 //!   ([`FlowAction::Blame`]); idleness, eviction and receive errors are not.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use super::machine::Actions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowPhase {
@@ -55,18 +56,15 @@ pub struct FlowMachine {
     /// A readable poll is in flight.
     armed: bool,
     last_active: Instant,
-    actions: VecDeque<FlowAction>,
+    actions: Actions<FlowAction, 4>,
 }
 
 impl FlowMachine {
     /// A flow opened at `now`: it wants its poll.
     pub fn new(now: Instant) -> Self {
-        Self {
-            phase: FlowPhase::Open,
-            armed: true,
-            last_active: now,
-            actions: VecDeque::from([FlowAction::ArmPoll]),
-        }
+        let mut actions = Actions::new();
+        actions.push_back(FlowAction::ArmPoll);
+        Self { phase: FlowPhase::Open, armed: true, last_active: now, actions }
     }
 
     #[cfg(test)]
@@ -144,7 +142,7 @@ impl FlowMachine {
         }
         self.phase = FlowPhase::Closing;
         // A poll asked for but not yet submitted is not in flight.
-        if self.actions.iter().any(|a| *a == FlowAction::ArmPoll) {
+        if self.actions.iter().any(|a| a == FlowAction::ArmPoll) {
             self.armed = false;
         }
         self.actions.retain(|a| *a == FlowAction::Blame);

@@ -291,7 +291,7 @@ impl Worker {
                     conn.machine.dialed(dialed);
                 }
                 Action::ArmConnect { timeout } => {
-                    let ts = self.connect_timeouts[timeout.min(self.connect_timeouts.len() - 1)];
+                    let ts = self.connect_timeouts[usize::from(timeout).min(self.connect_timeouts.len() - 1)];
                     match conn.upstream.as_ref() {
                         Some(fd) => self.driver.connect(fd.as_fd(), ts, key)?,
                         // Cannot happen (a dial in progress has its socket);
