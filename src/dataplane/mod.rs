@@ -16,6 +16,7 @@ mod accept;
 mod conn;
 mod driver;
 pub(crate) mod fault;
+mod listeners;
 mod machine;
 mod relay;
 mod slots;

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, types};
 use socket2::SockRef;
 
-use super::accept::{self, Accepting};
 use super::conn::{self, Conn, ConnError, Dial};
 use super::driver::Driver;
 use super::fault::Throttle;
+use super::listeners::{self, Accepting};
 use super::machine::{Action, Dialed, Dir, Op, Pumped};
 use super::relay::Pool;
 use super::slots::{Key, Slots};
@@ -97,7 +97,7 @@ impl Worker {
             conns: Slots::with_capacity(1024),
             pool: Pool::new(config.relay),
             connect_timeouts: config.connect_timeouts.iter().map(|d| sys::timespec(*d)).collect(),
-            accept_retry: accept::backoff_timespecs(),
+            accept_retry: listeners::backoff_timespecs(),
             accept_backoff: 0,
             accept_warnings: Throttle::new(WARN_EVERY),
             local_warnings: Throttle::new(WARN_EVERY),

@@ -1,0 +1,46 @@
+//! What a worker keeps of each listening socket, and the back-off of an
+//! accept that failed for lack of resources. Plain data: the worker module
+//! and its accept and UDP halves all read it, and it depends on none of
+//! them, so their imports form no cycle.
+
+use std::time::Duration;
+
+use io_uring::types;
+
+use super::sys;
+use crate::listen::{ListenRole, ListenerId};
+use crate::model::Protocol;
+
+/// A listening socket this worker accepts on (TCP) or receives on (UDP).
+pub(super) struct Accepting {
+    pub(super) id: ListenerId,
+    pub(super) role: ListenRole,
+    pub(super) protocol: Protocol,
+    /// `None` once the listener left the snapshot: its accept is being
+    /// cancelled, and the slot is freed when that completes.
+    pub(super) fd: Option<std::os::fd::OwnedFd>,
+    /// Not listening, because its service port has no usable endpoint:
+    /// the kernel refuses connections at once, and the port stays bound.
+    /// (TCP only: a UDP socket is never paused.)
+    pub(super) paused: bool,
+    /// A multishot accept (TCP) or a readable poll (UDP), or an accept's
+    /// back-off timer, is in flight.
+    pub(super) armed: bool,
+}
+
+/// The back-off of an accept that failed for lack of resources: the first
+/// delay, doubled on each further failure up to the last.
+pub(super) const ACCEPT_BACKOFF: [Duration; 7] = [
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+    Duration::from_millis(320),
+    Duration::from_millis(640),
+    Duration::from_secs(1),
+];
+
+/// The back-off timespecs, handed to the kernel by pointer.
+pub(super) fn backoff_timespecs() -> Vec<&'static types::Timespec> {
+    ACCEPT_BACKOFF.iter().map(|d| sys::timespec(*d)).collect()
+}
