@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::fault::Blame;
-use super::machine::Machine;
 pub use super::machine::{Dir, Op};
+use super::machine::{Machine, Pumped};
 use super::relay::{End, Half, Pool, RelayError, Wait};
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
@@ -235,8 +235,23 @@ impl Conn {
         }
     }
 
+    /// Whether the attempt whose poll completed connected (`timed_out`:
+    /// its timeout fired). A failure is counted against the endpoint, or
+    /// as local, where it is found.
+    pub fn check_connect(&mut self, timed_out: bool, now: Instant) -> bool {
+        let outcome =
+            if timed_out { Err(io::Error::from(io::ErrorKind::TimedOut)) } else { self.connect_result() };
+        match outcome {
+            Ok(()) => true,
+            Err(e) => {
+                self.attempt_failed(e, now);
+                false
+            }
+        }
+    }
+
     /// The result of a finished non-blocking connect.
-    pub fn connect_result(&self) -> io::Result<()> {
+    fn connect_result(&self) -> io::Result<()> {
         let Some(upstream) = self.upstream.as_ref() else {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         };
@@ -246,11 +261,12 @@ impl Conn {
         }
     }
 
-    /// Run one direction as far as it goes without blocking; also the
-    /// bytes it moved.
-    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> (u64, Result<Wait, RelayError>) {
+    /// Run one direction as far as it goes without blocking: the bytes it
+    /// moved, and what it waits for now (a failure is logged with whom it
+    /// blames).
+    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> (u64, Pumped) {
         let Some(upstream) = self.upstream.as_ref() else {
-            return (0, Ok(Wait::Finished));
+            return (0, Pumped::Wait(Wait::Finished));
         };
         let (source, sink) = ends(dir, self.client.as_fd(), upstream.as_fd());
         let half = &mut self.halves[dir as usize];
@@ -265,7 +281,15 @@ impl Conn {
             };
             counters.add(counter, moved);
         }
-        (moved, wait)
+        let outcome = match wait {
+            Ok(wait) => Pumped::Wait(wait),
+            Err(e) => {
+                let blame = relay_blame(dir, &e);
+                tracing::debug!(service = %self.port.spec.name, ?dir, ?blame, error = %e, source = %e.source, "connection reset");
+                Pumped::Failed
+            }
+        };
+        (moved, outcome)
     }
 
     /// The fd a poll op watches.

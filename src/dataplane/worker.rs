@@ -7,11 +7,18 @@
 //! non-blocking syscalls when a poll says they can progress. So no op ever
 //! parks an io-wq thread, however many connections sit idle.
 //!
+//! What a connection or flow does next is decided by its I/O-free machine
+//! (`machine.rs`, `udp_flow.rs`); the worker runs the actions it asks for
+//! (`drive`), and every op reaches the ring through the worker's
+//! [`Driver`] (`driver.rs`).
+//!
 //! Invariants:
 //! - A completion's `user_data` is a [`Token`] whose key carries the
-//!   object's generation; a connection's slot is freed only once none of its
-//!   ops is in flight (see `conn.rs`), and a completion for a freed object
-//!   finds nothing (see `slots.rs`).
+//!   object's generation; a connection's slot is freed only on its
+//!   machine's `Free`, once none of its ops is in flight, and a completion
+//!   for a freed object finds nothing (see `slots.rs`).
+//! - At its share of `--max-connections` the worker arms no accept, so new
+//!   clients wait in the kernel's backlog; it accepts again below it.
 //! - The worker reconciles its listeners with the snapshot whenever it is
 //!   woken (see `accept.rs`), and never blocks on the control plane.
 //! - A connection that outlives the drain timeout, or stays idle past
@@ -33,7 +40,7 @@ use super::conn::{self, Conn, ConnError, Dial};
 use super::driver::Driver;
 use super::fault::Throttle;
 use super::listeners::{self, Accepting};
-use super::machine::{Action, Dialed, Dir, Op, Pumped};
+use super::machine::{Action, Dialed, Dir, Op};
 use super::relay::Pool;
 use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
@@ -273,21 +280,7 @@ impl Worker {
             let Some(action) = conn.machine.poll_action() else { return Ok(()) };
             match action {
                 Action::Dial => {
-                    let now = Instant::now();
-                    let dialed = match conn.dial_next(now) {
-                        Dial::Connected => Dialed::Connected,
-                        Dial::InProgress { attempt } => Dialed::InProgress { attempt },
-                        Dial::Exhausted(e) => {
-                            if let ConnError::Local { .. } = e {
-                                if let Some(held_back) = self.local_warnings.allow(now) {
-                                    tracing::warn!(worker = self.index, service = %conn.port.spec.name, error = %e, source = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), held_back, "out of local resources; connection reset, endpoint not blamed");
-                                }
-                            } else {
-                                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
-                            }
-                            Dialed::Exhausted
-                        }
-                    };
+                    let dialed = dial(conn, &mut self.local_warnings, self.index);
                     conn.machine.dialed(dialed);
                 }
                 Action::ArmConnect { timeout } => {
@@ -303,15 +296,7 @@ impl Worker {
                     }
                 }
                 Action::CheckConnect { timed_out } => {
-                    let outcome = if timed_out {
-                        Err(io::Error::from(io::ErrorKind::TimedOut))
-                    } else {
-                        conn.connect_result()
-                    };
-                    let connected = outcome.is_ok();
-                    if let Err(e) = outcome {
-                        conn.attempt_failed(e, Instant::now());
-                    }
+                    let connected = conn.check_connect(timed_out, Instant::now());
                     conn.machine.connect_checked(connected);
                 }
                 Action::Connected => conn.attempt_succeeded(Instant::now()),
@@ -325,15 +310,7 @@ impl Worker {
                     }
                 }
                 Action::Pump(dir) => {
-                    let (moved, result) = conn.pump(dir, &mut self.pool);
-                    let outcome = match result {
-                        Ok(wait) => Pumped::Wait(wait),
-                        Err(e) => {
-                            let blame = conn::relay_blame(dir, &e);
-                            tracing::debug!(service = %conn.port.spec.name, ?dir, ?blame, error = %e, source = %e.source, "connection reset");
-                            Pumped::Failed
-                        }
-                    };
+                    let (moved, outcome) = conn.pump(dir, &mut self.pool);
                     conn.machine.pumped(dir, moved, outcome);
                 }
                 Action::PumpLater(dir) => self.yielded.push((key, dir)),
@@ -400,6 +377,27 @@ impl Worker {
             // ring and then the connections closes every fd with RST.
             conn.machine.reset();
             conn.begin_close(true, &mut self.pool);
+        }
+    }
+}
+
+/// Start a connect to `conn`'s next candidate. When none is left, say why:
+/// a shortage of local resources as a rate-limited warning (no endpoint is
+/// to blame), a refusal at debug.
+fn dial(conn: &mut Conn, local_warnings: &mut Throttle, worker: usize) -> Dialed {
+    let now = Instant::now();
+    match conn.dial_next(now) {
+        Dial::Connected => Dialed::Connected,
+        Dial::InProgress { attempt } => Dialed::InProgress { attempt },
+        Dial::Exhausted(e) => {
+            if let ConnError::Local { .. } = e {
+                if let Some(held_back) = local_warnings.allow(now) {
+                    tracing::warn!(worker, service = %conn.port.spec.name, error = %e, source = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), held_back, "out of local resources; connection reset, endpoint not blamed");
+                }
+            } else {
+                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, "connection refused to client");
+            }
+            Dialed::Exhausted
         }
     }
 }
