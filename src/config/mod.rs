@@ -31,7 +31,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
-pub use load::{is_manifest_name, load_path, parse_str};
+pub use load::{MAX_FILE_BYTES, MAX_FLOW_DEPTH, is_manifest_name, load_path, manifest_files, parse_str};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
 
@@ -157,13 +157,19 @@ pub enum ConfigErrorKind {
     UnknownScheduler(#[source] crate::model::UnknownScheduler),
     #[error("cannot read: {0}")]
     Io(#[source] io::Error),
+    #[error("file is {size} bytes; at most {max} are read")]
+    TooLarge { size: u64, max: u64 },
+    #[error("YAML flow collections ([ or {{) nest deeper than {max} levels; not parsed")]
+    TooDeep { max: usize },
+    #[error("is a symbolic link to nothing (dangling); its objects are not served")]
+    DanglingLink,
     #[error("invalid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(#[source] serde_norway::Error),
     #[error("invalid JSON: {0}")]
     Json(#[source] serde_json::Error),
     /// The document is YAML but not the shape of its `kind`.
     #[error("{0}")]
-    Decode(#[source] serde_yaml::Error),
+    Decode(#[source] serde_norway::Error),
     #[error("not a Kubernetes object: expected a mapping with apiVersion and kind")]
     NotAnObject,
     #[error("must be a list")]
