@@ -40,7 +40,11 @@ pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String 
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (cell, w))| if i + 1 == N { cell.clone() } else { format!("{cell:w$}") })
+            // Padded by hand: a `{:w$}` width above u16::MAX panics.
+            .map(|(i, (cell, w))| {
+                let pad = if i + 1 == N { 0 } else { w.saturating_sub(cell.len()) };
+                format!("{cell}{}", " ".repeat(pad))
+            })
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }

@@ -19,6 +19,7 @@
 
 mod join;
 mod load;
+mod names;
 mod service;
 mod slice;
 
@@ -32,6 +33,7 @@ use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
 pub use load::{MAX_FILE_BYTES, MAX_FLOW_DEPTH, is_manifest_name, load_path, manifest_files, parse_str};
+pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
 
@@ -98,10 +100,12 @@ impl ObjectRef {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A name is shown before it is validated: bound what is repeated.
+        let namespace = names::shown(&self.namespace);
         if self.name.is_empty() {
-            write!(f, "{} {}/<unnamed>", self.kind, self.namespace)
+            write!(f, "{} {namespace}/<unnamed>", self.kind)
         } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+            write!(f, "{} {namespace}/{}", self.kind, names::shown(&self.name))
         }
     }
 }
@@ -218,6 +222,10 @@ pub enum ConfigErrorKind {
     NodePortNotAllowed(String),
     #[error("is only allowed for type LoadBalancer with externalTrafficPolicy Local")]
     HealthCheckNodePortNotAllowed,
+    #[error("{name:?} is not {rule}")]
+    InvalidName { name: String, rule: &'static str },
+    #[error("{0} cannot be an endpoint (unspecified, multicast or broadcast)")]
+    UnusableEndpointAddress(IpAddr),
     #[error("{name:?} is not a valid port name: {reason}")]
     InvalidPortName { name: String, reason: &'static str },
     #[error("duplicate port name {name:?} (also {first})")]
@@ -337,6 +345,14 @@ pub enum WarningKind {
     NoSuchService(ServiceName),
     #[error("no *.yaml, *.yml or *.json files here")]
     EmptyDirectory,
+    #[error("{0} is link-local (e.g. the cloud metadata service); is this endpoint meant?")]
+    LinkLocalEndpoint(IpAddr),
+    #[error("is empty: taken as a write in progress, its last good objects keep serving")]
+    EmptyFileKept,
+    #[error(
+        "is gone: taken as a write in progress until the next reload, its last good objects keep serving"
+    )]
+    VanishedFileKept,
 }
 
 /// Collects the errors and warnings of one object while it is validated, so
@@ -407,10 +423,17 @@ pub(crate) fn namespace_of(meta: &ObjectMeta) -> String {
     }
 }
 
-/// `metadata.name`, which every object needs.
-pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta) -> Option<String> {
+/// `metadata.name`, which every object needs, following `rule`; and
+/// `metadata.namespace`, when given, a DNS-1123 label.
+pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta, rule: NameRule) -> Option<String> {
+    if let Some(ns) = meta.namespace.as_deref().filter(|ns| !ns.is_empty()) {
+        diag.check(|| "metadata.namespace".to_owned(), check_name(ns, NameRule::Dns1123Label));
+    }
     match meta.name.as_deref() {
-        Some(name) if !name.is_empty() => Some(name.to_owned()),
+        Some(name) if !name.is_empty() => {
+            diag.check(|| "metadata.name".to_owned(), check_name(name, rule))?;
+            Some(name.to_owned())
+        }
         _ => {
             diag.error("metadata.name", ConfigErrorKind::Required);
             None
