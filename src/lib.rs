@@ -11,12 +11,14 @@
 
 pub mod admin;
 pub mod balance;
+pub mod budget;
 pub mod check;
 pub mod compat;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod loops;
 pub mod metrics;
 pub mod model;
 pub mod redirect;

@@ -252,6 +252,10 @@ pub enum ConfigErrorKind {
         other_field: String,
         other_origin: Origin,
     },
+    #[error("{endpoint} is ringport's own {role} listener {listen}: proxying to it would loop")]
+    EndpointLoop { endpoint: std::net::SocketAddr, role: String, listen: String },
+    #[error("{0}")]
+    FdBudget(#[source] crate::budget::BudgetError),
     #[error("defined twice (first at {first_origin}); the second is ignored")]
     DuplicateObject { first_origin: Origin },
 }
@@ -490,7 +494,7 @@ pub(crate) fn slice_ref(kind: SliceKind, id: &ServiceName) -> ObjectRef {
 }
 
 /// The object reference of a validated Service, for join's errors.
-pub(crate) fn service_ref(name: &ServiceName) -> ObjectRef {
+pub fn service_ref(name: &ServiceName) -> ObjectRef {
     ObjectRef::of("Service", name)
 }
 
