@@ -59,10 +59,19 @@ pub fn load_path(path: &Path) -> Result<Manifests, ConfigErrors> {
     collector.finish()
 }
 
-/// The files `load_path` reads under `path`, in order, each with its text or
-/// the error that kept it from being read (a missing directory, a dangling
-/// link, a file too large). For sources that treat files one by one.
-pub fn manifest_files(path: &Path) -> (Vec<(PathBuf, Result<String, ConfigError>)>, Vec<ConfigError>) {
+/// The files `load_path` reads under a path, each with its text or the
+/// error that kept it from being read (a dangling link, a file too large).
+#[derive(Debug, Default)]
+pub struct ManifestFiles {
+    pub files: Vec<(PathBuf, Result<String, ConfigError>)>,
+    /// Problems with the path itself (a missing directory, a dangling link).
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<Warning>,
+}
+
+/// Lists and reads the manifest files under `path`, for a source that
+/// treats them one by one.
+pub fn manifest_files(path: &Path) -> ManifestFiles {
     let mut collector = Collector::default();
     let files = collector
         .manifest_files(path)
@@ -72,7 +81,7 @@ pub fn manifest_files(path: &Path) -> (Vec<(PathBuf, Result<String, ConfigError>
             (file, text)
         })
         .collect();
-    (files, collector.errors)
+    ManifestFiles { files, errors: collector.errors, warnings: collector.manifests.warnings }
 }
 
 /// A file's text, unless it is larger than [`MAX_FILE_BYTES`] (checked on

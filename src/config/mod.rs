@@ -32,7 +32,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
-pub use load::{MAX_FILE_BYTES, MAX_FLOW_DEPTH, is_manifest_name, load_path, manifest_files, parse_str};
+pub use load::{
+    MAX_FILE_BYTES, MAX_FLOW_DEPTH, ManifestFiles, is_manifest_name, load_path, manifest_files, parse_str,
+};
 pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
