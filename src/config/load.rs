@@ -421,7 +421,10 @@ impl Collector {
             return;
         };
         match slice_from_endpoints(&endpoints, origin) {
-            Ok(slices) => self.manifests.slices.extend(slices),
+            Ok((slices, warnings)) => {
+                self.manifests.slices.extend(slices);
+                self.manifests.warnings.extend(warnings);
+            }
             Err(errors) => self.errors.extend(errors),
         }
     }

@@ -97,7 +97,7 @@ pub fn slice_from_k8s(
 pub fn slice_from_endpoints(
     ep: &Endpoints,
     origin: Origin,
-) -> Result<Vec<model::EndpointSlice>, ConfigErrors> {
+) -> Result<(Vec<model::EndpointSlice>, Vec<super::Warning>), ConfigErrors> {
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Endpoints", &ep.metadata));
     // An Endpoints is named after its Service.
     let name = required_name(&mut diag, &ep.metadata, NameRule::Dns1123Subdomain).unwrap_or_default();
@@ -135,7 +135,7 @@ pub fn slice_from_endpoints(
     if slices.is_empty() {
         slices.push(slice(0, Vec::new(), Vec::new()));
     }
-    diag.into_result(slices).map(|(value, _)| value)
+    diag.into_result(slices)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
