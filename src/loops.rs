@@ -51,10 +51,11 @@ pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr])
     let mut out = Vec::new();
     for sp in ports {
         for (role, ip, port) in listen::plan(sp, opts.bind_address, node_ips) {
-            let ports = match (role, &opts.proxy_port_range) {
-                (ListenRole::Proxy, Some(range)) => range.clone(),
-                (ListenRole::Proxy, None) => continue,
-                _ => port..=port,
+            let proxy = matches!(role, ListenRole::Proxy | ListenRole::ExternalProxy);
+            let ports = match (proxy, &opts.proxy_port_range) {
+                (true, Some(range)) => range.clone(),
+                (true, None) => continue,
+                (false, _) => port..=port,
             };
             out.push(OwnAddress { ip, ports, protocol: sp.protocol, role });
         }
