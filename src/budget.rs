@@ -17,10 +17,12 @@ use std::net::IpAddr;
 use crate::dataplane::listen::{self, ListenOptions};
 use crate::model::{Protocol, ServicePort};
 
-/// Descriptors kept for the admin servers: their connection cap (64, all
-/// admin ports together) plus their listeners, the control runtime, the
-/// file watcher, the log and standard streams.
-pub const ADMIN_RESERVE: u64 = 64 + 32;
+/// Descriptors kept for the admin servers: their connection caps (the
+/// admin ports' and the healthCheckNodePort servers', 64 each) plus a fixed
+/// overhead for their listeners, the control runtime, the file watcher,
+/// the log and standard streams.
+pub const ADMIN_RESERVE: u64 =
+    (crate::admin::MAX_CONNECTIONS + crate::service_health::MAX_CONNECTIONS) as u64 + 32;
 /// Descriptors each worker holds whatever the configuration: its ring, its
 /// wake-up eventfd and a few spare pipes.
 pub const PER_WORKER: u64 = 8;
