@@ -55,8 +55,10 @@ fn judge(loaded: Result<Manifests, ConfigErrors>, opts: &ListenOptions, budget: 
         warnings: manifests.warnings.iter().map(ToString::to_string).collect(),
         ..Report::default()
     };
-    let (ports, errors) = config::join(&manifests.services, &manifests.slices);
-    report.errors.extend(errors.iter().map(ToString::to_string));
+    let joined = config::join_with_warnings(&manifests.services, &manifests.slices);
+    report.warnings.extend(joined.warnings.iter().map(ToString::to_string));
+    report.errors.extend(joined.errors.iter().map(ToString::to_string));
+    let ports = joined.ports;
     let node_ips = listen::node_addresses(&opts.nodeport_addresses);
     if let Err(e) = budget.check(&ports, opts, &node_ips) {
         report.errors.push(format!("the configuration: {e}"));
