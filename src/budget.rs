@@ -17,12 +17,11 @@ use std::net::IpAddr;
 use crate::dataplane::listen::{self, ListenOptions};
 use crate::model::{Protocol, ServicePort};
 
-/// Descriptors kept for the admin servers: their connection caps (the
-/// admin ports' and the healthCheckNodePort servers', 64 each) plus a fixed
+/// Descriptors kept for the admin servers: their connection cap (the
+/// health, metrics and healthCheckNodePort servers together) plus a fixed
 /// overhead for their listeners, the control runtime, the file watcher,
 /// the log and standard streams.
-pub const ADMIN_RESERVE: u64 =
-    (crate::admin::MAX_CONNECTIONS + crate::service_health::MAX_CONNECTIONS) as u64 + 32;
+pub const ADMIN_RESERVE: u64 = crate::admin::MAX_CONNECTIONS as u64 + 32;
 /// Descriptors each worker holds whatever the configuration: its ring, its
 /// wake-up eventfd and a few spare pipes.
 pub const PER_WORKER: u64 = 8;
@@ -84,8 +83,11 @@ impl Budget {
 
     /// The descriptors `ports` need, listening as `opts` and `node_ips` say.
     pub fn demand(&self, ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Demand {
-        let listen_addresses: u64 =
-            ports.iter().map(|sp| listen::plan(sp, opts.bind_address, node_ips).len() as u64).sum();
+        let redirected = listen::redirected_by_rules(opts.redirect_rules);
+        let listen_addresses: u64 = ports
+            .iter()
+            .map(|sp| listen::plan(sp, opts.bind_address, node_ips, &redirected).len() as u64)
+            .sum();
         let workers = self.workers.max(1) as u64;
         let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
         Demand {
@@ -138,6 +140,7 @@ mod tests {
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 2,
+            redirect_rules: false,
         }
     }
 

@@ -48,9 +48,10 @@ pub fn of_listeners(listeners: &[Arc<Listener>]) -> Vec<OwnAddress> {
 /// The addresses `ports` would listen on, for `ringport check`: proxy
 /// ports are known only as `--proxy-port-range`, or not at all.
 pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Vec<OwnAddress> {
+    let redirected = listen::redirected_by_rules(opts.redirect_rules);
     let mut out = Vec::new();
     for sp in ports {
-        for (role, ip, port) in listen::plan(sp, opts.bind_address, node_ips) {
+        for (role, ip, port) in listen::plan(sp, opts.bind_address, node_ips, &redirected) {
             let proxy = matches!(role, ListenRole::Proxy | ListenRole::ExternalProxy);
             let ports = match (proxy, &opts.proxy_port_range) {
                 (true, Some(range)) => range.clone(),
@@ -170,6 +171,7 @@ mod tests {
             proxy_port_range: Some(20000..=20099),
             nodeport_addresses: vec![],
             workers: 1,
+            redirect_rules: false,
         };
         let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
         let ports = [port_with("127.0.0.1:20050")];

@@ -27,6 +27,7 @@ fn check(text: &str, file: &str) -> Report {
         proxy_port_range: Some(20000..=20999),
         nodeport_addresses: vec![],
         workers: 2,
+        redirect_rules: false,
     };
     let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
     check_text(text, file, &opts, &budget)
