@@ -1,10 +1,76 @@
 //! `ringport check`: validate manifests and show the service-port table
 //! they would produce, without binding anything.
+//!
+//! The checks are those `run` applies to a reload, in the same code: load
+//! and validate, join, the fd budget (against this process's limit and the
+//! given `--workers`) and endpoint loops (as far as they can be known
+//! without binding, see `loops`). Nothing here may panic on any input: the
+//! fuzz test in `tests/config_fuzz.rs` feeds it arbitrary bytes.
 
 use std::fmt::Write;
+use std::path::Path;
 
+use crate::budget::Budget;
+use crate::config::{self, ConfigErrors, Manifests};
 use crate::listen::{self, ListenOptions, ListenRole};
+use crate::loops;
 use crate::model::{Endpoint, ServicePort};
+
+/// What `ringport check` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// One line each; non-fatal.
+    pub warnings: Vec<String>,
+    /// One line each; any makes the check fail.
+    pub errors: Vec<String>,
+    /// The service-port table, when there are no errors.
+    pub table: String,
+    pub service_ports: usize,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Check the manifests at `path` (a file or a directory).
+pub fn check_path(path: &Path, opts: &ListenOptions, budget: &Budget) -> Report {
+    judge(config::load_path(path), opts, budget)
+}
+
+/// Check one file's text; `file` names it (and `.json` selects JSON).
+pub fn check_text(text: &str, file: &str, opts: &ListenOptions, budget: &Budget) -> Report {
+    judge(config::parse_str(text, file), opts, budget)
+}
+
+fn judge(loaded: Result<Manifests, ConfigErrors>, opts: &ListenOptions, budget: &Budget) -> Report {
+    let manifests = match loaded {
+        Ok(m) => m,
+        Err(errors) => {
+            return Report { errors: errors.iter().map(ToString::to_string).collect(), ..Report::default() };
+        }
+    };
+    let mut report = Report {
+        warnings: manifests.warnings.iter().map(ToString::to_string).collect(),
+        ..Report::default()
+    };
+    let joined = config::join_with_warnings(&manifests.services, &manifests.slices);
+    report.warnings.extend(joined.warnings.iter().map(ToString::to_string));
+    report.errors.extend(joined.errors.iter().map(ToString::to_string));
+    let ports = joined.ports;
+    let node_ips = listen::node_addresses(&opts.nodeport_addresses);
+    if let Err(e) = budget.check(&ports, opts, &node_ips) {
+        report.errors.push(format!("the configuration: {e}"));
+    }
+    let own = loops::planned(&ports, opts, &node_ips);
+    report.errors.extend(loops::find(&ports, &own, &loops::local_ips()).iter().map(ToString::to_string));
+    if report.ok() {
+        report.table = render(&ports, opts);
+        report.service_ports = ports.len();
+    }
+    report
+}
 
 /// The table `ringport check` prints: one row per service port, with where
 /// it would listen and every endpoint with its conditions.
@@ -40,7 +106,11 @@ pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String 
             .iter()
             .zip(widths)
             .enumerate()
-            .map(|(i, (cell, w))| if i + 1 == N { cell.clone() } else { format!("{cell:w$}") })
+            // Padded by hand: a `{:w$}` width above u16::MAX panics.
+            .map(|(i, (cell, w))| {
+                let pad = if i + 1 == N { 0 } else { w.saturating_sub(cell.len()) };
+                format!("{cell}{}", " ".repeat(pad))
+            })
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }

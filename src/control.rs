@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::balance::BalanceOptions;
 use crate::balance::health::HealthRegistry;
-use crate::config::{ConfigError, Manifests};
+use crate::budget::Budget;
+use crate::config::{ConfigError, ConfigErrorKind, Manifests};
 use crate::dataplane::DataPlane;
-use crate::listen::{Binder, Listener};
+use crate::listen::{self, Binder, Listener};
+use crate::loops;
 use crate::metrics::{Changes, Metrics};
-use crate::model::ServicePort;
+use crate::model::{Origin, ServicePort};
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::table::Table;
 
@@ -40,6 +42,8 @@ pub struct Control {
     metrics: Arc<Metrics>,
     snapshot: SharedSnapshot,
     ready: Arc<AtomicBool>,
+    /// The fd budget a new configuration must fit in; none: unchecked.
+    budget: Option<Budget>,
 }
 
 impl Control {
@@ -51,17 +55,49 @@ impl Control {
         snapshot: SharedSnapshot,
         ready: Arc<AtomicBool>,
     ) -> Self {
-        Self { table: Table::default(), binder, balance, health, metrics, snapshot, ready }
+        Self { table: Table::default(), binder, balance, health, metrics, snapshot, ready, budget: None }
     }
 
     /// Apply a full set of manifests (a file source's load).
     pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
         let received = std::time::Instant::now();
-        let ports = self.table.try_replace(manifests).map_err(Rejected)?;
+        // The table commits on success; a check below may still refuse the
+        // update, and then the table must be as it was.
+        let saved = self.table.clone();
+        let mut ports = self.table.try_replace(manifests).map_err(Rejected)?;
+        let node_ips = listen::node_addresses(&self.binder.options().nodeport_addresses);
+        if let Some(budget) = &self.budget
+            && let Err(e) = budget.check(&ports, self.binder.options(), &node_ips)
+        {
+            self.table = saved;
+            let error = ConfigError {
+                origin: Origin("the configuration".into()),
+                object: None,
+                field: None,
+                kind: ConfigErrorKind::FdBudget(e),
+            };
+            return Err(Rejected(vec![error]));
+        }
         let previous = self.snapshot.load_full();
         let changes = changes(&previous, &ports);
         self.metrics.apply.queued(changes);
         let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
+        // Only now are the proxy ports known. New listeners of a refused
+        // update are dropped unserved (no worker has taken their sockets).
+        let own = loops::of_listeners(&listeners);
+        let local = loops::local_ips();
+        let looping = loops::find(&ports, &own, &local);
+        if !looping.is_empty() {
+            if self.table.is_tolerant() {
+                for e in &looping {
+                    tracing::error!(error = %e, "endpoint not served");
+                }
+                loops::strip(&mut ports, &own, &local);
+            } else {
+                self.table = saved;
+                return Err(Rejected(looping));
+            }
+        }
         for l in listeners.iter().filter(|l| !previous.listeners.iter().any(|p| p.id == l.id)) {
             tracing::info!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
         }
@@ -120,6 +156,12 @@ impl Control {
         data_plane.notify();
         self.ready.store(true, Ordering::Release);
         applied
+    }
+
+    /// Refuse configurations that do not fit in `budget`.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// The current snapshot.

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod budget;
 pub mod check;
 pub mod compat;
 pub mod config;
@@ -18,6 +19,7 @@ mod control;
 pub mod dataplane;
 pub mod demo;
 pub mod listen;
+pub mod loops;
 pub mod metrics;
 pub mod model;
 pub mod redirect;

@@ -14,6 +14,14 @@
 //!   it and closes it when the listener leaves the snapshot.
 //! - No two listeners of one configuration share an address and protocol.
 //! - A port that cannot be bound is an error for that listener only.
+//! - A port another process holds is an error, not a silent share: before
+//!   the first bind of a port, a probe socket without `SO_REUSEPORT` binds
+//!   it alone. (The kernel would otherwise let a second ringport, or any
+//!   process of the same user setting `SO_REUSEPORT`, split the port's
+//!   connections with us.) The probe is closed before the real sockets
+//!   bind, so a process that binds with `SO_REUSEPORT` in that instant still
+//!   shares the port; and a port this process held once is not probed
+//!   again (our own sockets may still hold it while workers let go).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -128,6 +136,8 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    #[error("{key_port} {role} {addr}: the port is held by another process (another ringport?)")]
+    HeldElsewhere { key_port: ServicePortName, role: ListenRole, addr: SocketAddr },
     #[error("{key_port}: no free port left in --proxy-port-range {start}-{end}")]
     RangeExhausted { key_port: ServicePortName, start: u16, end: u16 },
 }
@@ -162,12 +172,18 @@ pub struct Binder {
     opts: ListenOptions,
     next_id: u64,
     range_cursor: u16,
+    /// Ports this process has bound: not probed again (module header).
+    bound: HashSet<(u16, Protocol)>,
 }
 
 impl Binder {
     pub fn new(opts: ListenOptions) -> Self {
         let range_cursor = opts.proxy_port_range.as_ref().map_or(0, |r| *r.start());
-        Self { opts, next_id: 1, range_cursor }
+        Self { opts, next_id: 1, range_cursor, bound: HashSet::new() }
+    }
+
+    pub fn options(&self) -> &ListenOptions {
+        &self.opts
     }
 
     /// The listeners for `ports`, reusing those of `previous` whose key is
@@ -232,12 +248,12 @@ impl Binder {
             key.wanted_port
         };
         let addr = SocketAddr::new(ip, port);
-        let sockets = bind_reuseport(addr, key.protocol, self.opts.workers).map_err(|source| {
+        let sockets = self.bind_checked(addr, key.protocol).map_err(|source| {
             let (key_port, role) = (key.port.clone(), key.role);
-            if source.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
-                BindError::NotLocal { key_port, role, addr }
-            } else {
-                BindError::Bind { key_port, role, addr, source }
+            match source.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => BindError::NotLocal { key_port, role, addr },
+                Some(libc::EADDRINUSE) if port != 0 => BindError::HeldElsewhere { key_port, role, addr },
+                _ => BindError::Bind { key_port, role, addr, source },
             }
         })?;
         Ok(self.listener(key, sockets))
@@ -259,12 +275,25 @@ impl Binder {
             if used.contains(&port) {
                 continue;
             }
-            if let Ok(sockets) = bind_reuseport(SocketAddr::new(ip, port), key.protocol, self.opts.workers) {
+            if let Ok(sockets) = self.bind_checked(SocketAddr::new(ip, port), key.protocol) {
                 used.insert(port);
                 return Ok(self.listener(key, sockets));
             }
         }
         Err(BindError::RangeExhausted { key_port: key.port, start, end })
+    }
+
+    /// The workers' sockets on `addr`, after a probe (module header) for a
+    /// port this process has not bound before.
+    fn bind_checked(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Vec<Socket>> {
+        if addr.port() != 0 && !self.bound.contains(&(addr.port(), protocol)) {
+            drop(bind_one(addr, protocol, false)?);
+        }
+        let sockets = bind_reuseport(addr, protocol, self.opts.workers)?;
+        if let Some(port) = sockets.first().and_then(|s| s.local_addr().ok()).and_then(|a| a.as_socket()) {
+            self.bound.insert((port.port(), protocol));
+        }
+        Ok(sockets)
     }
 
     fn listener(&mut self, key: ListenKey, sockets: Vec<Socket>) -> Arc<Listener> {
@@ -330,26 +359,32 @@ pub fn plan(
     out
 }
 
+/// One bound (not yet listening) socket on `addr`, sharing it through
+/// `SO_REUSEPORT` or not.
+fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool) -> io::Result<Socket> {
+    let kind = match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let s = Socket::new(Domain::for_address(addr), kind.nonblocking().cloexec(), None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Two UDP sockets with SO_REUSEADDR share a port on Linux: a probe
+    // that set it would see nothing.
+    s.set_reuse_address(reuse_port || protocol == Protocol::Tcp)?;
+    s.set_reuse_port(reuse_port)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 /// `n` sockets on one address (listening for TCP, bound for UDP), sharing
 /// it through SO_REUSEPORT. A port of 0 is chosen by the kernel through a
 /// probe socket, and every socket then binds that port explicitly: a TCP
 /// socket bound to port 0 would lose its port when paused (`shutdown`) and
 /// resumed (`listen`).
 fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<Vec<Socket>> {
-    let kind = match protocol {
-        Protocol::Tcp => Type::STREAM,
-        Protocol::Udp => Type::DGRAM,
-    };
-    let socket = |addr: SocketAddr| -> io::Result<Socket> {
-        let s = Socket::new(Domain::for_address(addr), kind.nonblocking().cloexec(), None)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(true)?;
-        s.bind(&addr.into())?;
-        Ok(s)
-    };
+    let socket = |addr: SocketAddr| bind_one(addr, protocol, true);
     let mut addr = addr;
     // Held until every listener is bound, so nobody else takes the port.
     let _probe = if addr.port() == 0 {
@@ -458,6 +493,20 @@ mod tests {
         let (ls, errors) = b.bind(&[port("a", vec![ip], None), port("b", vec![ip], None)], &[]);
         assert_eq!(ls.len(), 5, "two proxy ports each, and one of the two external listeners");
         assert!(matches!(errors[..], [BindError::Clash { .. }]), "{errors:?}");
+    }
+
+    #[test]
+    fn a_port_another_process_shares_through_reuseport_is_held_elsewhere() {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            // What a second ringport does: SO_REUSEPORT sockets, bound.
+            let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), protocol, 1).unwrap();
+            let taken = other[0].local_addr().unwrap().as_socket().unwrap().port();
+            let mut sp = port("a", vec!["127.0.0.1".parse().unwrap()], None);
+            (sp.port, sp.protocol) = (taken, protocol);
+            let (ls, errors) = binder().bind(&[sp], &[]);
+            assert_eq!(ls.len(), 1, "{protocol}: the proxy port still listens");
+            assert!(matches!(errors[..], [BindError::HeldElsewhere { .. }]), "{protocol}: {errors:?}");
+        }
     }
 
     #[test]

@@ -79,6 +79,10 @@ enum Command {
         source: SourceArgs,
         #[command(flatten)]
         listen: ListenArgs,
+        /// The workers `run` would start, for the fd budget (default: one
+        /// per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Start three demo backends and the proxy in front of them, on loopback
     /// only (the listen-address flags are overridden to 127.0.0.1).
@@ -416,7 +420,11 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.redirect = RedirectMode::None;
             ringport::demo::demo(opts)?;
         }
-        Command::Check { source, listen } => return check(&source.config, &listen.options(1)),
+        Command::Check { source, listen, workers } => {
+            let workers =
+                workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            return check(&source.config, &listen.options(workers.max(1)));
+        }
         Command::Status { metrics_bind_address, output } => {
             let status = match ringport::status::fetch(metrics_bind_address, Duration::from_secs(3)) {
                 Ok(s) => s,
@@ -471,25 +479,19 @@ fn stdout(write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io:
 
 fn check(path: &std::path::Path, listen: &ListenOptions) -> anyhow::Result<ExitCode> {
     ringport::compat::check_config(path)?;
-    let manifests = match ringport::config::load_path(path) {
-        Ok(m) => m,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let joined = ringport::config::join_with_warnings(&manifests.services, &manifests.slices);
-    for w in manifests.warnings.iter().chain(&joined.warnings) {
+    let udp_max_flows = WorkerConfig::default().udp_max_flows;
+    let budget = ringport::budget::Budget::of_this_process(listen.workers, udp_max_flows);
+    let report = ringport::check::check_path(path, listen, &budget);
+    for w in &report.warnings {
         eprintln!("warning: {w}");
     }
-    let (ports, errors) = (joined.ports, joined.errors);
-    if !errors.is_empty() {
-        for e in &errors {
-            eprintln!("{e}");
-        }
+    for e in &report.errors {
+        eprintln!("{e}");
+    }
+    if !report.ok() {
         return Ok(ExitCode::FAILURE);
     }
-    print!("{}", ringport::check::render(&ports, listen));
-    println!("{} service ports OK in {}", ports.len(), path.display());
+    print!("{}", report.table);
+    println!("{} service ports OK in {}", report.service_ports, path.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,11 @@
 //! Running the proxy on a manifest source until a stop signal: wiring the
 //! source, the control plane, the data plane and the admin server together.
+//!
+//! Threads: the runtime thread (`ringport-control`) serves the admin
+//! endpoints, receives signals and watches the source, and never parses or
+//! binds; each load, validation and bind runs on a blocking thread, one
+//! at a time, while the last good snapshot keeps serving. Updates that
+//! arrive meanwhile are coalesced into the latest one.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,11 +14,13 @@ use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminState, ProxyHealth};
 use crate::balance::BalanceOptions;
 use crate::balance::health::{HealthPolicy, HealthRegistry};
-use crate::config::{ConfigError, ConfigErrors, Manifests};
+use crate::budget::Budget;
+use crate::config::{ConfigError, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::listen::{Binder, ListenOptions, node_addresses};
@@ -20,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::redirect::{self, Intercept, RedirectError, RedirectMode, Syncer, SyncerThread};
 use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::source::file::{FileSource, WatchError};
+use crate::source::file::{FileLoader, FileSource, WatchError};
 use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource, NodeView, NodeWatch};
 
 #[derive(Clone, Debug)]
@@ -63,8 +71,8 @@ impl SourceChoice {
 pub enum RunError {
     #[error(transparent)]
     Watch(#[from] WatchError),
-    #[error("invalid manifests in {path}:\n{errors}")]
-    Initial { path: PathBuf, errors: ConfigErrors },
+    #[error("invalid manifests in {path}:\n{}", lines(&.errors.0))]
+    Initial { path: PathBuf, errors: Rejected },
     #[error(transparent)]
     Rejected(#[from] Rejected),
     #[error("cannot start the data plane")]
@@ -85,6 +93,8 @@ pub enum RunError {
         "{0} data-plane worker(s) failed (see the error logged above); stopped so the process can be restarted"
     )]
     WorkerFailed(usize),
+    #[error("a control-plane task panicked")]
+    ControlPanicked,
 }
 
 /// Handles a caller (e.g. the demo) may keep to watch the running proxy.
@@ -134,6 +144,10 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
     }
 }
 
+/// The runtime thread answers probes and signals and watches the source;
+/// every load, validation and bind runs on a blocking thread (one at a
+/// time, see [`Engine`]), so that a slow reload never stalls `/readyz`,
+/// `/healthz` or SIGTERM, and the last good snapshot serves meanwhile.
 async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
     // The admin endpoints come first: /livez answers and /readyz says 503
     // while a source is still syncing.
@@ -152,7 +166,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         node_eligible: Arc::new(AtomicBool::new(true)),
     };
     let node_eligible = Arc::clone(&state.node_eligible);
-    let mut service_health = ServiceHealth::new(
+    let service_health = ServiceHealth::new(
         node_addresses(&opts.listen.nodeport_addresses),
         opts.balance.locality.node_name.clone(),
         state.health.clone(),
@@ -160,58 +174,29 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
     if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
     }
-    // `--zone` wins over the Node's label.
-    let zone_fixed = opts.balance.locality.zone.is_some();
-    let (mut source, first, mut node) = Source::start(&mut opts).await?;
-    let data_plane = DataPlane::start_with_faults(
-        Arc::clone(&handles.snapshot),
-        opts.workers.clone(),
-        Arc::clone(&handles.faults),
-    )
-    .map_err(RunError::DataPlane)?;
-    // Ready means the sources have synced *and* their rules are in place:
-    // the syncer sets `handles.ready`, Control only its own flag. The
-    // syncer comes before the Binder: it decides where proxy ports listen.
-    let redirect = start_redirect(&mut opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
-    let control = Control::new(
-        Binder::new(opts.listen.clone()),
-        opts.balance.clone(),
-        HealthRegistry::new(opts.health, std::time::Instant::now()),
-        Arc::clone(&handles.metrics),
-        Arc::clone(&handles.snapshot),
-        Arc::new(AtomicBool::new(false)),
-    );
-    // The API serves objects one by one: a cross-object error concerns one
-    // Service, and must not freeze every later update for the node.
-    let mut control = match source {
-        Source::Kube(_) => control.tolerate_cross_object_errors(),
-        Source::File(_) => control,
-    };
-    let mut plane = Plane {
-        control: &mut control,
-        data_plane: &data_plane,
-        redirect: &redirect,
-        service_health: &mut service_health,
-        metrics: &handles.metrics,
-        notified: false,
-    };
-    // Before the first publish tells systemd READY=1: a stop that follows
-    // at once must drain, not find the default action.
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
-    if let Some(manifests) = first {
-        let applied = plane.control.replace(manifests, &data_plane)?;
-        plane.published();
-        tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, generation = applied.generation, service_ports = applied.service_ports, listeners = applied.listeners, "serving");
-    }
 
+    // `--zone` wins over the Node's label.
+    let zone_fixed = opts.balance.locality.zone.is_some();
+    let (mut source, mut node) = Source::start(&mut opts).await?;
+    let first = matches!(source, Source::File(_)).then_some(Update::Files);
+    let faults = Arc::clone(&handles.faults);
+    let start_opts = opts.clone();
+    let mut engine =
+        tokio::task::spawn_blocking(move || Engine::start(start_opts, handles, service_health, first))
+            .await
+            .map_err(|_| RunError::ControlPanicked)??;
+    tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, "serving");
+
+    let mut idle = Some(engine);
+    let mut running: Option<JoinHandle<(Engine, bool)>> = None;
+    let mut pending = Work::default();
+    let mut recheck: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            update = source.next() => {
-                let (update, why) = update?;
-                plane.apply(update, why);
-            }
+        let queued = tokio::select! {
+            update = source.next() => Some(update?),
             view = next_node(&mut node) => {
                 let view = view?;
                 node_eligible.store(view.eligible, std::sync::atomic::Ordering::Release);
@@ -221,19 +206,74 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
                     tracing::warn!(zone = ?view.zone, "Node: being deleted or tainted ToBeDeletedByClusterAutoscaler; /healthz answers 503");
                 }
                 if !zone_fixed {
-                    plane.relocate(view.zone);
+                    pending.zone = Some(view.zone);
                 }
+                None
             }
             Some(()) = hup.recv() => match &source {
-                Source::File(file) => plane.apply(reload(file), "SIGHUP"),
-                Source::Kube(_) => tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload"),
+                Source::File(_) => Some((Update::Files, "SIGHUP")),
+                Source::Kube(_) => {
+                    tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload");
+                    None
+                }
             },
+            () = sleep_until(recheck) => {
+                recheck = None;
+                Some((Update::Files, "recheck of a vanished file"))
+            }
+            done = finished(&mut running) => {
+                running = None;
+                let (back, again) = done.map_err(|_| RunError::ControlPanicked)?;
+                if again {
+                    recheck = Some(tokio::time::Instant::now() + crate::source::file::SETTLE);
+                }
+                idle = Some(back);
+                None
+            }
             _ = int.recv() => break,
             _ = term.recv() => break,
-            () = handles.faults.failed() => break,
+            () = faults.failed() => break,
+        };
+        // A newer full state replaces a queued one: only the latest counts.
+        if let Some(update) = queued {
+            pending.update = Some(update);
+        }
+        if idle.is_some()
+            && !pending.is_empty()
+            && let Some(mut engine) = idle.take()
+        {
+            let work = std::mem::take(&mut pending);
+            running = Some(tokio::task::spawn_blocking(move || {
+                let again = engine.work(work);
+                (engine, again)
+            }));
         }
     }
-    Ok(data_plane)
+    engine = match (idle, running) {
+        (Some(engine), _) => engine,
+        (None, Some(reload)) => {
+            tracing::info!("waiting for the reload in progress before stopping");
+            reload.await.map_err(|_| RunError::ControlPanicked)?.0
+        }
+        // Unreachable: the engine is idle or with the running reload.
+        (None, None) => return Err(RunError::ControlPanicked),
+    };
+    Ok(engine.data_plane)
+}
+
+/// The reload in flight, if any; pending forever otherwise.
+async fn finished<T>(running: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match running {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Where the services come from.
@@ -242,23 +282,43 @@ enum Source {
     Kube(KubeSource),
 }
 
+/// The Node watch's next view; never, without one.
+async fn next_node(node: &mut Option<NodeWatch>) -> Result<NodeView, KubeError> {
+    match node {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What waits for the engine: the latest source update, and the latest
+/// zone of the Node (each kept separately, so neither hides the other).
+#[derive(Default)]
+struct Work {
+    update: Option<(Update, &'static str)>,
+    zone: Option<Option<String>>,
+}
+
+impl Work {
+    fn is_empty(&self) -> bool {
+        self.update.is_none() && self.zone.is_none()
+    }
+}
+
+/// What to apply: the files as they are on disk now (read on the blocking
+/// thread), or a full state from the API.
+enum Update {
+    Files,
+    Manifests(Manifests),
+}
+
 impl Source {
-    /// Start the source chosen by `opts`. The file source is read at once
-    /// (an invalid start is an error: there is no last good state yet); the
-    /// Kubernetes source yields its first state once both watchers have
-    /// listed, and comes with a watch on this node's Node (its zone and
-    /// eligibility) when the node has a name.
-    async fn start(
-        opts: &mut RunOptions,
-    ) -> Result<(Source, Option<Manifests>, Option<NodeWatch>), RunError> {
+    /// Start the source chosen by `opts`. The Kubernetes source yields its
+    /// first state once both watchers have listed, and comes with a watch
+    /// on this node's Node (its zone and eligibility) when the node has a
+    /// name.
+    async fn start(opts: &mut RunOptions) -> Result<(Source, Option<NodeWatch>), RunError> {
         match opts.source.clone() {
-            SourceChoice::File => {
-                let source = FileSource::watch(&opts.config)?;
-                let manifests = source
-                    .load()
-                    .map_err(|errors| RunError::Initial { path: opts.config.clone(), errors })?;
-                Ok((Source::File(source), Some(manifests), None))
-            }
+            SourceChoice::File => Ok((Source::File(FileSource::watch(&opts.config)?), None)),
             SourceChoice::Kube(kube) => {
                 let client =
                     crate::source::kube::client(kube.kubeconfig.as_deref(), kube.master.as_deref()).await?;
@@ -279,50 +339,124 @@ impl Source {
                 tracing::info!(
                     "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
                 );
-                Ok((Source::Kube(KubeSource::watch(client, filter)), None, node))
+                Ok((Source::Kube(KubeSource::watch(client, filter)), node))
             }
         }
     }
 
-    /// The next full state, valid or not, and what triggered it.
-    async fn next(&mut self) -> Result<(Result<Manifests, Vec<ConfigError>>, &'static str), RunError> {
+    /// The next update, and what triggered it.
+    async fn next(&mut self) -> Result<(Update, &'static str), RunError> {
         match self {
             Source::File(file) => {
                 if file.changed().await.is_none() {
                     return Err(RunError::WatchEnded);
                 }
-                Ok((reload(file), "file change"))
+                Ok((Update::Files, "file change"))
             }
-            Source::Kube(kube) => Ok((Ok(kube.next().await?), "API change")),
+            Source::Kube(kube) => Ok((Update::Manifests(kube.next().await?), "API change")),
         }
     }
 }
 
-/// The manifests on disk now, valid or not.
-fn reload(file: &FileSource) -> Result<Manifests, Vec<ConfigError>> {
-    file.load().map_err(|e| e.into_iter().collect())
-}
-
-/// The Node watch's next view; never, without one.
-async fn next_node(node: &mut Option<NodeWatch>) -> Result<NodeView, KubeError> {
-    match node {
-        Some(watch) => watch.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What an update goes through: control plane, then redirect rules.
-struct Plane<'a> {
-    control: &'a mut Control,
-    data_plane: &'a DataPlane,
-    redirect: &'a SyncerThread,
-    service_health: &'a mut ServiceHealth,
-    metrics: &'a Metrics,
+/// What an update goes through: load (for files), control plane, then
+/// redirect rules. Owned by one blocking task at a time.
+struct Engine {
+    control: Control,
+    data_plane: DataPlane,
+    redirect: SyncerThread,
+    service_health: ServiceHealth,
+    metrics: Arc<Metrics>,
     /// Whether systemd has been told `READY=1`.
     notified: bool,
+    /// The file source's reader; `None` for the Kubernetes source.
+    loader: Option<FileLoader>,
 }
 
-impl Plane<'_> {
+impl Engine {
+    /// Start the data plane, the redirect syncer and the control plane, and
+    /// apply `first` (an invalid first file state is an error: there is no
+    /// last good state yet).
+    fn start(
+        mut opts: RunOptions,
+        handles: Handles,
+        service_health: ServiceHealth,
+        first: Option<Update>,
+    ) -> Result<Self, RunError> {
+        let budget = Budget::of_this_process(opts.workers.workers, opts.workers.udp_max_flows);
+        tracing::info!(rlimit_nofile = budget.limit, "file-descriptor budget");
+        let data_plane = DataPlane::start_with_faults(
+            Arc::clone(&handles.snapshot),
+            opts.workers.clone(),
+            Arc::clone(&handles.faults),
+        )
+        .map_err(RunError::DataPlane)?;
+        // Ready means the sources have synced *and* their rules are in place:
+        // the syncer sets `handles.ready`, Control only its own flag. The
+        // syncer comes before the Binder: it decides where proxy ports listen.
+        let redirect = start_redirect(&mut opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
+        let control = Control::new(
+            Binder::new(opts.listen.clone()),
+            opts.balance.clone(),
+            HealthRegistry::new(opts.health, std::time::Instant::now()),
+            Arc::clone(&handles.metrics),
+            Arc::clone(&handles.snapshot),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .with_budget(budget);
+        let loader = matches!(opts.source, SourceChoice::File).then(|| FileLoader::new(&opts.config));
+        // The API serves objects one by one: a cross-object error concerns one
+        // Service, and must not freeze every later update for the node.
+        let control = if loader.is_none() { control.tolerate_cross_object_errors() } else { control };
+        let mut engine = Self {
+            control,
+            data_plane,
+            redirect,
+            service_health,
+            metrics: handles.metrics,
+            loader,
+            notified: false,
+        };
+        if let Some(first) = first {
+            let (manifests, _) = engine.read(first);
+            let initial = |errors: Vec<ConfigError>| RunError::Initial {
+                path: opts.config.clone(),
+                errors: Rejected(errors),
+            };
+            let applied = manifests.map_err(initial).and_then(|m| {
+                engine.control.replace(m, &engine.data_plane).map_err(|rejected| initial(rejected.0))
+            });
+            match applied {
+                Ok(a) => {
+                    engine.published();
+                    tracing::info!(
+                        generation = a.generation,
+                        service_ports = a.service_ports,
+                        listeners = a.listeners,
+                        "first configuration applied"
+                    );
+                }
+                Err(e) => {
+                    engine.data_plane.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Everything queued: the Node's zone first (it changes how the
+    /// update balances), then the update. True when the files should be
+    /// read again soon.
+    fn work(&mut self, work: Work) -> bool {
+        if let Some(zone) = work.zone {
+            self.relocate(zone);
+        }
+        match work.update {
+            Some((update, why)) => self.apply(update, why),
+            None => false,
+        }
+    }
+
     /// A snapshot was published: what follows it (rules, health checks,
     /// and for the first one systemd's `READY=1`, as `Type=notify` waits).
     fn published(&mut self) {
@@ -341,16 +475,30 @@ impl Plane<'_> {
             return;
         }
         tracing::info!(zone = ?zone, "zone from the Node's label");
-        if let Some(a) = self.control.relocate(zone, self.data_plane) {
+        if let Some(a) = self.control.relocate(zone, &self.data_plane) {
             self.published();
             tracing::info!(trigger = "Node zone", generation = a.generation, "reloaded");
         }
     }
 
-    /// Apply a source's new state, or log why it was rejected (the last good
-    /// state keeps serving).
-    fn apply(&mut self, update: Result<Manifests, Vec<ConfigError>>, why: &str) {
-        let outcome = update.map_err(Rejected).and_then(|m| self.control.replace(m, self.data_plane));
+    /// The state `update` stands for, and whether a vanished file was kept
+    /// (then load again soon).
+    fn read(&mut self, update: Update) -> (Result<Manifests, Vec<ConfigError>>, bool) {
+        match (update, &mut self.loader) {
+            (Update::Manifests(m), _) => (Ok(m), false),
+            (Update::Files, Some(loader)) => {
+                let loaded = loader.load();
+                (loaded.result.map_err(|e| e.into_iter().collect()), loaded.recheck)
+            }
+            (Update::Files, None) => (Ok(Manifests::default()), false),
+        }
+    }
+
+    /// Apply an update, or log why it was rejected (the last good state
+    /// keeps serving). True when the files should be read again soon.
+    fn apply(&mut self, update: Update, why: &str) -> bool {
+        let (update, recheck) = self.read(update);
+        let outcome = update.map_err(Rejected).and_then(|m| self.control.replace(m, &self.data_plane));
         let counter =
             if outcome.is_ok() { &self.metrics.reloads_applied } else { &self.metrics.reloads_rejected };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -372,7 +520,12 @@ impl Plane<'_> {
                 tracing::error!(trigger = why, error = %rejected, "reload rejected");
             }
         }
+        recheck
     }
+}
+
+fn lines(errors: &[ConfigError]) -> String {
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
 }
 
 /// The redirect syncer for `--redirect`, on its own thread. With rules,

@@ -32,6 +32,11 @@ impl Table {
         Self { tolerated: Some(BTreeSet::new()), ..Self::default() }
     }
 
+    /// Whether this table serves through cross-object errors.
+    pub fn is_tolerant(&self) -> bool {
+        self.tolerated.is_some()
+    }
+
     /// Replace the whole contents (a file source's reload), but only if the
     /// result is valid. On error the table is unchanged.
     pub fn try_replace(&mut self, manifests: Manifests) -> Result<Vec<ServicePort>, Vec<ConfigError>> {

@@ -47,10 +47,10 @@ fn load() -> Objects {
     assert!(!files.is_empty(), "no manifests in deploy/");
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
             let at = format!("{} document {i}", file.display());
-            let doc: serde_json::Value = serde_yaml::Value::deserialize(doc)
-                .and_then(serde_yaml::from_value)
+            let doc: serde_json::Value = serde_norway::Value::deserialize(doc)
+                .and_then(serde_norway::from_value)
                 .unwrap_or_else(|e| panic!("{at}: {e}"));
             let kind = (doc["apiVersion"].as_str().unwrap_or(""), doc["kind"].as_str().unwrap_or(""));
             match kind {

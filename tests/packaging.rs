@@ -93,10 +93,10 @@ fn the_containerfile_builds_in_one_stage_and_ships_a_slim_one_with_the_rule_tool
 
 fn yaml_docs(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| {
-            serde_yaml::Value::deserialize(d)
-                .and_then(serde_yaml::from_value)
+            serde_norway::Value::deserialize(d)
+                .and_then(serde_norway::from_value)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         })
         .collect()

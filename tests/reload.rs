@@ -123,5 +123,8 @@ fn invalid_change_is_logged_and_the_last_good_configuration_keeps_serving() {
     // SAFETY: kill(2) with a pid we spawned and a valid signal number.
     assert_eq!(unsafe { libc::kill(proxy.pid() as i32, libc::SIGHUP) }, 0);
     proxy.wait_newer_than(g);
-    assert!(proxy.log().contains("trigger=\"SIGHUP\""), "{}", proxy.log());
+    // The snapshot is published a moment before the reload is logged.
+    eventually(Duration::from_secs(10), "the SIGHUP reload to be logged", || {
+        proxy.log().contains("trigger=\"SIGHUP\"")
+    });
 }

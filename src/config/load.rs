@@ -15,6 +15,13 @@
 //! collected before failing; fields the Kubernetes types do not know are
 //! reported as warnings rather than silently dropped, because a misspelt
 //! `targetPort` would otherwise mean "same as port".
+//!
+//! Hostile input is bounded before the parser sees it: a file larger than
+//! [`MAX_FILE_BYTES`] is not read at all, and a YAML file whose flow
+//! collections (`[`, `{`) nest deeper than [`MAX_FLOW_DEPTH`] is refused by
+//! a linear pre-scan, because libyaml's scanner is quadratic in flow depth
+//! (100k nested `[` took 30 s). Block nesting and alias expansion are bounded
+//! by the YAML crate itself (its recursion and repetition limits).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,7 +30,7 @@ use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::{
     ConfigError, ConfigErrorKind, ConfigErrors, Conversion, Manifests, ObjectRef, Warning, WarningKind,
@@ -31,18 +38,69 @@ use super::{
 };
 use crate::model::Origin;
 
+/// The largest manifest file read. The API server takes request bodies of
+/// up to 3 MiB; a file of many objects may be larger, but not this large.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// The deepest nesting of YAML flow collections (`[` / `{`) accepted. A
+/// Kubernetes object nests a handful of levels.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
 /// Reads a manifest file, or every manifest file of a directory, and
 /// validates each object. Fails with every error of every file.
 pub fn load_path(path: &Path) -> Result<Manifests, ConfigErrors> {
     let mut collector = Collector::default();
     for file in collector.manifest_files(path) {
         let name = file.display().to_string();
-        match fs::read_to_string(&file) {
+        match read_bounded(&file) {
             Ok(text) => collector.file(&text, &name),
-            Err(source) => collector.errors.push(file_error(&name, ConfigErrorKind::Io(source))),
+            Err(kind) => collector.errors.push(file_error(&name, kind)),
         }
     }
     collector.finish()
+}
+
+/// The files `load_path` reads under a path, each with its text or the
+/// error that kept it from being read (a dangling link, a file too large).
+#[derive(Debug, Default)]
+pub struct ManifestFiles {
+    pub files: Vec<(PathBuf, Result<String, ConfigError>)>,
+    /// Problems with the path itself (a missing directory, a dangling link).
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<Warning>,
+}
+
+/// Lists and reads the manifest files under `path`, for a source that
+/// treats them one by one.
+pub fn manifest_files(path: &Path) -> ManifestFiles {
+    let mut collector = Collector::default();
+    let files = collector
+        .manifest_files(path)
+        .into_iter()
+        .map(|file| {
+            let text = read_bounded(&file).map_err(|kind| file_error(&file.display().to_string(), kind));
+            (file, text)
+        })
+        .collect();
+    ManifestFiles { files, errors: collector.errors, warnings: collector.manifests.warnings }
+}
+
+/// A file's text, unless it is larger than [`MAX_FILE_BYTES`] (checked on
+/// the open file, and again while reading, so a file that grows meanwhile
+/// cannot slip past).
+fn read_bounded(file: &Path) -> Result<String, ConfigErrorKind> {
+    use std::io::Read;
+    let opened = fs::File::open(file).map_err(ConfigErrorKind::Io)?;
+    let size = opened.metadata().map_err(ConfigErrorKind::Io)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(ConfigErrorKind::TooLarge { size, max: MAX_FILE_BYTES });
+    }
+    let mut bytes = Vec::new();
+    opened.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(ConfigErrorKind::Io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigErrorKind::TooLarge { size: bytes.len() as u64, max: MAX_FILE_BYTES });
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| ConfigErrorKind::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 /// Validates one file's text; `file` names it in errors and, ending in
@@ -51,6 +109,49 @@ pub fn parse_str(text: &str, file: &str) -> Result<Manifests, ConfigErrors> {
     let mut collector = Collector::default();
     collector.file(text, file);
     collector.finish()
+}
+
+/// The deepest nesting of flow collections in a YAML text, counted in one
+/// linear pass; stops counting past `limit`. Brackets in comments and
+/// quoted scalars do not count, nor do brackets inside a word (`a[0]`), so
+/// the count never exceeds what the parser would see; it may fall short of
+/// it (e.g. in a block scalar), which only makes the bound lenient there.
+fn flow_depth(text: &str, limit: usize) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut comment = false;
+    let mut prev = b'\n';
+    let mut escaped = false;
+    for &b in text.as_bytes() {
+        if comment {
+            comment = b != b'\n';
+        } else if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if q == b'"' && b == b'\\' {
+                escaped = true;
+            } else if b == q {
+                quote = None;
+            }
+        } else {
+            let token_start = prev.is_ascii_whitespace() || matches!(prev, b'[' | b'{' | b',' | b':');
+            match b {
+                b'#' if prev.is_ascii_whitespace() => comment = true,
+                b'\'' | b'"' if token_start => quote = Some(b),
+                b'[' | b'{' if token_start => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                    if deepest > limit {
+                        return deepest;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        prev = b;
+    }
+    deepest
 }
 
 fn file_error(file: &str, kind: ConfigErrorKind) -> ConfigError {
@@ -119,6 +220,12 @@ impl Collector {
         for entry in entries {
             match entry {
                 Ok(entry) if is_manifest(&entry.path()) => files.push(entry.path()),
+                // A link to nowhere would otherwise vanish silently, taking
+                // its Services with it: name it.
+                Ok(entry) if is_dangling_manifest_link(&entry.path()) => {
+                    self.errors
+                        .push(file_error(&entry.path().display().to_string(), ConfigErrorKind::DanglingLink));
+                }
                 Ok(_) => {}
                 Err(source) => self.errors.push(file_error(&shown, ConfigErrorKind::Io(source))),
             }
@@ -144,7 +251,11 @@ impl Collector {
     }
 
     fn yaml_documents(&mut self, text: &str, file: &str) {
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        if flow_depth(text, MAX_FLOW_DEPTH) > MAX_FLOW_DEPTH {
+            self.errors.push(file_error(file, ConfigErrorKind::TooDeep { max: MAX_FLOW_DEPTH }));
+            return;
+        }
+        for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
             let place = Place { file, document: i + 1, item: None };
             match <Value as serde::Deserialize>::deserialize(document) {
                 Ok(value) => self.document(value, place),
@@ -164,7 +275,7 @@ impl Collector {
             let place = Place { file, document: i + 1, item: None };
             let value = document
                 .map_err(ConfigErrorKind::Json)
-                .and_then(|json| serde_yaml::to_value(json).map_err(ConfigErrorKind::Yaml));
+                .and_then(|json| serde_norway::to_value(json).map_err(ConfigErrorKind::Yaml));
             match value {
                 Ok(value) => self.document(value, place),
                 Err(kind) => {
@@ -310,7 +421,10 @@ impl Collector {
             return;
         };
         match slice_from_endpoints(&endpoints, origin) {
-            Ok(slices) => self.manifests.slices.extend(slices),
+            Ok((slices, warnings)) => {
+                self.manifests.slices.extend(slices);
+                self.manifests.warnings.extend(warnings);
+            }
             Err(errors) => self.errors.extend(errors),
         }
     }
@@ -357,6 +471,12 @@ fn is_manifest(path: &Path) -> bool {
     is_manifest_name(path) && path.is_file()
 }
 
+fn is_dangling_manifest_link(path: &Path) -> bool {
+    is_manifest_name(path)
+        && fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+        && fs::metadata(path).is_err()
+}
+
 /// Whether a directory entry's name makes it a manifest file: `*.yaml`,
 /// `*.yml` or `*.json`, not hidden. (The file watcher uses the same rule,
 /// so a log or an editor's swap file beside the manifests never reloads.)
@@ -387,7 +507,7 @@ fn peek_object(map: &Mapping, kind: &str) -> ObjectRef {
 /// is null carry nothing and are not reported.
 fn unknown_fields<T: Serialize>(input: &Value, typed: &T) -> Vec<String> {
     let mut found = Vec::new();
-    if let Ok(kept) = serde_yaml::to_value(typed) {
+    if let Ok(kept) = serde_norway::to_value(typed) {
         diff_keys(input, &kept, String::new(), &mut found);
     }
     found

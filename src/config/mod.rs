@@ -19,6 +19,7 @@
 
 mod join;
 mod load;
+mod names;
 mod service;
 mod slice;
 
@@ -31,7 +32,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
-pub use load::{is_manifest_name, load_path, parse_str};
+pub use load::{
+    MAX_FILE_BYTES, MAX_FLOW_DEPTH, ManifestFiles, is_manifest_name, load_path, manifest_files, parse_str,
+};
+pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;
 pub use slice::{slice_from_endpoints, slice_from_k8s};
 
@@ -98,10 +102,12 @@ impl ObjectRef {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A name is shown before it is validated: bound what is repeated.
+        let namespace = names::shown(&self.namespace);
         if self.name.is_empty() {
-            write!(f, "{} {}/<unnamed>", self.kind, self.namespace)
+            write!(f, "{} {namespace}/<unnamed>", self.kind)
         } else {
-            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+            write!(f, "{} {namespace}/{}", self.kind, names::shown(&self.name))
         }
     }
 }
@@ -157,13 +163,19 @@ pub enum ConfigErrorKind {
     UnknownScheduler(#[source] crate::model::UnknownScheduler),
     #[error("cannot read: {0}")]
     Io(#[source] io::Error),
+    #[error("file is {size} bytes; at most {max} are read")]
+    TooLarge { size: u64, max: u64 },
+    #[error("YAML flow collections ([ or {{) nest deeper than {max} levels; not parsed")]
+    TooDeep { max: usize },
+    #[error("is a symbolic link to nothing (dangling); its objects are not served")]
+    DanglingLink,
     #[error("invalid YAML: {0}")]
-    Yaml(#[source] serde_yaml::Error),
+    Yaml(#[source] serde_norway::Error),
     #[error("invalid JSON: {0}")]
     Json(#[source] serde_json::Error),
     /// The document is YAML but not the shape of its `kind`.
     #[error("{0}")]
-    Decode(#[source] serde_yaml::Error),
+    Decode(#[source] serde_norway::Error),
     #[error("not a Kubernetes object: expected a mapping with apiVersion and kind")]
     NotAnObject,
     #[error("must be a list")]
@@ -212,6 +224,10 @@ pub enum ConfigErrorKind {
     NodePortNotAllowed(String),
     #[error("is only allowed for type LoadBalancer with externalTrafficPolicy Local")]
     HealthCheckNodePortNotAllowed,
+    #[error("{name:?} is not {rule}")]
+    InvalidName { name: String, rule: &'static str },
+    #[error("{0} cannot be an endpoint (unspecified, multicast or broadcast)")]
+    UnusableEndpointAddress(IpAddr),
     #[error("{name:?} is not a valid port name: {reason}")]
     InvalidPortName { name: String, reason: &'static str },
     #[error("duplicate port name {name:?} (also {first})")]
@@ -238,6 +254,10 @@ pub enum ConfigErrorKind {
         other_field: String,
         other_origin: Origin,
     },
+    #[error("{endpoint} is ringport's own {role} listener {listen}: proxying to it would loop")]
+    EndpointLoop { endpoint: std::net::SocketAddr, role: String, listen: String },
+    #[error("{0}")]
+    FdBudget(#[source] crate::budget::BudgetError),
     #[error("defined twice (first at {first_origin}); the second is ignored")]
     DuplicateObject { first_origin: Origin },
 }
@@ -331,6 +351,14 @@ pub enum WarningKind {
     NoSuchService(ServiceName),
     #[error("no *.yaml, *.yml or *.json files here")]
     EmptyDirectory,
+    #[error("{0} is link-local (e.g. the cloud metadata service); is this endpoint meant?")]
+    LinkLocalEndpoint(IpAddr),
+    #[error("is empty: taken as a write in progress, its last good objects keep serving")]
+    EmptyFileKept,
+    #[error(
+        "is gone: taken as a write in progress until the next reload, its last good objects keep serving"
+    )]
+    VanishedFileKept,
 }
 
 /// Collects the errors and warnings of one object while it is validated, so
@@ -401,10 +429,17 @@ pub(crate) fn namespace_of(meta: &ObjectMeta) -> String {
     }
 }
 
-/// `metadata.name`, which every object needs.
-pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta) -> Option<String> {
+/// `metadata.name`, which every object needs, following `rule`; and
+/// `metadata.namespace`, when given, a DNS-1123 label.
+pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta, rule: NameRule) -> Option<String> {
+    if let Some(ns) = meta.namespace.as_deref().filter(|ns| !ns.is_empty()) {
+        diag.check(|| "metadata.namespace".to_owned(), check_name(ns, NameRule::Dns1123Label));
+    }
     match meta.name.as_deref() {
-        Some(name) if !name.is_empty() => Some(name.to_owned()),
+        Some(name) if !name.is_empty() => {
+            diag.check(|| "metadata.name".to_owned(), check_name(name, rule))?;
+            Some(name.to_owned())
+        }
         _ => {
             diag.error("metadata.name", ConfigErrorKind::Required);
             None
@@ -461,7 +496,7 @@ pub(crate) fn slice_ref(kind: SliceKind, id: &ServiceName) -> ObjectRef {
 }
 
 /// The object reference of a validated Service, for join's errors.
-pub(crate) fn service_ref(name: &ServiceName) -> ObjectRef {
+pub fn service_ref(name: &ServiceName) -> ObjectRef {
     ObjectRef::of("Service", name)
 }
 

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, WarningKind, ip, namespace_of,
-    port_name, port_number, protocol, required_name,
+    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, NameRule, ObjectRef, Skip, WarningKind,
+    check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
     self, Affinity, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, TargetPort,
@@ -33,7 +33,7 @@ const SCHEDULER_ANNOTATION: &str = "scheduler";
 /// ExternalName Service; `Err` lists every problem found.
 pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<model::Service>, ConfigErrors> {
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Service", &svc.metadata));
-    let name = required_name(&mut diag, &svc.metadata);
+    let name = required_name(&mut diag, &svc.metadata, NameRule::Dns1035Label);
     let default_spec = ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
 
@@ -261,6 +261,11 @@ fn service_port(
     let name = given(&raw.name).unwrap_or_default().to_owned();
     if name.is_empty() && several {
         diag.error(at("name"), ConfigErrorKind::PortNameRequired);
+    }
+    // The API server's rule for a service port's name (a named targetPort
+    // follows IANA_SVC_NAME instead).
+    if !name.is_empty() {
+        diag.check(|| at("name"), check_name(&name, NameRule::Dns1123Label))?;
     }
     let port = diag.check(|| at("port"), port_number(raw.port));
     let protocol = diag.check(|| at("protocol"), protocol(given(&raw.protocol)));

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{
-    ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, ObjectRef, Skip, ip, namespace_of, port_number,
-    protocol, required_name,
+    AddressUse, ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, NameRule, ObjectRef, Skip,
+    WarningKind, check_name, endpoint_address, ip, namespace_of, port_number, protocol, required_name,
 };
 use crate::model::{self, Conditions, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
 
@@ -32,15 +32,19 @@ pub fn slice_from_k8s(
 ) -> Result<Conversion<model::EndpointSlice>, ConfigErrors> {
     let meta = &slice.metadata;
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("EndpointSlice", meta));
-    let name = required_name(&mut diag, meta);
+    let name = required_name(&mut diag, meta, NameRule::Dns1123Subdomain);
     let namespace = namespace_of(meta);
     let service = meta
         .labels
         .as_ref()
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
         .filter(|service| !service.is_empty());
-    if service.is_none() {
-        diag.error("metadata.labels", ConfigErrorKind::MissingServiceLabel);
+    match service {
+        None => diag.error("metadata.labels", ConfigErrorKind::MissingServiceLabel),
+        Some(service) => {
+            let field = || format!("metadata.labels[\"{SERVICE_NAME_LABEL}\"]");
+            diag.check(field, check_name(service, NameRule::LabelValue));
+        }
     }
     let family = match slice.address_type.as_str() {
         "IPv4" => Some(Family::V4),
@@ -93,9 +97,10 @@ pub fn slice_from_k8s(
 pub fn slice_from_endpoints(
     ep: &Endpoints,
     origin: Origin,
-) -> Result<Vec<model::EndpointSlice>, ConfigErrors> {
+) -> Result<(Vec<model::EndpointSlice>, Vec<super::Warning>), ConfigErrors> {
     let mut diag = Diagnostics::new(origin, ObjectRef::from_meta("Endpoints", &ep.metadata));
-    let name = required_name(&mut diag, &ep.metadata).unwrap_or_default();
+    // An Endpoints is named after its Service.
+    let name = required_name(&mut diag, &ep.metadata, NameRule::Dns1123Subdomain).unwrap_or_default();
     let id = ServiceName::new(namespace_of(&ep.metadata), name);
     let origin = diag.origin().clone();
     let slice = |subset, ports, endpoints| model::EndpointSlice {
@@ -130,7 +135,7 @@ pub fn slice_from_endpoints(
     if slices.is_empty() {
         slices.push(slice(0, Vec::new(), Vec::new()));
     }
-    diag.into_result(slices).map(|(value, _)| value)
+    diag.into_result(slices)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +176,9 @@ fn slice_ports<'a>(
     for (i, raw) in raw.enumerate() {
         let at = |f: &str| format!("{field}[{i}].{f}");
         let name = raw.name.unwrap_or_default().to_owned();
+        if !name.is_empty() {
+            diag.check(|| at("name"), check_name(&name, NameRule::Dns1123Label));
+        }
         let port = match raw.port {
             Some(port) => diag.check(|| at("port"), port_number(port)),
             None => {
@@ -211,7 +219,7 @@ fn slice_endpoint(
             Some(family) if !family.matches(addr) => {
                 Err(ConfigErrorKind::WrongFamily { ip: addr, address_type: family.address_type() })
             }
-            _ => Ok(addr),
+            _ => usable(diag, at(), addr),
         });
         addresses.extend(diag.check(at, checked));
     }
@@ -245,7 +253,8 @@ fn address_endpoint(
     address: &EndpointAddress,
     ready: bool,
 ) -> Option<SliceEndpoint> {
-    let addr = diag.check(|| field, ip(&address.ip))?;
+    let checked = ip(&address.ip).and_then(|addr| usable(diag, field.clone(), addr));
+    let addr = diag.check(|| field, checked)?;
     Some(SliceEndpoint {
         addresses: vec![addr],
         conditions: Conditions { ready, serving: ready, terminating: false },
@@ -254,6 +263,15 @@ fn address_endpoint(
         hints_zones: Vec::new(),
         hints_nodes: Vec::new(),
     })
+}
+
+/// `addr` unless no connection can go there; a link-local one is warned
+/// about against `field`.
+fn usable(diag: &mut Diagnostics, field: String, addr: IpAddr) -> Result<IpAddr, ConfigErrorKind> {
+    if endpoint_address(addr)? == AddressUse::LinkLocal {
+        diag.warn(field, WarningKind::LinkLocalEndpoint(addr));
+    }
+    Ok(addr)
 }
 
 fn non_empty(value: Option<&str>) -> Option<String> {

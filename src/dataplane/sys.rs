@@ -139,6 +139,25 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) {
     unsafe { libc::read(fd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
 }
 
+/// `RLIMIT_NOFILE` as (soft, hard), after raising the soft limit to the
+/// hard one if it was lower (every fd the proxy may need is then usable).
+/// The raise is best effort: if it fails, the limits as they are.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the live struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit only reads the live struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
 /// Pin the calling thread to one CPU. Best effort: a failure (e.g. a CPU
 /// set restricted by a container) is returned for the caller to log.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {

@@ -41,12 +41,27 @@ impl Proxy {
     /// Start `ringport run` on `manifest` with 2 unpinned workers (unless
     /// `args` says `--workers`) plus `args`, and wait until it is ready.
     pub fn start(manifest: &str, args: &[&str]) -> Proxy {
+        Self::start_with_nofile(manifest, args, None)
+    }
+
+    /// `start`, with `RLIMIT_NOFILE` set to `nofile` (soft and hard) through
+    /// util-linux's `prlimit`, so that fd-budget tests do not depend on the
+    /// machine's limits.
+    pub fn start_with_nofile(manifest: &str, args: &[&str], nofile: Option<u64>) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("services.yaml"), manifest).expect("write manifest");
         let scratch = tempfile::tempdir().expect("temp dir");
         let log = scratch.path().join("ringport.log");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(env!("CARGO_BIN_EXE_ringport"))
+        let mut command = match nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_ringport")),
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(env!("CARGO_BIN_EXE_ringport"));
+                c
+            }
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(dir.path())

@@ -77,7 +77,7 @@ fn external_name_service_is_skipped_with_the_reason() {
 
 #[test]
 fn headless_service_is_skipped_through_the_api_conversion_too() {
-    let raw: Service = serde_yaml::from_str(&svc("{clusterIP: None, ports: [{port: 80}]}")).unwrap();
+    let raw: Service = serde_norway::from_str(&svc("{clusterIP: None, ports: [{port: 80}]}")).unwrap();
     let converted = service_from_k8s(&raw, Origin("api".into())).unwrap();
     assert_eq!(converted, Conversion::Skipped(Skip::Headless));
     let listed = svc("{clusterIPs: [None], ports: [{port: 80}]}");
@@ -86,7 +86,7 @@ fn headless_service_is_skipped_through_the_api_conversion_too() {
 
 #[test]
 fn service_from_k8s_names_the_callers_origin_in_errors() {
-    let raw: Service = serde_yaml::from_str(&svc("{ports: [{port: 0}]}")).unwrap();
+    let raw: Service = serde_norway::from_str(&svc("{ports: [{port: 0}]}")).unwrap();
     let errors = service_from_k8s(&raw, Origin("kube-apiserver".into())).unwrap_err();
     assert_eq!(
         errors.to_string(),

@@ -175,7 +175,7 @@ fn endpoints_errors_name_the_subset_list_and_port() {
 #[test]
 fn slice_from_k8s_takes_an_api_object_and_its_origin() {
     let raw: EndpointSlice =
-        serde_yaml::from_str(&slice_text("[{port: 80}]", "[{addresses: [127.0.0.1]}]")).unwrap();
+        serde_norway::from_str(&slice_text("[{port: 80}]", "[{addresses: [127.0.0.1]}]")).unwrap();
     let Conversion::Accepted { value, warnings } = slice_from_k8s(&raw, Origin("api".into())).unwrap() else {
         panic!("skipped");
     };

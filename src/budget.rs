@@ -1,0 +1,165 @@
+//! The file-descriptor budget: does a configuration fit in `RLIMIT_NOFILE`?
+//!
+//! Every listen address of every service port holds one socket per worker,
+//! and every UDP flow one backend socket; what is left must still carry
+//! proxied connections (two sockets and two pipes each with splice) and the
+//! admin servers. A configuration whose listening sockets alone would eat
+//! into that reserve is refused as a whole, before anything is bound, and
+//! the last good one keeps serving; `ringport check` applies the same sum.
+//!
+//! The count is an upper bound: a listen address that turns out not to be
+//! local (an external IP on another node) is counted though it is never
+//! bound, and a listener kept from the previous configuration is counted
+//! once although its sockets already exist.
+
+use std::net::IpAddr;
+
+use crate::listen::{self, ListenOptions};
+use crate::model::{Protocol, ServicePort};
+
+/// Descriptors kept for the admin servers: their connection cap (the
+/// health, metrics and healthCheckNodePort servers together) plus a fixed
+/// overhead for their listeners, the control runtime, the file watcher,
+/// the log and standard streams.
+pub const ADMIN_RESERVE: u64 = crate::admin::MAX_CONNECTIONS as u64 + 32;
+/// Descriptors each worker holds whatever the configuration: its ring, its
+/// wake-up eventfd and a few spare pipes.
+pub const PER_WORKER: u64 = 8;
+/// Descriptors that must stay free for proxied connections (six each:
+/// client, upstream, two pipes): about 170 connections at the very least.
+pub const CONNECTION_RESERVE: u64 = 1024;
+
+/// What the budget is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    /// The soft `RLIMIT_NOFILE` the process runs with.
+    pub limit: u64,
+    pub workers: usize,
+    /// `--udp-max-flows`: one backend socket each, if any port is UDP.
+    pub udp_max_flows: usize,
+}
+
+/// The descriptors a configuration needs, by use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Demand {
+    pub listen_addresses: u64,
+    pub listening_sockets: u64,
+    pub udp_flows: u64,
+    pub fixed: u64,
+}
+
+impl Demand {
+    pub fn total(&self) -> u64 {
+        self.listening_sockets + self.udp_flows + self.fixed
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "needs about {} file descriptors but RLIMIT_NOFILE is {limit}: {} listen addresses x {workers} workers = {} listening sockets, \
+     {} for UDP flows (--udp-max-flows), {} reserved for connections, workers and the admin servers; \
+     serve fewer service ports, fewer --workers, or raise the limit",
+    .demand.total(), .demand.listen_addresses, .demand.listening_sockets, .demand.udp_flows, .demand.fixed
+)]
+pub struct BudgetError {
+    pub demand: Demand,
+    pub limit: u64,
+    pub workers: usize,
+}
+
+impl Budget {
+    /// The budget of this process: its soft limit, first raised to the hard
+    /// limit. An unreadable limit counts as unlimited.
+    pub fn of_this_process(workers: usize, udp_max_flows: usize) -> Self {
+        let limit = match crate::dataplane::sys::raise_nofile_limit() {
+            Ok((soft, _hard)) => soft,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; no fd budget is enforced");
+                u64::MAX
+            }
+        };
+        Self { limit, workers, udp_max_flows }
+    }
+
+    /// The descriptors `ports` need, listening as `opts` and `node_ips` say.
+    pub fn demand(&self, ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Demand {
+        let redirected = listen::redirected_by_rules(opts.redirect_rules);
+        let listen_addresses: u64 = ports
+            .iter()
+            .map(|sp| listen::plan(sp, opts.bind_address, node_ips, &redirected).len() as u64)
+            .sum();
+        let workers = self.workers.max(1) as u64;
+        let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
+        Demand {
+            listen_addresses,
+            listening_sockets: listen_addresses.saturating_mul(workers),
+            udp_flows: if any_udp { self.udp_max_flows as u64 } else { 0 },
+            fixed: ADMIN_RESERVE + CONNECTION_RESERVE + PER_WORKER * workers,
+        }
+    }
+
+    /// `Err` when `ports` would not fit.
+    pub fn check(
+        &self,
+        ports: &[ServicePort],
+        opts: &ListenOptions,
+        node_ips: &[IpAddr],
+    ) -> Result<Demand, BudgetError> {
+        let demand = self.demand(ports, opts, node_ips);
+        if demand.total() > self.limit {
+            return Err(BudgetError { demand, limit: self.limit, workers: self.workers });
+        }
+        Ok(demand)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{Origin, ServiceName, ServicePortName};
+
+    fn ports(n: usize, protocol: Protocol) -> Vec<ServicePort> {
+        (0..n)
+            .map(|i| {
+                let name = ServicePortName {
+                    service: ServiceName::new("default", format!("s{i}")),
+                    port: "".into(),
+                };
+                let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+                sp.node_port = Some(30000 + (i % 2000) as u16);
+                sp
+            })
+            .collect()
+    }
+
+    fn opts() -> ListenOptions {
+        ListenOptions {
+            bind_address: Ipv4Addr::UNSPECIFIED.into(),
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 2,
+            redirect_rules: false,
+        }
+    }
+
+    #[test]
+    fn twenty_thousand_service_ports_do_not_fit_in_twenty_thousand_fds() {
+        let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
+        let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
+        let err = budget.check(&ports(20_000, Protocol::Tcp), &opts(), &node_ips).unwrap_err();
+        // A proxy port and a node port each, on two workers.
+        assert_eq!(err.demand.listening_sockets, 80_000);
+        assert!(err.to_string().contains("RLIMIT_NOFILE is 20000"), "{err}");
+        assert!(budget.check(&ports(1_000, Protocol::Tcp), &opts(), &node_ips).is_ok());
+    }
+
+    #[test]
+    fn udp_flows_count_only_when_a_port_is_udp() {
+        let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
+        let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
+        assert_eq!(budget.demand(&ports(10, Protocol::Tcp), &opts(), &node_ips).udp_flows, 0);
+        assert_eq!(budget.demand(&ports(10, Protocol::Udp), &opts(), &node_ips).udp_flows, 8192);
+    }
+}
