@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
@@ -112,6 +112,21 @@ impl Listener {
         // its own socket; this worker's slot is still intact.
         let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         slot.take()
+    }
+
+    /// Start listening on the TCP sockets no worker has taken yet (a no-op
+    /// for UDP, and for a socket already listening).
+    pub fn listen_untaken(&self) -> io::Result<()> {
+        if self.key.protocol != Protocol::Tcp {
+            return Ok(());
+        }
+        for slot in &self.sockets {
+            let slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(fd) = slot.as_ref() {
+                SockRef::from(fd).listen(BACKLOG)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -378,7 +393,7 @@ fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool) -> io::Resul
     Ok(s)
 }
 
-/// `n` sockets on one address (listening for TCP, bound for UDP), sharing
+/// `n` sockets bound to one address (TCP ones not listening yet), sharing
 /// it through SO_REUSEPORT. A port of 0 is chosen by the kernel through a
 /// probe socket, and every socket then binds that port explicitly: a TCP
 /// socket bound to port 0 would lose its port when paused (`shutdown`) and
@@ -398,7 +413,11 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<
         .map(|_| {
             let s = socket(addr)?;
             match protocol {
-                Protocol::Tcp => s.listen(BACKLOG)?,
+                // Not listening yet: each worker listens when it takes its
+                // socket and the port has an endpoint (`dataplane::accept`),
+                // so until then a connection is refused, never queued and
+                // then reset.
+                Protocol::Tcp => {}
                 // One socket takes every client's datagrams for this worker:
                 // a deep buffer rides out bursts (the kernel caps it at
                 // net.core.rmem_max; failing to grow it is not an error).

@@ -151,6 +151,12 @@ impl Snapshot {
     }
 
     /// The service port a listener serves, and its balancer.
+    /// Whether `listener`'s traffic has a usable endpoint (else its TCP
+    /// sockets stay paused, so the kernel refuses).
+    pub fn serves(&self, listener: ListenerId) -> bool {
+        self.route(listener).is_some_and(|r| !r.balancer.is_empty())
+    }
+
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
         let entry = self.routes.get(&listener)?;
         let port = self.ports.get(entry.port)?;

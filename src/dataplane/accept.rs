@@ -44,11 +44,10 @@ impl Worker {
         } else {
             // A UDP socket is never paused: datagrams without an endpoint
             // are dropped and counted.
-            let serving = |id| snapshot.route(id).is_some_and(|r| !r.balancer.is_empty());
             snapshot
                 .listeners
                 .iter()
-                .map(|l| (l.id, l.key.protocol == Protocol::Udp || serving(l.id)))
+                .map(|l| (l.id, l.key.protocol == Protocol::Udp || snapshot.serves(l.id)))
                 .collect()
         };
         for key in self.listeners.keys() {
@@ -95,10 +94,15 @@ impl Worker {
                 continue;
             }
             if let Some(fd) = listener.take_socket(self.index) {
-                if !serving {
-                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
-                }
                 let protocol = listener.key.protocol;
+                // The control side binds TCP sockets without listening, so a
+                // port with no endpoint refuses from its very first moment; a
+                // worker listens only once it serves the port.
+                let serving = serving
+                    && (protocol == Protocol::Udp
+                        || SockRef::from(&fd).listen(listen::BACKLOG).map_err(|e| {
+                            tracing::error!(worker = self.index, error = %e, "cannot start listening")
+                        }).is_ok());
                 let a = Accepting {
                     id: listener.id,
                     role: listener.key.role,
