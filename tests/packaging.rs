@@ -65,7 +65,7 @@ fn the_containerfile_builds_in_one_stage_and_ships_a_slim_one_with_the_rule_tool
     );
     assert!(run[0].1.contains("-slim"), "a small base: {:?}", run[0]);
     let installs = run.iter().find(|(k, a)| k == "RUN" && a.contains("apt-get install")).expect("an install");
-    for tool in ["nftables", "iptables", "conntrack"] {
+    for tool in ["nftables", "iptables", "conntrack", "iproute2"] {
         assert!(installs.1.split_whitespace().any(|w| w == tool), "{tool} in {installs:?}");
     }
     assert!(
