@@ -80,7 +80,6 @@ impl Control {
         }
         let previous = self.snapshot.load_full();
         let changes = changes(&previous, &ports);
-        self.metrics.apply.queued(changes);
         let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
         // Only now are the proxy ports known. New listeners of a refused
         // update are dropped unserved (no worker has taken their sockets).

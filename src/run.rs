@@ -180,7 +180,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
 
     // `--zone` wins over the Node's label.
     let zone_fixed = opts.balance.locality.zone.is_some();
-    let (mut source, mut node) = Source::start(&mut opts).await?;
+    let (mut source, mut node) = Source::start(&mut opts, &handles.metrics).await?;
     let first = matches!(source, Source::File(_)).then_some(Update::Files);
     let faults = Arc::clone(&handles.faults);
     let start_opts = opts.clone();
@@ -313,10 +313,13 @@ enum Update {
 
 impl Source {
     /// Start the source chosen by `opts`. The Kubernetes source yields its
-    /// first state once both watchers have listed, and comes with a watch
-    /// on this node's Node (its zone and eligibility) when the node has a
-    /// name.
-    async fn start(opts: &mut RunOptions) -> Result<(Source, Option<NodeWatch>), RunError> {
+    /// first state once both watchers have listed (counting each change as
+    /// pending in `metrics` as it arrives), and comes with a watch on this
+    /// node's Node (its zone and eligibility) when the node has a name.
+    async fn start(
+        opts: &mut RunOptions,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(Source, Option<NodeWatch>), RunError> {
         match opts.source.clone() {
             SourceChoice::File => Ok((Source::File(FileSource::watch(&opts.config)?), None)),
             SourceChoice::Kube(kube) => {
@@ -339,7 +342,8 @@ impl Source {
                 tracing::info!(
                     "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
                 );
-                Ok((Source::Kube(KubeSource::watch(client, filter)), node))
+                let source = KubeSource::watch(client, filter).with_metrics(Arc::clone(metrics));
+                Ok((Source::Kube(source), node))
             }
         }
     }

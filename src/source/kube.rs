@@ -47,6 +47,7 @@ mod tests;
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -55,6 +56,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
+
+use crate::metrics::Metrics;
 
 pub use node::{NodeView, NodeWatch, TO_BE_DELETED_TAINT};
 pub use state::{API_ORIGIN, ClusterState, Filter, Outcome, SERVICE_PROXY_NAME_LABEL};
@@ -157,6 +160,9 @@ pub struct KubeSource {
     services: Events<Service>,
     slices: Events<EndpointSlice>,
     state: ClusterState,
+    /// Where changes are counted as pending as they arrive (the control
+    /// plane resets the count when it publishes them).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl KubeSource {
@@ -176,7 +182,14 @@ impl KubeSource {
 
     /// A source over any event streams (tests feed synthetic ones).
     pub fn from_streams(services: Events<Service>, slices: Events<EndpointSlice>, filter: Filter) -> Self {
-        Self { services, slices, state: ClusterState::new(filter) }
+        Self { services, slices, state: ClusterState::new(filter), metrics: None }
+    }
+
+    /// Count each change as pending in `metrics` while it waits to be
+    /// coalesced and published.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Both watchers have delivered their initial list.
@@ -224,6 +237,10 @@ impl KubeSource {
                 Some(Err(e)) => stream_error("EndpointSlice", &e),
                 None => return Err(KubeError::StreamEnded("EndpointSlice")),
             },
+        }
+        let queued = self.state.take_queued();
+        if let Some(metrics) = &self.metrics {
+            metrics.apply.queued(queued);
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher::Event;
 
 use crate::config::{self, ConfigErrors, Conversion, Manifests, ObjectRef};
+use crate::metrics::Changes;
 use crate::model::{self, Origin, ServiceName};
 
 /// The label that hands a Service to a named proxy (kube-proxy skips every
@@ -244,6 +245,9 @@ pub struct ClusterState {
     services: Objects<model::Service>,
     slices: Objects<model::EndpointSlice>,
     changed: bool,
+    /// Events that changed what is served, since the last
+    /// [`ClusterState::take_queued`]: kube-proxy's pending changes.
+    queued: Changes,
 }
 
 impl ClusterState {
@@ -252,11 +256,25 @@ impl ClusterState {
     }
 
     pub fn handle_service(&mut self, event: Event<Service>) -> Outcome {
-        self.services.handle(event, &self.filter, &mut self.changed)
+        let mut changed = false;
+        let outcome = self.services.handle(event, &self.filter, &mut changed);
+        self.changed |= changed;
+        self.queued.services += u64::from(changed);
+        outcome
     }
 
     pub fn handle_slice(&mut self, event: Event<EndpointSlice>) -> Outcome {
-        self.slices.handle(event, &self.filter, &mut self.changed)
+        let mut changed = false;
+        let outcome = self.slices.handle(event, &self.filter, &mut changed);
+        self.changed |= changed;
+        self.queued.endpoints += u64::from(changed);
+        outcome
+    }
+
+    /// The changes handled since the last call (each event that changed
+    /// what is served counts once), for the pending-changes gauges.
+    pub fn take_queued(&mut self) -> Changes {
+        std::mem::take(&mut self.queued)
     }
 
     /// Both watchers have delivered their initial list.

@@ -278,3 +278,45 @@ async fn source_reports_a_stream_that_ends() {
     drop(services);
     assert!(matches!(source.next().await, Err(super::KubeError::StreamEnded("Service"))));
 }
+
+/// The `_changes_pending` gauges of a scrape.
+fn pending(metrics: &std::sync::Arc<crate::metrics::Metrics>) -> (String, String) {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).unwrap();
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')).unwrap_or("absent").to_owned()
+    };
+    (
+        value("kubeproxy_sync_proxy_rules_endpoint_changes_pending"),
+        value("kubeproxy_sync_proxy_rules_service_changes_pending"),
+    )
+}
+
+#[tokio::test]
+async fn changes_are_pending_from_their_event_until_published() {
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1));
+    let (source, services, slices) = channel_source(Filter::default());
+    let mut source = source.with_metrics(std::sync::Arc::clone(&metrics));
+    for e in [Event::Init, Event::InitApply(service("web", "10.0.0.1", 80)), Event::InitDone] {
+        services.unbounded_send(Ok(e)).unwrap();
+    }
+    for e in [Event::Init, Event::InitDone] {
+        slices.unbounded_send(Ok(e)).unwrap();
+    }
+    source.next().await.unwrap();
+    metrics.apply.published(std::time::Instant::now(), crate::metrics::Changes::default());
+    assert_eq!(pending(&metrics), ("0".to_owned(), "0".to_owned()));
+
+    // Three slice changes and one Service change arrive: pending while the
+    // source waits for the burst to settle.
+    for ip in ["10.1.0.1", "10.1.0.2", "10.1.0.3"] {
+        slices.unbounded_send(Ok(Event::Apply(slice("web-1", "web", &[ip])))).unwrap();
+    }
+    services.unbounded_send(Ok(Event::Apply(service("web", "10.0.0.1", 81)))).unwrap();
+    let mut next = std::pin::pin!(source.next());
+    assert!(futures::poll!(next.as_mut()).is_pending());
+    assert_eq!(pending(&metrics), ("3".to_owned(), "1".to_owned()));
+    next.await.unwrap();
+    metrics.apply.published(std::time::Instant::now(), crate::metrics::Changes { endpoints: 1, services: 1 });
+    assert_eq!(pending(&metrics), ("0".to_owned(), "0".to_owned()), "publishing clears them");
+}
