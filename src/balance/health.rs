@@ -6,7 +6,10 @@
 //! default). It is readmitted when the back-off ends, on probation: until a
 //! connect to it succeeds, a single failure ejects it again (so a dead
 //! endpoint costs one attempt per back-off, not `failures`). A successful
-//! connect readmits it at once and resets the back-off. Ejection only ever
+//! connect readmits it at once and resets the back-off. Failures while it
+//! is ejected (connects begun before) neither count nor eject it again;
+//! of workers failing or succeeding at once, exactly one ejects or
+//! readmits. Ejection only ever
 //! reorders candidates: when every endpoint is ejected, all are tried
 //! (health alone never fails a service closed).
 //!
@@ -56,6 +59,8 @@ pub struct EndpointState {
     failures: AtomicU32,
     /// Ejections since the last success (sets the back-off).
     ejections: AtomicU32,
+    /// Every ejection since it was first seen (never reset).
+    ejections_total: AtomicU64,
     /// Nanoseconds after `epoch` until which the endpoint is skipped.
     ejected_until: AtomicU64,
     /// Connections to it open right now, over all workers.
@@ -69,7 +74,11 @@ pub struct EndpointState {
 pub struct HealthView {
     pub ejected: bool,
     pub consecutive_failures: u32,
+    /// Ejections since the last success (the back-off's exponent).
     pub ejections: u32,
+    /// Every ejection, never reset.
+    #[serde(default)]
+    pub ejections_total: u64,
     pub active: u32,
     pub attempts: u64,
     pub failures: u64,
@@ -83,6 +92,7 @@ impl EndpointState {
             policy,
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
             ejected_until: AtomicU64::new(0),
             active: AtomicU32::new(0),
             attempts: AtomicU64::new(0),
@@ -116,15 +126,20 @@ impl EndpointState {
     }
 
     /// The endpoint answered: readmit at once and forget past failures.
-    /// True when this readmits an endpoint that had been ejected.
+    /// True when this readmits an endpoint that had been ejected; of
+    /// workers succeeding at once, exactly one (the one that swaps the
+    /// ejection count to zero) reports it.
     pub fn succeeded(&self) -> bool {
-        let ejected_before = self.ejections.load(Ordering::Relaxed) != 0;
-        if self.failures.load(Ordering::Relaxed) != 0 || ejected_before {
-            self.failures.store(0, Ordering::Relaxed);
-            self.ejections.store(0, Ordering::Relaxed);
+        // The common case (healthy) only reads.
+        if self.failures.load(Ordering::Relaxed) == 0 && self.ejections.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let readmitted = self.ejections.swap(0, Ordering::AcqRel) != 0;
+        if readmitted {
             self.ejected_until.store(0, Ordering::Relaxed);
         }
-        ejected_before
+        readmitted
     }
 
     /// One more connection or flow to it, until [`EndpointState::closed`].
@@ -139,22 +154,39 @@ impl EndpointState {
     }
 
     /// A connect failed (refused, reset or timed out). True when this
-    /// failure ejected the endpoint.
+    /// failure ejected the endpoint: of failures crossing the threshold at
+    /// once, exactly one (the one that resets the count it reached) ejects.
     pub fn failed(&self, now: Instant) -> bool {
         self.failures_total.fetch_add(1, Ordering::Relaxed);
+        // A connect begun before the ejection, failing during it, says
+        // nothing new: it must not eject again and double the back-off.
+        let until_seen = self.ejected_until.load(Ordering::Acquire);
+        if self.nanos(now) < until_seen {
+            return false;
+        }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         // Readmitted after an ejection but not yet proven by a success, one
         // failure is enough to eject again (a half-open probe).
-        let on_probation = self.ejections.load(Ordering::Relaxed) > 0;
-        let threshold = if on_probation { 1 } else { self.policy.failures };
+        let ejections = self.ejections.load(Ordering::Acquire);
+        let threshold = if ejections > 0 { 1 } else { self.policy.failures };
         if self.policy.failures == 0 || failures < threshold {
             return false;
         }
-        self.failures.store(0, Ordering::Relaxed);
-        let ejections = self.ejections.fetch_add(1, Ordering::Relaxed);
         let backoff = self.policy.base.saturating_mul(1u32 << ejections.min(16)).min(self.policy.max);
         let until = self.nanos(now).saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
-        self.ejected_until.store(until, Ordering::Relaxed);
+        // Of failures crossing the threshold at once, the one that moves
+        // the deadline from what it saw ejects; the others were part of
+        // the same burst (or a success came between).
+        if self
+            .ejected_until
+            .compare_exchange(until_seen, until, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::AcqRel);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -163,6 +195,7 @@ impl EndpointState {
             ejected: self.is_ejected(now),
             consecutive_failures: self.failures.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
+            ejections_total: self.ejections_total.load(Ordering::Relaxed),
             active: self.active(),
             attempts: self.attempts.load(Ordering::Relaxed),
             failures: self.failures_total.load(Ordering::Relaxed),
@@ -261,6 +294,7 @@ mod tests {
         s.connected();
         assert!(!s.is_ejected(t0));
         assert_eq!(s.view(t0).ejections, 0);
+        assert_eq!(s.view(t0).ejections_total, 1, "the total survives readmission");
         assert_eq!(s.active(), 1);
         s.closed();
         s.closed();
@@ -293,5 +327,73 @@ mod tests {
         assert!(!tcp.is_ejected(t0), "UDP failures leave TCP admitted");
         assert_eq!(tcp.view(t0).failures, 0);
         assert_eq!((tcp.active(), udp.active()), (1, 0), "active counts are per protocol");
+    }
+
+    /// `rounds` fresh states, each hit by `threads` workers at once (one
+    /// start per round); how many calls of each round returned true.
+    fn at_once(
+        rounds: usize,
+        threads: usize,
+        prepare: impl Fn(&EndpointState),
+        hit: impl Fn(&EndpointState) -> bool + Sync,
+    ) -> Vec<usize> {
+        let t0 = Instant::now();
+        let states: Vec<Arc<EndpointState>> = (0..rounds).map(|_| state(t0)).collect();
+        states.iter().for_each(|s| prepare(s));
+        // A spinning barrier: parked threads wake one by one, too far
+        // apart to overlap.
+        let arrived = AtomicU64::new(0);
+        let wins: Vec<AtomicU32> = (0..rounds).map(|_| AtomicU32::new(0)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for (round, (s, w)) in states.iter().zip(&wins).enumerate() {
+                        let all = ((round + 1) * threads) as u64;
+                        arrived.fetch_add(1, Ordering::AcqRel);
+                        while arrived.load(Ordering::Acquire) < all {
+                            std::hint::spin_loop();
+                        }
+                        if hit(s) {
+                            w.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        wins.iter().map(|w| w.load(Ordering::Relaxed) as usize).collect()
+    }
+
+    #[test]
+    fn failures_crossing_the_threshold_at_once_eject_exactly_once() {
+        // Two failed, then two workers fail at once: counts 3 and 4 both
+        // reach the threshold, but only one may eject (and double the
+        // back-off).
+        let t0 = Instant::now();
+        let prepare = |s: &EndpointState| {
+            s.failed(t0);
+            s.failed(t0);
+        };
+        let wins = at_once(2000, 2, prepare, |s| s.failed(t0));
+        assert!(
+            wins.iter().all(|&w| w == 1),
+            "ejections per round: {:?}",
+            wins.iter().filter(|&&w| w != 1).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn successes_at_once_readmit_exactly_once() {
+        let t0 = Instant::now();
+        let prepare = |s: &EndpointState| {
+            for _ in 0..3 {
+                s.failed(t0);
+            }
+        };
+        let wins = at_once(2000, 2, prepare, EndpointState::succeeded);
+        assert!(
+            wins.iter().all(|&w| w == 1),
+            "readmissions per round: {:?}",
+            wins.iter().filter(|&&w| w != 1).collect::<Vec<_>>()
+        );
     }
 }
