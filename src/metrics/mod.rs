@@ -96,8 +96,9 @@ impl Buckets for SyncBuckets {
     const BOUNDS: &'static [f64] = &exponential::<15>(0.001, 2.0);
 }
 
-/// kube-proxy's `network_programming_duration_seconds`: 0.25 s and 0.5 s,
-/// each second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+/// kube-proxy's `network_programming_duration_seconds`: 0 (its `merge()`
+/// starts from one zero bound), 0.25 s and 0.5 s, each second to 59 s,
+/// every 5 s to 115 s, every 30 s to 5 min: 81 bounds.
 #[derive(Debug)]
 pub struct ProgrammingBuckets;
 impl Buckets for ProgrammingBuckets {
@@ -115,11 +116,12 @@ const fn exponential<const N: usize>(start: f64, factor: f64) -> [f64; N] {
     out
 }
 
-const fn programming_bounds() -> [f64; 80] {
-    // (start, step, count) of kube-proxy's four merged linear ranges.
+const fn programming_bounds() -> [f64; 81] {
+    // (start, step, count) of kube-proxy's four merged linear ranges, after
+    // the zero its `merge()` begins with.
     let ranges: [(f64, f64, usize); 4] = [(0.25, 0.25, 2), (1.0, 1.0, 59), (60.0, 5.0, 12), (120.0, 30.0, 7)];
-    let mut out = [0.0; 80];
-    let (mut r, mut i) = (0, 0);
+    let mut out = [0.0; 81];
+    let (mut r, mut i) = (0, 1);
     while r < ranges.len() {
         let (start, step, count) = ranges[r];
         let mut k = 0;

@@ -59,9 +59,17 @@ fn rule_syncs_use_kube_proxys_buckets() {
     assert_eq!(SyncBuckets::BOUNDS.len(), 15);
     assert_eq!(SyncBuckets::BOUNDS[0], 0.001);
     assert!((SyncBuckets::BOUNDS[14] - 16.384).abs() < 1e-9);
-    let p = ProgrammingBuckets::BOUNDS;
-    assert_eq!((p[0], p[1], p[2], p[60], p[61], p[73], p[79]), (0.25, 0.5, 1.0, 59.0, 60.0, 120.0, 300.0));
-    assert!(p.windows(2).all(|w| w[0] < w[1]), "{p:?}");
+    // kube-proxy's layout, written out as its pkg/proxy/metrics/metrics.go
+    // builds it: merge() starts with one 0, then LinearBuckets(0.25, 0.25,
+    // 2), (1, 1, 59), (60, 5, 12), (120, 30, 7).
+    let mut expected = vec![0.0, 0.25, 0.5];
+    expected.extend((1..=59).map(f64::from));
+    expected.extend((0..12).map(|k| 60.0 + 5.0 * f64::from(k)));
+    expected.extend((0..7).map(|k| 120.0 + 30.0 * f64::from(k)));
+    assert_eq!(ProgrammingBuckets::BOUNDS, expected.as_slice());
+    assert_eq!(ProgrammingBuckets::BOUNDS.len(), 81);
+    let exponential: Vec<f64> = (0..15).map(|k| 0.001 * f64::from(1u32 << k)).collect();
+    assert!(SyncBuckets::BOUNDS.iter().zip(&exponential).all(|(a, b)| (a - b).abs() < 1e-12));
     let metrics = Arc::new(Metrics::new(1));
     metrics.sync.record(Duration::from_millis(3), Ok(2));
     let text = scrape(&metrics);
