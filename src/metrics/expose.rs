@@ -236,8 +236,12 @@ impl Metrics {
         let a = &self.apply;
         let sync = "Time to take an update into the served snapshot (kube-proxy's rule sync)";
         histogram(e, KP_SYNC_DURATION, sync, &[(Vec::new(), vec![&a.duration])])?;
-        let last = load(&a.last_ms) as f64 / 1e3;
-        gauge_f64(e, KP_LAST_SYNC, "Unix time of the last published update", last)?;
+        // As kube-proxy stamps every successful sync, the periodic resync
+        // included: the later of the last publish and the last successful
+        // rule sync (with `--redirect none`, its no-op pass every 30 s).
+        let last = load(&a.last_ms).max(load(&s.last_success_ms)) as f64 / 1e3;
+        let help = "Unix time of the last published update or successful redirect-rule sync";
+        gauge_f64(e, KP_LAST_SYNC, help, last)?;
         let programming = "Time from an update's arrival to its service ports being served";
         histogram(e, KP_NETWORK_PROGRAMMING, programming, &[(Vec::new(), vec![&a.programming])])?;
         let changes = "Service ports whose endpoints changed";

@@ -172,3 +172,27 @@ fn each_port_exposes_only_the_series_of_its_protocol() {
     assert!(dns.iter().any(|l| l.starts_with("ringport_udp_flows_created_total")), "{dns:#?}");
     assert!(dns.iter().any(|l| l.starts_with("ringport_bytes_total")), "bytes for both: {dns:#?}");
 }
+
+/// kubeproxy_sync_proxy_rules_last_timestamp_seconds of a scrape.
+fn kube_proxy_last_sync(metrics: &Arc<Metrics>) -> f64 {
+    let text = scrape(metrics);
+    text.lines()
+        .find_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_last_timestamp_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no last sync in {text}"))
+}
+
+#[test]
+fn a_periodic_rule_sync_stamps_kube_proxys_last_sync_too() {
+    let metrics = Arc::new(Metrics::new(1));
+    assert_eq!(kube_proxy_last_sync(&metrics), 0.0, "nothing synced yet");
+    // A resync with no update published: kube-proxy stamps it as well.
+    metrics.sync.record(Duration::from_millis(2), Ok(4));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let stamped = kube_proxy_last_sync(&metrics);
+    assert!(stamped > now - 60.0 && stamped <= now + 1.0, "{stamped} vs {now}");
+    // A failed sync stamps nothing.
+    let metrics = Arc::new(Metrics::new(1));
+    metrics.sync.record(Duration::from_millis(2), Err(()));
+    assert_eq!(kube_proxy_last_sync(&metrics), 0.0);
+}
