@@ -370,8 +370,6 @@ struct Engine {
     redirect: SyncerThread,
     service_health: ServiceHealth,
     metrics: Arc<Metrics>,
-    /// Whether systemd has been told `READY=1`.
-    notified: bool,
     /// The file source's reader; `None` for the Kubernetes source.
     loader: Option<FileLoader>,
 }
@@ -418,7 +416,6 @@ impl Engine {
             service_health,
             metrics: handles.metrics,
             loader,
-            notified: false,
         };
         if let Some(first) = first {
             let (manifests, _) = engine.read(first);
@@ -461,16 +458,13 @@ impl Engine {
         }
     }
 
-    /// A snapshot was published: what follows it (rules, health checks,
-    /// and for the first one systemd's `READY=1`, as `Type=notify` waits).
+    /// A snapshot was published: what follows it (rules, health checks).
+    /// systemd's `READY=1` comes from the syncer's first success, with
+    /// /readyz's 200: once the redirect rules exist.
     fn published(&mut self) {
         let current = self.control.current();
         self.service_health.sync(&current);
         self.redirect.publish(current);
-        if !self.notified {
-            crate::systemd::notify("READY=1");
-            self.notified = true;
-        }
     }
 
     /// Follow the Node's zone label: rebuild the balancers for it.

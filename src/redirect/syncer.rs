@@ -214,7 +214,11 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
                     last_full = Instant::now();
                 }
                 failed = false;
-                ready.store(true, Ordering::Release);
+                // The first success makes the proxy ready: /readyz answers
+                // 200 and systemd hears READY=1, both once rules exist.
+                if !ready.swap(true, Ordering::AcqRel) {
+                    crate::systemd::notify("READY=1");
+                }
                 if !periodic || r.added + r.removed > 0 {
                     tracing::info!(
                         backend = syncer.backend_name(),
