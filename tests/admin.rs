@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Backend, Proxy, eventually, free_port, service_with_endpoints};
@@ -42,13 +41,7 @@ fn metrics_count_connections_bytes_retries_and_connect_time() {
     let proxy = Proxy::start(&service_with_endpoints("svc", &[a.addr, dead]), &[]);
     let target = proxy.proxy_addr("default/svc");
     for _ in 0..20 {
-        let mut c = TcpStream::connect(target).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        c.write_all(b"hello").expect("send");
-        c.shutdown(Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).expect("echo");
-        assert_eq!(back, b"hello");
+        assert_eq!(common::echo_once(target, b"hello"), b"hello");
     }
     let label = "{namespace=\"default\",service=\"svc\",port=\"\"}";
     let m = |name: &str| proxy.metric(&format!("{name}{label}"));

@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -43,12 +43,7 @@ fn status_shows_each_endpoints_state_connections_and_ejections() {
     let proxy = Proxy::start(&service_with_endpoints("svc", &[live.addr, dead]), &["--eject-after", "1"]);
     let target = proxy.proxy_addr("default/svc");
     for _ in 0..6 {
-        let mut c = TcpStream::connect(target).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        c.write_all(b"x").expect("send");
-        c.shutdown(Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).expect("echo");
+        common::echo_once(target, b"x");
     }
     // One connection held open: the live endpoint has one active.
     let mut held = TcpStream::connect(target).expect("connect");

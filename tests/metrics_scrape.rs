@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
 use common::{Backend, Proxy, eventually, service_with_endpoints};
@@ -35,13 +33,7 @@ fn echo_connections(proxy: &Proxy, n: usize) {
 fn echo_connections_counted(proxy: &Proxy, n: usize, active: &str) {
     let target = proxy.proxy_addr("default/svc");
     for _ in 0..n {
-        let mut c = TcpStream::connect(target).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        c.write_all(b"ping").expect("send");
-        c.shutdown(Shutdown::Write).expect("half-close");
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).expect("echo");
-        assert_eq!(back, b"ping");
+        assert_eq!(common::echo_once(target, b"ping"), b"ping");
     }
     eventually(Duration::from_secs(5), "every connection counted closed", || {
         proxy.metric(active) == Some(0.0)
@@ -294,15 +286,7 @@ fn an_ejected_endpoint_that_answers_again_counts_as_readmitted() {
     });
     assert_eq!(m("ringport_endpoint_readmissions_total"), 0.0);
     // It comes up: once its ejection ends, a connect to it succeeds.
-    let _back = common::Backend::spawn(&revived.to_string(), |s| {
-        let mut r = match s.try_clone() {
-            Ok(r) => r,
-            Err(_) => return,
-        };
-        let mut w = s;
-        let _ = std::io::copy(&mut r, &mut w);
-        let _ = w.shutdown(Shutdown::Write);
-    });
+    let _back = Backend::echo_at(&revived.to_string());
     eventually(Duration::from_secs(10), "a readmission", || {
         echo_connections(&proxy, 2);
         m("ringport_endpoint_readmissions_total") >= 1.0

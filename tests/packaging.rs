@@ -200,7 +200,10 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
     let manifest = dir.path().join("svc.yaml");
     std::fs::write(&manifest, common::service_with_endpoints("svc", &[backend.addr])).unwrap();
     let admin = format!("127.0.0.1:{}", common::free_port());
+    // One known proxy port, to connect through right after READY=1.
+    let proxy_port = common::free_port();
     let log = dir.path().join("ringport.log");
+    let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ringport"))
         // Never the host's rules: --redirect none said outright.
         .args([
@@ -216,7 +219,10 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
         ])
         .arg(&manifest)
         .args(["--healthz-bind-address", &admin, "--metrics-bind-address", &admin])
+        .args(["--proxy-port-range", &format!("{proxy_port}-{proxy_port}")])
         .env("NOTIFY_SOCKET", &socket_path)
+        // Every step before READY=1 in the log, should it ever be late.
+        .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -233,17 +239,32 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
                 return String::from_utf8_lossy(&buf[..n]).into_owned();
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("ringport exited ({status}) without notifying:\n{}", log());
+                panic!(
+                    "ringport exited ({status}) without notifying, {:?} after start:\n{}",
+                    started.elapsed(),
+                    log()
+                );
             }
-            assert!(Instant::now() < deadline, "no notification in 30 s:\n{}", log());
+            assert!(
+                Instant::now() < deadline,
+                "no notification {:?} after start:\n{}",
+                started.elapsed(),
+                log()
+            );
         }
     };
     let ready = next(&mut child);
+    // READY=1 means serving: a connection through the proxy works at once.
+    let proxy = std::net::SocketAddr::from(([127, 0, 0, 1], proxy_port));
+    let echoed = common::try_echo(proxy, b"ready?");
     // SIGTERM, as `systemctl stop` sends.
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     let stopping = next(&mut child);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(ready, "READY=1", "{}", log());
+    let echoed =
+        echoed.unwrap_or_else(|e| panic!("no echo through the proxy right after READY=1: {e}\n{}", log()));
+    assert_eq!(echoed, b"ready?", "{}", log());
     assert_eq!(stopping, "STOPPING=1", "{}", log());
 }

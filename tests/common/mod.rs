@@ -237,7 +237,12 @@ impl Backend {
 
     /// Echo until EOF, then close the write side.
     pub fn echo() -> Backend {
-        Backend::spawn("127.0.0.1:0", |s| {
+        Backend::echo_at("127.0.0.1:0")
+    }
+
+    /// An echo backend on `bind` (e.g. an address a test saw fail before).
+    pub fn echo_at(bind: &str) -> Backend {
+        Backend::spawn(bind, |s| {
             let mut r = match s.try_clone() {
                 Ok(r) => r,
                 Err(_) => return,
@@ -284,17 +289,28 @@ pub fn udp_backend(reply: Option<&'static [u8]>) -> SocketAddr {
     addr
 }
 
+/// One round trip through an echo service at `addr`: connect, send
+/// `payload`, half-close, read to the end; what came back, or the error.
+pub fn try_echo(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(payload)?;
+    c.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    c.read_to_end(&mut back)?;
+    Ok(back)
+}
+
+/// [`try_echo`], failing the test on an error.
+pub fn echo_once(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    try_echo(addr, payload).unwrap_or_else(|e| panic!("echo through {addr}: {e}"))
+}
+
 /// One echo exchange through the proxy at `target`: true when the bytes
 /// came back whole.
 pub fn echo_ok(target: SocketAddr, i: usize) -> bool {
-    let Ok(mut c) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else { return false };
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
     let msg = format!("message {i:06} through the proxy");
-    if c.write_all(msg.as_bytes()).is_err() || c.shutdown(Shutdown::Write).is_err() {
-        return false;
-    }
-    let mut back = String::new();
-    c.read_to_string(&mut back).is_ok() && back == msg
+    try_echo(target, msg.as_bytes()).is_ok_and(|back| back == msg.as_bytes())
 }
 
 /// Connect to `addr` and read the greeter's first line.
