@@ -161,7 +161,7 @@ pub fn render(status: &Status) -> String {
                 ep.addr.to_string(),
                 ep.state().into(),
                 h.map_or_else(|| "-".into(), |h| h.active.to_string()),
-                h.map_or_else(|| "-".into(), |h| h.ejections.to_string()),
+                h.map_or_else(|| "-".into(), |h| h.ejections_total.to_string()),
             ]);
         }
     }
@@ -182,6 +182,10 @@ pub fn render(status: &Status) -> String {
         status.generation,
         status.service_ports.len()
     ));
+    out.push_str(
+        "ACTIVE and EJECTIONS are per (protocol, endpoint), over every service port that has it; \
+         EJECTIONS counts every ejection since the endpoint appeared, readmissions included\n",
+    );
     out
 }
 

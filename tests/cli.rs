@@ -94,6 +94,29 @@ fn status_shows_each_endpoints_state_connections_and_ejections() {
     // Ejections are metrics too.
     let label = "{namespace=\"default\",service=\"svc\",port=\"\"}";
     assert!(proxy.metric(&format!("ringport_endpoint_ejections_total{label}")).is_some_and(|n| n >= 1.0));
+
+    // The dead endpoint comes up and is readmitted: the back-off's count
+    // resets, the EJECTIONS column does not.
+    let _revived = Backend::echo_at(&dead.to_string());
+    eventually(Duration::from_secs(10), "the revived endpoint readmitted", || {
+        common::echo_once(target, b"x");
+        json()["service_ports"][0]["endpoints"].as_array().is_some_and(|eps| {
+            eps.iter().any(|e| {
+                e["addr"] == dead.to_string()
+                    && e["health"]["ejections"] == 0
+                    && e["health"]["attempts"].as_u64() > Some(0)
+                    && e["health"]["consecutive_failures"] == 0
+                    && e["health"]["ejected"] == false
+            })
+        })
+    });
+    let table = text(&ringport(&["status", "--metrics-bind-address", &addr]).stdout);
+    let dead_row = table.lines().find(|l| l.contains(&dead.to_string())).expect(&table);
+    assert!(
+        dead_row.split_whitespace().last().is_some_and(|e| e.parse::<u64>().is_ok_and(|n| n >= 1)),
+        "ejections survive readmission: {table}"
+    );
+    assert!(table.contains("per (protocol, endpoint)"), "{table}");
     drop(held);
 }
 
