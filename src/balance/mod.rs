@@ -114,6 +114,8 @@ impl Balancer {
     ) -> Self {
         let pins = previous.and_then(|p| p.pins.clone());
         let mut order = inputs.endpoints.clone();
+        // Candidates index endpoints in a u32 (see `slot`).
+        order.truncate(MAX_ENDPOINTS);
         if matches!(inputs.scheduler, Scheduler::Rr | Scheduler::Random | Scheduler::Lc | Scheduler::P2c) {
             rng.shuffle(&mut order);
         }
@@ -180,7 +182,7 @@ impl Balancer {
                 .unwrap_or(0),
             None => self.first_choice(ip, now),
         };
-        c.tried[0] = u16::try_from(first).unwrap_or(0);
+        c.tried[0] = slot(first);
         c.len = attempts.min(MAX_ATTEMPTS) as u8;
         c
     }
@@ -201,7 +203,7 @@ impl Balancer {
         }
         if k > 0 {
             let tried = c.tried;
-            let untried = |i: usize| !tried[..k].contains(&u16::try_from(i).unwrap_or(u16::MAX));
+            let untried = |i: usize| !tried[..k].contains(&slot(i));
             let salt = k as u64;
             let next = self
                 .choose(c.client, salt, |i| untried(i) && !self.ejected(i, now))
@@ -212,12 +214,12 @@ impl Balancer {
                 .unwrap_or_else(|| {
                     // Every candidate worth trying was tried: cycle them.
                     let distinct = (1..k).find(|&j| tried[..j].contains(&tried[j])).unwrap_or(k);
-                    usize::from(tried[k % distinct])
+                    tried[k % distinct] as usize
                 });
-            c.tried[k] = u16::try_from(next).unwrap_or(0);
+            c.tried[k] = slot(next);
         }
         c.taken += 1;
-        Some(usize::from(c.tried[k]))
+        Some(c.tried[k] as usize)
     }
 
     fn ejected(&self, i: usize, now: Instant) -> bool {
@@ -360,13 +362,24 @@ pub struct BalancerView {
     pub endpoints: Vec<(EndpointAddr, HealthView)>,
 }
 
+/// The most endpoints one balancer holds: its indices fit a
+/// [`Candidates`] slot (the rest of a larger set is never chosen).
+const MAX_ENDPOINTS: usize = u32::MAX as usize;
+
+/// An endpoint index as [`Candidates`] keeps it: lossless, as a balancer
+/// holds at most [`MAX_ENDPOINTS`] (past it, an index that can never be
+/// tried).
+fn slot(i: usize) -> u32 {
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
 /// The endpoints tried so far for one connection, and how many it may try.
 /// Holds indices into its [`Balancer`], so it is `Copy` and lives inside a
 /// connection's state; [`Balancer::next_candidate`] hands out the next one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Candidates {
     client: IpAddr,
-    tried: [u16; MAX_ATTEMPTS],
+    tried: [u32; MAX_ATTEMPTS],
     len: u8,
     taken: u8,
 }

@@ -576,3 +576,19 @@ fn stable_hash_never_changes() {
     // across an upgrade.
     assert_eq!(hash_ip(IpAddr::from([10, 0, 0, 1])), 16_692_434_313_525_488_564);
 }
+
+#[test]
+fn more_endpoints_than_a_u16_counts_are_each_chosen_by_their_own_index() {
+    // Indices past 65 535 were squeezed into 0: round robin over 70 000
+    // endpoints must still reach every one of them.
+    const N: u32 = 70_000;
+    let endpoints: Vec<EndpointAddr> = (0..N)
+        .map(|i| EndpointAddr(SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 80))))
+        .collect();
+    let i = Inputs { endpoints, protocol: Protocol::Tcp, scheduler: Scheduler::Rr, affinity: Affinity::None };
+    let b = seeded(i, &HealthRegistry::default(), None, 3);
+    let now = Instant::now();
+    let chosen: HashSet<usize> = (0..N).filter_map(|_| first_of(&b, client(1), now)).collect();
+    assert_eq!(chosen.len(), N as usize);
+    assert!(chosen.iter().all(|&i| b.endpoint(i).is_some()));
+}
