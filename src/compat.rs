@@ -101,17 +101,32 @@ pub fn check_args(args: &[OsString]) -> Result<(), CompatError> {
 }
 
 /// `--config` given a kube-proxy configuration file: a clear error rather
-/// than "no Service in ...". Directories and unreadable files pass (the
-/// manifest loader reports those).
+/// than "no Service in ...". Only each YAML document's own top-level `kind`
+/// and `apiVersion` count (a ConfigMap that carries a kube-proxy
+/// configuration in its data is an ordinary object). Directories,
+/// unreadable files and unparsable documents pass (the manifest loader
+/// reports those).
 pub fn check_config(path: &Path) -> Result<(), CompatError> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let kube_proxy = text
-        .lines()
-        .any(|l| l.trim_start().strip_prefix("kind:").is_some_and(|k| k.trim() == "KubeProxyConfiguration"));
-    if kube_proxy {
+    if serde_yaml::Deserializer::from_str(&text).any(|doc| is_kube_proxy_configuration(doc)) {
         return Err(CompatError::KubeProxyConfiguration { path: path.display().to_string() });
     }
     Ok(())
+}
+
+/// A document's top level, as far as telling kube-proxy's own kinds apart.
+#[derive(serde::Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+fn is_kube_proxy_configuration(doc: serde_yaml::Deserializer<'_>) -> bool {
+    use serde::Deserialize;
+    let Ok(meta) = TypeMeta::deserialize(doc) else { return false };
+    meta.kind.as_deref() == Some("KubeProxyConfiguration")
+        || meta.api_version.is_some_and(|v| v.starts_with("kubeproxy.config.k8s.io/"))
 }
 
 #[cfg(test)]
@@ -155,6 +170,25 @@ mod tests {
         let err = check_config(&path).unwrap_err();
         assert!(err.to_string().contains("not kube-proxy's KubeProxyConfiguration"), "{err}");
         std::fs::write(&path, "apiVersion: v1\nkind: Service\n").expect("write");
+        assert_eq!(check_config(&path), Ok(()));
+        // The second document of a stream, by its apiVersion alone.
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Service\n---\napiVersion: kubeproxy.config.k8s.io/v1alpha1\n",
+        )
+        .expect("write");
+        assert!(check_config(&path).is_err());
+    }
+
+    #[test]
+    fn a_manifest_that_carries_a_kube_proxy_configmap_passes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("services.yaml");
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n---\n\
+                    apiVersion: v1\nkind: ConfigMap\nmetadata: {name: kube-proxy, namespace: kube-system}\n\
+                    data:\n  config.conf: |-\n    apiVersion: kubeproxy.config.k8s.io/v1alpha1\n    \
+                    kind: KubeProxyConfiguration\n    mode: iptables\n";
+        std::fs::write(&path, text).expect("write");
         assert_eq!(check_config(&path), Ok(()));
     }
 }
