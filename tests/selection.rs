@@ -283,63 +283,20 @@ fn an_ejected_endpoints_share_is_spread_over_the_survivors_by_skips() {
     assert_eq!(h["attempts"], 3, "after ejection it is skipped, never tried: {h}");
 }
 
-/// Serve HTTP on `addr` with python3's http.server; `/who` answers the
-/// server's own address. Killed on drop (and its directory removed).
-struct HttpServer {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl HttpServer {
-    fn start(addr: SocketAddr) -> HttpServer {
-        let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("who"), addr.to_string()).expect("write /who");
-        let child = std::process::Command::new("python3")
-            .args(["-m", "http.server", &addr.port().to_string(), "--bind", &addr.ip().to_string()])
-            .arg("--directory")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 (scripts/test.sh installs it) to start an HTTP server");
-        let server = HttpServer { child, _dir: dir };
-        eventually(Duration::from_secs(10), &format!("HTTP server on {addr}"), || {
-            TcpStream::connect(addr).is_ok()
-        });
-        server
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `GET /who` through `target` with curl: the serving endpoint's address.
-fn curl_who(target: SocketAddr) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", &format!("http://{target}/who")])
-        .output()
-        .expect("curl (scripts/test.sh installs it)");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn udp_failures_on_an_address_leave_its_tcp_service_untouched() {
-    // Unusual loopback addresses, so no other test's 8080 is in the way.
-    let addrs: Vec<SocketAddr> =
-        (1..=3).map(|n| format!("127.0.16.{n}:8080").parse().expect("addr")).collect();
-    let _servers: Vec<_> = addrs.iter().map(|a| HttpServer::start(*a)).collect();
+    // Greeters on ports of their own; the UDP Service's endpoint is the
+    // first one's address and port, where nothing listens for UDP.
+    let backends: Vec<Backend> = (0..3).map(|_| Backend::greeter()).collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let shared = addrs[0];
     let udp = format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\n\
          spec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {{port: 53, protocol: UDP}}\n---\n\
          apiVersion: v1\nkind: Endpoints\nmetadata: {{name: dns, namespace: default}}\nsubsets:\n\
-         - addresses: [{{ip: \"{}\"}}]\n  ports: [{{port: 8080, protocol: UDP}}]\n",
-        shared.ip()
+         - addresses: [{{ip: \"{}\"}}]\n  ports: [{{port: {}, protocol: UDP}}]\n",
+        shared.ip(),
+        shared.port()
     );
     let proxy = Proxy::start(&(service_with_endpoints("svc", &addrs) + &udp), &[]);
     let endpoint_health = |service: &str| -> serde_json::Value {
@@ -368,9 +325,10 @@ fn udp_failures_on_an_address_leave_its_tcp_service_untouched() {
     let web = proxy.proxy_addr(SVC);
     let mut seen: HashMap<String, usize> = HashMap::new();
     for _ in 0..30 {
-        *seen.entry(curl_who(web)).or_default() += 1;
+        let who = try_whoami(web).unwrap_or_else(|e| panic!("through {web}: {e}\n{}", proxy.log()));
+        *seen.entry(who).or_default() += 1;
     }
-    println!("30 HTTP requests after UDP failures on {shared}: {seen:?}; UDP view {udp_view}");
+    println!("30 connections after UDP failures on {shared}: {seen:?}; UDP view {udp_view}");
     assert_eq!(seen.get(&shared.to_string()), Some(&10), "the shared endpoint keeps its share: {seen:?}");
     let tcp_view = endpoint_health(SVC);
     assert_eq!(tcp_view["failures"], 0, "no UDP failure counted on the TCP endpoint: {tcp_view}");
