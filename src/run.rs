@@ -196,7 +196,11 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
     let mut recheck: Option<tokio::time::Instant> = None;
     loop {
         let queued = tokio::select! {
-            update = source.next() => Some(update?),
+            update = source.next() => {
+                let update = update?;
+                pending.triggers.extend(source.take_triggers());
+                Some(update)
+            }
             view = next_node(&mut node) => {
                 let view = view?;
                 node_eligible.store(view.eligible, std::sync::atomic::Ordering::Release);
@@ -296,6 +300,9 @@ async fn next_node(node: &mut Option<NodeWatch>) -> Result<NodeView, KubeError> 
 struct Work {
     update: Option<(Update, &'static str)>,
     zone: Option<Option<String>>,
+    /// The trigger times of the EndpointSlice changes queued updates
+    /// carry, kept when a newer update replaces an older one.
+    triggers: Vec<std::time::SystemTime>,
 }
 
 impl Work {
@@ -345,6 +352,15 @@ impl Source {
                 let source = KubeSource::watch(client, filter).with_metrics(Arc::clone(metrics));
                 Ok((Source::Kube(source), node))
             }
+        }
+    }
+
+    /// The trigger times of the EndpointSlice changes in the state `next`
+    /// last yielded (none from files).
+    fn take_triggers(&mut self) -> Vec<std::time::SystemTime> {
+        match self {
+            Source::File(_) => Vec::new(),
+            Source::Kube(kube) => kube.take_triggers(),
         }
     }
 
@@ -453,7 +469,7 @@ impl Engine {
             self.relocate(zone);
         }
         match work.update {
-            Some((update, why)) => self.apply(update, why),
+            Some((update, why)) => self.apply(update, why, &work.triggers),
             None => false,
         }
     }
@@ -493,8 +509,10 @@ impl Engine {
     }
 
     /// Apply an update, or log why it was rejected (the last good state
-    /// keeps serving). True when the files should be read again soon.
-    fn apply(&mut self, update: Update, why: &str) -> bool {
+    /// keeps serving). Once it is published, each of `triggers` is timed
+    /// for kube-proxy's network programming latency. True when the files
+    /// should be read again soon.
+    fn apply(&mut self, update: Update, why: &str, triggers: &[std::time::SystemTime]) -> bool {
         let (update, recheck) = self.read(update);
         let outcome = update.map_err(Rejected).and_then(|m| self.control.replace(m, &self.data_plane));
         let counter =
@@ -503,6 +521,9 @@ impl Engine {
         match outcome {
             Ok(a) => {
                 self.published();
+                for t in triggers {
+                    self.metrics.apply.programmed(*t);
+                }
                 tracing::info!(
                     trigger = why,
                     generation = a.generation,

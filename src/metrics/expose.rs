@@ -242,7 +242,7 @@ impl Metrics {
         let last = load(&a.last_ms).max(load(&s.last_success_ms)) as f64 / 1e3;
         let help = "Unix time of the last published update or successful redirect-rule sync";
         gauge_f64(e, KP_LAST_SYNC, help, last)?;
-        let programming = "Time from an update's arrival to its service ports being served";
+        let programming = "Time from an EndpointSlice's last-change-trigger-time to its change being served";
         histogram(e, KP_NETWORK_PROGRAMMING, programming, &[(Vec::new(), vec![&a.programming])])?;
         let changes = "Service ports whose endpoints changed";
         counter(e, KP_ENDPOINT_CHANGES, changes, load(&a.endpoint_changes))?;

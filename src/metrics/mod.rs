@@ -282,16 +282,22 @@ impl ApplyMetrics {
 
     /// An update published: it was received at `received`.
     pub fn published(&self, received: Instant, changes: Changes) {
-        let took = received.elapsed();
-        self.duration.observe(took);
-        if changes.endpoints + changes.services > 0 {
-            self.programming.observe(took);
-        }
+        self.duration.observe(received.elapsed());
         self.endpoint_changes.fetch_add(changes.endpoints, Ordering::Relaxed);
         self.service_changes.fetch_add(changes.services, Ordering::Relaxed);
         self.endpoint_pending.store(0, Ordering::Relaxed);
         self.service_pending.store(0, Ordering::Relaxed);
         self.last_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+}
+
+impl ApplyMetrics {
+    /// A change the API server stamped at `trigger` (an EndpointSlice's
+    /// `endpoints.kubernetes.io/last-change-trigger-time`) is served now,
+    /// as kube-proxy observes network programming latency. A stamp ahead
+    /// of this node's clock counts as 0.
+    pub fn programmed(&self, trigger: SystemTime) {
+        self.programming.observe(SystemTime::now().duration_since(trigger).unwrap_or_default());
     }
 }
 

@@ -140,7 +140,7 @@ fn build_info_and_kube_proxy_names_are_exposed() {
         "kubeproxy_sync_proxy_rules_service_changes_total 1",
         "kubeproxy_sync_proxy_rules_endpoint_changes_pending 0",
         "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
-        "kubeproxy_network_programming_duration_seconds_count 1",
+        "kubeproxy_network_programming_duration_seconds_count 0",
         "# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge",
         "# TYPE process_cpu_seconds counter",
     ] {
@@ -195,4 +195,22 @@ fn a_periodic_rule_sync_stamps_kube_proxys_last_sync_too() {
     let metrics = Arc::new(Metrics::new(1));
     metrics.sync.record(Duration::from_millis(2), Err(()));
     assert_eq!(kube_proxy_last_sync(&metrics), 0.0);
+}
+
+#[test]
+fn network_programming_is_timed_from_the_trigger_time() {
+    let metrics = Arc::new(Metrics::new(1));
+    let now = std::time::SystemTime::now();
+    metrics.apply.programmed(now - Duration::from_secs(3));
+    // Clock skew: a trigger time ahead of this node counts as 0.
+    metrics.apply.programmed(now + Duration::from_secs(60));
+    let text = scrape(&metrics);
+    for line in [
+        "kubeproxy_network_programming_duration_seconds_count 2",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.0\"} 1",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"2.0\"} 1",
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"4.0\"} 2",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
 }

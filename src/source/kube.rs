@@ -163,6 +163,8 @@ pub struct KubeSource {
     /// Where changes are counted as pending as they arrive (the control
     /// plane resets the count when it publishes them).
     metrics: Option<Arc<Metrics>>,
+    /// The trigger times of the slice changes in the last update yielded.
+    triggers: Vec<std::time::SystemTime>,
 }
 
 impl KubeSource {
@@ -182,7 +184,7 @@ impl KubeSource {
 
     /// A source over any event streams (tests feed synthetic ones).
     pub fn from_streams(services: Events<Service>, slices: Events<EndpointSlice>, filter: Filter) -> Self {
-        Self { services, slices, state: ClusterState::new(filter), metrics: None }
+        Self { services, slices, state: ClusterState::new(filter), metrics: None, triggers: Vec::new() }
     }
 
     /// Count each change as pending in `metrics` while it waits to be
@@ -214,9 +216,18 @@ impl KubeSource {
                 }
             }
             if let Some(manifests) = self.state.take_update() {
+                self.triggers = self.state.take_triggers();
                 return Ok(manifests);
             }
         }
+    }
+
+    /// The `endpoints.kubernetes.io/last-change-trigger-time` of each
+    /// EndpointSlice change in the update [`KubeSource::next`] last
+    /// yielded, for kube-proxy's network programming latency once it is
+    /// served.
+    pub fn take_triggers(&mut self) -> Vec<std::time::SystemTime> {
+        std::mem::take(&mut self.triggers)
     }
 
     /// Wait for one event from either watcher and apply it. Cancel-safe:

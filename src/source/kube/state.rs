@@ -15,6 +15,7 @@
 //!   delivered their first `InitDone`, and nothing when nothing changed.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -248,11 +249,26 @@ pub struct ClusterState {
     /// Events that changed what is served, since the last
     /// [`ClusterState::take_queued`]: kube-proxy's pending changes.
     queued: Changes,
+    /// When this state began: older trigger times are not this process's
+    /// to measure (kube-proxy's rule too).
+    started: Option<SystemTime>,
+    /// The trigger times of the slice changes not yet taken.
+    triggers: Vec<SystemTime>,
+}
+
+/// The EndpointSlice annotation the endpoint-slice controller stamps with
+/// the time of the change (Pod or Service) that caused it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A slice's trigger time, when it carries a readable one.
+fn trigger_time(raw: &EndpointSlice) -> Option<SystemTime> {
+    let value = raw.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    humantime::parse_rfc3339_weak(value).ok()
 }
 
 impl ClusterState {
     pub fn new(filter: Filter) -> Self {
-        Self { filter, ..Self::default() }
+        Self { filter, started: Some(SystemTime::now()), ..Self::default() }
     }
 
     pub fn handle_service(&mut self, event: Event<Service>) -> Outcome {
@@ -264,11 +280,24 @@ impl ClusterState {
     }
 
     pub fn handle_slice(&mut self, event: Event<EndpointSlice>) -> Outcome {
+        // Only a change seen as it happens is timed, not a (re)list.
+        let trigger = match &event {
+            Event::Apply(raw) => trigger_time(raw),
+            _ => None,
+        };
         let mut changed = false;
         let outcome = self.slices.handle(event, &self.filter, &mut changed);
         self.changed |= changed;
         self.queued.endpoints += u64::from(changed);
+        if let Some(t) = trigger.filter(|t| changed && self.started.is_some_and(|s| *t >= s)) {
+            self.triggers.push(t);
+        }
         outcome
+    }
+
+    /// The trigger times of the slice changes handled since the last call.
+    pub fn take_triggers(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.triggers)
     }
 
     /// The changes handled since the last call (each event that changed

@@ -320,3 +320,47 @@ async fn changes_are_pending_from_their_event_until_published() {
     metrics.apply.published(std::time::Instant::now(), crate::metrics::Changes { endpoints: 1, services: 1 });
     assert_eq!(pending(&metrics), ("0".to_owned(), "0".to_owned()), "publishing clears them");
 }
+
+fn triggered(mut s: EndpointSlice, at: std::time::SystemTime) -> EndpointSlice {
+    let stamp = humantime::format_rfc3339_nanos(at).to_string();
+    s.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(super::state::TRIGGER_TIME_ANNOTATION.to_owned(), stamp);
+    s
+}
+
+#[tokio::test]
+async fn each_slice_change_hands_over_its_trigger_time_with_its_update() {
+    let (mut source, services, slices) = channel_source(Filter::default());
+    let started = std::time::SystemTime::now();
+    let t = |ms: u64| started + std::time::Duration::from_millis(ms);
+    for e in [Event::Init, Event::InitApply(service("web", "10.0.0.1", 80)), Event::InitDone] {
+        services.unbounded_send(Ok(e)).unwrap();
+    }
+    // A listed slice is not a change seen as it happened: not timed.
+    for e in [
+        Event::Init,
+        Event::InitApply(triggered(slice("web-1", "web", &["10.1.0.1"]), t(1))),
+        Event::InitDone,
+    ] {
+        slices.unbounded_send(Ok(e)).unwrap();
+    }
+    source.next().await.unwrap();
+    assert!(source.take_triggers().is_empty());
+
+    // Two stamped changes, one without the annotation, and one stamped
+    // before this source began (kube-proxy skips those too).
+    let before = started - std::time::Duration::from_secs(3600);
+    for s in [
+        triggered(slice("web-1", "web", &["10.1.0.2"]), t(2)),
+        slice("web-1", "web", &["10.1.0.3"]),
+        triggered(slice("web-1", "web", &["10.1.0.4"]), before),
+        triggered(slice("web-1", "web", &["10.1.0.5"]), t(5)),
+    ] {
+        slices.unbounded_send(Ok(Event::Apply(s))).unwrap();
+    }
+    source.next().await.unwrap();
+    assert_eq!(source.take_triggers(), [t(2), t(5)]);
+    assert!(source.take_triggers().is_empty(), "handed over once");
+}
