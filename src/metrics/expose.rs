@@ -51,7 +51,17 @@ impl<'a> Groups<'a> {
         if !per_port {
             return Self(vec![(Vec::new(), ports.iter().map(Arc::as_ref).collect())]);
         }
-        Self(ports.iter().map(|p| (port_labels(p), vec![p.as_ref()])).collect())
+        // One series per service port name: its TCP and UDP counters (both
+        // live only while a port that changed protocol drains) sum into it.
+        // `ports` comes sorted by name, so those are neighbours.
+        let mut groups: Vec<(Labels, Vec<&PortMetrics>)> = Vec::new();
+        for p in ports {
+            match groups.last_mut() {
+                Some((_, last)) if last[0].name == p.name => last.push(p),
+                _ => groups.push((port_labels(p), vec![p.as_ref()])),
+            }
+        }
+        Self(groups)
     }
 }
 

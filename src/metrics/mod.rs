@@ -326,7 +326,7 @@ pub enum PortDetail {
 #[derive(Debug)]
 pub struct Metrics {
     workers: usize,
-    ports: Mutex<BTreeMap<ServicePortName, Weak<PortMetrics>>>,
+    ports: Mutex<BTreeMap<(ServicePortName, Protocol), Weak<PortMetrics>>>,
     detail: AtomicU8,
     pub generation: AtomicU64,
     pub reloads_applied: AtomicU64,
@@ -361,16 +361,18 @@ impl Metrics {
         }
     }
 
-    /// The counters of a service port: the existing ones while held (and
-    /// the protocol is unchanged).
+    /// The counters of a service port and protocol: the existing ones
+    /// while held. A port whose protocol changes keeps both while the old
+    /// one drains (their shared families sum them under one label set).
     pub fn port(&self, name: &ServicePortName, protocol: Protocol) -> Arc<PortMetrics> {
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = ports.get(name).and_then(Weak::upgrade).filter(|m| m.protocol == protocol) {
+        let key = (name.clone(), protocol);
+        if let Some(m) = ports.get(&key).and_then(Weak::upgrade) {
             return m;
         }
         let slots = (0..self.workers).map(|_| PortCounters::default()).collect();
         let m = Arc::new(PortMetrics { name: name.clone(), protocol, slots });
-        ports.insert(name.clone(), Arc::downgrade(&m));
+        ports.insert(key, Arc::downgrade(&m));
         m
     }
 

@@ -214,3 +214,23 @@ fn network_programming_is_timed_from_the_trigger_time() {
         assert!(text.contains(line), "{line} in {text}");
     }
 }
+
+#[test]
+fn a_port_that_changes_protocol_keeps_both_counters_under_one_series() {
+    let metrics = Arc::new(Metrics::new(1));
+    let name = ServicePortName { service: ServiceName::new("ns", "dns"), port: "dns".into() };
+    // The TCP port still drains while its UDP successor serves.
+    let tcp = metrics.port(&name, Protocol::Tcp);
+    let udp = metrics.port(&name, Protocol::Udp);
+    assert!(!Arc::ptr_eq(&tcp, &udp));
+    assert!(Arc::ptr_eq(&tcp, &metrics.port(&name, Protocol::Tcp)), "the TCP counters are kept");
+    tcp.slot(0).add(&tcp.slot(0).bytes_to_endpoint, 5);
+    udp.slot(0).add(&udp.slot(0).bytes_to_endpoint, 7);
+    let text = scrape(&metrics);
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ringport_bytes_total{") && l.contains("to_endpoint"))
+        .collect();
+    assert_eq!(series.len(), 1, "one series per label set: {text}");
+    assert!(series[0].ends_with(" 12"), "{series:?}");
+}
