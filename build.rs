@@ -1,4 +1,6 @@
-//! Stamps the binary with its commit and build date (src/version.rs).
+//! Stamps the binary with its commit and build date (src/version.rs);
+//! the commit gets `-dirty` when the sources it is built from differ
+//! from it.
 //! Builds without git (a source tarball, a container context without
 //! `.git`) get `unknown`, never a failure.
 
@@ -26,10 +28,16 @@ fn civil(days: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// What the binary is built from: only changes here make it `-dirty`, and
+/// any change here re-stamps it.
+const INPUTS: [&str; 4] = ["src", "build.rs", "Cargo.toml", "Cargo.lock"];
+
 fn main() {
+    let status: Vec<&str> =
+        ["status", "--porcelain", "--untracked-files=no", "--"].into_iter().chain(INPUTS).collect();
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).map_or_else(
         || "unknown".to_owned(),
-        |c| match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        |c| match git(&status) {
             Some(_) => format!("{c}-dirty"),
             None => c,
         },
@@ -52,5 +60,12 @@ fn main() {
     {
         println!("cargo:rerun-if-changed={path}");
     }
-    println!("cargo:rerun-if-changed=build.rs");
+    // An edit, a revert or a `git add` of an input re-checks `-dirty`
+    // (a directory is scanned whole).
+    if let Some(index) = git(&["rev-parse", "--git-path", "index"]) {
+        println!("cargo:rerun-if-changed={index}");
+    }
+    for input in INPUTS {
+        println!("cargo:rerun-if-changed={input}");
+    }
 }
