@@ -138,8 +138,8 @@ udp_rcvbuf_errors() { awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) col[$i]
 # measure_iperf SCENARIO PEER ROUND TARGET: iperf3 UDP at $IPERF_RATE with
 # $IPERF_LEN datagrams through TARGET. Appends one JSON line to $RAW with
 # the receiver's loss, the system's UdpRcvbufErrors over the run, and the
-# UDP sockets that had dropped datagrams (`ss -uam`'s d counter) mid-run,
-# so a loss can be placed on the socket where it happened.
+# UDP sockets that had dropped datagrams (`ss -uam`'s d counter) at 90% of
+# the run, so a loss can be placed on the socket where it happened.
 measure_iperf() {
   local scenario=$1 peer=$2 round=$3 target=$4
   local out=$WORK/runs/$scenario.$peer.$round
@@ -148,7 +148,7 @@ measure_iperf() {
   secs=$(awk -v d="$DURATION" 'BEGIN { s = int(d + 0.5); print (s < 1 ? 1 : s) }')
   started=$(date +%s%N)
   rcv0=$(udp_rcvbuf_errors)
-  # Mid-run, and again just before the end: every UDP socket with drops.
+  # One sample at 90% of the run: every UDP socket with drops by then.
   ( sleep "$(awk -v s="$secs" 'BEGIN { print s * 0.9 }')"; ss -uamnH >"$out.ss" 2>/dev/null ) &
   local sampler=$!
   # shellcheck disable=SC2046
