@@ -108,8 +108,16 @@ pub fn check_args(args: &[OsString]) -> Result<(), CompatError> {
 /// reports those).
 pub fn check_config(path: &Path) -> Result<(), CompatError> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    if serde_yaml::Deserializer::from_str(&text).any(|doc| is_kube_proxy_configuration(doc)) {
-        return Err(CompatError::KubeProxyConfiguration { path: path.display().to_string() });
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        // The first document that does not parse ends the scan: the
+        // parser would report it again for every later one, for ever.
+        match type_meta(doc) {
+            Some(meta) if meta.is_kube_proxy_configuration() => {
+                return Err(CompatError::KubeProxyConfiguration { path: path.display().to_string() });
+            }
+            Some(_) => {}
+            None => break,
+        }
     }
     Ok(())
 }
@@ -122,11 +130,18 @@ struct TypeMeta {
     kind: Option<String>,
 }
 
-fn is_kube_proxy_configuration(doc: serde_yaml::Deserializer<'_>) -> bool {
+/// A document's top-level kind and apiVersion; `None` when it is not
+/// YAML, or not a mapping.
+fn type_meta(doc: serde_yaml::Deserializer<'_>) -> Option<TypeMeta> {
     use serde::Deserialize;
-    let Ok(meta) = TypeMeta::deserialize(doc) else { return false };
-    meta.kind.as_deref() == Some("KubeProxyConfiguration")
-        || meta.api_version.is_some_and(|v| v.starts_with("kubeproxy.config.k8s.io/"))
+    TypeMeta::deserialize(doc).ok()
+}
+
+impl TypeMeta {
+    fn is_kube_proxy_configuration(&self) -> bool {
+        self.kind.as_deref() == Some("KubeProxyConfiguration")
+            || self.api_version.as_deref().is_some_and(|v| v.starts_with("kubeproxy.config.k8s.io/"))
+    }
 }
 
 #[cfg(test)]
@@ -178,6 +193,15 @@ mod tests {
         )
         .expect("write");
         assert!(check_config(&path).is_err());
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_ends_the_scan_and_passes_to_the_loader() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, "apiVersion: v1\nkind: Service\n---\nkind: [unclosed\n---\nkind: Service\n")
+            .expect("write");
+        assert_eq!(check_config(&path), Ok(()));
     }
 
     #[test]
