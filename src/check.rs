@@ -7,7 +7,6 @@
 //! without binding, see `loops`). Nothing here may panic on any input: the
 //! fuzz test in `tests/config_fuzz.rs` feeds it arbitrary bytes.
 
-use std::fmt::Write;
 use std::path::Path;
 
 use crate::budget::Budget;
@@ -87,34 +86,7 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
             ]
         })
         .collect();
-    table(["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"], &rows)
-}
-
-/// Columns padded to their widest cell, two spaces apart; the last one is
-/// not padded (it may be long). `check` and `status` print through this.
-pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
-    let header = header.map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(rows) {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .enumerate()
-            // Padded by hand: a `{:w$}` width above u16::MAX panics.
-            .map(|(i, (cell, w))| {
-                let pad = if i + 1 == N { 0 } else { w.saturating_sub(cell.len()) };
-                format!("{cell}{}", " ".repeat(pad))
-            })
-            .collect();
-        let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    out
+    crate::text_table::render(["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"], &rows)
 }
 
 fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {

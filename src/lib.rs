@@ -30,4 +30,5 @@ pub mod source;
 pub mod status;
 pub mod systemd;
 mod table;
+mod text_table;
 pub mod version;

@@ -176,7 +176,7 @@ pub fn render(status: &Status) -> String {
         "ACTIVE",
         "EJECTIONS",
     ];
-    let mut out = crate::check::table(header, &rows);
+    let mut out = crate::text_table::render(header, &rows);
     out.push_str(&format!(
         "generation {}, {} service ports\n",
         status.generation,
