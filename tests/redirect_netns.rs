@@ -342,3 +342,51 @@ fn a_failing_lab_still_removes_its_namespaces_and_processes() {
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "ringport {pid} left running");
 }
+
+#[test]
+fn systemd_hears_ready_only_once_the_rules_exist() {
+    netns::require_privileges_and_tools(&TOOLS);
+    let mut lab = Lab::new();
+    lab.topology(&BACKENDS);
+    let config = lab.scratch.path().join("manifests");
+    std::fs::create_dir_all(&config).expect("manifest dir");
+    std::fs::write(config.join("services.yaml"), manifest(false)).expect("manifest");
+    // A path socket: reachable from the node namespace (paths are not
+    // per network namespace).
+    let notify = lab.scratch.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&notify).expect("notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let log = lab.scratch.path().join("ringport.log");
+    let env = format!("NOTIFY_SOCKET={}", notify.display());
+    let args = [
+        "env",
+        &env,
+        env!("CARGO_BIN_EXE_ringport"),
+        "run",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--redirect",
+        "nft",
+        "--workers",
+        "1",
+        "--no-pin",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+    ];
+    lab.spawn("node", &args, &log);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification: {e}\n{}", read_log()));
+    // At once, before anything else can catch up: the rules are in place.
+    let table = lab.exec("node", &["nft", "list", "table", "inet", "ringport"]);
+    assert_eq!(&buf[..n], b"READY=1", "{}", read_log());
+    let listing = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success() && listing.contains("tcp . 10.96.0.10 . 80 : "),
+        "READY=1 before the rules: {}{listing}\n{}",
+        String::from_utf8_lossy(&table.stderr),
+        read_log()
+    );
+}
