@@ -108,9 +108,9 @@ pub fn check_args(args: &[OsString]) -> Result<(), CompatError> {
 /// reports those).
 pub fn check_config(path: &Path) -> Result<(), CompatError> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    for doc in serde_yaml::Deserializer::from_str(&text) {
+    for doc in serde_norway::Deserializer::from_str(&text) {
         // The first document that does not parse ends the scan: the
-        // parser would report it again for every later one, for ever.
+        // parser may report it again for every later one, without end.
         match type_meta(doc) {
             Some(meta) if meta.is_kube_proxy_configuration() => {
                 return Err(CompatError::KubeProxyConfiguration { path: path.display().to_string() });
@@ -132,7 +132,7 @@ struct TypeMeta {
 
 /// A document's top-level kind and apiVersion; `None` when it is not
 /// YAML, or not a mapping.
-fn type_meta(doc: serde_yaml::Deserializer<'_>) -> Option<TypeMeta> {
+fn type_meta(doc: serde_norway::Deserializer<'_>) -> Option<TypeMeta> {
     use serde::Deserialize;
     TypeMeta::deserialize(doc).ok()
 }

@@ -283,7 +283,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Where the services come from.
 enum Source {
     File(FileSource),
-    Kube(KubeSource),
+    Kube(Box<KubeSource>),
 }
 
 /// The Node watch's next view; never, without one.
@@ -350,7 +350,7 @@ impl Source {
                     "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
                 );
                 let source = KubeSource::watch(client, filter).with_metrics(Arc::clone(metrics));
-                Ok((Source::Kube(source), node))
+                Ok((Source::Kube(Box::new(source)), node))
             }
         }
     }
@@ -425,14 +425,8 @@ impl Engine {
         // The API serves objects one by one: a cross-object error concerns one
         // Service, and must not freeze every later update for the node.
         let control = if loader.is_none() { control.tolerate_cross_object_errors() } else { control };
-        let mut engine = Self {
-            control,
-            data_plane,
-            redirect,
-            service_health,
-            metrics: handles.metrics,
-            loader,
-        };
+        let mut engine =
+            Self { control, data_plane, redirect, service_health, metrics: handles.metrics, loader };
         if let Some(first) = first {
             let (manifests, _) = engine.read(first);
             let initial = |errors: Vec<ConfigError>| RunError::Initial {
