@@ -20,8 +20,11 @@
 //!   process of the same user setting `SO_REUSEPORT`, split the port's
 //!   connections with us.) The probe is closed before the real sockets
 //!   bind, so a process that binds with `SO_REUSEPORT` in that instant still
-//!   shares the port; and a port this process held once is not probed
-//!   again (our own sockets may still hold it while workers let go).
+//!   shares the port; a port this process held once is not probed
+//!   again (our own sockets may still hold it while workers let go); and a
+//!   TCP port another process holds without listening (a ringport port with
+//!   no endpoint, paused or not yet listening) cannot be told from a
+//!   TIME_WAIT leftover, which the probe must tolerate, so it is not seen.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -517,8 +520,12 @@ mod tests {
     #[test]
     fn a_port_another_process_shares_through_reuseport_is_held_elsewhere() {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
-            // What a second ringport does: SO_REUSEPORT sockets, bound.
+            // What a second ringport does for a port it serves:
+            // SO_REUSEPORT sockets, bound, and listening for TCP.
             let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), protocol, 1).unwrap();
+            if protocol == Protocol::Tcp {
+                other[0].listen(BACKLOG).unwrap();
+            }
             let taken = other[0].local_addr().unwrap().as_socket().unwrap().port();
             let mut sp = port("a", vec!["127.0.0.1".parse().unwrap()], None);
             (sp.port, sp.protocol) = (taken, protocol);
