@@ -145,16 +145,7 @@ impl Control {
     ) -> Applied {
         let ctx = BalanceContext { options: &self.balance, registry: &self.health, metrics: &self.metrics };
         let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx);
-        // New TCP sockets were bound without listening; those of ports that
-        // serve listen now, before the swap, so their first clients queue
-        // rather than wait for a worker (`listen::bind_reuseport`).
-        for listener in &snapshot.listeners {
-            if snapshot.serves(listener.id)
-                && let Err(e) = listener.listen_untaken()
-            {
-                tracing::error!(listen = %listener.addr, error = %e, "cannot listen");
-            }
-        }
+        snapshot.listen_where_served();
         let applied = Applied {
             generation: snapshot.generation,
             service_ports: snapshot.ports.len(),

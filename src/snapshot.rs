@@ -157,6 +157,20 @@ impl Snapshot {
         self.route(listener).is_some_and(|r| !r.balancer.is_empty())
     }
 
+    /// New TCP sockets are bound without listening; those of ports that
+    /// serve listen now, before the snapshot is published, so their first
+    /// clients queue rather than wait for a worker to take the socket
+    /// (`listen::bind_reuseport`). Ports without an endpoint stay refusing.
+    pub fn listen_where_served(&self) {
+        for listener in &self.listeners {
+            if self.serves(listener.id)
+                && let Err(e) = listener.listen_untaken()
+            {
+                tracing::error!(listen = %listener.addr, error = %e, "cannot listen");
+            }
+        }
+    }
+
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
         let entry = self.routes.get(&listener)?;
         let port = self.ports.get(entry.port)?;

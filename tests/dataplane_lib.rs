@@ -62,7 +62,9 @@ fn serve(config: WorkerConfig) -> (DataPlane, SocketAddr, Arc<ArcSwap<Snapshot>>
     let (options, registry, metrics) =
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(workers));
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics };
-    snapshot.store(Arc::new(Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx)));
+    let next = Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx);
+    next.listen_where_served();
+    snapshot.store(Arc::new(next));
     dp.notify();
     (dp, proxy, snapshot)
 }
