@@ -32,7 +32,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::dataplane::fault::Throttle;
+use crate::dataplane::fault::{ACCEPT_BACKOFF, Throttle};
 
 /// Connections one server (one gate) holds at once.
 pub const GATE_CONNECTIONS: usize = 32;
@@ -135,10 +135,9 @@ impl Gate {
 /// Accept on `listener` while `gate` has a permit free, and serve each
 /// connection with `router` on its own task. Runs until aborted.
 pub async fn serve(listener: TcpListener, router: Router, gate: Arc<Gate>, http: Http) {
-    const MIN_BACKOFF: Duration = Duration::from_millis(20);
     let mut failures = Throttle::new(Duration::from_secs(1));
     let mut refusals = Throttle::new(Duration::from_secs(1));
-    let mut backoff = MIN_BACKOFF;
+    let mut step = 0;
     loop {
         let Ok(permit) = Arc::clone(&gate.permits).acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
@@ -146,16 +145,17 @@ pub async fn serve(listener: TcpListener, router: Router, gate: Arc<Gate>, http:
             Err(e) => {
                 // Out of fds, most likely: wait for some to come back rather
                 // than spin on the error.
+                let backoff = ACCEPT_BACKOFF[step];
                 if let Some(held_back) = failures.allow(Instant::now()) {
                     tracing::warn!(server = gate.name, error = %e, retry_in = ?backoff, held_back, "accept failed");
                 }
                 drop(permit);
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                step = (step + 1).min(ACCEPT_BACKOFF.len() - 1);
                 continue;
             }
         };
-        backoff = MIN_BACKOFF;
+        step = 0;
         let local = stream.local_addr().map_or(peer.ip(), |a| a.ip());
         let Some(ticket) = gate.admit(permit, peer.ip(), local) else {
             if let Some(held_back) = refusals.allow(Instant::now()) {

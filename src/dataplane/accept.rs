@@ -21,8 +21,9 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
+use super::fault::ACCEPT_BACKOFF;
 use super::fault::Blame;
-use super::listeners::{ACCEPT_BACKOFF, Accepting};
+use super::listeners::Accepting;
 use super::slots::Key;
 use super::sys;
 use super::token::Token;

@@ -45,6 +45,19 @@ impl Blame {
     }
 }
 
+/// The back-off of an accept that failed for lack of resources, in the
+/// data plane and the admin servers alike: the first delay, doubled on each
+/// further failure up to the last, and back to the first on a success.
+pub const ACCEPT_BACKOFF: [Duration; 7] = [
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+    Duration::from_millis(320),
+    Duration::from_millis(640),
+    Duration::from_secs(1),
+];
+
 /// Logs a recurring warning at most once per period.
 #[derive(Debug)]
 pub struct Throttle {

@@ -3,8 +3,6 @@
 //! and its accept and UDP halves all read it, and it depends on none of
 //! them, so their imports form no cycle.
 
-use std::time::Duration;
-
 use io_uring::types;
 
 use super::sys;
@@ -28,19 +26,7 @@ pub(super) struct Accepting {
     pub(super) armed: bool,
 }
 
-/// The back-off of an accept that failed for lack of resources: the first
-/// delay, doubled on each further failure up to the last.
-pub(super) const ACCEPT_BACKOFF: [Duration; 7] = [
-    Duration::from_millis(20),
-    Duration::from_millis(40),
-    Duration::from_millis(80),
-    Duration::from_millis(160),
-    Duration::from_millis(320),
-    Duration::from_millis(640),
-    Duration::from_secs(1),
-];
-
 /// The back-off timespecs, handed to the kernel by pointer.
 pub(super) fn backoff_timespecs() -> Vec<&'static types::Timespec> {
-    ACCEPT_BACKOFF.iter().map(|d| sys::timespec(*d)).collect()
+    super::fault::ACCEPT_BACKOFF.iter().map(|d| sys::timespec(*d)).collect()
 }
