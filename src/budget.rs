@@ -86,7 +86,9 @@ impl Budget {
         let redirected = listen::redirected_by_rules(opts.redirect_rules);
         let listen_addresses: u64 = ports
             .iter()
-            .map(|sp| listen::plan(sp, opts.bind_address, node_ips, &redirected).len() as u64)
+            .map(|sp| {
+                listen::plan(sp, (opts.bind_address, opts.bind_address6), node_ips, &redirected).len() as u64
+            })
             .sum();
         let workers = self.workers.max(1) as u64;
         let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
@@ -137,6 +139,7 @@ mod tests {
     fn opts() -> ListenOptions {
         ListenOptions {
             bind_address: Ipv4Addr::UNSPECIFIED.into(),
+            bind_address6: None,
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 2,

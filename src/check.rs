@@ -95,15 +95,20 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
         None => format!("{}:<auto>", opts.bind_address),
     };
     let redirected = listen::redirected_by_rules(opts.redirect_rules);
-    listen::plan(sp, opts.bind_address, &listen::node_addresses(&opts.nodeport_addresses), redirected)
-        .into_iter()
-        .map(|(role, ip, port)| match role {
-            ListenRole::Proxy => format!("proxy {proxy}"),
-            ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
-            _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    listen::plan(
+        sp,
+        (opts.bind_address, opts.bind_address6),
+        &listen::node_addresses(&opts.nodeport_addresses),
+        redirected,
+    )
+    .into_iter()
+    .map(|(role, ip, port)| match role {
+        ListenRole::Proxy => format!("proxy {proxy}"),
+        ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
+        _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 fn endpoints(eps: &[Endpoint]) -> String {

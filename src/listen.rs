@@ -56,6 +56,13 @@ pub enum ListenRole {
     /// scope (`externalTrafficPolicy`). Only service ports that have such
     /// addresses get one.
     ExternalProxy,
+    /// The IPv6 twin of [`ListenRole::Proxy`] beside an IPv4 one (on
+    /// `ListenOptions::bind_address6`), for a service port with IPv6
+    /// cluster IPs: same port number when it was free.
+    Proxy6,
+    /// The IPv6 twin of [`ListenRole::ExternalProxy`], for IPv6 external
+    /// and LoadBalancer IPs the rules redirect.
+    ExternalProxy6,
     /// `nodePort` on one node address.
     NodePort(IpAddr),
     /// `spec.externalIPs[]` that is local to this node.
@@ -69,6 +76,8 @@ impl fmt::Display for ListenRole {
         match self {
             ListenRole::Proxy => f.write_str("proxy"),
             ListenRole::ExternalProxy => f.write_str("externalProxy"),
+            ListenRole::Proxy6 => f.write_str("proxy6"),
+            ListenRole::ExternalProxy6 => f.write_str("externalProxy6"),
             ListenRole::NodePort(_) => f.write_str("nodePort"),
             ListenRole::External(_) => f.write_str("externalIP"),
             ListenRole::LoadBalancer(_) => f.write_str("loadBalancer"),
@@ -80,7 +89,20 @@ impl ListenRole {
     /// Whether this listener's port is chosen by ringport (a proxy port)
     /// rather than declared by the Service.
     pub fn is_proxy(self) -> bool {
-        matches!(self, ListenRole::Proxy | ListenRole::ExternalProxy)
+        matches!(
+            self,
+            ListenRole::Proxy | ListenRole::ExternalProxy | ListenRole::Proxy6 | ListenRole::ExternalProxy6
+        )
+    }
+
+    /// The role of the same proxy port in the first family, whose port
+    /// number an IPv6 twin tries to take too.
+    fn first_family(self) -> Option<ListenRole> {
+        match self {
+            ListenRole::Proxy6 => Some(ListenRole::Proxy),
+            ListenRole::ExternalProxy6 => Some(ListenRole::ExternalProxy),
+            _ => None,
+        }
     }
 }
 
@@ -173,6 +195,10 @@ impl BindError {
 pub struct ListenOptions {
     /// `--bind-address`: the address proxy ports listen on.
     pub bind_address: IpAddr,
+    /// With rules and an IPv4 `bind_address`: the IPv6 proxy address, where
+    /// service ports with IPv6 addresses to redirect get a second proxy
+    /// port ([`ListenRole::Proxy6`]). `None`: one family only.
+    pub bind_address6: Option<IpAddr>,
     /// `--proxy-port-range`; `None` lets the kernel choose.
     pub proxy_port_range: Option<RangeInclusive<u16>>,
     /// `--nodeport-addresses`; empty means every address.
@@ -190,8 +216,8 @@ pub struct Binder {
     opts: ListenOptions,
     next_id: u64,
     range_cursor: u16,
-    /// Ports this process has bound: not probed again (module header).
-    bound: HashSet<(u16, Protocol)>,
+    /// Addresses this process has bound: not probed again (module header).
+    bound: HashSet<(SocketAddr, Protocol)>,
 }
 
 impl Binder {
@@ -219,14 +245,27 @@ impl Binder {
             previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
         let mut listeners = Vec::new();
         let mut errors = Vec::new();
+        let binds = (self.opts.bind_address, self.opts.bind_address6);
 
         for sp in ports {
-            for (role, ip, port) in plan(sp, self.opts.bind_address, &node_ips, &redirected) {
+            // This service port's proxy ports so far, by role: an IPv6 twin
+            // asks for the same number, so both families read alike.
+            let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
+            for (role, ip, port) in plan(sp, binds, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
+                let twin = role.first_family().and_then(|r| proxy_ports.get(&r).copied());
                 let result = match previous.get(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
-                    None => self.bind_new(key, ip, &mut used_proxy_ports),
+                    None => match twin.and_then(|p| self.bind_twin(&key, SocketAddr::new(ip, p))) {
+                        Some(listener) => Ok(listener),
+                        None => self.bind_new(key, ip, &mut used_proxy_ports),
+                    },
                 };
+                if let Ok(listener) = &result
+                    && role.is_proxy()
+                {
+                    proxy_ports.insert(role, listener.addr.port());
+                }
                 match result {
                     Ok(listener) => {
                         let claim = (listener.addr, sp.protocol);
@@ -247,6 +286,13 @@ impl Binder {
             }
         }
         (listeners, errors)
+    }
+
+    /// An IPv6 proxy port on the number its IPv4 twin has, if that is free
+    /// here (the same number twice is no clash: the families differ).
+    fn bind_twin(&mut self, key: &ListenKey, addr: SocketAddr) -> Option<Arc<Listener>> {
+        let sockets = self.bind_checked(addr, key.protocol).ok()?;
+        Some(self.listener(key.clone(), sockets))
     }
 
     // Bind errors are rare and off the hot path; their size does not matter.
@@ -304,12 +350,12 @@ impl Binder {
     /// The workers' sockets on `addr`, after a probe (module header) for a
     /// port this process has not bound before.
     fn bind_checked(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Vec<Socket>> {
-        if addr.port() != 0 && !self.bound.contains(&(addr.port(), protocol)) {
+        if addr.port() != 0 && !self.bound.contains(&(addr, protocol)) {
             drop(bind_one(addr, protocol, false)?);
         }
         let sockets = bind_reuseport(addr, protocol, self.opts.workers)?;
-        if let Some(port) = sockets.first().and_then(|s| s.local_addr().ok()).and_then(|a| a.as_socket()) {
-            self.bound.insert((port.port(), protocol));
+        if let Some(bound) = sockets.first().and_then(|s| s.local_addr().ok()).and_then(|a| a.as_socket()) {
+            self.bound.insert((bound, protocol));
         }
         Ok(sockets)
     }
@@ -327,11 +373,14 @@ impl Binder {
     }
 }
 
-/// Addresses node ports listen on: every address (one wildcard socket)
-/// unless `--nodeport-addresses` narrows them to matching local ones.
+/// Addresses node ports listen on: every address (one wildcard socket
+/// per family, IPv6 only where the kernel has it) unless
+/// `--nodeport-addresses` narrows them to matching local ones.
 pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
     if nets.is_empty() {
-        return vec![Ipv4Addr::UNSPECIFIED.into()];
+        let v6 = Socket::new(Domain::IPV6, Type::DGRAM, None).is_ok();
+        let any6 = v6.then_some(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED));
+        return std::iter::once(Ipv4Addr::UNSPECIFIED.into()).chain(any6).collect();
     }
     let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
         .unwrap_or_default()
@@ -359,15 +408,27 @@ pub fn redirected_by_rules(rules: bool) -> impl Fn(&IpAddr) -> bool {
 /// `redirected(ip)` says whether the rules send an external or LB IP to the
 /// external proxy port (rules on and the IP not local; the same locality the
 /// rules use, `redirect::rules::Locality`): only then is one planned.
+/// `binds` is `(bind_address, bind_address6)`: IPv6 twins of the proxy
+/// ports are planned only for IPv6 addresses the rules send to them.
 pub fn plan(
     sp: &ServicePort,
-    bind: IpAddr,
+    binds: (IpAddr, Option<IpAddr>),
     node_ips: &[IpAddr],
     redirected: impl Fn(&IpAddr) -> bool,
 ) -> Vec<(ListenRole, IpAddr, u16)> {
+    let (bind, bind6) = binds;
     let mut out = vec![(ListenRole::Proxy, bind, 0)];
-    if sp.external_ips.iter().chain(&sp.load_balancer_ips).any(redirected) {
+    let external = || sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| redirected(ip));
+    if external().any(|ip| bind.is_ipv6() == ip.is_ipv6() || bind6.is_none()) {
         out.push((ListenRole::ExternalProxy, bind, 0));
+    }
+    if let Some(bind6) = bind6.filter(|b| b.is_ipv6() && bind.is_ipv4()) {
+        if sp.cluster_ips.iter().any(IpAddr::is_ipv6) {
+            out.push((ListenRole::Proxy6, bind6, 0));
+        }
+        if external().any(IpAddr::is_ipv6) {
+            out.push((ListenRole::ExternalProxy6, bind6, 0));
+        }
     }
     if let Some(node_port) = sp.node_port {
         out.extend(node_ips.iter().map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
@@ -429,9 +490,7 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<
                     let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
                     // Replies must leave from the address each datagram was
                     // sent to (see `sys::Datagram::to`).
-                    if addr.is_ipv4() {
-                        crate::dataplane::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s))?;
-                    }
+                    crate::dataplane::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s), addr.is_ipv6())?;
                 }
             }
             Ok(s)
@@ -455,6 +514,7 @@ mod tests {
     fn binder() -> Binder {
         Binder::new(ListenOptions {
             bind_address: Ipv4Addr::LOCALHOST.into(),
+            bind_address6: None,
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 2,

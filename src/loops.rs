@@ -51,8 +51,10 @@ pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr])
     let redirected = listen::redirected_by_rules(opts.redirect_rules);
     let mut out = Vec::new();
     for sp in ports {
-        for (role, ip, port) in listen::plan(sp, opts.bind_address, node_ips, &redirected) {
-            let proxy = matches!(role, ListenRole::Proxy | ListenRole::ExternalProxy);
+        for (role, ip, port) in
+            listen::plan(sp, (opts.bind_address, opts.bind_address6), node_ips, &redirected)
+        {
+            let proxy = role.is_proxy();
             let ports = match (proxy, &opts.proxy_port_range) {
                 (true, Some(range)) => range.clone(),
                 (true, None) => continue,
@@ -168,6 +170,7 @@ mod tests {
     fn check_knows_node_ports_and_the_proxy_port_range() {
         let opts = ListenOptions {
             bind_address: Ipv4Addr::LOCALHOST.into(),
+            bind_address6: None,
             proxy_port_range: Some(20000..=20099),
             nodeport_addresses: vec![],
             workers: 1,

@@ -3,7 +3,7 @@
 //! completions or the man page.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -254,6 +254,10 @@ struct RunArgs {
     /// put on `lo`, that proxy ports listen on and the rules DNAT to.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
     proxy_address: Ipv4Addr,
+    /// The same for IPv6 (a /128 on `lo`, marked deprecated so the node
+    /// never uses it as a source address); not added where IPv6 is off.
+    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
+    proxy_address6: Ipv6Addr,
 }
 
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -270,6 +274,7 @@ impl ListenArgs {
     fn options(&self, workers: usize) -> ListenOptions {
         ListenOptions {
             bind_address: self.bind_address,
+            bind_address6: None,
             proxy_port_range: self.proxy_port_range.clone(),
             nodeport_addresses: self.nodeport_addresses.clone(),
             workers,
@@ -346,6 +351,7 @@ impl RunArgs {
             metrics_bind_address: self.metrics_bind_address,
             redirect: self.redirect.unwrap_or_else(|| source.default_redirect()),
             proxy_address: self.proxy_address,
+            proxy_address6: self.proxy_address6,
             source,
         })
     }

@@ -163,6 +163,34 @@ impl std::str::FromStr for Scheduler {
     }
 }
 
+/// An address family: an entry of `spec.ipFamilies`, or what a ClusterIP
+/// or an EndpointSlice's `addressType` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.to_canonical().is_ipv6() { IpFamily::V6 } else { IpFamily::V4 }
+    }
+
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum TrafficPolicy {
@@ -243,6 +271,11 @@ pub struct Service {
     /// that has none yet, which is then served on node ports and external
     /// addresses only.
     pub cluster_ips: Vec<IpAddr>,
+    /// The families it serves (`spec.ipFamilies`, else those of its cluster
+    /// IPs), primary first. Endpoints of another family are not used, as
+    /// kube-proxy does; empty (no cluster IP, no `ipFamilies`: an edge
+    /// Service) takes endpoints of any family.
+    pub ip_families: Vec<IpFamily>,
     pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
     pub load_balancer_ips: Vec<IpAddr>,

@@ -44,6 +44,8 @@ pub struct RunOptions {
     /// `--proxy-address`: where intercepted IPv4 traffic is DNATed to when
     /// `--bind-address` is the wildcard (put on `lo` by ringport).
     pub proxy_address: std::net::Ipv4Addr,
+    /// `--proxy-address6`: the IPv6 one, beside it.
+    pub proxy_address6: std::net::Ipv6Addr,
     /// Where the services come from; `config` is read only for `File`.
     pub source: SourceChoice,
 }
@@ -542,17 +544,20 @@ fn lines(errors: &[ConfigError]) -> String {
 }
 
 /// The redirect syncer for `--redirect`, on its own thread. With rules,
-/// proxy ports listen on one address the rules DNAT to: `--bind-address`
-/// when it names one, else the proxy address, put on `lo` here.
+/// proxy ports listen on one address per family that the rules DNAT to:
+/// `--bind-address` when it names one, else the proxy addresses (IPv4 and,
+/// where the node has IPv6, IPv6), put on `lo` here.
 fn start_redirect(
     opts: &mut RunOptions,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) -> Result<SyncerThread, RunError> {
     let bind = opts.listen.bind_address;
-    let to = match bind {
+    let mut to = match bind {
         _ if opts.redirect == RedirectMode::None => Intercept::Redirect,
-        std::net::IpAddr::V4(v4) if v4.is_unspecified() => Intercept::ProxyAddress(opts.proxy_address),
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            Intercept::ProxyAddress { v4: opts.proxy_address, v6: Some(opts.proxy_address6) }
+        }
         std::net::IpAddr::V4(v4) => {
             if v4.is_loopback() {
                 tracing::warn!(bind_address = %bind, "traffic from other interfaces DNATed to a loopback address is dropped as martian; pods and other hosts will not reach cluster IPs");
@@ -564,17 +569,28 @@ fn start_redirect(
             Intercept::Redirect
         }
     };
-    let backend = redirect::backend(opts.redirect, to)?;
+    let mut backend = redirect::backend(opts.redirect, to)?;
     // External proxy ports only where rules send traffic to them.
     opts.listen.redirect_rules = backend.name() != "none";
-    if let (Some(addr), true) = (to.dnat_to(), backend.name() != "none") {
-        if to.guarded().is_some() {
-            redirect::proxy_address(addr)?;
-            opts.listen.bind_address = addr.into();
+    if let (Intercept::ProxyAddress { v4, v6: Some(v6) }, true) = (to, backend.name() != "none") {
+        redirect::proxy_address(v4.into())?;
+        opts.listen.bind_address = v4.into();
+        match redirect::proxy_address(v6.into()) {
+            Ok(()) => opts.listen.bind_address6 = Some(v6.into()),
+            Err(e) => {
+                tracing::warn!(proxy_address6 = %v6, error = %e, "no IPv6 proxy address (is IPv6 off on this node?): IPv6 cluster IPs are not served");
+                to = Intercept::ProxyAddress { v4, v6: None };
+                backend = redirect::backend(opts.redirect, to)?;
+            }
         }
-        tracing::info!(backend = backend.name(), dnat_to = %addr, "redirect rules: DNAT to the proxy ports' address");
-    } else {
-        tracing::info!(backend = backend.name(), "redirect rules");
+    }
+    match (to.dnat_to(false), backend.name()) {
+        (_, "none") | (None, _) => tracing::info!(backend = backend.name(), "redirect rules"),
+        (Some(addr), _) => {
+            let dnat_to6 =
+                to.dnat_to(true).map(|a| a.to_string()).unwrap_or_else(|| "none (REDIRECT)".into());
+            tracing::info!(backend = backend.name(), dnat_to = %addr, dnat_to6, "redirect rules: DNAT to the proxy ports' addresses");
+        }
     }
     SyncerThread::spawn(Syncer::new(backend), ready, metrics).map_err(RunError::RedirectThread)
 }

@@ -37,6 +37,12 @@ pub struct PortState {
     /// Node-port, external-IP and load-balancer traffic
     /// (`externalTrafficPolicy`).
     pub external: Arc<Balancer>,
+    /// A dual-stack service port's balancers per family, `[IPv4, IPv6]`,
+    /// each `[internal, external]` over the endpoints of that family only:
+    /// traffic to an address uses endpoints of its family, as kube-proxy's
+    /// one proxier per family does. `None` for a single-family port (the
+    /// join already left out endpoints of the other family).
+    pub families: Option<Box<[[Arc<Balancer>; 2]; 2]>>,
     /// Its counters, one slot per worker; kept across reloads.
     pub metrics: Arc<PortMetrics>,
 }
@@ -48,6 +54,20 @@ impl PortState {
             Scope::External => &self.external,
         }
     }
+
+    /// The balancer for traffic of one family (`v6`) in `scope`.
+    pub fn balancer_for(&self, scope: Scope, v6: bool) -> &Arc<Balancer> {
+        match &self.families {
+            Some(families) => &families[usize::from(v6)][usize::from(scope == Scope::External)],
+            None => self.balancer(scope),
+        }
+    }
+}
+
+/// Whether a service port is dual-stack: cluster IPs of both families.
+fn dual_stack(spec: &ServicePort) -> bool {
+    let v6 = |ip: &std::net::IpAddr| ip.to_canonical().is_ipv6();
+    spec.cluster_ips.iter().any(v6) && !spec.cluster_ips.iter().all(v6)
 }
 
 /// What the balancers and counters of a new snapshot are built with.
@@ -62,6 +82,8 @@ pub struct BalanceContext<'a> {
 struct RouteEntry {
     port: usize,
     scope: Scope,
+    /// The listener's family: a dual-stack port balances each apart.
+    v6: bool,
 }
 
 /// A listener's service port, and the balancer for its kind of traffic.
@@ -73,8 +95,9 @@ pub struct Route<'a> {
 /// Which traffic a listener receives.
 pub fn scope_of(role: ListenRole) -> Scope {
     match role {
-        ListenRole::Proxy => Scope::Internal,
+        ListenRole::Proxy | ListenRole::Proxy6 => Scope::Internal,
         ListenRole::ExternalProxy
+        | ListenRole::ExternalProxy6
         | ListenRole::NodePort(_)
         | ListenRole::External(_)
         | ListenRole::LoadBalancer(_) => Scope::External,
@@ -132,8 +155,20 @@ impl Snapshot {
                     Balancer::build(&spec, scope, ctx.options, ctx.registry, prev)
                 };
                 let (internal, external) = (build(Scope::Internal), build(Scope::External));
+                let families = dual_stack(&spec).then(|| {
+                    Box::new([false, true].map(|v6| {
+                        let mut of_family = spec.clone();
+                        of_family.endpoints.retain(|e| e.addr.0.ip().to_canonical().is_ipv6() == v6);
+                        [Scope::Internal, Scope::External].map(|scope| {
+                            let prev = prev.and_then(|p| p.families.as_ref());
+                            let prev =
+                                prev.map(|f| &f[usize::from(v6)][usize::from(scope == Scope::External)]);
+                            Balancer::build(&of_family, scope, ctx.options, ctx.registry, prev)
+                        })
+                    }))
+                });
                 let metrics = ctx.metrics.port(&spec.name, spec.protocol);
-                Arc::new(PortState { spec, internal, external, metrics })
+                Arc::new(PortState { spec, internal, external, families, metrics })
             })
             .collect();
         ctx.registry.prune();
@@ -144,7 +179,8 @@ impl Snapshot {
             .iter()
             .filter_map(|l| {
                 let port = *index.get(&l.key.port)?;
-                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role) }))
+                let v6 = l.addr.ip().to_canonical().is_ipv6();
+                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), v6 }))
             })
             .collect();
         Self { generation, ports, listeners, routes }
@@ -174,7 +210,7 @@ impl Snapshot {
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
         let entry = self.routes.get(&listener)?;
         let port = self.ports.get(entry.port)?;
-        Some(Route { port, balancer: port.balancer(entry.scope) })
+        Some(Route { port, balancer: port.balancer_for(entry.scope, entry.v6) })
     }
 
     /// The proxy port of a service port, if it is bound.
@@ -332,6 +368,7 @@ mod tests {
         let registry = HealthRegistry::default();
         let mut binder = Binder::new(ListenOptions {
             bind_address: "127.0.0.1".parse().unwrap(),
+            bind_address6: None,
             proxy_port_range: None,
             nodeport_addresses: vec![],
             workers: 1,

@@ -24,6 +24,7 @@ fn cases() -> u32 {
 fn check(text: &str, file: &str) -> Report {
     let opts = ListenOptions {
         bind_address: Ipv4Addr::LOCALHOST.into(),
+        bind_address6: None,
         proxy_port_range: Some(20000..=20999),
         nodeport_addresses: vec![],
         workers: 2,

@@ -50,6 +50,7 @@ fn serve(config: WorkerConfig) -> (DataPlane, SocketAddr, Arc<ArcSwap<Snapshot>>
     let dp = DataPlane::start(Arc::clone(&snapshot), config).expect("data plane");
     let mut binder = Binder::new(ListenOptions {
         bind_address: "127.0.0.1".parse().expect("ip"),
+        bind_address6: None,
         proxy_port_range: None,
         nodeport_addresses: vec![],
         workers,

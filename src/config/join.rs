@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use super::{ConfigError, ConfigErrorKind, ObjectRef, Warning, WarningKind, service_ref, slice_ref};
 use crate::model::{
-    self, Endpoint, EndpointAddr, Origin, Protocol, ServiceName, ServicePort, ServicePortName,
+    self, Endpoint, EndpointAddr, IpFamily, Origin, Protocol, ServiceName, ServicePort, ServicePortName,
     ServicePortSpec, SliceKind, SlicePort, TargetPort,
 };
 
@@ -51,8 +51,10 @@ pub fn join_with_warnings(services: &[model::Service], slices: &[model::Endpoint
 
     for service in &services {
         let own = slices.get(&service.name).map(Vec::as_slice).unwrap_or_default();
+        warn_unserved_families(service, own, &mut joined.warnings);
         for (i, spec) in service.ports.iter().enumerate() {
-            let endpoints = endpoints_for(service, i, spec, own, &mut joined.errors);
+            let mut endpoints = endpoints_for(service, i, spec, own, &mut joined.errors);
+            endpoints.retain(|e| serves(service, e.addr.0.ip()));
             joined.ports.push(service_port(service, spec, endpoints));
         }
     }
@@ -139,6 +141,43 @@ fn slices_by_service<'a>(
         group.sort_by(|a, b| a.id.cmp(&b.id));
     }
     grouped
+}
+
+/// Whether the Service uses an endpoint at `ip`: one of its families, or
+/// any when it names none. A slice carries one family, and kube-proxy runs
+/// one proxier per family, so an IPv6 endpoint behind an IPv4-only Service
+/// (or the reverse) is never used.
+fn serves(service: &model::Service, ip: std::net::IpAddr) -> bool {
+    service.ip_families.is_empty() || service.ip_families.contains(&IpFamily::of(ip))
+}
+
+/// One warning per slice (and family) whose endpoints the Service does not
+/// use because of their family.
+fn warn_unserved_families(
+    service: &model::Service,
+    slices: &[&model::EndpointSlice],
+    warnings: &mut Vec<Warning>,
+) {
+    let served = || service.ip_families.iter().map(ToString::to_string).collect::<Vec<_>>().join(" and ");
+    for slice in slices {
+        let mut unserved: Vec<IpFamily> = slice
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.addresses)
+            .filter(|ip| !serves(service, **ip))
+            .map(|ip| IpFamily::of(*ip))
+            .collect();
+        unserved.sort();
+        unserved.dedup();
+        for family in unserved {
+            let kind = WarningKind::EndpointFamilyNotServed {
+                family,
+                service: service.name.clone(),
+                served: served(),
+            };
+            warnings.push(slice_warning(slice, kind));
+        }
+    }
 }
 
 fn slice_warning(slice: &model::EndpointSlice, kind: WarningKind) -> Warning {

@@ -220,6 +220,18 @@ pub enum ConfigErrorKind {
     TooManyClusterIps(usize),
     #[error("both addresses are of one family; dual-stack needs one IPv4 and one IPv6")]
     SameFamilyClusterIps,
+    #[error("{0} families given; at most two (IPv4 and IPv6)")]
+    TooManyIpFamilies(usize),
+    #[error("{0} is given twice; dual-stack needs one IPv4 and one IPv6")]
+    SameIpFamilies(crate::model::IpFamily),
+    #[error("is {family}, but spec.clusterIPs[{index}] ({ip}) is not: they must match in order")]
+    IpFamilyMismatch { family: crate::model::IpFamily, index: usize, ip: IpAddr },
+    #[error("{0} has no spec.ipFamilies entry of its own: the two lists must match in order")]
+    NoIpFamilyFor(IpAddr),
+    #[error("SingleStack allows one family, but {count} are given ({field})")]
+    SingleStackWithTwo { count: usize, field: &'static str },
+    #[error("RequireDualStack needs two families, but only {family} is given ({field})")]
+    DualStackRequired { family: crate::model::IpFamily, field: &'static str },
     #[error("is not allowed for type {0} (only NodePort and LoadBalancer)")]
     NodePortNotAllowed(String),
     #[error("is only allowed for type LoadBalancer with externalTrafficPolicy Local")]
@@ -353,6 +365,11 @@ pub enum WarningKind {
     EmptyDirectory,
     #[error("{0} is link-local (e.g. the cloud metadata service); is this endpoint meant?")]
     LinkLocalEndpoint(IpAddr),
+    #[error(
+        "its {family} endpoints are not used: Service {service} serves {served} only \
+         (spec.ipFamilies / spec.clusterIPs), as kube-proxy does"
+    )]
+    EndpointFamilyNotServed { family: crate::model::IpFamily, service: ServiceName, served: String },
     #[error("is empty: taken as a write in progress, its last good objects keep serving")]
     EmptyFileKept,
     #[error(

@@ -20,7 +20,7 @@ use super::{
     check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, TargetPort,
+    self, Affinity, IpFamily, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, TargetPort,
     TrafficDistribution, TrafficPolicy,
 };
 
@@ -48,6 +48,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
     }
 
     let cluster_ips = cluster_ips(&mut diag, spec);
+    let ip_families = ip_families(&mut diag, spec, &cluster_ips);
     let ports = ports(&mut diag, spec, service_type);
     let external_ips = ip_list(&mut diag, "spec.externalIPs", spec.external_ips.as_deref());
     let load_balancer_ips = match service_type {
@@ -73,6 +74,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         name: ServiceName::new(namespace_of(&svc.metadata), name.unwrap_or_default()),
         origin: diag.origin().clone(),
         cluster_ips,
+        ip_families,
         external_ips,
         load_balancer_ips,
         load_balancer_source_ranges,
@@ -163,6 +165,75 @@ fn cluster_ips(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpAddr> {
         diag.error("spec.clusterIPs", ConfigErrorKind::SameFamilyClusterIps);
     }
     ips
+}
+
+/// `spec.ipFamilies` checked against `spec.ipFamilyPolicy` and the cluster
+/// IPs, as the API server does: at most two, not twice the same, in the
+/// order of `clusterIPs`; SingleStack with one, RequireDualStack with two.
+/// Without `ipFamilies`, the cluster IPs' families.
+fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> Vec<IpFamily> {
+    let raw = spec.ip_families.as_deref().unwrap_or_default();
+    let mut families = Vec::with_capacity(raw.len());
+    for (i, value) in raw.iter().enumerate() {
+        let family = match value.as_str() {
+            "IPv4" => IpFamily::V4,
+            "IPv6" => IpFamily::V6,
+            other => {
+                let kind =
+                    ConfigErrorKind::UnknownValue { value: other.to_owned(), expected: "IPv4 or IPv6" };
+                diag.error(format!("spec.ipFamilies[{i}]"), kind);
+                continue;
+            }
+        };
+        if families.contains(&family) {
+            diag.error(format!("spec.ipFamilies[{i}]"), ConfigErrorKind::SameIpFamilies(family));
+            continue;
+        }
+        if let Some(ip) = cluster_ips.get(i).copied()
+            && IpFamily::of(ip) != family
+        {
+            let kind = ConfigErrorKind::IpFamilyMismatch { family, index: i, ip };
+            diag.error(format!("spec.ipFamilies[{i}]"), kind);
+        }
+        families.push(family);
+    }
+    if raw.len() > 2 {
+        diag.error("spec.ipFamilies", ConfigErrorKind::TooManyIpFamilies(raw.len()));
+    }
+    if !raw.is_empty() {
+        for (i, ip) in cluster_ips.iter().enumerate().skip(raw.len()) {
+            diag.error(format!("spec.clusterIPs[{i}]"), ConfigErrorKind::NoIpFamilyFor(*ip));
+        }
+    }
+    // The families the Service ends up with: ipFamilies, else its addresses'.
+    let (served, from) = if raw.is_empty() {
+        (cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect(), "spec.clusterIPs")
+    } else {
+        (families, "spec.ipFamilies")
+    };
+    let (count, field) = (served.len(), from);
+    match given(&spec.ip_family_policy) {
+        None | Some("PreferDualStack") => {}
+        Some("SingleStack") if count > 1 => {
+            diag.error("spec.ipFamilyPolicy", ConfigErrorKind::SingleStackWithTwo { count, field });
+        }
+        Some("SingleStack") => {}
+        Some("RequireDualStack") => {
+            // No cluster IP and no ipFamilies (an edge Service): nothing
+            // says which families it has, so nothing contradicts.
+            if let [family] = served[..] {
+                diag.error("spec.ipFamilyPolicy", ConfigErrorKind::DualStackRequired { family, field: from });
+            }
+        }
+        Some(other) => {
+            let kind = ConfigErrorKind::UnknownValue {
+                value: other.to_owned(),
+                expected: "SingleStack, PreferDualStack or RequireDualStack",
+            };
+            diag.error("spec.ipFamilyPolicy", kind);
+        }
+    }
+    served
 }
 
 /// Parses a list of IPs, naming each bad entry `field[i]`.

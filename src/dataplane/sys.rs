@@ -189,7 +189,8 @@ pub const BATCH: usize = 16;
 /// IPv6 without jumbograms), so nothing legal is ever truncated.
 pub const DATAGRAM_BYTES: usize = 65_536;
 
-/// Room for the ancillary data of one datagram (an `in_pktinfo`).
+/// Room for the ancillary data of one datagram (an `in_pktinfo`, or an
+/// `in6_pktinfo`: `CMSG_SPACE` of either is at most 40 bytes).
 const CONTROL_BYTES: usize = 64;
 
 /// Reusable buffers for receiving up to [`BATCH`] datagrams in one call.
@@ -207,8 +208,8 @@ pub struct RecvBatch {
 /// One received datagram.
 pub struct Datagram<'a> {
     pub from: Option<std::net::SocketAddr>,
-    /// The address it was sent to (IPv4 `IP_PKTINFO`, when enabled on the
-    /// socket): a reply must come from it, so that conntrack can undo a
+    /// The address it was sent to (`IP_PKTINFO` / `IPV6_PKTINFO`, when
+    /// enabled on the socket): a reply must come from it, so that conntrack can undo a
     /// REDIRECT; a wildcard-bound socket would otherwise pick another source.
     pub to: Option<std::net::IpAddr>,
     pub data: &'a [u8],
@@ -216,15 +217,18 @@ pub struct Datagram<'a> {
     pub truncated: bool,
 }
 
-/// Ask the kernel for each datagram's destination address (`IP_PKTINFO`).
-pub fn enable_pktinfo(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// Ask the kernel for each datagram's destination address: `IP_PKTINFO`,
+/// or `IPV6_RECVPKTINFO` on an IPv6 socket.
+pub fn enable_pktinfo(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
     let on: libc::c_int = 1;
+    let (level, option) =
+        if v6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) } else { (libc::IPPROTO_IP, libc::IP_PKTINFO) };
     // SAFETY: passes a pointer to a live c_int and its exact size.
     let ret = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
+            level,
+            option,
             (&on as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -316,11 +320,13 @@ impl RecvBatch {
         }
     }
 
-    /// The IPv4 destination of datagram `i`, from its `IP_PKTINFO`.
+    /// The destination of datagram `i`, from its `IP_PKTINFO` or
+    /// `IPV6_PKTINFO`.
     fn pktinfo(&self, i: usize) -> Option<std::net::IpAddr> {
         // SAFETY: a msghdr describing exactly the control bytes the kernel
         // wrote for datagram `i`; the CMSG_* macros only walk inside them,
-        // and `in_pktinfo` is read unaligned from within one cmsg.
+        // and `in_pktinfo` / `in6_pktinfo` is read unaligned from within
+        // one cmsg whose level and type say which it is.
         unsafe {
             let mut hdr: libc::msghdr = std::mem::zeroed();
             hdr.msg_control = self.controls[i].as_ptr() as *mut _;
@@ -330,6 +336,10 @@ impl RecvBatch {
                 if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
                     let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
                     return Some(std::net::Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)).into());
+                }
+                if (*cmsg).cmsg_level == libc::IPPROTO_IPV6 && (*cmsg).cmsg_type == libc::IPV6_PKTINFO {
+                    let info: libc::in6_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                    return Some(std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr).into());
                 }
                 cmsg = libc::CMSG_NXTHDR(&hdr, cmsg);
             }
@@ -345,7 +355,8 @@ impl Default for RecvBatch {
 }
 
 /// `sendmmsg(2)` without blocking: each datagram to its own address, in
-/// order, from `from` when given (an IPv4 `IP_PKTINFO` source). Returns how
+/// order, from `from` when given (an `IP_PKTINFO` or `IPV6_PKTINFO`
+/// source, of the socket's family). Returns how
 /// many were sent (the rest would block, or failed).
 pub fn send_batch(
     fd: BorrowedFd<'_>,
@@ -376,7 +387,27 @@ pub fn send_batch(
                 space
             }
         }
-        _ => 0,
+        Some(std::net::IpAddr::V6(src)) => {
+            // SAFETY: `control` is aligned and large enough for one cmsg
+            // holding an in6_pktinfo (CMSG_SPACE of it is 40 bytes).
+            unsafe {
+                let space = libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                let mut hdr: libc::msghdr = std::mem::zeroed();
+                hdr.msg_control = control.as_mut_ptr().cast();
+                hdr.msg_controllen = space as _;
+                let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr { s6_addr: src.octets() },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+                space
+            }
+        }
+        None => 0,
     };
     let mut sent = 0;
     for chunk in datagrams.chunks(BATCH) {

@@ -2,8 +2,8 @@
 //! ringport's own, each jumped to first from its builtin chain:
 //! - nat `RINGPORT-PREROUTING` (traffic from other hosts and pods) and
 //!   `RINGPORT-OUTPUT` (traffic from the node itself): one rule per address,
-//!   commented `ns/svc:port` as kube-proxy did; IPv4 is DNATed to the proxy
-//!   address, IPv6 REDIRECTed;
+//!   commented `ns/svc:port` as kube-proxy did; each family is DNATed to
+//!   its proxy address (REDIRECTed when it has none);
 //! - filter `RINGPORT-INPUT` (the proxy address answers only what was
 //!   DNATed to it), `RINGPORT-FORWARD` and `RINGPORT-OUTPUT` (ICMP port
 //!   unreachable for UDP service ports with no endpoints);
@@ -140,7 +140,8 @@ pub fn render_restore(
         crate::model::Protocol::Udp => "udp",
     };
     let prefix = family.host_prefix();
-    let dnat = if family == Family::V4 { to.dnat_to() } else { None };
+    let v6 = family == Family::V6;
+    let dnat = to.dnat_to(v6);
     let mut s = String::new();
     for table in TABLES {
         let _ = writeln!(s, "*{table}");
@@ -156,7 +157,10 @@ pub fn render_restore(
                 for (key, target) in rules.redirects.iter().filter(|(k, _)| mine(k)) {
                     let comment = target.service.to_string().replace('"', "");
                     let jump = match dnat {
-                        Some(addr) => format!("DNAT --to-destination {addr}:{}", target.proxy_port.0),
+                        Some(addr) => {
+                            let addr = if v6 { format!("[{addr}]") } else { addr.to_string() };
+                            format!("DNAT --to-destination {addr}:{}", target.proxy_port.0)
+                        }
                         None => format!("REDIRECT --to-ports {}", target.proxy_port.0),
                     };
                     for chain in ["RINGPORT-PREROUTING", "RINGPORT-OUTPUT"] {
@@ -169,10 +173,10 @@ pub fn render_restore(
                 }
             }
             "filter" => {
-                if let (Some(addr), Family::V4) = (to.guarded(), family) {
+                if let Some(addr) = to.guarded(v6) {
                     let _ = writeln!(
                         s,
-                        "-A RINGPORT-INPUT -d {addr}/32 ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
+                        "-A RINGPORT-INPUT -d {addr}/{prefix} ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
                     );
                 }
                 for key in rules.reject.iter().filter(|k| mine(k)) {
@@ -296,7 +300,7 @@ mod tests {
         let text = render_restore(
             Family::V4,
             &rules(),
-            Intercept::ProxyAddress("169.254.99.1".parse().unwrap()),
+            Intercept::ProxyAddress { v4: "169.254.99.1".parse().unwrap(), v6: None },
             &[("nat", "OUTPUT")],
         );
         assert_eq!(
@@ -319,16 +323,22 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_batch_holds_only_ipv6_rules_and_redirects() {
-        let text = render_restore(
-            Family::V6,
-            &rules(),
-            Intercept::ProxyAddress("169.254.99.1".parse().unwrap()),
-            &[],
-        );
+    fn ipv6_batch_holds_only_ipv6_rules_dnated_to_the_ipv6_proxy_address_or_redirected_without_one() {
+        let v4 = "169.254.99.1".parse().unwrap();
+        let to = Intercept::ProxyAddress { v4, v6: Some(crate::redirect::DEFAULT_PROXY_ADDRESS6) };
+        let text = render_restore(Family::V6, &rules(), to, &[]);
         assert!(text.contains("-d fd00::1/128 "), "{text}");
-        assert!(text.contains("-j REDIRECT --to-ports 31001"), "{text}");
+        assert!(text.contains("-j DNAT --to-destination [fd72:696e:6770::1]:31001"), "{text}");
+        assert!(
+            text.contains(
+                "-A RINGPORT-INPUT -d fd72:696e:6770::1/128 ! -i lo -m conntrack ! --ctstate DNAT -j DROP"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("10.96.0.1") && !text.contains("169.254.99.1"), "{text}");
         assert!(!text.contains("-I "), "{text}");
+        let text = render_restore(Family::V6, &rules(), Intercept::ProxyAddress { v4, v6: None }, &[]);
+        assert!(text.contains("-j REDIRECT --to-ports 31001"), "{text}");
+        assert!(!text.contains("RINGPORT-INPUT -d"), "{text}");
     }
 }

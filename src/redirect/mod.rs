@@ -29,7 +29,7 @@ pub mod nft;
 pub mod rules;
 pub mod syncer;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitStatus;
 
 pub use syncer::{RESYNC, Syncer, SyncerThread};
@@ -37,18 +37,20 @@ pub use syncer::{RESYNC, Syncer, SyncerThread};
 use rules::{Diff, RuleKey, RuleSet};
 
 impl Intercept {
-    /// The IPv4 address DNAT sends to, if any.
-    pub fn dnat_to(self) -> Option<Ipv4Addr> {
-        match self {
-            Intercept::ProxyAddress(a) | Intercept::Dnat(a) => Some(a),
-            Intercept::Redirect => None,
+    /// The address DNAT sends keys of this family to, if any (else they
+    /// are REDIRECTed).
+    pub fn dnat_to(self, v6: bool) -> Option<IpAddr> {
+        match (self, v6) {
+            (Intercept::ProxyAddress { v4, .. } | Intercept::Dnat(v4), false) => Some(v4.into()),
+            (Intercept::ProxyAddress { v6: Some(a), .. }, true) => Some(a.into()),
+            _ => None,
         }
     }
 
-    /// The address the input guard protects, if any.
-    pub fn guarded(self) -> Option<Ipv4Addr> {
+    /// The proxy address of this family the input guard protects, if any.
+    pub fn guarded(self, v6: bool) -> Option<IpAddr> {
         match self {
-            Intercept::ProxyAddress(a) => Some(a),
+            Intercept::ProxyAddress { .. } => self.dnat_to(v6),
             Intercept::Dnat(_) | Intercept::Redirect => None,
         }
     }
@@ -59,14 +61,20 @@ impl Intercept {
 /// (NodeLocal DNSCache).
 pub const DEFAULT_PROXY_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 99, 1);
 
+/// The default IPv6 proxy address: a unique-local /128 (`fd` + "ringp" in
+/// ASCII), clear of `fd00::/16`, where many clusters put their own
+/// service and pod ranges (kind uses `fd00:10:96::/112`).
+pub const DEFAULT_PROXY_ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd72, 0x696e, 0x6770, 0, 0, 0, 0, 1);
+
 /// How intercepted traffic reaches the proxy ports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intercept {
-    /// IPv4: `dnat to ADDR:proxyPort` to ringport's own proxy address on
-    /// `lo`, with proxy ports listening on it alone; an input rule drops
-    /// whatever reaches it from another interface without having been
-    /// DNATed. IPv6 keys are still redirected.
-    ProxyAddress(Ipv4Addr),
+    /// `dnat to ADDR:proxyPort` to ringport's own proxy address of the
+    /// key's family on `lo`, with proxy ports listening on it alone; an
+    /// input rule drops whatever reaches it from another interface without
+    /// having been DNATed. Without an IPv6 one (IPv6 is off on this node),
+    /// IPv6 keys are REDIRECTed.
+    ProxyAddress { v4: Ipv4Addr, v6: Option<Ipv6Addr> },
     /// IPv4: `dnat to ADDR:proxyPort` to a `--bind-address` the operator
     /// chose. It is not ringport's, so it gets no guard.
     Dnat(Ipv4Addr),
@@ -92,7 +100,7 @@ pub enum RedirectMode {
 pub enum RedirectError {
     #[error("cannot put the proxy address {addr} on lo")]
     ProxyAddress {
-        addr: Ipv4Addr,
+        addr: IpAddr,
         #[source]
         source: Box<RedirectError>,
     },
@@ -183,24 +191,43 @@ pub fn remove_stale(keep: &str) -> Result<(), RedirectError> {
 /// never one an administrator put there.
 pub const PROXY_ADDRESS_LABEL: &str = "lo:ringport";
 
-/// Put the proxy address on `lo` (as a /32, so it claims no range), where
-/// proxy ports can bind it, labelled [`PROXY_ADDRESS_LABEL`]. `scope host`
-/// keeps the kernel from choosing it as the source of connections to other
-/// hosts (a pod behind an address-less veth would otherwise be dialled from
-/// it, and its replies dropped by the input guard). Idempotent: a restart
-/// finds it there. An address someone else put on `lo` is used as it is,
-/// and left to them.
-pub fn proxy_address(addr: Ipv4Addr) -> Result<(), RedirectError> {
-    let cidr = format!("{addr}/32");
+/// Put the proxy address on `lo` (as a /32 or /128, so it claims no
+/// range), where proxy ports can bind it, marked as ringport's so that
+/// `cleanup` removes exactly the addresses it added:
+/// - IPv4: labelled [`PROXY_ADDRESS_LABEL`], `scope host`, which keeps the
+///   kernel from choosing it as the source of connections to other hosts
+///   (a pod behind an address-less veth would otherwise be dialled from it,
+///   and its replies dropped by the input guard);
+/// - IPv6 has neither labels nor a host scope for such an address: it is
+///   added `nodad` and *deprecated* (`preferred_lft 0`), which the source
+///   address selection of RFC 6724 avoids (rule 3) while it still accepts
+///   traffic and binds; that pair of flags on `lo` is the mark.
+///
+/// Idempotent: a restart finds it there. An address someone else put on
+/// `lo` is used as it is, and left to them.
+pub fn proxy_address(addr: IpAddr) -> Result<(), RedirectError> {
+    let (family, prefix) = if addr.is_ipv6() { ("-6", 128) } else { ("-4", 32) };
+    let cidr = format!("{addr}/{prefix}");
     let error = |e| RedirectError::ProxyAddress { addr, source: Box::new(e) };
     let present =
-        command::run("ip", &["-o", "-4", "addr", "show", "dev", "lo", "to", &cidr], None).map_err(error)?;
-    if !present.trim().is_empty() && !present.contains(PROXY_ADDRESS_LABEL) {
+        command::run("ip", &["-o", family, "addr", "show", "dev", "lo", "to", &cidr], None).map_err(error)?;
+    let ours = if addr.is_ipv6() { is_marked6(&present) } else { present.contains(PROXY_ADDRESS_LABEL) };
+    if !present.trim().is_empty() && !ours {
         tracing::info!(%addr, "the proxy address is already on lo, not added by ringport: using it as it is");
         return Ok(());
     }
-    let args = ["addr", "replace", &cidr, "dev", "lo", "scope", "host", "label", PROXY_ADDRESS_LABEL];
-    command::run("ip", &args, None).map(drop).map_err(error)
+    let args: &[&str] = if addr.is_ipv6() {
+        &["-6", "addr", "replace", &cidr, "dev", "lo", "nodad", "preferred_lft", "0"]
+    } else {
+        &["addr", "replace", &cidr, "dev", "lo", "scope", "host", "label", PROXY_ADDRESS_LABEL]
+    };
+    command::run("ip", args, None).map(drop).map_err(error)
+}
+
+/// Whether a line of `ip -o -6 addr show` carries ringport's mark.
+fn is_marked6(line: &str) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.contains(&"nodad") && words.contains(&"deprecated")
 }
 
 /// What `ringport cleanup` removed.
@@ -209,7 +236,7 @@ pub struct Cleaned {
     pub nft_table: bool,
     pub iptables_chains: bool,
     /// The proxy addresses ringport had added to `lo`.
-    pub proxy_addresses: Vec<Ipv4Addr>,
+    pub proxy_addresses: Vec<IpAddr>,
 }
 
 /// Remove every rule, chain and table ringport made, with either backend,
@@ -224,17 +251,24 @@ pub fn cleanup() -> Result<Cleaned, RedirectError> {
         command::run("ip", &["addr", "del", &format!("{addr}/32"), "dev", "lo"], None)?;
         proxy_addresses.push(addr);
     }
+    // A node without IPv6 has no IPv6 address to remove.
+    let listed6 = command::run("ip", &["-o", "-6", "addr", "show", "dev", "lo"], None).unwrap_or_default();
+    let marked: String = listed6.lines().filter(|l| is_marked6(l)).map(|l| format!("{l}\n")).collect();
+    for addr in labelled_addresses(&marked) {
+        command::run("ip", &["-6", "addr", "del", &format!("{addr}/128"), "dev", "lo"], None)?;
+        proxy_addresses.push(addr);
+    }
     Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()?, proxy_addresses })
 }
 
-/// The addresses of `ip -o -4 addr show` lines
-/// (`1: lo    inet 169.254.99.1/32 scope host lo:ringport ...`).
-fn labelled_addresses(listing: &str) -> Vec<Ipv4Addr> {
+/// The addresses of `ip -o addr show` lines
+/// (`1: lo    inet 169.254.99.1/32 scope host lo:ringport ...`, or `inet6`).
+fn labelled_addresses(listing: &str) -> Vec<IpAddr> {
     listing
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
-            words.find(|w| *w == "inet")?;
+            words.find(|w| *w == "inet" || *w == "inet6")?;
             words.next()?.split('/').next()?.parse().ok()
         })
         .collect()
@@ -245,7 +279,16 @@ mod tests {
     #[test]
     fn cleanup_reads_the_addresses_of_ip_o_addr_show() {
         let listing = "1: lo    inet 169.254.99.2/32 scope host lo:ringport\\       valid_lft forever preferred_lft forever\n";
-        assert_eq!(super::labelled_addresses(listing), [std::net::Ipv4Addr::new(169, 254, 99, 2)]);
+        assert_eq!(super::labelled_addresses(listing), [std::net::IpAddr::from([169, 254, 99, 2])]);
         assert!(super::labelled_addresses("").is_empty());
+    }
+
+    #[test]
+    fn only_a_nodad_deprecated_ipv6_address_is_ringports() {
+        let ours = "1: lo    inet6 fd72:696e:6770::1/128 scope global nodad deprecated \\       valid_lft forever preferred_lft 0sec";
+        let loopback = "1: lo    inet6 ::1/128 scope host \\       valid_lft forever preferred_lft forever";
+        assert!(super::is_marked6(ours));
+        assert!(!super::is_marked6(loopback));
+        assert_eq!(super::labelled_addresses(ours), [std::net::IpAddr::from(super::DEFAULT_PROXY_ADDRESS6)]);
     }
 }

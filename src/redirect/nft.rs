@@ -9,9 +9,9 @@
 //! the same paths, the drops of keys whose endpoints are all out of scope,
 //! TCP and UDP).
 //!
-//! IPv4 is DNATed to the proxy address ([`Intercept::ProxyAddress`]), which works
-//! whatever interface the packet came in on, address-less veths included;
-//! IPv6 (a proxy port on `::`) is REDIRECTed.
+//! Each family is DNATed to its proxy address ([`Intercept::ProxyAddress`]),
+//! which works whatever interface the packet came in on, address-less veths
+//! included; a family without one is REDIRECTed.
 //!
 //! Matching is one hash lookup whatever the number of services. A change
 //! adds and deletes map and set elements in one `nft -f -` transaction;
@@ -94,20 +94,24 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
     s += &format!("  set {REJECT6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
     s += &format!("  set {DROP4} {{ type inet_proto . ipv4_addr . inet_service; }}\n");
     s += &format!("  set {DROP6} {{ type inet_proto . ipv6_addr . inet_service; }}\n");
-    let v4 = match to.dnat_to() {
-        Some(addr) => {
-            format!("dnat ip to {addr} : meta l4proto . ip daddr . th dport map @{MAP4}")
+    // DNAT names its target, so it works whatever interface a packet came
+    // in on; REDIRECT (no proxy address of the family) needs an address on
+    // that interface.
+    let intercept = |v6: bool| {
+        let (ip, map) = if v6 { ("ip6", MAP6) } else { ("ip", MAP4) };
+        let lookup = format!("meta l4proto . {ip} daddr . th dport map @{map}");
+        match to.dnat_to(v6) {
+            Some(addr) if v6 => format!("dnat ip6 to [{addr}]:{lookup}"),
+            Some(addr) => format!("dnat ip to {addr} : {lookup}"),
+            None => format!("redirect to {lookup}"),
         }
-        None => format!("redirect to meta l4proto . ip daddr . th dport map @{MAP4}"),
     };
     for (chain, hook) in [("prerouting", "prerouting"), ("output", "output")] {
         // -100 is `dstnat`; nft 1.0.6 accepts the name for prerouting only.
         s += &format!("  chain {chain} {{\n    type nat hook {hook} priority -100; policy accept;\n");
         // nft 1.0.6 needs the l4proto match before `th dport` in a concatenation.
-        s += &format!("    meta l4proto {{ tcp, udp }} {v4}\n");
-        s += &format!(
-            "    meta l4proto {{ tcp, udp }} redirect to meta l4proto . ip6 daddr . th dport map @{MAP6}\n"
-        );
+        s += &format!("    meta l4proto {{ tcp, udp }} {}\n", intercept(false));
+        s += &format!("    meta l4proto {{ tcp, udp }} {}\n", intercept(true));
         s += "  }\n";
     }
     for (chain, hook) in [("forward", "forward"), ("reject_output", "output")] {
@@ -118,11 +122,16 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         s += &format!("    meta l4proto {{ tcp, udp }} meta l4proto . ip6 daddr . th dport @{DROP6} drop\n");
         s += "  }\n";
     }
-    if let Some(addr) = to.guarded() {
-        // Only what the rules DNATed, or the node itself, reaches the proxy
+    let guarded: Vec<_> = [false, true].into_iter().filter_map(|v6| to.guarded(v6)).collect();
+    if !guarded.is_empty() {
+        // Only what the rules DNATed, or the node itself, reaches a proxy
         // address: a host that routes it to us is dropped.
         s += "  chain input {\n    type filter hook input priority 0; policy accept;\n";
-        s += &format!("    ip daddr {addr} iif != \"lo\" ct status & dnat != dnat drop\n  }}\n");
+        for addr in guarded {
+            let ip = if addr.is_ipv6() { "ip6" } else { "ip" };
+            s += &format!("    {ip} daddr {addr} iif != \"lo\" ct status & dnat != dnat drop\n");
+        }
+        s += "  }\n";
     }
     render_firewall(&mut s, rules);
     s += "}\n";
@@ -269,9 +278,10 @@ mod tests {
         let (lb, _) = rule("10.98.0.1", 80, 0);
         let mut rules = RuleSet::from_redirects([rule("10.96.0.1", 80, 31000)].into_iter().collect());
         rules.firewall.insert(lb, vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.7/24".parse().unwrap()]);
-        let text = render_replace(&rules, Intercept::ProxyAddress("169.254.99.1".parse().unwrap()));
+        let v4_only = Intercept::ProxyAddress { v4: "169.254.99.1".parse().unwrap(), v6: None };
+        let text = render_replace(&rules, v4_only);
         assert_eq!(text.matches("dnat ip to 169.254.99.1 : meta l4proto").count(), 2, "{text}");
-        assert_eq!(text.matches("redirect to").count(), 2, "IPv6 is still redirected: {text}");
+        assert_eq!(text.matches("redirect to").count(), 2, "IPv6 without a proxy address: {text}");
         assert!(text.contains("ip daddr 169.254.99.1 iif != \"lo\" ct status & dnat != dnat drop"), "{text}");
         assert!(text.contains("saddr != @allow4 drop"), "{text}");
         assert!(
@@ -281,7 +291,29 @@ mod tests {
         assert!(!render_replace(&RuleSet::default(), Intercept::Redirect).contains("chain input"));
         let chosen = render_replace(&RuleSet::default(), Intercept::Dnat("10.200.0.1".parse().unwrap()));
         assert!(chosen.contains("dnat ip to 10.200.0.1 : "), "{chosen}");
+        assert!(chosen.contains("redirect to meta l4proto . ip6 daddr"), "{chosen}");
         assert!(!chosen.contains("chain input"), "a --bind-address is not ringport's to guard: {chosen}");
+    }
+
+    #[test]
+    fn ipv6_is_dnated_to_the_ipv6_proxy_address_and_both_proxy_addresses_are_guarded() {
+        let to = Intercept::ProxyAddress {
+            v4: "169.254.99.1".parse().unwrap(),
+            v6: Some(crate::redirect::DEFAULT_PROXY_ADDRESS6),
+        };
+        let text = render_replace(&RuleSet::default(), to);
+        assert_eq!(
+            text.matches("dnat ip6 to [fd72:696e:6770::1]:meta l4proto . ip6 daddr . th dport map @svc6")
+                .count(),
+            2,
+            "{text}"
+        );
+        assert!(!text.contains("redirect"), "{text}");
+        assert!(
+            text.contains("ip6 daddr fd72:696e:6770::1 iif != \"lo\" ct status & dnat != dnat drop"),
+            "{text}"
+        );
+        assert!(text.contains("ip daddr 169.254.99.1 iif != \"lo\""), "{text}");
     }
 
     #[test]

@@ -19,7 +19,9 @@
 //!   is reported.
 //! - A key is redirected, rejected or dropped: one of the three.
 //! - A rule's family matches its proxy port's: an IPv4 proxy port cannot
-//!   accept traffic sent to `::1`, so IPv6 addresses are then skipped and
+//!   accept traffic sent to `::1`. Each address goes to the proxy port of
+//!   its family (a service port has one per family when the rules DNAT both
+//!   to proxy addresses); an address with none of its family is skipped and
 //!   counted, not redirected to nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -117,6 +119,9 @@ pub struct PortRules<'a> {
     /// Its external proxy port (external scope: non-local external and LB
     /// IPs); the proxy port serves them when there is none.
     pub external_proxy: Option<SocketAddr>,
+    /// The IPv6 twins of both, beside IPv4 ones (dual-stack proxy ports).
+    pub proxy6: Option<SocketAddr>,
+    pub external_proxy6: Option<SocketAddr>,
     /// No endpoint in scope for cluster-IP / for external traffic.
     pub internal_empty: bool,
     pub external_empty: bool,
@@ -132,10 +137,21 @@ impl<'a> PortRules<'a> {
             spec,
             proxy,
             external_proxy: None,
+            proxy6: None,
+            external_proxy6: None,
             internal_empty: false,
             external_empty: false,
             has_endpoints: has_endpoints(spec),
         }
+    }
+
+    /// The proxy port for traffic to `ip` in one scope: of `ip`'s family,
+    /// the external one falling back to the internal one as above.
+    fn target(&self, ip: IpAddr, external: bool) -> Option<SocketAddr> {
+        let family = |a: &SocketAddr| a.is_ipv6() == ip.is_ipv6();
+        let internal = [Some(self.proxy), self.proxy6].into_iter().flatten().find(family);
+        let outer = [self.external_proxy, self.external_proxy6].into_iter().flatten().find(family);
+        if external { outer.or(internal) } else { internal }
     }
 }
 
@@ -164,18 +180,17 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
     let mut owner: HashMap<RuleKey, &ServicePortName> = HashMap::new();
     for p in ports {
         let sp = p.spec;
-        let external = p.external_proxy.unwrap_or(p.proxy);
         let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
         let wanted = sp
             .cluster_ips
             .iter()
-            .map(|ip| (ip, p.proxy, p.internal_empty))
-            .chain(remote.map(|ip| (ip, external, p.external_empty)));
-        for (ip, proxy, empty) in wanted {
-            if ip.is_ipv6() != proxy.is_ipv6() {
+            .map(|ip| (ip, false, p.internal_empty))
+            .chain(remote.map(|ip| (ip, true, p.external_empty)));
+        for (ip, external, empty) in wanted {
+            let Some(proxy) = p.target(*ip, external) else {
                 out.wrong_family += 1;
                 continue;
-            }
+            };
             let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
             match owner.get(&key) {
                 Some(kept) if **kept != sp.name => {
@@ -224,20 +239,19 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
 /// The rules of a published snapshot: every service port with a bound
 /// proxy port.
 pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
-    let mut proxies: HashMap<(&ServicePortName, bool), SocketAddr> = HashMap::new();
-    for l in &snapshot.listeners {
-        match l.key.role {
-            ListenRole::Proxy => proxies.insert((&l.key.port, false), l.addr),
-            ListenRole::ExternalProxy => proxies.insert((&l.key.port, true), l.addr),
-            _ => None,
-        };
+    let mut proxies: HashMap<(&ServicePortName, ListenRole), SocketAddr> = HashMap::new();
+    for l in snapshot.listeners.iter().filter(|l| l.key.role.is_proxy()) {
+        proxies.insert((&l.key.port, l.key.role), l.addr);
     }
     let ports = snapshot.ports.iter().filter_map(|p| {
-        let proxy = *proxies.get(&(&p.spec.name, false))?;
+        let proxy = *proxies.get(&(&p.spec.name, ListenRole::Proxy))?;
+        let role = |role| proxies.get(&(&p.spec.name, role)).copied();
         Some(PortRules {
             spec: &p.spec,
             proxy,
-            external_proxy: proxies.get(&(&p.spec.name, true)).copied(),
+            external_proxy: role(ListenRole::ExternalProxy),
+            proxy6: role(ListenRole::Proxy6),
+            external_proxy6: role(ListenRole::ExternalProxy6),
             internal_empty: p.internal.is_empty(),
             external_empty: p.external.is_empty(),
             has_endpoints: has_endpoints(&p.spec),
@@ -388,6 +402,36 @@ mod tests {
         assert_eq!(on_v4.wrong_family, 1);
         let on_v6 = desired([PortRules::new(&dual, "[::]:31000".parse().unwrap())], &Locality::default());
         assert_eq!(on_v6.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("fd00:96::1", 443)]);
+        // Dual-stack proxy ports: each address to the proxy port of its family.
+        let both = PortRules {
+            proxy6: Some("[fd72::1]:31001".parse().unwrap()),
+            ..PortRules::new(&dual, v4_proxy(31000))
+        };
+        let d = desired([both], &Locality::default());
+        assert_eq!(d.rules.redirects[&key("10.96.0.1", 443)].proxy_port, ProxyPort(31000));
+        assert_eq!(d.rules.redirects[&key("fd00:96::1", 443)].proxy_port, ProxyPort(31001));
+        assert_eq!(d.wrong_family, 0);
+    }
+
+    #[test]
+    fn ipv6_external_addresses_go_to_the_ipv6_external_proxy_port_or_else_the_ipv6_proxy_port() {
+        let mut web = sp("web", Protocol::Tcp, 80);
+        web.cluster_ips = vec![ip("fd00:96::10")];
+        web.load_balancer_ips = vec![ip("fd00:98::1"), ip("10.98.0.1")];
+        let p6 = |port| Some(SocketAddr::from((ip("fd72::1"), port)));
+        let p = PortRules {
+            external_proxy: Some(v4_proxy(32000)),
+            proxy6: p6(31001),
+            external_proxy6: p6(32001),
+            ..PortRules::new(&web, v4_proxy(31000))
+        };
+        let d = desired([p], &Locality::default());
+        assert_eq!(d.rules.redirects[&key("fd00:96::10", 80)].proxy_port, ProxyPort(31001));
+        assert_eq!(d.rules.redirects[&key("fd00:98::1", 80)].proxy_port, ProxyPort(32001));
+        assert_eq!(d.rules.redirects[&key("10.98.0.1", 80)].proxy_port, ProxyPort(32000));
+        let no_external6 = PortRules { external_proxy6: None, ..p };
+        let d = desired([no_external6], &Locality::default());
+        assert_eq!(d.rules.redirects[&key("fd00:98::1", 80)].proxy_port, ProxyPort(31001));
     }
 
     #[test]

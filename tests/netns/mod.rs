@@ -18,6 +18,16 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// The node's address on the lab bridge; peers are on the same /24.
 pub const NODE_IP: &str = "10.200.0.1";
 pub const CLIENT_IP: &str = "10.200.0.2";
+/// The node's IPv6 address on the lab bridge ([`Lab::add_ipv6`]); a peer
+/// at `10.200.0.N` gets `fd10:200::N` (N as written, in hex).
+pub const NODE_IP6: &str = "fd10:200::1";
+pub const CLIENT_IP6: &str = "fd10:200::2";
+
+/// The IPv6 twin of a lab peer's IPv4 address: `10.200.0.N` -> `fd10:200::N`.
+pub fn ipv6_of(ipv4: &str) -> String {
+    let last = ipv4.rsplit('.').next().unwrap_or_default();
+    format!("fd10:200::{last}")
+}
 
 /// Fail loudly, saying why, when this machine cannot run the lab.
 pub fn require_privileges_and_tools(tools: &[&str]) {
@@ -99,6 +109,26 @@ impl Lab {
             ip(&["-n", &peer, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
             ip(&["-n", &peer, "link", "set", "eth0", "up"]);
             ip(&["-n", &peer, "route", "add", "default", "via", NODE_IP]);
+        }
+    }
+
+    /// Make the standard lab dual-stack: [`NODE_IP6`]/64 on the bridge,
+    /// each peer its [`ipv6_of`] address and a default route via the node,
+    /// and the node routes the IPv6 service ranges (`fd10:96::/112` for
+    /// cluster IPs, `fd10:97::/64` and `fd10:98::/64` for external and LB
+    /// IPs) onto the bridge, as it does 10.96.0.0/12. Addresses are added
+    /// `nodad`, so they work at once (no duplicate address detection wait).
+    pub fn add_ipv6(&self, peers: &[(&str, &str)]) {
+        let node = self.ns("node");
+        ip(&["-n", &node, "-6", "addr", "add", &format!("{NODE_IP6}/64"), "dev", "br0", "nodad"]);
+        for range in ["fd10:96::/112", "fd10:97::/64", "fd10:98::/64"] {
+            ip(&["-n", &node, "-6", "route", "add", range, "dev", "br0"]);
+        }
+        let all = std::iter::once(("client", CLIENT_IP)).chain(peers.iter().copied());
+        for (role, v4) in all {
+            let peer = self.ns(role);
+            ip(&["-n", &peer, "-6", "addr", "add", &format!("{}/64", ipv6_of(v4)), "dev", "eth0", "nodad"]);
+            ip(&["-n", &peer, "-6", "route", "add", "default", "via", NODE_IP6]);
         }
     }
 
