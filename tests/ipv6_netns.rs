@@ -26,6 +26,8 @@ use netns::{CLIENT_IP6, Lab, NODE_IP6, ipv6_of};
 
 const TOOLS: [&str; 7] = ["ip", "nft", "iptables", "ip6tables", "ip6tables-save", "curl", "python3"];
 const BACKENDS: [(&str, &str); 3] = [("be1", "10.200.0.11"), ("be2", "10.200.0.12"), ("be3", "10.200.0.13")];
+/// A second IPv6 address of the node, on the lab bridge.
+const NODE_IP6_2: &str = "fd10:200::100";
 /// The Calico-style pod: a /128 behind an address-less veth.
 const POD_IP6: &str = "fd10:220::5";
 
@@ -70,6 +72,12 @@ fn manifest(bad_families: bool) -> String {
           ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
     y += &slice("dual", "IPv4", 8080, "TCP", None);
     y += &slice("dual", "IPv6", 8080, "TCP", None);
+    // `split`: dual-stack, be1 its only IPv4 endpoint, be2 its only IPv6 one.
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: split, namespace: default}\nspec:\n  \
+          ipFamilyPolicy: PreferDualStack\n  clusterIPs: [10.96.0.40, \"fd10:96::40\"]\n  \
+          ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
+    y += &slice("split", "IPv4", 8080, "TCP", Some("be1"));
+    y += &slice("split", "IPv6", 8080, "TCP", Some("be2"));
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  type: NodePort\n  \
           ipFamilyPolicy: PreferDualStack\n  clusterIPs: [\"fd10:96::53\", 10.96.0.53]\n  \
           ports:\n  - {port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}\n";
@@ -114,6 +122,11 @@ impl Node {
         let mut lab = Lab::new();
         lab.topology(&BACKENDS);
         lab.add_ipv6(&BACKENDS);
+        // A second node address, not the one the kernel would choose as a
+        // reply's source: a UDP reply from a wildcard socket leaves from it
+        // only if IPV6_PKTINFO says so.
+        let second = format!("{NODE_IP6_2}/64");
+        netns::ip(&["-n", &lab.ns("node"), "-6", "addr", "add", &second, "dev", "br0", "nodad"]);
         add_calico_style_pod(&mut lab);
         for (role, _) in BACKENDS {
             let root = lab.scratch.path().join(role);
@@ -252,6 +265,12 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
             assert_eq!(seen.len(), 1, "affinity from {role} to {vip}: {seen:?}");
         }
     }
+    // Each ClusterIP of a dual-stack Service uses the endpoints of its own
+    // family only, as kube-proxy does.
+    for role in ["client", "node"] {
+        assert_eq!(node.answers(role, "http://10.96.0.40/whoami", 4), one("be1"), "from {role}");
+        assert_eq!(node.answers(role, "http://[fd10:96::40]/whoami", 4), one("be2"), "from {role}");
+    }
     // UDP: the IPv6 and the IPv4 ClusterIP of a dual-stack Service, and a
     // NodePort on the node's IPv6 address (a wildcard socket: the reply
     // leaves from the address asked, through IPV6_PKTINFO). The reply must
@@ -262,6 +281,7 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
         ("pod", "fd10:96::53", 53),
         ("client", "10.96.0.53", 53),
         ("client", NODE_IP6, 30053),
+        ("client", NODE_IP6_2, 30053),
     ] {
         let answer = node.ask(role, ip, port);
         assert_eq!(answer, format!("be1 {ip} {port}"), "UDP from {role} to [{ip}]:{port}\n{}", node.log());

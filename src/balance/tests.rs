@@ -124,6 +124,22 @@ fn affinity_keeps_each_of_three_clients_on_its_endpoint_across_interleaved_calls
 }
 
 #[test]
+fn affinity_pins_ipv6_clients_by_address_whatever_their_port_and_apart_from_each_other() {
+    let registry = HealthRegistry::default();
+    let b = sticky(&[1, 2, 3], &registry, None);
+    let now = Instant::now();
+    let v6 = |n: u16, port: u16| ClientAddr(SocketAddr::from(([0xfd10, 0x200, 0, 0, 0, 0, 0, n], port)));
+    let first: Vec<_> = (1..=3).map(|n| next(&b, v6(n, 40_000), now)).collect();
+    assert_eq!(first.iter().collect::<HashSet<_>>().len(), 3, "three IPv6 clients, three endpoints");
+    for round in 1..5u16 {
+        for n in 1..=3u16 {
+            let t = now + Duration::from_secs(u64::from(round));
+            assert_eq!(next(&b, v6(n, 40_000 + round), t), first[usize::from(n) - 1], "client {n}");
+        }
+    }
+}
+
+#[test]
 fn affinity_repins_only_the_client_of_a_removed_endpoint_and_survives_additions() {
     let registry = HealthRegistry::default();
     let b = sticky(&[1, 2, 3], &registry, None);

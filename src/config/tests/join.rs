@@ -271,3 +271,33 @@ fn health_check_node_port_clashing_with_a_node_port_or_another_health_check_is_a
         ]
     );
 }
+
+#[test]
+fn endpoints_of_a_family_the_service_does_not_serve_are_not_used_and_each_such_slice_is_warned_about() {
+    let v6_slice = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv6\nports: [{port: 8080}]\nendpoints: [{addresses: [\"fd00::5\"]}]\n";
+    let v4_slice = slice("web-v4", "web", "[{port: 8080}]", "[{addresses: [10.0.0.5]}]");
+    // IPv4-only: the IPv6 slice is left out, as kube-proxy's IPv4 proxier does.
+    let text = service("web", "{clusterIP: 10.96.0.1, ports: [{port: 80, targetPort: 8080}]}")
+        + &v4_slice
+        + v6_slice;
+    let j = joined(&text);
+    assert_eq!(addrs(&j.ports[0]), ["10.0.0.5:8080"]);
+    let warned: Vec<String> = j.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("EndpointSlice default/web-v6")
+            && warned[0].contains("its IPv6 endpoints are not used: Service default/web serves IPv4 only"),
+        "{warned:?}"
+    );
+    // Dual-stack: both are kept (each ClusterIP then balances over its own
+    // family, in the snapshot); no warning.
+    let dual = "{clusterIPs: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80, targetPort: 8080}]}";
+    let j = joined(&(service("web", dual) + &v4_slice + v6_slice));
+    assert_eq!(addrs(&j.ports[0]), ["10.0.0.5:8080", "[fd00::5]:8080"]);
+    assert!(j.warnings.is_empty(), "{:?}", j.warnings);
+    // No cluster IP and no ipFamilies (an edge Service): any family.
+    let j = joined(&(service("web", "{ports: [{port: 80, targetPort: 8080}]}") + &v4_slice + v6_slice));
+    assert_eq!(j.ports[0].endpoints.len(), 2);
+}

@@ -327,3 +327,67 @@ fn health_check_node_port_is_only_allowed_for_local_load_balancers() {
         "out of range",
     );
 }
+
+#[test]
+fn ip_families_default_to_the_cluster_ips_and_are_kept_in_order() {
+    use crate::model::IpFamily;
+    let s = service("{clusterIPs: [\"fd00:96::1\", 10.96.0.1], ports: [{port: 80}]}");
+    assert_eq!(s.ip_families, [IpFamily::V6, IpFamily::V4]);
+    let s = service(
+        "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv4, IPv6], clusterIPs: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80}]}",
+    );
+    assert_eq!(s.ip_families, [IpFamily::V4, IpFamily::V6]);
+    // No cluster IP yet (an edge Service): ipFamilies alone says which.
+    let s = service("{ipFamilies: [IPv6], ports: [{port: 80}]}");
+    assert_eq!(s.ip_families, [IpFamily::V6]);
+    assert!(service("{ports: [{port: 80}]}").ip_families.is_empty(), "nothing said: any family");
+}
+
+#[test]
+fn ip_families_that_contradict_the_cluster_ips_are_errors_naming_the_field() {
+    bad(
+        "{ipFamilies: [IPv4], clusterIP: \"fd00:96::1\", ports: [{port: 80}]}",
+        "spec.ipFamilies[0]",
+        "is IPv4, but spec.clusterIPs[0] (fd00:96::1) is not",
+    );
+    bad(
+        "{ipFamilies: [IPv6, IPv4], clusterIPs: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80}]}",
+        "spec.ipFamilies[0]",
+        "is IPv6, but spec.clusterIPs[0] (10.96.0.1) is not",
+    );
+    bad(
+        "{ipFamilies: [IPv4], clusterIPs: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80}]}",
+        "spec.clusterIPs[1]",
+        "fd00:96::1 has no spec.ipFamilies entry of its own",
+    );
+    bad("{ipFamilies: [IPv4, IPv4], ports: [{port: 80}]}", "spec.ipFamilies[1]", "IPv4 is given twice");
+    bad("{ipFamilies: [IPv4, IPv6, IPv4], ports: [{port: 80}]}", "spec.ipFamilies", "3 families given");
+    bad("{ipFamilies: [IPv5], ports: [{port: 80}]}", "spec.ipFamilies[0]", "unknown value \"IPv5\"");
+    bad(
+        "{clusterIPs: [10.96.0.1, 10.96.0.2], ports: [{port: 80}]}",
+        "spec.clusterIPs",
+        "both addresses are of one family",
+    );
+}
+
+#[test]
+fn ip_family_policy_is_checked_against_the_families_given() {
+    bad(
+        "{ipFamilyPolicy: SingleStack, clusterIPs: [10.96.0.1, \"fd00:96::1\"], ports: [{port: 80}]}",
+        "spec.ipFamilyPolicy",
+        "SingleStack allows one family, but 2 are given (spec.clusterIPs)",
+    );
+    bad(
+        "{ipFamilyPolicy: RequireDualStack, clusterIP: 10.96.0.1, ports: [{port: 80}]}",
+        "spec.ipFamilyPolicy",
+        "RequireDualStack needs two families, but only IPv4 is given (spec.clusterIPs)",
+    );
+    bad(
+        "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6], ports: [{port: 80}]}",
+        "spec.ipFamilyPolicy",
+        "RequireDualStack needs two families, but only IPv6 is given (spec.ipFamilies)",
+    );
+    bad("{ipFamilyPolicy: Both, ports: [{port: 80}]}", "spec.ipFamilyPolicy", "unknown value \"Both\"");
+    let fine = "{ipFamilyPolicy: PreferDualStack, clusterIP: 10.96.0.1, ports: [{port: 80}]}";
+    assert_eq!(service(fine).cluster_ips.len(), 1, "PreferDualStack with one family is fine");
+}
