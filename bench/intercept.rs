@@ -109,7 +109,7 @@ fn main() {
     let rules: Rules = [(key, Target { proxy_port: ProxyPort(port), service })].into_iter().collect();
 
     println!("| mechanism | client | round | median | p99 | no answer |\n|---|---|---|---|---|---|");
-    let dnat = Intercept::ProxyAddress(DEFAULT_PROXY_ADDRESS);
+    let dnat = Intercept::ProxyAddress { v4: DEFAULT_PROXY_ADDRESS, v6: None };
     for round in 1..=ROUNDS {
         for (name, to) in [("REDIRECT", Intercept::Redirect), ("DNAT to 169.254.99.1", dnat)] {
             Syncer::new(Box::new(Nft { to })).sync_rules(rules.clone(), false).expect("nft sync");

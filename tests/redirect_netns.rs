@@ -256,7 +256,12 @@ fn nft_rules_serve_cluster_external_and_load_balancer_ips_and_clean_up() {
         2,
         "IPv4: one DNAT rule per chain:\n{table}"
     );
-    assert_eq!(table.matches("redirect to").count(), 2, "IPv6: one REDIRECT rule per chain:\n{table}");
+    assert_eq!(
+        table.matches("dnat ip6 to [fd72:696e:6770::1]").count(),
+        2,
+        "IPv6: one DNAT rule per chain, to the IPv6 proxy address:\n{table}"
+    );
+    assert!(!table.contains("redirect to"), "{table}");
 
     assert!(table.contains("udp . 10.96.0.53 . 53 : "), "no element for the UDP cluster IP:\n{table}");
 

@@ -6,9 +6,9 @@
 //! the [`syncer`] on a thread of its own, so neither the data plane nor
 //! the control loop ever waits on a rule tool.
 //!
-//! Intercepted IPv4 traffic is DNATed to the *proxy address* (by default
-//! 169.254.99.1 on `lo`, [`proxy_address`]), the one address proxy ports
-//! listen on: unlike REDIRECT, DNAT needs no address on the interface a
+//! Intercepted traffic is DNATed to the *proxy address* of its family (by
+//! default 169.254.99.1 and fd72:696e:6770::1 on `lo`, [`proxy_address`]),
+//! the one address per family proxy ports listen on: unlike REDIRECT, DNAT needs no address on the interface a
 //! packet came in on, so address-less (Calico/Cilium-style) pod veths work,
 //! and the proxy ports are reachable by nothing the rules did not send
 //! there. docs/redirect.md gives the measurements behind the choice.
