@@ -56,12 +56,9 @@ pub enum ListenRole {
     /// scope (`externalTrafficPolicy`). Only service ports that have such
     /// addresses get one.
     ExternalProxy,
-    /// The IPv6 twin of [`ListenRole::Proxy`] beside an IPv4 one (on
-    /// `ListenOptions::bind_address6`), for a service port with IPv6
-    /// cluster IPs: same port number when it was free.
+    /// The IPv6 twins of the two above (on `bind_address6`), for IPv6
+    /// addresses the rules redirect; same port number when it was free.
     Proxy6,
-    /// The IPv6 twin of [`ListenRole::ExternalProxy`], for IPv6 external
-    /// and LoadBalancer IPs the rules redirect.
     ExternalProxy6,
     /// `nodePort` on one node address.
     NodePort(IpAddr),
@@ -95,8 +92,7 @@ impl ListenRole {
         )
     }
 
-    /// The role of the same proxy port in the first family, whose port
-    /// number an IPv6 twin tries to take too.
+    /// The IPv4 twin of an IPv6 proxy port, whose number it tries first.
     fn first_family(self) -> Option<ListenRole> {
         match self {
             ListenRole::Proxy6 => Some(ListenRole::Proxy),
@@ -248,8 +244,7 @@ impl Binder {
         let binds = (self.opts.bind_address, self.opts.bind_address6);
 
         for sp in ports {
-            // This service port's proxy ports so far, by role: an IPv6 twin
-            // asks for the same number, so both families read alike.
+            // An IPv6 twin asks for its IPv4 twin's number: maps read alike.
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
             for (role, ip, port) in plan(sp, binds, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
@@ -288,8 +283,7 @@ impl Binder {
         (listeners, errors)
     }
 
-    /// An IPv6 proxy port on the number its IPv4 twin has, if that is free
-    /// here (the same number twice is no clash: the families differ).
+    /// An IPv6 proxy port on its IPv4 twin's number, if that is free here.
     fn bind_twin(&mut self, key: &ListenKey, addr: SocketAddr) -> Option<Arc<Listener>> {
         let sockets = self.bind_checked(addr, key.protocol).ok()?;
         Some(self.listener(key.clone(), sockets))

@@ -179,6 +179,10 @@ impl ServiceHealth {
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket =
         if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    if addr.is_ipv6() {
+        // `[::]` beside `0.0.0.0` (`listen::node_addresses`): IPv6 only.
+        socket2::SockRef::from(&socket).set_only_v6(true)?;
+    }
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(128)

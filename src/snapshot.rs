@@ -391,4 +391,30 @@ mod tests {
             s1.listeners.iter().find(|l| l.key.port.service.name == "foo").expect("foo listener");
         assert!(s2.route(foo_listener.id).is_none(), "removed foo has no route any more");
     }
+
+    /// A dual-stack service port gets an IPv6 proxy port on its IPv4 twin's
+    /// number, and each listener balances over its own family's endpoints.
+    #[test]
+    fn a_dual_stack_port_has_an_ipv6_twin_on_the_same_number_balancing_ipv6_endpoints_only() {
+        let registry = HealthRegistry::default();
+        let mut binder = Binder::new(ListenOptions {
+            bind_address: "127.0.0.1".parse().unwrap(),
+            bind_address6: Some("::1".parse().unwrap()),
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 1,
+            redirect_rules: true,
+        });
+        let mut dual = port("dual", &[1, 2]);
+        dual.cluster_ips = vec!["10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap()];
+        dual.endpoints.push(Endpoint::ready(EndpointAddr("[fd00::7]:80".parse().unwrap())));
+        let snap = build(vec![dual], &Snapshot::default(), &mut binder, &registry);
+        let role = |r| snap.listeners.iter().find(|l| l.key.role == r).expect("listener");
+        let (v4, v6) = (role(ListenRole::Proxy), role(ListenRole::Proxy6));
+        assert_eq!((v6.addr.ip(), v6.addr.port()), ("::1".parse().unwrap(), v4.addr.port()));
+        let endpoints = |id| -> Vec<_> { snap.route(id).expect("route").balancer.endpoints().collect() };
+        assert_eq!(endpoints(v6.id), [EndpointAddr("[fd00::7]:80".parse().unwrap())]);
+        assert_eq!(endpoints(v4.id).len(), 2, "the IPv4 ClusterIP's listener: IPv4 endpoints only");
+        assert!(endpoints(v4.id).iter().all(|e| e.0.is_ipv4()));
+    }
 }
