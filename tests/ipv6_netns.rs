@@ -78,6 +78,17 @@ fn manifest(bad_families: bool) -> String {
           ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
     y += &slice("split", "IPv4", 8080, "TCP", Some("be1"));
     y += &slice("split", "IPv6", 8080, "TCP", Some("be2"));
+    // `half`: dual-stack, IPv4 endpoints only (TCP and UDP).
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: half, namespace: default}\nspec:\n  \
+          clusterIPs: [10.96.0.60, \"fd10:96::60\"]\n  ports:\n  - {name: web, port: 80, targetPort: 8080}\n  \
+          - {name: dns, port: 53, targetPort: 5353, protocol: UDP}\n";
+    y += &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: half-ipv4\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: half}}\naddressType: IPv4\n\
+         ports: [{{name: web, port: 8080, protocol: TCP}}, {{name: dns, port: 5353, protocol: UDP}}]\n\
+         endpoints:\n  - addresses: [\"{}\"]\n",
+        BACKENDS[0].1
+    );
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\nspec:\n  type: NodePort\n  \
           ipFamilyPolicy: PreferDualStack\n  clusterIPs: [\"fd10:96::53\", 10.96.0.53]\n  \
           ports:\n  - {port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}\n";
@@ -271,6 +282,12 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
         assert_eq!(node.answers(role, "http://10.96.0.40/whoami", 4), one("be1"), "from {role}");
         assert_eq!(node.answers(role, "http://[fd10:96::40]/whoami", 4), one("be2"), "from {role}");
     }
+    // A dual-stack Service with IPv4 endpoints only: its IPv4 ClusterIP
+    // serves, its IPv6 one refuses TCP at once (the IPv6 proxy port is
+    // paused), as kube-proxy's IPv6 proxier, which sees no endpoint, would.
+    assert_eq!(node.answers("client", "http://10.96.0.60/whoami", 2), one("be1"));
+    assert_eq!(node.lab.probe("client", "fd10:96::60", 80), "refused");
+    assert_eq!(node.ask("client", "10.96.0.60", 53), "be1 10.96.0.60 53");
     // UDP: the IPv6 and the IPv4 ClusterIP of a dual-stack Service, and a
     // NodePort on the node's IPv6 address (a wildcard socket: the reply
     // leaves from the address asked, through IPV6_PKTINFO). The reply must
@@ -346,6 +363,9 @@ fn nft_serves_ipv6_and_dual_stack_services_from_clients_nodes_and_address_less_p
     assert!(table.contains("tcp . fd10:96::10 . 80 : "), "{table}");
     assert!(table.contains("udp . fd10:96::53 . 53 : "), "{table}");
     assert!(table.contains("ip6 daddr fd72:696e:6770::1 iif != \"lo\""), "{table}");
+    // `half`'s IPv6 UDP ClusterIP has no IPv6 endpoint: rejected (ICMPv6).
+    let noep6 = node.lab.ok("node", &["nft", "list", "set", "inet", "ringport", "noep6"]);
+    assert!(noep6.contains("udp . fd10:96::60 . 53"), "{noep6}");
     assert_ipv6_and_dual_stack_are_served(&node);
     assert_the_ipv4_endpoint_of_an_ipv6_service_is_not_used(&node);
     assert_bad_families_keep_the_last_good_state(&node);
@@ -362,6 +382,11 @@ fn iptables_serves_ipv6_and_dual_stack_services_from_clients_nodes_and_address_l
         "{saved}"
     );
     assert!(!node.lab.ok("node", &["nft", "list", "tables"]).contains("inet ringport"));
+    let filter = node.lab.ok("node", &["ip6tables-save", "-t", "filter"]);
+    assert!(
+        filter.contains("-A RINGPORT-FORWARD -d fd10:96::60/128 -p udp -m udp --dport 53 -j REJECT --reject-with icmp6-port-unreachable"),
+        "{filter}"
+    );
     assert_ipv6_and_dual_stack_are_served(&node);
     assert_bad_families_keep_the_last_good_state(&node);
     stop_and_clean_up(&mut node);

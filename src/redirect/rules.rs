@@ -17,7 +17,8 @@
 //! - One key maps to one target: when two service ports claim the same
 //!   `(protocol, daddr, dport)`, the first by name keeps it and the clash
 //!   is reported.
-//! - A key is redirected, rejected or dropped: one of the three.
+//! - A key is redirected, rejected or dropped: one of the three, decided by
+//!   the endpoints of its own family for a dual-stack service port.
 //! - A rule's family matches its proxy port's: an IPv4 proxy port cannot
 //!   accept traffic sent to `::1`. Each address goes to the proxy port of
 //!   its family (a service port has one per family when the rules DNAT both
@@ -30,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::listen::ListenRole;
-use crate::model::{Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
+use crate::model::{Endpoint, Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
 use crate::snapshot::Snapshot;
 
 /// What a rule matches: a packet's protocol, destination address and port.
@@ -128,6 +129,9 @@ pub struct PortRules<'a> {
     /// Endpoints exist at all (in any scope): with none in scope, traffic
     /// is then dropped rather than rejected.
     pub has_endpoints: bool,
+    /// A dual-stack port's three flags above (in that order) per family,
+    /// `[IPv4, IPv6]`: each address is judged by its own family's endpoints.
+    pub families: Option<[(bool, bool, bool); 2]>,
 }
 
 impl<'a> PortRules<'a> {
@@ -142,7 +146,17 @@ impl<'a> PortRules<'a> {
             internal_empty: false,
             external_empty: false,
             has_endpoints: has_endpoints(spec),
+            families: None,
         }
+    }
+
+    /// `(no endpoint in scope, endpoints at all)` for traffic to `ip`.
+    fn emptiness(&self, ip: IpAddr, external: bool) -> (bool, bool) {
+        let (internal, outer, any) = match self.families {
+            Some(families) => families[usize::from(ip.is_ipv6())],
+            None => (self.internal_empty, self.external_empty, self.has_endpoints),
+        };
+        (if external { outer } else { internal }, any)
     }
 
     /// The proxy port for traffic to `ip` in one scope: of `ip`'s family,
@@ -158,7 +172,11 @@ impl<'a> PortRules<'a> {
 /// Whether a service port has any endpoint that could serve (kube-proxy's
 /// `hasEndpoints`): ready, or serving while terminating.
 pub fn has_endpoints(spec: &ServicePort) -> bool {
-    spec.endpoints.iter().any(|e| e.conditions.ready || e.conditions.serving)
+    spec.endpoints.iter().any(usable)
+}
+
+fn usable(e: &Endpoint) -> bool {
+    e.conditions.ready || e.conditions.serving
 }
 
 /// The rules a snapshot wants, and what could not be expressed.
@@ -181,12 +199,9 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
     for p in ports {
         let sp = p.spec;
         let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
-        let wanted = sp
-            .cluster_ips
-            .iter()
-            .map(|ip| (ip, false, p.internal_empty))
-            .chain(remote.map(|ip| (ip, true, p.external_empty)));
-        for (ip, external, empty) in wanted {
+        let wanted = sp.cluster_ips.iter().map(|ip| (ip, false)).chain(remote.map(|ip| (ip, true)));
+        for (ip, external) in wanted {
+            let (empty, has_endpoints) = p.emptiness(*ip, external);
             let Some(proxy) = p.target(*ip, external) else {
                 out.wrong_family += 1;
                 continue;
@@ -205,7 +220,7 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
             // Endpoints elsewhere, none in scope: dropped, as kube-proxy.
             // None at all: UDP rejected; TCP needs no reject, a paused
             // proxy port answers SYN with RST.
-            if empty && p.has_endpoints {
+            if empty && has_endpoints {
                 out.rules.dropped.insert(key);
             } else if empty && key.is_udp() {
                 out.rules.reject.insert(key);
@@ -255,6 +270,13 @@ pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
             internal_empty: p.internal.is_empty(),
             external_empty: p.external.is_empty(),
             has_endpoints: has_endpoints(&p.spec),
+            families: p.families.as_ref().map(|f| {
+                [false, true].map(|v6| {
+                    let [internal, external] = &f[usize::from(v6)];
+                    let mut of_family = p.spec.endpoints.iter().filter(|e| e.addr.0.is_ipv6() == v6);
+                    (internal.is_empty(), external.is_empty(), of_family.any(usable))
+                })
+            }),
         })
     });
     desired(ports, local)
@@ -432,6 +454,22 @@ mod tests {
         let no_external6 = PortRules { external_proxy6: None, ..p };
         let d = desired([no_external6], &Locality::default());
         assert_eq!(d.rules.redirects[&key("fd00:98::1", 80)].proxy_port, ProxyPort(31001));
+    }
+
+    #[test]
+    fn a_dual_stack_port_judges_each_address_by_its_own_familys_endpoints() {
+        let mut dns = sp("dns", Protocol::Udp, 53);
+        dns.cluster_ips = vec![ip("10.96.0.53"), ip("fd00:96::53")];
+        // IPv4 endpoints only: the IPv6 ClusterIP is rejected, as kube-proxy's IPv6 proxier does.
+        let p = PortRules {
+            proxy6: Some("[fd72::1]:31001".parse().unwrap()),
+            families: Some([(false, false, true), (true, true, false)]),
+            ..PortRules::new(&dns, v4_proxy(31000))
+        };
+        let d = desired([p], &Locality::default());
+        let udp = |a| RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip(a)), dport: 53 };
+        assert_eq!(d.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![udp("10.96.0.53")]);
+        assert_eq!(d.rules.reject.iter().copied().collect::<Vec<_>>(), vec![udp("fd00:96::53")]);
     }
 
     #[test]
