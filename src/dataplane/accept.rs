@@ -27,6 +27,7 @@ use super::listeners::Accepting;
 use super::slots::Key;
 use super::sys;
 use super::token::Token;
+use super::udp_pace::ReadPace;
 use super::worker::Worker;
 use crate::listen::{self, ListenerId};
 use crate::model::Protocol;
@@ -111,6 +112,7 @@ impl Worker {
                     fd: Some(fd),
                     paused: !serving,
                     armed: false,
+                    pace: ReadPace::new(sys::BATCH),
                 };
                 let key = self.listeners.insert(a);
                 self.by_id.insert(listener.id, key);

@@ -6,6 +6,7 @@
 use io_uring::types;
 
 use super::sys;
+use super::udp_pace::ReadPace;
 use crate::listen::{ListenRole, ListenerId};
 use crate::model::Protocol;
 
@@ -22,8 +23,10 @@ pub(super) struct Accepting {
     /// (TCP only: a UDP socket is never paused.)
     pub(super) paused: bool,
     /// A multishot accept (TCP) or a readable poll (UDP), or an accept's
-    /// back-off timer, is in flight.
+    /// back-off timer, or a UDP listener's pacing timer, is in flight.
     pub(super) armed: bool,
+    /// How much a UDP listener reads per wake-up (`udp_pace.rs`).
+    pub(super) pace: ReadPace,
 }
 
 /// The back-off timespecs, handed to the kernel by pointer.

@@ -24,6 +24,7 @@ pub(crate) mod sys;
 mod token;
 mod udp;
 mod udp_flow;
+mod udp_pace;
 mod udp_worker;
 mod worker;
 

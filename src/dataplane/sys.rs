@@ -252,6 +252,11 @@ impl RecvBatch {
     /// `recvmmsg(2)` without blocking: how many datagrams arrived (0 when
     /// none was waiting).
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.recv_up_to(fd, BATCH)
+    }
+
+    /// [`RecvBatch::recv`] of at most `max` datagrams (1 to [`BATCH`]).
+    pub fn recv_up_to(&mut self, fd: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
         let mut iovs: Vec<libc::iovec> = self
             .bufs
             .iter_mut()
@@ -275,7 +280,7 @@ impl RecvBatch {
                 libc::recvmmsg(
                     fd.as_raw_fd(),
                     msgs.as_mut_ptr(),
-                    BATCH as libc::c_uint,
+                    max.clamp(1, BATCH) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                     std::ptr::null_mut(),
                 )

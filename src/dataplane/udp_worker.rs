@@ -20,16 +20,22 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use io_uring::types::Timespec;
+
 use super::slots::Key;
 use super::sys;
 use super::token::Token;
 use super::udp::{FlowError, SendTag};
 use super::udp_flow::{FlowAction, Received};
+use super::udp_pace::{Next, PACE};
 use super::worker::Worker;
 use crate::snapshot::{Route, Snapshot};
 
-/// Client datagram batches handled per readiness event before yielding.
+/// Reply batches relayed per readiness event before yielding.
 const BATCHES_PER_WAKE: usize = 8;
+
+/// [`PACE`] as the kernel takes it.
+static PACE_TIMESPEC: Timespec = Timespec::new().sec(PACE.as_secs()).nsec(PACE.subsec_nanos());
 
 impl Worker {
     pub(super) fn arm_udp_listener(&mut self, slot: Key) -> io::Result<()> {
@@ -39,32 +45,45 @@ impl Worker {
         self.driver.poll(fd.as_fd(), libc::POLLIN, Token::UdpListen(slot))
     }
 
-    /// Client datagrams are waiting on a listening socket.
+    /// Client datagrams are waiting on a listening socket (its poll or its
+    /// pacing timer completed). A wake-up reads, and sends on, what the
+    /// listener's byte budget allows (`udp_pace.rs`); a burst of large
+    /// datagrams beyond it waits on the listener for the next round.
     pub(super) fn on_udp_listener(&mut self, slot: Key) -> io::Result<()> {
         let Some(a) = self.listeners.get_mut(slot) else { return Ok(()) };
         a.armed = false;
         if a.fd.is_none() {
             return self.forget_listener(slot);
         }
+        let mut asked = a.pace.begin();
         let snapshot = self.shared.snapshot.load_full();
         // One route for the whole wake-up: every datagram here came to
         // the same listener.
         let Some(route) = snapshot.route(a.id) else { return self.arm_udp_listener(slot) };
         let now = Instant::now();
-        for _ in 0..BATCHES_PER_WAKE {
+        loop {
             let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else { break };
-            let n = match self.batch.recv(fd.as_fd()) {
+            let n = match self.batch.recv_up_to(fd.as_fd(), asked) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::debug!(worker = self.index, error = %e, "UDP receive failed");
                     0
                 }
             };
+            let bytes = (0..n).map(|i| self.batch.get(i).data.len()).sum();
             for i in 0..n {
                 self.on_client_datagram(slot, &route, i, now)?;
             }
-            if n < sys::BATCH {
-                break;
+            let Some(a) = self.listeners.get_mut(slot) else { break };
+            match a.pace.read(asked, n, bytes) {
+                Next::Read(max) => asked = max,
+                Next::Poll => break,
+                Next::Later => {
+                    // Same token as the poll: a listener leaving meanwhile
+                    // cancels whichever is in flight.
+                    a.armed = true;
+                    return self.driver.timeout(&PACE_TIMESPEC, Token::UdpListen(slot));
+                }
             }
         }
         self.arm_udp_listener(slot)
