@@ -3,7 +3,8 @@
 //! and closing flows on idleness, ICMP errors and endpoint changes.
 //!
 //! A datagram costs no syscall of its own: client datagrams arrive up to 16
-//! per `recvmmsg`, go out as io_uring `SEND`s submitted together with
+//! per `recvmmsg` (within the listener's byte budget per wake-up,
+//! `udp_pace.rs`), go out as io_uring `SEND`s submitted together with
 //! everything else of the loop turn, and replies return up to 16 per
 //! `recvmmsg` / `sendmmsg` pair.
 //!
