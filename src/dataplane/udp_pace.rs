@@ -83,8 +83,8 @@ impl ReadPace {
     pub fn read(&mut self, asked: usize, n: usize, bytes: usize) -> Next {
         self.batches += 1;
         self.spent += bytes;
-        if n > 0 {
-            self.size = bytes / n;
+        if let Some(size) = bytes.checked_div(n) {
+            self.size = size;
         }
         if n < asked {
             self.backlogged = 0;

@@ -62,8 +62,7 @@ impl Worker {
         // the same listener.
         let Some(route) = snapshot.route(a.id) else { return self.arm_udp_listener(slot) };
         let now = Instant::now();
-        loop {
-            let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) else { break };
+        while let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) {
             let n = match self.batch.recv_up_to(fd.as_fd(), asked) {
                 Ok(n) => n,
                 Err(e) => {
