@@ -18,6 +18,7 @@ use crate::loops;
 use crate::metrics::{Changes, Metrics};
 use crate::model::{Origin, ServicePort};
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
+use crate::source_ip::SourceOptions;
 use crate::table::Table;
 
 /// Why an update was not applied.
@@ -44,6 +45,8 @@ pub struct Control {
     ready: Arc<AtomicBool>,
     /// The fd budget a new configuration must fit in; none: unchecked.
     budget: Option<Budget>,
+    /// Transparent mode: whose address endpoints see.
+    source: SourceOptions,
 }
 
 impl Control {
@@ -55,7 +58,23 @@ impl Control {
         snapshot: SharedSnapshot,
         ready: Arc<AtomicBool>,
     ) -> Self {
-        Self { table: Table::default(), binder, balance, health, metrics, snapshot, ready, budget: None }
+        Self {
+            table: Table::default(),
+            binder,
+            balance,
+            health,
+            metrics,
+            snapshot,
+            ready,
+            budget: None,
+            source: SourceOptions::default(),
+        }
+    }
+
+    /// Serve with these transparent-mode settings.
+    pub fn with_source(mut self, source: SourceOptions) -> Self {
+        self.source = source;
+        self
     }
 
     /// Apply a full set of manifests (a file source's load).
@@ -143,7 +162,12 @@ impl Control {
         previous: &Snapshot,
         data_plane: &DataPlane,
     ) -> Applied {
-        let ctx = BalanceContext { options: &self.balance, registry: &self.health, metrics: &self.metrics };
+        let ctx = BalanceContext {
+            options: &self.balance,
+            registry: &self.health,
+            metrics: &self.metrics,
+            source: &self.source,
+        };
         let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx);
         snapshot.listen_where_served();
         let applied = Applied {

@@ -27,6 +27,7 @@ pub mod run;
 pub mod service_health;
 pub mod snapshot;
 pub mod source;
+pub mod source_ip;
 pub mod status;
 pub mod systemd;
 mod table;

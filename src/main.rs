@@ -21,6 +21,7 @@ use ringport::model::Scheduler;
 use ringport::redirect::RedirectMode;
 use ringport::run::{Handles, RunOptions, SourceChoice};
 use ringport::source::kube::KubeOptions;
+use ringport::source_ip::SourceOptions;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -258,6 +259,27 @@ struct RunArgs {
     /// never uses it as a source address); not added where IPv6 is off.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
     proxy_address6: Ipv6Addr,
+    /// Connect to endpoints on this node from the client's own address
+    /// (IP_TRANSPARENT and policy routing; docs/source-ip.md). A Service
+    /// opts out with `ringport.io/source-ip: proxy`.
+    #[arg(long)]
+    transparent: bool,
+    /// The packet mark that hands endpoints' replies to transparent
+    /// sockets (and the ip rule's fwmark), e.g. 0x1000.
+    #[arg(long, value_parser = parse_mark, default_value = "0x1000")]
+    transparent_mark: u32,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let mark = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?}: {e}"))?;
+    if mark == 0 {
+        return Err("the mark must not be 0".into());
+    }
+    Ok(mark)
 }
 
 fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
@@ -352,6 +374,11 @@ impl RunArgs {
             redirect: self.redirect.unwrap_or_else(|| source.default_redirect()),
             proxy_address: self.proxy_address,
             proxy_address6: self.proxy_address6,
+            transparent: SourceOptions {
+                transparent: self.transparent,
+                ready: false,
+                mark: self.transparent_mark,
+            },
             source,
         })
     }
@@ -465,7 +492,14 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             for addr in &cleaned.proxy_addresses {
                 println!("removed the proxy address {addr} from lo");
             }
-            if !cleaned.nft_table && !cleaned.iptables_chains && cleaned.proxy_addresses.is_empty() {
+            if cleaned.transparent_routing {
+                println!("removed the transparent-mode ip rule and route table");
+            }
+            if !cleaned.nft_table
+                && !cleaned.iptables_chains
+                && cleaned.proxy_addresses.is_empty()
+                && !cleaned.transparent_routing
+            {
                 println!("nothing to remove");
             }
         }

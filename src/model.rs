@@ -185,6 +185,35 @@ impl IpFamily {
     }
 }
 
+/// `ringport.io/source-ip`: whose address an endpoint sees as the
+/// connection's source (docs/source-ip.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceIp {
+    /// The client's own address (transparent mode, `IP_TRANSPARENT`), where
+    /// the replies are sure to come back through this node.
+    Preserve,
+    /// The node's address (plain proxying).
+    Proxy,
+}
+
+/// An unknown `ringport.io/source-ip` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown source-ip mode {0:?} (expected preserve or proxy)")]
+pub struct UnknownSourceIp(pub String);
+
+impl std::str::FromStr for SourceIp {
+    type Err = UnknownSourceIp;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "preserve" => Ok(SourceIp::Preserve),
+            "proxy" => Ok(SourceIp::Proxy),
+            _ => Err(UnknownSourceIp(s.to_owned())),
+        }
+    }
+}
+
 impl fmt::Display for IpFamily {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -287,6 +316,9 @@ pub struct Service {
     pub distribution: TrafficDistribution,
     /// `ringport.io/scheduler`; `None` means the process default.
     pub scheduler: Option<Scheduler>,
+    /// `ringport.io/source-ip`; `None` means the process default
+    /// (`--transparent`).
+    pub source_ip: Option<SourceIp>,
     /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
     /// without the prefix, sorted by key.
     pub ringport_annotations: Vec<(String, String)>,
@@ -398,6 +430,7 @@ pub struct ServicePort {
     pub internal_policy: TrafficPolicy,
     pub distribution: TrafficDistribution,
     pub scheduler: Option<Scheduler>,
+    pub source_ip: Option<SourceIp>,
     pub ringport_annotations: Vec<(String, String)>,
     /// The Service's `spec.healthCheckNodePort` (same on each of its ports).
     pub health_check_node_port: Option<u16>,
@@ -424,6 +457,7 @@ impl ServicePort {
             internal_policy: TrafficPolicy::Cluster,
             distribution: TrafficDistribution::Any,
             scheduler: None,
+            source_ip: None,
             ringport_annotations: Vec::new(),
             health_check_node_port: None,
             endpoints: Vec::new(),

@@ -30,6 +30,7 @@ use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileLoader, FileSource, WatchError};
 use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource, NodeView, NodeWatch};
+use crate::source_ip::SourceOptions;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -46,6 +47,8 @@ pub struct RunOptions {
     pub proxy_address: std::net::Ipv4Addr,
     /// `--proxy-address6`: the IPv6 one, beside it.
     pub proxy_address6: std::net::Ipv6Addr,
+    /// `--transparent`; `ready` is found out at start.
+    pub transparent: SourceOptions,
     /// Where the services come from; `config` is read only for `File`.
     pub source: SourceChoice,
 }
@@ -422,7 +425,8 @@ impl Engine {
             Arc::clone(&handles.snapshot),
             Arc::new(AtomicBool::new(false)),
         )
-        .with_budget(budget);
+        .with_budget(budget)
+        .with_source(opts.transparent.clone());
         let loader = matches!(opts.source, SourceChoice::File).then(|| FileLoader::new(&opts.config));
         // The API serves objects one by one: a cross-object error concerns one
         // Service, and must not freeze every later update for the node.
@@ -572,6 +576,17 @@ fn start_redirect(
     let mut backend = redirect::backend(opts.redirect, to)?;
     // External proxy ports only where rules send traffic to them.
     opts.listen.redirect_rules = backend.name() != "none";
+    if opts.transparent.transparent {
+        match redirect::transparent::setup(opts.transparent.mark, opts.listen.redirect_rules) {
+            Ok(()) => {
+                opts.transparent.ready = true;
+                tracing::info!(mark = %format_args!("{:#x}", opts.transparent.mark), table = redirect::transparent::ROUTE_TABLE, "transparent mode: endpoints on this node see the client's address");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "transparent mode cannot work here: every endpoint sees the node's address (ringport_source_ip_fallback_total{{reason=\"unavailable\"}})")
+            }
+        }
+    }
     if let (Intercept::ProxyAddress { v4, v6: Some(v6) }, true) = (to, backend.name() != "none") {
         redirect::proxy_address(v4.into())?;
         opts.listen.bind_address = v4.into();

@@ -26,6 +26,7 @@ use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::listen::{ListenRole, Listener, ListenerId};
 use crate::metrics::{Metrics, PortMetrics};
 use crate::model::{EndpointAddr, ProxyPort, ServicePort, ServicePortName};
+use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 /// One service port as served: its spec and its selection state for each
 /// kind of traffic (they differ when a traffic policy is `Local`).
@@ -45,6 +46,8 @@ pub struct PortState {
     pub families: Option<Box<[[Arc<Balancer>; 2]; 2]>>,
     /// Its counters, one slot per worker; kept across reloads.
     pub metrics: Arc<PortMetrics>,
+    /// Whose address each endpoint sees (transparent mode).
+    pub source: SourcePlan,
 }
 
 impl PortState {
@@ -75,6 +78,7 @@ pub struct BalanceContext<'a> {
     pub options: &'a BalanceOptions,
     pub registry: &'a HealthRegistry,
     pub metrics: &'a Metrics,
+    pub source: &'a SourceOptions,
 }
 
 /// Where a listener's connections go.
@@ -168,7 +172,9 @@ impl Snapshot {
                     }))
                 });
                 let metrics = ctx.metrics.port(&spec.name, spec.protocol);
-                Arc::new(PortState { spec, internal, external, families, metrics })
+                let node = ctx.options.locality.node_name.as_deref();
+                let source = SourcePlan::build(&spec, ctx.source, node);
+                Arc::new(PortState { spec, internal, external, families, metrics, source })
             })
             .collect();
         ctx.registry.prune();
@@ -213,6 +219,12 @@ impl Snapshot {
         Some(Route { port, balancer: port.balancer_for(entry.scope, entry.v6) })
     }
 
+    /// The mark of the rule that hands replies to transparent sockets, when
+    /// some endpoint gets its client's address (the rules follow it).
+    pub fn transparent_mark(&self) -> Option<u32> {
+        self.ports.iter().find(|p| p.source.active()).map(|p| p.source.mark())
+    }
+
     /// The proxy port of a service port, if it is bound.
     pub fn proxy_port(&self, name: &ServicePortName) -> Option<ProxyPort> {
         self.listeners
@@ -244,7 +256,12 @@ impl Snapshot {
                         .filter(|l| l.key.port == p.spec.name)
                         .map(|l| ListenerView { role: l.key.role.to_string(), addr: l.addr })
                         .collect(),
-                    endpoints: p.spec.endpoints.iter().map(EndpointView::from).collect(),
+                    endpoints: p
+                        .spec
+                        .endpoints
+                        .iter()
+                        .map(|e| EndpointView { source: p.source.of(e.addr), ..EndpointView::from(e) })
+                        .collect(),
                     internal: p.internal.view(now),
                     external: p.external.view(now),
                 })
@@ -295,6 +312,10 @@ pub struct EndpointView {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// Whose address it sees: `{"source": "client"}`, or `"proxy"` with the
+    /// reason of a fallback (`null`: its Service did not ask).
+    #[serde(flatten)]
+    pub source: Source,
 }
 
 impl From<&crate::model::Endpoint> for EndpointView {
@@ -304,6 +325,7 @@ impl From<&crate::model::Endpoint> for EndpointView {
             ready: e.conditions.ready,
             serving: e.conditions.serving,
             terminating: e.conditions.terminating,
+            source: Source::Proxy(None),
         }
     }
 }
@@ -349,7 +371,8 @@ mod tests {
         let (listeners, errors) = binder.bind(&ports, &previous.listeners);
         assert!(errors.is_empty(), "{errors:?}");
         let (options, metrics) = (BalanceOptions::default(), Metrics::new(1));
-        let ctx = BalanceContext { options: &options, registry, metrics: &metrics };
+        let source = SourceOptions::default();
+        let ctx = BalanceContext { options: &options, registry, metrics: &metrics, source: &source };
         Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx)
     }
 

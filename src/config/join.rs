@@ -320,6 +320,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         internal_policy: service.internal_policy,
         distribution: service.distribution,
         scheduler: service.scheduler,
+        source_ip: service.source_ip,
         ringport_annotations: service.ringport_annotations.clone(),
         health_check_node_port: service.health_check_node_port,
         endpoints,

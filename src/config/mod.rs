@@ -161,6 +161,8 @@ fn write_location(
 pub enum ConfigErrorKind {
     #[error("{0}")]
     UnknownScheduler(#[source] crate::model::UnknownScheduler),
+    #[error("{0}")]
+    UnknownSourceIp(#[source] crate::model::UnknownSourceIp),
     #[error("cannot read: {0}")]
     Io(#[source] io::Error),
     #[error("file is {size} bytes; at most {max} are read")]

@@ -20,14 +20,17 @@ use super::{
     check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, IpFamily, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, TargetPort,
-    TrafficDistribution, TrafficPolicy,
+    self, Affinity, IpFamily, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, SourceIp,
+    TargetPort, TrafficDistribution, TrafficPolicy,
 };
 
 /// Annotations under this prefix tune ringport per Service.
 const ANNOTATION_PREFIX: &str = "ringport.io/";
 /// `ringport.io/scheduler`: the service's endpoint scheduler.
 const SCHEDULER_ANNOTATION: &str = "scheduler";
+/// `ringport.io/source-ip`: `preserve` (the client's address reaches the
+/// endpoint) or `proxy` (the node's).
+const SOURCE_IP_ANNOTATION: &str = "source-ip";
 
 /// Validates one Service. `Ok(Conversion::Skipped(_))` for a headless or
 /// ExternalName Service; `Err` lists every problem found.
@@ -67,6 +70,11 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
             let field = || format!("metadata.annotations[\"{ANNOTATION_PREFIX}{SCHEDULER_ANNOTATION}\"]");
             diag.check(field, v.parse::<Scheduler>().map_err(ConfigErrorKind::UnknownScheduler))
         });
+    let source_ip =
+        ringport_annotations.iter().find(|(k, _)| k == SOURCE_IP_ANNOTATION).and_then(|(_, v)| {
+            let field = || format!("metadata.annotations[\"{ANNOTATION_PREFIX}{SOURCE_IP_ANNOTATION}\"]");
+            diag.check(field, v.parse::<SourceIp>().map_err(ConfigErrorKind::UnknownSourceIp))
+        });
 
     // Each `None` above comes with a recorded error, so `finish` returns
     // `Err` whenever one of these placeholders was needed.
@@ -84,6 +92,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         internal_policy: internal_policy.unwrap_or_default(),
         distribution,
         scheduler,
+        source_ip,
         ringport_annotations,
         health_check_node_port,
     };

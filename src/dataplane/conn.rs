@@ -27,15 +27,17 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{SockRef, Socket, Type};
 
 use super::fault::Blame;
 pub use super::machine::{Dir, Op};
 use super::machine::{Machine, Pumped};
 use super::relay::{End, Half, Pool, RelayError, Wait};
+use super::upstream;
 use crate::balance::{Balancer, Candidates};
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::{PortState, Route};
+use crate::source_ip::Decision;
 
 /// Why a connection could not be connected (for logs).
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,9 @@ pub struct Conn {
     halves: [Half; 2],
     /// A failure that was this host's, not the endpoint's: dialing stops.
     local_failure: Option<io::Error>,
+    /// Whose address the current attempt's socket has (counted once
+    /// connected).
+    source: upstream::Outcome,
 }
 
 /// What to do after trying to open the next upstream connection.
@@ -136,6 +141,7 @@ impl Conn {
             machine: Machine::new(now, connect_timeouts),
             halves: [Half::default(), Half::default()],
             local_failure: None,
+            source: None,
         }
     }
 
@@ -164,8 +170,12 @@ impl Conn {
             self.endpoint = Some(endpoint);
             // The socket first: failing to make one is this host's fault,
             // and must not count as an attempt on the endpoint.
-            let socket = match new_socket(endpoint.0) {
-                Ok(socket) => socket,
+            let decision = self.port.source.decide(endpoint, self.client_addr);
+            let socket = match new_socket(endpoint.0, decision) {
+                Ok((socket, source)) => {
+                    self.source = source;
+                    socket
+                }
                 Err(e) => {
                     self.local_failure = Some(e);
                     continue;
@@ -220,11 +230,11 @@ impl Conn {
                 counters.add(&counters.readmissions, 1);
             }
             self.counted = true;
-            self.port
-                .metrics
-                .slot(self.worker)
-                .connect_duration
-                .observe(now.saturating_duration_since(self.accepted_at));
+            let counters = self.port.metrics.slot(self.worker);
+            counters.connect_duration.observe(now.saturating_duration_since(self.accepted_at));
+            if let Some(fallback) = self.source {
+                counters.source(fallback);
+            }
         }
     }
 
@@ -351,11 +361,12 @@ fn ends<'a>(dir: Dir, client: BorrowedFd<'a>, upstream: BorrowedFd<'a>) -> (Borr
     }
 }
 
-/// A tuned, non-blocking socket for `addr`. Every error here is local.
-fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+/// A tuned, non-blocking socket for `addr`, bound as `decision` says.
+/// Every error here is local.
+fn new_socket(addr: SocketAddr, decision: Decision) -> io::Result<(Socket, upstream::Outcome)> {
+    let (socket, source) = upstream::open(addr, Type::STREAM, decision)?;
     tune(SockRef::from(&socket))?;
-    Ok(socket)
+    Ok((socket, source))
 }
 
 /// A non-blocking connect. `true`: already connected (possible on loopback).

@@ -26,6 +26,7 @@ mod udp;
 mod udp_flow;
 mod udp_pace;
 mod udp_worker;
+mod upstream;
 mod worker;
 
 use std::io;

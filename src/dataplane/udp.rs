@@ -21,13 +21,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use socket2::{Domain, Socket, Type};
+use socket2::Type;
 
 use super::slots::Key;
 use super::udp_flow::FlowMachine;
+use super::upstream;
 use crate::balance::Balancer;
 use crate::model::{ClientAddr, EndpointAddr};
 use crate::snapshot::PortState;
+use crate::source_ip::Decision;
 
 pub struct Flow {
     /// The worker's slot of the listening socket the client sent to.
@@ -131,12 +133,16 @@ impl Flows {
         let mut candidates = balancer.pick(ClientAddr(client), now, 1);
         let i = balancer.next_candidate(&mut candidates, now).ok_or(FlowError::NoEndpoint)?;
         let endpoint_addr = balancer.endpoint(i).ok_or(FlowError::NoEndpoint)?;
-        let socket = connect(endpoint_addr.0)
+        let decision = port.source.decide(endpoint_addr, ClientAddr(client));
+        let (socket, source) = connect(endpoint_addr.0, decision)
             .map_err(|source| FlowError::Socket { endpoint: endpoint_addr, source })?;
         balancer.attempting(i);
         balancer.flow_opened(ClientAddr(client), i, now);
         let c = port.metrics.slot(worker);
         c.add(&c.flows_created, 1);
+        if let Some(fallback) = source {
+            c.source(fallback);
+        }
         let generation = self.next_generation;
         self.next_generation += 1;
         let key = self.flows.insert(Flow {
@@ -195,9 +201,10 @@ impl Flows {
 }
 
 /// A non-blocking UDP socket connected to `endpoint`, so replies and ICMP
-/// errors from it (and only it) arrive on this socket.
-fn connect(endpoint: SocketAddr) -> io::Result<OwnedFd> {
-    let socket = Socket::new(Domain::for_address(endpoint), Type::DGRAM.nonblocking().cloexec(), None)?;
+/// errors from it (and only it) arrive on this socket; bound to the
+/// client's address when `decision` says so (transparent mode).
+fn connect(endpoint: SocketAddr, decision: Decision) -> io::Result<(OwnedFd, upstream::Outcome)> {
+    let (socket, source) = upstream::open(endpoint, Type::DGRAM, decision)?;
     socket.connect(&endpoint.into())?;
-    Ok(socket.into())
+    Ok((socket.into(), source))
 }

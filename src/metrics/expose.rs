@@ -289,9 +289,29 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Transparent mode, summed over every service port: how many
+    /// connections kept the client's address, and why the others did not.
+    fn encode_source(&self, e: &mut Enc<'_>) -> std::fmt::Result {
+        let ports = self.live_ports();
+        let sum = |f: &dyn Fn(&PortCounters) -> &AtomicU64| -> u64 { ports.iter().map(|p| p.sum(f)).sum() };
+        let help = "Connections and UDP flows whose endpoint saw the client's own address";
+        counter(e, names::SOURCE_IP_PRESERVED, help, sum(&|c| &c.source_preserved))?;
+        let help =
+            "Connections and UDP flows that asked for the client's address and got the node's, by reason";
+        let mut family = e.encode_descriptor(names::SOURCE_IP_FALLBACK, help, None, MetricType::Counter)?;
+        for why in crate::source_ip::Fallback::ALL {
+            let n = sum(&|c| &c.source_fallback[why as usize]);
+            ConstCounter::new(n).encode(family.encode_family(&[("reason", why.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Metrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         self.encode_ports(&mut enc)?;
+        self.encode_source(&mut enc)?;
         self.encode_control(&mut enc)?;
         Self::encode_process(&mut enc)
     }

@@ -56,6 +56,8 @@ pub mod names {
     pub const PROGRAMMED_RULES: &str = "ringport_programmed_rules";
     pub const LAST_SYNC: &str = "ringport_last_sync_timestamp_seconds";
     pub const BUILD_INFO: &str = "ringport_build_info";
+    pub const SOURCE_IP_PRESERVED: &str = "ringport_source_ip_preserved";
+    pub const SOURCE_IP_FALLBACK: &str = "ringport_source_ip_fallback";
 
     // kube-proxy's own names (pkg/proxy/metrics), where the meaning is the same.
     pub const KP_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
@@ -190,11 +192,25 @@ pub struct PortCounters {
     pub datagrams_to_client: AtomicU64,
     pub datagrams_dropped: AtomicU64,
     pub truncated: AtomicU64,
+    /// Connections and flows whose endpoint saw the client's address.
+    pub source_preserved: AtomicU64,
+    /// Those that asked for it and got the node's, by
+    /// [`crate::source_ip::Fallback`] (`Fallback::ALL`'s order).
+    pub source_fallback: [AtomicU64; crate::source_ip::Fallback::ALL.len()],
 }
 
 impl PortCounters {
     pub fn add(&self, counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count one connection's source: preserved, or a fallback.
+    pub fn source(&self, fallback: Option<crate::source_ip::Fallback>) {
+        let counter = match fallback {
+            None => &self.source_preserved,
+            Some(why) => &self.source_fallback[why as usize],
+        };
+        self.add(counter, 1);
     }
 }
 

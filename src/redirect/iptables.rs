@@ -7,7 +7,9 @@
 //! - filter `RINGPORT-INPUT` (the proxy address answers only what was
 //!   DNATed to it), `RINGPORT-FORWARD` and `RINGPORT-OUTPUT` (ICMP port
 //!   unreachable for UDP service ports with no endpoints);
-//! - mangle `RINGPORT-FIREWALL` (`loadBalancerSourceRanges`, before NAT).
+//! - mangle `RINGPORT-FIREWALL` (`loadBalancerSourceRanges`, before NAT)
+//!   and `RINGPORT-TRANSPARENT` (transparent mode's reply mark,
+//!   `transparent.rs`).
 //!
 //! Each sync writes every chain whole with one `iptables-restore --noflush`
 //! per family: declaring a chain in the batch flushes it, so the rewrite is
@@ -20,13 +22,14 @@ use super::rules::{Diff, RuleSet};
 use super::{Backend, Intercept, RedirectError, command};
 
 /// `(table, builtin chain, ringport's chain)`, in batch order.
-const CHAINS: [(&str, &str, &str); 6] = [
+const CHAINS: [(&str, &str, &str); 7] = [
     ("nat", "PREROUTING", "RINGPORT-PREROUTING"),
     ("nat", "OUTPUT", "RINGPORT-OUTPUT"),
     ("filter", "INPUT", "RINGPORT-INPUT"),
     ("filter", "FORWARD", "RINGPORT-FORWARD"),
     ("filter", "OUTPUT", "RINGPORT-OUTPUT"),
     ("mangle", "PREROUTING", "RINGPORT-FIREWALL"),
+    ("mangle", "PREROUTING", "RINGPORT-TRANSPARENT"),
 ];
 const TABLES: [&str; 3] = ["nat", "filter", "mangle"];
 
@@ -212,6 +215,9 @@ pub fn render_restore(
                     }
                     let _ = writeln!(s, "-A RINGPORT-FIREWALL {m} -j DROP");
                 }
+                if let (Some(mark), Family::V4) = (rules.transparent, family) {
+                    super::transparent::iptables_rules(&mut s, "RINGPORT-TRANSPARENT", mark);
+                }
             }
         }
         s.push_str("COMMIT\n");
@@ -315,11 +321,26 @@ mod tests {
              -A RINGPORT-FORWARD -d 10.96.0.53/32 -p udp -m udp --dport 80 -j REJECT --reject-with icmp-port-unreachable\n\
              -A RINGPORT-OUTPUT -d 10.96.0.53/32 -p udp -m udp --dport 80 -j REJECT --reject-with icmp-port-unreachable\n\
              COMMIT\n\
-             *mangle\n:RINGPORT-FIREWALL - [0:0]\n\
+             *mangle\n:RINGPORT-FIREWALL - [0:0]\n:RINGPORT-TRANSPARENT - [0:0]\n\
              -A RINGPORT-FIREWALL -d 10.98.0.1/32 -p tcp -m tcp --dport 80 -s 10.0.0.0/8 -j RETURN\n\
              -A RINGPORT-FIREWALL -d 10.98.0.1/32 -p tcp -m tcp --dport 80 -j DROP\n\
              COMMIT\n"
         );
+    }
+
+    #[test]
+    fn transparent_mode_marks_replies_in_its_own_mangle_chain_for_ipv4_only() {
+        let mut set = rules();
+        set.transparent = Some(0x1000);
+        let to = Intercept::ProxyAddress { v4: "169.254.99.1".parse().unwrap(), v6: None };
+        let v4 = render_restore(Family::V4, &set, to, &[]);
+        assert!(
+            v4.contains(
+                "-A RINGPORT-TRANSPARENT -p udp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n"
+            ),
+            "{v4}"
+        );
+        assert!(!render_restore(Family::V6, &set, to, &[]).contains("-m socket"));
     }
 
     #[test]

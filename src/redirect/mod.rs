@@ -28,6 +28,7 @@ pub mod iptables;
 pub mod nft;
 pub mod rules;
 pub mod syncer;
+pub mod transparent;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::ExitStatus;
@@ -237,11 +238,14 @@ pub struct Cleaned {
     pub iptables_chains: bool,
     /// The proxy addresses ringport had added to `lo`.
     pub proxy_addresses: Vec<IpAddr>,
+    /// Transparent mode's `ip rule` and local route table.
+    pub transparent_routing: bool,
 }
 
 /// Remove every rule, chain and table ringport made, with either backend,
-/// in both families, and every address ringport added to `lo` (those
-/// labelled [`PROXY_ADDRESS_LABEL`], whatever `--proxy-address` was).
+/// in both families, every address ringport added to `lo` (those
+/// labelled [`PROXY_ADDRESS_LABEL`], whatever `--proxy-address` was), and
+/// transparent mode's policy routing.
 /// Nothing to remove is a success.
 pub fn cleanup() -> Result<Cleaned, RedirectError> {
     let listed =
@@ -258,7 +262,12 @@ pub fn cleanup() -> Result<Cleaned, RedirectError> {
         command::run("ip", &["-6", "addr", "del", &format!("{addr}/128"), "dev", "lo"], None)?;
         proxy_addresses.push(addr);
     }
-    Ok(Cleaned { nft_table: nft::cleanup()?, iptables_chains: iptables::cleanup()?, proxy_addresses })
+    Ok(Cleaned {
+        nft_table: nft::cleanup()?,
+        iptables_chains: iptables::cleanup()?,
+        proxy_addresses,
+        transparent_routing: transparent::cleanup()?,
+    })
 }
 
 /// The addresses of `ip -o addr show` lines

@@ -134,6 +134,9 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         s += "  }\n";
     }
     render_firewall(&mut s, rules);
+    if let Some(mark) = rules.transparent {
+        super::transparent::nft_chain(&mut s, mark);
+    }
     s += "}\n";
     let (v4, v6): (Vec<_>, Vec<_>) = rules.redirects.iter().partition(|(k, _)| !k.is_ipv6());
     add_elements(&mut s, "add", MAP4, v4.iter().map(|(k, t)| element(k, Some(t.proxy_port.0))));

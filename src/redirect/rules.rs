@@ -75,6 +75,9 @@ pub struct RuleSet {
     /// LoadBalancer IP keys with `loadBalancerSourceRanges` of their family:
     /// packets from any other source are dropped.
     pub firewall: BTreeMap<RuleKey, Vec<IpNet>>,
+    /// Transparent mode's reply mark, when some endpoint gets its client's
+    /// address: the backend marks packets of transparent sockets with it.
+    pub transparent: Option<u32>,
 }
 
 impl RuleSet {

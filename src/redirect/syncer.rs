@@ -78,7 +78,9 @@ impl Syncer {
                 "addresses of the other family than --bind-address get no rule (their proxy port could not accept them)"
             );
         }
-        self.sync_set(desired.rules, full)
+        let mut rules = desired.rules;
+        rules.transparent = snapshot.transparent_mark();
+        self.sync_set(rules, full)
     }
 
     /// Bring the redirects to `desired` (no rejects, no firewall).
@@ -106,7 +108,10 @@ impl Syncer {
             // Unknown before (a start, after a failure): every UDP key.
             None => desired.udp_keys().collect(),
         };
-        let same_firewall = applied.as_ref().is_some_and(|a| a.firewall == desired.firewall);
+        // The firewall and the transparent chain are written whole.
+        let same_firewall = applied
+            .as_ref()
+            .is_some_and(|a| a.firewall == desired.firewall && a.transparent == desired.transparent);
         let diff = changes.filter(|_| same_firewall);
         let (full, added, removed, result) = match diff {
             Some(diff) if !full => {

@@ -391,3 +391,21 @@ fn ip_family_policy_is_checked_against_the_families_given() {
     let fine = "{ipFamilyPolicy: PreferDualStack, clusterIP: 10.96.0.1, ports: [{port: 80}]}";
     assert_eq!(service(fine).cluster_ips.len(), 1, "PreferDualStack with one family is fine");
 }
+
+#[test]
+fn source_ip_annotation_is_read_and_an_unknown_value_names_the_service_and_annotation() {
+    let text = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    ringport.io/source-ip: {v}\nspec: {{ports: [{{port: 80}}]}}\n"
+        )
+    };
+    assert_eq!(manifests(&text("preserve")).services[0].source_ip, Some(crate::model::SourceIp::Preserve));
+    assert_eq!(manifests(&text("proxy")).services[0].source_ip, Some(crate::model::SourceIp::Proxy));
+    assert_eq!(service("{ports: [{port: 80}]}").source_ip, None);
+    let errors = errors(&text("client"));
+    assert!(errors.contains("web"), "{errors}");
+    assert!(
+        errors.contains("metadata.annotations[\"ringport.io/source-ip\"]: unknown source-ip mode \"client\""),
+        "{errors}"
+    );
+}

@@ -1,0 +1,55 @@
+//! The socket a connection or UDP flow opens towards its endpoint: plain
+//! (the node's address), or transparent (`IP_TRANSPARENT`, bound to the
+//! client's address) as the service port's [`SourcePlan`] decides.
+//!
+//! Invariants:
+//! - A transparent socket the kernel refuses (no `CAP_NET_ADMIN`, an
+//!   address it will not bind) is replaced by a plain one: the connection
+//!   goes on from the node's address, counted as a `refused` fallback and
+//!   warned about once per process.
+//! - Only an error making the socket itself is returned (a local one).
+//!
+//! [`SourcePlan`]: crate::source_ip::SourcePlan
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::source_ip::{Decision, Fallback};
+
+/// Whose address the upstream socket got: `None` when the Service did not
+/// ask, else `Some(None)` for the client's, `Some(Some(why))` for a fallback.
+pub type Outcome = Option<Option<Fallback>>;
+
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// A non-blocking, close-on-exec socket of `ty` for `endpoint`, bound as
+/// `decision` says.
+pub fn open(endpoint: SocketAddr, ty: Type, decision: Decision) -> io::Result<(Socket, Outcome)> {
+    let plain = || Socket::new(Domain::for_address(endpoint), ty.nonblocking().cloexec(), None);
+    match decision {
+        Decision::Plain(why) => Ok((plain()?, why.map(Some))),
+        Decision::Transparent { bind } => {
+            let socket = plain()?;
+            match transparent(&socket, bind) {
+                Ok(()) => Ok((socket, Some(None))),
+                Err(e) => {
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(client = %bind.ip(), error = %e, "cannot bind an upstream socket to the client's address (IP_TRANSPARENT); connecting from the node's address (warned once; see ringport_source_ip_fallback_total{{reason=\"refused\"}})");
+                    }
+                    Ok((plain()?, Some(Some(Fallback::Refused))))
+                }
+            }
+        }
+    }
+}
+
+fn transparent(socket: &Socket, bind: SocketAddr) -> io::Result<()> {
+    match bind {
+        SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+        SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+    }
+    socket.bind(&bind.into())
+}

@@ -1,0 +1,136 @@
+//! Policy routing for transparent mode: an endpoint's replies to a
+//! client's address are handed to ringport's transparent socket instead of
+//! being forwarded to the client (who never opened that connection).
+//!
+//! Three pieces, as for TPROXY:
+//! - a rule in the prerouting hook that marks packets belonging to a
+//!   transparent socket (nft `socket transparent 1`, iptables
+//!   `-m socket --transparent`), written with the other rules of the
+//!   backend (table `inet ringport`, chain `transparent`; iptables mangle
+//!   `RINGPORT-TRANSPARENT`) whenever the snapshot has an endpoint that gets
+//!   its client's address;
+//! - `ip rule pref 27010 fwmark MARK/MARK lookup 27010`;
+//! - `ip route local 0.0.0.0/0 dev lo table 27010`: a marked packet is
+//!   delivered locally, to the socket it belongs to.
+//!
+//! No socket mark is needed (or wanted: a socket marked like the replies
+//! would send its own SYNs into the local table). IPv4 only for now.
+//!
+//! Invariants: [`setup`] is idempotent (a restart finds its state and keeps
+//! it); [`cleanup`] removes exactly the rule and table set up here, and
+//! `ringport cleanup` calls it.
+
+use std::fmt::Write;
+
+use super::{RedirectError, command};
+
+/// The routing table and the rule's priority (before `main`, 32766).
+pub const ROUTE_TABLE: u32 = 27010;
+pub const RULE_PREF: u32 = 27010;
+/// The default `--transparent-mark`: clear of kube-proxy's 0x4000/0x8000,
+/// Cilium's 0x0f00 and Calico's default 0xffff0000 mask.
+pub const DEFAULT_MARK: u32 = 0x1000;
+
+/// Why transparent mode cannot work here.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("the kernel refuses IP_TRANSPARENT (ringport needs CAP_NET_ADMIN)")]
+    Refused(#[source] std::io::Error),
+    #[error("no redirect rules (--redirect none) to mark the replies with")]
+    NoRules,
+    #[error("cannot install the policy routing (ip rule / local route table {ROUTE_TABLE})")]
+    Routing(#[source] RedirectError),
+}
+
+/// Check that `IP_TRANSPARENT` is allowed and install the policy routing
+/// for `mark`. `rules`: whether a backend will write the marking rule.
+pub fn setup(mark: u32, rules: bool) -> Result<(), SetupError> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(SetupError::Refused)?;
+    probe.set_ip_transparent_v4(true).map_err(SetupError::Refused)?;
+    if !rules {
+        return Err(SetupError::NoRules);
+    }
+    routing(mark).map_err(SetupError::Routing)
+}
+
+fn routing(mark: u32) -> Result<(), RedirectError> {
+    let (pref, table) = (RULE_PREF.to_string(), ROUTE_TABLE.to_string());
+    let fwmark = format!("{mark:#x}/{mark:#x}");
+    let listed = command::run("ip", &["-4", "rule", "show", "pref", &pref], None)?;
+    let wanted = format!("fwmark {fwmark} lookup {table}");
+    if !(listed.lines().count() == 1 && listed.contains(&wanted)) {
+        remove_rules()?;
+        command::run("ip", &["-4", "rule", "add", "pref", &pref, "fwmark", &fwmark, "lookup", &table], None)?;
+    }
+    let route = ["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table];
+    command::run("ip", &route, None).map(drop)
+}
+
+/// Delete every rule at [`RULE_PREF`] that looks up [`ROUTE_TABLE`];
+/// whether there was one. Bounded, in case a delete removes nothing.
+fn remove_rules() -> Result<bool, RedirectError> {
+    let (pref, table) = (RULE_PREF.to_string(), ROUTE_TABLE.to_string());
+    let mut removed = false;
+    for _ in 0..16 {
+        let listed = command::run("ip", &["-4", "rule", "show", "pref", &pref], None)?;
+        if !listed.contains(&format!("lookup {table}")) {
+            break;
+        }
+        command::run("ip", &["-4", "rule", "del", "pref", &pref, "lookup", &table], None)?;
+        removed = true;
+    }
+    Ok(removed)
+}
+
+/// Remove the rule and the route table; whether anything was there.
+pub fn cleanup() -> Result<bool, RedirectError> {
+    let rules = remove_rules()?;
+    let table = ROUTE_TABLE.to_string();
+    let routes = match command::run("ip", &["-4", "route", "show", "table", &table], None) {
+        Ok(routes) => routes,
+        Err(RedirectError::Failed { stderr, .. }) if stderr.contains("does not exist") => String::new(),
+        Err(e) => return Err(e),
+    };
+    if !routes.trim().is_empty() {
+        command::run("ip", &["-4", "route", "flush", "table", &table], None)?;
+    }
+    Ok(rules || !routes.trim().is_empty())
+}
+
+/// The nft chain marking packets of transparent sockets (inside table
+/// `inet ringport`). `mangle` (-150) runs before the routing decision.
+pub fn nft_chain(s: &mut String, mark: u32) {
+    s.push_str("  chain transparent {\n    type filter hook prerouting priority mangle; policy accept;\n");
+    let _ = writeln!(
+        s,
+        "    meta nfproto ipv4 meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set meta mark or {mark:#x}"
+    );
+    s.push_str("  }\n");
+}
+
+/// The iptables chain's rules (mangle `RINGPORT-TRANSPARENT`, IPv4).
+pub fn iptables_rules(s: &mut String, chain: &str, mark: u32) {
+    for p in ["tcp", "udp"] {
+        let _ =
+            writeln!(s, "-A {chain} -p {p} -m socket --transparent -j MARK --set-xmark {mark:#x}/{mark:#x}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_marking_rule_keeps_other_marks_and_matches_only_transparent_sockets() {
+        let mut nft = String::new();
+        super::nft_chain(&mut nft, 0x1000);
+        assert!(nft.contains("socket transparent 1 meta mark set meta mark or 0x1000"), "{nft}");
+        assert!(nft.contains("hook prerouting priority mangle"), "{nft}");
+        let mut ipt = String::new();
+        super::iptables_rules(&mut ipt, "RINGPORT-TRANSPARENT", 0x1000);
+        assert_eq!(
+            ipt,
+            "-A RINGPORT-TRANSPARENT -p tcp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n\
+             -A RINGPORT-TRANSPARENT -p udp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n"
+        );
+    }
+}

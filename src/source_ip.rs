@@ -1,0 +1,277 @@
+//! Whose address an endpoint sees as a connection's source: the client's
+//! (transparent mode) or the node's (plain proxying). Pure: no I/O.
+//!
+//! A transparent upstream socket (`IP_TRANSPARENT`, bound to the client's
+//! address) only works when the endpoint's replies are sure to come back
+//! through this node, where the policy routing of
+//! `redirect/transparent.rs` hands them to ringport. Replies from an
+//! endpoint on another node go to the client directly and are lost, so
+//! each endpoint is judged when the snapshot is built ([`SourcePlan`]),
+//! and each connection once more for what only it can tell (a client that
+//! is the endpoint itself, or of the other family).
+//!
+//! Invariants:
+//! - An endpoint gets the client's address only when its Service asks for
+//!   it (`ringport.io/source-ip: preserve`, or `--transparent` and no
+//!   `proxy`), the mechanism was set up, and the endpoint runs on this node
+//!   (its `nodeName` is `--node-name`).
+//! - Every other case that asked is a fallback with a reason, counted per
+//!   connection (`ringport_source_ip_fallback_total{reason}`) and shown per
+//!   endpoint in `/debug/snapshot`.
+
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::model::{ClientAddr, EndpointAddr, ServicePort, SourceIp};
+
+/// The process-wide settings of transparent mode.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// `--transparent`: Services without `ringport.io/source-ip` preserve
+    /// the client's address.
+    pub transparent: bool,
+    /// Whether the mechanism works here: `IP_TRANSPARENT` allowed and the
+    /// policy routing in place (checked once at start).
+    pub ready: bool,
+    /// The mark ringport's reply rule sets (`--transparent-mark`).
+    pub mark: u32,
+}
+
+/// Why a connection that asked for the client's address got the node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// The annotation asks, but ringport runs without `--transparent`.
+    Disabled,
+    /// `--transparent` is on but could not be set up here.
+    Unavailable,
+    /// The endpoint runs on another node: its replies would not come back.
+    RemoteEndpoint,
+    /// The endpoint names no node (or ringport has no `--node-name`).
+    UnknownNode,
+    /// The client is the endpoint itself: a packet from its own address
+    /// would be dropped as martian.
+    Hairpin,
+    /// The client's address is of the other family, or loopback.
+    ClientAddress,
+    /// The kernel refused `IP_TRANSPARENT` or the bind for this socket.
+    Refused,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 7] = [
+        Fallback::Disabled,
+        Fallback::Unavailable,
+        Fallback::RemoteEndpoint,
+        Fallback::UnknownNode,
+        Fallback::Hairpin,
+        Fallback::ClientAddress,
+        Fallback::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Disabled => "disabled",
+            Fallback::Unavailable => "unavailable",
+            Fallback::RemoteEndpoint => "remote-endpoint",
+            Fallback::UnknownNode => "unknown-node",
+            Fallback::Hairpin => "hairpin",
+            Fallback::ClientAddress => "client-address",
+            Fallback::Refused => "refused",
+        }
+    }
+}
+
+/// One endpoint's source, as `/debug/snapshot` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "source", content = "reason")]
+pub enum Source {
+    /// The client's own address.
+    Client,
+    /// The node's address: not asked for (`None`), or a fallback.
+    Proxy(Option<Fallback>),
+}
+
+/// What a new connection's upstream socket does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Bind this (the client's) address, port 0, with `IP_TRANSPARENT`.
+    Transparent { bind: SocketAddr },
+    /// A plain socket; `Some` when the Service asked and this is a fallback.
+    Plain(Option<Fallback>),
+}
+
+/// A service port's sources, decided when the snapshot is built.
+#[derive(Clone, Debug, Default)]
+pub struct SourcePlan {
+    /// Sorted by address, as the spec's endpoints.
+    endpoints: Vec<(EndpointAddr, Source)>,
+    /// Whether any endpoint gets the client's address.
+    active: bool,
+    mark: u32,
+}
+
+impl SourcePlan {
+    /// Judge each endpoint of `spec` for this node (`node_name`).
+    pub fn build(spec: &ServicePort, options: &SourceOptions, node_name: Option<&str>) -> Self {
+        let asked = match spec.source_ip {
+            Some(SourceIp::Preserve) => true,
+            Some(SourceIp::Proxy) => false,
+            None => options.transparent,
+        };
+        let setup = match (asked, options.transparent, options.ready) {
+            (false, _, _) => Some(None),
+            (true, false, _) => Some(Some(Fallback::Disabled)),
+            (true, true, false) => Some(Some(Fallback::Unavailable)),
+            (true, true, true) => None,
+        };
+        let mut endpoints: Vec<(EndpointAddr, Source)> = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                let source = match (setup, e.node_name.as_deref(), node_name) {
+                    (Some(why), _, _) => Source::Proxy(why),
+                    (None, Some(theirs), Some(ours)) if theirs == ours => Source::Client,
+                    (None, Some(_), Some(_)) => Source::Proxy(Some(Fallback::RemoteEndpoint)),
+                    (None, _, _) => Source::Proxy(Some(Fallback::UnknownNode)),
+                };
+                (e.addr, source)
+            })
+            .collect();
+        endpoints.sort_by_key(|(a, _)| *a);
+        let active = endpoints.iter().any(|(_, s)| *s == Source::Client);
+        Self { endpoints, active, mark: options.mark }
+    }
+
+    /// Whether any endpoint of this port gets the client's address (then
+    /// the reply rule must be in place).
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// The mark the reply rule sets (`--transparent-mark`).
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+
+    /// The source an endpoint gets (not asked, for an unknown one).
+    pub fn of(&self, endpoint: EndpointAddr) -> Source {
+        match self.endpoints.binary_search_by_key(&endpoint, |(a, _)| *a) {
+            Ok(i) => self.endpoints[i].1,
+            Err(_) => Source::Proxy(None),
+        }
+    }
+
+    /// What the upstream socket of `client`'s connection to `endpoint` does.
+    pub fn decide(&self, endpoint: EndpointAddr, client: ClientAddr) -> Decision {
+        match self.of(endpoint) {
+            Source::Proxy(why) => Decision::Plain(why),
+            Source::Client => {
+                let ip = client.0.ip().to_canonical();
+                if ip == endpoint.0.ip().to_canonical() {
+                    Decision::Plain(Some(Fallback::Hairpin))
+                } else if ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip.is_ipv4() != endpoint.0.ip().to_canonical().is_ipv4()
+                {
+                    Decision::Plain(Some(Fallback::ClientAddress))
+                } else {
+                    Decision::Transparent { bind: SocketAddr::new(ip, 0) }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Origin, Protocol, ServiceName, ServicePortName};
+
+    fn spec(source_ip: Option<SourceIp>) -> ServicePort {
+        let name = ServicePortName { service: ServiceName::new("default", "web"), port: String::new() };
+        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        sp.source_ip = source_ip;
+        let ep = |ip: [u8; 4], node: Option<&str>| {
+            let mut e = Endpoint::ready(EndpointAddr(SocketAddr::from((ip, 8080))));
+            e.node_name = node.map(Into::into);
+            e
+        };
+        sp.endpoints =
+            vec![ep([10, 220, 0, 5], Some("a")), ep([10, 221, 0, 5], Some("b")), ep([10, 222, 0, 5], None)];
+        sp
+    }
+
+    fn addr(s: &str) -> EndpointAddr {
+        EndpointAddr(s.parse().unwrap())
+    }
+
+    const ON: SourceOptions = SourceOptions { transparent: true, ready: true, mark: 0x80000 };
+
+    #[test]
+    fn only_endpoints_on_this_node_get_the_client_address_and_the_rest_say_why() {
+        let plan = SourcePlan::build(&spec(None), &ON, Some("a"));
+        assert!(plan.active());
+        assert_eq!(plan.of(addr("10.220.0.5:8080")), Source::Client);
+        assert_eq!(plan.of(addr("10.221.0.5:8080")), Source::Proxy(Some(Fallback::RemoteEndpoint)));
+        assert_eq!(plan.of(addr("10.222.0.5:8080")), Source::Proxy(Some(Fallback::UnknownNode)));
+        let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
+        assert_eq!(
+            plan.decide(addr("10.220.0.5:8080"), client),
+            Decision::Transparent { bind: "10.220.0.9:0".parse().unwrap() }
+        );
+        assert_eq!(
+            plan.decide(addr("10.221.0.5:8080"), client),
+            Decision::Plain(Some(Fallback::RemoteEndpoint))
+        );
+        let mapped = ClientAddr("[::ffff:10.1.2.3]:5000".parse().unwrap());
+        assert_eq!(
+            plan.decide(addr("10.220.0.5:8080"), mapped),
+            Decision::Transparent { bind: "10.1.2.3:0".parse().unwrap() }
+        );
+    }
+
+    #[test]
+    fn the_endpoint_itself_loopback_and_the_other_family_fall_back_per_connection() {
+        let plan = SourcePlan::build(&spec(None), &ON, Some("a"));
+        let ep = addr("10.220.0.5:8080");
+        let client = |s: &str| ClientAddr(s.parse().unwrap());
+        assert_eq!(plan.decide(ep, client("10.220.0.5:4000")), Decision::Plain(Some(Fallback::Hairpin)));
+        assert_eq!(plan.decide(ep, client("127.0.0.1:4000")), Decision::Plain(Some(Fallback::ClientAddress)));
+        assert_eq!(plan.decide(ep, client("[fd00::1]:4000")), Decision::Plain(Some(Fallback::ClientAddress)));
+    }
+
+    #[test]
+    fn the_annotation_overrides_the_flag_and_a_missing_setup_is_a_fallback() {
+        let proxy = SourcePlan::build(&spec(Some(SourceIp::Proxy)), &ON, Some("a"));
+        assert!(!proxy.active());
+        assert_eq!(proxy.of(addr("10.220.0.5:8080")), Source::Proxy(None));
+        let off = SourceOptions { transparent: false, ..ON };
+        let asked = SourcePlan::build(&spec(Some(SourceIp::Preserve)), &off, Some("a"));
+        assert_eq!(asked.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::Disabled)));
+        let not_asked = SourcePlan::build(&spec(None), &off, Some("a"));
+        assert_eq!(not_asked.of(addr("10.220.0.5:8080")), Source::Proxy(None));
+        let broken = SourceOptions { ready: false, ..ON };
+        let plan = SourcePlan::build(&spec(None), &broken, Some("a"));
+        assert!(!plan.active());
+        let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
+        assert_eq!(
+            plan.decide(addr("10.220.0.5:8080"), client),
+            Decision::Plain(Some(Fallback::Unavailable))
+        );
+        let nameless = SourcePlan::build(&spec(None), &ON, None);
+        assert_eq!(nameless.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::UnknownNode)));
+    }
+
+    #[test]
+    fn a_source_shows_as_client_or_proxy_with_its_reason() {
+        let json = |s: Source| serde_json::to_string(&s).unwrap();
+        assert_eq!(json(Source::Client), r#"{"source":"client"}"#);
+        assert_eq!(json(Source::Proxy(None)), r#"{"source":"proxy","reason":null}"#);
+        assert_eq!(
+            json(Source::Proxy(Some(Fallback::RemoteEndpoint))),
+            r#"{"source":"proxy","reason":"remote-endpoint"}"#
+        );
+    }
+}

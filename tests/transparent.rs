@@ -1,0 +1,309 @@
+//! Transparent mode end to end: the real `ringport run --transparent` in a
+//! node namespace, real pods (namespaces) whose servers report the peer
+//! address they see, real nft or iptables rules and policy routing.
+//!
+//! ```text
+//!   node (ringport, node-a)                     nodeb 10.100.0.2 (node-b)
+//!    wire 10.100.0.1/24 ─────────────────────── eth0: remote endpoint :8080,
+//!    cali-ep  ── ep  10.220.0.5/32 (Calico-style, and an outside client
+//!    cali-cli ── cli 10.220.0.6/32  address-less veths, proxy_arp)
+//!    br0 10.230.0.1/24 ── bep 10.230.0.5/24 (a bridge pod)
+//! ```
+//!
+//! Needs root and `ip`, `nft`, `iptables`, `iptables-save`, `python3`,
+//! `curl` (scripts/test.sh installs them); without them each test fails
+//! saying so.
+
+mod netns;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use netns::{Lab, ip};
+
+const TOOLS: [&str; 6] = ["ip", "nft", "iptables", "iptables-save", "python3", "curl"];
+const EP: &str = "10.220.0.5";
+const CLI: &str = "10.220.0.6";
+const BEP: &str = "10.230.0.5";
+const NODE: &str = "10.100.0.1";
+const NODE_B: &str = "10.100.0.2";
+
+/// Answers each TCP connection on :8080 and each UDP datagram on :7007
+/// with the peer address it sees.
+const WHOIS: &str = r#"
+import socket, sys, threading
+def udp():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind((sys.argv[1], 7007))
+    while True:
+        d, a = u.recvfrom(2048)
+        u.sendto(a[0].encode(), a)
+threading.Thread(target=udp, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 8080))
+s.listen(64)
+while True:
+    c, a = s.accept()
+    c.sendall(a[0].encode())
+    c.close()
+"#;
+
+/// What the server at `argv[1]:argv[2]` says it sees, over TCP or UDP
+/// (`argv[3]`); `timeout` or `error ...` otherwise.
+const ASK: &str = r#"
+import socket, sys
+udp = sys.argv[3] == 'udp'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    if udp:
+        s.send(b'who')
+    print(s.recv(100).decode())
+except socket.timeout:
+    print('timeout')
+except OSError as e:
+    print('error', e.errno)
+"#;
+
+fn service(name: &str, vip: &str, proto: &str, port: u16, extra: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{extra}}}\n\
+         spec:\n  clusterIP: {vip}\n  ports:\n  - {{port: {port}, protocol: {proto}}}\n"
+    )
+}
+
+fn endpoints(name: &str, ip: &str, node: &str, proto: &str, port: u16) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: default}}\n\
+         subsets:\n- addresses: [{{ip: \"{ip}\", nodeName: {node}}}]\n  ports: [{{port: {port}, protocol: {proto}}}]\n"
+    )
+}
+
+/// `local` (TCP 80, UDP 53) on the Calico-style pod of this node;
+/// `bridge` on the bridge pod; `remote` on node b; `opted-out` like
+/// `local` but annotated `source-ip: proxy`; `ext-local`, a NodePort with
+/// `externalTrafficPolicy: Local` on the local pod.
+fn manifest() -> String {
+    let mut y = String::new();
+    y += &format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: local, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  \
+         ports:\n  - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n  - {{name: udp, port: 53, targetPort: 7007, protocol: UDP}}\n\
+         ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: local, namespace: default}}\n\
+         subsets:\n- addresses: [{{ip: \"{EP}\", nodeName: node-a}}]\n  \
+         ports: [{{name: tcp, port: 8080, protocol: TCP}}, {{name: udp, port: 7007, protocol: UDP}}]\n"
+    );
+    y += &service("bridge", "10.96.0.11", "TCP", 8080, "");
+    y += &endpoints("bridge", BEP, "node-a", "TCP", 8080);
+    y += &service("remote", "10.96.0.12", "TCP", 8080, "");
+    y += &endpoints("remote", NODE_B, "node-b", "TCP", 8080);
+    y += &service("opted-out", "10.96.0.13", "TCP", 8080, ", annotations: {ringport.io/source-ip: proxy}");
+    y += &endpoints("opted-out", EP, "node-a", "TCP", 8080);
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: ext-local, namespace: default}\nspec:\n  \
+          type: NodePort\n  clusterIP: 10.96.0.14\n  externalTrafficPolicy: Local\n  \
+          ports:\n  - {port: 8080, nodePort: 30080, protocol: TCP}\n";
+    y += &endpoints("ext-local", EP, "node-a", "TCP", 8080);
+    y
+}
+
+/// A pod behind an address-less host veth (Calico style).
+fn calico_pod(lab: &mut Lab, node: &str, role: &str, addr: &str) {
+    let pod = lab.add_ns(role);
+    let host = format!("cali-{role}");
+    ip(&["link", "add", &host, "netns", node, "type", "veth", "peer", "name", "eth0", "netns", &pod]);
+    ip(&["-n", &pod, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod, "route", "add", "169.254.1.1", "dev", "eth0"]);
+    ip(&["-n", &pod, "route", "add", "default", "via", "169.254.1.1"]);
+    ip(&["-n", node, "link", "set", &host, "up"]);
+    ip(&["-n", node, "route", "add", &format!("{addr}/32"), "dev", &host]);
+    lab.ok("node", &["sysctl", "-qw", &format!("net.ipv4.conf.{host}.proxy_arp=1")]);
+}
+
+struct Node {
+    lab: Lab,
+    ringport: usize,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(redirect: &str, extra: &[&str]) -> Node {
+        netns::require_privileges_and_tools(&TOOLS);
+        let mut lab = Lab::new();
+        let node = lab.add_ns("node");
+        lab.ok("node", &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let b = lab.add_ns("nodeb");
+        ip(&["link", "add", "wire", "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &b]);
+        ip(&["-n", &node, "addr", "add", &format!("{NODE}/24"), "dev", "wire"]);
+        ip(&["-n", &node, "link", "set", "wire", "up"]);
+        ip(&["-n", &b, "addr", "add", &format!("{NODE_B}/24"), "dev", "eth0"]);
+        ip(&["-n", &b, "link", "set", "eth0", "up"]);
+        ip(&["-n", &b, "route", "add", "default", "via", NODE]);
+        // A default route, so proxy_arp answers the pods' 169.254.1.1.
+        ip(&["-n", &node, "route", "add", "default", "via", NODE_B]);
+        calico_pod(&mut lab, &node, "ep", EP);
+        calico_pod(&mut lab, &node, "cli", CLI);
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &node, "addr", "add", "10.230.0.1/24", "dev", "br0"]);
+        ip(&["-n", &node, "link", "set", "br0", "up"]);
+        let bep = lab.add_ns("bep");
+        ip(&["link", "add", "p-bep", "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &bep]);
+        ip(&["-n", &node, "link", "set", "p-bep", "master", "br0", "up"]);
+        ip(&["-n", &bep, "addr", "add", &format!("{BEP}/24"), "dev", "eth0"]);
+        ip(&["-n", &bep, "link", "set", "eth0", "up"]);
+        ip(&["-n", &bep, "route", "add", "default", "via", "10.230.0.1"]);
+        for (role, addr) in [("ep", EP), ("bep", BEP), ("nodeb", NODE_B)] {
+            let log = lab.scratch.path().join(format!("{role}.log"));
+            lab.spawn(role, &["python3", "-c", WHOIS, addr], &log);
+        }
+        for (addr, what) in [(EP, "ep"), (BEP, "bep"), (NODE_B, "nodeb")] {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let seen = ask(&lab, "node", addr, 8080, "tcp");
+                if is_node(&seen) {
+                    break;
+                }
+                let log = std::fs::read_to_string(lab.scratch.path().join(format!("{what}.log")));
+                assert!(std::time::Instant::now() < deadline, "{what} not serving: {seen}; {log:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let config = lab.scratch.path().join("services.yaml");
+        std::fs::write(&config, manifest()).expect("manifest");
+        let log = lab.scratch.path().join("ringport.log");
+        let args = [
+            env!("CARGO_BIN_EXE_ringport"),
+            "run",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--redirect",
+            redirect,
+            "--node-name",
+            "node-a",
+            "--workers",
+            "2",
+            "--no-pin",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ];
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+        let ringport = lab.spawn("node", &args, &log);
+        let n = Node { lab, ringport, log };
+        let ready = |n: &Node| n.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok";
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ready(&n) {
+            assert!(std::time::Instant::now() < deadline, "ringport not ready:\n{}", n.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        n
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.lab.curl("node", "http://127.0.0.1:10249/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {sample} in /metrics:\n{body}"))
+    }
+
+    /// `/debug/snapshot`'s source of the endpoint of service `name`.
+    fn source_of(&self, name: &str) -> serde_json::Value {
+        let (_, body) = self.lab.curl("node", "http://127.0.0.1:10249/debug/snapshot");
+        let snap: serde_json::Value = serde_json::from_str(&body).expect("snapshot JSON");
+        let port = snap["service_ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"].as_str().is_some_and(|n| n.starts_with(name))))
+            .unwrap_or_else(|| panic!("no {name} in {body}"));
+        let ep = &port["endpoints"][0];
+        serde_json::json!({"source": ep["source"], "reason": ep["reason"]})
+    }
+}
+
+/// Whether `addr` is one of the node's own addresses (which one the kernel
+/// picks towards a pod behind an address-less veth is its choice).
+fn is_node(addr: &str) -> bool {
+    [NODE, "10.230.0.1"].contains(&addr)
+}
+
+fn ask(lab: &Lab, role: &str, addr: &str, port: u16, proto: &str) -> String {
+    lab.ok(role, &["python3", "-c", ASK, addr, &port.to_string(), proto]).trim().to_string()
+}
+
+fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str) {
+    let n = Node::start(redirect, &["--transparent"]);
+    let lab = &n.lab;
+    assert_eq!(ask(lab, "cli", "10.96.0.10", 80, "tcp"), CLI, "TCP to a Calico-style pod on this node");
+    assert_eq!(ask(lab, "cli", "10.96.0.10", 53, "udp"), CLI, "UDP to a Calico-style pod on this node");
+    assert_eq!(ask(lab, "cli", "10.96.0.11", 8080, "tcp"), CLI, "TCP to a bridge pod on this node");
+    assert_eq!(ask(lab, "cli", "10.96.0.12", 8080, "tcp"), NODE, "a remote endpoint sees the node");
+    let opted_out = ask(lab, "cli", "10.96.0.13", 8080, "tcp");
+    assert!(is_node(&opted_out), "source-ip: proxy opts out, yet the endpoint saw {opted_out}");
+    assert_eq!(ask(lab, "nodeb", NODE, 30080, "tcp"), NODE_B, "externalTrafficPolicy Local keeps the client");
+    // A pod that is its own endpoint cannot get its own address back.
+    let hairpin = ask(lab, "ep", "10.96.0.10", 80, "tcp");
+    assert!(is_node(&hairpin), "hairpin falls back, yet the endpoint saw {hairpin}");
+    assert_eq!(n.source_of("default/local"), serde_json::json!({"source": "client", "reason": null}));
+    assert_eq!(
+        n.source_of("default/remote"),
+        serde_json::json!({"source": "proxy", "reason": "remote-endpoint"})
+    );
+    assert_eq!(n.source_of("default/opted-out"), serde_json::json!({"source": "proxy", "reason": null}));
+    assert!(n.metric("ringport_source_ip_preserved_total") >= 4.0);
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"remote-endpoint\"}"), 1.0);
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"hairpin\"}"), 1.0);
+}
+
+#[test]
+fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall_back_with_nft() {
+    node_local_endpoints_see_the_client_and_remote_ones_fall_back("nft");
+}
+
+#[test]
+fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall_back_with_iptables() {
+    node_local_endpoints_see_the_client_and_remote_ones_fall_back("iptables");
+}
+
+#[test]
+fn cleanup_leaves_no_ip_rule_route_table_or_marking_rule() {
+    for redirect in ["nft", "iptables"] {
+        let mut n = Node::start(redirect, &["--transparent"]);
+        assert_eq!(ask(&n.lab, "cli", "10.96.0.10", 80, "tcp"), CLI);
+        assert!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).contains("lookup 27010"));
+        let ruleset = n.lab.ok("node", &["nft", "list", "ruleset"]) + &n.lab.ok("node", &["iptables-save"]);
+        assert!(ruleset.contains("socket transparent 1") || ruleset.contains("--transparent"), "{ruleset}");
+        n.lab.stop(n.ringport);
+        let out = n.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"]);
+        assert!(out.contains("removed the transparent-mode ip rule and route table"), "{out}");
+        assert_eq!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).trim(), "");
+        let table = n.lab.exec("node", &["ip", "-4", "route", "show", "table", "27010"]);
+        assert!(String::from_utf8_lossy(&table.stdout).trim().is_empty(), "{table:?}");
+        let ruleset = n.lab.ok("node", &["nft", "list", "ruleset"]) + &n.lab.ok("node", &["iptables-save"]);
+        assert!(!ruleset.contains("ringport") && !ruleset.contains("RINGPORT"), "{ruleset}");
+        let again = n.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"]);
+        assert!(again.contains("nothing to remove"), "{again}");
+    }
+}
+
+#[test]
+fn a_transparent_mode_that_cannot_be_set_up_falls_back_logs_once_and_still_serves() {
+    // No redirect rules: nothing could mark the replies.
+    let n = Node::start("none", &["--transparent"]);
+    for _ in 0..2 {
+        let seen = ask(&n.lab, "nodeb", NODE, 30080, "tcp");
+        assert!(is_node(&seen), "served from the node's address, yet the endpoint saw {seen}");
+    }
+    let log = n.log();
+    assert_eq!(log.matches("transparent mode cannot work here").count(), 1, "{log}");
+    assert_eq!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).trim(), "");
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"unavailable\"}"), 2.0);
+    assert_eq!(
+        n.source_of("default/ext-local"),
+        serde_json::json!({"source": "proxy", "reason": "unavailable"})
+    );
+}
