@@ -62,7 +62,8 @@ fn serve(config: WorkerConfig) -> (DataPlane, SocketAddr, Arc<ArcSwap<Snapshot>>
     let proxy = listeners[0].addr;
     let (options, registry, metrics) =
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(workers));
-    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics };
+    let source = ringport::source_ip::SourceOptions::default();
+    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let next = Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx);
     next.listen_where_served();
     snapshot.store(Arc::new(next));

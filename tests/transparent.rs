@@ -104,6 +104,11 @@ fn manifest() -> String {
           type: NodePort\n  clusterIP: 10.96.0.14\n  externalTrafficPolicy: Local\n  \
           ports:\n  - {port: 8080, nodePort: 30080, protocol: TCP}\n";
     y += &endpoints("ext-local", EP, "node-a", "TCP", 8080);
+    // The cost measurement's pair: one endpoint, with and without.
+    y += &service("crr-preserve", "10.96.0.20", "TCP", 9090, "");
+    y += &endpoints("crr-preserve", EP, "node-a", "TCP", 9090);
+    y += &service("crr-proxy", "10.96.0.21", "TCP", 9090, ", annotations: {ringport.io/source-ip: proxy}");
+    y += &endpoints("crr-proxy", EP, "node-a", "TCP", 9090);
     y
 }
 
@@ -306,4 +311,77 @@ fn a_transparent_mode_that_cannot_be_set_up_falls_back_logs_once_and_still_serve
         n.source_of("default/ext-local"),
         serde_json::json!({"source": "proxy", "reason": "unavailable"})
     );
+}
+
+/// Connections one after another from `ns` to `vip`:9090 (connect, read
+/// the answer to EOF, close); the time they took.
+fn crr_any(ns: &str, vip: &str, n: usize) -> Duration {
+    let vip: std::net::SocketAddr = format!("{vip}:9090").parse().expect("address");
+    let preserve = vip.ip().to_string() == "10.96.0.20";
+    netns::in_namespace(ns, move || {
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let mut c = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            let mut answer = String::new();
+            std::io::Read::read_to_string(&mut c, &mut answer).expect("answer");
+            assert_eq!(answer == CLI, preserve, "the endpoint saw {answer}");
+        }
+        started.elapsed()
+    })
+}
+
+/// What `--transparent` costs per connection: tcp-crr from a client pod
+/// through one node-local endpoint (a Rust accept loop in its namespace),
+/// with and without the client's address, interleaved in rounds in one
+/// run. Prints ratios only. `cargo test --release --test transparent --
+/// --ignored --nocapture transparent_costs`.
+#[test]
+#[ignore = "a measurement, not a check: run it by name"]
+fn transparent_costs_per_connection_side_by_side() {
+    const ROUNDS: usize = 6;
+    const N: usize = 2000;
+    let n = Node::start("nft", &["--transparent"]);
+    let ep = n.lab.ns("ep");
+    // An endpoint that costs next to nothing: accept, write the peer, close.
+    std::thread::spawn(move || {
+        netns::in_namespace(&ep, || {
+            let l = std::net::TcpListener::bind((EP, 9090)).expect("bind");
+            for c in l.incoming().flatten() {
+                if let Ok(peer) = c.peer_addr() {
+                    let _ = std::io::Write::write_all(&mut &c, peer.ip().to_string().as_bytes());
+                }
+            }
+        })
+    });
+    n.lab.eventually(Duration::from_secs(10), "the crr endpoint", || {
+        n.lab
+            .exec("cli", &["python3", "-c", ASK, "10.96.0.20", "9090", "tcp"])
+            .stdout
+            .starts_with(CLI.as_bytes())
+    });
+    let cli = n.lab.ns("cli");
+    let (mut preserve, mut proxy) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Alternate which goes first, so a drift in load falls on both.
+        let (first, second) =
+            if round % 2 == 0 { ("10.96.0.20", "10.96.0.21") } else { ("10.96.0.21", "10.96.0.20") };
+        let a = crr_any(&cli, first, N);
+        let b = crr_any(&cli, second, N);
+        let (t, p) = if round % 2 == 0 { (a, b) } else { (b, a) };
+        preserve.push(t.as_secs_f64());
+        proxy.push(p.as_secs_f64());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (t, p) = (median(&mut preserve), median(&mut proxy));
+    println!(
+        "tcp-crr through a node-local endpoint, {ROUNDS} interleaved rounds of {N}: \
+         time per connection, transparent / plain = {:.3}; connections per second, transparent / plain = {:.3}",
+        t / p,
+        p / t
+    );
+    assert!(n.metric("ringport_source_ip_preserved_total") >= (ROUNDS * N) as f64);
 }
