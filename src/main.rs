@@ -377,6 +377,7 @@ impl RunArgs {
             transparent: SourceOptions {
                 transparent: self.transparent,
                 ready: false,
+                ready6: false,
                 mark: self.transparent_mark,
             },
             source,

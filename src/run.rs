@@ -578,8 +578,9 @@ fn start_redirect(
     opts.listen.redirect_rules = backend.name() != "none";
     if opts.transparent.transparent {
         match redirect::transparent::setup(opts.transparent.mark, opts.listen.redirect_rules) {
-            Ok(()) => {
+            Ok(ipv6) => {
                 opts.transparent.ready = true;
+                opts.transparent.ready6 = ipv6;
                 tracing::info!(mark = %format_args!("{:#x}", opts.transparent.mark), table = redirect::transparent::ROUTE_TABLE, "transparent mode: endpoints on this node see the client's address");
             }
             Err(e) => {

@@ -34,6 +34,8 @@ pub struct SourceOptions {
     /// Whether the mechanism works here: `IP_TRANSPARENT` allowed and the
     /// policy routing in place (checked once at start).
     pub ready: bool,
+    /// Whether IPv6 has its policy routing too (not on a node without IPv6).
+    pub ready6: bool,
     /// The mark ringport's reply rule sets (`--transparent-mark`).
     pub mark: u32,
 }
@@ -130,8 +132,10 @@ impl SourcePlan {
             .endpoints
             .iter()
             .map(|e| {
+                let no_ipv6 = e.addr.0.ip().to_canonical().is_ipv6() && !options.ready6;
                 let source = match (setup, e.node_name.as_deref(), node_name) {
                     (Some(why), _, _) => Source::Proxy(why),
+                    (None, _, _) if no_ipv6 => Source::Proxy(Some(Fallback::Unavailable)),
                     (None, Some(theirs), Some(ours)) if theirs == ours => Source::Client,
                     (None, Some(_), Some(_)) => Source::Proxy(Some(Fallback::RemoteEndpoint)),
                     (None, _, _) => Source::Proxy(Some(Fallback::UnknownNode)),
@@ -207,7 +211,7 @@ mod tests {
         EndpointAddr(s.parse().unwrap())
     }
 
-    const ON: SourceOptions = SourceOptions { transparent: true, ready: true, mark: 0x80000 };
+    const ON: SourceOptions = SourceOptions { transparent: true, ready: true, ready6: true, mark: 0x80000 };
 
     #[test]
     fn only_endpoints_on_this_node_get_the_client_address_and_the_rest_say_why() {
@@ -259,6 +263,18 @@ mod tests {
         assert_eq!(
             plan.decide(addr("10.220.0.5:8080"), client),
             Decision::Plain(Some(Fallback::Unavailable))
+        );
+        let mut v6 = spec(None);
+        v6.endpoints[0].addr = addr("[fd00::5]:8080");
+        let v4_only = SourceOptions { ready6: false, ..ON };
+        let plan = SourcePlan::build(&v6, &v4_only, Some("a"));
+        assert_eq!(plan.of(addr("[fd00::5]:8080")), Source::Proxy(Some(Fallback::Unavailable)));
+        assert_eq!(plan.of(addr("10.221.0.5:8080")), Source::Proxy(Some(Fallback::RemoteEndpoint)));
+        let plan = SourcePlan::build(&v6, &ON, Some("a"));
+        let client = ClientAddr("[fd00::9]:5000".parse().unwrap());
+        assert_eq!(
+            plan.decide(addr("[fd00::5]:8080"), client),
+            Decision::Transparent { bind: "[fd00::9]:0".parse().unwrap() }
         );
         let nameless = SourcePlan::build(&spec(None), &ON, None);
         assert_eq!(nameless.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::UnknownNode)));

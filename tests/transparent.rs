@@ -21,25 +21,30 @@ use std::time::Duration;
 
 use netns::{Lab, ip};
 
-const TOOLS: [&str; 6] = ["ip", "nft", "iptables", "iptables-save", "python3", "curl"];
+const TOOLS: [&str; 7] = ["ip", "nft", "iptables", "iptables-save", "ip6tables", "python3", "curl"];
 const EP: &str = "10.220.0.5";
 const CLI: &str = "10.220.0.6";
 const BEP: &str = "10.230.0.5";
 const NODE: &str = "10.100.0.1";
 const NODE_B: &str = "10.100.0.2";
+/// The IPv6 twins of `ep` and `cli`, each on a /64 with the host side of
+/// its veth (the IPv6 routes are not the point here).
+const EP6: &str = "fd00:220::5";
+const CLI6: &str = "fd00:221::6";
 
 /// Answers each TCP connection on :8080 and each UDP datagram on :7007
 /// with the peer address it sees.
 const WHOIS: &str = r#"
 import socket, sys, threading
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
 def udp():
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u = socket.socket(fam, socket.SOCK_DGRAM)
     u.bind((sys.argv[1], 7007))
     while True:
         d, a = u.recvfrom(2048)
         u.sendto(a[0].encode(), a)
 threading.Thread(target=udp, daemon=True).start()
-s = socket.socket()
+s = socket.socket(fam)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], 8080))
 s.listen(64)
@@ -54,7 +59,8 @@ while True:
 const ASK: &str = r#"
 import socket, sys
 udp = sys.argv[3] == 'udp'
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -109,6 +115,10 @@ fn manifest() -> String {
     y += &endpoints("crr-preserve", EP, "node-a", "TCP", 9090);
     y += &service("crr-proxy", "10.96.0.21", "TCP", 9090, ", annotations: {ringport.io/source-ip: proxy}");
     y += &endpoints("crr-proxy", EP, "node-a", "TCP", 9090);
+    y += &service("local6", "fd00:96::10", "TCP", 8080, "");
+    y += &endpoints("local6", EP6, "node-a", "TCP", 8080);
+    y += &service("local6-udp", "fd00:96::11", "UDP", 7007, "");
+    y += &endpoints("local6-udp", EP6, "node-a", "UDP", 7007);
     y
 }
 
@@ -149,6 +159,13 @@ impl Node {
         ip(&["-n", &node, "route", "add", "default", "via", NODE_B]);
         calico_pod(&mut lab, &node, "ep", EP);
         calico_pod(&mut lab, &node, "cli", CLI);
+        lab.ok("node", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for (role, addr, net) in [("ep", EP6, "fd00:220::"), ("cli", CLI6, "fd00:221::")] {
+            let pod = lab.ns(role);
+            ip(&["-n", &node, "addr", "add", &format!("{net}1/64"), "dev", &format!("cali-{role}"), "nodad"]);
+            ip(&["-n", &pod, "addr", "add", &format!("{addr}/64"), "dev", "eth0", "nodad"]);
+            ip(&["-n", &pod, "-6", "route", "add", "default", "via", &format!("{net}1")]);
+        }
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &node, "addr", "add", "10.230.0.1/24", "dev", "br0"]);
         ip(&["-n", &node, "link", "set", "br0", "up"]);
@@ -158,18 +175,18 @@ impl Node {
         ip(&["-n", &bep, "addr", "add", &format!("{BEP}/24"), "dev", "eth0"]);
         ip(&["-n", &bep, "link", "set", "eth0", "up"]);
         ip(&["-n", &bep, "route", "add", "default", "via", "10.230.0.1"]);
-        for (role, addr) in [("ep", EP), ("bep", BEP), ("nodeb", NODE_B)] {
-            let log = lab.scratch.path().join(format!("{role}.log"));
+        for (role, addr) in [("ep", EP), ("ep", EP6), ("bep", BEP), ("nodeb", NODE_B)] {
+            let log = lab.scratch.path().join(format!("{role}-{addr}.log"));
             lab.spawn(role, &["python3", "-c", WHOIS, addr], &log);
         }
-        for (addr, what) in [(EP, "ep"), (BEP, "bep"), (NODE_B, "nodeb")] {
+        for (addr, what) in [(EP, "ep"), (EP6, "ep"), (BEP, "bep"), (NODE_B, "nodeb")] {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
                 let seen = ask(&lab, "node", addr, 8080, "tcp");
-                if is_node(&seen) {
+                if seen.parse::<std::net::IpAddr>().is_ok() {
                     break;
                 }
-                let log = std::fs::read_to_string(lab.scratch.path().join(format!("{what}.log")));
+                let log = std::fs::read_to_string(lab.scratch.path().join(format!("{what}-{addr}.log")));
                 assert!(std::time::Instant::now() < deadline, "{what} not serving: {seen}; {log:?}");
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -246,6 +263,8 @@ fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str)
     assert_eq!(ask(lab, "cli", "10.96.0.10", 80, "tcp"), CLI, "TCP to a Calico-style pod on this node");
     assert_eq!(ask(lab, "cli", "10.96.0.10", 53, "udp"), CLI, "UDP to a Calico-style pod on this node");
     assert_eq!(ask(lab, "cli", "10.96.0.11", 8080, "tcp"), CLI, "TCP to a bridge pod on this node");
+    assert_eq!(ask(lab, "cli", "fd00:96::10", 8080, "tcp"), CLI6, "TCP over IPv6");
+    assert_eq!(ask(lab, "cli", "fd00:96::11", 7007, "udp"), CLI6, "UDP over IPv6");
     assert_eq!(ask(lab, "cli", "10.96.0.12", 8080, "tcp"), NODE, "a remote endpoint sees the node");
     let opted_out = ask(lab, "cli", "10.96.0.13", 8080, "tcp");
     assert!(is_node(&opted_out), "source-ip: proxy opts out, yet the endpoint saw {opted_out}");
@@ -259,7 +278,7 @@ fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str)
         serde_json::json!({"source": "proxy", "reason": "remote-endpoint"})
     );
     assert_eq!(n.source_of("default/opted-out"), serde_json::json!({"source": "proxy", "reason": null}));
-    assert!(n.metric("ringport_source_ip_preserved_total") >= 4.0);
+    assert!(n.metric("ringport_source_ip_preserved_total") >= 6.0);
     assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"remote-endpoint\"}"), 1.0);
     assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"hairpin\"}"), 1.0);
 }
@@ -279,15 +298,20 @@ fn cleanup_leaves_no_ip_rule_route_table_or_marking_rule() {
     for redirect in ["nft", "iptables"] {
         let mut n = Node::start(redirect, &["--transparent"]);
         assert_eq!(ask(&n.lab, "cli", "10.96.0.10", 80, "tcp"), CLI);
-        assert!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).contains("lookup 27010"));
+        for family in ["-4", "-6"] {
+            let rules = n.lab.ok("node", &["ip", family, "rule", "show", "pref", "27010"]);
+            assert!(rules.contains("lookup 27010"), "{family}: {rules}");
+        }
         let ruleset = n.lab.ok("node", &["nft", "list", "ruleset"]) + &n.lab.ok("node", &["iptables-save"]);
         assert!(ruleset.contains("socket transparent 1") || ruleset.contains("--transparent"), "{ruleset}");
         n.lab.stop(n.ringport);
         let out = n.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"]);
         assert!(out.contains("removed the transparent-mode ip rule and route table"), "{out}");
-        assert_eq!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).trim(), "");
-        let table = n.lab.exec("node", &["ip", "-4", "route", "show", "table", "27010"]);
-        assert!(String::from_utf8_lossy(&table.stdout).trim().is_empty(), "{table:?}");
+        for family in ["-4", "-6"] {
+            assert_eq!(n.lab.ok("node", &["ip", family, "rule", "show", "pref", "27010"]).trim(), "");
+            let table = n.lab.exec("node", &["ip", family, "route", "show", "table", "27010"]);
+            assert!(String::from_utf8_lossy(&table.stdout).trim().is_empty(), "{family}: {table:?}");
+        }
         let ruleset = n.lab.ok("node", &["nft", "list", "ruleset"]) + &n.lab.ok("node", &["iptables-save"]);
         assert!(!ruleset.contains("ringport") && !ruleset.contains("RINGPORT"), "{ruleset}");
         let again = n.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"]);

@@ -215,7 +215,7 @@ pub fn render_restore(
                     }
                     let _ = writeln!(s, "-A RINGPORT-FIREWALL {m} -j DROP");
                 }
-                if let (Some(mark), Family::V4) = (rules.transparent, family) {
+                if let Some(mark) = rules.transparent {
                     super::transparent::iptables_rules(&mut s, "RINGPORT-TRANSPARENT", mark);
                 }
             }
@@ -329,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn transparent_mode_marks_replies_in_its_own_mangle_chain_for_ipv4_only() {
+    fn transparent_mode_marks_replies_in_its_own_mangle_chain_in_both_families() {
         let mut set = rules();
         set.transparent = Some(0x1000);
         let to = Intercept::ProxyAddress { v4: "169.254.99.1".parse().unwrap(), v6: None };
@@ -340,7 +340,7 @@ mod tests {
             ),
             "{v4}"
         );
-        assert!(!render_restore(Family::V6, &set, to, &[]).contains("-m socket"));
+        assert!(render_restore(Family::V6, &set, to, &[]).contains("-m socket --transparent"));
     }
 
     #[test]

@@ -10,11 +10,12 @@
 //!   `RINGPORT-TRANSPARENT`) whenever the snapshot has an endpoint that gets
 //!   its client's address;
 //! - `ip rule pref 27010 fwmark MARK/MARK lookup 27010`;
-//! - `ip route local 0.0.0.0/0 dev lo table 27010`: a marked packet is
-//!   delivered locally, to the socket it belongs to.
+//! - `ip route local 0.0.0.0/0 dev lo table 27010` (and `::/0`): a marked
+//!   packet is delivered locally, to the socket it belongs to.
 //!
 //! No socket mark is needed (or wanted: a socket marked like the replies
-//! would send its own SYNs into the local table). IPv4 only for now.
+//! would send its own SYNs into the local table). Both families: the
+//! rules and routes of IPv6 are the same (`ip -6`, `local ::/0`).
 //!
 //! Invariants: [`setup`] is idempotent (a restart finds its state and keeps
 //! it); [`cleanup`] removes exactly the rule and table set up here, and
@@ -42,60 +43,84 @@ pub enum SetupError {
     Routing(#[source] RedirectError),
 }
 
+/// An address family's `ip` flag and its everything-local route.
+const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
+
 /// Check that `IP_TRANSPARENT` is allowed and install the policy routing
 /// for `mark`. `rules`: whether a backend will write the marking rule.
-pub fn setup(mark: u32, rules: bool) -> Result<(), SetupError> {
+/// IPv4 must work; the result says whether IPv6 does too (a node with
+/// IPv6 off has none: its IPv6 clients then fall back).
+pub fn setup(mark: u32, rules: bool) -> Result<bool, SetupError> {
     let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(SetupError::Refused)?;
     probe.set_ip_transparent_v4(true).map_err(SetupError::Refused)?;
     if !rules {
         return Err(SetupError::NoRules);
     }
-    routing(mark).map_err(SetupError::Routing)
+    routing("-4", "0.0.0.0/0", mark).map_err(SetupError::Routing)?;
+    match routing("-6", "::/0", mark) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(error = %e, "transparent mode: no IPv6 policy routing here; IPv6 clients get the node's address");
+            Ok(false)
+        }
+    }
 }
 
-fn routing(mark: u32) -> Result<(), RedirectError> {
+fn routing(family: &str, everything: &str, mark: u32) -> Result<(), RedirectError> {
     let (pref, table) = (RULE_PREF.to_string(), ROUTE_TABLE.to_string());
     let fwmark = format!("{mark:#x}/{mark:#x}");
-    let listed = command::run("ip", &["-4", "rule", "show", "pref", &pref], None)?;
+    let listed = command::run("ip", &[family, "rule", "show", "pref", &pref], None)?;
     let wanted = format!("fwmark {fwmark} lookup {table}");
     if !(listed.lines().count() == 1 && listed.contains(&wanted)) {
-        remove_rules()?;
-        command::run("ip", &["-4", "rule", "add", "pref", &pref, "fwmark", &fwmark, "lookup", &table], None)?;
+        remove_rules(family)?;
+        let add = [family, "rule", "add", "pref", &pref, "fwmark", &fwmark, "lookup", &table];
+        command::run("ip", &add, None)?;
     }
-    let route = ["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table];
+    let route = [family, "route", "replace", "local", everything, "dev", "lo", "table", &table];
     command::run("ip", &route, None).map(drop)
 }
 
 /// Delete every rule at [`RULE_PREF`] that looks up [`ROUTE_TABLE`];
 /// whether there was one. Bounded, in case a delete removes nothing.
-fn remove_rules() -> Result<bool, RedirectError> {
+fn remove_rules(family: &str) -> Result<bool, RedirectError> {
     let (pref, table) = (RULE_PREF.to_string(), ROUTE_TABLE.to_string());
     let mut removed = false;
     for _ in 0..16 {
-        let listed = command::run("ip", &["-4", "rule", "show", "pref", &pref], None)?;
+        let listed = command::run("ip", &[family, "rule", "show", "pref", &pref], None)?;
         if !listed.contains(&format!("lookup {table}")) {
             break;
         }
-        command::run("ip", &["-4", "rule", "del", "pref", &pref, "lookup", &table], None)?;
+        command::run("ip", &[family, "rule", "del", "pref", &pref, "lookup", &table], None)?;
         removed = true;
     }
     Ok(removed)
 }
 
-/// Remove the rule and the route table; whether anything was there.
+/// Remove the rules and the route tables of both families; whether
+/// anything was there. A family the node does not have has nothing.
 pub fn cleanup() -> Result<bool, RedirectError> {
-    let rules = remove_rules()?;
-    let table = ROUTE_TABLE.to_string();
-    let routes = match command::run("ip", &["-4", "route", "show", "table", &table], None) {
-        Ok(routes) => routes,
-        Err(RedirectError::Failed { stderr, .. }) if stderr.contains("does not exist") => String::new(),
-        Err(e) => return Err(e),
-    };
-    if !routes.trim().is_empty() {
-        command::run("ip", &["-4", "route", "flush", "table", &table], None)?;
+    let mut removed = false;
+    for (family, _) in FAMILIES {
+        let v6 = family == "-6";
+        match remove_rules(family) {
+            Ok(r) => removed |= r,
+            Err(_) if v6 => continue,
+            Err(e) => return Err(e),
+        }
+        let table = ROUTE_TABLE.to_string();
+        let routes = match command::run("ip", &[family, "route", "show", "table", &table], None) {
+            Ok(routes) => routes,
+            Err(RedirectError::Failed { stderr, .. }) if stderr.contains("does not exist") => String::new(),
+            Err(_) if v6 => String::new(),
+            Err(e) => return Err(e),
+        };
+        if !routes.trim().is_empty() {
+            command::run("ip", &[family, "route", "flush", "table", &table], None)?;
+            removed = true;
+        }
     }
-    Ok(rules || !routes.trim().is_empty())
+    Ok(removed)
 }
 
 /// The nft chain marking packets of transparent sockets (inside table
@@ -104,12 +129,13 @@ pub fn nft_chain(s: &mut String, mark: u32) {
     s.push_str("  chain transparent {\n    type filter hook prerouting priority mangle; policy accept;\n");
     let _ = writeln!(
         s,
-        "    meta nfproto ipv4 meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set meta mark or {mark:#x}"
+        "    meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set meta mark or {mark:#x}"
     );
     s.push_str("  }\n");
 }
 
-/// The iptables chain's rules (mangle `RINGPORT-TRANSPARENT`, IPv4).
+/// The iptables chain's rules (mangle `RINGPORT-TRANSPARENT`, either
+/// family).
 pub fn iptables_rules(s: &mut String, chain: &str, mark: u32) {
     for p in ["tcp", "udp"] {
         let _ =
