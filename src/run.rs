@@ -576,18 +576,7 @@ fn start_redirect(
     let mut backend = redirect::backend(opts.redirect, to)?;
     // External proxy ports only where rules send traffic to them.
     opts.listen.redirect_rules = backend.name() != "none";
-    if opts.transparent.transparent {
-        match redirect::transparent::setup(opts.transparent.mark, opts.listen.redirect_rules) {
-            Ok(ipv6) => {
-                opts.transparent.ready = true;
-                opts.transparent.ready6 = ipv6;
-                tracing::info!(mark = %format_args!("{:#x}", opts.transparent.mark), table = redirect::transparent::ROUTE_TABLE, "transparent mode: endpoints on this node see the client's address");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "transparent mode cannot work here: every endpoint sees the node's address (ringport_source_ip_fallback_total{{reason=\"unavailable\"}})")
-            }
-        }
-    }
+    redirect::transparent::start(&mut opts.transparent, opts.listen.redirect_rules);
     if let (Intercept::ProxyAddress { v4, v6: Some(v6) }, true) = (to, backend.name() != "none") {
         redirect::proxy_address(v4.into())?;
         opts.listen.bind_address = v4.into();

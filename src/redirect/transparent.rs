@@ -43,8 +43,25 @@ pub enum SetupError {
     Routing(#[source] RedirectError),
 }
 
-/// An address family's `ip` flag and its everything-local route.
-const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
+/// At start, with `--transparent`: set up, and record in `options`
+/// whether it worked (logged either way, once).
+pub fn start(options: &mut crate::source_ip::SourceOptions, rules: bool) {
+    if !options.transparent {
+        return;
+    }
+    match setup(options.mark, rules) {
+        Ok(ipv6) => {
+            (options.ready, options.ready6) = (true, ipv6);
+            tracing::info!(mark = %format_args!("{:#x}", options.mark), table = ROUTE_TABLE, ipv6, "transparent mode: endpoints on this node see the client's address");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "transparent mode cannot work here: every endpoint sees the node's address (ringport_source_ip_fallback_total{{reason=\"unavailable\"}})");
+        }
+    }
+}
+
+/// The `ip` flags of both address families.
+const FAMILIES: [&str; 2] = ["-4", "-6"];
 
 /// Check that `IP_TRANSPARENT` is allowed and install the policy routing
 /// for `mark`. `rules`: whether a backend will write the marking rule.
@@ -101,7 +118,7 @@ fn remove_rules(family: &str) -> Result<bool, RedirectError> {
 /// anything was there. A family the node does not have has nothing.
 pub fn cleanup() -> Result<bool, RedirectError> {
     let mut removed = false;
-    for (family, _) in FAMILIES {
+    for family in FAMILIES {
         let v6 = family == "-6";
         match remove_rules(family) {
             Ok(r) => removed |= r,
