@@ -577,6 +577,7 @@ fn start_redirect(
     // External proxy ports only where rules send traffic to them.
     opts.listen.redirect_rules = backend.name() != "none";
     redirect::transparent::start(&mut opts.transparent, opts.listen.redirect_rules);
+    metrics.transparent_ready.store(u64::from(opts.transparent.ready), std::sync::atomic::Ordering::Relaxed);
     if let (Intercept::ProxyAddress { v4, v6: Some(v6) }, true) = (to, backend.name() != "none") {
         redirect::proxy_address(v4.into())?;
         opts.listen.bind_address = v4.into();

@@ -279,6 +279,7 @@ fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str)
     );
     assert_eq!(n.source_of("default/opted-out"), serde_json::json!({"source": "proxy", "reason": null}));
     assert!(n.metric("ringport_source_ip_preserved_total") >= 6.0);
+    assert_eq!(n.metric("ringport_source_ip_transparent_ready"), 1.0);
     assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"remote-endpoint\"}"), 1.0);
     assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"hairpin\"}"), 1.0);
 }
@@ -331,6 +332,7 @@ fn a_transparent_mode_that_cannot_be_set_up_falls_back_logs_once_and_still_serve
     assert_eq!(log.matches("transparent mode cannot work here").count(), 1, "{log}");
     assert_eq!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).trim(), "");
     assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"unavailable\"}"), 2.0);
+    assert_eq!(n.metric("ringport_source_ip_transparent_ready"), 0.0);
     assert_eq!(
         n.source_of("default/ext-local"),
         serde_json::json!({"source": "proxy", "reason": "unavailable"})

@@ -297,6 +297,9 @@ impl Metrics {
         let sum = |f: &dyn Fn(&PortCounters) -> &AtomicU64| -> u64 { ports.iter().map(|p| p.sum(f)).sum() };
         let help = "Connections and UDP flows whose endpoint saw the client's own address";
         counter(e, names::SOURCE_IP_PRESERVED, help, sum(&|c| &c.source_preserved))?;
+        let ready = self.transparent_ready.load(Ordering::Relaxed) as i64;
+        let help = "1 when --transparent is set up and working (IP_TRANSPARENT allowed, policy routing in place), else 0";
+        gauge(e, names::SOURCE_IP_TRANSPARENT_READY, help, ready)?;
         let help =
             "Connections and UDP flows that asked for the client's address and got the node's, by reason";
         let mut family = e.encode_descriptor(names::SOURCE_IP_FALLBACK, help, None, MetricType::Counter)?;

@@ -58,6 +58,7 @@ pub mod names {
     pub const BUILD_INFO: &str = "ringport_build_info";
     pub const SOURCE_IP_PRESERVED: &str = "ringport_source_ip_preserved";
     pub const SOURCE_IP_FALLBACK: &str = "ringport_source_ip_fallback";
+    pub const SOURCE_IP_TRANSPARENT_READY: &str = "ringport_source_ip_transparent_ready";
 
     // kube-proxy's own names (pkg/proxy/metrics), where the meaning is the same.
     pub const KP_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
@@ -347,6 +348,8 @@ pub struct Metrics {
     pub generation: AtomicU64,
     pub reloads_applied: AtomicU64,
     pub reloads_rejected: AtomicU64,
+    /// `--transparent` set up and working (1), or not (0).
+    pub transparent_ready: AtomicU64,
     pub sync: SyncMetrics,
     pub apply: ApplyMetrics,
 }
@@ -360,6 +363,7 @@ impl Metrics {
             generation: AtomicU64::new(0),
             reloads_applied: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            transparent_ready: AtomicU64::new(0),
             sync: SyncMetrics::default(),
             apply: ApplyMetrics::default(),
         }
