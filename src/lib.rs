@@ -22,6 +22,7 @@ pub mod listen;
 pub mod loops;
 pub mod metrics;
 pub mod model;
+pub mod proxy_protocol;
 pub mod redirect;
 pub mod run;
 pub mod service_health;

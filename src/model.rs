@@ -220,6 +220,57 @@ impl fmt::Display for IpFamily {
     }
 }
 
+pub use crate::proxy_protocol::Version as ProxyVersion;
+
+/// Which PROXY protocol versions a service port accepts from a load
+/// balancer in front of ringport (`ringport.io/accept-proxy-protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptProxy {
+    V1,
+    V2,
+    /// Either version, told apart by its first byte.
+    Any,
+}
+
+/// The PROXY protocol of a Service's ports: the header sent to endpoints
+/// (`ringport.io/proxy-protocol`) and the one required from clients
+/// (`ringport.io/accept-proxy-protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ProxyProtocol {
+    pub send: Option<ProxyVersion>,
+    pub accept: Option<AcceptProxy>,
+}
+
+/// An unknown `ringport.io/proxy-protocol` or `ringport.io/accept-proxy-protocol` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown PROXY protocol version {value:?} (expected {expected})")]
+pub struct UnknownProxyProtocol {
+    pub value: String,
+    pub expected: &'static str,
+}
+
+impl ProxyProtocol {
+    /// `ringport.io/proxy-protocol`: `v1` or `v2`.
+    pub fn parse_send(value: &str) -> Result<ProxyVersion, UnknownProxyProtocol> {
+        match value {
+            "v1" => Ok(ProxyVersion::V1),
+            "v2" => Ok(ProxyVersion::V2),
+            _ => Err(UnknownProxyProtocol { value: value.to_owned(), expected: "v1 or v2" }),
+        }
+    }
+
+    /// `ringport.io/accept-proxy-protocol`: `v1`, `v2` or `any`.
+    pub fn parse_accept(value: &str) -> Result<AcceptProxy, UnknownProxyProtocol> {
+        match value {
+            "v1" => Ok(AcceptProxy::V1),
+            "v2" => Ok(AcceptProxy::V2),
+            "any" => Ok(AcceptProxy::Any),
+            _ => Err(UnknownProxyProtocol { value: value.to_owned(), expected: "v1, v2 or any" }),
+        }
+    }
+}
+
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum TrafficPolicy {
@@ -319,6 +370,8 @@ pub struct Service {
     /// `ringport.io/source-ip`; `None` means the process default
     /// (`--transparent`).
     pub source_ip: Option<SourceIp>,
+    /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`.
+    pub proxy_protocol: ProxyProtocol,
     /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
     /// without the prefix, sorted by key.
     pub ringport_annotations: Vec<(String, String)>,
@@ -431,6 +484,7 @@ pub struct ServicePort {
     pub distribution: TrafficDistribution,
     pub scheduler: Option<Scheduler>,
     pub source_ip: Option<SourceIp>,
+    pub proxy_protocol: ProxyProtocol,
     pub ringport_annotations: Vec<(String, String)>,
     /// The Service's `spec.healthCheckNodePort` (same on each of its ports).
     pub health_check_node_port: Option<u16>,
@@ -458,6 +512,7 @@ impl ServicePort {
             distribution: TrafficDistribution::Any,
             scheduler: None,
             source_ip: None,
+            proxy_protocol: ProxyProtocol::default(),
             ringport_annotations: Vec::new(),
             health_check_node_port: None,
             endpoints: Vec::new(),

@@ -25,7 +25,7 @@ use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::listen::{ListenRole, Listener, ListenerId};
 use crate::metrics::{Metrics, PortMetrics};
-use crate::model::{EndpointAddr, ProxyPort, ServicePort, ServicePortName};
+use crate::model::{EndpointAddr, ProxyPort, ProxyProtocol, ServicePort, ServicePortName};
 use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 /// One service port as served: its spec and its selection state for each
@@ -250,6 +250,7 @@ impl Snapshot {
                     load_balancer_ips: p.spec.load_balancer_ips.iter().map(ToString::to_string).collect(),
                     proxy_port: self.proxy_port(&p.spec.name).map(|p| p.0),
                     health_check_node_port: p.spec.health_check_node_port,
+                    proxy_protocol: p.spec.proxy_protocol,
                     listeners: self
                         .listeners
                         .iter()
@@ -292,6 +293,8 @@ pub struct PortView {
     /// Served by `service_health` (its Service's, on every port).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check_node_port: Option<u16>,
+    /// The PROXY header sent to endpoints and the one required of clients.
+    pub proxy_protocol: ProxyProtocol,
     pub listeners: Vec<ListenerView>,
     pub endpoints: Vec<EndpointView>,
     /// Where cluster-IP traffic goes: rotation order, with health.

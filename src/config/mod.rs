@@ -163,6 +163,8 @@ pub enum ConfigErrorKind {
     UnknownScheduler(#[source] crate::model::UnknownScheduler),
     #[error("{0}")]
     UnknownSourceIp(#[source] crate::model::UnknownSourceIp),
+    #[error("{0}")]
+    UnknownProxyProtocol(#[source] crate::model::UnknownProxyProtocol),
     #[error("cannot read: {0}")]
     Io(#[source] io::Error),
     #[error("file is {size} bytes; at most {max} are read")]

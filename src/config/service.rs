@@ -20,8 +20,8 @@ use super::{
     check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, IpFamily, Origin, Protocol, Scheduler, ServiceName, ServicePortSpec, SourceIp,
-    TargetPort, TrafficDistribution, TrafficPolicy,
+    self, Affinity, IpFamily, Origin, Protocol, ProxyProtocol, Scheduler, ServiceName, ServicePortSpec,
+    SourceIp, TargetPort, TrafficDistribution, TrafficPolicy,
 };
 
 /// Annotations under this prefix tune ringport per Service.
@@ -31,6 +31,10 @@ const SCHEDULER_ANNOTATION: &str = "scheduler";
 /// `ringport.io/source-ip`: `preserve` (the client's address reaches the
 /// endpoint) or `proxy` (the node's).
 const SOURCE_IP_ANNOTATION: &str = "source-ip";
+/// `ringport.io/proxy-protocol`: the PROXY header sent to endpoints.
+const PROXY_PROTOCOL_ANNOTATION: &str = "proxy-protocol";
+/// `ringport.io/accept-proxy-protocol`: the PROXY header required of clients.
+const ACCEPT_PROXY_PROTOCOL_ANNOTATION: &str = "accept-proxy-protocol";
 
 /// Validates one Service. `Ok(Conversion::Skipped(_))` for a headless or
 /// ExternalName Service; `Err` lists every problem found.
@@ -65,16 +69,20 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
     let distribution = distribution(&mut diag, spec);
     let health_check_node_port = health_check_node_port(&mut diag, spec, service_type, external_policy);
     let ringport_annotations = ringport_annotations(svc);
-    let scheduler =
-        ringport_annotations.iter().find(|(k, _)| k == SCHEDULER_ANNOTATION).and_then(|(_, v)| {
-            let field = || format!("metadata.annotations[\"{ANNOTATION_PREFIX}{SCHEDULER_ANNOTATION}\"]");
-            diag.check(field, v.parse::<Scheduler>().map_err(ConfigErrorKind::UnknownScheduler))
-        });
-    let source_ip =
-        ringport_annotations.iter().find(|(k, _)| k == SOURCE_IP_ANNOTATION).and_then(|(_, v)| {
-            let field = || format!("metadata.annotations[\"{ANNOTATION_PREFIX}{SOURCE_IP_ANNOTATION}\"]");
-            diag.check(field, v.parse::<SourceIp>().map_err(ConfigErrorKind::UnknownSourceIp))
-        });
+    let scheduler = annotation(&mut diag, &ringport_annotations, SCHEDULER_ANNOTATION, |v| {
+        v.parse::<Scheduler>().map_err(ConfigErrorKind::UnknownScheduler)
+    });
+    let source_ip = annotation(&mut diag, &ringport_annotations, SOURCE_IP_ANNOTATION, |v| {
+        v.parse::<SourceIp>().map_err(ConfigErrorKind::UnknownSourceIp)
+    });
+    let proxy_protocol = ProxyProtocol {
+        send: annotation(&mut diag, &ringport_annotations, PROXY_PROTOCOL_ANNOTATION, |v| {
+            ProxyProtocol::parse_send(v).map_err(ConfigErrorKind::UnknownProxyProtocol)
+        }),
+        accept: annotation(&mut diag, &ringport_annotations, ACCEPT_PROXY_PROTOCOL_ANNOTATION, |v| {
+            ProxyProtocol::parse_accept(v).map_err(ConfigErrorKind::UnknownProxyProtocol)
+        }),
+    };
 
     // Each `None` above comes with a recorded error, so `finish` returns
     // `Err` whenever one of these placeholders was needed.
@@ -93,6 +101,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         distribution,
         scheduler,
         source_ip,
+        proxy_protocol,
         ringport_annotations,
         health_check_node_port,
     };
@@ -464,6 +473,18 @@ fn distribution(diag: &mut Diagnostics, spec: &ServiceSpec) -> TrafficDistributi
             TrafficDistribution::Any
         }
     }
+}
+
+/// The typed value of annotation `ringport.io/<key>`, if given; a value
+/// `parse` refuses is an error naming the annotation.
+fn annotation<T>(
+    diag: &mut Diagnostics,
+    annotations: &[(String, String)],
+    key: &str,
+    parse: impl FnOnce(&str) -> Result<T, ConfigErrorKind>,
+) -> Option<T> {
+    let (_, value) = annotations.iter().find(|(k, _)| k == key)?;
+    diag.check(|| format!("metadata.annotations[\"{ANNOTATION_PREFIX}{key}\"]"), parse(value))
 }
 
 /// `ringport.io/*` annotations, prefix stripped; sorted because the source

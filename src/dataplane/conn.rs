@@ -31,11 +31,14 @@ use socket2::{SockRef, Socket, Type};
 
 use super::fault::Blame;
 pub use super::machine::{Dir, Op};
-use super::machine::{Machine, Pumped};
+use super::machine::{HeaderRead, Machine, PreambleSent, Preambles, Pumped};
+use super::preamble::{self, HeaderRefusal, Inbound};
 use super::relay::{End, Half, Pool, RelayError, Wait};
 use super::upstream;
 use crate::balance::{Balancer, Candidates};
-use crate::model::{ClientAddr, EndpointAddr};
+use crate::listen::ListenRole;
+use crate::model::{ClientAddr, EndpointAddr, ProxyVersion};
+use crate::proxy_protocol::{self, Transport};
 use crate::snapshot::{PortState, Route};
 use crate::source_ip::Decision;
 
@@ -82,7 +85,9 @@ pub struct Conn {
     pub port: Arc<PortState>,
     /// The balancer of the listener's traffic scope.
     balancer: Arc<Balancer>,
-    candidates: Candidates,
+    /// `None` until the client's PROXY header is read (on ports that
+    /// accept one), since its address picks them.
+    candidates: Option<Candidates>,
     /// The candidate being tried, or connected to.
     current: Option<usize>,
     /// Whether `current` counts this connection as active.
@@ -100,6 +105,23 @@ pub struct Conn {
     /// Whose address the current attempt's socket has (counted once
     /// connected).
     source: upstream::Outcome,
+    connect_timeouts: usize,
+    /// The PROXY protocol steps of this connection, if any.
+    proxy: Option<Box<Proxied>>,
+}
+
+/// A connection's PROXY protocol state.
+struct Proxied {
+    /// Which listener accepted it: source ranges are checked against the
+    /// client the header names.
+    role: ListenRole,
+    /// The header still being read from the client.
+    inbound: Option<Box<Inbound>>,
+    /// The header each endpoint gets, and how much of it the current one took.
+    send: Option<ProxyVersion>,
+    sent: usize,
+    /// Where the client connected (the header's destination).
+    destination: std::net::SocketAddr,
 }
 
 /// What to do after trying to open the next upstream connection.
@@ -117,7 +139,7 @@ impl Conn {
         client: OwnedFd,
         client_addr: ClientAddr,
         route: &Route<'_>,
-        candidates: Candidates,
+        candidates: Option<Candidates>,
         worker: usize,
         now: Instant,
         connect_timeouts: usize,
@@ -142,6 +164,78 @@ impl Conn {
             halves: [Half::default(), Half::default()],
             local_failure: None,
             source: None,
+            connect_timeouts,
+            proxy: None,
+        }
+    }
+
+    /// Give this connection its Service's PROXY protocol steps: read a
+    /// header from the client first (the candidates are picked after it),
+    /// and write one to each endpoint. `destination`: where the client
+    /// connected, as the header sent onward names it.
+    pub fn with_proxy_protocol(
+        mut self,
+        role: ListenRole,
+        destination: std::net::SocketAddr,
+        now: Instant,
+    ) -> Self {
+        let pp = self.port.spec.proxy_protocol;
+        let inbound = pp.accept.map(Inbound::new);
+        let preambles = Preambles { accept: inbound.is_some(), send: pp.send.is_some() };
+        if preambles != Preambles::default() {
+            self.machine = Machine::with_preambles(now, self.connect_timeouts, preambles);
+            self.proxy = Some(Box::new(Proxied { role, inbound, send: pp.send, sent: 0, destination }));
+        }
+        self
+    }
+
+    /// Read what has arrived of the client's PROXY header. Once whole, its
+    /// addresses stand for the client's from then on (affinity, source
+    /// ranges, the header sent onward; LOCAL and UNKNOWN keep the
+    /// connection's own) and the candidates are picked.
+    pub fn read_header(&mut self, now: Instant) -> Result<HeaderRead, HeaderRefusal> {
+        let proxy = self.proxy.as_mut().ok_or(HeaderRefusal::NotAwaited)?;
+        let inbound = proxy.inbound.as_mut().ok_or(HeaderRefusal::NotAwaited)?;
+        let header = match inbound.read(self.client.as_fd()) {
+            Ok(None) => return Ok(HeaderRead::More),
+            Ok(Some(header)) => header,
+            Err(e) => {
+                let counters = self.port.metrics.slot(self.worker);
+                counters.add(&counters.proxy_headers_refused, 1);
+                return Err(e);
+            }
+        };
+        proxy.inbound = None;
+        if let Some(addresses) = header.addresses {
+            self.client_addr = ClientAddr(addresses.source);
+            proxy.destination = addresses.destination;
+        }
+        let client = self.client_addr.0.ip();
+        if !crate::snapshot::admits(proxy.role, &self.port.spec, client) {
+            return Err(HeaderRefusal::OutsideSourceRanges(client));
+        }
+        self.candidates = Some(self.balancer.pick(self.client_addr, now, self.connect_timeouts));
+        Ok(HeaderRead::Done)
+    }
+
+    /// Write (the rest of) the PROXY header to the connected endpoint. A
+    /// failure counts against the endpoint, which is then skipped.
+    pub fn send_preamble(&mut self, now: Instant) -> PreambleSent {
+        let (Some(proxy), Some(upstream)) = (self.proxy.as_mut(), self.upstream.as_ref()) else {
+            return PreambleSent::All;
+        };
+        let Some(version) = proxy.send else { return PreambleSent::All };
+        let header =
+            proxy_protocol::encode(version, Transport::Stream, self.client_addr.0, proxy.destination);
+        match preamble::send(upstream, header.as_bytes(), proxy.sent) {
+            Ok(sent) => {
+                proxy.sent = sent;
+                if sent >= header.as_bytes().len() { PreambleSent::All } else { PreambleSent::Partial }
+            }
+            Err(e) => {
+                self.attempt_failed(e, now);
+                PreambleSent::Failed
+            }
         }
     }
 
@@ -149,6 +243,9 @@ impl Conn {
     /// recording) those that fail at once.
     pub fn dial_next(&mut self, now: Instant) -> Dial {
         self.upstream = None;
+        if let Some(proxy) = self.proxy.as_mut() {
+            proxy.sent = 0;
+        }
         loop {
             if let Some(source) = self.local_failure.take() {
                 let counters = self.port.metrics.slot(self.worker);
@@ -158,7 +255,8 @@ impl Conn {
                     None => ConnError::NoEndpoint,
                 });
             }
-            let Some(i) = self.balancer.next_candidate(&mut self.candidates, now) else {
+            let next = self.candidates.as_mut().and_then(|c| self.balancer.next_candidate(c, now));
+            let Some(i) = next else {
                 let counters = self.port.metrics.slot(self.worker);
                 counters.add(&counters.refused, 1);
                 return Dial::Exhausted(match (self.endpoint, self.last_error.take()) {
@@ -183,7 +281,8 @@ impl Conn {
             };
             self.current = Some(i);
             self.balancer.attempting(i);
-            if self.candidates.attempts() > 1 {
+            let attempts = self.candidates.as_ref().map_or(0, Candidates::attempts);
+            if attempts > 1 {
                 let counters = self.port.metrics.slot(self.worker);
                 counters.add(&counters.retries, 1);
             }
@@ -193,7 +292,7 @@ impl Conn {
                     return if done {
                         Dial::Connected
                     } else {
-                        Dial::InProgress { attempt: self.candidates.attempts() - 1 }
+                        Dial::InProgress { attempt: attempts.saturating_sub(1) }
                     };
                 }
                 Err(e) => self.attempt_failed(e, now),

@@ -5,12 +5,20 @@
 //! `poll_transmit` out). So its whole life is unit-tested without sockets.
 //!
 //! ```text
-//! Connecting --dialed/connect ok--> Relaying --both EOFs forwarded--> Closing
-//!     |  \__ attempt failed or timed out: dial the next candidate     |  ^
-//!     |                                                               |  |
-//!     +-- candidates exhausted, reset, drain expiry ------------------+--+
+//! [Header] --PROXY header read--> Connecting --dialed/connect ok--> [Preamble]
+//!    |                             |  \__ attempt failed or timed out,      |
+//!    |                             |      or the header could not be sent:  |
+//!    |                             |      dial the next candidate  <--------+
+//!    |                             |                                        v
+//!    |                             |        Closing <--both EOFs forwarded-- Relaying
+//!    +-- malformed, late ----------+-- candidates exhausted, reset, drain -->  ^
 //! Closing --last in-flight op completed--> Freed
 //! ```
+//!
+//! The bracketed phases are the PROXY protocol's (`proxy_protocol.rs`):
+//! `Header` reads one from the client before any endpoint is picked (its
+//! addresses decide affinity and source ranges), `Preamble` writes one to
+//! each endpoint that connects, before any client byte.
 //!
 //! Invariants:
 //! - Every op the machine asks for ([`Action::ArmConnect`],
@@ -24,6 +32,8 @@
 //!   (RST); only a connection whose both directions forwarded end of file
 //!   closes with FIN, so a cut-off transfer never looks complete.
 //! - At most one poll per (op, direction) is in flight.
+//! - No client byte reaches an endpoint before its PROXY header is whole,
+//!   and none is relayed from a client whose header was refused or late.
 
 use std::time::{Duration, Instant};
 
@@ -75,7 +85,11 @@ impl Op {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Reading the client's PROXY header (`accept-proxy-protocol`).
+    Header,
     Connecting,
+    /// Writing the PROXY header to the connected endpoint.
+    Preamble,
     Relaying,
     /// Waiting for in-flight ops to complete before the fds close.
     Closing,
@@ -102,12 +116,40 @@ pub enum Pumped {
     Failed,
 }
 
+/// The outcome of reading the client's PROXY header so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderRead {
+    /// Incomplete: wait for more bytes.
+    More,
+    /// Whole and admitted: pick and dial endpoints now.
+    Done,
+    /// Malformed, refused, or the client left: reset it.
+    Refused,
+}
+
+/// The outcome of writing the PROXY header to the endpoint so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreambleSent {
+    /// All of it: relay now.
+    All,
+    /// Part of it: wait until the endpoint can take the rest.
+    Partial,
+    /// The endpoint failed before taking it: try the next candidate.
+    Failed,
+}
+
 /// What the machine wants done next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Read (what is there of) the client's PROXY header, then report
+    /// [`Machine::header_read`].
+    ReadHeader,
     /// Start a non-blocking connect to the next candidate, then report
     /// [`Machine::dialed`].
     Dial,
+    /// Write (the rest of) the PROXY header to the endpoint, then report
+    /// [`Machine::preamble_sent`].
+    SendPreamble,
     /// Poll the upstream for writable, linked to timeout number `timeout`
     /// of the configured list (the last repeats for later attempts).
     ArmConnect { timeout: u8 },
@@ -145,7 +187,22 @@ pub struct Machine {
     /// Bytes moved since the last [`Machine::idle_for`].
     active: bool,
     idle_since: Instant,
+    /// Whether each connected endpoint first gets a PROXY header.
+    preamble: bool,
     actions: Actions<Action, 8>,
+}
+
+/// How long a client on a port that accepts the PROXY protocol may take to
+/// send its header (checked on the worker's tick, so up to one tick more).
+pub const HEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// The PROXY protocol steps of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Preambles {
+    /// Read a header from the client first, within [`HEADER_WAIT`].
+    pub accept: bool,
+    /// Write a header to each endpoint before relaying.
+    pub send: bool,
 }
 
 /// The actions a machine wants, in order: a fixed ring inside the machine,
@@ -212,7 +269,12 @@ impl Machine {
     /// A connection accepted at `now`; `connect_timeouts` per-attempt
     /// timeouts are configured.
     pub fn new(now: Instant, connect_timeouts: usize) -> Self {
-        Self {
+        Self::with_preambles(now, connect_timeouts, Preambles::default())
+    }
+
+    /// A connection accepted at `now` on a port with PROXY protocol steps.
+    pub fn with_preambles(now: Instant, connect_timeouts: usize, preambles: Preambles) -> Self {
+        let mut machine = Self {
             phase: Phase::Connecting,
             armed: 0,
             timeouts: 0,
@@ -220,17 +282,27 @@ impl Machine {
             finished: [false; 2],
             active: false,
             idle_since: now,
-            actions: {
-                let mut actions = Actions::new();
-                actions.push_back(Action::Dial);
-                actions
-            },
+            preamble: preambles.send,
+            actions: Actions::new(),
+        };
+        if preambles.accept {
+            machine.phase = Phase::Header;
+            // The header may already be there: read before polling.
+            machine.actions.push_back(Action::ReadHeader);
+        } else {
+            machine.actions.push_back(Action::Dial);
         }
+        machine
     }
 
     #[cfg(test)]
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether the client's PROXY header is still awaited.
+    pub fn awaits_header(&self) -> bool {
+        self.phase == Phase::Header
     }
 
     /// The next wanted operation.
@@ -256,7 +328,7 @@ impl Machine {
             return;
         }
         match dialed {
-            Dialed::Connected => self.relay(),
+            Dialed::Connected => self.connected(),
             Dialed::InProgress { attempt } => {
                 self.armed |= Op::Connect.bit();
                 self.timeouts += 1;
@@ -284,6 +356,8 @@ impl Machine {
             (Phase::Relaying, Op::Readable(dir) | Op::Writable(dir)) => {
                 self.actions.push_back(Action::Pump(dir));
             }
+            (Phase::Header, Op::Readable(Dir::Up)) => self.actions.push_back(Action::ReadHeader),
+            (Phase::Preamble, Op::Writable(Dir::Up)) => self.actions.push_back(Action::SendPreamble),
             _ => {}
         }
     }
@@ -295,9 +369,41 @@ impl Machine {
             return;
         }
         if connected {
-            self.relay();
+            self.connected();
         } else {
             self.actions.push_back(Action::Dial);
+        }
+    }
+
+    /// The outcome of an [`Action::ReadHeader`].
+    pub fn header_read(&mut self, read: HeaderRead) {
+        if self.phase != Phase::Header {
+            return;
+        }
+        match read {
+            HeaderRead::More => self.arm(Op::Readable(Dir::Up)),
+            HeaderRead::Done => {
+                self.phase = Phase::Connecting;
+                self.actions.push_back(Action::Dial);
+            }
+            HeaderRead::Refused => self.close(true),
+        }
+    }
+
+    /// The outcome of an [`Action::SendPreamble`]. A failure before the
+    /// header was taken moves on to the next candidate: no client byte
+    /// has reached any endpoint yet.
+    pub fn preamble_sent(&mut self, sent: PreambleSent) {
+        if self.phase != Phase::Preamble {
+            return;
+        }
+        match sent {
+            PreambleSent::All => self.relay(),
+            PreambleSent::Partial => self.arm(Op::Writable(Dir::Up)),
+            PreambleSent::Failed => {
+                self.phase = Phase::Connecting;
+                self.actions.push_back(Action::Dial);
+            }
         }
     }
 
@@ -341,7 +447,14 @@ impl Machine {
 
     /// The worker's tick: a relayed connection idle for `limit` is reset.
     /// True if it was.
+    /// A client still owing its PROXY header past its deadline is reset
+    /// too.
     pub fn tick(&mut self, now: Instant, limit: Option<Duration>) -> bool {
+        // Until the header is read no byte moved: `idle_since` is the accept.
+        if self.phase == Phase::Header && now.saturating_duration_since(self.idle_since) >= HEADER_WAIT {
+            self.close(true);
+            return true;
+        }
         let idle = self.idle_for(now);
         if self.phase == Phase::Relaying && limit.is_some_and(|l| idle >= l) {
             self.close(true);
@@ -353,6 +466,16 @@ impl Machine {
     /// Cut the connection short with a reset (drain expiry, shutdown).
     pub fn reset(&mut self) {
         self.close(true);
+    }
+
+    /// An endpoint connected: its PROXY header first, if it gets one.
+    fn connected(&mut self) {
+        if self.preamble {
+            self.phase = Phase::Preamble;
+            self.actions.push_back(Action::SendPreamble);
+        } else {
+            self.relay();
+        }
     }
 
     fn relay(&mut self) {

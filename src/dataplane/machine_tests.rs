@@ -288,3 +288,91 @@ fn a_machine_is_small_and_holds_no_heap_memory() {
     // connection, with its action queue.
     assert!(std::mem::size_of::<Machine>() <= 64, "{} bytes", std::mem::size_of::<Machine>());
 }
+
+// ---- PROXY protocol steps ---------------------------------------------------
+
+fn accepting(now: Instant, send: bool) -> Machine {
+    Machine::with_preambles(now, 4, Preambles { accept: true, send })
+}
+
+#[test]
+fn an_accepted_header_is_read_before_any_endpoint_is_dialed() {
+    let now = Instant::now();
+    let mut m = accepting(now, false);
+    assert_eq!(m.phase(), Phase::Header);
+    assert_eq!(actions(&mut m), [Action::ReadHeader], "read at once: the header may be there already");
+    m.header_read(HeaderRead::More);
+    assert_eq!(actions(&mut m), [Action::ArmPoll(Op::Readable(Dir::Up))]);
+    m.completed(Op::Readable(Dir::Up), libc::POLLIN as i32);
+    assert_eq!(actions(&mut m), [Action::ReadHeader]);
+    m.header_read(HeaderRead::Done);
+    assert_eq!(m.phase(), Phase::Connecting);
+    assert_eq!(actions(&mut m), [Action::Dial]);
+    m.dialed(Dialed::Connected);
+    assert_eq!(actions(&mut m), [Action::Connected, Action::Pump(Dir::Up), Action::Pump(Dir::Down)]);
+}
+
+#[test]
+fn a_refused_header_resets_the_client_without_dialing() {
+    let mut m = accepting(Instant::now(), true);
+    actions(&mut m);
+    m.header_read(HeaderRead::Refused);
+    assert_eq!(actions(&mut m), [Action::Close { reset: true }, Action::Free]);
+}
+
+#[test]
+fn a_client_late_with_its_header_is_reset_on_the_tick_after_the_deadline() {
+    let now = Instant::now();
+    let mut m = accepting(now, false);
+    actions(&mut m);
+    m.header_read(HeaderRead::More);
+    actions(&mut m);
+    assert!(!m.tick(now + HEADER_WAIT - Duration::from_millis(1), None), "not late yet");
+    assert!(m.tick(now + HEADER_WAIT, None));
+    assert_eq!(actions(&mut m), [Action::Close { reset: true }, Action::Cancel(Op::Readable(Dir::Up))]);
+    m.completed(Op::Readable(Dir::Up), CANCELED);
+    assert_eq!(actions(&mut m), [Action::Free]);
+}
+
+#[test]
+fn each_connected_endpoint_gets_the_header_before_relaying_and_a_failed_one_is_skipped() {
+    let mut m = Machine::with_preambles(Instant::now(), 4, Preambles { accept: false, send: true });
+    assert_eq!(actions(&mut m), [Action::Dial]);
+    m.dialed(Dialed::Connected);
+    assert_eq!(m.phase(), Phase::Preamble);
+    assert_eq!(actions(&mut m), [Action::SendPreamble], "no pump before the header is out");
+    // The first endpoint resets before taking it: the next one is dialed.
+    m.preamble_sent(PreambleSent::Failed);
+    assert_eq!(actions(&mut m), [Action::Dial]);
+    m.dialed(Dialed::InProgress { attempt: 1 });
+    m.completed(Op::Connect, libc::POLLOUT as i32);
+    m.completed(Op::ConnectTimeout, CANCELED);
+    assert_eq!(
+        actions(&mut m),
+        [Action::ArmConnect { timeout: 1 }, Action::CheckConnect { timed_out: false }]
+    );
+    m.connect_checked(true);
+    assert_eq!(actions(&mut m), [Action::SendPreamble], "the retried endpoint gets its own header");
+    m.preamble_sent(PreambleSent::Partial);
+    assert_eq!(actions(&mut m), [Action::ArmPoll(Op::Writable(Dir::Up))]);
+    m.completed(Op::Writable(Dir::Up), libc::POLLOUT as i32);
+    assert_eq!(actions(&mut m), [Action::SendPreamble]);
+    m.preamble_sent(PreambleSent::All);
+    assert_eq!(m.phase(), Phase::Relaying);
+    assert_eq!(actions(&mut m), [Action::Connected, Action::Pump(Dir::Up), Action::Pump(Dir::Down)]);
+    assert!(!m.in_flight());
+}
+
+#[test]
+fn a_reset_while_sending_the_header_cancels_its_poll_and_frees_after_it() {
+    let mut m = Machine::with_preambles(Instant::now(), 4, Preambles { accept: false, send: true });
+    actions(&mut m);
+    m.dialed(Dialed::Connected);
+    actions(&mut m);
+    m.preamble_sent(PreambleSent::Partial);
+    actions(&mut m);
+    m.reset();
+    assert_eq!(actions(&mut m), [Action::Close { reset: true }, Action::Cancel(Op::Writable(Dir::Up))]);
+    m.completed(Op::Writable(Dir::Up), CANCELED);
+    assert_eq!(actions(&mut m), [Action::Free]);
+}

@@ -18,6 +18,7 @@ mod driver;
 pub(crate) mod fault;
 mod listeners;
 mod machine;
+mod preamble;
 mod relay;
 mod slots;
 pub(crate) mod sys;

@@ -73,6 +73,26 @@ pub fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Moved> {
     }
 }
 
+/// `recv(2)` with `MSG_PEEK` into `buf` without blocking: the bytes stay
+/// in the socket for a later read.
+pub fn peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Moved> {
+    loop {
+        // SAFETY: `buf` is a valid, writable slice for its whole length.
+        let ret = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if ret < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return classify(ret);
+    }
+}
+
 /// `send(2)` from `buf` without blocking and without SIGPIPE.
 pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<Moved> {
     loop {

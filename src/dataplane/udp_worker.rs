@@ -30,6 +30,7 @@ use super::udp::{FlowError, SendTag};
 use super::udp_flow::{FlowAction, Received};
 use super::udp_pace::{Next, PACE};
 use super::worker::Worker;
+use crate::proxy_protocol::{self, Transport, Version};
 use crate::snapshot::{Route, Snapshot};
 
 /// Reply batches relayed per readiness event before yielding.
@@ -61,6 +62,12 @@ impl Worker {
         // One route for the whole wake-up: every datagram here came to
         // the same listener.
         let Some(route) = snapshot.route(a.id) else { return self.arm_udp_listener(slot) };
+        // Where clients sent their datagrams, for the PROXY header (only
+        // looked up on ports that send one).
+        let listen_addr = match route.port.spec.proxy_protocol.send {
+            Some(_) => snapshot.listeners.iter().find(|l| l.id == a.id).map(|l| l.addr),
+            None => None,
+        };
         let now = Instant::now();
         while let Some(fd) = self.listeners.get(slot).and_then(|a| a.fd.as_ref()) {
             let n = match self.batch.recv_up_to(fd.as_fd(), asked) {
@@ -72,7 +79,7 @@ impl Worker {
             };
             let bytes = (0..n).map(|i| self.batch.get(i).data.len()).sum();
             for i in 0..n {
-                self.on_client_datagram(slot, &route, i, now)?;
+                self.on_client_datagram(slot, &route, listen_addr, i, now)?;
             }
             let Some(a) = self.listeners.get_mut(slot) else { break };
             match a.pace.read(asked, n, bytes) {
@@ -89,8 +96,19 @@ impl Worker {
         self.arm_udp_listener(slot)
     }
 
-    /// Datagram `i` of the batch, from a client on listener `slot`.
-    fn on_client_datagram(&mut self, slot: Key, route: &Route<'_>, i: usize, now: Instant) -> io::Result<()> {
+    /// Datagram `i` of the batch, from a client on listener `slot`. With
+    /// `listen_addr`, the port sends a PROXY v2 header in front of each
+    /// datagram; it names as destination the address the datagram arrived
+    /// on (after any NAT: UDP keeps no original destination) and the port
+    /// of `listen_addr`.
+    fn on_client_datagram(
+        &mut self,
+        slot: Key,
+        route: &Route<'_>,
+        listen_addr: Option<SocketAddr>,
+        i: usize,
+        now: Instant,
+    ) -> io::Result<()> {
         let counters = route.port.metrics.slot(self.index);
         let datagram = self.batch.get(i);
         let Some(client) = datagram.from else { return Ok(()) };
@@ -105,8 +123,16 @@ impl Worker {
             tracing::debug!(service = %route.port.spec.name, %client, "datagram truncated; dropped");
             return Ok(());
         }
-        let data = datagram.data.to_vec();
         let local = datagram.to;
+        let payload = datagram.data.len();
+        let data = match listen_addr {
+            Some(listen) => {
+                let destination = SocketAddr::new(local.unwrap_or(listen.ip()), listen.port());
+                let header = proxy_protocol::encode(Version::V2, Transport::Dgram, client, destination);
+                [header.as_bytes(), datagram.data].concat()
+            }
+            None => datagram.data.to_vec(),
+        };
         let key = match self.flows.find(slot, client) {
             Some(key) => key,
             None => {
@@ -133,7 +159,7 @@ impl Worker {
         let Some(flow) = self.flows.get_mut(key) else { return Ok(()) };
         flow.machine.sent(now);
         counters.add(&counters.datagrams_to_endpoint, 1);
-        counters.add(&counters.bytes_to_endpoint, data.len() as u64);
+        counters.add(&counters.bytes_to_endpoint, payload as u64);
         let tag = SendTag { flow: key, generation: flow.generation };
         self.driver.send(flow.socket.as_fd(), tag, data)
     }

@@ -40,7 +40,7 @@ use super::conn::{self, Conn, ConnError, Dial};
 use super::driver::Driver;
 use super::fault::Throttle;
 use super::listeners::{self, Accepting};
-use super::machine::{Action, Dialed, Dir, Op};
+use super::machine::{Action, Dialed, Dir, HeaderRead, Op};
 use super::relay::Pool;
 use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
@@ -83,6 +83,8 @@ pub(super) struct Worker {
     /// At the cap: no accept is armed until a connection is freed.
     pub(super) at_cap: bool,
     cap_warnings: Throttle,
+    /// Refused PROXY headers are logged (at debug) at most this often.
+    header_logs: Throttle,
     /// Fault injection for tests: fail after this many accepted clients.
     fail_after_accepts: Option<u64>,
     accepted: u64,
@@ -123,6 +125,7 @@ impl Worker {
             max_conns: config.connection_cap(index),
             at_cap: false,
             cap_warnings: Throttle::new(WARN_EVERY),
+            header_logs: Throttle::new(WARN_EVERY),
             fail_after_accepts: config.fail_after_accepts,
             accepted: 0,
             yielded: Vec::new(),
@@ -220,16 +223,31 @@ impl Worker {
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         };
-        if !crate::snapshot::admits(role, &route.port.spec, peer.ip()) {
+        let proxy_protocol = route.port.spec.proxy_protocol;
+        // With a PROXY header to come, the client it names is checked and
+        // balanced, once it is read.
+        let header_first = proxy_protocol.accept.is_some();
+        if !header_first && !crate::snapshot::admits(role, &route.port.spec, peer.ip()) {
             tracing::debug!(service = %route.port.spec.name, client = %peer, "client outside loadBalancerSourceRanges");
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         }
         let client_addr = ClientAddr(peer);
         let now = Instant::now();
-        let candidates = route.balancer.pick(client_addr, now, self.connect_timeouts.len());
-        let conn =
+        let candidates =
+            (!header_first).then(|| route.balancer.pick(client_addr, now, self.connect_timeouts.len()));
+        let destination = match proxy_protocol.send {
+            Some(_) => super::preamble::client_destination(&client),
+            // Only read when sending a header: one syscall fewer otherwise.
+            None => None,
+        };
+        let mut conn =
             Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len());
+        if proxy_protocol != crate::model::ProxyProtocol::default() {
+            // Without a destination the socket is gone; the first read or
+            // send fails and resets it.
+            conn = conn.with_proxy_protocol(role, destination.unwrap_or(peer), now);
+        }
         let key = self.conns.insert(conn);
         if self.max_conns.is_some_and(|max| self.conns.len() >= max) {
             self.reach_cap(now)?;
@@ -279,6 +297,19 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
             let Some(action) = conn.machine.poll_action() else { return Ok(()) };
             match action {
+                Action::ReadHeader => {
+                    let read = conn.read_header(Instant::now()).unwrap_or_else(|e| {
+                        if let Some(held_back) = self.header_logs.allow(Instant::now()) {
+                            tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, held_back, "PROXY header refused; client reset");
+                        }
+                        HeaderRead::Refused
+                    });
+                    conn.machine.header_read(read);
+                }
+                Action::SendPreamble => {
+                    let sent = conn.send_preamble(Instant::now());
+                    conn.machine.preamble_sent(sent);
+                }
                 Action::Dial => {
                     let dialed = dial(conn, &mut self.local_warnings, self.index);
                     conn.machine.dialed(dialed);
@@ -342,10 +373,20 @@ impl Worker {
         let now = Instant::now();
         for key in self.conns.keys() {
             let Some(conn) = self.conns.get_mut(key) else { continue };
-            if conn.machine.tick(now, self.idle_timeout) {
-                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?self.idle_timeout, "idle connection reset");
-                self.drive(key)?;
+            let awaiting_header = conn.machine.awaits_header();
+            if !conn.machine.tick(now, self.idle_timeout) {
+                continue;
             }
+            if awaiting_header {
+                let counters = conn.port.metrics.slot(self.index);
+                counters.add(&counters.proxy_headers_refused, 1);
+                if let Some(held_back) = self.header_logs.allow(now) {
+                    tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, wait = ?super::preamble::HEADER_WAIT, held_back, "no whole PROXY header in time; client reset");
+                }
+            } else {
+                tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?self.idle_timeout, "idle connection reset");
+            }
+            self.drive(key)?;
         }
         Ok(())
     }

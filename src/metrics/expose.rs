@@ -199,6 +199,8 @@ impl Metrics {
         port_counter(e, &rest, CONNECT_RETRIES, retries, &total(|c| &c.retries))?;
         let refused = "Client connections reset because every attempt failed";
         port_counter(e, &rest, CONNECTIONS_REFUSED, refused, &total(|c| &c.refused))?;
+        let headers = "Client connections reset for a malformed, refused or late PROXY protocol header";
+        port_counter(e, &rest, PROXY_HEADERS_REFUSED, headers, &total(|c| &c.proxy_headers_refused))?;
         let ejections = "Endpoints ejected after consecutive connect failures";
         port_counter(e, &all_rest, EJECTIONS, ejections, &total(|c| &c.ejections))?;
         let readmissions = "Ejected endpoints readmitted by a successful connect or answer";

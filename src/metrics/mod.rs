@@ -40,6 +40,7 @@ pub mod names {
     pub const CONNECT_FAILURES: &str = "ringport_connect_failures";
     pub const CONNECT_RETRIES: &str = "ringport_connect_retries";
     pub const CONNECTIONS_REFUSED: &str = "ringport_connections_refused";
+    pub const PROXY_HEADERS_REFUSED: &str = "ringport_proxy_headers_refused";
     pub const EJECTIONS: &str = "ringport_endpoint_ejections";
     pub const READMISSIONS: &str = "ringport_endpoint_readmissions";
     pub const CONNECT_DURATION: &str = "ringport_connect_duration_seconds";
@@ -182,6 +183,8 @@ pub struct PortCounters {
     pub connect_failures: AtomicU64,
     pub retries: AtomicU64,
     pub refused: AtomicU64,
+    /// Clients reset for a malformed, refused or late PROXY header.
+    pub proxy_headers_refused: AtomicU64,
     /// Endpoints ejected by passive health, and readmitted by a success.
     pub ejections: AtomicU64,
     pub readmissions: AtomicU64,

@@ -409,3 +409,36 @@ fn source_ip_annotation_is_read_and_an_unknown_value_names_the_service_and_annot
         "{errors}"
     );
 }
+
+#[test]
+fn proxy_protocol_annotations_are_typed_and_unknown_values_name_the_annotation() {
+    use crate::model::{AcceptProxy, ProxyProtocol, ProxyVersion};
+    let with = |send: &str, accept: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
+             ringport.io/proxy-protocol: '{send}'\n    ringport.io/accept-proxy-protocol: '{accept}'\n\
+             spec: {{ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let s = manifests(&with("v2", "any")).services.remove(0);
+    assert_eq!(
+        s.proxy_protocol,
+        ProxyProtocol { send: Some(ProxyVersion::V2), accept: Some(AcceptProxy::Any) }
+    );
+    let s = manifests(&with("v1", "v1")).services.remove(0);
+    assert_eq!(
+        s.proxy_protocol,
+        ProxyProtocol { send: Some(ProxyVersion::V1), accept: Some(AcceptProxy::V1) }
+    );
+    assert_eq!(service("{ports: [{port: 80}]}").proxy_protocol, ProxyProtocol::default());
+    assert_error(
+        &with("v3", "v2"),
+        &format!("{AT}metadata.annotations[\"ringport.io/proxy-protocol\"]: "),
+        "unknown PROXY protocol version \"v3\" (expected v1 or v2)",
+    );
+    assert_error(
+        &with("v1", "yes"),
+        &format!("{AT}metadata.annotations[\"ringport.io/accept-proxy-protocol\"]: "),
+        "unknown PROXY protocol version \"yes\" (expected v1, v2 or any)",
+    );
+}
