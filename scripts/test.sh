@@ -12,7 +12,7 @@ packages=(
   iproute2 nftables iptables curl python3 jq   # namespaces, rules, probes
   dnsmasq bind9-dnsutils                       # a real DNS server and dig
   conntrack                                    # UDP conntrack clean-up and its tests
-  haproxy nginx libnginx-mod-stream            # the benchmark's peers
+  haproxy nginx libnginx-mod-stream            # the benchmark's peers; nginx reads PROXY headers in tests/proxy_protocol.rs
   iperf3                                       # the benchmark's UDP loss case
 )
 

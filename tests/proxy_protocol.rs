@@ -217,7 +217,10 @@ fn backends_see_the_client_namespace_address_in_v1_v2_and_udp_headers_and_the_ed
     assert_eq!(replies.len(), 3, "every datagram answered: {replies:?}\n{}", node.log());
     for (i, reply) in replies.iter().enumerate() {
         assert!(reply.starts_with(&format!("v2 {CLIENT_IP} {udp_port} ")), "{reply}");
-        assert!(reply.ends_with(&format!(" ping{i}")), "the payload follows the header whole: {reply}");
+        assert!(
+            reply.ends_with(&format!(" 10.96.0.43 53 ping{i}")),
+            "the cluster IP as destination, and the payload whole after the header: {reply}"
+        );
     }
 
     // (3) The edge: a balancer's header names the client; ringport uses it
@@ -330,7 +333,8 @@ fn local_backend(tcp: u16, udp: u16) -> LocalBackend {
 }
 
 #[test]
-fn an_ipv6_client_on_loopback_reaches_the_backend_in_a_tcp6_header() {
+fn an_ipv6_client_on_loopback_reaches_the_backend_in_a_tcp6_header_and_a_bad_annotation_keeps_the_last_good_state()
+ {
     let (tcp, udp, port) = (common::free_port(), common::free_port(), common::free_port());
     let backend = local_backend(tcp, udp);
     let manifest = format!(
@@ -342,19 +346,39 @@ fn an_ipv6_client_on_loopback_reaches_the_backend_in_a_tcp6_header() {
     );
     let proxy = common::Proxy::start(&manifest, &[]);
     let to: SocketAddr = format!("[::1]:{port}").parse().expect("addr");
-    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).expect("ringport listens on ::1");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let local = s.local_addr().expect("local");
-    s.write_all(b"hello\n").expect("send");
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("answer");
+    let ask = || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).expect("ringport listens on ::1");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let local = s.local_addr().expect("local");
+        s.write_all(b"hello\n").expect("send");
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("answer");
+        (local, line.trim().to_owned())
+    };
+    let (local, line) = ask();
     assert_eq!(
-        line.trim(),
+        line,
         format!("v1 ::1 {} ::1 {port} hello", local.port()),
         "backend log: {}\n{}",
         std::fs::read_to_string(&backend.log).unwrap_or_default(),
         proxy.log()
     );
+
+    // An unknown value is an error naming the Service and the annotation;
+    // the last good configuration keeps serving.
+    let generation = proxy.generation();
+    proxy.write_manifest(&manifest.replace("proxy-protocol: v1", "proxy-protocol: v3"));
+    common::eventually(Duration::from_secs(10), "the rejected reload logged", || {
+        proxy.log().contains("reload rejected")
+    });
+    let log = proxy.log();
+    assert!(
+        log.contains("default/six") && log.contains(r#"metadata.annotations["ringport.io/proxy-protocol"]"#),
+        "{log}"
+    );
+    assert_eq!(proxy.generation(), generation, "nothing new was published");
+    let (local, line) = ask();
+    assert_eq!(line, format!("v1 ::1 {} ::1 {port} hello", local.port()), "the last good state serves");
     let snapshot = proxy.snapshot();
     let port_view = &snapshot["service_ports"][0];
     assert_eq!(port_view["proxy_protocol"]["send"], "v1", "{snapshot:#}");

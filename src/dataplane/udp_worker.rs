@@ -30,8 +30,38 @@ use super::udp::{FlowError, SendTag};
 use super::udp_flow::{FlowAction, Received};
 use super::udp_pace::{Next, PACE};
 use super::worker::Worker;
+use crate::listen::{ListenRole, ListenerId};
+use crate::model::ServicePort;
 use crate::proxy_protocol::{self, Transport, Version};
 use crate::snapshot::{Route, Snapshot};
+
+/// The destination a PROXY header in front of a client's datagram names.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HeaderTo {
+    addr: SocketAddr,
+    /// `addr` as is; else its IP is replaced by the one each datagram
+    /// arrived on.
+    exact: bool,
+}
+
+/// Where the clients of listener `id` sent their datagrams. UDP keeps no
+/// original destination through NAT, so: on the proxy port (cluster-IP
+/// traffic) the Service's cluster IP and port; elsewhere (node ports,
+/// local external and load-balancer IPs, which ringport listens on
+/// directly) the address each datagram arrived on and the listener's port.
+fn header_destination(
+    snapshot: &Snapshot,
+    id: ListenerId,
+    role: ListenRole,
+    spec: &ServicePort,
+) -> Option<HeaderTo> {
+    let listen = snapshot.listeners.iter().find(|l| l.id == id)?.addr;
+    let cluster_ip = spec.cluster_ips.iter().find(|ip| ip.is_ipv4() == listen.is_ipv4());
+    Some(match (role, cluster_ip) {
+        (ListenRole::Proxy, Some(ip)) => HeaderTo { addr: SocketAddr::new(*ip, spec.port), exact: true },
+        _ => HeaderTo { addr: listen, exact: false },
+    })
+}
 
 /// Reply batches relayed per readiness event before yielding.
 const BATCHES_PER_WAKE: usize = 8;
@@ -64,8 +94,8 @@ impl Worker {
         let Some(route) = snapshot.route(a.id) else { return self.arm_udp_listener(slot) };
         // Where clients sent their datagrams, for the PROXY header (only
         // looked up on ports that send one).
-        let listen_addr = match route.port.spec.proxy_protocol.send {
-            Some(_) => snapshot.listeners.iter().find(|l| l.id == a.id).map(|l| l.addr),
+        let header_to = match route.port.spec.proxy_protocol.send {
+            Some(_) => header_destination(&snapshot, a.id, a.role, &route.port.spec),
             None => None,
         };
         let now = Instant::now();
@@ -79,7 +109,7 @@ impl Worker {
             };
             let bytes = (0..n).map(|i| self.batch.get(i).data.len()).sum();
             for i in 0..n {
-                self.on_client_datagram(slot, &route, listen_addr, i, now)?;
+                self.on_client_datagram(slot, &route, header_to, i, now)?;
             }
             let Some(a) = self.listeners.get_mut(slot) else { break };
             match a.pace.read(asked, n, bytes) {
@@ -97,15 +127,13 @@ impl Worker {
     }
 
     /// Datagram `i` of the batch, from a client on listener `slot`. With
-    /// `listen_addr`, the port sends a PROXY v2 header in front of each
-    /// datagram; it names as destination the address the datagram arrived
-    /// on (after any NAT: UDP keeps no original destination) and the port
-    /// of `listen_addr`.
+    /// `header_to`, the port sends a PROXY v2 header in front of each
+    /// datagram (see [`header_destination`]).
     fn on_client_datagram(
         &mut self,
         slot: Key,
         route: &Route<'_>,
-        listen_addr: Option<SocketAddr>,
+        header_to: Option<HeaderTo>,
         i: usize,
         now: Instant,
     ) -> io::Result<()> {
@@ -125,9 +153,10 @@ impl Worker {
         }
         let local = datagram.to;
         let payload = datagram.data.len();
-        let data = match listen_addr {
-            Some(listen) => {
-                let destination = SocketAddr::new(local.unwrap_or(listen.ip()), listen.port());
+        let data = match header_to {
+            Some(to) => {
+                let ip = if to.exact { to.addr.ip() } else { local.unwrap_or(to.addr.ip()) };
+                let destination = SocketAddr::new(ip, to.addr.port());
                 let header = proxy_protocol::encode(Version::V2, Transport::Dgram, client, destination);
                 [header.as_bytes(), datagram.data].concat()
             }
