@@ -2,8 +2,9 @@
 //! own: a Python backend with its own v1/v2 parser
 //! (`fixtures/proxy_protocol_backend.py`), and nginx's stream module with
 //! `proxy_protocol` on its listener. ringport runs in a node namespace with
-//! nft rules, the client in a client namespace (tests/netns); an IPv6
-//! client is tested on loopback (`::1`, an externalIP ringport listens on).
+//! nft rules, the client in a client namespace (tests/netns), over IPv4 and
+//! IPv6 (dual-stack cluster IPs); an IPv6 client is also tested on loopback
+//! (`::1`, an externalIP ringport listens on).
 //!
 //! Needs root and `ip`, `nft`, `curl`, `python3`, `nginx` (CI has them
 //! through scripts/test.sh); without them the namespace tests fail saying so.
@@ -17,42 +18,81 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use netns::{CLIENT_IP, Lab, NODE_IP, in_namespace};
+use netns::{CLIENT_IP, CLIENT_IP6, Lab, NODE_IP, in_namespace, ipv6_of};
 
 const BACKEND: (&str, &str) = ("be1", "10.200.0.11");
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proxy_protocol_backend.py");
 
-/// A Service `name` on cluster IP `vip`:`port` to `BACKEND`:`target`, with
-/// ringport annotations `annotations` and extra spec lines `spec`.
+/// A Service `name` on cluster IPs `vips` (one per family) and `port`, to
+/// `BACKEND`'s address of each family at `target` (an EndpointSlice per
+/// family), with ringport annotations `annotations` and extra spec lines
+/// `spec`.
 fn service(
     name: &str,
-    vip: &str,
+    vips: &[&str],
     port: u16,
     target: u16,
     protocol: &str,
     annotations: &str,
     spec: &str,
 ) -> String {
-    format!(
+    let node_port = if spec.contains("NodePort") { ", nodePort: 30044" } else { "" };
+    let dual = if vips.len() > 1 { "  ipFamilyPolicy: RequireDualStack\n" } else { "" };
+    let mut y = format!(
         "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations: {{{annotations}}}\n\
-         spec:\n  clusterIP: {vip}\n{spec}  ports:\n  - {{port: {port}, targetPort: {target}, protocol: {protocol}{node_port}}}\n\
-         ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: default}}\n\
-         subsets:\n- addresses: [{{ip: \"{ip}\"}}]\n  ports: [{{port: {target}, protocol: {protocol}}}]\n",
-        ip = BACKEND.1,
-        node_port = if spec.contains("NodePort") { ", nodePort: 30044" } else { "" },
-    )
+         spec:\n  clusterIP: {first}\n  clusterIPs: [{all}]\n{dual}{spec}  \
+         ports:\n  - {{port: {port}, targetPort: {target}, protocol: {protocol}{node_port}}}\n",
+        first = vips[0],
+        all = vips.iter().map(|v| format!("\"{v}\"")).collect::<Vec<_>>().join(", "),
+    );
+    for vip in vips {
+        let (family, ip) =
+            if vip.contains(':') { ("IPv6", ipv6_of(BACKEND.1)) } else { ("IPv4", BACKEND.1.to_owned()) };
+        y += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  \
+             namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\n\
+             ports: [{{port: {target}, protocol: {protocol}}}]\nendpoints:\n  - addresses: [\"{ip}\"]\n",
+            family.to_lowercase()
+        );
+    }
+    y
 }
 
-/// `pp-v1`, `pp-v2` (TCP, header sent), `pp-udp` (v2 on each datagram) and
-/// `edge` (NodePort 30044: accepts any header, sends v2 onward).
+/// `pp-v1`, `pp-v2` (TCP, header sent), `pp-udp` (v2 on each datagram),
+/// all dual-stack, and `edge` (NodePort 30044: accepts any header, sends
+/// v2 onward).
 fn manifest() -> String {
     [
-        service("pp-v1", "10.96.0.41", 80, 8080, "TCP", "ringport.io/proxy-protocol: v1", ""),
-        service("pp-v2", "10.96.0.42", 80, 8080, "TCP", "ringport.io/proxy-protocol: v2", ""),
-        service("pp-udp", "10.96.0.43", 53, 5353, "UDP", "ringport.io/proxy-protocol: v2", ""),
+        service(
+            "pp-v1",
+            &["10.96.0.41", "fd10:96::41"],
+            80,
+            8080,
+            "TCP",
+            "ringport.io/proxy-protocol: v1",
+            "",
+        ),
+        service(
+            "pp-v2",
+            &["10.96.0.42", "fd10:96::42"],
+            80,
+            8080,
+            "TCP",
+            "ringport.io/proxy-protocol: v2",
+            "",
+        ),
+        service(
+            "pp-udp",
+            &["10.96.0.43", "fd10:96::43"],
+            53,
+            5353,
+            "UDP",
+            "ringport.io/proxy-protocol: v2",
+            "",
+        ),
         service(
             "edge",
-            "10.96.0.44",
+            &["10.96.0.44"],
             80,
             8080,
             "TCP",
@@ -97,9 +137,12 @@ impl Node {
         ];
         lab.spawn("node", &args, &log);
         let node = Node { lab, log };
-        node.lab.eventually(Duration::from_secs(20), "ringport ready (rules synced)", || {
-            node.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok"
-        });
+        let ready = || node.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok";
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            assert!(std::time::Instant::now() < deadline, "ringport not ready in 20 s:\n{}", node.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
         node
     }
 
@@ -117,15 +160,11 @@ impl Node {
     }
 }
 
-/// Start the Python backend in be1, and wait until it listens.
-fn python_backend(lab: &mut Lab) -> PathBuf {
-    let log = lab.scratch.path().join("backend.log");
-    let stderr = lab.scratch.path().join("backend.err");
-    lab.spawn(
-        BACKEND.0,
-        &["python3", FIXTURE, BACKEND.1, "8080", "5353", log.to_str().expect("path")],
-        &stderr,
-    );
+/// Start the Python backend in be1 on `ip`, and wait until it listens.
+fn python_backend(lab: &mut Lab, ip: &str) -> PathBuf {
+    let log = lab.scratch.path().join(format!("backend-{ip}.log"));
+    let stderr = lab.scratch.path().join(format!("backend-{ip}.err"));
+    lab.spawn(BACKEND.0, &["python3", FIXTURE, ip, "8080", "5353", log.to_str().expect("path")], &stderr);
     wait_ready(&log);
     log
 }
@@ -170,11 +209,13 @@ fn count(log: &Path, line: &str) -> usize {
 }
 
 #[test]
-fn backends_see_the_client_namespace_address_in_v1_v2_and_udp_headers_and_the_edge_takes_one_from_a_balancer()
-{
+fn backends_see_the_client_namespace_address_over_ipv4_and_ipv6_in_v1_v2_and_udp_headers_and_the_edge_takes_one_from_a_balancer()
+ {
     let mut backend_log = PathBuf::new();
     let node = Node::start(&["ip", "nft", "curl", "python3"], &manifest(), |lab| {
-        backend_log = python_backend(lab);
+        lab.add_ipv6(&[BACKEND]);
+        backend_log = python_backend(lab, BACKEND.1);
+        python_backend(lab, &ipv6_of(BACKEND.1));
     });
     let client = node.lab.ns("client");
     let edge: SocketAddr = format!("{NODE_IP}:30044").parse().expect("addr");
@@ -186,41 +227,52 @@ fn backends_see_the_client_namespace_address_in_v1_v2_and_udp_headers_and_the_ed
         s
     });
 
-    // (1) Header sent to the endpoint, v1 and v2, through the nft rules:
-    // the client namespace's address, and the cluster IP it connected to.
-    for (version, vip) in [("v1", "10.96.0.41"), ("v2", "10.96.0.42")] {
-        let (local, got) = exchange(&client, format!("{vip}:80").parse().expect("addr"), b"hello\n".to_vec());
-        assert_eq!(local.ip().to_string(), CLIENT_IP);
+    // (1) Header sent to the endpoint, v1 and v2, through the nft rules,
+    // over IPv4 and IPv6: the client namespace's address, and the cluster
+    // IP it connected to.
+    for (version, vip, client_ip) in [
+        ("v1", "10.96.0.41", CLIENT_IP),
+        ("v2", "10.96.0.42", CLIENT_IP),
+        ("v1", "fd10:96::41", CLIENT_IP6),
+        ("v2", "fd10:96::42", CLIENT_IP6),
+    ] {
+        let to = SocketAddr::new(vip.parse().expect("ip"), 80);
+        let (local, got) = exchange(&client, to, b"hello\n".to_vec());
+        assert_eq!(local.ip().to_string(), client_ip);
         assert_eq!(
             got,
-            Ok(format!("{version} {CLIENT_IP} {} {vip} 80 hello", local.port())),
+            Ok(format!("{version} {client_ip} {} {vip} 80 hello", local.port())),
             "{}",
             node.log()
         );
     }
 
     // (2) UDP: a v2 DGRAM header on each datagram; replies come back bare.
-    let replies = in_namespace(&client, || {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-        let mut replies = Vec::new();
-        for i in 0..3 {
-            s.send_to(format!("ping{i}").as_bytes(), "10.96.0.43:53").expect("send");
-            let mut buf = [0u8; 2048];
-            if let Ok((n, _)) = s.recv_from(&mut buf) {
-                replies.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    for (vip, bind, client_ip) in
+        [("10.96.0.43", "0.0.0.0:0", CLIENT_IP), ("fd10:96::43", "[::]:0", CLIENT_IP6)]
+    {
+        let to = SocketAddr::new(vip.parse().expect("ip"), 53);
+        let (udp_port, replies) = in_namespace(&client, move || {
+            let s = UdpSocket::bind(bind).expect("bind");
+            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            let mut replies = Vec::new();
+            for i in 0..3 {
+                s.send_to(format!("ping{i}").as_bytes(), to).expect("send");
+                let mut buf = [0u8; 2048];
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    replies.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
             }
+            (s.local_addr().expect("local").port(), replies)
+        });
+        assert_eq!(replies.len(), 3, "every datagram to {vip} answered: {replies:?}\n{}", node.log());
+        for (i, reply) in replies.iter().enumerate() {
+            assert!(reply.starts_with(&format!("v2 {client_ip} {udp_port} ")), "{reply}");
+            assert!(
+                reply.ends_with(&format!(" {vip} 53 ping{i}")),
+                "the cluster IP as destination, and the payload whole after the header: {reply}"
+            );
         }
-        (s.local_addr().expect("local").port(), replies)
-    });
-    let (udp_port, replies) = replies;
-    assert_eq!(replies.len(), 3, "every datagram answered: {replies:?}\n{}", node.log());
-    for (i, reply) in replies.iter().enumerate() {
-        assert!(reply.starts_with(&format!("v2 {CLIENT_IP} {udp_port} ")), "{reply}");
-        assert!(
-            reply.ends_with(&format!(" 10.96.0.43 53 ping{i}")),
-            "the cluster IP as destination, and the payload whole after the header: {reply}"
-        );
     }
 
     // (3) The edge: a balancer's header names the client; ringport uses it
@@ -258,8 +310,8 @@ fn backends_see_the_client_namespace_address_in_v1_v2_and_udp_headers_and_the_ed
 fn nginx_with_proxy_protocol_on_logs_the_client_namespace_address() {
     let mut access_log = PathBuf::new();
     let manifest = [
-        service("pp-v1", "10.96.0.41", 80, 8080, "TCP", "ringport.io/proxy-protocol: v1", ""),
-        service("pp-v2", "10.96.0.42", 80, 8080, "TCP", "ringport.io/proxy-protocol: v2", ""),
+        service("pp-v1", &["10.96.0.41"], 80, 8080, "TCP", "ringport.io/proxy-protocol: v1", ""),
+        service("pp-v2", &["10.96.0.42"], 80, 8080, "TCP", "ringport.io/proxy-protocol: v2", ""),
     ]
     .concat();
     let node = Node::start(&["ip", "nft", "curl", "nginx"], &manifest, |lab| {

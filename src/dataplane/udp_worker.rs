@@ -45,8 +45,8 @@ pub(super) struct HeaderTo {
 }
 
 /// Where the clients of listener `id` sent their datagrams. UDP keeps no
-/// original destination through NAT, so: on the proxy port (cluster-IP
-/// traffic) the Service's cluster IP and port; elsewhere (node ports,
+/// original destination through NAT, so: on a proxy port (cluster-IP
+/// traffic) the Service's cluster IP of that port's family, and its port; elsewhere (node ports,
 /// local external and load-balancer IPs, which ringport listens on
 /// directly) the address each datagram arrived on and the listener's port.
 fn header_destination(
@@ -58,7 +58,9 @@ fn header_destination(
     let listen = snapshot.listeners.iter().find(|l| l.id == id)?.addr;
     let cluster_ip = spec.cluster_ips.iter().find(|ip| ip.is_ipv4() == listen.is_ipv4());
     Some(match (role, cluster_ip) {
-        (ListenRole::Proxy, Some(ip)) => HeaderTo { addr: SocketAddr::new(*ip, spec.port), exact: true },
+        (ListenRole::Proxy | ListenRole::Proxy6, Some(ip)) => {
+            HeaderTo { addr: SocketAddr::new(*ip, spec.port), exact: true }
+        }
         _ => HeaderTo { addr: listen, exact: false },
     })
 }
