@@ -344,10 +344,11 @@ impl Binder {
     /// The workers' sockets on `addr`, after a probe (module header) for a
     /// port this process has not bound before.
     fn bind_checked(&mut self, addr: SocketAddr, protocol: Protocol) -> io::Result<Vec<Socket>> {
+        let freebind = self.opts.bind_address6 == Some(addr.ip());
         if addr.port() != 0 && !self.bound.contains(&(addr, protocol)) {
-            drop(bind_one(addr, protocol, false)?);
+            drop(bind_one(addr, protocol, false, freebind)?);
         }
-        let sockets = bind_reuseport(addr, protocol, self.opts.workers)?;
+        let sockets = bind_reuseport(addr, protocol, self.opts.workers, freebind)?;
         if let Some(bound) = sockets.first().and_then(|s| s.local_addr().ok()).and_then(|a| a.as_socket()) {
             self.bound.insert((bound, protocol));
         }
@@ -433,8 +434,8 @@ pub fn plan(
 }
 
 /// One bound (not yet listening) socket on `addr`, sharing it through
-/// `SO_REUSEPORT` or not.
-fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool) -> io::Result<Socket> {
+/// `SO_REUSEPORT` or not; `freebind` for the IPv6 proxy address.
+fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool, freebind: bool) -> io::Result<Socket> {
     let kind = match protocol {
         Protocol::Tcp => Type::STREAM,
         Protocol::Udp => Type::DGRAM,
@@ -442,6 +443,9 @@ fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool) -> io::Resul
     let s = Socket::new(Domain::for_address(addr), kind.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
+        // The IPv6 proxy address is a local route, not an address on an
+        // interface (`redirect::proxy_address`): only a free bind takes it.
+        s.set_freebind_v6(freebind)?;
     }
     // Two UDP sockets with SO_REUSEADDR share a port on Linux: a probe
     // that set it would see nothing.
@@ -456,8 +460,8 @@ fn bind_one(addr: SocketAddr, protocol: Protocol, reuse_port: bool) -> io::Resul
 /// probe socket, and every socket then binds that port explicitly: a TCP
 /// socket bound to port 0 would lose its port when paused (`shutdown`) and
 /// resumed (`listen`).
-fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize) -> io::Result<Vec<Socket>> {
-    let socket = |addr: SocketAddr| bind_one(addr, protocol, true);
+fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize, freebind: bool) -> io::Result<Vec<Socket>> {
+    let socket = |addr: SocketAddr| bind_one(addr, protocol, true, freebind);
     let mut addr = addr;
     // Held until every listener is bound, so nobody else takes the port.
     let _probe = if addr.port() == 0 {
@@ -576,7 +580,7 @@ mod tests {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             // What a second ringport does for a port it serves:
             // SO_REUSEPORT sockets, bound, and listening for TCP.
-            let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), protocol, 1).unwrap();
+            let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), protocol, 1, false).unwrap();
             if protocol == Protocol::Tcp {
                 other[0].listen(BACKLOG).unwrap();
             }

@@ -255,8 +255,9 @@ struct RunArgs {
     /// put on `lo`, that proxy ports listen on and the rules DNAT to.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
     proxy_address: Ipv4Addr,
-    /// The same for IPv6 (a /128 on `lo`, marked deprecated so the node
-    /// never uses it as a source address); not added where IPv6 is off.
+    /// The same for IPv6: made local by a `local` /128 route on `lo` (no
+    /// address, so the node never uses it as a source) and bound with
+    /// IPV6_FREEBIND; not added where IPv6 is off.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
     proxy_address6: Ipv6Addr,
     /// Connect to endpoints on this node from the client's own address
@@ -483,7 +484,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Man => stdout(|w| clap_mangen::Man::new(Cli::command()).render(w))?,
         Command::Cleanup => {
-            let cleaned = ringport::redirect::cleanup()?;
+            let cleaned = ringport::redirect::cleanup();
             if cleaned.nft_table {
                 println!("removed nft table inet ringport");
             }
@@ -493,15 +494,20 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             for addr in &cleaned.proxy_addresses {
                 println!("removed the proxy address {addr} from lo");
             }
+            for addr in &cleaned.proxy_routes {
+                println!("removed the local route of the proxy address {addr} from lo");
+            }
             if cleaned.transparent_routing {
                 println!("removed the transparent-mode ip rule and route table");
             }
-            if !cleaned.nft_table
-                && !cleaned.iptables_chains
-                && cleaned.proxy_addresses.is_empty()
-                && !cleaned.transparent_routing
-            {
+            if cleaned.is_empty() && cleaned.errors.is_empty() {
                 println!("nothing to remove");
+            }
+            if !cleaned.errors.is_empty() {
+                for e in cleaned.errors {
+                    eprintln!("ringport cleanup: {:#}", anyhow::Error::from(e));
+                }
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

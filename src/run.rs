@@ -45,7 +45,7 @@ pub struct RunOptions {
     /// `--proxy-address`: where intercepted IPv4 traffic is DNATed to when
     /// `--bind-address` is the wildcard (put on `lo` by ringport).
     pub proxy_address: std::net::Ipv4Addr,
-    /// `--proxy-address6`: the IPv6 one, beside it.
+    /// `--proxy-address6`: the IPv6 one, beside it (a local route on `lo`).
     pub proxy_address6: std::net::Ipv6Addr,
     /// `--transparent`; `ready` is found out at start.
     pub transparent: SourceOptions,
@@ -550,7 +550,7 @@ fn lines(errors: &[ConfigError]) -> String {
 /// The redirect syncer for `--redirect`, on its own thread. With rules,
 /// proxy ports listen on one address per family that the rules DNAT to:
 /// `--bind-address` when it names one, else the proxy addresses (IPv4 and,
-/// where the node has IPv6, IPv6), put on `lo` here.
+/// where the node has IPv6, IPv6), made local on `lo` here.
 fn start_redirect(
     opts: &mut RunOptions,
     ready: Arc<AtomicBool>,

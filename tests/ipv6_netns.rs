@@ -333,19 +333,43 @@ fn assert_the_ipv4_endpoint_of_an_ipv6_service_is_not_used(node: &Node) {
     assert!(log.contains("IPv4 endpoints are not used"), "no warning about be3's IPv4 slice:\n{log}");
 }
 
-/// Stop ringport and clean up: both families' rules and both proxy
-/// addresses go, and a second cleanup finds nothing.
+/// Stop ringport and clean up: both families' rules, the IPv4 proxy
+/// address and the IPv6 proxy route go, an administrator's addresses on
+/// `lo` (IPv6 ones flagged as ringport's once were) stay, and a second
+/// cleanup finds nothing.
 fn stop_and_clean_up(node: &mut Node) {
     let ringport = node.ringport;
     node.lab.stop(ringport);
-    let lo = node.lab.ok("node", &["ip", "-6", "addr", "show", "dev", "lo"]);
-    assert!(lo.contains("fd72:696e:6770::1/128"), "the IPv6 proxy address is not on lo:\n{lo}");
+    // The IPv6 proxy address is a local route, never an address the kernel
+    // could pick as a source.
+    let addrs = node.lab.ok("node", &["ip", "-6", "addr", "show"]);
+    assert!(!addrs.contains("fd72:696e:6770::1"), "the IPv6 proxy address is an address:\n{addrs}");
+    let routes = node.lab.ok("node", &["ip", "-6", "route", "show", "table", "local", "proto", "114"]);
+    assert!(routes.contains("local fd72:696e:6770::1 dev lo"), "no IPv6 proxy route on lo:\n{routes}");
+    // An administrator's addresses, looking as ringport's IPv6 address once
+    // did (nodad, deprecated), and an unlabelled IPv4 one.
+    let admin = [
+        vec!["-6", "addr", "add", "fd10:aa::1/64", "dev", "lo", "nodad", "preferred_lft", "0"],
+        vec!["-6", "addr", "add", "fd10:ab::1/128", "dev", "lo", "nodad", "preferred_lft", "0"],
+        vec!["addr", "add", "169.254.98.1/32", "dev", "lo", "scope", "host"],
+    ];
+    for args in &admin {
+        node.lab.ok("node", &[&["ip"][..], args].concat());
+    }
     let cleaned = node.lab.ok("node", &[env!("CARGO_BIN_EXE_ringport"), "cleanup"]);
-    assert!(cleaned.contains("removed the proxy address fd72:696e:6770::1 from lo"), "{cleaned}");
+    assert!(
+        cleaned.contains("removed the local route of the proxy address fd72:696e:6770::1 from lo"),
+        "{cleaned}"
+    );
     assert!(cleaned.contains("removed the proxy address 169.254.99.1 from lo"), "{cleaned}");
+    assert!(!cleaned.contains("fd10:a") && !cleaned.contains("169.254.98.1"), "{cleaned}");
     let lo = node.lab.ok("node", &["ip", "addr", "show", "dev", "lo"]);
-    assert!(!lo.contains("fd72:696e:6770::1") && !lo.contains("169.254.99.1"), "{lo}");
-    assert!(lo.contains("::1/128"), "cleanup removed the loopback address:\n{lo}");
+    assert!(!lo.contains("169.254.99.1"), "{lo}");
+    for kept in ["::1/128", "fd10:aa::1/64", "fd10:ab::1/128", "169.254.98.1/32"] {
+        assert!(lo.contains(kept), "cleanup removed {kept} from lo:\n{lo}");
+    }
+    let routes = node.lab.ok("node", &["ip", "-6", "route", "show", "table", "local"]);
+    assert!(!routes.contains("fd72:696e:6770::1"), "{routes}");
     let rules = node.lab.ok("node", &["nft", "list", "ruleset"])
         + &node.lab.ok("node", &["iptables-save"])
         + &node.lab.ok("node", &["ip6tables-save"]);

@@ -15,8 +15,9 @@
 //!
 //! Invariants:
 //! - ringport only ever touches its own table (`inet ringport`), its own
-//!   chains (`RINGPORT-*`, and one jump to each), its proxy address on
-//!   `lo`, and conntrack entries of its own UDP service keys.
+//!   chains (`RINGPORT-*`, and one jump to each), its IPv4 proxy address
+//!   and IPv6 proxy route on `lo`, and conntrack entries of its own UDP
+//!   service keys.
 //! - Every sync is one process per table or family, never one per rule.
 //! - A service port with no usable endpoints needs no special rule for
 //!   TCP: its proxy port stays bound but stops listening, so the kernel
@@ -99,7 +100,7 @@ pub enum RedirectMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error("cannot put the proxy address {addr} on lo")]
+    #[error("cannot make the proxy address {addr} local on lo")]
     ProxyAddress {
         addr: IpAddr,
         #[source]
@@ -192,82 +193,136 @@ pub fn remove_stale(keep: &str) -> Result<(), RedirectError> {
 /// never one an administrator put there.
 pub const PROXY_ADDRESS_LABEL: &str = "lo:ringport";
 
-/// Put the proxy address on `lo` (as a /32 or /128, so it claims no
-/// range), where proxy ports can bind it, marked as ringport's so that
-/// `cleanup` removes exactly the addresses it added:
-/// - IPv4: labelled [`PROXY_ADDRESS_LABEL`], `scope host`, which keeps the
-///   kernel from choosing it as the source of connections to other hosts
-///   (a pod behind an address-less veth would otherwise be dialled from it,
-///   and its replies dropped by the input guard);
-/// - IPv6 has neither labels nor a host scope for such an address: it is
-///   added `nodad` and *deprecated* (`preferred_lft 0`), which the source
-///   address selection of RFC 6724 avoids (rule 3) while it still accepts
-///   traffic and binds; that pair of flags on `lo` is the mark.
+/// The routing protocol number ringport's IPv6 proxy route carries
+/// (`proto 114`, ASCII `r`, unassigned in iproute2's `rt_protos`): the mark
+/// by which `cleanup` finds exactly the routes it added.
+pub const PROXY_ROUTE_PROTO: &str = "114";
+
+/// Make the proxy address local to this node, where proxy ports can bind it,
+/// marked as ringport's so that `cleanup` removes exactly what it added:
+/// - IPv4: a /32 on `lo` labelled [`PROXY_ADDRESS_LABEL`], `scope host`,
+///   which keeps the kernel from choosing it as the source of connections
+///   to other hosts (a pod behind an address-less veth would otherwise be
+///   dialled from it, and its replies dropped by the input guard);
+/// - IPv6 has neither labels nor a host scope for an address, and a
+///   deprecated one is still chosen as a source where it beats the others
+///   on scope (RFC 6724 rule 2 before rule 3: a node whose uplink has only
+///   a link-local address). So no address at all: a `local` /128 route on
+///   `lo`, `proto` [`PROXY_ROUTE_PROTO`], delivers what the rules DNAT to
+///   it, source address selection never sees it, and the proxy ports bind
+///   it with `IPV6_FREEBIND`.
 ///
-/// Idempotent: a restart finds it there. An address someone else put on
-/// `lo` is used as it is, and left to them.
+/// Idempotent: a restart finds it there. An address (or local route)
+/// someone else put there is used as it is, and left to them.
 pub fn proxy_address(addr: IpAddr) -> Result<(), RedirectError> {
-    let (family, prefix) = if addr.is_ipv6() { ("-6", 128) } else { ("-4", 32) };
-    let cidr = format!("{addr}/{prefix}");
     let error = |e| RedirectError::ProxyAddress { addr, source: Box::new(e) };
+    if addr.is_ipv6() {
+        let cidr = format!("{addr}/128");
+        let local = ["-6", "route", "show", "table", "local", "exact", &cidr];
+        let present = command::run("ip", &local, None).map_err(error)?;
+        let ours =
+            command::run("ip", &[&local[..], &["proto", PROXY_ROUTE_PROTO]].concat(), None).map_err(error)?;
+        if !present.trim().is_empty() && ours.trim().is_empty() {
+            tracing::info!(%addr, "the IPv6 proxy address is already local, not made so by ringport: using it as it is");
+            return Ok(());
+        }
+        let add = [
+            "-6",
+            "route",
+            "replace",
+            "local",
+            &cidr,
+            "dev",
+            "lo",
+            "table",
+            "local",
+            "proto",
+            PROXY_ROUTE_PROTO,
+        ];
+        return command::run("ip", &add, None).map(drop).map_err(error);
+    }
+    let cidr = format!("{addr}/32");
     let present =
-        command::run("ip", &["-o", family, "addr", "show", "dev", "lo", "to", &cidr], None).map_err(error)?;
-    let ours = if addr.is_ipv6() { is_marked6(&present) } else { present.contains(PROXY_ADDRESS_LABEL) };
-    if !present.trim().is_empty() && !ours {
+        command::run("ip", &["-o", "-4", "addr", "show", "dev", "lo", "to", &cidr], None).map_err(error)?;
+    if !present.trim().is_empty() && !present.contains(PROXY_ADDRESS_LABEL) {
         tracing::info!(%addr, "the proxy address is already on lo, not added by ringport: using it as it is");
         return Ok(());
     }
-    let args: &[&str] = if addr.is_ipv6() {
-        &["-6", "addr", "replace", &cidr, "dev", "lo", "nodad", "preferred_lft", "0"]
-    } else {
-        &["addr", "replace", &cidr, "dev", "lo", "scope", "host", "label", PROXY_ADDRESS_LABEL]
-    };
-    command::run("ip", args, None).map(drop).map_err(error)
+    let args = ["addr", "replace", &cidr, "dev", "lo", "scope", "host", "label", PROXY_ADDRESS_LABEL];
+    command::run("ip", &args, None).map(drop).map_err(error)
 }
 
-/// Whether a line of `ip -o -6 addr show` carries ringport's mark.
-fn is_marked6(line: &str) -> bool {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    words.contains(&"nodad") && words.contains(&"deprecated")
-}
-
-/// What `ringport cleanup` removed.
+/// What `ringport cleanup` removed, and what it could not.
 #[derive(Debug, Default)]
 pub struct Cleaned {
     pub nft_table: bool,
     pub iptables_chains: bool,
-    /// The proxy addresses ringport had added to `lo`.
+    /// The IPv4 proxy addresses ringport had added to `lo`.
     pub proxy_addresses: Vec<IpAddr>,
+    /// The IPv6 proxy addresses whose local route ringport had added.
+    pub proxy_routes: Vec<IpAddr>,
     /// Transparent mode's `ip rule` and local route table.
     pub transparent_routing: bool,
+    /// Every step that failed; the others still ran.
+    pub errors: Vec<RedirectError>,
+}
+
+impl Cleaned {
+    pub fn is_empty(&self) -> bool {
+        !self.nft_table
+            && !self.iptables_chains
+            && self.proxy_addresses.is_empty()
+            && self.proxy_routes.is_empty()
+            && !self.transparent_routing
+    }
 }
 
 /// Remove every rule, chain and table ringport made, with either backend,
-/// in both families, every address ringport added to `lo` (those
-/// labelled [`PROXY_ADDRESS_LABEL`], whatever `--proxy-address` was), and
-/// transparent mode's policy routing.
+/// in both families, then every address and route ringport added (the
+/// IPv4 addresses labelled [`PROXY_ADDRESS_LABEL`] and the IPv6 routes of
+/// `proto` [`PROXY_ROUTE_PROTO`], whatever `--proxy-address[6]` was), and
+/// transparent mode's policy routing. Rules go first, so none is left
+/// sending traffic to an address that is gone; each step runs whatever the
+/// others did, and its failure is collected.
 /// Nothing to remove is a success.
-pub fn cleanup() -> Result<Cleaned, RedirectError> {
-    let listed =
-        command::run("ip", &["-o", "-4", "addr", "show", "dev", "lo", "label", PROXY_ADDRESS_LABEL], None)?;
-    let mut proxy_addresses = Vec::new();
-    for addr in labelled_addresses(&listed) {
-        command::run("ip", &["addr", "del", &format!("{addr}/32"), "dev", "lo"], None)?;
-        proxy_addresses.push(addr);
+pub fn cleanup() -> Cleaned {
+    let mut cleaned = Cleaned::default();
+    match nft::cleanup() {
+        Ok(removed) => cleaned.nft_table = removed,
+        Err(e) => cleaned.errors.push(e),
     }
-    // A node without IPv6 has no IPv6 address to remove.
-    let listed6 = command::run("ip", &["-o", "-6", "addr", "show", "dev", "lo"], None).unwrap_or_default();
-    let marked: String = listed6.lines().filter(|l| is_marked6(l)).map(|l| format!("{l}\n")).collect();
-    for addr in labelled_addresses(&marked) {
-        command::run("ip", &["-6", "addr", "del", &format!("{addr}/128"), "dev", "lo"], None)?;
-        proxy_addresses.push(addr);
+    match iptables::cleanup() {
+        Ok(removed) => cleaned.iptables_chains = removed,
+        Err(e) => cleaned.errors.push(e),
     }
-    Ok(Cleaned {
-        nft_table: nft::cleanup()?,
-        iptables_chains: iptables::cleanup()?,
-        proxy_addresses,
-        transparent_routing: transparent::cleanup()?,
-    })
+    let labelled = ["-o", "-4", "addr", "show", "dev", "lo", "label", PROXY_ADDRESS_LABEL];
+    match command::run("ip", &labelled, None) {
+        Ok(listed) => {
+            for addr in labelled_addresses(&listed) {
+                match command::run("ip", &["addr", "del", &format!("{addr}/32"), "dev", "lo"], None) {
+                    Ok(_) => cleaned.proxy_addresses.push(addr),
+                    Err(e) => cleaned.errors.push(e),
+                }
+            }
+        }
+        Err(e) => cleaned.errors.push(e),
+    }
+    // A node without IPv6 has no IPv6 route to remove.
+    let ours = ["-6", "route", "show", "table", "local", "proto", PROXY_ROUTE_PROTO];
+    for addr in local_routes(&command::run("ip", &ours, None).unwrap_or_default()) {
+        let cidr = format!("{addr}/128");
+        let del =
+            ["-6", "route", "del", "local", &cidr, "dev", "lo", "table", "local", "proto", PROXY_ROUTE_PROTO];
+        match command::run("ip", &del, None) {
+            Ok(_) => cleaned.proxy_routes.push(addr),
+            Err(e) => cleaned.errors.push(e),
+        }
+    }
+    match transparent::cleanup() {
+        Ok(removed) => cleaned.transparent_routing = removed,
+        Err(e) => cleaned.errors.push(e),
+    }
+    cleaned
 }
 
 /// The addresses of `ip -o addr show` lines
@@ -283,6 +338,19 @@ fn labelled_addresses(listing: &str) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The destinations of `ip -6 route show table local` lines
+/// (`local fd72:696e:6770::1 dev lo proto 114 metric 1024 pref medium`).
+fn local_routes(listing: &str) -> Vec<IpAddr> {
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "local").then_some(())?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -293,11 +361,9 @@ mod tests {
     }
 
     #[test]
-    fn only_a_nodad_deprecated_ipv6_address_is_ringports() {
-        let ours = "1: lo    inet6 fd72:696e:6770::1/128 scope global nodad deprecated \\       valid_lft forever preferred_lft 0sec";
-        let loopback = "1: lo    inet6 ::1/128 scope host \\       valid_lft forever preferred_lft forever";
-        assert!(super::is_marked6(ours));
-        assert!(!super::is_marked6(loopback));
-        assert_eq!(super::labelled_addresses(ours), [std::net::IpAddr::from(super::DEFAULT_PROXY_ADDRESS6)]);
+    fn cleanup_reads_the_local_routes_of_ip_route_show() {
+        let listing = "local fd72:696e:6770::1 dev lo proto 114 metric 1024 pref medium\n";
+        assert_eq!(super::local_routes(listing), [std::net::IpAddr::from(super::DEFAULT_PROXY_ADDRESS6)]);
+        assert!(super::local_routes("").is_empty());
     }
 }
