@@ -38,7 +38,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use crate::model::{Protocol, ServicePort, ServicePortName};
+use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
 
 /// Backlog of every listening socket (the kernel caps it at somaxconn).
 pub const BACKLOG: i32 = 4096;
@@ -426,7 +426,10 @@ pub fn plan(
         }
     }
     if let Some(node_port) = sp.node_port {
-        out.extend(node_ips.iter().map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
+        // Only the Service's families: a `[::]` node port of an IPv4-only
+        // Service would balance IPv6 clients over IPv4 endpoints.
+        let served = |ip: &&IpAddr| sp.ip_families.is_empty() || sp.ip_families.contains(&IpFamily::of(**ip));
+        out.extend(node_ips.iter().filter(served).map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
     }
     out.extend(sp.external_ips.iter().map(|ip| (ListenRole::External(*ip), *ip, sp.port)));
     out.extend(sp.load_balancer_ips.iter().map(|ip| (ListenRole::LoadBalancer(*ip), *ip, sp.port)));
@@ -591,6 +594,26 @@ mod tests {
             assert_eq!(ls.len(), 1, "{protocol}: the proxy port still listens");
             assert!(matches!(errors[..], [BindError::HeldElsewhere { .. }]), "{protocol}: {errors:?}");
         }
+    }
+
+    #[test]
+    fn node_ports_listen_in_the_services_families_only() {
+        let node_ips: Vec<IpAddr> =
+            vec![Ipv4Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::UNSPECIFIED.into()];
+        let node_port_ips = |families: Vec<IpFamily>| -> Vec<IpAddr> {
+            let mut sp = port("a", vec![], Some(30080));
+            sp.ip_families = families;
+            let planned = plan(&sp, (Ipv4Addr::LOCALHOST.into(), None), &node_ips, |_| false);
+            planned
+                .into_iter()
+                .filter(|(r, ..)| matches!(r, ListenRole::NodePort(_)))
+                .map(|(_, ip, _)| ip)
+                .collect()
+        };
+        assert_eq!(node_port_ips(vec![IpFamily::V4]), node_ips[..1]);
+        assert_eq!(node_port_ips(vec![IpFamily::V6]), node_ips[1..]);
+        assert_eq!(node_port_ips(vec![IpFamily::V4, IpFamily::V6]), node_ips);
+        assert_eq!(node_port_ips(vec![]), node_ips, "no family named (an edge Service): every family");
     }
 
     #[test]

@@ -351,8 +351,8 @@ pub struct Service {
     /// that has none yet, which is then served on node ports and external
     /// addresses only.
     pub cluster_ips: Vec<IpAddr>,
-    /// The families it serves (`spec.ipFamilies`, else those of its cluster
-    /// IPs), primary first. Endpoints of another family are not used, as
+    /// The families it serves (those of its cluster IPs, else
+    /// `spec.ipFamilies`), primary first. Endpoints of another family are not used, as
     /// kube-proxy does; empty (no cluster IP, no `ipFamilies`: an edge
     /// Service) takes endpoints of any family.
     pub ip_families: Vec<IpFamily>,
@@ -474,6 +474,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     pub port: u16,
     pub cluster_ips: Vec<IpAddr>,
+    /// The Service's families ([`Service::ip_families`]): node ports listen
+    /// on node addresses of these families only; empty: every family.
+    pub ip_families: Vec<IpFamily>,
     pub node_port: Option<u16>,
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ips: Vec<IpAddr>,
@@ -502,6 +505,7 @@ impl ServicePort {
             protocol,
             port,
             cluster_ips: Vec::new(),
+            ip_families: Vec::new(),
             node_port: None,
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),

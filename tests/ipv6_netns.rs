@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use netns::{CLIENT_IP6, Lab, NODE_IP6, ipv6_of};
+use netns::{CLIENT_IP6, Lab, NODE_IP, NODE_IP6, ipv6_of};
 
 const TOOLS: [&str; 7] = ["ip", "nft", "iptables", "ip6tables", "ip6tables-save", "curl", "python3"];
 const BACKENDS: [(&str, &str); 3] = [("be1", "10.200.0.11"), ("be2", "10.200.0.12"), ("be3", "10.200.0.13")];
@@ -101,6 +101,12 @@ fn manifest(bad_families: bool) -> String {
          status:\n  loadBalancer:\n    ingress: [{{ip: \"fd10:98::10\"}}]\n"
     );
     y += &slice("guarded", "IPv6", 8080, "TCP", Some("be2"));
+    // `web4`: single-stack IPv4 with a NodePort, and an IPv6 slice it must
+    // not use: its node port listens on IPv4 node addresses only.
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: web4, namespace: default}\nspec:\n  type: NodePort\n  \
+          clusterIP: 10.96.0.70\n  ports:\n  - {port: 80, targetPort: 8080, nodePort: 30070, protocol: TCP}\n";
+    y += &slice("web4", "IPv4", 8080, "TCP", Some("be1"));
+    y += &slice("web4", "IPv6", 8080, "TCP", Some("be2"));
     y
 }
 
@@ -262,9 +268,18 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
     for role in ["client", "node", "pod"] {
         assert_eq!(node.answers(role, "http://[fd10:96::10]/whoami", 6), every_backend(), "from {role}");
     }
-    // A NodePort on the node's IPv6 address (the data plane listens on `::`).
+    // A NodePort on the node's IPv6 address (the data plane listens on
+    // `::`), from another host and from the node itself.
     let url = format!("http://[{NODE_IP6}]:30080/whoami");
     assert_eq!(node.answers("client", &url, 6), every_backend());
+    assert_eq!(node.answers("node", &url, 6), every_backend());
+    // A single-stack Service's NodePort listens in its own family only:
+    // IPv6-only web6 is refused on the node's IPv4 address, IPv4-only web4
+    // on its IPv6 address (a `[::]` listener would balance IPv6 clients
+    // over IPv4 endpoints).
+    assert_eq!(node.lab.probe("client", NODE_IP, 30080), "refused");
+    assert_eq!(node.answers("client", &format!("http://{NODE_IP}:30070/whoami"), 2), one("be1"));
+    assert_eq!(node.lab.probe("client", NODE_IP6, 30070), "refused");
     // Both ClusterIPs of the dual-stack Service; ClientIP affinity pins each
     // client (an IPv6 client included) to one backend.
     for role in ["client", "node", "pod"] {
@@ -314,11 +329,16 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
 fn assert_bad_families_keep_the_last_good_state(node: &Node) {
     node.rewrite_manifest(&manifest(true));
     node.lab.eventually(Duration::from_secs(10), "the bad ipFamilies reported", || {
-        let log = node.log();
-        log.contains("web6") && log.contains("spec.ipFamilies[0]")
+        node.log().lines().any(|l| l.contains("Service default/web6") && l.contains("spec.ipFamilies[0]"))
     });
     assert_eq!(node.answers("client", "http://[fd10:96::10]/whoami", 3), every_backend());
+    // Fixed, it is taken again: a reload is applied (a rejected one logs
+    // "reload rejected", never "reloaded").
+    let reloads = || node.log().lines().filter(|l| l.contains("reloaded")).count();
+    let before = reloads();
     node.rewrite_manifest(&manifest(false));
+    node.lab.eventually(Duration::from_secs(10), "the fixed manifest applied", || reloads() > before);
+    assert_eq!(node.answers("client", "http://[fd10:96::10]/whoami", 3), every_backend());
 }
 
 fn assert_the_ipv4_endpoint_of_an_ipv6_service_is_not_used(node: &Node) {

@@ -311,6 +311,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         protocol: spec.protocol,
         port: spec.port,
         cluster_ips: service.cluster_ips.clone(),
+        ip_families: service.ip_families.clone(),
         node_port: spec.node_port,
         external_ips: service.external_ips.clone(),
         load_balancer_ips: service.load_balancer_ips.clone(),

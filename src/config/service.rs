@@ -188,7 +188,9 @@ fn cluster_ips(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpAddr> {
 /// `spec.ipFamilies` checked against `spec.ipFamilyPolicy` and the cluster
 /// IPs, as the API server does: at most two, not twice the same, in the
 /// order of `clusterIPs`; SingleStack with one, RequireDualStack with two.
-/// Without `ipFamilies`, the cluster IPs' families.
+/// The families served are the cluster IPs' when there are any (a
+/// PreferDualStack Service given one IPv4 cluster IP serves IPv4 alone,
+/// whatever `ipFamilies` hoped for), else `ipFamilies`.
 fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> Vec<IpFamily> {
     let raw = spec.ip_families.as_deref().unwrap_or_default();
     let mut families = Vec::with_capacity(raw.len());
@@ -223,13 +225,12 @@ fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr
             diag.error(format!("spec.clusterIPs[{i}]"), ConfigErrorKind::NoIpFamilyFor(*ip));
         }
     }
-    // The families the Service ends up with: ipFamilies, else its addresses'.
-    let (served, from) = if raw.is_empty() {
-        (cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect(), "spec.clusterIPs")
-    } else {
-        (families, "spec.ipFamilies")
-    };
-    let (count, field) = (served.len(), from);
+    // The families the policy is checked against: ipFamilies, else the
+    // addresses'.
+    let of_ips: Vec<IpFamily> = cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect();
+    let (declared, from) =
+        if raw.is_empty() { (of_ips.clone(), "spec.clusterIPs") } else { (families, "spec.ipFamilies") };
+    let (count, field) = (declared.len(), from);
     match given(&spec.ip_family_policy) {
         None | Some("PreferDualStack") => {}
         Some("SingleStack") if count > 1 => {
@@ -239,7 +240,7 @@ fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr
         Some("RequireDualStack") => {
             // No cluster IP and no ipFamilies (an edge Service): nothing
             // says which families it has, so nothing contradicts.
-            if let [family] = served[..] {
+            if let [family] = declared[..] {
                 diag.error("spec.ipFamilyPolicy", ConfigErrorKind::DualStackRequired { family, field: from });
             }
         }
@@ -251,7 +252,9 @@ fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr
             diag.error("spec.ipFamilyPolicy", kind);
         }
     }
-    served
+    // The families served: the cluster IPs' (one listener each), else
+    // ipFamilies (a Service without cluster IPs that names them).
+    if of_ips.is_empty() { declared } else { of_ips }
 }
 
 /// Parses a list of IPs, naming each bad entry `field[i]`.

@@ -300,4 +300,19 @@ fn endpoints_of_a_family_the_service_does_not_serve_are_not_used_and_each_such_s
     // No cluster IP and no ipFamilies (an edge Service): any family.
     let j = joined(&(service("web", "{ports: [{port: 80, targetPort: 8080}]}") + &v4_slice + v6_slice));
     assert_eq!(j.ports[0].endpoints.len(), 2);
+    assert!(j.ports[0].ip_families.is_empty());
+    // PreferDualStack hoping for both families but given one IPv4 cluster
+    // IP: IPv4 only (its one listener is IPv4), so the IPv6 endpoint would
+    // sit behind an IPv4 VIP; it is not used.
+    let hoping = "{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4, IPv6], clusterIP: 10.96.0.1, \
+                  ports: [{port: 80, targetPort: 8080}]}";
+    let j = joined(&(service("web", hoping) + &v4_slice + v6_slice));
+    assert!(j.errors.is_empty(), "{:?}", error_lines(&j));
+    assert_eq!(addrs(&j.ports[0]), ["10.0.0.5:8080"]);
+    assert_eq!(j.ports[0].ip_families, [model::IpFamily::V4]);
+    // Without cluster IPs, ipFamilies says which families it serves.
+    let named = "{ipFamilies: [IPv6], ports: [{port: 80, targetPort: 8080}]}";
+    let j = joined(&(service("web", named) + &v4_slice + v6_slice));
+    assert_eq!(addrs(&j.ports[0]), ["[fd00::5]:8080"]);
+    assert_eq!(j.ports[0].ip_families, [model::IpFamily::V6]);
 }
