@@ -7,6 +7,7 @@
 //! without binding, see `loops`). Nothing here may panic on any input: the
 //! fuzz test in `tests/config_fuzz.rs` feeds it arbitrary bytes.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use crate::budget::Budget;
@@ -90,10 +91,15 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
 }
 
 fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
-    let proxy = match &opts.proxy_port_range {
-        Some(r) => format!("{}:{}-{}", opts.bind_address, r.start(), r.end()),
-        None => format!("{}:<auto>", opts.bind_address),
+    let at = |ip: IpAddr| {
+        let ip = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
+        match &opts.proxy_port_range {
+            Some(r) => format!("{ip}:{}-{}", r.start(), r.end()),
+            None => format!("{ip}:<auto>"),
+        }
     };
+    let proxy = at(opts.bind_address);
+    let proxy6 = opts.bind_address6.map(at).unwrap_or_default();
     let redirected = listen::redirected_by_rules(opts.redirect_rules);
     listen::plan(
         sp,
@@ -105,6 +111,8 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
     .map(|(role, ip, port)| match role {
         ListenRole::Proxy => format!("proxy {proxy}"),
         ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
+        ListenRole::Proxy6 => format!("proxy6 {proxy6}"),
+        ListenRole::ExternalProxy6 => format!("externalProxy6 {proxy6}"),
         _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
     })
     .collect::<Vec<_>>()

@@ -404,7 +404,8 @@ pub fn redirected_by_rules(rules: bool) -> impl Fn(&IpAddr) -> bool {
 /// external proxy port (rules on and the IP not local; the same locality the
 /// rules use, `redirect::rules::Locality`): only then is one planned.
 /// `binds` is `(bind_address, bind_address6)`: IPv6 twins of the proxy
-/// ports are planned only for IPv6 addresses the rules send to them.
+/// ports are planned only for IPv6 addresses the rules send to them, and
+/// the IPv4 proxy port only for a port not IPv6-only.
 pub fn plan(
     sp: &ServicePort,
     binds: (IpAddr, Option<IpAddr>),
@@ -412,16 +413,22 @@ pub fn plan(
     redirected: impl Fn(&IpAddr) -> bool,
 ) -> Vec<(ListenRole, IpAddr, u16)> {
     let (bind, bind6) = binds;
-    let mut out = vec![(ListenRole::Proxy, bind, 0)];
+    let bind6 = bind6.filter(|b| b.is_ipv6() && bind.is_ipv4());
+    let mut out = Vec::new();
+    // An IPv6-only port with an IPv6 proxy address needs no IPv4 proxy port.
+    let v6 = |ip: &IpAddr| IpFamily::of(*ip) == IpFamily::V6;
+    if bind6.is_none() || sp.cluster_ips.is_empty() || !sp.cluster_ips.iter().all(v6) {
+        out.push((ListenRole::Proxy, bind, 0));
+    }
     let external = || sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| redirected(ip));
-    if external().any(|ip| bind.is_ipv6() == ip.is_ipv6() || bind6.is_none()) {
+    if external().any(|ip| IpFamily::of(bind) == IpFamily::of(*ip) || bind6.is_none()) {
         out.push((ListenRole::ExternalProxy, bind, 0));
     }
-    if let Some(bind6) = bind6.filter(|b| b.is_ipv6() && bind.is_ipv4()) {
-        if sp.cluster_ips.iter().any(IpAddr::is_ipv6) {
+    if let Some(bind6) = bind6 {
+        if sp.cluster_ips.iter().any(v6) {
             out.push((ListenRole::Proxy6, bind6, 0));
         }
-        if external().any(IpAddr::is_ipv6) {
+        if external().any(v6) {
             out.push((ListenRole::ExternalProxy6, bind6, 0));
         }
     }
@@ -614,6 +621,20 @@ mod tests {
         assert_eq!(node_port_ips(vec![IpFamily::V6]), node_ips[1..]);
         assert_eq!(node_port_ips(vec![IpFamily::V4, IpFamily::V6]), node_ips);
         assert_eq!(node_port_ips(vec![]), node_ips, "no family named (an edge Service): every family");
+    }
+
+    #[test]
+    fn an_ipv6_only_port_gets_only_an_ipv6_proxy_port_when_there_is_an_ipv6_proxy_address() {
+        let mut sp = port("a", vec![], None);
+        sp.cluster_ips = vec!["fd00:96::1".parse().unwrap()];
+        let roles = |sp: &ServicePort, bind6: Option<&str>| -> Vec<ListenRole> {
+            let binds = (Ipv4Addr::LOCALHOST.into(), bind6.map(|b| b.parse().unwrap()));
+            plan(sp, binds, &[], |_| false).into_iter().map(|(r, ..)| r).collect()
+        };
+        assert_eq!(roles(&sp, Some("fd72::1")), [ListenRole::Proxy6]);
+        assert_eq!(roles(&sp, None), [ListenRole::Proxy], "no IPv6 proxy address: the one proxy port");
+        sp.cluster_ips.push("10.96.0.1".parse().unwrap());
+        assert_eq!(roles(&sp, Some("fd72::1")), [ListenRole::Proxy, ListenRole::Proxy6]);
     }
 
     #[test]

@@ -160,6 +160,15 @@ struct ListenArgs {
     /// (default: every address).
     #[arg(long, value_delimiter = ',')]
     nodeport_addresses: Vec<IpNet>,
+    /// With redirect rules and the wildcard --bind-address: the address,
+    /// put on `lo`, that proxy ports listen on and the rules DNAT to.
+    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
+    proxy_address: Ipv4Addr,
+    /// The same for IPv6: made local by a `local` /128 route on `lo` (no
+    /// address, so the node never uses it as a source) and bound with
+    /// IPV6_FREEBIND; not added where IPv6 is off.
+    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
+    proxy_address6: Ipv6Addr,
 }
 
 #[derive(Args)]
@@ -251,15 +260,6 @@ struct RunArgs {
     /// (everything summed over all service ports).
     #[arg(long, value_enum, default_value = "full")]
     per_service_metrics: PortDetail,
-    /// With redirect rules and the wildcard --bind-address: the address,
-    /// put on `lo`, that proxy ports listen on and the rules DNAT to.
-    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS)]
-    proxy_address: Ipv4Addr,
-    /// The same for IPv6: made local by a `local` /128 route on `lo` (no
-    /// address, so the node never uses it as a source) and bound with
-    /// IPV6_FREEBIND; not added where IPv6 is off.
-    #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
-    proxy_address6: Ipv6Addr,
     /// Connect to endpoints on this node from the client's own address
     /// (IP_TRANSPARENT and policy routing; docs/source-ip.md). A Service
     /// opts out with `ringport.io/source-ip: proxy`.
@@ -294,6 +294,18 @@ fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 }
 
 impl ListenArgs {
+    /// What `check` plans with: as `run` with rules (`--redirect auto`),
+    /// whose proxy ports listen on the proxy addresses when
+    /// `--bind-address` is the IPv4 wildcard, so their conflicts show.
+    fn check_options(&self, workers: usize) -> ListenOptions {
+        let mut opts = self.options(workers);
+        if self.bind_address == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
+            opts.bind_address = self.proxy_address.into();
+            opts.bind_address6 = Some(self.proxy_address6.into());
+        }
+        opts
+    }
+
     fn options(&self, workers: usize) -> ListenOptions {
         ListenOptions {
             bind_address: self.bind_address,
@@ -373,8 +385,8 @@ impl RunArgs {
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
             redirect: self.redirect.unwrap_or_else(|| source.default_redirect()),
-            proxy_address: self.proxy_address,
-            proxy_address6: self.proxy_address6,
+            proxy_address: self.listen.proxy_address,
+            proxy_address6: self.listen.proxy_address6,
             transparent: SourceOptions {
                 transparent: self.transparent,
                 ready: false,
@@ -458,7 +470,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { source, listen, workers } => {
             let workers =
                 workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            return check(&source.config, &listen.options(workers.max(1)));
+            return check(&source.config, &listen.check_options(workers.max(1)));
         }
         Command::Status { metrics_bind_address, output } => {
             let status = match ringport::status::fetch(metrics_bind_address, Duration::from_secs(3)) {

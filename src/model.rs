@@ -463,6 +463,12 @@ impl Endpoint {
             hints_nodes: Vec::new(),
         }
     }
+
+    /// Whether it could serve (kube-proxy's `hasEndpoints` counts it):
+    /// ready, or serving while terminating.
+    pub fn usable(&self) -> bool {
+        self.conditions.ready || self.conditions.serving
+    }
 }
 
 /// One service port with everything the data plane needs: the unit that

@@ -25,51 +25,79 @@ use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::listen::{ListenRole, Listener, ListenerId};
 use crate::metrics::{Metrics, PortMetrics};
-use crate::model::{EndpointAddr, ProxyPort, ProxyProtocol, ServicePort, ServicePortName};
+use crate::model::{EndpointAddr, IpFamily, ProxyPort, ProxyProtocol, ServicePort, ServicePortName};
 use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 /// One service port as served: its spec and its selection state for each
-/// kind of traffic (they differ when a traffic policy is `Local`).
+/// kind of traffic (they differ when a traffic policy is `Local`) and, for
+/// a dual-stack port, each family.
 #[derive(Debug)]
 pub struct PortState {
     pub spec: ServicePort,
-    /// Cluster-IP / proxy-port traffic (`internalTrafficPolicy`).
-    pub internal: Arc<Balancer>,
-    /// Node-port, external-IP and load-balancer traffic
-    /// (`externalTrafficPolicy`).
-    pub external: Arc<Balancer>,
-    /// A dual-stack service port's balancers per family, `[IPv4, IPv6]`,
-    /// each `[internal, external]` over the endpoints of that family only:
-    /// traffic to an address uses endpoints of its family, as kube-proxy's
-    /// one proxier per family does. `None` for a single-family port (the
-    /// join already left out endpoints of the other family).
-    pub families: Option<Box<[[Arc<Balancer>; 2]; 2]>>,
+    pub balancers: Balancers,
     /// Its counters, one slot per worker; kept across reloads.
     pub metrics: Arc<PortMetrics>,
     /// Whose address each endpoint sees (transparent mode).
     pub source: SourcePlan,
 }
 
+/// A service port's balancers, each `[internal, external]`: cluster-IP /
+/// proxy-port traffic (`internalTrafficPolicy`), and node-port,
+/// external-IP and load-balancer traffic (`externalTrafficPolicy`).
+#[derive(Debug)]
+pub enum Balancers {
+    /// A single-family port (the join already left out endpoints of the
+    /// other family; an edge Service naming no family balances them all).
+    One([Arc<Balancer>; 2]),
+    /// A dual-stack port, `[IPv4, IPv6]`, each over the endpoints of that
+    /// family only: traffic to an address uses endpoints of its family, as
+    /// kube-proxy's one proxier per family does.
+    PerFamily(Box<[[Arc<Balancer>; 2]; 2]>),
+}
+
+/// Whether a family's endpoints can take traffic, for the rules: each
+/// address of a dual-stack port is judged by its own family's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Emptiness {
+    /// No endpoint in scope for cluster-IP / for external traffic.
+    pub internal: bool,
+    pub external: bool,
+    /// Endpoints exist at all (in any scope, kube-proxy's `hasEndpoints`):
+    /// with none in scope, traffic is then dropped rather than rejected.
+    pub has_endpoints: bool,
+}
+
 impl PortState {
-    pub fn balancer(&self, scope: Scope) -> &Arc<Balancer> {
-        match scope {
-            Scope::Internal => &self.internal,
-            Scope::External => &self.external,
+    /// The balancer for traffic of `family` in `scope`.
+    pub fn balancer(&self, scope: Scope, family: IpFamily) -> &Arc<Balancer> {
+        let scope = usize::from(scope == Scope::External);
+        match &self.balancers {
+            Balancers::One(pair) => &pair[scope],
+            Balancers::PerFamily(families) => &families[family_index(family)][scope],
         }
     }
 
-    /// The balancer for traffic of one family (`v6`) in `scope`.
-    pub fn balancer_for(&self, scope: Scope, v6: bool) -> &Arc<Balancer> {
-        match &self.families {
-            Some(families) => &families[usize::from(v6)][usize::from(scope == Scope::External)],
-            None => self.balancer(scope),
+    /// Whether traffic of `family` has endpoints, in each scope and at all.
+    pub fn emptiness(&self, family: IpFamily) -> Emptiness {
+        let of_family = |e: &&crate::model::Endpoint| match self.balancers {
+            Balancers::One(_) => true,
+            Balancers::PerFamily(_) => IpFamily::of(e.addr.0.ip()) == family,
+        };
+        Emptiness {
+            internal: self.balancer(Scope::Internal, family).is_empty(),
+            external: self.balancer(Scope::External, family).is_empty(),
+            has_endpoints: self.spec.endpoints.iter().filter(of_family).any(|e| e.usable()),
         }
     }
 }
 
+fn family_index(family: IpFamily) -> usize {
+    usize::from(family == IpFamily::V6)
+}
+
 /// Whether a service port is dual-stack: cluster IPs of both families.
 fn dual_stack(spec: &ServicePort) -> bool {
-    let v6 = |ip: &std::net::IpAddr| ip.to_canonical().is_ipv6();
+    let v6 = |ip: &std::net::IpAddr| IpFamily::of(*ip) == IpFamily::V6;
     spec.cluster_ips.iter().any(v6) && !spec.cluster_ips.iter().all(v6)
 }
 
@@ -87,7 +115,7 @@ struct RouteEntry {
     port: usize,
     scope: Scope,
     /// The listener's family: a dual-stack port balances each apart.
-    v6: bool,
+    family: IpFamily,
 }
 
 /// A listener's service port, and the balancer for its kind of traffic.
@@ -119,8 +147,9 @@ pub fn scope_of(role: ListenRole) -> Scope {
 /// family, the IP stays open (the rules leave it open too).
 pub fn admits(role: ListenRole, spec: &ServicePort, client: std::net::IpAddr) -> bool {
     let client = client.to_canonical();
+    let family = IpFamily::of(client);
     let mut ranges =
-        spec.load_balancer_source_ranges.iter().filter(|r| r.addr().is_ipv6() == client.is_ipv6()).peekable();
+        spec.load_balancer_source_ranges.iter().filter(|r| IpFamily::of(r.addr()) == family).peekable();
     !matches!(role, ListenRole::LoadBalancer(_))
         || ranges.peek().is_none()
         || ranges.any(|r| r.contains(&client))
@@ -153,28 +182,36 @@ impl Snapshot {
         let ports: Vec<Arc<PortState>> = ports
             .into_iter()
             .map(|spec| {
-                let prev = old.get(&spec.name);
-                let build = |scope| {
-                    let prev = prev.map(|p| p.balancer(scope));
-                    Balancer::build(&spec, scope, ctx.options, ctx.registry, prev)
+                let prev = old.get(&spec.name).map(|p| &p.balancers);
+                let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
+                    [Scope::Internal, Scope::External].map(|scope| {
+                        let prev = prev.map(|p| &p[usize::from(scope == Scope::External)]);
+                        Balancer::build(spec, scope, ctx.options, ctx.registry, prev)
+                    })
                 };
-                let (internal, external) = (build(Scope::Internal), build(Scope::External));
-                let families = dual_stack(&spec).then(|| {
-                    Box::new([false, true].map(|v6| {
+                // Only the balancers traffic uses are built: a dual-stack
+                // port's listeners all have a family of their own.
+                let balancers = if dual_stack(&spec) {
+                    Balancers::PerFamily(Box::new([IpFamily::V4, IpFamily::V6].map(|family| {
                         let mut of_family = spec.clone();
-                        of_family.endpoints.retain(|e| e.addr.0.ip().to_canonical().is_ipv6() == v6);
-                        [Scope::Internal, Scope::External].map(|scope| {
-                            let prev = prev.and_then(|p| p.families.as_ref());
-                            let prev =
-                                prev.map(|f| &f[usize::from(v6)][usize::from(scope == Scope::External)]);
-                            Balancer::build(&of_family, scope, ctx.options, ctx.registry, prev)
-                        })
-                    }))
-                });
+                        of_family.endpoints.retain(|e| IpFamily::of(e.addr.0.ip()) == family);
+                        let prev = match prev {
+                            Some(Balancers::PerFamily(f)) => Some(&f[family_index(family)]),
+                            _ => None,
+                        };
+                        pair(&of_family, prev)
+                    })))
+                } else {
+                    let prev = match prev {
+                        Some(Balancers::One(p)) => Some(p),
+                        _ => None,
+                    };
+                    Balancers::One(pair(&spec, prev))
+                };
                 let metrics = ctx.metrics.port(&spec.name, spec.protocol);
                 let node = ctx.options.locality.node_name.as_deref();
                 let source = SourcePlan::build(&spec, ctx.source, node);
-                Arc::new(PortState { spec, internal, external, families, metrics, source })
+                Arc::new(PortState { spec, balancers, metrics, source })
             })
             .collect();
         ctx.registry.prune();
@@ -185,8 +222,8 @@ impl Snapshot {
             .iter()
             .filter_map(|l| {
                 let port = *index.get(&l.key.port)?;
-                let v6 = l.addr.ip().to_canonical().is_ipv6();
-                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), v6 }))
+                let family = IpFamily::of(l.addr.ip());
+                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), family }))
             })
             .collect();
         Self { generation, ports, listeners, routes }
@@ -216,7 +253,7 @@ impl Snapshot {
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
         let entry = self.routes.get(&listener)?;
         let port = self.ports.get(entry.port)?;
-        Some(Route { port, balancer: port.balancer_for(entry.scope, entry.v6) })
+        Some(Route { port, balancer: port.balancer(entry.scope, entry.family) })
     }
 
     /// The mark of the rule that hands replies to transparent sockets, when
@@ -225,11 +262,13 @@ impl Snapshot {
         self.ports.iter().find(|p| p.source.active()).map(|p| p.source.mark())
     }
 
-    /// The proxy port of a service port, if it is bound.
+    /// The proxy port of a service port, if it is bound: the IPv4 one, or
+    /// the IPv6 one of an IPv6-only port.
     pub fn proxy_port(&self, name: &ServicePortName) -> Option<ProxyPort> {
         self.listeners
             .iter()
-            .find(|l| &l.key.port == name && l.key.role == ListenRole::Proxy)
+            .filter(|l| &l.key.port == name && matches!(l.key.role, ListenRole::Proxy | ListenRole::Proxy6))
+            .min_by_key(|l| l.key.role)
             .map(|l| ProxyPort(l.addr.port()))
     }
 
@@ -263,8 +302,19 @@ impl Snapshot {
                         .iter()
                         .map(|e| EndpointView { source: p.source.of(e.addr), ..EndpointView::from(e) })
                         .collect(),
-                    internal: p.internal.view(now),
-                    external: p.external.view(now),
+                    balancers: match &p.balancers {
+                        Balancers::One([internal, external]) => {
+                            BalancersView::One { internal: internal.view(now), external: external.view(now) }
+                        }
+                        Balancers::PerFamily(families) => {
+                            let [v4, v6] = &**families;
+                            let view = |[internal, external]: &[Arc<Balancer>; 2]| FamilyView {
+                                internal: internal.view(now),
+                                external: external.view(now),
+                            };
+                            BalancersView::PerFamily { ipv4: view(v4), ipv6: view(v6) }
+                        }
+                    },
                 })
                 .collect(),
         }
@@ -297,9 +347,31 @@ pub struct PortView {
     pub proxy_protocol: ProxyProtocol,
     pub listeners: Vec<ListenerView>,
     pub endpoints: Vec<EndpointView>,
-    /// Where cluster-IP traffic goes: rotation order, with health.
+    #[serde(flatten)]
+    pub balancers: BalancersView,
+}
+
+/// A single-family port's two balancers (`internal`, `external`), or a
+/// dual-stack port's per family (`ipv4`, `ipv6`, each with both): only the
+/// balancers traffic uses.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum BalancersView {
+    One {
+        /// Where cluster-IP traffic goes: rotation order, with health.
+        internal: BalancerView,
+        /// Where node-port / external / load-balancer traffic goes.
+        external: BalancerView,
+    },
+    PerFamily {
+        ipv4: FamilyView,
+        ipv6: FamilyView,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct FamilyView {
     pub internal: BalancerView,
-    /// Where node-port / external / load-balancer traffic goes.
     pub external: BalancerView,
 }
 
@@ -383,8 +455,9 @@ mod tests {
         let p = snap.ports.iter().find(|p| p.spec.name.service.name == name).expect("port");
         let client = ClientAddr(SocketAddr::from(([127, 0, 0, 9], 1)));
         let now = Instant::now();
-        let i = p.internal.next_candidate(&mut p.internal.pick(client, now, 4), now).expect("candidate");
-        p.internal.endpoint(i).expect("endpoint")
+        let b = p.balancer(Scope::Internal, IpFamily::V4);
+        let i = b.next_candidate(&mut b.pick(client, now, 4), now).expect("candidate");
+        b.endpoint(i).expect("endpoint")
     }
 
     /// Userspace scenarios 1, 6 and 10: an unknown listener has no route;
@@ -410,7 +483,8 @@ mod tests {
         let next_before = first(&s1, "bar");
         assert_eq!(next_before, rotation[0]);
         let s2 = build(vec![port("bar", &[1, 2, 3])], &s1, &mut binder, &registry);
-        assert!(Arc::ptr_eq(&s1.ports[0].internal, &s2.ports[0].internal), "bar keeps its balancer");
+        let internal = |s: &Snapshot| Arc::clone(s.ports[0].balancer(Scope::Internal, IpFamily::V4));
+        assert!(Arc::ptr_eq(&internal(&s1), &internal(&s2)), "bar keeps its balancer");
         assert_eq!(first(&s2, "bar"), rotation[1], "bar carries on where it left off");
         assert!(s2.route(ListenerId(u64::MAX)).is_none(), "an unknown listener has no route");
         let foo_listener =

@@ -60,6 +60,17 @@ pub struct PortStatus {
     internal: Option<BalancerHealth>,
     #[serde(default, skip_serializing)]
     external: Option<BalancerHealth>,
+    /// A dual-stack port's, per family.
+    #[serde(default, skip_serializing)]
+    ipv4: Option<FamilyHealth>,
+    #[serde(default, skip_serializing)]
+    ipv6: Option<FamilyHealth>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FamilyHealth {
+    internal: Option<BalancerHealth>,
+    external: Option<BalancerHealth>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,8 +126,14 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<Status, StatusError>
     let mut status: Status =
         serde_json::from_str(body).map_err(|source| StatusError::Malformed { addr, source })?;
     for port in &mut status.service_ports {
-        let health: Vec<&(SocketAddr, HealthView)> =
-            [&port.internal, &port.external].into_iter().flatten().flat_map(|b| &b.endpoints).collect();
+        let families =
+            [&port.ipv4, &port.ipv6].into_iter().flatten().flat_map(|f| [&f.internal, &f.external]);
+        let health: Vec<&(SocketAddr, HealthView)> = [&port.internal, &port.external]
+            .into_iter()
+            .chain(families)
+            .flatten()
+            .flat_map(|b| &b.endpoints)
+            .collect();
         for ep in &mut port.endpoints {
             ep.health = health.iter().find(|(a, _)| *a == ep.addr).map(|(_, h)| h.clone());
         }

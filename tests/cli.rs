@@ -226,3 +226,20 @@ fn json_logs_are_one_object_a_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+#[test]
+fn check_plans_the_ipv6_proxy_port_on_the_ipv6_proxy_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("svc.yaml");
+    let manifest = "apiVersion: v1\nkind: Service\nmetadata: {name: web6, namespace: default}\n\
+                    spec: {clusterIP: \"fd10:96::10\", ports: [{port: 80, targetPort: 8080}]}\n";
+    std::fs::write(&path, manifest).expect("write");
+    let path = path.to_str().expect("utf-8");
+    let out = ringport(&["check", "--config", path]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("proxy6 [fd72:696e:6770::1]:<auto>"), "{table}");
+    assert!(!table.contains("proxy 169.254.99.1"), "an IPv6-only port needs no IPv4 proxy port: {table}");
+    let out = ringport(&["check", "--config", path, "--proxy-address6", "fd72::9"]);
+    assert!(text(&out.stdout).contains("proxy6 [fd72::9]:<auto>"), "{}", text(&out.stdout));
+}

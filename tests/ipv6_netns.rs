@@ -346,6 +346,17 @@ fn assert_the_ipv4_endpoint_of_an_ipv6_service_is_not_used(node: &Node) {
     let snapshot: serde_json::Value = serde_json::from_str(&text).expect("/debug/snapshot is JSON");
     let ports = snapshot["service_ports"].as_array().expect("service_ports");
     let web6 = ports.iter().find(|p| p["name"].as_str() == Some("default/web6")).expect("web6 is served");
+    // IPv6-only: one proxy port, IPv6; one pair of balancers.
+    let roles: Vec<&str> =
+        web6["listeners"].as_array().expect("listeners").iter().filter_map(|l| l["role"].as_str()).collect();
+    assert!(roles.contains(&"proxy6") && !roles.contains(&"proxy"), "{roles:?}");
+    assert!(web6["internal"].is_object() && web6["ipv6"].is_null(), "{web6}");
+    // Dual-stack: the balancers per family, the ones traffic uses.
+    let split = ports.iter().find(|p| p["name"].as_str() == Some("default/split")).expect("split is served");
+    let family = |f: &str| split[f]["internal"]["endpoints"].to_string();
+    assert!(split["internal"].is_null(), "{split}");
+    assert!(family("ipv4").contains("10.200.0.11") && !family("ipv4").contains("fd10"), "{split}");
+    assert!(family("ipv6").contains("fd10:200::12") && !family("ipv6").contains("10.200"), "{split}");
     let endpoints = web6["endpoints"].to_string();
     assert!(endpoints.contains("fd10:200::13"), "{endpoints}");
     assert!(!endpoints.contains("10.200.0.13"), "web6 uses be3's IPv4 endpoint: {endpoints}");

@@ -204,6 +204,8 @@ pub enum ConfigErrorKind {
     UnknownProtocol(String),
     #[error("unknown value {value:?} (expected {expected})")]
     UnknownValue { value: String, expected: &'static str },
+    #[error("{value:?} is an IPv4-mapped IPv6 address; write the IPv4 address itself")]
+    Ipv4MappedIp { value: String },
     #[error("{value:?} is not a valid IP address")]
     InvalidIp {
         value: String,
@@ -486,8 +488,18 @@ pub(crate) fn protocol(value: Option<&str>) -> Result<Protocol, ConfigErrorKind>
     }
 }
 
+/// An IP address as the API server accepts it: not an IPv4-mapped IPv6
+/// one (`::ffff:10.0.0.1`), which names an IPv4 host in IPv6's clothes and
+/// would land in the wrong family's rules and balancers.
 pub(crate) fn ip(value: &str) -> Result<IpAddr, ConfigErrorKind> {
-    value.parse().map_err(|source| ConfigErrorKind::InvalidIp { value: value.to_owned(), source })
+    let ip: IpAddr =
+        value.parse().map_err(|source| ConfigErrorKind::InvalidIp { value: value.to_owned(), source })?;
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Err(ConfigErrorKind::Ipv4MappedIp { value: value.to_owned() })
+        }
+        _ => Ok(ip),
+    }
 }
 
 /// The Kubernetes rule for a port name (IANA_SVC_NAME): at most 15

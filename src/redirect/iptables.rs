@@ -161,8 +161,8 @@ pub fn render_restore(
                     let comment = target.service.to_string().replace('"', "");
                     let jump = match dnat {
                         Some(addr) => {
-                            let addr = if v6 { format!("[{addr}]") } else { addr.to_string() };
-                            format!("DNAT --to-destination {addr}:{}", target.proxy_port.0)
+                            let to = std::net::SocketAddr::new(addr, target.proxy_port.0);
+                            format!("DNAT --to-destination {to}")
                         }
                         None => format!("REDIRECT --to-ports {}", target.proxy_port.0),
                     };

@@ -31,8 +31,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 
 use crate::listen::ListenRole;
-use crate::model::{Endpoint, Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
-use crate::snapshot::Snapshot;
+use crate::model::{Endpoint, IpFamily, Protocol, ProxyPort, ServicePort, ServicePortName, ServiceVip};
+use crate::snapshot::{Emptiness, Snapshot};
 
 /// What a rule matches: a packet's protocol, destination address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -44,7 +44,7 @@ pub struct RuleKey {
 
 impl RuleKey {
     pub fn is_ipv6(&self) -> bool {
-        self.daddr.0.is_ipv6()
+        IpFamily::of(self.daddr.0) == IpFamily::V6
     }
 
     pub fn is_udp(&self) -> bool {
@@ -114,72 +114,64 @@ impl Locality {
     }
 }
 
-/// One service port as the rules see it.
+/// One service port as the rules see it. Every array is per family,
+/// `[IPv4, IPv6]`: each address goes to the proxy port of its family, and is
+/// judged by its family's endpoints.
 #[derive(Clone, Copy, Debug)]
 pub struct PortRules<'a> {
     pub spec: &'a ServicePort,
-    /// Its proxy port (internal scope: cluster IPs).
-    pub proxy: SocketAddr,
-    /// Its external proxy port (external scope: non-local external and LB
-    /// IPs); the proxy port serves them when there is none.
-    pub external_proxy: Option<SocketAddr>,
-    /// The IPv6 twins of both, beside IPv4 ones (dual-stack proxy ports).
-    pub proxy6: Option<SocketAddr>,
-    pub external_proxy6: Option<SocketAddr>,
-    /// No endpoint in scope for cluster-IP / for external traffic.
-    pub internal_empty: bool,
-    pub external_empty: bool,
-    /// Endpoints exist at all (in any scope): with none in scope, traffic
-    /// is then dropped rather than rejected.
-    pub has_endpoints: bool,
-    /// A dual-stack port's three flags above (in that order) per family,
-    /// `[IPv4, IPv6]`: each address is judged by its own family's endpoints.
-    pub families: Option<[(bool, bool, bool); 2]>,
+    /// Its proxy ports (internal scope: cluster IPs), where bound.
+    pub proxy: [Option<SocketAddr>; 2],
+    /// Its external proxy ports (external scope: non-local external and LB
+    /// IPs); the family's proxy port serves them when there is none.
+    pub external_proxy: [Option<SocketAddr>; 2],
+    /// Whether each family's endpoints can take traffic.
+    pub emptiness: [Emptiness; 2],
 }
 
 impl<'a> PortRules<'a> {
     /// A service port with endpoints in both scopes and one proxy port.
     pub fn new(spec: &'a ServicePort, proxy: SocketAddr) -> Self {
-        Self {
-            spec,
-            proxy,
-            external_proxy: None,
-            proxy6: None,
-            external_proxy6: None,
-            internal_empty: false,
-            external_empty: false,
-            has_endpoints: has_endpoints(spec),
-            families: None,
-        }
+        let full = Emptiness { internal: false, external: false, has_endpoints: has_endpoints(spec) };
+        Self { spec, proxy: [None; 2], external_proxy: [None; 2], emptiness: [full; 2] }.with_proxy(proxy)
+    }
+
+    /// With `addr` as the proxy port of its family.
+    pub fn with_proxy(mut self, addr: SocketAddr) -> Self {
+        self.proxy[family(addr.ip())] = Some(addr);
+        self
+    }
+
+    /// With `addr` as the external proxy port of its family.
+    pub fn with_external_proxy(mut self, addr: SocketAddr) -> Self {
+        self.external_proxy[family(addr.ip())] = Some(addr);
+        self
     }
 
     /// `(no endpoint in scope, endpoints at all)` for traffic to `ip`.
     fn emptiness(&self, ip: IpAddr, external: bool) -> (bool, bool) {
-        let (internal, outer, any) = match self.families {
-            Some(families) => families[usize::from(ip.is_ipv6())],
-            None => (self.internal_empty, self.external_empty, self.has_endpoints),
-        };
-        (if external { outer } else { internal }, any)
+        let e = self.emptiness[family(ip)];
+        (if external { e.external } else { e.internal }, e.has_endpoints)
     }
 
     /// The proxy port for traffic to `ip` in one scope: of `ip`'s family,
     /// the external one falling back to the internal one as above.
     fn target(&self, ip: IpAddr, external: bool) -> Option<SocketAddr> {
-        let family = |a: &SocketAddr| a.is_ipv6() == ip.is_ipv6();
-        let internal = [Some(self.proxy), self.proxy6].into_iter().flatten().find(family);
-        let outer = [self.external_proxy, self.external_proxy6].into_iter().flatten().find(family);
-        if external { outer.or(internal) } else { internal }
+        let family = family(ip);
+        let internal = self.proxy[family];
+        if external { self.external_proxy[family].or(internal) } else { internal }
     }
+}
+
+/// The index of `ip`'s family in [`PortRules`]' arrays.
+fn family(ip: IpAddr) -> usize {
+    usize::from(IpFamily::of(ip) == IpFamily::V6)
 }
 
 /// Whether a service port has any endpoint that could serve (kube-proxy's
 /// `hasEndpoints`): ready, or serving while terminating.
 pub fn has_endpoints(spec: &ServicePort) -> bool {
-    spec.endpoints.iter().any(usable)
-}
-
-fn usable(e: &Endpoint) -> bool {
-    e.conditions.ready || e.conditions.serving
+    spec.endpoints.iter().any(Endpoint::usable)
 }
 
 /// The rules a snapshot wants, and what could not be expressed.
@@ -238,7 +230,7 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
                 let same_family: Vec<IpNet> = sp
                     .load_balancer_source_ranges
                     .iter()
-                    .filter(|r| r.addr().is_ipv6() == ip.is_ipv6())
+                    .filter(|r| IpFamily::of(r.addr()) == IpFamily::of(*ip))
                     .copied()
                     .collect();
                 // As kube-proxy: ranges are filtered by the IP's family, and
@@ -262,24 +254,13 @@ pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
         proxies.insert((&l.key.port, l.key.role), l.addr);
     }
     let ports = snapshot.ports.iter().filter_map(|p| {
-        let proxy = *proxies.get(&(&p.spec.name, ListenRole::Proxy))?;
         let role = |role| proxies.get(&(&p.spec.name, role)).copied();
-        Some(PortRules {
+        let proxy = [role(ListenRole::Proxy), role(ListenRole::Proxy6)];
+        proxy.iter().any(Option::is_some).then(|| PortRules {
             spec: &p.spec,
             proxy,
-            external_proxy: role(ListenRole::ExternalProxy),
-            proxy6: role(ListenRole::Proxy6),
-            external_proxy6: role(ListenRole::ExternalProxy6),
-            internal_empty: p.internal.is_empty(),
-            external_empty: p.external.is_empty(),
-            has_endpoints: has_endpoints(&p.spec),
-            families: p.families.as_ref().map(|f| {
-                [false, true].map(|v6| {
-                    let [internal, external] = &f[usize::from(v6)];
-                    let mut of_family = p.spec.endpoints.iter().filter(|e| e.addr.0.is_ipv6() == v6);
-                    (internal.is_empty(), external.is_empty(), of_family.any(usable))
-                })
-            }),
+            external_proxy: [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
+            emptiness: [IpFamily::V4, IpFamily::V6].map(|f| p.emptiness(f)),
         })
     });
     desired(ports, local)
@@ -428,10 +409,7 @@ mod tests {
         let on_v6 = desired([PortRules::new(&dual, "[::]:31000".parse().unwrap())], &Locality::default());
         assert_eq!(on_v6.rules.redirects.keys().copied().collect::<Vec<_>>(), vec![key("fd00:96::1", 443)]);
         // Dual-stack proxy ports: each address to the proxy port of its family.
-        let both = PortRules {
-            proxy6: Some("[fd72::1]:31001".parse().unwrap()),
-            ..PortRules::new(&dual, v4_proxy(31000))
-        };
+        let both = PortRules::new(&dual, v4_proxy(31000)).with_proxy("[fd72::1]:31001".parse().unwrap());
         let d = desired([both], &Locality::default());
         assert_eq!(d.rules.redirects[&key("10.96.0.1", 443)].proxy_port, ProxyPort(31000));
         assert_eq!(d.rules.redirects[&key("fd00:96::1", 443)].proxy_port, ProxyPort(31001));
@@ -443,18 +421,16 @@ mod tests {
         let mut web = sp("web", Protocol::Tcp, 80);
         web.cluster_ips = vec![ip("fd00:96::10")];
         web.load_balancer_ips = vec![ip("fd00:98::1"), ip("10.98.0.1")];
-        let p6 = |port| Some(SocketAddr::from((ip("fd72::1"), port)));
-        let p = PortRules {
-            external_proxy: Some(v4_proxy(32000)),
-            proxy6: p6(31001),
-            external_proxy6: p6(32001),
-            ..PortRules::new(&web, v4_proxy(31000))
-        };
+        let p6 = |port| SocketAddr::from((ip("fd72::1"), port));
+        let p = PortRules::new(&web, v4_proxy(31000))
+            .with_external_proxy(v4_proxy(32000))
+            .with_proxy(p6(31001))
+            .with_external_proxy(p6(32001));
         let d = desired([p], &Locality::default());
         assert_eq!(d.rules.redirects[&key("fd00:96::10", 80)].proxy_port, ProxyPort(31001));
         assert_eq!(d.rules.redirects[&key("fd00:98::1", 80)].proxy_port, ProxyPort(32001));
         assert_eq!(d.rules.redirects[&key("10.98.0.1", 80)].proxy_port, ProxyPort(32000));
-        let no_external6 = PortRules { external_proxy6: None, ..p };
+        let no_external6 = PortRules { external_proxy: [Some(v4_proxy(32000)), None], ..p };
         let d = desired([no_external6], &Locality::default());
         assert_eq!(d.rules.redirects[&key("fd00:98::1", 80)].proxy_port, ProxyPort(31001));
     }
@@ -464,10 +440,10 @@ mod tests {
         let mut dns = sp("dns", Protocol::Udp, 53);
         dns.cluster_ips = vec![ip("10.96.0.53"), ip("fd00:96::53")];
         // IPv4 endpoints only: the IPv6 ClusterIP is rejected, as kube-proxy's IPv6 proxier does.
+        let none = Emptiness { internal: true, external: true, has_endpoints: false };
         let p = PortRules {
-            proxy6: Some("[fd72::1]:31001".parse().unwrap()),
-            families: Some([(false, false, true), (true, true, false)]),
-            ..PortRules::new(&dns, v4_proxy(31000))
+            emptiness: [Emptiness { internal: false, external: false, has_endpoints: true }, none],
+            ..PortRules::new(&dns, v4_proxy(31000)).with_proxy("[fd72::1]:31001".parse().unwrap())
         };
         let d = desired([p], &Locality::default());
         let udp = |a| RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip(a)), dport: 53 };
@@ -494,7 +470,7 @@ mod tests {
         let mut web = sp("web", Protocol::Tcp, 80);
         web.cluster_ips = vec![ip("10.96.0.10")];
         web.load_balancer_ips = vec![ip("10.98.0.1")];
-        let p = PortRules { external_proxy: Some(v4_proxy(32000)), ..PortRules::new(&web, v4_proxy(31000)) };
+        let p = PortRules::new(&web, v4_proxy(31000)).with_external_proxy(v4_proxy(32000));
         let d = desired([p], &Locality::default());
         assert_eq!(d.rules.redirects[&key("10.96.0.10", 80)].proxy_port, ProxyPort(31000));
         assert_eq!(d.rules.redirects[&key("10.98.0.1", 80)].proxy_port, ProxyPort(32000));
@@ -506,11 +482,8 @@ mod tests {
         dns.cluster_ips = vec![ip("10.96.0.53")];
         let mut web = sp("web", Protocol::Tcp, 80);
         web.cluster_ips = vec![ip("10.96.0.10")];
-        let empty = |spec| PortRules {
-            internal_empty: true,
-            external_empty: true,
-            ..PortRules::new(spec, v4_proxy(31000))
-        };
+        let none = Emptiness { internal: true, external: true, has_endpoints: false };
+        let empty = |spec| PortRules { emptiness: [none; 2], ..PortRules::new(spec, v4_proxy(31000)) };
         let d = desired([empty(&dns), empty(&web)], &Locality::default());
         let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 };
         assert_eq!(d.rules.reject.iter().copied().collect::<Vec<_>>(), vec![udp]);
@@ -531,7 +504,9 @@ mod tests {
             (with_remote_endpoint("dns", Protocol::Udp), with_remote_endpoint("web", Protocol::Tcp));
         // externalTrafficPolicy Local and no local endpoint: only the
         // external scope is empty.
-        let local_only = |spec| PortRules { external_empty: true, ..PortRules::new(spec, v4_proxy(31000)) };
+        let outside = Emptiness { internal: false, external: true, has_endpoints: true };
+        let local_only =
+            |spec| PortRules { emptiness: [outside; 2], ..PortRules::new(spec, v4_proxy(31000)) };
         let d = desired([local_only(&dns), local_only(&web)], &Locality::default());
         let k = |protocol, daddr: &str| RuleKey { protocol, daddr: ServiceVip(ip(daddr)), dport: 53 };
         assert_eq!(

@@ -102,6 +102,10 @@ fn invalid_cluster_ip_is_an_error() {
         "\"10.96.0.300\" is not a valid IP address",
     );
     bad("{clusterIPs: [10.96.0.1, 'fd00::x'], ports: [{port: 80}]}", "spec.clusterIPs[1]", "not a valid IP");
+    // As the API server: an IPv4 address in IPv6 clothes is refused.
+    let mapped = "\"::ffff:10.96.0.1\" is an IPv4-mapped IPv6 address; write the IPv4 address itself";
+    bad("{clusterIP: '::ffff:10.96.0.1', ports: [{port: 80}]}", "spec.clusterIP", mapped);
+    bad("{externalIPs: ['::ffff:10.97.0.1'], ports: [{port: 80}]}", "spec.externalIPs[0]", "IPv4-mapped");
 }
 
 #[test]

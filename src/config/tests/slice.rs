@@ -104,6 +104,8 @@ fn addresses_must_parse_and_match_the_address_type() {
         "not a valid IP address",
     );
     bad("[{port: 80}]", "[{addresses: []}]", "endpoints[0].addresses", "at least one address is required");
+    let mapped = slice_text("[{port: 80}]", "[{addresses: ['::ffff:10.0.0.1']}]").replace("IPv4", "IPv6");
+    assert_error(&mapped, &format!("{AT}endpoints[0].addresses[0]: "), "IPv4-mapped");
     let v6 = slice_text("[{port: 80}]", "[{addresses: ['::1']}]").replace("IPv4", "IPv6");
     assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses, ["::1".parse::<IpAddr>().unwrap()]);
 }
