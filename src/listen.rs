@@ -20,8 +20,9 @@
 //!   process of the same user setting `SO_REUSEPORT`, split the port's
 //!   connections with us.) The probe is closed before the real sockets
 //!   bind, so a process that binds with `SO_REUSEPORT` in that instant still
-//!   shares the port; a port this process held once is not probed
-//!   again (our own sockets may still hold it while workers let go); and a
+//!   shares the port; an address (IP and port) this process held once is
+//!   not probed again (our own sockets may still hold it while workers let
+//!   go); and a
 //!   TCP port another process holds without listening (a ringport port with
 //!   no endpoint, paused or not yet listening) cannot be told from a
 //!   TIME_WAIT leftover, which the probe must tolerate, so it is not seen.

@@ -101,6 +101,11 @@ fn manifest(bad_families: bool) -> String {
          status:\n  loadBalancer:\n    ingress: [{{ip: \"fd10:98::10\"}}]\n"
     );
     y += &slice("guarded", "IPv6", 8080, "TCP", Some("be2"));
+    // `outside`: an IPv6 externalIP, not on the node (routed to it).
+    y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: outside, namespace: default}\nspec:\n  \
+          clusterIP: fd10:96::80\n  externalIPs: [\"fd10:97::10\"]\n  \
+          ports:\n  - {port: 80, targetPort: 8080, protocol: TCP}\n";
+    y += &slice("outside", "IPv6", 8080, "TCP", Some("be3"));
     // `web4`: single-stack IPv4 with a NodePort, and an IPv6 slice it must
     // not use: its node port listens on IPv4 node addresses only.
     y += "---\napiVersion: v1\nkind: Service\nmetadata: {name: web4, namespace: default}\nspec:\n  type: NodePort\n  \
@@ -317,6 +322,11 @@ fn assert_ipv6_and_dual_stack_are_served(node: &Node) {
     ] {
         let answer = node.ask(role, ip, port);
         assert_eq!(answer, format!("be1 {ip} {port}"), "UDP from {role} to [{ip}]:{port}\n{}", node.log());
+    }
+    // An IPv6 externalIP (not local: DNATed to the IPv6 external proxy
+    // port), from another host and from the node.
+    for role in ["client", "node"] {
+        assert_eq!(node.answers(role, "http://[fd10:97::10]/whoami", 2), one("be3"), "from {role}");
     }
     // loadBalancerSourceRanges on an IPv6 LB IP: the client's /128 is let
     // in, another host (be3) is dropped.
