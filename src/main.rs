@@ -89,7 +89,9 @@ enum Command {
     /// only (the listen-address flags are overridden to 127.0.0.1).
     Demo(RunArgs),
     /// Remove every redirect rule, chain and table ringport made (nft and
-    /// iptables, IPv4 and IPv6), then exit. Nothing to remove is a success.
+    /// iptables, IPv4 and IPv6), then its proxy address and route on lo,
+    /// and exit. Nothing to remove is a success; a failed step is reported
+    /// after the others ran, with exit status 1.
     Cleanup,
     /// Show what a running ringport serves: each service port, its VIPs,
     /// proxy port and listeners, and each endpoint's state, active
