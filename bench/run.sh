@@ -112,12 +112,15 @@ start_iperf_server
 declare -A START_CMD=(
   [ringport]="start_ringport ringport $PROXY_WORKERS splice"
   [ringport-copy]="start_ringport ringport-copy $PROXY_WORKERS copy"
+  [ringport-ring]="start_ringport ringport-ring $PROXY_WORKERS ring"
+  [ringport-auto]="start_ringport ringport-auto $PROXY_WORKERS auto"
   [ringport-w1]="start_ringport ringport-w1 1 splice"
   [haproxy]=start_haproxy [nginx]=start_nginx
 )
+MODES=(ringport-copy ringport-ring ringport-auto)
 SCALING=0
 [ "$PIN" = 0 ] && [ "$PROXY_WORKERS" -gt 1 ] && SCALING=1
-for p in ringport ringport-copy haproxy nginx; do ${START_CMD[$p]}; done
+for p in ringport "${MODES[@]}" haproxy nginx; do ${START_CMD[$p]}; done
 [ "$SCALING" = 1 ] && ${START_CMD[ringport-w1]}
 
 # Stops one peer (TERM, bounded wait, KILL) and starts it again, same ports.
@@ -140,25 +143,27 @@ echo "bench/run.sh: mode=$MODE pin=$PIN rounds=$ROUNDS proxy workers=$PROXY_WORK
 # inside the namespace. See bench/README.md, "Not measured yet".
 
 PEERS=(direct ringport haproxy nginx)
+# ringport's other relay modes, each in every TCP shape (copy: bulk only).
+RELAYS=(ringport-ring ringport-auto)
 W1=(); [ "$SCALING" = 1 ] && W1=(ringport-w1)
 SRC=(--source 127.0.0.2-127.0.0.50)
 
 # scenario name | peers | loadgen arguments (target filled in per peer)
 run_round() {
   local r=$1 last=$2 p plot
-  for p in "${PEERS[@]}" ringport-copy; do
+  for p in "${PEERS[@]}" "${RELAYS[@]}" ringport-copy; do
     measure stream-1 "$p" "$r" -- tcp-stream -t "$(peer_target "$p" sink)" -c 1 --direction send -d "${DURATION}s"
   done
-  for p in "${PEERS[@]}"; do
+  for p in "${PEERS[@]}" "${RELAYS[@]}"; do
     measure stream-8 "$p" "$r" -- tcp-stream -t "$(peer_target "$p" sink)" -c 8 --direction send -d "${DURATION}s"
   done
-  for p in "${PEERS[@]}" "${W1[@]}"; do
+  for p in "${PEERS[@]}" "${RELAYS[@]}" "${W1[@]}"; do
     measure crr-64 "$p" "$r" -- tcp-crr -t "$(peer_target "$p" echo)" -c 64 "${SRC[@]}" -d "${DURATION}s"
   done
-  for p in "${PEERS[@]}" "${W1[@]}"; do
+  for p in "${PEERS[@]}" "${RELAYS[@]}" "${W1[@]}"; do
     measure rr-64 "$p" "$r" -- tcp-rr -t "$(peer_target "$p" echo)" -c 64 -d "${DURATION}s"
   done
-  for p in "${PEERS[@]}"; do
+  for p in "${PEERS[@]}" "${RELAYS[@]}"; do
     plot=(); [ "$last" = 1 ] && plot=(--plot "$WORK/svg/rr-1-$p.svg")
     measure rr-1 "$p" "$r" -- tcp-rr -t "$(peer_target "$p" echo)" -c 1 --rate "$RR1_RATE" -d "${DURATION}s" "${plot[@]}"
   done
@@ -168,7 +173,7 @@ run_round() {
   for p in direct ringport; do
     measure_iperf udp-iperf "$p" "$r" "$(peer_target "$p" iperf)"
   done
-  for p in ringport haproxy nginx; do
+  for p in ringport "${RELAYS[@]}" haproxy nginx; do
     # A fresh process, so memory kept from the earlier scenarios (allocator
     # caches, grown tables) neither hides nor inflates the per-connection cost.
     restart_peer "$p"
@@ -187,7 +192,7 @@ done
 ELAPSED=$(( $(date +%s) - START ))
 
 # Proxies must still be alive: a crash mid-run would make its numbers lie.
-for p in ringport ringport-copy "${W1[@]}" haproxy nginx; do
+for p in ringport "${MODES[@]}" "${W1[@]}" haproxy nginx; do
   kill -0 "${PEER_PID[$p]}" 2>/dev/null || { echo "bench/run.sh: $p exited during the run" >&2; exit 1; }
 done
 

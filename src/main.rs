@@ -188,7 +188,10 @@ struct RunArgs {
     /// Do not pin workers to cores.
     #[arg(long)]
     no_pin: bool,
-    /// How bytes move: splice (zero-copy, through pooled pipes) or copy.
+    /// How bytes move: splice (zero-copy, through pooled pipes), copy
+    /// (read/send), ring (multishot receive into provided buffers and send
+    /// from them, no syscall per message) or auto (each direction on the
+    /// ring while its messages are small, on splice for bulk).
     #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
     relay: RelayMode,
     /// Dial timeout of each connect attempt, comma separated; the number of

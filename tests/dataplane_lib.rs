@@ -10,7 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use ringport::balance::BalanceOptions;
 use ringport::balance::health::HealthRegistry;
-use ringport::dataplane::{DataPlane, WorkerConfig};
+use ringport::dataplane::{DataPlane, RelayMode, WorkerConfig};
 use ringport::listen::{Binder, ListenOptions};
 use ringport::metrics::Metrics;
 use ringport::model::*;
@@ -111,5 +111,84 @@ fn a_two_entry_ring_serves_two_hundred_concurrent_connections() {
         .collect();
     let intact = clients.into_iter().map(|c| c.join().unwrap_or(false)).filter(|ok| *ok).count();
     assert_eq!(intact, 200, "every connection echoed intact");
+    dp.stop();
+}
+
+/// One request of `n` bytes echoed back on a kept-alive connection.
+fn round_trip(c: &mut TcpStream, n: usize, seed: u8) {
+    let payload: Vec<u8> = (0..n).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect();
+    let mut writer = c.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || writer.write_all(&payload).map(|()| payload));
+    let mut back = vec![0u8; n];
+    c.read_exact(&mut back).expect("echo");
+    let payload = sender.join().expect("sender thread").expect("send");
+    assert!(back == payload, "{n}-byte message corrupted");
+}
+
+#[test]
+fn ring_relay_holds_no_buffer_for_idle_connections_and_bounds_a_blocked_one() {
+    let config = WorkerConfig { workers: 1, pin: false, relay: RelayMode::Ring, ..WorkerConfig::default() };
+    let (dp, proxy, _snapshot) = serve(config);
+    let mut idle: Vec<TcpStream> = (0..200u8)
+        .map(|i| {
+            let mut c = TcpStream::connect(proxy).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            round_trip(&mut c, 64, i);
+            c
+        })
+        .collect();
+    // Every exchange is done: every buffer is back in the ring.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dp.buffers_held() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} buffers held by idle connections",
+            dp.buffers_held()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A client that sends 4 MiB and reads nothing yet: its echo backs up,
+    // so both directions hold buffers, but only a few each.
+    let mut blocked = TcpStream::connect(proxy).expect("connect");
+    blocked.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut writer = blocked.try_clone().expect("clone");
+    writer.set_write_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let sender = std::thread::spawn(move || writer.write_all(&vec![7u8; 4 << 20]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dp.buffers_held() == 0 {
+        assert!(std::time::Instant::now() < deadline, "a blocked transfer never held a buffer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let held = dp.buffers_held();
+    assert!(held <= 40, "{held} buffers held by one blocked connection: receives were not held back");
+    let mut back = vec![0u8; 4 << 20];
+    blocked.read_exact(&mut back).expect("the whole echo once read");
+    assert!(back.iter().all(|b| *b == 7));
+    sender.join().expect("sender thread").expect("send");
+    for (i, c) in idle.iter_mut().enumerate() {
+        round_trip(c, 64, i as u8);
+    }
+    dp.stop();
+}
+
+#[test]
+fn auto_relay_keeps_bytes_in_order_across_switches_both_ways() {
+    let config = WorkerConfig { workers: 1, pin: false, relay: RelayMode::Auto, ..WorkerConfig::default() };
+    let (dp, proxy, _snapshot) = serve(config);
+    let mut c = TcpStream::connect(proxy).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    // Small (ring), bulk (to splice), small again (back to the ring), bulk.
+    for (phase, (count, size)) in [(40, 64), (1, 8 << 20), (40, 100), (1, 3 << 20)].into_iter().enumerate() {
+        for i in 0..count {
+            round_trip(&mut c, size, (phase * 50 + i) as u8);
+        }
+    }
+    // Half-close after the switches: the rest and then EOF come back.
+    c.write_all(b"last words").expect("send");
+    c.shutdown(Shutdown::Write).expect("half-close");
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).expect("echo, then EOF");
+    assert_eq!(rest, b"last words");
     dp.stop();
 }

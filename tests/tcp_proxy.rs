@@ -1,6 +1,11 @@
 //! TCP through the real `ringport` binary: integrity, half-close, closes and
 //! resets from either side, many connections, idle connections, and round
 //! robin. Real sockets on loopback, real backends started here.
+//!
+//! Every test of the relay runs once per `--relay` mode (splice, copy, ring,
+//! auto; see `in_every_relay_mode!` at the bottom): whatever moves the
+//! bytes, the same bytes must arrive, ends must pass, and idle connections
+//! must stay cheap.
 
 mod common;
 
@@ -15,8 +20,20 @@ use sha2::{Digest, Sha256};
 const SVC: &str = "default/svc";
 
 fn proxy_for(backends: &[&Backend]) -> Proxy {
+    proxy_in(backends, "splice")
+}
+
+fn proxy_in(backends: &[&Backend], relay: &str) -> Proxy {
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    Proxy::start(&service_with_endpoints("svc", &addrs), &[])
+    Proxy::start(&service_with_endpoints("svc", &addrs), &["--relay", relay])
+}
+
+/// The thousand-connection tests of the four modes one at a time: at once,
+/// their backends' threads and fds would crowd this shared machine.
+static THOUSANDS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_thousand_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    THOUSANDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A deterministic pseudo-random stream (xorshift64*).
@@ -30,11 +47,10 @@ fn fill(buf: &mut [u8], state: &mut u64) {
     }
 }
 
-#[test]
-fn random_64_mib_echoed_both_ways_at_once_arrives_intact() {
+fn random_64_mib_echoed_both_ways_at_once_arrives_intact(relay: &str) {
     const TOTAL: usize = 64 << 20;
     let backend = Backend::echo();
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let client = TcpStream::connect(proxy.proxy_addr(SVC)).expect("connect");
     client.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     let mut writer = client.try_clone().expect("clone");
@@ -63,8 +79,7 @@ fn random_64_mib_echoed_both_ways_at_once_arrives_intact() {
     assert_eq!(received.finalize(), sent, "checksums match");
 }
 
-#[test]
-fn half_close_delivers_the_whole_answer_then_eof() {
+fn half_close_delivers_the_whole_answer_then_eof(relay: &str) {
     // Reads the request to EOF, then answers with its length and 1 MiB.
     let backend = Backend::spawn("127.0.0.1:0", |mut s| {
         let mut request = Vec::new();
@@ -75,7 +90,7 @@ fn half_close_delivers_the_whole_answer_then_eof() {
         answer.extend(std::iter::repeat_n(b'a', 1 << 20));
         let _ = s.write_all(&answer);
     });
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let mut c = TcpStream::connect(proxy.proxy_addr(SVC)).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     c.write_all(&vec![b'q'; 100_000]).expect("request");
@@ -87,12 +102,11 @@ fn half_close_delivers_the_whole_answer_then_eof() {
     assert_eq!(answer.len(), head.len() + (1 << 20));
 }
 
-#[test]
-fn backend_closing_first_delivers_every_byte_then_eof() {
+fn backend_closing_first_delivers_every_byte_then_eof(relay: &str) {
     let backend = Backend::spawn("127.0.0.1:0", |mut s| {
         let _ = s.write_all(&vec![b'z'; 3 << 20]);
     });
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let mut c = TcpStream::connect(proxy.proxy_addr(SVC)).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut got = Vec::new();
@@ -101,14 +115,13 @@ fn backend_closing_first_delivers_every_byte_then_eof() {
     assert!(got.iter().all(|b| *b == b'z'));
 }
 
-#[test]
-fn backend_reset_reaches_the_client_promptly() {
+fn backend_reset_reaches_the_client_promptly(relay: &str) {
     let backend = Backend::spawn("127.0.0.1:0", |mut s| {
         let _ = s.write_all(b"partial");
         std::thread::sleep(Duration::from_millis(100));
         let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
     });
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let baseline = proxy.fd_count();
     let mut c = TcpStream::connect(proxy.proxy_addr(SVC)).expect("connect");
     c.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
@@ -121,10 +134,10 @@ fn backend_reset_reaches_the_client_promptly() {
     eventually(Duration::from_secs(5), "the proxy to close both sockets", || proxy.fd_count() <= baseline);
 }
 
-#[test]
-fn thousand_concurrent_connections_complete_and_fds_return_to_baseline() {
+fn thousand_concurrent_connections_complete_and_fds_return_to_baseline(relay: &str) {
+    let _one = one_thousand_at_a_time();
     let backend = Backend::echo();
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let target = proxy.proxy_addr(SVC);
     let baseline = proxy.fd_count();
     let mut conns: Vec<TcpStream> = (0..1000)
@@ -146,10 +159,10 @@ fn thousand_concurrent_connections_complete_and_fds_return_to_baseline() {
     });
 }
 
-#[test]
-fn thousand_idle_connections_hold_few_io_wq_threads() {
+fn thousand_idle_connections_hold_few_io_wq_threads(relay: &str) {
+    let _one = one_thousand_at_a_time();
     let backend = Backend::echo();
-    let proxy = proxy_for(&[&backend]);
+    let proxy = proxy_in(&[&backend], relay);
     let target = proxy.proxy_addr(SVC);
     let mut conns = Vec::new();
     for i in 0..1000 {
@@ -182,3 +195,29 @@ fn round_robin_spreads_300_connections_100_per_backend() {
         assert!((99..=101).contains(&n), "{} got {n}: {seen:?}", b.addr);
     }
 }
+
+/// Each test named runs in every `--relay` mode, as `<mode>::<test>`.
+macro_rules! in_every_relay_mode {
+    ($($mode:ident),*; $tests:tt) => {
+        $( in_every_relay_mode!(@mode $mode $tests); )*
+    };
+    (@mode $mode:ident [$($test:ident),* $(,)?]) => {
+        mod $mode {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test(stringify!($mode));
+                }
+            )*
+        }
+    };
+}
+
+in_every_relay_mode!(splice, copy, ring, auto; [
+    random_64_mib_echoed_both_ways_at_once_arrives_intact,
+    half_close_delivers_the_whole_answer_then_eof,
+    backend_closing_first_delivers_every_byte_then_eof,
+    backend_reset_reaches_the_client_promptly,
+    thousand_concurrent_connections_complete_and_fds_return_to_baseline,
+    thousand_idle_connections_hold_few_io_wq_threads,
+]);

@@ -44,15 +44,15 @@ wait_until() {
 
 port_free() { ! ss -Hltun "sport = :$1" | grep -q .; }
 
-# Picks $PORT_BASE: the first block of 100 ports with nothing listening,
+# Picks $PORT_BASE: the first block of 200 ports with nothing listening,
 # below the ephemeral range so no outgoing connection can hold one of them.
 choose_port_base() {
   local base p ok low
   low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
   for base in 21000 22000 23000 24000 25000 26000 27000 28000 29000; do
-    [ $((base + 100)) -lt "$low" ] || continue
+    [ $((base + 200)) -lt "$low" ] || continue
     ok=1
-    for p in $(seq "$base" $((base + 99))); do port_free "$p" || { ok=0; break; }; done
+    for p in $(seq "$base" $((base + 199))); do port_free "$p" || { ok=0; break; }; done
     [ "$ok" = 1 ] && { PORT_BASE=$base; return 0; }
   done
   echo "no free port block found" >&2; return 1
@@ -87,14 +87,29 @@ start_iperf_server() {
   wait_until 10 listening "$IPERF_PORT" || { echo "iperf3 -s did not start:" >&2; cat "$WORK/iperf3-server.log" >&2; return 1; }
 }
 
-# Each peer listens on PORT_BASE + 10*slot + {0 echo, 1 sink, 2 source, 3 udp};
-# ringport's admin ports are +8 and +9. The iperf3 port (TCP and UDP) is
-# PORT_BASE + 60 + slot; ringport's six proxy ports are PORT_BASE + 60 +
-# 6*slot .. +5 (66..95 for slots 1..5).
+# Slots 1..5 live in PORT_BASE's first 100 ports, slots 6..10 in the next
+# 100, the same way (slot 6 as slot 1, ...). Within its hundred, a peer of
+# slot s listens on 10*s + {0 echo, 1 sink, 2 source, 3 udp}; ringport's
+# admin ports are +8 and +9. Its iperf3 port (TCP and UDP) is 60 + s;
+# ringport's six proxy ports are 60 + 6*s .. +5 (66..95 for s in 1..5).
+# The iperf3 server itself is PORT_BASE + 60.
 peer_slot() {
   case $1 in
     ringport) echo 1 ;; haproxy) echo 2 ;; nginx) echo 3 ;;
-    ringport-copy) echo 4 ;; ringport-w1) echo 5 ;; *) return 1 ;;
+    ringport-copy) echo 4 ;; ringport-w1) echo 5 ;;
+    ringport-ring) echo 6 ;; ringport-auto) echo 7 ;; *) return 1 ;;
+  esac
+}
+
+# A port of a peer's slot: peer_port PEER KIND (base|iperf|proxy).
+peer_port() {
+  local slot hundred s
+  slot=$(peer_slot "$1")
+  hundred=$(( (slot - 1) / 5 * 100 )) s=$(( (slot - 1) % 5 + 1 ))
+  case $2 in
+    base) echo $((PORT_BASE + hundred + 10 * s)) ;;
+    iperf) echo $((PORT_BASE + hundred + 60 + s)) ;;
+    proxy) echo $((PORT_BASE + hundred + 60 + 6 * s)) ;;
   esac
 }
 
@@ -110,13 +125,13 @@ peer_target() {
     return
   fi
   if [ "$kind" = iperf ]; then
-    echo "127.0.0.1:$((PORT_BASE + 60 + $(peer_slot "$peer")))"
+    echo "127.0.0.1:$(peer_port "$peer" iperf)"
     return
   fi
   case $kind in echo) off=0 ;; sink) off=1 ;; source) off=2 ;; udp) off=3 ;; esac
   local ip=127.0.0.1
   redirected "$peer" && ip=$CLUSTER_IP
-  echo "$ip:$((PORT_BASE + 10 * $(peer_slot "$peer") + off))"
+  echo "$ip:$(($(peer_port "$peer" base) + off))"
 }
 
 # The process ids making up a peer now (main process and its children).
@@ -145,7 +160,7 @@ redirected() { [ "${REDIRECT:-0}" = 1 ] && [ "$1" = ringport ]; }
 # Args: peer name, workers, relay mode.
 start_ringport() {
   local peer=$1 workers=$2 relay=$3 dir=$WORK/$1 base cluster=10.96.0.90 external='  externalIPs: ["127.0.0.1"]' redirect=none bind=127.0.0.1
-  base=$((PORT_BASE + 10 * $(peer_slot "$peer")))
+  base=$(peer_port "$peer" base)
   redirected "$peer" && { cluster=$CLUSTER_IP external="" redirect=nft bind=0.0.0.0; }
   mkdir -p "$dir"
   cat >"$dir/bench.yaml" <<YAML
@@ -179,8 +194,8 @@ spec:
   clusterIP: 10.96.0.91
   externalIPs: ["127.0.0.1"]
   ports:
-    - {name: ctl, protocol: TCP, port: $((PORT_BASE + 60 + $(peer_slot "$peer")))}
-    - {name: data, protocol: UDP, port: $((PORT_BASE + 60 + $(peer_slot "$peer")))}
+    - {name: ctl, protocol: TCP, port: $(peer_port "$peer" iperf)}
+    - {name: data, protocol: UDP, port: $(peer_port "$peer" iperf)}
 ---
 apiVersion: v1
 kind: Endpoints
@@ -196,7 +211,7 @@ YAML
   # shellcheck disable=SC2046,SC2086
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
     --workers "$workers" $pin_flag --relay "$relay" --redirect "$redirect" --bind-address "$bind" \
-    --proxy-port-range "$((PORT_BASE + 60 + 6 * $(peer_slot "$peer")))-$((PORT_BASE + 65 + 6 * $(peer_slot "$peer")))" \
+    --proxy-port-range "$(peer_port "$peer" proxy)-$(($(peer_port "$peer" proxy) + 5))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \
     --healthz-bind-address "127.0.0.1:$((base + 9))" >"$dir/out.log" 2>&1 &
   track_pid $!
@@ -213,7 +228,7 @@ listening() { ss -Hltn "sport = :$1" | grep -q .; }
 # HAProxy in TCP mode with kernel splicing both ways, nbthread = workers.
 start_haproxy() {
   local dir=$WORK/haproxy base cpumap=""
-  base=$((PORT_BASE + 10 * $(peer_slot haproxy)))
+  base=$(peer_port haproxy base)
   mkdir -p "$dir"
   [ "$PIN" = 1 ] && cpumap="    cpu-map auto:1/1-1 0"
   cat >"$dir/haproxy.cfg" <<CFG
@@ -261,7 +276,7 @@ CFG
 # its own prefix, pid file and error log.
 start_nginx() {
   local dir=$WORK/nginx base affinity=""
-  base=$((PORT_BASE + 10 * $(peer_slot nginx)))
+  base=$(peer_port nginx base)
   mkdir -p "$dir/logs"
   [ "$PIN" = 1 ] && affinity="worker_cpu_affinity 0001;"
   cat >"$dir/nginx.conf" <<CFG

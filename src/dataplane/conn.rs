@@ -33,7 +33,8 @@ use super::fault::Blame;
 pub use super::machine::{Dir, Op};
 use super::machine::{HeaderRead, Machine, PreambleSent, Preambles, Pumped};
 use super::preamble::{self, HeaderRefusal, Inbound};
-use super::relay::{End, Half, Pool, RelayError, Wait};
+use super::relay::{End, Half, Pool, PumpCtx, RelayError, RelayMode, Wait};
+use super::relay_ring::{Received, Sent};
 use super::upstream;
 use crate::balance::{Balancer, Candidates};
 use crate::listen::ListenRole;
@@ -239,6 +240,12 @@ impl Conn {
         }
     }
 
+    /// Relay in `mode` (splice unless said).
+    pub fn relaying_in(mut self, mode: RelayMode) -> Self {
+        self.halves = [Half::new(mode), Half::new(mode)];
+        self
+    }
+
     /// Start a non-blocking connect to the next candidate, skipping (and
     /// recording) those that fail at once.
     pub fn dial_next(&mut self, now: Instant) -> Dial {
@@ -373,15 +380,17 @@ impl Conn {
     /// Run one direction as far as it goes without blocking: the bytes it
     /// moved, and what it waits for now (a failure is logged with whom it
     /// blames).
-    pub fn pump(&mut self, dir: Dir, pool: &mut Pool) -> (u64, Pumped) {
+    /// `buffer` is the size of one provided buffer (0 without a ring).
+    pub fn pump(&mut self, dir: Dir, pool: &mut Pool, buffer: usize) -> (u64, Pumped) {
         let Some(upstream) = self.upstream.as_ref() else {
             return (0, Pumped::Wait(Wait::Finished));
         };
         let (source, sink) = ends(dir, self.client.as_fd(), upstream.as_fd());
         let half = &mut self.halves[dir as usize];
-        let before = half.delivered;
-        let wait = half.pump(source, sink, pool);
-        let moved = half.delivered - before;
+        let ctx = PumpCtx { pool, recv_armed: self.machine.is_armed(Op::Recv(dir)), buffer };
+        let wait = half.pump(source, sink, ctx);
+        // Ring sends completed since the last pump count here too.
+        let moved = half.take_moved();
         if moved > 0 {
             let counters = self.port.metrics.slot(self.worker);
             let counter = match dir {
@@ -401,15 +410,45 @@ impl Conn {
         (moved, outcome)
     }
 
-    /// The fd a poll op watches.
+    /// The fd an op works on.
     pub fn poll_fd(&self, op: Op) -> Option<BorrowedFd<'_>> {
         let upstream = self.upstream.as_ref().map(|u| u.as_fd());
         match op {
             Op::Connect => upstream,
             Op::ConnectTimeout => None,
-            Op::Readable(Dir::Up) | Op::Writable(Dir::Down) => Some(self.client.as_fd()),
-            Op::Readable(Dir::Down) | Op::Writable(Dir::Up) => upstream,
+            Op::Readable(Dir::Up) | Op::Writable(Dir::Down) | Op::Recv(Dir::Up) | Op::Send(Dir::Down) => {
+                Some(self.client.as_fd())
+            }
+            Op::Readable(Dir::Down) | Op::Writable(Dir::Up) | Op::Recv(Dir::Down) | Op::Send(Dir::Up) => {
+                upstream
+            }
         }
+    }
+
+    /// A ring receive of `dir` completed (`buffer`: one buffer's size).
+    pub fn received(&mut self, dir: Dir, result: i32, bid: Option<u16>, buffer: usize) -> Received {
+        self.halves[dir as usize].received(result, bid, buffer)
+    }
+
+    /// A ring send of `dir` completed.
+    pub fn sent(&mut self, dir: Dir, result: i32) -> Option<Sent> {
+        self.halves[dir as usize].sent(result)
+    }
+
+    /// The buffer and bytes `dir`'s next send takes.
+    pub fn next_send(&self, dir: Dir) -> Option<(u16, std::ops::Range<u32>)> {
+        self.halves[dir as usize].ring_front()
+    }
+
+    /// A buffer went back to the ring: whether `dir` was waiting for one.
+    pub fn unstarve(&mut self, dir: Dir) -> bool {
+        self.halves[dir as usize].ring().unstarve()
+    }
+
+    /// Every provided buffer this connection still holds (call only once
+    /// nothing of it is in flight).
+    pub fn take_held(&mut self) -> Vec<u16> {
+        self.halves.iter_mut().flat_map(|h| h.ring().take_held().collect::<Vec<_>>()).collect()
     }
 
     /// Begin closing: give back empty chunks and, for a reset, make the

@@ -12,6 +12,10 @@
 //! - A full submission queue, or a kernel that refuses a submit for now
 //!   (`EBUSY`), never fails an op: it waits in order in the ring's backlog
 //!   (`sys::Ring`), and the next turn submits it before waiting.
+//! - A provided buffer (`--relay ring|auto`) is held from the receive that
+//!   filled it until [`Driver::give_back`]; a `SEND` from it keeps it until
+//!   that send's completion ([`Driver::sent`]). The buffers are declared
+//!   after the ring too.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -28,11 +32,78 @@ pub(super) struct Driver {
     ring: sys::Ring,
     /// Declared after `ring`, so the ring is dropped first.
     sends: sys::Sends<SendTag>,
+    /// The provided-buffer ring of `--relay ring|auto`; after `ring` too.
+    buffers: Option<sys::Buffers>,
 }
 
+/// The buffer group id of a worker's provided-buffer ring (one per ring).
+const BUFFER_GROUP: u16 = 0;
+
 impl Driver {
-    pub(super) fn new(entries: u32) -> io::Result<Self> {
-        Ok(Self { ring: sys::Ring::new(entries)?, sends: sys::Sends::default() })
+    /// A ring of `entries`; with `buffers`, `(count, size)` provided
+    /// buffers registered on it for receives.
+    pub(super) fn new(entries: u32, buffers: Option<(u16, u32)>) -> io::Result<Self> {
+        let mut ring = sys::Ring::new(entries)?;
+        let buffers = match buffers {
+            Some((count, size)) => Some(sys::Buffers::register(&mut ring, count, size, BUFFER_GROUP)?),
+            None => None,
+        };
+        Ok(Self { ring, sends: sys::Sends::default(), buffers })
+    }
+
+    /// Receive on `fd` into the provided buffers until cancelled, end of
+    /// file or an error (multishot).
+    pub(super) fn recv(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()> {
+        let Some(buffers) = self.buffers.as_ref() else {
+            return Err(io::Error::other("a ring receive without provided buffers"));
+        };
+        self.ring.recv_multi(fd, buffers.group(), token.encode())
+    }
+
+    /// A receive's completion named buffer `bid`: it is held now.
+    pub(super) fn received(&mut self, bid: u16) {
+        if let Some(buffers) = self.buffers.as_mut() {
+            buffers.received(bid);
+        }
+    }
+
+    /// Send bytes `range` of held buffer `bid` on `fd`. False: not held
+    /// (nothing submitted).
+    pub(super) fn send_held(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        bid: u16,
+        range: std::ops::Range<u32>,
+        token: Token,
+    ) -> io::Result<bool> {
+        match self.buffers.as_mut() {
+            Some(buffers) => buffers.send(&mut self.ring, fd, bid, range, token.encode()),
+            None => Ok(false),
+        }
+    }
+
+    /// The send from `bid` completed.
+    pub(super) fn sent_held(&mut self, bid: u16) {
+        if let Some(buffers) = self.buffers.as_mut() {
+            buffers.sent(bid);
+        }
+    }
+
+    /// Put held buffer `bid` back in the ring.
+    pub(super) fn give_back(&mut self, bid: u16) {
+        if let Some(buffers) = self.buffers.as_mut() {
+            buffers.give_back(bid);
+        }
+    }
+
+    /// Bytes in one provided buffer (0 without them).
+    pub(super) fn buffer_size(&self) -> u32 {
+        self.buffers.as_ref().map_or(0, |b| b.size())
+    }
+
+    /// Provided buffers out of the ring now.
+    pub(super) fn buffers_out(&self) -> usize {
+        self.buffers.as_ref().map_or(0, |b| b.out())
     }
 
     /// Poll `fd` once for `events`.
@@ -92,7 +163,7 @@ mod tests {
     #[test]
     fn more_ops_than_the_submission_queue_holds_all_complete_and_linked_pairs_stay_whole() {
         // A 2-entry queue, and ops for 8 plus a linked poll+timeout pair.
-        let mut driver = Driver::new(2).expect("io_uring (kernel 6.0+)");
+        let mut driver = Driver::new(2, None).expect("io_uring (kernel 6.0+)");
         let ready = sys::eventfd().expect("eventfd");
         sys::eventfd_signal(ready.as_fd());
         let key = |index| Key { index, generation: 1 };

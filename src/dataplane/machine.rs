@@ -31,7 +31,9 @@
 //! - A close after any failure, on drain expiry or on idleness is a reset
 //!   (RST); only a connection whose both directions forwarded end of file
 //!   closes with FIN, so a cut-off transfer never looks complete.
-//! - At most one poll per (op, direction) is in flight.
+//! - At most one op per (kind, direction) is in flight: one poll, one
+//!   multishot receive, one send. A receive is cancelled at most once and
+//!   counts as in flight until its last completion (no `MORE` flag).
 //! - No client byte reaches an endpoint before its PROXY header is whole,
 //!   and none is relayed from a client whose header was refused or late.
 
@@ -59,10 +61,15 @@ pub enum Op {
     Readable(Dir),
     /// Poll the sink of a direction for writable.
     Writable(Dir),
+    /// A multishot receive from a direction's source into provided buffers
+    /// (`--relay ring|auto`); in flight until a completion without `MORE`.
+    Recv(Dir),
+    /// A send of one held buffer to a direction's sink.
+    Send(Dir),
 }
 
 impl Op {
-    fn bit(self) -> u8 {
+    fn bit(self) -> u16 {
         match self {
             Op::Connect => 1,
             Op::ConnectTimeout => 2,
@@ -70,16 +77,24 @@ impl Op {
             Op::Readable(Dir::Down) => 8,
             Op::Writable(Dir::Up) => 16,
             Op::Writable(Dir::Down) => 32,
+            Op::Recv(Dir::Up) => 64,
+            Op::Recv(Dir::Down) => 128,
+            Op::Send(Dir::Up) => 256,
+            Op::Send(Dir::Down) => 512,
         }
     }
 
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 10] = [
         Op::Connect,
         Op::ConnectTimeout,
         Op::Readable(Dir::Up),
         Op::Readable(Dir::Down),
         Op::Writable(Dir::Up),
         Op::Writable(Dir::Down),
+        Op::Recv(Dir::Up),
+        Op::Recv(Dir::Down),
+        Op::Send(Dir::Up),
+        Op::Send(Dir::Down),
     ];
 }
 
@@ -161,6 +176,9 @@ pub enum Action {
     Connected,
     /// Submit a poll for `op`.
     ArmPoll(Op),
+    /// Submit ring op `op` ([`Op::Recv`], or [`Op::Send`] of the
+    /// direction's first held buffer).
+    Start(Op),
     /// Move bytes in `dir` now, then report [`Machine::pumped`].
     Pump(Dir),
     /// `dir` yielded with work left: pump it again later this loop turn.
@@ -177,8 +195,10 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Machine {
     phase: Phase,
-    /// Polls in flight, one bit per [`Op`] (not the timeouts).
-    armed: u8,
+    /// Ops in flight, one bit per [`Op`] (not the timeouts).
+    armed: u16,
+    /// Ops whose cancel was asked for and whose last completion is not in.
+    cancelling: u16,
     /// Linked connect timeouts in flight.
     timeouts: u8,
     /// How many per-attempt connect timeouts are configured (at least 1).
@@ -277,6 +297,7 @@ impl Machine {
         let mut machine = Self {
             phase: Phase::Connecting,
             armed: 0,
+            cancelling: 0,
             timeouts: 0,
             connect_timeouts: connect_timeouts.max(1),
             finished: [false; 2],
@@ -342,9 +363,19 @@ impl Machine {
 
     /// An op of this connection completed (`result` is the CQE's result).
     pub fn completed(&mut self, op: Op, result: i32) {
+        self.completed_more(op, result, false);
+    }
+
+    /// A completion of `op`; with `more` (a multishot's `IORING_CQE_F_MORE`)
+    /// the op stays in flight and will complete again.
+    pub fn completed_more(&mut self, op: Op, result: i32, more: bool) {
         match op {
             Op::ConnectTimeout => self.timeouts = self.timeouts.saturating_sub(1),
-            _ => self.armed &= !op.bit(),
+            _ if more => {}
+            _ => {
+                self.armed &= !op.bit();
+                self.cancelling &= !op.bit();
+            }
         }
         match (self.phase, op) {
             (Phase::Closing, _) => self.free_if_idle(),
@@ -353,7 +384,7 @@ impl Machine {
                 let timed_out = result == -libc::ECANCELED;
                 self.actions.push_back(Action::CheckConnect { timed_out });
             }
-            (Phase::Relaying, Op::Readable(dir) | Op::Writable(dir)) => {
+            (Phase::Relaying, Op::Readable(dir) | Op::Writable(dir) | Op::Recv(dir) | Op::Send(dir)) => {
                 self.actions.push_back(Action::Pump(dir));
             }
             (Phase::Header, Op::Readable(Dir::Up)) => self.actions.push_back(Action::ReadHeader),
@@ -419,6 +450,16 @@ impl Machine {
             Pumped::Wait(Wait::SourceReadable) => self.arm(Op::Readable(dir)),
             Pumped::Wait(Wait::SinkWritable) => self.arm(Op::Writable(dir)),
             Pumped::Wait(Wait::Yield) => self.actions.push_back(Action::PumpLater(dir)),
+            Pumped::Wait(Wait::Ring { recv, send }) => {
+                if send {
+                    self.start(Op::Send(dir));
+                }
+                if recv {
+                    self.start(Op::Recv(dir));
+                } else {
+                    self.stop(Op::Recv(dir));
+                }
+            }
             Pumped::Wait(Wait::Finished) => {
                 self.finished[dir as usize] = true;
                 if self.finished == [true, true] {
@@ -490,6 +531,22 @@ impl Machine {
         }
     }
 
+    fn start(&mut self, op: Op) {
+        if self.armed & op.bit() == 0 {
+            self.armed |= op.bit();
+            self.actions.push_back(Action::Start(op));
+        }
+    }
+
+    /// Cancel `op` if it is in flight and not already being cancelled; it
+    /// stays in flight until its last completion comes back.
+    fn stop(&mut self, op: Op) {
+        if self.armed & op.bit() != 0 && self.cancelling & op.bit() == 0 {
+            self.cancelling |= op.bit();
+            self.actions.push_back(Action::Cancel(op));
+        }
+    }
+
     fn close(&mut self, reset: bool) {
         if matches!(self.phase, Phase::Closing | Phase::Freed) {
             return;
@@ -499,7 +556,7 @@ impl Machine {
         // submitted is not in flight.
         while let Some(action) = self.actions.pop_front() {
             match action {
-                Action::ArmPoll(op) => self.armed &= !op.bit(),
+                Action::ArmPoll(op) | Action::Start(op) => self.armed &= !op.bit(),
                 Action::ArmConnect { .. } => {
                     self.armed &= !Op::Connect.bit();
                     self.timeouts = self.timeouts.saturating_sub(1);
@@ -510,7 +567,7 @@ impl Machine {
         self.actions.push_back(Action::Close { reset });
         // A linked timeout goes with its poll: only the poll is cancelled.
         for op in Op::ALL {
-            if op != Op::ConnectTimeout && self.is_armed(op) {
+            if op != Op::ConnectTimeout && self.is_armed(op) && self.cancelling & op.bit() == 0 {
                 self.actions.push_back(Action::Cancel(op));
             }
         }

@@ -376,3 +376,89 @@ fn a_reset_while_sending_the_header_cancels_its_poll_and_frees_after_it() {
     m.completed(Op::Writable(Dir::Up), CANCELED);
     assert_eq!(actions(&mut m), [Action::Free]);
 }
+
+/// Both directions on the ring: a multishot receive in flight each way.
+fn ring_relaying(now: Instant) -> Machine {
+    let mut m = relaying(now);
+    m.pumped(Dir::Up, 0, Pumped::Wait(Wait::Ring { recv: true, send: false }));
+    m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Ring { recv: true, send: false }));
+    assert_eq!(actions(&mut m), [Action::Start(Op::Recv(Dir::Up)), Action::Start(Op::Recv(Dir::Down))]);
+    m
+}
+
+#[test]
+fn a_multishot_receive_stays_in_flight_until_a_completion_without_more() {
+    let mut m = ring_relaying(Instant::now());
+    m.completed_more(Op::Recv(Dir::Up), 64, true);
+    assert_eq!(actions(&mut m), [Action::Pump(Dir::Up)]);
+    assert!(m.is_armed(Op::Recv(Dir::Up)), "MORE: the receive goes on");
+    // Bytes held and the receive still armed: send them, arm nothing new.
+    m.pumped(Dir::Up, 0, Pumped::Wait(Wait::Ring { recv: true, send: true }));
+    assert_eq!(actions(&mut m), [Action::Start(Op::Send(Dir::Up))]);
+    m.completed(Op::Send(Dir::Up), 64);
+    assert_eq!(actions(&mut m), [Action::Pump(Dir::Up)]);
+    m.pumped(Dir::Up, 64, Pumped::Wait(Wait::Ring { recv: true, send: false }));
+    assert!(actions(&mut m).is_empty(), "one receive per direction, never two");
+    // The multishot ends (no MORE, say after an overflow): re-armed once
+    // its last bytes are taken.
+    m.completed_more(Op::Recv(Dir::Up), 10, false);
+    assert!(!m.is_armed(Op::Recv(Dir::Up)));
+    assert_eq!(actions(&mut m), [Action::Pump(Dir::Up)]);
+    m.pumped(Dir::Up, 0, Pumped::Wait(Wait::Ring { recv: true, send: true }));
+    assert_eq!(actions(&mut m), [Action::Start(Op::Send(Dir::Up)), Action::Start(Op::Recv(Dir::Up))]);
+}
+
+#[test]
+fn a_full_direction_cancels_its_receive_once_and_rearms_after_the_last_completion() {
+    let mut m = ring_relaying(Instant::now());
+    m.completed_more(Op::Recv(Dir::Down), 16384, true);
+    actions(&mut m);
+    m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Ring { recv: false, send: true }));
+    assert_eq!(actions(&mut m), [Action::Start(Op::Send(Dir::Down)), Action::Cancel(Op::Recv(Dir::Down))]);
+    // A late completion of the receive before the cancel lands.
+    m.completed_more(Op::Recv(Dir::Down), 16384, true);
+    actions(&mut m);
+    m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Ring { recv: false, send: true }));
+    assert!(actions(&mut m).is_empty(), "cancelled once; the send is in flight");
+    m.completed_more(Op::Recv(Dir::Down), CANCELED, false);
+    actions(&mut m);
+    m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Ring { recv: true, send: true }));
+    assert_eq!(actions(&mut m), [Action::Start(Op::Recv(Dir::Down))], "the send was still in flight");
+}
+
+#[test]
+fn a_ring_connection_is_freed_only_after_its_receives_and_send_are_in() {
+    let mut m = ring_relaying(Instant::now());
+    m.completed_more(Op::Recv(Dir::Up), 100, true);
+    actions(&mut m);
+    m.pumped(Dir::Up, 0, Pumped::Wait(Wait::Ring { recv: true, send: true }));
+    actions(&mut m);
+    m.reset();
+    assert_eq!(
+        actions(&mut m),
+        [
+            Action::Close { reset: true },
+            Action::Cancel(Op::Recv(Dir::Up)),
+            Action::Cancel(Op::Recv(Dir::Down)),
+            Action::Cancel(Op::Send(Dir::Up)),
+        ]
+    );
+    m.completed_more(Op::Recv(Dir::Up), 50, true);
+    m.completed_more(Op::Recv(Dir::Up), CANCELED, false);
+    m.completed(Op::Recv(Dir::Down), CANCELED);
+    assert!(actions(&mut m).is_empty(), "the send is still reading its buffer");
+    m.completed(Op::Send(Dir::Up), CANCELED);
+    assert_eq!(actions(&mut m), [Action::Free]);
+}
+
+#[test]
+fn a_ring_direction_forwards_end_of_file_and_closes_with_fin() {
+    let mut m = ring_relaying(Instant::now());
+    m.completed_more(Op::Recv(Dir::Up), 0, false);
+    assert_eq!(actions(&mut m), [Action::Pump(Dir::Up)]);
+    m.pumped(Dir::Up, 0, Pumped::Wait(Wait::Finished));
+    m.completed_more(Op::Recv(Dir::Down), 0, false);
+    assert_eq!(actions(&mut m), [Action::Pump(Dir::Down)]);
+    m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Finished));
+    assert_eq!(actions(&mut m), [Action::Close { reset: false }, Action::Free]);
+}

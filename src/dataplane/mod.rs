@@ -20,6 +20,7 @@ mod listeners;
 mod machine;
 mod preamble;
 mod relay;
+mod relay_ring;
 mod slots;
 pub(crate) mod sys;
 mod token;
@@ -115,6 +116,9 @@ struct Shared {
     wakers: Vec<OwnedFd>,
     stop: AtomicBool,
     faults: Arc<Faults>,
+    /// Each worker's provided buffers out of its ring (held by connections),
+    /// stored after every loop turn.
+    buffers_out: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 /// Running workers.
@@ -137,7 +141,8 @@ impl DataPlane {
     ) -> io::Result<Self> {
         let n = config.workers.max(1);
         let wakers = (0..n).map(|_| sys::eventfd()).collect::<io::Result<Vec<_>>>()?;
-        let shared = Arc::new(Shared { snapshot, wakers, stop: AtomicBool::new(false), faults });
+        let buffers_out = (0..n).map(|_| Default::default()).collect();
+        let shared = Arc::new(Shared { snapshot, wakers, stop: AtomicBool::new(false), faults, buffers_out });
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let mut threads = Vec::with_capacity(n);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -199,6 +204,13 @@ impl DataPlane {
         for waker in &self.shared.wakers {
             sys::eventfd_signal(waker.as_fd());
         }
+    }
+
+    /// Provided buffers (`--relay ring|auto`) held by connections over all
+    /// workers, as of each worker's last loop turn: an idle connection
+    /// holds none.
+    pub fn buffers_held(&self) -> usize {
+        self.shared.buffers_out.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// Stop accepting, let open connections drain (up to the drain

@@ -1,23 +1,31 @@
-//! Moving the bytes of one direction of a connection, readiness first.
+//! Moving the bytes of one direction of a connection.
 //!
-//! A [`Half`] moves bytes from a source socket to a sink socket through a
-//! chunk borrowed from the worker's [`Pool`]: a pipe (zero-copy `splice`, the
-//! default) or a byte buffer (`read`/`send`, kept to measure against). The
-//! worker polls for readiness with io_uring and calls [`Half::pump`], which
-//! makes non-blocking syscalls until one would block, so no io_uring op can
-//! park a kernel io-wq thread on an idle socket.
+//! A [`Half`] moves bytes from a source socket to a sink socket, readiness
+//! first through a chunk borrowed from the worker's [`Pool`]: a pipe
+//! (zero-copy `splice`, the default) or a byte buffer (`read`/`send`, kept
+//! to measure against). The worker polls for readiness with io_uring and
+//! calls [`Half::pump`], which makes non-blocking syscalls until one would
+//! block, so no io_uring op can park a kernel io-wq thread on an idle socket.
+//! With `--relay ring` a direction instead rides the worker's provided
+//! buffers (`relay_ring.rs`): [`Half::pump`] then says which ring ops it
+//! wants, and `--relay auto` moves each direction between the two paths by
+//! the sizes it sees ([`Switch`]), only when nothing of it is in flight.
 //!
 //! Invariants:
 //! - A chunk is held only while it holds bytes in flight; an idle direction
 //!   holds none, so an idle connection costs only its two sockets.
 //! - Nothing is read while earlier bytes are undelivered (backpressure).
 //! - End of file is forwarded as `shutdown(SHUT_WR)` only after every byte
-//!   before it was delivered (correct half-close).
+//!   before it was delivered (correct half-close), on either path.
+//! - A switch between paths happens only with no byte held and no op in
+//!   flight on the direction, so bytes stay in order and one socket is
+//!   never read by two ops at once.
 
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use super::relay_ring::{Received, RingHalf, Sent, Step, Switch};
 use super::sys::{self, Moved};
 
 /// How bytes move through the proxy.
@@ -27,6 +35,19 @@ pub enum RelayMode {
     Splice,
     /// `read(2)` / `send(2)` through a pooled user-space buffer.
     Copy,
+    /// Multishot `RECV` into the worker's provided-buffer ring and `SEND`
+    /// from it: no syscall per message.
+    Ring,
+    /// Each direction on the ring while its messages are small, on splice
+    /// while they fill whole buffers.
+    Auto,
+}
+
+impl RelayMode {
+    /// Whether the worker needs a provided-buffer ring.
+    pub fn uses_ring(self) -> bool {
+        matches!(self, RelayMode::Ring | RelayMode::Auto)
+    }
 }
 
 /// Pipe capacity asked of the kernel (it may refuse and keep 64 KiB).
@@ -90,7 +111,7 @@ impl Pool {
 
     fn take_inner(&mut self) -> io::Result<Chunk> {
         Ok(match self.mode {
-            RelayMode::Splice => Chunk::Pipe(match self.pipes.pop() {
+            RelayMode::Splice | RelayMode::Ring | RelayMode::Auto => Chunk::Pipe(match self.pipes.pop() {
                 Some(pipe) => pipe,
                 None => {
                     let (read, write) = sys::pipe(PIPE_BYTES)?;
@@ -137,6 +158,9 @@ pub enum Wait {
     Yield,
     /// End of file was forwarded; this direction is finished.
     Finished,
+    /// On the ring: have a receive in flight (else cancel the one that
+    /// is), and a send of the first held buffer.
+    Ring { recv: bool, send: bool },
 }
 
 /// Which end of a direction failed.
@@ -158,6 +182,13 @@ pub struct RelayError {
 /// One direction of a connection.
 #[derive(Default)]
 pub struct Half {
+    /// The direction is on the provided-buffer ring now.
+    on_ring: bool,
+    ring: RingHalf,
+    /// `--relay auto`'s policy for this direction.
+    switch: Option<Switch>,
+    /// Bytes of `delivered` already reported by [`Half::take_moved`].
+    reported: u64,
     chunk: Option<Chunk>,
     /// Bytes in the chunk not yet delivered.
     pending: usize,
@@ -169,20 +200,85 @@ pub struct Half {
     pub delivered: u64,
 }
 
+/// What a pump may need besides its two sockets.
+pub struct PumpCtx<'a> {
+    pub pool: &'a mut Pool,
+    /// This direction's ring receive is in flight.
+    pub recv_armed: bool,
+    /// Bytes in one provided buffer (0: no ring).
+    pub buffer: usize,
+}
+
 impl Half {
+    /// A direction relayed in `mode`.
+    pub fn new(mode: RelayMode) -> Self {
+        Self {
+            on_ring: mode.uses_ring(),
+            switch: (mode == RelayMode::Auto).then(Switch::new),
+            ..Self::default()
+        }
+    }
+
     #[cfg(test)]
     pub fn is_finished(&self) -> bool {
         self.finished
     }
 
+    /// Bytes delivered since the last call.
+    pub fn take_moved(&mut self) -> u64 {
+        let moved = self.delivered - self.reported;
+        self.reported = self.delivered;
+        moved
+    }
+
+    /// A ring receive completed (see [`RingHalf::received`]).
+    pub fn received(&mut self, result: i32, bid: Option<u16>, buffer: usize) -> Received {
+        let received = self.ring.received(result, bid);
+        if let (Received::Bytes(n), Some(switch)) = (received, self.switch.as_mut()) {
+            switch.observe(n as usize, buffer);
+        }
+        received
+    }
+
+    /// A ring send completed (see [`RingHalf::sent`]).
+    pub fn sent(&mut self, result: i32) -> Option<Sent> {
+        let sent = self.ring.sent(result);
+        if let Some(s) = sent {
+            self.delivered += u64::from(s.bytes);
+        }
+        sent
+    }
+
+    /// The buffer and bytes the next ring send takes.
+    pub fn ring_front(&self) -> Option<(u16, std::ops::Range<u32>)> {
+        self.ring.front()
+    }
+
+    /// The ring's view of this direction (held buffers, starvation).
+    pub fn ring(&mut self) -> &mut RingHalf {
+        &mut self.ring
+    }
+
     /// Move bytes until a syscall would block, the budget runs out, or the
-    /// direction finishes.
+    /// direction finishes; on the ring, say which ops to have in flight.
     pub fn pump(
         &mut self,
         source: BorrowedFd<'_>,
         sink: BorrowedFd<'_>,
-        pool: &mut Pool,
+        ctx: PumpCtx<'_>,
     ) -> Result<Wait, RelayError> {
+        if self.finished {
+            return Ok(Wait::Finished);
+        }
+        if self.on_ring {
+            let leave = self.switch.is_some_and(|s| !s.wants_ring());
+            match self.ring.step(ctx.recv_armed, leave)? {
+                Step::Ops { recv, send } => return Ok(Wait::Ring { recv, send }),
+                Step::Eof => return Ok(self.forward_eof(sink)),
+                Step::Leave => self.move_to(false),
+            }
+        }
+        let pool = ctx.pool;
         for _ in 0..BUDGET {
             if self.finished {
                 return Ok(Wait::Finished);
@@ -195,24 +291,41 @@ impl Half {
             }
             if self.eof {
                 self.release(pool);
-                self.finished = true;
-                // The peer may already be gone; its own direction reports
-                // that, so a failed shutdown here changes nothing.
-                let _ = socket2::SockRef::from(&sink).shutdown(Shutdown::Write);
-                return Ok(Wait::Finished);
+                return Ok(self.forward_eof(sink));
             }
             // A read that did not fill the chunk emptied the socket: waiting
             // for readiness now saves a read that would only say EAGAIN.
-            if std::mem::take(&mut self.drained) || !self.fill(source, pool)? {
+            if std::mem::take(&mut self.drained) || !self.fill(source, pool, ctx.buffer)? {
                 self.release(pool);
+                if self.switch.is_some_and(|s| s.wants_ring()) {
+                    // Nothing held, no poll in flight: the ring takes over.
+                    self.move_to(true);
+                    return Ok(Wait::Ring { recv: true, send: false });
+                }
                 return Ok(Wait::SourceReadable);
             }
         }
         Ok(Wait::Yield)
     }
 
+    fn move_to(&mut self, on_ring: bool) {
+        self.on_ring = on_ring;
+        if let Some(switch) = self.switch.as_mut() {
+            switch.moved(on_ring);
+        }
+    }
+
+    /// Every byte before end of file was delivered: pass the end on.
+    fn forward_eof(&mut self, sink: BorrowedFd<'_>) -> Wait {
+        self.finished = true;
+        // The peer may already be gone; its own direction reports that, so
+        // a failed shutdown here changes nothing.
+        let _ = socket2::SockRef::from(&sink).shutdown(Shutdown::Write);
+        Wait::Finished
+    }
+
     /// Read once from the source into an empty chunk. False: would block.
-    fn fill(&mut self, source: BorrowedFd<'_>, pool: &mut Pool) -> Result<bool, RelayError> {
+    fn fill(&mut self, source: BorrowedFd<'_>, pool: &mut Pool, buffer: usize) -> Result<bool, RelayError> {
         let err = |source| RelayError { end: End::Source, source };
         if self.chunk.is_none() {
             self.chunk = Some(pool.take().map_err(err)?);
@@ -235,6 +348,9 @@ impl Half {
             Moved::Bytes(n) => {
                 self.pending = n;
                 self.drained = n < capacity;
+                if let Some(switch) = self.switch.as_mut() {
+                    switch.observe(n, buffer);
+                }
                 true
             }
             Moved::Eof => {
@@ -305,13 +421,14 @@ mod tests {
         let (mut writer, src) = pair();
         let (sink, mut reader) = pair();
         let mut pool = Pool::new(mode);
-        let mut half = Half::default();
+        let mut half = Half::new(mode);
 
         writer.write_all(b"hello, relay").expect("write");
         writer.shutdown(Shutdown::Write).expect("shutdown");
         let mut waits = Vec::new();
         for _ in 0..100 {
-            let wait = half.pump(src.as_fd(), sink.as_fd(), &mut pool).expect("pump");
+            let ctx = PumpCtx { pool: &mut pool, recv_armed: false, buffer: 0 };
+            let wait = half.pump(src.as_fd(), sink.as_fd(), ctx).expect("pump");
             if wait == Wait::Finished {
                 break;
             }
@@ -346,8 +463,9 @@ mod tests {
         let (_writer, src) = pair();
         let (sink, _reader) = pair();
         let mut pool = Pool::new(RelayMode::Splice);
-        let mut half = Half::default();
-        let wait = half.pump(src.as_fd(), sink.as_fd(), &mut pool).expect("pump");
+        let mut half = Half::new(RelayMode::Splice);
+        let ctx = PumpCtx { pool: &mut pool, recv_armed: false, buffer: 0 };
+        let wait = half.pump(src.as_fd(), sink.as_fd(), ctx).expect("pump");
         assert_eq!(wait, Wait::SourceReadable);
         assert!(half.chunk.is_none());
         assert_eq!(pool.idle(), 1);

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 mod ring;
 
-pub use ring::{Ring, Sends, timespec};
+pub use ring::{Buffers, Ring, Sends, timespec};
 
 /// Outcome of a non-blocking transfer.
 #[derive(Debug, PartialEq, Eq)]

@@ -41,7 +41,8 @@ use super::driver::Driver;
 use super::fault::Throttle;
 use super::listeners::{self, Accepting};
 use super::machine::{Action, Dialed, Dir, HeaderRead, Op};
-use super::relay::Pool;
+use super::relay::{Pool, RelayMode};
+use super::relay_ring::{RING_BUFFER_BYTES, RING_BUFFERS, Received};
 use super::slots::{Key, Slots};
 use super::sys::RecvBatch;
 use super::token::Token;
@@ -67,6 +68,9 @@ pub(super) struct Worker {
     pub(super) by_id: HashMap<ListenerId, Key>,
     conns: Slots<Conn>,
     pool: Pool,
+    relay: RelayMode,
+    /// Ring receives that found no free buffer, re-armed when one returns.
+    starved: Vec<(Key, Dir)>,
     /// Timespecs handed to the kernel by pointer: boxed so they never move.
     connect_timeouts: Vec<&'static types::Timespec>,
     pub(super) accept_retry: Vec<&'static types::Timespec>,
@@ -99,12 +103,17 @@ impl Worker {
     pub(super) fn new(index: usize, shared: Arc<Shared>, config: &WorkerConfig) -> io::Result<Self> {
         Ok(Self {
             index,
-            driver: Driver::new(config.ring_entries)?,
+            driver: Driver::new(
+                config.ring_entries,
+                config.relay.uses_ring().then_some((RING_BUFFERS, RING_BUFFER_BYTES)),
+            )?,
             shared,
             listeners: Slots::default(),
             by_id: HashMap::new(),
             conns: Slots::with_capacity(1024),
             pool: Pool::new(config.relay),
+            relay: config.relay,
+            starved: Vec::new(),
             connect_timeouts: config.connect_timeouts.iter().map(|d| sys::timespec(*d)).collect(),
             accept_retry: listeners::backoff_timespecs(),
             accept_backoff: 0,
@@ -163,6 +172,9 @@ impl Worker {
                     self.drive(key)?;
                 }
             }
+            if let Some(out) = self.shared.buffers_out.get(self.index) {
+                out.store(self.driver.buffers_out(), std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -181,7 +193,7 @@ impl Worker {
             }
             Token::Accept(key) => self.on_accept(key, result, cqueue::more(flags)),
             Token::AcceptRetry(key) => self.on_accept_retry(key),
-            Token::Conn(key, op) => self.on_conn_op(key, op, result),
+            Token::Conn(key, op) => self.on_conn_op(key, op, result, flags),
             Token::UdpListen(slot) => self.on_udp_listener(slot),
             Token::UdpFlow(key) => self.on_udp_flow(key, result),
             Token::UdpSent(id) => self.on_udp_sent(id, result),
@@ -242,7 +254,8 @@ impl Worker {
             None => None,
         };
         let mut conn =
-            Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len());
+            Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len())
+                .relaying_in(self.relay);
         if proxy_protocol != crate::model::ProxyProtocol::default() {
             // Without a destination the socket is gone; the first read or
             // send fails and resets it.
@@ -340,17 +353,27 @@ impl Worker {
                         None => conn.machine.completed(op, libc::POLLHUP as i32),
                     }
                 }
+                Action::Start(op) => self.start(key, op)?,
                 Action::Pump(dir) => {
-                    let (moved, outcome) = conn.pump(dir, &mut self.pool);
+                    let buffer = self.driver.buffer_size() as usize;
+                    let (moved, outcome) = conn.pump(dir, &mut self.pool, buffer);
                     conn.machine.pumped(dir, moved, outcome);
                 }
                 Action::PumpLater(dir) => self.yielded.push((key, dir)),
                 Action::Cancel(op) => self.cancel(Token::Conn(key, op))?,
                 Action::Close { reset } => conn.begin_close(reset, &mut self.pool),
                 Action::Free => {
+                    let mut returned = false;
+                    for bid in conn.take_held() {
+                        self.driver.give_back(bid);
+                        returned = true;
+                    }
                     if let Some(conn) = self.conns.remove(key) {
                         let (up, down) = conn.delivered();
                         tracing::trace!(service = %conn.port.spec.name, up, down, "connection closed");
+                    }
+                    if returned {
+                        self.feed_starved()?;
                     }
                     return self.leave_cap();
                 }
@@ -358,13 +381,83 @@ impl Worker {
         }
     }
 
-    fn on_conn_op(&mut self, key: Key, op: Op, result: i32) -> io::Result<()> {
+    fn on_conn_op(&mut self, key: Key, op: Op, result: i32, flags: u32) -> io::Result<()> {
+        let bid = cqueue::buffer_select(flags);
+        if let Some(bid) = bid {
+            self.driver.received(bid);
+        }
+        let buffer = self.driver.buffer_size() as usize;
         let Some(conn) = self.conns.get_mut(key) else {
             tracing::error!(?key, ?op, "completion for a connection that is gone");
+            if let Some(bid) = bid {
+                self.driver.give_back(bid);
+            }
             return Ok(());
         };
-        conn.machine.completed(op, result);
-        self.drive(key)
+        let mut returned = false;
+        match op {
+            Op::Recv(dir) => match conn.received(dir, result, bid, buffer) {
+                Received::Bytes(_) => {}
+                Received::Starved => self.starved.push((key, dir)),
+                // A buffer that came with no bytes goes straight back.
+                Received::Eof | Received::Nothing | Received::Failed => {
+                    if let Some(bid) = bid {
+                        self.driver.give_back(bid);
+                        returned = true;
+                    }
+                }
+            },
+            Op::Send(dir) => {
+                if let Some(sent) = conn.sent(dir, result) {
+                    self.driver.sent_held(sent.bid);
+                    if sent.done {
+                        self.driver.give_back(sent.bid);
+                        returned = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+        conn.machine.completed_more(op, result, cqueue::more(flags));
+        self.drive(key)?;
+        if returned { self.feed_starved() } else { Ok(()) }
+    }
+
+    /// Submit ring op `op` of connection `key`: a multishot receive, or a
+    /// send of the direction's first held buffer.
+    fn start(&mut self, key: Key, op: Op) -> io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        let token = Token::Conn(key, op);
+        let submitted = match (op, conn.poll_fd(op)) {
+            (Op::Recv(_), Some(fd)) => {
+                self.driver.recv(fd, token)?;
+                true
+            }
+            (Op::Send(dir), Some(fd)) => match conn.next_send(dir) {
+                Some((bid, range)) => self.driver.send_held(fd, bid, range, token)?,
+                None => false,
+            },
+            _ => false,
+        };
+        if !submitted {
+            // Nothing to do after all (cannot happen while relaying): the op
+            // ends at once, as cancelled.
+            conn.machine.completed(op, -libc::ECANCELED);
+        }
+        Ok(())
+    }
+
+    /// Buffers went back to the ring: re-arm the receives that found none.
+    fn feed_starved(&mut self) -> io::Result<()> {
+        for (key, dir) in std::mem::take(&mut self.starved) {
+            if let Some(conn) = self.conns.get_mut(key)
+                && conn.unstarve(dir)
+            {
+                conn.machine.resume(dir);
+                self.drive(key)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reset relayed connections that moved no byte for the idle timeout:

@@ -230,3 +230,227 @@ impl<T> Sends<T> {
         self.pending.try_remove(key)
     }
 }
+
+/// What a provided buffer is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BufState {
+    /// In the ring: the kernel may write into it at any time.
+    Ring,
+    /// Filled by a receive and handed to us: the kernel does not touch it.
+    Held,
+    /// A `SEND` reads from it until its completion.
+    Sending,
+}
+
+/// The kernel's `struct io_uring_buf`: one entry of a provided-buffer ring.
+/// Entry 0's `resv` field is the ring's tail, which the kernel reads.
+#[repr(C)]
+struct RawBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`): `count` buffers of
+/// `size` bytes, registered as buffer group `group` of one [`Ring`]. A
+/// multishot receive with buffer select takes one only when data arrives,
+/// so an idle socket holds none.
+///
+/// Every buffer is in one of three states ([`BufState`]), and every move
+/// between them is checked here, so safe code can never hand the kernel a
+/// buffer it is writing into, nor give back one a send still reads.
+///
+/// The ring must be dropped before this (declare it first in the owning
+/// struct): closing the ring ends every op that could touch the memory.
+pub struct Buffers {
+    ring: std::ptr::NonNull<RawBuf>,
+    ring_layout: std::alloc::Layout,
+    memory: std::ptr::NonNull<u8>,
+    memory_layout: std::alloc::Layout,
+    size: u32,
+    group: u16,
+    /// Our copy of the tail; the kernel's is entry 0's `resv`.
+    tail: u16,
+    state: Vec<BufState>,
+    /// Buffers out of the ring (held or sending).
+    out: usize,
+}
+
+const PAGE: usize = 4096;
+
+impl Buffers {
+    /// `count` (a power of two, at most 32768) buffers of `size` bytes each,
+    /// registered with `ring` as group `group`, every one in the ring.
+    pub fn register(ring: &mut Ring, count: u16, size: u32, group: u16) -> io::Result<Self> {
+        use std::alloc::{Layout, alloc_zeroed};
+        if !count.is_power_of_two() || count > 32768 || size == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let invalid = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        let ring_layout = Layout::from_size_align(usize::from(count) * std::mem::size_of::<RawBuf>(), PAGE)
+            .map_err(invalid)?;
+        let memory_layout =
+            Layout::from_size_align(usize::from(count) * size as usize, PAGE).map_err(invalid)?;
+        // SAFETY: both layouts have a non-zero size (count and size > 0).
+        let (ring_ptr, memory_ptr) = unsafe { (alloc_zeroed(ring_layout), alloc_zeroed(memory_layout)) };
+        let (Some(ring_mem), Some(memory)) =
+            (std::ptr::NonNull::new(ring_ptr.cast::<RawBuf>()), std::ptr::NonNull::new(memory_ptr))
+        else {
+            // SAFETY: a non-null pointer here came from alloc_zeroed with
+            // that very layout, and is freed once.
+            unsafe {
+                if !ring_ptr.is_null() {
+                    std::alloc::dealloc(ring_ptr, ring_layout);
+                }
+                if !memory_ptr.is_null() {
+                    std::alloc::dealloc(memory_ptr, memory_layout);
+                }
+            }
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        };
+        let mut buffers = Self {
+            ring: ring_mem,
+            ring_layout,
+            memory,
+            memory_layout,
+            size,
+            group,
+            tail: 0,
+            state: vec![BufState::Held; usize::from(count)],
+            out: usize::from(count),
+        };
+        for bid in 0..count {
+            buffers.give_back(bid);
+        }
+        // SAFETY: the ring memory is page aligned, `count` entries long and
+        // initialised; it and the buffers it points to are freed only when
+        // `buffers` drops, after the ring (the owner declares the ring
+        // first), so the kernel never sees freed memory.
+        unsafe {
+            ring.ring.submitter().register_buf_ring_with_flags(ring_ptr as u64, count, group, 0)?;
+        }
+        Ok(buffers)
+    }
+
+    /// The buffer group to name in a receive.
+    pub fn group(&self) -> u16 {
+        self.group
+    }
+
+    /// Bytes in each buffer: a receive that filled one moved this many.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Buffers out of the ring now (held by connections, or being sent).
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// A receive's completion handed us buffer `bid`. False if it was not
+    /// in the ring (a kernel or bookkeeping bug; nothing changes).
+    pub fn received(&mut self, bid: u16) -> bool {
+        match self.state.get_mut(usize::from(bid)) {
+            Some(state @ BufState::Ring) => {
+                *state = BufState::Held;
+                self.out += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Put held buffer `bid` back in the ring for the kernel to fill. A
+    /// buffer that is not held (in the ring, or still being sent) is left
+    /// alone: false.
+    pub fn give_back(&mut self, bid: u16) -> bool {
+        let count = self.state.len();
+        match self.state.get_mut(usize::from(bid)) {
+            Some(state @ BufState::Held) => *state = BufState::Ring,
+            _ => return false,
+        }
+        self.out -= 1;
+        let slot = usize::from(self.tail) & (count - 1);
+        let addr = self.memory.as_ptr() as u64 + u64::from(bid) * u64::from(self.size);
+        // SAFETY: `slot < count`, inside the ring allocation. The kernel
+        // reads only the entries between its head and the published tail,
+        // and this one is at the tail, so nobody reads it concurrently. The
+        // fields are written through raw pointers so that no reference
+        // covers entry 0's `resv`, the tail the kernel reads.
+        unsafe {
+            let entry = self.ring.as_ptr().add(slot);
+            std::ptr::addr_of_mut!((*entry).addr).write(addr);
+            std::ptr::addr_of_mut!((*entry).len).write(self.size);
+            std::ptr::addr_of_mut!((*entry).bid).write(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: entry 0's `resv` is the ring's tail (a u16, aligned as
+        // one, inside the allocation). The kernel loads it with acquire;
+        // the release store publishes the entry written above before it.
+        unsafe {
+            let tail =
+                std::ptr::addr_of_mut!((*self.ring.as_ptr()).resv).cast::<std::sync::atomic::AtomicU16>();
+            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+        true
+    }
+
+    /// Send bytes `start..end` of held buffer `bid` on `fd`; the buffer is
+    /// ours until [`Buffers::sent`] is called on this send's completion.
+    /// False (nothing submitted) if it is not held or the range is outside.
+    pub fn send(
+        &mut self,
+        ring: &mut Ring,
+        fd: BorrowedFd<'_>,
+        bid: u16,
+        range: std::ops::Range<u32>,
+        user_data: u64,
+    ) -> io::Result<bool> {
+        let Some(state) = self.state.get_mut(usize::from(bid)) else { return Ok(false) };
+        if *state != BufState::Held || range.start >= range.end || range.end > self.size {
+            return Ok(false);
+        }
+        *state = BufState::Sending;
+        // SAFETY: bid < count and range.end <= size: inside the allocation.
+        let ptr =
+            unsafe { self.memory.as_ptr().add(usize::from(bid) * self.size as usize + range.start as usize) };
+        let entry = opcode::Send::new(types::Fd(fd.as_raw_fd()), ptr, range.end - range.start)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the bytes stay allocated until `self` drops, after the
+        // ring; the buffer is `Sending`, so it is neither given back to the
+        // kernel (which would overwrite it) nor sent again until `sent`.
+        unsafe { ring.push((entry, None)) }?;
+        Ok(true)
+    }
+
+    /// The send from `bid` completed: the buffer is held again.
+    pub fn sent(&mut self, bid: u16) {
+        if let Some(state @ BufState::Sending) = self.state.get_mut(usize::from(bid)) {
+            *state = BufState::Held;
+        }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: both were allocated with these layouts in `register`, and
+        // the ring that used them was dropped first (see the type's doc).
+        unsafe {
+            std::alloc::dealloc(self.ring.as_ptr().cast(), self.ring_layout);
+            std::alloc::dealloc(self.memory.as_ptr(), self.memory_layout);
+        }
+    }
+}
+
+impl Ring {
+    /// Receive on `fd` into buffers of `group` until cancelled, end of file
+    /// or an error (multishot; each completion names its buffer).
+    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, group: u16, user_data: u64) -> io::Result<()> {
+        let entry = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), group).build().user_data(user_data);
+        // SAFETY: the kernel writes only into the group's registered
+        // buffers, which `Buffers` keeps allocated until after the ring.
+        unsafe { self.push((entry, None)) }
+    }
+}
