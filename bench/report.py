@@ -30,7 +30,7 @@ SCENARIOS = {
     "idle": ("idle connections held (memory per connection)", "rss_per_conn", "KB/conn", None, False),
     "udp-iperf": ("iperf3 -u -b 2G -l 32K (receiver's loss)", "loss", "% lost", None, False),
 }
-PEER_ORDER = ["direct", "ringport", "ringport-copy", "ringport-ring", "ringport-auto", "ringport-w1", "haproxy", "nginx"]
+PEER_ORDER = ["direct", "ringport", "ringport-copy", "ringport-ring", "ringport-splice", "ringport-w1", "haproxy", "nginx"]
 
 
 def load_raw(path):

@@ -110,14 +110,14 @@ choose_port_base
 start_backends
 start_iperf_server
 declare -A START_CMD=(
-  [ringport]="start_ringport ringport $PROXY_WORKERS splice"
+  [ringport]="start_ringport ringport $PROXY_WORKERS auto"
   [ringport-copy]="start_ringport ringport-copy $PROXY_WORKERS copy"
   [ringport-ring]="start_ringport ringport-ring $PROXY_WORKERS ring"
-  [ringport-auto]="start_ringport ringport-auto $PROXY_WORKERS auto"
-  [ringport-w1]="start_ringport ringport-w1 1 splice"
+  [ringport-splice]="start_ringport ringport-splice $PROXY_WORKERS splice"
+  [ringport-w1]="start_ringport ringport-w1 1 auto"
   [haproxy]=start_haproxy [nginx]=start_nginx
 )
-MODES=(ringport-copy ringport-ring ringport-auto)
+MODES=(ringport-copy ringport-ring ringport-splice)
 SCALING=0
 [ "$PIN" = 0 ] && [ "$PROXY_WORKERS" -gt 1 ] && SCALING=1
 for p in ringport "${MODES[@]}" haproxy nginx; do ${START_CMD[$p]}; done
@@ -144,7 +144,7 @@ echo "bench/run.sh: mode=$MODE pin=$PIN rounds=$ROUNDS proxy workers=$PROXY_WORK
 
 PEERS=(direct ringport haproxy nginx)
 # ringport's other relay modes, each in every TCP shape (copy: bulk only).
-RELAYS=(ringport-ring ringport-auto)
+RELAYS=(ringport-ring ringport-splice)
 W1=(); [ "$SCALING" = 1 ] && W1=(ringport-w1)
 SRC=(--source 127.0.0.2-127.0.0.50)
 

@@ -49,7 +49,7 @@ trap 'exit 130' INT TERM
 
 choose_port_base
 start_backends
-start_ringport ringport "$PROXY_WORKERS" splice
+start_ringport ringport "$PROXY_WORKERS" auto
 RP=${PEER_PID[ringport]}
 COMMIT=$(git rev-parse --short HEAD)
 CALL_GRAPH=${CALL_GRAPH:-fp}

@@ -192,7 +192,7 @@ struct RunArgs {
     /// (read/send), ring (multishot receive into provided buffers and send
     /// from them, no syscall per message) or auto (each direction on the
     /// ring while its messages are small, on splice for bulk).
-    #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
+    #[arg(long, value_enum, default_value_t = RelayMode::Auto)]
     relay: RelayMode,
     /// Dial timeout of each connect attempt, comma separated; the number of
     /// attempts is bounded by the endpoints available (at most 8).

@@ -97,7 +97,7 @@ peer_slot() {
   case $1 in
     ringport) echo 1 ;; haproxy) echo 2 ;; nginx) echo 3 ;;
     ringport-copy) echo 4 ;; ringport-w1) echo 5 ;;
-    ringport-ring) echo 6 ;; ringport-auto) echo 7 ;; *) return 1 ;;
+    ringport-ring) echo 6 ;; ringport-splice) echo 7 ;; *) return 1 ;;
   esac
 }
 

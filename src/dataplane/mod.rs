@@ -91,7 +91,7 @@ impl Default for WorkerConfig {
         Self {
             workers: 1,
             pin: true,
-            relay: RelayMode::Splice,
+            relay: RelayMode::Auto,
             connect_timeouts: vec![
                 Duration::from_millis(250),
                 Duration::from_millis(500),
