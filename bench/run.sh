@@ -2,8 +2,8 @@
 # ringport's peer benchmark: direct vs ringport vs HAProxy vs nginx, on
 # loopback, in interleaved rounds, medians reported. See bench/README.md.
 #
-#   bench/run.sh                 default run (< 10 min), 3 rounds
-#   bench/run.sh --quick         shorter windows (< 2 min), 3 rounds
+#   bench/run.sh                 default run (~12 min, estimated), 3 rounds
+#   bench/run.sh --quick         shorter windows (~4 min), 3 rounds
 #   bench/run.sh --smoke         every scenario ~1 s, 1 round, debug build;
 #                                fails if any peer did no work or direct erred
 #   bench/run.sh --pin           proxy on core 0, load + backends on core 1
