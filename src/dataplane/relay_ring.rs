@@ -14,10 +14,12 @@
 //! Invariants:
 //! - Held buffers are sent in the order they were received, one `SEND` at a
 //!   time, so a short send is finished before the next buffer's bytes.
-//! - A direction holds at most about [`HELD_MAX`] buffers: past it the
-//!   receive is cancelled (backpressure) and re-armed once the sends caught
-//!   up; an idle direction holds none (the kernel takes a buffer only when
-//!   data arrives).
+//! - Past [`HELD_MAX`] held buffers a direction's receive is cancelled
+//!   (backpressure) and re-armed once the sends caught up. The bound is
+//!   soft: until the cancel lands, the multishot keeps draining the
+//!   socket's receive queue into free buffers (a blocked 16 MiB echo in
+//!   `tests/dataplane_lib.rs` held 201 of 256). An idle direction holds
+//!   none (the kernel takes a buffer only when data arrives).
 //! - End of file is forwarded only after every held byte was sent.
 //! - A receive that ran out of buffers (`ENOBUFS`) is re-armed only after
 //!   some buffer went back to the ring, never in a loop.
