@@ -272,7 +272,7 @@ struct RunArgs {
     transparent: bool,
     /// The packet mark that hands endpoints' replies to transparent
     /// sockets (and the ip rule's fwmark), e.g. 0x1000.
-    #[arg(long, value_parser = parse_mark, default_value = "0x1000")]
+    #[arg(long, value_parser = parse_mark, default_value_t = ringport::redirect::transparent::DEFAULT_MARK)]
     transparent_mark: u32,
 }
 
@@ -397,6 +397,7 @@ impl RunArgs {
                 ready: false,
                 ready6: false,
                 mark: self.transparent_mark,
+                ..SourceOptions::default()
             },
             source,
         })

@@ -19,8 +19,11 @@
 //!   connection (`ringport_source_ip_fallback_total{reason}`) and shown per
 //!   endpoint in `/debug/snapshot`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::{ClientAddr, EndpointAddr, ServicePort, SourceIp};
@@ -38,6 +41,54 @@ pub struct SourceOptions {
     pub ready6: bool,
     /// The mark ringport's reply rule sets (`--transparent-mark`).
     pub mark: u32,
+    /// The node's addresses and connected prefixes, kept current by
+    /// `redirect::transparent`'s reader.
+    pub routes: Arc<ArcSwap<NodeRoutes>>,
+}
+
+/// What the node's routing says about an endpoint's replies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeRoutes {
+    /// The node's own addresses: an endpoint there answers from this host
+    /// (OUTPUT), past the prerouting mark.
+    pub local: Vec<IpAddr>,
+    /// Directly connected prefixes (routes without a gateway) of the main
+    /// table, with their interface.
+    pub links: Vec<(IpNet, String)>,
+}
+
+impl NodeRoutes {
+    /// Whether `ip` is this node's own (or loopback).
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.local.contains(&ip)
+    }
+
+    /// Whether `a` and `b` sit in one connected prefix of one interface:
+    /// their packets are switched past the node's routing.
+    pub fn same_link(&self, a: IpAddr, b: IpAddr) -> bool {
+        let (a, b) = (a.to_canonical(), b.to_canonical());
+        self.links.iter().any(|(net, _)| net.contains(&a) && net.contains(&b))
+    }
+
+    /// The connected prefixes in `ip route show` output: lines whose
+    /// destination is a prefix, with a `dev` and no `via`. A host route
+    /// (`/32`, `/128`) is kept: only hairpin traffic fits in it.
+    pub fn parse_links(routes: &str) -> Vec<(IpNet, String)> {
+        routes
+            .lines()
+            .filter_map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let net = words.first()?;
+                let net = net.parse::<IpNet>().or_else(|_| net.parse::<IpAddr>().map(IpNet::from)).ok()?;
+                if words.contains(&"via") {
+                    return None;
+                }
+                let dev = words.iter().position(|w| *w == "dev").and_then(|i| words.get(i + 1))?;
+                Some((net.trunc(), (*dev).to_string()))
+            })
+            .collect()
+    }
 }
 
 /// Why a connection that asked for the client's address got the node's.
@@ -59,10 +110,16 @@ pub enum Fallback {
     ClientAddress,
     /// The kernel refused `IP_TRANSPARENT` or the bind for this socket.
     Refused,
+    /// The endpoint is an address of this node (host network, loopback):
+    /// its replies leave through OUTPUT and never meet the reply mark.
+    NodeAddress,
+    /// Client and endpoint share a connected prefix of one interface (one
+    /// bridge): the replies are switched to the client past the node.
+    SameLink,
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 7] = [
+    pub const ALL: [Fallback; 9] = [
         Fallback::Disabled,
         Fallback::Unavailable,
         Fallback::RemoteEndpoint,
@@ -70,6 +127,8 @@ impl Fallback {
         Fallback::Hairpin,
         Fallback::ClientAddress,
         Fallback::Refused,
+        Fallback::NodeAddress,
+        Fallback::SameLink,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +140,8 @@ impl Fallback {
             Fallback::Hairpin => "hairpin",
             Fallback::ClientAddress => "client-address",
             Fallback::Refused => "refused",
+            Fallback::NodeAddress => "node-address",
+            Fallback::SameLink => "same-link",
         }
     }
 }
@@ -112,6 +173,7 @@ pub struct SourcePlan {
     /// Whether any endpoint gets the client's address.
     active: bool,
     mark: u32,
+    routes: Arc<ArcSwap<NodeRoutes>>,
 }
 
 impl SourcePlan {
@@ -128,6 +190,7 @@ impl SourcePlan {
             (true, true, false) => Some(Some(Fallback::Unavailable)),
             (true, true, true) => None,
         };
+        let routes = options.routes.load();
         let mut endpoints: Vec<(EndpointAddr, Source)> = spec
             .endpoints
             .iter()
@@ -136,6 +199,9 @@ impl SourcePlan {
                 let source = match (setup, e.node_name.as_deref(), node_name) {
                     (Some(why), _, _) => Source::Proxy(why),
                     (None, _, _) if no_ipv6 => Source::Proxy(Some(Fallback::Unavailable)),
+                    (None, _, _) if routes.is_local(e.addr.0.ip()) => {
+                        Source::Proxy(Some(Fallback::NodeAddress))
+                    }
                     (None, Some(theirs), Some(ours)) if theirs == ours => Source::Client,
                     (None, Some(_), Some(_)) => Source::Proxy(Some(Fallback::RemoteEndpoint)),
                     (None, _, _) => Source::Proxy(Some(Fallback::UnknownNode)),
@@ -145,7 +211,7 @@ impl SourcePlan {
             .collect();
         endpoints.sort_by_key(|(a, _)| *a);
         let active = endpoints.iter().any(|(_, s)| *s == Source::Client);
-        Self { endpoints, active, mark: options.mark }
+        Self { endpoints, active, mark: options.mark, routes: options.routes.clone() }
     }
 
     /// Whether any endpoint of this port gets the client's address (then
@@ -180,6 +246,8 @@ impl SourcePlan {
                     || ip.is_ipv4() != endpoint.0.ip().to_canonical().is_ipv4()
                 {
                     Decision::Plain(Some(Fallback::ClientAddress))
+                } else if self.routes.load().same_link(ip, endpoint.0.ip()) {
+                    Decision::Plain(Some(Fallback::SameLink))
                 } else {
                     Decision::Transparent { bind: SocketAddr::new(ip, 0) }
                 }
@@ -211,11 +279,13 @@ mod tests {
         EndpointAddr(s.parse().unwrap())
     }
 
-    const ON: SourceOptions = SourceOptions { transparent: true, ready: true, ready6: true, mark: 0x80000 };
+    fn on() -> SourceOptions {
+        SourceOptions { transparent: true, ready: true, ready6: true, mark: 0x80000, ..Default::default() }
+    }
 
     #[test]
     fn only_endpoints_on_this_node_get_the_client_address_and_the_rest_say_why() {
-        let plan = SourcePlan::build(&spec(None), &ON, Some("a"));
+        let plan = SourcePlan::build(&spec(None), &on(), Some("a"));
         assert!(plan.active());
         assert_eq!(plan.of(addr("10.220.0.5:8080")), Source::Client);
         assert_eq!(plan.of(addr("10.221.0.5:8080")), Source::Proxy(Some(Fallback::RemoteEndpoint)));
@@ -238,7 +308,7 @@ mod tests {
 
     #[test]
     fn the_endpoint_itself_loopback_and_the_other_family_fall_back_per_connection() {
-        let plan = SourcePlan::build(&spec(None), &ON, Some("a"));
+        let plan = SourcePlan::build(&spec(None), &on(), Some("a"));
         let ep = addr("10.220.0.5:8080");
         let client = |s: &str| ClientAddr(s.parse().unwrap());
         assert_eq!(plan.decide(ep, client("10.220.0.5:4000")), Decision::Plain(Some(Fallback::Hairpin)));
@@ -248,15 +318,15 @@ mod tests {
 
     #[test]
     fn the_annotation_overrides_the_flag_and_a_missing_setup_is_a_fallback() {
-        let proxy = SourcePlan::build(&spec(Some(SourceIp::Proxy)), &ON, Some("a"));
+        let proxy = SourcePlan::build(&spec(Some(SourceIp::Proxy)), &on(), Some("a"));
         assert!(!proxy.active());
         assert_eq!(proxy.of(addr("10.220.0.5:8080")), Source::Proxy(None));
-        let off = SourceOptions { transparent: false, ..ON };
+        let off = SourceOptions { transparent: false, ..on() };
         let asked = SourcePlan::build(&spec(Some(SourceIp::Preserve)), &off, Some("a"));
         assert_eq!(asked.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::Disabled)));
         let not_asked = SourcePlan::build(&spec(None), &off, Some("a"));
         assert_eq!(not_asked.of(addr("10.220.0.5:8080")), Source::Proxy(None));
-        let broken = SourceOptions { ready: false, ..ON };
+        let broken = SourceOptions { ready: false, ..on() };
         let plan = SourcePlan::build(&spec(None), &broken, Some("a"));
         assert!(!plan.active());
         let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
@@ -266,18 +336,61 @@ mod tests {
         );
         let mut v6 = spec(None);
         v6.endpoints[0].addr = addr("[fd00::5]:8080");
-        let v4_only = SourceOptions { ready6: false, ..ON };
+        let v4_only = SourceOptions { ready6: false, ..on() };
         let plan = SourcePlan::build(&v6, &v4_only, Some("a"));
         assert_eq!(plan.of(addr("[fd00::5]:8080")), Source::Proxy(Some(Fallback::Unavailable)));
         assert_eq!(plan.of(addr("10.221.0.5:8080")), Source::Proxy(Some(Fallback::RemoteEndpoint)));
-        let plan = SourcePlan::build(&v6, &ON, Some("a"));
+        let plan = SourcePlan::build(&v6, &on(), Some("a"));
         let client = ClientAddr("[fd00::9]:5000".parse().unwrap());
         assert_eq!(
             plan.decide(addr("[fd00::5]:8080"), client),
             Decision::Transparent { bind: "[fd00::9]:0".parse().unwrap() }
         );
-        let nameless = SourcePlan::build(&spec(None), &ON, None);
+        let nameless = SourcePlan::build(&spec(None), &on(), None);
         assert_eq!(nameless.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::UnknownNode)));
+    }
+
+    #[test]
+    fn endpoints_on_a_node_address_or_loopback_fall_back_as_node_address() {
+        let options = on();
+        options
+            .routes
+            .store(Arc::new(NodeRoutes { local: vec!["10.220.0.5".parse().unwrap()], links: vec![] }));
+        let mut sp = spec(None);
+        sp.endpoints[1].addr = addr("127.0.0.1:8080");
+        sp.endpoints[1].node_name = Some("a".into());
+        let plan = SourcePlan::build(&sp, &options, Some("a"));
+        assert_eq!(plan.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::NodeAddress)));
+        assert_eq!(plan.of(addr("127.0.0.1:8080")), Source::Proxy(Some(Fallback::NodeAddress)));
+        assert!(!plan.active());
+    }
+
+    #[test]
+    fn a_client_on_the_endpoints_own_link_falls_back_as_same_link() {
+        let routes = "default via 10.100.0.2 dev wire\n\
+                      10.100.0.0/24 dev wire proto kernel scope link src 10.100.0.1\n\
+                      10.220.0.5 dev cali-ep scope link\n\
+                      10.230.0.0/24 dev br0 proto kernel scope link src 10.230.0.1\n\
+                      blackhole 10.240.0.0/16\n\
+                      fd00:220::/64 dev cali-ep proto kernel metric 256 pref medium\n";
+        let links = NodeRoutes::parse_links(routes);
+        let nets: Vec<String> = links.iter().map(|(n, d)| format!("{n} {d}")).collect();
+        assert_eq!(
+            nets,
+            ["10.100.0.0/24 wire", "10.220.0.5/32 cali-ep", "10.230.0.0/24 br0", "fd00:220::/64 cali-ep"]
+        );
+        let options = on();
+        options.routes.store(Arc::new(NodeRoutes { local: vec![], links }));
+        let mut sp = spec(None);
+        sp.endpoints[0].addr = addr("10.230.0.5:8080");
+        let plan = SourcePlan::build(&sp, &options, Some("a"));
+        let ep = addr("10.230.0.5:8080");
+        let client = |s: &str| ClientAddr(s.parse().unwrap());
+        assert_eq!(plan.decide(ep, client("10.230.0.6:4000")), Decision::Plain(Some(Fallback::SameLink)));
+        assert_eq!(
+            plan.decide(ep, client("10.220.0.6:4000")),
+            Decision::Transparent { bind: "10.220.0.6:0".parse().unwrap() }
+        );
     }
 
     #[test]

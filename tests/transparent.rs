@@ -8,6 +8,8 @@
 //!    cali-ep  ── ep  10.220.0.5/32 (Calico-style, and an outside client
 //!    cali-cli ── cli 10.220.0.6/32  address-less veths, proxy_arp)
 //!    br0 10.230.0.1/24 ── bep 10.230.0.5/24 (a bridge pod)
+//!                     └── bcli 10.230.0.6/24 (a bridge client)
+//!    and a host-network endpoint on NODE:8080 itself
 //! ```
 //!
 //! Needs root and `ip`, `nft`, `iptables`, `iptables-save`, `python3`,
@@ -25,6 +27,7 @@ const TOOLS: [&str; 7] = ["ip", "nft", "iptables", "iptables-save", "ip6tables",
 const EP: &str = "10.220.0.5";
 const CLI: &str = "10.220.0.6";
 const BEP: &str = "10.230.0.5";
+const BCLI: &str = "10.230.0.6";
 const NODE: &str = "10.100.0.1";
 const NODE_B: &str = "10.100.0.2";
 /// The IPv6 twins of `ep` and `cli`, each on a /64 with the host side of
@@ -115,6 +118,12 @@ fn manifest() -> String {
     y += &endpoints("crr-preserve", EP, "node-a", "TCP", 9090);
     y += &service("crr-proxy", "10.96.0.21", "TCP", 9090, ", annotations: {ringport.io/source-ip: proxy}");
     y += &endpoints("crr-proxy", EP, "node-a", "TCP", 9090);
+    // A hostNetwork endpoint: the node's own address.
+    y += &service("hostnet", "10.96.0.15", "TCP", 8080, "");
+    y += &endpoints("hostnet", NODE, "node-a", "TCP", 8080);
+    // A UDP port with no listener on the local pod: ICMP port unreachable.
+    y += &service("refused", "10.96.0.16", "UDP", 9999, "");
+    y += &endpoints("refused", EP, "node-a", "UDP", 9999);
     y += &service("local6", "fd00:96::10", "TCP", 8080, "");
     y += &endpoints("local6", EP6, "node-a", "TCP", 8080);
     y += &service("local6-udp", "fd00:96::11", "UDP", 7007, "");
@@ -169,17 +178,22 @@ impl Node {
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &node, "addr", "add", "10.230.0.1/24", "dev", "br0"]);
         ip(&["-n", &node, "link", "set", "br0", "up"]);
-        let bep = lab.add_ns("bep");
-        ip(&["link", "add", "p-bep", "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &bep]);
-        ip(&["-n", &node, "link", "set", "p-bep", "master", "br0", "up"]);
-        ip(&["-n", &bep, "addr", "add", &format!("{BEP}/24"), "dev", "eth0"]);
-        ip(&["-n", &bep, "link", "set", "eth0", "up"]);
-        ip(&["-n", &bep, "route", "add", "default", "via", "10.230.0.1"]);
-        for (role, addr) in [("ep", EP), ("ep", EP6), ("bep", BEP), ("nodeb", NODE_B)] {
+        for (role, addr) in [("bep", BEP), ("bcli", BCLI)] {
+            let pod = lab.add_ns(role);
+            let host = format!("p-{role}");
+            ip(&[
+                "link", "add", &host, "netns", &node, "type", "veth", "peer", "name", "eth0", "netns", &pod,
+            ]);
+            ip(&["-n", &node, "link", "set", &host, "master", "br0", "up"]);
+            ip(&["-n", &pod, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+            ip(&["-n", &pod, "route", "add", "default", "via", "10.230.0.1"]);
+        }
+        for (role, addr) in [("ep", EP), ("ep", EP6), ("bep", BEP), ("nodeb", NODE_B), ("node", NODE)] {
             let log = lab.scratch.path().join(format!("{role}-{addr}.log"));
             lab.spawn(role, &["python3", "-c", WHOIS, addr], &log);
         }
-        for (addr, what) in [(EP, "ep"), (EP6, "ep"), (BEP, "bep"), (NODE_B, "nodeb")] {
+        for (addr, what) in [(EP, "ep"), (EP6, "ep"), (BEP, "bep"), (NODE_B, "nodeb"), (NODE, "node")] {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
                 let seen = ask(&lab, "node", addr, 8080, "tcp");
@@ -232,6 +246,15 @@ impl Node {
         body.lines()
             .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no {sample} in /metrics:\n{body}"))
+    }
+
+    /// The sum of every sample of `name` whose labels contain `label`.
+    fn metric_sum(&self, name: &str, label: &str) -> f64 {
+        let (_, body) = self.lab.curl("node", "http://127.0.0.1:10249/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
     }
 
     /// `/debug/snapshot`'s source of the endpoint of service `name`.
@@ -292,6 +315,60 @@ fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall
 #[test]
 fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall_back_with_iptables() {
     node_local_endpoints_see_the_client_and_remote_ones_fall_back("iptables");
+}
+
+/// Endpoints whose replies would bypass the reply mark fall back instead
+/// of timing out: one on the node's own address (its SYN-ACK leaves
+/// through OUTPUT), and one on the client's own bridge (switched past the
+/// node). And an endpoint's ICMP refusal reaches the transparent flow.
+fn replies_that_bypass_the_mark_fall_back_and_refusals_arrive(redirect: &str) {
+    let n = Node::start(redirect, &["--transparent"]);
+    let lab = &n.lab;
+    let hostnet = ask(lab, "cli", "10.96.0.15", 8080, "tcp");
+    assert!(is_node(&hostnet), "a host-network endpoint is reached from the node, yet saw {hostnet}");
+    assert_eq!(
+        n.source_of("default/hostnet"),
+        serde_json::json!({"source": "proxy", "reason": "node-address"})
+    );
+    let bridged = ask(lab, "bcli", "10.96.0.11", 8080, "tcp");
+    assert!(
+        is_node(&bridged),
+        "a client on the endpoint's bridge falls back, yet the endpoint saw {bridged}"
+    );
+    assert_eq!(ask(lab, "cli", "10.96.0.11", 8080, "tcp"), CLI, "a client off the bridge keeps its address");
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"same-link\"}"), 1.0);
+    // One datagram to a port nobody listens on: the ICMP error must reach
+    // the transparent socket, ending the flow long before its 30 s timeout.
+    let send =
+        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('10.96.0.16', 9999))";
+    lab.ok("cli", &["python3", "-c", send]);
+    lab.eventually(Duration::from_secs(5), "the refused UDP flow to be created", || {
+        n.metric_sum("ringport_udp_flows_created_total", "service=\"refused\"") == 1.0
+    });
+    lab.eventually(Duration::from_secs(10), "the refused UDP flow to end on the ICMP error", || {
+        n.metric_sum("ringport_udp_flows_active", "service=\"refused\"") == 0.0
+    });
+    assert_eq!(n.metric_sum("ringport_udp_flows_expired_total", "service=\"refused\""), 0.0);
+    let (_, snapshot) = lab.curl("node", "http://127.0.0.1:10249/debug/snapshot");
+    let snap: serde_json::Value = serde_json::from_str(&snapshot).expect("snapshot JSON");
+    let refused = snap["service_ports"]
+        .as_array()
+        .and_then(|ps| {
+            ps.iter().find(|p| p["name"].as_str().is_some_and(|n| n.starts_with("default/refused")))
+        })
+        .unwrap_or_else(|| panic!("no refused port in {snapshot}"));
+    let failures = refused["internal"]["endpoints"][0][1]["failures"].as_u64();
+    assert_eq!(failures, Some(1), "the refusal counts against the endpoint: {refused}");
+}
+
+#[test]
+fn replies_that_bypass_the_mark_fall_back_and_refusals_arrive_with_nft() {
+    replies_that_bypass_the_mark_fall_back_and_refusals_arrive("nft");
+}
+
+#[test]
+fn replies_that_bypass_the_mark_fall_back_and_refusals_arrive_with_iptables() {
+    replies_that_bypass_the_mark_fall_back_and_refusals_arrive("iptables");
 }
 
 #[test]

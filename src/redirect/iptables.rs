@@ -216,7 +216,8 @@ pub fn render_restore(
                     let _ = writeln!(s, "-A RINGPORT-FIREWALL {m} -j DROP");
                 }
                 if let Some(mark) = rules.transparent {
-                    super::transparent::iptables_rules(&mut s, "RINGPORT-TRANSPARENT", mark);
+                    let v6 = family == Family::V6;
+                    super::transparent::iptables_rules(&mut s, "RINGPORT-TRANSPARENT", mark, v6);
                 }
             }
         }
@@ -340,7 +341,9 @@ mod tests {
             ),
             "{v4}"
         );
-        assert!(render_restore(Family::V6, &set, to, &[]).contains("-m socket --transparent"));
+        assert!(v4.contains("-A RINGPORT-TRANSPARENT -p icmp -m socket --transparent"), "{v4}");
+        let v6 = render_restore(Family::V6, &set, to, &[]);
+        assert!(v6.contains("-A RINGPORT-TRANSPARENT -p ipv6-icmp -m socket --transparent"), "{v6}");
     }
 
     #[test]

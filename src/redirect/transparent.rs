@@ -35,7 +35,7 @@ pub const DEFAULT_MARK: u32 = 0x1000;
 /// Why transparent mode cannot work here.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("the kernel refuses IP_TRANSPARENT (ringport needs CAP_NET_ADMIN)")]
+    #[error("the kernel refuses IP_TRANSPARENT (ringport needs CAP_NET_ADMIN or CAP_NET_RAW)")]
     Refused(#[source] std::io::Error),
     #[error("no redirect rules (--redirect none) to mark the replies with")]
     NoRules,
@@ -43,21 +43,66 @@ pub enum SetupError {
     Routing(#[source] RedirectError),
 }
 
-/// At start, with `--transparent`: set up, and record in `options`
-/// whether it worked (logged either way, once).
+/// At start: with `--transparent`, set up, and record in `options`
+/// whether it worked (logged either way, once); then keep the node's
+/// routes current for [`SourcePlan`](crate::source_ip::SourcePlan).
+/// Without it, or when setup fails, remove the routing state an earlier
+/// `--transparent` run may have left (a stale rule would hand marked
+/// packets to a table nobody uses).
 pub fn start(options: &mut crate::source_ip::SourceOptions, rules: bool) {
-    if !options.transparent {
-        return;
-    }
-    match setup(options.mark, rules) {
-        Ok(ipv6) => {
+    let result = if options.transparent { setup(options.mark, rules).map(Some) } else { Ok(None) };
+    match result {
+        Ok(Some(ipv6)) => {
             (options.ready, options.ready6) = (true, ipv6);
             tracing::info!(mark = %format_args!("{:#x}", options.mark), table = ROUTE_TABLE, ipv6, "transparent mode: endpoints on this node see the client's address");
+            options.routes.store(std::sync::Arc::new(read_routes()));
+            let routes = options.routes.clone();
+            let spawned = std::thread::Builder::new().name("ringport-routes".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(ROUTES_REREAD);
+                    let now = read_routes();
+                    if **routes.load() != now {
+                        routes.store(std::sync::Arc::new(now));
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "transparent mode: cannot start the route reader; the node's routes are read once");
+            }
+            return;
         }
+        Ok(None) => {}
         Err(e) => {
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "transparent mode cannot work here: every endpoint sees the node's address (ringport_source_ip_fallback_total{{reason=\"unavailable\"}})");
         }
     }
+    match cleanup() {
+        Ok(true) => tracing::info!(
+            table = ROUTE_TABLE,
+            "removed the transparent-mode ip rule and route table of an earlier run"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "no transparent-mode routing state to check (no `ip`?)"),
+    }
+}
+
+/// How often the node's addresses and connected routes are read again.
+const ROUTES_REREAD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The node's addresses and the connected prefixes of its main tables
+/// (an unreadable family has none: its clients are then not judged by
+/// link, which is what they were before).
+pub fn read_routes() -> crate::source_ip::NodeRoutes {
+    let mut local: Vec<std::net::IpAddr> =
+        if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect();
+    local.sort();
+    local.dedup();
+    let links = FAMILIES
+        .iter()
+        .filter_map(|family| command::run("ip", &[family, "route", "show", "table", "main"], None).ok())
+        .flat_map(|routes| crate::source_ip::NodeRoutes::parse_links(&routes))
+        .collect();
+    crate::source_ip::NodeRoutes { local, links }
 }
 
 /// The `ip` flags of both address families.
@@ -146,15 +191,16 @@ pub fn nft_chain(s: &mut String, mark: u32) {
     s.push_str("  chain transparent {\n    type filter hook prerouting priority mangle; policy accept;\n");
     let _ = writeln!(
         s,
-        "    meta l4proto {{ tcp, udp }} socket transparent 1 meta mark set meta mark or {mark:#x}"
+        "    meta l4proto {{ tcp, udp, icmp, ipv6-icmp }} socket transparent 1 meta mark set meta mark or {mark:#x}"
     );
     s.push_str("  }\n");
 }
 
 /// The iptables chain's rules (mangle `RINGPORT-TRANSPARENT`, either
-/// family).
-pub fn iptables_rules(s: &mut String, chain: &str, mark: u32) {
-    for p in ["tcp", "udp"] {
+/// family). ICMP too: the socket match looks up an ICMP error's inner
+/// header, so a refusal reaches the socket it is about.
+pub fn iptables_rules(s: &mut String, chain: &str, mark: u32, v6: bool) {
+    for p in ["tcp", "udp", if v6 { "ipv6-icmp" } else { "icmp" }] {
         let _ =
             writeln!(s, "-A {chain} -p {p} -m socket --transparent -j MARK --set-xmark {mark:#x}/{mark:#x}");
     }
@@ -166,14 +212,15 @@ mod tests {
     fn the_marking_rule_keeps_other_marks_and_matches_only_transparent_sockets() {
         let mut nft = String::new();
         super::nft_chain(&mut nft, 0x1000);
-        assert!(nft.contains("socket transparent 1 meta mark set meta mark or 0x1000"), "{nft}");
+        assert!(nft.contains("meta l4proto { tcp, udp, icmp, ipv6-icmp } socket transparent 1 meta mark set meta mark or 0x1000"), "{nft}");
         assert!(nft.contains("hook prerouting priority mangle"), "{nft}");
         let mut ipt = String::new();
-        super::iptables_rules(&mut ipt, "RINGPORT-TRANSPARENT", 0x1000);
+        super::iptables_rules(&mut ipt, "RINGPORT-TRANSPARENT", 0x1000, false);
         assert_eq!(
             ipt,
             "-A RINGPORT-TRANSPARENT -p tcp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n\
-             -A RINGPORT-TRANSPARENT -p udp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n"
+             -A RINGPORT-TRANSPARENT -p udp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n\
+             -A RINGPORT-TRANSPARENT -p icmp -m socket --transparent -j MARK --set-xmark 0x1000/0x1000\n"
         );
     }
 }
