@@ -207,7 +207,19 @@ impl Node {
         }
         let config = lab.scratch.path().join("services.yaml");
         std::fs::write(&config, manifest()).expect("manifest");
-        let log = lab.scratch.path().join("ringport.log");
+        let mut n = Node { lab, ringport: usize::MAX, log: PathBuf::new() };
+        n.launch(&[], redirect, extra);
+        n
+    }
+
+    /// Run ringport (under `wrapper`, e.g. `setpriv ...`) with a log of
+    /// its own, stopping the one before, and wait until it is ready.
+    fn launch(&mut self, wrapper: &[&str], redirect: &str, extra: &[&str]) {
+        if self.ringport != usize::MAX {
+            self.lab.stop(self.ringport);
+        }
+        let config = self.lab.scratch.path().join("services.yaml");
+        self.log = self.lab.scratch.path().join(format!("ringport-{}.log", self.ringport.wrapping_add(1)));
         let args = [
             env!("CARGO_BIN_EXE_ringport"),
             "run",
@@ -225,16 +237,15 @@ impl Node {
             "--metrics-bind-address",
             "127.0.0.1:10249",
         ];
-        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-        let ringport = lab.spawn("node", &args, &log);
-        let n = Node { lab, ringport, log };
+        let args: Vec<&str> = wrapper.iter().chain(&args).chain(extra).copied().collect();
+        let log = self.log.clone();
+        self.ringport = self.lab.spawn("node", &args, &log);
         let ready = |n: &Node| n.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok";
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !ready(&n) {
-            assert!(std::time::Instant::now() < deadline, "ringport not ready:\n{}", n.log());
+        while !ready(self) {
+            assert!(std::time::Instant::now() < deadline, "ringport not ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        n
     }
 
     fn log(&self) -> String {
@@ -414,6 +425,69 @@ fn a_transparent_mode_that_cannot_be_set_up_falls_back_logs_once_and_still_serve
         n.source_of("default/ext-local"),
         serde_json::json!({"source": "proxy", "reason": "unavailable"})
     );
+}
+
+#[test]
+fn a_start_without_transparent_mode_or_with_a_failed_setup_removes_an_earlier_runs_routing() {
+    let mut n = Node::start("nft", &["--transparent"]);
+    let rule = |n: &Node| n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]);
+    assert!(rule(&n).contains("lookup 27010"), "{}", rule(&n));
+    // Stopped without `ringport cleanup`: the rule and table stay behind.
+    n.launch(&[], "nft", &[]);
+    assert_eq!(rule(&n).trim(), "", "a start without --transparent removes the stale rule");
+    let table = n.lab.exec("node", &["ip", "route", "show", "table", "27010"]);
+    assert!(String::from_utf8_lossy(&table.stdout).trim().is_empty(), "{table:?}");
+    n.launch(&[], "nft", &["--transparent"]);
+    assert!(rule(&n).contains("lookup 27010"), "{}", rule(&n));
+    // A setup that fails (no redirect rules to mark with) removes it too.
+    n.launch(&[], "none", &["--transparent"]);
+    assert_eq!(rule(&n).trim(), "", "a failed setup removes the stale rule");
+}
+
+/// Setup fails for want of a capability, or because `ip rule add` fails:
+/// either way ringport falls back, says so once, and serves.
+#[test]
+fn missing_capabilities_or_a_failing_ip_rule_fall_back_log_once_and_still_serve() {
+    netns::require_privileges_and_tools(&["setpriv"]);
+    let mut n = Node::start("none", &[]);
+    // Without CAP_NET_ADMIN and CAP_NET_RAW the kernel refuses
+    // IP_TRANSPARENT. (No rules either: programming them needs the same.)
+    let drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin,-net_raw", "--"];
+    n.launch(&drop, "none", &["--transparent"]);
+    let caps = n.lab.ok("node", &["grep", "CapEff", &format!("/proc/{}/status", n.lab.child_id(n.ringport))]);
+    let eff = caps.split_whitespace().nth(1).and_then(|h| u64::from_str_radix(h, 16).ok());
+    // CAP_NET_ADMIN is bit 12, CAP_NET_RAW bit 13.
+    assert_eq!(eff.map(|e| e & 0x3000), Some(0), "ringport still holds them: {caps}");
+    for _ in 0..2 {
+        let seen = ask(&n.lab, "nodeb", NODE, 30080, "tcp");
+        assert!(is_node(&seen), "served from the node's address, yet the endpoint saw {seen}");
+    }
+    let log = n.log();
+    assert_eq!(log.matches("transparent mode cannot work here").count(), 1, "{log}");
+    assert!(log.contains("CAP_NET_ADMIN or CAP_NET_RAW"), "{log}");
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"unavailable\"}"), 2.0);
+    // An `ip` whose `rule add` fails, as on a kernel without policy routing.
+    let bin = n.lab.scratch.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let real = n.lab.ok("node", &["sh", "-c", "command -v ip"]);
+    let fake = format!(
+        "#!/bin/sh\ncase \"$*\" in *\"rule add\"*) echo 'RTNETLINK answers: Operation not supported' >&2; exit 2;; esac\nexec {} \"$@\"\n",
+        real.trim()
+    );
+    let script = bin.join("ip");
+    std::fs::write(&script, fake).expect("fake ip");
+    n.lab.ok("node", &["chmod", "+x", script.to_str().expect("utf-8 path")]);
+    let path = format!("PATH={}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    n.launch(&["env", &path], "nft", &["--transparent"]);
+    for _ in 0..2 {
+        let seen = ask(&n.lab, "nodeb", NODE, 30080, "tcp");
+        assert!(is_node(&seen), "served from the node's address, yet the endpoint saw {seen}");
+    }
+    let log = n.log();
+    assert_eq!(log.matches("transparent mode cannot work here").count(), 1, "{log}");
+    assert!(log.contains("cannot install the policy routing"), "{log}");
+    assert_eq!(n.lab.ok("node", &["ip", "-4", "rule", "show", "pref", "27010"]).trim(), "");
+    assert_eq!(n.metric("ringport_source_ip_fallback_total{reason=\"unavailable\"}"), 2.0);
 }
 
 /// Connections one after another from `ns` to `vip`:9090 (connect, read
