@@ -108,6 +108,9 @@ pub enum Fallback {
     Hairpin,
     /// The client's address is of the other family, or loopback.
     ClientAddress,
+    /// The client's address came from an inbound PROXY header: whoever
+    /// sends the header could name any address (another pod's, a node's).
+    ProxyHeader,
     /// The kernel refused `IP_TRANSPARENT` or the bind for this socket.
     Refused,
     /// The endpoint is an address of this node (host network, loopback):
@@ -119,7 +122,7 @@ pub enum Fallback {
 }
 
 impl Fallback {
-    pub const ALL: [Fallback; 9] = [
+    pub const ALL: [Fallback; 10] = [
         Fallback::Disabled,
         Fallback::Unavailable,
         Fallback::RemoteEndpoint,
@@ -129,6 +132,7 @@ impl Fallback {
         Fallback::Refused,
         Fallback::NodeAddress,
         Fallback::SameLink,
+        Fallback::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -142,6 +146,7 @@ impl Fallback {
             Fallback::Refused => "refused",
             Fallback::NodeAddress => "node-address",
             Fallback::SameLink => "same-link",
+            Fallback::ProxyHeader => "proxy-header",
         }
     }
 }
@@ -233,10 +238,13 @@ impl SourcePlan {
         }
     }
 
-    /// What the upstream socket of `client`'s connection to `endpoint` does.
-    pub fn decide(&self, endpoint: EndpointAddr, client: ClientAddr) -> Decision {
+    /// What the upstream socket of `client`'s connection to `endpoint` does;
+    /// `from_header`: the client's address is what an inbound PROXY header
+    /// named, not the connection's peer.
+    pub fn decide(&self, endpoint: EndpointAddr, client: ClientAddr, from_header: bool) -> Decision {
         match self.of(endpoint) {
             Source::Proxy(why) => Decision::Plain(why),
+            Source::Client if from_header => Decision::Plain(Some(Fallback::ProxyHeader)),
             Source::Client => {
                 let ip = client.0.ip().to_canonical();
                 if ip == endpoint.0.ip().to_canonical() {
@@ -292,16 +300,16 @@ mod tests {
         assert_eq!(plan.of(addr("10.222.0.5:8080")), Source::Proxy(Some(Fallback::UnknownNode)));
         let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
         assert_eq!(
-            plan.decide(addr("10.220.0.5:8080"), client),
+            plan.decide(addr("10.220.0.5:8080"), client, false),
             Decision::Transparent { bind: "10.220.0.9:0".parse().unwrap() }
         );
         assert_eq!(
-            plan.decide(addr("10.221.0.5:8080"), client),
+            plan.decide(addr("10.221.0.5:8080"), client, false),
             Decision::Plain(Some(Fallback::RemoteEndpoint))
         );
         let mapped = ClientAddr("[::ffff:10.1.2.3]:5000".parse().unwrap());
         assert_eq!(
-            plan.decide(addr("10.220.0.5:8080"), mapped),
+            plan.decide(addr("10.220.0.5:8080"), mapped, false),
             Decision::Transparent { bind: "10.1.2.3:0".parse().unwrap() }
         );
     }
@@ -311,9 +319,18 @@ mod tests {
         let plan = SourcePlan::build(&spec(None), &on(), Some("a"));
         let ep = addr("10.220.0.5:8080");
         let client = |s: &str| ClientAddr(s.parse().unwrap());
-        assert_eq!(plan.decide(ep, client("10.220.0.5:4000")), Decision::Plain(Some(Fallback::Hairpin)));
-        assert_eq!(plan.decide(ep, client("127.0.0.1:4000")), Decision::Plain(Some(Fallback::ClientAddress)));
-        assert_eq!(plan.decide(ep, client("[fd00::1]:4000")), Decision::Plain(Some(Fallback::ClientAddress)));
+        assert_eq!(
+            plan.decide(ep, client("10.220.0.5:4000"), false),
+            Decision::Plain(Some(Fallback::Hairpin))
+        );
+        assert_eq!(
+            plan.decide(ep, client("127.0.0.1:4000"), false),
+            Decision::Plain(Some(Fallback::ClientAddress))
+        );
+        assert_eq!(
+            plan.decide(ep, client("[fd00::1]:4000"), false),
+            Decision::Plain(Some(Fallback::ClientAddress))
+        );
     }
 
     #[test]
@@ -331,7 +348,7 @@ mod tests {
         assert!(!plan.active());
         let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
         assert_eq!(
-            plan.decide(addr("10.220.0.5:8080"), client),
+            plan.decide(addr("10.220.0.5:8080"), client, false),
             Decision::Plain(Some(Fallback::Unavailable))
         );
         let mut v6 = spec(None);
@@ -343,7 +360,7 @@ mod tests {
         let plan = SourcePlan::build(&v6, &on(), Some("a"));
         let client = ClientAddr("[fd00::9]:5000".parse().unwrap());
         assert_eq!(
-            plan.decide(addr("[fd00::5]:8080"), client),
+            plan.decide(addr("[fd00::5]:8080"), client, false),
             Decision::Transparent { bind: "[fd00::9]:0".parse().unwrap() }
         );
         let nameless = SourcePlan::build(&spec(None), &on(), None);
@@ -386,11 +403,28 @@ mod tests {
         let plan = SourcePlan::build(&sp, &options, Some("a"));
         let ep = addr("10.230.0.5:8080");
         let client = |s: &str| ClientAddr(s.parse().unwrap());
-        assert_eq!(plan.decide(ep, client("10.230.0.6:4000")), Decision::Plain(Some(Fallback::SameLink)));
         assert_eq!(
-            plan.decide(ep, client("10.220.0.6:4000")),
+            plan.decide(ep, client("10.230.0.6:4000"), false),
+            Decision::Plain(Some(Fallback::SameLink))
+        );
+        assert_eq!(
+            plan.decide(ep, client("10.220.0.6:4000"), false),
             Decision::Transparent { bind: "10.220.0.6:0".parse().unwrap() }
         );
+    }
+
+    #[test]
+    fn a_client_address_named_by_an_inbound_proxy_header_is_never_a_transparent_source() {
+        let plan = SourcePlan::build(&spec(None), &on(), Some("a"));
+        let named = ClientAddr("10.220.0.9:5000".parse().unwrap());
+        let ep = addr("10.220.0.5:8080");
+        assert_eq!(plan.decide(ep, named, true), Decision::Plain(Some(Fallback::ProxyHeader)));
+        assert_eq!(
+            plan.decide(ep, named, false),
+            Decision::Transparent { bind: "10.220.0.9:0".parse().unwrap() }
+        );
+        let remote = addr("10.221.0.5:8080");
+        assert_eq!(plan.decide(remote, named, true), Decision::Plain(Some(Fallback::RemoteEndpoint)));
     }
 
     #[test]

@@ -123,6 +123,9 @@ struct Proxied {
     sent: usize,
     /// Where the client connected (the header's destination).
     destination: std::net::SocketAddr,
+    /// Whether the client's address came from the header: anyone could
+    /// write any address there, so it is never a transparent source.
+    named_client: bool,
 }
 
 /// What to do after trying to open the next upstream connection.
@@ -185,7 +188,14 @@ impl Conn {
         let preambles = Preambles { accept: inbound.is_some(), send: pp.send.is_some() };
         if preambles != Preambles::default() {
             self.machine = Machine::with_preambles(now, self.connect_timeouts, preambles);
-            self.proxy = Some(Box::new(Proxied { role, inbound, send: pp.send, sent: 0, destination }));
+            self.proxy = Some(Box::new(Proxied {
+                role,
+                inbound,
+                send: pp.send,
+                sent: 0,
+                destination,
+                named_client: false,
+            }));
         }
         self
     }
@@ -210,6 +220,7 @@ impl Conn {
         if let Some(addresses) = header.addresses {
             self.client_addr = ClientAddr(addresses.source);
             proxy.destination = addresses.destination;
+            proxy.named_client = true;
         }
         let client = self.client_addr.0.ip();
         if !crate::snapshot::admits(proxy.role, &self.port.spec, client) {
@@ -275,7 +286,8 @@ impl Conn {
             self.endpoint = Some(endpoint);
             // The socket first: failing to make one is this host's fault,
             // and must not count as an attempt on the endpoint.
-            let decision = self.port.source.decide(endpoint, self.client_addr);
+            let from_header = self.proxy.as_ref().is_some_and(|p| p.named_client);
+            let decision = self.port.source.decide(endpoint, self.client_addr, from_header);
             let socket = match new_socket(endpoint.0, decision) {
                 Ok((socket, source)) => {
                     self.source = source;

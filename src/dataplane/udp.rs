@@ -133,7 +133,7 @@ impl Flows {
         let mut candidates = balancer.pick(ClientAddr(client), now, 1);
         let i = balancer.next_candidate(&mut candidates, now).ok_or(FlowError::NoEndpoint)?;
         let endpoint_addr = balancer.endpoint(i).ok_or(FlowError::NoEndpoint)?;
-        let decision = port.source.decide(endpoint_addr, ClientAddr(client));
+        let decision = port.source.decide(endpoint_addr, ClientAddr(client), false);
         let (socket, source) = connect(endpoint_addr.0, decision)
             .map_err(|source| FlowError::Socket { endpoint: endpoint_addr, source })?;
         balancer.attempting(i);
