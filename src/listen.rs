@@ -420,11 +420,15 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize, freebind: bool
                 // then reset.
                 Protocol::Tcp => {}
                 // One socket takes every client's datagrams for this worker:
-                // a deep buffer rides out bursts (the kernel caps it at
-                // net.core.rmem_max; failing to grow it is not an error).
+                // a deep buffer rides out bursts. Past net.core.rmem_max
+                // with CAP_NET_ADMIN, else capped by it; failing to grow
+                // it is not an error.
                 Protocol::Udp => {
-                    let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
-                    let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+                    let fd = std::os::fd::AsFd::as_fd(&s);
+                    if crate::dataplane::sys::force_buffer_sizes(fd, UDP_BUFFER_BYTES).is_err() {
+                        let _ = s.set_recv_buffer_size(UDP_BUFFER_BYTES);
+                        let _ = s.set_send_buffer_size(UDP_BUFFER_BYTES);
+                    }
                     // Replies must leave from the address each datagram was
                     // sent to (see `sys::Datagram::to`).
                     crate::dataplane::sys::enable_pktinfo(std::os::fd::AsFd::as_fd(&s), addr.is_ipv6())?;
@@ -457,6 +461,22 @@ mod tests {
             workers: 2,
             redirect_rules: true,
         })
+    }
+
+    #[test]
+    fn udp_listeners_get_their_full_buffer_with_cap_net_admin_or_what_rmem_max_allows() {
+        let sockets = bind_reuseport((Ipv4Addr::LOCALHOST, 0).into(), Protocol::Udp, 1).expect("bind");
+        let got = sockets[0].recv_buffer_size().expect("SO_RCVBUF");
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .expect("net.core.rmem_max");
+        // The kernel reports twice what was set (its bookkeeping share).
+        let probe = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
+        let forced =
+            crate::dataplane::sys::force_buffer_sizes(std::os::fd::AsFd::as_fd(&probe), 4096).is_ok();
+        let want = if forced { 2 * UDP_BUFFER_BYTES } else { 2 * UDP_BUFFER_BYTES.min(rmem_max) };
+        assert_eq!(got, want, "CAP_NET_ADMIN: {forced}, rmem_max {rmem_max}");
     }
 
     #[test]

@@ -240,16 +240,33 @@ pub struct Datagram<'a> {
 /// Ask the kernel for each datagram's destination address: `IP_PKTINFO`,
 /// or `IPV6_RECVPKTINFO` on an IPv6 socket.
 pub fn enable_pktinfo(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
-    let on: libc::c_int = 1;
     let (level, option) =
         if v6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) } else { (libc::IPPROTO_IP, libc::IP_PKTINFO) };
+    set_int(fd, level, option, 1)
+}
+
+/// Set `fd`'s receive and send buffers to `bytes` past `net.core.rmem_max`
+/// / `wmem_max` (`SO_RCVBUFFORCE`, `SO_SNDBUFFORCE`); needs CAP_NET_ADMIN,
+/// and fails without it (then the caller asks within the limits).
+pub fn force_buffer_sizes(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)?;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+}
+
+fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: passes a pointer to a live c_int and its exact size.
     let ret = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             option,
-            (&on as *const libc::c_int).cast(),
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

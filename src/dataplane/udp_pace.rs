@@ -155,6 +155,32 @@ mod tests {
     }
 
     #[test]
+    fn a_round_holds_back_after_44_mtu_sized_datagrams_and_never_at_508_bytes_or_less() {
+        // What a round reads of an endless backlog of `size`-byte
+        // datagrams, once the size is known (the first batch of all takes
+        // 16 whatever their size).
+        let round = |size: usize| {
+            let mut p = ReadPace::new(16);
+            let mut last = (0, Next::Poll);
+            for _ in 0..2 {
+                let (mut asked, mut total) = (p.begin(), 0);
+                last = loop {
+                    total += asked;
+                    match p.read(asked, asked, asked * size) {
+                        Next::Read(n) => asked = n,
+                        next => break (total, next),
+                    }
+                };
+            }
+            last
+        };
+        assert_eq!(round(1472), (44, Next::Later), "a 1500-byte MTU's payload");
+        assert_eq!(round(K32), (2, Next::Later));
+        assert_eq!(round(508), (128, Next::Poll), "the round's 8 batches end it, not the budget");
+        assert_eq!(round(509), (128, Next::Later));
+    }
+
+    #[test]
     fn every_round_reads_at_least_one_datagram() {
         let mut p = ReadPace::new(16);
         p.begin();
