@@ -237,3 +237,83 @@ fn affinity_keeps_a_client_address_on_one_endpoint_across_flows() {
     }
     assert!(used.len() > 1, "client addresses spread over endpoints");
 }
+
+/// A sink that records which numbered datagrams (first 4 bytes, big
+/// endian) arrive, with a large buffer of its own so that losses, if any,
+/// are ringport's.
+fn numbered_sink() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<HashSet<u32>>>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind sink");
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(32 << 20);
+    let addr = socket.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok(n) = socket.recv(&mut buf) {
+            if let Some(id) = buf.get(..n.min(4)).and_then(|b| <[u8; 4]>::try_from(b).ok()) {
+                record.lock().expect("sink").insert(u32::from_be_bytes(id));
+            }
+        }
+    });
+    (addr, seen)
+}
+
+fn numbered(id: u32) -> Vec<u8> {
+    let mut d = vec![0xa5u8; 32 << 10];
+    d[..4].copy_from_slice(&id.to_be_bytes());
+    d
+}
+
+/// 200 datagrams of 32 KiB sent back to back through one listener: far
+/// past a wake-up's 64 KiB budget, so most are read on the pacing timer.
+/// Every one arrives (both buffers hold the whole burst: 6.5 MiB).
+#[test]
+fn a_burst_of_large_datagrams_is_paced_through_and_every_one_arrives() {
+    let (sink, seen) = numbered_sink();
+    let proxy = Proxy::start(&udp_service(&[sink], ""), &["--workers", "1"]);
+    let target = proxy.proxy_addr(SVC);
+    let c = client();
+    for id in 0..200 {
+        c.send_to(&numbered(id), target).expect("send");
+    }
+    eventually(Duration::from_secs(10), "all 200 datagrams at the sink", || {
+        seen.lock().expect("sink").len() == 200
+    });
+    let label = "{namespace=\"default\",service=\"dns\",port=\"\"}";
+    assert_eq!(proxy.metric(&format!("ringport_udp_flows_created_total{label}")), Some(1.0));
+}
+
+/// The Service goes away while its listener is paced (a timer armed on
+/// it): the timer is cancelled with the listener, and ringport keeps
+/// serving the other Service.
+#[test]
+fn a_service_removed_mid_burst_cancels_its_pacing_and_ringport_keeps_serving() {
+    let (sink, seen) = numbered_sink();
+    let echo = udp_backend(false);
+    let other =
+        udp_service(&[echo], "").replace("name: dns", "name: other").replace("10.96.0.10", "10.96.0.11");
+    let proxy = Proxy::start(&format!("{}---\n{other}", udp_service(&[sink], "")), &["--workers", "1"]);
+    let target = proxy.proxy_addr(SVC);
+    let generation = proxy.generation();
+    let c = client();
+    // Bursts of 50 until the removal lands: bounded in count and time.
+    proxy.write_manifest(&other);
+    let started = std::time::Instant::now();
+    let mut id = 0;
+    while id < 4000 && started.elapsed() < Duration::from_secs(5) {
+        for _ in 0..50 {
+            let _ = c.send_to(&numbered(id), target); // refused once the port is gone
+            id += 1;
+        }
+        if proxy.generation() > generation {
+            break;
+        }
+    }
+    proxy.wait_newer_than(generation);
+    assert!(!seen.lock().expect("sink").is_empty(), "the burst went through before the removal");
+    let c = client();
+    let back = exchange(&c, proxy.proxy_addr("default/other"), b"still here");
+    assert_eq!(back, b"still here");
+    let log = proxy.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
