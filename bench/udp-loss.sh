@@ -21,7 +21,8 @@ EXTRA=("$@")
 CAPTURE=${CAPTURE:-0}
 HERE=$(cd "$(dirname "$0")" && pwd)
 W=$(mktemp -d /tmp/ringport-udp-loss.XXXXXX)
-B=$((21000 + ($$ % 3000) * 10))
+# Below the ephemeral range (32768-60999), so no client port collides.
+B=$((20000 + ($$ % 1200) * 10))
 SP=$B
 PIDS=""
 trap 'kill $PIDS 2>/dev/null; wait 2>/dev/null' EXIT

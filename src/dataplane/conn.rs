@@ -105,7 +105,7 @@ pub struct Conn {
     local_failure: Option<io::Error>,
     /// Whose address the current attempt's socket has (counted once
     /// connected).
-    source: upstream::Outcome,
+    source: crate::source_ip::Source,
     connect_timeouts: usize,
     /// The PROXY protocol steps of this connection, if any.
     proxy: Option<Box<Proxied>>,
@@ -167,7 +167,7 @@ impl Conn {
             machine: Machine::new(now, connect_timeouts),
             halves: [Half::default(), Half::default()],
             local_failure: None,
-            source: None,
+            source: crate::source_ip::Source::Proxy(None),
             connect_timeouts,
             proxy: None,
         }
@@ -350,9 +350,7 @@ impl Conn {
             self.counted = true;
             let counters = self.port.metrics.slot(self.worker);
             counters.connect_duration.observe(now.saturating_duration_since(self.accepted_at));
-            if let Some(fallback) = self.source {
-                counters.source(fallback);
-            }
+            counters.source(self.source);
         }
     }
 
@@ -513,7 +511,7 @@ fn ends<'a>(dir: Dir, client: BorrowedFd<'a>, upstream: BorrowedFd<'a>) -> (Borr
 
 /// A tuned, non-blocking socket for `addr`, bound as `decision` says.
 /// Every error here is local.
-fn new_socket(addr: SocketAddr, decision: Decision) -> io::Result<(Socket, upstream::Outcome)> {
+fn new_socket(addr: SocketAddr, decision: Decision) -> io::Result<(Socket, crate::source_ip::Source)> {
     let (socket, source) = upstream::open(addr, Type::STREAM, decision)?;
     tune(SockRef::from(&socket))?;
     Ok((socket, source))

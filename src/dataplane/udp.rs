@@ -140,9 +140,7 @@ impl Flows {
         balancer.flow_opened(ClientAddr(client), i, now);
         let c = port.metrics.slot(worker);
         c.add(&c.flows_created, 1);
-        if let Some(fallback) = source {
-            c.source(fallback);
-        }
+        c.source(source);
         let generation = self.next_generation;
         self.next_generation += 1;
         let key = self.flows.insert(Flow {
@@ -203,7 +201,7 @@ impl Flows {
 /// A non-blocking UDP socket connected to `endpoint`, so replies and ICMP
 /// errors from it (and only it) arrive on this socket; bound to the
 /// client's address when `decision` says so (transparent mode).
-fn connect(endpoint: SocketAddr, decision: Decision) -> io::Result<(OwnedFd, upstream::Outcome)> {
+fn connect(endpoint: SocketAddr, decision: Decision) -> io::Result<(OwnedFd, crate::source_ip::Source)> {
     let (socket, source) = upstream::open(endpoint, Type::DGRAM, decision)?;
     socket.connect(&endpoint.into())?;
     Ok((socket.into(), source))

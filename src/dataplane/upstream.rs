@@ -17,29 +17,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::source_ip::{Decision, Fallback};
-
-/// Whose address the upstream socket got: `None` when the Service did not
-/// ask, else `Some(None)` for the client's, `Some(Some(why))` for a fallback.
-pub type Outcome = Option<Option<Fallback>>;
+use crate::source_ip::{Decision, Fallback, Source};
 
 static WARNED: AtomicBool = AtomicBool::new(false);
 
 /// A non-blocking, close-on-exec socket of `ty` for `endpoint`, bound as
-/// `decision` says.
-pub fn open(endpoint: SocketAddr, ty: Type, decision: Decision) -> io::Result<(Socket, Outcome)> {
+/// `decision` says, and whose address it got.
+pub fn open(endpoint: SocketAddr, ty: Type, decision: Decision) -> io::Result<(Socket, Source)> {
     let plain = || Socket::new(Domain::for_address(endpoint), ty.nonblocking().cloexec(), None);
     match decision {
-        Decision::Plain(why) => Ok((plain()?, why.map(Some))),
+        Decision::Plain(why) => Ok((plain()?, Source::Proxy(why))),
         Decision::Transparent { bind } => {
             let socket = plain()?;
             match transparent(&socket, bind) {
-                Ok(()) => Ok((socket, Some(None))),
+                Ok(()) => Ok((socket, Source::Client)),
                 Err(e) => {
                     if !WARNED.swap(true, Ordering::Relaxed) {
                         tracing::warn!(client = %bind.ip(), error = %e, "cannot bind an upstream socket to the client's address (IP_TRANSPARENT); connecting from the node's address (warned once; see ringport_source_ip_fallback_total{{reason=\"refused\"}})");
                     }
-                    Ok((plain()?, Some(Some(Fallback::Refused))))
+                    Ok((plain()?, Source::Proxy(Some(Fallback::Refused))))
                 }
             }
         }

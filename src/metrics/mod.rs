@@ -209,10 +209,14 @@ impl PortCounters {
     }
 
     /// Count one connection's source: preserved, or a fallback.
-    pub fn source(&self, fallback: Option<crate::source_ip::Fallback>) {
-        let counter = match fallback {
-            None => &self.source_preserved,
-            Some(why) => &self.source_fallback[why as usize],
+    /// Count whose address a connection or flow got (nothing when its
+    /// Service did not ask).
+    pub fn source(&self, source: crate::source_ip::Source) {
+        use crate::source_ip::Source;
+        let counter = match source {
+            Source::Client => &self.source_preserved,
+            Source::Proxy(Some(why)) => &self.source_fallback[why as usize],
+            Source::Proxy(None) => return,
         };
         self.add(counter, 1);
     }
