@@ -271,8 +271,9 @@ struct RunArgs {
     #[arg(long)]
     transparent: bool,
     /// The packet mark that hands endpoints' replies to transparent
-    /// sockets (and the ip rule's fwmark), e.g. 0x1000.
-    #[arg(long, value_parser = parse_mark, default_value_t = ringport::redirect::transparent::DEFAULT_MARK)]
+    /// sockets (and the ip rule's fwmark); default 0x1000.
+    #[arg(long, value_parser = parse_mark, hide_default_value = true,
+          default_value_t = ringport::redirect::transparent::DEFAULT_MARK)]
     transparent_mark: u32,
 }
 
