@@ -465,7 +465,7 @@ mod tests {
 
     #[test]
     fn udp_listeners_get_their_full_buffer_with_cap_net_admin_or_what_rmem_max_allows() {
-        let sockets = bind_reuseport((Ipv4Addr::LOCALHOST, 0).into(), Protocol::Udp, 1).expect("bind");
+        let sockets = bind_reuseport((Ipv4Addr::LOCALHOST, 0).into(), Protocol::Udp, 1, false).expect("bind");
         let got = sockets[0].recv_buffer_size().expect("SO_RCVBUF");
         let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .ok()
