@@ -44,7 +44,14 @@ fn echo_backend() -> SocketAddr {
 /// Workers of `config` serving one service port in front of an echo
 /// backend, from a snapshot built in code; also the proxy's address.
 fn serve(config: WorkerConfig) -> (DataPlane, SocketAddr, Arc<ArcSwap<Snapshot>>) {
-    let backend = echo_backend();
+    serve_backend(config, echo_backend())
+}
+
+/// [`serve`] in front of `backend`.
+fn serve_backend(
+    config: WorkerConfig,
+    backend: SocketAddr,
+) -> (DataPlane, SocketAddr, Arc<ArcSwap<Snapshot>>) {
     let workers = config.workers;
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let dp = DataPlane::start(Arc::clone(&snapshot), config).expect("data plane");
@@ -201,5 +208,133 @@ fn auto_relay_keeps_bytes_in_order_across_switches_both_ways() {
     let mut rest = Vec::new();
     c.read_to_end(&mut rest).expect("echo, then EOF");
     assert_eq!(rest, b"last words");
+    dp.stop();
+}
+
+/// Buffers that two blocked connections may hold between them, plus a
+/// margin for the small exchanges in flight: two directions each at
+/// `HELD_MAX` (8, `relay_ring.rs`), and a few buffers of the exchanges.
+const HELD_BOUND: usize = 2 * 2 * 8 + 4;
+
+/// Two clients that send 16 MiB to an echo and never read the echo (a small
+/// receive window, so the kernel cannot absorb it): their echoes back up in
+/// the proxy. Meanwhile 100 other connections on the same worker must each
+/// finish small exchanges, and the ring buffers held stay bounded. (In
+/// `auto` such bulk echoes leave for splice; see the next test.)
+fn blocked_readers_hold_a_bounded_share(relay: RelayMode) {
+    let config = WorkerConfig { workers: 1, pin: false, relay, ..WorkerConfig::default() };
+    let (dp, proxy, _snapshot) = serve(config);
+    const BLOCKED: usize = 16 << 20;
+    let blocked: Vec<_> = (0..2)
+        .map(|_| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+            socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+            socket.connect(&proxy.into()).expect("connect");
+            let client = TcpStream::from(socket);
+            let mut writer = client.try_clone().expect("clone");
+            writer.set_write_timeout(Some(Duration::from_secs(30))).expect("timeout");
+            let sender = std::thread::spawn(move || writer.write_all(&vec![7u8; BLOCKED]));
+            (client, sender)
+        })
+        .collect();
+    // Let the echoes back up until the proxy holds buffers for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dp.buffers_held() == 0 {
+        assert!(std::time::Instant::now() < deadline, "a blocked transfer never held a buffer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut most = dp.buffers_held();
+    for i in 0..100u8 {
+        let mut c = TcpStream::connect(proxy).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        for round in 0..3u8 {
+            round_trip(&mut c, 64, i.wrapping_add(round));
+            most = most.max(dp.buffers_held());
+        }
+    }
+    eprintln!("{relay:?}: at most {most} ring buffers held");
+    assert!(most <= HELD_BOUND, "{most} ring buffers held with two blocked readers (bound {HELD_BOUND})");
+    // The blocked clients go; so do their transfers and buffers.
+    for (client, sender) in blocked {
+        let _ = client.shutdown(Shutdown::Both);
+        drop(client);
+        let _ = sender.join().expect("sender thread");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while dp.buffers_held() != 0 {
+        assert!(std::time::Instant::now() < deadline, "{} buffers never came back", dp.buffers_held());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dp.stop();
+}
+
+#[test]
+fn ring_relay_blocked_readers_hold_a_bounded_share_and_others_are_served() {
+    blocked_readers_hold_a_bounded_share(RelayMode::Ring);
+}
+
+/// A backend that, on each connection, writes 4000-byte messages every
+/// millisecond (4 MiB at most, ending at the first failed write) and
+/// echoes nothing: a response of small messages that a client may not read.
+fn talker_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = stream;
+                let _ = s.set_nodelay(true);
+                let _ = s.set_write_timeout(Some(Duration::from_secs(30)));
+                for _ in 0..1024 {
+                    if s.write_all(&[5u8; 4000]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Enough clients that never read a stream of small messages to take the
+/// whole ring in `auto` (each direction holds up to its share, 8 of 256):
+/// the ring runs dry, and other connections on the worker must still be
+/// served, through splice, while the readers stay blocked.
+#[test]
+fn auto_relay_serves_others_when_blocked_readers_hold_the_whole_ring() {
+    let config = WorkerConfig { workers: 1, pin: false, relay: RelayMode::Auto, ..WorkerConfig::default() };
+    let (dp, talker, _snapshot) = serve_backend(config, talker_backend());
+    let blocked: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+            socket.set_recv_buffer_size(4 << 10).expect("SO_RCVBUF");
+            socket.connect(&talker.into()).expect("connect");
+            TcpStream::from(socket)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dp.buffers_held() < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "40 blocked readers held only {} ring buffers",
+            dp.buffers_held()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Others on the same worker (and port) read what the talker sends.
+    for i in 0..100 {
+        let mut c = TcpStream::connect(talker).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut got = vec![0u8; 64 << 10];
+        c.read_exact(&mut got).unwrap_or_else(|e| {
+            panic!("connection {i} got no reply with {} ring buffers held: {e}", dp.buffers_held())
+        });
+        assert!(got.iter().all(|b| *b == 5));
+    }
+    drop(blocked);
     dp.stop();
 }

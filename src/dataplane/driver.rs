@@ -51,13 +51,13 @@ impl Driver {
         Ok(Self { ring, sends: sys::Sends::default(), buffers })
     }
 
-    /// Receive on `fd` into the provided buffers until cancelled, end of
-    /// file or an error (multishot).
+    /// Receive once on `fd` into one provided buffer (see
+    /// [`sys::Ring::recv_select`]).
     pub(super) fn recv(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()> {
         let Some(buffers) = self.buffers.as_ref() else {
             return Err(io::Error::other("a ring receive without provided buffers"));
         };
-        self.ring.recv_multi(fd, buffers.group(), token.encode())
+        self.ring.recv_select(fd, buffers.group(), token.encode())
     }
 
     /// A receive's completion named buffer `bid`: it is held now.

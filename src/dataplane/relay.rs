@@ -25,7 +25,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::relay_ring::{Received, RingHalf, Sent, Step, Switch};
+use super::relay_ring::{HELD_MAX, Received, RingHalf, Sent, Step, Switch};
 use super::sys::{self, Moved};
 
 /// How bytes move through the proxy.
@@ -35,11 +35,13 @@ pub enum RelayMode {
     Splice,
     /// `read(2)` / `send(2)` through a pooled user-space buffer.
     Copy,
-    /// Multishot `RECV` into the worker's provided-buffer ring and `SEND`
-    /// from it: no syscall per message.
+    /// `RECV` into the worker's provided-buffer ring and `SEND` from it: no
+    /// syscall per message. A direction holds at most 8 buffers; when the
+    /// ring runs dry a receive waits for one to come back.
     Ring,
     /// Each direction on the ring while its messages are small, on splice
-    /// while they fill whole buffers.
+    /// while they fill whole buffers, or when the ring is empty or the
+    /// direction holds its share of it.
     Auto,
 }
 
@@ -234,8 +236,17 @@ impl Half {
     /// A ring receive completed (see [`RingHalf::received`]).
     pub fn received(&mut self, result: i32, bid: Option<u16>, buffer: usize) -> Received {
         let received = self.ring.received(result, bid);
-        if let (Received::Bytes(n), Some(switch)) = (received, self.switch.as_mut()) {
-            switch.observe(n as usize, buffer);
+        if let Some(switch) = self.switch.as_mut() {
+            match received {
+                Received::Bytes(n) => {
+                    switch.observe(n as usize, buffer);
+                    if self.ring.held() >= HELD_MAX {
+                        switch.crowded();
+                    }
+                }
+                Received::Starved => switch.crowded(),
+                _ => {}
+            }
         }
         received
     }

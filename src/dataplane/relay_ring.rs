@@ -1,6 +1,7 @@
 //! One direction relayed through the worker's provided-buffer ring
-//! (`--relay ring`, and `auto` while its messages are small): a multishot
-//! `RECV` on the source fills buffers the kernel picks, each is sent
+//! (`--relay ring`, and `auto` while its messages are small): a one-shot
+//! `RECV` with buffer select on the source fills a buffer the kernel picks
+//! when data arrives, each is sent
 //! straight from that buffer to the sink with `SEND`, and goes back to the
 //! ring when its last byte is sent. No syscall of its own: every op rides
 //! the worker's one `io_uring_enter` per loop turn.
@@ -14,12 +15,19 @@
 //! Invariants:
 //! - Held buffers are sent in the order they were received, one `SEND` at a
 //!   time, so a short send is finished before the next buffer's bytes.
-//! - Past [`HELD_MAX`] held buffers a direction's receive is cancelled
-//!   (backpressure) and re-armed once the sends caught up. The bound is
-//!   soft: until the cancel lands, the multishot keeps draining the
-//!   socket's receive queue into free buffers (a blocked 16 MiB echo in
-//!   `tests/dataplane_lib.rs` held 201 of 256). An idle direction holds
-//!   none (the kernel takes a buffer only when data arrives).
+//! - A direction holds at most [`HELD_MAX`] buffers, a hard bound: one
+//!   receive is in flight at a time, it takes one buffer, and it is armed
+//!   only while fewer than `HELD_MAX` are held (backpressure until the
+//!   sends catch up). A multishot receive made this bound soft (until its
+//!   cancel landed it drained the socket's queue into free buffers: a
+//!   blocked 16 MiB echo held 201 of 256), so it is not used. An idle
+//!   direction holds none (the kernel takes a buffer only when data
+//!   arrives).
+//! - The ring is an optimisation, never a dependency: under `auto`
+//!   ([`Switch`]) a direction that finds the ring empty (`ENOBUFS`) or holds
+//!   its whole share moves to splice as soon as it holds no bytes, so a
+//!   connection whose peer never reads cannot make others wait for
+//!   buffers.
 //! - End of file is forwarded only after every held byte was sent.
 //! - A receive that ran out of buffers (`ENOBUFS`) is re-armed only after
 //!   some buffer went back to the ring, never in a loop.
@@ -38,7 +46,7 @@ use super::relay::{End, RelayError};
 pub const RING_BUFFERS: u16 = 256;
 pub const RING_BUFFER_BYTES: u32 = 16 * 1024;
 
-/// Buffers a direction may hold before its receive is cancelled.
+/// Buffers a direction may hold: no receive is armed at this many.
 pub const HELD_MAX: usize = 8;
 
 /// Receives that filled their whole buffer, in a row, before `auto` moves a
@@ -132,6 +140,11 @@ impl RingHalf {
         std::mem::take(&mut self.starved)
     }
 
+    /// Buffers held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     /// The buffer and bytes the next send takes.
     pub fn front(&self) -> Option<(u16, Range<u32>)> {
         self.held.front().map(|h| (h.bid, h.start..h.end))
@@ -194,6 +207,9 @@ pub struct Switch {
     on_ring: bool,
     /// Transfers in a row that point to the other path.
     streak: u8,
+    /// The ring ran dry or the direction holds its whole share: leave it
+    /// now, whatever the sizes say.
+    crowded: bool,
 }
 
 impl Default for Switch {
@@ -206,7 +222,15 @@ impl Switch {
     /// A direction starts on the ring: most Service traffic is small
     /// messages, and an idle connection holds nothing there.
     pub fn new() -> Self {
-        Self { on_ring: true, streak: 0 }
+        Self { on_ring: true, streak: 0, crowded: false }
+    }
+
+    /// The direction found the ring empty (`ENOBUFS`) or holds
+    /// [`HELD_MAX`] buffers: the ring is no place to wait, splice is.
+    pub fn crowded(&mut self) {
+        if self.on_ring {
+            self.crowded = true;
+        }
     }
 
     /// A transfer of `moved` bytes on the current path; `buffer` is the
@@ -218,6 +242,9 @@ impl Switch {
 
     /// Whether the direction should be on the ring now.
     pub fn wants_ring(&self) -> bool {
+        if self.on_ring && self.crowded {
+            return false;
+        }
         let limit = if self.on_ring { TO_SPLICE } else { TO_RING };
         self.on_ring != (self.streak >= limit)
     }
@@ -227,6 +254,7 @@ impl Switch {
         if on_ring != self.on_ring {
             self.on_ring = on_ring;
             self.streak = 0;
+            self.crowded = false;
         }
     }
 }
@@ -304,6 +332,47 @@ mod tests {
             Step::Ops { recv: false, send: false },
             "the cancelled receive's last completion is not in yet"
         );
+        assert_eq!(half.step(false, true).expect("step"), Step::Leave);
+    }
+
+    #[test]
+    fn a_crowded_ring_sends_the_direction_to_splice_at_once_and_lets_it_come_back() {
+        let mut switch = Switch::new();
+        switch.observe(64, 16384);
+        switch.crowded();
+        assert!(!switch.wants_ring(), "no buffer, or its whole share held: leave now");
+        switch.observe(64, 16384);
+        assert!(!switch.wants_ring(), "small sizes do not keep it on a crowded ring");
+        switch.moved(false);
+        assert!(!switch.wants_ring(), "on splice");
+        switch.crowded();
+        assert!(!switch.wants_ring(), "no effect off the ring");
+        for _ in 0..TO_RING {
+            switch.observe(64, 16384);
+        }
+        assert!(switch.wants_ring(), "the usual policy brings it back");
+        switch.moved(true);
+        assert!(switch.wants_ring(), "back on the ring, not crowded");
+    }
+
+    #[test]
+    fn a_starved_direction_holding_nothing_leaves_the_ring_in_the_same_step() {
+        let mut half = RingHalf::default();
+        assert_eq!(half.received(-libc::ENOBUFS, None), Received::Starved);
+        assert_eq!(half.step(false, true).expect("step"), Step::Leave);
+    }
+
+    #[test]
+    fn a_direction_at_its_share_leaves_once_its_sends_are_done() {
+        let mut half = RingHalf::default();
+        for bid in 0..HELD_MAX as u16 {
+            half.received(16, Some(bid));
+        }
+        assert_eq!(half.held(), HELD_MAX);
+        assert_eq!(half.step(false, true).expect("step"), Step::Ops { recv: false, send: true });
+        for _ in 0..HELD_MAX {
+            half.sent(16);
+        }
         assert_eq!(half.step(false, true).expect("step"), Step::Leave);
     }
 

@@ -445,12 +445,20 @@ impl Drop for Buffers {
 }
 
 impl Ring {
-    /// Receive on `fd` into buffers of `group` until cancelled, end of file
-    /// or an error (multishot; each completion names its buffer).
-    pub fn recv_multi(&mut self, fd: BorrowedFd<'_>, group: u16, user_data: u64) -> io::Result<()> {
-        let entry = opcode::RecvMulti::new(types::Fd(fd.as_raw_fd()), group).build().user_data(user_data);
-        // SAFETY: the kernel writes only into the group's registered
-        // buffers, which `Buffers` keeps allocated until after the ring.
+    /// Receive once on `fd` into one buffer of `group`, which the kernel
+    /// picks when data arrives (one shot, not multishot: a receive takes at
+    /// most one buffer, so a direction holds no more buffers than it armed
+    /// receives for; a multishot drains the whole socket queue into free
+    /// buffers until a cancel lands).
+    pub fn recv_select(&mut self, fd: BorrowedFd<'_>, group: u16, user_data: u64) -> io::Result<()> {
+        let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), std::ptr::null_mut(), 0)
+            .buf_group(group)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data);
+        // SAFETY: with buffer select and no address of ours, the kernel
+        // writes only into the group's registered buffers, which `Buffers`
+        // keeps allocated until after the ring.
         unsafe { self.push((entry, None)) }
     }
 }
