@@ -155,8 +155,8 @@ fn ring_relay_holds_no_buffer_for_idle_connections_and_gives_a_blocked_ones_back
         std::thread::sleep(Duration::from_millis(20));
     }
     // A client that sends 16 MiB and reads nothing yet: its echo backs up,
-    // so the proxy holds buffers (how many: see relay_ring.rs on HELD_MAX,
-    // a soft bound with a multishot receive). Its small
+    // so the proxy holds buffers (at most HELD_MAX per direction, see
+    // relay_ring.rs). Its small
     // receive buffer keeps the kernel from absorbing the whole echo (with
     // autotuning, loopback buffers reach megabytes).
     const BLOCKED: usize = 16 << 20;

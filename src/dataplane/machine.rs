@@ -32,7 +32,7 @@
 //!   (RST); only a connection whose both directions forwarded end of file
 //!   closes with FIN, so a cut-off transfer never looks complete.
 //! - At most one op per (kind, direction) is in flight: one poll, one
-//!   multishot receive, one send. A receive is cancelled at most once and
+//!   receive, one send. A receive is cancelled at most once and
 //!   counts as in flight until its last completion (no `MORE` flag).
 //! - No client byte reaches an endpoint before its PROXY header is whole,
 //!   and none is relayed from a client whose header was refused or late.
@@ -61,8 +61,9 @@ pub enum Op {
     Readable(Dir),
     /// Poll the sink of a direction for writable.
     Writable(Dir),
-    /// A multishot receive from a direction's source into provided buffers
-    /// (`--relay ring|auto`); in flight until a completion without `MORE`.
+    /// A receive from a direction's source into a provided buffer
+    /// (`--relay ring|auto`; one-shot today); in flight until a completion
+    /// without `MORE`.
     Recv(Dir),
     /// A send of one held buffer to a direction's sink.
     Send(Dir),

@@ -423,8 +423,8 @@ impl Worker {
         if returned { self.feed_starved() } else { Ok(()) }
     }
 
-    /// Submit ring op `op` of connection `key`: a multishot receive, or a
-    /// send of the direction's first held buffer.
+    /// Submit ring op `op` of connection `key`: a one-shot receive into a
+    /// provided buffer, or a send of the direction's first held buffer.
     fn start(&mut self, key: Key, op: Op) -> io::Result<()> {
         let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
         let token = Token::Conn(key, op);
