@@ -38,6 +38,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 
 use crate::dataplane::Faults;
+use crate::handover::HandedAdmin;
 use crate::metrics::Metrics;
 use crate::redirect::rules;
 use crate::snapshot::SharedSnapshot;
@@ -215,24 +216,71 @@ pub struct AdminError {
     source: std::io::Error,
 }
 
-/// Bind both admin addresses and serve them on the current tokio runtime,
+/// The admin servers running: their accept loops, and a copy of each
+/// listening socket for a handover.
+#[derive(Default)]
+pub struct AdminServers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sockets: Vec<HandedAdmin>,
+}
+
+impl AdminServers {
+    /// Copies of the listening sockets, to hand to a successor.
+    pub fn sockets(&self) -> Vec<HandedAdmin> {
+        self.sockets
+            .iter()
+            .filter_map(|a| {
+                let socket = a.socket.try_clone().ok()?;
+                Some(HandedAdmin { name: a.name.clone(), addr: a.addr, socket })
+            })
+            .collect()
+    }
+
+    /// Stop accepting (a successor serves these sockets now); connections
+    /// already accepted finish on their own.
+    pub fn stop_accepting(&mut self) {
+        self.tasks.drain(..).for_each(|t| t.abort());
+        self.sockets.clear();
+    }
+}
+
+/// Bind both admin addresses (or serve the sockets a predecessor handed
+/// over for them, `adopted`) and serve them on the current tokio runtime,
 /// each with its own [`accept::Gate`]. When the two addresses are the same,
 /// one listener serves every route.
-pub async fn serve(state: AdminState, health: SocketAddr, metrics: SocketAddr) -> Result<(), AdminError> {
-    let bind = |what, addr| async move {
-        tokio::net::TcpListener::bind(addr).await.map_err(|source| AdminError { what, addr, source })
+pub async fn serve(
+    state: AdminState,
+    health: SocketAddr,
+    metrics: SocketAddr,
+    mut adopted: Vec<HandedAdmin>,
+) -> Result<AdminServers, AdminError> {
+    let mut servers = AdminServers::default();
+    let mut bind = async |what: &'static str, addr: SocketAddr| {
+        let err = |source| AdminError { what, addr, source };
+        let listener = match adopted.iter().position(|a| a.name == what && a.addr == addr) {
+            Some(i) => {
+                let std = std::net::TcpListener::from(adopted.swap_remove(i).socket);
+                std.set_nonblocking(true).map_err(err)?;
+                tokio::net::TcpListener::from_std(std).map_err(err)?
+            }
+            None => tokio::net::TcpListener::bind(addr).await.map_err(err)?,
+        };
+        let socket = std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned().map_err(err)?;
+        Ok::<_, AdminError>((listener, HandedAdmin { name: what.into(), addr, socket }))
     };
-    let spawn = |listener: tokio::net::TcpListener, router: Router, name: &'static str| {
-        tokio::spawn(accept::serve(listener, router, accept::Gate::new(name), HTTP))
-    };
+    let mut spawn =
+        |(listener, handed): (tokio::net::TcpListener, HandedAdmin), router: Router, name: &'static str| {
+            servers.tasks.push(tokio::spawn(accept::serve(listener, router, accept::Gate::new(name), HTTP)));
+            servers.sockets.push(handed);
+        };
     if health == metrics {
         let listener = bind("health and metrics", health).await?;
         spawn(listener, health_routes().merge(metrics_routes()).with_state(state), "admin");
-        return Ok(());
+        return Ok(servers);
     }
     let h = bind("health", health).await?;
     let m = bind("metrics", metrics).await?;
     spawn(h, health_routes().with_state(state.clone()), "health");
     spawn(m, metrics_routes().with_state(state), "metrics");
-    Ok(())
+    Ok(servers)
 }

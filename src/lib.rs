@@ -18,6 +18,7 @@ pub mod config;
 mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod handover;
 pub mod listen;
 pub mod loops;
 pub mod metrics;

@@ -33,12 +33,15 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::handover::Handed;
+
+mod adopt;
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
 mod plan;
@@ -50,7 +53,7 @@ pub const BACKLOG: i32 = 4096;
 const UDP_BUFFER_BYTES: usize = 8 << 20;
 
 /// What a listener is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ListenRole {
     /// The service port's proxy port on `--bind-address`: cluster-IP
     /// traffic is redirected here.
@@ -107,7 +110,7 @@ impl ListenRole {
 }
 
 /// What identifies a listener across reloads.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ListenKey {
     pub port: ServicePortName,
     pub protocol: Protocol,
@@ -126,12 +129,17 @@ pub struct Listener {
     pub key: ListenKey,
     /// The bound address (with the real port for a proxy port).
     pub addr: SocketAddr,
-    sockets: Vec<Mutex<Option<OwnedFd>>>,
+    /// The sockets no worker has taken yet.
+    sockets: Vec<Mutex<Option<Arc<OwnedFd>>>>,
+    /// Every socket, taken or not, while its holder keeps it open: what a
+    /// handover sends (`crate::handover`). Weak, so a worker that lets go
+    /// of a socket closes it at once.
+    open: Vec<Weak<OwnedFd>>,
 }
 
 impl Listener {
     /// Hand worker `worker` its socket. Some only the first time.
-    pub fn take_socket(&self, worker: usize) -> Option<OwnedFd> {
+    pub fn take_socket(&self, worker: usize) -> Option<Arc<OwnedFd>> {
         let slot = self.sockets.get(worker)?;
         // A poisoned lock only means another worker panicked while taking
         // its own socket; this worker's slot is still intact.
@@ -152,6 +160,11 @@ impl Listener {
             }
         }
         Ok(())
+    }
+
+    /// Every socket of this listener still open, in worker order.
+    pub fn open_sockets(&self) -> Vec<Arc<OwnedFd>> {
+        self.open.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -218,12 +231,26 @@ pub struct Binder {
     range_cursor: u16,
     /// Addresses this process has bound: not probed again (module header).
     bound: HashSet<(SocketAddr, Protocol)>,
+    /// Sockets the instance this one took over from handed over, waiting
+    /// for the first bind that wants them (`crate::handover`).
+    adopted: HashMap<ListenKey, Handed>,
+    /// `(protocol, VIP, port) -> proxy port` of the rules a previous run
+    /// left: the first bind binds those ports again, so that rules and
+    /// ports agree from the first moment after a crash.
+    preferred: HashMap<(Protocol, IpAddr, u16), u16>,
 }
 
 impl Binder {
     pub fn new(opts: ListenOptions) -> Self {
         let range_cursor = opts.proxy_port_range.as_ref().map_or(0, |r| *r.start());
-        Self { opts, next_id: 1, range_cursor, bound: HashSet::new() }
+        Self {
+            opts,
+            next_id: 1,
+            range_cursor,
+            bound: HashSet::new(),
+            adopted: HashMap::new(),
+            preferred: HashMap::new(),
+        }
     }
 
     pub fn options(&self) -> &ListenOptions {
@@ -255,9 +282,15 @@ impl Binder {
                 let twin = role.first_family().and_then(|r| proxy_ports.get(&r).copied());
                 let result = match previous.get(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
-                    None => match twin.and_then(|p| self.bind_twin(&key, SocketAddr::new(ip, p))) {
-                        Some(listener) => Ok(listener),
-                        None => self.bind_new(key, ip, &mut used_proxy_ports),
+                    None => match self.take_adopted(&key, ip, &mut used_proxy_ports) {
+                        Some(adopted) => Ok(adopted),
+                        None => match twin.and_then(|p| self.bind_twin(&key, SocketAddr::new(ip, p))) {
+                            Some(listener) => Ok(listener),
+                            None => match self.bind_preferred(sp, &key, ip, &mut used_proxy_ports) {
+                                Some(listener) => Ok(listener),
+                                None => self.bind_new(key, ip, &mut used_proxy_ports),
+                            },
+                        },
                     },
                 };
                 if let Ok(listener) = &result
@@ -284,6 +317,7 @@ impl Binder {
                 }
             }
         }
+        self.first_bind_done();
         (listeners, errors)
     }
 
@@ -367,8 +401,17 @@ impl Binder {
             .and_then(|s| s.local_addr().ok())
             .and_then(|a| a.as_socket())
             .unwrap_or_else(|| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0));
-        let sockets = sockets.into_iter().map(|s| Mutex::new(Some(OwnedFd::from(s)))).collect();
-        Arc::new(Listener { id, key, addr, sockets })
+        let sockets: Vec<Arc<OwnedFd>> = sockets.into_iter().map(|s| Arc::new(OwnedFd::from(s))).collect();
+        let open = sockets.iter().map(Arc::downgrade).collect();
+        let sockets = sockets.into_iter().map(|s| Mutex::new(Some(s))).collect();
+        Arc::new(Listener { id, key, addr, sockets, open })
+    }
+}
+
+fn socket_type(protocol: Protocol) -> Type {
+    match protocol {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
     }
 }
 

@@ -15,6 +15,7 @@ use ringport::balance::eligible::Locality;
 use ringport::balance::health::HealthPolicy;
 use ringport::balance::{BalanceOptions, MAX_ATTEMPTS};
 use ringport::dataplane::{RelayMode, WorkerConfig};
+use ringport::handover::HandoverOptions;
 use ringport::listen::ListenOptions;
 use ringport::metrics::PortDetail;
 use ringport::model::Scheduler;
@@ -275,6 +276,22 @@ struct RunArgs {
     #[arg(long, value_parser = parse_mark, hide_default_value = true,
           default_value_t = ringport::redirect::transparent::DEFAULT_MARK)]
     transparent_mark: u32,
+    /// Unix socket through which a running ringport hands its listening
+    /// sockets to one started later with the same path, then drains and
+    /// exits: an upgrade refuses no connection (see docs/node-agent.md).
+    /// `none`: bind afresh, hand nothing over. Default:
+    /// /run/ringport/handover-<network namespace>-<health port>.sock.
+    #[arg(long)]
+    handover_socket: Option<PathBuf>,
+    /// How long a new instance waits for each answer of the old one before
+    /// it binds afresh.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    handover_timeout: Duration,
+    /// Once handed over and drained, wait for SIGTERM instead of exiting
+    /// (for a DaemonSet: a container that exits is restarted, and would
+    /// take the sockets back).
+    #[arg(long)]
+    wait_after_handover: bool,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -401,6 +418,16 @@ impl RunArgs {
                 ..SourceOptions::default()
             },
             source,
+            handover: match &self.handover_socket {
+                Some(p) if p.as_os_str() == "none" => None,
+                path => Some(HandoverOptions {
+                    path: path
+                        .clone()
+                        .unwrap_or_else(|| ringport::handover::default_path(self.healthz_bind_address)),
+                    timeout: self.handover_timeout,
+                    wait_after: self.wait_after_handover,
+                }),
+            },
         })
     }
 }
@@ -472,6 +499,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.healthz_bind_address.set_ip(loopback);
             opts.metrics_bind_address.set_ip(loopback);
             opts.redirect = RedirectMode::None;
+            opts.handover = None;
             ringport::demo::demo(opts)?;
         }
         Command::Check { source, listen, workers } => {

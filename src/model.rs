@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 /// `namespace/name` of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 pub struct ServiceName {
     pub namespace: String,
     pub name: String,
@@ -34,7 +34,7 @@ impl fmt::Display for ServiceName {
 /// One port of a Service: `namespace/name:port-name` (the port name may be
 /// empty for a single-port Service, as in Kubernetes). Each service port is
 /// balanced on its own.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 pub struct ServicePortName {
     pub service: ServiceName,
     pub port: String,
@@ -50,7 +50,7 @@ impl fmt::Display for ServicePortName {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 pub enum Protocol {
     #[serde(rename = "TCP")]
     Tcp,

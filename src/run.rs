@@ -7,6 +7,15 @@
 //! at a time, while the last good snapshot keeps serving. Updates that
 //! arrive meanwhile are coalesced into the latest one.
 
+mod intercept;
+mod source;
+mod upgrade;
+
+use intercept::start_redirect;
+use source::{Source, next_node};
+use upgrade::listen_for_successors;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,22 +25,21 @@ use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminState, ProxyHealth};
+use crate::admin::{self, AdminServers, AdminState, ProxyHealth};
 use crate::balance::BalanceOptions;
 use crate::balance::health::{HealthPolicy, HealthRegistry};
 use crate::budget::Budget;
 use crate::config::{ConfigError, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
-use crate::listen::{Binder, ListenOptions, node_addresses};
+use crate::handover::{self, HandedAdmin, HandoverOptions, Incoming, Taken};
+use crate::listen::{Binder, ListenOptions, ListenerId, node_addresses};
 use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
-
-mod intercept;
 use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
-use crate::source::file::{FileLoader, FileSource, WatchError};
-use crate::source::kube::{Filter, KubeError, KubeOptions, KubeSource, NodeView, NodeWatch};
+use crate::source::file::{FileLoader, WatchError};
+use crate::source::kube::{KubeError, KubeOptions};
 use crate::source_ip::SourceOptions;
 
 #[derive(Clone, Debug)]
@@ -53,6 +61,9 @@ pub struct RunOptions {
     pub transparent: SourceOptions,
     /// Where the services come from; `config` is read only for `File`.
     pub source: SourceChoice,
+    /// Take the listening sockets over from a running instance, and hand
+    /// ours to the next (`--handover-socket`); `None`: neither.
+    pub handover: Option<HandoverOptions>,
 }
 
 /// `--source`: manifest files (the default) or the Kubernetes API.
@@ -134,15 +145,18 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
         .build()
         .map_err(RunError::Runtime)?;
     let faults = Arc::clone(&handles.faults);
+    let wait_after = opts.handover.as_ref().is_some_and(|h| h.wait_after);
     runtime.block_on(async {
-        let data_plane = serve(opts, handles).await?;
+        let stopped = serve(opts, handles).await?;
         crate::systemd::notify("STOPPING=1");
         tracing::info!("stopping: no new connections; draining open ones");
         // The drain blocks, so it runs off this thread: the admin endpoints
         // keep answering meanwhile (and /healthz says why we stop).
+        let data_plane = stopped.data_plane;
         tokio::task::spawn_blocking(move || data_plane.stop())
             .await
-            .map_err(|e| RunError::Runtime(std::io::Error::other(e)))
+            .map_err(|e| RunError::Runtime(std::io::Error::other(e)))?;
+        upgrade::after_drain(stopped.handed_over, stopped.socket_file, wait_after).await
     })?;
     tracing::info!("stopped");
     match faults.count() {
@@ -151,11 +165,20 @@ pub fn run(opts: RunOptions, handles: Handles) -> Result<(), RunError> {
     }
 }
 
+/// How [`serve`] ended.
+struct Stopped {
+    data_plane: DataPlane,
+    /// A successor took our sockets over.
+    handed_over: bool,
+    /// Our handover socket file, if we made one.
+    socket_file: Option<handover::SocketFile>,
+}
+
 /// The runtime thread answers probes and signals and watches the source;
 /// every load, validation and bind runs on a blocking thread (one at a
 /// time, see [`Engine`]), so that a slow reload never stalls `/readyz`,
 /// `/healthz` or SIGTERM, and the last good snapshot serves meanwhile.
-async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunError> {
+async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunError> {
     // The admin endpoints come first: /livez answers and /readyz says 503
     // while a source is still syncing.
     let state = AdminState {
@@ -178,9 +201,24 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         opts.balance.locality.node_name.clone(),
         state.health.clone(),
     );
-    if let Err(e) = admin::serve(state, opts.healthz_bind_address, opts.metrics_bind_address).await {
-        tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
-    }
+    // Before anything binds: the sockets of the instance we replace.
+    let mut taken = upgrade::predecessor(opts.handover.clone()).await?;
+    let adopted_admin = taken.as_mut().map(|t| std::mem::take(&mut t.admin)).unwrap_or_default();
+    let mut admin_servers = match admin::serve(
+        state,
+        opts.healthz_bind_address,
+        opts.metrics_bind_address,
+        adopted_admin,
+    )
+    .await
+    {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "admin endpoints unavailable; proxying goes on");
+            AdminServers::default()
+        }
+    };
+    let admin_sockets = admin_servers.sockets();
     let mut hup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
     let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
@@ -191,11 +229,13 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
     let first = matches!(source, Source::File(_)).then_some(Update::Files);
     let faults = Arc::clone(&handles.faults);
     let start_opts = opts.clone();
-    let mut engine =
-        tokio::task::spawn_blocking(move || Engine::start(start_opts, handles, service_health, first))
-            .await
-            .map_err(|_| RunError::ControlPanicked)??;
+    let mut engine = tokio::task::spawn_blocking(move || {
+        Engine::start(start_opts, handles, service_health, first, taken, admin_sockets)
+    })
+    .await
+    .map_err(|_| RunError::ControlPanicked)??;
     tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, "serving");
+    let (mut successors, socket_file) = listen_for_successors(opts.handover.as_ref());
 
     let mut idle = Some(engine);
     let mut running: Option<JoinHandle<(Engine, bool)>> = None;
@@ -238,7 +278,20 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
                 if again {
                     recheck = Some(tokio::time::Instant::now() + crate::source::file::SETTLE);
                 }
+                let handed_over = back.handed_over;
                 idle = Some(back);
+                if handed_over {
+                    tracing::info!("handed over to the successor: stopping");
+                    admin_servers.stop_accepting();
+                    break;
+                }
+                None
+            }
+            Some(incoming) = successors.recv() => {
+                // An earlier successor still waiting is let go: it finds
+                // the connection closed and tries again (module header
+                // of `handover`).
+                drop(pending.handover.replace(incoming));
                 None
             }
             _ = int.recv() => break,
@@ -269,7 +322,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<DataPlane, RunE
         // Unreachable: the engine is idle or with the running reload.
         (None, None) => return Err(RunError::ControlPanicked),
     };
-    Ok(engine.data_plane)
+    Ok(Stopped { handed_over: engine.handed_over, data_plane: engine.data_plane, socket_file })
 }
 
 /// The reload in flight, if any; pending forever otherwise.
@@ -287,20 +340,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Where the services come from.
-enum Source {
-    File(FileSource),
-    Kube(Box<KubeSource>),
-}
-
-/// The Node watch's next view; never, without one.
-async fn next_node(node: &mut Option<NodeWatch>) -> Result<NodeView, KubeError> {
-    match node {
-        Some(watch) => watch.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// What waits for the engine: the latest source update, and the latest
 /// zone of the Node (each kept separately, so neither hides the other).
 #[derive(Default)]
@@ -310,11 +349,13 @@ struct Work {
     /// The trigger times of the EndpointSlice changes queued updates
     /// carry, kept when a newer update replaces an older one.
     triggers: Vec<std::time::SystemTime>,
+    /// A successor waiting for our sockets.
+    handover: Option<Incoming>,
 }
 
 impl Work {
     fn is_empty(&self) -> bool {
-        self.update.is_none() && self.zone.is_none()
+        self.update.is_none() && self.zone.is_none() && self.handover.is_none()
     }
 }
 
@@ -323,66 +364,6 @@ impl Work {
 enum Update {
     Files,
     Manifests(Manifests),
-}
-
-impl Source {
-    /// Start the source chosen by `opts`. The Kubernetes source yields its
-    /// first state once both watchers have listed (counting each change as
-    /// pending in `metrics` as it arrives), and comes with a watch on this
-    /// node's Node (its zone and eligibility) when the node has a name.
-    async fn start(
-        opts: &mut RunOptions,
-        metrics: &Arc<Metrics>,
-    ) -> Result<(Source, Option<NodeWatch>), RunError> {
-        match opts.source.clone() {
-            SourceChoice::File => Ok((Source::File(FileSource::watch(&opts.config)?), None)),
-            SourceChoice::Kube(kube) => {
-                let client =
-                    crate::source::kube::client(kube.kubeconfig.as_deref(), kube.master.as_deref()).await?;
-                let locality = &opts.balance.locality;
-                let node = match (&locality.node_name, &locality.zone) {
-                    (None, _) => {
-                        tracing::warn!(
-                            "no node name: no Node watch, no zone, Local policies match no endpoint"
-                        );
-                        None
-                    }
-                    (Some(name), zone) => {
-                        tracing::info!(node = %name, zone_flag = ?zone, "watching this node's Node (zone label, eligibility)");
-                        Some(NodeWatch::watch(client.clone(), name))
-                    }
-                };
-                let filter = Filter { service_proxy_name: kube.service_proxy_name };
-                tracing::info!(
-                    "waiting for the initial lists of Services and EndpointSlices; /readyz is 503 until then"
-                );
-                let source = KubeSource::watch(client, filter).with_metrics(Arc::clone(metrics));
-                Ok((Source::Kube(Box::new(source)), node))
-            }
-        }
-    }
-
-    /// The trigger times of the EndpointSlice changes in the state `next`
-    /// last yielded (none from files).
-    fn take_triggers(&mut self) -> Vec<std::time::SystemTime> {
-        match self {
-            Source::File(_) => Vec::new(),
-            Source::Kube(kube) => kube.take_triggers(),
-        }
-    }
-
-    /// The next update, and what triggered it.
-    async fn next(&mut self) -> Result<(Update, &'static str), RunError> {
-        match self {
-            Source::File(file) => {
-                if file.changed().await.is_none() {
-                    return Err(RunError::WatchEnded);
-                }
-                Ok((Update::Files, "file change"))
-            }
-            Source::Kube(kube) => Ok((Update::Manifests(kube.next().await?), "API change")),
-        }
-    }
 }
 
 /// What an update goes through: load (for files), control plane, then
@@ -395,6 +376,15 @@ struct Engine {
     metrics: Arc<Metrics>,
     /// The file source's reader; `None` for the Kubernetes source.
     loader: Option<FileLoader>,
+    /// The predecessor whose sockets we took, until we publish and confirm.
+    taking: Option<Taken>,
+    /// Copies of the admin servers' sockets, for a successor.
+    admin_sockets: Vec<HandedAdmin>,
+    /// A successor confirmed: stop accepting and drain.
+    handed_over: bool,
+    /// With systemd's fd store: the store name of each listener whose
+    /// sockets are kept there; `None` without a store.
+    stored: Option<HashMap<ListenerId, String>>,
 }
 
 impl Engine {
@@ -406,6 +396,8 @@ impl Engine {
         handles: Handles,
         service_health: ServiceHealth,
         first: Option<Update>,
+        mut taking: Option<Taken>,
+        admin_sockets: Vec<HandedAdmin>,
     ) -> Result<Self, RunError> {
         let budget = Budget::of_this_process(opts.workers.workers, opts.workers.udp_max_flows);
         tracing::info!(rlimit_nofile = budget.limit, "file-descriptor budget");
@@ -418,10 +410,18 @@ impl Engine {
         // Ready means the sources have synced *and* their rules are in place:
         // the syncer sets `handles.ready`, Control only its own flag. The
         // syncer comes before the Binder: it decides where proxy ports listen.
-        let redirect =
-            intercept::start_redirect(&mut opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
+        let (redirect, read_back) =
+            start_redirect(&mut opts, Arc::clone(&handles.ready), Arc::clone(&handles.metrics))?;
+        let kept_names = upgrade::kept_names(taking.as_ref(), &admin_sockets);
+        let mut binder = Binder::new(opts.listen.clone());
+        binder.prefer_proxy_ports(
+            read_back.iter().map(|(k, t)| ((k.protocol, k.daddr.0, k.dport), t.proxy_port.0)),
+        );
+        if let Some(t) = taking.as_mut() {
+            binder.adopt(std::mem::take(&mut t.listeners));
+        }
         let control = Control::new(
-            Binder::new(opts.listen.clone()),
+            binder,
             opts.balance.clone(),
             HealthRegistry::new(opts.health, std::time::Instant::now()),
             Arc::clone(&handles.metrics),
@@ -434,8 +434,19 @@ impl Engine {
         // The API serves objects one by one: a cross-object error concerns one
         // Service, and must not freeze every later update for the node.
         let control = if loader.is_none() { control.tolerate_cross_object_errors() } else { control };
-        let mut engine =
-            Self { control, data_plane, redirect, service_health, metrics: handles.metrics, loader };
+        let mut engine = Self {
+            control,
+            data_plane,
+            redirect,
+            service_health,
+            metrics: handles.metrics,
+            loader,
+            taking,
+            admin_sockets,
+            handed_over: false,
+            stored: None,
+        };
+        engine.start_store(kept_names);
         if let Some(first) = first {
             let (manifests, _) = engine.read(first);
             let initial = |errors: Vec<ConfigError>| RunError::Initial {
@@ -471,17 +482,25 @@ impl Engine {
         if let Some(zone) = work.zone {
             self.relocate(zone);
         }
-        match work.update {
+        let again = match work.update {
             Some((update, why)) => self.apply(update, why, &work.triggers),
             None => false,
+        };
+        if let Some(successor) = work.handover {
+            self.hand_over(successor);
         }
+        again
     }
 
     /// A snapshot was published: what follows it (rules, health checks).
     /// systemd's `READY=1` comes from the syncer's first success, with
     /// /readyz's 200: once the redirect rules exist.
     fn published(&mut self) {
+        if let Some(predecessor) = self.taking.take() {
+            predecessor.confirm();
+        }
         let current = self.control.current();
+        self.store(&current);
         self.service_health.sync(&current);
         self.redirect.publish(current);
     }

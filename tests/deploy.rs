@@ -169,6 +169,41 @@ fn cluster_role_grants_the_watches_and_is_bound_to_the_service_account() {
 }
 
 #[test]
+fn daemonset_upgrades_by_surge_and_hands_its_sockets_over_on_a_host_path() {
+    let o = load();
+    let ds = o.daemonsets[0].spec.as_ref().unwrap();
+    let rolling = ds.update_strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)), "the new pod starts beside the old one");
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::Int(0)),
+        "the old one stays until the new is ready"
+    );
+    let spec = ds.template.spec.as_ref().unwrap();
+    let c = &spec.containers[0];
+    assert!(
+        c.ports.as_ref().is_none_or(|p| p.is_empty()),
+        "a hostNetwork port is a hostPort: it blocks the surge pod"
+    );
+    let args = c.args.as_ref().unwrap();
+    assert!(args.iter().any(|a| a == "--wait-after-handover"), "{args:?}");
+    let at = args.iter().position(|a| a == "--handover-socket").expect("--handover-socket is given");
+    let socket = Path::new(&args[at + 1]);
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| socket.parent() == Some(Path::new(&m.mount_path)))
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", socket.display()));
+    let volume = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == mount.name).unwrap();
+    let host = volume.host_path.as_ref().expect("a hostPath: both pods of a node see it");
+    assert_eq!(Path::new(&host.path), socket.parent().unwrap());
+    assert_ne!(mount.read_only, Some(true), "the new pod binds its own socket there");
+}
+
+#[test]
 fn daemonset_reaches_the_api_server_by_its_real_address_without_cluster_dns() {
     let o = load();
     let spec = o.daemonsets[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -251,7 +286,13 @@ fn edge_unit_runs_the_file_source_with_the_keys_it_must_have() {
         &values[0]
     };
     let exec = one("ExecStart");
-    assert!(exec.ends_with("ringport run --config /etc/ringport/ --redirect none"), "{exec}");
+    assert!(
+        exec.ends_with("ringport run --config /etc/ringport/ --redirect none --handover-socket none"),
+        "{exec}"
+    );
+    // A restart keeps the listening sockets in systemd's fd store
+    // (tests/fd_store.rs): one per worker and listen address.
+    assert!(one("FileDescriptorStoreMax").parse::<u64>().unwrap() >= 1024);
     assert_eq!(one("Type"), "notify");
     assert_eq!(one("ExecStartPre"), "/usr/local/bin/ringport check --config /etc/ringport/");
     // Reload checks first: a failing check stops the signal.

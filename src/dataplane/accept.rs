@@ -158,7 +158,11 @@ impl Worker {
         // Owned at once: dropped (closed) on every path that does not use it.
         let client = sys::accepted(result);
         let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
-        let open = a.fd.is_some() && !a.paused;
+        // A client the kernel already accepted for us is served even when
+        // its listener is closing (a stop, a handover to a successor): the
+        // accept completed before the cancel, so no other process can take
+        // it. (`on_client` resets it if its service port is gone.)
+        let open = !a.paused;
         if !more {
             a.armed = false;
         }

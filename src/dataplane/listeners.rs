@@ -17,7 +17,7 @@ pub(super) struct Accepting {
     pub(super) protocol: Protocol,
     /// `None` once the listener left the snapshot: its accept is being
     /// cancelled, and the slot is freed when that completes.
-    pub(super) fd: Option<std::os::fd::OwnedFd>,
+    pub(super) fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
     /// Not listening, because its service port has no usable endpoint:
     /// the kernel refuses connections at once, and the port stays bound.
     /// (TCP only: a UDP socket is never paused.)

@@ -10,6 +10,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
+pub mod fdpass;
 mod ring;
 
 pub use ring::{Buffers, Ring, Sends, timespec};
@@ -194,6 +195,24 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Own fd `fd`, inherited from the service manager (`$LISTEN_FDS`), if it
+/// is open; it is made close-on-exec. For `systemd::listen_fds` only,
+/// which calls it once per inherited fd number at start.
+pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD reads the fd's flags and touches no memory; it fails
+    // with EBADF if the number is not open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return None;
+    }
+    // SAFETY: as above; sets FD_CLOEXEC on an open fd.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    // SAFETY: the number is open (checked above) and was passed to this
+    // process by its service manager for it to own: nothing else in the
+    // process owns it, and it is taken once (LISTEN_FDS numbers, at start).
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The new fd of a successful accept completion (`result >= 0`).

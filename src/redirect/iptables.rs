@@ -115,6 +115,53 @@ impl Backend for Iptables {
         }
         Ok(())
     }
+
+    /// The redirects of `RINGPORT-PREROUTING`, both families (the chains
+    /// are rewritten whole on every sync, so only the proxy ports matter).
+    fn read_back(&self) -> Option<super::ReadBack> {
+        let mut redirects = super::rules::Rules::new();
+        for family in Family::ALL {
+            if let Ok(saved) = command::run(family.save(), &["-t", "nat"], None) {
+                redirects.extend(parse_save(&saved));
+            }
+        }
+        (!redirects.is_empty()).then_some(super::ReadBack { redirects, whole: None })
+    }
+}
+
+/// The redirects in `iptables-save -t nat` output: each
+/// `-A RINGPORT-PREROUTING -d IP/N -p P ... --dport D -j DNAT
+/// --to-destination A:PORT` (or `REDIRECT --to-ports PORT`).
+pub fn parse_save(saved: &str) -> super::rules::Rules {
+    let mut rules = super::rules::Rules::new();
+    for line in saved.lines().filter(|l| l.starts_with("-A RINGPORT-PREROUTING ")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after =
+            |flag: &str| words.iter().position(|w| *w == flag).and_then(|i| words.get(i + 1)).copied();
+        let parsed = (|| {
+            let ip = after("-d")?.split('/').next()?.parse().ok()?;
+            let protocol = match after("-p")? {
+                "tcp" => crate::model::Protocol::Tcp,
+                "udp" => crate::model::Protocol::Udp,
+                _ => return None,
+            };
+            let dport = after("--dport")?.parse().ok()?;
+            let proxy = match after("--to-destination") {
+                Some(to) => to.rsplit_once(':')?.1.parse().ok()?,
+                None => after("--to-ports")?.parse().ok()?,
+            };
+            let key = super::rules::RuleKey { protocol, daddr: crate::model::ServiceVip(ip), dport };
+            let service = crate::model::ServicePortName {
+                service: crate::model::ServiceName::new("", ""),
+                port: String::new(),
+            };
+            Some((key, super::rules::Target { proxy_port: crate::model::ProxyPort(proxy), service }))
+        })();
+        if let Some((key, target)) = parsed {
+            rules.insert(key, target);
+        }
+    }
+    rules
 }
 
 fn write_family(family: Family, rules: &RuleSet, to: Intercept) -> Result<(), RedirectError> {
@@ -300,6 +347,18 @@ mod tests {
         set.reject.insert(key("10.96.0.53", Protocol::Udp));
         set.firewall.insert(key("10.98.0.1", Protocol::Tcp), vec!["10.0.0.0/8".parse().unwrap()]);
         set
+    }
+
+    #[test]
+    fn the_redirects_of_a_saved_nat_table_read_back() {
+        let batch =
+            render_restore(Family::V4, &rules(), Intercept::Dnat("169.254.99.1".parse().unwrap()), &[]);
+        let read = parse_save(&batch);
+        let written: Vec<_> =
+            rules().redirects.iter().filter(|(k, _)| !k.is_ipv6()).map(|(k, t)| (*k, t.proxy_port)).collect();
+        let read: Vec<_> = read.iter().map(|(k, t)| (*k, t.proxy_port)).collect();
+        assert!(!written.is_empty());
+        assert_eq!(read, written);
     }
 
     #[test]

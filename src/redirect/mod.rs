@@ -133,6 +133,24 @@ pub trait Backend: Send {
     fn forget_udp(&mut self, keys: &[RuleKey]) {
         conntrack::forget_udp(keys);
     }
+    /// What this backend's own table or chains hold now, a previous run's
+    /// rules (after a crash, `kill -9`): `None` when there are none or
+    /// they cannot be read.
+    fn read_back(&self) -> Option<ReadBack> {
+        None
+    }
+}
+
+/// A previous run's rules, read back at start.
+#[derive(Clone, Debug, Default)]
+pub struct ReadBack {
+    /// Every redirect: the proxy ports the rules send traffic to, which
+    /// the Binder binds again so rules and ports agree from the start.
+    pub redirects: rules::Rules,
+    /// The whole rule set, when the backend reads all of it back (nft): the
+    /// first sync is then a difference, and leaves what is unchanged as it
+    /// is (service names, unknown to the rules, are taken as equal).
+    pub whole: Option<RuleSet>,
 }
 
 /// `--redirect none`.

@@ -21,7 +21,7 @@
 
 use std::fmt::Write;
 
-use super::rules::{Diff, RuleKey, RuleSet};
+use super::rules::{Diff, RuleKey, RuleSet, Target};
 use super::{Backend, Intercept, RedirectError, command};
 
 pub const NFT: &str = "nft";
@@ -60,6 +60,56 @@ impl Backend for Nft {
         }
         apply(&render_update(diff))
     }
+
+    fn read_back(&self) -> Option<super::ReadBack> {
+        let listing = command::run(NFT, &["list", "table", FAMILY, TABLE], None).ok()?;
+        let rules = parse_table(&listing)?;
+        // The firewall's sets are not read back: with any, the first sync
+        // rewrites the table whole.
+        let firewall = listing.contains("set fw4 {") || listing.contains("set fw6 {");
+        Some(super::ReadBack { redirects: rules.redirects.clone(), whole: (!firewall).then_some(rules) })
+    }
+}
+
+/// The redirects, rejects and drops of a listing of ringport's table (a
+/// previous run's), with no service names (the listing has none) and no
+/// firewall (`fw4`, `fw6` are not read); `None` unless every map and set
+/// parses.
+pub fn parse_table(listing: &str) -> Option<RuleSet> {
+    let mut rules = RuleSet::default();
+    for name in [MAP4, MAP6, REJECT4, REJECT6, DROP4, DROP6] {
+        let start = listing.find(&format!("{name} {{"))?;
+        let block = &listing[start..];
+        let block = &block[..block.find('}')?];
+        let Some(elements) = block.split_once("elements = {").map(|(_, e)| e) else { continue };
+        for element in elements.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (key, port) = match element.rsplit_once(" : ") {
+                Some((k, p)) => (k, Some(p.trim().parse::<u16>().ok()?)),
+                None => (element, None),
+            };
+            let mut parts = key.split(" . ").map(str::trim);
+            let protocol = match parts.next()? {
+                "tcp" | "6" => crate::model::Protocol::Tcp,
+                "udp" | "17" => crate::model::Protocol::Udp,
+                _ => return None,
+            };
+            let daddr = crate::model::ServiceVip(parts.next()?.parse().ok()?);
+            let key = RuleKey { protocol, daddr, dport: parts.next()?.parse().ok()? };
+            match (name, port) {
+                (MAP4 | MAP6, Some(p)) => {
+                    let service = crate::model::ServicePortName {
+                        service: crate::model::ServiceName::new("", ""),
+                        port: String::new(),
+                    };
+                    rules.redirects.insert(key, Target { proxy_port: crate::model::ProxyPort(p), service });
+                }
+                (REJECT4 | REJECT6, None) => drop(rules.reject.insert(key)),
+                (DROP4 | DROP6, None) => drop(rules.dropped.insert(key)),
+                _ => return None,
+            }
+        }
+    }
+    Some(rules)
 }
 
 fn apply(script: &str) -> Result<(), RedirectError> {
@@ -248,7 +298,17 @@ fn element(key: &RuleKey, proxy_port: Option<u16>) -> String {
 mod tests {
     use super::*;
     use crate::model::{Protocol, ProxyPort, ServiceName, ServicePortName, ServiceVip};
-    use crate::redirect::rules::Target;
+
+    #[test]
+    fn a_listing_of_the_table_reads_back_as_the_rules_written() {
+        let listing = "table inet ringport {\n\tmap svc4 {\n\t\ttype inet_proto . ipv4_addr . inet_service : inet_service\n\t\telements = { udp . 10.96.0.10 . 53 : 40000,\n\t\t\t     tcp . 10.96.0.1 . 80 : 34567 }\n\t}\n\tmap svc6 {\n\t\ttype inet_proto . ipv6_addr . inet_service : inet_service\n\t}\n\tset noep4 {\n\t\telements = { 17 . 10.96.0.11 . 53 }\n\t}\n\tset noep6 {\n\t}\n\tset noloc4 {\n\t}\n\tset noloc6 {\n\t}\n}\n";
+        let rules = parse_table(listing).expect("parses");
+        let ports: Vec<_> = rules.redirects.iter().map(|(k, t)| (k.dport, t.proxy_port.0)).collect();
+        assert_eq!(ports, [(80, 34567), (53, 40000)]);
+        assert_eq!(rules.reject.len(), 1);
+        assert!(parse_table(&listing.replace("34567", "http")).is_none(), "a partial read is none");
+        assert!(parse_table("table inet ringport {\n}\n").is_none(), "no maps: none");
+    }
 
     fn rule(daddr: &str, dport: u16, proxy: u16) -> (RuleKey, Target) {
         let key = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(daddr.parse().unwrap()), dport };

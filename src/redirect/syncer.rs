@@ -51,11 +51,23 @@ pub struct Syncer {
     backend: Box<dyn Backend>,
     /// `None` until the first success and after any failure.
     applied: Option<RuleSet>,
+    /// `applied` was read back from the backend's own table at start: its
+    /// redirects carry no service names yet.
+    read_back: bool,
 }
 
 impl Syncer {
     pub fn new(backend: Box<dyn Backend>) -> Self {
-        Self { backend, applied: None }
+        Self { backend, applied: None, read_back: false }
+    }
+
+    /// Start from the rules a previous run left (`whole`, read back by the
+    /// backend): the first sync is then a difference, and rewrites nothing
+    /// a restart left unchanged.
+    pub fn from_read_back(mut self, whole: Option<RuleSet>) -> Self {
+        self.read_back = whole.is_some();
+        self.applied = whole;
+        self
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -99,7 +111,18 @@ impl Syncer {
             apply = t.elapsed();
             r
         };
-        let applied = self.applied.take();
+        let mut applied = self.applied.take();
+        if std::mem::take(&mut self.read_back)
+            && let Some(a) = applied.as_mut()
+        {
+            // The table has no names: a redirect to the same proxy port is
+            // the same redirect.
+            for (key, target) in a.redirects.iter_mut() {
+                if let Some(d) = desired.redirects.get(key).filter(|d| d.proxy_port == target.proxy_port) {
+                    target.service = d.service.clone();
+                }
+            }
+        }
         // Which keys changed fate is known whenever what was applied is,
         // even when a firewall change forces a full rewrite.
         let changes = applied.as_ref().map(|a| rules::diff_keys(a, &desired));

@@ -1,6 +1,7 @@
 //! How `run` intercepts service traffic: the redirect backend for
 //! `--redirect`, the proxy addresses it DNATs to (made local here) and the
-//! syncer thread that programs the rules.
+//! syncer thread that programs the rules, starting from the rules a
+//! previous run left.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -9,15 +10,16 @@ use super::{RunError, RunOptions};
 use crate::metrics::Metrics;
 use crate::redirect::{self, Intercept, RedirectMode, Syncer, SyncerThread};
 
-/// The redirect syncer for `--redirect`, on its own thread. With rules,
+/// The redirect syncer for `--redirect`, on its own thread, and the
+/// redirects a previous run left in place. With rules,
 /// proxy ports listen on one address per family that the rules DNAT to:
 /// `--bind-address` when it names one, else the proxy addresses (IPv4 and,
-/// where the node has IPv6, IPv6), made local on `lo` here.
+/// where the node has IPv6, IPv6), put on `lo` here.
 pub(super) fn start_redirect(
     opts: &mut RunOptions,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
-) -> Result<SyncerThread, RunError> {
+) -> Result<(SyncerThread, redirect::rules::Rules), RunError> {
     let bind = opts.listen.bind_address;
     let mut to = match bind {
         _ if opts.redirect == RedirectMode::None => Intercept::Redirect,
@@ -60,5 +62,18 @@ pub(super) fn start_redirect(
             tracing::info!(backend = backend.name(), dnat_to = %addr, dnat_to6, "redirect rules: DNAT to the proxy ports' addresses");
         }
     }
-    SyncerThread::spawn(Syncer::new(backend), ready, metrics).map_err(RunError::RedirectThread)
+    // After a crash: the rules still point at the last run's proxy ports;
+    // bind those again, and sync the difference only.
+    let read_back = backend.read_back().unwrap_or_default();
+    if !read_back.redirects.is_empty() {
+        tracing::info!(
+            backend = backend.name(),
+            redirects = read_back.redirects.len(),
+            whole = read_back.whole.is_some(),
+            "rules of a previous run found: their proxy ports are bound again"
+        );
+    }
+    let syncer = Syncer::new(backend).from_read_back(read_back.whole);
+    let thread = SyncerThread::spawn(syncer, ready, metrics).map_err(RunError::RedirectThread)?;
+    Ok((thread, read_back.redirects))
 }

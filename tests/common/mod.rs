@@ -70,6 +70,12 @@ impl Proxy {
             .args(["--no-pin", "--bind-address", "127.0.0.1"])
             // These tests run on the host: they must never touch its rules.
             .args(["--redirect", "none"])
+            // Nor leave handover sockets in the host's /run/ringport.
+            .args(if args.contains(&"--handover-socket") {
+                &[][..]
+            } else {
+                &["--handover-socket", "none"][..]
+            })
             // One admin address serves every route (health and metrics).
             .arg("--healthz-bind-address")
             .arg(metrics.to_string())

@@ -173,6 +173,11 @@ impl Lab {
         self.children[index].id()
     }
 
+    /// How child `index` exited, once it has; `None` while it runs.
+    pub fn exit_status(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.children[index].try_wait().ok().flatten()
+    }
+
     /// SIGTERM a child and wait (bounded) for it to exit; SIGKILL after 15 s.
     pub fn stop(&mut self, index: usize) {
         let child = &mut self.children[index];
@@ -260,6 +265,21 @@ pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 
     })
     .join()
     .expect("the thread in the namespace panicked")
+}
+
+/// [`in_namespace`] without waiting: `f` runs on a thread in the named
+/// namespace; join the handle for its result.
+pub fn spawn_in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+    std::thread::spawn(move || {
+        // SAFETY: setns on an open namespace fd; it moves only this thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
 }
 
 /// `ip args`, which must succeed.

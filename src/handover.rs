@@ -1,0 +1,543 @@
+//! Upgrades that lose nothing: a running ringport hands its listening
+//! sockets to its successor over a unix socket (`--handover-socket`), as
+//! HAProxy's `-x` does, and the same socket objects, with their kernel
+//! accept queues and UDP receive buffers, go on being served.
+//!
+//! The exchange, one JSON message per `SOCK_SEQPACKET` packet:
+//! 1. new -> old `hello {version}`; old -> new `welcome` or `refuse`.
+//! 2. old -> new one `listener {key, addr}` per listener, carrying its
+//!    sockets (`SCM_RIGHTS`, one per worker), one `admin {name, addr}` per
+//!    admin server, then `end`.
+//! 3. The new instance adopts the sockets whose key its configuration
+//!    wants (`listen::Binder::adopt`), binds the rest, closes the others,
+//!    publishes, and sends `confirm`.
+//! 4. On `confirm` the old instance stops accepting and drains as on
+//!    SIGTERM. Until then it serves as before, so nothing is ever without a
+//!    server: before `confirm` both serve the same sockets.
+//!
+//! Invariants:
+//! - Every failure ends in the new instance binding afresh, logged once
+//!   with its cause: no old instance, a stale path, no answer within
+//!   `--handover-timeout`, another version, or a refusal.
+//! - The old instance changes nothing while it waits for `confirm` (its
+//!   engine is busy with the handover), and gives up after
+//!   [`CONFIRM_WAIT`], serving on.
+//! - Two new instances that race are served one after the other: the
+//!   second finds the old one gone mid-handover and takes over from the
+//!   first once that one listens on the path, within its timeout.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::dataplane::sys::fdpass::{self, MAX_FDS};
+/// The fd-passing calls (safe wrappers of `sendmsg`/`recvmsg` with
+/// `SCM_RIGHTS`), for tests and tools that speak the handover or the
+/// service manager's protocol.
+pub use crate::dataplane::sys::fdpass::{recv_with_fds, send_with_fds};
+use crate::listen::{ListenKey, Listener};
+
+/// The version of the exchange. A peer speaking another is refused.
+pub const VERSION: u32 = 1;
+/// How long an old instance waits for its successor's `confirm` (a new
+/// node agent first lists every Service and EndpointSlice).
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(120);
+/// The directory of the default handover socket.
+pub const DEFAULT_DIR: &str = "/run/ringport";
+/// Room for one message (a listener's key and address).
+const MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Where and how long to try.
+#[derive(Clone, Debug)]
+pub struct HandoverOptions {
+    pub path: PathBuf,
+    /// How long the new instance waits for each answer of the old one.
+    pub timeout: Duration,
+    /// Once handed over and drained, wait for SIGTERM instead of exiting
+    /// (`--wait-after-handover`): a DaemonSet's old pod must not exit on
+    /// its own, or the kubelet restarts it and it takes over again.
+    pub wait_after: bool,
+}
+
+/// The default socket path for an instance whose health server listens on
+/// `health`: one per network namespace and health port, so that only the
+/// instance that would clash with this one on its ports is taken over
+/// (tests and unrelated instances on one host never hand over to each
+/// other).
+pub fn default_path(health: SocketAddr) -> PathBuf {
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .ok()
+        .and_then(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("net:[").and_then(|r| r.strip_suffix(']')).map(str::to_owned)
+        })
+        .unwrap_or_else(|| "0".into());
+    Path::new(DEFAULT_DIR).join(format!("handover-{netns}-{}.sock", health.port()))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "camelCase")]
+enum Msg {
+    Hello { version: u32 },
+    Welcome { version: u32, pid: u32 },
+    Refuse { version: u32, reason: String },
+    Listener { key: ListenKey, addr: SocketAddr },
+    Admin { name: String, addr: SocketAddr },
+    End { sockets: usize },
+    Confirm,
+}
+
+impl Msg {
+    fn name(&self) -> &'static str {
+        match self {
+            Msg::Hello { .. } => "hello",
+            Msg::Welcome { .. } => "welcome",
+            Msg::Refuse { .. } => "refuse",
+            Msg::Listener { .. } => "listener",
+            Msg::Admin { .. } => "admin",
+            Msg::End { .. } => "end",
+            Msg::Confirm => "confirm",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no instance to take over from ({path} does not exist)")]
+    NoOld { path: PathBuf },
+    #[error("stale handover socket {path}: nothing listens on it")]
+    Stale { path: PathBuf },
+    #[error("no answer from the other instance within {0:?}")]
+    Timeout(Duration),
+    #[error("the other instance closed the handover before it ended")]
+    Closed,
+    #[error("the other instance speaks handover version {theirs}, this one {VERSION}")]
+    Version { theirs: u32 },
+    #[error("the other instance refused: {0}")]
+    Refused(String),
+    #[error("unexpected message {got:?} from the other instance")]
+    Unexpected { got: &'static str },
+    #[error("malformed message from the other instance")]
+    Malformed(#[source] serde_json::Error),
+    #[error("handover socket {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A socket the old instance handed over, with what it was for.
+pub struct Handed {
+    pub key: ListenKey,
+    pub addr: SocketAddr,
+    pub sockets: Vec<OwnedFd>,
+}
+
+/// An admin server's listening socket handed over.
+pub struct HandedAdmin {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub socket: OwnedFd,
+}
+
+/// One end of a handover connection.
+struct Conn {
+    sock: Socket,
+    path: PathBuf,
+}
+
+impl Conn {
+    fn io(&self, source: io::Error) -> HandoverError {
+        match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => match self.sock.read_timeout() {
+                Ok(Some(t)) => HandoverError::Timeout(t),
+                _ => HandoverError::Io { path: self.path.clone(), source },
+            },
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => HandoverError::Closed,
+            _ => HandoverError::Io { path: self.path.clone(), source },
+        }
+    }
+
+    fn send(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), HandoverError> {
+        let bytes = serde_json::to_vec(msg).map_err(HandoverError::Malformed)?;
+        fdpass::send_with_fds(self.sock.as_fd(), &bytes, fds).map_err(|e| self.io(e))
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<(Msg, Vec<OwnedFd>), HandoverError> {
+        self.sock.set_read_timeout(Some(timeout)).map_err(|e| self.io(e))?;
+        let mut buf = vec![0u8; MESSAGE_BYTES];
+        let (n, fds) = fdpass::recv_with_fds(self.sock.as_fd(), &mut buf).map_err(|e| self.io(e))?;
+        if n == 0 {
+            return Err(HandoverError::Closed);
+        }
+        let msg = serde_json::from_slice(&buf[..n]).map_err(HandoverError::Malformed)?;
+        Ok((msg, fds))
+    }
+}
+
+fn seqpacket() -> io::Result<Socket> {
+    Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)
+}
+
+/// What the new instance received; [`Taken::confirm`] once it serves.
+pub struct Taken {
+    /// The old instance, to confirm to; none for sockets the service
+    /// manager kept (`Taken::from_service_manager`).
+    conn: Option<Conn>,
+    pub from_pid: u32,
+    pub listeners: Vec<Handed>,
+    pub admin: Vec<HandedAdmin>,
+}
+
+impl Taken {
+    /// Tell the old instance to stop accepting and drain.
+    pub fn confirm(self) {
+        let Some(conn) = self.conn else { return };
+        match conn.send(&Msg::Confirm, &[]) {
+            Ok(()) => tracing::info!(
+                old_pid = self.from_pid,
+                "handover confirmed: the old instance stops accepting and drains"
+            ),
+            Err(e) => {
+                tracing::warn!(old_pid = self.from_pid, error = %e, "handover: cannot confirm; both instances serve the handed sockets until the old one stops")
+            }
+        }
+    }
+}
+
+/// Take over from the instance listening on `opts.path`, if any. Every
+/// failure is logged once and gives `None`: bind afresh.
+pub fn take_over(opts: &HandoverOptions) -> Option<Taken> {
+    let deadline = Instant::now() + opts.timeout;
+    let mut lost = false;
+    loop {
+        let e = match attempt(opts) {
+            Ok(taken) => {
+                let sockets: usize = taken.listeners.iter().map(|h| h.sockets.len()).sum();
+                tracing::info!(old_pid = taken.from_pid, listeners = taken.listeners.len(), sockets, admin = taken.admin.len(), path = %opts.path.display(), "handover: took the old instance's sockets");
+                return Some(taken);
+            }
+            Err(e) => e,
+        };
+        // The old instance went away mid-handover: most likely another new
+        // instance took over first, and will listen on the path soon.
+        let closed = matches!(e, HandoverError::Closed);
+        let gone = matches!(e, HandoverError::Stale { .. } | HandoverError::NoOld { .. });
+        if Instant::now() < deadline && (closed || (lost && gone)) {
+            if closed && !lost {
+                tracing::info!(path = %opts.path.display(), "handover: the old instance went away mid-handover (another new instance took over?); trying again");
+            }
+            lost = true;
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match e {
+            HandoverError::NoOld { .. } => tracing::info!(reason = %e, "handover: none; binding afresh"),
+            _ => tracing::warn!(reason = %e, path = %opts.path.display(), "handover failed; binding afresh"),
+        }
+        return None;
+    }
+}
+
+fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
+    let path = opts.path.clone();
+    let sock = seqpacket().map_err(|source| HandoverError::Io { path: path.clone(), source })?;
+    let addr = SockAddr::unix(&path).map_err(|source| HandoverError::Io { path: path.clone(), source })?;
+    if let Err(e) = sock.connect(&addr) {
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOENT) => HandoverError::NoOld { path },
+            Some(libc::ECONNREFUSED) => HandoverError::Stale { path },
+            _ => HandoverError::Io { path, source: e },
+        });
+    }
+    let conn = Conn { sock, path };
+    conn.send(&Msg::Hello { version: VERSION }, &[])?;
+    let from_pid = match conn.recv(opts.timeout)?.0 {
+        Msg::Welcome { version: VERSION, pid } => pid,
+        Msg::Welcome { version, .. } => return Err(HandoverError::Version { theirs: version }),
+        Msg::Refuse { version, .. } if version != VERSION => {
+            return Err(HandoverError::Version { theirs: version });
+        }
+        Msg::Refuse { reason, .. } => return Err(HandoverError::Refused(reason)),
+        other => return Err(HandoverError::Unexpected { got: other.name() }),
+    };
+    let (mut listeners, mut admin): (Vec<Handed>, Vec<HandedAdmin>) = (Vec::new(), Vec::new());
+    loop {
+        match conn.recv(opts.timeout)? {
+            (Msg::Listener { key, addr }, fds) => match listeners.iter_mut().find(|h| h.key == key) {
+                // A listener with more sockets than one message carries.
+                Some(h) => h.sockets.extend(fds),
+                None => listeners.push(Handed { key, addr, sockets: fds }),
+            },
+            (Msg::Admin { name, addr }, fds) => {
+                if let Some(socket) = fds.into_iter().next() {
+                    admin.push(HandedAdmin { name, addr, socket });
+                }
+            }
+            (Msg::End { .. }, _) => break,
+            (other, _) => return Err(HandoverError::Unexpected { got: other.name() }),
+        }
+    }
+    Ok(Taken { conn: Some(conn), from_pid, listeners, admin })
+}
+
+/// The name under which a listener's sockets are kept in the service
+/// manager's fd store: role, protocol and service port; the address is the
+/// socket's own. (Kubernetes names hold no `/`, and none holds `:`, which
+/// `$LISTEN_FDNAMES` uses as separator.)
+pub fn store_name(key: &ListenKey) -> String {
+    use crate::listen::ListenRole::*;
+    let role = match key.role {
+        Proxy => "p",
+        ExternalProxy => "x",
+        Proxy6 => "p6",
+        ExternalProxy6 => "x6",
+        NodePort(_) => "n",
+        External(_) => "e",
+        LoadBalancer(_) => "l",
+    };
+    let protocol = match key.protocol {
+        crate::model::Protocol::Tcp => "tcp",
+        crate::model::Protocol::Udp => "udp",
+    };
+    let name = &key.port;
+    format!("{role}/{protocol}/{}/{}/{}", name.service.namespace, name.service.name, name.port)
+}
+
+/// The store name of an admin server's socket.
+pub fn admin_store_name(name: &str) -> String {
+    format!("admin/{name}")
+}
+
+/// The listener key a store name and the socket's address stand for.
+fn key_of_store_name(name: &str, local: SocketAddr) -> Option<ListenKey> {
+    use crate::listen::ListenRole::*;
+    let mut parts = name.splitn(5, '/');
+    let (role, wanted_port) = match parts.next()? {
+        "p" => (Proxy, 0),
+        "x" => (ExternalProxy, 0),
+        "p6" => (Proxy6, 0),
+        "x6" => (ExternalProxy6, 0),
+        "n" => (NodePort(local.ip()), local.port()),
+        "e" => (External(local.ip()), local.port()),
+        "l" => (LoadBalancer(local.ip()), local.port()),
+        _ => return None,
+    };
+    let protocol = match parts.next()? {
+        "tcp" => crate::model::Protocol::Tcp,
+        "udp" => crate::model::Protocol::Udp,
+        _ => return None,
+    };
+    let (namespace, service, port) = (parts.next()?, parts.next()?, parts.next()?);
+    let port = crate::model::ServicePortName {
+        service: crate::model::ServiceName::new(namespace, service),
+        port: port.to_owned(),
+    };
+    Some(ListenKey { port, protocol, role, wanted_port })
+}
+
+impl Taken {
+    /// The sockets the service manager kept for us across a restart
+    /// (`systemd::listen_fds`), sorted by their store names; `None` without
+    /// any. A socket whose name or address cannot be read is closed.
+    pub fn from_service_manager(fds: Vec<(String, OwnedFd)>) -> Option<Taken> {
+        let (mut listeners, mut admin): (Vec<Handed>, Vec<HandedAdmin>) = (Vec::new(), Vec::new());
+        for (name, fd) in fds {
+            let local = socket2::SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket());
+            let Some(local) = local else {
+                tracing::warn!(name, "a socket from the service manager with no address; closed");
+                continue;
+            };
+            if let Some(what) = name.strip_prefix("admin/") {
+                admin.push(HandedAdmin { name: what.to_owned(), addr: local, socket: fd });
+                continue;
+            }
+            let Some(key) = key_of_store_name(&name, local) else {
+                tracing::warn!(name, "a socket from the service manager under an unknown name; closed");
+                continue;
+            };
+            match listeners.iter_mut().find(|h| h.key == key) {
+                Some(h) => h.sockets.push(fd),
+                None => listeners.push(Handed { key, addr: local, sockets: vec![fd] }),
+            }
+        }
+        if listeners.is_empty() && admin.is_empty() {
+            return None;
+        }
+        let sockets: usize = listeners.iter().map(|h| h.sockets.len()).sum();
+        tracing::info!(
+            listeners = listeners.len(),
+            sockets,
+            admin = admin.len(),
+            "took the sockets the service manager kept across the restart"
+        );
+        Some(Taken { conn: None, from_pid: 0, listeners, admin })
+    }
+}
+
+/// The old instance's side: listens on the path for successors.
+pub struct Server {
+    sock: Socket,
+    path: PathBuf,
+}
+
+/// The socket file a [`Server`] made; removed on a stop without successor.
+pub struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Remove the file if it is still ours (a successor binds its own in
+    /// its place).
+    pub fn remove(self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A successor that said hello in our version, waiting for the sockets.
+pub struct Incoming {
+    conn: Conn,
+}
+
+impl Server {
+    /// Listen on `path`, replacing whatever was there (a stale socket, or
+    /// the instance this one took over from, which no longer needs it).
+    pub fn listen(path: &Path) -> Result<Server, HandoverError> {
+        let err = |source| HandoverError::Io { path: path.to_owned(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
+            _ => {}
+        }
+        let sock = seqpacket().map_err(err)?;
+        sock.bind(&SockAddr::unix(path).map_err(err)?).map_err(err)?;
+        // Only root (or this user) may take our sockets.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(err)?;
+        sock.listen(8).map_err(err)?;
+        Ok(Server { sock, path: path.to_owned() })
+    }
+
+    /// The socket file, to remove on a stop without successor.
+    pub fn file(&self) -> Option<SocketFile> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::symlink_metadata(&self.path).ok()?.ino();
+        Some(SocketFile { path: self.path.clone(), ino })
+    }
+
+    /// Accept successors on a thread of its own, answering their hello,
+    /// and give each to `deliver` (false: stop).
+    pub fn spawn(
+        self,
+        timeout: Duration,
+        deliver: impl Fn(Incoming) -> bool + Send + 'static,
+    ) -> io::Result<()> {
+        std::thread::Builder::new().name("ringport-handover".into()).spawn(move || {
+            loop {
+                let sock = match self.sock.accept() {
+                    Ok((sock, _)) => sock,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handover: accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let conn = Conn { sock, path: self.path.clone() };
+                match conn.recv(timeout) {
+                    Ok((Msg::Hello { version: VERSION }, _)) => {}
+                    Ok((Msg::Hello { version }, _)) => {
+                        tracing::warn!(
+                            theirs = version,
+                            ours = VERSION,
+                            "handover: refused a successor of another version; it binds afresh"
+                        );
+                        let reason = format!("handover version {VERSION} only");
+                        let _ = conn.send(&Msg::Refuse { version: VERSION, reason }, &[]);
+                        continue;
+                    }
+                    Ok((other, _)) => {
+                        tracing::warn!(got = other.name(), "handover: unexpected first message");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handover: no hello from a successor");
+                        continue;
+                    }
+                }
+                let welcome = Msg::Welcome { version: VERSION, pid: std::process::id() };
+                if conn.send(&welcome, &[]).is_ok() && !deliver(Incoming { conn }) {
+                    return;
+                }
+            }
+        })?;
+        Ok(())
+    }
+}
+
+impl Incoming {
+    /// Refuse the successor (it binds afresh).
+    pub fn refuse(self, reason: &str) {
+        tracing::warn!(reason, "handover: refused a successor; it binds afresh");
+        let _ = self.conn.send(&Msg::Refuse { version: VERSION, reason: reason.into() }, &[]);
+    }
+
+    /// Send every open socket of `listeners` and of the admin servers,
+    /// then wait up to [`CONFIRM_WAIT`] for the successor's confirmation.
+    /// Ok once confirmed: stop accepting and drain.
+    pub fn hand_over(self, listeners: &[Arc<Listener>], admin: &[HandedAdmin]) -> Result<(), HandoverError> {
+        let mut sockets = 0;
+        for l in listeners {
+            let open = l.open_sockets();
+            for chunk in open.chunks(MAX_FDS) {
+                let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|fd| fd.as_fd()).collect();
+                self.conn.send(&Msg::Listener { key: l.key.clone(), addr: l.addr }, &fds)?;
+                sockets += fds.len();
+            }
+        }
+        for a in admin {
+            self.conn.send(&Msg::Admin { name: a.name.clone(), addr: a.addr }, &[a.socket.as_fd()])?;
+        }
+        self.conn.send(&Msg::End { sockets }, &[])?;
+        tracing::info!(
+            listeners = listeners.len(),
+            sockets,
+            "handover: sockets sent; waiting for the successor to confirm"
+        );
+        match self.conn.recv(CONFIRM_WAIT)? {
+            (Msg::Confirm, _) => Ok(()),
+            (other, _) => Err(HandoverError::Unexpected { got: other.name() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listen::ListenRole;
+    use crate::model::{Protocol, ServiceName, ServicePortName};
+
+    #[test]
+    fn a_store_name_and_the_socket_address_give_back_the_listener_key() {
+        let port = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
+        let at: SocketAddr = "127.0.0.1:30080".parse().unwrap();
+        for (role, wanted_port) in [(ListenRole::Proxy, 0), (ListenRole::NodePort(at.ip()), 30080)] {
+            let key = ListenKey { port: port.clone(), protocol: Protocol::Udp, role, wanted_port };
+            let name = store_name(&key);
+            assert!(!name.contains(':') && name.len() < 256, "{name}");
+            assert_eq!(key_of_store_name(&name, at), Some(key));
+        }
+        assert_eq!(key_of_store_name("q/tcp/a/b/c", at), None);
+    }
+}

@@ -1,0 +1,128 @@
+//! Starting from sockets that are already bound: those a predecessor
+//! handed over (`crate::handover`), adopted where their key and address
+//! match the configuration, and the proxy ports a previous run's rules
+//! point at, bound again after a crash.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use socket2::Socket;
+
+use super::{Binder, Handed, ListenKey, ListenRole, Listener, bind_reuseport, socket_type};
+use crate::model::{Protocol, ServicePort};
+
+impl Binder {
+    /// Bind proxy ports where the rules of a previous run point:
+    /// `((protocol, VIP, service port), proxy port)`.
+    pub fn prefer_proxy_ports(&mut self, ports: impl IntoIterator<Item = ((Protocol, IpAddr, u16), u16)>) {
+        self.preferred.extend(ports);
+    }
+
+    /// Serve the next bind's listeners on these handed-over sockets where
+    /// the keys and addresses match; the next bind closes the rest.
+    pub fn adopt(&mut self, handed: Vec<Handed>) {
+        self.adopted.extend(handed.into_iter().map(|h| (h.key.clone(), h)));
+    }
+
+    /// The proxy port the previous run's rules send `sp`'s addresses of
+    /// `key`'s role to, bound again, if there is one and it is free.
+    pub(super) fn bind_preferred(
+        &mut self,
+        sp: &ServicePort,
+        key: &ListenKey,
+        ip: IpAddr,
+        used: &mut HashSet<u16>,
+    ) -> Option<Arc<Listener>> {
+        let port = self.preferred_port(sp, key.role).filter(|p| !used.contains(p))?;
+        match self.bind_checked(std::net::SocketAddr::new(ip, port), key.protocol) {
+            Ok(sockets) => {
+                used.insert(port);
+                tracing::info!(service = %key.port, role = %key.role, port, "proxy port of the previous run's rules bound again");
+                Some(self.listener(key.clone(), sockets))
+            }
+            Err(e) => {
+                tracing::warn!(service = %key.port, role = %key.role, port, error = %e, "cannot bind the proxy port the previous run's rules point at; choosing another (the rules follow)");
+                None
+            }
+        }
+    }
+
+    /// After the first bind: what was handed over and not adopted is
+    /// closed, and the previous run's proxy ports are forgotten.
+    pub(super) fn first_bind_done(&mut self) {
+        self.preferred.clear();
+        for (key, h) in self.adopted.drain() {
+            tracing::info!(service = %key.port, role = %key.role, addr = %h.addr, "handover: a socket this configuration does not want; closed");
+        }
+    }
+
+    /// The proxy port the previous run's rules send `sp`'s addresses of
+    /// this role to, if any.
+    fn preferred_port(&self, sp: &ServicePort, role: ListenRole) -> Option<u16> {
+        let (vips, v6): (Vec<&IpAddr>, bool) = match role {
+            ListenRole::Proxy => (sp.cluster_ips.iter().collect(), false),
+            ListenRole::Proxy6 => (sp.cluster_ips.iter().collect(), true),
+            ListenRole::ExternalProxy => {
+                (sp.external_ips.iter().chain(&sp.load_balancer_ips).collect(), false)
+            }
+            ListenRole::ExternalProxy6 => {
+                (sp.external_ips.iter().chain(&sp.load_balancer_ips).collect(), true)
+            }
+            _ => return None,
+        };
+        vips.into_iter()
+            .filter(|ip| ip.is_ipv6() == v6)
+            .find_map(|ip| self.preferred.get(&(sp.protocol, *ip, sp.port)).copied())
+    }
+
+    /// The handed-over sockets for `key`, if they sit where this
+    /// configuration listens: one per worker (binding more on the same
+    /// address when there are now more workers).
+    pub(super) fn take_adopted(
+        &mut self,
+        key: &ListenKey,
+        ip: IpAddr,
+        used: &mut HashSet<u16>,
+    ) -> Option<Arc<Listener>> {
+        let handed = self.adopted.remove(key)?;
+        let port = handed.addr.port();
+        let in_range =
+            !key.role.is_proxy() || self.opts.proxy_port_range.as_ref().is_none_or(|r| r.contains(&port));
+        if handed.addr.ip() != ip || !in_range || (key.role.is_proxy() && used.contains(&port)) {
+            tracing::info!(service = %key.port, role = %key.role, addr = %handed.addr, "handover: socket not where this configuration listens; closed");
+            return None;
+        }
+        let kind = socket_type(key.protocol);
+        let mut sockets: Vec<Socket> = handed
+            .sockets
+            .into_iter()
+            .map(Socket::from)
+            .filter(|s| {
+                s.local_addr().ok().and_then(|a| a.as_socket()) == Some(handed.addr)
+                    && s.r#type().ok() == Some(kind)
+            })
+            .collect();
+        if sockets.is_empty() {
+            tracing::warn!(service = %key.port, role = %key.role, addr = %handed.addr, "handover: the sockets handed are not bound there; binding afresh");
+            return None;
+        }
+        let workers = self.opts.workers.max(1);
+        if sockets.len() > workers {
+            tracing::warn!(service = %key.port, addr = %handed.addr, handed = sockets.len(), workers, "handover: fewer workers than sockets handed; connections queued on the extra ones are reset");
+            sockets.truncate(workers);
+        }
+        if sockets.len() < workers {
+            let freebind = self.opts.bind_address6 == Some(handed.addr.ip());
+            match bind_reuseport(handed.addr, key.protocol, workers - sockets.len(), freebind) {
+                Ok(more) => sockets.extend(more),
+                Err(e) => {
+                    tracing::warn!(service = %key.port, addr = %handed.addr, error = %e, "handover: cannot bind sockets for the added workers; the handed ones serve")
+                }
+            }
+        }
+        used.insert(port);
+        self.bound.insert((handed.addr, key.protocol));
+        Some(self.listener(key.clone(), sockets))
+    }
+}

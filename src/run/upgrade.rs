@@ -1,0 +1,141 @@
+//! `run`'s side of upgrades and restarts: successors that take our
+//! sockets over the handover socket (`crate::handover`), and the copies of
+//! them systemd's fd store keeps across a restart (`crate::systemd`).
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{Engine, RunError};
+use crate::handover::{self, HandedAdmin, HandoverOptions, Incoming, Taken};
+use crate::listen::ListenerId;
+use crate::snapshot::Snapshot;
+
+/// Successors that said hello on the handover socket; none without one.
+pub(super) fn listen_for_successors(
+    opts: Option<&HandoverOptions>,
+) -> (tokio::sync::mpsc::UnboundedReceiver<Incoming>, Option<handover::SocketFile>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut file = None;
+    if let Some(h) = opts {
+        let started = handover::Server::listen(&h.path).and_then(|server| {
+            file = server.file();
+            server
+                .spawn(h.timeout, move |incoming| tx.send(incoming).is_ok())
+                .map_err(|source| handover::HandoverError::Io { path: h.path.clone(), source })
+        });
+        match started {
+            Ok(()) => tracing::info!(path = %h.path.display(), "handover: a successor can take over here"),
+            Err(e) => {
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "handover: no successor can take over; a restart will bind afresh")
+            }
+        }
+    }
+    (rx, file)
+}
+
+/// The sockets to start with: a running instance's (the handover), else
+/// those systemd's fd store kept for us across a restart.
+pub(super) async fn predecessor(opts: Option<HandoverOptions>) -> Result<Option<Taken>, RunError> {
+    let taken = match opts {
+        Some(h) => tokio::task::spawn_blocking(move || handover::take_over(&h))
+            .await
+            .map_err(|_| RunError::ControlPanicked)?,
+        None => None,
+    };
+    // Taken in any case: fds passed to us are ours to close.
+    let kept = crate::systemd::listen_fds();
+    Ok(taken.or_else(|| Taken::from_service_manager(kept)))
+}
+
+/// Once drained: with no successor, remove our handover socket; handed
+/// over with `--wait-after-handover`, wait for SIGTERM (or SIGINT).
+pub(super) async fn after_drain(
+    handed_over: bool,
+    socket_file: Option<handover::SocketFile>,
+    wait_after: bool,
+) -> Result<(), RunError> {
+    match (handed_over, socket_file) {
+        (false, Some(file)) => file.remove(),
+        (true, _) if wait_after => {
+            tracing::info!("handed over and drained; waiting for SIGTERM (--wait-after-handover)");
+            let mut int = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
+            let mut term = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The store names of what systemd passed back (`taking` from the service
+/// manager) and of our admin sockets: replaced once we store ours.
+pub(super) fn kept_names(taking: Option<&Taken>, admin: &[HandedAdmin]) -> Vec<String> {
+    match taking {
+        Some(t) if t.from_pid == 0 => t
+            .listeners
+            .iter()
+            .map(|h| handover::store_name(&h.key))
+            .chain(t.admin.iter().chain(admin).map(|a| handover::admin_store_name(&a.name)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Engine {
+    /// With systemd's fd store: drop what a previous run stored (`kept`),
+    /// and store the admin sockets; the listeners follow each publish.
+    pub(super) fn start_store(&mut self, kept: Vec<String>) {
+        if crate::systemd::fd_store() {
+            self.stored = Some(HashMap::new());
+            for name in kept {
+                crate::systemd::remove_fds(&name);
+            }
+            for a in &self.admin_sockets {
+                crate::systemd::store_fds(&handover::admin_store_name(&a.name), &[a.socket.as_fd()]);
+            }
+        }
+    }
+
+    /// Send a successor every socket we serve, and wait for it to confirm
+    /// (no update is applied meanwhile: the successor adopts what we had).
+    pub(super) fn hand_over(&mut self, successor: Incoming) {
+        let current = self.control.current();
+        if current.generation == 0 {
+            successor.refuse("this instance serves no configuration yet");
+            return;
+        }
+        match successor.hand_over(&current.listeners, &self.admin_sockets) {
+            Ok(()) => self.handed_over = true,
+            Err(e) => tracing::warn!(error = %e, "handover: the successor did not confirm; serving on"),
+        }
+    }
+
+    /// Keep systemd's fd store in line with the listeners of `current`:
+    /// drop the sockets of listeners that left, store those of new ones.
+    pub(super) fn store(&mut self, current: &Snapshot) {
+        let Some(stored) = self.stored.as_mut() else { return };
+        let ids: HashSet<ListenerId> = current.listeners.iter().map(|l| l.id).collect();
+        stored.retain(|id, name| {
+            let keep = ids.contains(id);
+            if !keep {
+                crate::systemd::remove_fds(name);
+            }
+            keep
+        });
+        for l in &current.listeners {
+            if stored.contains_key(&l.id) {
+                continue;
+            }
+            let name = handover::store_name(&l.key);
+            let open = l.open_sockets();
+            let fds: Vec<BorrowedFd<'_>> = open.iter().map(|fd| fd.as_fd()).collect();
+            crate::systemd::store_fds(&name, &fds);
+            stored.insert(l.id, name);
+        }
+    }
+}

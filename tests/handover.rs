@@ -1,0 +1,610 @@
+//! Upgrades that lose nothing (issue 12), through the real `ringport`
+//! binary: a new instance takes the listening sockets of the running one
+//! over `--handover-socket`, the old one drains and exits 0, and clients
+//! never see a refused or reset connection. Then each failure case: no
+//! answer, a stale path, another version, differing configurations, and two
+//! successors racing; each ends with the new instance serving.
+//!
+//! Real sockets on loopback only; every loop is bounded in count and time;
+//! every path and port is this test's own (tempdirs, ephemeral ports).
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Backend, echo_ok, eventually, free_port, udp_backend};
+use sha2::{Digest, Sha256};
+
+/// One `ringport run` of a handover lab.
+struct Instance {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Instance {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the log says `what`.
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} logged in 20 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Instances sharing one admin address and one handover socket, as two
+/// pods of a hostNetwork DaemonSet on one node do.
+struct Lab {
+    dir: tempfile::TempDir,
+    admin: SocketAddr,
+    socket: PathBuf,
+    started: usize,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("handover.sock");
+        let admin = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Lab { dir, admin, socket, started: 0 }
+    }
+
+    /// A manifest directory of its own holding `manifest`.
+    fn config(&self, manifest: &str) -> PathBuf {
+        let dir = self.dir.path().join(format!("config-{}", self.started));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        std::fs::write(dir.join("services.yaml"), manifest).expect("write manifest");
+        dir
+    }
+
+    /// Start an instance on `manifest` with `args` (not waiting for it).
+    fn start(&mut self, manifest: &str, args: &[&str]) -> Instance {
+        self.started += 1;
+        let config = self.config(manifest);
+        let log = self.dir.path().join(format!("ringport-{}.log", self.started));
+        let child = Command::new(env!("CARGO_BIN_EXE_ringport"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .args(if args.contains(&"--workers") { &[][..] } else { &["--workers", "2"][..] })
+            .args(["--no-pin", "--bind-address", "127.0.0.1", "--redirect", "none"])
+            .args(["--nodeport-addresses", "127.0.0.0/8"])
+            .arg("--healthz-bind-address")
+            .arg(self.admin.to_string())
+            .arg("--metrics-bind-address")
+            .arg(self.admin.to_string())
+            .arg("--handover-socket")
+            .arg(&self.socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn ringport");
+        Instance { child, log }
+    }
+
+    /// Start the first instance and wait until it is ready.
+    fn first(&mut self, manifest: &str, args: &[&str]) -> Instance {
+        let i = self.start(manifest, args);
+        eventually(Duration::from_secs(20), "the first instance ready", || {
+            get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200)
+        });
+        i.wait_log("a successor can take over here");
+        i
+    }
+
+    /// Start a successor, wait for its confirmation and for `old` to exit
+    /// 0 within `drain`.
+    fn upgrade(&mut self, old: &mut Instance, manifest: &str, args: &[&str], drain: Duration) -> Instance {
+        let new = self.start(manifest, args);
+        new.wait_log("handover confirmed");
+        let status = old.wait_exit(drain + Duration::from_secs(10));
+        assert!(status.success(), "the old instance exited with {status}:\n{}", old.log());
+        new.wait_log("a successor can take over here");
+        new
+    }
+}
+
+/// A GET on the admin address: (status, body).
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, response.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// The proxy port of `service` (`ns/name:port`) as /debug/snapshot shows it.
+fn proxy_port(admin: SocketAddr, service: &str) -> Option<u64> {
+    let (_, body) = get(admin, "/debug/snapshot")?;
+    let snap: serde_json::Value = serde_json::from_str(&body).ok()?;
+    snap["service_ports"].as_array()?.iter().find(|p| p["name"] == service)?["proxy_port"].as_u64()
+}
+
+/// A NodePort Service `name` with a TCP port (and a UDP one when given),
+/// served by backends on loopback.
+fn node_port_service(name: &str, tcp: (u16, SocketAddr), udp: Option<(u16, SocketAddr)>) -> String {
+    let mut ports = format!("  - {{name: tcp, port: 80, protocol: TCP, nodePort: {}}}\n", tcp.0);
+    let mut endpoints = format!("{{name: tcp, port: {}, protocol: TCP}}", tcp.1.port());
+    if let Some((node_port, backend)) = udp {
+        ports += &format!("  - {{name: udp, port: 53, protocol: UDP, nodePort: {node_port}}}\n");
+        endpoints += &format!(", {{name: udp, port: {}, protocol: UDP}}", backend.port());
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: NodePort\n  ports:\n{ports}---\n\
+         apiVersion: v1\nkind: Endpoints\nmetadata: {{name: {name}, namespace: default}}\n\
+         subsets:\n- addresses: [{{ip: \"127.0.0.1\"}}]\n  ports: [{endpoints}]\n"
+    )
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// What a TCP client loop saw: connections made, failed, the longest time
+/// between two successful ones.
+#[derive(Debug, Default)]
+struct TcpFigures {
+    made: u64,
+    failed: u64,
+    longest_gap: Duration,
+}
+
+fn tcp_load(target: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<TcpFigures> {
+    std::thread::spawn(move || {
+        let mut f = TcpFigures::default();
+        let mut last = Instant::now();
+        // Bounded: the test stops it, and at most 60 s in any case.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if echo_ok(target, f.made as usize) {
+                f.made += 1;
+                f.longest_gap = f.longest_gap.max(last.elapsed());
+                last = Instant::now();
+            } else {
+                f.failed += 1;
+            }
+        }
+        f
+    })
+}
+
+/// What the UDP client saw: requests answered, and the most retries one
+/// request needed after the first answer.
+#[derive(Debug, Default)]
+struct UdpFigures {
+    answered: u64,
+    retries: u64,
+    most_retries: u64,
+    longest_gap: Duration,
+}
+
+fn udp_load(target: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<UdpFigures> {
+    std::thread::spawn(move || {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client");
+        socket.connect(target).expect("connect");
+        socket.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut f = UdpFigures::default();
+        let mut buf = [0u8; 64];
+        let mut last = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let request = format!("request {i}");
+            let mut tries = 0;
+            let answered = loop {
+                let _ = socket.send(request.as_bytes());
+                let sent = Instant::now();
+                // Late answers to earlier requests are skipped.
+                let got = loop {
+                    match socket.recv(&mut buf) {
+                        Ok(n) if &buf[..n] == request.as_bytes() => break true,
+                        Ok(_) if sent.elapsed() < Duration::from_millis(500) => continue,
+                        _ => break false,
+                    }
+                };
+                if got || stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break got;
+                }
+                tries += 1;
+            };
+            if answered {
+                if f.answered > 0 {
+                    f.most_retries = f.most_retries.max(tries);
+                    f.retries += tries;
+                }
+                f.answered += 1;
+                f.longest_gap = f.longest_gap.max(last.elapsed());
+                last = Instant::now();
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        f
+    })
+}
+
+#[test]
+fn five_upgrades_in_a_row_fail_no_tcp_connection_and_leave_no_udp_request_unanswered() {
+    let (echo, udp) = (Backend::echo(), udp_backend(None));
+    let (tcp_port, udp_port) = (free_port(), free_udp_port());
+    let manifest = node_port_service("web", (tcp_port, echo.addr), Some((udp_port, udp)));
+    let mut lab = Lab::new();
+    let args = ["--drain-timeout", "5s"];
+    let mut current = lab.first(&manifest, &args);
+    let proxy_ports = (proxy_port(lab.admin, "default/web:tcp"), proxy_port(lab.admin, "default/web:udp"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tcp: Vec<_> = (0..2).map(|_| tcp_load(local(tcp_port), Arc::clone(&stop))).collect();
+    let udp = udp_load(local(udp_port), Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 1..=5 {
+        current = lab.upgrade(&mut current, &manifest, &args, Duration::from_secs(5));
+        let now = (proxy_port(lab.admin, "default/web:tcp"), proxy_port(lab.admin, "default/web:udp"));
+        assert_eq!(now, proxy_ports, "upgrade {round}: the proxy ports moved with the sockets");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let tcp: Vec<TcpFigures> = tcp.into_iter().map(|t| t.join().expect("tcp client")).collect();
+    let udp = udp.join().expect("udp client");
+    let made: u64 = tcp.iter().map(|f| f.made).sum();
+    let failed: u64 = tcp.iter().map(|f| f.failed).sum();
+    let gap = tcp.iter().map(|f| f.longest_gap).max().unwrap_or_default();
+    println!(
+        "5 upgrades: TCP connections made {made}, failed {failed}, longest gap {gap:?}; \
+         UDP requests answered {}, retries {}, most retries of one request {}, longest gap {:?}",
+        udp.answered, udp.retries, udp.most_retries, udp.longest_gap
+    );
+    assert!(made > 50, "the TCP load ran: {tcp:?}");
+    assert_eq!(failed, 0, "no TCP connection failed across 5 upgrades: {tcp:?}\n{}", current.log());
+    assert!(udp.answered > 10, "the UDP stream ran: {udp:?}");
+    assert!(udp.most_retries <= 1, "no UDP request needed more than one retry: {udp:?}");
+}
+
+#[test]
+fn connections_queued_in_the_old_backlog_are_served_by_the_successor() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    let mut lab = Lab::new();
+    // One worker holding at most one connection: with one open, the old
+    // instance accepts no more, and the next clients wait in the backlog.
+    let old_args = ["--workers", "1", "--max-connections", "1", "--drain-timeout", "2s"];
+    let mut old = lab.first(&manifest, &old_args);
+    let mut held = TcpStream::connect(local(port)).expect("connect");
+    held.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    held.write_all(b"hold").expect("send");
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).expect("the held connection is served");
+    let queued: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut c = TcpStream::connect(local(port)).expect("the kernel completes the handshake");
+            c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            c.write_all(format!("queued {i}").as_bytes()).expect("send");
+            c.shutdown(Shutdown::Write).expect("half-close");
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(old.log().contains("connection cap"), "the old instance is at its cap:\n{}", old.log());
+
+    let _new = lab.upgrade(&mut old, &manifest, &["--workers", "1"], Duration::from_secs(2));
+    for (i, mut c) in queued.into_iter().enumerate() {
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).expect("a queued client is answered, not reset");
+        assert_eq!(answer, format!("queued {i}"), "served by the successor from the same backlog");
+    }
+}
+
+/// A download of `total` pseudo-random bytes from a backend, through
+/// `target`, read at `slow` pace until `fast` is set; the SHA-256 of what
+/// arrived, or how it ended.
+/// How a download ended: the bytes that arrived and their SHA-256, or the
+/// error that cut it.
+type Ended = std::io::Result<(usize, Vec<u8>)>;
+
+fn download(target: SocketAddr, total: usize, fast: Arc<AtomicBool>) -> Ended {
+    let mut c = TcpStream::connect(target)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    c.write_all(b"go")?;
+    let (mut hash, mut got, mut buf) = (Sha256::new(), 0usize, vec![0u8; 1 << 16]);
+    loop {
+        match c.read(&mut buf)? {
+            0 => return Ok((got, hash.finalize().to_vec())),
+            n => {
+                hash.update(&buf[..n]);
+                got += n;
+                if got > total {
+                    return Err(std::io::Error::other("more bytes than sent"));
+                }
+            }
+        }
+        if !fast.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+const TRANSFER: usize = 256 << 20;
+
+/// A backend that sends [`TRANSFER`] bytes of one fixed pseudo-random
+/// stream to each client, then closes; and that stream's SHA-256.
+fn bulk_backend() -> (Backend, Vec<u8>) {
+    fn stream(mut each: impl FnMut(&[u8]) -> bool) {
+        let (mut state, mut buf) = (0x9e37_79b9_7f4a_7c15u64, vec![0u8; 1 << 16]);
+        for _ in 0..TRANSFER / buf.len() {
+            for chunk in buf.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+            }
+            if !each(&buf) {
+                return;
+            }
+        }
+    }
+    let backend = Backend::spawn("127.0.0.1:0", |mut s| {
+        let mut go = [0u8; 2];
+        if s.read_exact(&mut go).is_err() {
+            return;
+        }
+        stream(|b| s.write_all(b).is_ok());
+        let _ = s.shutdown(Shutdown::Write);
+    });
+    let mut hash = Sha256::new();
+    stream(|b| {
+        hash.update(b);
+        true
+    });
+    (backend, hash.finalize().to_vec())
+}
+
+/// Four downloads through the NodePort, started before an upgrade; what
+/// each ended with once `drain` has run.
+fn transfers_across_an_upgrade(drain: &str) -> (Vec<Ended>, Vec<u8>) {
+    let (backend, expected) = bulk_backend();
+    let port = free_port();
+    let manifest = node_port_service("bulk", (port, backend.addr), None);
+    let mut lab = Lab::new();
+    let args = ["--drain-timeout", drain];
+    let mut old = lab.first(&manifest, &args);
+    let fast = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let fast = Arc::clone(&fast);
+            std::thread::spawn(move || download(local(port), TRANSFER, fast))
+        })
+        .collect();
+    eventually(Duration::from_secs(10), "4 transfers under way", || {
+        backend.accepted.load(Ordering::SeqCst) == 4
+    });
+    let new = lab.start(&manifest, &args);
+    new.wait_log("handover confirmed");
+    old.wait_log("handed over to the successor");
+    // The slow readers speed up only once the old instance drains.
+    if drain != "500ms" {
+        fast.store(true, Ordering::Relaxed);
+    }
+    let status = old.wait_exit(Duration::from_secs(90));
+    fast.store(true, Ordering::Relaxed);
+    assert!(status.success(), "the old instance exited with {status}:\n{}", old.log());
+    let ended = clients.into_iter().map(|c| c.join().expect("client")).collect();
+    (ended, expected)
+}
+
+#[test]
+fn transfers_in_flight_finish_whole_when_the_drain_is_long_enough() {
+    let (ended, expected) = transfers_across_an_upgrade("80s");
+    for (i, e) in ended.into_iter().enumerate() {
+        let (got, hash) = e.unwrap_or_else(|e| panic!("transfer {i} failed: {e}"));
+        assert_eq!(got, TRANSFER, "transfer {i}: every byte");
+        assert_eq!(hash, expected, "transfer {i}: SHA-256 matches");
+    }
+}
+
+#[test]
+fn transfers_cut_by_a_short_drain_end_in_reset_never_in_eof() {
+    let (ended, _) = transfers_across_an_upgrade("500ms");
+    for (i, e) in ended.into_iter().enumerate() {
+        match e {
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Ok((got, _)) => panic!("transfer {i} ended in EOF after {got} of {TRANSFER} bytes"),
+            Err(e) => panic!("transfer {i}: expected a reset, got {e}"),
+        }
+    }
+}
+
+/// The second instance of a lab whose handover cannot happen: it logs
+/// `why`, binds afresh, and serves (its own proxy port answers).
+fn serves_after_binding_afresh(lab: &mut Lab, why: &str) -> Instance {
+    let echo = Backend::echo();
+    let manifest = node_port_service("web", (free_port(), echo.addr), None);
+    let new = lab.start(&manifest, &["--handover-timeout", "1s"]);
+    new.wait_log(why);
+    new.wait_log("handover failed; binding afresh");
+    eventually(Duration::from_secs(20), "ready after binding afresh", || {
+        get(lab.admin, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    let port = proxy_port(lab.admin, "default/web:tcp").expect("a proxy port");
+    assert!(echo_ok(local(port as u16), 1), "serves after binding afresh:\n{}", new.log());
+    new
+}
+
+fn fake_old(path: &Path) -> socket2::Socket {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).expect("socket");
+    s.bind(&socket2::SockAddr::unix(path).expect("path")).expect("bind");
+    s.listen(8).expect("listen");
+    s
+}
+
+#[test]
+fn a_stale_socket_path_binds_afresh() {
+    let mut lab = Lab::new();
+    drop(fake_old(&lab.socket));
+    assert!(lab.socket.exists(), "the path stays behind");
+    serves_after_binding_afresh(&mut lab, "stale handover socket");
+}
+
+#[test]
+fn an_old_instance_that_never_answers_times_out_and_binds_afresh() {
+    let mut lab = Lab::new();
+    // Listening, never accepting: the hello waits in the backlog.
+    let _hung = fake_old(&lab.socket);
+    serves_after_binding_afresh(&mut lab, "no answer from the other instance within 1s");
+}
+
+#[test]
+fn an_old_instance_of_another_version_is_refused_and_the_new_binds_afresh() {
+    let mut lab = Lab::new();
+    let old = fake_old(&lab.socket);
+    let answer = std::thread::spawn(move || {
+        let (mut conn, _) = old.accept().expect("accept");
+        let mut hello = [0u8; 256];
+        let n = conn.read(&mut hello).expect("hello");
+        conn.write_all(br#"{"msg":"welcome","version":99,"pid":1}"#).expect("welcome");
+        String::from_utf8_lossy(&hello[..n]).into_owned()
+    });
+    serves_after_binding_afresh(&mut lab, "speaks handover version 99");
+    assert!(answer.join().expect("fake old").contains(r#""version":1"#));
+}
+
+#[test]
+fn a_successor_of_another_version_is_refused_and_the_old_serves_on() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    let mut lab = Lab::new();
+    let mut old = lab.first(&manifest, &[]);
+    let mut s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).expect("socket");
+    s.connect(&socket2::SockAddr::unix(&lab.socket).expect("path")).expect("connect");
+    s.write_all(br#"{"msg":"hello","version":99}"#).expect("hello");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut answer = [0u8; 256];
+    let n = s.read(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.contains(r#""msg":"refuse""#), "{answer}");
+    old.wait_log("refused a successor of another version");
+    assert!(old.running() && echo_ok(local(port), 1), "the old instance serves on:\n{}", old.log());
+}
+
+#[test]
+fn differing_configurations_adopt_what_matches_bind_the_rest_and_close_the_others() {
+    let (kept, dropped, added) = (Backend::echo(), Backend::echo(), Backend::echo());
+    let (kept_port, dropped_port, added_port) = (free_port(), free_port(), free_port());
+    let old_manifest = format!(
+        "{}---\n{}",
+        node_port_service("kept", (kept_port, kept.addr), None),
+        node_port_service("dropped", (dropped_port, dropped.addr), None)
+    );
+    let new_manifest = format!(
+        "{}---\n{}",
+        node_port_service("kept", (kept_port, kept.addr), None),
+        node_port_service("added", (added_port, added.addr), None)
+    );
+    let mut lab = Lab::new();
+    let mut old = lab.first(&old_manifest, &[]);
+    let kept_proxy = proxy_port(lab.admin, "default/kept:tcp");
+    let new = lab.upgrade(&mut old, &new_manifest, &[], Duration::from_secs(10));
+    assert_eq!(proxy_port(lab.admin, "default/kept:tcp"), kept_proxy, "the matching proxy port was adopted");
+    assert!(
+        echo_ok(local(kept_port), 1) && echo_ok(local(added_port), 2),
+        "kept and added serve:\n{}",
+        new.log()
+    );
+    let refused = TcpStream::connect_timeout(&local(dropped_port), Duration::from_secs(1));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "the port the new configuration dropped is closed: {refused:?}"
+    );
+    assert!(new.log().contains("a socket this configuration does not want; closed"), "{}", new.log());
+}
+
+#[test]
+fn two_successors_racing_take_over_one_after_the_other() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    let mut lab = Lab::new();
+    let mut old = lab.first(&manifest, &["--drain-timeout", "2s"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tcp_load(local(port), Arc::clone(&stop));
+    let mut a = lab.start(&manifest, &["--drain-timeout", "2s"]);
+    let mut b = lab.start(&manifest, &["--drain-timeout", "2s"]);
+    assert!(old.wait_exit(Duration::from_secs(20)).success(), "{}", old.log());
+    // The later one takes over from the earlier one, which then exits 0.
+    eventually(Duration::from_secs(20), "one successor left", || a.running() != b.running());
+    let (mut gone, mut left) = if a.running() { (b, a) } else { (a, b) };
+    assert!(gone.wait_exit(Duration::from_secs(1)).success(), "{}", gone.log());
+    assert!(left.log().contains("handover confirmed"), "{}", left.log());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let f = load.join().expect("load");
+    println!("two racing successors: TCP connections made {}, failed {}", f.made, f.failed);
+    assert_eq!(f.failed, 0, "{f:?}");
+    assert!(left.running() && echo_ok(local(port), 1), "{}", left.log());
+}
+
+#[test]
+fn with_wait_after_handover_the_old_instance_waits_for_sigterm_and_a_plain_stop_removes_the_socket() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    let mut lab = Lab::new();
+    let args = ["--wait-after-handover", "--drain-timeout", "1s"];
+    let mut old = lab.first(&manifest, &args);
+    let mut new = lab.start(&manifest, &args);
+    new.wait_log("handover confirmed");
+    old.wait_log("waiting for SIGTERM");
+    assert!(old.running(), "drained, and still there: a DaemonSet pod must not exit on its own");
+    assert!(echo_ok(local(port), 1), "the successor serves:\n{}", new.log());
+    let kill = |i: &Instance| Command::new("kill").arg("-TERM").arg(i.child.id().to_string()).status();
+    assert!(kill(&old).expect("kill").success());
+    assert!(old.wait_exit(Duration::from_secs(5)).success(), "{}", old.log());
+    assert!(lab.socket.exists(), "the successor's socket stays");
+
+    // The successor stops with no one to hand over to: it removes its socket.
+    assert!(kill(&new).expect("kill").success());
+    assert!(new.wait_exit(Duration::from_secs(10)).success(), "{}", new.log());
+    assert!(!lab.socket.exists(), "a plain stop leaves no stale socket behind");
+}
