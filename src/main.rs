@@ -245,6 +245,12 @@ struct RunArgs {
     /// close. Must be at least --workers.
     #[arg(long, default_value_t = 0)]
     max_connections: usize,
+    /// CIDRs of the load balancers that may send a PROXY header to ports
+    /// with `ringport.io/accept-proxy-protocol`, comma separated; a
+    /// connection from any other peer is reset unread. Unset: any peer
+    /// may, and so can name any client (see docs/proxy-protocol.md).
+    #[arg(long, value_delimiter = ',')]
+    proxy_protocol_trusted_cidrs: Vec<IpNet>,
     /// Fault injection for tests: each worker fails once it has accepted
     /// this many connections.
     #[arg(long, hide = true)]
@@ -394,6 +400,7 @@ impl RunArgs {
                 tcp_idle_timeout: (!self.tcp_idle_timeout.is_zero()).then_some(self.tcp_idle_timeout),
                 max_connections: (self.max_connections != 0).then_some(self.max_connections),
                 fail_after_accepts: self.fail_worker_after_accepts,
+                proxy_trusted: self.proxy_protocol_trusted_cidrs.iter().map(IpNet::trunc).collect(),
                 ..WorkerConfig::default()
             },
             balance: BalanceOptions {

@@ -224,6 +224,8 @@ impl Conn {
         }
         let client = self.client_addr.0.ip();
         if !crate::snapshot::admits(proxy.role, &self.port.spec, client) {
+            let counters = self.port.metrics.slot(self.worker);
+            counters.add(&counters.proxy_headers_refused, 1);
             return Err(HeaderRefusal::OutsideSourceRanges(client));
         }
         self.candidates = Some(self.balancer.pick(self.client_addr, now, self.connect_timeouts));

@@ -71,6 +71,9 @@ pub struct WorkerConfig {
     /// Fault injection for tests: a worker fails with an error once it has
     /// accepted this many connections.
     pub fail_after_accepts: Option<u64>,
+    /// Peers that may send a PROXY header to a port that accepts one
+    /// (empty: any peer); a header from any other is refused unread.
+    pub proxy_trusted: Vec<ipnet::IpNet>,
 }
 
 impl WorkerConfig {
@@ -105,6 +108,7 @@ impl Default for WorkerConfig {
             tcp_idle_timeout: Some(TCP_IDLE_TIMEOUT),
             max_connections: None,
             fail_after_accepts: None,
+            proxy_trusted: Vec::new(),
         }
     }
 }

@@ -34,8 +34,21 @@ pub enum HeaderRefusal {
     Io(#[source] io::Error),
     #[error("client {0} (from its PROXY header) is outside loadBalancerSourceRanges")]
     OutsideSourceRanges(std::net::IpAddr),
+    #[error("no whole PROXY header within {HEADER_WAIT:?}")]
+    TimedOut,
     #[error("no PROXY header was awaited")]
     NotAwaited,
+    #[error("peer {0} is outside --proxy-protocol-trusted-cidrs; its PROXY header is not read")]
+    UntrustedPeer(std::net::IpAddr),
+}
+
+/// Whether `peer` may send this node a PROXY header: with no trusted ranges
+/// (`--proxy-protocol-trusted-cidrs` unset) every peer may, as with
+/// HAProxy's `accept-proxy` and Envoy's listener filter; else only a peer
+/// inside one of them.
+pub fn trusted(trusted: &[ipnet::IpNet], peer: std::net::IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    trusted.is_empty() || trusted.iter().any(|net| net.contains(&peer))
 }
 
 /// A client's PROXY header, as far as it has arrived.

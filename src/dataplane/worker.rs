@@ -89,6 +89,8 @@ pub(super) struct Worker {
     cap_warnings: Throttle,
     /// Refused PROXY headers are logged (at debug) at most this often.
     header_logs: Throttle,
+    /// Peers that may send a PROXY header (empty: any).
+    proxy_trusted: Vec<ipnet::IpNet>,
     /// Fault injection for tests: fail after this many accepted clients.
     fail_after_accepts: Option<u64>,
     accepted: u64,
@@ -135,6 +137,7 @@ impl Worker {
             at_cap: false,
             cap_warnings: Throttle::new(WARN_EVERY),
             header_logs: Throttle::new(WARN_EVERY),
+            proxy_trusted: config.proxy_trusted.clone(),
             fail_after_accepts: config.fail_after_accepts,
             accepted: 0,
             yielded: Vec::new(),
@@ -239,8 +242,16 @@ impl Worker {
         // With a PROXY header to come, the client it names is checked and
         // balanced, once it is read.
         let header_first = proxy_protocol.accept.is_some();
+        if header_first && !super::preamble::trusted(&self.proxy_trusted, peer.ip()) {
+            let counters = route.port.metrics.slot(self.index);
+            counters.add(&counters.proxy_headers_refused, 1);
+            let refusal = super::preamble::HeaderRefusal::UntrustedPeer(peer.ip());
+            log_refused_header(&mut self.header_logs, &route.port.spec.name, peer, &refusal);
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            return Ok(());
+        }
         if !header_first && !crate::snapshot::admits(role, &route.port.spec, peer.ip()) {
-            tracing::debug!(service = %route.port.spec.name, client = %peer, "client outside loadBalancerSourceRanges");
+            log_outside_ranges(&route.port.spec.name, peer);
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         }
@@ -312,9 +323,12 @@ impl Worker {
             match action {
                 Action::ReadHeader => {
                     let read = conn.read_header(Instant::now()).unwrap_or_else(|e| {
-                        if let Some(held_back) = self.header_logs.allow(Instant::now()) {
-                            tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, error = %e, held_back, "PROXY header refused; client reset");
-                        }
+                        log_refused_header(
+                            &mut self.header_logs,
+                            &conn.port.spec.name,
+                            conn.client_addr.0,
+                            &e,
+                        );
                         HeaderRead::Refused
                     });
                     conn.machine.header_read(read);
@@ -473,9 +487,8 @@ impl Worker {
             if awaiting_header {
                 let counters = conn.port.metrics.slot(self.index);
                 counters.add(&counters.proxy_headers_refused, 1);
-                if let Some(held_back) = self.header_logs.allow(now) {
-                    tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, wait = ?super::preamble::HEADER_WAIT, held_back, "no whole PROXY header in time; client reset");
-                }
+                let refusal = super::preamble::HeaderRefusal::TimedOut;
+                log_refused_header(&mut self.header_logs, &conn.port.spec.name, conn.client_addr.0, &refusal);
             } else {
                 tracing::debug!(service = %conn.port.spec.name, client = %conn.client_addr.0, endpoint = ?conn.endpoint, idle = ?self.idle_timeout, "idle connection reset");
             }
@@ -512,6 +525,29 @@ impl Worker {
             conn.machine.reset();
             conn.begin_close(true, &mut self.pool);
         }
+    }
+}
+
+/// A client outside its Service's loadBalancerSourceRanges was reset
+/// (whether its address came from the socket or from a PROXY header).
+fn log_outside_ranges(service: &dyn std::fmt::Display, client: std::net::SocketAddr) {
+    tracing::debug!(%service, %client, "client outside loadBalancerSourceRanges");
+}
+
+/// Log a refused PROXY header: at debug, at most once a second (a flood of
+/// bad headers must not flood the log), except a client the header names
+/// outside loadBalancerSourceRanges, logged as any other such client.
+fn log_refused_header(
+    logs: &mut Throttle,
+    service: &dyn std::fmt::Display,
+    client: std::net::SocketAddr,
+    e: &super::preamble::HeaderRefusal,
+) {
+    if let super::preamble::HeaderRefusal::OutsideSourceRanges(_) = e {
+        return log_outside_ranges(service, client);
+    }
+    if let Some(held_back) = logs.allow(Instant::now()) {
+        tracing::debug!(%service, %client, error = %e, held_back, "PROXY header refused; client reset");
     }
 }
 
