@@ -155,6 +155,23 @@ pub fn admits(role: ListenRole, spec: &ServicePort, client: std::net::IpAddr) ->
         || ranges.any(|r| r.contains(&client))
 }
 
+/// The listener role whose source-range check a header's client meets: a
+/// connection redirected to the external proxy port (`destination`, its
+/// original destination, a non-local LoadBalancer IP) is checked as if it
+/// had reached that IP's own listener, since with PROXY headers accepted
+/// the rules leave such IPs out of the firewall (see `redirect/rules.rs`).
+pub fn header_role(role: ListenRole, spec: &ServicePort, destination: std::net::IpAddr) -> ListenRole {
+    let destination = destination.to_canonical();
+    match role {
+        ListenRole::ExternalProxy | ListenRole::ExternalProxy6
+            if spec.load_balancer_ips.iter().any(|ip| ip.to_canonical() == destination) =>
+        {
+            ListenRole::LoadBalancer(destination)
+        }
+        _ => role,
+    }
+}
+
 /// The whole served state.
 #[derive(Debug, Default)]
 pub struct Snapshot {

@@ -99,9 +99,24 @@ fn manifest() -> String {
             "ringport.io/accept-proxy-protocol: any, ringport.io/proxy-protocol: v2",
             "  type: NodePort\n",
         ),
+        // The documented edge setup: the ranges are the real clients', the
+        // balancer (the client namespace) is outside them.
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: lb-edge\n  namespace: default\n  \
+             annotations: {{ringport.io/accept-proxy-protocol: v1, ringport.io/proxy-protocol: v2}}\n\
+             spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.45\n  loadBalancerSourceRanges: [\"203.0.113.0/24\"]\n  \
+             ports:\n  - {{port: 80, targetPort: 8080, protocol: TCP}}\n\
+             status:\n  loadBalancer:\n    ingress: [{{ip: \"{LB_IP}\"}}]\n\
+             ---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: lb-edge, namespace: default}}\n\
+             subsets:\n- addresses: [{{ip: \"{}\"}}]\n  ports: [{{port: 8080, protocol: TCP}}]\n",
+            BACKEND.1
+        ),
     ]
     .concat()
 }
+
+/// `lb-edge`'s LoadBalancer IP: not on the node, redirected by the rules.
+const LB_IP: &str = "10.100.0.45";
 
 /// A lab with ringport (nft rules) in the node namespace on `manifest`,
 /// and `backend` started in be1 once its namespace exists.
@@ -303,6 +318,22 @@ fn backends_see_the_client_namespace_address_over_ipv4_and_ipv6_in_v1_v2_and_udp
     assert_eq!(count(&backend_log, "conn"), connections, "nothing was forwarded for a refused header");
     node.lab.eventually(Duration::from_secs(5), "3 refused headers counted", || {
         node.counter("ringport_proxy_headers_refused_total") == 3.0
+    });
+
+    // (6) A LoadBalancer IP with source ranges, behind a balancer outside
+    // them: the firewall lets the balancer through, and the client its
+    // header names is judged against the ranges.
+    let lb: SocketAddr = format!("{LB_IP}:80").parse().expect("addr");
+    let header = format!("PROXY TCP4 203.0.113.7 {LB_IP} 5555 80\r\nhello\n").into_bytes();
+    let (_, got) = exchange(&client, lb, header);
+    assert_eq!(got, Ok(format!("v2 203.0.113.7 5555 {LB_IP} 80 hello")), "{}", node.log());
+    let connections = count(&backend_log, "conn");
+    let header = format!("PROXY TCP4 198.51.100.9 {LB_IP} 5555 80\r\nhello\n").into_bytes();
+    let (_, got) = exchange(&client, lb, header);
+    assert!(got.is_err(), "a header naming a client outside the ranges was served: {got:?}");
+    assert_eq!(count(&backend_log, "conn"), connections, "nothing was forwarded for it");
+    node.lab.eventually(Duration::from_secs(5), "the refusal counted", || {
+        node.counter("ringport_proxy_headers_refused_total") == 4.0
     });
 }
 

@@ -259,10 +259,15 @@ impl Worker {
         let now = Instant::now();
         let candidates =
             (!header_first).then(|| route.balancer.pick(client_addr, now, self.connect_timeouts.len()));
-        let destination = match proxy_protocol.send {
-            Some(_) => super::preamble::client_destination(&client),
-            // Only read when sending a header: one syscall fewer otherwise.
-            None => None,
+        // Only read when a header is sent or received: one syscall fewer
+        // otherwise.
+        let destination = match proxy_protocol.send.is_some() || header_first {
+            true => super::preamble::client_destination(&client),
+            false => None,
+        };
+        let role = match (header_first, destination) {
+            (true, Some(to)) => crate::snapshot::header_role(role, &route.port.spec, to.ip()),
+            _ => role,
         };
         let mut conn =
             Conn::new(client, client_addr, &route, candidates, self.index, now, self.connect_timeouts.len())

@@ -224,7 +224,12 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
                 out.rules.redirects.insert(key, target);
             }
         }
-        if !sp.load_balancer_source_ranges.is_empty() {
+        // A port that accepts PROXY headers is reached from the load
+        // balancer, not the client: ranges listing the clients would drop
+        // the balancer. ringport judges the client its header names
+        // instead (`snapshot::admits`), and `--proxy-protocol-trusted-cidrs`
+        // the balancer.
+        if !sp.load_balancer_source_ranges.is_empty() && !accepts_headers(sp) {
             for ip in &sp.load_balancer_ips {
                 let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
                 let same_family: Vec<IpNet> = sp
@@ -244,6 +249,12 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
         }
     }
     out
+}
+
+/// Whether `sp`'s clients come through a load balancer that names them in
+/// a PROXY header (TCP only: UDP ports ignore the annotation).
+fn accepts_headers(sp: &ServicePort) -> bool {
+    sp.protocol == Protocol::Tcp && sp.proxy_protocol.accept.is_some()
 }
 
 /// The rules of a published snapshot: every service port with a bound
