@@ -260,6 +260,16 @@ impl ProxyProtocol {
         }
     }
 
+    /// What a port of `protocol` does with these annotations: a UDP port
+    /// accepts no header (not built) and sends v2 whichever version is
+    /// asked (v1 has no datagram form).
+    pub fn for_protocol(self, protocol: Protocol) -> Self {
+        match protocol {
+            Protocol::Tcp => self,
+            Protocol::Udp => Self { send: self.send.map(|_| ProxyVersion::V2), accept: None },
+        }
+    }
+
     /// `ringport.io/accept-proxy-protocol`: `v1`, `v2` or `any`.
     pub fn parse_accept(value: &str) -> Result<AcceptProxy, UnknownProxyProtocol> {
         match value {

@@ -322,7 +322,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         distribution: service.distribution,
         scheduler: service.scheduler,
         source_ip: service.source_ip,
-        proxy_protocol: service.proxy_protocol,
+        proxy_protocol: service.proxy_protocol.for_protocol(spec.protocol),
         ringport_annotations: service.ringport_annotations.clone(),
         health_check_node_port: service.health_check_node_port,
         endpoints,

@@ -376,6 +376,10 @@ pub enum WarningKind {
          (spec.ipFamilies / spec.clusterIPs), as kube-proxy does"
     )]
     EndpointFamilyNotServed { family: crate::model::IpFamily, service: ServiceName, served: String },
+    #[error("ignored on the Service's UDP ports: accepting a PROXY header is built for TCP only")]
+    AcceptProxyOnUdp,
+    #[error("v1 has no datagram form: the Service's UDP ports send v2")]
+    ProxyV1OnUdp,
     #[error("is empty: taken as a write in progress, its last good objects keep serving")]
     EmptyFileKept,
     #[error(

@@ -84,6 +84,8 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         }),
     };
 
+    udp_proxy_protocol(&mut diag, &ports, proxy_protocol);
+
     // Each `None` above comes with a recorded error, so `finish` returns
     // `Err` whenever one of these placeholders was needed.
     let service = model::Service {
@@ -488,6 +490,22 @@ fn annotation<T>(
 ) -> Option<T> {
     let (_, value) = annotations.iter().find(|(k, _)| k == key)?;
     diag.check(|| format!("metadata.annotations[\"{ANNOTATION_PREFIX}{key}\"]"), parse(value))
+}
+
+/// Warn (once per parse of the Service) where its PROXY protocol
+/// annotations do not apply as written to its UDP ports
+/// (`ProxyProtocol::for_protocol` says what they do there).
+fn udp_proxy_protocol(diag: &mut Diagnostics, ports: &[ServicePortSpec], pp: ProxyProtocol) {
+    if !ports.iter().any(|p| p.protocol == Protocol::Udp) {
+        return;
+    }
+    let field = |key: &str| format!("metadata.annotations[\"{ANNOTATION_PREFIX}{key}\"]");
+    if pp.accept.is_some() {
+        diag.warn(field(ACCEPT_PROXY_PROTOCOL_ANNOTATION), WarningKind::AcceptProxyOnUdp);
+    }
+    if pp.send == Some(crate::model::ProxyVersion::V1) {
+        diag.warn(field(PROXY_PROTOCOL_ANNOTATION), WarningKind::ProxyV1OnUdp);
+    }
 }
 
 /// `ringport.io/*` annotations, prefix stripped; sorted because the source

@@ -446,3 +446,30 @@ fn proxy_protocol_annotations_are_typed_and_unknown_values_name_the_annotation()
         "unknown PROXY protocol version \"yes\" (expected v1, v2 or any)",
     );
 }
+
+#[test]
+fn proxy_protocol_on_udp_ports_warns_naming_the_annotation_and_the_ports_show_what_they_do() {
+    use crate::model::{AcceptProxy, ProxyProtocol, ProxyVersion};
+    let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
+                ringport.io/proxy-protocol: v1\n    ringport.io/accept-proxy-protocol: any\n\
+                spec: {ports: [{name: tcp, port: 80}, {name: dns, port: 53, protocol: UDP}]}\n";
+    let found = warnings(text);
+    let lines: Vec<String> = found.iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 2, "{lines:?}");
+    assert_eq!(found[0].kind, WarningKind::AcceptProxyOnUdp);
+    assert!(
+        lines[0].starts_with(&format!("{AT}metadata.annotations[\"ringport.io/accept-proxy-protocol\"]: "))
+    );
+    assert_eq!(found[1].kind, WarningKind::ProxyV1OnUdp);
+    assert!(lines[1].starts_with(&format!("{AT}metadata.annotations[\"ringport.io/proxy-protocol\"]: ")));
+
+    let m = manifests(text);
+    let (ports, _) = crate::config::join(&m.services, &m.slices);
+    let of = |name: &str| ports.iter().find(|p| p.name.port == name).map(|p| p.proxy_protocol);
+    let tcp = ProxyProtocol { send: Some(ProxyVersion::V1), accept: Some(AcceptProxy::Any) };
+    assert_eq!(of("tcp"), Some(tcp));
+    assert_eq!(of("dns"), Some(ProxyProtocol { send: Some(ProxyVersion::V2), accept: None }));
+
+    // A TCP-only Service warns of nothing.
+    assert!(warnings(&text.replace(", protocol: UDP", "")).is_empty());
+}
