@@ -58,9 +58,10 @@ fn service(
     y
 }
 
-/// `pp-v1`, `pp-v2` (TCP, header sent), `pp-udp` (v2 on each datagram),
-/// all dual-stack, and `edge` (NodePort 30044: accepts any header, sends
-/// v2 onward).
+/// `pp-v1`, `pp-v2` (TCP, header sent), `pp-udp` (v2 on each datagram;
+/// NodePort 30044/UDP and externalIP 10.100.0.43), all dual-stack, `edge`
+/// (NodePort 30044/TCP: accepts any header, sends v2 onward), and
+/// `lb-edge` (a LoadBalancer IP with source ranges, accepting v1).
 fn manifest() -> String {
     [
         service(
@@ -88,7 +89,7 @@ fn manifest() -> String {
             5353,
             "UDP",
             "ringport.io/proxy-protocol: v2",
-            "",
+            "  type: NodePort\n  externalIPs: [\"10.100.0.43\"]\n",
         ),
         service(
             "edge",
@@ -263,10 +264,15 @@ fn backends_see_the_client_namespace_address_over_ipv4_and_ipv6_in_v1_v2_and_udp
     }
 
     // (2) UDP: a v2 DGRAM header on each datagram; replies come back bare.
-    for (vip, bind, client_ip) in
-        [("10.96.0.43", "0.0.0.0:0", CLIENT_IP), ("fd10:96::43", "[::]:0", CLIENT_IP6)]
-    {
-        let to = SocketAddr::new(vip.parse().expect("ip"), 53);
+    // A non-local externalIP (redirected to the external proxy port) and
+    // the NodePort (30044/UDP) are named as such.
+    for (vip, port, bind, client_ip) in [
+        ("10.96.0.43", 53, "0.0.0.0:0", CLIENT_IP),
+        ("fd10:96::43", 53, "[::]:0", CLIENT_IP6),
+        ("10.100.0.43", 53, "0.0.0.0:0", CLIENT_IP),
+        (NODE_IP, 30044, "0.0.0.0:0", CLIENT_IP),
+    ] {
+        let to = SocketAddr::new(vip.parse().expect("ip"), port);
         let (udp_port, replies) = in_namespace(&client, move || {
             let s = UdpSocket::bind(bind).expect("bind");
             s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
@@ -284,8 +290,8 @@ fn backends_see_the_client_namespace_address_over_ipv4_and_ipv6_in_v1_v2_and_udp
         for (i, reply) in replies.iter().enumerate() {
             assert!(reply.starts_with(&format!("v2 {client_ip} {udp_port} ")), "{reply}");
             assert!(
-                reply.ends_with(&format!(" {vip} 53 ping{i}")),
-                "the cluster IP as destination, and the payload whole after the header: {reply}"
+                reply.ends_with(&format!(" {vip} {port} ping{i}")),
+                "where the client sent it as destination, and the payload whole after the header: {reply}"
             );
         }
     }

@@ -16,7 +16,7 @@
 //!   its poll is no longer in flight.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,7 +46,11 @@ pub(super) struct HeaderTo {
 
 /// Where the clients of listener `id` sent their datagrams. UDP keeps no
 /// original destination through NAT, so: on a proxy port (cluster-IP
-/// traffic) the Service's cluster IP of that port's family, and its port; elsewhere (node ports,
+/// traffic) the Service's cluster IP of that port's family, and its port;
+/// on an external proxy port the first of the Service's external and
+/// load-balancer IPs of its family that the rules redirect there (not
+/// local: those have their own listener), and its port (with several, which
+/// one a datagram was sent to cannot be known); elsewhere (node ports,
 /// local external and load-balancer IPs, which ringport listens on
 /// directly) the address each datagram arrived on and the listener's port.
 fn header_destination(
@@ -60,6 +64,23 @@ fn header_destination(
     Some(match (role, cluster_ip) {
         (ListenRole::Proxy | ListenRole::Proxy6, Some(ip)) => {
             HeaderTo { addr: SocketAddr::new(*ip, spec.port), exact: true }
+        }
+        (ListenRole::ExternalProxy | ListenRole::ExternalProxy6, _) => {
+            let local = |ip: IpAddr| {
+                snapshot.listeners.iter().any(|l| {
+                    l.key.port == spec.name
+                        && matches!(l.key.role, ListenRole::External(a) | ListenRole::LoadBalancer(a) if a == ip)
+                })
+            };
+            let redirected = spec
+                .external_ips
+                .iter()
+                .chain(&spec.load_balancer_ips)
+                .find(|ip| ip.is_ipv4() == listen.is_ipv4() && !local(**ip));
+            match redirected {
+                Some(ip) => HeaderTo { addr: SocketAddr::new(*ip, spec.port), exact: true },
+                None => HeaderTo { addr: listen, exact: false },
+            }
         }
         _ => HeaderTo { addr: listen, exact: false },
     })
