@@ -490,7 +490,9 @@ impl Machine {
     /// The worker's tick: a relayed connection idle for `limit` is reset.
     /// True if it was.
     /// A client still owing its PROXY header past its deadline is reset
-    /// too.
+    /// too, and so is an endpoint that takes no byte of its header for
+    /// `limit` (a header fits any fresh socket's buffer: only an endpoint
+    /// that never reads can stall it).
     pub fn tick(&mut self, now: Instant, limit: Option<Duration>) -> bool {
         // Until the header is read no byte moved: `idle_since` is the accept.
         if self.phase == Phase::Header && now.saturating_duration_since(self.idle_since) >= HEADER_WAIT {
@@ -498,7 +500,8 @@ impl Machine {
             return true;
         }
         let idle = self.idle_for(now);
-        if self.phase == Phase::Relaying && limit.is_some_and(|l| idle >= l) {
+        let counted = matches!(self.phase, Phase::Relaying | Phase::Preamble);
+        if counted && limit.is_some_and(|l| idle >= l) {
             self.close(true);
             return true;
         }

@@ -462,3 +462,20 @@ fn a_ring_direction_forwards_end_of_file_and_closes_with_fin() {
     m.pumped(Dir::Down, 0, Pumped::Wait(Wait::Finished));
     assert_eq!(actions(&mut m), [Action::Close { reset: false }, Action::Free]);
 }
+
+#[test]
+fn an_endpoint_that_takes_no_byte_of_its_header_is_reset_after_the_idle_limit() {
+    let t0 = Instant::now();
+    let limit = Some(Duration::from_secs(10));
+    let mut m = Machine::with_preambles(t0, 4, Preambles { accept: false, send: true });
+    actions(&mut m);
+    m.dialed(Dialed::Connected);
+    actions(&mut m);
+    m.preamble_sent(PreambleSent::Partial);
+    assert_eq!(actions(&mut m), [Action::ArmPoll(Op::Writable(Dir::Up))]);
+    assert!(!m.tick(t0 + Duration::from_secs(9), limit));
+    assert!(m.tick(t0 + Duration::from_secs(10), limit), "a stalled header send has a deadline");
+    assert_eq!(actions(&mut m), [Action::Close { reset: true }, Action::Cancel(Op::Writable(Dir::Up))]);
+    m.completed(Op::Writable(Dir::Up), CANCELED);
+    assert_eq!(actions(&mut m), [Action::Free]);
+}
