@@ -223,15 +223,9 @@ impl fmt::Display for IpFamily {
 pub use crate::proxy_protocol::Version as ProxyVersion;
 
 /// Which PROXY protocol versions a service port accepts from a load
-/// balancer in front of ringport (`ringport.io/accept-proxy-protocol`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AcceptProxy {
-    V1,
-    V2,
-    /// Either version, told apart by its first byte.
-    Any,
-}
+/// balancer in front of ringport (`ringport.io/accept-proxy-protocol`):
+/// the codec's own type, so that what is configured is what is decoded.
+pub use crate::proxy_protocol::Accept as AcceptProxy;
 
 /// The PROXY protocol of a Service's ports: the header sent to endpoints
 /// (`ringport.io/proxy-protocol`) and the one required from clients

@@ -30,8 +30,8 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 line, CRLF included (the spec's bound).
 pub const V1_MAX_BYTES: usize = 107;
 /// The longest v2 header accepted, TLVs included: the 16-byte fixed part
-/// and 216 bytes of UNIX addresses plus 304 bytes of TLVs (HAProxy's own
-/// receive buffer is 536 bytes for the same reason).
+/// and 216 bytes of UNIX addresses plus 304 bytes of TLVs. The spec says a
+/// header is always smaller than an MSS; 536 is the smallest IPv4 TCP MSS.
 pub const MAX_V2_BYTES: usize = 536;
 
 /// A PROXY protocol version.
@@ -103,11 +103,25 @@ pub enum ProxyHeaderError {
     V2BadTlv(usize),
 }
 
-/// Which versions a receiver accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which versions a receiver accepts (`ringport.io/accept-proxy-protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accept {
-    Only(Version),
+    V1,
+    V2,
+    /// Either version, told apart by its first byte.
     Any,
+}
+
+impl Accept {
+    /// The one version accepted, if only one is.
+    fn only(self) -> Option<Version> {
+        match self {
+            Accept::V1 => Some(Version::V1),
+            Accept::V2 => Some(Version::V2),
+            Accept::Any => None,
+        }
+    }
 }
 
 /// Decode the start of `buf` as a PROXY header of an accepted version.
@@ -122,7 +136,7 @@ pub fn decode(buf: &[u8], accept: Accept) -> Result<Decoded, ProxyHeaderError> {
     if buf.is_empty() {
         return Ok(Decoded::NeedMore);
     }
-    if let Accept::Only(only) = accept
+    if let Some(only) = accept.only()
         && only != version
     {
         return Err(ProxyHeaderError::VersionNotAccepted(version, only));
@@ -212,7 +226,11 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, ProxyHeaderError> {
     if total > MAX_V2_BYTES {
         return Err(ProxyHeaderError::V2TooLong(total));
     }
+    // LOCAL: the block is discarded whole, family included (the spec), so
+    // neither its length nor its content is checked.
+    let local = buf[12] & 0x0f == 0;
     let needed = match buf[13] >> 4 {
+        _ if local => 0,
         1 => 12,
         2 => 36,
         3 => 216,
@@ -224,8 +242,9 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, ProxyHeaderError> {
     if buf.len() < total {
         return Ok(Decoded::NeedMore);
     }
-    check_tlvs(&buf[16 + needed..total], 16 + needed)?;
-    let local = buf[12] & 0x0f == 0;
+    if !local {
+        check_tlvs(&buf[16 + needed..total], 16 + needed)?;
+    }
     let transport = match buf[13] & 0x0f {
         1 => Some(Transport::Stream),
         2 => Some(Transport::Dgram),
@@ -233,7 +252,10 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, ProxyHeaderError> {
     };
     let a = &buf[16..];
     let port = |i: usize| u16::from_be_bytes([a[i], a[i + 1]]);
+    // `needed` bytes are there: a LOCAL header (which may have fewer)
+    // reads none.
     let pair = match buf[13] >> 4 {
+        _ if local => None,
         1 => {
             let ip = |i: usize| IpAddr::V4(Ipv4Addr::new(a[i], a[i + 1], a[i + 2], a[i + 3]));
             Some((SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10))))
@@ -248,10 +270,8 @@ fn decode_v2(buf: &[u8]) -> Result<Decoded, ProxyHeaderError> {
         }
         _ => None,
     };
-    let addresses = match (local, transport, pair) {
-        (false, Some(transport), Some((source, destination))) => {
-            Some(Addresses { transport, source, destination })
-        }
+    let addresses = match (transport, pair) {
+        (Some(transport), Some((source, destination))) => Some(Addresses { transport, source, destination }),
         _ => None,
     };
     Ok(Decoded::Done { header: Header { version: Version::V2, addresses }, consumed: total })
@@ -288,6 +308,7 @@ impl Encoded {
     fn push(&mut self, data: &[u8]) {
         let start = usize::from(self.len);
         // Callers never exceed the buffer (see the bounds in `encode`).
+        debug_assert!(start + data.len() <= V1_MAX_BYTES, "an encoded header outgrew its buffer");
         let end = (start + data.len()).min(V1_MAX_BYTES);
         self.bytes[start..end].copy_from_slice(&data[..end - start]);
         self.len = end as u8;
@@ -301,17 +322,22 @@ impl std::fmt::Write for Encoded {
     }
 }
 
-/// Both addresses in one family: IPv4 if both are (or map to) IPv4,
-/// else both as IPv6 (IPv4-mapped where needed), since a header carries one.
-fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+/// A source and destination in one family, since a header carries one.
+enum Pair {
+    V4([Ipv4Addr; 2]),
+    V6([Ipv6Addr; 2]),
+}
+
+/// IPv4 if both are (or map to) IPv4, else both as IPv6 (IPv4-mapped where
+/// needed).
+fn same_family(a: IpAddr, b: IpAddr) -> Pair {
     let v6 = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
-        v6 => v6,
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
     };
-    match (ia, ib) {
-        (IpAddr::V4(_), IpAddr::V4(_)) => (SocketAddr::new(ia, a.port()), SocketAddr::new(ib, b.port())),
-        _ => (SocketAddr::new(v6(ia), a.port()), SocketAddr::new(v6(ib), b.port())),
+    match (a.to_canonical(), b.to_canonical()) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => Pair::V4([a, b]),
+        (a, b) => Pair::V6([v6(a), v6(b)]),
     }
 }
 
@@ -323,20 +349,16 @@ pub fn encode(
     source: SocketAddr,
     destination: SocketAddr,
 ) -> Encoded {
-    let (source, destination) = same_family(source, destination);
+    let pair = same_family(source.ip(), destination.ip());
     let mut out = Encoded { bytes: [0; V1_MAX_BYTES], len: 0 };
     if version == Version::V1 && transport == Transport::Stream {
         use std::fmt::Write;
-        let protocol = if source.is_ipv4() { "TCP4" } else { "TCP6" };
+        let (sport, dport) = (source.port(), destination.port());
         // At most 104 bytes: "PROXY TCP6 " + 2 x 39 + 2 x 5 + 3 spaces + CRLF.
-        let _ = write!(
-            out,
-            "PROXY {protocol} {} {} {} {}\r\n",
-            source.ip(),
-            destination.ip(),
-            source.port(),
-            destination.port()
-        );
+        let _ = match pair {
+            Pair::V4([s, d]) => write!(out, "PROXY TCP4 {s} {d} {sport} {dport}\r\n"),
+            Pair::V6([s, d]) => write!(out, "PROXY TCP6 {s} {d} {sport} {dport}\r\n"),
+        };
         return out;
     }
     let transport = match transport {
@@ -345,20 +367,16 @@ pub fn encode(
     };
     out.push(&V2_SIGNATURE);
     // Version 2, command PROXY.
-    match (source.ip(), destination.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
+    match pair {
+        Pair::V4([s, d]) => {
             out.push(&[0x21, 0x10 | transport, 0, 12]);
             out.push(&s.octets());
             out.push(&d.octets());
         }
-        (s, d) => {
-            let v6 = |ip: IpAddr| match ip {
-                IpAddr::V6(v6) => v6.octets(),
-                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            };
+        Pair::V6([s, d]) => {
             out.push(&[0x21, 0x20 | transport, 0, 36]);
-            out.push(&v6(s));
-            out.push(&v6(d));
+            out.push(&s.octets());
+            out.push(&d.octets());
         }
     }
     out.push(&source.port().to_be_bytes());

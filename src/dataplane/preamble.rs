@@ -19,7 +19,7 @@ use socket2::SockRef;
 
 use super::sys::{self, Moved};
 use crate::model::AcceptProxy;
-use crate::proxy_protocol::{self, Accept, Decoded, Header, MAX_V2_BYTES, ProxyHeaderError, Version};
+use crate::proxy_protocol::{self, Accept, Decoded, Header, MAX_V2_BYTES, ProxyHeaderError, Transport};
 
 pub use super::machine::HEADER_WAIT;
 
@@ -34,6 +34,8 @@ pub enum HeaderRefusal {
     Io(#[source] io::Error),
     #[error("client {0} (from its PROXY header) is outside loadBalancerSourceRanges")]
     OutsideSourceRanges(std::net::IpAddr),
+    #[error("PROXY header describes a datagram (DGRAM), but this is a TCP connection")]
+    DatagramOnStream,
     #[error("no whole PROXY header within {HEADER_WAIT:?}")]
     TimedOut,
     #[error("no PROXY header was awaited")]
@@ -61,11 +63,6 @@ pub struct Inbound {
 
 impl Inbound {
     pub fn new(accept: AcceptProxy) -> Box<Self> {
-        let accept = match accept {
-            AcceptProxy::V1 => Accept::Only(Version::V1),
-            AcceptProxy::V2 => Accept::Only(Version::V2),
-            AcceptProxy::Any => Accept::Any,
-        };
         Box::new(Self { buf: [0; MAX_V2_BYTES], have: 0, accept })
     }
 
@@ -93,6 +90,9 @@ impl Inbound {
             }
         }
         self.have += consume;
+        if header.and_then(|h| h.addresses).is_some_and(|a| a.transport == Transport::Dgram) {
+            return Err(HeaderRefusal::DatagramOnStream);
+        }
         Ok(header)
     }
 }
@@ -184,6 +184,20 @@ mod tests {
         let mut inbound = Inbound::new(AcceptProxy::V2);
         let refused = read_until_done(&mut inbound, &accepted);
         assert!(matches!(refused, Err(HeaderRefusal::Closed)), "{refused:?}");
+    }
+
+    #[test]
+    fn a_datagram_header_on_a_tcp_connection_is_refused() {
+        let (mut client, accepted) = pair();
+        let header = proxy_protocol::encode(
+            proxy_protocol::Version::V2,
+            Transport::Dgram,
+            "192.0.2.9:4000".parse().unwrap(),
+            "198.51.100.1:53".parse().unwrap(),
+        );
+        client.write_all(header.as_bytes()).unwrap();
+        let refused = read_until_done(&mut Inbound::new(AcceptProxy::Any), &accepted);
+        assert!(matches!(refused, Err(HeaderRefusal::DatagramOnStream)), "{refused:?}");
     }
 
     #[test]
