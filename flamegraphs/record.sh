@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Records where ringport spends its CPU under tcp-crr and tcp-stream, and
+# Records where ringport spends its CPU under tcp-crr, tcp-rr and tcp-stream, and
 # renders flamegraphs/<scenario>-<shortcommit>.svg with inferno.
 #
 #   flamegraphs/record.sh [--bin-dir DIR] [--seconds N]
@@ -82,4 +82,5 @@ self_time() {
 }
 
 record tcp-crr -- tcp-crr -t "$(peer_target ringport echo)" -c 64 --source 127.0.0.2-127.0.0.50
+record tcp-rr -- tcp-rr -t "$(peer_target ringport echo)" -c 64
 record tcp-stream -- tcp-stream -t "$(peer_target ringport sink)" -c 1 --direction send
