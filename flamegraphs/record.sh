@@ -72,7 +72,8 @@ record() {
   # Keep the collapsed stacks too: small, greppable, diffable.
   sort -t' ' -k2 -nr "$WORK/$name.folded" | gzip -9 >"$ROOT/flamegraphs/$name-$COMMIT.folded.gz"
   echo "flamegraphs: wrote flamegraphs/$name-$COMMIT.svg ($(jq -r '"\(.ops_per_s|floor) ops/s, \(.gbit_per_s*100|floor/100) Gbit/s, \(.errors_total) errors"' "$WORK/$name.load.json" 2>/dev/null))" >&2
-  self_time "$WORK/$name.folded" | head -15 >&2
+  # head closes the pipe early: that SIGPIPE is not a failure.
+  self_time "$WORK/$name.folded" | head -15 >&2 || true
 }
 
 # Top frames by self time (the leaf of each stack), in percent.

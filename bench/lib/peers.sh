@@ -53,7 +53,9 @@ choose_port_base() {
     [ $((base + 200)) -lt "$low" ] || continue
     ok=1
     for p in $(seq "$base" $((base + 199))); do port_free "$p" || { ok=0; break; }; done
-    [ "$ok" = 1 ] && { PORT_BASE=$base; return 0; }
+    # IPERF_PORT is fixed with the block: every ringport manifest names it,
+    # whether or not this run starts the iperf3 server.
+    [ "$ok" = 1 ] && { PORT_BASE=$base; IPERF_PORT=$((base + 60)); return 0; }
   done
   echo "no free port block found" >&2; return 1
 }
@@ -80,7 +82,6 @@ start_backends() {
 # iperf3 talks TCP (control) and UDP (data) on one port, so a proxy in
 # front of it serves both protocols on one port number.
 start_iperf_server() {
-  IPERF_PORT=$((PORT_BASE + 60))
   # shellcheck disable=SC2046
   $(load_cpu) iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &
   track_pid $!
