@@ -117,39 +117,9 @@ impl Node {
         std::fs::create_dir_all(&config).expect("manifest dir");
         std::fs::write(config.join("services.yaml"), manifest(true)).expect("manifest");
         let log = lab.scratch.path().join("ringport.log");
-        let args = [
-            env!("CARGO_BIN_EXE_ringport"),
-            "run",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--redirect",
-            redirect,
-            "--workers",
-            "2",
-            "--no-pin",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ];
-        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-        let ringport = lab.spawn("node", &args, &log);
-        let node = Node { lab, ringport, config, log };
-        node.lab.eventually(Duration::from_secs(20), "ringport ready (rules synced)", || {
-            node.assert_running();
-            node.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok"
-        });
-        node
-    }
-
-    fn assert_running(&self) {
-        // try_wait needs &mut; a zombie in /proc means it exited.
-        let pid = self.pid();
-        assert!(
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")),
-            "ringport exited:\n{}",
-            self.log()
-        );
+        let ringport = lab.spawn_ringport("node", &[], &config, redirect, extra, &log);
+        lab.wait_ready("node", ringport, &log);
+        Node { lab, ringport, config, log }
     }
 
     /// `ip netns exec` execs the command: the child is ringport itself.

@@ -220,32 +220,9 @@ impl Node {
         }
         let config = self.lab.scratch.path().join("services.yaml");
         self.log = self.lab.scratch.path().join(format!("ringport-{}.log", self.ringport.wrapping_add(1)));
-        let args = [
-            env!("CARGO_BIN_EXE_ringport"),
-            "run",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--redirect",
-            redirect,
-            "--node-name",
-            "node-a",
-            "--workers",
-            "2",
-            "--no-pin",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ];
-        let args: Vec<&str> = wrapper.iter().chain(&args).chain(extra).copied().collect();
-        let log = self.log.clone();
-        self.ringport = self.lab.spawn("node", &args, &log);
-        let ready = |n: &Node| n.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok";
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !ready(self) {
-            assert!(std::time::Instant::now() < deadline, "ringport not ready:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let extra: Vec<&str> = ["--node-name", "node-a"].iter().chain(extra).copied().collect();
+        self.ringport = self.lab.spawn_ringport("node", wrapper, &config, redirect, &extra, &self.log);
+        self.lab.wait_ready("node", self.ringport, &self.log);
     }
 
     fn log(&self) -> String {

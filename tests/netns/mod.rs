@@ -169,6 +169,62 @@ impl Lab {
         self.children.len() - 1
     }
 
+    /// `ringport run` in `role`'s namespace as the namespace tests run it:
+    /// manifests at `config`, `--redirect redirect`, 2 workers, unpinned,
+    /// health on 127.0.0.1:10256 and metrics on 127.0.0.1:10249 (inside the
+    /// namespace), then `extra`. `prefix` runs in front of it (e.g. setpriv).
+    pub fn spawn_ringport(
+        &mut self,
+        role: &str,
+        prefix: &[&str],
+        config: &std::path::Path,
+        redirect: &str,
+        extra: &[&str],
+        log: &std::path::Path,
+    ) -> usize {
+        let config = config.to_str().expect("utf-8 path");
+        let own = [
+            env!("CARGO_BIN_EXE_ringport"),
+            "run",
+            "--config",
+            config,
+            "--redirect",
+            redirect,
+            "--workers",
+            "2",
+            "--no-pin",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+        ];
+        let args: Vec<&str> = prefix.iter().chain(&own).chain(extra).copied().collect();
+        self.spawn(role, &args, log)
+    }
+
+    /// Waits (20 s) until the ringport started by [`Lab::spawn_ringport`] as
+    /// child `index` in `role` answers /readyz with ok, i.e. its rules are
+    /// synced; panics with its log if it exits or times out first.
+    pub fn wait_ready(&self, role: &str, index: usize, log: &std::path::Path) {
+        let log = || std::fs::read_to_string(log).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.curl(role, "http://127.0.0.1:10249/readyz").1 != "ok" {
+            self.assert_alive(index, &log());
+            assert!(Instant::now() < deadline, "{}: ringport not ready in 20 s:\n{}", self.id, log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics, showing `log`, when child `index` has exited (a zombie still
+    /// in /proc counts: `try_wait` would need `&mut`).
+    pub fn assert_alive(&self, index: usize, log: &str) {
+        let pid = self.child_id(index);
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z ")),
+            "ringport exited:\n{log}"
+        );
+    }
+
     pub fn child_id(&self, index: usize) -> u32 {
         self.children[index].id()
     }
