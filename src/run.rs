@@ -179,6 +179,11 @@ struct Stopped {
 /// time, see [`Engine`]), so that a slow reload never stalls `/readyz`,
 /// `/healthz` or SIGTERM, and the last good snapshot serves meanwhile.
 async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunError> {
+    // Before a predecessor's sockets arrive: a successor started with a low
+    // soft limit would otherwise get a truncated handover and bind afresh.
+    if let Err(e) = crate::dataplane::sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+    }
     // The admin endpoints come first: /livez answers and /readyz says 503
     // while a source is still syncing.
     let state = AdminState {
