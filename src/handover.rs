@@ -4,24 +4,28 @@
 //! accept queues and UDP receive buffers, go on being served.
 //!
 //! The exchange, one JSON message per `SOCK_SEQPACKET` packet:
-//! 1. new -> old `hello {version}`; old -> new `welcome` or `refuse`.
+//! 1. new -> old `hello {version}`; old -> new `welcome` (once the old
+//!    instance has published its first configuration: until then the
+//!    successor waits, up to its `--handover-timeout`) or `refuse`.
 //! 2. old -> new one `listener {key, addr}` per listener, carrying its
 //!    sockets (`SCM_RIGHTS`, one per worker), one `admin {name, addr}` per
 //!    admin server, then `end`.
 //! 3. The new instance adopts the sockets whose key its configuration
 //!    wants (`listen::Binder::adopt`), binds the rest, closes the others,
 //!    publishes, and sends `confirm`.
-//! 4. On `confirm` the old instance stops accepting and drains as on
-//!    SIGTERM. Until then it serves as before, so nothing is ever without a
-//!    server: before `confirm` both serve the same sockets.
+//! 4. On `confirm` the old instance answers `stopping`, stops accepting
+//!    and drains as on SIGTERM. Until then it serves as before (and applies
+//!    updates), so nothing is ever without a server: before `confirm` both
+//!    serve the same sockets. A successor that gets no `stopping` exits
+//!    non-zero rather than serve beside the old instance.
 //!
 //! Invariants:
 //! - Every failure ends in the new instance binding afresh, logged once
 //!   with its cause: no old instance, a stale path, no answer within
 //!   `--handover-timeout`, another version, or a refusal.
-//! - The old instance changes nothing while it waits for `confirm` (its
-//!   engine is busy with the handover), and gives up after
-//!   [`CONFIRM_WAIT`], serving on.
+//! - The old instance sends from its handover thread what its current
+//!   snapshot serves, so its engine goes on applying updates; it waits for
+//!   `confirm` until the successor's connection ends, then serves on.
 //! - Two new instances that race are served one after the other: the
 //!   second finds the old one gone mid-handover and takes over from the
 //!   first once that one listens on the path, within its timeout.
@@ -45,9 +49,6 @@ use crate::listen::{ListenKey, Listener};
 
 /// The version of the exchange. A peer speaking another is refused.
 pub const VERSION: u32 = 1;
-/// How long an old instance waits for its successor's `confirm` (a new
-/// node agent first lists every Service and EndpointSlice).
-pub const CONFIRM_WAIT: Duration = Duration::from_secs(120);
 /// The directory of the default handover socket.
 pub const DEFAULT_DIR: &str = "/run/ringport";
 /// Room for one message (a listener's key and address).
@@ -91,6 +92,7 @@ enum Msg {
     Admin { name: String, addr: SocketAddr },
     End { sockets: usize },
     Confirm,
+    Stopping,
 }
 
 impl Msg {
@@ -103,6 +105,7 @@ impl Msg {
             Msg::Admin { .. } => "admin",
             Msg::End { .. } => "end",
             Msg::Confirm => "confirm",
+            Msg::Stopping => "stopping",
         }
     }
 }
@@ -170,8 +173,10 @@ impl Conn {
         fdpass::send_with_fds(self.sock.as_fd(), &bytes, fds).map_err(|e| self.io(e))
     }
 
-    fn recv(&self, timeout: Duration) -> Result<(Msg, Vec<OwnedFd>), HandoverError> {
-        self.sock.set_read_timeout(Some(timeout)).map_err(|e| self.io(e))?;
+    /// The next message, waiting up to `timeout` (`None`: until one comes
+    /// or the connection ends).
+    fn recv(&self, timeout: Option<Duration>) -> Result<(Msg, Vec<OwnedFd>), HandoverError> {
+        self.sock.set_read_timeout(timeout).map_err(|e| self.io(e))?;
         let mut buf = vec![0u8; MESSAGE_BYTES];
         let (n, fds) = fdpass::recv_with_fds(self.sock.as_fd(), &mut buf).map_err(|e| self.io(e))?;
         if n == 0 {
@@ -191,23 +196,29 @@ pub struct Taken {
     /// The old instance, to confirm to; none for sockets the service
     /// manager kept (`Taken::from_service_manager`).
     conn: Option<Conn>,
+    /// How long to wait for the old instance's `stopping`.
+    timeout: Duration,
     pub from_pid: u32,
     pub listeners: Vec<Handed>,
     pub admin: Vec<HandedAdmin>,
 }
 
 impl Taken {
-    /// Tell the old instance to stop accepting and drain.
-    pub fn confirm(self) {
-        let Some(conn) = self.conn else { return };
-        match conn.send(&Msg::Confirm, &[]) {
-            Ok(()) => tracing::info!(
-                old_pid = self.from_pid,
-                "handover confirmed: the old instance stops accepting and drains"
-            ),
-            Err(e) => {
-                tracing::warn!(old_pid = self.from_pid, error = %e, "handover: cannot confirm; both instances serve the handed sockets until the old one stops")
+    /// Tell the old instance to stop accepting and drain, and wait for its
+    /// `stopping`. An error means the old instance may serve on: the caller
+    /// stops rather than serve beside it.
+    pub fn confirm(self) -> Result<(), HandoverError> {
+        let Some(conn) = self.conn else { return Ok(()) };
+        conn.send(&Msg::Confirm, &[])?;
+        match conn.recv(Some(self.timeout))? {
+            (Msg::Stopping, _) => {
+                tracing::info!(
+                    old_pid = self.from_pid,
+                    "handover confirmed: the old instance stops accepting and drains"
+                );
+                Ok(())
             }
+            (other, _) => Err(HandoverError::Unexpected { got: other.name() }),
         }
     }
 }
@@ -259,7 +270,7 @@ fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
     }
     let conn = Conn { sock, path };
     conn.send(&Msg::Hello { version: VERSION }, &[])?;
-    let from_pid = match conn.recv(opts.timeout)?.0 {
+    let from_pid = match conn.recv(Some(opts.timeout))?.0 {
         Msg::Welcome { version: VERSION, pid } => pid,
         Msg::Welcome { version, .. } => return Err(HandoverError::Version { theirs: version }),
         Msg::Refuse { version, .. } if version != VERSION => {
@@ -270,7 +281,7 @@ fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
     };
     let (mut listeners, mut admin): (Vec<Handed>, Vec<HandedAdmin>) = (Vec::new(), Vec::new());
     loop {
-        match conn.recv(opts.timeout)? {
+        match conn.recv(Some(opts.timeout))? {
             (Msg::Listener { key, addr }, fds) => match listeners.iter_mut().find(|h| h.key == key) {
                 // A listener with more sockets than one message carries.
                 Some(h) => h.sockets.extend(fds),
@@ -285,7 +296,7 @@ fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
             (other, _) => return Err(HandoverError::Unexpected { got: other.name() }),
         }
     }
-    Ok(Taken { conn: Some(conn), from_pid, listeners, admin })
+    Ok(Taken { conn: Some(conn), timeout: opts.timeout, from_pid, listeners, admin })
 }
 
 /// The name under which a listener's sockets are kept in the service
@@ -378,7 +389,7 @@ impl Taken {
             admin = admin.len(),
             "took the sockets the service manager kept across the restart"
         );
-        Some(Taken { conn: None, from_pid: 0, listeners, admin })
+        Some(Taken { conn: None, timeout: Duration::ZERO, from_pid: 0, listeners, admin })
     }
 }
 
@@ -437,8 +448,8 @@ impl Server {
         Some(SocketFile { path: self.path.clone(), ino })
     }
 
-    /// Accept successors on a thread of its own, answering their hello,
-    /// and give each to `deliver` (false: stop).
+    /// Accept successors on a thread of its own, check their hello, and
+    /// give each to `deliver` on that thread (false: stop).
     pub fn spawn(
         self,
         timeout: Duration,
@@ -455,7 +466,7 @@ impl Server {
                     }
                 };
                 let conn = Conn { sock, path: self.path.clone() };
-                match conn.recv(timeout) {
+                match conn.recv(Some(timeout)) {
                     Ok((Msg::Hello { version: VERSION }, _)) => {}
                     Ok((Msg::Hello { version }, _)) => {
                         tracing::warn!(
@@ -476,8 +487,7 @@ impl Server {
                         continue;
                     }
                 }
-                let welcome = Msg::Welcome { version: VERSION, pid: std::process::id() };
-                if conn.send(&welcome, &[]).is_ok() && !deliver(Incoming { conn }) {
+                if !deliver(Incoming { conn }) {
                     return;
                 }
             }
@@ -493,10 +503,14 @@ impl Incoming {
         let _ = self.conn.send(&Msg::Refuse { version: VERSION, reason: reason.into() }, &[]);
     }
 
-    /// Send every open socket of `listeners` and of the admin servers,
-    /// then wait up to [`CONFIRM_WAIT`] for the successor's confirmation.
-    /// Ok once confirmed: stop accepting and drain.
-    pub fn hand_over(self, listeners: &[Arc<Listener>], admin: &[HandedAdmin]) -> Result<(), HandoverError> {
+    /// Welcome the successor, send every open socket of `listeners` and of
+    /// the admin servers, and `end`; the number of sockets sent.
+    pub fn send_sockets(
+        &self,
+        listeners: &[Arc<Listener>],
+        admin: &[HandedAdmin],
+    ) -> Result<usize, HandoverError> {
+        self.conn.send(&Msg::Welcome { version: VERSION, pid: std::process::id() }, &[])?;
         let mut sockets = 0;
         for l in listeners {
             let open = l.open_sockets();
@@ -510,13 +524,14 @@ impl Incoming {
             self.conn.send(&Msg::Admin { name: a.name.clone(), addr: a.addr }, &[a.socket.as_fd()])?;
         }
         self.conn.send(&Msg::End { sockets }, &[])?;
-        tracing::info!(
-            listeners = listeners.len(),
-            sockets,
-            "handover: sockets sent; waiting for the successor to confirm"
-        );
-        match self.conn.recv(CONFIRM_WAIT)? {
-            (Msg::Confirm, _) => Ok(()),
+        Ok(sockets)
+    }
+
+    /// Wait for the successor's `confirm` until its connection ends, and
+    /// answer `stopping`. Ok once confirmed: stop accepting and drain.
+    pub fn await_confirm(self) -> Result<(), HandoverError> {
+        match self.conn.recv(None)? {
+            (Msg::Confirm, _) => self.conn.send(&Msg::Stopping, &[]),
             (other, _) => Err(HandoverError::Unexpected { got: other.name() }),
         }
     }

@@ -32,7 +32,7 @@ use crate::budget::Budget;
 use crate::config::{ConfigError, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
-use crate::handover::{self, HandedAdmin, HandoverOptions, Incoming, Taken};
+use crate::handover::{self, HandedAdmin, HandoverOptions, Taken};
 use crate::listen::{Binder, ListenOptions, ListenerId, node_addresses};
 use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
@@ -113,6 +113,10 @@ pub enum RunError {
     WorkerFailed(usize),
     #[error("a control-plane task panicked")]
     ControlPanicked,
+    #[error(
+        "the old instance did not answer our handover confirmation, so it may still serve; stopped rather than serve beside it (a restart takes over or binds afresh)"
+    )]
+    Unconfirmed(#[source] handover::HandoverError),
 }
 
 /// Handles a caller (e.g. the demo) may keep to watch the running proxy.
@@ -234,13 +238,19 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
     let first = matches!(source, Source::File(_)).then_some(Update::Files);
     let faults = Arc::clone(&handles.faults);
     let start_opts = opts.clone();
+    let handles_snapshot = Arc::clone(&handles.snapshot);
     let mut engine = tokio::task::spawn_blocking(move || {
         Engine::start(start_opts, handles, service_health, first, taken, admin_sockets)
     })
     .await
     .map_err(|_| RunError::ControlPanicked)??;
+    if let Some(e) = engine.unconfirmed.take() {
+        return Err(RunError::Unconfirmed(e));
+    }
     tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, "serving");
-    let (mut successors, socket_file) = listen_for_successors(opts.handover.as_ref());
+    let (mut confirmed, socket_file) =
+        listen_for_successors(opts.handover.as_ref(), Arc::clone(&handles_snapshot), &engine.admin_sockets);
+    let mut handed_over = false;
 
     let mut idle = Some(engine);
     let mut running: Option<JoinHandle<(Engine, bool)>> = None;
@@ -279,25 +289,21 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             }
             done = finished(&mut running) => {
                 running = None;
-                let (back, again) = done.map_err(|_| RunError::ControlPanicked)?;
+                let (mut back, again) = done.map_err(|_| RunError::ControlPanicked)?;
+                if let Some(e) = back.unconfirmed.take() {
+                    return Err(RunError::Unconfirmed(e));
+                }
                 if again {
                     recheck = Some(tokio::time::Instant::now() + crate::source::file::SETTLE);
                 }
-                let handed_over = back.handed_over;
                 idle = Some(back);
-                if handed_over {
-                    tracing::info!("handed over to the successor: stopping");
-                    admin_servers.stop_accepting();
-                    break;
-                }
                 None
             }
-            Some(incoming) = successors.recv() => {
-                // An earlier successor still waiting is let go: it finds
-                // the connection closed and tries again (module header
-                // of `handover`).
-                drop(pending.handover.replace(incoming));
-                None
+            Some(()) = confirmed.recv() => {
+                tracing::info!("handed over to the successor: stopping");
+                admin_servers.stop_accepting();
+                handed_over = true;
+                break;
             }
             _ = int.recv() => break,
             _ = term.recv() => break,
@@ -327,7 +333,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
         // Unreachable: the engine is idle or with the running reload.
         (None, None) => return Err(RunError::ControlPanicked),
     };
-    Ok(Stopped { handed_over: engine.handed_over, data_plane: engine.data_plane, socket_file })
+    Ok(Stopped { handed_over, data_plane: engine.data_plane, socket_file })
 }
 
 /// The reload in flight, if any; pending forever otherwise.
@@ -354,13 +360,11 @@ struct Work {
     /// The trigger times of the EndpointSlice changes queued updates
     /// carry, kept when a newer update replaces an older one.
     triggers: Vec<std::time::SystemTime>,
-    /// A successor waiting for our sockets.
-    handover: Option<Incoming>,
 }
 
 impl Work {
     fn is_empty(&self) -> bool {
-        self.update.is_none() && self.zone.is_none() && self.handover.is_none()
+        self.update.is_none() && self.zone.is_none()
     }
 }
 
@@ -383,10 +387,11 @@ struct Engine {
     loader: Option<FileLoader>,
     /// The predecessor whose sockets we took, until we publish and confirm.
     taking: Option<Taken>,
-    /// Copies of the admin servers' sockets, for a successor.
+    /// Copies of the admin servers' sockets, for a successor and the fd
+    /// store.
     admin_sockets: Vec<HandedAdmin>,
-    /// A successor confirmed: stop accepting and drain.
-    handed_over: bool,
+    /// The predecessor did not answer our confirmation: stop.
+    unconfirmed: Option<handover::HandoverError>,
     /// With systemd's fd store: the store name of each listener whose
     /// sockets are kept there; `None` without a store.
     stored: Option<HashMap<ListenerId, String>>,
@@ -448,7 +453,7 @@ impl Engine {
             loader,
             taking,
             admin_sockets,
-            handed_over: false,
+            unconfirmed: None,
             stored: None,
         };
         engine.start_store(kept_names);
@@ -491,9 +496,6 @@ impl Engine {
             Some((update, why)) => self.apply(update, why, &work.triggers),
             None => false,
         };
-        if let Some(successor) = work.handover {
-            self.hand_over(successor);
-        }
         again
     }
 
@@ -501,8 +503,11 @@ impl Engine {
     /// systemd's `READY=1` comes from the syncer's first success, with
     /// /readyz's 200: once the redirect rules exist.
     fn published(&mut self) {
-        if let Some(predecessor) = self.taking.take() {
-            predecessor.confirm();
+        if let Some(predecessor) = self.taking.take()
+            && let Err(e) = predecessor.confirm()
+        {
+            tracing::error!(error = %e, "handover: the old instance did not answer our confirmation; stopping rather than serving beside it");
+            self.unconfirmed = Some(e);
         }
         let current = self.control.current();
         self.store(&current);

@@ -49,3 +49,87 @@ fn a_successor_with_a_low_soft_fd_limit_takes_more_sockets_than_the_limit() {
         assert!(echo_ok(local(*p), i), "port {p} serves after the upgrade:\n{}", new.log());
     }
 }
+
+/// A successor speaking the handover by hand: says hello and takes the
+/// sockets (closing them), then does what the test wants.
+fn fake_successor(path: &std::path::Path) -> (socket2::Socket, Vec<String>) {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None).expect("socket");
+    s.connect(&socket2::SockAddr::unix(path).expect("path")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    send(&s, br#"{"msg":"hello","version":1}"#);
+    let mut got = Vec::new();
+    while !got.last().is_some_and(|m: &String| m.contains(r#""msg":"end""#)) {
+        got.push(recv(&s).expect("a message of the handover"));
+    }
+    (s, got)
+}
+
+fn send(s: &socket2::Socket, msg: &[u8]) {
+    use std::os::fd::AsFd;
+    ringport::handover::send_with_fds(s.as_fd(), msg, &[]).expect("send");
+}
+
+fn recv(s: &socket2::Socket) -> Option<String> {
+    use std::os::fd::AsFd;
+    let mut buf = vec![0u8; 16 * 1024];
+    let (n, _fds) = ringport::handover::recv_with_fds(s.as_fd(), &mut buf).ok()?;
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn a_successor_that_never_confirms_leaves_the_old_serving_and_applying_updates() {
+    let (echo, added) = (Backend::echo(), Backend::echo());
+    let (port, added_port) = (free_port(), free_port());
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    let mut lab = Lab::new();
+    let mut old = lab.first(&manifest, &["--drain-timeout", "1s"]);
+    let (fake, got) = fake_successor(&lab.socket);
+    assert!(got[0].contains(r#""msg":"welcome""#), "{got:?}");
+    old.wait_log("waiting for the successor to confirm");
+
+    // The old engine is free meanwhile: it applies an update.
+    let both = format!("{manifest}---\n{}", node_port_service("added", (added_port, added.addr), None));
+    let config = lab.dir.path().join("config-1").join("services.yaml");
+    std::fs::write(&config, both).expect("update the manifest");
+    common::eventually(Duration::from_secs(20), "the old instance serves the added port", || {
+        echo_ok(local(added_port), 1)
+    });
+
+    // The successor goes away without confirming: the old serves on.
+    drop(fake);
+    old.wait_log("the successor did not confirm; serving on");
+    assert!(old.running() && echo_ok(local(port), 2), "{}", old.log());
+    // And a real successor takes over afterwards.
+    let new = lab.upgrade(
+        &mut old,
+        &std::fs::read_to_string(&config).expect("manifest"),
+        &[],
+        Duration::from_secs(1),
+    );
+    assert!(echo_ok(local(port), 3) && echo_ok(local(added_port), 4), "{}", new.log());
+}
+
+#[test]
+fn a_successor_whose_confirmation_gets_no_answer_exits_non_zero() {
+    let echo = Backend::echo();
+    let manifest = node_port_service("web", (free_port(), echo.addr), None);
+    let mut lab = Lab::new();
+    let old = fake_old(&lab.socket);
+    let answer = std::thread::spawn(move || {
+        let (conn, _) = old.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let hello = recv(&conn).expect("hello");
+        send(&conn, br#"{"msg":"welcome","version":1,"pid":1}"#);
+        send(&conn, br#"{"msg":"end","sockets":0}"#);
+        // Read the confirmation, never answer it; hold the connection.
+        let confirm = recv(&conn);
+        std::thread::sleep(Duration::from_secs(3));
+        (hello, confirm)
+    });
+    let mut new = lab.start(&manifest, &["--handover-timeout", "1s"]);
+    let status = new.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "exits non-zero:\n{}", new.log());
+    assert!(new.log().contains("did not answer our handover confirmation"), "{}", new.log());
+    let (hello, confirm) = answer.join().expect("fake old");
+    assert!(hello.contains(r#""msg":"hello""#) && confirm.is_some_and(|c| c.contains("confirm")));
+}

@@ -8,21 +8,42 @@ use std::os::fd::{AsFd, BorrowedFd};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Engine, RunError};
-use crate::handover::{self, HandedAdmin, HandoverOptions, Incoming, Taken};
+use crate::handover::{self, HandedAdmin, HandoverError, HandoverOptions, Incoming, Taken};
 use crate::listen::ListenerId;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{SharedSnapshot, Snapshot};
 
-/// Successors that said hello on the handover socket; none without one.
+/// Hand our sockets over to successors that say hello on the handover
+/// socket, from a thread of its own so that the engine keeps applying
+/// updates meanwhile. The receiver yields once a successor confirmed: then
+/// stop accepting and drain.
 pub(super) fn listen_for_successors(
     opts: Option<&HandoverOptions>,
-) -> (tokio::sync::mpsc::UnboundedReceiver<Incoming>, Option<handover::SocketFile>) {
+    snapshot: SharedSnapshot,
+    admin: &[HandedAdmin],
+) -> (tokio::sync::mpsc::UnboundedReceiver<()>, Option<handover::SocketFile>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut file = None;
     if let Some(h) = opts {
+        let admin: Vec<HandedAdmin> = admin
+            .iter()
+            .filter_map(|a| {
+                let socket = a.socket.try_clone().ok()?;
+                Some(HandedAdmin { name: a.name.clone(), addr: a.addr, socket })
+            })
+            .collect();
         let started = handover::Server::listen(&h.path).and_then(|server| {
             file = server.file();
             server
-                .spawn(h.timeout, move |incoming| tx.send(incoming).is_ok())
+                .spawn(h.timeout, move |successor| match hand_over(successor, &snapshot, &admin) {
+                    Ok(()) => {
+                        let _ = tx.send(());
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handover: the successor did not confirm; serving on");
+                        true
+                    }
+                })
                 .map_err(|source| handover::HandoverError::Io { path: h.path.clone(), source })
         });
         match started {
@@ -33,6 +54,32 @@ pub(super) fn listen_for_successors(
         }
     }
     (rx, file)
+}
+
+/// Hold a successor until our first configuration is published (it waits
+/// up to its own `--handover-timeout`), send it every socket the current
+/// snapshot serves, and wait until it confirms or goes away.
+fn hand_over(
+    successor: Incoming,
+    snapshot: &SharedSnapshot,
+    admin: &[HandedAdmin],
+) -> Result<(), HandoverError> {
+    let mut held = false;
+    while snapshot.load().generation == 0 {
+        if !held {
+            tracing::info!("handover: a successor waits until this instance serves its first configuration");
+            held = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let current = snapshot.load_full();
+    let sockets = successor.send_sockets(&current.listeners, admin)?;
+    tracing::info!(
+        listeners = current.listeners.len(),
+        sockets,
+        "handover: sockets sent; waiting for the successor to confirm"
+    );
+    successor.await_confirm()
 }
 
 /// The sockets to start with: a running instance's (the handover), else
@@ -98,20 +145,6 @@ impl Engine {
             for a in &self.admin_sockets {
                 crate::systemd::store_fds(&handover::admin_store_name(&a.name), &[a.socket.as_fd()]);
             }
-        }
-    }
-
-    /// Send a successor every socket we serve, and wait for it to confirm
-    /// (no update is applied meanwhile: the successor adopts what we had).
-    pub(super) fn hand_over(&mut self, successor: Incoming) {
-        let current = self.control.current();
-        if current.generation == 0 {
-            successor.refuse("this instance serves no configuration yet");
-            return;
-        }
-        match successor.hand_over(&current.listeners, &self.admin_sockets) {
-            Ok(()) => self.handed_over = true,
-            Err(e) => tracing::warn!(error = %e, "handover: the successor did not confirm; serving on"),
         }
     }
 
