@@ -492,11 +492,10 @@ impl Engine {
         if let Some(zone) = work.zone {
             self.relocate(zone);
         }
-        let again = match work.update {
+        match work.update {
             Some((update, why)) => self.apply(update, why, &work.triggers),
             None => false,
-        };
-        again
+        }
     }
 
     /// A snapshot was published: what follows it (rules, health checks).
