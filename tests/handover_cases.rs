@@ -133,3 +133,21 @@ fn a_successor_whose_confirmation_gets_no_answer_exits_non_zero() {
     let (hello, confirm) = answer.join().expect("fake old");
     assert!(hello.contains(r#""msg":"hello""#) && confirm.is_some_and(|c| c.contains("confirm")));
 }
+
+#[test]
+fn a_handed_over_port_without_endpoints_in_the_new_configuration_refuses() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let manifest = node_port_service("web", (port, echo.addr), None);
+    // The same Service, with no Endpoints object: its ports refuse.
+    let no_endpoints = manifest.split("---\n").next().expect("the Service").to_owned();
+    let mut lab = Lab::new();
+    let mut old = lab.first(&manifest, &[]);
+    let new = lab.upgrade(&mut old, &no_endpoints, &[], Duration::from_secs(10));
+    let refused = std::net::TcpStream::connect_timeout(&local(port), Duration::from_secs(1));
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "the handed-over NodePort without endpoints refuses: {refused:?}\n{}",
+        new.log()
+    );
+}

@@ -105,6 +105,12 @@ impl Worker {
                         || SockRef::from(&fd).listen(listen::BACKLOG).map_err(|e| {
                             tracing::error!(worker = self.index, error = %e, "cannot start listening")
                         }).is_ok());
+                if !serving && protocol == Protocol::Tcp {
+                    // A socket handed over by the previous instance already
+                    // listens: stop it as a pause does (a fresh one does not
+                    // listen, and the call fails harmlessly).
+                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
+                }
                 let a = Accepting {
                     id: listener.id,
                     role: listener.key.role,
