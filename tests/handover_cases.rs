@@ -1,12 +1,15 @@
 //! The handover's edge cases found in review (issue 12), through the real
 //! `ringport` binary in the lab of `tests/upgrade_lab`: a successor
 //! started with a low soft fd limit, a successor that never confirms, a
-//! handed-over port the new configuration does not serve.
+//! handed-over port the new configuration does not serve, a successor that
+//! races one still waiting for its first list from the API.
 //!
 //! Real sockets on loopback only; every loop is bounded in count and time;
 //! every path and port is this test's own (tempdirs, ephemeral ports).
 
 mod common;
+#[allow(dead_code)]
+mod fake_api;
 mod upgrade_lab;
 
 use std::time::Duration;
@@ -150,4 +153,51 @@ fn a_handed_over_port_without_endpoints_in_the_new_configuration_refuses() {
         "the handed-over NodePort without endpoints refuses: {refused:?}\n{}",
         new.log()
     );
+}
+
+#[test]
+fn a_successor_racing_one_that_has_not_published_yet_is_held_and_takes_over_from_it() {
+    use fake_api::{FakeApi, node, service, slice};
+    let (echo, backend) = (Backend::echo(), Backend::echo());
+    let port = free_port();
+    let api = FakeApi::start_with_slices_held(vec![
+        service(
+            "kweb",
+            serde_json::json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": backend.addr.port(), "protocol": "TCP"}]}),
+        ),
+        slice("kweb-1", "kweb", backend.addr.port(), &[("127.0.0.1", "node-1", "zone-a")]),
+        node("node-1", "zone-a", serde_json::json!({}), serde_json::json!({})),
+    ]);
+    let mut lab = Lab::new();
+    let kubeconfig = api.kubeconfig(lab.dir.path()).display().to_string();
+    let kube = [
+        "--source",
+        "kube",
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-name",
+        "node-1",
+        "--drain-timeout",
+        "1s",
+        "--handover-timeout",
+        "20s",
+    ];
+    let mut old = lab.first(&node_port_service("web", (port, echo.addr), None), &["--drain-timeout", "1s"]);
+    // The first successor takes the sockets, then waits for its first list.
+    let mut first = lab.start("", &kube);
+    first.wait_log("took the old instance's sockets");
+    first.wait_log("a successor can take over here");
+    // The second finds it there before it published: held, not refused.
+    let mut second = lab.start("", &kube);
+    first.wait_log("a successor waits until this instance serves its first configuration");
+    api.release_slices();
+    assert!(old.wait_exit(Duration::from_secs(20)).success(), "{}", old.log());
+    second.wait_log("handover confirmed");
+    assert!(first.wait_exit(Duration::from_secs(20)).success(), "{}", first.log());
+    assert!(!second.log().contains("binding afresh"), "{}", second.log());
+    let proxy = upgrade_lab::get(lab.admin, "/debug/snapshot")
+        .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .and_then(|s| s["service_ports"][0]["proxy_port"].as_u64());
+    let proxy = proxy.expect("a proxy port in /debug/snapshot");
+    assert!(second.running() && echo_ok(local(proxy as u16), 1), "{}", second.log());
 }
