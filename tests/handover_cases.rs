@@ -8,7 +8,6 @@
 //! every path and port is this test's own (tempdirs, ephemeral ports).
 
 mod common;
-#[allow(dead_code)]
 mod fake_api;
 mod upgrade_lab;
 
