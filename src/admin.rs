@@ -53,6 +53,9 @@ pub struct AdminState {
     /// kube-proxy's `nodeEligible`: true until the Node watch says
     /// otherwise (and always without one).
     pub node_eligible: Arc<AtomicBool>,
+    /// True while a successor holds our sockets, until it confirms or goes
+    /// away: /readyz answers 503, so a probe sees the old instance leaving.
+    pub handing_over: Arc<AtomicBool>,
 }
 
 /// Whether the proxy itself is healthy, kube-proxy's `IsHealthy`: the
@@ -139,7 +142,9 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
+    if s.handing_over.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "handing over\n")
+    } else if s.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")

@@ -203,7 +203,9 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             faults: Arc::clone(&handles.faults),
         },
         node_eligible: Arc::new(AtomicBool::new(true)),
+        handing_over: Arc::new(AtomicBool::new(false)),
     };
+    let handing_over = Arc::clone(&state.handing_over);
     let node_eligible = Arc::clone(&state.node_eligible);
     let service_health = ServiceHealth::new(
         node_addresses(&opts.listen.nodeport_addresses),
@@ -249,7 +251,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
     }
     tracing::info!(config = %opts.config.display(), workers = opts.workers.workers, "serving");
     let (mut confirmed, socket_file) =
-        listen_for_successors(opts.handover.as_ref(), Arc::clone(&handles_snapshot), &engine.admin_sockets);
+        listen_for_successors(opts.handover.as_ref(), handles_snapshot, handing_over, &engine.admin_sockets);
     let mut handed_over = false;
 
     let mut idle = Some(engine);

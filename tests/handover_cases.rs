@@ -88,6 +88,9 @@ fn a_successor_that_never_confirms_leaves_the_old_serving_and_applying_updates()
     let (fake, got) = fake_successor(&lab.socket);
     assert!(got[0].contains(r#""msg":"welcome""#), "{got:?}");
     old.wait_log("waiting for the successor to confirm");
+    // The fake closed the sockets it got: the old one answers, 503.
+    let ready = get(lab.admin, "/readyz");
+    assert!(ready.as_ref().is_some_and(|(c, b)| *c == 503 && b.contains("handing over")), "{ready:?}");
 
     // The old engine is free meanwhile: it applies an update.
     let both = format!("{manifest}---\n{}", node_port_service("added", (added_port, added.addr), None));
@@ -101,6 +104,11 @@ fn a_successor_that_never_confirms_leaves_the_old_serving_and_applying_updates()
     drop(fake);
     old.wait_log("the successor did not confirm; serving on");
     assert!(old.running() && echo_ok(local(port), 2), "{}", old.log());
+    let ready = get(lab.admin, "/readyz");
+    assert!(
+        ready.as_ref().is_some_and(|(c, _)| *c == 200),
+        "ready again after the successor left: {ready:?}"
+    );
     // And a real successor takes over afterwards.
     let new = lab.upgrade(
         &mut old,

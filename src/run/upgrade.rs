@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -19,6 +21,7 @@ use crate::snapshot::{SharedSnapshot, Snapshot};
 pub(super) fn listen_for_successors(
     opts: Option<&HandoverOptions>,
     snapshot: SharedSnapshot,
+    handing_over: Arc<AtomicBool>,
     admin: &[HandedAdmin],
 ) -> (tokio::sync::mpsc::UnboundedReceiver<()>, Option<handover::SocketFile>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -34,14 +37,17 @@ pub(super) fn listen_for_successors(
         let started = handover::Server::listen(&h.path).and_then(|server| {
             file = server.file();
             server
-                .spawn(h.timeout, move |successor| match hand_over(successor, &snapshot, &admin) {
-                    Ok(()) => {
-                        let _ = tx.send(());
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "handover: the successor did not confirm; serving on");
-                        true
+                .spawn(h.timeout, move |successor| {
+                    match hand_over(successor, &snapshot, &admin, &handing_over) {
+                        Ok(()) => {
+                            let _ = tx.send(());
+                            false
+                        }
+                        Err(e) => {
+                            handing_over.store(false, Ordering::Release);
+                            tracing::warn!(error = %e, "handover: the successor did not confirm; serving on");
+                            true
+                        }
                     }
                 })
                 .map_err(|source| handover::HandoverError::Io { path: h.path.clone(), source })
@@ -59,10 +65,12 @@ pub(super) fn listen_for_successors(
 /// Hold a successor until our first configuration is published (it waits
 /// up to its own `--handover-timeout`), send it every socket the current
 /// snapshot serves, and wait until it confirms or goes away.
+/// From the sockets' sending on, /readyz says 503 (`handing_over`).
 fn hand_over(
     successor: Incoming,
     snapshot: &SharedSnapshot,
     admin: &[HandedAdmin],
+    handing_over: &AtomicBool,
 ) -> Result<(), HandoverError> {
     let mut held = false;
     while snapshot.load().generation == 0 {
@@ -73,6 +81,7 @@ fn hand_over(
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let current = snapshot.load_full();
+    handing_over.store(true, Ordering::Release);
     let sockets = successor.send_sockets(&current.listeners, admin)?;
     tracing::info!(
         listeners = current.listeners.len(),
