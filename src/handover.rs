@@ -124,6 +124,10 @@ pub enum HandoverError {
     Version { theirs: u32 },
     #[error("the other instance refused: {0}")]
     Refused(String),
+    #[error("the other end of the handover runs as uid {uid}, neither root nor this instance's uid")]
+    Peer { uid: u32 },
+    #[error("handover directory {path} is writable by others and not sticky; refusing to use it")]
+    UnsafeDir { path: PathBuf },
     #[error("unexpected message {got:?} from the other instance")]
     Unexpected { got: &'static str },
     #[error("malformed message from the other instance")]
@@ -166,6 +170,13 @@ impl Conn {
             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => HandoverError::Closed,
             _ => HandoverError::Io { path: self.path.clone(), source },
         }
+    }
+
+    /// Ok when the peer runs as root or as our own user: only those may
+    /// take our sockets or give us theirs.
+    fn trusted(&self) -> Result<(), HandoverError> {
+        let uid = fdpass::peer_uid(self.sock.as_fd()).map_err(|e| self.io(e))?;
+        if uid == 0 || uid == fdpass::effective_uid() { Ok(()) } else { Err(HandoverError::Peer { uid }) }
     }
 
     fn send(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), HandoverError> {
@@ -269,6 +280,7 @@ fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
         });
     }
     let conn = Conn { sock, path };
+    conn.trusted()?;
     conn.send(&Msg::Hello { version: VERSION }, &[])?;
     let from_pid = match conn.recv(Some(opts.timeout))?.0 {
         Msg::Welcome { version: VERSION, pid } => pid,
@@ -427,7 +439,7 @@ impl Server {
     pub fn listen(path: &Path) -> Result<Server, HandoverError> {
         let err = |source| HandoverError::Io { path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            safe_dir(dir)?;
         }
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
@@ -466,6 +478,10 @@ impl Server {
                     }
                 };
                 let conn = Conn { sock, path: self.path.clone() };
+                if let Err(e) = conn.trusted() {
+                    tracing::warn!(error = %e, "handover: refused a connection");
+                    continue;
+                }
                 match conn.recv(Some(timeout)) {
                     Ok((Msg::Hello { version: VERSION }, _)) => {}
                     Ok((Msg::Hello { version }, _)) => {
@@ -494,6 +510,22 @@ impl Server {
         })?;
         Ok(())
     }
+}
+
+/// Create `dir` (mode 0700) if missing; refuse one that others may write
+/// to unless it is sticky (as `/tmp`), where our socket could be replaced.
+fn safe_dir(dir: &Path) -> Result<(), HandoverError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| HandoverError::Io { path: dir.to_owned(), source };
+    if !dir.as_os_str().is_empty() && !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    }
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(HandoverError::UnsafeDir { path: dir.to_owned() });
+    }
+    Ok(())
 }
 
 impl Incoming {
@@ -554,5 +586,21 @@ mod tests {
             assert_eq!(key_of_store_name(&name, at), Some(key));
         }
         assert_eq!(key_of_store_name("q/tcp/a/b/c", at), None);
+    }
+
+    #[test]
+    fn the_socket_directory_is_made_private_and_an_open_one_refused_unless_sticky() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let made = tmp.path().join("a/b");
+        assert!(safe_dir(&made).is_ok());
+        assert_eq!(std::fs::metadata(&made).unwrap().permissions().mode() & 0o7777, 0o700);
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(safe_dir(&open), Err(HandoverError::UnsafeDir { .. })));
+        assert!(matches!(Server::listen(&open.join("h.sock")), Err(HandoverError::UnsafeDir { .. })));
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(safe_dir(&open).is_ok());
     }
 }

@@ -117,6 +117,34 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize,
     Ok((got, fds))
 }
 
+/// The user id of the process at the other end of a connected unix socket
+/// (`SO_PEERCRED`: as it was when it connected or listened).
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live ucred it
+    // is given, and the new length into `len`; the fd is borrowed, so open.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +185,11 @@ mod tests {
         send_with_fds(a.as_fd(), b"too long", &[listener.as_fd()]).unwrap();
         let mut buf = [0u8; 2];
         assert!(recv_with_fds(b.as_fd(), &mut buf).is_err());
+    }
+
+    #[test]
+    fn the_peer_of_a_socket_pair_is_this_user() {
+        let (a, _b) = pair();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), effective_uid());
     }
 }
