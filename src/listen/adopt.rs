@@ -34,7 +34,8 @@ impl Binder {
         ip: IpAddr,
         used: &mut HashSet<u16>,
     ) -> Option<Arc<Listener>> {
-        let port = self.preferred_port(sp, key.role).filter(|p| !used.contains(p))?;
+        let port =
+            self.preferred_port(sp, key.role).filter(|p| !used.contains(p) && self.proxy_port_allowed(*p))?;
         match self.bind_checked(std::net::SocketAddr::new(ip, port), key.protocol) {
             Ok(sockets) => {
                 used.insert(port);
@@ -55,6 +56,13 @@ impl Binder {
         for (key, h) in self.adopted.drain() {
             tracing::info!(service = %key.port, role = %key.role, addr = %h.addr, "handover: a socket this configuration does not want; closed");
         }
+    }
+
+    /// Whether `port` may be a proxy port: inside `--proxy-port-range`
+    /// when one is set (a port read back or handed over from a run with
+    /// another range is not).
+    fn proxy_port_allowed(&self, port: u16) -> bool {
+        self.opts.proxy_port_range.as_ref().is_none_or(|r| r.contains(&port))
     }
 
     /// The proxy port the previous run's rules send `sp`'s addresses of
@@ -87,8 +95,7 @@ impl Binder {
     ) -> Option<Arc<Listener>> {
         let handed = self.adopted.remove(key)?;
         let port = handed.addr.port();
-        let in_range =
-            !key.role.is_proxy() || self.opts.proxy_port_range.as_ref().is_none_or(|r| r.contains(&port));
+        let in_range = !key.role.is_proxy() || self.proxy_port_allowed(port);
         if handed.addr.ip() != ip || !in_range || (key.role.is_proxy() && used.contains(&port)) {
             tracing::info!(service = %key.port, role = %key.role, addr = %handed.addr, "handover: socket not where this configuration listens; closed");
             return None;
@@ -124,5 +131,36 @@ impl Binder {
         used.insert(port);
         self.bound.insert((handed.addr, key.protocol));
         Some(self.listener(key.clone(), sockets))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::listen::ListenOptions;
+    use crate::model::{Origin, ServiceName, ServicePortName};
+
+    #[test]
+    fn a_read_back_proxy_port_outside_the_range_is_not_bound_again() {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (outside, inside) = (free(), free());
+        let mut b = Binder::new(ListenOptions {
+            bind_address: Ipv4Addr::LOCALHOST.into(),
+            bind_address6: None,
+            proxy_port_range: Some(inside..=inside),
+            nodeport_addresses: vec![],
+            workers: 1,
+            redirect_rules: true,
+        });
+        let name = ServicePortName { service: ServiceName::new("default", "a"), port: "".into() };
+        let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);
+        let vip: IpAddr = "10.96.0.10".parse().unwrap();
+        sp.cluster_ips = vec![vip];
+        b.prefer_proxy_ports([((Protocol::Tcp, vip, 8080), outside)]);
+        let (ls, errors) = b.bind(&[sp], &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(ls[0].addr.port(), inside, "the range wins over the read-back port {outside}");
     }
 }
