@@ -237,8 +237,10 @@ pub fn udp_load(target: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinH
     std::thread::spawn(move || {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client");
         socket.connect(target).expect("connect");
-        socket.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
         let mut f = UdpFigures::default();
+        // The retry timeout follows the slowest answer seen so far (x4,
+        // 0.5 s to 3 s): a starved machine slows answers, it loses none.
+        let mut wait = Duration::from_millis(500);
         let mut buf = [0u8; 64];
         let mut last = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -247,13 +249,19 @@ pub fn udp_load(target: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinH
             let request = format!("request {i}");
             let mut tries = 0;
             let answered = loop {
+                let _ = socket.set_read_timeout(Some(wait));
                 let _ = socket.send(request.as_bytes());
                 let sent = Instant::now();
                 // Late answers to earlier requests are skipped.
                 let got = loop {
                     match socket.recv(&mut buf) {
-                        Ok(n) if &buf[..n] == request.as_bytes() => break true,
-                        Ok(_) if sent.elapsed() < Duration::from_millis(500) => continue,
+                        Ok(n) if &buf[..n] == request.as_bytes() => {
+                            let slowest = (sent.elapsed() * 4)
+                                .clamp(Duration::from_millis(500), Duration::from_secs(3));
+                            wait = wait.max(slowest);
+                            break true;
+                        }
+                        Ok(_) if sent.elapsed() < wait => continue,
                         _ => break false,
                     }
                 };
