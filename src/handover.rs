@@ -47,6 +47,9 @@ use crate::dataplane::sys::fdpass::{self, MAX_FDS};
 pub use crate::dataplane::sys::fdpass::{recv_with_fds, send_with_fds};
 use crate::listen::{ListenKey, Listener};
 
+mod store;
+pub use store::{admin_store_name, store_name};
+
 /// The version of the exchange. A peer speaking another is refused.
 pub const VERSION: u32 = 1;
 /// The directory of the default handover socket.
@@ -311,100 +314,6 @@ fn attempt(opts: &HandoverOptions) -> Result<Taken, HandoverError> {
     Ok(Taken { conn: Some(conn), timeout: opts.timeout, from_pid, listeners, admin })
 }
 
-/// The name under which a listener's sockets are kept in the service
-/// manager's fd store: role, protocol and service port; the address is the
-/// socket's own. (Kubernetes names hold no `/`, and none holds `:`, which
-/// `$LISTEN_FDNAMES` uses as separator.)
-pub fn store_name(key: &ListenKey) -> String {
-    use crate::listen::ListenRole::*;
-    let role = match key.role {
-        Proxy => "p",
-        ExternalProxy => "x",
-        Proxy6 => "p6",
-        ExternalProxy6 => "x6",
-        NodePort(_) => "n",
-        External(_) => "e",
-        LoadBalancer(_) => "l",
-    };
-    let protocol = match key.protocol {
-        crate::model::Protocol::Tcp => "tcp",
-        crate::model::Protocol::Udp => "udp",
-    };
-    let name = &key.port;
-    format!("{role}/{protocol}/{}/{}/{}", name.service.namespace, name.service.name, name.port)
-}
-
-/// The store name of an admin server's socket.
-pub fn admin_store_name(name: &str) -> String {
-    format!("admin/{name}")
-}
-
-/// The listener key a store name and the socket's address stand for.
-fn key_of_store_name(name: &str, local: SocketAddr) -> Option<ListenKey> {
-    use crate::listen::ListenRole::*;
-    let mut parts = name.splitn(5, '/');
-    let (role, wanted_port) = match parts.next()? {
-        "p" => (Proxy, 0),
-        "x" => (ExternalProxy, 0),
-        "p6" => (Proxy6, 0),
-        "x6" => (ExternalProxy6, 0),
-        "n" => (NodePort(local.ip()), local.port()),
-        "e" => (External(local.ip()), local.port()),
-        "l" => (LoadBalancer(local.ip()), local.port()),
-        _ => return None,
-    };
-    let protocol = match parts.next()? {
-        "tcp" => crate::model::Protocol::Tcp,
-        "udp" => crate::model::Protocol::Udp,
-        _ => return None,
-    };
-    let (namespace, service, port) = (parts.next()?, parts.next()?, parts.next()?);
-    let port = crate::model::ServicePortName {
-        service: crate::model::ServiceName::new(namespace, service),
-        port: port.to_owned(),
-    };
-    Some(ListenKey { port, protocol, role, wanted_port })
-}
-
-impl Taken {
-    /// The sockets the service manager kept for us across a restart
-    /// (`systemd::listen_fds`), sorted by their store names; `None` without
-    /// any. A socket whose name or address cannot be read is closed.
-    pub fn from_service_manager(fds: Vec<(String, OwnedFd)>) -> Option<Taken> {
-        let (mut listeners, mut admin): (Vec<Handed>, Vec<HandedAdmin>) = (Vec::new(), Vec::new());
-        for (name, fd) in fds {
-            let local = socket2::SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket());
-            let Some(local) = local else {
-                tracing::warn!(name, "a socket from the service manager with no address; closed");
-                continue;
-            };
-            if let Some(what) = name.strip_prefix("admin/") {
-                admin.push(HandedAdmin { name: what.to_owned(), addr: local, socket: fd });
-                continue;
-            }
-            let Some(key) = key_of_store_name(&name, local) else {
-                tracing::warn!(name, "a socket from the service manager under an unknown name; closed");
-                continue;
-            };
-            match listeners.iter_mut().find(|h| h.key == key) {
-                Some(h) => h.sockets.push(fd),
-                None => listeners.push(Handed { key, addr: local, sockets: vec![fd] }),
-            }
-        }
-        if listeners.is_empty() && admin.is_empty() {
-            return None;
-        }
-        let sockets: usize = listeners.iter().map(|h| h.sockets.len()).sum();
-        tracing::info!(
-            listeners = listeners.len(),
-            sockets,
-            admin = admin.len(),
-            "took the sockets the service manager kept across the restart"
-        );
-        Some(Taken { conn: None, timeout: Duration::ZERO, from_pid: 0, listeners, admin })
-    }
-}
-
 /// The old instance's side: listens on the path for successors.
 pub struct Server {
     sock: Socket,
@@ -576,19 +485,6 @@ mod tests {
     use crate::model::{Protocol, ServiceName, ServicePortName};
 
     #[test]
-    fn a_store_name_and_the_socket_address_give_back_the_listener_key() {
-        let port = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
-        let at: SocketAddr = "127.0.0.1:30080".parse().unwrap();
-        for (role, wanted_port) in [(ListenRole::Proxy, 0), (ListenRole::NodePort(at.ip()), 30080)] {
-            let key = ListenKey { port: port.clone(), protocol: Protocol::Udp, role, wanted_port };
-            let name = store_name(&key);
-            assert!(!name.contains(':') && name.len() < 256, "{name}");
-            assert_eq!(key_of_store_name(&name, at), Some(key));
-        }
-        assert_eq!(key_of_store_name("q/tcp/a/b/c", at), None);
-    }
-
-    #[test]
     fn the_socket_directory_is_made_private_and_an_open_one_refused_unless_sticky() {
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
@@ -602,5 +498,24 @@ mod tests {
         assert!(matches!(Server::listen(&open.join("h.sock")), Err(HandoverError::UnsafeDir { .. })));
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
         assert!(safe_dir(&open).is_ok());
+    }
+
+    /// The wire format of one `listener` message: a change here (a field of
+    /// `ListenKey`, `ServicePortName` or `ListenRole`) breaks handovers
+    /// between releases, so it must come with a [`VERSION`] bump and a new
+    /// golden text.
+    #[test]
+    fn a_listener_message_is_exactly_the_golden_json_of_this_version() {
+        let ip = "127.0.0.1".parse().unwrap();
+        let key = ListenKey {
+            port: ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() },
+            protocol: Protocol::Tcp,
+            role: ListenRole::NodePort(ip),
+            wanted_port: 30080,
+        };
+        let msg = Msg::Listener { key, addr: "127.0.0.1:30080".parse().unwrap() };
+        let golden = r#"{"msg":"listener","key":{"port":{"service":{"namespace":"default","name":"web"},"port":"http"},"protocol":"TCP","role":{"NodePort":"127.0.0.1"},"wanted_port":30080},"addr":"127.0.0.1:30080"}"#;
+        assert_eq!(VERSION, 1, "a new version: write this test's golden text anew");
+        assert_eq!(serde_json::to_string(&msg).unwrap(), golden);
     }
 }
