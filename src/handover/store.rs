@@ -10,10 +10,12 @@ use super::{Handed, HandedAdmin, Taken};
 use crate::listen::ListenKey;
 
 /// The name under which a listener's sockets are kept in the service
-/// manager's fd store: role, protocol and service port; the address is the
-/// socket's own. (Kubernetes names hold no `/`, and none holds `:`, which
-/// `$LISTEN_FDNAMES` uses as separator.)
-pub fn store_name(key: &ListenKey) -> String {
+/// manager's fd store: role, protocol, service port and address (`:` made
+/// `_`), so that two listeners of one service port on two addresses never
+/// share a name (removing one would remove both). Reading a name back, the
+/// address is the socket's own. (Kubernetes names hold no `/`, and none
+/// holds `:`, which `$LISTEN_FDNAMES` uses as separator.)
+pub fn store_name(key: &ListenKey, addr: SocketAddr) -> String {
     use crate::listen::ListenRole::*;
     let role = match key.role {
         Proxy => "p",
@@ -29,7 +31,8 @@ pub fn store_name(key: &ListenKey) -> String {
         crate::model::Protocol::Udp => "udp",
     };
     let name = &key.port;
-    format!("{role}/{protocol}/{}/{}/{}", name.service.namespace, name.service.name, name.port)
+    let addr = addr.to_string().replace(':', "_");
+    format!("{role}/{protocol}/{}/{}/{}/{addr}", name.service.namespace, name.service.name, name.port)
 }
 
 /// The store name of an admin server's socket.
@@ -40,7 +43,8 @@ pub fn admin_store_name(name: &str) -> String {
 /// The listener key a store name and the socket's address stand for.
 pub(super) fn key_of_store_name(name: &str, local: SocketAddr) -> Option<ListenKey> {
     use crate::listen::ListenRole::*;
-    let mut parts = name.splitn(5, '/');
+    // The address part (absent in names of the first release) is not read.
+    let mut parts = name.splitn(6, '/');
     let (role, wanted_port) = match parts.next()? {
         "p" => (Proxy, 0),
         "x" => (ExternalProxy, 0),
@@ -115,10 +119,15 @@ mod tests {
         let at: SocketAddr = "127.0.0.1:30080".parse().unwrap();
         for (role, wanted_port) in [(ListenRole::Proxy, 0), (ListenRole::NodePort(at.ip()), 30080)] {
             let key = ListenKey { port: port.clone(), protocol: Protocol::Udp, role, wanted_port };
-            let name = store_name(&key);
+            let name = store_name(&key, at);
             assert!(!name.contains(':') && name.len() < 256, "{name}");
-            assert_eq!(key_of_store_name(&name, at), Some(key));
+            assert_eq!(key_of_store_name(&name, at), Some(key.clone()));
+            let other: SocketAddr = "[::1]:30080".parse().unwrap();
+            assert_ne!(store_name(&key, other), name, "two addresses, two names");
+            assert!(!store_name(&key, other).contains(':'));
         }
+        let old_format = "n/tcp/default/web/http";
+        assert!(key_of_store_name(old_format, at).is_some(), "a name without the address still reads");
         assert_eq!(key_of_store_name("q/tcp/a/b/c", at), None);
     }
 }

@@ -135,7 +135,7 @@ pub(super) fn kept_names(taking: Option<&Taken>, admin: &[HandedAdmin]) -> Vec<S
         Some(t) if t.from_pid == 0 => t
             .listeners
             .iter()
-            .map(|h| handover::store_name(&h.key))
+            .map(|h| handover::store_name(&h.key, h.addr))
             .chain(t.admin.iter().chain(admin).map(|a| handover::admin_store_name(&a.name)))
             .collect(),
         _ => Vec::new(),
@@ -173,7 +173,7 @@ impl Engine {
             if stored.contains_key(&l.id) {
                 continue;
             }
-            let name = handover::store_name(&l.key);
+            let name = handover::store_name(&l.key, l.addr);
             let open = l.open_sockets();
             let fds: Vec<BorrowedFd<'_>> = open.iter().map(|fd| fd.as_fd()).collect();
             crate::systemd::store_fds(&name, &fds);
