@@ -35,7 +35,7 @@ for arm in plain:127.0.0.31: v2:127.0.0.32:v2 v1:127.0.0.33:v1; do
 done
 for hop in hop2 hop1; do
   METRICS=$(free_port)
-  "$BIN/ringport" run --config "$WORK/$hop.yaml" --redirect none --workers 1 --no-pin \
+  "$BIN/ringport" run --config "$WORK/$hop.yaml" --redirect none --handover-socket none --workers 1 --no-pin \
     --bind-address 127.0.0.1 --healthz-bind-address "127.0.0.1:$METRICS" \
     --metrics-bind-address "127.0.0.1:$METRICS" 2>"$WORK/$hop.log" & PIDS+=($!)
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$METRICS/readyz" >/dev/null && break; sleep 0.1; done

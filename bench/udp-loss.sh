@@ -53,7 +53,7 @@ subsets:
       - {name: ctl, protocol: TCP, port: $SP}
       - {name: data, protocol: UDP, port: $SP}
 YAML
-  RUST_LOG=warn "$bin" run --config "$W/$name.yaml" --workers 2 --no-pin --redirect none \
+  RUST_LOG=warn "$bin" run --config "$W/$name.yaml" --workers 2 --no-pin --redirect none --handover-socket none \
     --bind-address 127.0.0.1 --proxy-port-range "$((port + 1))-$((port + 6))" \
     --metrics-bind-address "127.0.0.1:$mp" --healthz-bind-address "127.0.0.1:$((mp + 1))" \
     "${EXTRA[@]}" >"$W/$name.log" 2>&1 &

@@ -71,7 +71,7 @@ impl Ringport {
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new(env!("CARGO_BIN_EXE_ringport"))
             // On the host: never touch its rules.
-            .args(["run", "--redirect", "none", "--source", "kube"])
+            .args(["run", "--redirect", "none", "--source", "kube", "--handover-socket", "none"])
             .args(api)
             .args(["--node-name", "node-1", "--workers", "1", "--no-pin", "--bind-address", "127.0.0.1"])
             .args(["--nodeport-addresses", "127.0.0.0/8"])

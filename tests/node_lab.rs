@@ -208,6 +208,10 @@ impl Cluster {
             "0.0.0.0:10256",
             "--metrics-bind-address",
             "127.0.0.1:10249",
+            // A restart here is a crash and a fresh start (read-back), not a
+            // handover; and no socket file is left in the host's /run.
+            "--handover-socket",
+            "none",
         ];
         // Each run logs to a file of its own, so a restart keeps the first log.
         let _ = std::fs::rename(&log, log.with_extension(format!("log.{}", self.restarts)));

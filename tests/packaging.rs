@@ -215,6 +215,8 @@ fn systemd_hears_ready_once_serving_and_stopping_on_term() {
             "--no-pin",
             "--bind-address",
             "127.0.0.1",
+            "--handover-socket",
+            "none",
             "--config",
         ])
         .arg(&manifest)

@@ -136,30 +136,9 @@ impl Node {
         std::fs::create_dir_all(&config).expect("manifest dir");
         std::fs::write(config.join("services.yaml"), manifest).expect("manifest");
         let log = lab.scratch.path().join("ringport.log");
-        let args = [
-            env!("CARGO_BIN_EXE_ringport"),
-            "run",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--redirect",
-            "nft",
-            "--workers",
-            "2",
-            "--no-pin",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-        ];
-        lab.spawn("node", &args, &log);
-        let node = Node { lab, log };
-        let ready = || node.lab.curl("node", "http://127.0.0.1:10249/readyz").1 == "ok";
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !ready() {
-            assert!(std::time::Instant::now() < deadline, "ringport not ready in 20 s:\n{}", node.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        node
+        let ringport = lab.spawn_ringport("node", &[], &config, "nft", &[], &log);
+        lab.wait_ready("node", ringport, &log);
+        Node { lab, log }
     }
 
     fn log(&self) -> String {

@@ -349,6 +349,8 @@ fn systemd_hears_ready_only_once_the_rules_exist() {
         "127.0.0.1:10256",
         "--metrics-bind-address",
         "127.0.0.1:10249",
+        "--handover-socket",
+        "none",
     ];
     lab.spawn("node", &args, &log);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();

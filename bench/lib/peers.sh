@@ -210,7 +210,7 @@ YAML
   local pin_flag=--no-pin
   [ "$PIN" = 1 ] && pin_flag=
   # shellcheck disable=SC2046,SC2086
-  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" \
+  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$BIN/ringport" run --config "$dir/bench.yaml" --handover-socket none \
     --workers "$workers" $pin_flag --relay "$relay" --redirect "$redirect" --bind-address "$bind" \
     --proxy-port-range "$(peer_port "$peer" proxy)-$(($(peer_port "$peer" proxy) + 5))" \
     --metrics-bind-address "127.0.0.1:$((base + 8))" \

@@ -197,6 +197,9 @@ impl Lab {
             "127.0.0.1:10256",
             "--metrics-bind-address",
             "127.0.0.1:10249",
+            // A killed ringport leaves its socket file in the host's /run.
+            "--handover-socket",
+            "none",
         ];
         let args: Vec<&str> = prefix.iter().chain(&own).chain(extra).copied().collect();
         self.spawn(role, &args, log)
