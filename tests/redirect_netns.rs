@@ -333,26 +333,7 @@ fn systemd_hears_ready_only_once_the_rules_exist() {
     socket.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     let log = lab.scratch.path().join("ringport.log");
     let env = format!("NOTIFY_SOCKET={}", notify.display());
-    let args = [
-        "env",
-        &env,
-        env!("CARGO_BIN_EXE_ringport"),
-        "run",
-        "--config",
-        config.to_str().expect("utf-8 path"),
-        "--redirect",
-        "nft",
-        "--workers",
-        "1",
-        "--no-pin",
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-        "--handover-socket",
-        "none",
-    ];
-    lab.spawn("node", &args, &log);
+    lab.spawn_ringport("node", &["env", &env], &config, "nft", &[], &log);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let mut buf = [0u8; 64];
     let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification: {e}\n{}", read_log()));
