@@ -19,7 +19,7 @@ use crate::metrics::{Changes, Metrics};
 use crate::model::{Origin, ServicePort};
 use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
 use crate::source_ip::SourceOptions;
-use crate::table::Table;
+use crate::table::{Delta, Table};
 
 /// Why an update was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +79,25 @@ impl Control {
 
     /// Apply a full set of manifests (a file source's load).
     pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
+        self.update(|table| table.try_replace(manifests), data_plane)
+    }
+
+    /// Apply a change to some Services and EndpointSlices.
+    pub fn apply(&mut self, delta: Delta, data_plane: &DataPlane) -> Result<Applied, Rejected> {
+        self.update(|table| table.try_apply(delta), data_plane)
+    }
+
+    /// Change the table with `change`, then check, bind and publish.
+    fn update(
+        &mut self,
+        change: impl FnOnce(&mut Table) -> Result<Vec<ServicePort>, Vec<ConfigError>>,
+        data_plane: &DataPlane,
+    ) -> Result<Applied, Rejected> {
         let received = std::time::Instant::now();
         // The table commits on success; a check below may still refuse the
         // update, and then the table must be as it was.
         let saved = self.table.clone();
-        let mut ports = self.table.try_replace(manifests).map_err(Rejected)?;
+        let mut ports = change(&mut self.table).map_err(Rejected)?;
         let node_ips = listen::node_addresses(&self.binder.options().nodeport_addresses);
         if let Some(budget) = &self.budget
             && let Err(e) = budget.check(&ports, self.binder.options(), &node_ips)

@@ -41,6 +41,7 @@ use crate::snapshot::{SharedSnapshot, Snapshot};
 use crate::source::file::{FileLoader, WatchError};
 use crate::source::kube::{KubeError, KubeOptions};
 use crate::source_ip::SourceOptions;
+use crate::table::Delta;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -237,7 +238,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
     // `--zone` wins over the Node's label.
     let zone_fixed = opts.balance.locality.zone.is_some();
     let (mut source, mut node) = Source::start(&mut opts, &handles.metrics).await?;
-    let first = matches!(source, Source::File(_)).then_some(Update::Files);
+    let first = matches!(source, Source::File(_)).then_some(Full::Files);
     let faults = Arc::clone(&handles.faults);
     let start_opts = opts.clone();
     let handles_snapshot = Arc::clone(&handles.snapshot);
@@ -279,7 +280,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
                 None
             }
             Some(()) = hup.recv() => match &source {
-                Source::File(_) => Some((Update::Files, "SIGHUP")),
+                Source::File(_) => Some((Update::Full(Full::Files), "SIGHUP")),
                 Source::Kube(_) => {
                     tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload");
                     None
@@ -287,7 +288,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             },
             () = sleep_until(recheck) => {
                 recheck = None;
-                Some((Update::Files, "recheck of a vanished file"))
+                Some((Update::Full(Full::Files), "recheck of a vanished file"))
             }
             done = finished(&mut running) => {
                 running = None;
@@ -311,9 +312,8 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             _ = term.recv() => break,
             () = faults.failed() => break,
         };
-        // A newer full state replaces a queued one: only the latest counts.
         if let Some(update) = queued {
-            pending.update = Some(update);
+            pending.queue(update);
         }
         if idle.is_some()
             && !pending.is_empty()
@@ -368,11 +368,39 @@ impl Work {
     fn is_empty(&self) -> bool {
         self.update.is_none() && self.zone.is_none()
     }
+
+    /// Queue `update` behind what waits: a newer full state replaces
+    /// whatever is queued (it includes every earlier change); a change is
+    /// folded into a queued change, and kept behind a queued full state.
+    fn queue(&mut self, (update, why): (Update, &'static str)) {
+        self.update = Some(match (self.update.take(), update) {
+            (Some((Update::Changes(mut queued), _)), Update::Changes(later)) => {
+                queued.merge(later);
+                (Update::Changes(queued), why)
+            }
+            (Some((Update::Then(full, mut queued), first)), Update::Changes(later)) => {
+                queued.merge(later);
+                (Update::Then(full, queued), first)
+            }
+            (Some((Update::Full(full), first)), Update::Changes(later)) => (Update::Then(full, later), first),
+            (_, update) => (update, why),
+        });
+    }
 }
 
-/// What to apply: the files as they are on disk now (read on the blocking
-/// thread), or a full state from the API.
+/// What to apply: a full state, a change to some objects, or a full state
+/// then a change.
 enum Update {
+    Full(Full),
+    // Sent by no source yet: the API source's per-object changes are next.
+    #[allow(dead_code)]
+    Changes(Delta),
+    Then(Full, Delta),
+}
+
+/// A full state: the files as they are on disk now (read on the blocking
+/// thread), or the API's.
+enum Full {
     Files,
     Manifests(Manifests),
 }
@@ -407,7 +435,7 @@ impl Engine {
         mut opts: RunOptions,
         handles: Handles,
         service_health: ServiceHealth,
-        first: Option<Update>,
+        first: Option<Full>,
         mut taking: Option<Taken>,
         admin_sockets: Vec<HandedAdmin>,
     ) -> Result<Self, RunError> {
@@ -530,14 +558,14 @@ impl Engine {
 
     /// The state `update` stands for, and whether a vanished file was kept
     /// (then load again soon).
-    fn read(&mut self, update: Update) -> (Result<Manifests, Vec<ConfigError>>, bool) {
-        match (update, &mut self.loader) {
-            (Update::Manifests(m), _) => (Ok(m), false),
-            (Update::Files, Some(loader)) => {
+    fn read(&mut self, full: Full) -> (Result<Manifests, Vec<ConfigError>>, bool) {
+        match (full, &mut self.loader) {
+            (Full::Manifests(m), _) => (Ok(m), false),
+            (Full::Files, Some(loader)) => {
                 let loaded = loader.load();
                 (loaded.result.map_err(|e| e.into_iter().collect()), loaded.recheck)
             }
-            (Update::Files, None) => (Ok(Manifests::default()), false),
+            (Full::Files, None) => (Ok(Manifests::default()), false),
         }
     }
 
@@ -546,8 +574,17 @@ impl Engine {
     /// for kube-proxy's network programming latency. True when the files
     /// should be read again soon.
     fn apply(&mut self, update: Update, why: &str, triggers: &[std::time::SystemTime]) -> bool {
-        let (update, recheck) = self.read(update);
-        let outcome = update.map_err(Rejected).and_then(|m| self.control.replace(m, &self.data_plane));
+        let (outcome, recheck) = match update {
+            Update::Changes(delta) => (self.control.apply(delta, &self.data_plane), false),
+            Update::Then(full, delta) => {
+                let recheck = self.apply(Update::Full(full), why, &[]);
+                (self.control.apply(delta, &self.data_plane), recheck)
+            }
+            Update::Full(full) => {
+                let (update, recheck) = self.read(full);
+                (update.map_err(Rejected).and_then(|m| self.control.replace(m, &self.data_plane)), recheck)
+            }
+        };
         let counter =
             if outcome.is_ok() { &self.metrics.reloads_applied } else { &self.metrics.reloads_rejected };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -588,5 +625,44 @@ mod tests {
     fn redirect_defaults_to_none_for_files_and_auto_for_the_api() {
         assert_eq!(SourceChoice::File.default_redirect(), RedirectMode::None);
         assert_eq!(SourceChoice::Kube(KubeOptions::default()).default_redirect(), RedirectMode::Auto);
+    }
+
+    fn named(name: &str) -> crate::model::ServiceName {
+        crate::model::ServiceName { namespace: "default".into(), name: name.into() }
+    }
+
+    fn removing(name: &str) -> Update {
+        let mut delta = Delta::default();
+        delta.services.insert(named(name), None);
+        Update::Changes(delta)
+    }
+
+    fn changed(update: &Update) -> Vec<String> {
+        let delta = match update {
+            Update::Changes(d) | Update::Then(_, d) => d,
+            Update::Full(_) => return Vec::new(),
+        };
+        delta.services.keys().map(|n| n.name.clone()).collect()
+    }
+
+    #[test]
+    fn queued_changes_merge_and_a_full_state_replaces_them_but_not_later_ones() {
+        let mut work = Work::default();
+        work.queue((removing("a"), "one"));
+        work.queue((removing("b"), "two"));
+        let (update, why) = work.update.as_ref().unwrap();
+        assert_eq!((changed(update), *why), (vec!["a".to_owned(), "b".to_owned()], "two"));
+
+        work.queue((Update::Full(Full::Files), "full"));
+        assert!(
+            matches!(work.update, Some((Update::Full(Full::Files), "full"))),
+            "a full state includes them"
+        );
+
+        work.queue((removing("c"), "three"));
+        work.queue((removing("d"), "four"));
+        let (update, why) = work.update.as_ref().unwrap();
+        assert!(matches!(update, Update::Then(Full::Files, _)), "the full state still comes first");
+        assert_eq!((changed(update), *why), (vec!["c".to_owned(), "d".to_owned()], "full"));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{RunError, RunOptions, SourceChoice, Update};
+use super::{Full, RunError, RunOptions, SourceChoice, Update};
 use crate::metrics::Metrics;
 use crate::source::file::FileSource;
 use crate::source::kube::{Filter, KubeError, KubeSource, NodeView, NodeWatch};
@@ -76,9 +76,9 @@ impl Source {
                 if file.changed().await.is_none() {
                     return Err(RunError::WatchEnded);
                 }
-                Ok((Update::Files, "file change"))
+                Ok((Update::Full(Full::Files), "file change"))
             }
-            Source::Kube(kube) => Ok((Update::Manifests(kube.next().await?), "API change")),
+            Source::Kube(kube) => Ok((Update::Full(Full::Manifests(kube.next().await?)), "API change")),
         }
     }
 }
