@@ -197,7 +197,7 @@ for p in ringport "${MODES[@]}" "${W1[@]}" haproxy nginx; do
 done
 
 record_environment >"$WORK/env.json"
-STAMP=$(date -u +%Y-%m-%d)-$(git rev-parse --short HEAD)
+STAMP=$(date -u +%Y-%m-%d)-$(jq -r '.ringport_commit[:7]' "$WORK/env.json")
 SUFFIX=""; [ "$MODE" != default ] && SUFFIX="-$MODE"; [ "$PIN" = 1 ] && SUFFIX="$SUFFIX-pin"
 [ "$REDIRECT" = 1 ] && SUFFIX="$SUFFIX-redirect"
 if [ -z "$OUT" ]; then

@@ -88,9 +88,16 @@ busy_processes() {
 
 # One JSON object: kernel, CPU, cores, versions, commit.
 record_environment() {
+  # The commit the binaries were built from (`ringport --version` names
+  # it, with `-dirty` for uncommitted sources), not the checkout's HEAD:
+  # with --bin-dir, or a merge during a run, the two differ.
   local commit dirty=false
-  commit=$(git rev-parse HEAD)
-  git diff --quiet HEAD -- src loadgen Cargo.toml Cargo.lock || dirty=true
+  commit=$("$BIN/ringport" --version 2>/dev/null | sed -n 's/.*commit \([0-9a-f]*\)\(-dirty\)\{0,1\}.*/\1\2/p')
+  case $commit in
+    "") commit=$(git rev-parse HEAD)
+        git diff --quiet HEAD -- src loadgen Cargo.toml Cargo.lock || dirty=true ;;
+    *-dirty) commit=${commit%-dirty}; dirty=true ;;
+  esac
   jq -n \
     --arg kernel "$(uname -r)" \
     --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
