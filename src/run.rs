@@ -15,7 +15,6 @@ use intercept::start_redirect;
 use source::{Source, next_node};
 use upgrade::listen_for_successors;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,7 +32,7 @@ use crate::config::{ConfigError, Manifests};
 use crate::control::{Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::handover::{self, HandedAdmin, HandoverOptions, Taken};
-use crate::listen::{Binder, ListenOptions, ListenerId, node_addresses};
+use crate::listen::{Binder, ListenOptions, node_addresses};
 use crate::metrics::Metrics;
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
 use crate::service_health::ServiceHealth;
@@ -422,9 +421,8 @@ struct Engine {
     admin_sockets: Vec<HandedAdmin>,
     /// The predecessor did not answer our confirmation: stop.
     unconfirmed: Option<handover::HandoverError>,
-    /// With systemd's fd store: the store name of each listener whose
-    /// sockets are kept there; `None` without a store.
-    stored: Option<HashMap<ListenerId, String>>,
+    /// What we keep in systemd's fd store; `None` without one.
+    stored: Option<upgrade::FdStore>,
 }
 
 impl Engine {

@@ -27,6 +27,18 @@ struct ServiceManager {
     path: std::path::PathBuf,
     /// The fd store: name -> fds, in arrival order.
     store: BTreeMap<String, Vec<OwnedFd>>,
+    /// Every name removed, in order.
+    removed: Vec<String>,
+}
+
+/// What systemd's `same_fd` compares: the open file behind two fds.
+fn same_file(a: &OwnedFd, b: &OwnedFd) -> bool {
+    let id = |fd: &OwnedFd| {
+        let file = std::fs::File::from(fd.try_clone().expect("dup"));
+        let meta = file.metadata().expect("fstat");
+        (std::os::unix::fs::MetadataExt::dev(&meta), std::os::unix::fs::MetadataExt::ino(&meta))
+    };
+    id(a) == id(b)
 }
 
 impl ServiceManager {
@@ -40,9 +52,16 @@ impl ServiceManager {
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let name = text.lines().find_map(|l| l.strip_prefix("FDNAME=")).unwrap_or("").to_owned();
             if text.lines().any(|l| l == "FDSTORE=1") {
-                self.store.entry(name).or_default().extend(fds);
+                // As systemd: a socket already stored (under any name) is
+                // kept once.
+                for fd in fds {
+                    if !self.store.values().flatten().any(|kept| same_file(kept, &fd)) {
+                        self.store.entry(name.clone()).or_default().push(fd);
+                    }
+                }
             } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
                 self.store.remove(&name);
+                self.removed.push(name);
             }
         }
     }
@@ -145,7 +164,7 @@ fn a_restart_through_the_fd_store_refuses_no_connection_and_serves_the_queued_on
     let path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&path).expect("bind notify socket");
     socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-    let mut manager = ServiceManager { socket, path, store: BTreeMap::new() };
+    let mut manager = ServiceManager { socket, path, store: BTreeMap::new(), removed: Vec::new() };
 
     let mut old = manager.start(&args, &dir.path().join("old.log"));
     eventually(Duration::from_secs(20), "the first process ready", || get(admin, "/readyz") == Some(200));
@@ -183,6 +202,14 @@ fn a_restart_through_the_fd_store_refuses_no_connection_and_serves_the_queued_on
     eventually(Duration::from_secs(20), "the new process ready on the kept admin socket", || {
         get(admin, "/readyz") == Some(200)
     });
+    // The new process stored its sockets over the kept ones, never
+    // emptying the store first: a process killed before its first store
+    // would otherwise leave the next start nothing to take.
+    manager.drain();
+    let node_port_name = manager.store.keys().find(|k| k.starts_with("n/tcp/default/web")).cloned();
+    let node_port_name = node_port_name.expect("the NodePort's sockets are still stored");
+    assert!(manager.removed.is_empty(), "removed from the store: {:?}", manager.removed);
+    assert_eq!(manager.store[&node_port_name].len(), 2, "one socket per worker, each stored once");
     let _ = new.kill();
     let _ = new.wait();
 }

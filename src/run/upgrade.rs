@@ -142,15 +142,25 @@ pub(super) fn kept_names(taking: Option<&Taken>, admin: &[HandedAdmin]) -> Vec<S
     }
 }
 
+/// What we keep in systemd's fd store.
+#[derive(Default)]
+pub(super) struct FdStore {
+    /// The store name of each listener whose sockets are kept there.
+    names: HashMap<ListenerId, String>,
+    /// What a previous run stored, until our first store: then the names
+    /// we no longer use are removed.
+    inherited: Option<Vec<String>>,
+}
+
 impl Engine {
-    /// With systemd's fd store: drop what a previous run stored (`kept`),
-    /// and store the admin sockets; the listeners follow each publish.
+    /// With systemd's fd store: store the admin sockets; the listeners
+    /// follow each publish. What a previous run stored (`kept`) stays until
+    /// ours is stored: systemd keeps one copy of a socket stored twice, so
+    /// the sockets we took from it are never out of the store, and a
+    /// process killed before its first store loses nothing.
     pub(super) fn start_store(&mut self, kept: Vec<String>) {
         if crate::systemd::fd_store() {
-            self.stored = Some(HashMap::new());
-            for name in kept {
-                crate::systemd::remove_fds(&name);
-            }
+            self.stored = Some(FdStore { names: HashMap::new(), inherited: Some(kept) });
             for a in &self.admin_sockets {
                 crate::systemd::store_fds(&handover::admin_store_name(&a.name), &[a.socket.as_fd()]);
             }
@@ -160,9 +170,9 @@ impl Engine {
     /// Keep systemd's fd store in line with the listeners of `current`:
     /// drop the sockets of listeners that left, store those of new ones.
     pub(super) fn store(&mut self, current: &Snapshot) {
-        let Some(stored) = self.stored.as_mut() else { return };
+        let Some(store) = self.stored.as_mut() else { return };
         let ids: HashSet<ListenerId> = current.listeners.iter().map(|l| l.id).collect();
-        stored.retain(|id, name| {
+        store.names.retain(|id, name| {
             let keep = ids.contains(id);
             if !keep {
                 crate::systemd::remove_fds(name);
@@ -170,14 +180,25 @@ impl Engine {
             keep
         });
         for l in &current.listeners {
-            if stored.contains_key(&l.id) {
+            if store.names.contains_key(&l.id) {
                 continue;
             }
             let name = handover::store_name(&l.key, l.addr);
             let open = l.open_sockets();
             let fds: Vec<BorrowedFd<'_>> = open.iter().map(|fd| fd.as_fd()).collect();
             crate::systemd::store_fds(&name, &fds);
-            stored.insert(l.id, name);
+            store.names.insert(l.id, name);
+        }
+        if let Some(inherited) = store.inherited.take() {
+            let ours: HashSet<String> = store
+                .names
+                .values()
+                .cloned()
+                .chain(self.admin_sockets.iter().map(|a| handover::admin_store_name(&a.name)))
+                .collect();
+            for name in inherited.iter().filter(|n| !ours.contains(*n)) {
+                crate::systemd::remove_fds(name);
+            }
         }
     }
 }
