@@ -1,6 +1,9 @@
 //! The file-descriptor budget: does a configuration fit in `RLIMIT_NOFILE`?
 //!
-//! Every listen address of every service port holds one socket per worker,
+//! Every listen address of every service port holds one socket per worker
+//! (in `--proxy-port-mode shared`, a TCP service port has no proxy port of
+//! its own: the one or two shared ones count once, whatever the number of
+//! TCP service ports),
 //! and every UDP flow one backend socket; what is left must still carry
 //! proxied connections (two sockets and two pipes each with splice) and the
 //! admin servers. A configuration whose listening sockets alone would eat
@@ -86,10 +89,9 @@ impl Budget {
         let redirected = listen::redirected_by_rules(opts.redirect_rules);
         let listen_addresses: u64 = ports
             .iter()
-            .map(|sp| {
-                listen::plan(sp, (opts.bind_address, opts.bind_address6), node_ips, &redirected).len() as u64
-            })
-            .sum();
+            .map(|sp| listen::plan_port(sp, opts, node_ips, &redirected).len() as u64)
+            .sum::<u64>()
+            + listen::shared_plan(opts).len() as u64;
         let workers = self.workers.max(1) as u64;
         let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
         Demand {
@@ -144,6 +146,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 2,
             redirect_rules: false,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         }
     }
 
@@ -156,6 +159,33 @@ mod tests {
         assert_eq!(err.demand.listening_sockets, 80_000);
         assert!(err.to_string().contains("RLIMIT_NOFILE is 20000"), "{err}");
         assert!(budget.check(&ports(1_000, Protocol::Tcp), &opts(), &node_ips).is_ok());
+    }
+
+    #[test]
+    fn shared_mode_needs_the_same_listening_sockets_for_a_hundred_or_ten_thousand_tcp_ports() {
+        let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
+        let shared = ListenOptions {
+            redirect_rules: true,
+            proxy_port_mode: crate::listen::ProxyPortMode::Shared,
+            bind_address6: Some("fd72::1".parse().unwrap()),
+            bind_address: Ipv4Addr::new(169, 254, 99, 1).into(),
+            ..opts()
+        };
+        let cluster_ip_only = |n| -> Vec<ServicePort> {
+            let mut ports = ports(n, Protocol::Tcp);
+            for sp in &mut ports {
+                sp.node_port = None;
+                sp.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
+            }
+            ports
+        };
+        let few = budget.demand(&cluster_ip_only(100), &shared, &[]);
+        let many = budget.check(&cluster_ip_only(10_000), &shared, &[]).expect("fits");
+        assert_eq!((few.listen_addresses, many.listen_addresses), (2, 2), "one per family");
+        assert_eq!(many.listening_sockets, 4);
+        let per_service =
+            ListenOptions { proxy_port_mode: crate::listen::ProxyPortMode::PerService, ..shared };
+        assert_eq!(budget.demand(&cluster_ip_only(10_000), &per_service, &[]).listening_sockets, 20_000);
     }
 
     #[test]

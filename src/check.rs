@@ -101,22 +101,18 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
     let proxy = at(opts.bind_address);
     let proxy6 = opts.bind_address6.map(at).unwrap_or_default();
     let redirected = listen::redirected_by_rules(opts.redirect_rules);
-    listen::plan(
-        sp,
-        (opts.bind_address, opts.bind_address6),
-        &listen::node_addresses(&opts.nodeport_addresses),
-        redirected,
-    )
-    .into_iter()
-    .map(|(role, ip, port)| match role {
-        ListenRole::Proxy => format!("proxy {proxy}"),
-        ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
-        ListenRole::Proxy6 => format!("proxy6 {proxy6}"),
-        ListenRole::ExternalProxy6 => format!("externalProxy6 {proxy6}"),
-        _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
-    })
-    .collect::<Vec<_>>()
-    .join(", ")
+    let shared = listen::shared_plan(opts).into_iter().filter(|_| sp.protocol == crate::model::Protocol::Tcp);
+    let shared = shared.map(|(role, ip)| format!("{role} (shared) {}", at(ip)));
+    let node_ips = listen::node_addresses(&opts.nodeport_addresses);
+    let own =
+        listen::plan_port(sp, opts, &node_ips, redirected).into_iter().map(|(role, ip, port)| match role {
+            ListenRole::Proxy => format!("proxy {proxy}"),
+            ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
+            ListenRole::Proxy6 => format!("proxy6 {proxy6}"),
+            ListenRole::ExternalProxy6 => format!("externalProxy6 {proxy6}"),
+            _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
+        });
+    shared.chain(own).collect::<Vec<_>>().join(", ")
 }
 
 fn endpoints(eps: &[Endpoint]) -> String {

@@ -45,7 +45,9 @@ mod adopt;
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
 mod plan;
+mod shared;
 pub use plan::{node_addresses, plan, redirected_by_rules};
+pub use shared::{ProxyPortMode, plan_port, shared_plan};
 
 /// Backlog of every listening socket (the kernel caps it at somaxconn).
 pub const BACKLOG: i32 = 4096;
@@ -222,6 +224,8 @@ pub struct ListenOptions {
     /// then is an external proxy port needed, for the external and LB IPs
     /// that are not local (which the rules send to it).
     pub redirect_rules: bool,
+    /// `--proxy-port-mode`: proxy ports per service port, or shared.
+    pub proxy_port_mode: ProxyPortMode,
 }
 
 /// Binds listeners; remembers which proxy ports it handed out.
@@ -270,14 +274,12 @@ impl Binder {
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
         let mut used_proxy_ports: HashSet<u16> =
             previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
-        let mut listeners = Vec::new();
-        let mut errors = Vec::new();
-        let binds = (self.opts.bind_address, self.opts.bind_address6);
+        let (mut listeners, mut errors) = self.bind_shared(&previous, &mut used_proxy_ports);
 
         for sp in ports {
             // An IPv6 twin asks for its IPv4 twin's number: maps read alike.
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
-            for (role, ip, port) in plan(sp, binds, &node_ips, &redirected) {
+            for (role, ip, port) in plan_port(sp, &self.opts, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
                 let twin = role.first_family().and_then(|r| proxy_ports.get(&r).copied());
                 let result = match previous.get(&key) {
@@ -503,6 +505,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 2,
             redirect_rules: true,
+            proxy_port_mode: ProxyPortMode::PerService,
         })
     }
 

@@ -50,10 +50,14 @@ pub fn of_listeners(listeners: &[Arc<Listener>]) -> Vec<OwnAddress> {
 pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Vec<OwnAddress> {
     let redirected = listen::redirected_by_rules(opts.redirect_rules);
     let mut out = Vec::new();
+    // The shared proxy ports, where known (a range): every TCP port's.
+    for (role, ip) in listen::shared_plan(opts) {
+        if let Some(ports) = opts.proxy_port_range.clone() {
+            out.push(OwnAddress { ip, ports, protocol: crate::model::Protocol::Tcp, role });
+        }
+    }
     for sp in ports {
-        for (role, ip, port) in
-            listen::plan(sp, (opts.bind_address, opts.bind_address6), node_ips, &redirected)
-        {
+        for (role, ip, port) in listen::plan_port(sp, opts, node_ips, &redirected) {
             let proxy = role.is_proxy();
             let ports = match (proxy, &opts.proxy_port_range) {
                 (true, Some(range)) => range.clone(),
@@ -175,6 +179,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 1,
             redirect_rules: false,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         };
         let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
         let ports = [port_with("127.0.0.1:20050")];

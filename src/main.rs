@@ -172,6 +172,13 @@ struct ListenArgs {
     /// IPV6_FREEBIND; not added where IPv6 is off.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
     proxy_address6: Ipv6Addr,
+    /// per-service: one proxy port per service port (kube-proxy's userspace
+    /// shape). shared: one proxy port per family for every TCP service
+    /// port, each connection routed by its original destination (needs
+    /// redirect rules; UDP ports, node ports and local external/LB IPs keep
+    /// their own listeners).
+    #[arg(long, value_enum, default_value_t = ringport::listen::ProxyPortMode::PerService)]
+    proxy_port_mode: ringport::listen::ProxyPortMode,
 }
 
 #[derive(Args)]
@@ -345,6 +352,7 @@ impl ListenArgs {
             // `run` sets it from the redirect backend it gets; `check`
             // shows what the rules (`--redirect auto`) would need.
             redirect_rules: true,
+            proxy_port_mode: self.proxy_port_mode,
         }
     }
 }

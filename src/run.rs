@@ -99,6 +99,10 @@ pub enum RunError {
     Admin(#[from] admin::AdminError),
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error(
+        "--proxy-port-mode shared needs redirect rules (--redirect nft or iptables): only a rule's DNAT tells a shared proxy port which service a connection is for"
+    )]
+    SharedWithoutRules,
     #[error("cannot start the redirect syncer")]
     RedirectThread(#[source] std::io::Error),
     #[error("cannot start the control-plane runtime")]

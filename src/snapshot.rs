@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -25,8 +26,13 @@ use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer, BalancerView};
 use crate::listen::{ListenRole, Listener, ListenerId};
 use crate::metrics::{Metrics, PortMetrics};
-use crate::model::{EndpointAddr, IpFamily, ProxyPort, ProxyProtocol, ServicePort, ServicePortName};
+use crate::model::{
+    EndpointAddr, IpFamily, Protocol, ProxyPort, ProxyProtocol, ServicePort, ServicePortName,
+};
 use crate::source_ip::{Source, SourceOptions, SourcePlan};
+
+mod destinations;
+pub use destinations::{Destination, Destinations};
 
 /// One service port as served: its spec and its selection state for each
 /// kind of traffic (they differ when a traffic policy is `Local`) and, for
@@ -182,6 +188,15 @@ pub struct Snapshot {
     pub listeners: Vec<Arc<Listener>>,
     /// Which port (index into `ports`) and scope each listener serves.
     routes: HashMap<ListenerId, RouteEntry>,
+    /// The shared proxy ports (`--proxy-port-mode shared`), which route
+    /// by original destination; empty in per-service mode.
+    shared: Vec<ListenerId>,
+    /// Where each original destination a shared port may see goes; built
+    /// only when there is a shared port.
+    destinations: Destinations,
+    /// Connections to a shared port whose original destination is no
+    /// service port's, per worker (`Metrics::unmatched`).
+    unmatched: Arc<[AtomicU64]>,
 }
 
 impl Snapshot {
@@ -233,6 +248,11 @@ impl Snapshot {
             .collect();
         ctx.registry.prune();
         ctx.metrics.prune();
+        // `route_to` finds ports by name with a binary search.
+        let mut ports = ports;
+        if !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
+            ports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        }
         let index: HashMap<&ServicePortName, usize> =
             ports.iter().enumerate().map(|(i, p)| (&p.spec.name, i)).collect();
         let routes = listeners
@@ -243,14 +263,56 @@ impl Snapshot {
                 Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), family }))
             })
             .collect();
-        Self { generation, ports, listeners, routes }
+        let shared: Vec<ListenerId> = listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id).collect();
+        let destinations = match shared.is_empty() {
+            true => Destinations::default(),
+            false => Destinations::build(ports.iter().map(|p| &p.spec)),
+        };
+        let unmatched = Arc::clone(&ctx.metrics.unmatched);
+        Self { generation, ports, listeners, routes, shared, destinations, unmatched }
+    }
+
+    /// The service port a connection a shared proxy port accepted was
+    /// going to (`to`, its original destination), its balancer, and the
+    /// listener role it stands in for (as the per-service proxy port that
+    /// would have taken it): one hash lookup, then a search by name.
+    pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
+        let d = self.destinations.get(protocol, to)?;
+        let at = self.ports.binary_search_by(|p| p.spec.name.cmp(&d.port)).ok()?;
+        let port = self.ports.get(at).filter(|p| p.spec.protocol == protocol)?;
+        let role = match (d.scope, d.family) {
+            (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
+            (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
+            (Scope::External, IpFamily::V4) => ListenRole::ExternalProxy,
+            (Scope::External, IpFamily::V6) => ListenRole::ExternalProxy6,
+        };
+        Some((Route { port, balancer: port.balancer(d.scope, d.family) }, role))
+    }
+
+    /// Count a connection to a shared port that no rule sent (worker
+    /// `worker`'s slot).
+    pub fn count_unmatched(&self, worker: usize) {
+        if let Some(n) = self.unmatched.get(worker).or_else(|| self.unmatched.last()) {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The shared proxy ports' addresses, `[IPv4, IPv6]` (none in
+    /// per-service mode).
+    pub fn shared_proxies(&self) -> [Option<SocketAddr>; 2] {
+        let mut out = [None; 2];
+        for l in self.listeners.iter().filter(|l| l.key.is_shared()) {
+            out[usize::from(l.addr.is_ipv6())] = Some(l.addr);
+        }
+        out
     }
 
     /// The service port a listener serves, and its balancer.
     /// Whether `listener`'s traffic has a usable endpoint (else its TCP
     /// sockets stay paused, so the kernel refuses).
+    /// A shared proxy port always serves: the rules refuse what has none.
     pub fn serves(&self, listener: ListenerId) -> bool {
-        self.route(listener).is_some_and(|r| !r.balancer.is_empty())
+        self.route(listener).is_some_and(|r| !r.balancer.is_empty()) || self.shared.contains(&listener)
     }
 
     /// New TCP sockets are bound without listening; those of ports that
@@ -489,6 +551,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 1,
             redirect_rules: false,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         });
         let s1 = build(
             vec![port("bar", &[1, 2, 3]), port("foo", &[4, 5])],
@@ -521,6 +584,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 1,
             redirect_rules: true,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         });
         let mut dual = port("dual", &[1, 2]);
         dual.cluster_ips = vec!["10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap()];

@@ -29,6 +29,7 @@ fn check(text: &str, file: &str) -> Report {
         nodeport_addresses: vec![],
         workers: 2,
         redirect_rules: false,
+        proxy_port_mode: ringport::listen::ProxyPortMode::PerService,
     };
     let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
     check_text(text, file, &opts, &budget)

@@ -62,6 +62,7 @@ fn serve_backend(
         nodeport_addresses: vec![],
         workers,
         redirect_rules: false,
+        proxy_port_mode: ringport::listen::ProxyPortMode::PerService,
     });
     let ports = vec![service_port(&[backend])];
     let (listeners, errors) = binder.bind(&ports, &[]);

@@ -115,6 +115,7 @@ impl Worker {
                     id: listener.id,
                     role: listener.key.role,
                     protocol,
+                    shared: listener.key.is_shared(),
                     fd: Some(fd),
                     paused: !serving,
                     armed: false,

@@ -15,6 +15,9 @@ pub(super) struct Accepting {
     pub(super) id: ListenerId,
     pub(super) role: ListenRole,
     pub(super) protocol: Protocol,
+    /// A shared proxy port: each connection is routed by its original
+    /// destination, not by the listener.
+    pub(super) shared: bool,
     /// `None` once the listener left the snapshot: its accept is being
     /// cancelled, and the slot is freed when that completes.
     pub(super) fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,

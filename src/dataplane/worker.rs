@@ -224,7 +224,9 @@ impl Worker {
                 self.accepted
             )));
         }
-        let Some((listener, role)) = self.listeners.get(listener_key).map(|a| (a.id, a.role)) else {
+        let Some((listener, role, shared)) =
+            self.listeners.get(listener_key).map(|a| (a.id, a.role, a.shared))
+        else {
             return Ok(());
         };
         let sock = SockRef::from(&client);
@@ -234,7 +236,20 @@ impl Worker {
         // Best effort: a socket without keepalive still relays correctly.
         let _ = conn::tune(SockRef::from(&client));
         let snapshot = self.shared.snapshot.load();
-        let Some(route) = snapshot.route(listener) else {
+        // A shared proxy port answers only what the rules sent it: the
+        // original destination names the service port (one getsockopt and
+        // one lookup). Not redirected, or to no service port: reset.
+        let original = shared.then(|| super::preamble::client_destination(&client)).flatten();
+        let routed = match original {
+            Some(to) => snapshot.route_to(Protocol::Tcp, to),
+            None if shared => None,
+            None => snapshot.route(listener).map(|route| (route, role)),
+        };
+        let Some((route, role)) = routed else {
+            if shared {
+                snapshot.count_unmatched(self.index);
+                tracing::debug!(worker = self.index, client = %peer, to = ?original, "shared proxy port: no service port at this destination; reset");
+            }
             let _ = sock.set_linger(Some(Duration::ZERO));
             return Ok(());
         };
@@ -262,7 +277,7 @@ impl Worker {
         // Only read when a header is sent or received: one syscall fewer
         // otherwise.
         let destination = match proxy_protocol.send.is_some() || header_first {
-            true => super::preamble::client_destination(&client),
+            true => original.or_else(|| super::preamble::client_destination(&client)),
             false => None,
         };
         let role = match (header_first, destination) {

@@ -153,6 +153,7 @@ mod tests {
             nodeport_addresses: vec![],
             workers: 1,
             redirect_rules: true,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         });
         let name = ServicePortName { service: ServiceName::new("default", "a"), port: "".into() };
         let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);

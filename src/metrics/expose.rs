@@ -238,6 +238,9 @@ impl Metrics {
         for (result, n) in [("applied", &self.reloads_applied), ("rejected", &self.reloads_rejected)] {
             ConstCounter::new(load(n)).encode(reloads.encode_family(&[("result", result)])?)?;
         }
+        let unmatched = self.unmatched.iter().map(load).sum();
+        let help = "Connections to a shared proxy port reset because no rule sent them (no service port has their original destination)";
+        counter(e, CONNECTIONS_UNMATCHED, help, unmatched)?;
         let s = &self.sync;
         histogram(e, SYNC_DURATION, "Redirect-rule sync duration", &[(Vec::new(), vec![&s.duration])])?;
         counter(e, SYNC_FAILURES, "Failed redirect-rule syncs", load(&s.failures))?;

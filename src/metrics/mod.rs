@@ -41,6 +41,7 @@ pub mod names {
     pub const CONNECT_RETRIES: &str = "ringport_connect_retries";
     pub const CONNECTIONS_REFUSED: &str = "ringport_connections_refused";
     pub const PROXY_HEADERS_REFUSED: &str = "ringport_proxy_headers_refused";
+    pub const CONNECTIONS_UNMATCHED: &str = "ringport_connections_unmatched";
     pub const EJECTIONS: &str = "ringport_endpoint_ejections";
     pub const READMISSIONS: &str = "ringport_endpoint_readmissions";
     pub const CONNECT_DURATION: &str = "ringport_connect_duration_seconds";
@@ -359,6 +360,10 @@ pub struct Metrics {
     pub transparent_ready: AtomicU64,
     pub sync: SyncMetrics,
     pub apply: ApplyMetrics,
+    /// Connections a shared proxy port reset because their original
+    /// destination is no service port's (none of the rules sent them), one
+    /// slot per worker; every snapshot holds it.
+    pub unmatched: Arc<[AtomicU64]>,
 }
 
 impl Metrics {
@@ -373,6 +378,7 @@ impl Metrics {
             transparent_ready: AtomicU64::new(0),
             sync: SyncMetrics::default(),
             apply: ApplyMetrics::default(),
+            unmatched: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 

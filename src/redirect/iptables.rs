@@ -6,7 +6,8 @@
 //!   its proxy address (REDIRECTed when it has none);
 //! - filter `RINGPORT-INPUT` (the proxy address answers only what was
 //!   DNATed to it), `RINGPORT-FORWARD` and `RINGPORT-OUTPUT` (ICMP port
-//!   unreachable for UDP service ports with no endpoints);
+//!   unreachable for UDP service ports with no endpoints, a TCP reset for
+//!   TCP ones on a shared proxy port);
 //! - mangle `RINGPORT-FIREWALL` (`loadBalancerSourceRanges`, before NAT)
 //!   and `RINGPORT-TRANSPARENT` (transparent mode's reply mark,
 //!   `transparent.rs`).
@@ -231,8 +232,8 @@ pub fn render_restore(
                 }
                 for key in rules.reject.iter().filter(|k| mine(k)) {
                     for chain in ["RINGPORT-FORWARD", "RINGPORT-OUTPUT"] {
-                        let (p, ip, port, icmp) =
-                            (proto(key), key.daddr.0, key.dport, family.port_unreachable());
+                        let (p, ip, port) = (proto(key), key.daddr.0, key.dport);
+                        let icmp = if key.is_udp() { family.port_unreachable() } else { "tcp-reset" };
                         let _ = writeln!(
                             s,
                             "-A {chain} -d {ip}/{prefix} -p {p} -m {p} --dport {port} -j REJECT --reject-with {icmp}"

@@ -3,8 +3,9 @@
 //! interception rule per family in a prerouting and an output nat chain,
 //! and three small filter chains: the firewall (`loadBalancerSourceRanges`,
 //! before NAT), the input guard (the proxy address answers only what the
-//! rules sent it) and the UDP rejects (ICMP port unreachable for service
-//! ports with no endpoints, on the forward and output paths, since a
+//! rules sent it) and the rejects (ICMP port unreachable for UDP service
+//! ports with no endpoints, a TCP reset for TCP ones on a shared proxy
+//! port, which cannot pause; on the forward and output paths, since a
 //! rejected VIP is not NATed and so is routed like any other address; on
 //! the same paths, the drops of keys whose endpoints are all out of scope,
 //! TCP and UDP).
@@ -168,6 +169,12 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         s += &format!("  chain {chain} {{\n    type filter hook {hook} priority 0; policy accept;\n");
         s += &format!("    meta l4proto udp meta l4proto . ip daddr . th dport @{REJECT4} reject\n");
         s += &format!("    meta l4proto udp meta l4proto . ip6 daddr . th dport @{REJECT6} reject\n");
+        s += &format!(
+            "    meta l4proto tcp meta l4proto . ip daddr . th dport @{REJECT4} reject with tcp reset\n"
+        );
+        s += &format!(
+            "    meta l4proto tcp meta l4proto . ip6 daddr . th dport @{REJECT6} reject with tcp reset\n"
+        );
         s += &format!("    meta l4proto {{ tcp, udp }} meta l4proto . ip daddr . th dport @{DROP4} drop\n");
         s += &format!("    meta l4proto {{ tcp, udp }} meta l4proto . ip6 daddr . th dport @{DROP6} drop\n");
         s += "  }\n";

@@ -127,13 +127,17 @@ pub struct PortRules<'a> {
     pub external_proxy: [Option<SocketAddr>; 2],
     /// Whether each family's endpoints can take traffic.
     pub emptiness: [Emptiness; 2],
+    /// Its proxy ports are shared (`--proxy-port-mode shared`): none can
+    /// be paused, so a TCP key with no endpoint is rejected (TCP reset).
+    pub shared: bool,
 }
 
 impl<'a> PortRules<'a> {
     /// A service port with endpoints in both scopes and one proxy port.
     pub fn new(spec: &'a ServicePort, proxy: SocketAddr) -> Self {
         let full = Emptiness { internal: false, external: false, has_endpoints: has_endpoints(spec) };
-        Self { spec, proxy: [None; 2], external_proxy: [None; 2], emptiness: [full; 2] }.with_proxy(proxy)
+        Self { spec, proxy: [None; 2], external_proxy: [None; 2], emptiness: [full; 2], shared: false }
+            .with_proxy(proxy)
     }
 
     /// With `addr` as the proxy port of its family.
@@ -213,11 +217,11 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
                 }
             }
             // Endpoints elsewhere, none in scope: dropped, as kube-proxy.
-            // None at all: UDP rejected; TCP needs no reject, a paused
-            // proxy port answers SYN with RST.
+            // None at all: UDP rejected; TCP too on a shared port, else a
+            // paused proxy port answers SYN with RST.
             if empty && has_endpoints {
                 out.rules.dropped.insert(key);
-            } else if empty && key.is_udp() {
+            } else if empty && (key.is_udp() || p.shared) {
                 out.rules.reject.insert(key);
             } else {
                 let target = Target { proxy_port: ProxyPort(proxy.port()), service: sp.name.clone() };
@@ -258,20 +262,28 @@ fn accepts_headers(sp: &ServicePort) -> bool {
 }
 
 /// The rules of a published snapshot: every service port with a bound
-/// proxy port.
+/// proxy port, its own or (TCP in shared mode) the shared one.
 pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
     let mut proxies: HashMap<(&ServicePortName, ListenRole), SocketAddr> = HashMap::new();
     for l in snapshot.listeners.iter().filter(|l| l.key.role.is_proxy()) {
         proxies.insert((&l.key.port, l.key.role), l.addr);
     }
+    let shared = snapshot.shared_proxies();
+    let shared = shared.iter().any(Option::is_some).then_some(shared);
     let ports = snapshot.ports.iter().filter_map(|p| {
         let role = |role| proxies.get(&(&p.spec.name, role)).copied();
-        let proxy = [role(ListenRole::Proxy), role(ListenRole::Proxy6)];
+        let shared = shared.filter(|_| p.spec.protocol == Protocol::Tcp);
+        let proxy = shared.unwrap_or([role(ListenRole::Proxy), role(ListenRole::Proxy6)]);
+        let external_proxy = match shared {
+            Some(_) => [None; 2],
+            None => [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
+        };
         proxy.iter().any(Option::is_some).then(|| PortRules {
             spec: &p.spec,
             proxy,
-            external_proxy: [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
+            external_proxy,
             emptiness: [IpFamily::V4, IpFamily::V6].map(|f| p.emptiness(f)),
+            shared: shared.is_some(),
         })
     });
     desired(ports, local)

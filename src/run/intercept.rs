@@ -40,6 +40,9 @@ pub(super) fn start_redirect(
     let mut backend = redirect::backend(opts.redirect, to)?;
     // External proxy ports only where rules send traffic to them.
     opts.listen.redirect_rules = backend.name() != "none";
+    if !opts.listen.redirect_rules && opts.listen.proxy_port_mode == crate::listen::ProxyPortMode::Shared {
+        return Err(RunError::SharedWithoutRules);
+    }
     redirect::transparent::start(&mut opts.transparent, opts.listen.redirect_rules);
     metrics.transparent_ready.store(u64::from(opts.transparent.ready), std::sync::atomic::Ordering::Relaxed);
     if let (Intercept::ProxyAddress { v4, v6: Some(v6) }, true) = (to, backend.name() != "none") {
