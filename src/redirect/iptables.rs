@@ -390,6 +390,39 @@ mod tests {
     }
 
     #[test]
+    fn a_tcp_port_without_endpoints_on_a_shared_proxy_port_is_reset_by_a_rule() {
+        use crate::redirect::rules::{Locality, PortRules, desired};
+        use crate::snapshot::Emptiness;
+        let name = ServicePortName { service: ServiceName::new("default", "empty"), port: String::new() };
+        let mut sp =
+            crate::model::ServicePort::new(name, crate::model::Origin("t".into()), Protocol::Tcp, 80);
+        sp.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
+        let none = Emptiness { internal: true, external: true, has_endpoints: false };
+        let port = |shared| PortRules {
+            emptiness: [none; 2],
+            shared,
+            ..PortRules::new(&sp, "169.254.99.1:31000".parse().unwrap())
+        };
+        let own = desired([port(false)], &Locality::default()).rules;
+        assert_eq!((own.redirects.len(), own.reject.len()), (1, 0), "a paused own proxy port refuses it");
+        let shared = desired([port(true)], &Locality::default()).rules;
+        assert_eq!((shared.redirects.len(), shared.reject.len()), (0, 1));
+        let to = Intercept::ProxyAddress { v4: "169.254.99.1".parse().unwrap(), v6: None };
+        let text = render_restore(Family::V4, &shared, to, &[]);
+        for chain in ["RINGPORT-FORWARD", "RINGPORT-OUTPUT"] {
+            let rule = format!(
+                "-A {chain} -d 10.96.0.20/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset\n"
+            );
+            assert!(text.contains(&rule), "{text}");
+        }
+        let nft = super::super::nft::render_replace(&shared, to);
+        assert!(
+            nft.contains("meta l4proto tcp meta l4proto . ip daddr . th dport @noep4 reject with tcp reset")
+        );
+        assert!(nft.contains("add element inet ringport noep4 {\n  tcp . 10.96.0.20 . 80\n}\n"), "{nft}");
+    }
+
+    #[test]
     fn transparent_mode_marks_replies_in_its_own_mangle_chain_in_both_families() {
         let mut set = rules();
         set.transparent = Some(0x1000);

@@ -7,11 +7,12 @@
 //! plane listens on local ones itself, and on node ports). Cluster IPs go to
 //! the service port's proxy port (internal scope); external and LB IPs go to
 //! its external proxy port, so `externalTrafficPolicy` applies to them too.
-//! Besides the redirects, a [`RuleSet`] holds the UDP keys to reject with
-//! ICMP port unreachable (no endpoints at all), the keys to drop (TCP and
-//! UDP: endpoints exist, but none in the traffic's scope, i.e. a `Local`
-//! traffic policy and none on this node, as kube-proxy drops them) and each
-//! LoadBalancer IP's `loadBalancerSourceRanges` (the firewall).
+//! Besides the redirects, a [`RuleSet`] holds the keys to reject (no
+//! endpoints at all: UDP with ICMP port unreachable, TCP on a shared proxy
+//! port with a reset), the keys to drop (TCP and UDP: endpoints exist, but
+//! none in the traffic's scope, i.e. a `Local` traffic policy and none on
+//! this node, as kube-proxy drops them) and each LoadBalancer IP's
+//! `loadBalancerSourceRanges` (the firewall).
 //!
 //! Invariants:
 //! - One key maps to one target: when two service ports claim the same
@@ -66,8 +67,8 @@ pub type Rules = BTreeMap<RuleKey, Target>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
     pub redirects: Rules,
-    /// UDP keys whose service port has no endpoints in scope: rejected with
-    /// ICMP port unreachable, as kube-proxy does.
+    /// Keys with no endpoints in scope: UDP rejected with ICMP port
+    /// unreachable, as kube-proxy does; TCP (shared ports only) reset.
     pub reject: BTreeSet<RuleKey>,
     /// Keys whose service port has endpoints, but none in scope (a `Local`
     /// policy and none on this node): dropped, TCP and UDP, as kube-proxy.
@@ -268,20 +269,17 @@ pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
     for l in snapshot.listeners.iter().filter(|l| l.key.role.is_proxy()) {
         proxies.insert((&l.key.port, l.key.role), l.addr);
     }
-    let shared = snapshot.shared_proxies();
-    let shared = shared.iter().any(Option::is_some).then_some(shared);
+    let shared = Some(snapshot.shared_proxies()).filter(|s| s.iter().any(Option::is_some));
     let ports = snapshot.ports.iter().filter_map(|p| {
         let role = |role| proxies.get(&(&p.spec.name, role)).copied();
+        // A shared port serves both scopes (it routes by destination);
+        // such a port has no external proxy port of its own.
         let shared = shared.filter(|_| p.spec.protocol == Protocol::Tcp);
         let proxy = shared.unwrap_or([role(ListenRole::Proxy), role(ListenRole::Proxy6)]);
-        let external_proxy = match shared {
-            Some(_) => [None; 2],
-            None => [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
-        };
         proxy.iter().any(Option::is_some).then(|| PortRules {
             spec: &p.spec,
             proxy,
-            external_proxy,
+            external_proxy: [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
             emptiness: [IpFamily::V4, IpFamily::V6].map(|f| p.emptiness(f)),
             shared: shared.is_some(),
         })
