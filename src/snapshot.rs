@@ -272,41 +272,6 @@ impl Snapshot {
         Self { generation, ports, listeners, routes, shared, destinations, unmatched }
     }
 
-    /// The service port a connection a shared proxy port accepted was
-    /// going to (`to`, its original destination), its balancer, and the
-    /// listener role it stands in for (as the per-service proxy port that
-    /// would have taken it): one hash lookup, then a search by name.
-    pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
-        let d = self.destinations.get(protocol, to)?;
-        let at = self.ports.binary_search_by(|p| p.spec.name.cmp(&d.port)).ok()?;
-        let port = self.ports.get(at).filter(|p| p.spec.protocol == protocol)?;
-        let role = match (d.scope, d.family) {
-            (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
-            (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
-            (Scope::External, IpFamily::V4) => ListenRole::ExternalProxy,
-            (Scope::External, IpFamily::V6) => ListenRole::ExternalProxy6,
-        };
-        Some((Route { port, balancer: port.balancer(d.scope, d.family) }, role))
-    }
-
-    /// Count a connection to a shared port that no rule sent (worker
-    /// `worker`'s slot).
-    pub fn count_unmatched(&self, worker: usize) {
-        if let Some(n) = self.unmatched.get(worker).or_else(|| self.unmatched.last()) {
-            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// The shared proxy ports' addresses, `[IPv4, IPv6]` (none in
-    /// per-service mode).
-    pub fn shared_proxies(&self) -> [Option<SocketAddr>; 2] {
-        let mut out = [None; 2];
-        for l in self.listeners.iter().filter(|l| l.key.is_shared()) {
-            out[usize::from(l.addr.is_ipv6())] = Some(l.addr);
-        }
-        out
-    }
-
     /// The service port a listener serves, and its balancer.
     /// Whether `listener`'s traffic has a usable endpoint (else its TCP
     /// sockets stay paused, so the kernel refuses).
@@ -354,8 +319,12 @@ impl Snapshot {
     /// A serializable view for `/debug/snapshot` and `ringport check`.
     pub fn view(&self) -> SnapshotView {
         let now = std::time::Instant::now();
+        // A TCP port in shared mode has no proxy port of its own.
+        let [v4, v6] = self.shared_proxies();
+        let shared = v4.or(v6).map(|a| a.port());
         SnapshotView {
             generation: self.generation,
+            shared_proxy_ports: self.shared_proxies().into_iter().flatten().collect(),
             service_ports: self
                 .ports
                 .iter()
@@ -366,7 +335,10 @@ impl Snapshot {
                     cluster_ips: p.spec.cluster_ips.iter().map(ToString::to_string).collect(),
                     external_ips: p.spec.external_ips.iter().map(ToString::to_string).collect(),
                     load_balancer_ips: p.spec.load_balancer_ips.iter().map(ToString::to_string).collect(),
-                    proxy_port: self.proxy_port(&p.spec.name).map(|p| p.0),
+                    proxy_port: self
+                        .proxy_port(&p.spec.name)
+                        .map(|p| p.0)
+                        .or(shared.filter(|_| p.spec.protocol == Protocol::Tcp)),
                     health_check_node_port: p.spec.health_check_node_port,
                     proxy_protocol: p.spec.proxy_protocol,
                     listeners: self
@@ -407,6 +379,10 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 #[derive(Debug, Serialize)]
 pub struct SnapshotView {
     pub generation: u64,
+    /// `--proxy-port-mode shared`: the proxy ports every TCP service port
+    /// shares (one per family, each with a socket per worker).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shared_proxy_ports: Vec<SocketAddr>,
     pub service_ports: Vec<PortView>,
 }
 

@@ -1,7 +1,9 @@
 //! Where a connection to a shared proxy port was going: `(protocol,
 //! original destination IP, port) -> (service port, scope, family)`, built
 //! by one function ([`Destinations::build`]) from the service ports, and
-//! looked up once per connection a shared proxy port accepts.
+//! looked up once per connection a shared proxy port accepts
+//! ([`Snapshot::route_to`](super::Snapshot::route_to), with the snapshot's
+//! other shared-port queries).
 //!
 //! Invariants:
 //! - Built from the same addresses the rules DNAT to a shared port: every
@@ -18,7 +20,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
+use super::Route;
 use crate::balance::eligible::Scope;
+use crate::listen::ListenRole;
 use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
 
 /// What a redirected connection's original destination stands for.
@@ -69,6 +73,43 @@ impl Destinations {
 
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+impl super::Snapshot {
+    /// The service port a connection a shared proxy port accepted was
+    /// going to (`to`, its original destination), its balancer, and the
+    /// listener role it stands in for (as the per-service proxy port that
+    /// would have taken it): one hash lookup, then a search by name.
+    pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
+        let d = self.destinations.get(protocol, to)?;
+        let at = self.ports.binary_search_by(|p| p.spec.name.cmp(&d.port)).ok()?;
+        let port = self.ports.get(at).filter(|p| p.spec.protocol == protocol)?;
+        let role = match (d.scope, d.family) {
+            (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
+            (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
+            (Scope::External, IpFamily::V4) => ListenRole::ExternalProxy,
+            (Scope::External, IpFamily::V6) => ListenRole::ExternalProxy6,
+        };
+        Some((Route { port, balancer: port.balancer(d.scope, d.family) }, role))
+    }
+
+    /// Count a connection to a shared port that no rule sent (worker
+    /// `worker`'s slot).
+    pub fn count_unmatched(&self, worker: usize) {
+        if let Some(n) = self.unmatched.get(worker).or_else(|| self.unmatched.last()) {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The shared proxy ports' addresses, `[IPv4, IPv6]` (none in
+    /// per-service mode).
+    pub fn shared_proxies(&self) -> [Option<SocketAddr>; 2] {
+        let mut out = [None; 2];
+        for l in self.listeners.iter().filter(|l| l.key.is_shared()) {
+            out[usize::from(l.addr.is_ipv6())] = Some(l.addr);
+        }
+        out
     }
 }
 
