@@ -268,8 +268,8 @@ fn ask(lab: &Lab, role: &str, addr: &str, port: u16, proto: &str) -> String {
     lab.ok(role, &["python3", "-c", ASK, addr, &port.to_string(), proto]).trim().to_string()
 }
 
-fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str) {
-    let n = Node::start(redirect, &["--transparent"]);
+fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str, extra: &[&str]) {
+    let n = Node::start(redirect, &[&["--transparent"], extra].concat());
     let lab = &n.lab;
     assert_eq!(ask(lab, "cli", "10.96.0.10", 80, "tcp"), CLI, "TCP to a Calico-style pod on this node");
     assert_eq!(ask(lab, "cli", "10.96.0.10", 53, "udp"), CLI, "UDP to a Calico-style pod on this node");
@@ -297,12 +297,22 @@ fn node_local_endpoints_see_the_client_and_remote_ones_fall_back(redirect: &str)
 
 #[test]
 fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall_back_with_nft() {
-    node_local_endpoints_see_the_client_and_remote_ones_fall_back("nft");
+    node_local_endpoints_see_the_client_and_remote_ones_fall_back("nft", &[]);
 }
 
 #[test]
 fn node_local_endpoints_see_the_client_pod_over_tcp_and_udp_and_remote_ones_fall_back_with_iptables() {
-    node_local_endpoints_see_the_client_and_remote_ones_fall_back("iptables");
+    node_local_endpoints_see_the_client_and_remote_ones_fall_back("iptables", &[]);
+}
+
+/// TCP through the one shared proxy port (routed by original destination,
+/// with iptables' DNAT), UDP through its own ports.
+#[test]
+fn node_local_endpoints_see_the_client_pod_through_a_shared_proxy_port_with_iptables() {
+    node_local_endpoints_see_the_client_and_remote_ones_fall_back(
+        "iptables",
+        &["--proxy-port-mode", "shared"],
+    );
 }
 
 /// Endpoints whose replies would bypass the reply mark fall back instead
