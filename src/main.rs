@@ -16,7 +16,7 @@ use ringport::balance::health::HealthPolicy;
 use ringport::balance::{BalanceOptions, MAX_ATTEMPTS};
 use ringport::dataplane::{RelayMode, WorkerConfig};
 use ringport::handover::HandoverOptions;
-use ringport::listen::ListenOptions;
+use ringport::listen::{ListenOptions, ProxyPortMode};
 use ringport::metrics::PortDetail;
 use ringport::model::Scheduler;
 use ringport::redirect::RedirectMode;
@@ -177,8 +177,8 @@ struct ListenArgs {
     /// port, each connection routed by its original destination (needs
     /// redirect rules; UDP ports, node ports and local external/LB IPs keep
     /// their own listeners).
-    #[arg(long, value_enum, default_value_t = ringport::listen::ProxyPortMode::PerService)]
-    proxy_port_mode: ringport::listen::ProxyPortMode,
+    #[arg(long, value_enum, default_value_t = ProxyPortMode::PerService)]
+    proxy_port_mode: ProxyPortMode,
 }
 
 #[derive(Args)]
@@ -394,6 +394,12 @@ impl RunArgs {
                 service_proxy_name: self.kube.service_proxy_name.clone(),
             }),
         };
+        let redirect = self.redirect.unwrap_or_else(|| source.default_redirect());
+        if redirect == RedirectMode::None && self.listen.proxy_port_mode == ProxyPortMode::Shared {
+            anyhow::bail!(
+                "--proxy-port-mode shared needs redirect rules (--redirect nft, iptables or auto; --source file defaults to none)"
+            );
+        }
         Ok(RunOptions {
             config: self.source.config.clone(),
             listen: self.listen.options(workers),
@@ -422,7 +428,7 @@ impl RunArgs {
             },
             healthz_bind_address: self.healthz_bind_address,
             metrics_bind_address: self.metrics_bind_address,
-            redirect: self.redirect.unwrap_or_else(|| source.default_redirect()),
+            redirect,
             proxy_address: self.listen.proxy_address,
             proxy_address6: self.listen.proxy_address6,
             transparent: SourceOptions {

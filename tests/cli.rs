@@ -243,3 +243,24 @@ fn check_plans_the_ipv6_proxy_port_on_the_ipv6_proxy_address() {
     let out = ringport(&["check", "--config", path, "--proxy-address6", "fd72::9"]);
     assert!(text(&out.stdout).contains("proxy6 [fd72::9]:<auto>"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn shared_proxy_port_mode_is_planned_by_check_and_refused_without_rules() {
+    let edge = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/edge.yaml");
+    let out = ringport(&["check", "--config", edge, "--proxy-port-mode", "shared"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(table.contains("proxy (shared) 169.254.99.1:<auto>"), "{table}");
+    assert!(table.contains("nodePort 0.0.0.0:30080"), "node ports keep their own listeners: {table}");
+    let own = text(&ringport(&["check", "--config", edge]).stdout);
+    assert!(own.contains("proxy 169.254.99.1:<auto>") && !own.contains("(shared)"), "{own}");
+    // A file source defaults to --redirect none: nothing would tell a
+    // shared port which service a connection is for.
+    let out = ringport(&["run", "--config", edge, "--proxy-port-mode", "shared"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--proxy-port-mode shared needs redirect rules"),
+        "{}",
+        text(&out.stderr)
+    );
+}
