@@ -52,7 +52,7 @@ for n in "${counts[@]}"; do
     for _ in $(seq 1 1200); do
       if ! kill -0 "$pid" 2>/dev/null; then break; fi
       if [[ $(ip netns exec "$ns" curl -s --max-time 1 http://127.0.0.1:10249/readyz || true) == ok ]]; then
-        ready=$(echo "$(date +%s.%N) - $start" | bc); break
+        ready=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {print b - a}'); break
       fi
       sleep 0.1
     done
