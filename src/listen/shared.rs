@@ -101,14 +101,18 @@ impl Binder {
                 Some(existing) if existing.addr.ip() == ip => Ok(Arc::clone(existing)),
                 _ => match self.take_adopted(&key, ip, used) {
                     Some(adopted) => Ok(adopted),
-                    None => match twin.and_then(|p| self.bind_twin(&key, SocketAddr::new(ip, p))) {
-                        Some(listener) => Ok(listener),
+                    None => match twin.or_else(|| self.preferred_shared(role, used)) {
+                        Some(p) => match self.bind_twin(&key, SocketAddr::new(ip, p)) {
+                            Some(listener) => Ok(listener),
+                            None => self.bind_new(key, ip, used),
+                        },
                         None => self.bind_new(key, ip, used),
                     },
                 },
             };
             match result {
                 Ok(listener) => {
+                    used.insert(listener.addr.port());
                     if role == ListenRole::Proxy {
                         v4_port = Some(listener.addr.port());
                     }
@@ -118,6 +122,20 @@ impl Binder {
             }
         }
         (listeners, errors)
+    }
+
+    /// After a crash: the port the previous run's rules send TCP of
+    /// `role`'s family to (the shared port, if that run shared one), so
+    /// the first sync is a difference, not a rewrite of every element.
+    fn preferred_shared(&self, role: ListenRole, used: &HashSet<u16>) -> Option<u16> {
+        let v6 = role == ListenRole::Proxy6;
+        let allowed = |p: &u16| self.opts.proxy_port_range.as_ref().is_none_or(|r| r.contains(p));
+        self.preferred
+            .iter()
+            .filter(|((protocol, ip, _), _)| *protocol == Protocol::Tcp && ip.is_ipv6() == v6)
+            .map(|(_, port)| *port)
+            .filter(|p| allowed(p) && !used.contains(p))
+            .min()
     }
 }
 
@@ -163,6 +181,16 @@ mod tests {
         let (ls, _) = per_service.bind(&ports, &[]);
         assert_eq!(ls.len(), 6);
         assert!(!ls.iter().any(|l| l.key.is_shared()));
+    }
+
+    #[test]
+    fn after_a_crash_the_shared_port_is_bound_where_the_previous_runs_rules_point() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut b = Binder::new(opts(ProxyPortMode::Shared));
+        b.prefer_proxy_ports([((Protocol::Tcp, "10.96.0.1".parse().unwrap(), 80), free)]);
+        let (ls, errors) = b.bind(&[port("t", Protocol::Tcp)], &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(ls.iter().find(|l| l.key.is_shared()).map(|l| l.addr.port()), Some(free));
     }
 
     #[test]
