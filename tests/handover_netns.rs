@@ -3,7 +3,8 @@
 //! five times with a handover, and never sees a failed connection; and
 //! after `kill -9` a new instance binds the proxy ports the rules still
 //! point at, so the proxy ports and the nft table (handles included) are
-//! what they were.
+//! what they were. Both in each `--proxy-port-mode`: the shared proxy
+//! port is handed over, and bound again after a crash, like any other.
 //!
 //! Needs root and `ip`, `nft`, `python3` (CI has them through
 //! scripts/test.sh); without them every test here fails saying so.
@@ -30,10 +31,16 @@ struct Node {
     config: PathBuf,
     socket: PathBuf,
     runs: usize,
+    /// More `ringport run` flags (`--proxy-port-mode shared`).
+    extra: &'static [&'static str],
 }
 
 impl Node {
     fn start() -> Node {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &'static [&'static str]) -> Node {
         netns::require_privileges_and_tools(&TOOLS);
         let mut lab = Lab::new();
         lab.topology(&[BACKEND]);
@@ -57,7 +64,7 @@ impl Node {
         );
         std::fs::write(config.join("services.yaml"), manifest).expect("manifest");
         let socket = lab.scratch.path().join("handover.sock");
-        Node { lab, config, socket, runs: 0 }
+        Node { lab, config, socket, runs: 0, extra }
     }
 
     fn log_path(&self, run: usize) -> PathBuf {
@@ -91,6 +98,7 @@ impl Node {
             "--handover-socket",
             self.socket.to_str().expect("utf-8 path"),
         ];
+        let args: Vec<&str> = args.iter().chain(self.extra).copied().collect();
         (self.lab.spawn("node", &args, &log), self.runs)
     }
 
@@ -150,7 +158,16 @@ fn get_through_cluster_ip() -> bool {
 
 #[test]
 fn five_upgrades_behind_nft_rules_fail_no_cluster_ip_connection() {
-    let mut node = Node::start();
+    five_upgrades_fail_no_cluster_ip_connection(Node::start());
+}
+
+/// The shared proxy port's sockets pass over like any listener's.
+#[test]
+fn five_upgrades_with_a_shared_proxy_port_fail_no_cluster_ip_connection() {
+    five_upgrades_fail_no_cluster_ip_connection(Node::start_with(&["--proxy-port-mode", "shared"]));
+}
+
+fn five_upgrades_fail_no_cluster_ip_connection(mut node: Node) {
     let (mut current, mut run) = node.ringport();
     node.wait_ready();
     node.wait_log(run, "a successor can take over here");
@@ -191,7 +208,15 @@ fn five_upgrades_behind_nft_rules_fail_no_cluster_ip_connection() {
 
 #[test]
 fn after_kill_9_a_new_instance_keeps_the_proxy_ports_and_leaves_the_rules_as_they_were() {
-    let mut node = Node::start();
+    after_kill_9_the_proxy_ports_and_rules_stay(Node::start());
+}
+
+#[test]
+fn after_kill_9_a_new_instance_keeps_the_shared_proxy_port_and_leaves_the_rules_as_they_were() {
+    after_kill_9_the_proxy_ports_and_rules_stay(Node::start_with(&["--proxy-port-mode", "shared"]));
+}
+
+fn after_kill_9_the_proxy_ports_and_rules_stay(mut node: Node) {
     let (first, run) = node.ringport();
     node.wait_ready();
     node.wait_log(run, "redirect rules synced");
