@@ -1,11 +1,11 @@
 //! `--proxy-port-mode shared` end to end, in network namespaces: the real
-//! `ringport` binary in a node namespace with real nft rules, a client
+//! `ringport` binary in a node namespace with real nft or iptables rules, a client
 //! namespace, and two backend namespaces running real HTTP servers that
 //! name themselves (be1 also runs the PROXY-protocol backend of
 //! `fixtures/proxy_protocol_backend.py`, which parses the header itself).
 //! Every TCP service port is served through one proxy port per family.
 //!
-//! Needs root and `ip`, `nft`, `curl`, `python3`, `ss` (CI has them through
+//! Needs root and `ip`, `nft`, `iptables`, `curl`, `python3`, `ss` (CI has them through
 //! scripts/test.sh); without them the test fails saying so.
 
 mod netns;
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use netns::{CLIENT_IP, Lab, in_namespace, ipv6_of};
 
-const TOOLS: [&str; 5] = ["ip", "nft", "curl", "python3", "ss"];
+const TOOLS: [&str; 6] = ["ip", "nft", "iptables", "curl", "python3", "ss"];
 const BACKENDS: [(&str, &str); 2] = [("be1", "10.200.0.11"), ("be2", "10.200.0.12")];
 const PROXY_BACKEND: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proxy_protocol_backend.py");
 /// ringport's default proxy addresses (`--proxy-address`, `--proxy-address6`).
@@ -88,7 +88,7 @@ struct Node {
 }
 
 impl Node {
-    fn start() -> Node {
+    fn start(redirect: &str) -> Node {
         netns::require_privileges_and_tools(&TOOLS);
         let mut lab = Lab::new();
         lab.topology(&BACKENDS);
@@ -126,7 +126,7 @@ impl Node {
         std::fs::write(config.join("services.yaml"), manifest(false)).expect("manifest");
         let log = lab.scratch.path().join("ringport.log");
         let ringport =
-            lab.spawn_ringport("node", &[], &config, "nft", &["--proxy-port-mode", "shared"], &log);
+            lab.spawn_ringport("node", &[], &config, redirect, &["--proxy-port-mode", "shared"], &log);
         lab.wait_ready("node", ringport, &log);
         Node { lab, config, log }
     }
@@ -182,8 +182,17 @@ fn count(path: &Path, what: &str) -> usize {
 }
 
 #[test]
-fn one_proxy_port_per_family_serves_every_tcp_service_by_its_original_destination() {
-    let node = Node::start();
+fn one_proxy_port_per_family_serves_every_tcp_service_by_its_original_destination_with_nft() {
+    one_proxy_port_per_family_serves_every_tcp_service("nft");
+}
+
+#[test]
+fn one_proxy_port_per_family_serves_every_tcp_service_by_its_original_destination_with_iptables() {
+    one_proxy_port_per_family_serves_every_tcp_service("iptables");
+}
+
+fn one_proxy_port_per_family_serves_every_tcp_service(redirect: &str) {
+    let node = Node::start(redirect);
 
     // (1) Each cluster IP reaches its own Service's backend, from the
     // client (PREROUTING) and from the node itself (OUTPUT), over IPv4 and
