@@ -172,11 +172,9 @@ struct ListenArgs {
     /// IPV6_FREEBIND; not added where IPv6 is off.
     #[arg(long, default_value_t = ringport::redirect::DEFAULT_PROXY_ADDRESS6)]
     proxy_address6: Ipv6Addr,
-    /// per-service: one proxy port per service port (kube-proxy's userspace
-    /// shape). shared: one proxy port per family for every TCP service
-    /// port, each connection routed by its original destination (needs
-    /// redirect rules; UDP ports, node ports and local external/LB IPs keep
-    /// their own listeners).
+    /// per-service: a proxy port per service port. shared (needs rules):
+    /// one per family for every TCP service port, each connection routed by
+    /// its original destination (docs/architecture.md, "Proxy port modes").
     #[arg(long, value_enum, default_value_t = ProxyPortMode::PerService)]
     proxy_port_mode: ProxyPortMode,
 }
@@ -396,9 +394,7 @@ impl RunArgs {
         };
         let redirect = self.redirect.unwrap_or_else(|| source.default_redirect());
         if redirect == RedirectMode::None && self.listen.proxy_port_mode == ProxyPortMode::Shared {
-            anyhow::bail!(
-                "--proxy-port-mode shared needs redirect rules (--redirect nft, iptables or auto; --source file defaults to none)"
-            );
+            return Err(ringport::run::RunError::SharedWithoutRules.into());
         }
         Ok(RunOptions {
             config: self.source.config.clone(),

@@ -100,7 +100,7 @@ pub enum RunError {
     #[error(transparent)]
     Redirect(#[from] RedirectError),
     #[error(
-        "--proxy-port-mode shared needs redirect rules (--redirect nft or iptables): only a rule's DNAT tells a shared proxy port which service a connection is for"
+        "--proxy-port-mode shared needs redirect rules (--redirect nft, iptables or auto; --source file defaults to none): only a rule's DNAT tells a shared proxy port which service a connection is for"
     )]
     SharedWithoutRules,
     #[error("cannot start the redirect syncer")]
