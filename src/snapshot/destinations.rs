@@ -148,6 +148,58 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_port_routes_by_destination_always_serves_and_counts_what_maps_to_nothing() {
+        use crate::balance::BalanceOptions;
+        use crate::balance::health::HealthRegistry;
+        use crate::listen::{Binder, ListenOptions, ProxyPortMode};
+        use crate::metrics::Metrics;
+        use crate::model::{Endpoint, EndpointAddr};
+        use crate::snapshot::{BalanceContext, Snapshot};
+        use crate::source_ip::SourceOptions;
+        let mut web = sp("web", Protocol::Tcp, 80);
+        web.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        web.external_ips = vec!["10.97.0.10".parse().unwrap()];
+        web.endpoints = vec![Endpoint::ready(EndpointAddr(to("10.0.0.1:8080")))];
+        let mut empty = sp("empty", Protocol::Tcp, 80);
+        empty.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
+        let mut binder = Binder::new(ListenOptions {
+            bind_address: "127.0.0.1".parse().unwrap(),
+            bind_address6: None,
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 2,
+            redirect_rules: true,
+            proxy_port_mode: ProxyPortMode::Shared,
+        });
+        let ports = vec![web, empty];
+        let (listeners, errors) = binder.bind(&ports, &[]);
+        assert!(errors.iter().all(|e| e.is_benign()), "only the non-local externalIP: {errors:?}");
+        let (options, registry, metrics, source) =
+            (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(2), SourceOptions::default());
+        let ctx =
+            BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+        let snap = Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx);
+        let [v4, v6] = snap.shared_proxies();
+        let (shared, v6) = (v4.expect("a shared IPv4 port"), v6);
+        assert!(v6.is_none());
+        let id = snap.listeners.iter().find(|l| l.addr == shared).map(|l| l.id).expect("listener");
+        assert!(snap.route(id).is_none(), "a shared port has no route of its own");
+        assert!(snap.serves(id), "never paused, even with an empty service port behind it");
+        let routed = |s| {
+            snap.route_to(Protocol::Tcp, to(s)).map(|(r, role)| (r.port.spec.name.service.name.clone(), role))
+        };
+        assert_eq!(routed("10.96.0.10:80"), Some(("web".into(), ListenRole::Proxy)));
+        assert_eq!(routed("10.97.0.10:80"), Some(("web".into(), ListenRole::ExternalProxy)));
+        assert_eq!(routed("10.96.0.20:80"), Some(("empty".into(), ListenRole::Proxy)));
+        assert_eq!(routed(&shared.to_string()), None, "straight to the shared port: nothing");
+        snap.count_unmatched(1);
+        snap.count_unmatched(7);
+        let counted: u64 =
+            metrics.unmatched.iter().map(|n| n.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        assert_eq!(counted, 2);
+    }
+
+    #[test]
     fn the_first_of_two_ports_on_one_key_keeps_it() {
         let (mut a, mut b) = (sp("a", Protocol::Tcp, 80), sp("b", Protocol::Tcp, 80));
         a.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
