@@ -140,6 +140,13 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// A listener that holds no socket: the control plane (rules,
+    /// snapshots) sees only its key and address. For benchmarks and tests
+    /// of the control plane at a scale no fd limit allows.
+    pub fn without_sockets(id: ListenerId, key: ListenKey, addr: SocketAddr) -> Self {
+        Self { id, key, addr, sockets: Vec::new(), open: Vec::new() }
+    }
+
     /// Hand worker `worker` its socket. Some only the first time.
     pub fn take_socket(&self, worker: usize) -> Option<Arc<OwnedFd>> {
         let slot = self.sockets.get(worker)?;

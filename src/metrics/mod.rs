@@ -64,6 +64,8 @@ pub mod names {
 
     // kube-proxy's own names (pkg/proxy/metrics), where the meaning is the same.
     pub const KP_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
+    pub const KP_SYNC_FULL_DURATION: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
+    pub const KP_SYNC_PARTIAL_DURATION: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
     pub const KP_LAST_SYNC: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     pub const KP_NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
     pub const KP_ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes";
@@ -242,10 +244,34 @@ impl PortMetrics {
     }
 }
 
+/// What a redirect-rule sync wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// The whole table or chains rewritten.
+    Full,
+    /// Only the difference.
+    Partial,
+    /// A periodic check that found the rules as left and nothing to do.
+    Verify,
+}
+
+impl SyncKind {
+    pub const ALL: [SyncKind; 3] = [SyncKind::Full, SyncKind::Partial, SyncKind::Verify];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::Partial => "partial",
+            SyncKind::Verify => "verify",
+        }
+    }
+}
+
 /// Control-plane figures of the redirect-rule sync.
 #[derive(Debug, Default)]
 pub struct SyncMetrics {
-    duration: AtomicHistogram<SyncBuckets>,
+    /// By [`SyncKind`], in its order.
+    duration: [AtomicHistogram<SyncBuckets>; 3],
     failures: AtomicU64,
     programmed: AtomicU64,
     /// Unix time (ms) of the last successful sync; 0 before the first.
@@ -253,8 +279,8 @@ pub struct SyncMetrics {
 }
 
 impl SyncMetrics {
-    pub fn record(&self, took: Duration, result: Result<usize, ()>) {
-        self.duration.observe(took);
+    pub fn record(&self, kind: SyncKind, took: Duration, result: Result<usize, ()>) {
+        self.duration[kind as usize].observe(took);
         match result {
             Ok(programmed) => {
                 self.programmed.store(programmed as u64, Ordering::Relaxed);

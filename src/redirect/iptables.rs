@@ -105,16 +105,27 @@ impl Backend for Iptables {
     /// The chains are rewritten whole; only families the change touches
     /// are written.
     fn update(&mut self, diff: &Diff, rules: &RuleSet) -> Result<(), RedirectError> {
-        for family in Family::ALL {
-            let v6 = family == Family::V6;
-            let keys = diff.remove.iter().chain(diff.add.iter().map(|(k, _)| k));
-            let keys = keys.chain(&diff.reject).chain(&diff.unreject).chain(&diff.drop).chain(&diff.undrop);
-            let touched = keys.into_iter().any(|k| k.is_ipv6() == v6);
-            if touched {
-                write_family(family, rules, self.to)?;
-            }
+        for family in touched(diff) {
+            write_family(family, rules, self.to)?;
         }
         Ok(())
+    }
+
+    /// iptables-nft programs nf_tables: the same generation id as nft.
+    /// The legacy backend has none (each periodic resync then rewrites).
+    fn generation(&self) -> Option<u32> {
+        static NF_TABLES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let nf_tables = NF_TABLES.get_or_init(|| {
+            command::run(Family::V4.iptables(), &["--version"], None).is_ok_and(|v| v.contains("nf_tables"))
+        });
+        nf_tables.then(|| super::genid::read().ok()).flatten()
+    }
+
+    /// `iptables-restore` commits each table of its batch (nat, filter,
+    /// mangle) on its own.
+    fn transactions(&self, diff: Option<&Diff>) -> u32 {
+        let families = diff.map_or(Family::ALL.len(), |d| touched(d).count());
+        (families * TABLES.len()) as u32
     }
 
     /// The redirects of `RINGPORT-PREROUTING`, both families (the chains
@@ -128,6 +139,16 @@ impl Backend for Iptables {
         }
         (!redirects.is_empty()).then_some(super::ReadBack { redirects, whole: None })
     }
+}
+
+/// The families whose keys `diff` touches.
+fn touched(diff: &Diff) -> impl Iterator<Item = Family> + '_ {
+    Family::ALL.into_iter().filter(|family| {
+        let v6 = *family == Family::V6;
+        let keys = diff.remove.iter().chain(diff.add.iter().map(|(k, _)| k));
+        let mut keys = keys.chain(&diff.reject).chain(&diff.unreject).chain(&diff.drop).chain(&diff.undrop);
+        keys.any(|k| k.is_ipv6() == v6)
+    })
 }
 
 /// The redirects in `iptables-save -t nat` output: each

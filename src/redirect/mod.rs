@@ -18,13 +18,16 @@
 //!   chains (`RINGPORT-*`, and one jump to each), its IPv4 proxy address
 //!   and IPv6 proxy route on `lo`, and conntrack entries of its own UDP
 //!   service keys.
-//! - Every sync is one process per table or family, never one per rule.
+//! - Every sync is one process per table or family, never one per rule:
+//!   every add and delete of a sync in one batch, one transaction.
 //! - A service port with no usable endpoints needs no special rule for
 //!   TCP: its proxy port stays bound but stops listening, so the kernel
 //!   answers a redirected SYN with RST at once.
 
 pub mod command;
 pub mod conntrack;
+pub mod desired;
+pub mod genid;
 pub mod iptables;
 pub mod nft;
 pub mod rules;
@@ -132,6 +135,18 @@ pub trait Backend: Send {
     /// client (same source port) is NATed afresh to the key's new fate.
     fn forget_udp(&mut self, keys: &[RuleKey]) {
         conntrack::forget_udp(keys);
+    }
+    /// A number that changes whenever anyone changes the rules this
+    /// backend writes, and by exactly one per batch of its own (nftables'
+    /// ruleset generation id): `None` when there is none, and the
+    /// periodic resync then rewrites everything.
+    fn generation(&self) -> Option<u32> {
+        None
+    }
+    /// How many transactions (generations) writing `diff` commits, or
+    /// rewriting everything when `None`.
+    fn transactions(&self, diff: Option<&Diff>) -> u32 {
+        diff.map_or(1, |d| u32::from(!d.is_empty()))
     }
     /// What this backend's own table or chains hold now, a previous run's
     /// rules (after a crash, `kill -9`): `None` when there are none or

@@ -15,10 +15,12 @@
 //! included; a family without one is REDIRECTed.
 //!
 //! Matching is one hash lookup whatever the number of services. A change
-//! adds and deletes map and set elements in one `nft -f -` transaction;
-//! only a start, a periodic resync, a firewall change or the sync after a
-//! failure rewrites the whole table, and that too is one transaction (add,
-//! delete, redefine), so no packet ever sees a half-built table.
+//! adds and deletes map and set elements in one `nft -f -` transaction
+//! (all deletes of a map in one `delete element` statement); only a start,
+//! a firewall change, the sync after a failure, or a periodic resync that
+//! finds the ruleset generation id moved by someone else rewrites the
+//! whole table, and that too is one transaction (add, delete, redefine),
+//! so no packet ever sees a half-built table.
 
 use std::fmt::Write;
 
@@ -60,6 +62,12 @@ impl Backend for Nft {
             return Ok(());
         }
         apply(&render_update(diff))
+    }
+
+    fn generation(&self) -> Option<u32> {
+        super::genid::read()
+            .map_err(|e| tracing::debug!(error = %e, "cannot read the nftables generation id"))
+            .ok()
     }
 
     fn read_back(&self) -> Option<super::ReadBack> {

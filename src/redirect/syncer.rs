@@ -1,14 +1,28 @@
 //! The redirect syncer: brings the rules to match the latest snapshot.
 //!
-//! [`Syncer`] is the logic (desired rules, diff with what was last applied,
-//! apply); [`SyncerThread`] runs it on a thread of its own, fed by the
-//! control loop with each published snapshot. Bursts coalesce: the thread
-//! always syncs the newest snapshot, never a queue of old ones.
+//! [`Syncer`] is the logic (desired rules kept per service port, so a
+//! snapshot costs what changed in it; the difference with what was last
+//! applied; apply); [`SyncerThread`] runs it on a thread of its own, fed
+//! by the control loop with each published snapshot. Bursts coalesce: the
+//! thread always syncs the newest snapshot, never a queue of old ones.
+//!
+//! Each sync is one of three kinds ([`SyncKind`]): *full* (the whole table
+//! rewritten: the first sync, the one after a failure, a firewall change,
+//! or a periodic resync that finds the rules touched by someone else),
+//! *partial* (only the difference, one batch with every add and delete),
+//! or *verify* (a periodic resync that finds the rules as its last write
+//! left them, and nothing to change: it writes nothing). The check is
+//! nftables' ruleset generation id ([`super::genid`]), read for nothing
+//! whatever the number of rules; a backend without one (iptables) is
+//! rewritten whole at every periodic resync.
 //!
 //! Invariants:
 //! - What was last applied is known exactly, or not at all: after a failed
 //!   apply the next sync rewrites everything (`replace`), as does the first
-//!   sync and the periodic resync that repairs rules someone else removed.
+//!   sync and the periodic resync when the rules may have been touched.
+//! - The generation id is trusted only when the kernel counted exactly our
+//!   own writes since the last full rewrite (one per batch); any other
+//!   writer, to any table, makes the next periodic resync a full one.
 //! - Ready is reported only once the first snapshot's rules are in place.
 //! - After every successful apply, the conntrack entries of each UDP key
 //!   whose fate changed are deleted (a firewall change alone changes no
@@ -22,12 +36,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
+pub use crate::metrics::SyncKind;
 
-use super::rules::{self, Locality, RuleKey, RuleSet, Rules};
+use super::desired::{DesiredRules, Update};
+use super::rules::{Locality, RuleKey, RuleSet, Rules};
 use super::{Backend, RedirectError};
 use crate::snapshot::Snapshot;
 
-/// How often the rules are rewritten whole even when nothing changed.
+/// How often the rules are checked (and rewritten whole when touched)
+/// even when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(30);
 /// How soon a failed sync is tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
@@ -35,13 +52,16 @@ pub const RETRY: Duration = Duration::from_secs(5);
 /// What one sync did.
 #[derive(Clone, Copy, Debug)]
 pub struct SyncReport {
-    /// Everything was rewritten, not just the difference.
+    pub kind: SyncKind,
+    /// Everything was rewritten, not just the difference (`kind` is full).
     pub full: bool,
     pub added: usize,
     pub removed: usize,
     /// Rules in place after the sync.
     pub total: usize,
-    /// The whole sync: diff, render and apply.
+    /// Service ports whose rules were made again.
+    pub ports_changed: usize,
+    /// The whole sync: desired rules, diff, render and apply.
     pub duration: Duration,
     /// The rule tool's share of `duration`.
     pub apply: Duration,
@@ -49,24 +69,28 @@ pub struct SyncReport {
 
 pub struct Syncer {
     backend: Box<dyn Backend>,
-    /// `None` until the first success and after any failure.
-    applied: Option<RuleSet>,
-    /// `applied` was read back from the backend's own table at start: its
-    /// redirects carry no service names yet.
-    read_back: bool,
+    desired: DesiredRules,
+    /// The backend holds the desired rules of the last sync, which
+    /// succeeded (or a previous run's, read back).
+    in_place: bool,
+    /// The ruleset generation id our last write left, while nobody else
+    /// has written since as far as we know.
+    generation: Option<u32>,
 }
 
 impl Syncer {
     pub fn new(backend: Box<dyn Backend>) -> Self {
-        Self { backend, applied: None, read_back: false }
+        Self { backend, desired: DesiredRules::default(), in_place: false, generation: None }
     }
 
     /// Start from the rules a previous run left (`whole`, read back by the
     /// backend): the first sync is then a difference, and rewrites nothing
     /// a restart left unchanged.
     pub fn from_read_back(mut self, whole: Option<RuleSet>) -> Self {
-        self.read_back = whole.is_some();
-        self.applied = whole;
+        if let Some(rules) = whole {
+            self.desired = DesiredRules::orphaned(rules);
+            self.in_place = true;
+        }
         self
     }
 
@@ -75,88 +99,121 @@ impl Syncer {
     }
 
     /// Bring the rules to `snapshot`'s, looking up which addresses are
-    /// local now.
-    pub fn sync(&mut self, snapshot: &Snapshot, full: bool) -> Result<SyncReport, RedirectError> {
-        let desired = rules::from_snapshot(snapshot, &Locality::from_interfaces());
-        for (key, kept, dropped) in &desired.clashes {
+    /// local now; only service ports whose inputs changed are looked at.
+    /// `periodic`: also make sure nobody else touched the rules.
+    pub fn sync(&mut self, snapshot: &Snapshot, periodic: bool) -> Result<SyncReport, RedirectError> {
+        let started = Instant::now();
+        let update = self.desired.update(snapshot, &Locality::from_interfaces());
+        for (key, kept, dropped) in &update.clashes {
             tracing::warn!(address = %key.daddr.0, port = key.dport, kept = %kept, dropped = %dropped, "two service ports claim one address and port; the first keeps the rule");
         }
-        for (key, service) in &desired.open_without_ranges {
+        for (key, service) in &update.open_without_ranges {
             tracing::warn!(service = %service, field = "spec.loadBalancerSourceRanges", address = %key.daddr.0, port = key.dport, "no source range of this LoadBalancer IP's family: it stays open to every source, as with kube-proxy");
         }
-        if desired.wrong_family > 0 {
+        if update.wrong_family > 0 && update.ports_changed > 0 {
             tracing::warn!(
-                addresses = desired.wrong_family,
+                addresses = update.wrong_family,
                 "addresses of the other family than --bind-address get no rule (their proxy port could not accept them)"
             );
         }
-        let mut rules = desired.rules;
-        rules.transparent = snapshot.transparent_mark();
-        self.sync_set(rules, full)
+        self.apply(update, periodic, started)
     }
 
     /// Bring the redirects to `desired` (no rejects, no firewall).
-    pub fn sync_rules(&mut self, desired: Rules, full: bool) -> Result<SyncReport, RedirectError> {
-        self.sync_set(RuleSet::from_redirects(desired), full)
+    pub fn sync_rules(&mut self, desired: Rules, periodic: bool) -> Result<SyncReport, RedirectError> {
+        self.sync_set(RuleSet::from_redirects(desired), periodic)
     }
 
-    /// Bring the rules to `desired`: the difference only, unless `full`, the
-    /// last state is unknown or the firewall changed.
-    pub fn sync_set(&mut self, desired: RuleSet, full: bool) -> Result<SyncReport, RedirectError> {
+    /// Bring the rules to `desired`, given whole: the difference only,
+    /// unless the last state is unknown, the firewall changed, or (with
+    /// `periodic`) someone else may have touched the rules.
+    pub fn sync_set(&mut self, desired: RuleSet, periodic: bool) -> Result<SyncReport, RedirectError> {
         let started = Instant::now();
-        let mut apply = Duration::ZERO;
-        let mut timed = |f: &mut dyn FnMut() -> Result<(), RedirectError>| {
-            let t = Instant::now();
-            let r = f();
-            apply = t.elapsed();
-            r
-        };
-        let mut applied = self.applied.take();
-        if std::mem::take(&mut self.read_back)
-            && let Some(a) = applied.as_mut()
-        {
-            // The table has no names: a redirect to the same proxy port is
-            // the same redirect.
-            for (key, target) in a.redirects.iter_mut() {
-                if let Some(d) = desired.redirects.get(key).filter(|d| d.proxy_port == target.proxy_port) {
-                    target.service = d.service.clone();
-                }
-            }
-        }
+        let update = self.desired.replace_with(desired);
+        self.apply(update, periodic, started)
+    }
+
+    /// Whether nobody wrote any nf_tables rule since our last write.
+    fn untouched(&self) -> bool {
+        self.generation.is_some() && self.backend.generation() == self.generation
+    }
+
+    fn apply(
+        &mut self,
+        update: Update,
+        periodic: bool,
+        started: Instant,
+    ) -> Result<SyncReport, RedirectError> {
+        let Update { diff, rewrite, ports_changed, .. } = update;
+        let rules = self.desired.rules();
         // Which keys changed fate is known whenever what was applied is,
         // even when a firewall change forces a full rewrite.
-        let changes = applied.as_ref().map(|a| rules::diff_keys(a, &desired));
-        let forget: Vec<RuleKey> = match &changes {
-            Some(d) => d.udp_keys().into_iter().collect(),
+        let mut forget: Vec<RuleKey> = match self.in_place {
+            true => diff.udp_keys().into_iter().collect(),
             // Unknown before (a start, after a failure): every UDP key.
-            None => desired.udp_keys().collect(),
+            false => rules.udp_keys().collect(),
         };
-        // The firewall and the transparent chain are written whole.
-        let same_firewall = applied
-            .as_ref()
-            .is_some_and(|a| a.firewall == desired.firewall && a.transparent == desired.transparent);
-        let diff = changes.filter(|_| same_firewall);
-        let (full, added, removed, result) = match diff {
-            Some(diff) if !full => {
-                let r = timed(&mut || self.backend.update(&diff, &desired));
-                (false, diff.add.len() + diff.reject.len(), diff.remove.len() + diff.unreject.len(), r)
-            }
-            _ => {
-                let before = applied.as_ref().map_or(0, |a| a.redirects.len() + a.reject.len());
-                let after = desired.redirects.len() + desired.reject.len();
-                (true, after, before, timed(&mut || self.backend.replace(&desired)))
-            }
+        let kind = if !self.in_place || rewrite || (periodic && !self.untouched()) {
+            SyncKind::Full
+        } else if periodic && diff.is_empty() {
+            SyncKind::Verify
+        } else {
+            SyncKind::Partial
         };
-        result?;
+        let before = self.backend.generation();
+        let t = Instant::now();
+        let result = match kind {
+            SyncKind::Full => self.backend.replace(rules),
+            SyncKind::Partial => self.backend.update(&diff, rules),
+            SyncKind::Verify => Ok(()),
+        };
+        let apply = t.elapsed();
+        let was_in_place = self.in_place;
+        if let Err(e) = result {
+            (self.in_place, self.generation) = (false, None);
+            return Err(e);
+        }
+        let total = rules.redirects.len() + rules.reject.len();
+        let (added, removed) = match kind {
+            // What was there before, as far as it is known.
+            SyncKind::Full if !was_in_place => (total, 0),
+            SyncKind::Full => {
+                (total, total + diff.remove.len() + diff.unreject.len() - diff.add.len() - diff.reject.len())
+            }
+            _ => (diff.add.len() + diff.reject.len(), diff.remove.len() + diff.unreject.len()),
+        };
+        let wrote = kind == SyncKind::Full || !diff.is_empty();
+        self.generation = match (before, self.backend.generation()) {
+            // Our write is the only one the kernel counted, onto the rules
+            // as we had left them (or a full rewrite, which makes them so).
+            (Some(b), Some(a)) => {
+                let ours_before = kind == SyncKind::Full || self.generation == Some(b);
+                let expected = match kind {
+                    _ if !wrote => 0,
+                    SyncKind::Full => self.backend.transactions(None),
+                    _ => self.backend.transactions(Some(&diff)),
+                };
+                let only_ours = a == b.wrapping_add(expected);
+                (ours_before && only_ours).then_some(a)
+            }
+            _ => None,
+        };
+        self.in_place = true;
         if !forget.is_empty() {
-            let mut forget = forget;
             forget.sort();
             forget.dedup();
             self.backend.forget_udp(&forget);
         }
-        let total = desired.redirects.len() + desired.reject.len();
-        self.applied = Some(desired);
-        Ok(SyncReport { full, added, removed, total, duration: started.elapsed(), apply })
+        Ok(SyncReport {
+            kind,
+            full: kind == SyncKind::Full,
+            added,
+            removed,
+            total,
+            ports_changed,
+            duration: started.elapsed(),
+            apply,
+        })
     }
 }
 
@@ -214,9 +271,9 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
     }
     let mut current: Option<Arc<Snapshot>> = None;
     let mut failed = false;
-    let mut last_full = Instant::now();
+    let mut last_check = Instant::now();
     loop {
-        let wait = if failed { RETRY } else { RESYNC.saturating_sub(last_full.elapsed()) };
+        let wait = if failed { RETRY } else { RESYNC.saturating_sub(last_check.elapsed()) };
         let next = {
             let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
             let (mut guard, _) = wake
@@ -232,14 +289,14 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
             current = Some(s);
         }
         let Some(snapshot) = current.as_deref() else { continue };
-        let full = periodic && !failed;
         let started = Instant::now();
-        let result = syncer.sync(snapshot, full);
-        metrics.sync.record(started.elapsed(), result.as_ref().map(|r| r.total).map_err(|_| ()));
+        let result = syncer.sync(snapshot, periodic && !failed);
+        let kind = result.as_ref().map_or(SyncKind::Full, |r| r.kind);
+        metrics.sync.record(kind, started.elapsed(), result.as_ref().map(|r| r.total).map_err(|_| ()));
         match result {
             Ok(r) => {
-                if r.full {
-                    last_full = Instant::now();
+                if periodic || r.full {
+                    last_check = Instant::now();
                 }
                 failed = false;
                 // The first success makes the proxy ready: /readyz answers
@@ -247,18 +304,29 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
                 if !ready.swap(true, Ordering::AcqRel) {
                     crate::systemd::notify("READY=1");
                 }
-                if !periodic || r.added + r.removed > 0 {
-                    tracing::info!(
-                        backend = syncer.backend_name(),
-                        generation = snapshot.generation,
-                        full = r.full,
-                        added = r.added,
-                        removed = r.removed,
-                        rules = r.total,
-                        duration_ms = r.duration.as_secs_f64() * 1e3,
-                        apply_ms = r.apply.as_secs_f64() * 1e3,
-                        "redirect rules synced"
-                    );
+                // One line per sync, never one per rule; a periodic check
+                // that found nothing to do only at debug.
+                macro_rules! synced {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            backend = syncer.backend_name(),
+                            generation = snapshot.generation,
+                            kind = r.kind.as_str(),
+                            full = r.full,
+                            added = r.added,
+                            removed = r.removed,
+                            rules = r.total,
+                            ports_changed = r.ports_changed,
+                            duration_ms = r.duration.as_secs_f64() * 1e3,
+                            apply_ms = r.apply.as_secs_f64() * 1e3,
+                            "redirect rules synced"
+                        )
+                    };
+                }
+                if r.kind == SyncKind::Verify {
+                    synced!(debug);
+                } else {
+                    synced!(info);
                 }
             }
             Err(e) => {
@@ -275,11 +343,13 @@ mod tests {
     use crate::model::{Protocol, ProxyPort, ServiceName, ServicePortName, ServiceVip};
     use crate::redirect::rules::{Diff, Target};
 
-    /// Records what it was asked to do; fails when told to.
+    /// Records what it was asked to do; fails when told to; with
+    /// `generation`, counts its writes as nftables' generation id does.
     #[derive(Clone, Default)]
     struct Recorder {
         calls: Arc<Mutex<Vec<String>>>,
         fail: Arc<AtomicBool>,
+        generation: Option<Arc<std::sync::atomic::AtomicU32>>,
     }
 
     impl Backend for Recorder {
@@ -288,11 +358,18 @@ mod tests {
         }
         fn replace(&mut self, rules: &RuleSet) -> Result<(), RedirectError> {
             self.calls.lock().unwrap().push(format!("replace {}", rules.redirects.len()));
+            self.bump();
             self.result()
         }
         fn update(&mut self, diff: &Diff, _rules: &RuleSet) -> Result<(), RedirectError> {
             self.calls.lock().unwrap().push(format!("update +{} -{}", diff.add.len(), diff.remove.len()));
+            if !diff.is_empty() {
+                self.bump();
+            }
             self.result()
+        }
+        fn generation(&self) -> Option<u32> {
+            self.generation.as_ref().map(|g| g.load(Ordering::SeqCst))
         }
         fn forget_udp(&mut self, keys: &[RuleKey]) {
             self.calls.lock().unwrap().push(format!("forget {}", keys.len()));
@@ -300,6 +377,13 @@ mod tests {
     }
 
     impl Recorder {
+        /// A write: ours, or someone else's.
+        fn bump(&self) {
+            if let Some(g) = &self.generation {
+                g.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+
         fn result(&self) -> Result<(), RedirectError> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(RedirectError::Unavailable { mode: "test", program: "test" });
@@ -378,6 +462,43 @@ mod tests {
                 "update +0 -0",
                 "replace 3",
                 "forget 2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_periodic_resync_verifies_an_untouched_table_and_rewrites_one_someone_else_wrote_to() {
+        let rec = Recorder { generation: Some(Arc::default()), ..Recorder::default() };
+        let mut s = Syncer::new(Box::new(rec.clone()));
+        let kind = |s: &mut Syncer, n, periodic| s.sync_rules(rules(n), periodic).unwrap().kind;
+        assert_eq!(kind(&mut s, 3, true), SyncKind::Full, "nothing known yet");
+        assert_eq!(kind(&mut s, 3, true), SyncKind::Verify);
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Partial, "a change found by the periodic sync");
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Verify);
+        rec.bump();
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Full, "someone else wrote");
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Verify);
+        // Someone else writes, then we write a difference: the table
+        // cannot be known as ours until a full rewrite.
+        rec.bump();
+        assert_eq!(kind(&mut s, 5, false), SyncKind::Partial);
+        assert_eq!(kind(&mut s, 5, true), SyncKind::Full);
+        assert_eq!(kind(&mut s, 5, true), SyncKind::Verify);
+        // A failed write: rewritten whole, whatever the generation says.
+        rec.fail.store(true, Ordering::SeqCst);
+        assert!(s.sync_rules(rules(6), false).is_err());
+        rec.fail.store(false, Ordering::SeqCst);
+        assert_eq!(kind(&mut s, 6, true), SyncKind::Full);
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            vec![
+                "replace 3",
+                "update +1 -0",
+                "replace 4",
+                "update +1 -0",
+                "replace 5",
+                "update +1 -0",
+                "replace 6"
             ]
         );
     }

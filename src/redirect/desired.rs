@@ -1,0 +1,614 @@
+//! The desired rules, kept across syncs and recomputed per service port:
+//! a new snapshot costs one pointer compare per unchanged service port,
+//! not the building and diffing of every rule.
+//!
+//! For each service port the state remembers what its rules were made
+//! from (its `Arc<PortState>`, its proxy ports, each family's emptiness,
+//! which of its external and LB IPs are remote) and what they were: its
+//! *claims*, `key -> fate` (redirect to a proxy port, reject, drop), made
+//! by [`rules::desired`] for that port alone, the very code that makes a
+//! whole snapshot's rules. A port whose `Arc` is the same, or whose
+//! rule inputs compare equal (a snapshot that rebuilt every port), keeps
+//! its claims. The rules are the winners of each key's claims.
+//!
+//! Invariants:
+//! - The rules equal [`rules::from_snapshot`]'s for the same snapshot and
+//!   locality, clashes included: of two service ports claiming one key the
+//!   first by name keeps it, and when it goes the next one takes the key.
+//! - The [`Diff`] an update returns turns the previous rules into the new
+//!   ones exactly; `rewrite` is set when the firewall or the transparent
+//!   mark changed, which have no incremental form.
+//! - After [`DesiredRules::replace_with`] or [`DesiredRules::orphaned`]
+//!   (rules that no port's claims explain), the next update is computed
+//!   from scratch and diffed whole.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::rules::{self, Diff, Locality, PortRules, RuleKey, RuleSet, Target};
+use crate::listen::{ListenRole, Listener};
+use crate::model::{IpFamily, ProxyPort, ServicePort, ServicePortName};
+use crate::snapshot::{Emptiness, PortState, Snapshot};
+
+/// What one key is to one service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fate {
+    Redirect(ProxyPort),
+    Reject,
+    Drop,
+}
+
+/// What a service port's rules are made from, besides its spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Inputs {
+    proxy: [Option<SocketAddr>; 2],
+    external_proxy: [Option<SocketAddr>; 2],
+    emptiness: [Emptiness; 2],
+    /// Per external IP, then per LB IP: not on this node (so redirected).
+    remote: Vec<bool>,
+}
+
+/// One service port's rules, made for it alone.
+#[derive(Debug, Default)]
+struct Claims {
+    keys: Vec<(RuleKey, Fate)>,
+    firewall: Vec<(RuleKey, Vec<IpNet>)>,
+    wrong_family: usize,
+}
+
+struct Entry {
+    port: Arc<PortState>,
+    inputs: Inputs,
+    claims: Claims,
+}
+
+/// What an update changed.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// From the previous rules to the new ones.
+    pub diff: Diff,
+    /// The firewall or the transparent mark changed: rewrite whole.
+    pub rewrite: bool,
+    /// Service ports whose rules were made again (added and removed ones
+    /// included).
+    pub ports_changed: usize,
+    /// `(key, kept, dropped)`: clashes among the keys this update touched.
+    pub clashes: Vec<(RuleKey, ServicePortName, ServicePortName)>,
+    /// LB IPs left open (no source range of their family), of the service
+    /// ports this update made again.
+    pub open_without_ranges: Vec<(RuleKey, ServicePortName)>,
+    /// Addresses with no proxy port of their family, over all ports.
+    pub wrong_family: usize,
+}
+
+/// The rules a sequence of snapshots wants, kept up to date per port.
+#[derive(Default)]
+pub struct DesiredRules {
+    /// Sorted by name, as a snapshot's ports are.
+    entries: Vec<Entry>,
+    /// The last snapshot's listeners: when they are the same `Arc`s, every
+    /// entry's proxy ports still stand.
+    listeners: Vec<Arc<Listener>>,
+    /// Every claim on a key, in name order: the first one wins.
+    claimants: HashMap<RuleKey, Vec<(ServicePortName, Fate)>>,
+    firewall_claimants: HashMap<RuleKey, Vec<(ServicePortName, Vec<IpNet>)>>,
+    wrong_family: usize,
+    /// The winners: what the backend is to hold.
+    rules: RuleSet,
+    /// `rules` are not the claims' winners (a whole set was handed in, or
+    /// a previous run's rules were read back): start the next update anew.
+    orphaned: bool,
+    /// Orphaned rules read back from the backend carry no service names.
+    unnamed: bool,
+}
+
+impl DesiredRules {
+    /// Start from rules already in place, not made from any snapshot (a
+    /// previous run's, read back from the backend without service names).
+    pub fn orphaned(rules: RuleSet) -> Self {
+        Self { rules, orphaned: true, unnamed: true, ..Self::default() }
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    /// Make the rules `set`, given whole (not from a snapshot).
+    pub fn replace_with(&mut self, set: RuleSet) -> Update {
+        let old = std::mem::take(self);
+        let update = whole_update(&old.rules, &set, old.unnamed);
+        *self = Self { rules: set, orphaned: true, ..Self::default() };
+        update
+    }
+
+    /// Bring the rules to `snapshot`'s, with `local` the node's addresses.
+    pub fn update(&mut self, snapshot: &Snapshot, local: &Locality) -> Update {
+        if self.orphaned {
+            let old = std::mem::take(self);
+            let mut update = self.update(snapshot, local);
+            let fresh = whole_update(&old.rules, &self.rules, old.unnamed);
+            update.diff = fresh.diff;
+            update.rewrite = fresh.rewrite;
+            return update;
+        }
+        let same_listeners = self.listeners.len() == snapshot.listeners.len()
+            && self.listeners.iter().zip(&snapshot.listeners).all(|(a, b)| Arc::ptr_eq(a, b));
+        let mut index = (!same_listeners).then(|| proxy_index(&snapshot.listeners));
+        // The join below walks both in name order, which is the order
+        // clashes are settled in; a snapshot's ports already are in it.
+        let mut ports: Vec<&Arc<PortState>> = snapshot.ports.iter().collect();
+        if !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
+            ports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        }
+        let mut update = Update::default();
+        let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
+        let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
+        let mut old = std::mem::take(&mut self.entries).into_iter().peekable();
+        let mut entries = Vec::with_capacity(ports.len());
+        for port in ports {
+            let name = &port.spec.name;
+            let mut previous = None;
+            while let Some(e) = old.peek() {
+                // Equal pointers are equal names: no string compare then.
+                if Arc::ptr_eq(&e.port, port) || e.port.spec.name == *name {
+                    previous = old.next();
+                    break;
+                }
+                if e.port.spec.name > *name {
+                    break;
+                }
+                if let Some(gone) = old.next() {
+                    self.retract(&gone, &mut touched, &mut touched_fw);
+                    update.ports_changed += 1;
+                }
+            }
+            let same_arc = previous.as_ref().is_some_and(|p| Arc::ptr_eq(&p.port, port));
+            let inputs = match previous.as_ref().filter(|_| same_listeners) {
+                // Same listeners: the same proxy ports; same state: the
+                // same emptiness. Locality is the node's, read per sync.
+                Some(p) => Inputs {
+                    proxy: p.inputs.proxy,
+                    external_proxy: p.inputs.external_proxy,
+                    emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
+                    remote: remote(&port.spec, local),
+                },
+                None => inputs(port, index.get_or_insert_with(|| proxy_index(&snapshot.listeners)), local),
+            };
+            match previous {
+                Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
+                    entries.push(Entry { port: Arc::clone(port), ..p });
+                }
+                previous => {
+                    if let Some(p) = &previous {
+                        self.retract(p, &mut touched, &mut touched_fw);
+                    }
+                    let claims = claims_of(port, &inputs, local, &mut update);
+                    let entry = Entry { port: Arc::clone(port), inputs, claims };
+                    self.claim(&entry, &mut touched, &mut touched_fw);
+                    entries.push(entry);
+                    update.ports_changed += 1;
+                }
+            }
+        }
+        for gone in old {
+            self.retract(&gone, &mut touched, &mut touched_fw);
+            update.ports_changed += 1;
+        }
+        self.entries = entries;
+        self.listeners = snapshot.listeners.clone();
+        self.settle(&touched, &mut update);
+        update.rewrite = self.settle_firewall(&touched_fw);
+        let mark = snapshot.transparent_mark();
+        update.rewrite |= self.rules.transparent != mark;
+        self.rules.transparent = mark;
+        update.wrong_family = self.wrong_family;
+        update
+    }
+
+    fn retract(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
+        let name = &e.port.spec.name;
+        for (key, _) in &e.claims.keys {
+            if let Some(list) = self.claimants.get_mut(key) {
+                list.retain(|(n, _)| n != name);
+                if list.is_empty() {
+                    self.claimants.remove(key);
+                }
+            }
+            touched.insert(*key);
+        }
+        for (key, _) in &e.claims.firewall {
+            if let Some(list) = self.firewall_claimants.get_mut(key) {
+                list.retain(|(n, _)| n != name);
+                if list.is_empty() {
+                    self.firewall_claimants.remove(key);
+                }
+            }
+            touched_fw.insert(*key);
+        }
+        self.wrong_family -= e.claims.wrong_family;
+    }
+
+    fn claim(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
+        let name = &e.port.spec.name;
+        for (key, fate) in &e.claims.keys {
+            let list = self.claimants.entry(*key).or_default();
+            let at = list.partition_point(|(n, _)| n < name);
+            list.insert(at, (name.clone(), fate.clone()));
+            touched.insert(*key);
+        }
+        for (key, ranges) in &e.claims.firewall {
+            let list = self.firewall_claimants.entry(*key).or_default();
+            let at = list.partition_point(|(n, _)| n < name);
+            list.insert(at, (name.clone(), ranges.clone()));
+            touched_fw.insert(*key);
+        }
+        self.wrong_family += e.claims.wrong_family;
+    }
+
+    /// Give each touched key to its first claimant, and say what changed.
+    fn settle(&mut self, touched: &BTreeSet<RuleKey>, update: &mut Update) {
+        let d = &mut update.diff;
+        for key in touched {
+            let winner = self.claimants.get(key).and_then(|list| {
+                for (lost, _) in list.iter().skip(1) {
+                    update.clashes.push((*key, list[0].0.clone(), lost.clone()));
+                }
+                list.first()
+            });
+            let new = winner.map(|(name, fate)| match fate {
+                Fate::Redirect(p) => {
+                    (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: name.clone() }))
+                }
+                other => (other.clone(), None),
+            });
+            let r = &mut self.rules;
+            let old_target = r.redirects.get(key);
+            if let (Some((Fate::Redirect(_), Some(t))), Some(o)) = (&new, old_target)
+                && o == t
+            {
+                continue;
+            }
+            if r.redirects.remove(key).is_some() {
+                d.remove.push(*key);
+            }
+            let was_rejected = r.reject.remove(key);
+            let was_dropped = r.dropped.remove(key);
+            match new {
+                Some((Fate::Redirect(_), Some(t))) => {
+                    d.add.push((*key, t.clone()));
+                    r.redirects.insert(*key, t);
+                }
+                Some((Fate::Reject, _)) => {
+                    r.reject.insert(*key);
+                }
+                Some((Fate::Drop, _)) => {
+                    r.dropped.insert(*key);
+                }
+                _ => {}
+            }
+            match (was_rejected, r.reject.contains(key)) {
+                (true, false) => d.unreject.push(*key),
+                (false, true) => d.reject.push(*key),
+                _ => {}
+            }
+            match (was_dropped, r.dropped.contains(key)) {
+                (true, false) => d.undrop.push(*key),
+                (false, true) => d.drop.push(*key),
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the firewall changed.
+    fn settle_firewall(&mut self, touched: &BTreeSet<RuleKey>) -> bool {
+        let mut changed = false;
+        for key in touched {
+            let new = self.firewall_claimants.get(key).and_then(|l| l.first()).map(|(_, r)| r.clone());
+            let old = match &new {
+                Some(ranges) => self.rules.firewall.insert(*key, ranges.clone()),
+                None => self.rules.firewall.remove(key),
+            };
+            changed |= old != new;
+        }
+        changed
+    }
+}
+
+/// The difference between two whole rule sets; names of `old` taken from
+/// `new` where the proxy port is the same when `old` has none (read back).
+fn whole_update(old: &RuleSet, new: &RuleSet, unnamed: bool) -> Update {
+    let diff = if unnamed {
+        let mut named = old.clone();
+        for (key, target) in named.redirects.iter_mut() {
+            if let Some(d) = new.redirects.get(key).filter(|d| d.proxy_port == target.proxy_port) {
+                target.service = d.service.clone();
+            }
+        }
+        rules::diff_keys(&named, new)
+    } else {
+        rules::diff_keys(old, new)
+    };
+    let rewrite = old.firewall != new.firewall || old.transparent != new.transparent;
+    Update { diff, rewrite, ..Update::default() }
+}
+
+type ProxyIndex<'a> = HashMap<(&'a ServicePortName, ListenRole), SocketAddr>;
+
+/// Every proxy listener's address, by service port and role.
+fn proxy_index(listeners: &[Arc<Listener>]) -> ProxyIndex<'_> {
+    listeners.iter().filter(|l| l.key.role.is_proxy()).map(|l| ((&l.key.port, l.key.role), l.addr)).collect()
+}
+
+fn emptiness(port: &PortState) -> [Emptiness; 2] {
+    [IpFamily::V4, IpFamily::V6].map(|f| port.emptiness(f))
+}
+
+fn remote(spec: &ServicePort, local: &Locality) -> Vec<bool> {
+    spec.external_ips.iter().chain(&spec.load_balancer_ips).map(|ip| !local.is_local(*ip)).collect()
+}
+
+fn inputs(port: &PortState, index: &ProxyIndex<'_>, local: &Locality) -> Inputs {
+    let role = |role| index.get(&(&port.spec.name, role)).copied();
+    Inputs {
+        proxy: [role(ListenRole::Proxy), role(ListenRole::Proxy6)],
+        external_proxy: [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
+        emptiness: emptiness(port),
+        remote: remote(&port.spec, local),
+    }
+}
+
+/// Whether two specs make the same rules given the same inputs: every
+/// field [`rules::desired`] reads.
+fn same_rule_spec(a: &ServicePort, b: &ServicePort) -> bool {
+    a.name == b.name
+        && a.protocol == b.protocol
+        && a.port == b.port
+        && a.cluster_ips == b.cluster_ips
+        && a.external_ips == b.external_ips
+        && a.load_balancer_ips == b.load_balancer_ips
+        && a.load_balancer_source_ranges == b.load_balancer_source_ranges
+        && a.proxy_protocol.accept.is_some() == b.proxy_protocol.accept.is_some()
+}
+
+/// The port's rules made for it alone, by the code that makes a whole
+/// snapshot's; a port without a proxy port claims nothing.
+fn claims_of(port: &PortState, inputs: &Inputs, local: &Locality, update: &mut Update) -> Claims {
+    if inputs.proxy.iter().all(Option::is_none) {
+        return Claims::default();
+    }
+    let p = PortRules {
+        spec: &port.spec,
+        proxy: inputs.proxy,
+        external_proxy: inputs.external_proxy,
+        emptiness: inputs.emptiness,
+    };
+    let d = rules::desired([p], local);
+    update.open_without_ranges.extend(d.open_without_ranges);
+    let mut keys: BTreeMap<RuleKey, Fate> = BTreeMap::new();
+    keys.extend(d.rules.redirects.into_iter().map(|(k, t)| (k, Fate::Redirect(t.proxy_port))));
+    keys.extend(d.rules.reject.into_iter().map(|k| (k, Fate::Reject)));
+    keys.extend(d.rules.dropped.into_iter().map(|k| (k, Fate::Drop)));
+    Claims {
+        keys: keys.into_iter().collect(),
+        firewall: d.rules.firewall.into_iter().collect(),
+        wrong_family: d.wrong_family,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::BalanceOptions;
+    use crate::balance::health::HealthRegistry;
+    use crate::listen::{ListenKey, ListenerId};
+    use crate::metrics::Metrics;
+    use crate::model::{Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
+    use crate::snapshot::BalanceContext;
+    use crate::source_ip::SourceOptions;
+
+    fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServicePort {
+        let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
+        let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+        sp.cluster_ips = vec![vip.parse().unwrap()];
+        sp.endpoints = (0..endpoints)
+            .map(|i| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)))))
+            .collect();
+        sp
+    }
+
+    /// A snapshot of `specs`, each with a proxy listener (no socket) on
+    /// port 31000 + its index in `all` (so a port keeps its number).
+    fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Snapshot {
+        let listeners = specs
+            .iter()
+            .map(|sp| {
+                let n = sp
+                    .name
+                    .service
+                    .name
+                    .bytes()
+                    .fold(0u16, |a, b| a.wrapping_mul(31).wrapping_add(u16::from(b)));
+                let key = ListenKey {
+                    port: sp.name.clone(),
+                    protocol: sp.protocol,
+                    role: ListenRole::Proxy,
+                    wanted_port: 0,
+                };
+                let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + n % 10_000));
+                // The same key keeps its listener, as the Binder does.
+                previous.listeners.iter().find(|l| l.key == key).cloned().unwrap_or_else(|| {
+                    Arc::new(Listener::without_sockets(
+                        ListenerId(u64::from(n) + generation * 100_000),
+                        key,
+                        addr,
+                    ))
+                })
+            })
+            .collect();
+        let (options, registry, metrics, source) =
+            (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+        let ctx =
+            BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+        Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx)
+    }
+
+    /// `diff` applied to `old`, as a backend applies it.
+    fn applied(old: &RuleSet, diff: &Diff) -> RuleSet {
+        let mut r = old.clone();
+        for k in &diff.remove {
+            assert!(r.redirects.remove(k).is_some(), "removed {k:?} was not there");
+        }
+        for (k, t) in &diff.add {
+            assert!(r.redirects.insert(*k, t.clone()).is_none(), "added {k:?} was there");
+        }
+        for k in &diff.unreject {
+            assert!(r.reject.remove(k));
+        }
+        for k in &diff.reject {
+            assert!(r.reject.insert(*k));
+        }
+        for k in &diff.undrop {
+            assert!(r.dropped.remove(k));
+        }
+        for k in &diff.drop {
+            assert!(r.dropped.insert(*k));
+        }
+        r
+    }
+
+    /// Update `d` to `snap`; its rules must be the whole snapshot's, and
+    /// the diff must turn the previous rules into them.
+    fn step(d: &mut DesiredRules, snap: &Snapshot) -> Update {
+        let local = Locality::from_addrs(["10.200.0.1".parse().unwrap()]);
+        let before = d.rules().clone();
+        let update = d.update(snap, &local);
+        let whole = rules::from_snapshot(snap, &local);
+        assert_eq!(d.rules().redirects, whole.rules.redirects);
+        assert_eq!(d.rules().reject, whole.rules.reject);
+        assert_eq!(d.rules().dropped, whole.rules.dropped);
+        assert_eq!(d.rules().firewall, whole.rules.firewall);
+        let mut after = applied(&before, &update.diff);
+        after.firewall = d.rules().firewall.clone();
+        after.transparent = d.rules().transparent;
+        assert_eq!(&after, d.rules(), "the diff turns the old rules into the new");
+        assert_eq!(update.wrong_family, whole.wrong_family);
+        update
+    }
+
+    #[test]
+    fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_owner_goes() {
+        let (a, b) = (spec("a", Protocol::Tcp, "10.96.0.1", 2), spec("b", Protocol::Tcp, "10.96.0.1", 2));
+        let mut d = DesiredRules::default();
+        let s1 = snapshot(1, &[a.clone(), b.clone()], &Snapshot::default());
+        let u = step(&mut d, &s1);
+        let key = RuleKey {
+            protocol: Protocol::Tcp,
+            daddr: crate::model::ServiceVip("10.96.0.1".parse().unwrap()),
+            dport: 80,
+        };
+        assert_eq!(u.clashes, vec![(key, a.name.clone(), b.name.clone())]);
+        assert_eq!(d.rules().redirects[&key].service, a.name);
+        let a_port = d.rules().redirects[&key].proxy_port;
+        // The owner goes: the loser takes the key, to its own proxy port.
+        let s2 = snapshot(2, std::slice::from_ref(&b), &s1);
+        let u = step(&mut d, &s2);
+        assert_eq!(d.rules().redirects[&key].service, b.name);
+        let b_port = d.rules().redirects[&key].proxy_port;
+        assert_ne!(a_port, b_port);
+        assert_eq!(u.diff.remove, vec![key]);
+        assert_eq!(u.diff.add, vec![(key, Target { proxy_port: b_port, service: b.name.clone() })]);
+        assert!(u.clashes.is_empty());
+        // It comes back first by name and takes the key again.
+        let s3 = snapshot(3, &[a.clone(), b], &s2);
+        let u = step(&mut d, &s3);
+        assert_eq!(d.rules().redirects[&key].service, a.name);
+        assert_eq!(u.clashes.len(), 1);
+    }
+
+    #[test]
+    fn only_service_ports_whose_inputs_changed_are_made_again_and_the_rules_match_the_whole_snapshots() {
+        let mut specs: Vec<ServicePort> = (0..20)
+            .map(|i| {
+                spec(
+                    &format!("s{i:02}"),
+                    if i % 3 == 0 { Protocol::Udp } else { Protocol::Tcp },
+                    &format!("10.96.0.{}", i + 1),
+                    2,
+                )
+            })
+            .collect();
+        specs[4].external_ips = vec!["10.97.0.4".parse().unwrap(), "10.200.0.1".parse().unwrap()];
+        specs[5].load_balancer_ips = vec!["10.98.0.5".parse().unwrap()];
+        specs[5].load_balancer_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut d = DesiredRules::default();
+        let s1 = snapshot(1, &specs, &Snapshot::default());
+        assert_eq!(step(&mut d, &s1).ports_changed, 20);
+        // The same port states in a new snapshot: nothing is made again.
+        let mut same = Snapshot::default();
+        (same.ports, same.listeners) = (s1.ports.clone(), s1.listeners.clone());
+        let u = step(&mut d, &same);
+        assert_eq!((u.ports_changed, u.diff.is_empty(), u.rewrite), (0, true, false));
+        // Every port rebuilt with the same specs: equal inputs, nothing made again.
+        let s2 = snapshot(2, &specs, &s1);
+        assert_eq!(step(&mut d, &s2).ports_changed, 0);
+        // A UDP port loses its endpoints: rejected; a TCP one: still redirected.
+        specs[0].endpoints.clear();
+        specs[1].endpoints.clear();
+        let s3 = snapshot(3, &specs, &s2);
+        let u = step(&mut d, &s3);
+        assert_eq!(u.ports_changed, 2);
+        assert_eq!((u.diff.remove.len(), u.diff.reject.len(), u.diff.add.len()), (1, 1, 0));
+        // Removed, added, source ranges changed (a rewrite), a clash made.
+        specs.remove(7);
+        specs.push(spec("zz", Protocol::Tcp, "10.96.0.2", 1));
+        specs[5].load_balancer_source_ranges = vec!["10.1.0.0/16".parse().unwrap()];
+        let s4 = snapshot(4, &specs, &s3);
+        let u = step(&mut d, &s4);
+        assert!(u.rewrite, "the firewall changed");
+        assert_eq!(u.ports_changed, 3);
+        assert_eq!(u.clashes.len(), 1);
+        // The node gains an address: the external IP is local, no rule.
+        let mut d2 = DesiredRules::default();
+        d2.update(&s4, &Locality::default());
+        let key = RuleKey {
+            protocol: Protocol::Tcp,
+            daddr: crate::model::ServiceVip("10.200.0.1".parse().unwrap()),
+            dport: 80,
+        };
+        assert!(d2.rules().redirects.contains_key(&key));
+        let u = d2.update(&s4, &Locality::from_addrs(["10.200.0.1".parse().unwrap()]));
+        assert_eq!((u.ports_changed, u.diff.remove.clone()), (1, vec![key]));
+    }
+
+    #[test]
+    fn rules_given_whole_or_read_back_are_diffed_whole_by_the_next_snapshot() {
+        let specs = [spec("a", Protocol::Tcp, "10.96.0.1", 1), spec("b", Protocol::Tcp, "10.96.0.2", 1)];
+        let s1 = snapshot(1, &specs, &Snapshot::default());
+        let mut fresh = DesiredRules::default();
+        fresh.update(&s1, &Locality::default());
+        // A previous run's rules, without names, one of them stale.
+        let mut read_back = fresh.rules().clone();
+        for t in read_back.redirects.values_mut() {
+            t.service = ServicePortName { service: ServiceName::new("", ""), port: String::new() };
+        }
+        let stale = RuleKey {
+            protocol: Protocol::Tcp,
+            daddr: crate::model::ServiceVip("10.96.9.9".parse().unwrap()),
+            dport: 80,
+        };
+        read_back
+            .redirects
+            .insert(stale, Target { proxy_port: ProxyPort(1), service: specs[0].name.clone() });
+        let mut d = DesiredRules::orphaned(read_back);
+        let u = d.update(&s1, &Locality::default());
+        assert_eq!((u.diff.remove, u.diff.add.len()), (vec![stale], 0), "only the stale rule goes");
+        assert_eq!(d.rules(), fresh.rules());
+        let u = d.replace_with(RuleSet::default());
+        assert_eq!(u.diff.remove.len(), 2);
+        let u = d.update(&s1, &Locality::default());
+        assert_eq!(u.diff.add.len(), 2, "after a whole set, the next snapshot is diffed whole");
+    }
+}
