@@ -22,7 +22,7 @@
 //!   (rules that no port's claims explain), the next update is computed
 //!   from scratch and diffed whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -89,8 +89,8 @@ pub struct Update {
 pub struct DesiredRules {
     /// Sorted by name, as a snapshot's ports are.
     entries: Vec<Entry>,
-    /// The last snapshot's listeners: when they are the same `Arc`s, every
-    /// entry's proxy ports still stand.
+    /// The last snapshot's listeners: an entry's proxy ports stand while
+    /// its proxy listeners are the same `Arc`s.
     listeners: Vec<Arc<Listener>>,
     /// Every claim on a key, in name order: the first one wins.
     claimants: HashMap<RuleKey, Vec<(ServicePortName, Fate)>>,
@@ -134,9 +134,10 @@ impl DesiredRules {
             update.rewrite = fresh.rewrite;
             return update;
         }
-        let same_listeners = self.listeners.len() == snapshot.listeners.len()
-            && self.listeners.iter().zip(&snapshot.listeners).all(|(a, b)| Arc::ptr_eq(a, b));
-        let mut index = (!same_listeners).then(|| proxy_index(&snapshot.listeners));
+        // Service ports whose proxy listeners came or went: only theirs
+        // are looked up again, by pointer first, names only for those.
+        let dirty = changed_listeners(&self.listeners, &snapshot.listeners);
+        let index = proxy_index(snapshot.listeners.iter().filter(|l| dirty.contains(&l.key.port)));
         // The join below walks both in name order, which is the order
         // clashes are settled in; a snapshot's ports already are in it.
         let mut ports: Vec<&Arc<PortState>> = snapshot.ports.iter().collect();
@@ -166,16 +167,17 @@ impl DesiredRules {
                 }
             }
             let same_arc = previous.as_ref().is_some_and(|p| Arc::ptr_eq(&p.port, port));
-            let inputs = match previous.as_ref().filter(|_| same_listeners) {
-                // Same listeners: the same proxy ports; same state: the
-                // same emptiness. Locality is the node's, read per sync.
+            let same_proxies = previous.as_ref().filter(|_| dirty.is_empty() || !dirty.contains(name));
+            let inputs = match same_proxies {
+                // The same proxy listeners: the same proxy ports; the same
+                // state: the same emptiness. Locality is read per sync.
                 Some(p) => Inputs {
                     proxy: p.inputs.proxy,
                     external_proxy: p.inputs.external_proxy,
                     emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
                     remote: remote(&port.spec, local),
                 },
-                None => inputs(port, index.get_or_insert_with(|| proxy_index(&snapshot.listeners)), local),
+                None => inputs(port, &index, local),
             };
             match previous {
                 Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
@@ -337,9 +339,25 @@ fn whole_update(old: &RuleSet, new: &RuleSet, unnamed: bool) -> Update {
 
 type ProxyIndex<'a> = HashMap<(&'a ServicePortName, ListenRole), SocketAddr>;
 
-/// Every proxy listener's address, by service port and role.
-fn proxy_index(listeners: &[Arc<Listener>]) -> ProxyIndex<'_> {
-    listeners.iter().filter(|l| l.key.role.is_proxy()).map(|l| ((&l.key.port, l.key.role), l.addr)).collect()
+/// The addresses of these proxy listeners, by service port and role.
+fn proxy_index<'a>(listeners: impl Iterator<Item = &'a Arc<Listener>>) -> ProxyIndex<'a> {
+    listeners.filter(|l| l.key.role.is_proxy()).map(|l| ((&l.key.port, l.key.role), l.addr)).collect()
+}
+
+/// The service ports a proxy listener was added to or removed from.
+/// Listeners are compared by pointer: the old ones are still held here,
+/// so no address can have been reused.
+fn changed_listeners(old: &[Arc<Listener>], new: &[Arc<Listener>]) -> BTreeSet<ServicePortName> {
+    let same = old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b));
+    if same {
+        return BTreeSet::new();
+    }
+    let pointers =
+        |ls: &[Arc<Listener>]| -> HashSet<*const Listener> { ls.iter().map(Arc::as_ptr).collect() };
+    let (before, after) = (pointers(old), pointers(new));
+    let came = new.iter().filter(|l| !before.contains(&Arc::as_ptr(l)));
+    let went = old.iter().filter(|l| !after.contains(&Arc::as_ptr(l)));
+    came.chain(went).filter(|l| l.key.role.is_proxy()).map(|l| l.key.port.clone()).collect()
 }
 
 fn emptiness(port: &PortState) -> [Emptiness; 2] {
