@@ -1,0 +1,208 @@
+//! Tests of the desired rules kept per service port: each step is checked
+//! against the whole snapshot's rules and the diff against the rules it
+//! turns into.
+
+use super::*;
+use crate::balance::BalanceOptions;
+use crate::balance::health::HealthRegistry;
+use crate::listen::{ListenKey, ListenerId};
+use crate::metrics::Metrics;
+use crate::model::{Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
+use crate::snapshot::BalanceContext;
+use crate::source_ip::SourceOptions;
+
+fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServicePort {
+    let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
+    let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+    sp.cluster_ips = vec![vip.parse().unwrap()];
+    sp.endpoints = (0..endpoints)
+        .map(|i| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)))))
+        .collect();
+    sp
+}
+
+/// A snapshot of `specs`, each with a proxy listener (no socket) on
+/// port 31000 + its index in `all` (so a port keeps its number).
+fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Snapshot {
+    let listeners = specs
+        .iter()
+        .map(|sp| {
+            let n =
+                sp.name.service.name.bytes().fold(0u16, |a, b| a.wrapping_mul(31).wrapping_add(u16::from(b)));
+            let key = ListenKey {
+                port: sp.name.clone(),
+                protocol: sp.protocol,
+                role: ListenRole::Proxy,
+                wanted_port: 0,
+            };
+            let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + n % 10_000));
+            // The same key keeps its listener, as the Binder does.
+            previous.listeners.iter().find(|l| l.key == key).cloned().unwrap_or_else(|| {
+                Arc::new(Listener::without_sockets(
+                    ListenerId(u64::from(n) + generation * 100_000),
+                    key,
+                    addr,
+                ))
+            })
+        })
+        .collect();
+    let (options, registry, metrics, source) =
+        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+    Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx)
+}
+
+/// `diff` applied to `old`, as a backend applies it.
+fn applied(old: &RuleSet, diff: &Diff) -> RuleSet {
+    let mut r = old.clone();
+    for k in &diff.remove {
+        assert!(r.redirects.remove(k).is_some(), "removed {k:?} was not there");
+    }
+    for (k, t) in &diff.add {
+        assert!(r.redirects.insert(*k, t.clone()).is_none(), "added {k:?} was there");
+    }
+    for k in &diff.unreject {
+        assert!(r.reject.remove(k));
+    }
+    for k in &diff.reject {
+        assert!(r.reject.insert(*k));
+    }
+    for k in &diff.undrop {
+        assert!(r.dropped.remove(k));
+    }
+    for k in &diff.drop {
+        assert!(r.dropped.insert(*k));
+    }
+    r
+}
+
+/// Update `d` to `snap`; its rules must be the whole snapshot's, and
+/// the diff must turn the previous rules into them.
+fn step(d: &mut DesiredRules, snap: &Snapshot) -> Update {
+    let local = Locality::from_addrs(["10.200.0.1".parse().unwrap()]);
+    let before = d.rules().clone();
+    let update = d.update(snap, &local);
+    let whole = rules::from_snapshot(snap, &local);
+    assert_eq!(d.rules().redirects, whole.rules.redirects);
+    assert_eq!(d.rules().reject, whole.rules.reject);
+    assert_eq!(d.rules().dropped, whole.rules.dropped);
+    assert_eq!(d.rules().firewall, whole.rules.firewall);
+    let mut after = applied(&before, &update.diff);
+    after.firewall = d.rules().firewall.clone();
+    after.transparent = d.rules().transparent;
+    assert_eq!(&after, d.rules(), "the diff turns the old rules into the new");
+    assert_eq!(update.wrong_family, whole.wrong_family);
+    update
+}
+
+#[test]
+fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_owner_goes() {
+    let (a, b) = (spec("a", Protocol::Tcp, "10.96.0.1", 2), spec("b", Protocol::Tcp, "10.96.0.1", 2));
+    let mut d = DesiredRules::default();
+    let s1 = snapshot(1, &[a.clone(), b.clone()], &Snapshot::default());
+    let u = step(&mut d, &s1);
+    let key = RuleKey {
+        protocol: Protocol::Tcp,
+        daddr: crate::model::ServiceVip("10.96.0.1".parse().unwrap()),
+        dport: 80,
+    };
+    assert_eq!(u.clashes, vec![(key, a.name.clone(), b.name.clone())]);
+    assert_eq!(d.rules().redirects[&key].service, a.name);
+    let a_port = d.rules().redirects[&key].proxy_port;
+    // The owner goes: the loser takes the key, to its own proxy port.
+    let s2 = snapshot(2, std::slice::from_ref(&b), &s1);
+    let u = step(&mut d, &s2);
+    assert_eq!(d.rules().redirects[&key].service, b.name);
+    let b_port = d.rules().redirects[&key].proxy_port;
+    assert_ne!(a_port, b_port);
+    assert_eq!(u.diff.remove, vec![key]);
+    assert_eq!(u.diff.add, vec![(key, Target { proxy_port: b_port, service: b.name.clone() })]);
+    assert!(u.clashes.is_empty());
+    // It comes back first by name and takes the key again.
+    let s3 = snapshot(3, &[a.clone(), b], &s2);
+    let u = step(&mut d, &s3);
+    assert_eq!(d.rules().redirects[&key].service, a.name);
+    assert_eq!(u.clashes.len(), 1);
+}
+
+#[test]
+fn only_service_ports_whose_inputs_changed_are_made_again_and_the_rules_match_the_whole_snapshots() {
+    let mut specs: Vec<ServicePort> = (0..20)
+        .map(|i| {
+            spec(
+                &format!("s{i:02}"),
+                if i % 3 == 0 { Protocol::Udp } else { Protocol::Tcp },
+                &format!("10.96.0.{}", i + 1),
+                2,
+            )
+        })
+        .collect();
+    specs[4].external_ips = vec!["10.97.0.4".parse().unwrap(), "10.200.0.1".parse().unwrap()];
+    specs[5].load_balancer_ips = vec!["10.98.0.5".parse().unwrap()];
+    specs[5].load_balancer_source_ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let mut d = DesiredRules::default();
+    let s1 = snapshot(1, &specs, &Snapshot::default());
+    assert_eq!(step(&mut d, &s1).ports_changed, 20);
+    // The same port states in a new snapshot: nothing is made again.
+    let mut same = Snapshot::default();
+    (same.ports, same.listeners) = (s1.ports.clone(), s1.listeners.clone());
+    let u = step(&mut d, &same);
+    assert_eq!((u.ports_changed, u.diff.is_empty(), u.rewrite), (0, true, false));
+    // Every port rebuilt with the same specs: equal inputs, nothing made again.
+    let s2 = snapshot(2, &specs, &s1);
+    assert_eq!(step(&mut d, &s2).ports_changed, 0);
+    // A UDP port loses its endpoints: rejected; a TCP one: still redirected.
+    specs[0].endpoints.clear();
+    specs[1].endpoints.clear();
+    let s3 = snapshot(3, &specs, &s2);
+    let u = step(&mut d, &s3);
+    assert_eq!(u.ports_changed, 2);
+    assert_eq!((u.diff.remove.len(), u.diff.reject.len(), u.diff.add.len()), (1, 1, 0));
+    // Removed, added, source ranges changed (a rewrite), a clash made.
+    specs.remove(7);
+    specs.push(spec("zz", Protocol::Tcp, "10.96.0.2", 1));
+    specs[5].load_balancer_source_ranges = vec!["10.1.0.0/16".parse().unwrap()];
+    let s4 = snapshot(4, &specs, &s3);
+    let u = step(&mut d, &s4);
+    assert!(u.rewrite, "the firewall changed");
+    assert_eq!(u.ports_changed, 3);
+    assert_eq!(u.clashes.len(), 1);
+    // The node gains an address: the external IP is local, no rule.
+    let mut d2 = DesiredRules::default();
+    d2.update(&s4, &Locality::default());
+    let key = RuleKey {
+        protocol: Protocol::Tcp,
+        daddr: crate::model::ServiceVip("10.200.0.1".parse().unwrap()),
+        dport: 80,
+    };
+    assert!(d2.rules().redirects.contains_key(&key));
+    let u = d2.update(&s4, &Locality::from_addrs(["10.200.0.1".parse().unwrap()]));
+    assert_eq!((u.ports_changed, u.diff.remove.clone()), (1, vec![key]));
+}
+
+#[test]
+fn rules_given_whole_or_read_back_are_diffed_whole_by_the_next_snapshot() {
+    let specs = [spec("a", Protocol::Tcp, "10.96.0.1", 1), spec("b", Protocol::Tcp, "10.96.0.2", 1)];
+    let s1 = snapshot(1, &specs, &Snapshot::default());
+    let mut fresh = DesiredRules::default();
+    fresh.update(&s1, &Locality::default());
+    // A previous run's rules, without names, one of them stale.
+    let mut read_back = fresh.rules().clone();
+    for t in read_back.redirects.values_mut() {
+        t.service = ServicePortName { service: ServiceName::new("", ""), port: String::new() };
+    }
+    let stale = RuleKey {
+        protocol: Protocol::Tcp,
+        daddr: crate::model::ServiceVip("10.96.9.9".parse().unwrap()),
+        dport: 80,
+    };
+    read_back.redirects.insert(stale, Target { proxy_port: ProxyPort(1), service: specs[0].name.clone() });
+    let mut d = DesiredRules::orphaned(read_back);
+    let u = d.update(&s1, &Locality::default());
+    assert_eq!((u.diff.remove, u.diff.add.len()), (vec![stale], 0), "only the stale rule goes");
+    assert_eq!(d.rules(), fresh.rules());
+    let u = d.replace_with(RuleSet::default());
+    assert_eq!(u.diff.remove.len(), 2);
+    let u = d.update(&s1, &Locality::default());
+    assert_eq!(u.diff.add.len(), 2, "after a whole set, the next snapshot is diffed whole");
+}
