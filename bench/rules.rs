@@ -234,14 +234,14 @@ fn snapshot_changes_on_top_of_100k() {
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let (specs, listeners) = service_ports(n);
-    let base = Snapshot::new(1, specs.clone(), listeners.clone(), &Snapshot::default(), &ctx);
+    let base = Arc::new(Snapshot::new(1, specs.clone(), listeners.clone(), &Snapshot::default(), &ctx));
     let mut s = Syncer::new(Box::new(Nft { to: Intercept::Redirect }));
     let first = measure(|| s.sync(&base, false).expect("full sync"));
     row("full sync (snapshot)", "nft", n, vec![first]);
     let kept = |ports: Vec<_>, listeners: Vec<_>, generation| {
         let mut snap = Snapshot::default();
         (snap.generation, snap.ports, snap.listeners) = (generation, ports, listeners);
-        snap
+        Arc::new(snap)
     };
     let (mut endpoint, mut removed, mut added, mut rebuilt) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -270,12 +270,19 @@ fn snapshot_changes_on_top_of_100k() {
         let mut changed = specs.clone();
         changed[i * 7_919].endpoints.pop();
         generation += 1;
-        let snap = Snapshot::new(generation, changed, listeners.clone(), &base, &ctx);
+        let snap = Arc::new(Snapshot::new(generation, changed, listeners.clone(), &base, &ctx));
         rebuilt.push(measure(|| s.sync(&snap, false).expect("rebuilt snapshot")));
         generation += 1;
-        let snap = Snapshot::new(generation, specs.clone(), listeners.clone(), &base, &ctx);
+        let snap = Arc::new(Snapshot::new(generation, specs.clone(), listeners.clone(), &base, &ctx));
         s.sync(&snap, false).expect("rebuilt back");
     }
+    let mut resync = Vec::new();
+    for _ in 0..SAMPLES_RESYNC {
+        generation += 1;
+        let snap = kept(base.ports.clone(), base.listeners.clone(), generation);
+        resync.push(measure(|| s.sync(&snap, true).expect("periodic resync")));
+    }
+    row("periodic resync, table untouched (snapshot)", "nft", n, resync);
     row("one endpoint change, no rule changes (snapshot, other ports kept)", "nft", n, endpoint);
     row("one service removed (snapshot, other ports kept)", "nft", n, removed);
     row("one service added (snapshot, other ports kept)", "nft", n, added);

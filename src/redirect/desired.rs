@@ -42,7 +42,7 @@ enum Fate {
 }
 
 /// What a service port's rules are made from, besides its spec.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Inputs {
     proxy: [Option<SocketAddr>; 2],
     external_proxy: [Option<SocketAddr>; 2],
@@ -61,9 +61,16 @@ struct Claims {
 
 struct Entry {
     port: Arc<PortState>,
+    /// Tells this entry's claims from a later entry's of the same name.
+    serial: u64,
+    /// Transparent mode's reply mark, when the port uses it.
+    mark: Option<u32>,
     inputs: Inputs,
     claims: Claims,
 }
+
+/// A claim on a key: by which service port (name, entry) and to what end.
+type Claim<T> = (ServicePortName, u64, T);
 
 /// What an update changed.
 #[derive(Debug, Default)]
@@ -89,12 +96,16 @@ pub struct Update {
 pub struct DesiredRules {
     /// Sorted by name, as a snapshot's ports are.
     entries: Vec<Entry>,
-    /// The last snapshot's listeners: an entry's proxy ports stand while
-    /// its proxy listeners are the same `Arc`s.
-    listeners: Vec<Arc<Listener>>,
+    /// The last snapshot: an entry's proxy ports stand while its proxy
+    /// listeners are the same `Arc`s (compared by pointer, no count
+    /// touched).
+    last: Option<Arc<Snapshot>>,
+    /// The node's addresses at the last update.
+    locality: Option<Locality>,
+    next_serial: u64,
     /// Every claim on a key, in name order: the first one wins.
-    claimants: HashMap<RuleKey, Vec<(ServicePortName, Fate)>>,
-    firewall_claimants: HashMap<RuleKey, Vec<(ServicePortName, Vec<IpNet>)>>,
+    claimants: HashMap<RuleKey, Vec<Claim<Fate>>>,
+    firewall_claimants: HashMap<RuleKey, Vec<Claim<Vec<IpNet>>>>,
     wrong_family: usize,
     /// The winners: what the backend is to hold.
     rules: RuleSet,
@@ -125,7 +136,12 @@ impl DesiredRules {
     }
 
     /// Bring the rules to `snapshot`'s, with `local` the node's addresses.
-    pub fn update(&mut self, snapshot: &Snapshot, local: &Locality) -> Update {
+    ///
+    /// An unchanged service port (the same `Arc`, the same proxy
+    /// listeners, the same locality) costs one pointer compare: nothing of
+    /// it is read, no reference count touched. Ports are joined with the
+    /// entries in name order, the order a snapshot keeps them in.
+    pub fn update(&mut self, snapshot: &Arc<Snapshot>, local: &Locality) -> Update {
         if self.orphaned {
             let old = std::mem::take(self);
             let mut update = self.update(snapshot, local);
@@ -134,76 +150,96 @@ impl DesiredRules {
             update.rewrite = fresh.rewrite;
             return update;
         }
-        // Service ports whose proxy listeners came or went: only theirs
-        // are looked up again, by pointer first, names only for those.
-        let dirty = changed_listeners(&self.listeners, &snapshot.listeners);
-        let index = proxy_index(snapshot.listeners.iter().filter(|l| dirty.contains(&l.key.port)));
-        // The join below walks both in name order, which is the order
-        // clashes are settled in; a snapshot's ports already are in it.
-        let mut ports: Vec<&Arc<PortState>> = snapshot.ports.iter().collect();
-        if !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
-            ports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-        }
+        let same_locality = self.locality.as_ref() == Some(local);
+        let last_listeners = self.last.as_ref().map_or(&[][..], |s| &s.listeners[..]);
+        let changes = ListenerChanges::between(last_listeners, &snapshot.listeners);
+        // Entries whose proxy listeners came or went, found by name in the
+        // entries (sorted by name): a few lookups, not one per port.
+        let dirty: HashSet<usize> = changes
+            .names
+            .iter()
+            .filter_map(|n| self.entries.binary_search_by(|e| e.port.spec.name.cmp(n)).ok())
+            .collect();
         let mut update = Update::default();
         let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
         let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
-        let mut old = std::mem::take(&mut self.entries).into_iter().peekable();
-        let mut entries = Vec::with_capacity(ports.len());
-        for port in ports {
-            let name = &port.spec.name;
+        let mut old = std::mem::take(&mut self.entries).into_iter().enumerate().peekable();
+        let mut entries = Vec::with_capacity(snapshot.ports.len());
+        let mut mark = None;
+        for port in &snapshot.ports {
             let mut previous = None;
-            while let Some(e) = old.peek() {
+            while let Some((_, e)) = old.peek() {
                 // Equal pointers are equal names: no string compare then.
-                if Arc::ptr_eq(&e.port, port) || e.port.spec.name == *name {
-                    previous = old.next();
-                    break;
-                }
-                if e.port.spec.name > *name {
-                    break;
-                }
-                if let Some(gone) = old.next() {
-                    self.retract(&gone, &mut touched, &mut touched_fw);
-                    update.ports_changed += 1;
+                let order = match Arc::ptr_eq(&e.port, port) {
+                    true => std::cmp::Ordering::Equal,
+                    false => e.port.spec.name.cmp(&port.spec.name),
+                };
+                match order {
+                    std::cmp::Ordering::Equal => {
+                        previous = old.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                    std::cmp::Ordering::Less => {
+                        if let Some((_, gone)) = old.next() {
+                            self.retract(&gone, &mut touched, &mut touched_fw);
+                            update.ports_changed += 1;
+                        }
+                    }
                 }
             }
-            let same_arc = previous.as_ref().is_some_and(|p| Arc::ptr_eq(&p.port, port));
-            let same_proxies = previous.as_ref().filter(|_| dirty.is_empty() || !dirty.contains(name));
-            let inputs = match same_proxies {
-                // The same proxy listeners: the same proxy ports; the same
-                // state: the same emptiness. Locality is read per sync.
-                Some(p) => Inputs {
+            let same_arc = previous.as_ref().is_some_and(|(_, p)| Arc::ptr_eq(&p.port, port));
+            let same_proxies = previous.as_ref().is_some_and(|(i, _)| !dirty.contains(i));
+            if let (true, true, true, Some((_, p))) = (same_arc, same_proxies, same_locality, &previous) {
+                mark = mark.or(p.mark);
+                if let Some((_, p)) = previous {
+                    entries.push(p);
+                }
+                continue;
+            }
+            let inputs = match &previous {
+                Some((i, p)) => Inputs {
                     proxy: p.inputs.proxy,
                     external_proxy: p.inputs.external_proxy,
                     emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
                     remote: remote(&port.spec, local),
-                },
-                None => inputs(port, &index, local),
+                }
+                .with_changes(!dirty.contains(i), &port.spec.name, &changes),
+                None => {
+                    Inputs::default().with_changes(false, &port.spec.name, &changes).with_state(port, local)
+                }
             };
+            let port_mark = port.source.active().then(|| port.source.mark());
+            mark = mark.or(port_mark);
             match previous {
-                Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
-                    entries.push(Entry { port: Arc::clone(port), ..p });
+                Some((_, p))
+                    if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) =>
+                {
+                    entries.push(Entry { port: Arc::clone(port), mark: port_mark, inputs, ..p });
                 }
                 previous => {
-                    if let Some(p) = &previous {
+                    if let Some((_, p)) = &previous {
                         self.retract(p, &mut touched, &mut touched_fw);
                     }
                     let claims = claims_of(port, &inputs, local, &mut update);
-                    let entry = Entry { port: Arc::clone(port), inputs, claims };
+                    self.next_serial += 1;
+                    let serial = self.next_serial;
+                    let entry = Entry { port: Arc::clone(port), serial, mark: port_mark, inputs, claims };
                     self.claim(&entry, &mut touched, &mut touched_fw);
                     entries.push(entry);
                     update.ports_changed += 1;
                 }
             }
         }
-        for gone in old {
+        for (_, gone) in old {
             self.retract(&gone, &mut touched, &mut touched_fw);
             update.ports_changed += 1;
         }
         self.entries = entries;
-        self.listeners = snapshot.listeners.clone();
+        self.last = Some(Arc::clone(snapshot));
+        self.locality = Some(local.clone());
         self.settle(&touched, &mut update);
         update.rewrite = self.settle_firewall(&touched_fw);
-        let mark = snapshot.transparent_mark();
         update.rewrite |= self.rules.transparent != mark;
         self.rules.transparent = mark;
         update.wrong_family = self.wrong_family;
@@ -211,10 +247,9 @@ impl DesiredRules {
     }
 
     fn retract(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
-        let name = &e.port.spec.name;
         for (key, _) in &e.claims.keys {
             if let Some(list) = self.claimants.get_mut(key) {
-                list.retain(|(n, _)| n != name);
+                list.retain(|(_, serial, _)| *serial != e.serial);
                 if list.is_empty() {
                     self.claimants.remove(key);
                 }
@@ -223,7 +258,7 @@ impl DesiredRules {
         }
         for (key, _) in &e.claims.firewall {
             if let Some(list) = self.firewall_claimants.get_mut(key) {
-                list.retain(|(n, _)| n != name);
+                list.retain(|(_, serial, _)| *serial != e.serial);
                 if list.is_empty() {
                     self.firewall_claimants.remove(key);
                 }
@@ -237,14 +272,14 @@ impl DesiredRules {
         let name = &e.port.spec.name;
         for (key, fate) in &e.claims.keys {
             let list = self.claimants.entry(*key).or_default();
-            let at = list.partition_point(|(n, _)| n < name);
-            list.insert(at, (name.clone(), fate.clone()));
+            let at = list.partition_point(|(n, _, _)| n < name);
+            list.insert(at, (name.clone(), e.serial, fate.clone()));
             touched.insert(*key);
         }
         for (key, ranges) in &e.claims.firewall {
             let list = self.firewall_claimants.entry(*key).or_default();
-            let at = list.partition_point(|(n, _)| n < name);
-            list.insert(at, (name.clone(), ranges.clone()));
+            let at = list.partition_point(|(n, _, _)| n < name);
+            list.insert(at, (name.clone(), e.serial, ranges.clone()));
             touched_fw.insert(*key);
         }
         self.wrong_family += e.claims.wrong_family;
@@ -255,12 +290,12 @@ impl DesiredRules {
         let d = &mut update.diff;
         for key in touched {
             let winner = self.claimants.get(key).and_then(|list| {
-                for (lost, _) in list.iter().skip(1) {
+                for (lost, _, _) in list.iter().skip(1) {
                     update.clashes.push((*key, list[0].0.clone(), lost.clone()));
                 }
                 list.first()
             });
-            let new = winner.map(|(name, fate)| match fate {
+            let new = winner.map(|(name, _, fate)| match fate {
                 Fate::Redirect(p) => {
                     (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: name.clone() }))
                 }
@@ -308,7 +343,7 @@ impl DesiredRules {
     fn settle_firewall(&mut self, touched: &BTreeSet<RuleKey>) -> bool {
         let mut changed = false;
         for key in touched {
-            let new = self.firewall_claimants.get(key).and_then(|l| l.first()).map(|(_, r)| r.clone());
+            let new = self.firewall_claimants.get(key).and_then(|l| l.first()).map(|(_, _, r)| r.clone());
             let old = match &new {
                 Some(ranges) => self.rules.firewall.insert(*key, ranges.clone()),
                 None => self.rules.firewall.remove(key),
@@ -339,25 +374,78 @@ fn whole_update(old: &RuleSet, new: &RuleSet, unnamed: bool) -> Update {
 
 type ProxyIndex<'a> = HashMap<(&'a ServicePortName, ListenRole), SocketAddr>;
 
-/// The addresses of these proxy listeners, by service port and role.
-fn proxy_index<'a>(listeners: impl Iterator<Item = &'a Arc<Listener>>) -> ProxyIndex<'a> {
-    listeners.filter(|l| l.key.role.is_proxy()).map(|l| ((&l.key.port, l.key.role), l.addr)).collect()
+/// The proxy listeners that came and went between two snapshots, found by
+/// pointer (the old ones are still held, so no address was reused).
+#[derive(Default)]
+struct ListenerChanges<'a> {
+    came: ProxyIndex<'a>,
+    went: Vec<(ServicePortName, ListenRole)>,
+    /// The service ports of both.
+    names: BTreeSet<ServicePortName>,
 }
 
-/// The service ports a proxy listener was added to or removed from.
-/// Listeners are compared by pointer: the old ones are still held here,
-/// so no address can have been reused.
-fn changed_listeners(old: &[Arc<Listener>], new: &[Arc<Listener>]) -> BTreeSet<ServicePortName> {
-    let same = old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b));
-    if same {
-        return BTreeSet::new();
+impl<'a> ListenerChanges<'a> {
+    fn between(old: &[Arc<Listener>], new: &'a [Arc<Listener>]) -> Self {
+        let same = old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b));
+        if same {
+            return Self::default();
+        }
+        let pointers =
+            |ls: &[Arc<Listener>]| -> HashSet<*const Listener> { ls.iter().map(Arc::as_ptr).collect() };
+        let (before, after) = (pointers(old), pointers(new));
+        let came: ProxyIndex<'a> = new
+            .iter()
+            .filter(|l| l.key.role.is_proxy() && !before.contains(&Arc::as_ptr(l)))
+            .map(|l| ((&l.key.port, l.key.role), l.addr))
+            .collect();
+        let went: Vec<_> = old
+            .iter()
+            .filter(|l| l.key.role.is_proxy() && !after.contains(&Arc::as_ptr(l)))
+            .map(|l| (l.key.port.clone(), l.key.role))
+            .collect();
+        let names =
+            came.keys().map(|(n, _)| (*n).clone()).chain(went.iter().map(|(n, _)| n.clone())).collect();
+        Self { came, went, names }
     }
-    let pointers =
-        |ls: &[Arc<Listener>]| -> HashSet<*const Listener> { ls.iter().map(Arc::as_ptr).collect() };
-    let (before, after) = (pointers(old), pointers(new));
-    let came = new.iter().filter(|l| !before.contains(&Arc::as_ptr(l)));
-    let went = old.iter().filter(|l| !after.contains(&Arc::as_ptr(l)));
-    came.chain(went).filter(|l| l.key.role.is_proxy()).map(|l| l.key.port.clone()).collect()
+}
+
+const PROXY_ROLES: [ListenRole; 4] =
+    [ListenRole::Proxy, ListenRole::Proxy6, ListenRole::ExternalProxy, ListenRole::ExternalProxy6];
+
+impl Inputs {
+    /// With the proxy listeners of `name` that went removed and those that
+    /// came added (none when `unchanged`).
+    fn with_changes(
+        mut self,
+        unchanged: bool,
+        name: &ServicePortName,
+        changes: &ListenerChanges<'_>,
+    ) -> Self {
+        if unchanged {
+            return self;
+        }
+        let mut set = |role: ListenRole, addr: Option<SocketAddr>| match role {
+            ListenRole::Proxy => self.proxy[0] = addr,
+            ListenRole::Proxy6 => self.proxy[1] = addr,
+            ListenRole::ExternalProxy => self.external_proxy[0] = addr,
+            ListenRole::ExternalProxy6 => self.external_proxy[1] = addr,
+            _ => {}
+        };
+        for (_, role) in changes.went.iter().filter(|(n, _)| n == name) {
+            set(*role, None);
+        }
+        for role in PROXY_ROLES {
+            if let Some(addr) = changes.came.get(&(name, role)) {
+                set(role, Some(*addr));
+            }
+        }
+        self
+    }
+
+    /// With the port's own emptiness and the locality of its addresses.
+    fn with_state(self, port: &PortState, local: &Locality) -> Self {
+        Self { emptiness: emptiness(port), remote: remote(&port.spec, local), ..self }
+    }
 }
 
 fn emptiness(port: &PortState) -> [Emptiness; 2] {
@@ -366,16 +454,6 @@ fn emptiness(port: &PortState) -> [Emptiness; 2] {
 
 fn remote(spec: &ServicePort, local: &Locality) -> Vec<bool> {
     spec.external_ips.iter().chain(&spec.load_balancer_ips).map(|ip| !local.is_local(*ip)).collect()
-}
-
-fn inputs(port: &PortState, index: &ProxyIndex<'_>, local: &Locality) -> Inputs {
-    let role = |role| index.get(&(&port.spec.name, role)).copied();
-    Inputs {
-        proxy: [role(ListenRole::Proxy), role(ListenRole::Proxy6)],
-        external_proxy: [role(ListenRole::ExternalProxy), role(ListenRole::ExternalProxy6)],
-        emptiness: emptiness(port),
-        remote: remote(&port.spec, local),
-    }
 }
 
 /// Whether two specs make the same rules given the same inputs: every

@@ -23,7 +23,7 @@ fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServiceP
 
 /// A snapshot of `specs`, each with a proxy listener (no socket) on
 /// port 31000 + its index in `all` (so a port keeps its number).
-fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Snapshot {
+fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Arc<Snapshot> {
     let listeners = specs
         .iter()
         .map(|sp| {
@@ -49,7 +49,7 @@ fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Snap
     let (options, registry, metrics, source) =
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
-    Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx)
+    Arc::new(Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx))
 }
 
 /// `diff` applied to `old`, as a backend applies it.
@@ -78,7 +78,7 @@ fn applied(old: &RuleSet, diff: &Diff) -> RuleSet {
 
 /// Update `d` to `snap`; its rules must be the whole snapshot's, and
 /// the diff must turn the previous rules into them.
-fn step(d: &mut DesiredRules, snap: &Snapshot) -> Update {
+fn step(d: &mut DesiredRules, snap: &Arc<Snapshot>) -> Update {
     let local = Locality::from_addrs(["10.200.0.1".parse().unwrap()]);
     let before = d.rules().clone();
     let update = d.update(snap, &local);
@@ -146,7 +146,7 @@ fn only_service_ports_whose_inputs_changed_are_made_again_and_the_rules_match_th
     // The same port states in a new snapshot: nothing is made again.
     let mut same = Snapshot::default();
     (same.ports, same.listeners) = (s1.ports.clone(), s1.listeners.clone());
-    let u = step(&mut d, &same);
+    let u = step(&mut d, &Arc::new(same));
     assert_eq!((u.ports_changed, u.diff.is_empty(), u.rewrite), (0, true, false));
     // Every port rebuilt with the same specs: equal inputs, nothing made again.
     let s2 = snapshot(2, &specs, &s1);

@@ -93,7 +93,7 @@ impl RuleSet {
 }
 
 /// The addresses of this node's interfaces.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Locality {
     addrs: HashSet<IpAddr>,
 }

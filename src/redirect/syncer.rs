@@ -101,7 +101,7 @@ impl Syncer {
     /// Bring the rules to `snapshot`'s, looking up which addresses are
     /// local now; only service ports whose inputs changed are looked at.
     /// `periodic`: also make sure nobody else touched the rules.
-    pub fn sync(&mut self, snapshot: &Snapshot, periodic: bool) -> Result<SyncReport, RedirectError> {
+    pub fn sync(&mut self, snapshot: &Arc<Snapshot>, periodic: bool) -> Result<SyncReport, RedirectError> {
         let started = Instant::now();
         let update = self.desired.update(snapshot, &Locality::from_interfaces());
         for (key, kept, dropped) in &update.clashes {
@@ -288,7 +288,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         if let Some(s) = next {
             current = Some(s);
         }
-        let Some(snapshot) = current.as_deref() else { continue };
+        let Some(snapshot) = current.as_ref() else { continue };
         let started = Instant::now();
         let result = syncer.sync(snapshot, periodic && !failed);
         let kind = result.as_ref().map_or(SyncKind::Full, |r| r.kind);
