@@ -30,7 +30,7 @@ use ipnet::IpNet;
 
 use super::rules::{self, Diff, Locality, PortRules, RuleKey, RuleSet, Target};
 use crate::listen::{ListenRole, Listener};
-use crate::model::{IpFamily, ProxyPort, ServicePort, ServicePortName};
+use crate::model::{IpFamily, Protocol, ProxyPort, ServicePort, ServicePortName};
 use crate::snapshot::{Emptiness, PortState, Snapshot};
 
 /// What one key is to one service port.
@@ -49,6 +49,8 @@ struct Inputs {
     emptiness: [Emptiness; 2],
     /// Per external IP, then per LB IP: not on this node (so redirected).
     remote: Vec<bool>,
+    /// A TCP port served by the shared proxy ports (`proxy` holds them).
+    shared: bool,
 }
 
 /// One service port's rules, made for it alone.
@@ -102,6 +104,9 @@ pub struct DesiredRules {
     last: Option<Arc<Snapshot>>,
     /// The node's addresses at the last update.
     locality: Option<Locality>,
+    /// The shared proxy ports at the last update (`--proxy-port-mode
+    /// shared`), when there are any.
+    shared: Option<[Option<SocketAddr>; 2]>,
     next_serial: u64,
     /// Every claim on a key, in name order: the first one wins.
     claimants: HashMap<RuleKey, Vec<Claim<Fate>>>,
@@ -153,6 +158,16 @@ impl DesiredRules {
         let same_locality = self.locality.as_ref() == Some(local);
         let last_listeners = self.last.as_ref().map_or(&[][..], |s| &s.listeners[..]);
         let changes = ListenerChanges::between(last_listeners, &snapshot.listeners);
+        // The shared proxy ports are listeners too: the same while they are.
+        let shared = match changes.same {
+            true => self.shared,
+            false => Some(snapshot.shared_proxies()).filter(|s| s.iter().any(Option::is_some)),
+        };
+        if self.last.is_some() && shared != self.shared {
+            // Every TCP port changes its proxy ports: start anew.
+            self.orphaned = true;
+            return self.update(snapshot, local);
+        }
         // Entries whose proxy listeners came or went, found by name in the
         // entries (sorted by name): a few lookups, not one per port.
         let dirty: HashSet<usize> = changes
@@ -203,12 +218,14 @@ impl DesiredRules {
                     external_proxy: p.inputs.external_proxy,
                     emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
                     remote: remote(&port.spec, local),
+                    shared: p.inputs.shared,
                 }
                 .with_changes(!dirty.contains(i), &port.spec.name, &changes),
                 None => {
                     Inputs::default().with_changes(false, &port.spec.name, &changes).with_state(port, local)
                 }
-            };
+            }
+            .with_shared(port, shared);
             let port_mark = port.source.active().then(|| port.source.mark());
             mark = mark.or(port_mark);
             match previous {
@@ -238,6 +255,7 @@ impl DesiredRules {
         self.entries = entries;
         self.last = Some(Arc::clone(snapshot));
         self.locality = Some(local.clone());
+        self.shared = shared;
         self.settle(&touched, &mut update);
         update.rewrite = self.settle_firewall(&touched_fw);
         update.rewrite |= self.rules.transparent != mark;
@@ -378,6 +396,8 @@ type ProxyIndex<'a> = HashMap<(&'a ServicePortName, ListenRole), SocketAddr>;
 /// pointer (the old ones are still held, so no address was reused).
 #[derive(Default)]
 struct ListenerChanges<'a> {
+    /// The very same listeners (then nothing came or went).
+    same: bool,
     came: ProxyIndex<'a>,
     went: Vec<(ServicePortName, ListenRole)>,
     /// The service ports of both.
@@ -388,7 +408,7 @@ impl<'a> ListenerChanges<'a> {
     fn between(old: &[Arc<Listener>], new: &'a [Arc<Listener>]) -> Self {
         let same = old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b));
         if same {
-            return Self::default();
+            return Self { same, ..Self::default() };
         }
         let pointers =
             |ls: &[Arc<Listener>]| -> HashSet<*const Listener> { ls.iter().map(Arc::as_ptr).collect() };
@@ -405,7 +425,7 @@ impl<'a> ListenerChanges<'a> {
             .collect();
         let names =
             came.keys().map(|(n, _)| (*n).clone()).chain(went.iter().map(|(n, _)| n.clone())).collect();
-        Self { came, went, names }
+        Self { same, came, went, names }
     }
 }
 
@@ -440,6 +460,15 @@ impl Inputs {
             }
         }
         self
+    }
+
+    /// A TCP port goes to the shared proxy ports, when there are any (it
+    /// has no proxy port of its own then), as `rules::from_snapshot` does.
+    fn with_shared(self, port: &PortState, shared: Option<[Option<SocketAddr>; 2]>) -> Self {
+        match shared.filter(|_| port.spec.protocol == Protocol::Tcp) {
+            Some(proxy) => Self { proxy, shared: true, ..self },
+            None => Self { shared: false, ..self },
+        }
     }
 
     /// With the port's own emptiness and the locality of its addresses.
@@ -480,6 +509,7 @@ fn claims_of(port: &PortState, inputs: &Inputs, local: &Locality, update: &mut U
         proxy: inputs.proxy,
         external_proxy: inputs.external_proxy,
         emptiness: inputs.emptiness,
+        shared: inputs.shared,
     };
     let d = rules::desired([p], local);
     update.open_without_ranges.extend(d.open_without_ranges);

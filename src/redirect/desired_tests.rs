@@ -24,6 +24,16 @@ fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServiceP
 /// A snapshot of `specs`, each with a proxy listener (no socket) on
 /// port 31000 + its index in `all` (so a port keeps its number).
 fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Arc<Snapshot> {
+    snapshot_with(generation, specs, previous, &[])
+}
+
+/// [`snapshot`] with `extra` listeners besides the service ports' own.
+fn snapshot_with(
+    generation: u64,
+    specs: &[ServicePort],
+    previous: &Snapshot,
+    extra: &[Arc<Listener>],
+) -> Arc<Snapshot> {
     let listeners = specs
         .iter()
         .map(|sp| {
@@ -45,6 +55,7 @@ fn snapshot(generation: u64, specs: &[ServicePort], previous: &Snapshot) -> Arc<
                 ))
             })
         })
+        .chain(extra.iter().cloned())
         .collect();
     let (options, registry, metrics, source) =
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
@@ -205,4 +216,33 @@ fn rules_given_whole_or_read_back_are_diffed_whole_by_the_next_snapshot() {
     assert_eq!(u.diff.remove.len(), 2);
     let u = d.update(&s1, &Locality::default());
     assert_eq!(u.diff.add.len(), 2, "after a whole set, the next snapshot is diffed whole");
+}
+
+#[test]
+fn tcp_ports_follow_the_shared_proxy_ports_and_are_rejected_there_without_endpoints() {
+    let mut specs =
+        vec![spec("tcp", Protocol::Tcp, "10.96.0.1", 2), spec("udp", Protocol::Udp, "10.96.0.2", 2)];
+    let mut d = DesiredRules::default();
+    let s1 = snapshot(1, &specs, &Snapshot::default());
+    step(&mut d, &s1);
+    // Shared proxy ports appear: every TCP port moves to them.
+    let shared = Arc::new(Listener::without_sockets(
+        ListenerId(999_999),
+        ListenKey::shared(ListenRole::Proxy),
+        "127.0.0.1:29999".parse().unwrap(),
+    ));
+    let s2 = snapshot_with(2, &specs, &s1, std::slice::from_ref(&shared));
+    step(&mut d, &s2);
+    let key = |ip: &str, protocol| RuleKey {
+        protocol,
+        daddr: crate::model::ServiceVip(ip.parse().unwrap()),
+        dport: 80,
+    };
+    assert_eq!(d.rules().redirects[&key("10.96.0.1", Protocol::Tcp)].proxy_port, ProxyPort(29999));
+    assert_ne!(d.rules().redirects[&key("10.96.0.2", Protocol::Udp)].proxy_port, ProxyPort(29999));
+    // No endpoint left on a shared TCP port: nothing to pause, so rejected.
+    specs[0].endpoints.clear();
+    let s3 = snapshot_with(3, &specs, &s2, std::slice::from_ref(&shared));
+    let u = step(&mut d, &s3);
+    assert_eq!((u.ports_changed, u.diff.reject.clone()), (1, vec![key("10.96.0.1", Protocol::Tcp)]));
 }
