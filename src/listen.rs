@@ -202,6 +202,11 @@ pub enum BindError {
     HeldElsewhere { key_port: ServicePortName, role: ListenRole, addr: SocketAddr },
     #[error("{key_port}: no free port left in --proxy-port-range {start}-{end}")]
     RangeExhausted { key_port: ServicePortName, start: u16, end: u16 },
+    #[error(
+        "{key_port} {field} {addr}: this is the proxy address (--bind-address or its IPv6 twin), where \
+         ringport's own proxy ports listen; not served there"
+    )]
+    ProxyAddress { key_port: ServicePortName, field: String, addr: SocketAddr },
 }
 
 impl BindError {
@@ -282,12 +287,22 @@ impl Binder {
         let mut used_proxy_ports: HashSet<u16> =
             previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
         let (mut listeners, mut errors) = self.bind_shared(&previous, &mut used_proxy_ports);
+        // A Service's listener on a shared port's address would join its
+        // SO_REUSEPORT group and take a share of every redirected
+        // connection: the shared ports are claimed first, so it clashes.
+        for l in &listeners {
+            claimed.insert((l.addr, l.key.protocol), l.key.port.clone());
+        }
 
         for sp in ports {
             // An IPv6 twin asks for its IPv4 twin's number: maps read alike.
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
             for (role, ip, port) in plan_port(sp, &self.opts, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
+                if let Some(e) = self.refused_before_bind(sp, role, SocketAddr::new(ip, port), &claimed) {
+                    errors.push(e);
+                    continue;
+                }
                 let twin = role.first_family().and_then(|r| proxy_ports.get(&r).copied());
                 let result = match previous.get(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
@@ -328,6 +343,40 @@ impl Binder {
         }
         self.first_bind_done();
         (listeners, errors)
+    }
+
+    /// Why a listener with a declared port (node port, external or LB IP)
+    /// must not be bound at all, before binding joins a port group: its
+    /// address is a proxy address (External or LoadBalancer on
+    /// `bind_address`/`bind_address6`), or another listener of this
+    /// configuration (a shared proxy port included) claimed it.
+    fn refused_before_bind(
+        &self,
+        sp: &ServicePort,
+        role: ListenRole,
+        addr: SocketAddr,
+        claimed: &HashMap<(SocketAddr, Protocol), ServicePortName>,
+    ) -> Option<BindError> {
+        if role.is_proxy() {
+            return None;
+        }
+        let proxy_address = addr.ip() == self.opts.bind_address || Some(addr.ip()) == self.opts.bind_address6;
+        let field = match role {
+            ListenRole::External(ip) => {
+                sp.external_ips.iter().position(|e| *e == ip).map(|i| format!("spec.externalIPs[{i}]"))
+            }
+            ListenRole::LoadBalancer(ip) => sp
+                .load_balancer_ips
+                .iter()
+                .position(|e| *e == ip)
+                .map(|i| format!("status.loadBalancer.ingress[{i}].ip")),
+            _ => None,
+        };
+        if let Some(field) = field.filter(|_| proxy_address) {
+            return Some(BindError::ProxyAddress { key_port: sp.name.clone(), field, addr });
+        }
+        let other = claimed.get(&(addr, sp.protocol))?;
+        Some(BindError::Clash { key_port: sp.name.clone(), role, addr, other: other.clone() })
     }
 
     /// An IPv6 proxy port on its IPv4 twin's number, if that is free here.
@@ -492,125 +541,4 @@ fn bind_reuseport(addr: SocketAddr, protocol: Protocol, n: usize, freebind: bool
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Origin, ServiceName};
-
-    fn port(name: &str, ext: Vec<IpAddr>, node_port: Option<u16>) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
-        let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);
-        sp.external_ips = ext;
-        sp.node_port = node_port;
-        sp
-    }
-
-    fn binder() -> Binder {
-        Binder::new(ListenOptions {
-            bind_address: Ipv4Addr::LOCALHOST.into(),
-            bind_address6: None,
-            proxy_port_range: None,
-            nodeport_addresses: vec![],
-            workers: 2,
-            redirect_rules: true,
-            proxy_port_mode: ProxyPortMode::PerService,
-        })
-    }
-
-    #[test]
-    fn udp_listeners_get_their_full_buffer_with_cap_net_admin_or_what_rmem_max_allows() {
-        let sockets = bind_reuseport((Ipv4Addr::LOCALHOST, 0).into(), Protocol::Udp, 1, false).expect("bind");
-        let got = sockets[0].recv_buffer_size().expect("SO_RCVBUF");
-        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .expect("net.core.rmem_max");
-        // The kernel reports twice what was set (its bookkeeping share).
-        let probe = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("socket");
-        let forced =
-            crate::dataplane::sys::force_buffer_sizes(std::os::fd::AsFd::as_fd(&probe), 4096).is_ok();
-        let want = if forced { 2 * UDP_BUFFER_BYTES } else { 2 * UDP_BUFFER_BYTES.min(rmem_max) };
-        assert_eq!(got, want, "CAP_NET_ADMIN: {forced}, rmem_max {rmem_max}");
-    }
-
-    #[test]
-    fn an_external_proxy_port_only_with_rules_and_a_non_local_external_ip() {
-        let roles = |b: &mut Binder, ips: &[&str]| {
-            let ext = ips.iter().map(|ip| ip.parse().unwrap()).collect();
-            let (ls, _) = b.bind(&[port("a", ext, None)], &[]);
-            ls.iter().filter(|l| l.key.role == ListenRole::ExternalProxy).count()
-        };
-        let mut rules = binder();
-        assert_eq!(roles(&mut rules, &["127.0.0.1"]), 0, "every external IP local: no external proxy port");
-        assert_eq!(roles(&mut rules, &["127.0.0.1", "192.0.2.1"]), 1);
-        let mut none = Binder::new(ListenOptions { redirect_rules: false, ..binder().opts });
-        assert_eq!(roles(&mut none, &["192.0.2.1"]), 0, "--redirect none: nothing sends traffic to one");
-    }
-
-    #[test]
-    fn unchanged_service_port_keeps_its_proxy_port_across_rebinds() {
-        let mut b = binder();
-        let ports = vec![port("a", vec![], None)];
-        let (first, errors) = b.bind(&ports, &[]);
-        assert!(errors.is_empty(), "{errors:?}");
-        let (second, _) = b.bind(&ports, &first);
-        assert_eq!(first[0].id, second[0].id);
-        assert_eq!(first[0].addr, second[0].addr);
-        assert_ne!(first[0].addr.port(), 0);
-    }
-
-    #[test]
-    fn every_worker_takes_its_own_socket_once() {
-        let mut b = binder();
-        let (ls, _) = b.bind(&[port("a", vec![], None)], &[]);
-        assert!(ls[0].take_socket(0).is_some());
-        assert!(ls[0].take_socket(0).is_none());
-        assert!(ls[0].take_socket(1).is_some());
-        assert!(ls[0].take_socket(2).is_none());
-    }
-
-    #[test]
-    fn non_local_external_ip_is_reported_as_not_local() {
-        let mut b = binder();
-        // 192.0.2.1 (TEST-NET-1) is never assigned here; bind only, no traffic.
-        let (ls, errors) = b.bind(&[port("a", vec!["192.0.2.1".parse().unwrap()], None)], &[]);
-        assert_eq!(ls.len(), 2, "the proxy ports still listen");
-        assert_eq!(ls[1].key.role, ListenRole::ExternalProxy);
-        assert!(matches!(errors[..], [BindError::NotLocal { .. }]), "{errors:?}");
-    }
-
-    #[test]
-    fn two_service_ports_on_one_address_clash_and_the_first_keeps_it() {
-        let mut b = binder();
-        let ip: IpAddr = "127.0.0.77".parse().unwrap();
-        let (ls, errors) = b.bind(&[port("a", vec![ip], None), port("b", vec![ip], None)], &[]);
-        assert_eq!(ls.len(), 5, "two proxy ports each, and one of the two external listeners");
-        assert!(matches!(errors[..], [BindError::Clash { .. }]), "{errors:?}");
-    }
-
-    #[test]
-    fn a_port_another_process_shares_through_reuseport_is_held_elsewhere() {
-        for protocol in [Protocol::Tcp, Protocol::Udp] {
-            // What a second ringport does for a port it serves:
-            // SO_REUSEPORT sockets, bound, and listening for TCP.
-            let other = bind_reuseport("127.0.0.1:0".parse().unwrap(), protocol, 1, false).unwrap();
-            if protocol == Protocol::Tcp {
-                other[0].listen(BACKLOG).unwrap();
-            }
-            let taken = other[0].local_addr().unwrap().as_socket().unwrap().port();
-            let mut sp = port("a", vec!["127.0.0.1".parse().unwrap()], None);
-            (sp.port, sp.protocol) = (taken, protocol);
-            let (ls, errors) = binder().bind(&[sp], &[]);
-            assert_eq!(ls.len(), 1, "{protocol}: the proxy port still listens");
-            assert!(matches!(errors[..], [BindError::HeldElsewhere { .. }]), "{protocol}: {errors:?}");
-        }
-    }
-
-    #[test]
-    fn proxy_ports_come_from_the_range() {
-        let mut b = Binder::new(ListenOptions { proxy_port_range: Some(24310..=24319), ..binder().opts });
-        let (ls, errors) = b.bind(&[port("a", vec![], None), port("b", vec![], None)], &[]);
-        assert!(errors.is_empty(), "{errors:?}");
-        assert!(ls.iter().all(|l| (24310..=24319).contains(&l.addr.port())));
-        assert_ne!(ls[0].addr.port(), ls[1].addr.port());
-    }
-}
+mod tests;
