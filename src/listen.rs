@@ -254,6 +254,10 @@ pub struct Binder {
     /// left: the first bind binds those ports again, so that rules and
     /// ports agree from the first moment after a crash.
     preferred: HashMap<(Protocol, IpAddr, u16), u16>,
+    /// The same read back the other way, `(protocol, proxy port) -> every
+    /// (VIP, service port) sent to it`: a port is bound again for a service
+    /// port only if all that points at it is that service port's.
+    preferred_keys: HashMap<(Protocol, u16), Vec<(IpAddr, u16)>>,
 }
 
 impl Binder {
@@ -266,6 +270,7 @@ impl Binder {
             bound: HashSet::new(),
             adopted: HashMap::new(),
             preferred: HashMap::new(),
+            preferred_keys: HashMap::new(),
         }
     }
 

@@ -17,6 +17,10 @@ impl Binder {
     /// `((protocol, VIP, service port), proxy port)`.
     pub fn prefer_proxy_ports(&mut self, ports: impl IntoIterator<Item = ((Protocol, IpAddr, u16), u16)>) {
         self.preferred.extend(ports);
+        self.preferred_keys.clear();
+        for (&(protocol, ip, port), &proxy_port) in &self.preferred {
+            self.preferred_keys.entry((protocol, proxy_port)).or_default().push((ip, port));
+        }
     }
 
     /// Serve the next bind's listeners on these handed-over sockets where
@@ -53,6 +57,7 @@ impl Binder {
     /// closed, and the previous run's proxy ports are forgotten.
     pub(super) fn first_bind_done(&mut self) {
         self.preferred.clear();
+        self.preferred_keys.clear();
         for (key, h) in self.adopted.drain() {
             tracing::info!(service = %key.port, role = %key.role, addr = %h.addr, "handover: a socket this configuration does not want; closed");
         }
@@ -66,7 +71,10 @@ impl Binder {
     }
 
     /// The proxy port the previous run's rules send `sp`'s addresses of
-    /// this role to, if any.
+    /// this role to, if any, and if nothing else points at it: after a
+    /// shared run every TCP key points at the one shared port, which must
+    /// not become one service port's own until the first sync (it would
+    /// serve every cluster IP as that Service).
     fn preferred_port(&self, sp: &ServicePort, role: ListenRole) -> Option<u16> {
         let (vips, v6): (Vec<&IpAddr>, bool) = match role {
             ListenRole::Proxy => (sp.cluster_ips.iter().collect(), false),
@@ -79,9 +87,12 @@ impl Binder {
             }
             _ => return None,
         };
-        vips.into_iter()
+        let port = vips
+            .iter()
             .filter(|ip| ip.is_ipv6() == v6)
-            .find_map(|ip| self.preferred.get(&(sp.protocol, *ip, sp.port)).copied())
+            .find_map(|ip| self.preferred.get(&(sp.protocol, **ip, sp.port)).copied())?;
+        let owners = self.preferred_keys.get(&(sp.protocol, port))?;
+        owners.iter().all(|(ip, p)| *p == sp.port && vips.contains(&ip)).then_some(port)
     }
 
     /// The handed-over sockets for `key`, if they sit where this
@@ -163,5 +174,39 @@ mod tests {
         let (ls, errors) = b.bind(&[sp], &[]);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(ls[0].addr.port(), inside, "the range wins over the read-back port {outside}");
+    }
+
+    #[test]
+    fn a_read_back_port_other_service_ports_point_at_too_is_not_any_ones_own() {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (shared, own) = (free(), free());
+        let mut b = Binder::new(ListenOptions {
+            bind_address: Ipv4Addr::LOCALHOST.into(),
+            bind_address6: None,
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 1,
+            redirect_rules: true,
+            proxy_port_mode: crate::listen::ProxyPortMode::PerService,
+        });
+        let sp = |name: &str, vip: &str| {
+            let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+            let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 80);
+            sp.cluster_ips = vec![vip.parse().unwrap()];
+            sp
+        };
+        let (a, b2, c) = (sp("a", "10.96.0.1"), sp("b", "10.96.0.2"), sp("c", "10.96.0.3"));
+        // What a killed shared run leaves: a and b on the one shared port;
+        // c alone on its own port (as a per-service run would).
+        b.prefer_proxy_ports([
+            ((Protocol::Tcp, a.cluster_ips[0], 80), shared),
+            ((Protocol::Tcp, b2.cluster_ips[0], 80), shared),
+            ((Protocol::Tcp, c.cluster_ips[0], 80), own),
+        ]);
+        let (ls, errors) = b.bind(&[a, b2, c], &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let ports: Vec<u16> = ls.iter().map(|l| l.addr.port()).collect();
+        assert!(!ports.contains(&shared), "the shared port is no one's own: {ports:?}");
+        assert_eq!(ports[2], own, "a port only c's keys point at is c's again");
     }
 }
