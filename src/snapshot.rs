@@ -29,6 +29,7 @@ use crate::metrics::{Metrics, PortMetrics};
 use crate::model::{
     EndpointAddr, IpFamily, Protocol, ProxyPort, ProxyProtocol, ServicePort, ServicePortName,
 };
+use crate::redirect::rules::Locality;
 use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 mod destinations;
@@ -248,9 +249,10 @@ impl Snapshot {
             .collect();
         ctx.registry.prune();
         ctx.metrics.prune();
-        // `route_to` finds ports by name with a binary search.
+        let shared: Vec<ListenerId> = listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id).collect();
+        // A shared port's `route_to` finds ports by name with a binary search.
         let mut ports = ports;
-        if !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
+        if !shared.is_empty() && !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
             ports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         }
         let index: HashMap<&ServicePortName, usize> =
@@ -263,10 +265,10 @@ impl Snapshot {
                 Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), family }))
             })
             .collect();
-        let shared: Vec<ListenerId> = listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id).collect();
         let destinations = match shared.is_empty() {
             true => Destinations::default(),
-            false => Destinations::build(ports.iter().map(|p| &p.spec)),
+            // The rules judge locality alike, at their own sync.
+            false => Destinations::build(ports.iter().map(|p| &p.spec), &Locality::from_interfaces()),
         };
         let unmatched = Arc::clone(&ctx.metrics.unmatched);
         Self { generation, ports, listeners, routes, shared, destinations, unmatched }

@@ -198,15 +198,13 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
     let mut owner: HashMap<RuleKey, &ServicePortName> = HashMap::new();
     for p in ports {
         let sp = p.spec;
-        let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
-        let wanted = sp.cluster_ips.iter().map(|ip| (ip, false)).chain(remote.map(|ip| (ip, true)));
-        for (ip, external) in wanted {
+        for (key, external) in redirected_keys(sp, local) {
+            let ip = &key.daddr.0;
             let (empty, has_endpoints) = p.emptiness(*ip, external);
             let Some(proxy) = p.target(*ip, external) else {
                 out.wrong_family += 1;
                 continue;
             };
-            let key = RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
             match owner.get(&key) {
                 Some(kept) if **kept != sp.name => {
                     out.clashes.push((key, (*kept).clone(), sp.name.clone()));
@@ -260,6 +258,20 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
 /// a PROXY header (TCP only: UDP ports ignore the annotation).
 fn accepts_headers(sp: &ServicePort) -> bool {
     sp.protocol == Protocol::Tcp && sp.proxy_protocol.accept.is_some()
+}
+
+/// Every key of `sp` the rules redirect, and whether it is external: its
+/// cluster IPs, then its externalIPs and LoadBalancer IPs not local to this
+/// node (the data plane listens on local ones itself). What [`desired`]
+/// programs and what a shared proxy port's destination map routes
+/// (`snapshot::destinations`): one locality rule for both.
+pub fn redirected_keys<'a>(
+    sp: &'a ServicePort,
+    local: &'a Locality,
+) -> impl Iterator<Item = (RuleKey, bool)> + 'a {
+    let remote = sp.external_ips.iter().chain(&sp.load_balancer_ips).filter(|ip| !local.is_local(**ip));
+    let key = |ip: &IpAddr| RuleKey { protocol: sp.protocol, daddr: ServiceVip(*ip), dport: sp.port };
+    sp.cluster_ips.iter().map(move |ip| (key(ip), false)).chain(remote.map(move |ip| (key(ip), true)))
 }
 
 /// The rules of a published snapshot: every service port with a bound

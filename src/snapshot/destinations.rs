@@ -6,11 +6,12 @@
 //! other shared-port queries).
 //!
 //! Invariants:
-//! - Built from the same addresses the rules DNAT to a shared port: every
+//! - Built from exactly the keys the rules DNAT to a shared port, by the
+//!   rules' own function (`redirect::rules::redirected_keys`): every
 //!   cluster IP (internal scope) and every externalIP and LoadBalancer IP
-//!   (external scope) of a TCP service port. A local external IP is never
-//!   DNATed, so its entry is never met; keeping it spares this map the
-//!   node's interfaces, and keeps it pure.
+//!   not local to this node (external scope) of a TCP service port. A
+//!   local one is left out here as there: else a Service whose cluster IP
+//!   is another's local external IP would be routed to the other.
 //! - One key, one service port: when two claim the same key, the first in
 //!   the order given keeps it, as the rules' own clash rule (`redirect::
 //!   rules`), so a connection goes where the rule that sent it says.
@@ -24,6 +25,7 @@ use super::Route;
 use crate::balance::eligible::Scope;
 use crate::listen::ListenRole;
 use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
+use crate::redirect::rules::{Locality, redirected_keys};
 
 /// What a redirected connection's original destination stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,14 +46,12 @@ pub struct Destinations {
 impl Destinations {
     /// The destinations of `ports`' TCP service ports (UDP ones keep
     /// proxy ports of their own).
-    pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>) -> Self {
+    pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, local: &Locality) -> Self {
         let mut map = HashMap::new();
         for sp in ports.into_iter().filter(|sp| sp.protocol == Protocol::Tcp) {
-            let internal = sp.cluster_ips.iter().map(|ip| (ip, Scope::Internal));
-            let external =
-                sp.external_ips.iter().chain(&sp.load_balancer_ips).map(|ip| (ip, Scope::External));
-            for (ip, scope) in internal.chain(external) {
-                let ip = ip.to_canonical();
+            for (key, external) in redirected_keys(sp, local) {
+                let scope = if external { Scope::External } else { Scope::Internal };
+                let ip = key.daddr.0.to_canonical();
                 map.entry((sp.protocol, ip, sp.port)).or_insert_with(|| Destination {
                     port: sp.name.clone(),
                     scope,
@@ -135,7 +135,7 @@ mod tests {
         web.load_balancer_ips = vec!["10.98.0.1".parse().unwrap()];
         let mut dns = sp("dns", Protocol::Udp, 53);
         dns.cluster_ips = vec!["10.96.0.53".parse().unwrap()];
-        let d = Destinations::build([&web, &dns]);
+        let d = Destinations::build([&web, &dns], &Locality::default());
         assert_eq!(d.len(), 4);
         let got = |s| d.get(Protocol::Tcp, to(s)).map(|d| (d.port.service.name.clone(), d.scope, d.family));
         assert_eq!(got("10.96.0.10:80"), Some(("web".into(), Scope::Internal, IpFamily::V4)));
@@ -204,7 +204,30 @@ mod tests {
         let (mut a, mut b) = (sp("a", Protocol::Tcp, 80), sp("b", Protocol::Tcp, 80));
         a.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
         b.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
-        let d = Destinations::build([&a, &b]);
+        let d = Destinations::build([&a, &b], &Locality::default());
         assert_eq!(d.get(Protocol::Tcp, to("10.96.0.1:80")).map(|d| d.port.service.name.as_str()), Some("a"));
+    }
+
+    #[test]
+    fn a_cluster_ip_that_is_another_ports_local_external_ip_goes_where_the_rules_send_it() {
+        use crate::redirect::rules::{PortRules, desired};
+        let vip: IpAddr = "10.200.0.1".parse().unwrap();
+        // "a" sorts first and lists vip as a local externalIP: the data
+        // plane listens there itself and no rule redirects it. "b"'s cluster
+        // IP is the same address: the rule DNATs it, for b.
+        let (mut a, mut b) = (sp("a", Protocol::Tcp, 80), sp("b", Protocol::Tcp, 80));
+        a.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
+        a.external_ips = vec![vip];
+        b.cluster_ips = vec![vip];
+        let local = Locality::from_addrs([vip]);
+        let d = Destinations::build([&a, &b], &local);
+        let routed =
+            d.get(Protocol::Tcp, SocketAddr::new(vip, 80)).map(|d| (d.port.service.name.as_str(), d.scope));
+        assert_eq!(routed, Some(("b", Scope::Internal)));
+        let shared: SocketAddr = "127.0.0.1:30000".parse().unwrap();
+        let rules = |sp| PortRules { shared: true, ..PortRules::new(sp, shared) };
+        let want = desired([rules(&a), rules(&b)], &local);
+        let key = want.rules.redirects.keys().find(|k| k.daddr.0 == vip).expect("a rule for vip");
+        assert_eq!(want.rules.redirects[key].service, b.name, "the rule and the map agree");
     }
 }
