@@ -258,6 +258,9 @@ pub struct Binder {
     /// (VIP, service port) sent to it`: a port is bound again for a service
     /// port only if all that points at it is that service port's.
     preferred_keys: HashMap<(Protocol, u16), Vec<(IpAddr, u16)>>,
+    /// Shared proxy ports bound at start, before any configuration,
+    /// waiting for the first bind (`Binder::bind_shared_at_start`).
+    started_shared: Vec<Arc<Listener>>,
 }
 
 impl Binder {
@@ -271,6 +274,7 @@ impl Binder {
             adopted: HashMap::new(),
             preferred: HashMap::new(),
             preferred_keys: HashMap::new(),
+            started_shared: Vec::new(),
         }
     }
 

@@ -103,6 +103,10 @@ pub enum RunError {
         "--proxy-port-mode shared needs redirect rules (--redirect nft, iptables or auto; --source file defaults to none): only a rule's DNAT tells a shared proxy port which service a connection is for"
     )]
     SharedWithoutRules,
+    #[error(
+        "cannot bind the shared proxy port: without it no TCP service port gets a rule (--proxy-port-mode shared)"
+    )]
+    SharedPort(#[source] crate::listen::BindError),
     #[error("cannot start the redirect syncer")]
     RedirectThread(#[source] std::io::Error),
     #[error("cannot start the control-plane runtime")]
@@ -462,6 +466,9 @@ impl Engine {
         if let Some(t) = taking.as_mut() {
             binder.adopt(std::mem::take(&mut t.listeners));
         }
+        // Before any configuration: a shared mode without its port serves
+        // no TCP service port at all, so that is fatal here.
+        binder.bind_shared_at_start().map_err(RunError::SharedPort)?;
         let control = Control::new(
             binder,
             opts.balance.clone(),

@@ -97,8 +97,10 @@ impl Binder {
         for (role, ip) in shared_plan(&self.opts) {
             let key = ListenKey::shared(role);
             let twin = v4_port.filter(|_| role == ListenRole::Proxy6);
-            let result = match previous.get(&key) {
-                Some(existing) if existing.addr.ip() == ip => Ok(Arc::clone(existing)),
+            let started = self.started_shared.iter().position(|l| l.key == key && l.addr.ip() == ip);
+            let result = match (previous.get(&key), started) {
+                (Some(existing), _) if existing.addr.ip() == ip => Ok(Arc::clone(existing)),
+                (_, Some(at)) => Ok(self.started_shared.swap_remove(at)),
                 _ => match self.take_adopted(&key, ip, used) {
                     Some(adopted) => Ok(adopted),
                     None => match twin.or_else(|| self.preferred_shared(role, used)) {
@@ -122,6 +124,23 @@ impl Binder {
             }
         }
         (listeners, errors)
+    }
+
+    /// Bind the shared proxy ports now, before any configuration (the
+    /// first bind takes them): at start, where a failure must stop the
+    /// process, since no TCP service port gets a rule without them. After
+    /// that, every bind keeps them (their key and address never change),
+    /// so a reload cannot lose them. Nothing in per-service mode.
+    // Bind errors are rare and off the hot path; their size does not matter.
+    #[allow(clippy::result_large_err)]
+    pub fn bind_shared_at_start(&mut self) -> Result<(), BindError> {
+        let mut used = HashSet::new();
+        let (listeners, errors) = self.bind_shared(&HashMap::new(), &mut used);
+        if let Some(e) = errors.into_iter().next() {
+            return Err(e);
+        }
+        self.started_shared = listeners;
+        Ok(())
     }
 
     /// After a crash: the port the previous run's rules send TCP of
@@ -191,6 +210,29 @@ mod tests {
         let (ls, errors) = b.bind(&[port("t", Protocol::Tcp)], &[]);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(ls.iter().find(|l| l.key.is_shared()).map(|l| l.addr.port()), Some(free));
+    }
+
+    #[test]
+    fn a_shared_port_that_cannot_bind_at_start_is_an_error_and_one_bound_at_start_is_the_first_binds() {
+        // Another process holds the port the previous run's rules point at
+        // and the range has no other: the start fails.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let mut b = Binder::new(ListenOptions {
+            proxy_port_range: Some(taken..=taken),
+            ..opts(ProxyPortMode::Shared)
+        });
+        b.prefer_proxy_ports([((Protocol::Tcp, "10.96.0.1".parse().unwrap(), 80), taken)]);
+        assert!(matches!(b.bind_shared_at_start(), Err(BindError::RangeExhausted { .. })));
+        drop(held);
+        let mut b = Binder::new(opts(ProxyPortMode::Shared));
+        b.bind_shared_at_start().expect("a free port");
+        let at_start = b.started_shared[0].id;
+        let (ls, errors) = b.bind(&[port("t", Protocol::Tcp)], &[]);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(ls.iter().find(|l| l.key.is_shared()).map(|l| l.id), Some(at_start));
+        let mut per_service = Binder::new(opts(ProxyPortMode::PerService));
+        assert!(per_service.bind_shared_at_start().is_ok() && per_service.started_shared.is_empty());
     }
 
     #[test]
