@@ -239,7 +239,7 @@ impl Metrics {
             ConstCounter::new(load(n)).encode(reloads.encode_family(&[("result", result)])?)?;
         }
         let unmatched = self.unmatched.iter().map(load).sum();
-        let help = "Connections to a shared proxy port reset because no rule sent them (no service port has their original destination)";
+        let help = "Connections to a shared proxy port reset because no service port has their original destination: sent to it directly, or by a stale rule between a Service's deletion and the next rule sync";
         counter(e, CONNECTIONS_UNMATCHED, help, unmatched)?;
         let s = &self.sync;
         let by_kind: Vec<(Labels, Vec<_>)> = super::SyncKind::ALL
