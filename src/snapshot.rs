@@ -14,7 +14,7 @@
 //!   reload does not restart its rotation or drop its pins.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -321,9 +321,14 @@ impl Snapshot {
     /// A serializable view for `/debug/snapshot` and `ringport check`.
     pub fn view(&self) -> SnapshotView {
         let now = std::time::Instant::now();
-        // A TCP port in shared mode has no proxy port of its own.
+        // A TCP port in shared mode has no proxy port of its own: it shows
+        // its family's shared one (IPv6 for an IPv6-only port).
         let [v4, v6] = self.shared_proxies();
-        let shared = v4.or(v6).map(|a| a.port());
+        let shared = |sp: &ServicePort| {
+            let v6_only = !sp.cluster_ips.is_empty() && sp.cluster_ips.iter().all(IpAddr::is_ipv6);
+            let ordered = if v6_only { v6.or(v4) } else { v4.or(v6) };
+            ordered.map(|a| a.port()).filter(|_| sp.protocol == Protocol::Tcp)
+        };
         SnapshotView {
             generation: self.generation,
             shared_proxy_ports: self.shared_proxies().into_iter().flatten().collect(),
@@ -337,10 +342,7 @@ impl Snapshot {
                     cluster_ips: p.spec.cluster_ips.iter().map(ToString::to_string).collect(),
                     external_ips: p.spec.external_ips.iter().map(ToString::to_string).collect(),
                     load_balancer_ips: p.spec.load_balancer_ips.iter().map(ToString::to_string).collect(),
-                    proxy_port: self
-                        .proxy_port(&p.spec.name)
-                        .map(|p| p.0)
-                        .or(shared.filter(|_| p.spec.protocol == Protocol::Tcp)),
+                    proxy_port: self.proxy_port(&p.spec.name).map(|p| p.0).or_else(|| shared(&p.spec)),
                     health_check_node_port: p.spec.health_check_node_port,
                     proxy_protocol: p.spec.proxy_protocol,
                     listeners: self

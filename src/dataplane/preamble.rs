@@ -111,15 +111,19 @@ pub fn send(upstream: &OwnedFd, header: &[u8], at: usize) -> io::Result<usize> {
 /// a DNAT or REDIRECT rule (a Service VIP:port), else the accepted
 /// socket's own address. `None` only if the socket is already gone.
 pub fn client_destination(client: &OwnedFd) -> Option<SocketAddr> {
-    let sock = SockRef::from(client);
-    let local = sock.local_addr().ok()?.as_socket()?;
-    let original = match local {
-        SocketAddr::V4(_) => sock.original_dst_v4(),
-        SocketAddr::V6(_) => sock.original_dst_v6(),
-    };
+    let local = SockRef::from(client).local_addr().ok()?.as_socket()?;
     // No conntrack entry (no NAT, or conntrack not loaded): the socket's
     // own address is where the client connected.
-    Some(original.ok().and_then(|a| a.as_socket()).unwrap_or(local))
+    Some(original_destination(client, local.is_ipv6()).unwrap_or(local))
+}
+
+/// Where a rule's DNAT or REDIRECT sent a connection from, on a socket of
+/// a known family (`v6`): one getsockopt, no getsockname. `None` when no
+/// rule rewrote its destination.
+pub fn original_destination(client: &OwnedFd, v6: bool) -> Option<SocketAddr> {
+    let sock = SockRef::from(client);
+    let original = if v6 { sock.original_dst_v6() } else { sock.original_dst_v4() };
+    original.ok()?.as_socket()
 }
 
 #[cfg(test)]

@@ -239,7 +239,9 @@ impl Worker {
         // A shared proxy port answers only what the rules sent it: the
         // original destination names the service port (one getsockopt and
         // one lookup). Not redirected, or to no service port: reset.
-        let original = shared.then(|| super::preamble::client_destination(&client)).flatten();
+        // A shared port's family is its role's: no getsockname.
+        let v6 = role == crate::listen::ListenRole::Proxy6;
+        let original = shared.then(|| super::preamble::original_destination(&client, v6)).flatten();
         let routed = match original {
             Some(to) => snapshot.route_to(Protocol::Tcp, to),
             None if shared => None,

@@ -44,9 +44,10 @@ impl ListenKey {
     }
 }
 
-/// The name shared listeners go by: no Service has an empty namespace.
+/// The name shared listeners go by: no Service has an empty namespace (nor
+/// spaces in its name); it prints as "shared proxy port" in logs.
 fn shared_name() -> ServicePortName {
-    ServicePortName { service: ServiceName::new("", "shared-proxy-port"), port: String::new() }
+    ServicePortName { service: ServiceName::new("", "shared proxy port"), port: String::new() }
 }
 
 /// Whether `sp` gets proxy ports of its own under `opts`.
@@ -238,7 +239,7 @@ mod tests {
     #[test]
     fn no_service_port_name_is_the_shared_one() {
         let name =
-            ServicePortName { service: ServiceName::new("default", "shared-proxy-port"), port: "".into() };
+            ServicePortName { service: ServiceName::new("default", "shared proxy port"), port: "".into() };
         let key = ListenKey { port: name, protocol: Protocol::Tcp, role: ListenRole::Proxy, wanted_port: 0 };
         assert!(!key.is_shared());
         assert!(ListenKey::shared(ListenRole::Proxy6).is_shared());
