@@ -77,9 +77,21 @@ fn manifest(empty_served: bool) -> String {
         service("sticky", &["10.96.0.12"], 8080, &[be1, be2], "  sessionAffinity: ClientIP\n", ""),
         service("pp", &["10.96.0.13"], 9090, &[be1], "", "ringport.io/proxy-protocol: v1"),
         service("empty", &["10.96.0.20"], 8080, empty, "", ""),
+        UDP_SERVICE.replace("{be2}", be2),
     ]
     .concat()
 }
+
+/// A UDP Service beside the TCP ones: served on a proxy port of its own
+/// (DNAT hides a datagram's original destination), be2's echo on 5353.
+const UDP_SERVICE: &str = "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: dns\n  namespace: default\n\
+spec:\n  clusterIP: 10.96.0.53\n  ports:\n  - {port: 53, targetPort: 5353, protocol: UDP}\n\
+---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns\n  namespace: default\n  \
+labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\nports: [{port: 5353, protocol: UDP}]\n\
+endpoints:\n  - addresses: [\"{be2}\"]\n";
+/// be2's UDP echo: answers each datagram with "be2:" and the datagram.
+const UDP_ECHO: &str = "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+s.bind((sys.argv[1], 5353))\nwhile True:\n    d, a = s.recvfrom(2048)\n    s.sendto(b'be2:' + d, a)\n";
 
 struct Node {
     lab: Lab,
@@ -121,6 +133,8 @@ impl Node {
         lab.eventually(Duration::from_secs(20), "the PROXY backend listening", || {
             std::fs::read_to_string(&pp_log).is_ok_and(|l| l.contains("ready"))
         });
+        let echo_log = lab.scratch.path().join("udp-echo.log");
+        lab.spawn(BACKENDS[1].0, &["python3", "-c", UDP_ECHO, BACKENDS[1].1], &echo_log);
         let config = lab.scratch.path().join("manifests");
         std::fs::create_dir_all(&config).expect("manifest dir");
         std::fs::write(config.join("services.yaml"), manifest(false)).expect("manifest");
@@ -143,7 +157,12 @@ impl Node {
 
     /// The local addresses of the node's listening TCP sockets on `ip`.
     fn listening_on(&self, ip: &str) -> Vec<String> {
-        let out = self.lab.ok("node", &["ss", "-Hltn"]);
+        self.bound_on(ip, "-Hltn")
+    }
+
+    /// The local addresses of the node's sockets `ss flags` lists on `ip`.
+    fn bound_on(&self, ip: &str, flags: &str) -> Vec<String> {
+        let out = self.lab.ok("node", &["ss", flags]);
         out.lines()
             .filter_map(|l| l.split_whitespace().nth(3))
             .filter(|local| {
@@ -174,6 +193,23 @@ fn exchange(ns: &str, to: SocketAddr) -> (SocketAddr, String) {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("read");
         (local, line.trim().to_owned())
+    })
+}
+
+/// From namespace `ns`: send "ping" over UDP to `to` (up to 5 tries, 1 s
+/// each), and the answer.
+fn udp_exchange(ns: &str, to: SocketAddr) -> Option<String> {
+    in_namespace(ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        let mut buf = [0u8; 256];
+        for _ in 0..5 {
+            s.send_to(b"ping", to).ok()?;
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
     })
 }
 
@@ -235,6 +271,12 @@ fn one_proxy_port_per_family_serves_every_tcp_service(redirect: &str) {
     node.lab.eventually(Duration::from_secs(20), "empty served once it has an endpoint", || {
         node.lab.curl("client", "http://10.96.0.20/whoami").1 == "be1"
     });
+    // ... and when it loses its last endpoint again, the rule resets it
+    // again (no per-service listener to pause).
+    std::fs::write(node.config.join("services.yaml"), manifest(false)).expect("manifest");
+    node.lab.eventually(Duration::from_secs(20), "empty refused by its rule again", || {
+        node.lab.probe("client", "10.96.0.20", 80) == "refused"
+    });
 
     // (6) Straight to the shared port, not through a rule: reset and counted.
     let shared = node.listening_on(PROXY_ADDRESS)[0].rsplit(':').next().expect("port").parse().expect("port");
@@ -243,5 +285,46 @@ fn one_proxy_port_per_family_serves_every_tcp_service(redirect: &str) {
     node.lab.eventually(Duration::from_secs(5), "the unmatched connection counted", || {
         node.counter("ringport_connections_unmatched_total") == before + 1.0
     });
+
+    // (7) A UDP Service beside them keeps its own proxy port, not the
+    // shared one, and is served through it.
+    let answer = udp_exchange(&node.lab.ns("client"), "10.96.0.53:53".parse().expect("addr"));
+    assert_eq!(answer.as_deref(), Some("be2:ping"), "{}", node.log());
+    let udp = node.bound_on(PROXY_ADDRESS, "-Hlun");
+    let udp_ports: BTreeSet<u16> = udp.iter().filter_map(|s| s.rsplit(':').next()?.parse().ok()).collect();
+    assert_eq!(udp_ports.len(), 1, "one UDP proxy port: {udp:?}");
+    assert!(!udp_ports.contains(&shared), "not the shared port {shared}: {udp:?}");
     assert_eq!(count(&node.log, "panicked"), 0, "{}", node.log());
+}
+
+#[test]
+fn a_shared_port_that_cannot_bind_stops_the_start() {
+    netns::require_privileges_and_tools(&TOOLS);
+    let mut lab = Lab::new();
+    lab.add_ns("node");
+    // Another process holds one port on every address of the node, and
+    // that port is the only one --proxy-port-range leaves.
+    let held = in_namespace(&lab.ns("node"), || std::net::TcpListener::bind("0.0.0.0:0").expect("bind"));
+    let port = held.local_addr().expect("addr").port();
+    let config = lab.scratch.path().join("manifests");
+    std::fs::create_dir_all(&config).expect("manifest dir");
+    std::fs::write(config.join("services.yaml"), service("a", &["10.96.0.10"], 8080, &[], "", ""))
+        .expect("manifest");
+    let log = lab.scratch.path().join("ringport.log");
+    let range = format!("{port}-{port}");
+    let extra = ["--proxy-port-mode", "shared", "--proxy-port-range", &range];
+    let ringport = lab.spawn_ringport("node", &[], &config, "nft", &extra, &log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = lab.exit_status(ringport) {
+            break status;
+        }
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(std::time::Instant::now() < deadline, "still running without its shared port:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("cannot bind the shared proxy port"), "{log}");
+    drop(held);
 }
