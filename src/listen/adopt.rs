@@ -107,7 +107,10 @@ impl Binder {
         let handed = self.adopted.remove(key)?;
         let port = handed.addr.port();
         let in_range = !key.role.is_proxy() || self.proxy_port_allowed(port);
-        if handed.addr.ip() != ip || !in_range || (key.role.is_proxy() && used.contains(&port)) {
+        // An IPv6 proxy port shares its IPv4 twin's number by design (other
+        // address): only IPv4 ones must be unused.
+        let taken = key.role.is_proxy() && key.role.first_family().is_none() && used.contains(&port);
+        if handed.addr.ip() != ip || !in_range || taken {
             tracing::info!(service = %key.port, role = %key.role, addr = %handed.addr, "handover: socket not where this configuration listens; closed");
             return None;
         }
