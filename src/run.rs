@@ -106,7 +106,7 @@ pub enum RunError {
     #[error(
         "cannot bind the shared proxy port: without it no TCP service port gets a rule (--proxy-port-mode shared)"
     )]
-    SharedPort(#[source] crate::listen::BindError),
+    SharedPort(#[source] Box<crate::listen::BindError>),
     #[error("cannot start the redirect syncer")]
     RedirectThread(#[source] std::io::Error),
     #[error("cannot start the control-plane runtime")]
@@ -468,7 +468,7 @@ impl Engine {
         }
         // Before any configuration: a shared mode without its port serves
         // no TCP service port at all, so that is fatal here.
-        binder.bind_shared_at_start().map_err(RunError::SharedPort)?;
+        binder.bind_shared_at_start().map_err(|e| RunError::SharedPort(Box::new(e)))?;
         let control = Control::new(
             binder,
             opts.balance.clone(),
