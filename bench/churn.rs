@@ -1,0 +1,525 @@
+//! The churn benchmark: `cargo bench --bench churn [-- --quick] [--source
+//! file,dir,api] [--services N] [--rate R] [--seconds S] [--crr-conns C]`
+//! (root). Issue 13's "churn benchmark".
+//!
+//! In a private network namespace (only loopback): N Services (default
+//! 10k, one TCP port, 2 or 3 placeholder endpoints), served by the real
+//! `ringport run --redirect nft --workers 2`, fed by (a) one manifest file,
+//! (b) a directory of files of 100 Services each, or (c) the fake API
+//! server of `tests/fake_api` (`--source kube`). Then, for S seconds
+//! (default 60), R EndpointSlice changes per second (default 100; files are
+//! rewritten atomically, temp + rename; every changed slice carries its
+//! `endpoints.kubernetes.io/last-change-trigger-time`), while:
+//! - `loadgen tcp-crr` runs closed-loop (C connections, default 10, one
+//!   loadgen worker: about one core of load) against the 10 Services that
+//!   never change, through their cluster IPs and the nft rules, to a real
+//!   `loadgen serve` echo: failed connections, goal 0;
+//! - a probe Service's one endpoint flips between two real backends that
+//!   greet with their identity (`loadgen serve --greet`): the network
+//!   programming latency measured from outside is the time from just
+//!   before the write/apply of a flip to the first new connection answered
+//!   by the new backend (each flip waits up to 10 s, then counts as unseen);
+//! - ringport's own network-programming histogram is read before and after
+//!   (`ringport_network_programming_duration_seconds` when the binary has
+//!   it, else kube-proxy's coarse-bucket `kubeproxy_...` one);
+//! - CPU per thread of ringport (/proc/PID/task/*/stat) over the window:
+//!   the control plane is every thread not named `ringport-w*` (workers).
+//!
+//! Every loop is bounded in count and time; every process dies with the
+//! bench; the namespace vanishes with its last process.
+
+#[path = "../tests/fake_api/mod.rs"]
+mod fake_api;
+#[path = "node/mod.rs"]
+mod node;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+
+/// Services that never change (0..STABLE) carry the loadgen traffic.
+const STABLE: usize = 10;
+/// Manifests per file in the directory layout.
+const PER_FILE: usize = 100;
+const READY_BOUND: Duration = Duration::from_secs(180);
+/// How long one probe flip may take to show before it counts as unseen.
+const FLIP_BOUND: Duration = Duration::from_secs(10);
+/// Pause between a flip seen and the next one.
+const FLIP_GAP: Duration = Duration::from_millis(300);
+
+#[derive(Clone)]
+struct Opts {
+    services: usize,
+    rate: u32,
+    seconds: u64,
+    crr_conns: u32,
+    sources: Vec<String>,
+    args: String,
+}
+
+fn parse() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut o = Opts {
+        services: 10_000,
+        rate: 100,
+        seconds: 60,
+        crr_conns: STABLE as u32,
+        sources: vec!["file".into(), "dir".into(), "api".into()],
+        args: args.join(" "),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_default();
+        match a.as_str() {
+            "--quick" => (o.services, o.seconds) = (1_000, 10),
+            "--services" => o.services = value().parse().unwrap_or(o.services),
+            "--rate" => o.rate = value().parse().unwrap_or(o.rate),
+            "--seconds" => o.seconds = value().parse().unwrap_or(o.seconds),
+            "--crr-conns" => o.crr_conns = value().parse().unwrap_or(o.crr_conns),
+            "--source" => o.sources = value().split(',').map(str::to_owned).collect(),
+            other => {
+                eprintln!("bench/churn.rs: unknown argument {other} (see the header of bench/churn.rs)");
+                std::process::exit(2);
+            }
+        }
+    }
+    o.services = o.services.max(STABLE + 10);
+    o.rate = o.rate.max(1);
+    o
+}
+
+fn main() {
+    let o = parse();
+    let bin = node::bin_dir();
+    let version = node::version(&bin);
+    let started = Instant::now();
+    let load = node::loadavg();
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| source | services | changes (per s) | probe flips seen | external p50 / p99 / max ms | ringport histogram p50 / p99 ms (n) | reloads (mean ms) | rule syncs (mean ms) | control-plane CPU s | loadgen completed | loadgen failed |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut notes = String::new();
+    for source in &o.sources {
+        let (row, note) = run(&o, &bin, source);
+        print!("{row}");
+        eprintln!("{note}");
+        table.push_str(&row);
+        notes.push_str(&note);
+    }
+    let elapsed = started.elapsed().as_secs();
+    eprintln!("bench/churn.rs: took {elapsed} s");
+    if o.seconds >= 60 {
+        let head = format!(
+            "# Churn benchmark\n\n{version}; `cargo bench --bench churn -- {}`; {} Services, {} changes/s for {} s, \
+             closed-loop loadgen tcp-crr (-c {}, 1 worker) on {STABLE} unchanged Services; 2 workers, --redirect nft; took {elapsed} s; load average at start {load}.\n\n",
+            o.args, o.services, o.rate, o.seconds, o.crr_conns
+        );
+        let out = node::results_path("churn", &node::short_commit(&version));
+        std::fs::write(&out, format!("{head}{table}\n{notes}")).expect("write results");
+        eprintln!("bench/churn.rs: results in {}", out.display());
+    }
+}
+
+/// A `loadgen serve` backend: (process, its first listener's address).
+fn backend(
+    bin: &Path,
+    id: &str,
+    addr: &str,
+    greet: bool,
+    scratch: &Path,
+    bound: u64,
+) -> (node::Guarded, SocketAddr) {
+    let loadgen = bin.join("loadgen");
+    let duration = format!("{bound}s");
+    let mut args = vec![loadgen.to_str().expect("utf-8"), "serve", "--id", id, "--workers", "1"];
+    args.extend(["--tcp-echo", addr, "--duration", &duration]);
+    if greet {
+        args.push("--greet");
+    }
+    let mut g = node::Guarded::spawn(&args, Stdio::piped(), &scratch.join(format!("serve-{id}.log")));
+    let mut line = String::new();
+    let stdout = g.child.stdout.take().expect("stdout");
+    BufReader::new(stdout).read_line(&mut line).expect("loadgen serve output");
+    let bound: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("loadgen serve said {line:?}: {e}"));
+    let addr = bound["listening"][0]["addr"].as_str().expect("listening addr").parse().expect("addr");
+    (g, addr)
+}
+
+/// Where Services' manifests go, and how one change reaches ringport.
+enum Sink {
+    File { path: PathBuf, docs: Vec<String> },
+    Dir { dir: PathBuf, docs: Vec<String> },
+    Api(fake_api::FakeApi),
+}
+
+impl Sink {
+    fn doc(i: usize, eps: &[(String, u16)], trigger: Option<SystemTime>) -> String {
+        format!("{}\n{}\n", node::service(i), node::slice(i, eps, trigger))
+    }
+
+    fn file_of(dir: &Path, i: usize, probe: usize) -> PathBuf {
+        if i == probe { dir.join("probe.json") } else { dir.join(format!("g{:04}.json", i / PER_FILE)) }
+    }
+
+    /// Write (or serve) the whole world once. Index `probe` is last.
+    fn new(kind: &str, world: &[Vec<(String, u16)>], scratch: &Path) -> Sink {
+        let probe = world.len() - 1;
+        let docs: Vec<String> = world.iter().enumerate().map(|(i, e)| Sink::doc(i, e, None)).collect();
+        match kind {
+            "file" => {
+                let path = scratch.join("services.json");
+                node::write_atomic(&path, docs.concat().as_bytes());
+                Sink::File { path, docs }
+            }
+            "dir" => {
+                let dir = scratch.join("services");
+                std::fs::create_dir_all(&dir).expect("manifest dir");
+                let mut files: BTreeMap<PathBuf, String> = BTreeMap::new();
+                for (i, d) in docs.iter().enumerate() {
+                    files.entry(Sink::file_of(&dir, i, probe)).or_default().push_str(d);
+                }
+                for (f, text) in files {
+                    node::write_atomic(&f, text.as_bytes());
+                }
+                Sink::Dir { dir, docs }
+            }
+            "api" => {
+                let mut objects = vec![fake_api::node("bench-node", "z1", json!({}), json!({}))];
+                for (i, e) in world.iter().enumerate() {
+                    objects.push(node::service(i));
+                    objects.push(node::slice(i, e, None));
+                }
+                Sink::Api(fake_api::FakeApi::start(objects))
+            }
+            other => panic!("bench/churn.rs: unknown source {other} (file, dir, api)"),
+        }
+    }
+
+    /// ringport's arguments for this source.
+    fn ringport_args(&self, scratch: &Path) -> Vec<String> {
+        match self {
+            Sink::File { path, .. } => {
+                vec!["--source".into(), "file".into(), "--config".into(), path.display().to_string()]
+            }
+            Sink::Dir { dir, .. } => {
+                vec!["--source".into(), "file".into(), "--config".into(), dir.display().to_string()]
+            }
+            Sink::Api(api) => {
+                let kubeconfig = api.kubeconfig(scratch);
+                let k = kubeconfig.display().to_string();
+                ["--source", "kube", "--kubeconfig", &k, "--node-name", "bench-node"]
+                    .map(String::from)
+                    .to_vec()
+            }
+        }
+    }
+
+    /// Service `i`'s endpoints become `eps`, stamped now.
+    fn change(&mut self, i: usize, eps: &[(String, u16)], probe: usize) {
+        let now = SystemTime::now();
+        match self {
+            Sink::File { path, docs } => {
+                docs[i] = Sink::doc(i, eps, Some(now));
+                node::write_atomic(path, docs.concat().as_bytes());
+            }
+            Sink::Dir { dir, docs } => {
+                docs[i] = Sink::doc(i, eps, Some(now));
+                let file = Sink::file_of(dir, i, probe);
+                let range = if i == probe {
+                    i..i + 1
+                } else {
+                    (i / PER_FILE) * PER_FILE..((i / PER_FILE + 1) * PER_FILE).min(probe)
+                };
+                node::write_atomic(&file, docs[range].concat().as_bytes());
+            }
+            Sink::Api(api) => api.apply(node::slice(i, eps, Some(now))),
+        }
+    }
+}
+
+/// One probe connection to `vip`: the greeting's first word, if any.
+fn greeting(vip: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&vip, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf[..n]).split_whitespace().next().map(str::to_owned)
+}
+
+/// The probe: asks the writer for a flip (to A or B), gets the write's
+/// start, then connects until the new backend answers. Latencies (None:
+/// not seen within [`FLIP_BOUND`]).
+fn probe(
+    vip: SocketAddr,
+    until: Instant,
+    ask: mpsc::Sender<&'static str>,
+    told: mpsc::Receiver<Instant>,
+) -> Vec<Option<Duration>> {
+    let mut out = Vec::new();
+    let mut next = "B";
+    while Instant::now() + FLIP_GAP < until {
+        if ask.send(next).is_err() {
+            break;
+        }
+        let Ok(written) = told.recv_timeout(Duration::from_secs(5)) else { break };
+        let mut seen = None;
+        while written.elapsed() < FLIP_BOUND {
+            if greeting(vip).as_deref() == Some(next) {
+                seen = Some(written.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        out.push(seen);
+        next = if next == "A" { "B" } else { "A" };
+        std::thread::sleep(FLIP_GAP);
+    }
+    out
+}
+
+struct Sample {
+    cpu: BTreeMap<(String, u32), f64>,
+    hist: BTreeMap<String, node::Histogram>,
+}
+
+fn sample(pid: u32) -> Sample {
+    let metrics = node::http_get(node::METRICS, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    Sample { cpu: node::task_cpu(pid), hist: node::histograms(&metrics) }
+}
+
+fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
+    node::enter_private_netns("bench/churn.rs");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let bound = o.seconds + 600;
+    let (_echo, echo) = backend(bin, "stable", "127.0.0.1:0", false, scratch.path(), bound);
+    let (_a, a) = backend(bin, "A", "127.0.0.2:0", true, scratch.path(), bound);
+    let (_b, b) = backend(bin, "B", "127.0.0.3:0", true, scratch.path(), bound);
+    let ep = |s: SocketAddr| vec![(s.ip().to_string(), s.port())];
+    let n = o.services;
+    // Index n is the probe Service; 0..STABLE the unchanged ones.
+    let mut world: Vec<Vec<(String, u16)>> = (0..n).map(|i| node::placeholder_endpoints(i, 0)).collect();
+    for w in world.iter_mut().take(STABLE) {
+        *w = ep(echo);
+    }
+    world.push(ep(a));
+    let mut sink = Sink::new(source, &world, scratch.path());
+    let log = scratch.path().join("ringport.log");
+    let args = sink.ringport_args(scratch.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut rp = node::spawn_ringport(bin, &args, &log);
+    if let Err(why) = node::wait_ready(&mut rp, started, READY_BOUND) {
+        let row = format!("| {source} | {n} | not ready: {why} | | | | | | | | |\n");
+        return (row, format!("{source}: {}\n", node::last_error(&log)));
+    }
+    let ready = started.elapsed();
+    let pid = rp.pid();
+    let vip = SocketAddr::from((node::cluster_ip(n), node::SERVICE_PORT));
+    // The probe answers A before anything changes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while greeting(vip).as_deref() != Some("A") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let targets: Vec<String> =
+        (0..STABLE).map(|i| format!("{}:{}", node::cluster_ip(i), node::SERVICE_PORT)).collect();
+    let loadgen = bin.join("loadgen");
+    let (d, c) = (format!("{}s", o.seconds), o.crr_conns.to_string());
+    let crr_args = [
+        loadgen.to_str().expect("utf-8"),
+        "tcp-crr",
+        "-t",
+        &targets.join(","),
+        "-c",
+        &c,
+        "-d",
+        &d,
+        "-w",
+        "1",
+        "--timeout",
+        "2s",
+        "--json",
+    ];
+    let before = sample(pid);
+    let mut crr = node::Guarded::spawn(&crr_args, Stdio::piped(), &scratch.path().join("crr.log"));
+    let window = Instant::now();
+    let until = window + Duration::from_secs(o.seconds);
+    let (ask_tx, ask_rx) = mpsc::channel();
+    let (told_tx, told_rx) = mpsc::channel();
+    let prober = std::thread::spawn(move || probe(vip, until, ask_tx, told_rx));
+
+    // The writer: change k at window + k/rate; probe flips in between.
+    let total = o.rate as u64 * o.seconds;
+    let churned = n - STABLE;
+    let mut generation = vec![0usize; n];
+    let mut done = 0u64;
+    for k in 0..total {
+        let at = window + Duration::from_secs_f64(k as f64 / f64::from(o.rate));
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if Instant::now() > until + Duration::from_secs(10) {
+            break; // too far behind: stop rather than run unbounded
+        }
+        while let Ok(to) = ask_rx.try_recv() {
+            let t = Instant::now();
+            sink.change(n, &ep(if to == "A" { a } else { b }), n);
+            let _ = told_tx.send(t);
+        }
+        let i = STABLE + (k as usize % churned);
+        generation[i] += 1;
+        sink.change(i, &node::placeholder_endpoints(i, generation[i]), n);
+        done += 1;
+    }
+    let wrote_for = window.elapsed();
+    // Answer flips until the probe is done (it stops asking at `until`).
+    while !prober.is_finished() {
+        if let Ok(to) = ask_rx.recv_timeout(Duration::from_millis(50)) {
+            let t = Instant::now();
+            sink.change(n, &ep(if to == "A" { a } else { b }), n);
+            let _ = told_tx.send(t);
+        }
+    }
+    let flips = prober.join().expect("probe thread");
+    let after = sample(pid);
+    let cpu_window = window.elapsed();
+    let crr_out = wait_output(&mut crr, Duration::from_secs(30));
+    drop(rp);
+
+    let row = render(o, source, n, done, wrote_for, &flips, &before, &after, &crr_out);
+    let note = notes(source, ready, cpu_window, &before, &after, &crr_out, &log);
+    (row, note)
+}
+
+/// A child's stdout once it exits (bounded; killed after `bound`).
+fn wait_output(g: &mut node::Guarded, bound: Duration) -> Value {
+    let deadline = Instant::now() + bound;
+    while !g.exited() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = g.child.kill();
+    let mut text = String::new();
+    if let Some(mut out) = g.child.stdout.take() {
+        let _ = out.read_to_string(&mut text);
+    }
+    serde_json::from_str(text.trim()).unwrap_or(Value::Null)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Option<Duration> {
+    let idx = ((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1);
+    sorted.get(idx.min(sorted.len().saturating_sub(1))).copied()
+}
+
+fn fmt_ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), node::ms)
+}
+
+/// Mean (ms) and count of a histogram between two samples.
+fn hist_delta(name: &str, before: &Sample, after: &Sample) -> Option<node::Histogram> {
+    Some(after.hist.get(name)?.since(before.hist.get(name)))
+}
+
+fn control_cpu(before: &Sample, after: &Sample) -> f64 {
+    node::cpu_by_name(&before.cpu, &after.cpu)
+        .iter()
+        .filter(|(name, _)| !name.starts_with("ringport-w"))
+        .map(|(_, (t, _))| t)
+        .sum()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    o: &Opts,
+    source: &str,
+    n: usize,
+    done: u64,
+    wrote_for: Duration,
+    flips: &[Option<Duration>],
+    before: &Sample,
+    after: &Sample,
+    crr: &Value,
+) -> String {
+    let mut seen: Vec<Duration> = flips.iter().flatten().copied().collect();
+    seen.sort();
+    let external = format!(
+        "{} / {} / {}",
+        fmt_ms(percentile(&seen, 0.5)),
+        fmt_ms(percentile(&seen, 0.99)),
+        fmt_ms(seen.last().copied())
+    );
+    let name =
+        ["ringport_network_programming_duration_seconds", "kubeproxy_network_programming_duration_seconds"]
+            .into_iter()
+            .find(|n| after.hist.contains_key(*n))
+            .unwrap_or("-");
+    let internal = match hist_delta(name, before, after) {
+        Some(h) if h.count > 0.0 => format!(
+            "{} / {} ({}; {})",
+            h.quantile(0.5).map_or("-".into(), |v| format!("<= {:.0}", v * 1e3)),
+            h.quantile(0.99).map_or("-".into(), |v| format!("<= {:.0}", v * 1e3)),
+            h.count,
+            name.split('_').next().unwrap_or("")
+        ),
+        _ => "none recorded".into(),
+    };
+    let mean = |name: &str| match hist_delta(name, before, after) {
+        Some(h) if h.count > 0.0 => format!("{} ({:.1})", h.count, h.sum / h.count * 1e3),
+        _ => "0".into(),
+    };
+    let _ = o;
+    format!(
+        "| {source} | {n} | {done} ({:.1}/s) | {} of {} | {external} | {internal} | {} | {} | {:.2} | {} | {} |\n",
+        done as f64 / wrote_for.as_secs_f64().max(1e-9),
+        seen.len(),
+        flips.len(),
+        mean("kubeproxy_sync_proxy_rules_duration_seconds"),
+        mean("ringport_sync_duration_seconds"),
+        control_cpu(before, after),
+        crr["completed"].as_u64().map_or("-".into(), |v| v.to_string()),
+        crr["errors_total"]
+            .as_u64()
+            .map_or("- (no loadgen output)".into(), |v| format!("{v} {}", crr["errors"])),
+    )
+}
+
+/// Per-source details: ready time, CPU by thread name, log summary.
+fn notes(
+    source: &str,
+    ready: Duration,
+    window: Duration,
+    before: &Sample,
+    after: &Sample,
+    crr: &Value,
+    log: &Path,
+) -> String {
+    let mut s = format!(
+        "- `{source}`: ready in {} ms; CPU over the {:.1} s window by thread name:",
+        node::ms(ready),
+        window.as_secs_f64()
+    );
+    for (name, (used, threads)) in node::cpu_by_name(&before.cpu, &after.cpu) {
+        let role = if name.starts_with("ringport-w") { "worker" } else { "control" };
+        let _ = write!(s, " `{name}` x{threads} {used:.2} s ({role});");
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
+    let _ = write!(
+        s,
+        " log: {} \"reloaded\", {} \"redirect rules synced\", {} errors; loadgen p99 {} us.\n",
+        count("reloaded"),
+        count("redirect rules synced"),
+        count("ERROR"),
+        crr["latency_us"]["p99"]
+    );
+    s
+}

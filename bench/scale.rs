@@ -1,0 +1,159 @@
+//! The scale benchmark: `cargo bench --bench scale [-- --quick | --sizes
+//! 1000,10000]` (root). Issue 13's "scale benchmark".
+//!
+//! For each size N (default 1k, 5k, 9k, 10k, 100k service ports; `--quick`:
+//! 1k) and each proxy-port mode the binary has (`per-service`; `shared`
+//! when `ringport run --help` lists `--proxy-port-mode`), in a fresh
+//! private network namespace: N Services with one TCP port each and 2 or 3
+//! placeholder endpoints (2.5 on average, never contacted), in JSON
+//! manifest files of 5,000 Services each, served by the real `ringport run --source file --redirect
+//! nft --workers 2` under the hard RLIMIT_NOFILE. Reports: time from start
+//! to /readyz 200, fds, RSS, the namespace's socket figures, the snapshot
+//! build time and the first full rule sync. A size that does not fit the fd
+//! limit is refused by ringport's fd budget: that refusal is the row.
+//! Every run is bounded (180 s) and its ringport killed at its end.
+
+#[path = "node/mod.rs"]
+mod node;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+const BOUND: Duration = Duration::from_secs(180);
+/// Services per manifest file.
+const PER_FILE: usize = 5_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let mut sizes = vec![1_000, 5_000, 9_000, 10_000, 100_000];
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" => sizes = vec![1_000],
+            "--sizes" => {
+                i += 1;
+                sizes = args
+                    .get(i)
+                    .map(|s| s.split(',').filter_map(|n| n.parse().ok()).collect())
+                    .unwrap_or_default();
+            }
+            other => {
+                eprintln!("bench/scale.rs: unknown argument {other} (--quick, --sizes N,N)");
+                std::process::exit(2);
+            }
+        }
+        i += 1;
+    }
+    let bin = node::bin_dir();
+    let version = node::version(&bin);
+    let modes = node::proxy_port_modes(&bin);
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| mode | service ports | ready | RSS MB | fds | sockets used | TCP inuse | TCP mem pages | snapshot build ms | full rule sync ms | note |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
+    print!("{table}");
+    let started = Instant::now();
+    let load = node::loadavg();
+    for &n in &sizes {
+        let config = scratch.path().join(format!("services-{n}"));
+        write_manifests(&config, n);
+        for mode in &modes {
+            let row = run_one(&bin, &config, n, mode, &modes, scratch.path());
+            print!("{row}");
+            table.push_str(&row);
+        }
+    }
+    let elapsed = started.elapsed().as_secs();
+    let head = format!(
+        "# Scale benchmark\n\n{version}; `cargo bench --bench scale -- {}`; 2 workers, --redirect nft, --source file, \
+         RLIMIT_NOFILE {}; took {elapsed} s; load average at start {load}.\n\n",
+        args.join(" "),
+        node::nofile_hard()
+    );
+    let out = node::results_path("scale", &node::short_commit(&version));
+    let quick = sizes == [1_000];
+    if !quick {
+        std::fs::write(&out, format!("{head}{table}")).expect("write results");
+        eprintln!("bench/scale.rs: results in {}", out.display());
+    }
+    eprintln!("bench/scale.rs: took {elapsed} s");
+}
+
+/// N Services and their EndpointSlices as concatenated JSON objects, in a
+/// directory of files of [`PER_FILE`] Services each (one file of 100k would
+/// pass ringport's 16 MiB limit per manifest file).
+fn write_manifests(dir: &std::path::Path, n: usize) {
+    std::fs::create_dir_all(dir).expect("manifest dir");
+    for start in (0..n).step_by(PER_FILE) {
+        let mut text = String::with_capacity(PER_FILE * 600);
+        for i in start..(start + PER_FILE).min(n) {
+            text.push_str(&node::service(i).to_string());
+            text.push('\n');
+            text.push_str(&node::slice(i, &node::placeholder_endpoints(i, 0), None).to_string());
+            text.push('\n');
+        }
+        std::fs::write(dir.join(format!("part-{:03}.json", start / PER_FILE)), text)
+            .expect("write manifests");
+    }
+}
+
+fn run_one(
+    bin: &std::path::Path,
+    config: &std::path::Path,
+    n: usize,
+    mode: &str,
+    modes: &[&str],
+    scratch: &std::path::Path,
+) -> String {
+    // A fresh namespace per run: no rules, sockets or conntrack left over.
+    node::enter_private_netns("bench/scale.rs");
+    let log = scratch.join(format!("ringport-{n}-{mode}.log"));
+    let mut args = vec!["--source", "file", "--config", config.to_str().expect("utf-8 path")];
+    if modes.len() > 1 {
+        args.extend(["--proxy-port-mode", mode]);
+    }
+    let started = Instant::now();
+    let mut rp = node::spawn_ringport(bin, &args, &log);
+    let ready = node::wait_ready(&mut rp, started, BOUND);
+    let pid = rp.pid();
+    // `prlimit` and `setpriv` exec into ringport: the pid is ringport's.
+    let (fds, rss) = (node::fd_count(pid), node::rss_kb(pid));
+    let (used, inuse, mem) = node::sockstat();
+    let metrics = node::http_get(node::METRICS, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    drop(rp);
+    let hist = node::histograms(&metrics);
+    let snapshot = snapshot_build_ms(&hist);
+    let rules = node::log_duration_ms(&log, "redirect rules synced", "full=true")
+        .map_or("-".into(), |v| format!("{v:.1}"));
+    match ready {
+        Ok(t) => format!(
+            "| {mode} | {n} | {} ms | {:.1} | {fds} | {used} | {inuse} | {mem} | {snapshot} | {rules} | |\n",
+            node::ms(t),
+            rss as f64 / 1024.0
+        ),
+        Err(why) => format!(
+            "| {mode} | {n} | never ({why}) | - | - | {used} | {inuse} | {mem} | - | - | {} |\n",
+            node::last_error(&log).replace('|', "/")
+        ),
+    }
+}
+
+/// The first apply's duration: a snapshot-build histogram when the binary
+/// has one (any `*snapshot*_seconds`), else kube-proxy's sync duration,
+/// which ringport records as "time to take an update into the snapshot".
+fn snapshot_build_ms(h: &std::collections::BTreeMap<String, node::Histogram>) -> String {
+    let named = h.iter().find(|(k, _)| k.contains("snapshot") && k.ends_with("_seconds"));
+    let (name, hist) = match named.or_else(|| h.get_key_value("kubeproxy_sync_proxy_rules_duration_seconds"))
+    {
+        Some(x) => x,
+        None => return "-".into(),
+    };
+    if hist.count <= 0.0 {
+        return "-".into();
+    }
+    let short = if name.contains("snapshot") { " (snapshot metric)" } else { "" };
+    format!("{:.1}{short}", hist.sum / hist.count * 1e3)
+}
