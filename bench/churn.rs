@@ -4,7 +4,9 @@
 //!
 //! In a private network namespace (only loopback): N Services (default
 //! 10k, one TCP port, 2 or 3 placeholder endpoints), served by the real
-//! `ringport run --redirect nft --workers 2`, fed by (a) one manifest file,
+//! `ringport run --redirect nft`, in shared proxy-port mode when the binary
+//! has it (else per-service, with 1 worker where 2 would not fit the fd
+//! limit: `--mode`, `--workers` override), fed by (a) one manifest file,
 //! (b) a directory of files of 100 Services each, or (c) the fake API
 //! server of `tests/fake_api` (`--source kube`). Then, for S seconds
 //! (default 60), R EndpointSlice changes per second (default 100; files are
@@ -18,12 +20,14 @@
 //!   greet with their identity (`loadgen serve --greet`): the network
 //!   programming latency measured from outside is the time from just
 //!   before the write/apply of a flip to the first new connection answered
-//!   by the new backend (each flip waits up to 10 s, then counts as unseen);
+//!   by the new backend (each flip waits up to 10 s, then counts as unseen,
+//!   and the next flip waits, uncounted, until the pending one shows);
 //! - ringport's own network-programming histogram is read before and after
 //!   (`ringport_network_programming_duration_seconds` when the binary has
 //!   it, else kube-proxy's coarse-bucket `kubeproxy_...` one);
 //! - CPU per thread of ringport (/proc/PID/task/*/stat) over the window:
-//!   the control plane is every thread not named `ringport-w*` (workers).
+//!   the control plane is every thread not named `ringport-w*` (workers),
+//!   plus the rule tool processes (`nft`) it ran (`cutime`/`cstime`).
 //!
 //! Every loop is bounded in count and time; every process dies with the
 //! bench; the namespace vanishes with its last process.
@@ -51,6 +55,8 @@ const PER_FILE: usize = 100;
 const READY_BOUND: Duration = Duration::from_secs(180);
 /// How long one probe flip may take to show before it counts as unseen.
 const FLIP_BOUND: Duration = Duration::from_secs(10);
+/// How long an unseen flip may take to show before the probe gives up.
+const PENDING_BOUND: Duration = Duration::from_secs(30);
 /// Pause between a flip seen and the next one.
 const FLIP_GAP: Duration = Duration::from_millis(300);
 
@@ -61,6 +67,9 @@ struct Opts {
     seconds: u64,
     crr_conns: u32,
     sources: Vec<String>,
+    /// `--proxy-port-mode` to pass (None: the binary has no such flag).
+    mode: Option<String>,
+    workers: Option<usize>,
     args: String,
 }
 
@@ -72,6 +81,8 @@ fn parse() -> Opts {
         seconds: 60,
         crr_conns: STABLE as u32,
         sources: vec!["file".into(), "dir".into(), "api".into()],
+        mode: None,
+        workers: None,
         args: args.join(" "),
     };
     let mut it = args.iter();
@@ -84,6 +95,8 @@ fn parse() -> Opts {
             "--seconds" => o.seconds = value().parse().unwrap_or(o.seconds),
             "--crr-conns" => o.crr_conns = value().parse().unwrap_or(o.crr_conns),
             "--source" => o.sources = value().split(',').map(str::to_owned).collect(),
+            "--mode" => o.mode = Some(value()),
+            "--workers" => o.workers = value().parse().ok(),
             other => {
                 eprintln!("bench/churn.rs: unknown argument {other} (see the header of bench/churn.rs)");
                 std::process::exit(2);
@@ -96,8 +109,18 @@ fn parse() -> Opts {
 }
 
 fn main() {
-    let o = parse();
+    let mut o = parse();
     let bin = node::bin_dir();
+    // Shared proxy ports when the binary has them; per-service ports need a
+    // socket per Service per worker: with fewer workers when 2 do not fit.
+    let modes = node::proxy_port_modes(&bin);
+    if o.mode.is_none() && modes.contains(&"shared") {
+        o.mode = Some("shared".into());
+    }
+    let per_service = o.mode.as_deref().is_none_or(|m| m == "per-service");
+    let workers =
+        o.workers.unwrap_or(if per_service && !node::per_service_fits(o.services + 1, 2) { 1 } else { 2 });
+    o.workers = Some(workers);
     let version = node::version(&bin);
     let started = Instant::now();
     let load = node::loadavg();
@@ -120,8 +143,13 @@ fn main() {
     if o.seconds >= 60 {
         let head = format!(
             "# Churn benchmark\n\n{version}; `cargo bench --bench churn -- {}`; {} Services, {} changes/s for {} s, \
-             closed-loop loadgen tcp-crr (-c {}, 1 worker) on {STABLE} unchanged Services; 2 workers, --redirect nft; took {elapsed} s; load average at start {load}.\n\n",
-            o.args, o.services, o.rate, o.seconds, o.crr_conns
+             closed-loop loadgen tcp-crr (-c {}, 1 worker) on {STABLE} unchanged Services; proxy-port mode {}, {workers} worker(s), --redirect nft; took {elapsed} s; load average at start {load}.\n\n",
+            o.args,
+            o.services,
+            o.rate,
+            o.seconds,
+            o.crr_conns,
+            o.mode.as_deref().unwrap_or("per-service (no --proxy-port-mode)")
         );
         let out = node::results_path("churn", &node::short_commit(&version));
         std::fs::write(&out, format!("{head}{table}\n{notes}")).expect("write results");
@@ -155,10 +183,12 @@ fn backend(
     (g, addr)
 }
 
-/// Where Services' manifests go, and how one change reaches ringport.
+/// Where Services' manifests go, and how changes reach ringport: in
+/// memory first ([`Sink::set`]), then written by [`Sink::flush`] (the API
+/// applies at once).
 enum Sink {
-    File { path: PathBuf, docs: Vec<String> },
-    Dir { dir: PathBuf, docs: Vec<String> },
+    File { path: PathBuf, docs: Vec<String>, dirty: bool },
+    Dir { dir: PathBuf, docs: Vec<String>, dirty: std::collections::BTreeSet<usize> },
     Api(fake_api::FakeApi),
 }
 
@@ -179,7 +209,7 @@ impl Sink {
             "file" => {
                 let path = scratch.join("services.json");
                 node::write_atomic(&path, docs.concat().as_bytes());
-                Sink::File { path, docs }
+                Sink::File { path, docs, dirty: false }
             }
             "dir" => {
                 let dir = scratch.join("services");
@@ -191,7 +221,7 @@ impl Sink {
                 for (f, text) in files {
                     node::write_atomic(&f, text.as_bytes());
                 }
-                Sink::Dir { dir, docs }
+                Sink::Dir { dir, docs, dirty: Default::default() }
             }
             "api" => {
                 let mut objects = vec![fake_api::node("bench-node", "z1", json!({}), json!({}))];
@@ -225,24 +255,52 @@ impl Sink {
     }
 
     /// Service `i`'s endpoints become `eps`, stamped now.
-    fn change(&mut self, i: usize, eps: &[(String, u16)], probe: usize) {
+    fn set(&mut self, i: usize, eps: &[(String, u16)]) {
         let now = SystemTime::now();
         match self {
-            Sink::File { path, docs } => {
+            Sink::File { docs, dirty, .. } => {
                 docs[i] = Sink::doc(i, eps, Some(now));
-                node::write_atomic(path, docs.concat().as_bytes());
+                *dirty = true;
             }
-            Sink::Dir { dir, docs } => {
+            Sink::Dir { docs, dirty, .. } => {
                 docs[i] = Sink::doc(i, eps, Some(now));
-                let file = Sink::file_of(dir, i, probe);
-                let range = if i == probe {
-                    i..i + 1
-                } else {
-                    (i / PER_FILE) * PER_FILE..((i / PER_FILE + 1) * PER_FILE).min(probe)
-                };
-                node::write_atomic(&file, docs[range].concat().as_bytes());
+                dirty.insert(i);
             }
             Sink::Api(api) => api.apply(node::slice(i, eps, Some(now))),
+        }
+    }
+
+    /// Write every file changed since the last flush (temp + rename):
+    /// the number of files written.
+    fn flush(&mut self) -> u64 {
+        match self {
+            Sink::File { path, docs, dirty } => {
+                let n = u64::from(std::mem::take(dirty));
+                if n > 0 {
+                    node::write_atomic(path, docs.concat().as_bytes());
+                }
+                n
+            }
+            Sink::Dir { dir, docs, dirty } => {
+                let probe = docs.len() - 1;
+                let files: std::collections::BTreeSet<usize> = std::mem::take(dirty)
+                    .into_iter()
+                    .map(|i| if i == probe { usize::MAX } else { i / PER_FILE })
+                    .collect();
+                for &f in &files {
+                    let (file, range) = if f == usize::MAX {
+                        (Sink::file_of(dir, probe, probe), probe..probe + 1)
+                    } else {
+                        (
+                            Sink::file_of(dir, f * PER_FILE, probe),
+                            f * PER_FILE..((f + 1) * PER_FILE).min(probe),
+                        )
+                    };
+                    node::write_atomic(&file, docs[range].concat().as_bytes());
+                }
+                files.len() as u64
+            }
+            Sink::Api(_) => 0,
         }
     }
 }
@@ -281,20 +339,39 @@ fn probe(
             std::thread::sleep(Duration::from_micros(500));
         }
         out.push(seen);
+        // An unseen flip is still pending: until it shows, the next flip
+        // back would be "seen" at once. Wait for it (bounded), uncounted.
+        if seen.is_none() && !answers_within(vip, next, PENDING_BOUND) {
+            break;
+        }
         next = if next == "A" { "B" } else { "A" };
         std::thread::sleep(FLIP_GAP);
     }
     out
 }
 
+/// Whether `vip` answers with `who` within `bound`.
+fn answers_within(vip: SocketAddr, who: &str, bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        if greeting(vip).as_deref() == Some(who) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 struct Sample {
     cpu: BTreeMap<(String, u32), f64>,
+    /// CPU of the rule tool processes ringport ran and reaped.
+    children: f64,
     hist: BTreeMap<String, node::Histogram>,
 }
 
 fn sample(pid: u32) -> Sample {
     let metrics = node::http_get(node::METRICS, "/metrics").map(|(_, b)| b).unwrap_or_default();
-    Sample { cpu: node::task_cpu(pid), hist: node::histograms(&metrics) }
+    Sample { cpu: node::task_cpu(pid), children: node::children_cpu(pid), hist: node::histograms(&metrics) }
 }
 
 fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
@@ -314,10 +391,13 @@ fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
     world.push(ep(a));
     let mut sink = Sink::new(source, &world, scratch.path());
     let log = scratch.path().join("ringport.log");
-    let args = sink.ringport_args(scratch.path());
+    let mut args = sink.ringport_args(scratch.path());
+    if let Some(m) = &o.mode {
+        args.extend(["--proxy-port-mode".to_string(), m.clone()]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
-    let mut rp = node::spawn_ringport(bin, &args, &log);
+    let mut rp = node::spawn_ringport(bin, o.workers.unwrap_or(2), &args, &log);
     if let Err(why) = node::wait_ready(&mut rp, started, READY_BOUND) {
         let row = format!("| {source} | {n} | not ready: {why} | | | | | | | | |\n");
         return (row, format!("{source}: {}\n", node::last_error(&log)));
@@ -326,9 +406,8 @@ fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
     let pid = rp.pid();
     let vip = SocketAddr::from((node::cluster_ip(n), node::SERVICE_PORT));
     // The probe answers A before anything changes.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while greeting(vip).as_deref() != Some("A") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if !answers_within(vip, "A", Duration::from_secs(10)) {
+        eprintln!("bench/churn.rs: {source}: the probe Service does not answer A before the churn starts");
     }
 
     let targets: Vec<String> =
@@ -358,35 +437,44 @@ fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
     let (told_tx, told_rx) = mpsc::channel();
     let prober = std::thread::spawn(move || probe(vip, until, ask_tx, told_rx));
 
-    // The writer: change k at window + k/rate; probe flips in between.
+    // The writer: change k is due at window + k/rate. Whatever is due is
+    // set in memory and written at once, so a writer that falls behind (a
+    // big single file) batches instead of slowing the change rate. Probe
+    // flips ride along; each is timed from just before its write.
     let total = o.rate as u64 * o.seconds;
     let churned = n - STABLE;
     let mut generation = vec![0usize; n];
-    let mut done = 0u64;
-    for k in 0..total {
-        let at = window + Duration::from_secs_f64(k as f64 / f64::from(o.rate));
-        if let Some(wait) = at.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
+    let (mut done, mut writes) = (0u64, 0u64);
+    let flip = |sink: &mut Sink, to: &str| {
+        let t = Instant::now();
+        sink.set(n, &ep(if to == "A" { a } else { b }));
+        t
+    };
+    while done < total && Instant::now() <= until + Duration::from_secs(10) {
+        let due = ((window.elapsed().as_secs_f64() * f64::from(o.rate)) as u64 + 1).min(total);
+        if due <= done {
+            let at = window + Duration::from_secs_f64(done as f64 / f64::from(o.rate));
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+            continue;
         }
-        if Instant::now() > until + Duration::from_secs(10) {
-            break; // too far behind: stop rather than run unbounded
+        let flips: Vec<Instant> = ask_rx.try_iter().map(|to| flip(&mut sink, to)).collect();
+        for k in done..due {
+            let i = STABLE + (k as usize % churned);
+            generation[i] += 1;
+            sink.set(i, &node::placeholder_endpoints(i, generation[i]));
         }
-        while let Ok(to) = ask_rx.try_recv() {
-            let t = Instant::now();
-            sink.change(n, &ep(if to == "A" { a } else { b }), n);
+        writes += sink.flush();
+        for t in flips {
             let _ = told_tx.send(t);
         }
-        let i = STABLE + (k as usize % churned);
-        generation[i] += 1;
-        sink.change(i, &node::placeholder_endpoints(i, generation[i]), n);
-        done += 1;
+        done = due;
     }
     let wrote_for = window.elapsed();
     // Answer flips until the probe is done (it stops asking at `until`).
     while !prober.is_finished() {
         if let Ok(to) = ask_rx.recv_timeout(Duration::from_millis(50)) {
-            let t = Instant::now();
-            sink.change(n, &ep(if to == "A" { a } else { b }), n);
+            let t = flip(&mut sink, to);
+            writes += sink.flush();
             let _ = told_tx.send(t);
         }
     }
@@ -396,7 +484,7 @@ fn run(o: &Opts, bin: &Path, source: &str) -> (String, String) {
     let crr_out = wait_output(&mut crr, Duration::from_secs(30));
     drop(rp);
 
-    let row = render(o, source, n, done, wrote_for, &flips, &before, &after, &crr_out);
+    let row = render(o, source, n, (done, writes), wrote_for, &flips, &before, &after, &crr_out);
     let note = notes(source, ready, cpu_window, &before, &after, &crr_out, &log);
     (row, note)
 }
@@ -434,7 +522,8 @@ fn control_cpu(before: &Sample, after: &Sample) -> f64 {
         .iter()
         .filter(|(name, _)| !name.starts_with("ringport-w"))
         .map(|(_, (t, _))| t)
-        .sum()
+        .sum::<f64>()
+        + (after.children - before.children)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -442,7 +531,7 @@ fn render(
     o: &Opts,
     source: &str,
     n: usize,
-    done: u64,
+    (done, writes): (u64, u64),
     wrote_for: Duration,
     flips: &[Option<Duration>],
     before: &Sample,
@@ -478,7 +567,7 @@ fn render(
     };
     let _ = o;
     format!(
-        "| {source} | {n} | {done} ({:.1}/s) | {} of {} | {external} | {internal} | {} | {} | {:.2} | {} | {} |\n",
+        "| {source} | {n} | {done} ({:.1}/s), {writes} file writes | {} of {} | {external} | {internal} | {} | {} | {:.2} | {} | {} |\n",
         done as f64 / wrote_for.as_secs_f64().max(1e-9),
         seen.len(),
         flips.len(),
@@ -511,6 +600,7 @@ fn notes(
         let role = if name.starts_with("ringport-w") { "worker" } else { "control" };
         let _ = write!(s, " `{name}` x{threads} {used:.2} s ({role});");
     }
+    let _ = write!(s, " rule tool processes {:.2} s (control);", after.children - before.children);
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
     let _ = write!(

@@ -9,7 +9,9 @@
 //! manifest files of 5,000 Services each, served by the real `ringport run --source file --redirect
 //! nft --workers 2` under the hard RLIMIT_NOFILE. Reports: time from start
 //! to /readyz 200, fds, RSS, the namespace's socket figures, the snapshot
-//! build time and the first full rule sync. A size that does not fit the fd
+//! build time and the first full rule sync, then (unless `--quick` or
+//! `--no-idle`) the CPU of the non-worker threads over 32 s left alone,
+//! which hold one periodic rule resync. A size that does not fit the fd
 //! limit is refused by ringport's fd budget: that refusal is the row.
 //! Every run is bounded (180 s) and its ringport killed at its end.
 
@@ -20,16 +22,20 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 const BOUND: Duration = Duration::from_secs(180);
+/// How long a ready ringport is left alone: one periodic resync and a margin.
+const IDLE: Duration = Duration::from_secs(32);
 /// Services per manifest file.
 const PER_FILE: usize = 5_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut sizes = vec![1_000, 5_000, 9_000, 10_000, 100_000];
+    let mut idle = true;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--quick" => sizes = vec![1_000],
+            "--quick" => (sizes, idle) = (vec![1_000], false),
+            "--no-idle" => idle = false,
             "--sizes" => {
                 i += 1;
                 sizes = args
@@ -38,7 +44,7 @@ fn main() {
                     .unwrap_or_default();
             }
             other => {
-                eprintln!("bench/scale.rs: unknown argument {other} (--quick, --sizes N,N)");
+                eprintln!("bench/scale.rs: unknown argument {other} (--quick, --sizes N,N, --no-idle)");
                 std::process::exit(2);
             }
         }
@@ -51,9 +57,9 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| mode | service ports | ready | RSS MB | fds | sockets used | TCP inuse | TCP mem pages | snapshot build ms | full rule sync ms | note |"
+        "| mode | service ports | ready | RSS MB | fds | sockets used | TCP inuse | TCP mem pages | snapshot build ms | full rule sync ms | idle 32 s: control CPU ms, rule syncs (mean ms) | note |"
     );
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     print!("{table}");
     let started = Instant::now();
     let load = node::loadavg();
@@ -61,7 +67,7 @@ fn main() {
         let config = scratch.path().join(format!("services-{n}"));
         write_manifests(&config, n);
         for mode in &modes {
-            let row = run_one(&bin, &config, n, mode, &modes, scratch.path());
+            let row = run_one(&bin, &config, n, mode, &modes, scratch.path(), idle);
             print!("{row}");
             table.push_str(&row);
         }
@@ -107,6 +113,7 @@ fn run_one(
     mode: &str,
     modes: &[&str],
     scratch: &std::path::Path,
+    idle: bool,
 ) -> String {
     // A fresh namespace per run: no rules, sockets or conntrack left over.
     node::enter_private_netns("bench/scale.rs");
@@ -116,13 +123,17 @@ fn run_one(
         args.extend(["--proxy-port-mode", mode]);
     }
     let started = Instant::now();
-    let mut rp = node::spawn_ringport(bin, &args, &log);
+    let mut rp = node::spawn_ringport(bin, 2, &args, &log);
     let ready = node::wait_ready(&mut rp, started, BOUND);
     let pid = rp.pid();
     // `prlimit` and `setpriv` exec into ringport: the pid is ringport's.
     let (fds, rss) = (node::fd_count(pid), node::rss_kb(pid));
     let (used, inuse, mem) = node::sockstat();
     let metrics = node::http_get(node::METRICS, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let resync = match (&ready, idle) {
+        (Ok(_), true) => idle_window(pid, &metrics),
+        _ => "-".into(),
+    };
     drop(rp);
     let hist = node::histograms(&metrics);
     let snapshot = snapshot_build_ms(&hist);
@@ -130,12 +141,12 @@ fn run_one(
         .map_or("-".into(), |v| format!("{v:.1}"));
     match ready {
         Ok(t) => format!(
-            "| {mode} | {n} | {} ms | {:.1} | {fds} | {used} | {inuse} | {mem} | {snapshot} | {rules} | |\n",
+            "| {mode} | {n} | {} ms | {:.1} | {fds} | {used} | {inuse} | {mem} | {snapshot} | {rules} | {resync} | |\n",
             node::ms(t),
             rss as f64 / 1024.0
         ),
         Err(why) => format!(
-            "| {mode} | {n} | never ({why}) | - | - | {used} | {inuse} | {mem} | - | - | {} |\n",
+            "| {mode} | {n} | never ({why}) | - | - | {used} | {inuse} | {mem} | - | - | - | {} |\n",
             node::last_error(&log).replace('|', "/")
         ),
     }
@@ -156,4 +167,32 @@ fn snapshot_build_ms(h: &std::collections::BTreeMap<String, node::Histogram>) ->
     }
     let short = if name.contains("snapshot") { " (snapshot metric)" } else { "" };
     format!("{:.1}{short}", hist.sum / hist.count * 1e3)
+}
+
+/// ringport left alone for [`IDLE`] after ready, which holds one periodic
+/// rule resync ([`ringport::redirect::syncer::RESYNC`], 30 s): CPU of every
+/// thread but the workers plus the rule tool processes it ran, and the rule
+/// syncs in the window (count, mean).
+fn idle_window(pid: u32, metrics_at_ready: &str) -> String {
+    let before = node::task_cpu(pid);
+    let children = node::children_cpu(pid);
+    let syncs = |text: &str| node::histograms(text).remove("ringport_sync_duration_seconds");
+    let at_ready = syncs(metrics_at_ready);
+    std::thread::sleep(IDLE);
+    let after = node::task_cpu(pid);
+    let metrics = node::http_get(node::METRICS, "/metrics").map(|(_, b)| b).unwrap_or_default();
+    let cpu: f64 = node::cpu_by_name(&before, &after)
+        .iter()
+        .filter(|(name, _)| !name.starts_with("ringport-w"))
+        .map(|(_, (t, _))| t)
+        .sum::<f64>()
+        + (node::children_cpu(pid) - children);
+    let synced = match syncs(&metrics) {
+        Some(h) => {
+            let d = h.since(at_ready.as_ref());
+            if d.count > 0.0 { format!("{} ({:.1})", d.count, d.sum / d.count * 1e3) } else { "0".into() }
+        }
+        None => "-".into(),
+    };
+    format!("{:.0}, {synced}", cpu * 1e3)
 }

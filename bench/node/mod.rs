@@ -131,18 +131,26 @@ impl Drop for Guarded {
     }
 }
 
-/// `ringport run` with `args` after the common ones (redirect nft, 2
-/// unpinned workers, admin on [`METRICS`]/[`HEALTHZ`], no handover socket),
-/// under `prlimit` at the hard fd limit.
-pub fn spawn_ringport(bin: &Path, args: &[&str], log: &Path) -> Guarded {
+/// Whether `ports` per-service proxy ports with `workers` workers fit the
+/// hard fd limit, by ringport's own budget (`src/budget.rs`: a socket per
+/// port per worker, 1,024 for connections, about 150 for the rest).
+pub fn per_service_fits(ports: usize, workers: usize) -> bool {
+    (ports * workers + 1_024 + 160) as u64 <= nofile_hard()
+}
+
+/// `ringport run` with `args` after the common ones (redirect nft,
+/// `workers` unpinned workers, admin on [`METRICS`]/[`HEALTHZ`], no
+/// handover socket), under `prlimit` at the hard fd limit.
+pub fn spawn_ringport(bin: &Path, workers: usize, args: &[&str], log: &Path) -> Guarded {
     let nofile = format!("--nofile={0}:{0}", nofile_hard());
     let ringport = bin.join("ringport");
+    let workers = workers.to_string();
     let mut all = vec!["prlimit", &nofile, "--", ringport.to_str().expect("utf-8 path"), "run"];
     all.extend([
         "--redirect",
         "nft",
         "--workers",
-        "2",
+        &workers,
         "--no-pin",
         "--metrics-bind-address",
         METRICS,
@@ -231,6 +239,16 @@ pub fn task_cpu(pid: u32) -> BTreeMap<(String, u32), f64> {
         out.insert((name, tid), ticks / tick);
     }
     out
+}
+
+/// utime + stime (seconds) of `pid`'s waited-for children (`cutime`,
+/// `cstime`): the `nft` / `iptables-restore` processes a rule sync runs.
+pub fn children_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(close) = stat.rfind(')') else { return 0.0 };
+    let rest: Vec<&str> = stat.get(close + 2..).unwrap_or("").split_whitespace().collect();
+    // Fields 16 and 17 of stat(5): rest[0] is field 3.
+    [13, 14].iter().filter_map(|&i| rest.get(i)?.parse::<f64>().ok()).sum::<f64>() / 100.0
 }
 
 /// CPU seconds per thread name between two [`task_cpu`] readings (a thread
