@@ -36,22 +36,23 @@
 mod fake_api;
 #[path = "node/mod.rs"]
 mod node;
+#[path = "node/sink.rs"]
+mod sink;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use sink::Sink;
 
 /// Services that never change (0..STABLE) carry the loadgen traffic.
 const STABLE: usize = 10;
-/// Manifests per file in the directory layout.
-const PER_FILE: usize = 100;
 const READY_BOUND: Duration = Duration::from_secs(180);
 /// How long one probe flip may take to show before it counts as unseen.
 const FLIP_BOUND: Duration = Duration::from_secs(10);
@@ -181,128 +182,6 @@ fn backend(
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("loadgen serve said {line:?}: {e}"));
     let addr = bound["listening"][0]["addr"].as_str().expect("listening addr").parse().expect("addr");
     (g, addr)
-}
-
-/// Where Services' manifests go, and how changes reach ringport: in
-/// memory first ([`Sink::set`]), then written by [`Sink::flush`] (the API
-/// applies at once).
-enum Sink {
-    File { path: PathBuf, docs: Vec<String>, dirty: bool },
-    Dir { dir: PathBuf, docs: Vec<String>, dirty: std::collections::BTreeSet<usize> },
-    Api(fake_api::FakeApi),
-}
-
-impl Sink {
-    fn doc(i: usize, eps: &[(String, u16)], trigger: Option<SystemTime>) -> String {
-        format!("{}\n{}\n", node::service(i), node::slice(i, eps, trigger))
-    }
-
-    fn file_of(dir: &Path, i: usize, probe: usize) -> PathBuf {
-        if i == probe { dir.join("probe.json") } else { dir.join(format!("g{:04}.json", i / PER_FILE)) }
-    }
-
-    /// Write (or serve) the whole world once. Index `probe` is last.
-    fn new(kind: &str, world: &[Vec<(String, u16)>], scratch: &Path) -> Sink {
-        let probe = world.len() - 1;
-        let docs: Vec<String> = world.iter().enumerate().map(|(i, e)| Sink::doc(i, e, None)).collect();
-        match kind {
-            "file" => {
-                let path = scratch.join("services.json");
-                node::write_atomic(&path, docs.concat().as_bytes());
-                Sink::File { path, docs, dirty: false }
-            }
-            "dir" => {
-                let dir = scratch.join("services");
-                std::fs::create_dir_all(&dir).expect("manifest dir");
-                let mut files: BTreeMap<PathBuf, String> = BTreeMap::new();
-                for (i, d) in docs.iter().enumerate() {
-                    files.entry(Sink::file_of(&dir, i, probe)).or_default().push_str(d);
-                }
-                for (f, text) in files {
-                    node::write_atomic(&f, text.as_bytes());
-                }
-                Sink::Dir { dir, docs, dirty: Default::default() }
-            }
-            "api" => {
-                let mut objects = vec![fake_api::node("bench-node", "z1", json!({}), json!({}))];
-                for (i, e) in world.iter().enumerate() {
-                    objects.push(node::service(i));
-                    objects.push(node::slice(i, e, None));
-                }
-                Sink::Api(fake_api::FakeApi::start(objects))
-            }
-            other => panic!("bench/churn.rs: unknown source {other} (file, dir, api)"),
-        }
-    }
-
-    /// ringport's arguments for this source.
-    fn ringport_args(&self, scratch: &Path) -> Vec<String> {
-        match self {
-            Sink::File { path, .. } => {
-                vec!["--source".into(), "file".into(), "--config".into(), path.display().to_string()]
-            }
-            Sink::Dir { dir, .. } => {
-                vec!["--source".into(), "file".into(), "--config".into(), dir.display().to_string()]
-            }
-            Sink::Api(api) => {
-                let kubeconfig = api.kubeconfig(scratch);
-                let k = kubeconfig.display().to_string();
-                ["--source", "kube", "--kubeconfig", &k, "--node-name", "bench-node"]
-                    .map(String::from)
-                    .to_vec()
-            }
-        }
-    }
-
-    /// Service `i`'s endpoints become `eps`, stamped now.
-    fn set(&mut self, i: usize, eps: &[(String, u16)]) {
-        let now = SystemTime::now();
-        match self {
-            Sink::File { docs, dirty, .. } => {
-                docs[i] = Sink::doc(i, eps, Some(now));
-                *dirty = true;
-            }
-            Sink::Dir { docs, dirty, .. } => {
-                docs[i] = Sink::doc(i, eps, Some(now));
-                dirty.insert(i);
-            }
-            Sink::Api(api) => api.apply(node::slice(i, eps, Some(now))),
-        }
-    }
-
-    /// Write every file changed since the last flush (temp + rename):
-    /// the number of files written.
-    fn flush(&mut self) -> u64 {
-        match self {
-            Sink::File { path, docs, dirty } => {
-                let n = u64::from(std::mem::take(dirty));
-                if n > 0 {
-                    node::write_atomic(path, docs.concat().as_bytes());
-                }
-                n
-            }
-            Sink::Dir { dir, docs, dirty } => {
-                let probe = docs.len() - 1;
-                let files: std::collections::BTreeSet<usize> = std::mem::take(dirty)
-                    .into_iter()
-                    .map(|i| if i == probe { usize::MAX } else { i / PER_FILE })
-                    .collect();
-                for &f in &files {
-                    let (file, range) = if f == usize::MAX {
-                        (Sink::file_of(dir, probe, probe), probe..probe + 1)
-                    } else {
-                        (
-                            Sink::file_of(dir, f * PER_FILE, probe),
-                            f * PER_FILE..((f + 1) * PER_FILE).min(probe),
-                        )
-                    };
-                    node::write_atomic(&file, docs[range].concat().as_bytes());
-                }
-                files.len() as u64
-            }
-            Sink::Api(_) => 0,
-        }
-    }
 }
 
 /// One probe connection to `vip`: the greeting's first word, if any.
@@ -603,9 +482,9 @@ fn notes(
     let _ = write!(s, " rule tool processes {:.2} s (control);", after.children - before.children);
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let count = |what: &str| text.lines().filter(|l| l.contains(what)).count();
-    let _ = write!(
+    let _ = writeln!(
         s,
-        " log: {} \"reloaded\", {} \"redirect rules synced\", {} errors; loadgen p99 {} us.\n",
+        " log: {} \"reloaded\", {} \"redirect rules synced\", {} errors; loadgen p99 {} us.",
         count("reloaded"),
         count("redirect rules synced"),
         count("ERROR"),
