@@ -86,20 +86,29 @@ impl Budget {
 
     /// The descriptors `ports` need, listening as `opts` and `node_ips` say.
     pub fn demand(&self, ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Demand {
-        let redirected = listen::redirected_by_rules(opts.redirect_rules);
-        let listen_addresses: u64 = ports
-            .iter()
-            .map(|sp| listen::plan_port(sp, opts, node_ips, &redirected).len() as u64)
-            .sum::<u64>()
-            + listen::shared_plan(opts).len() as u64;
-        let workers = self.workers.max(1) as u64;
+        let listen_addresses: u64 =
+            ports.iter().map(|sp| addresses(sp, opts, node_ips)).sum::<u64>() + shared_addresses(opts);
         let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
+        self.demand_of(listen_addresses, any_udp)
+    }
+
+    /// The descriptors `listen_addresses` need, with UDP flows or not.
+    pub fn demand_of(&self, listen_addresses: u64, any_udp: bool) -> Demand {
+        let workers = self.workers.max(1) as u64;
         Demand {
             listen_addresses,
             listening_sockets: listen_addresses.saturating_mul(workers),
             udp_flows: if any_udp { self.udp_max_flows as u64 } else { 0 },
             fixed: ADMIN_RESERVE + CONNECTION_RESERVE + PER_WORKER * workers,
         }
+    }
+
+    /// `Err` when `demand` would not fit.
+    pub fn fits(&self, demand: Demand) -> Result<Demand, BudgetError> {
+        if demand.total() > self.limit {
+            return Err(BudgetError { demand, limit: self.limit, workers: self.workers });
+        }
+        Ok(demand)
     }
 
     /// `Err` when `ports` would not fit.
@@ -109,12 +118,21 @@ impl Budget {
         opts: &ListenOptions,
         node_ips: &[IpAddr],
     ) -> Result<Demand, BudgetError> {
-        let demand = self.demand(ports, opts, node_ips);
-        if demand.total() > self.limit {
-            return Err(BudgetError { demand, limit: self.limit, workers: self.workers });
-        }
-        Ok(demand)
+        self.fits(self.demand(ports, opts, node_ips))
     }
+}
+
+/// The listen addresses of one service port (a change counts the
+/// difference: those of its new ports less those of its old ones).
+pub fn addresses(sp: &ServicePort, opts: &ListenOptions, node_ips: &[IpAddr]) -> u64 {
+    let redirected = listen::redirected_by_rules(opts.redirect_rules);
+    listen::plan_port(sp, opts, node_ips, &redirected).len() as u64
+}
+
+/// The shared proxy ports' listen addresses (none in per-service mode):
+/// counted once, whatever the number of service ports.
+pub fn shared_addresses(opts: &ListenOptions) -> u64 {
+    listen::shared_plan(opts).len() as u64
 }
 
 #[cfg(test)]

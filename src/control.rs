@@ -5,21 +5,23 @@
 //! one `ArcSwap` store -> wake the workers. Nothing here touches a
 //! connection.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::balance::BalanceOptions;
 use crate::balance::health::HealthRegistry;
-use crate::budget::Budget;
+use crate::budget::{self, Budget};
 use crate::config::{ConfigError, ConfigErrorKind, Manifests};
 use crate::dataplane::DataPlane;
-use crate::listen::{self, Binder, Listener};
-use crate::loops;
+use crate::listen::{self, BindError, Binder, Held, Listener, ListenerId};
+use crate::loops::{self, OwnAddress};
 use crate::metrics::{Changes, Metrics};
-use crate::model::{Origin, ServicePort};
-use crate::snapshot::{BalanceContext, SharedSnapshot, Snapshot};
+use crate::model::{Origin, Protocol, ServicePort, ServicePortName};
+use crate::snapshot::{BalanceContext, PortUpdate, SharedSnapshot, Snapshot};
 use crate::source_ip::SourceOptions;
-use crate::table::{Delta, Table};
+use crate::table::{Delta, PortChange, Prepared, Table};
 
 /// Why an update was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,48 @@ pub struct Applied {
     pub generation: u64,
     pub service_ports: usize,
     pub listeners: usize,
+    /// What it changed.
+    pub summary: Summary,
+    /// Where the time went.
+    pub stages: Stages,
+}
+
+/// What an update changed, for its summary line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    /// Service ports added or changed.
+    pub set: usize,
+    pub removed: usize,
+    pub listeners_added: usize,
+    pub listeners_removed: usize,
+    /// Listen addresses not served (benign ones included).
+    pub bind_errors: usize,
+}
+
+/// How long each stage of an update took (`bench/control.rs` reports
+/// them; the summary log line gives the total).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stages {
+    /// The table: validate and join the change.
+    pub join: Duration,
+    /// The fd budget.
+    pub budget: Duration,
+    /// Listeners for the changed service ports.
+    pub bind: Duration,
+    /// Endpoint loops.
+    pub loops: Duration,
+    /// The per-listener and bind-error log lines.
+    pub log: Duration,
+    /// The snapshot: balancers, routes.
+    pub build: Duration,
+    /// The store, the workers' wake-up, the logs.
+    pub publish: Duration,
+}
+
+impl Stages {
+    pub fn total(&self) -> Duration {
+        self.join + self.budget + self.bind + self.loops + self.log + self.build + self.publish
+    }
 }
 
 pub struct Control {
@@ -47,6 +91,13 @@ pub struct Control {
     budget: Option<Budget>,
     /// Transparent mode: whose address endpoints see.
     source: SourceOptions,
+    /// The current snapshot's listeners, indexed (what a change binds
+    /// against).
+    held: Held,
+    /// Listen addresses and UDP service ports of the table (the budget's
+    /// running count).
+    listen_addresses: u64,
+    udp_ports: u64,
 }
 
 impl Control {
@@ -68,6 +119,9 @@ impl Control {
             ready,
             budget: None,
             source: SourceOptions::default(),
+            held: Held::default(),
+            listen_addresses: 0,
+            udp_ports: 0,
         }
     }
 
@@ -77,32 +131,52 @@ impl Control {
         self
     }
 
-    /// Apply a full set of manifests (a file source's load).
+    /// Apply a full set of manifests (a file source's load): what differs
+    /// from the table goes the way of a change.
     pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
-        self.update(|table| table.try_replace(manifests), data_plane)
+        self.update(|table| table.prepare_replace(manifests), data_plane)
     }
 
     /// Apply a change to some Services and EndpointSlices.
     pub fn apply(&mut self, delta: Delta, data_plane: &DataPlane) -> Result<Applied, Rejected> {
-        self.update(|table| table.try_apply(delta), data_plane)
+        self.update(|table| table.prepare(delta), data_plane)
     }
 
-    /// Change the table with `change`, then check, bind and publish.
+    /// Work out the change with `change`, check and bind the service
+    /// ports it changes, commit it to the table and publish. The ports it
+    /// leaves alone keep their listeners and state.
     fn update(
         &mut self,
-        change: impl FnOnce(&mut Table) -> Result<Vec<ServicePort>, Vec<ConfigError>>,
+        change: impl FnOnce(&Table) -> Result<Prepared, Vec<ConfigError>>,
         data_plane: &DataPlane,
     ) -> Result<Applied, Rejected> {
-        let received = std::time::Instant::now();
-        // The table commits on success; a check below may still refuse the
-        // update, and then the table must be as it was.
-        let saved = self.table.clone();
-        let mut ports = change(&mut self.table).map_err(Rejected)?;
-        let node_ips = listen::node_addresses(&self.binder.options().nodeport_addresses);
+        let received = Instant::now();
+        let mut stages = Stages::default();
+        let mut clock = Instant::now();
+        let mut lap = |stage: &mut Duration| {
+            let now = Instant::now();
+            *stage = now - clock;
+            clock = now;
+        };
+        let prepared = change(&self.table).map_err(Rejected)?;
+        lap(&mut stages.join);
+
+        // The budget: the listen addresses of the changed ports, counted
+        // against the running total.
+        let opts = self.binder.options();
+        let node_ips = listen::node_addresses(&opts.nodeport_addresses);
+        let c = &prepared.change;
+        let count = |ports: &[ServicePort]| -> (u64, u64) {
+            let addresses = ports.iter().map(|sp| budget::addresses(sp, opts, &node_ips)).sum();
+            (addresses, ports.iter().filter(|sp| sp.protocol == Protocol::Udp).count() as u64)
+        };
+        let ((old_addresses, old_udp), (new_addresses, new_udp)) = (count(&c.old), count(&c.set));
+        let listen_addresses = (self.listen_addresses + new_addresses).saturating_sub(old_addresses);
+        let shared = budget::shared_addresses(opts);
+        let udp_ports = (self.udp_ports + new_udp).saturating_sub(old_udp);
         if let Some(budget) = &self.budget
-            && let Err(e) = budget.check(&ports, self.binder.options(), &node_ips)
+            && let Err(e) = budget.fits(budget.demand_of(listen_addresses + shared, udp_ports > 0))
         {
-            self.table = saved;
             let error = ConfigError {
                 origin: Origin("the configuration".into()),
                 object: None,
@@ -111,37 +185,95 @@ impl Control {
             };
             return Err(Rejected(vec![error]));
         }
+        lap(&mut stages.budget);
+
         let previous = self.snapshot.load_full();
-        let changes = changes(&previous, &ports);
-        let (listeners, bind_errors) = self.binder.bind(&ports, &previous.listeners);
+        let leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
+        let (mut listeners, bind_errors) =
+            self.binder.bind_changed(&c.set, &self.held, &|p| leaving.contains(p));
+        lap(&mut stages.bind);
+
         // Only now are the proxy ports known. New listeners of a refused
         // update are dropped unserved (no worker has taken their sockets).
-        let own = loops::of_listeners(&listeners);
         let local = loops::local_ips();
-        let looping = loops::find(&ports, &own, &local);
-        if !looping.is_empty() {
-            if self.table.is_tolerant() {
-                for e in &looping {
-                    tracing::error!(error = %e, "endpoint not served");
+        let fresh: Vec<&Arc<Listener>> = listeners.iter().filter(|l| !self.held.has(l)).collect();
+        let mut mine: HashMap<(Protocol, u16), Vec<OwnAddress>> = HashMap::new();
+        for l in &listeners {
+            mine.entry((l.key.protocol, l.addr.port())).or_default().push(loops::of_listener(l));
+        }
+        let own = |protocol: Protocol, port: u16| -> Vec<OwnAddress> {
+            let held = self.held.on_number(protocol, port).iter().filter(|l| !leaving.contains(&l.key.port));
+            let mut own: Vec<OwnAddress> = held.map(|l| loops::of_listener(l)).collect();
+            own.extend(mine.get(&(protocol, port)).into_iter().flatten().cloned());
+            own
+        };
+        let mut looping = loops::find_by(&c.set, &own, &local);
+        // A new listener may be where an unchanged port's endpoint points.
+        let mut caught = Vec::new();
+        if !fresh.is_empty() {
+            let new_own = loops::of_listeners(&fresh.iter().map(|l| Arc::clone(l)).collect::<Vec<_>>());
+            for p in previous.ports.iter().filter(|p| !leaving.contains(&p.spec.name)) {
+                let found = loops::find(std::slice::from_ref(&p.spec), &new_own, &local);
+                if !found.is_empty() {
+                    looping.extend(found);
+                    let mut spec = p.spec.clone();
+                    loops::strip(std::slice::from_mut(&mut spec), &new_own, &local);
+                    caught.push(spec);
                 }
-                loops::strip(&mut ports, &own, &local);
-            } else {
-                self.table = saved;
-                return Err(Rejected(looping));
             }
         }
-        for l in listeners.iter().filter(|l| !previous.listeners.iter().any(|p| p.id == l.id)) {
-            tracing::info!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
+        if !looping.is_empty() && !self.table.is_tolerant() {
+            return Err(Rejected(looping));
         }
-        for e in &bind_errors {
-            if e.is_benign() {
-                tracing::info!(error = %e, "not listening");
-            } else {
-                tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
-            }
+        for e in &looping {
+            tracing::error!(error = %e, "endpoint not served");
         }
-        let applied = self.publish(ports, listeners, &previous, data_plane);
+        lap(&mut stages.loops);
+
+        let PortChange { mut set, removed, old, changes } = self.table.commit(prepared);
+        if !looping.is_empty() {
+            loops::strip_by(&mut set, &own, &local);
+        }
+        let mut old_listeners: Vec<ListenerId> =
+            old.iter().flat_map(|p| self.held.of_port(&p.name)).map(|l| l.id).collect();
+        for spec in caught {
+            let kept = self.held.of_port(&spec.name);
+            old_listeners.extend(kept.iter().map(|l| l.id));
+            listeners.extend(kept.iter().cloned());
+            set.push(spec);
+        }
+        set.sort_by(|a, b| a.name.cmp(&b.name));
+        let added: Vec<&Arc<Listener>> =
+            listeners.iter().filter(|l| !old_listeners.contains(&l.id)).collect();
+        for l in &added {
+            tracing::debug!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
+        }
+        let summary = Summary {
+            set: set.len(),
+            removed: removed.len(),
+            listeners_added: added.len(),
+            listeners_removed: old_listeners
+                .iter()
+                .filter(|id| !listeners.iter().any(|l| l.id == **id))
+                .count(),
+            bind_errors: bind_errors.len(),
+        };
+        log_bind_errors(&bind_errors);
+        self.held.replace(&leaving, &listeners);
+        (self.listen_addresses, self.udp_ports) = (listen_addresses, udp_ports);
+        lap(&mut stages.log);
+
+        let update = PortUpdate { set, removed: &removed, listeners, old_listeners };
+        let full = previous.ports.is_empty();
+        let mut applied = self.publish(
+            |ctx| Snapshot::update(&previous, previous.generation + 1, update, ctx),
+            full,
+            data_plane,
+            &mut stages,
+        );
         self.metrics.apply.published(received, changes);
+        applied.summary = summary;
+        applied.stages = stages;
         Ok(applied)
     }
 
@@ -156,7 +288,11 @@ impl Control {
         }
         let started = std::time::Instant::now();
         let ports = previous.ports.iter().map(|p| p.spec.clone()).collect();
-        let applied = self.publish(ports, previous.listeners.clone(), &previous, data_plane);
+        let listeners = previous.listeners.to_vec();
+        let build = |ctx: &BalanceContext<'_>| {
+            Snapshot::new(previous.generation + 1, ports, listeners, &previous, ctx)
+        };
+        let applied = self.publish(build, true, data_plane, &mut Stages::default());
         // A sync with no service or endpoint change.
         self.metrics.apply.published(started, Changes::default());
         Some(applied)
@@ -167,32 +303,39 @@ impl Control {
         self.balance.locality.zone.as_deref()
     }
 
-    /// Build the next snapshot and swap it in: the one way a snapshot is
-    /// published.
+    /// Build the next snapshot with `build` and swap it in: the one way a
+    /// snapshot is published. `full`: every port was built.
     fn publish(
         &mut self,
-        ports: Vec<ServicePort>,
-        listeners: Vec<Arc<Listener>>,
-        previous: &Snapshot,
+        build: impl FnOnce(&BalanceContext<'_>) -> Snapshot,
+        full: bool,
         data_plane: &DataPlane,
+        stages: &mut Stages,
     ) -> Applied {
+        let started = Instant::now();
         let ctx = BalanceContext {
             options: &self.balance,
             registry: &self.health,
             metrics: &self.metrics,
             source: &self.source,
         };
-        let snapshot = Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx);
+        let snapshot = build(&ctx);
         snapshot.listen_where_served();
+        stages.build = started.elapsed();
+        self.metrics.apply.snapshot_built(stages.build, full);
+        let started = Instant::now();
         let applied = Applied {
             generation: snapshot.generation,
             service_ports: snapshot.ports.len(),
             listeners: snapshot.listeners.len(),
+            summary: Summary::default(),
+            stages: Stages::default(),
         };
         self.metrics.generation.store(snapshot.generation, Ordering::Relaxed);
         self.snapshot.store(Arc::new(snapshot));
         data_plane.notify();
         self.ready.store(true, Ordering::Release);
+        stages.publish = started.elapsed();
         applied
     }
 
@@ -216,36 +359,18 @@ impl Control {
     }
 }
 
-/// Which service ports an update changes, as kube-proxy counts endpoint
-/// and service changes (a port added or removed counts as both).
-fn changes(previous: &Snapshot, ports: &[ServicePort]) -> Changes {
-    let old: std::collections::HashMap<_, _> =
-        previous.ports.iter().map(|p| (&p.spec.name, &p.spec)).collect();
-    let mut c = Changes::default();
-    let mut kept = 0;
-    for new in ports {
-        let Some(old) = old.get(&new.name) else {
-            c.endpoints += 1;
-            c.services += 1;
-            continue;
-        };
-        kept += 1;
-        if *old == new {
-            continue;
-        }
-        if old.endpoints == new.endpoints {
-            c.services += 1;
-            continue;
-        }
-        c.endpoints += 1;
-        // Both may have changed: compare the rest (rare, so the clone is).
-        let rest = |p: &ServicePort| ServicePort { endpoints: Vec::new(), ..p.clone() };
-        if rest(old) != rest(new) {
-            c.services += 1;
-        }
+/// Bind errors: those expected on a healthy node at debug; the others at
+/// error level, but a few lines whatever their number.
+fn log_bind_errors(errors: &[BindError]) {
+    const SHOWN: usize = 5;
+    let (benign, serious): (Vec<&BindError>, Vec<&BindError>) = errors.iter().partition(|e| e.is_benign());
+    for e in benign {
+        tracing::debug!(error = %e, "not listening");
     }
-    let removed = (old.len() - kept) as u64;
-    c.endpoints += removed;
-    c.services += removed;
-    c
+    for e in serious.iter().take(SHOWN) {
+        tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
+    }
+    if serious.len() > SHOWN {
+        tracing::error!(more = serious.len() - SHOWN, "not listening on more addresses (not shown)");
+    }
 }

@@ -44,8 +44,11 @@ use crate::handover::Handed;
 mod adopt;
 use crate::model::{Protocol, ServicePort, ServicePortName};
 
+mod held;
 mod plan;
 mod shared;
+pub use held::Held;
+use held::Used;
 pub use plan::{node_addresses, plan, redirected_by_rules};
 pub use shared::{ProxyPortMode, plan_port, shared_plan};
 
@@ -289,16 +292,36 @@ impl Binder {
         ports: &[ServicePort],
         previous: &[Arc<Listener>],
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
-        let previous: HashMap<&ListenKey, &Arc<Listener>> = previous.iter().map(|l| (&l.key, l)).collect();
+        self.bind_changed(ports, &Held::of(previous), &|_| true)
+    }
+
+    /// The listeners for `ports`, the changed service ports of a
+    /// configuration whose other ports keep the listeners `held` has. A
+    /// listener `held` has with an unchanged key is reused; an address
+    /// another port's listener holds is a clash, unless that port is
+    /// `leaving` (it changes or goes with this update).
+    pub fn bind_changed(
+        &mut self,
+        ports: &[ServicePort],
+        held: &Held,
+        leaving: &dyn Fn(&ServicePortName) -> bool,
+    ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
         let node_ips = node_addresses(&self.opts.nodeport_addresses);
         let redirected = redirected_by_rules(self.opts.redirect_rules);
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
-        let mut used_proxy_ports: HashSet<u16> =
-            previous.values().filter(|l| l.key.role.is_proxy()).map(|l| l.addr.port()).collect();
-        let (mut listeners, mut errors) = self.bind_shared(&previous, &mut used_proxy_ports);
+        let mut used_proxy_ports = Used::new(held);
+        // The shared proxy ports are bound once, with the first bind.
+        let shared_held = shared_plan(&self.opts)
+            .iter()
+            .all(|(role, _)| held.listener(&ListenKey::shared(*role)).is_some());
+        let (mut listeners, mut errors) = match shared_held {
+            true => (Vec::new(), Vec::new()),
+            false => self.bind_shared(held, &mut used_proxy_ports),
+        };
         // A Service's listener on a shared port's address would join its
         // SO_REUSEPORT group and take a share of every redirected
-        // connection: the shared ports are claimed first, so it clashes.
+        // connection: the shared ports are claimed first (those bound now
+        // here, those held through `held`), so it clashes.
         for l in &listeners {
             claimed.insert((l.addr, l.key.protocol), l.key.port.clone());
         }
@@ -308,12 +331,14 @@ impl Binder {
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
             for (role, ip, port) in plan_port(sp, &self.opts, &node_ips, &redirected) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
-                if let Some(e) = self.refused_before_bind(sp, role, SocketAddr::new(ip, port), &claimed) {
+                let addr = SocketAddr::new(ip, port);
+                let elsewhere = held.claimant(addr, sp.protocol).filter(|o| !leaving(o));
+                if let Some(e) = self.refused_before_bind(sp, role, addr, &claimed, elsewhere) {
                     errors.push(e);
                     continue;
                 }
                 let twin = role.first_family().and_then(|r| proxy_ports.get(&r).copied());
-                let result = match previous.get(&key) {
+                let result = match held.listener(&key) {
                     Some(existing) => Ok(Arc::clone(existing)),
                     None => match self.take_adopted(&key, ip, &mut used_proxy_ports) {
                         Some(adopted) => Ok(adopted),
@@ -334,7 +359,8 @@ impl Binder {
                 match result {
                     Ok(listener) => {
                         let claim = (listener.addr, sp.protocol);
-                        if let Some(other) = claimed.get(&claim) {
+                        let elsewhere = held.claimant(listener.addr, sp.protocol).filter(|o| !leaving(o));
+                        if let Some(other) = claimed.get(&claim).or(elsewhere) {
                             errors.push(BindError::Clash {
                                 key_port: sp.name.clone(),
                                 role,
@@ -358,13 +384,15 @@ impl Binder {
     /// must not be bound at all, before binding joins a port group: its
     /// address is a proxy address (External or LoadBalancer on
     /// `bind_address`/`bind_address6`), or another listener of this
-    /// configuration (a shared proxy port included) claimed it.
+    /// configuration (a shared proxy port included) claimed it: one bound
+    /// by this update (`claimed`) or one that stays (`elsewhere`).
     fn refused_before_bind(
         &self,
         sp: &ServicePort,
         role: ListenRole,
         addr: SocketAddr,
         claimed: &HashMap<(SocketAddr, Protocol), ServicePortName>,
+        elsewhere: Option<&ServicePortName>,
     ) -> Option<BindError> {
         if role.is_proxy() {
             return None;
@@ -384,7 +412,7 @@ impl Binder {
         if let Some(field) = field.filter(|_| proxy_address) {
             return Some(BindError::ProxyAddress { key_port: sp.name.clone(), field, addr });
         }
-        let other = claimed.get(&(addr, sp.protocol))?;
+        let other = claimed.get(&(addr, sp.protocol)).or(elsewhere)?;
         Some(BindError::Clash { key_port: sp.name.clone(), role, addr, other: other.clone() })
     }
 
@@ -400,7 +428,7 @@ impl Binder {
         &mut self,
         key: ListenKey,
         ip: IpAddr,
-        used_proxy_ports: &mut HashSet<u16>,
+        used_proxy_ports: &mut Used<'_>,
     ) -> Result<Arc<Listener>, BindError> {
         let port = if key.role.is_proxy() {
             match self.opts.proxy_port_range.clone() {
@@ -428,7 +456,7 @@ impl Binder {
         key: ListenKey,
         ip: IpAddr,
         range: RangeInclusive<u16>,
-        used: &mut HashSet<u16>,
+        used: &mut Used<'_>,
     ) -> Result<Arc<Listener>, BindError> {
         let (start, end) = (*range.start(), *range.end());
         let span = usize::from(end - start) + 1;

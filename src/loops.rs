@@ -34,15 +34,7 @@ pub struct OwnAddress {
 
 /// The addresses bound listeners hold.
 pub fn of_listeners(listeners: &[Arc<Listener>]) -> Vec<OwnAddress> {
-    listeners
-        .iter()
-        .map(|l| OwnAddress {
-            ip: l.addr.ip(),
-            ports: l.addr.port()..=l.addr.port(),
-            protocol: l.key.protocol,
-            role: l.key.role,
-        })
-        .collect()
+    listeners.iter().map(|l| of_listener(l)).collect()
 }
 
 /// The addresses `ports` would listen on, for `ringport check`: proxy
@@ -77,11 +69,31 @@ pub fn local_ips() -> Vec<IpAddr> {
 
 /// One error per endpoint of `ports` that is an own address.
 pub fn find(ports: &[ServicePort], own: &[OwnAddress], local: &[IpAddr]) -> Vec<ConfigError> {
+    find_by(ports, &in_list(own), local)
+}
+
+/// Drops the endpoints `find` reports, for a source that serves the rest.
+pub fn strip(ports: &mut [ServicePort], own: &[OwnAddress], local: &[IpAddr]) {
+    strip_by(ports, &in_list(own), local)
+}
+
+/// The own addresses of a protocol whose ports take a port number.
+pub type Lookup<'a> = dyn Fn(Protocol, u16) -> Vec<OwnAddress> + 'a;
+
+fn in_list(own: &[OwnAddress]) -> impl Fn(Protocol, u16) -> Vec<OwnAddress> + '_ {
+    |protocol, port| {
+        own.iter().filter(|o| o.protocol == protocol && o.ports.contains(&port)).cloned().collect()
+    }
+}
+
+/// [`find`], with the own addresses on each port number from `own`.
+pub fn find_by(ports: &[ServicePort], own: &Lookup<'_>, local: &[IpAddr]) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for sp in ports {
         for (i, ep) in sp.endpoints.iter().enumerate() {
+            let (ip, port) = (ep.addr.0.ip(), ep.addr.0.port());
             if let Some(hit) =
-                own.iter().find(|o| loops_into(sp.protocol, ep.addr.0.ip(), ep.addr.0.port(), o, local))
+                own(sp.protocol, port).iter().find(|o| loops_into(sp.protocol, ip, port, o, local))
             {
                 errors.push(ConfigError {
                     origin: sp.origin.clone(),
@@ -99,13 +111,24 @@ pub fn find(ports: &[ServicePort], own: &[OwnAddress], local: &[IpAddr]) -> Vec<
     errors
 }
 
-/// Drops the endpoints `find` reports, for a source that serves the rest.
-pub fn strip(ports: &mut [ServicePort], own: &[OwnAddress], local: &[IpAddr]) {
+/// [`strip`], with the own addresses on each port number from `own`.
+pub fn strip_by(ports: &mut [ServicePort], own: &Lookup<'_>, local: &[IpAddr]) {
     for sp in ports {
         let protocol = sp.protocol;
         sp.endpoints.retain(|ep| {
-            !own.iter().any(|o| loops_into(protocol, ep.addr.0.ip(), ep.addr.0.port(), o, local))
+            let (ip, port) = (ep.addr.0.ip(), ep.addr.0.port());
+            !own(protocol, port).iter().any(|o| loops_into(protocol, ip, port, o, local))
         });
+    }
+}
+
+/// The own address of a listener.
+pub fn of_listener(l: &Listener) -> OwnAddress {
+    OwnAddress {
+        ip: l.addr.ip(),
+        ports: l.addr.port()..=l.addr.port(),
+        protocol: l.key.protocol,
+        role: l.key.role,
     }
 }
 

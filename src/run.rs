@@ -603,11 +603,19 @@ impl Engine {
                 for t in triggers {
                     self.metrics.apply.programmed(*t);
                 }
+                // The one line per update: per-listener lines are at debug.
+                let (s, took) = (a.summary, a.stages.total());
                 tracing::info!(
                     trigger = why,
                     generation = a.generation,
                     service_ports = a.service_ports,
                     listeners = a.listeners,
+                    ports_set = s.set,
+                    ports_removed = s.removed,
+                    listeners_added = s.listeners_added,
+                    listeners_removed = s.listeners_removed,
+                    bind_errors = s.bind_errors,
+                    took = ?took,
                     "reloaded"
                 );
             }

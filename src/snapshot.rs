@@ -12,8 +12,16 @@
 //! - A service port whose balancer inputs (eligible endpoints, scheduler,
 //!   affinity) did not change keeps its `Balancer` (the same `Arc`), so a
 //!   reload does not restart its rotation or drop its pins.
+//! - A service port an update does not change keeps its `PortState` (the
+//!   same `Arc`, `Arc::ptr_eq` with the previous snapshot's): a reader may
+//!   tell changed ports by pointer. An update builds only the ports it
+//!   changes ([`Snapshot::update`]); the rest of the snapshot is shared
+//!   with the previous one: the listener list whole when no listener
+//!   comes or goes, and the routes shard by shard (`routes`).
+//! - `changed_listeners` names every listener added, removed or whose
+//!   service port changed since the previous generation, so a worker one
+//!   generation behind follows those alone.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -34,6 +42,8 @@ use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 mod destinations;
 pub use destinations::{Destination, Destinations};
+mod routes;
+use routes::{RouteEntry, Routes};
 
 /// One service port as served: its spec and its selection state for each
 /// kind of traffic (they differ when a traffic policy is `Local`) and, for
@@ -98,6 +108,42 @@ impl PortState {
     }
 }
 
+impl PortState {
+    /// A service port's state; balancers whose inputs did not change are
+    /// taken over from `prev`.
+    fn build(spec: ServicePort, prev: Option<&Balancers>, ctx: &BalanceContext<'_>) -> Self {
+        let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
+            [Scope::Internal, Scope::External].map(|scope| {
+                let prev = prev.map(|p| &p[usize::from(scope == Scope::External)]);
+                Balancer::build(spec, scope, ctx.options, ctx.registry, prev)
+            })
+        };
+        // Only the balancers traffic uses are built: a dual-stack
+        // port's listeners all have a family of their own.
+        let balancers = if dual_stack(&spec) {
+            Balancers::PerFamily(Box::new([IpFamily::V4, IpFamily::V6].map(|family| {
+                let mut of_family = spec.clone();
+                of_family.endpoints.retain(|e| IpFamily::of(e.addr.0.ip()) == family);
+                let prev = match prev {
+                    Some(Balancers::PerFamily(f)) => Some(&f[family_index(family)]),
+                    _ => None,
+                };
+                pair(&of_family, prev)
+            })))
+        } else {
+            let prev = match prev {
+                Some(Balancers::One(p)) => Some(p),
+                _ => None,
+            };
+            Balancers::One(pair(&spec, prev))
+        };
+        let metrics = ctx.metrics.port(&spec.name, spec.protocol);
+        let node = ctx.options.locality.node_name.as_deref();
+        let source = SourcePlan::build(&spec, ctx.source, node);
+        PortState { spec, balancers, metrics, source }
+    }
+}
+
 fn family_index(family: IpFamily) -> usize {
     usize::from(family == IpFamily::V6)
 }
@@ -114,15 +160,6 @@ pub struct BalanceContext<'a> {
     pub registry: &'a HealthRegistry,
     pub metrics: &'a Metrics,
     pub source: &'a SourceOptions,
-}
-
-/// Where a listener's connections go.
-#[derive(Debug, Clone, Copy)]
-struct RouteEntry {
-    port: usize,
-    scope: Scope,
-    /// The listener's family: a dual-stack port balances each apart.
-    family: IpFamily,
 }
 
 /// A listener's service port, and the balancer for its kind of traffic.
@@ -186,92 +223,170 @@ pub struct Snapshot {
     pub generation: u64,
     /// Sorted by service port name.
     pub ports: Vec<Arc<PortState>>,
-    pub listeners: Vec<Arc<Listener>>,
-    /// Which port (index into `ports`) and scope each listener serves.
-    routes: HashMap<ListenerId, RouteEntry>,
+    /// Shared with the previous snapshot while no listener comes or goes.
+    pub listeners: Arc<Vec<Arc<Listener>>>,
+    /// Which port and scope each listener serves.
+    routes: Routes,
+    /// Listeners added, removed, or whose port changed since the previous
+    /// generation (module header).
+    pub changed_listeners: Vec<ListenerId>,
+    /// Whether this snapshot was built whole (not from a change).
+    pub full: bool,
     /// The shared proxy ports (`--proxy-port-mode shared`), which route
     /// by original destination; empty in per-service mode.
     shared: Vec<ListenerId>,
     /// Where each original destination a shared port may see goes; built
-    /// only when there is a shared port.
+    /// only when there is a shared port (from every port: not yet
+    /// incremental).
     destinations: Destinations,
     /// Connections to a shared port whose original destination is no
     /// service port's, per worker (`Metrics::unmatched`).
     unmatched: Arc<[AtomicU64]>,
 }
 
+/// What an update changes, for [`Snapshot::update`].
+pub struct PortUpdate<'a> {
+    /// Service ports added or changed (new versions), sorted by name.
+    pub set: Vec<ServicePort>,
+    /// Service ports removed, sorted.
+    pub removed: &'a [ServicePortName],
+    /// The listeners of the set ports (new or kept).
+    pub listeners: Vec<Arc<Listener>>,
+    /// The previous listeners of the set and removed ports.
+    pub old_listeners: Vec<ListenerId>,
+}
+
 impl Snapshot {
-    /// Assemble a snapshot; balancers whose inputs did not change are taken
-    /// over from `previous` (same `Arc`: rotation, pins and counts go on).
+    /// Assemble a snapshot of `ports` and their `listeners`, every port
+    /// built anew; balancers whose inputs did not change are taken over
+    /// from `previous` (same `Arc`: rotation, pins and counts go on).
     pub fn new(
         generation: u64,
-        ports: Vec<ServicePort>,
+        mut ports: Vec<ServicePort>,
         listeners: Vec<Arc<Listener>>,
         previous: &Snapshot,
         ctx: &BalanceContext<'_>,
     ) -> Self {
-        let old: HashMap<&ServicePortName, &Arc<PortState>> =
-            previous.ports.iter().map(|p| (&p.spec.name, p)).collect();
-        let ports: Vec<Arc<PortState>> = ports
+        ports.sort_by(|a, b| a.name.cmp(&b.name));
+        let update = PortUpdate { set: ports, removed: &[], listeners, old_listeners: Vec::new() };
+        let mut snapshot = Self::build(&Snapshot::default(), previous, generation, update, ctx);
+        snapshot.changed_listeners.extend(previous.listeners.iter().map(|l| l.id));
+        snapshot.changed_listeners.sort_unstable();
+        snapshot.changed_listeners.dedup();
+        snapshot.full = true;
+        snapshot
+    }
+
+    /// The next snapshot after `previous`: the ports `update` sets are
+    /// built, those it removes go, every other port keeps its `PortState`.
+    pub fn update(
+        previous: &Snapshot,
+        generation: u64,
+        update: PortUpdate<'_>,
+        ctx: &BalanceContext<'_>,
+    ) -> Self {
+        Self::build(previous, previous, generation, update, ctx)
+    }
+
+    /// `update` on top of `base`, balancers taken over from `balancers`.
+    fn build(
+        base: &Snapshot,
+        balancers: &Snapshot,
+        generation: u64,
+        update: PortUpdate<'_>,
+        ctx: &BalanceContext<'_>,
+    ) -> Self {
+        let PortUpdate { set, removed, listeners, old_listeners } = update;
+        let built: Vec<Arc<PortState>> = set
             .into_iter()
             .map(|spec| {
-                let prev = old.get(&spec.name).map(|p| &p.balancers);
-                let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
-                    [Scope::Internal, Scope::External].map(|scope| {
-                        let prev = prev.map(|p| &p[usize::from(scope == Scope::External)]);
-                        Balancer::build(spec, scope, ctx.options, ctx.registry, prev)
-                    })
-                };
-                // Only the balancers traffic uses are built: a dual-stack
-                // port's listeners all have a family of their own.
-                let balancers = if dual_stack(&spec) {
-                    Balancers::PerFamily(Box::new([IpFamily::V4, IpFamily::V6].map(|family| {
-                        let mut of_family = spec.clone();
-                        of_family.endpoints.retain(|e| IpFamily::of(e.addr.0.ip()) == family);
-                        let prev = match prev {
-                            Some(Balancers::PerFamily(f)) => Some(&f[family_index(family)]),
-                            _ => None,
-                        };
-                        pair(&of_family, prev)
-                    })))
-                } else {
-                    let prev = match prev {
-                        Some(Balancers::One(p)) => Some(p),
-                        _ => None,
-                    };
-                    Balancers::One(pair(&spec, prev))
-                };
-                let metrics = ctx.metrics.port(&spec.name, spec.protocol);
-                let node = ctx.options.locality.node_name.as_deref();
-                let source = SourcePlan::build(&spec, ctx.source, node);
-                Arc::new(PortState { spec, balancers, metrics, source })
+                let prev = balancers.port(&spec.name).map(|p| &p.balancers);
+                Arc::new(PortState::build(spec, prev, ctx))
             })
             .collect();
-        ctx.registry.prune();
-        ctx.metrics.prune();
-        let shared: Vec<ListenerId> = listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id).collect();
-        // A shared port's `route_to` finds ports by name with a binary search.
-        let mut ports = ports;
-        if !shared.is_empty() && !ports.is_sorted_by(|a, b| a.spec.name <= b.spec.name) {
-            ports.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        // A merge of two lists sorted by name: a built port replaces its
+        // old self, a removed one is left out, the rest are kept as is.
+        let gone = |p: &Arc<PortState>| removed.binary_search(&p.spec.name).is_ok();
+        let mut ports = Vec::with_capacity(base.ports.len() + built.len());
+        let mut new = built.iter().peekable();
+        for old in &base.ports {
+            while let Some(n) = new.next_if(|n| n.spec.name < old.spec.name) {
+                ports.push(Arc::clone(n));
+            }
+            if new.peek().is_some_and(|n| n.spec.name == old.spec.name) || gone(old) {
+                continue;
+            }
+            ports.push(Arc::clone(old));
         }
-        let index: HashMap<&ServicePortName, usize> =
-            ports.iter().enumerate().map(|(i, p)| (&p.spec.name, i)).collect();
-        let routes = listeners
-            .iter()
-            .filter_map(|l| {
-                let port = *index.get(&l.key.port)?;
-                let family = IpFamily::of(l.addr.ip());
-                Some((l.id, RouteEntry { port, scope: scope_of(l.key.role), family }))
-            })
-            .collect();
+        ports.extend(new.cloned());
+        // Counters and health of ports gone: dropped with their last user;
+        // the registries forget them when ports go, and now and then.
+        if !removed.is_empty() || generation % 64 == 0 {
+            ctx.registry.prune();
+            ctx.metrics.prune();
+        }
+        let mut now: Vec<ListenerId> = listeners.iter().map(|l| l.id).collect();
+        let mut before = old_listeners.clone();
+        now.sort_unstable();
+        before.sort_unstable();
+        let listener_list = if now == before {
+            Arc::clone(&base.listeners)
+        } else {
+            let old: std::collections::HashSet<ListenerId> = before.iter().copied().collect();
+            let mut list: Vec<Arc<Listener>> =
+                base.listeners.iter().filter(|l| !old.contains(&l.id)).cloned().collect();
+            list.extend(listeners.iter().cloned());
+            Arc::new(list)
+        };
+        let by_name = |name: &ServicePortName| {
+            built.binary_search_by(|p| p.spec.name.cmp(name)).ok().map(|i| Arc::clone(&built[i]))
+        };
+        let entries = listeners.iter().filter_map(|l| {
+            let port = by_name(&l.key.port)?;
+            let family = IpFamily::of(l.addr.ip());
+            Some((l.id, RouteEntry { listener: Arc::clone(l), port, scope: scope_of(l.key.role), family }))
+        });
+        let routes = base.routes.with(&before, entries);
+        let mut changed_listeners = before;
+        changed_listeners.extend(now);
+        changed_listeners.sort_unstable();
+        changed_listeners.dedup();
+        // The shared proxy ports come with the first bind and stay.
+        let mut shared = base.shared.clone();
+        shared.extend(listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id));
+        shared.sort_unstable();
+        shared.dedup();
         let destinations = match shared.is_empty() {
             true => Destinations::default(),
             // The rules judge locality alike, at their own sync.
             false => Destinations::build(ports.iter().map(|p| &p.spec), &Locality::from_interfaces()),
         };
         let unmatched = Arc::clone(&ctx.metrics.unmatched);
-        Self { generation, ports, listeners, routes, shared, destinations, unmatched }
+        Self {
+            generation,
+            ports,
+            listeners: listener_list,
+            routes,
+            changed_listeners,
+            full: false,
+            shared,
+            destinations,
+            unmatched,
+        }
+    }
+
+    /// A service port by name.
+    pub fn port(&self, name: &ServicePortName) -> Option<&Arc<PortState>> {
+        let i = self.ports.binary_search_by(|p| p.spec.name.cmp(name)).ok()?;
+        self.ports.get(i)
+    }
+
+    /// A listener of this snapshot by id.
+    pub fn listener(&self, id: ListenerId) -> Option<&Arc<Listener>> {
+        // A shared proxy port has no route of its own: it is one of a few.
+        let shared =
+            || self.shared.contains(&id).then(|| self.listeners.iter().find(|l| l.id == id)).flatten();
+        self.routes.get(id).map(|r| &r.listener).or_else(shared)
     }
 
     /// The service port a listener serves, and its balancer.
@@ -287,7 +402,7 @@ impl Snapshot {
     /// clients queue rather than wait for a worker to take the socket
     /// (`listen::bind_reuseport`). Ports without an endpoint stay refusing.
     pub fn listen_where_served(&self) {
-        for listener in &self.listeners {
+        for listener in self.changed_listeners.iter().filter_map(|id| self.listener(*id)) {
             if self.serves(listener.id)
                 && let Err(e) = listener.listen_untaken()
             {
@@ -297,9 +412,8 @@ impl Snapshot {
     }
 
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
-        let entry = self.routes.get(&listener)?;
-        let port = self.ports.get(entry.port)?;
-        Some(Route { port, balancer: port.balancer(entry.scope, entry.family) })
+        let entry = self.routes.get(listener)?;
+        Some(Route { port: &entry.port, balancer: entry.port.balancer(entry.scope, entry.family) })
     }
 
     /// The mark of the rule that hands replies to transparent sockets, when

@@ -1,9 +1,21 @@
 //! The table: every validated Service and EndpointSlice the sources know,
-//! merged into one list of service ports.
+//! merged into one list of service ports, kept joined per Service.
 //!
-//! Sources feed the table; the table never reaches out to them. A change is
-//! tried on a copy first ([`Table::try_replace`]), so an invalid change
-//! leaves the table (and therefore the served snapshot) as it was.
+//! Sources feed the table; the table never reaches out to them. A change
+//! is worked out first without touching the table ([`Table::prepare`]),
+//! and only a change the control plane accepts is committed
+//! ([`Table::commit`]), so an invalid change leaves the table (and therefore
+//! the served snapshot) as it was, and nothing needs undoing.
+//!
+//! A change re-joins only the Services it touches: those it sets or
+//! removes, and those whose slices it sets, removes or moves. Slices are
+//! indexed by the Service they name, and each Service's joined service
+//! ports and cross-object errors are kept, so a change costs what it
+//! touches, not the size of the table. A full state (a file reload, an API
+//! relist: [`Table::prepare_replace`]) is first compared with the table,
+//! object by object, and what differs takes the same path. nodePort clashes
+//! are the one check that spans Services: claims are indexed by
+//! `(port, protocol)`, and a change re-checks the claims it touches.
 //!
 //! A [`Table::tolerant`] table (the Kubernetes API source's) still rejects
 //! nothing per object (the source has already kept each object's last good
@@ -11,64 +23,360 @@
 //! service port no slice port matches: it logs each new one once and serves
 //! the rest, as kube-proxy does, instead of freezing every update.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use crate::config::{self, ConfigError, Manifests};
-use crate::model::{EndpointSlice, Service, ServiceName, ServicePort};
+use crate::config::join::{
+    check_node_ports, join_service, own_slices, slice_warning, unique_services, unique_slices,
+};
+use crate::config::{ConfigError, ConfigErrorKind, Manifests, WarningKind};
+use crate::metrics::Changes;
+use crate::model::{EndpointSlice, Protocol, Service, ServiceName, ServicePort, ServicePortName, SliceKind};
 
-#[derive(Clone, Debug, Default)]
+/// A slice's key: its own name and kind (an Endpoints object and an
+/// EndpointSlice may share a name; each Endpoints subset is a slice).
+type SliceKey = (ServiceName, SliceKind);
+/// A nodePort (or healthCheckNodePort) claim.
+type Claim = (u16, Protocol);
+
+#[derive(Debug, Default)]
 pub struct Table {
     services: BTreeMap<ServiceName, Service>,
-    slices: BTreeMap<ServiceName, EndpointSlice>,
-    /// `Some` for a tolerant table: the cross-object errors last reported,
-    /// so each is logged when it appears, not on every update.
-    tolerated: Option<BTreeSet<String>>,
+    slices: BTreeMap<SliceKey, EndpointSlice>,
+    /// Slice keys by the Service they name (which may not exist).
+    by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    /// Each Service's joined ports and its own cross-object errors.
+    joined: HashMap<ServiceName, Joined>,
+    /// Which Services claim each nodePort.
+    claims: HashMap<Claim, BTreeSet<ServiceName>>,
+    /// The clash errors of each claim more than one Service holds.
+    clashes: HashMap<Claim, Vec<String>>,
+    /// Errors of the last full state's lists (duplicate objects).
+    listed: Vec<String>,
+    /// Serve through cross-object errors (module header).
+    tolerant: bool,
+}
+
+/// One Service, joined.
+#[derive(Clone, Debug, Default)]
+struct Joined {
+    /// In the Service's port order.
+    ports: Vec<ServicePort>,
+    /// As reported (a tolerant table logs each new one once).
+    errors: Vec<String>,
+}
+
+/// What a change does to the service ports.
+#[derive(Debug, Default)]
+pub struct PortChange {
+    /// Service ports added or changed, new versions, sorted by name.
+    pub set: Vec<ServicePort>,
+    /// Service ports removed, sorted.
+    pub removed: Vec<ServicePortName>,
+    /// The previous versions of the changed and removed ones.
+    pub old: Vec<ServicePort>,
+    /// As kube-proxy counts them (metrics).
+    pub changes: Changes,
+}
+
+impl PortChange {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// A change worked out against the table, not yet committed.
+#[derive(Debug)]
+pub struct Prepared {
+    services: BTreeMap<ServiceName, Option<Service>>,
+    slices: BTreeMap<SliceKey, Option<EndpointSlice>>,
+    joined: Vec<(ServiceName, Option<Joined>)>,
+    clashes: Vec<(Claim, Vec<String>)>,
+    listed: Option<Vec<String>>,
+    pub change: PortChange,
 }
 
 impl Table {
     /// A table that serves through cross-object errors (see the module
     /// header); for sources whose objects are validated one by one.
     pub fn tolerant() -> Self {
-        Self { tolerated: Some(BTreeSet::new()), ..Self::default() }
+        Self { tolerant: true, ..Self::default() }
     }
 
     /// Whether this table serves through cross-object errors.
     pub fn is_tolerant(&self) -> bool {
-        self.tolerated.is_some()
+        self.tolerant
     }
 
     /// Replace the whole contents (a file source's reload), but only if the
-    /// result is valid. On error the table is unchanged.
-    pub fn try_replace(&mut self, manifests: Manifests) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
-        // Join the lists as given, so duplicates are reported, not collapsed.
-        let (ports, errors) = config::join(&manifests.services, &manifests.slices);
-        if let Some(reported) = &mut self.tolerated {
-            let now: BTreeSet<String> = errors.iter().map(ToString::to_string).collect();
-            for error in now.difference(reported) {
+    /// result is valid; committed at once. On error the table is unchanged.
+    pub fn try_replace(&mut self, manifests: Manifests) -> Result<PortChange, Vec<ConfigError>> {
+        let prepared = self.prepare_replace(manifests)?;
+        Ok(self.commit(prepared))
+    }
+
+    /// Apply a change to some objects, but only if the result is valid;
+    /// committed at once. On error the table is unchanged.
+    pub fn try_apply(&mut self, delta: Delta) -> Result<PortChange, Vec<ConfigError>> {
+        let prepared = self.prepare(delta)?;
+        Ok(self.commit(prepared))
+    }
+
+    /// The change a whole new state makes: the objects that differ from
+    /// the table's, by equality. Duplicates in its lists are reported
+    /// (the first definition is kept), not collapsed.
+    pub fn prepare_replace(&self, manifests: Manifests) -> Result<Prepared, Vec<ConfigError>> {
+        let mut listed = Vec::new();
+        let services = unique_services(&manifests.services, &mut listed);
+        let slices = unique_slices(&manifests.slices, &mut listed);
+        let mut ops = Ops::default();
+        let names: HashSet<&ServiceName> = services.iter().map(|s| &s.name).collect();
+        for name in self.services.keys().filter(|n| !names.contains(n)) {
+            ops.services.insert(name.clone(), None);
+        }
+        for s in services.into_iter().filter(|s| self.services.get(&s.name) != Some(*s)) {
+            ops.services.insert(s.name.clone(), Some(s.clone()));
+        }
+        let keys: HashSet<(&ServiceName, SliceKind)> = slices.iter().map(|s| (&s.id, s.kind)).collect();
+        for key in self.slices.keys().filter(|(id, kind)| !keys.contains(&(id, *kind))) {
+            ops.slices.insert(key.clone(), None);
+        }
+        for s in slices {
+            let key = (s.id.clone(), s.kind);
+            if self.slices.get(&key) != Some(s) {
+                ops.slices.insert(key, Some(s.clone()));
+            }
+        }
+        self.prepare_ops(ops, Some(listed))
+    }
+
+    /// The change a delta makes. A slice set by name replaces every slice
+    /// of that name (of any kind); removed, they all go.
+    pub fn prepare(&self, delta: Delta) -> Result<Prepared, Vec<ConfigError>> {
+        let mut ops = Ops { services: delta.services, slices: BTreeMap::new() };
+        for (id, slice) in delta.slices {
+            let lowest = (id.clone(), SliceKind::EndpointSlice);
+            let highest = (id.clone(), SliceKind::Endpoints { subset: usize::MAX });
+            for key in self.slices.range(lowest..=highest).map(|(k, _)| k) {
+                ops.slices.insert(key.clone(), None);
+            }
+            if let Some(s) = slice {
+                ops.slices.insert((s.id.clone(), s.kind), Some(s));
+            }
+        }
+        self.prepare_ops(ops, None)
+    }
+
+    fn prepare_ops(&self, ops: Ops, listed: Option<Vec<ConfigError>>) -> Result<Prepared, Vec<ConfigError>> {
+        let service_after = |name: &ServiceName| match ops.services.get(name) {
+            Some(set) => set.as_ref(),
+            None => self.services.get(name),
+        };
+        let slice_after = |key: &SliceKey| match ops.slices.get(key) {
+            Some(set) => set.as_ref(),
+            None => self.slices.get(key),
+        };
+        // The Services this touches: set or removed, or whose slices are.
+        let mut touched: BTreeSet<&ServiceName> = ops.services.keys().collect();
+        let mut warnings = Vec::new();
+        for (key, slice) in &ops.slices {
+            touched.extend(self.slices.get(key).map(|s| &s.service));
+            if let Some(s) = slice {
+                touched.insert(&s.service);
+                if service_after(&s.service).is_none() {
+                    warnings.push(slice_warning(s, WarningKind::NoSuchService(s.service.clone())));
+                }
+            }
+        }
+        let mut new_slices: HashMap<&ServiceName, Vec<&SliceKey>> = HashMap::new();
+        for (key, slice) in &ops.slices {
+            if let Some(s) = slice {
+                new_slices.entry(&s.service).or_default().push(key);
+            }
+        }
+
+        let mut joined = Vec::with_capacity(touched.len());
+        let (mut errors, mut old_errors) = (Vec::new(), Vec::new());
+        let mut change = PortChange::default();
+        for &name in &touched {
+            let old = self.joined.get(name);
+            old_errors.extend(old.iter().flat_map(|j| &j.errors));
+            let new = service_after(name).map(|service| {
+                let mut keys: BTreeSet<&SliceKey> = self.by_service.get(name).into_iter().flatten().collect();
+                keys.extend(new_slices.get(name).into_iter().flatten().copied());
+                let mut own: Vec<&EndpointSlice> =
+                    keys.into_iter().filter_map(slice_after).filter(|s| &s.service == name).collect();
+                own_slices(&mut own, &mut warnings);
+                let mut found = Vec::new();
+                let ports = join_service(service, &own, &mut found, &mut warnings);
+                let j = Joined { ports, errors: found.iter().map(ToString::to_string).collect() };
+                errors.extend(found);
+                j
+            });
+            diff_ports(
+                old.map(|j| &j.ports[..]).unwrap_or_default(),
+                new.as_ref().map(|j| &j.ports[..]),
+                &mut change,
+            );
+            joined.push((name.clone(), new));
+        }
+        for warning in &warnings {
+            tracing::warn!(%warning, "manifest warning");
+        }
+
+        // nodePort clashes: every claim the touched Services held or hold.
+        let mut affected: BTreeSet<Claim> = BTreeSet::new();
+        for &name in &touched {
+            affected.extend(self.services.get(name).into_iter().flat_map(claims));
+            affected.extend(service_after(name).into_iter().flat_map(claims));
+        }
+        let mut clashes = Vec::with_capacity(affected.len());
+        for claim in affected {
+            old_errors.extend(self.clashes.get(&claim).into_iter().flatten());
+            let mut holders: BTreeSet<&ServiceName> = self.claims.get(&claim).into_iter().flatten().collect();
+            holders.extend(touched.iter().copied());
+            let holders: Vec<&Service> = holders
+                .into_iter()
+                .filter_map(service_after)
+                .filter(|s| claims(s).any(|c| c == claim))
+                .collect();
+            let mut found = Vec::new();
+            if holders.len() > 1 || holders.iter().any(|s| claims(s).filter(|c| *c == claim).count() > 1) {
+                check_node_ports(&holders, &mut found);
+                found.retain(|e| matches!(e.kind, ConfigErrorKind::DuplicateNodePort { node_port, protocol, .. } if (node_port, protocol) == claim));
+            }
+            clashes.push((claim, found.iter().map(ToString::to_string).collect()));
+            errors.extend(found);
+        }
+        let listed = listed.map(|listed| {
+            old_errors.extend(&self.listed);
+            let text = listed.iter().map(ToString::to_string).collect();
+            errors.extend(listed);
+            text
+        });
+
+        if self.tolerant {
+            let reported: HashSet<&String> = old_errors.into_iter().collect();
+            for error in errors.iter().filter(|e| !reported.contains(&e.to_string())) {
                 tracing::warn!(%error, "served without what this error concerns");
             }
-            *reported = now;
         } else if !errors.is_empty() {
             return Err(errors);
         }
-        self.services = manifests.services.into_iter().map(|s| (s.name.clone(), s)).collect();
-        self.slices = manifests.slices.into_iter().map(|s| (s.id.clone(), s)).collect();
-        Ok(ports)
+        change.set.sort_by(|a, b| a.name.cmp(&b.name));
+        change.removed.sort();
+        Ok(Prepared { services: ops.services, slices: ops.slices, joined, clashes, listed, change })
     }
 
-    /// Apply a change to some objects, but only if the result is valid. On
-    /// error the table is unchanged.
-    pub fn try_apply(&mut self, delta: Delta) -> Result<Vec<ServicePort>, Vec<ConfigError>> {
-        let mut services = self.services.clone();
-        let mut slices = self.slices.clone();
-        delta.services.into_iter().for_each(|(name, s)| set(&mut services, name, s));
-        delta.slices.into_iter().for_each(|(id, s)| set(&mut slices, id, s));
-        let manifests = Manifests {
-            services: services.into_values().collect(),
-            slices: slices.into_values().collect(),
-            warnings: Vec::new(),
+    /// Make a prepared change the table's; what it does to the ports.
+    pub fn commit(&mut self, prepared: Prepared) -> PortChange {
+        let Prepared { services, slices, joined, clashes, listed, change } = prepared;
+        for (name, service) in services {
+            if let Some(old) = self.services.remove(&name) {
+                for claim in claims(&old) {
+                    if let Some(set) = self.claims.get_mut(&claim) {
+                        set.remove(&name);
+                        if set.is_empty() {
+                            self.claims.remove(&claim);
+                        }
+                    }
+                }
+            }
+            if let Some(new) = service {
+                for claim in claims(&new) {
+                    self.claims.entry(claim).or_default().insert(name.clone());
+                }
+                self.services.insert(name, new);
+            }
+        }
+        for (key, slice) in slices {
+            if let Some(old) = self.slices.remove(&key)
+                && let Some(set) = self.by_service.get_mut(&old.service)
+            {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.by_service.remove(&old.service);
+                }
+            }
+            if let Some(new) = slice {
+                self.by_service.entry(new.service.clone()).or_default().insert(key.clone());
+                self.slices.insert(key, new);
+            }
+        }
+        for (name, j) in joined {
+            match j {
+                Some(j) => self.joined.insert(name, j),
+                None => self.joined.remove(&name),
+            };
+        }
+        for (claim, found) in clashes {
+            if found.is_empty() {
+                self.clashes.remove(&claim);
+            } else {
+                self.clashes.insert(claim, found);
+            }
+        }
+        if let Some(listed) = listed {
+            self.listed = listed;
+        }
+        change
+    }
+
+    /// Every service port, sorted by name (a full rebuild's input).
+    pub fn ports(&self) -> Vec<ServicePort> {
+        let mut ports: Vec<ServicePort> =
+            self.joined.values().flat_map(|j| j.ports.iter().cloned()).collect();
+        ports.sort_by(|a, b| a.name.cmp(&b.name));
+        ports
+    }
+}
+
+/// Objects to set or remove, by key.
+#[derive(Default)]
+struct Ops {
+    services: BTreeMap<ServiceName, Option<Service>>,
+    slices: BTreeMap<SliceKey, Option<EndpointSlice>>,
+}
+
+/// The nodePorts a Service claims (a port may claim one twice: an error).
+fn claims(service: &Service) -> impl Iterator<Item = Claim> + '_ {
+    let ports = service.ports.iter().filter_map(|p| Some((p.node_port?, p.protocol)));
+    ports.chain(service.health_check_node_port.map(|p| (p, Protocol::Tcp)))
+}
+
+/// Record what one Service's ports going from `old` to `new` changes, as
+/// kube-proxy counts endpoint and service changes (a port added or removed
+/// counts as both).
+fn diff_ports(old: &[ServicePort], new: Option<&[ServicePort]>, change: &mut PortChange) {
+    let new = new.unwrap_or_default();
+    let c = &mut change.changes;
+    for port in new {
+        let Some(before) = old.iter().find(|o| o.name == port.name) else {
+            c.endpoints += 1;
+            c.services += 1;
+            change.set.push(port.clone());
+            continue;
         };
-        self.try_replace(manifests)
+        if before == port {
+            continue;
+        }
+        if before.endpoints == port.endpoints {
+            c.services += 1;
+        } else {
+            c.endpoints += 1;
+            // Both may have changed: compare the rest (rare, so the clone is).
+            let rest = |p: &ServicePort| ServicePort { endpoints: Vec::new(), ..p.clone() };
+            if rest(before) != rest(port) {
+                c.services += 1;
+            }
+        }
+        change.old.push(before.clone());
+        change.set.push(port.clone());
+    }
+    for before in old.iter().filter(|o| !new.iter().any(|n| n.name == o.name)) {
+        c.endpoints += 1;
+        c.services += 1;
+        change.old.push(before.clone());
+        change.removed.push(before.name.clone());
     }
 }
 
@@ -90,79 +398,5 @@ impl Delta {
     }
 }
 
-fn set<V>(map: &mut BTreeMap<ServiceName, V>, key: ServiceName, value: Option<V>) {
-    match value {
-        Some(v) => {
-            map.insert(key, v);
-        }
-        None => {
-            map.remove(&key);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::{Delta, Table};
-    use crate::config::parse_str;
-
-    /// A Service whose named targetPort no slice port carries: a
-    /// cross-object error (`join`), not an invalid object.
-    const UNMATCHED: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: http, port: 80, targetPort: web}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: other, port: 8080}]
-endpoints: [{addresses: [10.1.0.1]}]
-";
-
-    #[test]
-    fn strict_table_rejects_a_cross_object_error_and_tolerant_one_serves_the_rest() {
-        let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
-        assert!(Table::default().try_replace(manifests.clone()).is_err());
-        let ports = Table::tolerant().try_replace(manifests).unwrap();
-        assert_eq!(ports.len(), 1);
-        assert!(ports[0].endpoints.is_empty(), "served, without the unmatched slice's endpoints");
-    }
-
-    #[test]
-    fn a_delta_sets_and_removes_objects_and_an_invalid_one_changes_nothing() {
-        let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
-        let mut table = Table::tolerant();
-        table.try_replace(manifests.clone()).unwrap();
-        let service = manifests.services[0].clone();
-        let slice = manifests.slices[0].clone();
-
-        // Remove the Service: no port left.
-        let mut delta = Delta::default();
-        delta.services.insert(service.name.clone(), None);
-        assert!(table.try_apply(delta).unwrap().is_empty());
-
-        // Put it back and drop the slice: served without endpoints.
-        let mut delta = Delta::default();
-        delta.services.insert(service.name.clone(), Some(service.clone()));
-        let mut later = Delta::default();
-        later.slices.insert(slice.id.clone(), None);
-        delta.merge(later);
-        let ports = table.try_apply(delta).unwrap();
-        assert_eq!(ports.len(), 1);
-
-        // A strict table refuses the unmatched slice, and keeps what it had.
-        let mut strict = Table::default();
-        let mut only_service = manifests.clone();
-        only_service.slices.clear();
-        assert_eq!(strict.try_replace(only_service).unwrap().len(), 1);
-        let mut delta = Delta::default();
-        delta.slices.insert(slice.id.clone(), Some(slice));
-        assert!(strict.try_apply(delta).is_err());
-        assert_eq!(strict.try_apply(Delta::default()).unwrap().len(), 1, "the strict table is as it was");
-    }
-}
+mod tests;

@@ -51,12 +51,7 @@ pub fn join_with_warnings(services: &[model::Service], slices: &[model::Endpoint
 
     for service in &services {
         let own = slices.get(&service.name).map(Vec::as_slice).unwrap_or_default();
-        warn_unserved_families(service, own, &mut joined.warnings);
-        for (i, spec) in service.ports.iter().enumerate() {
-            let mut endpoints = endpoints_for(service, i, spec, own, &mut joined.errors);
-            endpoints.retain(|e| serves(service, e.addr.0.ip()));
-            joined.ports.push(service_port(service, spec, endpoints));
-        }
+        joined.ports.extend(join_service(service, own, &mut joined.errors, &mut joined.warnings));
     }
     joined.ports.sort_by(|a, b| a.name.cmp(&b.name));
     for warning in &joined.warnings {
@@ -65,9 +60,28 @@ pub fn join_with_warnings(services: &[model::Service], slices: &[model::Endpoint
     joined
 }
 
+/// One Service's service ports, from its slices as [`own_slices`] chose
+/// them; the errors and warnings that concern it alone. In the Service's
+/// port order.
+pub fn join_service(
+    service: &model::Service,
+    own: &[&model::EndpointSlice],
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<Warning>,
+) -> Vec<ServicePort> {
+    warn_unserved_families(service, own, warnings);
+    let mut ports = Vec::with_capacity(service.ports.len());
+    for (i, spec) in service.ports.iter().enumerate() {
+        let mut endpoints = endpoints_for(service, i, spec, own, errors);
+        endpoints.retain(|e| serves(service, e.addr.0.ip()));
+        ports.push(service_port(service, spec, endpoints));
+    }
+    ports
+}
+
 /// First definition wins; later ones are errors naming the first. Input
 /// order is kept, so clash errors name the later definition.
-fn unique_services<'a>(
+pub(crate) fn unique_services<'a>(
     services: &'a [model::Service],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<&'a model::Service> {
@@ -86,7 +100,7 @@ fn unique_services<'a>(
 
 /// An Endpoints object and an EndpointSlice may share a name; two slices
 /// of one kind may not.
-fn unique_slices<'a>(
+pub(crate) fn unique_slices<'a>(
     slices: &'a [model::EndpointSlice],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<&'a model::EndpointSlice> {
@@ -132,15 +146,22 @@ fn slices_by_service<'a>(
         }
     }
     for group in grouped.values_mut() {
-        if group.iter().any(|s| s.kind == SliceKind::EndpointSlice) {
-            for shadowed in group.iter().filter(|s| matches!(s.kind, SliceKind::Endpoints { .. })) {
-                warnings.push(slice_warning(shadowed, WarningKind::EndpointsShadowed));
-            }
-            group.retain(|s| s.kind == SliceKind::EndpointSlice);
-        }
-        group.sort_by(|a, b| a.id.cmp(&b.id));
+        own_slices(group, warnings);
     }
     grouped
+}
+
+/// The slices of one Service it uses: its EndpointSlices if it has any
+/// (its Endpoints are then ignored, with a warning), sorted by id for a
+/// stable endpoint order.
+pub(crate) fn own_slices(group: &mut Vec<&model::EndpointSlice>, warnings: &mut Vec<Warning>) {
+    if group.iter().any(|s| s.kind == SliceKind::EndpointSlice) {
+        for shadowed in group.iter().filter(|s| matches!(s.kind, SliceKind::Endpoints { .. })) {
+            warnings.push(slice_warning(shadowed, WarningKind::EndpointsShadowed));
+        }
+        group.retain(|s| s.kind == SliceKind::EndpointSlice);
+    }
+    group.sort_by(|a, b| a.id.cmp(&b.id));
 }
 
 /// Whether the Service uses an endpoint at `ip`: one of its families, or
@@ -180,7 +201,7 @@ fn warn_unserved_families(
     }
 }
 
-fn slice_warning(slice: &model::EndpointSlice, kind: WarningKind) -> Warning {
+pub(crate) fn slice_warning(slice: &model::EndpointSlice, kind: WarningKind) -> Warning {
     Warning {
         origin: slice.origin.clone(),
         object: Some(slice_ref(slice.kind, &slice.id)),
@@ -193,7 +214,7 @@ fn slice_warning(slice: &model::EndpointSlice, kind: WarningKind) -> Warning {
 /// any Services) cannot share one for the same protocol; nor can a
 /// `healthCheckNodePort` (TCP, on the same addresses) share one with a
 /// TCP nodePort or another Service's health check.
-fn check_node_ports(services: &[&model::Service], errors: &mut Vec<ConfigError>) {
+pub(crate) fn check_node_ports(services: &[&model::Service], errors: &mut Vec<ConfigError>) {
     let mut used: HashMap<(u16, Protocol), (&model::Service, String)> = HashMap::new();
     for service in services.iter().copied() {
         let ports = service.ports.iter().enumerate().filter_map(|(i, spec)| {

@@ -17,7 +17,7 @@
 //! at the first error: an object, a file and a directory report all of theirs.
 //! Nothing here panics on input.
 
-mod join;
+pub(crate) mod join;
 mod load;
 mod names;
 mod service;

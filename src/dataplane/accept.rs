@@ -90,7 +90,7 @@ impl Worker {
                 Some(_) => {}
             }
         }
-        for listener in &snapshot.listeners {
+        for listener in snapshot.listeners.iter() {
             let Some(&serving) = wanted.get(&listener.id) else { continue };
             if self.by_id.contains_key(&listener.id) {
                 continue;

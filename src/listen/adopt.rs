@@ -3,7 +3,6 @@
 //! match the configuration, and the proxy ports a previous run's rules
 //! point at, bound again after a crash.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -36,7 +35,7 @@ impl Binder {
         sp: &ServicePort,
         key: &ListenKey,
         ip: IpAddr,
-        used: &mut HashSet<u16>,
+        used: &mut super::Used<'_>,
     ) -> Option<Arc<Listener>> {
         let port =
             self.preferred_port(sp, key.role).filter(|p| !used.contains(p) && self.proxy_port_allowed(*p))?;
@@ -102,7 +101,7 @@ impl Binder {
         &mut self,
         key: &ListenKey,
         ip: IpAddr,
-        used: &mut HashSet<u16>,
+        used: &mut super::Used<'_>,
     ) -> Option<Arc<Listener>> {
         let handed = self.adopted.remove(key)?;
         let port = handed.addr.port();

@@ -15,7 +15,6 @@
 //! Invariant: a shared listener has no route of its own; the data plane
 //! routes each of its connections by the destination the rules rewrote.
 
-use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -90,8 +89,8 @@ impl Binder {
     /// bound, the IPv6 one on the IPv4 one's number when free.
     pub(super) fn bind_shared(
         &mut self,
-        previous: &HashMap<&ListenKey, &Arc<Listener>>,
-        used: &mut HashSet<u16>,
+        held: &super::Held,
+        used: &mut super::Used<'_>,
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
         let (mut listeners, mut errors) = (Vec::new(), Vec::new());
         let mut v4_port = None;
@@ -99,7 +98,7 @@ impl Binder {
             let key = ListenKey::shared(role);
             let twin = v4_port.filter(|_| role == ListenRole::Proxy6);
             let started = self.started_shared.iter().position(|l| l.key == key && l.addr.ip() == ip);
-            let result = match (previous.get(&key), started) {
+            let result = match (held.listener(&key), started) {
                 (Some(existing), _) if existing.addr.ip() == ip => Ok(Arc::clone(existing)),
                 (_, Some(at)) => Ok(self.started_shared.swap_remove(at)),
                 _ => match self.take_adopted(&key, ip, used) {
@@ -135,8 +134,9 @@ impl Binder {
     // Bind errors are rare and off the hot path; their size does not matter.
     #[allow(clippy::result_large_err)]
     pub fn bind_shared_at_start(&mut self) -> Result<(), BindError> {
-        let mut used = HashSet::new();
-        let (listeners, errors) = self.bind_shared(&HashMap::new(), &mut used);
+        let none = super::Held::default();
+        let mut used = super::Used::new(&none);
+        let (listeners, errors) = self.bind_shared(&none, &mut used);
         if let Some(e) = errors.into_iter().next() {
             return Err(e);
         }
@@ -147,7 +147,7 @@ impl Binder {
     /// After a crash: the port the previous run's rules send TCP of
     /// `role`'s family to (the shared port, if that run shared one), so
     /// the first sync is a difference, not a rewrite of every element.
-    fn preferred_shared(&self, role: ListenRole, used: &HashSet<u16>) -> Option<u16> {
+    fn preferred_shared(&self, role: ListenRole, used: &super::Used<'_>) -> Option<u16> {
         let v6 = role == ListenRole::Proxy6;
         let allowed = |p: &u16| self.opts.proxy_port_range.as_ref().is_none_or(|r| r.contains(p));
         self.preferred

@@ -279,7 +279,15 @@ impl Metrics {
         gauge(e, KP_ENDPOINT_CHANGES_PENDING, pending, load(&a.endpoint_pending) as i64)?;
         counter(e, KP_SERVICE_CHANGES, "Service ports whose service changed", load(&a.service_changes))?;
         let pending = "Service ports whose service changes are not yet served";
-        gauge(e, KP_SERVICE_CHANGES_PENDING, pending, load(&a.service_pending) as i64)
+        gauge(e, KP_SERVICE_CHANGES_PENDING, pending, load(&a.service_pending) as i64)?;
+        let build = "Time to build a snapshot: every service port (full) or the changed ones (partial)";
+        let kind = |k: &str| -> Labels { vec![("kind", LabelValue(k.to_owned()))] };
+        histogram(
+            e,
+            SNAPSHOT_BUILD,
+            build,
+            &[(kind("full"), vec![&a.build_full]), (kind("partial"), vec![&a.build_partial])],
+        )
     }
 
     fn encode_process(e: &mut Enc<'_>) -> std::fmt::Result {

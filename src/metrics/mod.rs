@@ -52,6 +52,7 @@ pub mod names {
     pub const UDP_DROPPED: &str = "ringport_udp_datagrams_dropped";
     pub const UDP_TRUNCATED: &str = "ringport_udp_datagrams_truncated";
     pub const SNAPSHOT_GENERATION: &str = "ringport_snapshot_generation";
+    pub const SNAPSHOT_BUILD: &str = "ringport_snapshot_build_seconds";
     pub const RELOADS: &str = "ringport_reloads";
     pub const SYNC_DURATION: &str = "ringport_sync_duration_seconds";
     pub const SYNC_FAILURES: &str = "ringport_sync_failures";
@@ -101,6 +102,13 @@ impl Buckets for ConnectBuckets {
 pub struct SyncBuckets;
 impl Buckets for SyncBuckets {
     const BOUNDS: &'static [f64] = &exponential::<15>(0.001, 2.0);
+}
+
+/// Snapshot builds: 50 µs to 1.6 s, doubling.
+#[derive(Debug)]
+pub struct BuildBuckets;
+impl Buckets for BuildBuckets {
+    const BOUNDS: &'static [f64] = &exponential::<16>(0.00005, 2.0);
 }
 
 /// kube-proxy's `network_programming_duration_seconds`: 0 (its `merge()`
@@ -313,6 +321,9 @@ pub struct ApplyMetrics {
     service_changes: AtomicU64,
     endpoint_pending: AtomicU64,
     service_pending: AtomicU64,
+    /// Snapshot builds, every port (`full`) or the changed ones.
+    build_full: AtomicHistogram<BuildBuckets>,
+    build_partial: AtomicHistogram<BuildBuckets>,
 }
 
 /// How many service ports an update changed.
@@ -343,6 +354,12 @@ impl ApplyMetrics {
 }
 
 impl ApplyMetrics {
+    /// A snapshot was built in `took`, every port or only changed ones.
+    pub fn snapshot_built(&self, took: Duration, full: bool) {
+        let h = if full { &self.build_full } else { &self.build_partial };
+        h.observe(took);
+    }
+
     /// A change the API server stamped at `trigger` (an EndpointSlice's
     /// `endpoints.kubernetes.io/last-change-trigger-time`) is served now,
     /// as kube-proxy observes network programming latency. A stamp ahead

@@ -179,7 +179,7 @@ impl Engine {
             }
             keep
         });
-        for l in &current.listeners {
+        for l in current.listeners.iter() {
             if store.names.contains_key(&l.id) {
                 continue;
             }

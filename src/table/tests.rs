@@ -1,0 +1,254 @@
+//! The table's change path: deltas and full states re-join only what they
+//! touch, with the same errors a whole join reports.
+
+use super::{Delta, Table};
+use crate::config::{Manifests, join, parse_str};
+use crate::model::{ServiceName, ServicePort};
+
+/// A Service whose named targetPort no slice port carries: a
+/// cross-object error (`join`), not an invalid object.
+const UNMATCHED: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: web}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: other, port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+";
+
+/// Two Services, each with a slice, and a third slice of `a` in another
+/// object.
+const TWO: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.1
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.2
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-1, namespace: default, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-2, namespace: default, labels: {kubernetes.io/service-name: a}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.2]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: b-1, namespace: default, labels: {kubernetes.io/service-name: b}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.2.0.1]}]
+";
+
+fn named(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+fn addrs(table: &Table, service: &str) -> Vec<String> {
+    let ports = table.ports();
+    let port = ports.iter().find(|p| p.name.service.name == service).expect("port");
+    port.endpoints.iter().map(|e| e.addr.to_string()).collect()
+}
+
+/// The table's ports are what a whole join of its objects gives.
+fn agrees_with_join(table: &Table) {
+    let services: Vec<_> = table.services.values().cloned().collect();
+    let slices: Vec<_> = table.slices.values().cloned().collect();
+    let (ports, _) = join(&services, &slices);
+    assert_eq!(table.ports(), ports);
+}
+
+fn manifests() -> Manifests {
+    parse_str(TWO, "t.yaml").unwrap()
+}
+
+#[test]
+fn strict_table_rejects_a_cross_object_error_and_tolerant_one_serves_the_rest() {
+    let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
+    assert!(Table::default().try_replace(manifests.clone()).is_err());
+    let mut table = Table::tolerant();
+    let change = table.try_replace(manifests).unwrap();
+    assert_eq!(change.set.len(), 1);
+    assert!(change.set[0].endpoints.is_empty(), "served, without the unmatched slice's endpoints");
+}
+
+#[test]
+fn a_delta_sets_and_removes_objects_and_an_invalid_one_changes_nothing() {
+    let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
+    let mut table = Table::tolerant();
+    table.try_replace(manifests.clone()).unwrap();
+    let service = manifests.services[0].clone();
+    let slice = manifests.slices[0].clone();
+
+    // Remove the Service: no port left.
+    let mut delta = Delta::default();
+    delta.services.insert(service.name.clone(), None);
+    let change = table.try_apply(delta).unwrap();
+    assert_eq!(change.removed.len(), 1);
+    assert!(table.ports().is_empty());
+
+    // Put it back and drop the slice: served without endpoints.
+    let mut delta = Delta::default();
+    delta.services.insert(service.name.clone(), Some(service.clone()));
+    let mut later = Delta::default();
+    later.slices.insert(slice.id.clone(), None);
+    delta.merge(later);
+    assert_eq!(table.try_apply(delta).unwrap().set.len(), 1);
+    assert_eq!(table.ports().len(), 1);
+
+    // A strict table refuses the unmatched slice, and keeps what it had.
+    let mut strict = Table::default();
+    let mut only_service = manifests.clone();
+    only_service.slices.clear();
+    assert_eq!(strict.try_replace(only_service).unwrap().set.len(), 1);
+    let mut delta = Delta::default();
+    delta.slices.insert(slice.id.clone(), Some(slice));
+    assert!(strict.try_apply(delta).is_err());
+    assert!(strict.try_apply(Delta::default()).unwrap().is_empty(), "the strict table is as it was");
+    assert_eq!(strict.ports().len(), 1);
+}
+
+#[test]
+fn a_slice_moving_to_another_service_changes_both_and_only_them() {
+    let mut table = Table::default();
+    let m = manifests();
+    assert_eq!(table.try_replace(m.clone()).unwrap().set.len(), 2);
+    assert_eq!(addrs(&table, "a"), ["10.1.0.1:8080", "10.1.0.2:8080"]);
+
+    let mut moved = m.slices[1].clone();
+    moved.service = named("b");
+    let mut delta = Delta::default();
+    delta.slices.insert(moved.id.clone(), Some(moved));
+    let change = table.try_apply(delta).unwrap();
+    let names: Vec<_> = change.set.iter().map(|p| p.name.service.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(change.changes.endpoints, 2);
+    assert_eq!(change.changes.services, 0);
+    assert_eq!(addrs(&table, "a"), ["10.1.0.1:8080"]);
+    assert_eq!(addrs(&table, "b"), ["10.1.0.2:8080", "10.2.0.1:8080"]);
+    agrees_with_join(&table);
+
+    // A slice removed: only its Service changes.
+    let mut delta = Delta::default();
+    delta.slices.insert(named("b-1"), None);
+    let change = table.try_apply(delta).unwrap();
+    assert_eq!(change.set.len(), 1);
+    assert_eq!(addrs(&table, "b"), ["10.1.0.2:8080"]);
+    agrees_with_join(&table);
+
+    // Nothing changed: nothing to do.
+    assert!(table.try_apply(Delta::default()).unwrap().is_empty());
+}
+
+#[test]
+fn a_service_removed_with_its_slices_left_comes_back_with_them() {
+    let mut table = Table::default();
+    let m = manifests();
+    table.try_replace(m.clone()).unwrap();
+    let mut delta = Delta::default();
+    delta.services.insert(named("a"), None);
+    let change = table.try_apply(delta).unwrap();
+    assert_eq!(change.removed.len(), 1);
+    assert_eq!(change.old.len(), 1);
+    assert_eq!(table.ports().len(), 1);
+    agrees_with_join(&table);
+
+    let mut delta = Delta::default();
+    delta.services.insert(named("a"), Some(m.services[0].clone()));
+    let change = table.try_apply(delta).unwrap();
+    assert_eq!(change.set.len(), 1);
+    assert_eq!(addrs(&table, "a"), ["10.1.0.1:8080", "10.1.0.2:8080"], "its slices were kept");
+    agrees_with_join(&table);
+}
+
+#[test]
+fn a_full_state_is_diffed_and_duplicates_are_reported() {
+    let mut table = Table::default();
+    let m = manifests();
+    table.try_replace(m.clone()).unwrap();
+    // The same state again: nothing changes.
+    assert!(table.try_replace(m.clone()).unwrap().is_empty());
+
+    // One slice differs, one Service goes.
+    let mut next = m.clone();
+    next.slices[2].endpoints[0].addresses = vec!["10.2.0.9".parse().unwrap()];
+    next.services.remove(0);
+    let change = table.try_replace(next.clone()).unwrap();
+    assert_eq!(change.set.iter().map(|p| p.name.service.name.clone()).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(change.removed.len(), 1);
+    agrees_with_join(&table);
+
+    // A Service defined twice: a strict table refuses and keeps its state.
+    let mut twice = next.clone();
+    twice.services.push(twice.services[0].clone());
+    let errors = table.try_replace(twice.clone()).unwrap_err();
+    assert!(errors[0].to_string().contains("Service default/b"), "{}", errors[0]);
+    assert_eq!(addrs(&table, "b"), ["10.2.0.9:8080"]);
+    // A tolerant one serves the first definition.
+    let mut tolerant = Table::tolerant();
+    assert_eq!(tolerant.try_replace(twice).unwrap().set.len(), 1);
+}
+
+#[test]
+fn a_node_port_clash_with_an_unchanged_service_is_found_and_cleared() {
+    let mut table = Table::default();
+    let m = manifests();
+    table.try_replace(m.clone()).unwrap();
+    // b takes a's nodePort: a clash with an object the delta leaves alone.
+    let mut b = m.services[1].clone();
+    b.ports[0].node_port = Some(30080);
+    let mut delta = Delta::default();
+    delta.services.insert(b.name.clone(), Some(b.clone()));
+    let errors = table.try_apply(delta.clone()).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().contains("nodePort 30080/TCP is already used"), "{}", errors[0]);
+
+    // Tolerant: served, and the clash goes once a is gone.
+    let mut tolerant = Table::tolerant();
+    tolerant.try_replace(m).unwrap();
+    tolerant.try_apply(delta).unwrap();
+    assert_eq!(tolerant.clashes.len(), 1);
+    let mut delta = Delta::default();
+    delta.services.insert(named("a"), None);
+    tolerant.try_apply(delta).unwrap();
+    assert!(tolerant.clashes.is_empty());
+    let ports: Vec<ServicePort> = tolerant.ports();
+    assert_eq!(ports.len(), 1);
+}
+
+#[test]
+fn a_prepared_change_not_committed_leaves_the_table_as_it_was() {
+    let mut table = Table::default();
+    table.try_replace(manifests()).unwrap();
+    let mut delta = Delta::default();
+    delta.services.insert(named("a"), None);
+    let prepared = table.prepare(delta).unwrap();
+    assert_eq!(prepared.change.removed.len(), 1);
+    drop(prepared);
+    assert_eq!(table.ports().len(), 2);
+    agrees_with_join(&table);
+}
