@@ -6,7 +6,7 @@
 //! times a full apply, then one endpoint change, one Service added and one
 //! Service deleted on top (p50/p99 over `SAMPLES` each), and a full
 //! replace carrying one change (a file reload, an API relist), with the
-//! time of each stage (join, budget, bind, loops, log, build, publish).
+//! time of each stage (join, budget, bind, loops, commit, build, publish).
 //!
 //! It runs in a private network namespace of its own (no rules are
 //! programmed; nothing outside it is touched): there the ephemeral port
@@ -82,7 +82,7 @@ fn main() {
         Err(_) => vec![1_000, 10_000, 100_000],
     };
     println!(
-        "| service ports | what | p50 | p99 | max | join | budget | bind | loops | log | build | publish |"
+        "| service ports | what | p50 | p99 | max | join | budget | bind | loops | commit | build | publish |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
@@ -232,7 +232,7 @@ fn row(n: usize, what: &str, stages: &[Stages]) {
         stage(&|s| s.budget),
         stage(&|s| s.bind),
         stage(&|s| s.loops),
-        stage(&|s| s.log),
+        stage(&|s| s.commit),
         stage(&|s| s.build),
         stage(&|s| s.publish),
     );

@@ -64,8 +64,8 @@ pub struct Stages {
     pub bind: Duration,
     /// Endpoint loops.
     pub loops: Duration,
-    /// The per-listener and bind-error log lines.
-    pub log: Duration,
+    /// The table takes the change; the listener index; the log lines.
+    pub commit: Duration,
     /// The snapshot: balancers, routes.
     pub build: Duration,
     /// The store, the workers' wake-up, the logs.
@@ -74,7 +74,7 @@ pub struct Stages {
 
 impl Stages {
     pub fn total(&self) -> Duration {
-        self.join + self.budget + self.bind + self.loops + self.log + self.build + self.publish
+        self.join + self.budget + self.bind + self.loops + self.commit + self.build + self.publish
     }
 }
 
@@ -212,7 +212,15 @@ impl Control {
         let mut caught = Vec::new();
         if !fresh.is_empty() {
             let new_own = loops::of_listeners(&fresh.iter().map(|l| Arc::clone(l)).collect::<Vec<_>>());
-            for p in previous.ports.iter().filter(|p| !leaving.contains(&p.spec.name)) {
+            // Only an endpoint on a new listener's port number can loop.
+            let numbers: HashSet<(Protocol, u16)> =
+                fresh.iter().map(|l| (l.key.protocol, l.addr.port())).collect();
+            let suspect = |p: &ServicePort| {
+                p.endpoints.iter().any(|e| numbers.contains(&(p.protocol, e.addr.0.port())))
+            };
+            let unchanged =
+                previous.ports.iter().filter(|p| suspect(&p.spec) && !leaving.contains(&p.spec.name));
+            for p in unchanged {
                 let found = loops::find(std::slice::from_ref(&p.spec), &new_own, &local);
                 if !found.is_empty() {
                     looping.extend(found);
@@ -243,8 +251,9 @@ impl Control {
             set.push(spec);
         }
         set.sort_by(|a, b| a.name.cmp(&b.name));
-        let added: Vec<&Arc<Listener>> =
-            listeners.iter().filter(|l| !old_listeners.contains(&l.id)).collect();
+        let before: HashSet<ListenerId> = old_listeners.iter().copied().collect();
+        let now: HashSet<ListenerId> = listeners.iter().map(|l| l.id).collect();
+        let added: Vec<&Arc<Listener>> = listeners.iter().filter(|l| !before.contains(&l.id)).collect();
         for l in &added {
             tracing::debug!(service = %l.key.port, role = %l.key.role, addr = %l.addr, "listening");
         }
@@ -252,16 +261,13 @@ impl Control {
             set: set.len(),
             removed: removed.len(),
             listeners_added: added.len(),
-            listeners_removed: old_listeners
-                .iter()
-                .filter(|id| !listeners.iter().any(|l| l.id == **id))
-                .count(),
+            listeners_removed: before.difference(&now).count(),
             bind_errors: bind_errors.len(),
         };
         log_bind_errors(&bind_errors);
         self.held.replace(&leaving, &listeners);
         (self.listen_addresses, self.udp_ports) = (listen_addresses, udp_ports);
-        lap(&mut stages.log);
+        lap(&mut stages.commit);
 
         let update = PortUpdate { set, removed: &removed, listeners, old_listeners };
         let full = previous.ports.is_empty();

@@ -508,12 +508,7 @@ impl Engine {
             match applied {
                 Ok(a) => {
                     engine.published();
-                    tracing::info!(
-                        generation = a.generation,
-                        service_ports = a.service_ports,
-                        listeners = a.listeners,
-                        "first configuration applied"
-                    );
+                    summary(&a, "first configuration");
                 }
                 Err(e) => {
                     engine.data_plane.stop();
@@ -603,21 +598,7 @@ impl Engine {
                 for t in triggers {
                     self.metrics.apply.programmed(*t);
                 }
-                // The one line per update: per-listener lines are at debug.
-                let (s, took) = (a.summary, a.stages.total());
-                tracing::info!(
-                    trigger = why,
-                    generation = a.generation,
-                    service_ports = a.service_ports,
-                    listeners = a.listeners,
-                    ports_set = s.set,
-                    ports_removed = s.removed,
-                    listeners_added = s.listeners_added,
-                    listeners_removed = s.listeners_removed,
-                    bind_errors = s.bind_errors,
-                    took = ?took,
-                    "reloaded"
-                );
+                summary(&a, why);
             }
             Err(rejected) => {
                 for e in &rejected.0 {
@@ -628,6 +609,26 @@ impl Engine {
         }
         recheck
     }
+}
+
+/// The one line an update logs at info, whatever its size (per-listener
+/// lines are at debug).
+fn summary(a: &crate::control::Applied, trigger: &str) {
+    let s = a.summary;
+    tracing::info!(
+        trigger,
+        generation = a.generation,
+        service_ports = a.service_ports,
+        listeners = a.listeners,
+        ports_set = s.set,
+        ports_removed = s.removed,
+        listeners_added = s.listeners_added,
+        listeners_removed = s.listeners_removed,
+        bind_errors = s.bind_errors,
+        took = ?a.stages.total(),
+        stages = ?a.stages,
+        "reloaded"
+    );
 }
 
 fn lines(errors: &[ConfigError]) -> String {

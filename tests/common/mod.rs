@@ -48,6 +48,11 @@ impl Proxy {
     /// util-linux's `prlimit`, so that fd-budget tests do not depend on the
     /// machine's limits.
     pub fn start_with_nofile(manifest: &str, args: &[&str], nofile: Option<u64>) -> Proxy {
+        Self::start_within(manifest, args, nofile, Duration::from_secs(20))
+    }
+
+    /// `start_with_nofile`, ready within `ready_within` (a large manifest).
+    pub fn start_within(manifest: &str, args: &[&str], nofile: Option<u64>, ready_within: Duration) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("services.yaml"), manifest).expect("write manifest");
         let scratch = tempfile::tempdir().expect("temp dir");
@@ -88,7 +93,7 @@ impl Proxy {
             .spawn()
             .expect("spawn ringport");
         let mut proxy = Proxy { child, dir, scratch, metrics, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + ready_within;
         loop {
             if let Ok(Some(status)) = proxy.child.try_wait() {
                 panic!("ringport exited with {status} before ready:\n{}", proxy.log());
@@ -96,7 +101,7 @@ impl Proxy {
             if proxy.get("/readyz").is_some_and(|(code, _)| code == 200) {
                 break;
             }
-            assert!(Instant::now() < deadline, "ringport not ready in 20 s:\n{}", proxy.log());
+            assert!(Instant::now() < deadline, "ringport not ready in {ready_within:?}:\n{}", proxy.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         proxy
