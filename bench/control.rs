@@ -191,7 +191,7 @@ fn run(n: usize) {
 /// endpoints (2.5 on average); `version` moves its first endpoint.
 fn object(service: &Service, slice: &EndpointSlice, i: usize, version: usize) -> (Service, EndpointSlice) {
     let name = ServiceName::new("bench", format!("s{i}"));
-    let protocol = if i % 2 == 0 { Protocol::Tcp } else { Protocol::Udp };
+    let protocol = if i.is_multiple_of(2) { Protocol::Tcp } else { Protocol::Udp };
     let mut s = service.clone();
     s.name = name.clone();
     s.cluster_ips = vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + i as u32))];

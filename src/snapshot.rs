@@ -321,7 +321,7 @@ impl Snapshot {
         ports.extend(new.cloned());
         // Counters and health of ports gone: dropped with their last user;
         // the registries forget them when ports go, and now and then.
-        if !removed.is_empty() || generation % 64 == 0 {
+        if !removed.is_empty() || generation.is_multiple_of(64) {
             ctx.registry.prune();
             ctx.metrics.prune();
         }

@@ -29,8 +29,15 @@ use super::sys;
 use super::token::Token;
 use super::udp_pace::ReadPace;
 use super::worker::Worker;
-use crate::listen::{self, ListenerId};
+use crate::listen::{self, Listener, ListenerId};
 use crate::model::Protocol;
+use crate::snapshot::Snapshot;
+
+/// Whether a listener's socket should accept: a UDP socket is never
+/// paused (datagrams without an endpoint are dropped and counted).
+fn wanted(snapshot: &Snapshot, l: &Listener) -> bool {
+    l.key.protocol == Protocol::Udp || snapshot.serves(l.id)
+}
 
 impl Worker {
     /// Bring this worker's accepting sockets in line with the snapshot:
@@ -41,96 +48,121 @@ impl Worker {
             self.begin_stop()?;
         }
         let snapshot = self.shared.snapshot.load_full();
+        // One generation on from the last one followed, built from a
+        // change: only the listeners it names can differ (`Snapshot`'s
+        // invariants). Otherwise every listener is looked at.
+        let one_on = snapshot.generation == self.followed + 1 && !snapshot.full;
+        self.followed = snapshot.generation;
+        if one_on && !self.stopping {
+            for &id in &snapshot.changed_listeners {
+                let wanted = snapshot.listener(id).map(|l| wanted(&snapshot, l));
+                match (self.by_id.get(&id).copied(), snapshot.listener(id)) {
+                    (Some(key), _) => self.follow(key, wanted)?,
+                    (None, Some(listener)) => self.take(listener, wanted.unwrap_or(false))?,
+                    (None, None) => {}
+                }
+            }
+            return self.reconcile_flows(&snapshot);
+        }
         let wanted: HashMap<ListenerId, bool> = if self.stopping {
             HashMap::new()
         } else {
-            // A UDP socket is never paused: datagrams without an endpoint
-            // are dropped and counted.
-            snapshot
-                .listeners
-                .iter()
-                .map(|l| (l.id, l.key.protocol == Protocol::Udp || snapshot.serves(l.id)))
-                .collect()
+            snapshot.listeners.iter().map(|l| (l.id, wanted(&snapshot, l))).collect()
         };
         for key in self.listeners.keys() {
-            let Some(a) = self.listeners.get_mut(key) else { continue };
-            let Some(fd) = a.fd.as_ref() else { continue };
-            match wanted.get(&a.id) {
-                None => {
-                    a.fd = None;
-                    let token = match a.protocol {
-                        Protocol::Tcp => Token::Accept(key),
-                        Protocol::Udp => Token::UdpListen(key),
-                    };
-                    if a.armed {
-                        self.cancel(token)?;
-                    } else {
-                        self.forget_listener(key)?;
-                    }
-                }
-                Some(false) if !a.paused => {
-                    // shutdown(SHUT_RD) stops a listening socket but keeps
-                    // its port; listen() later resumes it on the same port.
-                    let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Read);
-                    a.paused = true;
-                    if a.armed {
-                        self.cancel(Token::Accept(key))?;
-                    }
-                }
-                Some(true) if a.paused => {
-                    if let Err(e) = SockRef::from(fd).listen(listen::BACKLOG) {
-                        tracing::error!(worker = self.index, error = %e, "cannot resume listening");
-                        continue;
-                    }
-                    a.paused = false;
-                    if !a.armed {
-                        self.arm_accept(key)?;
-                    }
-                }
-                Some(_) => {}
-            }
+            let id = match self.listeners.get(key) {
+                Some(a) => a.id,
+                None => continue,
+            };
+            self.follow(key, wanted.get(&id).copied())?;
         }
         for listener in snapshot.listeners.iter() {
             let Some(&serving) = wanted.get(&listener.id) else { continue };
-            if self.by_id.contains_key(&listener.id) {
-                continue;
-            }
-            if let Some(fd) = listener.take_socket(self.index) {
-                let protocol = listener.key.protocol;
-                // The control side binds TCP sockets without listening, so a
-                // port with no endpoint refuses from its very first moment; a
-                // worker listens only once it serves the port.
-                let serving = serving
-                    && (protocol == Protocol::Udp
-                        || SockRef::from(&fd).listen(listen::BACKLOG).map_err(|e| {
-                            tracing::error!(worker = self.index, error = %e, "cannot start listening")
-                        }).is_ok());
-                if !serving && protocol == Protocol::Tcp {
-                    // A socket handed over by the previous instance already
-                    // listens: stop it as a pause does (a fresh one does not
-                    // listen, and the call fails harmlessly).
-                    let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
-                }
-                let a = Accepting {
-                    id: listener.id,
-                    role: listener.key.role,
-                    protocol,
-                    shared: listener.key.is_shared(),
-                    fd: Some(fd),
-                    paused: !serving,
-                    armed: false,
-                    pace: ReadPace::new(sys::BATCH),
-                };
-                let key = self.listeners.insert(a);
-                self.by_id.insert(listener.id, key);
-                match protocol {
-                    Protocol::Udp => self.arm_udp_listener(key)?,
-                    Protocol::Tcp if serving => self.arm_accept(key)?,
-                    Protocol::Tcp => {}
-                }
+            if !self.by_id.contains_key(&listener.id) {
+                self.take(listener, serving)?;
             }
         }
         self.reconcile_flows(&snapshot)
+    }
+
+    /// Bring one accepting socket in line: close it (`None`: its listener
+    /// left), pause it (`Some(false)`: no usable endpoint) or resume it.
+    fn follow(&mut self, key: Key, wanted: Option<bool>) -> io::Result<()> {
+        let Some(a) = self.listeners.get_mut(key) else { return Ok(()) };
+        let Some(fd) = a.fd.as_ref() else { return Ok(()) };
+        match wanted {
+            None => {
+                a.fd = None;
+                let token = match a.protocol {
+                    Protocol::Tcp => Token::Accept(key),
+                    Protocol::Udp => Token::UdpListen(key),
+                };
+                if a.armed {
+                    self.cancel(token)?;
+                } else {
+                    self.forget_listener(key)?;
+                }
+            }
+            Some(false) if !a.paused => {
+                // shutdown(SHUT_RD) stops a listening socket but keeps
+                // its port; listen() later resumes it on the same port.
+                let _ = SockRef::from(fd).shutdown(std::net::Shutdown::Read);
+                a.paused = true;
+                if a.armed {
+                    self.cancel(Token::Accept(key))?;
+                }
+            }
+            Some(true) if a.paused => {
+                if let Err(e) = SockRef::from(fd).listen(listen::BACKLOG) {
+                    tracing::error!(worker = self.index, error = %e, "cannot resume listening");
+                    return Ok(());
+                }
+                a.paused = false;
+                if !a.armed {
+                    self.arm_accept(key)?;
+                }
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Take this worker's socket of a new listener (once).
+    fn take(&mut self, listener: &Listener, serving: bool) -> io::Result<()> {
+        let Some(fd) = listener.take_socket(self.index) else { return Ok(()) };
+        let protocol = listener.key.protocol;
+        // The control side binds TCP sockets without listening, so a
+        // port with no endpoint refuses from its very first moment; a
+        // worker listens only once it serves the port.
+        let serving = serving
+            && (protocol == Protocol::Udp
+                || SockRef::from(&fd)
+                    .listen(listen::BACKLOG)
+                    .map_err(|e| tracing::error!(worker = self.index, error = %e, "cannot start listening"))
+                    .is_ok());
+        if !serving && protocol == Protocol::Tcp {
+            // A socket handed over by the previous instance already
+            // listens: stop it as a pause does (a fresh one does not
+            // listen, and the call fails harmlessly).
+            let _ = SockRef::from(&fd).shutdown(std::net::Shutdown::Read);
+        }
+        let a = Accepting {
+            id: listener.id,
+            role: listener.key.role,
+            protocol,
+            shared: listener.key.is_shared(),
+            fd: Some(fd),
+            paused: !serving,
+            armed: false,
+            pace: ReadPace::new(sys::BATCH),
+        };
+        let key = self.listeners.insert(a);
+        self.by_id.insert(listener.id, key);
+        match protocol {
+            Protocol::Udp => self.arm_udp_listener(key),
+            Protocol::Tcp if serving => self.arm_accept(key),
+            Protocol::Tcp => Ok(()),
+        }
     }
 
     pub(super) fn arm_accept(&mut self, key: Key) -> io::Result<()> {

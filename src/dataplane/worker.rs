@@ -66,6 +66,8 @@ pub(super) struct Worker {
     pub(super) shared: Arc<Shared>,
     pub(super) listeners: Slots<Accepting>,
     pub(super) by_id: HashMap<ListenerId, Key>,
+    /// The snapshot generation the listeners last followed.
+    pub(super) followed: u64,
     conns: Slots<Conn>,
     pool: Pool,
     relay: RelayMode,
@@ -112,6 +114,7 @@ impl Worker {
             shared,
             listeners: Slots::default(),
             by_id: HashMap::new(),
+            followed: 0,
             conns: Slots::with_capacity(1024),
             pool: Pool::new(config.relay),
             relay: config.relay,
