@@ -292,7 +292,17 @@ impl Binder {
         ports: &[ServicePort],
         previous: &[Arc<Listener>],
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
-        self.bind_changed(ports, &Held::of(previous), &|_| true)
+        let held = Held::of(previous);
+        let (mut listeners, errors) = self.bind_changed(ports, &held, &|_| true);
+        // A whole bind lists the shared proxy ports too, kept or new.
+        for (role, _) in shared_plan(&self.opts) {
+            if let Some(kept) = held.listener(&ListenKey::shared(role))
+                && !listeners.iter().any(|l| l.id == kept.id)
+            {
+                listeners.insert(0, Arc::clone(kept));
+            }
+        }
+        (listeners, errors)
     }
 
     /// The listeners for `ports`, the changed service ports of a
