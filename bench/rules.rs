@@ -240,7 +240,7 @@ fn snapshot_changes_on_top_of_100k() {
     row("full sync (snapshot)", "nft", n, vec![first]);
     let kept = |ports: Vec<_>, listeners: Vec<_>, generation| {
         let mut snap = Snapshot::default();
-        (snap.generation, snap.ports, snap.listeners) = (generation, ports, listeners);
+        (snap.generation, snap.ports, snap.listeners) = (generation, ports, Arc::new(listeners));
         Arc::new(snap)
     };
     let (mut endpoint, mut removed, mut added, mut rebuilt) =
@@ -254,16 +254,16 @@ fn snapshot_changes_on_top_of_100k() {
         let mut ports = base.ports.clone();
         ports[k] = Arc::clone(&one.ports[0]);
         generation += 1;
-        let snap = kept(ports, base.listeners.clone(), generation);
+        let snap = kept(ports, base.listeners.to_vec(), generation);
         endpoint.push(measure(|| s.sync(&snap, false).expect("endpoint change")));
-        let (mut ports, mut ls) = (base.ports.clone(), base.listeners.clone());
+        let (mut ports, mut ls) = (base.ports.clone(), base.listeners.to_vec());
         ports.remove(k);
         ls.remove(k);
         generation += 1;
         let snap = kept(ports, ls, generation);
         removed.push(measure(|| s.sync(&snap, false).expect("remove one")));
         generation += 1;
-        let snap = kept(base.ports.clone(), base.listeners.clone(), generation);
+        let snap = kept(base.ports.clone(), base.listeners.to_vec(), generation);
         added.push(measure(|| s.sync(&snap, false).expect("add one back")));
     }
     for i in 0..5 {
@@ -279,7 +279,7 @@ fn snapshot_changes_on_top_of_100k() {
     let mut resync = Vec::new();
     for _ in 0..SAMPLES_RESYNC {
         generation += 1;
-        let snap = kept(base.ports.clone(), base.listeners.clone(), generation);
+        let snap = kept(base.ports.clone(), base.listeners.to_vec(), generation);
         resync.push(measure(|| s.sync(&snap, true).expect("periodic resync")));
     }
     row("periodic resync, table untouched (snapshot)", "nft", n, resync);
