@@ -330,9 +330,11 @@ impl Binder {
         };
         // A Service's listener on a shared port's address would join its
         // SO_REUSEPORT group and take a share of every redirected
-        // connection: the shared ports are claimed first (those bound now
-        // here, those held through `held`), so it clashes.
-        for l in &listeners {
+        // connection: the shared ports are claimed first (bound now or
+        // held: they never leave), so it clashes.
+        let held_shared =
+            shared_plan(&self.opts).into_iter().filter_map(|(r, _)| held.listener(&ListenKey::shared(r)));
+        for l in listeners.iter().chain(held_shared) {
             claimed.insert((l.addr, l.key.protocol), l.key.port.clone());
         }
 
