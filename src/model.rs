@@ -447,6 +447,11 @@ pub struct EndpointSlice {
     pub origin: Origin,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<SliceEndpoint>,
+    /// Its `endpoints.kubernetes.io/last-change-trigger-time`, when it
+    /// carries a readable one: when the change that made it happened, for
+    /// the network programming latency.
+    #[serde(skip)]
+    pub trigger: Option<std::time::SystemTime>,
 }
 
 /// One endpoint of one service port, after Service and slices are joined.

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,14 +30,15 @@ use crate::balance::BalanceOptions;
 use crate::balance::health::{HealthPolicy, HealthRegistry};
 use crate::budget::Budget;
 use crate::config::{ConfigError, Manifests};
-use crate::control::{Control, Rejected};
+use crate::control::{Applied, Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::handover::{self, HandedAdmin, HandoverOptions, Taken};
 use crate::listen::{Binder, ListenOptions, node_addresses};
-use crate::metrics::Metrics;
+use crate::metrics::{Changes, Metrics};
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
 use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::source::Change;
 use crate::source::file::{FileLoader, WatchError};
 use crate::source::kube::{KubeError, KubeOptions};
 use crate::source_ip::SourceOptions;
@@ -263,15 +265,16 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
     let mut handed_over = false;
 
     let mut idle = Some(engine);
-    let mut running: Option<JoinHandle<(Engine, bool)>> = None;
+    let mut running: Option<JoinHandle<(Engine, Done)>> = None;
     let mut pending = Work::default();
     let mut recheck: Option<tokio::time::Instant> = None;
     loop {
         let queued = tokio::select! {
-            update = source.next() => {
-                let update = update?;
-                pending.triggers.extend(source.take_triggers());
-                Some(update)
+            next = source.next() => {
+                let next = next?;
+                pending.triggers.extend(next.triggers);
+                pending.counted += next.counted;
+                Some((next.update, next.why))
             }
             view = next_node(&mut node) => {
                 let view = view?;
@@ -287,7 +290,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
                 None
             }
             Some(()) = hup.recv() => match &source {
-                Source::File(_) => Some((Update::Full(Full::Files), "SIGHUP")),
+                Source::File(_) => Some((Update::Full(Full::Reread), "SIGHUP")),
                 Source::Kube(_) => {
                     tracing::info!("SIGHUP: the Kubernetes source is always current; nothing to reload");
                     None
@@ -299,11 +302,14 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             }
             done = finished(&mut running) => {
                 running = None;
-                let (mut back, again) = done.map_err(|_| RunError::ControlPanicked)?;
+                let (mut back, done) = done.map_err(|_| RunError::ControlPanicked)?;
                 if let Some(e) = back.unconfirmed.take() {
                     return Err(RunError::Unconfirmed(e));
                 }
-                if again {
+                if done.refused {
+                    source.refused();
+                }
+                if done.recheck {
                     recheck = Some(tokio::time::Instant::now() + crate::source::file::SETTLE);
                 }
                 idle = Some(back);
@@ -328,8 +334,8 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
         {
             let work = std::mem::take(&mut pending);
             running = Some(tokio::task::spawn_blocking(move || {
-                let again = engine.work(work);
-                (engine, again)
+                let done = engine.work(work);
+                (engine, done)
             }));
         }
     }
@@ -369,6 +375,18 @@ struct Work {
     /// The trigger times of the EndpointSlice changes queued updates
     /// carry, kept when a newer update replaces an older one.
     triggers: Vec<std::time::SystemTime>,
+    /// The changes queued updates carry that were counted pending: no
+    /// longer pending once the update is applied (or refused).
+    counted: Changes,
+}
+
+/// What the engine's work came to.
+#[derive(Clone, Copy, Debug, Default)]
+struct Done {
+    /// A vanished file was kept: read the files again soon.
+    recheck: bool,
+    /// The control plane refused a source's update.
+    refused: bool,
 }
 
 impl Work {
@@ -390,6 +408,10 @@ impl Work {
                 (Update::Then(full, queued), first)
             }
             (Some((Update::Full(full), first)), Update::Changes(later)) => (Update::Then(full, later), first),
+            // A later change on disk does not undo a SIGHUP's reread.
+            (Some((Update::Full(Full::Reread), first)), Update::Full(Full::Files)) => {
+                (Update::Full(Full::Reread), first)
+            }
             (_, update) => (update, why),
         });
     }
@@ -399,16 +421,17 @@ impl Work {
 /// then a change.
 enum Update {
     Full(Full),
-    // Sent by no source yet: the API source's per-object changes are next.
-    #[allow(dead_code)]
     Changes(Delta),
     Then(Full, Delta),
 }
 
 /// A full state: the files as they are on disk now (read on the blocking
-/// thread), or the API's.
+/// thread: the files that changed since the last load, and the loader
+/// sends what changed in them), the same with every file read again
+/// (SIGHUP), or the API's.
 enum Full {
     Files,
+    Reread,
     Manifests(Manifests),
 }
 
@@ -497,16 +520,17 @@ impl Engine {
         };
         engine.start_store(kept_names);
         if let Some(first) = first {
-            let (manifests, _) = engine.read(first);
+            let (change, _, _) = engine.read(first);
             let initial = |errors: Vec<ConfigError>| RunError::Initial {
                 path: opts.config.clone(),
                 errors: Rejected(errors),
             };
-            let applied = manifests.map_err(initial).and_then(|m| {
-                engine.control.replace(m, &engine.data_plane).map_err(|rejected| initial(rejected.0))
-            });
+            let applied =
+                change.map_err(initial).and_then(|c| engine.take(c).map_err(|rejected| initial(rejected.0)));
             match applied {
-                Ok(a) => {
+                // A first load is a whole state: never `None`.
+                Ok(None) => {}
+                Ok(Some(a)) => {
                     engine.published();
                     summary(&a, "first configuration");
                 }
@@ -520,16 +544,17 @@ impl Engine {
     }
 
     /// Everything queued: the Node's zone first (it changes how the
-    /// update balances), then the update. True when the files should be
-    /// read again soon.
-    fn work(&mut self, work: Work) -> bool {
+    /// update balances), then the update.
+    fn work(&mut self, work: Work) -> Done {
         if let Some(zone) = work.zone {
             self.relocate(zone);
         }
-        match work.update {
-            Some((update, why)) => self.apply(update, why, &work.triggers),
-            None => false,
-        }
+        let done = match work.update {
+            Some((update, why)) => self.apply(update, why, work.triggers),
+            None => Done::default(),
+        };
+        self.metrics.apply.unqueued(work.counted);
+        done
     }
 
     /// A snapshot was published: what follows it (rules, health checks).
@@ -560,54 +585,78 @@ impl Engine {
         }
     }
 
-    /// The state `update` stands for, and whether a vanished file was kept
-    /// (then load again soon).
-    fn read(&mut self, full: Full) -> (Result<Manifests, Vec<ConfigError>>, bool) {
+    /// The change `full` stands for, whether a vanished file was kept
+    /// (then load again soon), and the trigger times of the slices a file
+    /// load changes.
+    fn read(&mut self, full: Full) -> (Result<Change, Vec<ConfigError>>, bool, Vec<SystemTime>) {
+        let reread = matches!(full, Full::Reread);
         match (full, &mut self.loader) {
-            (Full::Manifests(m), _) => (Ok(m), false),
-            (Full::Files, Some(loader)) => {
-                let loaded = loader.load();
-                (loaded.result.map_err(|e| e.into_iter().collect()), loaded.recheck)
+            (Full::Manifests(m), _) => (Ok(Change::Whole(m)), false, Vec::new()),
+            (Full::Files | Full::Reread, Some(loader)) => {
+                let loaded = loader.load(reread);
+                (loaded.result.map_err(|e| e.into_iter().collect()), loaded.recheck, loaded.triggers)
             }
-            (Full::Files, None) => (Ok(Manifests::default()), false),
+            (Full::Files | Full::Reread, None) => {
+                (Ok(Change::Whole(Manifests::default())), false, Vec::new())
+            }
         }
     }
 
+    /// Take `change` into the control plane (`None`: it changes nothing,
+    /// e.g. a file saved unchanged). The file loader's load is what is
+    /// served once taken: its next load is told apart from it.
+    fn take(&mut self, change: Change) -> Result<Option<Applied>, Rejected> {
+        let outcome = match change {
+            Change::Whole(m) => self.control.replace(m, &self.data_plane).map(Some),
+            Change::Delta(d) if d.services.is_empty() && d.slices.is_empty() => Ok(None),
+            Change::Delta(d) => self.control.apply(d, &self.data_plane).map(Some),
+        };
+        if outcome.is_ok()
+            && let Some(loader) = &mut self.loader
+        {
+            loader.commit();
+        }
+        outcome
+    }
+
     /// Apply an update, or log why it was rejected (the last good state
-    /// keeps serving). Once it is published, each of `triggers` is timed
-    /// for kube-proxy's network programming latency. True when the files
-    /// should be read again soon.
-    fn apply(&mut self, update: Update, why: &str, triggers: &[std::time::SystemTime]) -> bool {
-        let (outcome, recheck) = match update {
-            Update::Changes(delta) => (self.control.apply(delta, &self.data_plane), false),
+    /// keeps serving). Once it is published, each of `triggers` (and each
+    /// trigger time of the slices the files changed) is timed for the
+    /// network programming latency.
+    fn apply(&mut self, update: Update, why: &str, mut triggers: Vec<SystemTime>) -> Done {
+        let (outcome, mut done) = match update {
+            Update::Changes(delta) => (self.take(Change::Delta(delta)), Done::default()),
             Update::Then(full, delta) => {
-                let recheck = self.apply(Update::Full(full), why, &[]);
-                (self.control.apply(delta, &self.data_plane), recheck)
+                let done = self.apply(Update::Full(full), why, Vec::new());
+                (self.take(Change::Delta(delta)), done)
             }
             Update::Full(full) => {
-                let (update, recheck) = self.read(full);
-                (update.map_err(Rejected).and_then(|m| self.control.replace(m, &self.data_plane)), recheck)
+                let (change, recheck, read) = self.read(full);
+                triggers.extend(read);
+                (change.map_err(Rejected).and_then(|c| self.take(c)), Done { recheck, refused: false })
             }
         };
         let counter =
             if outcome.is_ok() { &self.metrics.reloads_applied } else { &self.metrics.reloads_rejected };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
-            Ok(a) => {
+            Ok(None) => tracing::debug!(trigger = why, "nothing changed"),
+            Ok(Some(a)) => {
                 self.published();
                 for t in triggers {
-                    self.metrics.apply.programmed(*t);
+                    self.metrics.apply.programmed(t);
                 }
                 summary(&a, why);
             }
             Err(rejected) => {
+                done.refused = true;
                 for e in &rejected.0 {
                     tracing::error!(error = %e, "invalid manifest");
                 }
                 tracing::error!(trigger = why, error = %rejected, "reload rejected");
             }
         }
-        recheck
+        done
     }
 }
 

@@ -59,29 +59,27 @@ pub fn load_path(path: &Path) -> Result<Manifests, ConfigErrors> {
     collector.finish()
 }
 
-/// The files `load_path` reads under a path, each with its text or the
-/// error that kept it from being read (a dangling link, a file too large).
+/// The files `load_path` reads under a path, not yet read.
 #[derive(Debug, Default)]
 pub struct ManifestFiles {
-    pub files: Vec<(PathBuf, Result<String, ConfigError>)>,
+    pub files: Vec<PathBuf>,
     /// Problems with the path itself (a missing directory, a dangling link).
     pub errors: Vec<ConfigError>,
     pub warnings: Vec<Warning>,
 }
 
-/// Lists and reads the manifest files under `path`, for a source that
-/// treats them one by one.
+/// Lists the manifest files under `path`, for a source that treats them
+/// one by one (and reads each with [`read_manifest`]).
 pub fn manifest_files(path: &Path) -> ManifestFiles {
     let mut collector = Collector::default();
-    let files = collector
-        .manifest_files(path)
-        .into_iter()
-        .map(|file| {
-            let text = read_bounded(&file).map_err(|kind| file_error(&file.display().to_string(), kind));
-            (file, text)
-        })
-        .collect();
+    let files = collector.manifest_files(path);
     ManifestFiles { files, errors: collector.errors, warnings: collector.manifests.warnings }
+}
+
+/// One manifest file's text, or what kept it from being read (a dangling
+/// link, a file too large).
+pub fn read_manifest(file: &Path) -> Result<String, ConfigErrorKind> {
+    read_bounded(file)
 }
 
 /// A file's text, unless it is larger than [`MAX_FILE_BYTES`] (checked on

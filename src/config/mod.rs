@@ -34,10 +34,11 @@ use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 pub use join::{Joined, join, join_with_warnings};
 pub use load::{
     MAX_FILE_BYTES, MAX_FLOW_DEPTH, ManifestFiles, is_manifest_name, load_path, manifest_files, parse_str,
+    read_manifest,
 };
 pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;
-pub use slice::{slice_from_endpoints, slice_from_k8s};
+pub use slice::{TRIGGER_TIME_ANNOTATION, slice_from_endpoints, slice_from_k8s, trigger_time};
 
 /// Everything read from manifest files: validated, not yet joined.
 #[derive(Clone, Debug, Default)]

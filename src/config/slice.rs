@@ -14,6 +14,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{EndpointAddress, Endpoints};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
     AddressUse, ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, NameRule, ObjectRef, Skip,
@@ -86,8 +87,20 @@ pub fn slice_from_k8s(
         origin: diag.origin().clone(),
         ports,
         endpoints,
+        trigger: trigger_time(meta),
     };
     diag.finish(value)
+}
+
+/// The annotation the endpoint-slice (and endpoints) controller stamps with
+/// the time of the change (Pod or Service) that caused it.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// An object's trigger time, when it carries a readable one (RFC 3339); an
+/// unreadable stamp only goes untimed.
+pub fn trigger_time(meta: &ObjectMeta) -> Option<std::time::SystemTime> {
+    let value = meta.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
+    humantime::parse_rfc3339_weak(value).ok()
 }
 
 /// Converts a hand-written `v1/Endpoints` into one slice per subset (each
@@ -110,6 +123,7 @@ pub fn slice_from_endpoints(
         origin: origin.clone(),
         ports,
         endpoints,
+        trigger: trigger_time(&ep.metadata),
     };
     let mut slices = Vec::new();
     for (i, subset) in ep.subsets.iter().flatten().enumerate() {

@@ -273,6 +273,7 @@ impl Metrics {
         gauge_f64(e, KP_LAST_SYNC, help, last)?;
         let programming = "Time from an EndpointSlice's last-change-trigger-time to its change being served";
         histogram(e, KP_NETWORK_PROGRAMMING, programming, &[(Vec::new(), vec![&a.programming])])?;
+        histogram(e, NETWORK_PROGRAMMING, programming, &[(Vec::new(), vec![&a.programming_fine])])?;
         let changes = "Service ports whose endpoints changed";
         counter(e, KP_ENDPOINT_CHANGES, changes, load(&a.endpoint_changes))?;
         let pending = "Service ports whose endpoint changes are not yet served";

@@ -69,6 +69,9 @@ pub mod names {
     pub const KP_SYNC_PARTIAL_DURATION: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
     pub const KP_LAST_SYNC: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     pub const KP_NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
+    /// The same figure as kube-proxy's, in buckets fine enough for
+    /// milliseconds (kube-proxy's first bounds are 0, 0.25 s and 0.5 s).
+    pub const NETWORK_PROGRAMMING: &str = "ringport_network_programming_duration_seconds";
     pub const KP_ENDPOINT_CHANGES: &str = "kubeproxy_sync_proxy_rules_endpoint_changes";
     pub const KP_ENDPOINT_CHANGES_PENDING: &str = "kubeproxy_sync_proxy_rules_endpoint_changes_pending";
     pub const KP_SERVICE_CHANGES: &str = "kubeproxy_sync_proxy_rules_service_changes";
@@ -118,6 +121,18 @@ impl Buckets for BuildBuckets {
 pub struct ProgrammingBuckets;
 impl Buckets for ProgrammingBuckets {
     const BOUNDS: &'static [f64] = &programming_bounds();
+}
+
+/// `ringport_network_programming_duration_seconds`: 0.5 ms to 60 s, with
+/// bounds at 10 ms and 50 ms (the p50 and p99 goals of one change at 100k
+/// service ports), so a goal reads off one bucket.
+#[derive(Debug)]
+pub struct FineProgrammingBuckets;
+impl Buckets for FineProgrammingBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        30.0, 60.0,
+    ];
 }
 
 const fn exponential<const N: usize>(start: f64, factor: f64) -> [f64; N] {
@@ -317,6 +332,7 @@ pub struct ApplyMetrics {
     duration: AtomicHistogram<SyncBuckets>,
     last_ms: AtomicU64,
     programming: AtomicHistogram<ProgrammingBuckets>,
+    programming_fine: AtomicHistogram<FineProgrammingBuckets>,
     endpoint_changes: AtomicU64,
     service_changes: AtomicU64,
     endpoint_pending: AtomicU64,
@@ -326,13 +342,21 @@ pub struct ApplyMetrics {
     build_partial: AtomicHistogram<BuildBuckets>,
 }
 
-/// How many service ports an update changed.
+/// How many service ports an update changed (or, counted by a source as
+/// they arrive, how many objects).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Service ports whose endpoints changed (added and removed ports count).
     pub endpoints: u64,
     /// Service ports whose service fields changed (added and removed count).
     pub services: u64,
+}
+
+impl std::ops::AddAssign for Changes {
+    fn add_assign(&mut self, other: Changes) {
+        self.endpoints += other.endpoints;
+        self.services += other.services;
+    }
 }
 
 impl ApplyMetrics {
@@ -342,13 +366,22 @@ impl ApplyMetrics {
         self.service_pending.fetch_add(changes.services, Ordering::Relaxed);
     }
 
+    /// Changes [`ApplyMetrics::queued`] counted are no longer pending: the
+    /// update carrying them was published (or refused). Changes queued
+    /// since, in a later update, stay pending.
+    pub fn unqueued(&self, changes: Changes) {
+        let less = |n: u64| move |v: u64| Some(v.saturating_sub(n));
+        let _ =
+            self.endpoint_pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(changes.endpoints));
+        let _ =
+            self.service_pending.fetch_update(Ordering::Relaxed, Ordering::Relaxed, less(changes.services));
+    }
+
     /// An update published: it was received at `received`.
     pub fn published(&self, received: Instant, changes: Changes) {
         self.duration.observe(received.elapsed());
         self.endpoint_changes.fetch_add(changes.endpoints, Ordering::Relaxed);
         self.service_changes.fetch_add(changes.services, Ordering::Relaxed);
-        self.endpoint_pending.store(0, Ordering::Relaxed);
-        self.service_pending.store(0, Ordering::Relaxed);
         self.last_ms.store(unix_ms(), Ordering::Relaxed);
     }
 }
@@ -362,10 +395,19 @@ impl ApplyMetrics {
 
     /// A change the API server stamped at `trigger` (an EndpointSlice's
     /// `endpoints.kubernetes.io/last-change-trigger-time`) is served now,
-    /// as kube-proxy observes network programming latency. A stamp ahead
-    /// of this node's clock counts as 0.
+    /// as kube-proxy observes network programming latency.
     pub fn programmed(&self, trigger: SystemTime) {
-        self.programming.observe(SystemTime::now().duration_since(trigger).unwrap_or_default());
+        self.programmed_at(trigger, SystemTime::now());
+    }
+
+    /// As [`ApplyMetrics::programmed`], served since `served` (observed
+    /// later, e.g. once the rule sync showed no rule changed). Into both
+    /// kube-proxy's histogram and ringport's finer one; a stamp ahead of
+    /// `served` (another clock) counts as 0.
+    pub fn programmed_at(&self, trigger: SystemTime, served: SystemTime) {
+        let took = served.duration_since(trigger).unwrap_or_default();
+        self.programming.observe(took);
+        self.programming_fine.observe(took);
     }
 }
 

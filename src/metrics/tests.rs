@@ -145,6 +145,7 @@ fn build_info_and_kube_proxy_names_are_exposed() {
     let pending = scrape(&metrics);
     assert!(pending.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 2"), "{pending}");
     metrics.apply.published(Instant::now(), Changes { endpoints: 2, services: 1 });
+    metrics.apply.unqueued(Changes { endpoints: 2, services: 1 });
     let text = scrape(&metrics);
     for line in [
         "kubeproxy_sync_proxy_rules_endpoint_changes_total 2",
@@ -224,6 +225,48 @@ fn network_programming_is_timed_from_the_trigger_time() {
     ] {
         assert!(text.contains(line), "{line} in {text}");
     }
+}
+
+#[test]
+fn network_programming_has_millisecond_buckets_beside_kube_proxys() {
+    let metrics = Arc::new(Metrics::new(1));
+    let trigger = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    // Served 3 ms, 40 ms and 2 s after the change.
+    for ms in [3, 40, 2000] {
+        metrics.apply.programmed_at(trigger, trigger + Duration::from_millis(ms));
+    }
+    let text = scrape(&metrics);
+    for line in [
+        "ringport_network_programming_duration_seconds_count 3",
+        "ringport_network_programming_duration_seconds_bucket{le=\"0.0025\"} 0",
+        "ringport_network_programming_duration_seconds_bucket{le=\"0.005\"} 1",
+        "ringport_network_programming_duration_seconds_bucket{le=\"0.01\"} 1",
+        "ringport_network_programming_duration_seconds_bucket{le=\"0.05\"} 2",
+        "ringport_network_programming_duration_seconds_bucket{le=\"2.5\"} 3",
+        "ringport_network_programming_duration_seconds_sum 2.043",
+        // kube-proxy's coarse one sees the same three.
+        "kubeproxy_network_programming_duration_seconds_bucket{le=\"0.25\"} 2",
+        "kubeproxy_network_programming_duration_seconds_count 3",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+}
+
+#[test]
+fn pending_changes_fall_by_what_an_update_carried_not_to_zero() {
+    let metrics = Arc::new(Metrics::new(1));
+    metrics.apply.queued(Changes { endpoints: 3, services: 1 });
+    metrics.apply.queued(Changes { endpoints: 2, services: 0 });
+    metrics.apply.published(Instant::now(), Changes { endpoints: 1, services: 1 });
+    metrics.apply.unqueued(Changes { endpoints: 3, services: 1 });
+    let text = scrape(&metrics);
+    assert!(text.contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 2"), "{text}");
+    assert!(text.contains("kubeproxy_sync_proxy_rules_service_changes_pending 0"), "{text}");
+    metrics.apply.unqueued(Changes { endpoints: 5, services: 5 });
+    assert!(
+        scrape(&metrics).contains("kubeproxy_sync_proxy_rules_endpoint_changes_pending 0"),
+        "never below 0"
+    );
 }
 
 #[test]

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::{Full, RunError, RunOptions, SourceChoice, Update};
-use crate::metrics::Metrics;
+use crate::metrics::{Changes, Metrics};
+use crate::source::Change;
 use crate::source::file::FileSource;
 use crate::source::kube::{Filter, KubeError, KubeSource, NodeView, NodeWatch};
 
@@ -60,25 +61,51 @@ impl Source {
         }
     }
 
-    /// The trigger times of the EndpointSlice changes in the state `next`
-    /// last yielded (none from files).
-    pub(super) fn take_triggers(&mut self) -> Vec<std::time::SystemTime> {
-        match self {
-            Source::File(_) => Vec::new(),
-            Source::Kube(kube) => kube.take_triggers(),
-        }
-    }
-
-    /// The next update, and what triggered it.
-    pub(super) async fn next(&mut self) -> Result<(Update, &'static str), RunError> {
+    /// The next update, what triggered it, and what it carries for the
+    /// metrics.
+    pub(super) async fn next(&mut self) -> Result<Next, RunError> {
         match self {
             Source::File(file) => {
                 if file.changed().await.is_none() {
                     return Err(RunError::WatchEnded);
                 }
-                Ok((Update::Full(Full::Files), "file change"))
+                // The engine reads the changed files: their trigger times
+                // come with what it reads.
+                Ok(Next::new(Update::Full(Full::Files), "file change"))
             }
-            Source::Kube(kube) => Ok((Update::Full(Full::Manifests(kube.next().await?)), "API change")),
+            Source::Kube(kube) => {
+                let update = match kube.next().await? {
+                    Change::Whole(m) => Update::Full(Full::Manifests(m)),
+                    Change::Delta(d) => Update::Changes(d),
+                };
+                let mut next = Next::new(update, "API change");
+                next.triggers = kube.take_triggers();
+                next.counted = kube.take_counted();
+                Ok(next)
+            }
         }
+    }
+
+    /// The control plane refused the last update it was given.
+    pub(super) fn refused(&mut self) {
+        if let Source::Kube(kube) = self {
+            kube.resync();
+        }
+    }
+}
+
+/// One update from the source.
+pub(super) struct Next {
+    pub update: Update,
+    pub why: &'static str,
+    /// The trigger times of the EndpointSlice changes it carries.
+    pub triggers: Vec<std::time::SystemTime>,
+    /// The changes it carries that were counted pending.
+    pub counted: Changes,
+}
+
+impl Next {
+    fn new(update: Update, why: &'static str) -> Self {
+        Self { update, why, triggers: Vec::new(), counted: Changes::default() }
     }
 }

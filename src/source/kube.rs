@@ -1,15 +1,14 @@
 //! Services and EndpointSlices from the Kubernetes API, through `kube`'s
 //! runtime watchers, as whole-state updates for the control plane.
 //!
-//! **Table updates: whole state, not per-object deltas.** The source keeps
+//! **Table updates: the whole state once, then deltas.** The source keeps
 //! the last good version of every object itself ([`ClusterState`]) and
-//! yields the full `Manifests` for the control plane's `replace`, the same
-//! call the file source uses. Per-object validity lives here: an invalid
-//! object is logged (namespace/name/field) and its previous version kept,
-//! so the table only ever sees valid objects. Rebuilding the whole state
-//! costs a join over every object, which coalescing (below) bounds to ten
-//! times a second; in exchange there is one path into the table, relists
-//! are an atomic swap for free, and `Table` needs no delta logic.
+//! yields the whole state first (`Manifests`, for the control plane's
+//! `replace`), then only the objects touched since ([`Delta`](crate::table::Delta), for
+//! `apply`), so one changed EndpointSlice costs the table one Service's
+//! worth of work, not a join over every object. Per-object validity lives
+//! here: an invalid object is logged (namespace/name/field) and its
+//! previous version kept, so the table only ever sees valid objects.
 //! Cross-object findings (`join`'s errors, e.g. a named targetPort no slice
 //! carries) cannot be pinned on one object's last good version, so for this
 //! source they are logged and the rest served: the control plane is told to
@@ -36,36 +35,41 @@
 //! real address, since the `kubernetes` Service only works once ringport's
 //! own rules exist.
 //!
-//! **Coalescing.** After the first change, events keep being absorbed for
-//! [`COALESCE`] before one update is yielded: a storm of EndpointSlice
-//! updates rebuilds the snapshot at most ten times a second.
+//! **No wait.** An update is yielded as soon as a change is handled,
+//! together with every event that has already arrived (up to
+//! [`MAX_BATCH`] of them): no timer holds a change back. A storm is
+//! batched downstream instead: while the control plane applies one update,
+//! the run loop merges the deltas that arrive into the next one (its
+//! `Work::queue`), so a burst costs a few applies, however long it lasts,
+//! and a lone change is applied at once (kube-proxy's `minSyncPeriod`
+//! without its fixed wait).
 
 mod node;
 mod state;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::time::Duration;
-
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Changes, Metrics};
 
 pub use node::{NodeView, NodeWatch, TO_BE_DELETED_TAINT};
 pub use state::{API_ORIGIN, ClusterState, Filter, Outcome, SERVICE_PROXY_NAME_LABEL};
 
 use crate::config::Manifests;
+use crate::source::Change;
 
-/// How long a burst of events is absorbed before one update is yielded.
-pub const COALESCE: Duration = Duration::from_millis(100);
+/// The most events already arrived that one update takes in, so a flood
+/// cannot hold an update back.
+pub const MAX_BATCH: usize = 1024;
 
 /// The Node label naming its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -165,6 +169,8 @@ pub struct KubeSource {
     metrics: Option<Arc<Metrics>>,
     /// The trigger times of the slice changes in the last update yielded.
     triggers: Vec<std::time::SystemTime>,
+    /// The changes counted pending since the last update yielded.
+    counted: Changes,
 }
 
 impl KubeSource {
@@ -184,11 +190,17 @@ impl KubeSource {
 
     /// A source over any event streams (tests feed synthetic ones).
     pub fn from_streams(services: Events<Service>, slices: Events<EndpointSlice>, filter: Filter) -> Self {
-        Self { services, slices, state: ClusterState::new(filter), metrics: None, triggers: Vec::new() }
+        Self {
+            services,
+            slices,
+            state: ClusterState::new(filter),
+            metrics: None,
+            triggers: Vec::new(),
+            counted: Changes::default(),
+        }
     }
 
-    /// Count each change as pending in `metrics` while it waits to be
-    /// coalesced and published.
+    /// Count each change as pending in `metrics` until it is published.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
@@ -199,27 +211,45 @@ impl KubeSource {
         self.state.synced()
     }
 
-    /// The next whole state to publish: the first once both watchers have
-    /// listed, then one per burst of changes. Stream errors are logged and
-    /// retried (with backoff) inside; only a stream that ends is an error.
-    pub async fn next(&mut self) -> Result<Manifests, KubeError> {
+    /// The next update to publish: the whole state once both watchers have
+    /// listed, then the objects touched since, as soon as one is (module
+    /// header). Stream errors are logged and retried (with backoff) inside;
+    /// only a stream that ends is an error.
+    pub async fn next(&mut self) -> Result<Change, KubeError> {
         loop {
             while !self.state.pending() {
                 self.step().await?;
             }
-            let window = tokio::time::sleep(COALESCE);
-            tokio::pin!(window);
-            loop {
-                tokio::select! {
-                    () = &mut window => break,
-                    stepped = self.step() => stepped?,
+            // What has already arrived rides along; nothing is waited for.
+            for _ in 0..MAX_BATCH {
+                match self.step().now_or_never() {
+                    Some(stepped) => stepped?,
+                    None => break,
                 }
             }
-            if let Some(manifests) = self.state.take_update() {
+            if let Some(update) = self.state.take_update() {
                 self.triggers = self.state.take_triggers();
-                return Ok(manifests);
+                return Ok(update);
             }
         }
+    }
+
+    /// The control plane refused the last update: the next one is the
+    /// whole state.
+    pub fn resync(&mut self) {
+        self.state.resync();
+    }
+
+    /// The whole state as it would be published now.
+    pub fn manifests(&self) -> Manifests {
+        self.state.manifests()
+    }
+
+    /// The changes counted pending (in the metrics given) that the update
+    /// [`KubeSource::next`] last yielded carries: they stop being pending
+    /// once it is published.
+    pub fn take_counted(&mut self) -> Changes {
+        std::mem::take(&mut self.counted)
     }
 
     /// The `endpoints.kubernetes.io/last-change-trigger-time` of each
@@ -252,6 +282,7 @@ impl KubeSource {
         let queued = self.state.take_queued();
         if let Some(metrics) = &self.metrics {
             metrics.apply.queued(queued);
+            self.counted += queued;
         }
         Ok(())
     }

@@ -13,8 +13,14 @@
 //!   served state is never a half-listed (or empty) one.
 //! - [`ClusterState::take_update`] yields nothing until both kinds have
 //!   delivered their first `InitDone`, and nothing when nothing changed.
+//!   Its first update is the whole state; every later one is a
+//!   [`Delta`] of the objects touched since the last (a relist too: the
+//!   listed objects are compared with those served). What the delta sets
+//!   is exactly what the whole state would hold for each touched name, so
+//!   the table, fed the first state and then each delta, always equals the
+//!   whole state: a slice is in it only while its Service is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
@@ -25,6 +31,8 @@ use kube::runtime::watcher::Event;
 use crate::config::{self, ConfigErrors, Conversion, Manifests, ObjectRef};
 use crate::metrics::Changes;
 use crate::model::{self, Origin, ServiceName};
+use crate::source::Change;
+use crate::table::Delta;
 
 /// The label that hands a Service to a named proxy (kube-proxy skips every
 /// Service carrying it; ringport serves those whose value is its own
@@ -122,9 +130,17 @@ impl<T> Default for Objects<T> {
     }
 }
 
-impl<T: Convert + Clone> Objects<T> {
-    /// Applies one event; `changed` is set when what is served changed.
-    fn handle(&mut self, event: Event<T::Raw>, filter: &Filter, changed: &mut bool) -> Outcome {
+/// What one event changed in what is served.
+#[derive(Debug, Default)]
+struct Touched {
+    /// The names whose served object changed.
+    keys: Vec<ServiceName>,
+}
+
+impl<T: Convert + Clone + PartialEq> Objects<T> {
+    /// Applies one event, noting in `touched` each name whose served
+    /// object changed.
+    fn handle(&mut self, event: Event<T::Raw>, filter: &Filter, touched: &mut Touched) -> Outcome {
         match event {
             Event::Init => {
                 if self.synced {
@@ -139,10 +155,13 @@ impl<T: Convert + Clone> Objects<T> {
             Event::InitDone => {
                 // A stray InitDone without Init keeps what is there.
                 if let Some(listed) = self.relisting.take() {
+                    // A relist changes only what differs from what served.
+                    if self.synced {
+                        touched.keys.extend(differing(&self.live, &listed));
+                    }
                     self.live = listed;
                 }
                 self.synced = true;
-                *changed = true;
                 tracing::info!(kind = T::KIND, objects = self.live.len(), "listed");
                 Outcome::Marker
             }
@@ -158,20 +177,37 @@ impl<T: Convert + Clone> Objects<T> {
                 let target = self.relisting.as_mut().unwrap_or(&mut self.live);
                 let key = key_of(T::meta(&raw));
                 let previous = key.as_ref().and_then(|k| target.get(k).cloned());
-                let (outcome, stored) = store(target, &raw, previous, filter);
-                *changed |= stored && !listing;
+                let (outcome, stored) = store(target, &raw, previous.clone(), filter);
+                let same = key.as_ref().is_some_and(|k| target.get(k) == previous.as_ref());
+                if let Some(key) = key.filter(|_| stored && !listing && !same) {
+                    touched.keys.push(key);
+                }
                 outcome
             }
             Event::Delete(raw) => {
                 let listing = self.relisting.is_some();
                 let target = self.relisting.as_mut().unwrap_or(&mut self.live);
-                if let Some(key) = key_of(T::meta(&raw)) {
-                    *changed |= target.remove(&key).is_some() && !listing;
+                if let Some(key) = key_of(T::meta(&raw))
+                    && target.remove(&key).is_some()
+                    && !listing
+                {
+                    touched.keys.push(key);
                 }
                 Outcome::Stored
             }
         }
     }
+}
+
+/// The names whose object differs between `old` and `new` (added and
+/// removed ones included).
+fn differing<T: PartialEq>(
+    old: &BTreeMap<ServiceName, T>,
+    new: &BTreeMap<ServiceName, T>,
+) -> Vec<ServiceName> {
+    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, _)| k.clone());
+    let removed = old.keys().filter(|k| !new.contains_key(*k)).cloned();
+    changed.chain(removed).collect()
 }
 
 /// Converts `raw` into `target`: stored when valid, removed when skipped,
@@ -238,14 +274,24 @@ fn key_of(meta: &ObjectMeta) -> Option<ServiceName> {
     Some(ServiceName::new(namespace.to_owned(), name.to_owned()))
 }
 
-/// Everything both watchers delivered, validated, and whether it changed
-/// since the last [`ClusterState::take_update`].
-#[derive(Debug, Default)]
+/// Everything both watchers delivered, validated, and what changed since
+/// the last [`ClusterState::take_update`].
+#[derive(Debug)]
 pub struct ClusterState {
     filter: Filter,
     services: Objects<model::Service>,
     slices: Objects<model::EndpointSlice>,
-    changed: bool,
+    /// The ids of the served slices of each Service, so a Service that
+    /// comes or goes takes its slices with it in a delta.
+    by_service: BTreeMap<ServiceName, BTreeSet<ServiceName>>,
+    /// The next update is the whole state (until the first is taken).
+    whole: bool,
+    /// The next update, when something changes, is the whole state: the
+    /// control plane refused one, so it no longer holds what we sent.
+    resync: bool,
+    /// Names touched since the last update.
+    dirty_services: BTreeSet<ServiceName>,
+    dirty_slices: BTreeSet<ServiceName>,
     /// Events that changed what is served, since the last
     /// [`ClusterState::take_queued`]: kube-proxy's pending changes.
     queued: Changes,
@@ -256,14 +302,22 @@ pub struct ClusterState {
     triggers: Vec<SystemTime>,
 }
 
-/// The EndpointSlice annotation the endpoint-slice controller stamps with
-/// the time of the change (Pod or Service) that caused it.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
-
-/// A slice's trigger time, when it carries a readable one.
-fn trigger_time(raw: &EndpointSlice) -> Option<SystemTime> {
-    let value = raw.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?;
-    humantime::parse_rfc3339_weak(value).ok()
+impl Default for ClusterState {
+    fn default() -> Self {
+        Self {
+            filter: Filter::default(),
+            services: Objects::default(),
+            slices: Objects::default(),
+            by_service: BTreeMap::new(),
+            whole: true,
+            resync: false,
+            dirty_services: BTreeSet::new(),
+            dirty_slices: BTreeSet::new(),
+            queued: Changes::default(),
+            started: None,
+            triggers: Vec::new(),
+        }
+    }
 }
 
 impl ClusterState {
@@ -272,27 +326,67 @@ impl ClusterState {
     }
 
     pub fn handle_service(&mut self, event: Event<Service>) -> Outcome {
-        let mut changed = false;
-        let outcome = self.services.handle(event, &self.filter, &mut changed);
-        self.changed |= changed;
-        self.queued.services += u64::from(changed);
+        let mut touched = Touched::default();
+        let outcome = self.services.handle(event, &self.filter, &mut touched);
+        self.queued.services += touched.keys.len() as u64;
+        self.dirty_services.extend(touched.keys);
         outcome
     }
 
     pub fn handle_slice(&mut self, event: Event<EndpointSlice>) -> Outcome {
         // Only a change seen as it happens is timed, not a (re)list.
         let trigger = match &event {
-            Event::Apply(raw) => trigger_time(raw),
+            Event::Apply(raw) => config::trigger_time(&raw.metadata),
             _ => None,
         };
-        let mut changed = false;
-        let outcome = self.slices.handle(event, &self.filter, &mut changed);
-        self.changed |= changed;
-        self.queued.endpoints += u64::from(changed);
+        let relist = matches!(event, Event::InitDone);
+        let mut touched = Touched::default();
+        // Each touched slice leaves its old Service's index entry first.
+        let before: Vec<(ServiceName, Option<ServiceName>)> = match &event {
+            Event::Apply(raw) | Event::Delete(raw) => key_of(&raw.metadata)
+                .map(|k| {
+                    let service = self.slices.live.get(&k).map(|s| s.service.clone());
+                    (k, service)
+                })
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let outcome = self.slices.handle(event, &self.filter, &mut touched);
+        if relist {
+            self.index_slices();
+        } else {
+            for (key, service) in before.into_iter().filter(|(k, _)| touched.keys.contains(k)) {
+                if let Some(ids) = service.and_then(|s| self.by_service.get_mut(&s)) {
+                    ids.remove(&key);
+                }
+                if let Some(now) = self.slices.live.get(&key) {
+                    self.by_service.entry(now.service.clone()).or_default().insert(key);
+                }
+            }
+        }
+        let changed = !touched.keys.is_empty();
+        self.queued.endpoints += touched.keys.len() as u64;
+        self.dirty_slices.extend(touched.keys);
         if let Some(t) = trigger.filter(|t| changed && self.started.is_some_and(|s| *t >= s)) {
             self.triggers.push(t);
         }
         outcome
+    }
+
+    /// The control plane refused an update: make the next one (when
+    /// something changes) the whole state, since a delta against what the
+    /// control plane no longer holds would lose the refused change.
+    pub fn resync(&mut self) {
+        self.resync = true;
+    }
+
+    /// Rebuild the Service -> slices index from the served slices.
+    fn index_slices(&mut self) {
+        self.by_service.clear();
+        for (id, slice) in &self.slices.live {
+            self.by_service.entry(slice.service.clone()).or_default().insert(id.clone());
+        }
     }
 
     /// The trigger times of the slice changes handled since the last call.
@@ -300,8 +394,8 @@ impl ClusterState {
         std::mem::take(&mut self.triggers)
     }
 
-    /// The changes handled since the last call (each event that changed
-    /// what is served counts once), for the pending-changes gauges.
+    /// The changes handled since the last call (each object an event
+    /// changed counts once), for the pending-changes gauges.
     pub fn take_queued(&mut self) -> Changes {
         std::mem::take(&mut self.queued)
     }
@@ -313,18 +407,38 @@ impl ClusterState {
 
     /// There is something new to publish.
     pub fn pending(&self) -> bool {
-        self.synced() && self.changed
+        self.synced() && (self.whole || !self.dirty_services.is_empty() || !self.dirty_slices.is_empty())
     }
 
-    /// The whole state to publish, once synced and only when it changed.
-    /// Slices whose Service is unknown (not created yet, skipped, another
-    /// proxy's) are left out here rather than warned about by `join` on
-    /// every update.
-    pub fn take_update(&mut self) -> Option<Manifests> {
+    /// What to publish, once synced and only when something changed: the
+    /// whole state first, then what changed since (module header).
+    pub fn take_update(&mut self) -> Option<Change> {
         if !self.pending() {
             return None;
         }
-        self.changed = false;
+        let dirty_services = std::mem::take(&mut self.dirty_services);
+        let mut dirty_slices = std::mem::take(&mut self.dirty_slices);
+        if std::mem::take(&mut self.whole) | std::mem::take(&mut self.resync) {
+            return Some(Change::Whole(self.manifests()));
+        }
+        let mut delta = Delta::default();
+        for name in dirty_services {
+            if let Some(ids) = self.by_service.get(&name) {
+                dirty_slices.extend(ids.iter().cloned());
+            }
+            delta.services.insert(name.clone(), self.services.live.get(&name).cloned());
+        }
+        for id in dirty_slices {
+            let served = self.slices.live.get(&id).filter(|s| self.services.live.contains_key(&s.service));
+            delta.slices.insert(id, served.cloned());
+        }
+        Some(Change::Delta(delta))
+    }
+
+    /// The whole state as it would be published now. Slices whose Service
+    /// is unknown (not created yet, skipped, another proxy's) are left out
+    /// here rather than warned about by `join` on every update.
+    pub fn manifests(&self) -> Manifests {
         let services: Vec<model::Service> = self.services.live.values().cloned().collect();
         let slices = self
             .slices
@@ -333,6 +447,6 @@ impl ClusterState {
             .filter(|s| self.services.live.contains_key(&s.service))
             .cloned()
             .collect();
-        Some(Manifests { services, slices, warnings: Vec::new() })
+        Manifests { services, slices, warnings: Vec::new() }
     }
 }

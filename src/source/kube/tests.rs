@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::{ClusterState, Filter, KubeSource, Outcome, SERVICE_PROXY_NAME_LABEL};
 use crate::config::Manifests;
+use crate::source::Change;
 
 fn service(name: &str, ip: &str, port: i32) -> Service {
     serde_json::from_value(json!({
@@ -60,8 +61,20 @@ fn listed(filter: Filter, services: Vec<Service>, slices: Vec<EndpointSlice>) ->
         state.handle_slice(Event::InitApply(s));
     }
     state.handle_slice(Event::InitDone);
-    let first = state.take_update().expect("synced state publishes");
+    let Some(Change::Whole(first)) = state.take_update() else { panic!("a synced state publishes it whole") };
     (state, first)
+}
+
+/// The state after an update was taken (which must be there).
+fn updated(state: &mut ClusterState) -> Manifests {
+    assert!(state.take_update().is_some(), "nothing published");
+    state.manifests()
+}
+
+/// The source's state after its next update.
+async fn next(source: &mut KubeSource) -> Manifests {
+    source.next().await.unwrap();
+    source.manifests()
 }
 
 #[test]
@@ -78,7 +91,7 @@ fn publishes_nothing_until_both_watchers_have_listed() {
     assert!(state.take_update().is_none(), "slices mid-list");
     state.handle_slice(Event::InitDone);
     assert!(state.synced());
-    let m = state.take_update().unwrap();
+    let m = updated(&mut state);
     assert_eq!(names(&m), ["default/web"]);
     assert_eq!(endpoint_count(&m), 1);
     assert!(state.take_update().is_none(), "nothing changed since");
@@ -89,16 +102,16 @@ fn apply_and_delete_of_services_and_slices_change_the_state() {
     let (mut state, _) = listed(Filter::default(), vec![service("web", "10.0.0.1", 80)], vec![]);
     state.handle_service(Event::Apply(service("db", "10.0.0.2", 5432)));
     state.handle_slice(Event::Apply(slice("web-1", "web", &["10.1.0.1", "10.1.0.2"])));
-    let m = state.take_update().unwrap();
+    let m = updated(&mut state);
     assert_eq!(names(&m), ["default/db", "default/web"]);
     assert_eq!(endpoint_count(&m), 2);
 
     state.handle_slice(Event::Apply(slice("web-1", "web", &["10.1.0.3"])));
-    assert_eq!(endpoint_count(&state.take_update().unwrap()), 1);
+    assert_eq!(endpoint_count(&updated(&mut state)), 1);
 
     state.handle_service(Event::Delete(service("db", "10.0.0.2", 5432)));
     state.handle_slice(Event::Delete(slice("web-1", "web", &[])));
-    let m = state.take_update().unwrap();
+    let m = updated(&mut state);
     assert_eq!(names(&m), ["default/web"]);
     assert_eq!(endpoint_count(&m), 0);
 }
@@ -122,7 +135,7 @@ fn services_of_another_proxy_are_skipped_unless_the_name_matches() {
     assert!(
         matches!(state.handle_service(Event::Apply(moved)), Outcome::Skipped(reason) if reason.contains("other"))
     );
-    assert_eq!(names(&state.take_update().unwrap()), ["default/ours"]);
+    assert_eq!(names(&updated(&mut state)), ["default/ours"]);
 }
 
 #[test]
@@ -153,7 +166,7 @@ fn invalid_service_is_rejected_and_its_last_good_version_kept() {
     // still carries port 80.
     assert!(state.take_update().is_none());
     state.handle_service(Event::Apply(service("db", "10.0.0.2", 5432)));
-    let m = state.take_update().unwrap();
+    let m = updated(&mut state);
     let web = m.services.iter().find(|s| s.name.name == "web").unwrap();
     assert_eq!(web.ports[0].port, 80);
 
@@ -163,7 +176,7 @@ fn invalid_service_is_rejected_and_its_last_good_version_kept() {
         Outcome::Rejected(_)
     ));
     state.handle_service(Event::Apply(service("db", "10.0.0.2", 5433)));
-    assert_eq!(names(&state.take_update().unwrap()), ["default/db", "default/web"]);
+    assert_eq!(names(&updated(&mut state)), ["default/db", "default/web"]);
 }
 
 #[test]
@@ -175,8 +188,8 @@ fn invalid_object_in_a_relist_keeps_its_last_good_version() {
         Outcome::Rejected(_)
     ));
     state.handle_service(Event::InitDone);
-    let m = state.take_update().unwrap();
-    assert_eq!(m.services[0].ports[0].port, 80);
+    assert!(state.take_update().is_none(), "the relist changed nothing served");
+    assert_eq!(state.manifests().services[0].ports[0].port, 80);
 }
 
 #[test]
@@ -193,12 +206,12 @@ fn relist_removes_absent_objects_and_never_publishes_a_partial_state() {
     state.handle_service(Event::InitApply(service("c", "10.0.0.3", 80)));
     assert!(state.take_update().is_none(), "nothing is published mid-relist");
     state.handle_slice(Event::Apply(slice("a-1", "a", &["10.1.0.9"])));
-    let during = state.take_update().unwrap();
+    let during = updated(&mut state);
     assert_eq!(names(&during), ["default/a", "default/b"], "the last full list serves mid-relist");
 
     state.handle_service(Event::InitApply(service("a", "10.0.0.1", 80)));
     state.handle_service(Event::InitDone);
-    let after = state.take_update().unwrap();
+    let after = updated(&mut state);
     assert_eq!(names(&after), ["default/a", "default/c"], "b was not relisted: deleted");
     assert_eq!(after.slices.len(), 1, "b's slice is left out with its Service");
 }
@@ -229,17 +242,17 @@ async fn source_yields_first_after_both_lists_then_one_update_per_burst() {
     let waiting = futures::poll!(std::pin::pin!(source.next()));
     assert!(waiting.is_pending(), "yielded before the slices were listed");
     slices.unbounded_send(Ok(Event::InitDone)).unwrap();
-    let first = source.next().await.unwrap();
+    let first = next(&mut source).await;
     assert_eq!(names(&first), ["default/web"]);
 
-    // A storm of 200 slice updates, all queued at once, is one update
+    // A storm of 200 slice updates, all arrived at once, is one update
     // carrying the last of them.
     for i in 1..=200u8 {
         let ips: Vec<String> = (0..i % 7 + 1).map(|j| format!("10.1.{i}.{j}")).collect();
         let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
         slices.unbounded_send(Ok(Event::Apply(slice("web-1", "web", &ips)))).unwrap();
     }
-    let burst = source.next().await.unwrap();
+    let burst = next(&mut source).await;
     assert_eq!(endpoint_count(&burst), 200 % 7 + 1);
     assert!(!source.state.pending(), "the whole burst went into one update");
 }
@@ -266,7 +279,7 @@ async fn stream_errors_publish_nothing_and_keep_the_state() {
     // The relist completes: exactly its contents, never an empty state.
     services.unbounded_send(Ok(Event::InitApply(service("web", "10.0.0.1", 81)))).unwrap();
     services.unbounded_send(Ok(Event::InitDone)).unwrap();
-    let relisted = source.next().await.unwrap();
+    let relisted = next(&mut source).await;
     assert_eq!(names(&relisted), ["default/web"]);
     assert_eq!(relisted.services[0].ports[0].port, 81);
     assert_eq!(endpoint_count(&relisted), 1);
@@ -293,7 +306,7 @@ fn pending(metrics: &std::sync::Arc<crate::metrics::Metrics>) -> (String, String
 }
 
 #[tokio::test]
-async fn changes_are_pending_from_their_event_until_published() {
+async fn changes_are_pending_from_their_event_until_the_update_carrying_them_is_published() {
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new(1));
     let (source, services, slices) = channel_source(Filter::default());
     let mut source = source.with_metrics(std::sync::Arc::clone(&metrics));
@@ -304,20 +317,31 @@ async fn changes_are_pending_from_their_event_until_published() {
         slices.unbounded_send(Ok(e)).unwrap();
     }
     source.next().await.unwrap();
-    metrics.apply.published(std::time::Instant::now(), crate::metrics::Changes::default());
+    metrics.apply.unqueued(source.take_counted());
     assert_eq!(pending(&metrics), ("0".to_owned(), "0".to_owned()));
 
-    // Three slice changes and one Service change arrive: pending while the
-    // source waits for the burst to settle.
+    // Three slice changes and one Service change: one update carries them,
+    // and they are pending until it is published.
     for ip in ["10.1.0.1", "10.1.0.2", "10.1.0.3"] {
         slices.unbounded_send(Ok(Event::Apply(slice("web-1", "web", &[ip])))).unwrap();
     }
     services.unbounded_send(Ok(Event::Apply(service("web", "10.0.0.1", 81)))).unwrap();
-    let mut next = std::pin::pin!(source.next());
-    assert!(futures::poll!(next.as_mut()).is_pending());
+    source.next().await.unwrap();
+    let first = source.take_counted();
     assert_eq!(pending(&metrics), ("3".to_owned(), "1".to_owned()));
-    next.await.unwrap();
-    metrics.apply.published(std::time::Instant::now(), crate::metrics::Changes { endpoints: 1, services: 1 });
+
+    // Two more arrive in a second update while the first is applied: the
+    // first's publication leaves the second's pending (the engine merges
+    // it into its next work).
+    for ip in ["10.1.0.4", "10.1.0.5"] {
+        slices.unbounded_send(Ok(Event::Apply(slice("web-1", "web", &[ip])))).unwrap();
+    }
+    source.next().await.unwrap();
+    let second = source.take_counted();
+    assert_eq!(pending(&metrics), ("5".to_owned(), "1".to_owned()));
+    metrics.apply.unqueued(first);
+    assert_eq!(pending(&metrics), ("2".to_owned(), "0".to_owned()), "the second update's stay pending");
+    metrics.apply.unqueued(second);
     assert_eq!(pending(&metrics), ("0".to_owned(), "0".to_owned()), "publishing clears them");
 }
 
@@ -326,7 +350,7 @@ fn triggered(mut s: EndpointSlice, at: std::time::SystemTime) -> EndpointSlice {
     s.metadata
         .annotations
         .get_or_insert_with(Default::default)
-        .insert(super::state::TRIGGER_TIME_ANNOTATION.to_owned(), stamp);
+        .insert(crate::config::TRIGGER_TIME_ANNOTATION.to_owned(), stamp);
     s
 }
 
@@ -364,3 +388,5 @@ async fn each_slice_change_hands_over_its_trigger_time_with_its_update() {
     assert_eq!(source.take_triggers(), [t(2), t(5)]);
     assert!(source.take_triggers().is_empty(), "handed over once");
 }
+
+mod delta;

@@ -1,0 +1,392 @@
+//! Reading the manifest files under `--config` into what changed since the
+//! last load that was served.
+//!
+//! A file is read again only when its stamp (device, inode, size, mtime and
+//! ctime, of the file a link points to) differs from the stamp of the
+//! version served, or when that version was written less than [`RACY`]
+//! before it was read (a filesystem's timestamps tick coarsely, e.g. ext4's
+//! every few ms, and an inode number is reused: a second write in the same
+//! tick could keep the stamp, as git's "racy clean" entries); it is parsed
+//! again only when its text differs (by hash). A SIGHUP reads every file
+//! again. The
+//! changed files' objects are compared with what those files held before,
+//! and only the objects that differ go into a [`Delta`]: a file rewritten
+//! with one slice changed costs the table one slice. A directory of a
+//! thousand files thus costs a `stat` of each per change, and a parse of
+//! the one that changed.
+//!
+//! Invariants:
+//! - What is served is known per file (`served`), and only changes when
+//!   the control plane took a load ([`FileLoader::commit`]): a refused load
+//!   is diffed again, whole, at the next one, so nothing it carried is lost.
+//! - A load with any error (a file unreadable or invalid) is refused whole,
+//!   naming the file, and the last good state keeps serving.
+//! - Any name held twice (a duplicate Service or slice across files, or an
+//!   Endpoints' subsets, which share their object's name) makes the load a
+//!   whole state: the table's join then reports a duplicate with both
+//!   places, exactly as for a whole load, and keeps several slices of one
+//!   name apart, which a delta (one value per name) cannot.
+//! - A file that is emptied, or gone at a load, keeps its objects through
+//!   that load (a write in progress); gone still at the next load (which
+//!   follows [`SETTLE`](super::SETTLE) later), its objects are removed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::config::{self, ConfigError, ConfigErrorKind, ConfigErrors, Manifests, Warning, WarningKind};
+use crate::model::{Origin, ServiceName};
+use crate::source::Change;
+use crate::table::Delta;
+
+/// Which file version was read: a file rewritten, replaced by a rename or
+/// re-pointed by a link swap (a ConfigMap mount) gets another stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(file: &Path) -> std::io::Result<Stamp> {
+        let m = std::fs::metadata(file)?;
+        Ok(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// How long after a file's last write its stamp may still hide a later
+/// write: the file is read again (and its text compared) until it was read
+/// this long after its last write.
+pub const RACY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The version of a file that was read: its stamp, a hash of its text, and
+/// when it was read.
+#[derive(Clone, Copy, Debug)]
+struct Version {
+    stamp: Stamp,
+    hash: u64,
+    read_at: SystemTime,
+}
+
+impl Version {
+    /// Written so shortly before it was read that a later write may have
+    /// kept its stamp.
+    fn racy(&self) -> bool {
+        let (secs, nanos) = self.stamp.mtime;
+        let written = std::time::UNIX_EPOCH
+            + std::time::Duration::new(u64::try_from(secs).unwrap_or(0), u32::try_from(nanos).unwrap_or(0));
+        written + RACY > self.read_at
+    }
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// A name in the table: Services and slices have separate names.
+type Key = (bool, ServiceName);
+
+fn keys(m: &Manifests) -> impl Iterator<Item = Key> + '_ {
+    let services = m.services.iter().map(|s| (true, s.name.clone()));
+    services.chain(m.slices.iter().map(|s| (false, s.id.clone())))
+}
+
+/// The files a load found changed, each with its new version and objects
+/// (`None`: removed).
+type Changed = Vec<(PathBuf, Option<(Version, Manifests)>)>;
+
+/// Reads the manifests under a path, as changes to what is served (module
+/// header).
+#[derive(Debug)]
+pub struct FileLoader {
+    path: PathBuf,
+    /// Per file: the version served and its objects.
+    served: BTreeMap<PathBuf, (Version, Manifests)>,
+    /// How many objects of what is served hold each name.
+    holders: HashMap<Key, u32>,
+    /// The names more than one object holds.
+    crowded: HashSet<Key>,
+    /// Files found gone at a load, whose objects were kept once.
+    gone: HashSet<PathBuf>,
+    /// The changed files of the last load (`None`: removed), until
+    /// [`FileLoader::commit`].
+    proposed: Option<Changed>,
+    /// A load has been served: later loads can be deltas.
+    committed: bool,
+    /// Trigger times before this are not this process's to measure.
+    started: SystemTime,
+}
+
+/// One load: the change or every error, whether a file's objects were kept
+/// because it was gone (then load again after `SETTLE`), and the trigger
+/// times of the slices it changes.
+#[derive(Debug)]
+pub struct Loaded {
+    pub result: Result<Change, ConfigErrors>,
+    pub recheck: bool,
+    pub triggers: Vec<SystemTime>,
+    /// Also logged.
+    pub warnings: Vec<Warning>,
+}
+
+/// What the load found in one listed file.
+enum Read {
+    /// The version served: nothing to do.
+    Same,
+    /// Emptied: its objects are kept (a write in progress).
+    Empty,
+    /// A new version, with its objects.
+    New(Version, Manifests),
+    Failed(Vec<ConfigError>),
+}
+
+impl FileLoader {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            served: BTreeMap::new(),
+            holders: HashMap::new(),
+            crowded: HashSet::new(),
+            gone: HashSet::new(),
+            proposed: None,
+            committed: false,
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read what changed on disk since the state served (every file again
+    /// when `reread`), as a change to it.
+    pub fn load(&mut self, reread: bool) -> Loaded {
+        let listed = config::manifest_files(&self.path);
+        let mut errors = listed.errors;
+        let mut warnings = listed.warnings;
+        let mut changed = Vec::new();
+        let mut present = HashSet::new();
+        for file in listed.files {
+            present.insert(file.clone());
+            match self.read(&file, reread) {
+                Read::Same => {}
+                Read::Empty => warnings.push(kept(&file, WarningKind::EmptyFileKept)),
+                Read::New(version, m) => match self.served.get_mut(&file) {
+                    // Reformatted, not changed: only the version is new.
+                    Some(served) if same_objects(&served.1, &m) => served.0 = version,
+                    _ => changed.push((file, Some((version, m)))),
+                },
+                Read::Failed(e) => errors.extend(e),
+            }
+        }
+        let mut recheck = false;
+        let vanished: Vec<PathBuf> = self.served.keys().filter(|f| !present.contains(*f)).cloned().collect();
+        for file in vanished {
+            if self.gone.insert(file.clone()) {
+                recheck = true;
+                warnings.push(kept(&file, WarningKind::VanishedFileKept));
+            } else {
+                tracing::info!(file = %file.display(), "manifest file removed: its objects are no longer served");
+                changed.push((file, None));
+            }
+        }
+        self.gone.retain(|f| present.contains(f) || self.served.contains_key(f));
+        if let Some(errors) = ConfigErrors::from_vec(errors) {
+            self.proposed = None;
+            return Loaded { result: Err(errors), recheck, triggers: Vec::new(), warnings };
+        }
+        let triggers = self.triggers(&changed);
+        let change = if self.committed && self.crowded_after(&changed).is_empty() {
+            Change::Delta(self.delta(&changed))
+        } else {
+            Change::Whole(self.whole(&changed))
+        };
+        self.proposed = Some(changed);
+        Loaded { result: Ok(change), recheck, triggers, warnings }
+    }
+
+    /// The last load is served now.
+    pub fn commit(&mut self) {
+        let Some(changed) = self.proposed.take() else { return };
+        for (file, new) in changed {
+            if let Some((_, old)) = self.served.remove(&file) {
+                for key in keys(&old) {
+                    if let Some(n) = self.holders.get_mut(&key) {
+                        *n -= 1;
+                        if *n <= 1 {
+                            self.crowded.remove(&key);
+                        }
+                        if *n == 0 {
+                            self.holders.remove(&key);
+                        }
+                    }
+                }
+            }
+            match new {
+                Some((version, m)) => {
+                    for key in keys(&m) {
+                        let n = self.holders.entry(key.clone()).or_default();
+                        *n += 1;
+                        if *n > 1 {
+                            self.crowded.insert(key);
+                        }
+                    }
+                    self.served.insert(file, (version, m));
+                }
+                None => {
+                    self.gone.remove(&file);
+                }
+            }
+        }
+        self.committed = true;
+    }
+
+    /// One listed file, read again unless its stamp is the served one's
+    /// (and not racy), parsed again unless its text is.
+    fn read(&mut self, file: &Path, reread: bool) -> Read {
+        let stamp = match Stamp::of(file) {
+            Ok(stamp) => stamp,
+            Err(e) => return Read::Failed(vec![file_error(file, ConfigErrorKind::Io(e))]),
+        };
+        let served = self.served.get(file).map(|(v, _)| *v);
+        if !reread && served.is_some_and(|v| v.stamp == stamp && !v.racy()) {
+            self.gone.remove(file);
+            return Read::Same;
+        }
+        let read_at = SystemTime::now();
+        let text = match config::read_manifest(file) {
+            Ok(text) => text,
+            Err(kind) => return Read::Failed(vec![file_error(file, kind)]),
+        };
+        let version = Version { stamp, hash: hash(&text), read_at };
+        if let Some((v, _)) = self.served.get_mut(file)
+            && v.hash == version.hash
+        {
+            *v = version;
+            self.gone.remove(file);
+            return Read::Same;
+        }
+        if text.trim().is_empty() {
+            // Kept if it was served; a new empty file serves nothing yet.
+            return if served.is_some() { Read::Empty } else { Read::Same };
+        }
+        match config::parse_str(&text, &file.display().to_string()) {
+            Ok(m) => Read::New(version, m),
+            Err(e) => Read::Failed(e.into_vec()),
+        }
+    }
+
+    /// The names more than one object would hold once `changed` is served.
+    fn crowded_after(&self, changed: &Changed) -> HashSet<Key> {
+        let mut after: HashMap<Key, i64> = HashMap::new();
+        for (file, new) in changed {
+            for key in self.served.get(file).into_iter().flat_map(|(_, m)| keys(m)) {
+                *after.entry(key).or_insert(0) -= 1;
+            }
+            for key in new.iter().flat_map(|(_, m)| keys(m)) {
+                *after.entry(key).or_insert(0) += 1;
+            }
+        }
+        let mut crowded: HashSet<Key> =
+            self.crowded.iter().filter(|k| !after.contains_key(*k)).cloned().collect();
+        for (key, d) in after {
+            if i64::from(self.holders.get(&key).copied().unwrap_or(0)) + d > 1 {
+                crowded.insert(key);
+            }
+        }
+        crowded
+    }
+
+    /// The objects that differ once `changed` is served, when no name is
+    /// held twice (so each touched name has one value, or none).
+    fn delta(&self, changed: &Changed) -> Delta {
+        let mut delta = Delta::default();
+        let old = changed.iter().filter_map(|(file, _)| self.served.get(file).map(|(_, m)| m));
+        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|(_, m)| m));
+        let (mut services, mut slices) = (BTreeMap::new(), BTreeMap::new());
+        for m in old {
+            services.extend(m.services.iter().map(|s| (&s.name, s)));
+            slices.extend(m.slices.iter().map(|s| (&s.id, s)));
+        }
+        for m in new {
+            for s in &m.services {
+                if services.remove(&s.name) != Some(s) {
+                    delta.services.insert(s.name.clone(), Some(s.clone()));
+                }
+            }
+            for s in &m.slices {
+                if slices.remove(&s.id) != Some(s) {
+                    delta.slices.insert(s.id.clone(), Some(s.clone()));
+                }
+            }
+        }
+        // What the changed files held and no longer hold.
+        delta.services.extend(services.into_keys().map(|name| (name.clone(), None)));
+        delta.slices.extend(slices.into_keys().map(|id| (id.clone(), None)));
+        delta
+    }
+
+    /// Everything served once `changed` is.
+    fn whole(&self, changed: &Changed) -> Manifests {
+        let touched: HashSet<&PathBuf> = changed.iter().map(|(f, _)| f).collect();
+        let mut out = Manifests::default();
+        let unchanged = self.served.iter().filter(|(f, _)| !touched.contains(f)).map(|(_, (_, m))| m);
+        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|(_, m)| m));
+        for m in unchanged.chain(new) {
+            out.services.extend(m.services.iter().cloned());
+            out.slices.extend(m.slices.iter().cloned());
+        }
+        out
+    }
+
+    /// The trigger times of the slices `changed` brings that are new (a
+    /// stamp the file did not hold for that slice), from this process's
+    /// time on. A first load times nothing: it is not a change.
+    fn triggers(&self, changed: &Changed) -> Vec<SystemTime> {
+        if !self.committed {
+            return Vec::new();
+        }
+        let old: HashSet<(&ServiceName, SystemTime)> = changed
+            .iter()
+            .filter_map(|(file, _)| self.served.get(file))
+            .flat_map(|(_, m)| m.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
+            .collect();
+        changed
+            .iter()
+            .filter_map(|(_, new)| new.as_ref())
+            .flat_map(|(_, m)| m.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
+            .filter(|(id, t)| *t >= self.started && !old.contains(&(*id, *t)))
+            .map(|(_, t)| t)
+            .collect()
+    }
+}
+
+fn same_objects(a: &Manifests, b: &Manifests) -> bool {
+    a.services == b.services && a.slices == b.slices
+}
+
+fn file_error(file: &Path, kind: ConfigErrorKind) -> ConfigError {
+    ConfigError { origin: Origin(file.display().to_string()), object: None, field: None, kind }
+}
+
+fn kept(file: &Path, kind: WarningKind) -> Warning {
+    let warning = Warning { origin: Origin(file.display().to_string()), object: None, field: None, kind };
+    tracing::warn!(%warning, "manifest warning");
+    warning
+}
+
+#[cfg(test)]
+mod tests;

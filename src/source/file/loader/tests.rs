@@ -1,0 +1,285 @@
+//! The loader against real files in a temp dir: what each load sends, and
+//! that a table fed its deltas serves what a whole load of the same files
+//! would.
+#![allow(clippy::unwrap_used, clippy::panic)]
+
+use std::fs;
+use std::path::Path;
+
+use super::*;
+use crate::table::Table;
+
+fn service(name: &str, port: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: {port}}}]}}\n"
+    )
+}
+
+fn slice(name: &str, service: &str, ip: &str, trigger: Option<&str>) -> String {
+    let annotations = trigger
+        .map(|t| format!(", annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{t}\"}}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}{annotations}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]\n"
+    )
+}
+
+fn doc(parts: &[String]) -> String {
+    parts.join("---\n")
+}
+
+/// Loads, and commits what loaded (as the engine does once it is served).
+fn load(loader: &mut FileLoader) -> Loaded {
+    let loaded = loader.load(false);
+    if loaded.result.is_ok() {
+        loader.commit();
+    }
+    loaded
+}
+
+fn whole(loaded: &Loaded) -> &Manifests {
+    match &loaded.result {
+        Ok(Change::Whole(m)) => m,
+        other => panic!("expected a whole state, got {other:?}"),
+    }
+}
+
+fn delta(loaded: &Loaded) -> &Delta {
+    match &loaded.result {
+        Ok(Change::Delta(d)) => d,
+        other => panic!("expected a delta, got {other:?}"),
+    }
+}
+
+/// (name, set or removed) of each entry of a delta.
+fn entries<T>(map: &BTreeMap<ServiceName, Option<T>>) -> Vec<(String, bool)> {
+    map.iter().map(|(k, v)| (k.name.clone(), v.is_some())).collect()
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    // Through a rename, as editors and ConfigMap updates write: a new inode.
+    let tmp = dir.join(format!(".{file}.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, dir.join(file)).unwrap();
+}
+
+#[test]
+fn only_the_changed_objects_of_the_changed_file_are_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &doc(&[service("a", 80), slice("a-1", "a", "10.1.0.1", None)]));
+    write(dir.path(), "b.yaml", &doc(&[service("b", 80), slice("b-1", "b", "10.1.0.2", None)]));
+    let mut loader = FileLoader::new(dir.path());
+    assert_eq!(whole(&load(&mut loader)).services.len(), 2, "the first load is whole");
+
+    write(dir.path(), "a.yaml", &doc(&[service("a", 80), slice("a-1", "a", "10.1.0.9", None)]));
+    let loaded = load(&mut loader);
+    let d = delta(&loaded);
+    assert!(d.services.is_empty(), "a's Service did not change");
+    assert_eq!(entries(&d.slices), [("a-1".to_owned(), true)]);
+
+    // Saved unchanged: nothing to send.
+    write(dir.path(), "b.yaml", &doc(&[service("b", 80), slice("b-1", "b", "10.1.0.2", None)]));
+    let loaded = load(&mut loader);
+    assert!(delta(&loaded).services.is_empty() && delta(&loaded).slices.is_empty());
+}
+
+#[test]
+fn an_object_moved_between_files_is_set_not_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &doc(&[service("a", 80), service("m", 81)]));
+    write(dir.path(), "b.yaml", &service("b", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    write(dir.path(), "a.yaml", &service("a", 80));
+    write(dir.path(), "b.yaml", &doc(&[service("b", 80), service("m", 81)]));
+    let loaded = load(&mut loader);
+    let d = delta(&loaded);
+    assert_eq!(entries(&d.services), [("m".to_owned(), true)]);
+    let moved = d.services.values().next().unwrap().as_ref().unwrap();
+    assert!(moved.origin.0.contains("b.yaml"), "{}", moved.origin.0);
+}
+
+#[test]
+fn a_deleted_file_is_kept_for_one_load_then_its_objects_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", &doc(&[service("web", 80), slice("web-1", "web", "10.1.0.1", None)]));
+    write(dir.path(), "api.yaml", &service("api", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    let first = load(&mut loader);
+    assert!(first.recheck);
+    assert!(delta(&first).services.is_empty(), "kept while it may be a write in progress");
+    assert!(first.warnings.iter().any(|w| w.kind == WarningKind::VanishedFileKept));
+    let second = load(&mut loader);
+    assert!(!second.recheck);
+    let d = delta(&second);
+    assert_eq!(entries(&d.services), [("web".to_owned(), false)], "still gone: deleted on purpose");
+    assert_eq!(entries(&d.slices), [("web-1".to_owned(), false)]);
+    // Back again: served again, and a later disappearance is again given
+    // one load's grace.
+    write(dir.path(), "web.yaml", &service("web", 80));
+    assert_eq!(entries(&delta(&load(&mut loader)).services), [("web".to_owned(), true)]);
+    fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    assert!(load(&mut loader).recheck);
+}
+
+#[test]
+fn an_emptied_file_keeps_its_last_good_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", &service("web", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    write(dir.path(), "web.yaml", "");
+    let loaded = load(&mut loader);
+    assert!(delta(&loaded).services.is_empty());
+    assert!(loaded.warnings.iter().any(|w| w.kind == WarningKind::EmptyFileKept), "{:?}", loaded.warnings);
+}
+
+#[test]
+fn an_invalid_file_is_refused_naming_it_and_the_next_load_still_carries_what_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &service("a", 80));
+    write(dir.path(), "b.yaml", &service("b", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    write(dir.path(), "a.yaml", &service("a", 81));
+    write(dir.path(), "b.yaml", &service("b", 70000));
+    let errors = load(&mut loader).result.unwrap_err().to_string();
+    assert!(errors.contains("b.yaml") && errors.contains("spec.ports[0].port"), "{errors}");
+    // b fixed: a's change, refused with b before, comes too.
+    write(dir.path(), "b.yaml", &service("b", 82));
+    let loaded = load(&mut loader);
+    assert_eq!(entries(&delta(&loaded).services), [("a".to_owned(), true), ("b".to_owned(), true)]);
+
+    // A load the control plane refuses (not committed) is diffed again.
+    write(dir.path(), "a.yaml", &service("a", 83));
+    assert_eq!(entries(&delta(&loader.load(false)).services), [("a".to_owned(), true)]);
+    write(dir.path(), "b.yaml", &service("b", 84));
+    let loaded = load(&mut loader);
+    assert_eq!(entries(&delta(&loaded).services), [("a".to_owned(), true), ("b".to_owned(), true)]);
+}
+
+#[test]
+fn a_duplicate_across_files_is_a_whole_state_the_table_refuses_naming_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &service("web", 80));
+    let mut loader = FileLoader::new(dir.path());
+    let mut table = Table::default();
+    table.try_replace(whole(&load(&mut loader)).clone()).unwrap();
+    write(dir.path(), "b.yaml", &service("web", 81));
+    let loaded = loader.load(false);
+    let errors = table.try_replace(whole(&loaded).clone()).unwrap_err();
+    let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+    assert!(text.contains("a.yaml") && text.contains("b.yaml"), "{text}");
+    // Refused: not committed. The duplicate goes away: a delta again.
+    fs::remove_file(dir.path().join("b.yaml")).unwrap();
+    write(dir.path(), "a.yaml", &service("web", 82));
+    let loaded = load(&mut loader);
+    assert_eq!(entries(&delta(&loaded).services), [("web".to_owned(), true)]);
+}
+
+#[test]
+fn an_endpoints_of_two_subsets_shares_its_name_so_loads_stay_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints = "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n\
+                     - {addresses: [{ip: 10.1.0.1}], ports: [{port: 8080, name: a}]}\n\
+                     - {addresses: [{ip: 10.1.0.2}], ports: [{port: 9090, name: b}]}\n";
+    write(dir.path(), "web.yaml", &format!("{}---\n{endpoints}", service("web", 80)));
+    write(dir.path(), "api.yaml", &service("api", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    write(dir.path(), "api.yaml", &service("api", 81));
+    assert_eq!(whole(&load(&mut loader)).slices.len(), 2, "both subsets, though only api.yaml changed");
+}
+
+#[test]
+fn a_single_file_is_diffed_into_a_delta_and_new_trigger_times_are_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("all.yaml");
+    let at = |s: u64| humantime::format_rfc3339_nanos(SystemTime::now() + std::time::Duration::from_secs(s));
+    let (t1, t2) = (at(100).to_string(), at(200).to_string());
+    fs::write(&file, doc(&[service("web", 80), slice("web-1", "web", "10.1.0.1", Some(&t1))])).unwrap();
+    let mut loader = FileLoader::new(&file);
+    assert!(load(&mut loader).triggers.is_empty(), "a first load is no change");
+    let text = doc(&[service("web", 80), slice("web-1", "web", "10.1.0.2", Some(&t2)), service("db", 80)]);
+    fs::write(&file, text).unwrap();
+    let loaded = load(&mut loader);
+    let d = delta(&loaded);
+    assert_eq!(entries(&d.services), [("db".to_owned(), true)]);
+    assert_eq!(entries(&d.slices), [("web-1".to_owned(), true)]);
+    assert_eq!(loaded.triggers, [humantime::parse_rfc3339(&t2).unwrap()]);
+    // Another change keeping the slice's stamp: not timed again.
+    fs::write(&file, doc(&[service("web", 81), slice("web-1", "web", "10.1.0.2", Some(&t2))])).unwrap();
+    assert!(load(&mut loader).triggers.is_empty());
+}
+
+#[test]
+fn a_dangling_link_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("api.yaml"), service("api", 80)).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("nowhere.yaml"), dir.path().join("web.yaml")).unwrap();
+    let errors = FileLoader::new(dir.path()).load(false).result.unwrap_err().to_string();
+    assert!(errors.contains("web.yaml") && errors.contains("dangling"), "{errors}");
+}
+
+/// Random rewrites of a few files: a table fed each load (whole or
+/// delta) serves what a table fed a fresh whole load of the files would.
+#[test]
+fn loads_add_up_to_what_a_whole_load_serves_under_random_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut loader = FileLoader::new(dir.path());
+    let mut table = Table::default();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut below = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for step in 0..80 {
+        let file = format!("f{}.yaml", below(4));
+        let mut parts = Vec::new();
+        // Never empty: an emptied file keeps its objects (a write in
+        // progress), which a whole load of the directory would not.
+        for _ in 0..=below(3) {
+            let s = below(6);
+            parts.push(service(&format!("s{s}"), 80 + below(2) as u32));
+            parts.push(slice(&format!("s{s}-1"), &format!("s{s}"), &format!("10.1.0.{}", below(3)), None));
+        }
+        match below(5) {
+            0 => drop(fs::remove_file(dir.path().join(&file))),
+            _ => write(dir.path(), &file, &doc(&parts)),
+        }
+        // Load again while a vanished file is kept (the engine does, SETTLE
+        // later).
+        let served = loop {
+            let loaded = loader.load(false);
+            let served = match loaded.result {
+                Ok(Change::Whole(m)) => table.try_replace(m).map(drop).map_err(drop),
+                Ok(Change::Delta(d)) => table.try_apply(d).map(drop).map_err(drop),
+                Err(_) => Err(()),
+            };
+            if served.is_ok() {
+                loader.commit();
+            }
+            if !loaded.recheck {
+                break served;
+            }
+        };
+        let now = table.try_apply(Delta::default());
+        let fresh = config::load_path(dir.path())
+            .map_err(|_| ())
+            .and_then(|m| Table::default().try_replace(m).map_err(|_| ()));
+        if let (Ok(now), Ok(fresh)) = (&now, &fresh) {
+            assert_eq!(now, fresh, "step {step}");
+        }
+        assert_eq!(
+            served.is_ok(),
+            fresh.is_ok(),
+            "step {step}: a load and a whole load disagree on validity"
+        );
+    }
+}
