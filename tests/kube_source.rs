@@ -12,6 +12,9 @@
 //! source against a real cluster when `KUBECONFIG` is set.
 #![allow(clippy::unwrap_used, clippy::panic)]
 
+mod common;
+mod fake_api;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -300,4 +303,130 @@ async fn real_cluster_source_syncs_and_lists_the_kubernetes_service() {
         "every cluster has default/kubernetes; got {:?}",
         names(&first)
     );
+}
+
+/// The real binary against the fake API server: what a churn of
+/// EndpointSlice changes comes to, counted in published generations (never
+/// timed: a test asserts no time).
+mod churn {
+    use std::time::{Duration, SystemTime};
+
+    use serde_json::{Value, json};
+
+    use super::common::{Proxy, eventually};
+    use super::fake_api::{FakeApi, service, slice};
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    fn web() -> Value {
+        service(
+            "web",
+            json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
+        )
+    }
+
+    /// web's slice with endpoints 10.1.0.1 .. 10.1.0.n, stamped at `trigger`.
+    fn web_slice(n: u8, trigger: Option<SystemTime>) -> Value {
+        let ips: Vec<String> = (1..=n).map(|i| format!("10.1.0.{i}")).collect();
+        let eps: Vec<(&str, &str, &str)> = ips.iter().map(|ip| (ip.as_str(), "node-1", "zone-a")).collect();
+        let mut s = slice("web-1", "web", 8080, &eps);
+        if let Some(t) = trigger {
+            s["metadata"]["annotations"] = json!({
+                "endpoints.kubernetes.io/last-change-trigger-time": humantime::format_rfc3339_nanos(t).to_string()
+            });
+        }
+        s
+    }
+
+    fn start(api: &FakeApi) -> (Proxy, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = api.kubeconfig(dir.path()).display().to_string();
+        let proxy = Proxy::start("", &["--source", "kube", "--kubeconfig", &kubeconfig, "--workers", "1"]);
+        (proxy, dir)
+    }
+
+    fn endpoint_count(proxy: &Proxy) -> usize {
+        let snap = proxy.snapshot();
+        snap["service_ports"][0]["endpoints"].as_array().map_or(0, Vec::len)
+    }
+
+    fn metric(proxy: &Proxy, name: &str) -> f64 {
+        proxy.metric(name).unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn a_burst_of_200_slice_changes_ends_in_the_right_state_in_fewer_applies() {
+        let api = FakeApi::start(vec![web(), web_slice(1, None)]);
+        let (proxy, _dir) = start(&api);
+        assert_eq!(endpoint_count(&proxy), 1);
+        let before = proxy.generation();
+        // 200 changes; the last leaves 7 endpoints.
+        for i in 0..200u16 {
+            api.apply(web_slice(u8::try_from(i % 50).unwrap() + 1, None));
+        }
+        api.apply(web_slice(7, None));
+        eventually(WAIT, "the last change is served", || endpoint_count(&proxy) == 7);
+        eventually(WAIT, "nothing is pending", || {
+            metric(&proxy, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0.0
+        });
+        let applies = proxy.generation() - before;
+        eprintln!("201 slice changes took {applies} applies");
+        assert!((1..=201).contains(&applies), "{applies} generations for 201 changes");
+        let snap = proxy.snapshot();
+        let ips: Vec<&str> = snap["service_ports"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["addr"].as_str())
+            .collect();
+        assert_eq!(ips, (1..=7).map(|i| format!("10.1.0.{i}:8080")).collect::<Vec<_>>(), "{snap:#}");
+    }
+
+    #[test]
+    fn a_single_change_after_quiet_is_one_apply_and_its_trigger_time_is_measured() {
+        let api = FakeApi::start(vec![web(), web_slice(1, None)]);
+        let (proxy, _dir) = start(&api);
+        let before = proxy.generation();
+        let fine = "ringport_network_programming_duration_seconds_count";
+        let coarse = "kubeproxy_network_programming_duration_seconds_count";
+        assert_eq!((metric(&proxy, fine), metric(&proxy, coarse)), (0.0, 0.0), "a list is not timed");
+
+        api.apply(web_slice(2, Some(SystemTime::now())));
+        let snap = proxy.wait_newer_than(before);
+        assert_eq!(snap["generation"].as_u64(), Some(before + 1), "one change, one apply: {snap:#}");
+        assert_eq!(snap["service_ports"][0]["endpoints"].as_array().map(Vec::len), Some(2));
+        eventually(WAIT, "the change is timed", || metric(&proxy, fine) == 1.0);
+        assert_eq!(metric(&proxy, coarse), 1.0);
+        // Served within a minute of its stamp: in the histogram's range.
+        assert_eq!(metric(&proxy, "ringport_network_programming_duration_seconds_bucket{le=\"60.0\"}"), 1.0);
+        assert_eq!(proxy.generation(), before + 1, "nothing else was applied");
+    }
+
+    #[test]
+    fn a_relist_after_410_gone_serves_what_changed_while_the_watch_was_gone() {
+        let api = FakeApi::start(vec![
+            web(),
+            web_slice(1, None),
+            service("db", json!({"clusterIP": "10.96.0.11", "ports": [{"port": 5432, "protocol": "TCP"}]})),
+        ]);
+        let (proxy, _dir) = start(&api);
+        assert_eq!(proxy.snapshot()["service_ports"].as_array().map(Vec::len), Some(2));
+        // The history is lost; meanwhile db goes and web's slice grows.
+        api.expire();
+        api.delete(&service("db", json!({})));
+        api.apply(web_slice(3, None));
+        eventually(WAIT, "the relisted state is served", || {
+            let snap = proxy.snapshot();
+            snap["service_ports"].as_array().map(Vec::len) == Some(1) && endpoint_count(&proxy) == 3
+        });
+        let lists = api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("/api/v1/services?") && !r.contains("watch="))
+            .count();
+        assert!(lists >= 2, "no relist: {:#?}", api.requests());
+        // And watching goes on from the relist.
+        api.apply(web_slice(4, None));
+        eventually(WAIT, "a change after the relist is served", || endpoint_count(&proxy) == 4);
+    }
 }

@@ -5,6 +5,10 @@
 //! replays the events after its `resourceVersion`, as the API server does,
 //! so nothing is lost between a list and its watch.
 //!
+//! A watch wakes as soon as an object changes (no polling interval adds to
+//! a measured latency), and [`FakeApi::expire`] ends every watch and
+//! answers the next ones with 410 Gone, so clients must relist.
+//!
 //! Plain HTTP, no authentication: what it stands in for is the API's
 //! list/watch protocol, not its security.
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
@@ -39,6 +43,12 @@ struct Inner {
     /// The EndpointSlice list waits for a permit ([`FakeApi::release_slices`]).
     slices_gate: tokio::sync::Semaphore,
     log: Mutex<Vec<String>>,
+    /// Woken at each change.
+    changed: tokio::sync::Notify,
+    /// Watches from a resource version below this get 410 Gone.
+    expired_below: std::sync::atomic::AtomicU64,
+    /// Bumped by [`FakeApi::expire`]: watches of an older epoch end.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The running fake API server.
@@ -75,6 +85,9 @@ impl FakeApi {
             store: Mutex::default(),
             slices_gate: tokio::sync::Semaphore::new(1),
             log: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
+            expired_below: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
         let api = FakeApi { addr: serve(bind, Arc::clone(&inner)), inner };
         for o in objects {
@@ -108,6 +121,8 @@ impl FakeApi {
             "ADDED"
         };
         store.events.push((rv, path, json!({"type": kind, "object": object})));
+        drop(store);
+        self.inner.changed.notify_waiters();
     }
 
     /// Delete an object (a DELETED event).
@@ -119,6 +134,19 @@ impl FakeApi {
         let rv = store.rv;
         gone["metadata"]["resourceVersion"] = json!(rv.to_string());
         store.events.push((rv, path, json!({"type": "DELETED", "object": gone})));
+        drop(store);
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Forget the event history, as an API server's watch cache does: every
+    /// open watch ends, and a watch from any resource version seen so far
+    /// is answered 410 Gone, so clients relist.
+    pub fn expire(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let rv = self.inner.store.lock().unwrap().rv;
+        self.inner.expired_below.store(rv + 1, SeqCst);
+        self.inner.epoch.fetch_add(1, SeqCst);
+        self.inner.changed.notify_waiters();
     }
 
     /// Every request seen, as `path?query`.
@@ -169,11 +197,26 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .map(str::to_owned);
     let matches = move |o: &Value| only.as_deref().is_none_or(|n| o["metadata"]["name"] == n);
     if matches!(query_value(&query, "watch"), Some("true" | "1")) {
+        use std::sync::atomic::Ordering::SeqCst;
         let from: u64 = query_value(&query, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if from < inner.expired_below.load(SeqCst) {
+            let gone = json!({"type": "ERROR", "object": {
+                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                "message": format!("too old resource version: {from}"), "reason": "Expired", "code": 410}});
+            return json_response(Body::from(format!("{gone}\n")));
+        }
+        let epoch = inner.epoch.load(SeqCst);
         let events = futures::stream::unfold((inner, from), move |(inner, mut last)| {
             let matches = matches.clone();
             async move {
                 loop {
+                    // Armed before the store is read, so no change is missed.
+                    let mut changed = Box::pin(inner.changed.notified());
+                    changed.as_mut().enable();
+                    if inner.epoch.load(SeqCst) != epoch {
+                        drop(changed);
+                        return None;
+                    }
                     let next = {
                         let store = inner.store.lock().unwrap();
                         store
@@ -183,11 +226,12 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
                             .map(|(rv, _, e)| (*rv, e.clone()))
                     };
                     if let Some((rv, event)) = next {
+                        drop(changed);
                         last = rv;
                         let line: Result<Bytes, std::io::Error> = Ok(Bytes::from(format!("{event}\n")));
                         return Some((line, (inner, last)));
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
                 }
             }
         });
