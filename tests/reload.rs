@@ -115,8 +115,11 @@ fn invalid_change_is_logged_and_the_last_good_configuration_keeps_serving() {
     assert_eq!(proxy.generation(), g, "nothing new was published");
     assert_eq!(whoami(svc), a.addr.to_string(), "the old configuration still serves");
 
-    // A fixed manifest is picked up again.
-    proxy.write_manifest(&manifest(&[a.addr], None));
+    // A fixed manifest is picked up again (one that differs from the last
+    // good state: the same again would change nothing, and publish nothing).
+    let fixed =
+        manifest(&[a.addr], None).replace("- {port: 80, protocol: TCP}", "- {port: 81, protocol: TCP}");
+    proxy.write_manifest(&fixed);
     let g = proxy.wait_newer_than(g)["generation"].as_u64().expect("generation");
 
     // SIGHUP reloads without any change on disk.
@@ -127,4 +130,45 @@ fn invalid_change_is_logged_and_the_last_good_configuration_keeps_serving() {
     eventually(Duration::from_secs(10), "the SIGHUP reload to be logged", || {
         proxy.log().contains("trigger=\"SIGHUP\"")
     });
+}
+
+/// One file of a directory changes: one apply, the slice it changed is
+/// served, and the slice's `last-change-trigger-time` is timed as the API
+/// source's is; the other file is untouched.
+#[test]
+fn a_changed_file_of_a_directory_is_one_apply_and_its_slice_trigger_time_is_measured() {
+    let a = Backend::greeter();
+    let proxy = Proxy::start(&manifest(&[a.addr], None), &[]);
+    let web = |ips: &[&str], trigger: &str| {
+        let endpoints: Vec<String> = ips.iter().map(|ip| format!("{{addresses: [\"{ip}\"]}}")).collect();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.7.9, ports: [{{port: 80, protocol: TCP}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}},\n\
+             \x20 annotations: {{endpoints.kubernetes.io/last-change-trigger-time: \"{trigger}\"}}}}\n\
+             addressType: IPv4\nports: [{{port: 8080, protocol: TCP}}]\nendpoints: [{}]\n",
+            endpoints.join(", ")
+        )
+    };
+    let now = || humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+    let write = |text: &str| {
+        let tmp = proxy.dir.path().join(".web.yaml.tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, proxy.dir.path().join("web.yaml")).expect("rename");
+    };
+    let g = proxy.generation();
+    write(&web(&["10.1.0.1"], &now()));
+    let g = proxy.wait_newer_than(g)["generation"].as_u64().expect("generation");
+    let count = "ringport_network_programming_duration_seconds_count";
+    let timed = proxy.metric(count).expect("the histogram");
+
+    write(&web(&["10.1.0.1", "10.1.0.2"], &now()));
+    let snap = proxy.wait_newer_than(g);
+    assert_eq!(snap["generation"].as_u64(), Some(g + 1), "one file changed, one apply");
+    let port = snap["service_ports"].as_array().unwrap().iter().find(|p| p["name"] == "default/web").cloned();
+    let endpoints = port.and_then(|p| p["endpoints"].as_array().map(Vec::len));
+    assert_eq!(endpoints, Some(2), "{snap:#}");
+    eventually(Duration::from_secs(10), "the change is timed", || proxy.metric(count) == Some(timed + 1.0));
+    assert_eq!(whoami(proxy.proxy_addr("default/svc")), a.addr.to_string(), "the other file still serves");
 }

@@ -171,8 +171,8 @@ impl FileLoader {
         &self.path
     }
 
-    /// Read what changed on disk since the state served (every file again
-    /// when `reread`), as a change to it.
+    /// Read what changed on disk since the state served, as a change to it;
+    /// with `reread` (SIGHUP), every file, as a whole state.
     pub fn load(&mut self, reread: bool) -> Loaded {
         let listed = config::manifest_files(&self.path);
         let mut errors = listed.errors;
@@ -209,7 +209,8 @@ impl FileLoader {
             return Loaded { result: Err(errors), recheck, triggers: Vec::new(), warnings };
         }
         let triggers = self.triggers(&changed);
-        let change = if self.committed && self.crowded_after(&changed).is_empty() {
+        // A SIGHUP asks for everything again: a whole state.
+        let change = if self.committed && !reread && self.crowded_after(&changed).is_empty() {
             Change::Delta(self.delta(&changed))
         } else {
             Change::Whole(self.whole(&changed))
