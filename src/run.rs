@@ -35,6 +35,7 @@ use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::handover::{self, HandedAdmin, HandoverOptions, Taken};
 use crate::listen::{Binder, ListenOptions, node_addresses};
 use crate::metrics::{Changes, Metrics};
+use crate::redirect::syncer::Timed;
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
 use crate::service_health::ServiceHealth;
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -452,6 +453,9 @@ struct Engine {
     admin_sockets: Vec<HandedAdmin>,
     /// The predecessor did not answer our confirmation: stop.
     unconfirmed: Option<handover::HandoverError>,
+    /// Redirect rules intercept service traffic (`--redirect` is not
+    /// `none`): a change is live once its rules are synced.
+    rules: bool,
     /// What we keep in systemd's fd store; `None` without one.
     stored: Option<upgrade::FdStore>,
 }
@@ -516,6 +520,7 @@ impl Engine {
             taking,
             admin_sockets,
             unconfirmed: None,
+            rules: opts.listen.redirect_rules,
             stored: None,
         };
         engine.start_store(kept_names);
@@ -531,7 +536,7 @@ impl Engine {
                 // A first load is a whole state: never `None`.
                 Ok(None) => {}
                 Ok(Some(a)) => {
-                    engine.published();
+                    engine.published(Vec::new());
                     summary(&a, "first configuration");
                 }
                 Err(e) => {
@@ -559,8 +564,11 @@ impl Engine {
 
     /// A snapshot was published: what follows it (rules, health checks).
     /// systemd's `READY=1` comes from the syncer's first success, with
-    /// /readyz's 200: once the redirect rules exist.
-    fn published(&mut self) {
+    /// /readyz's 200: once the redirect rules exist. Each of `triggers` (a
+    /// change it carries) is timed for the network programming latency:
+    /// now without redirect rules, else by the syncer once the snapshot's
+    /// rules are synced (docs/node-agent.md).
+    fn published(&mut self, triggers: Vec<SystemTime>) {
         if let Some(predecessor) = self.taking.take()
             && let Err(e) = predecessor.confirm()
         {
@@ -570,7 +578,16 @@ impl Engine {
         let current = self.control.current();
         self.store(&current);
         self.service_health.sync(&current);
-        self.redirect.publish(current);
+        let now = SystemTime::now();
+        if self.rules {
+            let timed = triggers.into_iter().map(|trigger| Timed { trigger, published: now }).collect();
+            self.redirect.publish_timed(current, timed);
+        } else {
+            for t in triggers {
+                self.metrics.apply.programmed_at(t, now);
+            }
+            self.redirect.publish(current);
+        }
     }
 
     /// Follow the Node's zone label: rebuild the balancers for it.
@@ -580,7 +597,7 @@ impl Engine {
         }
         tracing::info!(zone = ?zone, "zone from the Node's label");
         if let Some(a) = self.control.relocate(zone, &self.data_plane) {
-            self.published();
+            self.published(Vec::new());
             tracing::info!(trigger = "Node zone", generation = a.generation, "reloaded");
         }
     }
@@ -642,10 +659,7 @@ impl Engine {
         match outcome {
             Ok(None) => tracing::debug!(trigger = why, "nothing changed"),
             Ok(Some(a)) => {
-                self.published();
-                for t in triggers {
-                    self.metrics.apply.programmed(t);
-                }
+                self.published(triggers);
                 summary(&a, why);
             }
             Err(rejected) => {

@@ -166,7 +166,12 @@ fn a_changed_file_of_a_directory_is_one_apply_and_its_slice_trigger_time_is_meas
     write(&web(&["10.1.0.1", "10.1.0.2"], &now()));
     let snap = proxy.wait_newer_than(g);
     assert_eq!(snap["generation"].as_u64(), Some(g + 1), "one file changed, one apply");
-    let port = snap["service_ports"].as_array().unwrap().iter().find(|p| p["name"] == "default/web").cloned();
+    let port = snap["service_ports"]
+        .as_array()
+        .expect("service_ports")
+        .iter()
+        .find(|p| p["name"] == "default/web")
+        .cloned();
     let endpoints = port.and_then(|p| p["endpoints"].as_array().map(Vec::len));
     assert_eq!(endpoints, Some(2), "{snap:#}");
     eventually(Duration::from_secs(10), "the change is timed", || proxy.metric(count) == Some(timed + 1.0));

@@ -29,11 +29,15 @@
 //!   key's fate); when what was applied before is not known (a start, a
 //!   restart, after a failure), those of every UDP key, listed with one
 //!   `conntrack` run per family (see `conntrack.rs`).
+//! - A change handed over with its trigger times ([`SyncerThread::publish_timed`])
+//!   is timed for the network programming latency after the sync of its
+//!   snapshot: up to now when that sync changed rules (the change is not
+//!   live before its rules are), else up to when it was published.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::metrics::Metrics;
 pub use crate::metrics::SyncKind;
@@ -217,11 +221,34 @@ impl Syncer {
     }
 }
 
-/// The newest snapshot not yet synced, and the stop flag.
+/// The newest snapshot not yet synced, the changes it carries that wait
+/// to be timed, and the stop flag.
 #[derive(Default)]
 struct Inbox {
     latest: Option<Arc<Snapshot>>,
+    timed: Vec<Timed>,
     stop: bool,
+}
+
+/// A change published and not yet timed: when it was triggered, and when
+/// its snapshot was published.
+#[derive(Clone, Copy, Debug)]
+pub struct Timed {
+    pub trigger: SystemTime,
+    pub published: SystemTime,
+}
+
+/// At most this many changes wait for a successful sync to be timed (the
+/// oldest are dropped beyond it, untimed, while syncs keep failing).
+const MAX_TIMED: usize = 100_000;
+
+/// Time `timed` once their snapshot's rules are synced: a sync that
+/// changed rules made them live now; one that changed none left them live
+/// since they were published.
+fn observe(metrics: &Metrics, timed: &[Timed], rules_changed: bool, now: SystemTime) {
+    for t in timed {
+        metrics.apply.programmed_at(t.trigger, if rules_changed { now } else { t.published });
+    }
 }
 
 /// A [`Syncer`] on its own thread. Dropping it stops the thread (after the
@@ -244,8 +271,19 @@ impl SyncerThread {
 
     /// Hand over a newly published snapshot; never waits on a sync.
     pub fn publish(&self, snapshot: Arc<Snapshot>) {
+        self.publish_timed(snapshot, Vec::new());
+    }
+
+    /// As [`SyncerThread::publish`], with the changes it carries, to be
+    /// timed after its sync (module header).
+    pub fn publish_timed(&self, snapshot: Arc<Snapshot>, timed: Vec<Timed>) {
         let (lock, wake) = &*self.inbox;
-        lock.lock().unwrap_or_else(|p| p.into_inner()).latest = Some(snapshot);
+        let mut inbox = lock.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.latest = Some(snapshot);
+        inbox.timed.extend(timed);
+        let over = inbox.timed.len().saturating_sub(MAX_TIMED);
+        inbox.timed.drain(..over);
+        drop(inbox);
         wake.notify_one();
     }
 }
@@ -270,6 +308,8 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         tracing::error!(error = %e, "cannot remove a previous run's redirect state");
     }
     let mut current: Option<Arc<Snapshot>> = None;
+    // Changes of the snapshots taken, timed after their sync succeeds.
+    let mut timed: Vec<Timed> = Vec::new();
     let mut failed = false;
     let mut last_check = Instant::now();
     loop {
@@ -282,8 +322,11 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
             if guard.stop {
                 return;
             }
+            timed.append(&mut guard.timed);
             guard.latest.take()
         };
+        let over = timed.len().saturating_sub(MAX_TIMED);
+        timed.drain(..over);
         let periodic = next.is_none();
         if let Some(s) = next {
             current = Some(s);
@@ -295,6 +338,8 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         metrics.sync.record(kind, started.elapsed(), result.as_ref().map(|r| r.total).map_err(|_| ()));
         match result {
             Ok(r) => {
+                observe(metrics, &timed, r.added + r.removed > 0, SystemTime::now());
+                timed.clear();
                 if periodic || r.full {
                     last_check = Instant::now();
                 }
@@ -401,6 +446,24 @@ mod tests {
                 (key, Target { proxy_port: ProxyPort(31000), service: service.clone() })
             })
             .collect()
+    }
+
+    #[test]
+    fn a_change_is_timed_to_its_rule_sync_when_rules_changed_else_to_its_publication() {
+        let metrics = Arc::new(Metrics::new(1));
+        let now = SystemTime::now();
+        let trigger = now - Duration::from_secs(20);
+        let timed = [Timed { trigger, published: trigger + Duration::from_micros(800) }];
+        observe(&metrics, &timed, false, now);
+        let bucket = |le: &str| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &metrics.registry()).unwrap();
+            let sample = format!("ringport_network_programming_duration_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&sample)?.parse::<u64>().ok()).unwrap()
+        };
+        assert_eq!((bucket("0.001"), bucket("30.0")), (1, 1), "no rule changed: live when published");
+        observe(&metrics, &timed, true, now);
+        assert_eq!((bucket("0.001"), bucket("30.0")), (1, 2), "rules changed: live once synced, 20 s later");
     }
 
     #[test]
