@@ -5,7 +5,9 @@
 //! endpoints, receives signals and watches the source, and never parses or
 //! binds; each load, validation and bind runs on a blocking thread, one
 //! at a time, while the last good snapshot keeps serving. Updates that
-//! arrive meanwhile are coalesced into the latest one.
+//! arrive meanwhile are merged into one queued update (`Work::queue`):
+//! sources yield each change at once, and this queue is what batches a
+//! burst.
 
 mod intercept;
 mod source;
@@ -641,6 +643,7 @@ impl Engine {
     /// trigger time of the slices the files changed) is timed for the
     /// network programming latency.
     fn apply(&mut self, update: Update, why: &str, mut triggers: Vec<SystemTime>) -> Done {
+        tracing::debug!(trigger = why, "applying");
         let (outcome, mut done) = match update {
             Update::Changes(delta) => (self.take(Change::Delta(delta)), Done::default()),
             Update::Then(full, delta) => {

@@ -387,6 +387,10 @@ pub enum WarningKind {
         "is gone: taken as a write in progress until the next reload, its last good objects keep serving"
     )]
     VanishedFileKept,
+    #[error(
+        "is invalid, but was written a moment ago: taken as a write in progress until the next reload, its last good objects keep serving"
+    )]
+    UnsettledFileKept,
 }
 
 /// Collects the errors and warnings of one object while it is validated, so

@@ -3,8 +3,10 @@
 //!
 //! The watch is on the directory, not on the file's inode, so editors that
 //! save by writing a new file and renaming it over the old one are seen.
-//! Bursts of events (an editor's write, chmod, rename) are coalesced into
-//! one reload.
+//! A change is reported at once, with the events already arrived (an
+//! editor's write, chmod, rename): no quiet period holds it back, and a
+//! stream of changes can never starve the reloads. Later events of a burst
+//! are merged by the run loop while a reload runs (its `Work::queue`).
 //!
 //! The [`FileLoader`] reads a directory file by file, only the files that
 //! changed, and sends what changed in them (see `loader`). It keeps each
@@ -12,7 +14,10 @@
 //! file that is empty, or one that is gone at a reload (it is kept for that
 //! reload, and dropped only if still gone at the next one, which follows
 //! [`SETTLE`] later). A file deleted on purpose thus takes its Services with
-//! it, one settle period later. A single `--config` file that is missing is
+//! it, one settle period later. A file that is invalid but was written less
+//! than [`SETTLE`] ago is taken as written in place and half done: its last
+//! good objects are kept, and it is read again [`SETTLE`] later, when an
+//! error is reported as such. A single `--config` file that is missing is
 //! an error, and its last good configuration keeps serving.
 
 mod loader;
@@ -27,15 +32,14 @@ use tokio::sync::mpsc;
 
 use crate::config;
 
-/// Quiet time after the last event before reloading.
+/// How long a file that looks mid-write (gone, or invalid and just
+/// written) keeps its last good objects before it is read again.
 pub const SETTLE: Duration = Duration::from_millis(150);
 
 pub struct FileSource {
     /// Kept alive for as long as the source watches.
     _watcher: RecommendedWatcher,
     changes: mpsc::UnboundedReceiver<()>,
-    /// A change was seen and its burst has not settled yet.
-    dirty: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,29 +76,16 @@ impl FileSource {
         watcher
             .watch(&watched, RecursiveMode::NonRecursive)
             .map_err(|source| WatchError::Watch { path: watched.clone(), source })?;
-        Ok(Self { _watcher: watcher, changes, dirty: false })
+        Ok(Self { _watcher: watcher, changes })
     }
 
-    /// Wait for the next change on disk, then for the burst to settle.
-    /// `None` once the watcher is gone.
-    ///
-    /// Cancel-safe (the run loop selects on it beside reloads finishing): a
-    /// change seen before a cancellation is remembered, and the next call
-    /// only waits for the burst to settle.
+    /// Wait for the next change on disk; the events already arrived go
+    /// with it. `None` once the watcher is gone. Cancel-safe: the only
+    /// await is the channel's `recv`.
     pub async fn changed(&mut self) -> Option<()> {
-        if !self.dirty {
-            self.changes.recv().await?;
-            self.dirty = true;
-        }
-        loop {
-            match tokio::time::timeout(SETTLE, self.changes.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) | Err(_) => {
-                    self.dirty = false;
-                    return Some(());
-                }
-            }
-        }
+        self.changes.recv().await?;
+        while self.changes.try_recv().is_ok() {}
+        Some(())
     }
 }
 

@@ -229,6 +229,13 @@ impl KubeSource {
             }
             if let Some(update) = self.state.take_update() {
                 self.triggers = self.state.take_triggers();
+                if let Change::Delta(d) = &update {
+                    tracing::debug!(
+                        services = d.services.len(),
+                        slices = d.slices.len(),
+                        "API changes yielded"
+                    );
+                }
                 return Ok(update);
             }
         }

@@ -26,15 +26,18 @@
 //!   whole state: the table's join then reports a duplicate with both
 //!   places, exactly as for a whole load, and keeps several slices of one
 //!   name apart, which a delta (one value per name) cannot.
-//! - A file that is emptied, or gone at a load, keeps its objects through
-//!   that load (a write in progress); gone still at the next load (which
-//!   follows [`SETTLE`](super::SETTLE) later), its objects are removed.
+//! - A file that is emptied, or gone at a load, or invalid but written less
+//!   than [`SETTLE`] before it was read, keeps its objects through that
+//!   load (a write in progress), and the load asks for a recheck; gone (or
+//!   invalid) still at the next load, [`SETTLE`] later, its objects are
+//!   removed (or the error refuses the load).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use super::SETTLE;
 use crate::config::{self, ConfigError, ConfigErrorKind, ConfigErrors, Manifests, Warning, WarningKind};
 use crate::model::{Origin, ServiceName};
 use crate::source::Change;
@@ -82,10 +85,14 @@ impl Version {
     /// Written so shortly before it was read that a later write may have
     /// kept its stamp.
     fn racy(&self) -> bool {
+        self.written().is_none_or(|w| w + RACY > self.read_at)
+    }
+
+    /// When the file was last written (its mtime), if that is readable.
+    fn written(&self) -> Option<SystemTime> {
         let (secs, nanos) = self.stamp.mtime;
-        let written = std::time::UNIX_EPOCH
-            + std::time::Duration::new(u64::try_from(secs).unwrap_or(0), u32::try_from(nanos).unwrap_or(0));
-        written + RACY > self.read_at
+        let since = std::time::Duration::new(u64::try_from(secs).ok()?, u32::try_from(nanos).ok()?);
+        std::time::UNIX_EPOCH.checked_add(since)
     }
 }
 
@@ -148,6 +155,9 @@ enum Read {
     Same,
     /// Emptied: its objects are kept (a write in progress).
     Empty,
+    /// Invalid, but just written: its objects are kept (a write in place,
+    /// half done), and it is read again [`SETTLE`] later.
+    Unsettled,
     /// A new version, with its objects.
     New(Version, Manifests),
     Failed(Vec<ConfigError>),
@@ -179,11 +189,16 @@ impl FileLoader {
         let mut warnings = listed.warnings;
         let mut changed = Vec::new();
         let mut present = HashSet::new();
+        let mut recheck = false;
         for file in listed.files {
             present.insert(file.clone());
             match self.read(&file, reread) {
                 Read::Same => {}
                 Read::Empty => warnings.push(kept(&file, WarningKind::EmptyFileKept)),
+                Read::Unsettled => {
+                    recheck = true;
+                    warnings.push(kept(&file, WarningKind::UnsettledFileKept));
+                }
                 Read::New(version, m) => match self.served.get_mut(&file) {
                     // Reformatted, not changed: only the version is new.
                     Some(served) if same_objects(&served.1, &m) => served.0 = version,
@@ -192,7 +207,6 @@ impl FileLoader {
                 Read::Failed(e) => errors.extend(e),
             }
         }
-        let mut recheck = false;
         let vanished: Vec<PathBuf> = self.served.keys().filter(|f| !present.contains(*f)).cloned().collect();
         for file in vanished {
             if self.gone.insert(file.clone()) {
@@ -286,6 +300,7 @@ impl FileLoader {
         }
         match config::parse_str(&text, &file.display().to_string()) {
             Ok(m) => Read::New(version, m),
+            Err(_) if version.written().is_some_and(|w| w + SETTLE > read_at) => Read::Unsettled,
             Err(e) => Read::Failed(e.into_vec()),
         }
     }

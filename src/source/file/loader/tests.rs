@@ -65,6 +65,39 @@ fn write(dir: &Path, file: &str, text: &str) {
     fs::rename(&tmp, dir.join(file)).unwrap();
 }
 
+/// Dates a file's last write back, as if written a while ago (not a write
+/// in progress).
+fn settled(dir: &Path, file: &str) {
+    let f = fs::File::options().write(true).open(dir.join(file)).unwrap();
+    f.set_modified(SystemTime::now() - std::time::Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn an_invalid_file_just_written_is_kept_as_a_write_in_progress_then_refused_once_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &service("a", 80));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    // Written in place, half done: the objects stay, a recheck is asked.
+    fs::write(
+        dir.path().join("a.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 8",
+    )
+    .unwrap();
+    let loaded = load(&mut loader);
+    assert!(loaded.recheck);
+    assert!(delta(&loaded).services.is_empty());
+    assert!(
+        loaded.warnings.iter().any(|w| w.kind == WarningKind::UnsettledFileKept),
+        "{:?}",
+        loaded.warnings
+    );
+    // Still invalid at the recheck, written a while ago: an error.
+    settled(dir.path(), "a.yaml");
+    let errors = load(&mut loader).result.unwrap_err().to_string();
+    assert!(errors.contains("a.yaml"), "{errors}");
+}
+
 #[test]
 fn only_the_changed_objects_of_the_changed_file_are_sent() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,6 +180,7 @@ fn an_invalid_file_is_refused_naming_it_and_the_next_load_still_carries_what_was
     load(&mut loader);
     write(dir.path(), "a.yaml", &service("a", 81));
     write(dir.path(), "b.yaml", &service("b", 70000));
+    settled(dir.path(), "b.yaml");
     let errors = load(&mut loader).result.unwrap_err().to_string();
     assert!(errors.contains("b.yaml") && errors.contains("spec.ports[0].port"), "{errors}");
     // b fixed: a's change, refused with b before, comes too.
