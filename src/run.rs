@@ -12,10 +12,12 @@
 mod intercept;
 mod source;
 mod upgrade;
+mod work;
 
 use intercept::start_redirect;
 use source::{Source, next_node};
 use upgrade::listen_for_successors;
+use work::{Done, Full, Update, Work};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +38,7 @@ use crate::control::{Applied, Control, Rejected};
 use crate::dataplane::{DataPlane, Faults, WorkerConfig};
 use crate::handover::{self, HandedAdmin, HandoverOptions, Taken};
 use crate::listen::{Binder, ListenOptions, node_addresses};
-use crate::metrics::{Changes, Metrics};
+use crate::metrics::Metrics;
 use crate::redirect::syncer::Timed;
 use crate::redirect::{self, RedirectError, RedirectMode, SyncerThread};
 use crate::service_health::ServiceHealth;
@@ -45,7 +47,6 @@ use crate::source::Change;
 use crate::source::file::{FileLoader, WatchError};
 use crate::source::kube::{KubeError, KubeOptions};
 use crate::source_ip::SourceOptions;
-use crate::table::Delta;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -301,7 +302,7 @@ async fn serve(mut opts: RunOptions, handles: Handles) -> Result<Stopped, RunErr
             },
             () = sleep_until(recheck) => {
                 recheck = None;
-                Some((Update::Full(Full::Files), "recheck of a vanished file"))
+                Some((Update::Full(Full::Files), "recheck of a file gone or being written"))
             }
             done = finished(&mut running) => {
                 running = None;
@@ -367,75 +368,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// What waits for the engine: the latest source update, and the latest
-/// zone of the Node (each kept separately, so neither hides the other).
-#[derive(Default)]
-struct Work {
-    update: Option<(Update, &'static str)>,
-    zone: Option<Option<String>>,
-    /// The trigger times of the EndpointSlice changes queued updates
-    /// carry, kept when a newer update replaces an older one.
-    triggers: Vec<std::time::SystemTime>,
-    /// The changes queued updates carry that were counted pending: no
-    /// longer pending once the update is applied (or refused).
-    counted: Changes,
-}
-
-/// What the engine's work came to.
-#[derive(Clone, Copy, Debug, Default)]
-struct Done {
-    /// A vanished file was kept: read the files again soon.
-    recheck: bool,
-    /// The control plane refused a source's update.
-    refused: bool,
-}
-
-impl Work {
-    fn is_empty(&self) -> bool {
-        self.update.is_none() && self.zone.is_none()
-    }
-
-    /// Queue `update` behind what waits: a newer full state replaces
-    /// whatever is queued (it includes every earlier change); a change is
-    /// folded into a queued change, and kept behind a queued full state.
-    fn queue(&mut self, (update, why): (Update, &'static str)) {
-        self.update = Some(match (self.update.take(), update) {
-            (Some((Update::Changes(mut queued), _)), Update::Changes(later)) => {
-                queued.merge(later);
-                (Update::Changes(queued), why)
-            }
-            (Some((Update::Then(full, mut queued), first)), Update::Changes(later)) => {
-                queued.merge(later);
-                (Update::Then(full, queued), first)
-            }
-            (Some((Update::Full(full), first)), Update::Changes(later)) => (Update::Then(full, later), first),
-            // A later change on disk does not undo a SIGHUP's reread.
-            (Some((Update::Full(Full::Reread), first)), Update::Full(Full::Files)) => {
-                (Update::Full(Full::Reread), first)
-            }
-            (_, update) => (update, why),
-        });
-    }
-}
-
-/// What to apply: a full state, a change to some objects, or a full state
-/// then a change.
-enum Update {
-    Full(Full),
-    Changes(Delta),
-    Then(Full, Delta),
-}
-
-/// A full state: the files as they are on disk now (read on the blocking
-/// thread: the files that changed since the last load, and the loader
-/// sends what changed in them), the same with every file read again
-/// (SIGHUP), or the API's.
-enum Full {
-    Files,
-    Reread,
-    Manifests(Manifests),
 }
 
 /// What an update goes through: load (for files), control plane, then
@@ -709,44 +641,5 @@ mod tests {
     fn redirect_defaults_to_none_for_files_and_auto_for_the_api() {
         assert_eq!(SourceChoice::File.default_redirect(), RedirectMode::None);
         assert_eq!(SourceChoice::Kube(KubeOptions::default()).default_redirect(), RedirectMode::Auto);
-    }
-
-    fn named(name: &str) -> crate::model::ServiceName {
-        crate::model::ServiceName { namespace: "default".into(), name: name.into() }
-    }
-
-    fn removing(name: &str) -> Update {
-        let mut delta = Delta::default();
-        delta.services.insert(named(name), None);
-        Update::Changes(delta)
-    }
-
-    fn changed(update: &Update) -> Vec<String> {
-        let delta = match update {
-            Update::Changes(d) | Update::Then(_, d) => d,
-            Update::Full(_) => return Vec::new(),
-        };
-        delta.services.keys().map(|n| n.name.clone()).collect()
-    }
-
-    #[test]
-    fn queued_changes_merge_and_a_full_state_replaces_them_but_not_later_ones() {
-        let mut work = Work::default();
-        work.queue((removing("a"), "one"));
-        work.queue((removing("b"), "two"));
-        let (update, why) = work.update.as_ref().unwrap();
-        assert_eq!((changed(update), *why), (vec!["a".to_owned(), "b".to_owned()], "two"));
-
-        work.queue((Update::Full(Full::Files), "full"));
-        assert!(
-            matches!(work.update, Some((Update::Full(Full::Files), "full"))),
-            "a full state includes them"
-        );
-
-        work.queue((removing("c"), "three"));
-        work.queue((removing("d"), "four"));
-        let (update, why) = work.update.as_ref().unwrap();
-        assert!(matches!(update, Update::Then(Full::Files, _)), "the full state still comes first");
-        assert_eq!((changed(update), *why), (vec!["c".to_owned(), "d".to_owned()], "full"));
     }
 }

@@ -217,7 +217,9 @@ impl FileLoader {
                 changed.push((file, None));
             }
         }
-        self.gone.retain(|f| present.contains(f) || self.served.contains_key(f));
+        // Back again (or no longer served): a later disappearance gets its
+        // grace again.
+        self.gone.retain(|f| !present.contains(f) && self.served.contains_key(f));
         if let Some(errors) = ConfigErrors::from_vec(errors) {
             self.proposed = None;
             return Loaded { result: Err(errors), recheck, triggers: Vec::new(), warnings };

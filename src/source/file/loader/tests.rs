@@ -157,6 +157,12 @@ fn a_deleted_file_is_kept_for_one_load_then_its_objects_removed() {
     assert_eq!(entries(&delta(&load(&mut loader)).services), [("web".to_owned(), true)]);
     fs::remove_file(dir.path().join("web.yaml")).unwrap();
     assert!(load(&mut loader).recheck);
+    // Even when it comes back changed before the grace is over.
+    write(dir.path(), "web.yaml", &service("web", 81));
+    assert_eq!(entries(&delta(&load(&mut loader)).services), [("web".to_owned(), true)]);
+    fs::remove_file(dir.path().join("web.yaml")).unwrap();
+    let again = load(&mut loader);
+    assert!(again.recheck && delta(&again).services.is_empty(), "dropped without its grace");
 }
 
 #[test]
@@ -316,4 +322,47 @@ fn loads_add_up_to_what_a_whole_load_serves_under_random_rewrites() {
             "step {step}: a load and a whole load disagree on validity"
         );
     }
+}
+
+/// One file of a directory of 100 files (100k Services with a slice each)
+/// changes: what a load costs now, against a whole load of the directory
+/// (what every reload did before). Printed, asserting nothing about time.
+/// `cargo test --lib measure_one_changed_file_of_100 -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement"]
+fn measure_one_changed_file_of_100_at_100k_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |f: u32, ip: &str| {
+        let parts: Vec<String> = (0..1000)
+            .flat_map(|i| {
+                let name = format!("s{f}-{i}");
+                [service(&name, 80), slice(&format!("{name}-1"), &name, ip, None)]
+            })
+            .collect();
+        doc(&parts)
+    };
+    for f in 0..100 {
+        write(dir.path(), &format!("f{f:03}.yaml"), &file(f, "10.1.0.1"));
+    }
+    let mut loader = FileLoader::new(dir.path());
+    let started = std::time::Instant::now();
+    load(&mut loader);
+    let first = started.elapsed();
+    // Files read within RACY of their writing are read again (and their
+    // text compared) once more: settle that first, as on a running node.
+    std::thread::sleep(RACY + std::time::Duration::from_millis(100));
+    load(&mut loader);
+    write(dir.path(), "f042.yaml", &file(42, "10.1.0.2"));
+    settled(dir.path(), "f042.yaml");
+    let started = std::time::Instant::now();
+    let loaded = load(&mut loader);
+    let one = started.elapsed();
+    assert_eq!(delta(&loaded).slices.len(), 1000);
+    let started = std::time::Instant::now();
+    std::hint::black_box(config::load_path(dir.path()).unwrap());
+    let whole = started.elapsed();
+    println!(
+        "100 files, 100k Services: first load {first:?}; one changed file: {one:?}, a whole load (as before) {whole:?}: {:.0}x",
+        whole.as_secs_f64() / one.as_secs_f64()
+    );
 }

@@ -138,3 +138,33 @@ fn deltas_add_up_to_the_whole_state_under_random_events() {
         }
     }
 }
+
+/// What one slice change costs the source at 100k Services, against the
+/// whole state it used to yield (cloned for every update): a measurement,
+/// printed, asserting nothing about time. `cargo test --lib
+/// measure_one_change_at_100k_services -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement"]
+fn measure_one_change_at_100k_services() {
+    let n = 100_000u32;
+    let ip = |i: u32| format!("10.{}.{}.{}", 100 + i / 65536, (i / 256) % 256, i % 256);
+    let services = (0..n).map(|i| service(&format!("s{i}"), &ip(i), 80)).collect();
+    let slices = (0..n).map(|i| slice(&format!("s{i}-1"), &format!("s{i}"), &["10.1.0.1"])).collect();
+    let (mut state, _) = listed(Filter::default(), services, slices);
+    let rounds = 20;
+    let started = std::time::Instant::now();
+    for r in 0..rounds {
+        state.handle_slice(Event::Apply(slice("s7-1", "s7", &[&format!("10.1.0.{}", r + 2)])));
+        assert!(matches!(state.take_update(), Some(Change::Delta(_))));
+    }
+    let delta = started.elapsed() / rounds;
+    let started = std::time::Instant::now();
+    for _ in 0..rounds {
+        std::hint::black_box(state.manifests());
+    }
+    let whole = started.elapsed() / rounds;
+    println!(
+        "100k Services: one slice change to its update: delta {delta:?}, whole state (as before) {whole:?}: {:.0}x",
+        whole.as_secs_f64() / delta.as_secs_f64()
+    );
+}
