@@ -592,7 +592,10 @@ impl Engine {
             if outcome.is_ok() { &self.metrics.reloads_applied } else { &self.metrics.reloads_rejected };
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
-            Ok(None) => tracing::debug!(trigger = why, "nothing changed"),
+            // Accepted, and the same as what serves (a file saved unchanged,
+            // or fixed back after a refused reload): said, so an operator
+            // sees the error is over; nothing is published.
+            Ok(None) => tracing::info!(trigger = why, "reloaded: nothing changed, nothing published"),
             Ok(Some(a)) => {
                 self.published(triggers);
                 summary(&a, why);
