@@ -72,6 +72,18 @@ fn a_relist_sends_only_what_differs_from_what_served() {
     assert!(d.slices.is_empty());
 }
 
+#[test]
+fn after_a_refused_update_the_next_change_brings_the_whole_state() {
+    let (mut state, _) = listed(Filter::default(), vec![service("web", "10.0.0.1", 80)], vec![]);
+    state.resync();
+    assert!(state.take_update().is_none(), "a resync alone publishes nothing");
+    state.handle_slice(Event::Apply(slice("web-1", "web", &["10.1.0.1"])));
+    let Some(Change::Whole(m)) = state.take_update() else { panic!("expected the whole state") };
+    assert_eq!((m.services.len(), m.slices.len()), (1, 1));
+    state.handle_slice(Event::Apply(slice("web-1", "web", &["10.1.0.2"])));
+    assert!(matches!(state.take_update(), Some(Change::Delta(_))), "then deltas again");
+}
+
 #[tokio::test]
 async fn a_lone_change_is_yielded_at_once_without_a_window() {
     let (mut source, services, slices) = channel_source(Filter::default());
