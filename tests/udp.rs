@@ -296,11 +296,21 @@ fn a_service_removed_mid_burst_cancels_its_pacing_and_ringport_keeps_serving() {
     let target = proxy.proxy_addr(SVC);
     let generation = proxy.generation();
     let c = client();
+    // The burst flows first (the file source applies a change at once, so
+    // a removal written first could land before any datagram passed).
+    let mut id = 0;
+    let started = std::time::Instant::now();
+    while seen.lock().expect("sink").is_empty() && started.elapsed() < Duration::from_secs(5) {
+        for _ in 0..50 {
+            let _ = c.send_to(&numbered(id), target);
+            id += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // Bursts of 50 until the removal lands: bounded in count and time.
     proxy.write_manifest(&other);
     let started = std::time::Instant::now();
-    let mut id = 0;
-    while id < 4000 && started.elapsed() < Duration::from_secs(5) {
+    while id < 8000 && started.elapsed() < Duration::from_secs(5) {
         for _ in 0..50 {
             let _ = c.send_to(&numbered(id), target); // refused once the port is gone
             id += 1;
