@@ -76,6 +76,12 @@ fn main() {
         "| what | backend | rules | samples | p50 | p99 | max | CPU p50 (ours + tool) | rule tool p50 |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    // `cargo bench --bench rules -- resync`: only the rule-set changes and
+    // resyncs on top of 100k.
+    if std::env::args().any(|a| a == "resync") {
+        changes_on_top_of_100k();
+        return;
+    }
     for n in [1_000, 10_000, 100_000] {
         full_sync("nft", n, || Box::new(Nft { to: Intercept::Redirect }));
     }
@@ -175,6 +181,18 @@ fn changes_on_top_of_100k() {
         })
         .collect();
     row("periodic resync, table untouched", "nft", n, resync);
+    // Someone (iptables-nft, a CNI, firewalld) commits to another table:
+    // the generation id moves, our table's handles do not.
+    let elsewhere: Vec<Sample> = (0..SAMPLES_RESYNC)
+        .map(|i| {
+            let rule = format!("add table inet elsewhere{i}");
+            let wrote = Command::new("nft").args(rule.split(' ')).status();
+            assert!(wrote.is_ok_and(|s| s.success()), "nft {rule}");
+            let again = base.clone();
+            measure(|| s.sync_rules(again, true).expect("resync"))
+        })
+        .collect();
+    row("periodic resync after a foreign write elsewhere", "nft", n, elsewhere);
     let repaired: Vec<Sample> = (0..3)
         .map(|_| {
             let flushed =

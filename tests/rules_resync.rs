@@ -3,8 +3,9 @@
 //! starts and the netlink socket it reads the ruleset generation id on are
 //! in there too, never in the host's namespace.
 //!
-//! Needs root and `ip`, `nft`, `iptables` (nf_tables), `iptables-save`
-//! (CI has them through scripts/test.sh);
+//! Needs root and `ip`, `nft`, `iptables` (nf_tables), `iptables-save`,
+//! `iptables-restore`, `ip6tables-restore` (CI has them through
+//! scripts/test.sh);
 //! without them the test fails saying so.
 
 mod netns;
@@ -88,13 +89,29 @@ fn an_outside_change_to_our_table_is_repaired_by_the_next_periodic_resync_and_an
         assert_eq!(s.sync_rules(rules(4), true).expect("repair").kind, SyncKind::Full);
         assert_eq!(intercepts(&nft(&["list", "table", "inet", "ringport"])), (4, 4));
 
-        // Someone writes between two of our syncs: we cannot tell what,
-        // so the next periodic resync rewrites, and the one after verifies.
+        // Someone writes to another table (as iptables-nft, a CNI or
+        // firewalld do): the generation id moves, our table's handles do
+        // not, so the resync only verifies and writes nothing.
         nft(&["add", "table", "inet", "someone-else"]);
+        nft(&["add", "chain", "inet", "someone-else", "input", "{ type filter hook input priority 0; }"]);
+        nft(&["add", "rule", "inet", "someone-else", "input", "tcp", "dport", "9", "accept"]);
+        let moved = genid::read().expect("generation id");
+        let r = s.sync_rules(rules(4), true).expect("resync");
+        assert_eq!((r.kind, r.added, r.removed), (SyncKind::Verify, 0, 0));
+        assert_eq!(genid::read().expect("generation id"), moved, "a verify writes nothing");
+        // Between two of our syncs, too.
+        nft(&["add", "rule", "inet", "someone-else", "input", "tcp", "dport", "10", "accept"]);
         assert_eq!(s.sync_rules(rules(5), false).expect("add one").kind, SyncKind::Partial);
-        assert_eq!(s.sync_rules(rules(5), true).expect("resync").kind, SyncKind::Full);
         assert_eq!(s.sync_rules(rules(5), true).expect("resync").kind, SyncKind::Verify);
         assert_eq!(intercepts(&nft(&["list", "table", "inet", "ringport"])), (4, 5));
+
+        // Someone deletes our table and makes an empty one of the name:
+        // repaired.
+        nft(&["delete", "table", "inet", "ringport"]);
+        nft(&["add", "table", "inet", "ringport"]);
+        assert_eq!(s.sync_rules(rules(5), true).expect("repair").kind, SyncKind::Full);
+        assert_eq!(intercepts(&nft(&["list", "table", "inet", "ringport"])), (4, 5));
+        assert_eq!(s.sync_rules(rules(5), true).expect("resync").kind, SyncKind::Verify);
     });
 }
 
@@ -107,7 +124,13 @@ fn our_nat_rules() -> usize {
 #[test]
 fn iptables_nft_chains_flushed_by_someone_else_are_repaired_by_the_next_periodic_resync_and_untouched_ones_are_not_rewritten()
  {
-    netns::require_privileges_and_tools(&["ip", "iptables", "iptables-save"]);
+    netns::require_privileges_and_tools(&[
+        "ip",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-restore",
+    ]);
     let version = Command::new("iptables").arg("--version").output().expect("iptables --version");
     assert!(
         String::from_utf8_lossy(&version.stdout).contains("nf_tables"),

@@ -28,6 +28,7 @@ pub mod command;
 pub mod conntrack;
 pub mod desired;
 pub mod genid;
+pub mod handles;
 pub mod iptables;
 pub mod nft;
 pub mod rules;
@@ -141,6 +142,15 @@ pub trait Backend: Send {
     /// ruleset generation id): `None` when there is none, and the
     /// periodic resync then rewrites everything.
     fn generation(&self) -> Option<u32> {
+        None
+    }
+    /// The handles of every object of this backend's own table (see
+    /// [`handles`]): equal to those read after our last whole rewrite
+    /// when nobody added, deleted or flushed anything in it since.
+    /// `None` when the backend has no table of its own (iptables' chains
+    /// live in shared tables) or it cannot be read: the periodic resync
+    /// then trusts the generation id alone.
+    fn own_handles(&self) -> Option<Vec<(u16, u64)>> {
         None
     }
     /// How many transactions (generations) writing `diff` commits, or

@@ -70,6 +70,12 @@ impl Backend for Nft {
             .ok()
     }
 
+    fn own_handles(&self) -> Option<Vec<(u16, u64)>> {
+        super::handles::read(libc::NFPROTO_INET as u8, TABLE)
+            .map_err(|e| tracing::debug!(error = %e, "cannot read the handles of our nftables table"))
+            .ok()
+    }
+
     fn read_back(&self) -> Option<super::ReadBack> {
         let listing = command::run(NFT, &["list", "table", FAMILY, TABLE], None).ok()?;
         let rules = parse_table(&listing)?;

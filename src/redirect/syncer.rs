@@ -11,18 +11,26 @@
 //! or a periodic resync that finds the rules touched by someone else),
 //! *partial* (only the difference, one batch with every add and delete),
 //! or *verify* (a periodic resync that finds the rules as its last write
-//! left them, and nothing to change: it writes nothing). The check is
-//! nftables' ruleset generation id ([`super::genid`]), read for nothing
-//! whatever the number of rules; a backend without one (iptables) is
-//! rewritten whole at every periodic resync.
+//! left them, and nothing to change: it writes nothing). The first check
+//! is nftables' ruleset generation id ([`super::genid`]), read for nothing
+//! whatever the number of rules. It is per namespace, so any other writer
+//! (iptables-nft, a CNI's portmap, firewalld) moves it; then the handles of
+//! our own table's chains, rules and sets ([`super::handles`]) are compared
+//! with those read after our last whole rewrite: equal, nobody touched our
+//! table and the resync is a verify. Elements have no handles, so the table
+//! is also rewritten whole every [`FULL_RESYNC`]. A backend with no
+//! generation id (iptables-legacy) is rewritten whole at every periodic
+//! resync; one with no table of its own (iptables-nft) at every periodic
+//! resync after any other writer.
 //!
 //! Invariants:
 //! - What was last applied is known exactly, or not at all: after a failed
 //!   apply the next sync rewrites everything (`replace`), as does the first
 //!   sync and the periodic resync when the rules may have been touched.
 //! - The generation id is trusted only when the kernel counted exactly our
-//!   own writes since the last full rewrite (one per batch); any other
-//!   writer, to any table, makes the next periodic resync a full one.
+//!   own writes since the last full rewrite (one per batch); after any
+//!   other writer, only our table's handles, unchanged since our last full
+//!   rewrite, spare the next periodic resync a full rewrite.
 //! - Ready is reported only once the first snapshot's rules are in place.
 //! - After every successful apply, the conntrack entries of each UDP key
 //!   whose fate changed are deleted (a firewall change alone changes no
@@ -50,6 +58,10 @@ use crate::snapshot::Snapshot;
 /// How often the rules are checked (and rewritten whole when touched)
 /// even when nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(30);
+/// How often a periodic resync rewrites the table whole even when it looks
+/// untouched: a foreign delete of one map element changes neither the
+/// generation id as seen after another writer nor any handle.
+pub const FULL_RESYNC: Duration = Duration::from_secs(600);
 /// How soon a failed sync is tried again.
 pub const RETRY: Duration = Duration::from_secs(5);
 
@@ -80,11 +92,22 @@ pub struct Syncer {
     /// The ruleset generation id our last write left, while nobody else
     /// has written since as far as we know.
     generation: Option<u32>,
+    /// The handles of our table's objects after our last whole rewrite.
+    handles: Option<Vec<(u16, u64)>>,
+    /// When the last whole rewrite succeeded.
+    last_full: Option<Instant>,
 }
 
 impl Syncer {
     pub fn new(backend: Box<dyn Backend>) -> Self {
-        Self { backend, desired: DesiredRules::default(), in_place: false, generation: None }
+        Self {
+            backend,
+            desired: DesiredRules::default(),
+            in_place: false,
+            generation: None,
+            handles: None,
+            last_full: None,
+        }
     }
 
     /// Start from the rules a previous run left (`whole`, read back by the
@@ -137,9 +160,26 @@ impl Syncer {
         self.apply(update, periodic, started)
     }
 
-    /// Whether nobody wrote any nf_tables rule since our last write.
-    fn untouched(&self) -> bool {
-        self.generation.is_some() && self.backend.generation() == self.generation
+    /// Whether nobody touched our rules since our last write: nobody wrote
+    /// any nf_tables rule (the generation id), or, when someone did, our
+    /// table's objects are the ones our last whole rewrite made (then the
+    /// generation id seen now is taken as ours).
+    fn untouched(&mut self) -> bool {
+        let now = self.backend.generation();
+        if self.generation.is_some() && now == self.generation {
+            return true;
+        }
+        let Some(ours) = self.handles.as_ref() else { return false };
+        if self.backend.own_handles().as_ref() == Some(ours) {
+            self.generation = now;
+            return true;
+        }
+        false
+    }
+
+    /// Whether the last whole rewrite is older than [`FULL_RESYNC`].
+    fn due_full(&self) -> bool {
+        self.last_full.is_none_or(|t| t.elapsed() >= FULL_RESYNC)
     }
 
     fn apply(
@@ -149,6 +189,13 @@ impl Syncer {
         started: Instant,
     ) -> Result<SyncReport, RedirectError> {
         let Update { diff, rewrite, ports_changed, .. } = update;
+        let kind = if !self.in_place || rewrite || (periodic && (self.due_full() || !self.untouched())) {
+            SyncKind::Full
+        } else if periodic && diff.is_empty() {
+            SyncKind::Verify
+        } else {
+            SyncKind::Partial
+        };
         let rules = self.desired.rules();
         // Which keys changed fate is known whenever what was applied is,
         // even when a firewall change forces a full rewrite.
@@ -156,13 +203,6 @@ impl Syncer {
             true => diff.udp_keys().into_iter().collect(),
             // Unknown before (a start, after a failure): every UDP key.
             false => rules.udp_keys().collect(),
-        };
-        let kind = if !self.in_place || rewrite || (periodic && !self.untouched()) {
-            SyncKind::Full
-        } else if periodic && diff.is_empty() {
-            SyncKind::Verify
-        } else {
-            SyncKind::Partial
         };
         let before = self.backend.generation();
         let t = Instant::now();
@@ -174,8 +214,12 @@ impl Syncer {
         let apply = t.elapsed();
         let was_in_place = self.in_place;
         if let Err(e) = result {
-            (self.in_place, self.generation) = (false, None);
+            (self.in_place, self.generation, self.handles) = (false, None, None);
             return Err(e);
+        }
+        if kind == SyncKind::Full {
+            self.handles = self.backend.own_handles();
+            self.last_full = Some(Instant::now());
         }
         let total = rules.redirects.len() + rules.reject.len();
         let (added, removed) = match kind {
@@ -395,6 +439,8 @@ mod tests {
         calls: Arc<Mutex<Vec<String>>>,
         fail: Arc<AtomicBool>,
         generation: Option<Arc<std::sync::atomic::AtomicU32>>,
+        /// With it, the one handle of "our table".
+        handles: Option<Arc<std::sync::atomic::AtomicU64>>,
     }
 
     impl Backend for Recorder {
@@ -415,6 +461,9 @@ mod tests {
         }
         fn generation(&self) -> Option<u32> {
             self.generation.as_ref().map(|g| g.load(Ordering::SeqCst))
+        }
+        fn own_handles(&self) -> Option<Vec<(u16, u64)>> {
+            self.handles.as_ref().map(|h| vec![(0, h.load(Ordering::SeqCst))])
         }
         fn forget_udp(&mut self, keys: &[RuleKey]) {
             self.calls.lock().unwrap().push(format!("forget {}", keys.len()));
@@ -564,5 +613,33 @@ mod tests {
                 "replace 6"
             ]
         );
+    }
+
+    #[test]
+    fn a_periodic_resync_after_a_foreign_write_elsewhere_verifies_and_one_in_our_table_rewrites() {
+        let rec = Recorder {
+            generation: Some(Arc::default()),
+            handles: Some(Arc::default()),
+            ..Recorder::default()
+        };
+        let mut s = Syncer::new(Box::new(rec.clone()));
+        let kind = |s: &mut Syncer, n, periodic| s.sync_rules(rules(n), periodic).unwrap().kind;
+        assert_eq!(kind(&mut s, 3, false), SyncKind::Full);
+        rec.bump();
+        assert_eq!(kind(&mut s, 3, true), SyncKind::Verify, "someone wrote elsewhere");
+        assert_eq!(kind(&mut s, 3, true), SyncKind::Verify, "the new generation id is taken as ours");
+        rec.bump();
+        assert_eq!(kind(&mut s, 4, false), SyncKind::Partial);
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Verify, "elsewhere, then our difference");
+        // Someone recreates an object of our table.
+        rec.bump();
+        rec.handles.as_ref().unwrap().fetch_add(1, Ordering::SeqCst);
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Full, "someone wrote in our table");
+        assert_eq!(kind(&mut s, 4, true), SyncKind::Verify);
+        // Unreadable handles: as before, any foreign write rewrites.
+        let mut s = Syncer::new(Box::new(Recorder { handles: None, ..rec.clone() }));
+        assert_eq!(kind(&mut s, 3, false), SyncKind::Full);
+        rec.bump();
+        assert_eq!(kind(&mut s, 3, true), SyncKind::Full);
     }
 }
