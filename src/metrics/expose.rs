@@ -252,11 +252,6 @@ impl Metrics {
             "Redirect-rule sync duration, by kind (full, partial, verify)",
             &by_kind,
         )?;
-        let [full, partial, verify] = &s.duration;
-        let help = "Redirect-rule sync duration, full rewrites (kube-proxy's full resyncs)";
-        histogram(e, KP_SYNC_FULL_DURATION, help, &[(Vec::new(), vec![full])])?;
-        let help = "Redirect-rule sync duration, differences and checks (kube-proxy's partial resyncs)";
-        histogram(e, KP_SYNC_PARTIAL_DURATION, help, &[(Vec::new(), vec![partial, verify])])?;
         counter(e, SYNC_FAILURES, "Failed redirect-rule syncs", load(&s.failures))?;
         gauge(e, PROGRAMMED_RULES, "Redirect rules programmed", load(&s.programmed) as i64)?;
         let last = load(&s.last_success_ms) as f64 / 1e3;

@@ -65,8 +65,6 @@ pub mod names {
 
     // kube-proxy's own names (pkg/proxy/metrics), where the meaning is the same.
     pub const KP_SYNC_DURATION: &str = "kubeproxy_sync_proxy_rules_duration_seconds";
-    pub const KP_SYNC_FULL_DURATION: &str = "kubeproxy_sync_full_proxy_rules_duration_seconds";
-    pub const KP_SYNC_PARTIAL_DURATION: &str = "kubeproxy_sync_partial_proxy_rules_duration_seconds";
     pub const KP_LAST_SYNC: &str = "kubeproxy_sync_proxy_rules_last_timestamp_seconds";
     pub const KP_NETWORK_PROGRAMMING: &str = "kubeproxy_network_programming_duration_seconds";
     /// The same figure as kube-proxy's, in buckets fine enough for
@@ -293,7 +291,8 @@ impl SyncKind {
 /// Control-plane figures of the redirect-rule sync.
 #[derive(Debug, Default)]
 pub struct SyncMetrics {
-    /// By [`SyncKind`], in its order.
+    /// Successful syncs by [`SyncKind`], in its order (a failed one is
+    /// only counted in `failures`: it wrote no known kind).
     duration: [AtomicHistogram<SyncBuckets>; 3],
     failures: AtomicU64,
     programmed: AtomicU64,
@@ -302,10 +301,12 @@ pub struct SyncMetrics {
 }
 
 impl SyncMetrics {
-    pub fn record(&self, kind: SyncKind, took: Duration, result: Result<usize, ()>) {
-        self.duration[kind as usize].observe(took);
+    /// One sync that took `took`: its kind and the rules in place after
+    /// it, or a failure.
+    pub fn record(&self, took: Duration, result: Result<(SyncKind, usize), ()>) {
         match result {
-            Ok(programmed) => {
+            Ok((kind, programmed)) => {
+                self.duration[kind as usize].observe(took);
                 self.programmed.store(programmed as u64, Ordering::Relaxed);
                 self.last_success_ms.store(unix_ms(), Ordering::Relaxed);
             }

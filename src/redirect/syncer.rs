@@ -378,8 +378,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         let Some(snapshot) = current.as_ref() else { continue };
         let started = Instant::now();
         let result = syncer.sync(snapshot, periodic && !failed);
-        let kind = result.as_ref().map_or(SyncKind::Full, |r| r.kind);
-        metrics.sync.record(kind, started.elapsed(), result.as_ref().map(|r| r.total).map_err(|_| ()));
+        metrics.sync.record(started.elapsed(), result.as_ref().map(|r| (r.kind, r.total)).map_err(|_| ()));
         match result {
             Ok(r) => {
                 observe(metrics, &timed, r.added + r.removed > 0, SystemTime::now());
