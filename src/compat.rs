@@ -21,7 +21,7 @@ pub enum CompatError {
     KubeProxyConfiguration { path: String },
 }
 
-const SYNC: &str = "ringport applies every change at once and checks its rules every 30 s, rewriting them when someone else wrote";
+const SYNC: &str = "ringport applies every change at once and checks its rules every 30 s (nftables; iptables-legacy rewrites them), rewriting them when someone changed them and whole every 10 min";
 const CONNTRACK: &str = "ringport sets no conntrack sysctls; set them with sysctl on the node if needed";
 const NO_MASQ: &str =
     "ringport proxies in userspace, so backends see the node's address; there is no masquerade rule";

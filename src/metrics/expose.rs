@@ -253,6 +253,12 @@ impl Metrics {
             &by_kind,
         )?;
         counter(e, SYNC_FAILURES, "Failed redirect-rule syncs", load(&s.failures))?;
+        let help = "Redirect-rule syncs that rewrote everything, by reason";
+        let family = e.encode_descriptor(SYNC_FULL, help, None, MetricType::Counter)?;
+        let by_reason = super::FullReason::ALL
+            .iter()
+            .map(|r| (vec![("reason", LabelValue(r.as_str().to_owned()))], load(&s.full[*r as usize])));
+        each_series(family, by_reason, |m, n| ConstCounter::new(n).encode(m))?;
         gauge(e, PROGRAMMED_RULES, "Redirect rules programmed", load(&s.programmed) as i64)?;
         let last = load(&s.last_success_ms) as f64 / 1e3;
         gauge_f64(e, LAST_SYNC, "Unix time of the last successful redirect-rule sync", last)?;

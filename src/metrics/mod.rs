@@ -56,6 +56,7 @@ pub mod names {
     pub const RELOADS: &str = "ringport_reloads";
     pub const SYNC_DURATION: &str = "ringport_sync_duration_seconds";
     pub const SYNC_FAILURES: &str = "ringport_sync_failures";
+    pub const SYNC_FULL: &str = "ringport_sync_full";
     pub const PROGRAMMED_RULES: &str = "ringport_programmed_rules";
     pub const LAST_SYNC: &str = "ringport_last_sync_timestamp_seconds";
     pub const BUILD_INFO: &str = "ringport_build_info";
@@ -288,6 +289,47 @@ impl SyncKind {
     }
 }
 
+/// Why a redirect-rule sync rewrote everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FullReason {
+    /// Nothing was written yet (a start with no previous run's rules).
+    First,
+    /// The sync before failed: what is in place is not known.
+    AfterFailure,
+    /// The firewall (source ranges) changed, or the desired rules asked.
+    Rewrite,
+    /// A periodic resync found our own table's objects changed.
+    ForeignWrite,
+    /// A periodic resync could not tell: no generation id (iptables-legacy,
+    /// or unreadable), or it moved and our table cannot be checked on its
+    /// own (iptables-nft's shared tables, or unreadable).
+    Unverifiable,
+    /// The periodic whole rewrite (elements have no handles).
+    Periodic,
+}
+
+impl FullReason {
+    pub const ALL: [FullReason; 6] = [
+        FullReason::First,
+        FullReason::AfterFailure,
+        FullReason::Rewrite,
+        FullReason::ForeignWrite,
+        FullReason::Unverifiable,
+        FullReason::Periodic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FullReason::First => "first",
+            FullReason::AfterFailure => "after_failure",
+            FullReason::Rewrite => "rewrite",
+            FullReason::ForeignWrite => "foreign_write",
+            FullReason::Unverifiable => "unverifiable",
+            FullReason::Periodic => "periodic",
+        }
+    }
+}
+
 /// Control-plane figures of the redirect-rule sync.
 #[derive(Debug, Default)]
 pub struct SyncMetrics {
@@ -295,6 +337,8 @@ pub struct SyncMetrics {
     /// only counted in `failures`: it wrote no known kind).
     duration: [AtomicHistogram<SyncBuckets>; 3],
     failures: AtomicU64,
+    /// Successful full syncs by [`FullReason`], in its order.
+    full: [AtomicU64; 6],
     programmed: AtomicU64,
     /// Unix time (ms) of the last successful sync; 0 before the first.
     last_success_ms: AtomicU64,
@@ -303,10 +347,13 @@ pub struct SyncMetrics {
 impl SyncMetrics {
     /// One sync that took `took`: its kind and the rules in place after
     /// it, or a failure.
-    pub fn record(&self, took: Duration, result: Result<(SyncKind, usize), ()>) {
+    pub fn record(&self, took: Duration, result: Result<(SyncKind, Option<FullReason>, usize), ()>) {
         match result {
-            Ok((kind, programmed)) => {
+            Ok((kind, reason, programmed)) => {
                 self.duration[kind as usize].observe(took);
+                if let Some(r) = reason {
+                    self.full[r as usize].fetch_add(1, Ordering::Relaxed);
+                }
                 self.programmed.store(programmed as u64, Ordering::Relaxed);
                 self.last_success_ms.store(unix_ms(), Ordering::Relaxed);
             }

@@ -71,20 +71,25 @@ fn rule_syncs_use_kube_proxys_buckets() {
     let exponential: Vec<f64> = (0..15).map(|k| 0.001 * f64::from(1u32 << k)).collect();
     assert!(SyncBuckets::BOUNDS.iter().zip(&exponential).all(|(a, b)| (a - b).abs() < 1e-12));
     let metrics = Arc::new(Metrics::new(1));
-    metrics.sync.record(Duration::from_millis(3), Ok((crate::metrics::SyncKind::Full, 2)));
+    metrics.sync.record(
+        Duration::from_millis(3),
+        Ok((crate::metrics::SyncKind::Full, Some(crate::metrics::FullReason::First), 2)),
+    );
     let text = scrape(&metrics);
     assert!(text.contains("ringport_sync_duration_seconds_bucket{le=\"0.004\",kind=\"full\"} 1"), "{text}");
     assert!(text.contains("ringport_sync_duration_seconds_bucket{le=\"0.002\",kind=\"full\"} 0"), "{text}");
     assert!(text.contains("ringport_sync_duration_seconds_count{kind=\"verify\"} 0"), "{text}");
     assert!(!text.contains("kubeproxy_sync_full_proxy_rules"), "not fed from what feeds kube-proxy's total");
-    metrics.sync.record(Duration::from_micros(50), Ok((crate::metrics::SyncKind::Verify, 2)));
-    metrics.sync.record(Duration::from_millis(3), Ok((crate::metrics::SyncKind::Partial, 2)));
+    metrics.sync.record(Duration::from_micros(50), Ok((crate::metrics::SyncKind::Verify, None, 2)));
+    metrics.sync.record(Duration::from_millis(3), Ok((crate::metrics::SyncKind::Partial, None, 2)));
     // A failed sync is counted as a failure, under no kind.
     metrics.sync.record(Duration::from_millis(3), Err(()));
     let text = scrape(&metrics);
     assert!(text.contains("ringport_sync_duration_seconds_count{kind=\"partial\"} 1"), "{text}");
     assert!(text.contains("ringport_sync_duration_seconds_count{kind=\"full\"} 1"), "{text}");
     assert!(text.contains("ringport_sync_failures_total 1"), "{text}");
+    assert!(text.contains("ringport_sync_full_total{reason=\"first\"} 1"), "{text}");
+    assert!(text.contains("ringport_sync_full_total{reason=\"foreign_write\"} 0"), "{text}");
     assert!(!text.contains("kubeproxy_sync_partial_proxy_rules"), "{text}");
     assert!(text.contains("ringport_sync_duration_seconds_bucket{le=\"0.001\",kind=\"verify\"} 1"), "{text}");
 }
@@ -200,7 +205,10 @@ fn a_periodic_rule_sync_stamps_kube_proxys_last_sync_too() {
     let metrics = Arc::new(Metrics::new(1));
     assert_eq!(kube_proxy_last_sync(&metrics), 0.0, "nothing synced yet");
     // A resync with no update published: kube-proxy stamps it as well.
-    metrics.sync.record(Duration::from_millis(2), Ok((crate::metrics::SyncKind::Full, 4)));
+    metrics.sync.record(
+        Duration::from_millis(2),
+        Ok((crate::metrics::SyncKind::Full, Some(crate::metrics::FullReason::Periodic), 4)),
+    );
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let stamped = kube_proxy_last_sync(&metrics);
     assert!(stamped > now - 60.0 && stamped <= now + 1.0, "{stamped} vs {now}");

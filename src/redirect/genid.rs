@@ -13,6 +13,7 @@
 //! (socket2 does the system calls).
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,6 +28,30 @@ const NFTA_GEN_ID: u16 = 1;
 /// `struct nlmsghdr` and `struct nfgenmsg`.
 const HEADER: usize = 16;
 const NFGENMSG: usize = 4;
+
+/// Whether a failure to read the id was logged at warn since the last
+/// successful read.
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// [`read`], its failure logged: at warn the first time after a success
+/// (or at start), at debug while it keeps failing (every periodic resync
+/// is then a full rewrite, which its own log line says).
+pub fn read_logged() -> Option<u32> {
+    match read() {
+        Ok(id) => {
+            WARNED.store(false, Ordering::Relaxed);
+            Some(id)
+        }
+        Err(e) if !WARNED.swap(true, Ordering::Relaxed) => {
+            tracing::warn!(error = %e, "cannot read the nftables generation id: each periodic resync rewrites the rules whole until it can");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the nftables generation id");
+            None
+        }
+    }
+}
 
 /// The current ruleset generation id of this network namespace.
 pub fn read() -> io::Result<u32> {
@@ -79,6 +104,7 @@ fn parse(msg: &[u8]) -> io::Result<u32> {
                     break;
                 }
                 if attr_type == NFTA_GEN_ID
+                    && attr_len >= 8
                     && let Some(b) = msg.get(at + 4..at + 8)
                 {
                     return Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
@@ -119,6 +145,10 @@ mod tests {
         assert!(
             parse(&answer(NEWGEN, &[0, 0, 1, 0, 9, 9])).is_err(),
             "a zero-length attribute ends the walk"
+        );
+        assert!(
+            parse(&answer(NEWGEN, &[5, 0, 1, 0, 9, 0, 0, 0, 8, 0, 2, 0, 1, 2, 3, 4])).is_err(),
+            "an id attribute too short for a u32 is no id"
         );
     }
 }

@@ -118,7 +118,7 @@ impl Backend for Iptables {
         let nf_tables = NF_TABLES.get_or_init(|| {
             command::run(Family::V4.iptables(), &["--version"], None).is_ok_and(|v| v.contains("nf_tables"))
         });
-        nf_tables.then(|| super::genid::read().ok()).flatten()
+        nf_tables.then(super::genid::read_logged).flatten()
     }
 
     /// `iptables-restore` commits each table of its batch (nat, filter,

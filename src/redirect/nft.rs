@@ -65,9 +65,7 @@ impl Backend for Nft {
     }
 
     fn generation(&self) -> Option<u32> {
-        super::genid::read()
-            .map_err(|e| tracing::debug!(error = %e, "cannot read the nftables generation id"))
-            .ok()
+        super::genid::read_logged()
     }
 
     fn own_handles(&self) -> Option<Vec<(u16, u64)>> {

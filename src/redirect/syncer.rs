@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::metrics::Metrics;
-pub use crate::metrics::SyncKind;
+pub use crate::metrics::{FullReason, SyncKind};
 
 use super::desired::{DesiredRules, Update};
 use super::rules::{Locality, RuleKey, RuleSet, Rules};
@@ -71,6 +71,8 @@ pub struct SyncReport {
     pub kind: SyncKind,
     /// Everything was rewritten, not just the difference (`kind` is full).
     pub full: bool,
+    /// Why, when it was.
+    pub reason: Option<FullReason>,
     pub added: usize,
     pub removed: usize,
     /// Rules in place after the sync.
@@ -96,6 +98,8 @@ pub struct Syncer {
     handles: Option<Vec<(u16, u64)>>,
     /// When the last whole rewrite succeeded.
     last_full: Option<Instant>,
+    /// The last sync failed.
+    failed: bool,
 }
 
 impl Syncer {
@@ -107,6 +111,7 @@ impl Syncer {
             generation: None,
             handles: None,
             last_full: None,
+            failed: false,
         }
     }
 
@@ -160,21 +165,36 @@ impl Syncer {
         self.apply(update, periodic, started)
     }
 
-    /// Whether nobody touched our rules since our last write: nobody wrote
-    /// any nf_tables rule (the generation id), or, when someone did, our
-    /// table's objects are the ones our last whole rewrite made (then the
-    /// generation id seen now is taken as ours).
-    fn untouched(&mut self) -> bool {
+    /// `None` when nobody touched our rules since our last write: nobody
+    /// wrote any nf_tables rule (the generation id), or, when someone did,
+    /// our table's objects are the ones our last whole rewrite made (then
+    /// the generation id seen now is taken as ours). Else why not.
+    fn touched(&mut self) -> Option<FullReason> {
         let now = self.backend.generation();
         if self.generation.is_some() && now == self.generation {
-            return true;
+            return None;
         }
-        let Some(ours) = self.handles.as_ref() else { return false };
-        if self.backend.own_handles().as_ref() == Some(ours) {
-            self.generation = now;
-            return true;
+        let Some(ours) = self.handles.as_ref() else { return Some(FullReason::Unverifiable) };
+        match self.backend.own_handles() {
+            Some(h) if h == *ours => {
+                self.generation = now;
+                None
+            }
+            Some(_) => Some(FullReason::ForeignWrite),
+            None => Some(FullReason::Unverifiable),
         }
-        false
+    }
+
+    /// Whether this sync rewrites everything, and why.
+    fn full_reason(&mut self, rewrite: bool, periodic: bool) -> Option<FullReason> {
+        match () {
+            _ if !self.in_place && self.failed => Some(FullReason::AfterFailure),
+            _ if !self.in_place => Some(FullReason::First),
+            _ if rewrite => Some(FullReason::Rewrite),
+            _ if !periodic => None,
+            _ if self.due_full() => Some(FullReason::Periodic),
+            _ => self.touched(),
+        }
     }
 
     /// Whether the last whole rewrite is older than [`FULL_RESYNC`].
@@ -189,7 +209,8 @@ impl Syncer {
         started: Instant,
     ) -> Result<SyncReport, RedirectError> {
         let Update { diff, rewrite, ports_changed, .. } = update;
-        let kind = if !self.in_place || rewrite || (periodic && (self.due_full() || !self.untouched())) {
+        let reason = self.full_reason(rewrite, periodic);
+        let kind = if reason.is_some() {
             SyncKind::Full
         } else if periodic && diff.is_empty() {
             SyncKind::Verify
@@ -214,7 +235,7 @@ impl Syncer {
         let apply = t.elapsed();
         let was_in_place = self.in_place;
         if let Err(e) = result {
-            (self.in_place, self.generation, self.handles) = (false, None, None);
+            (self.in_place, self.generation, self.handles, self.failed) = (false, None, None, true);
             return Err(e);
         }
         if kind == SyncKind::Full {
@@ -242,11 +263,19 @@ impl Syncer {
                     _ => self.backend.transactions(Some(&diff)),
                 };
                 let only_ours = a == b.wrapping_add(expected);
+                if !only_ours {
+                    let observed = a.wrapping_sub(b);
+                    tracing::debug!(
+                        expected,
+                        observed,
+                        "someone else committed nf_tables transactions while we wrote: the next periodic resync checks our table"
+                    );
+                }
                 (ours_before && only_ours).then_some(a)
             }
             _ => None,
         };
-        self.in_place = true;
+        (self.in_place, self.failed) = (true, false);
         if !forget.is_empty() {
             forget.sort();
             forget.dedup();
@@ -255,6 +284,7 @@ impl Syncer {
         Ok(SyncReport {
             kind,
             full: kind == SyncKind::Full,
+            reason,
             added,
             removed,
             total,
@@ -378,7 +408,8 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         let Some(snapshot) = current.as_ref() else { continue };
         let started = Instant::now();
         let result = syncer.sync(snapshot, periodic && !failed);
-        metrics.sync.record(started.elapsed(), result.as_ref().map(|r| (r.kind, r.total)).map_err(|_| ()));
+        let result_kind = result.as_ref().map(|r| (r.kind, r.reason, r.total)).map_err(|_| ());
+        metrics.sync.record(started.elapsed(), result_kind);
         match result {
             Ok(r) => {
                 observe(metrics, &timed, r.added + r.removed > 0, SystemTime::now());
@@ -401,6 +432,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
                             generation = snapshot.generation,
                             kind = r.kind.as_str(),
                             full = r.full,
+                            reason = r.reason.map_or("", FullReason::as_str),
                             added = r.added,
                             removed = r.removed,
                             rules = r.total,
@@ -640,5 +672,40 @@ mod tests {
         assert_eq!(kind(&mut s, 3, false), SyncKind::Full);
         rec.bump();
         assert_eq!(kind(&mut s, 3, true), SyncKind::Full);
+    }
+
+    #[test]
+    fn each_full_sync_says_why() {
+        let rec = Recorder {
+            generation: Some(Arc::default()),
+            handles: Some(Arc::default()),
+            ..Recorder::default()
+        };
+        let mut s = Syncer::new(Box::new(rec.clone()));
+        let reason = |s: &mut Syncer, n, periodic| s.sync_rules(rules(n), periodic).unwrap().reason;
+        assert_eq!(reason(&mut s, 3, false), Some(FullReason::First));
+        assert_eq!(reason(&mut s, 4, false), None);
+        assert_eq!(reason(&mut s, 4, true), None, "a verify");
+        rec.bump();
+        rec.handles.as_ref().unwrap().fetch_add(1, Ordering::SeqCst);
+        assert_eq!(reason(&mut s, 4, true), Some(FullReason::ForeignWrite));
+        rec.fail.store(true, Ordering::SeqCst);
+        assert!(s.sync_rules(rules(5), false).is_err());
+        rec.fail.store(false, Ordering::SeqCst);
+        assert_eq!(reason(&mut s, 5, false), Some(FullReason::AfterFailure));
+        let mut set = RuleSet::from_redirects(rules(5));
+        let key = *set.redirects.keys().next().unwrap();
+        set.firewall.insert(key, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(s.sync_set(set, false).unwrap().reason, Some(FullReason::Rewrite));
+        // No generation id and no handles (iptables-legacy).
+        let mut s = Syncer::new(Box::new(Recorder::default()));
+        assert_eq!(reason(&mut s, 3, false), Some(FullReason::First));
+        assert_eq!(reason(&mut s, 3, true), Some(FullReason::Unverifiable));
+        // A whole rewrite is due every FULL_RESYNC.
+        let mut s = Syncer::new(Box::new(rec.clone()));
+        assert_eq!(reason(&mut s, 3, false), Some(FullReason::First));
+        s.last_full = Instant::now().checked_sub(FULL_RESYNC);
+        assert_eq!(reason(&mut s, 3, true), Some(FullReason::Periodic));
+        assert_eq!(reason(&mut s, 3, true), None);
     }
 }
