@@ -295,6 +295,13 @@ impl Syncer {
     }
 }
 
+/// Whether a sync also checks the rules: when it was woken by the timer,
+/// and also when snapshots keep arriving faster than [`RESYNC`], which
+/// would otherwise put the check off for as long as they do.
+fn check_due(timer: bool, since_check: Duration) -> bool {
+    timer || since_check >= RESYNC
+}
+
 /// The newest snapshot not yet synced, the changes it carries that wait
 /// to be timed, and the stop flag.
 #[derive(Default)]
@@ -401,7 +408,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         };
         let over = timed.len().saturating_sub(MAX_TIMED);
         timed.drain(..over);
-        let periodic = next.is_none();
+        let periodic = check_due(next.is_none(), last_check.elapsed());
         if let Some(s) = next {
             current = Some(s);
         }
@@ -672,6 +679,13 @@ mod tests {
         assert_eq!(kind(&mut s, 3, false), SyncKind::Full);
         rec.bump();
         assert_eq!(kind(&mut s, 3, true), SyncKind::Full);
+    }
+
+    #[test]
+    fn the_check_is_due_on_the_timer_and_also_under_a_steady_stream_of_snapshots() {
+        assert!(check_due(true, Duration::ZERO));
+        assert!(!check_due(false, RESYNC / 2), "a snapshot soon after a check");
+        assert!(check_due(false, RESYNC), "a snapshot once the interval elapsed");
     }
 
     #[test]
