@@ -98,10 +98,11 @@ pub struct Update {
 pub struct DesiredRules {
     /// Sorted by name, as a snapshot's ports are.
     entries: Vec<Entry>,
-    /// The last snapshot: an entry's proxy ports stand while its proxy
-    /// listeners are the same `Arc`s (compared by pointer, no count
-    /// touched).
-    last: Option<Arc<Snapshot>>,
+    /// The last snapshot's listeners (not the snapshot: its balancers and
+    /// endpoints are not kept alive for this): an entry's proxy ports stand
+    /// while its proxy listeners are the same `Arc`s (compared by pointer,
+    /// no count touched; copied only when they changed).
+    last_listeners: Option<Vec<Arc<Listener>>>,
     /// The node's addresses at the last update.
     locality: Option<Locality>,
     /// The shared proxy ports at the last update (`--proxy-port-mode
@@ -156,14 +157,14 @@ impl DesiredRules {
             return update;
         }
         let same_locality = self.locality.as_ref() == Some(local);
-        let last_listeners = self.last.as_ref().map_or(&[][..], |s| &s.listeners[..]);
+        let last_listeners = self.last_listeners.as_deref().unwrap_or(&[]);
         let changes = ListenerChanges::between(last_listeners, &snapshot.listeners);
         // The shared proxy ports are listeners too: the same while they are.
         let shared = match changes.same {
             true => self.shared,
             false => Some(snapshot.shared_proxies()).filter(|s| s.iter().any(Option::is_some)),
         };
-        if self.last.is_some() && shared != self.shared {
+        if self.last_listeners.is_some() && shared != self.shared {
             // Every TCP port changes its proxy ports: start anew.
             self.orphaned = true;
             return self.update(snapshot, local);
@@ -253,7 +254,9 @@ impl DesiredRules {
             update.ports_changed += 1;
         }
         self.entries = entries;
-        self.last = Some(Arc::clone(snapshot));
+        if !changes.same || self.last_listeners.is_none() {
+            self.last_listeners = Some(snapshot.listeners.clone());
+        }
         self.locality = Some(local.clone());
         self.shared = shared;
         self.settle(&touched, &mut update);

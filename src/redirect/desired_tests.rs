@@ -246,3 +246,21 @@ fn tcp_ports_follow_the_shared_proxy_ports_and_are_rejected_there_without_endpoi
     let u = step(&mut d, &s3);
     assert_eq!((u.ports_changed, u.diff.reject.clone()), (1, vec![key("10.96.0.1", Protocol::Tcp)]));
 }
+
+#[test]
+fn the_rules_keep_the_listeners_of_the_last_snapshot_alive_not_the_snapshot() {
+    let specs = [spec("a", Protocol::Tcp, "10.96.0.1", 1), spec("b", Protocol::Udp, "10.96.0.2", 1)];
+    let s1 = snapshot(1, &specs, &Snapshot::default());
+    let mut d = DesiredRules::default();
+    step(&mut d, &s1);
+    let s2 = snapshot(2, &specs[..1], &s1);
+    step(&mut d, &s2);
+    let (weak1, weak2) = (Arc::downgrade(&s1), Arc::downgrade(&s2));
+    drop((s1, s2));
+    assert!(weak1.upgrade().is_none() && weak2.upgrade().is_none(), "no snapshot is kept");
+    // And the next step still sees which listeners went.
+    let s3 = snapshot(3, &specs[..0], &Snapshot::default());
+    let u = step(&mut d, &s3);
+    assert_eq!(u.ports_changed, 1);
+    assert!(d.rules().redirects.is_empty() && d.rules().reject.is_empty());
+}

@@ -409,12 +409,13 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         let over = timed.len().saturating_sub(MAX_TIMED);
         timed.drain(..over);
         let periodic = check_due(next.is_none(), last_check.elapsed());
-        if let Some(s) = next {
-            current = Some(s);
-        }
+        // The snapshot this one replaces is dropped after the write, so
+        // freeing it never delays the rules.
+        let replaced = next.and_then(|s| current.replace(s));
         let Some(snapshot) = current.as_ref() else { continue };
         let started = Instant::now();
         let result = syncer.sync(snapshot, periodic && !failed);
+        drop(replaced);
         let result_kind = result.as_ref().map(|r| (r.kind, r.reason, r.total)).map_err(|_| ());
         metrics.sync.record(started.elapsed(), result_kind);
         match result {
