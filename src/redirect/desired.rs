@@ -402,7 +402,8 @@ struct ListenerChanges<'a> {
     /// The very same listeners (then nothing came or went).
     same: bool,
     came: ProxyIndex<'a>,
-    went: Vec<(ServicePortName, ListenRole)>,
+    /// The roles of each service port's proxy listeners that went.
+    went: HashMap<ServicePortName, Vec<ListenRole>>,
     /// The service ports of both.
     names: BTreeSet<ServicePortName>,
 }
@@ -421,13 +422,11 @@ impl<'a> ListenerChanges<'a> {
             .filter(|l| l.key.role.is_proxy() && !before.contains(&Arc::as_ptr(l)))
             .map(|l| ((&l.key.port, l.key.role), l.addr))
             .collect();
-        let went: Vec<_> = old
-            .iter()
-            .filter(|l| l.key.role.is_proxy() && !after.contains(&Arc::as_ptr(l)))
-            .map(|l| (l.key.port.clone(), l.key.role))
-            .collect();
-        let names =
-            came.keys().map(|(n, _)| (*n).clone()).chain(went.iter().map(|(n, _)| n.clone())).collect();
+        let mut went: HashMap<ServicePortName, Vec<ListenRole>> = HashMap::new();
+        for l in old.iter().filter(|l| l.key.role.is_proxy() && !after.contains(&Arc::as_ptr(l))) {
+            went.entry(l.key.port.clone()).or_default().push(l.key.role);
+        }
+        let names = came.keys().map(|(n, _)| (*n).clone()).chain(went.keys().cloned()).collect();
         Self { same, came, went, names }
     }
 }
@@ -454,7 +453,7 @@ impl Inputs {
             ListenRole::ExternalProxy6 => self.external_proxy[1] = addr,
             _ => {}
         };
-        for (_, role) in changes.went.iter().filter(|(n, _)| n == name) {
+        for role in changes.went.get(name).into_iter().flatten() {
             set(*role, None);
         }
         for role in PROXY_ROLES {
