@@ -44,6 +44,11 @@ enum Fate {
 /// What a service port's rules are made from, besides its spec.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Inputs {
+    /// The port's own proxy listeners, per family.
+    own_proxy: [Option<SocketAddr>; 2],
+    /// The proxy ports its rules send to: the shared ones for a TCP port
+    /// when there are any, else its own (made anew by `with_shared` at
+    /// every update, never carried over).
     proxy: [Option<SocketAddr>; 2],
     external_proxy: [Option<SocketAddr>; 2],
     emptiness: [Emptiness; 2],
@@ -215,7 +220,8 @@ impl DesiredRules {
             }
             let inputs = match &previous {
                 Some((i, p)) => Inputs {
-                    proxy: p.inputs.proxy,
+                    own_proxy: p.inputs.own_proxy,
+                    proxy: [None; 2],
                     external_proxy: p.inputs.external_proxy,
                     emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
                     remote: remote(&port.spec, local),
@@ -447,8 +453,8 @@ impl Inputs {
             return self;
         }
         let mut set = |role: ListenRole, addr: Option<SocketAddr>| match role {
-            ListenRole::Proxy => self.proxy[0] = addr,
-            ListenRole::Proxy6 => self.proxy[1] = addr,
+            ListenRole::Proxy => self.own_proxy[0] = addr,
+            ListenRole::Proxy6 => self.own_proxy[1] = addr,
             ListenRole::ExternalProxy => self.external_proxy[0] = addr,
             ListenRole::ExternalProxy6 => self.external_proxy[1] = addr,
             _ => {}
@@ -469,7 +475,7 @@ impl Inputs {
     fn with_shared(self, port: &PortState, shared: Option<[Option<SocketAddr>; 2]>) -> Self {
         match shared.filter(|_| port.spec.protocol == Protocol::Tcp) {
             Some(proxy) => Self { proxy, shared: true, ..self },
-            None => Self { shared: false, ..self },
+            None => Self { proxy: self.own_proxy, shared: false, ..self },
         }
     }
 

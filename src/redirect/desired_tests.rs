@@ -264,3 +264,37 @@ fn the_rules_keep_the_listeners_of_the_last_snapshot_alive_not_the_snapshot() {
     assert_eq!(u.ports_changed, 1);
     assert!(d.rules().redirects.is_empty() && d.rules().reject.is_empty());
 }
+
+#[test]
+fn a_tcp_port_on_the_shared_proxy_ports_that_becomes_udp_under_the_same_name_leaves_them() {
+    let mut x = spec("x", Protocol::Tcp, "10.96.0.1", 1);
+    x.cluster_ips.push("fd00::1".parse().unwrap());
+    x.endpoints.push(Endpoint::ready(EndpointAddr("[fd00::10]:8080".parse().unwrap())));
+    let shared: Vec<Arc<Listener>> =
+        [(ListenRole::Proxy, "127.0.0.1:29999"), (ListenRole::Proxy6, "[::1]:29999")]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (role, addr))| {
+                Arc::new(Listener::without_sockets(
+                    ListenerId(900_000 + i as u64),
+                    ListenKey::shared(role),
+                    addr.parse().unwrap(),
+                ))
+            })
+            .collect();
+    let mut d = DesiredRules::default();
+    let s1 = snapshot_with(1, std::slice::from_ref(&x), &Snapshot::default(), &shared);
+    step(&mut d, &s1);
+    let v6 = RuleKey {
+        protocol: Protocol::Tcp,
+        daddr: crate::model::ServiceVip("fd00::1".parse().unwrap()),
+        dport: 80,
+    };
+    assert_eq!(d.rules().redirects[&v6].proxy_port, ProxyPort(29999));
+    // The same name, now UDP: its own (IPv4) proxy port only, never the
+    // shared TCP ones (step compares with rules::from_snapshot).
+    x.protocol = Protocol::Udp;
+    let s2 = snapshot_with(2, std::slice::from_ref(&x), &s1, &shared);
+    step(&mut d, &s2);
+    assert!(d.rules().redirects.values().all(|t| t.proxy_port != ProxyPort(29999)), "{:?}", d.rules());
+}
