@@ -35,7 +35,8 @@
 //! - After every successful apply, the conntrack entries of each UDP key
 //!   whose fate changed are deleted (a firewall change alone changes no
 //!   key's fate); when what was applied before is not known (a start, a
-//!   restart, after a failure), those of every UDP key, listed with one
+//!   restart, after a failure, the repair of our table someone changed),
+//!   those of every UDP key, listed with one
 //!   `conntrack` run per family (see `conntrack.rs`).
 //! - A change handed over with its trigger times ([`SyncerThread::publish_timed`])
 //!   is timed for the network programming latency after the sync of its
@@ -220,9 +221,13 @@ impl Syncer {
         let rules = self.desired.rules();
         // Which keys changed fate is known whenever what was applied is,
         // even when a firewall change forces a full rewrite.
-        let mut forget: Vec<RuleKey> = match self.in_place {
+        // A repair of our table someone changed: what it did to packets
+        // meanwhile is not known either (a deleted rule let keys through
+        // un-NATed), so every UDP key.
+        let repair = reason == Some(FullReason::ForeignWrite);
+        let mut forget: Vec<RuleKey> = match self.in_place && !repair {
             true => diff.udp_keys().into_iter().collect(),
-            // Unknown before (a start, after a failure): every UDP key.
+            // Unknown before (a start, after a failure, a repair): every UDP key.
             false => rules.udp_keys().collect(),
         };
         let before = self.backend.generation();
@@ -704,6 +709,16 @@ mod tests {
         rec.bump();
         rec.handles.as_ref().unwrap().fetch_add(1, Ordering::SeqCst);
         assert_eq!(reason(&mut s, 4, true), Some(FullReason::ForeignWrite));
+        rec.calls.lock().unwrap().clear();
+        let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip([10, 96, 1, 1].into()), dport: 53 };
+        let mut with_udp = rules(4);
+        with_udp.insert(udp, with_udp.values().next().unwrap().clone());
+        assert_eq!(s.sync_rules(with_udp.clone(), false).unwrap().kind, SyncKind::Partial);
+        rec.bump();
+        rec.handles.as_ref().unwrap().fetch_add(1, Ordering::SeqCst);
+        assert_eq!(s.sync_rules(with_udp, true).unwrap().reason, Some(FullReason::ForeignWrite));
+        // The repair forgets every UDP key, though its fate did not change.
+        assert_eq!(*rec.calls.lock().unwrap(), vec!["update +1 -0", "forget 1", "replace 5", "forget 1"]);
         rec.fail.store(true, Ordering::SeqCst);
         assert!(s.sync_rules(rules(5), false).is_err());
         rec.fail.store(false, Ordering::SeqCst);
