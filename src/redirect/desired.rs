@@ -106,8 +106,8 @@ pub struct DesiredRules {
     /// The last snapshot's listeners (not the snapshot: its balancers and
     /// endpoints are not kept alive for this): an entry's proxy ports stand
     /// while its proxy listeners are the same `Arc`s (compared by pointer,
-    /// no count touched; copied only when they changed).
-    last_listeners: Option<Vec<Arc<Listener>>>,
+    /// no count touched).
+    last_listeners: Option<Arc<Vec<Arc<Listener>>>>,
     /// The node's addresses at the last update.
     locality: Option<Locality>,
     /// The shared proxy ports at the last update (`--proxy-port-mode
@@ -153,6 +153,11 @@ impl DesiredRules {
     /// it is read, no reference count touched. Ports are joined with the
     /// entries in name order, the order a snapshot keeps them in.
     pub fn update(&mut self, snapshot: &Arc<Snapshot>, local: &Locality) -> Update {
+        // The join below relies on it.
+        debug_assert!(
+            snapshot.ports.windows(2).all(|w| w[0].spec.name < w[1].spec.name),
+            "a snapshot's ports are sorted by name"
+        );
         if self.orphaned {
             let old = std::mem::take(self);
             let mut update = self.update(snapshot, local);
@@ -162,7 +167,7 @@ impl DesiredRules {
             return update;
         }
         let same_locality = self.locality.as_ref() == Some(local);
-        let last_listeners = self.last_listeners.as_deref().unwrap_or(&[]);
+        let last_listeners = self.last_listeners.as_deref().map_or(&[][..], |v| &v[..]);
         let changes = ListenerChanges::between(last_listeners, &snapshot.listeners);
         // The shared proxy ports are listeners too: the same while they are.
         let shared = match changes.same {
@@ -261,7 +266,7 @@ impl DesiredRules {
         }
         self.entries = entries;
         if !changes.same || self.last_listeners.is_none() {
-            self.last_listeners = Some(snapshot.listeners.clone());
+            self.last_listeners = Some(Arc::clone(&snapshot.listeners));
         }
         self.locality = Some(local.clone());
         self.shared = shared;

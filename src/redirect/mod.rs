@@ -19,7 +19,8 @@
 //!   and IPv6 proxy route on `lo`, and conntrack entries of its own UDP
 //!   service keys.
 //! - Every sync is one process per table or family, never one per rule:
-//!   every add and delete of a sync in one batch, one transaction.
+//!   every add and delete of a sync in one batch (one nf_tables
+//!   transaction with nft; with iptables-restore, one per table written).
 //! - A service port with no usable endpoints needs no special rule for
 //!   TCP: its proxy port stays bound but stops listening, so the kernel
 //!   answers a redirected SYN with RST at once.
@@ -138,8 +139,9 @@ pub trait Backend: Send {
         conntrack::forget_udp(keys);
     }
     /// A number that changes whenever anyone changes the rules this
-    /// backend writes, and by exactly one per batch of its own (nftables'
-    /// ruleset generation id): `None` when there is none, and the
+    /// backend writes, and by exactly [`Backend::transactions`] for each
+    /// write of its own (nftables' ruleset generation id, per namespace:
+    /// anyone's write moves it): `None` when there is none, and the
     /// periodic resync then rewrites everything.
     fn generation(&self) -> Option<u32> {
         None
