@@ -67,7 +67,7 @@ impl ServiceManager {
     }
 
     /// Start `ringport run` with `args`, passing the store as systemd does.
-    fn start(&self, args: &[String], log: &std::path::Path) -> Child {
+    fn start(&self, args: &[String], log: &std::path::Path) -> Running {
         let (names, fds): (Vec<&str>, Vec<i32>) = self
             .store
             .iter()
@@ -104,7 +104,18 @@ impl ServiceManager {
                 Ok(())
             });
         }
-        command.spawn().expect("spawn ringport")
+        Running(command.spawn().expect("spawn ringport"))
+    }
+}
+
+/// A ringport process, killed when dropped: a failing assertion must not
+/// leave it running.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -176,10 +187,10 @@ fn a_restart_through_the_fd_store_refuses_no_connection_and_serves_the_queued_on
     eventually(Duration::from_secs(10), "the NodePort and admin sockets stored", || stored(&mut manager));
 
     // systemctl restart: SIGTERM, wait for the exit, start the next.
-    let status = Command::new("kill").arg("-TERM").arg(old.id().to_string()).status().expect("kill");
+    let status = Command::new("kill").arg("-TERM").arg(old.0.id().to_string()).status().expect("kill");
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(15);
-    while old.try_wait().ok().flatten().is_none() {
+    while old.0.try_wait().ok().flatten().is_none() {
         assert!(Instant::now() < deadline, "the old process did not exit");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -193,7 +204,7 @@ fn a_restart_through_the_fd_store_refuses_no_connection_and_serves_the_queued_on
     manager.drain();
 
     let new_log = dir.path().join("new.log");
-    let mut new = manager.start(&args, &new_log);
+    let new = manager.start(&args, &new_log);
     let mut answer = String::new();
     queued.read_to_string(&mut answer).expect("the queued connection is served");
     assert_eq!(answer, "queued while restarting");
@@ -210,6 +221,5 @@ fn a_restart_through_the_fd_store_refuses_no_connection_and_serves_the_queued_on
     let node_port_name = node_port_name.expect("the NodePort's sockets are still stored");
     assert!(manager.removed.is_empty(), "removed from the store: {:?}", manager.removed);
     assert_eq!(manager.store[&node_port_name].len(), 2, "one socket per worker, each stored once");
-    let _ = new.kill();
-    let _ = new.wait();
+    drop(new);
 }
