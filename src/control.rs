@@ -244,6 +244,9 @@ impl Control {
         }
         let mut old_listeners: Vec<ListenerId> =
             old.iter().flat_map(|p| self.held.of_port(&p.name)).map(|l| l.id).collect();
+        // A caught port's kept listeners come back as its own: the index
+        // drops them first, or it would hold them twice.
+        let caught_names: Vec<ServicePortName> = caught.iter().map(|p| p.name.clone()).collect();
         for spec in caught {
             let kept = self.held.of_port(&spec.name);
             old_listeners.extend(kept.iter().map(|l| l.id));
@@ -265,7 +268,7 @@ impl Control {
             bind_errors: bind_errors.len(),
         };
         log_bind_errors(&bind_errors);
-        self.held.replace(&leaving, &listeners);
+        self.held.replace(leaving.iter().chain(&caught_names), &listeners);
         (self.listen_addresses, self.udp_ports) = (listen_addresses, udp_ports);
         lap(&mut stages.commit);
 

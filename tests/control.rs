@@ -1,0 +1,142 @@
+//! The control plane driven directly, as the engine drives it, on
+//! loopback only: incremental updates must leave the same listeners, in
+//! the same hands, as the same objects applied whole. No traffic; the
+//! listeners are real sockets (external IPs are loopback addresses, served
+//! directly since no rules are programmed).
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arc_swap::ArcSwap;
+use ringport::balance::BalanceOptions;
+use ringport::balance::health::HealthRegistry;
+use ringport::config::{Manifests, parse_str};
+use ringport::control::Control;
+use ringport::dataplane::{DataPlane, WorkerConfig};
+use ringport::listen::{Binder, ListenOptions, ListenRole, ProxyPortMode};
+use ringport::metrics::Metrics;
+use ringport::model::ServiceName;
+use ringport::snapshot::Snapshot;
+use ringport::table::Delta;
+
+struct Rig {
+    control: Control,
+    data_plane: Option<DataPlane>,
+}
+
+impl Rig {
+    /// A control plane on loopback with one worker; `tolerant`: as for the
+    /// API source (serve through cross-object errors).
+    fn new(tolerant: bool) -> Self {
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
+        let data_plane = DataPlane::start(Arc::clone(&snapshot), config).expect("data plane");
+        let binder = Binder::new(ListenOptions {
+            bind_address: Ipv4Addr::LOCALHOST.into(),
+            bind_address6: None,
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 1,
+            redirect_rules: false,
+            proxy_port_mode: ProxyPortMode::PerService,
+        });
+        let control = Control::new(
+            binder,
+            BalanceOptions::default(),
+            HealthRegistry::default(),
+            Arc::new(Metrics::new(1)),
+            snapshot,
+            Arc::new(AtomicBool::new(false)),
+        );
+        let control = if tolerant { control.tolerate_cross_object_errors() } else { control };
+        Self { control, data_plane: Some(data_plane) }
+    }
+
+    /// Add or replace the objects of `yaml`.
+    fn set(&mut self, yaml: &str) -> ringport::control::Applied {
+        let m = parse_str(yaml, "test").expect("manifest");
+        let mut delta = Delta::default();
+        for s in m.services {
+            delta.services.insert(s.name.clone(), Some(s));
+        }
+        for sl in m.slices {
+            delta.slices.insert(sl.id.clone(), Some(sl));
+        }
+        self.control.apply(delta, self.data_plane.as_ref().expect("running")).expect("update applied")
+    }
+
+    /// Remove the Service `name` and its slice `name-1`.
+    fn delete(&mut self, name: &str) {
+        let mut delta = Delta::default();
+        delta.services.insert(ServiceName::new("t", name), None);
+        delta.slices.insert(ServiceName::new("t", format!("{name}-1")), None);
+        self.control.apply(delta, self.data_plane.as_ref().expect("running")).expect("delete applied");
+    }
+
+    fn replace(&mut self, manifests: Manifests) {
+        self.control.replace(manifests, self.data_plane.as_ref().expect("running")).expect("replace applied");
+    }
+
+    /// The service holding each external-IP listener, by address.
+    fn external_owners(&self) -> Vec<(SocketAddr, String)> {
+        let snapshot = self.control.current();
+        let mut owners: Vec<(SocketAddr, String)> = snapshot
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.key.role, ListenRole::External(_)))
+            .map(|l| (l.addr, l.key.port.service.name.clone()))
+            .collect();
+        owners.sort();
+        owners
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(d) = self.data_plane.take() {
+            d.stop();
+        }
+    }
+}
+
+/// A TCP Service `name` in namespace `t` on cluster IP 10.96.0.`n`, port
+/// `port`, with `external` IPs, and a slice `name-1` of `endpoints`.
+fn service(name: &str, n: u8, port: u16, external: &[&str], endpoints: &[SocketAddr]) -> String {
+    let ext = external.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+    let target = endpoints.first().map_or(8080, |e| e.port());
+    let addrs: String = endpoints.iter().map(|e| format!("{{addresses: [\"{}\"]}}, ", e.ip())).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\n\
+         spec:\n  clusterIP: 10.96.0.{n}\n  externalIPs: [{ext}]\n  ports: [{{name: p, port: {port}, protocol: TCP}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: p, port: {target}}}]\nendpoints: [{addrs}]\n"
+    )
+}
+
+fn backend() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9))
+}
+
+/// M4: a port whose endpoint a new listener catches keeps its listeners;
+/// caught twice, it must still hold each of them once.
+#[test]
+fn a_port_caught_twice_holds_each_listener_once() {
+    let mut rig = Rig::new(true);
+    let port = common::free_port();
+    let (seven, eight) = (SocketAddr::from(([127, 0, 0, 7], port)), SocketAddr::from(([127, 0, 0, 8], port)));
+    rig.set(&service("u", 1, 80, &[], &[seven, eight]));
+    // Each new external listener is where one of u's endpoints points.
+    rig.set(&service("b", 2, port, &["127.0.0.7"], &[backend()]));
+    rig.set(&service("c", 3, port, &["127.0.0.8"], &[backend()]));
+    let snapshot = rig.control.current();
+    let ids: Vec<_> = snapshot.listeners.iter().map(|l| l.id).collect();
+    let unique: HashSet<_> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), unique.len(), "a listener listed twice: {:?}", snapshot.listeners);
+    // u (proxy), b and c (proxy, external).
+    assert_eq!(ids.len(), 5, "{:?}", snapshot.listeners);
+}
