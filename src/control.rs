@@ -5,7 +5,9 @@
 //! one `ArcSwap` store -> wake the workers. Nothing here touches a
 //! connection.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -98,6 +100,9 @@ pub struct Control {
     /// running count).
     listen_addresses: u64,
     udp_ports: u64,
+    /// Ports with a listen address not served (not benign): bound again at
+    /// each update.
+    unbound: BTreeSet<ServicePortName>,
 }
 
 impl Control {
@@ -122,6 +127,7 @@ impl Control {
             held: Held::default(),
             listen_addresses: 0,
             udp_ports: 0,
+            unbound: BTreeSet::new(),
         }
     }
 
@@ -188,9 +194,19 @@ impl Control {
         lap(&mut stages.budget);
 
         let previous = self.snapshot.load_full();
-        let leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
+        let mut leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
+        let again = self.bound_again(&c.set, &leaving, &node_ips);
+        leaving.extend(again.iter().map(|p| p.name.clone()));
+        let binding: Cow<'_, [ServicePort]> = match again.is_empty() {
+            true => Cow::Borrowed(&c.set),
+            false => {
+                let mut all: Vec<ServicePort> = c.set.iter().chain(&again).cloned().collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                Cow::Owned(all)
+            }
+        };
         let (mut listeners, bind_errors) =
-            self.binder.bind_changed(&c.set, &self.held, &|p| leaving.contains(p));
+            self.binder.bind_changed(&binding, &self.held, &|p| leaving.contains(p));
         lap(&mut stages.bind);
 
         // Only now are the proxy ports known. New listeners of a refused
@@ -207,7 +223,7 @@ impl Control {
             own.extend(mine.get(&(protocol, port)).into_iter().flatten().cloned());
             own
         };
-        let mut looping = loops::find_by(&c.set, &own, &local);
+        let mut looping = loops::find_by(&binding, &own, &local);
         // A new listener may be where an unchanged port's endpoint points.
         let mut caught = Vec::new();
         if !fresh.is_empty() {
@@ -238,12 +254,24 @@ impl Control {
         }
         lap(&mut stages.loops);
 
+        drop(binding);
         let PortChange { mut set, removed, old, changes } = self.table.commit(prepared);
+        // Ports bound again keep what they held and lose what they lost.
+        for n in &leaving {
+            self.unbound.remove(n);
+        }
+        self.unbound.extend(bind_errors.iter().filter(|e| !e.is_benign()).map(|e| e.port().clone()));
+        let mut old_listeners: Vec<ListenerId> = old
+            .iter()
+            .map(|p| &p.name)
+            .chain(again.iter().map(|p| &p.name))
+            .flat_map(|n| self.held.of_port(n))
+            .map(|l| l.id)
+            .collect();
+        set.extend(again);
         if !looping.is_empty() {
             loops::strip_by(&mut set, &own, &local);
         }
-        let mut old_listeners: Vec<ListenerId> =
-            old.iter().flat_map(|p| self.held.of_port(&p.name)).map(|l| l.id).collect();
         // A caught port's kept listeners come back as its own: the index
         // drops them first, or it would hold them twice.
         let caught_names: Vec<ServicePortName> = caught.iter().map(|p| p.name.clone()).collect();
@@ -284,6 +312,25 @@ impl Control {
         applied.summary = summary;
         applied.stages = stages;
         Ok(applied)
+    }
+
+    /// Unchanged ports to bind again with the change `set` (`leaving`:
+    /// the changed ports' old names): those that failed to bind (retried
+    /// at each update: a clash's winner may have gone, a port may be
+    /// free), and the held claimants of an address a port of `set`
+    /// sorting before them asks for (the first by name wins, as in the
+    /// rules, whatever the order they came in). Their specs come from the
+    /// table, sorted by name.
+    fn bound_again(
+        &self,
+        set: &[ServicePort],
+        leaving: &HashSet<ServicePortName>,
+        node_ips: &[IpAddr],
+    ) -> Vec<ServicePort> {
+        let set_names: HashSet<&ServicePortName> = set.iter().map(|p| &p.name).collect();
+        let unchanged = |n: &ServicePortName| !set_names.contains(n) && !leaving.contains(n);
+        let mut again: BTreeSet<&ServicePortName> = self.unbound.iter().filter(|n| unchanged(n)).collect();
+        again.into_iter().filter_map(|n| self.table.port(n)).cloned().collect()
     }
 
     /// Move this node to another zone (the Node's label changed): the

@@ -213,6 +213,18 @@ pub enum BindError {
 }
 
 impl BindError {
+    /// The service port whose address this is.
+    pub fn port(&self) -> &ServicePortName {
+        match self {
+            BindError::NotLocal { key_port, .. }
+            | BindError::Clash { key_port, .. }
+            | BindError::Bind { key_port, .. }
+            | BindError::HeldElsewhere { key_port, .. }
+            | BindError::RangeExhausted { key_port, .. }
+            | BindError::ProxyAddress { key_port, .. } => key_port,
+        }
+    }
+
     /// Whether this is expected on a healthy node (a non-local external
     /// address is the redirect rules' business, not a fault).
     pub fn is_benign(&self) -> bool {

@@ -321,6 +321,11 @@ impl Table {
         change
     }
 
+    /// One service port as joined (before any endpoint loop is stripped).
+    pub fn port(&self, name: &ServicePortName) -> Option<&ServicePort> {
+        self.joined.get(&name.service)?.ports.iter().find(|p| p.name == *name)
+    }
+
     /// Every service port, sorted by name (a full rebuild's input).
     pub fn ports(&self) -> Vec<ServicePort> {
         let mut ports: Vec<ServicePort> =

@@ -140,3 +140,18 @@ fn a_port_caught_twice_holds_each_listener_once() {
     // u (proxy), b and c (proxy, external).
     assert_eq!(ids.len(), 5, "{:?}", snapshot.listeners);
 }
+
+/// M1: a clash loser listens once the winner is gone, without a change
+/// of its own.
+#[test]
+fn a_clash_loser_listens_once_the_winner_leaves() {
+    let mut rig = Rig::new(true);
+    let port = common::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 5], port));
+    rig.set(&service("a", 1, port, &["127.0.0.5"], &[backend()]));
+    let loser = rig.set(&service("b", 2, port, &["127.0.0.5"], &[backend()]));
+    assert_eq!(loser.summary.bind_errors, 1, "b clashes with a");
+    assert_eq!(rig.external_owners(), vec![(addr, "a".to_string())]);
+    rig.delete("a");
+    assert_eq!(rig.external_owners(), vec![(addr, "b".to_string())], "b retried when a left");
+}
