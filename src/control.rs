@@ -330,6 +330,21 @@ impl Control {
         let set_names: HashSet<&ServicePortName> = set.iter().map(|p| &p.name).collect();
         let unchanged = |n: &ServicePortName| !set_names.contains(n) && !leaving.contains(n);
         let mut again: BTreeSet<&ServicePortName> = self.unbound.iter().filter(|n| unchanged(n)).collect();
+        let opts = self.binder.options();
+        let redirected = listen::redirected_by_rules(opts.redirect_rules);
+        for sp in set {
+            for (role, ip, port) in listen::plan_port(sp, opts, node_ips, &redirected) {
+                if role.is_proxy() {
+                    continue;
+                }
+                if let Some(holder) = self.held.claimant(SocketAddr::new(ip, port), sp.protocol)
+                    && *holder > sp.name
+                    && unchanged(holder)
+                {
+                    again.insert(holder);
+                }
+            }
+        }
         again.into_iter().filter_map(|n| self.table.port(n)).cloned().collect()
     }
 

@@ -155,3 +155,23 @@ fn a_clash_loser_listens_once_the_winner_leaves() {
     rig.delete("a");
     assert_eq!(rig.external_owners(), vec![(addr, "b".to_string())], "b retried when a left");
 }
+
+/// M2: the first Service by name holds a clashed address, whatever the
+/// order the Services came in (the rules pick the same one).
+#[test]
+fn the_clash_winner_is_the_first_by_name_in_any_order() {
+    let port = common::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 6], port));
+    let (a, b) = (
+        service("a", 1, port, &["127.0.0.6"], &[backend()]),
+        service("b", 2, port, &["127.0.0.6"], &[backend()]),
+    );
+    let mut incremental = Rig::new(true);
+    incremental.set(&b);
+    incremental.set(&a);
+    assert_eq!(incremental.external_owners(), vec![(addr, "a".to_string())]);
+    drop(incremental);
+    let mut whole = Rig::new(true);
+    whole.replace(parse_str(&(b + &a), "test").expect("manifest"));
+    assert_eq!(whole.external_owners(), vec![(addr, "a".to_string())]);
+}
