@@ -133,7 +133,7 @@ fn run(n: usize) {
     );
     let mut control = if fits { control.with_budget(budget) } else { control };
 
-    let full = control.replace(manifests.clone(), &data_plane).expect("full apply");
+    let full = control.replace(manifests.clone(), &data_plane).expect("full apply").expect("a change");
     assert_eq!(full.service_ports, n);
     drop(reserve);
     if !fits {
@@ -150,7 +150,7 @@ fn run(n: usize) {
         let (_, sl) = object(&service, &slice, i, k + 1);
         let mut delta = Delta::default();
         delta.slices.insert(sl.id.clone(), Some(sl));
-        endpoint.push(control.apply(delta, &data_plane).expect("endpoint change").stages);
+        endpoint.push(control.apply(delta, &data_plane).expect("endpoint change").expect("a change").stages);
     }
     row(n, "one endpoint change", &endpoint);
 
@@ -160,7 +160,7 @@ fn run(n: usize) {
         let mut delta = Delta::default();
         delta.services.insert(s.name.clone(), Some(s));
         delta.slices.insert(sl.id.clone(), Some(sl));
-        let a = control.apply(delta, &data_plane).expect("service add");
+        let a = control.apply(delta, &data_plane).expect("service add").expect("a change");
         assert_eq!(a.service_ports, n + k + 1);
         added.push(a.stages);
     }
@@ -169,7 +169,7 @@ fn run(n: usize) {
         let mut delta = Delta::default();
         delta.services.insert(s.name.clone(), None);
         delta.slices.insert(sl.id.clone(), None);
-        deleted.push(control.apply(delta, &data_plane).expect("service delete").stages);
+        deleted.push(control.apply(delta, &data_plane).expect("service delete").expect("a change").stages);
     }
     row(n, "one Service added", &added);
     row(n, "one Service deleted", &deleted);
@@ -181,7 +181,7 @@ fn run(n: usize) {
         let (_, sl) = object(&service, &slice, i, SAMPLES + k + 1);
         let mut m = manifests.clone();
         m.slices[i] = sl;
-        relist.push(control.replace(m, &data_plane).expect("relist").stages);
+        relist.push(control.replace(m, &data_plane).expect("relist").expect("a change").stages);
     }
     row(n, "full replace, one change", &relist);
     data_plane.stop();

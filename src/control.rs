@@ -138,13 +138,19 @@ impl Control {
     }
 
     /// Apply a full set of manifests (a file source's load): what differs
-    /// from the table goes the way of a change.
-    pub fn replace(&mut self, manifests: Manifests, data_plane: &DataPlane) -> Result<Applied, Rejected> {
+    /// from the table goes the way of a change. `None`: it changes no
+    /// service port (nothing is published).
+    pub fn replace(
+        &mut self,
+        manifests: Manifests,
+        data_plane: &DataPlane,
+    ) -> Result<Option<Applied>, Rejected> {
         self.update(|table| table.prepare_replace(manifests), data_plane)
     }
 
-    /// Apply a change to some Services and EndpointSlices.
-    pub fn apply(&mut self, delta: Delta, data_plane: &DataPlane) -> Result<Applied, Rejected> {
+    /// Apply a change to some Services and EndpointSlices (`None` as for
+    /// [`Control::replace`]).
+    pub fn apply(&mut self, delta: Delta, data_plane: &DataPlane) -> Result<Option<Applied>, Rejected> {
         self.update(|table| table.prepare(delta), data_plane)
     }
 
@@ -155,7 +161,7 @@ impl Control {
         &mut self,
         change: impl FnOnce(&Table) -> Result<Prepared, Vec<ConfigError>>,
         data_plane: &DataPlane,
-    ) -> Result<Applied, Rejected> {
+    ) -> Result<Option<Applied>, Rejected> {
         let received = Instant::now();
         let mut stages = Stages::default();
         let mut clock = Instant::now();
@@ -166,6 +172,13 @@ impl Control {
         };
         let prepared = change(&self.table).map_err(Rejected)?;
         lap(&mut stages.join);
+        // A resync or a reread with no service port changed: the table
+        // takes it (objects may differ in what no port uses), nothing is
+        // bound or published. The first update always publishes.
+        if prepared.change.is_empty() && self.snapshot.load().generation > 0 {
+            self.table.commit(prepared);
+            return Ok(None);
+        }
 
         // The budget: the listen addresses of the changed ports, counted
         // against the running total.
@@ -311,7 +324,7 @@ impl Control {
         self.metrics.apply.published(received, changes);
         applied.summary = summary;
         applied.stages = stages;
-        Ok(applied)
+        Ok(Some(applied))
     }
 
     /// Unchanged ports to bind again with the change `set` (`leaving`:

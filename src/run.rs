@@ -553,14 +553,13 @@ impl Engine {
         }
     }
 
-    /// Take `change` into the control plane (`None`: it changes nothing,
-    /// e.g. a file saved unchanged). The file loader's load is what is
+    /// Take `change` into the control plane (`None`: it changes no
+    /// service port, e.g. a file saved unchanged, a resync). The file loader's load is what is
     /// served once taken: its next load is told apart from it.
     fn take(&mut self, change: Change) -> Result<Option<Applied>, Rejected> {
         let outcome = match change {
-            Change::Whole(m) => self.control.replace(m, &self.data_plane).map(Some),
-            Change::Delta(d) if d.services.is_empty() && d.slices.is_empty() => Ok(None),
-            Change::Delta(d) => self.control.apply(d, &self.data_plane).map(Some),
+            Change::Whole(m) => self.control.replace(m, &self.data_plane),
+            Change::Delta(d) => self.control.apply(d, &self.data_plane),
         };
         if outcome.is_ok()
             && let Some(loader) = &mut self.loader

@@ -66,7 +66,10 @@ impl Rig {
         for sl in m.slices {
             delta.slices.insert(sl.id.clone(), Some(sl));
         }
-        self.control.apply(delta, self.data_plane.as_ref().expect("running")).expect("update applied")
+        self.control
+            .apply(delta, self.data_plane.as_ref().expect("running"))
+            .expect("update applied")
+            .expect("a change")
     }
 
     /// Remove the Service `name` and its slice `name-1`.
@@ -74,11 +77,17 @@ impl Rig {
         let mut delta = Delta::default();
         delta.services.insert(ServiceName::new("t", name), None);
         delta.slices.insert(ServiceName::new("t", format!("{name}-1")), None);
-        self.control.apply(delta, self.data_plane.as_ref().expect("running")).expect("delete applied");
+        self.control
+            .apply(delta, self.data_plane.as_ref().expect("running"))
+            .expect("delete applied")
+            .expect("a change");
     }
 
     fn replace(&mut self, manifests: Manifests) {
-        self.control.replace(manifests, self.data_plane.as_ref().expect("running")).expect("replace applied");
+        self.control
+            .replace(manifests, self.data_plane.as_ref().expect("running"))
+            .expect("replace applied")
+            .expect("a change");
     }
 
     /// The service holding each external-IP listener, by address.
@@ -174,4 +183,20 @@ fn the_clash_winner_is_the_first_by_name_in_any_order() {
     let mut whole = Rig::new(true);
     whole.replace(parse_str(&(b + &a), "test").expect("manifest"));
     assert_eq!(whole.external_owners(), vec![(addr, "a".to_string())]);
+}
+
+/// S3: a change that changes no service port (a resync, a SIGHUP with
+/// nothing changed) publishes nothing.
+#[test]
+fn an_empty_change_publishes_nothing() {
+    let mut rig = Rig::new(false);
+    let port = common::free_port();
+    let yaml = service("a", 1, port, &[], &[backend()]);
+    let first = rig.set(&yaml);
+    let plane = rig.data_plane.as_ref().expect("running");
+    let empty = rig.control.apply(Delta::default(), plane).expect("accepted");
+    assert!(empty.is_none(), "an empty delta published {empty:?}");
+    let same = rig.control.replace(parse_str(&yaml, "test").expect("manifest"), plane).expect("accepted");
+    assert!(same.is_none(), "the same state again published {same:?}");
+    assert_eq!(rig.control.current().generation, first.generation);
 }
