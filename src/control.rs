@@ -103,6 +103,21 @@ pub struct Control {
     /// Ports with a listen address not served (not benign): bound again at
     /// each update.
     unbound: BTreeSet<ServicePortName>,
+    /// What each port's listen addresses counted in `listen_addresses`.
+    addresses: HashMap<ServicePortName, u64>,
+    /// What the last update planned listeners against.
+    plan_inputs: Option<PlanInputs>,
+}
+
+/// The node's state a port's listen plan depends on: when it moves, the
+/// ports depending on it are planned and bound again.
+#[derive(Debug, PartialEq)]
+struct PlanInputs {
+    /// Where node ports listen (`--nodeport-addresses`).
+    node_ips: Vec<IpAddr>,
+    /// The node's addresses, sorted: whether an external or LB IP is
+    /// local (listened on) or redirected.
+    local: Vec<IpAddr>,
 }
 
 impl Control {
@@ -128,6 +143,8 @@ impl Control {
             listen_addresses: 0,
             udp_ports: 0,
             unbound: BTreeSet::new(),
+            addresses: HashMap::new(),
+            plan_inputs: None,
         }
     }
 
@@ -180,19 +197,49 @@ impl Control {
             return Ok(None);
         }
 
-        // The budget: the listen addresses of the changed ports, counted
-        // against the running total.
+        // Ports bound again without a change of their own (`bound_again`),
+        // among them every port whose plan depends on an input that moved
+        // since the last update: the node's addresses.
         let opts = self.binder.options();
         let node_ips = listen::node_addresses(&opts.nodeport_addresses);
+        let mut local = loops::local_ips();
+        local.sort();
+        local.dedup();
+        let inputs = PlanInputs { node_ips: node_ips.clone(), local: local.clone() };
+        let previous = self.snapshot.load_full();
         let c = &prepared.change;
-        let count = |ports: &[ServicePort]| -> (u64, u64) {
-            let addresses = ports.iter().map(|sp| budget::addresses(sp, opts, &node_ips)).sum();
-            (addresses, ports.iter().filter(|sp| sp.protocol == Protocol::Udp).count() as u64)
+        let mut leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
+        let moved = self.plan_inputs.as_ref().filter(|last| **last != inputs);
+        let replan: Vec<&ServicePortName> = match moved {
+            None => Vec::new(),
+            Some(last) => {
+                let nodes = last.node_ips != inputs.node_ips;
+                let locals = last.local != inputs.local;
+                let depends = |sp: &ServicePort| {
+                    (nodes && sp.node_port.is_some())
+                        || (locals && !(sp.external_ips.is_empty() && sp.load_balancer_ips.is_empty()))
+                };
+                previous.ports.iter().map(|p| &p.spec).filter(|sp| depends(sp)).map(|sp| &sp.name).collect()
+            }
         };
-        let ((old_addresses, old_udp), (new_addresses, new_udp)) = (count(&c.old), count(&c.set));
+        let again = self.bound_again(&c.set, &leaving, &node_ips, replan);
+
+        // The budget: the listen addresses of the ports bound, counted
+        // against the running total less what each counted last time.
+        let counted: Vec<(ServicePortName, u64)> = c
+            .set
+            .iter()
+            .chain(&again)
+            .map(|sp| (sp.name.clone(), budget::addresses(sp, opts, &node_ips)))
+            .collect();
+        let new_addresses: u64 = counted.iter().map(|(_, n)| n).sum();
+        let old_addresses: u64 =
+            c.old.iter().chain(&again).filter_map(|sp| self.addresses.get(&sp.name)).sum();
+        let udp =
+            |ports: &[ServicePort]| ports.iter().filter(|sp| sp.protocol == Protocol::Udp).count() as u64;
         let listen_addresses = (self.listen_addresses + new_addresses).saturating_sub(old_addresses);
         let shared = budget::shared_addresses(opts);
-        let udp_ports = (self.udp_ports + new_udp).saturating_sub(old_udp);
+        let udp_ports = (self.udp_ports + udp(&c.set)).saturating_sub(udp(&c.old));
         if let Some(budget) = &self.budget
             && let Err(e) = budget.fits(budget.demand_of(listen_addresses + shared, udp_ports > 0))
         {
@@ -206,9 +253,6 @@ impl Control {
         }
         lap(&mut stages.budget);
 
-        let previous = self.snapshot.load_full();
-        let mut leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
-        let again = self.bound_again(&c.set, &leaving, &node_ips);
         leaving.extend(again.iter().map(|p| p.name.clone()));
         let binding: Cow<'_, [ServicePort]> = match again.is_empty() {
             true => Cow::Borrowed(&c.set),
@@ -224,7 +268,6 @@ impl Control {
 
         // Only now are the proxy ports known. New listeners of a refused
         // update are dropped unserved (no worker has taken their sockets).
-        let local = loops::local_ips();
         let fresh: Vec<&Arc<Listener>> = listeners.iter().filter(|l| !self.held.has(l)).collect();
         let mut mine: HashMap<(Protocol, u16), Vec<OwnAddress>> = HashMap::new();
         for l in &listeners {
@@ -311,6 +354,11 @@ impl Control {
         log_bind_errors(&bind_errors);
         self.held.replace(leaving.iter().chain(&caught_names), &listeners);
         (self.listen_addresses, self.udp_ports) = (listen_addresses, udp_ports);
+        for n in &leaving {
+            self.addresses.remove(n);
+        }
+        self.addresses.extend(counted);
+        self.plan_inputs = Some(inputs);
         lap(&mut stages.commit);
 
         let update = PortUpdate { set, removed: &removed, listeners, old_listeners };
@@ -330,7 +378,7 @@ impl Control {
     /// Unchanged ports to bind again with the change `set` (`leaving`:
     /// the changed ports' old names): those that failed to bind (retried
     /// at each update: a clash's winner may have gone, a port may be
-    /// free), and the held claimants of an address a port of `set`
+    /// free), those of `replan` (whose plan an input changed), and the held claimants of an address a port of `set`
     /// sorting before them asks for (the first by name wins, as in the
     /// rules, whatever the order they came in). Their specs come from the
     /// table, sorted by name.
@@ -339,10 +387,12 @@ impl Control {
         set: &[ServicePort],
         leaving: &HashSet<ServicePortName>,
         node_ips: &[IpAddr],
+        replan: Vec<&ServicePortName>,
     ) -> Vec<ServicePort> {
         let set_names: HashSet<&ServicePortName> = set.iter().map(|p| &p.name).collect();
         let unchanged = |n: &ServicePortName| !set_names.contains(n) && !leaving.contains(n);
-        let mut again: BTreeSet<&ServicePortName> = self.unbound.iter().filter(|n| unchanged(n)).collect();
+        let mut again: BTreeSet<&ServicePortName> =
+            self.unbound.iter().chain(replan).filter(|n| unchanged(n)).collect();
         let opts = self.binder.options();
         let redirected = listen::redirected_by_rules(opts.redirect_rules);
         for sp in set {

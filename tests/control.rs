@@ -5,6 +5,7 @@
 //! directly since no rules are programmed).
 
 mod common;
+mod netns;
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -32,6 +33,11 @@ impl Rig {
     /// A control plane on loopback with one worker; `tolerant`: as for the
     /// API source (serve through cross-object errors).
     fn new(tolerant: bool) -> Self {
+        Self::with(tolerant, Vec::new())
+    }
+
+    /// As [`Rig::new`], node ports on the node addresses in `nodeport`.
+    fn with(tolerant: bool, nodeport: Vec<ipnet::IpNet>) -> Self {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
         let data_plane = DataPlane::start(Arc::clone(&snapshot), config).expect("data plane");
@@ -39,7 +45,7 @@ impl Rig {
             bind_address: Ipv4Addr::LOCALHOST.into(),
             bind_address6: None,
             proxy_port_range: None,
-            nodeport_addresses: vec![],
+            nodeport_addresses: nodeport,
             workers: 1,
             redirect_rules: false,
             proxy_port_mode: ProxyPortMode::PerService,
@@ -199,4 +205,44 @@ fn an_empty_change_publishes_nothing() {
     let same = rig.control.replace(parse_str(&yaml, "test").expect("manifest"), plane).expect("accepted");
     assert!(same.is_none(), "the same state again published {same:?}");
     assert_eq!(rig.control.current().generation, first.generation);
+}
+
+/// M3: node ports follow the node's addresses: one added to an interface
+/// is listened on at the next update, though the port did not change.
+#[test]
+fn node_ports_follow_an_address_added_to_the_node() {
+    netns::require_privileges_and_tools(&["ip"]);
+    let mut lab = netns::Lab::new();
+    let ns = lab.add_ns("node");
+    netns::ip(&["-n", &ns, "addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    let node_ports = |rig: &Rig| -> Vec<String> {
+        let snapshot = rig.control.current();
+        let mut v: Vec<String> = snapshot
+            .listeners
+            .iter()
+            .filter(|l| matches!(l.key.role, ListenRole::NodePort(_)))
+            .map(|l| l.addr.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let ns2 = ns.clone();
+    netns::in_namespace(&ns, move || {
+        let mut rig = Rig::with(false, vec!["10.77.0.0/16".parse().expect("net")]);
+        let a = "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: t}\n\
+                 spec:\n  type: NodePort\n  clusterIP: 10.96.0.1\n  ports: [{name: p, port: 80, nodePort: 30080}]\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {name: a-1, namespace: t, labels: {kubernetes.io/service-name: a}}\n\
+                 addressType: IPv4\nports: [{name: p, port: 8080}]\nendpoints: [{addresses: [\"10.1.0.1\"]}]\n";
+        rig.set(a);
+        assert_eq!(node_ports(&rig), vec!["10.77.0.1:30080".to_string()]);
+        netns::ip(&["-n", &ns2, "addr", "add", "10.77.0.2/32", "dev", "lo"]);
+        // Another Service changes; a does not.
+        rig.set(&service("b", 2, 81, &[], &[backend()]));
+        assert_eq!(node_ports(&rig), vec!["10.77.0.1:30080".to_string(), "10.77.0.2:30080".to_string()]);
+        netns::ip(&["-n", &ns2, "addr", "del", "10.77.0.1/32", "dev", "lo"]);
+        rig.set(&service("b", 2, 82, &[], &[backend()]));
+        assert_eq!(node_ports(&rig), vec!["10.77.0.2:30080".to_string()]);
+    });
+    drop(lab);
 }
