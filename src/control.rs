@@ -361,11 +361,11 @@ impl Control {
         self.plan_inputs = Some(inputs);
         lap(&mut stages.commit);
 
+        let built = Some(set.len());
         let update = PortUpdate { set, removed: &removed, listeners, old_listeners };
-        let full = previous.ports.is_empty();
         let mut applied = self.publish(
             |ctx| Snapshot::update(&previous, previous.generation + 1, update, ctx),
-            full,
+            built,
             data_plane,
             &mut stages,
         );
@@ -426,7 +426,7 @@ impl Control {
         let build = |ctx: &BalanceContext<'_>| {
             Snapshot::new(previous.generation + 1, ports, listeners, &previous, ctx)
         };
-        let applied = self.publish(build, true, data_plane, &mut Stages::default());
+        let applied = self.publish(build, None, data_plane, &mut Stages::default());
         // A sync with no service or endpoint change.
         self.metrics.apply.published(started, Changes::default());
         Some(applied)
@@ -438,11 +438,12 @@ impl Control {
     }
 
     /// Build the next snapshot with `build` and swap it in: the one way a
-    /// snapshot is published. `full`: every port was built.
+    /// snapshot is published. `built`: how many ports `build` builds
+    /// (`None`: all); every port built is a full build.
     fn publish(
         &mut self,
         build: impl FnOnce(&BalanceContext<'_>) -> Snapshot,
-        full: bool,
+        built: Option<usize>,
         data_plane: &DataPlane,
         stages: &mut Stages,
     ) -> Applied {
@@ -456,6 +457,7 @@ impl Control {
         let snapshot = build(&ctx);
         snapshot.listen_where_served();
         stages.build = started.elapsed();
+        let full = built.is_none_or(|n| n >= snapshot.ports.len());
         self.metrics.apply.snapshot_built(stages.build, full);
         let started = Instant::now();
         let applied = Applied {

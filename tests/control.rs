@@ -26,6 +26,7 @@ use ringport::table::Delta;
 
 struct Rig {
     control: Control,
+    metrics: Arc<Metrics>,
     data_plane: Option<DataPlane>,
 }
 
@@ -39,6 +40,7 @@ impl Rig {
     /// As [`Rig::new`], node ports on the node addresses in `nodeport`.
     fn with(tolerant: bool, nodeport: Vec<ipnet::IpNet>) -> Self {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let metrics = Arc::new(Metrics::new(1));
         let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
         let data_plane = DataPlane::start(Arc::clone(&snapshot), config).expect("data plane");
         let binder = Binder::new(ListenOptions {
@@ -54,12 +56,12 @@ impl Rig {
             binder,
             BalanceOptions::default(),
             HealthRegistry::default(),
-            Arc::new(Metrics::new(1)),
+            Arc::clone(&metrics),
             snapshot,
             Arc::new(AtomicBool::new(false)),
         );
         let control = if tolerant { control.tolerate_cross_object_errors() } else { control };
-        Self { control, data_plane: Some(data_plane) }
+        Self { control, metrics, data_plane: Some(data_plane) }
     }
 
     /// Add or replace the objects of `yaml`.
@@ -245,4 +247,25 @@ fn node_ports_follow_an_address_added_to_the_node() {
         assert_eq!(node_ports(&rig), vec!["10.77.0.2:30080".to_string()]);
     });
     drop(lab);
+}
+
+/// S8: a snapshot counts as a full build when every port was built: the
+/// first update of a table (however it came), not one that follows an
+/// empty snapshot.
+#[test]
+fn a_build_is_full_when_every_port_is_built() {
+    let mut rig = Rig::new(false);
+    let (a, b) = (service("a", 1, 80, &[], &[backend()]), service("b", 2, 81, &[], &[backend()]));
+    rig.set(&(a.clone() + &b));
+    rig.set(&service("b", 2, 82, &[], &[backend()]));
+    // Every port changes at once: a full build too.
+    rig.set(&(service("a", 1, 83, &[], &[backend()]) + &service("b", 2, 84, &[], &[backend()])));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &rig.metrics.registry()).expect("encodes");
+    let count = |kind: &str| {
+        let line = format!("ringport_snapshot_build_seconds_count{{kind=\"{kind}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::to_string)
+    };
+    assert_eq!(count("full").as_deref(), Some("2"), "{text}");
+    assert_eq!(count("partial").as_deref(), Some("1"), "{text}");
 }
