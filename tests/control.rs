@@ -20,7 +20,7 @@ use ringport::control::Control;
 use ringport::dataplane::{DataPlane, WorkerConfig};
 use ringport::listen::{Binder, ListenOptions, ListenRole, ProxyPortMode};
 use ringport::metrics::Metrics;
-use ringport::model::ServiceName;
+use ringport::model::{Origin, ServiceName};
 use ringport::snapshot::Snapshot;
 use ringport::table::Delta;
 
@@ -268,4 +268,110 @@ fn a_build_is_full_when_every_port_is_built() {
     };
     assert_eq!(count("full").as_deref(), Some("2"), "{text}");
     assert_eq!(count("partial").as_deref(), Some("1"), "{text}");
+}
+
+/// S7: random changes applied one by one leave what the same objects give
+/// when applied whole to a fresh control plane: the same service ports,
+/// listeners (by service, role and address; proxy port numbers aside),
+/// and routes. Clashes on external IPs are frequent; external
+/// IPs are on `127.0.<net>.x`, a net of each control plane's own.
+#[test]
+fn random_changes_match_the_same_state_applied_whole() {
+    const SERVICES: usize = 6;
+    const STEPS: usize = 40;
+    let base = common::free_port();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    eprintln!("seed {seed:#x}");
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // Per service: None (absent) or (port offset, external IP, endpoints).
+    type Shape = Option<(u16, Option<u8>, u8)>;
+    let yaml = |shapes: &[Shape], net: u8| -> String {
+        let mut y = String::new();
+        for (i, s) in shapes.iter().enumerate() {
+            let Some((port, ext, eps)) = s else { continue };
+            let ext: Vec<String> = ext.iter().map(|e| format!("127.0.{net}.{e}")).collect();
+            let ext: Vec<&str> = ext.iter().map(String::as_str).collect();
+            let endpoints: Vec<SocketAddr> =
+                (0..*eps).map(|e| SocketAddr::from(([10, 1, i as u8, e + 1], 8080))).collect();
+            y += &service(&format!("s{i}"), i as u8 + 1, base + port, &ext, &endpoints);
+        }
+        y
+    };
+    let view = |rig: &Rig| {
+        let snapshot = rig.control.current();
+        let ports: Vec<String> = snapshot
+            .ports
+            .iter()
+            .map(|p| {
+                let mut spec = p.spec.clone();
+                spec.origin = Origin(String::new());
+                format!("{spec:?}")
+            })
+            .collect();
+        let mut listeners: Vec<String> = snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                let addr =
+                    if l.key.role.is_proxy() { "proxy".to_string() } else { l.addr.port().to_string() };
+                let route = snapshot.route(l.id).map(|r| r.port.spec.name.to_string());
+                let ip = match l.key.role {
+                    ListenRole::External(std::net::IpAddr::V4(v4)) => v4.octets()[3].to_string(),
+                    _ => String::new(),
+                };
+                format!("{} {} {ip} {addr} -> {route:?}", l.key.port, l.key.role)
+            })
+            .collect();
+        listeners.sort();
+        (ports, listeners)
+    };
+    let mut shapes: Vec<Shape> = vec![None; SERVICES];
+    let mut incremental = Rig::new(true);
+    for step in 0..STEPS {
+        let i = next(SERVICES as u64) as usize;
+        let was = shapes[i];
+        shapes[i] = match next(4) {
+            0 => None,
+            _ => Some((next(2) as u16, (next(3) > 0).then(|| 5 + next(2) as u8), next(3) as u8)),
+        };
+        let one = std::slice::from_ref(&shapes[i]);
+        let mut delta = Delta::default();
+        let name = format!("s{i}");
+        match &shapes[i] {
+            Some(_) => {
+                let mut single = vec![None; SERVICES];
+                single[i] = one[0];
+                let m = parse_str(&yaml(&single, 20), "test").expect("manifest");
+                for s in m.services {
+                    delta.services.insert(s.name.clone(), Some(s));
+                }
+                for sl in m.slices {
+                    delta.slices.insert(sl.id.clone(), Some(sl));
+                }
+            }
+            None if was.is_some() => {
+                delta.services.insert(ServiceName::new("t", &name), None);
+                delta.slices.insert(ServiceName::new("t", format!("{name}-1")), None);
+            }
+            None => continue,
+        }
+        let plane = incremental.data_plane.as_ref().expect("running");
+        incremental.control.apply(delta, plane).expect("applied");
+        let mut whole = Rig::new(true);
+        let m = parse_str(&yaml(&shapes, 21), "test").expect("manifest");
+        let plane = whole.data_plane.as_ref().expect("running");
+        whole.control.replace(m, plane).expect("applied");
+        let (ports_a, listeners_a) = view(&incremental);
+        let (ports_b, listeners_b) = view(&whole);
+        // Port specs name their external IPs: compare them net-blind.
+        let blind =
+            |v: Vec<String>, net: &str| v.into_iter().map(|s| s.replace(net, "127.0.N.")).collect::<Vec<_>>();
+        assert_eq!(blind(ports_a, "127.0.20."), blind(ports_b, "127.0.21."), "step {step}: service ports");
+        assert_eq!(listeners_a, listeners_b, "step {step}: listeners ({shapes:?})");
+    }
 }
