@@ -44,10 +44,16 @@ impl Worker {
     /// take new listeners, drop those that left, and pause (resume) those
     /// whose service port has no (again has a) usable endpoint.
     pub(super) fn reconcile(&mut self) -> io::Result<()> {
-        if self.shared.stop.load(Ordering::Acquire) && !self.stopping {
+        let stop_now = self.shared.stop.load(Ordering::Acquire) && !self.stopping;
+        if stop_now {
             self.begin_stop()?;
         }
         let snapshot = self.shared.snapshot.load_full();
+        // Woken with no new snapshot (and no stop begun): the listeners
+        // are as last followed; only flows may have to follow.
+        if snapshot.generation == self.followed && !stop_now {
+            return self.reconcile_flows(&snapshot);
+        }
         // One generation on from the last one followed, built from a
         // change: only the listeners it names can differ (`Snapshot`'s
         // invariants). Otherwise every listener is looked at.
