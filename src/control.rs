@@ -370,6 +370,13 @@ impl Control {
             &mut stages,
         );
         self.metrics.apply.published(received, changes);
+        // The previous snapshot held what the change dropped: once it is
+        // gone, the counters of the ports removed and the health of the
+        // endpoints they left are forgotten (what a worker or the rule
+        // syncer still holds waits for the periodic sweep).
+        drop(previous);
+        self.metrics.forget(&removed);
+        self.health.forget(old.iter().flat_map(|p| p.endpoints.iter().map(|e| (p.protocol, e.addr))));
         applied.summary = summary;
         applied.stages = stages;
         Ok(Some(applied))

@@ -320,8 +320,9 @@ impl Snapshot {
         }
         ports.extend(new.cloned());
         // Counters and health of ports gone: dropped with their last user;
-        // the registries forget them when ports go, and now and then.
-        if !removed.is_empty() || generation.is_multiple_of(64) {
+        // the control plane has the registries forget them once this
+        // snapshot replaced the previous one; all are swept now and then.
+        if generation.is_multiple_of(64) {
             ctx.registry.prune();
             ctx.metrics.prune();
         }

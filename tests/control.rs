@@ -375,3 +375,17 @@ fn random_changes_match_the_same_state_applied_whole() {
         assert_eq!(listeners_a, listeners_b, "step {step}: listeners ({shapes:?})");
     }
 }
+
+/// S4: the counters of a Service deleted are forgotten by the update that
+/// deletes it, not kept until a periodic sweep.
+#[test]
+fn a_deleted_port_is_forgotten_by_its_update() {
+    let mut rig = Rig::new(false);
+    rig.set(&(service("a", 1, 80, &[], &[backend()]) + &service("b", 2, 81, &[], &[backend()])));
+    assert_eq!(rig.metrics.remembered(), 2);
+    // The worker follows the first snapshot meanwhile (while it holds it,
+    // a's counters are held, and left to the periodic sweep).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    rig.delete("a");
+    assert_eq!(rig.metrics.remembered(), 1, "the deleted port's counters are still remembered");
+}

@@ -229,6 +229,16 @@ impl HealthRegistry {
         state
     }
 
+    /// Forget these addresses where no balancer holds them any more.
+    pub fn forget(&self, addrs: impl IntoIterator<Item = (Protocol, EndpointAddr)>) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        for key in addrs {
+            if states.get(&key).is_some_and(|s| s.strong_count() == 0) {
+                states.remove(&key);
+            }
+        }
+    }
+
     /// Forget addresses no balancer holds any more.
     pub fn prune(&self) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());

@@ -542,6 +542,26 @@ impl Metrics {
         m
     }
 
+    /// Forget these service ports where nothing holds them any more: after
+    /// an update removed them, at the cost of what it removed.
+    pub fn forget<'a>(&self, names: impl IntoIterator<Item = &'a ServicePortName>) {
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            for protocol in [Protocol::Tcp, Protocol::Udp] {
+                let key = (name.clone(), protocol);
+                if ports.get(&key).is_some_and(|m| m.strong_count() == 0) {
+                    ports.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// How many service ports' counters are remembered (held or not yet
+    /// forgotten).
+    pub fn remembered(&self) -> usize {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Forget service ports nothing holds any more.
     pub fn prune(&self) {
         self.ports.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, m| m.strong_count() > 0);
