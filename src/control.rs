@@ -18,6 +18,7 @@ use crate::budget::{self, Budget};
 use crate::config::{ConfigError, ConfigErrorKind, Manifests};
 use crate::dataplane::DataPlane;
 use crate::listen::{self, BindError, Binder, Held, Listener, ListenerId};
+use crate::log_cap;
 use crate::loops::{self, OwnAddress};
 use crate::metrics::{Changes, Metrics};
 use crate::model::{Origin, Protocol, ServicePort, ServicePortName};
@@ -305,9 +306,7 @@ impl Control {
         if !looping.is_empty() && !self.table.is_tolerant() {
             return Err(Rejected(looping));
         }
-        for e in &looping {
-            tracing::error!(error = %e, "endpoint not served");
-        }
+        log_cap::error(&looping, "endpoint not served");
         lap(&mut stages.loops);
 
         drop(binding);
@@ -505,15 +504,13 @@ impl Control {
 /// Bind errors: those expected on a healthy node at debug; the others at
 /// error level, but a few lines whatever their number.
 fn log_bind_errors(errors: &[BindError]) {
-    const SHOWN: usize = 5;
     let (benign, serious): (Vec<&BindError>, Vec<&BindError>) = errors.iter().partition(|e| e.is_benign());
     for e in benign {
         tracing::debug!(error = %e, "not listening");
     }
-    for e in serious.iter().take(SHOWN) {
-        tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening");
-    }
-    if serious.len() > SHOWN {
-        tracing::error!(more = serious.len() - SHOWN, "not listening on more addresses (not shown)");
-    }
+    log_cap::capped(
+        serious,
+        |e| tracing::error!(error = %e, source = ?std::error::Error::source(e).map(ToString::to_string), "not listening"),
+        |more| tracing::error!(more, "not listening on more addresses (not shown)"),
+    );
 }

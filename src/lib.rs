@@ -20,6 +20,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod handover;
 pub mod listen;
+pub mod log_cap;
 pub mod loops;
 pub mod metrics;
 pub mod model;

@@ -601,9 +601,7 @@ impl Engine {
             }
             Err(rejected) => {
                 done.refused = true;
-                for e in &rejected.0 {
-                    tracing::error!(error = %e, "invalid manifest");
-                }
+                crate::log_cap::error(&rejected.0, "invalid manifest");
                 tracing::error!(trigger = why, error = %rejected, "reload rejected");
             }
         }

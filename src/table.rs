@@ -219,9 +219,7 @@ impl Table {
             );
             joined.push((name.clone(), new));
         }
-        for warning in &warnings {
-            tracing::warn!(%warning, "manifest warning");
-        }
+        crate::log_cap::warn(&warnings, "manifest warning");
 
         // nodePort clashes: every claim the touched Services held or hold.
         let mut affected: BTreeSet<Claim> = BTreeSet::new();
@@ -256,9 +254,8 @@ impl Table {
 
         if self.tolerant {
             let reported: HashSet<&String> = old_errors.into_iter().collect();
-            for error in errors.iter().filter(|e| !reported.contains(&e.to_string())) {
-                tracing::warn!(%error, "served without what this error concerns");
-            }
+            let new = errors.iter().filter(|e| !reported.contains(&e.to_string()));
+            crate::log_cap::warn(new, "served without what this error concerns");
         } else if !errors.is_empty() {
             return Err(errors);
         }

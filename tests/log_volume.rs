@@ -73,6 +73,26 @@ fn thousands_of_service_ports_log_one_summary_line_per_update() {
     assert!(log.lines().count() < lines + 10, "a one-port change added lines:\n{}", head(&log));
 }
 
+/// A reload with many invalid objects names a few of them and counts the
+/// rest on one line (S5).
+#[test]
+fn many_invalid_objects_log_a_few_lines_and_a_count() {
+    let proxy = Proxy::start(&manifest(3, false), &["--workers", "1"]);
+    let broken = manifest(40, false).replace("port: 80,", "port: 70000,");
+    proxy.write_manifest(&broken);
+    eventually(Duration::from_secs(10), "the rejected reload to be logged", || {
+        proxy.log().contains("reload rejected")
+    });
+    let log = proxy.log();
+    let named = log.lines().filter(|l| l.contains("invalid manifest") && l.contains("70000")).count();
+    assert_eq!(named, ringport::log_cap::SHOWN, "lines naming an invalid object:\n{}", head(&log));
+    assert!(
+        log.lines().any(|l| l.contains("invalid manifest: 35 more (not shown)")),
+        "the rest counted on one line:\n{}",
+        head(&log)
+    );
+}
+
 /// The first lines of a log, for a failure message.
 fn head(log: &str) -> String {
     log.lines().take(40).collect::<Vec<_>>().join("\n")
