@@ -421,7 +421,12 @@ impl Binder {
         if role.is_proxy() {
             return None;
         }
-        let proxy_address = addr.ip() == self.opts.bind_address || Some(addr.ip()) == self.opts.bind_address6;
+        // Only with rules is the bind address the proxy address the rules
+        // DNAT to; without them (the edge proxy) an external IP on it is
+        // how a Service asks for a fixed port, and `claimed` keeps it off
+        // a proxy port's group.
+        let proxy_address = self.opts.redirect_rules
+            && (addr.ip() == self.opts.bind_address || Some(addr.ip()) == self.opts.bind_address6);
         let field = match role {
             ListenRole::External(ip) => {
                 sp.external_ips.iter().position(|e| *e == ip).map(|i| format!("spec.externalIPs[{i}]"))

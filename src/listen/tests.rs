@@ -121,6 +121,15 @@ fn a_service_port_on_the_shared_ports_address_clashes_and_does_not_join_its_grou
 fn an_external_or_lb_ip_on_the_proxy_address_is_refused_naming_its_field() {
     let mut sp = port("a", vec!["127.0.0.79".parse().unwrap(), "127.0.0.1".parse().unwrap()], None);
     sp.load_balancer_ips = vec!["127.0.0.1".parse().unwrap()];
+    // Without rules (the edge proxy) the bind address is no proxy address:
+    // an external IP on it is served.
+    let mut without_rules = Binder::new(ListenOptions { redirect_rules: false, ..binder().opts });
+    let mut edge = sp.clone();
+    edge.load_balancer_ips.clear();
+    let (ls, errors) = without_rules.bind(&[edge], &[]);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(ls.iter().any(|l| l.key.role == ListenRole::External(Ipv4Addr::LOCALHOST.into())), "{ls:?}");
+    drop(ls);
     let (ls, errors) = binder().bind(&[sp], &[]);
     let fields: Vec<String> = errors
         .iter()
