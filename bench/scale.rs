@@ -31,11 +31,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let mut sizes = vec![1_000, 5_000, 9_000, 10_000, 100_000];
     let mut idle = true;
+    let mut keep = false;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--quick" => (sizes, idle) = (vec![1_000], false),
             "--no-idle" => idle = false,
+            "--keep" => keep = true,
             "--sizes" => {
                 i += 1;
                 sizes = args
@@ -44,7 +46,9 @@ fn main() {
                     .unwrap_or_default();
             }
             other => {
-                eprintln!("bench/scale.rs: unknown argument {other} (--quick, --sizes N,N, --no-idle)");
+                eprintln!(
+                    "bench/scale.rs: unknown argument {other} (--quick, --sizes N,N, --no-idle, --keep)"
+                );
                 std::process::exit(2);
             }
         }
@@ -86,6 +90,10 @@ fn main() {
         eprintln!("bench/scale.rs: results in {}", out.display());
     }
     eprintln!("bench/scale.rs: took {elapsed} s");
+    if keep {
+        let kept = scratch.keep();
+        eprintln!("bench/scale.rs: manifests and logs kept in {}", kept.display());
+    }
 }
 
 /// N Services and their EndpointSlices as concatenated JSON objects, in a
