@@ -38,7 +38,7 @@ use ringport::redirect::nft::Nft;
 use ringport::redirect::rules::{RuleKey, Rules, Target};
 use ringport::redirect::syncer::SyncReport;
 use ringport::redirect::{Backend, Intercept, Syncer};
-use ringport::snapshot::{BalanceContext, Snapshot};
+use ringport::snapshot::{BalanceContext, Ports, Snapshot};
 use ringport::source_ip::SourceOptions;
 
 const SAMPLES_CHANGE: usize = 25;
@@ -258,7 +258,7 @@ fn snapshot_changes_on_top_of_100k() {
     row("full sync (snapshot)", "nft", n, vec![first]);
     let kept = |ports: Vec<_>, listeners: Vec<_>, generation| {
         let mut snap = Snapshot::default();
-        (snap.generation, snap.ports, snap.listeners) = (generation, ports, Arc::new(listeners));
+        (snap.generation, snap.ports, snap.listeners) = (generation, Ports::from(ports), Arc::new(listeners));
         Arc::new(snap)
     };
     let (mut endpoint, mut removed, mut added, mut rebuilt) =
@@ -269,19 +269,19 @@ fn snapshot_changes_on_top_of_100k() {
         let mut spec = specs[k].clone();
         spec.endpoints.pop();
         let one = Snapshot::new(0, vec![spec], vec![Arc::clone(&listeners[k])], &base, &ctx);
-        let mut ports = base.ports.clone();
+        let mut ports = base.ports.iter().cloned().collect::<Vec<_>>();
         ports[k] = Arc::clone(&one.ports[0]);
         generation += 1;
         let snap = kept(ports, base.listeners.to_vec(), generation);
         endpoint.push(measure(|| s.sync(&snap, false).expect("endpoint change")));
-        let (mut ports, mut ls) = (base.ports.clone(), base.listeners.to_vec());
+        let (mut ports, mut ls) = (base.ports.iter().cloned().collect::<Vec<_>>(), base.listeners.to_vec());
         ports.remove(k);
         ls.remove(k);
         generation += 1;
         let snap = kept(ports, ls, generation);
         removed.push(measure(|| s.sync(&snap, false).expect("remove one")));
         generation += 1;
-        let snap = kept(base.ports.clone(), base.listeners.to_vec(), generation);
+        let snap = kept(base.ports.iter().cloned().collect::<Vec<_>>(), base.listeners.to_vec(), generation);
         added.push(measure(|| s.sync(&snap, false).expect("add one back")));
     }
     for i in 0..5 {
@@ -297,7 +297,7 @@ fn snapshot_changes_on_top_of_100k() {
     let mut resync = Vec::new();
     for _ in 0..SAMPLES_RESYNC {
         generation += 1;
-        let snap = kept(base.ports.clone(), base.listeners.to_vec(), generation);
+        let snap = kept(base.ports.iter().cloned().collect::<Vec<_>>(), base.listeners.to_vec(), generation);
         resync.push(measure(|| s.sync(&snap, true).expect("periodic resync")));
     }
     row("periodic resync, table untouched (snapshot)", "nft", n, resync);

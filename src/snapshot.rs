@@ -42,6 +42,8 @@ use crate::source_ip::{Source, SourceOptions, SourcePlan};
 
 mod destinations;
 pub use destinations::{Destination, Destinations};
+mod ports;
+pub use ports::Ports;
 mod routes;
 use routes::{RouteEntry, Routes};
 
@@ -221,8 +223,9 @@ pub fn header_role(role: ListenRole, spec: &ServicePort, destination: std::net::
 pub struct Snapshot {
     /// Increases by one per published snapshot.
     pub generation: u64,
-    /// Sorted by service port name.
-    pub ports: Vec<Arc<PortState>>,
+    /// Sorted by service port name; shared in chunks with the previous
+    /// snapshot (`ports`).
+    pub ports: Ports,
     /// Shared with the previous snapshot while no listener comes or goes.
     pub listeners: Arc<Vec<Arc<Listener>>>,
     /// Which port and scope each listener serves.
@@ -235,9 +238,9 @@ pub struct Snapshot {
     /// The shared proxy ports (`--proxy-port-mode shared`), which route
     /// by original destination; empty in per-service mode.
     shared: Vec<ListenerId>,
-    /// Where each original destination a shared port may see goes; built
-    /// only when there is a shared port (from every port: not yet
-    /// incremental).
+    /// Where each original destination a shared port may see goes; kept
+    /// only when there is a shared port, shared in shards with the
+    /// previous snapshot (`destinations`).
     destinations: Destinations,
     /// Connections to a shared port whose original destination is no
     /// service port's, per worker (`Metrics::unmatched`).
@@ -304,21 +307,7 @@ impl Snapshot {
                 Arc::new(PortState::build(spec, prev, ctx))
             })
             .collect();
-        // A merge of two lists sorted by name: a built port replaces its
-        // old self, a removed one is left out, the rest are kept as is.
-        let gone = |p: &Arc<PortState>| removed.binary_search(&p.spec.name).is_ok();
-        let mut ports = Vec::with_capacity(base.ports.len() + built.len());
-        let mut new = built.iter().peekable();
-        for old in &base.ports {
-            while let Some(n) = new.next_if(|n| n.spec.name < old.spec.name) {
-                ports.push(Arc::clone(n));
-            }
-            if new.peek().is_some_and(|n| n.spec.name == old.spec.name) || gone(old) {
-                continue;
-            }
-            ports.push(Arc::clone(old));
-        }
-        ports.extend(new.cloned());
+        let ports = base.ports.with(&built, removed);
         // Counters and health of ports gone: dropped with their last user;
         // the control plane has the registries forget them once this
         // snapshot replaced the previous one; all are swept now and then.
@@ -357,10 +346,20 @@ impl Snapshot {
         shared.extend(listeners.iter().filter(|l| l.key.is_shared()).map(|l| l.id));
         shared.sort_unstable();
         shared.dedup();
-        let destinations = match shared.is_empty() {
-            true => Destinations::default(),
-            // The rules judge locality alike, at their own sync.
-            false => Destinations::build(ports.iter().map(|p| &p.spec), &Locality::from_interfaces()),
+        // The rules judge locality alike, at their own sync.
+        let destinations = match (shared.is_empty(), base.shared.is_empty()) {
+            (true, _) => Destinations::default(),
+            (false, true) => Destinations::build(ports.iter().map(|p| &p.spec), &Locality::from_interfaces()),
+            (false, false) => {
+                let changed = built.iter().map(|p| &p.spec.name).chain(removed);
+                let old = changed.filter_map(|n| base.port(n)).map(|p| &p.spec);
+                base.destinations.with(
+                    old,
+                    built.iter().map(|p| &p.spec),
+                    &Locality::from_interfaces(),
+                    ports.iter().map(|p| &p.spec),
+                )
+            }
         };
         let unmatched = Arc::clone(&ctx.metrics.unmatched);
         Self {
@@ -378,8 +377,7 @@ impl Snapshot {
 
     /// A service port by name.
     pub fn port(&self, name: &ServicePortName) -> Option<&Arc<PortState>> {
-        let i = self.ports.binary_search_by(|p| p.spec.name.cmp(name)).ok()?;
-        self.ports.get(i)
+        self.ports.get(name)
     }
 
     /// A listener of this snapshot by id.
@@ -387,7 +385,7 @@ impl Snapshot {
         // A shared proxy port has no route of its own: it is one of a few.
         let shared =
             || self.shared.contains(&id).then(|| self.listeners.iter().find(|l| l.id == id)).flatten();
-        self.routes.get(id).map(|r| &r.listener).or_else(shared)
+        self.routes.get(&id).map(|r| &r.listener).or_else(shared)
     }
 
     /// The service port a listener serves, and its balancer.
@@ -413,7 +411,7 @@ impl Snapshot {
     }
 
     pub fn route(&self, listener: ListenerId) -> Option<Route<'_>> {
-        let entry = self.routes.get(listener)?;
+        let entry = self.routes.get(&listener)?;
         Some(Route { port: &entry.port, balancer: entry.port.balancer(entry.scope, entry.family) })
     }
 
@@ -581,3 +579,5 @@ impl From<&crate::model::Endpoint> for EndpointView {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_incremental;

@@ -155,7 +155,7 @@ impl DesiredRules {
     pub fn update(&mut self, snapshot: &Arc<Snapshot>, local: &Locality) -> Update {
         // The join below relies on it.
         debug_assert!(
-            snapshot.ports.windows(2).all(|w| w[0].spec.name < w[1].spec.name),
+            snapshot.ports.iter().zip(snapshot.ports.iter().skip(1)).all(|(a, b)| a.spec.name < b.spec.name),
             "a snapshot's ports are sorted by name"
         );
         if self.orphaned {

@@ -1,9 +1,10 @@
 //! Where a connection to a shared proxy port was going: `(protocol,
-//! original destination IP, port) -> (service port, scope, family)`, built
-//! by one function ([`Destinations::build`]) from the service ports, and
-//! looked up once per connection a shared proxy port accepts
-//! ([`Snapshot::route_to`](super::Snapshot::route_to), with the snapshot's
-//! other shared-port queries).
+//! original destination IP, port) -> (service port, scope, family)`, kept
+//! by [`Destinations`] from the service ports (whole by
+//! [`Destinations::build`], or a change on top of the previous snapshot's
+//! by [`Destinations::with`]), and looked up once per connection a shared
+//! proxy port accepts ([`Snapshot::route_to`](super::Snapshot::route_to),
+//! with the snapshot's other shared-port queries).
 //!
 //! Invariants:
 //! - Built from exactly the keys the rules DNAT to a shared port, by the
@@ -12,16 +13,21 @@
 //!   not local to this node (external scope) of a TCP service port. A
 //!   local one is left out here as there: else a Service whose cluster IP
 //!   is another's local external IP would be routed to the other.
-//! - One key, one service port: when two claim the same key, the first in
-//!   the order given keeps it, as the rules' own clash rule (`redirect::
-//!   rules`), so a connection goes where the rule that sent it says.
+//! - One key, one service port: when several claim the same key, the first
+//!   by name keeps it, as the rules' own clash rule (`redirect::rules`), so
+//!   a connection goes where the rule that sent it says. Every claimant is
+//!   kept, in name order, so the next takes over when the first goes.
 //! - Values name service ports, never a position in some list, so the map
 //!   stays right when other ports come and go around it.
+//! - A change costs what it changes: its ports' old keys lose their claims,
+//!   the new ones gain them, in shards shared with the previous snapshot
+//!   (`routes::Sharded`). Only a change of the node's addresses (which
+//!   decide what is local) or the first shared port rebuilds it whole.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use super::Route;
+use super::routes::Sharded;
 use crate::balance::eligible::Scope;
 use crate::listen::ListenRole;
 use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
@@ -37,42 +43,111 @@ pub struct Destination {
     pub family: IpFamily,
 }
 
+type Key = (Protocol, IpAddr, u16);
+
 /// The map of every address a shared proxy port may be sent.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Destinations {
-    map: HashMap<(Protocol, IpAddr, u16), Destination>,
+    /// Each key's claimants, sorted by service port name, never empty.
+    map: Sharded<Key, Vec<Destination>>,
+    /// The node's addresses the map was built with.
+    local: Locality,
 }
 
 impl Destinations {
     /// The destinations of `ports`' TCP service ports (UDP ones keep
     /// proxy ports of their own).
     pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, local: &Locality) -> Self {
-        let mut map = HashMap::new();
-        for sp in ports.into_iter().filter(|sp| sp.protocol == Protocol::Tcp) {
-            for (key, external) in redirected_keys(sp, local) {
-                let scope = if external { Scope::External } else { Scope::Internal };
-                let ip = key.daddr.0.to_canonical();
-                map.entry((sp.protocol, ip, sp.port)).or_insert_with(|| Destination {
-                    port: sp.name.clone(),
-                    scope,
-                    family: IpFamily::of(ip),
-                });
+        let mut d = Self { map: Sharded::default(), local: local.clone() };
+        for sp in ports {
+            d.claim(sp);
+        }
+        d
+    }
+
+    /// These destinations after a change: `old`, the previous versions of
+    /// the ports changed or removed, give up their keys; `new`, the ports
+    /// set, claim theirs. Rebuilt whole from `all` (every port after the
+    /// change) when the node's addresses are no longer those it was built
+    /// with.
+    pub fn with<'a>(
+        &self,
+        old: impl IntoIterator<Item = &'a ServicePort>,
+        new: impl IntoIterator<Item = &'a ServicePort>,
+        local: &Locality,
+        all: impl IntoIterator<Item = &'a ServicePort>,
+    ) -> Self {
+        if *local != self.local {
+            return Self::build(all, local);
+        }
+        let mut next = self.clone();
+        for sp in old {
+            next.unclaim(sp);
+        }
+        for sp in new {
+            next.claim(sp);
+        }
+        next
+    }
+
+    /// The keys `sp` asks for, each once (the first scope given wins).
+    fn keys<'a>(&'a self, sp: &'a ServicePort) -> impl Iterator<Item = (Key, Scope)> + 'a {
+        let tcp = sp.protocol == Protocol::Tcp;
+        let keys = redirected_keys(sp, &self.local).filter(move |_| tcp);
+        let mut seen: Vec<Key> = Vec::new();
+        keys.filter_map(move |(key, external)| {
+            let key = (sp.protocol, key.daddr.0.to_canonical(), sp.port);
+            let scope = if external { Scope::External } else { Scope::Internal };
+            (!seen.contains(&key)).then(|| {
+                seen.push(key);
+                (key, scope)
+            })
+        })
+    }
+
+    fn claim(&mut self, sp: &ServicePort) {
+        let keys: Vec<(Key, Scope)> = self.keys(sp).collect();
+        for (key, scope) in keys {
+            let claim = Destination { port: sp.name.clone(), scope, family: IpFamily::of(key.1) };
+            match self.map.get_mut(&key) {
+                None => self.map.insert(key, vec![claim]),
+                Some(claims) => match claims.binary_search_by(|c| c.port.cmp(&sp.name)) {
+                    Ok(i) => claims[i] = claim,
+                    Err(i) => claims.insert(i, claim),
+                },
             }
         }
-        Self { map }
+    }
+
+    fn unclaim(&mut self, sp: &ServicePort) {
+        let keys: Vec<Key> = self.keys(sp).map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(claims) = self.map.get_mut(&key) else { continue };
+            claims.retain(|c| c.port != sp.name);
+            if claims.is_empty() {
+                self.map.remove(&key);
+            }
+        }
     }
 
     /// What `to` (a connection's original destination) stands for.
     pub fn get(&self, protocol: Protocol, to: SocketAddr) -> Option<&Destination> {
-        self.map.get(&(protocol, to.ip().to_canonical(), to.port()))
+        self.map.get(&(protocol, to.ip().to_canonical(), to.port()))?.first()
     }
 
+    /// How many addresses it maps.
     pub fn len(&self) -> usize {
         self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+
+    /// Every key with its claimants (to compare two maps).
+    #[cfg(test)]
+    pub(super) fn entries(&self) -> std::collections::HashMap<Key, Vec<Destination>> {
+        self.map.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 }
 
@@ -83,8 +158,7 @@ impl super::Snapshot {
     /// would have taken it): one hash lookup, then a search by name.
     pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
         let d = self.destinations.get(protocol, to)?;
-        let at = self.ports.binary_search_by(|p| p.spec.name.cmp(&d.port)).ok()?;
-        let port = self.ports.get(at).filter(|p| p.spec.protocol == protocol)?;
+        let port = self.ports.get(&d.port).filter(|p| p.spec.protocol == protocol)?;
         let role = match (d.scope, d.family) {
             (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
             (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
