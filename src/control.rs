@@ -108,7 +108,14 @@ pub struct Control {
     addresses: HashMap<ServicePortName, u64>,
     /// What the last update planned listeners against.
     plan_inputs: Option<PlanInputs>,
+    /// When the registries were last swept (`publish`).
+    swept: Instant,
 }
+
+/// How often at most the health and counter registries are swept of what
+/// nothing holds any more: a sweep walks every endpoint and port (100k
+/// ports: a few ms), so it must not come with every update of a churn.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The node's state a port's listen plan depends on: when it moves, the
 /// ports depending on it are planned and bound again.
@@ -146,6 +153,7 @@ impl Control {
             unbound: BTreeSet::new(),
             addresses: HashMap::new(),
             plan_inputs: None,
+            swept: Instant::now(),
         }
     }
 
@@ -478,6 +486,15 @@ impl Control {
         data_plane.notify();
         self.ready.store(true, Ordering::Release);
         stages.publish = started.elapsed();
+        // Counters and health of ports gone are dropped with their last
+        // user; `update` has the registries forget them once the snapshot
+        // that held them is replaced; what a worker or the rule syncer held
+        // a while longer goes at the next sweep.
+        if self.swept.elapsed() >= SWEEP_EVERY {
+            self.swept = Instant::now();
+            self.health.prune();
+            self.metrics.prune();
+        }
         applied
     }
 

@@ -22,6 +22,7 @@
 //!   service port changed since the previous generation, so a worker one
 //!   generation behind follows those alone.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -245,6 +246,10 @@ pub struct Snapshot {
     /// Connections to a shared port whose original destination is no
     /// service port's, per worker (`Metrics::unmatched`).
     unmatched: Arc<[AtomicU64]>,
+    /// The ports with a `healthCheckNodePort`, by name: what
+    /// `service_health` follows, without a walk over every port. Shared
+    /// with the previous snapshot while no such port changes.
+    health_checked: Arc<BTreeMap<ServicePortName, Arc<PortState>>>,
 }
 
 /// What an update changes, for [`Snapshot::update`].
@@ -308,13 +313,6 @@ impl Snapshot {
             })
             .collect();
         let ports = base.ports.with(&built, removed);
-        // Counters and health of ports gone: dropped with their last user;
-        // the control plane has the registries forget them once this
-        // snapshot replaced the previous one; all are swept now and then.
-        if generation.is_multiple_of(64) {
-            ctx.registry.prune();
-            ctx.metrics.prune();
-        }
         let mut now: Vec<ListenerId> = listeners.iter().map(|l| l.id).collect();
         let mut before = old_listeners.clone();
         now.sort_unstable();
@@ -362,6 +360,7 @@ impl Snapshot {
             }
         };
         let unmatched = Arc::clone(&ctx.metrics.unmatched);
+        let health_checked = health_checked(&base.health_checked, &built, removed);
         Self {
             generation,
             ports,
@@ -372,7 +371,13 @@ impl Snapshot {
             shared,
             destinations,
             unmatched,
+            health_checked,
         }
+    }
+
+    /// The service ports with a `healthCheckNodePort`, in name order.
+    pub fn health_checked(&self) -> impl Iterator<Item = &Arc<PortState>> {
+        self.health_checked.values()
     }
 
     /// A service port by name.
@@ -487,6 +492,28 @@ impl Snapshot {
                 .collect(),
         }
     }
+}
+
+/// `previous` (the ports with a `healthCheckNodePort`) after `built` were
+/// set and `removed` went: copied only when one of them has or had one.
+fn health_checked(
+    previous: &Arc<BTreeMap<ServicePortName, Arc<PortState>>>,
+    built: &[Arc<PortState>],
+    removed: &[ServicePortName],
+) -> Arc<BTreeMap<ServicePortName, Arc<PortState>>> {
+    let names = || built.iter().map(|p| &p.spec.name).chain(removed);
+    let touched = built.iter().any(|p| p.spec.health_check_node_port.is_some())
+        || names().any(|n| previous.contains_key(n));
+    if !touched {
+        return Arc::clone(previous);
+    }
+    let mut next = BTreeMap::clone(previous);
+    for name in names() {
+        next.remove(name);
+    }
+    let checked = built.iter().filter(|p| p.spec.health_check_node_port.is_some());
+    next.extend(checked.map(|p| (p.spec.name.clone(), Arc::clone(p))));
+    Arc::new(next)
 }
 
 /// The current snapshot, shared by the control plane (writer) and every

@@ -1,7 +1,8 @@
 //! Incremental snapshots against whole ones: after any sequence of random
 //! changes, a snapshot built change by change (`Snapshot::update`) holds
 //! the same ports in the same order, the same destinations (with every
-//! claimant of a clashing address) and the same routes as one built whole
+//! claimant of a clashing address), the same routes and the same
+//! health-checked ports as one built whole
 //! from the same service ports, and it shares what it did not change.
 
 use super::*;
@@ -39,6 +40,9 @@ fn random_port(i: u64, next: &mut impl FnMut(u64) -> u64) -> ServicePort {
         sp.external_ips.push(ip("127.0.0.1".into()));
     }
     sp.load_balancer_ips = (0..next(2)).map(|_| ip(format!("10.98.0.{}", next(2)))).collect();
+    if next(4) == 0 {
+        sp.health_check_node_port = Some(30_000 + next(3) as u16);
+    }
     sp.endpoints = (0..next(4))
         .map(|e| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 1, i as u8, e as u8], 8080)))))
         .collect();
@@ -135,6 +139,19 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
             assert!(Arc::ptr_eq(route.port, port), "step {step}: the current state of the port");
         }
         assert_eq!(updated.shared, whole.shared);
+        let checked =
+            |s: &Snapshot| -> Vec<String> { s.health_checked().map(|p| format!("{:?}", p.spec)).collect() };
+        assert!(checked(&updated) == checked(&whole), "step {step}: the health-checked ports");
+        let walked: Vec<String> = whole
+            .ports
+            .iter()
+            .filter(|p| p.spec.health_check_node_port.is_some())
+            .map(|p| format!("{:?}", p.spec))
+            .collect();
+        assert!(checked(&whole) == walked, "step {step}: every health-checked port, in name order");
+        for p in updated.health_checked() {
+            assert!(Arc::ptr_eq(p, updated.port(&p.spec.name).expect("port")), "step {step}: current state");
+        }
         snap = updated;
     }
     assert!(snap.ports.chunk_count() > 1);
