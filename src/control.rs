@@ -110,6 +110,20 @@ pub struct Control {
     plan_inputs: Option<PlanInputs>,
     /// When the registries were last swept (`publish`).
     swept: Instant,
+    /// How many service ports (the table's versions) have an endpoint on
+    /// each (protocol, port number): only there can a new listener catch
+    /// an unchanged port's endpoint, so a new listener on another number
+    /// costs no walk over every port.
+    endpoint_numbers: HashMap<(Protocol, u16), u32>,
+}
+
+/// The (protocol, port number) pairs `sp`'s endpoints use, each once.
+fn endpoint_numbers(sp: &ServicePort) -> Vec<(Protocol, u16)> {
+    let mut numbers: Vec<(Protocol, u16)> =
+        sp.endpoints.iter().map(|e| (sp.protocol, e.addr.0.port())).collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    numbers
 }
 
 /// How often at most the health and counter registries are swept of what
@@ -154,6 +168,7 @@ impl Control {
             addresses: HashMap::new(),
             plan_inputs: None,
             swept: Instant::now(),
+            endpoint_numbers: HashMap::new(),
         }
     }
 
@@ -293,14 +308,19 @@ impl Control {
         let mut caught = Vec::new();
         if !fresh.is_empty() {
             let new_own = loops::of_listeners(&fresh.iter().map(|l| Arc::clone(l)).collect::<Vec<_>>());
-            // Only an endpoint on a new listener's port number can loop.
-            let numbers: HashSet<(Protocol, u16)> =
-                fresh.iter().map(|l| (l.key.protocol, l.addr.port())).collect();
+            // Only an endpoint on a new listener's port number can loop;
+            // with none on any of them, no port is walked.
+            let numbers: HashSet<(Protocol, u16)> = fresh
+                .iter()
+                .map(|l| (l.key.protocol, l.addr.port()))
+                .filter(|n| self.endpoint_numbers.contains_key(n))
+                .collect();
             let suspect = |p: &ServicePort| {
                 p.endpoints.iter().any(|e| numbers.contains(&(p.protocol, e.addr.0.port())))
             };
+            let walked = if numbers.is_empty() { None } else { Some(previous.ports.iter()) };
             let unchanged =
-                previous.ports.iter().filter(|p| suspect(&p.spec) && !leaving.contains(&p.spec.name));
+                walked.into_iter().flatten().filter(|p| suspect(&p.spec) && !leaving.contains(&p.spec.name));
             for p in unchanged {
                 let found = loops::find(std::slice::from_ref(&p.spec), &new_own, &local);
                 if !found.is_empty() {
@@ -319,6 +339,17 @@ impl Control {
 
         drop(binding);
         let PortChange { mut set, removed, old, changes } = self.table.commit(prepared);
+        for number in old.iter().flat_map(endpoint_numbers) {
+            if let Some(n) = self.endpoint_numbers.get_mut(&number) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.endpoint_numbers.remove(&number);
+                }
+            }
+        }
+        for number in set.iter().flat_map(endpoint_numbers) {
+            *self.endpoint_numbers.entry(number).or_default() += 1;
+        }
         // Ports bound again keep what they held and lose what they lost.
         for n in &leaving {
             self.unbound.remove(n);

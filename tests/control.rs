@@ -158,6 +158,34 @@ fn a_port_caught_twice_holds_each_listener_once() {
     assert_eq!(ids.len(), 5, "{:?}", snapshot.listeners);
 }
 
+/// A new listener is checked against the unchanged ports only where some
+/// endpoint uses its port number (a count kept change by change): the
+/// count must follow endpoints that come and go, so an endpoint added by a
+/// delta, on a number another port stopped using, is still caught.
+#[test]
+fn a_new_listener_catches_an_endpoint_on_its_number_after_others_came_and_went() {
+    let mut rig = Rig::new(true);
+    let (port, other) = (common::free_port(), common::free_port());
+    let seven = SocketAddr::from(([127, 0, 0, 7], port));
+    // (One target port per slice: the endpoints of a Service share it.)
+    let (nine, nine_other) =
+        (SocketAddr::from(([127, 0, 0, 9], port)), SocketAddr::from(([127, 0, 0, 9], other)));
+    // v uses the number, then leaves; u takes it up in a later delta.
+    rig.set(&service("v", 4, 80, &[], &[seven]));
+    rig.set(&service("u", 1, 80, &[], &[nine_other]));
+    rig.delete("v");
+    rig.set(&service("u", 1, 80, &[], &[nine, seven]));
+    let endpoints = |rig: &Rig| -> Vec<SocketAddr> {
+        let snapshot = rig.control.current();
+        let u = snapshot.ports.iter().find(|p| p.spec.name.service.name == "u").expect("u");
+        u.spec.endpoints.iter().map(|e| e.addr.0).collect()
+    };
+    assert_eq!(endpoints(&rig), [seven, nine]);
+    // b's new external listener is where u's second endpoint points.
+    rig.set(&service("b", 2, port, &["127.0.0.7"], &[backend()]));
+    assert_eq!(endpoints(&rig), [nine], "u's endpoint on b's listener is left out");
+}
+
 /// M1: a clash loser listens once the winner is gone, without a change
 /// of its own.
 #[test]
