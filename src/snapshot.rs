@@ -17,7 +17,10 @@
 //!   tell changed ports by pointer. An update builds only the ports it
 //!   changes ([`Snapshot::update`]); the rest of the snapshot is shared
 //!   with the previous one: the listener list whole when no listener
-//!   comes or goes, and the routes shard by shard (`routes`).
+//!   comes or goes, the port list chunk by chunk (`ports`), the routes and
+//!   the destinations shard by shard (`routes`, `destinations`), the
+//!   health-checked ports whole when none of them changes. What an update
+//!   copies grows with what it changes, not with the number of ports.
 //! - `changed_listeners` names every listener added, removed or whose
 //!   service port changed since the previous generation, so a worker one
 //!   generation behind follows those alone.
