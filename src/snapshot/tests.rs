@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::listen::{Binder, ListenOptions};
-use crate::model::{ClientAddr, Endpoint, Origin, Protocol, ServiceName};
+use crate::model::{ClientAddr, Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
 use std::net::SocketAddr;
 use std::time::Instant;
 

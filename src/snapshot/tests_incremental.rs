@@ -7,8 +7,9 @@
 
 use super::*;
 use crate::listen::{Binder, ListenOptions, ProxyPortMode};
-use crate::model::{Endpoint, Origin, ServiceName};
+use crate::model::{Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 /// xorshift, seeded from the process id (printed, to replay a failure).
 fn rng() -> impl FnMut(u64) -> u64 {
