@@ -348,16 +348,11 @@ impl Snapshot {
         // The rules judge locality alike, at their own sync.
         let destinations = match (shared.is_empty(), base.shared.is_empty()) {
             (true, _) => Destinations::default(),
-            (false, true) => Destinations::build(ports.iter().map(|p| &p.spec), &Locality::from_interfaces()),
+            (false, true) => Destinations::build(&ports, &Locality::from_interfaces()),
             (false, false) => {
                 let changed = built.iter().map(|p| &p.spec.name).chain(removed);
                 let old = changed.filter_map(|n| base.port(n)).map(|p| &p.spec);
-                base.destinations.with(
-                    old,
-                    built.iter().map(|p| &p.spec),
-                    &Locality::from_interfaces(),
-                    ports.iter().map(|p| &p.spec),
-                )
+                base.destinations.with(old, &built, &Locality::from_interfaces(), &ports)
             }
         };
         let unmatched = Arc::clone(&ctx.metrics.unmatched);

@@ -17,8 +17,11 @@
 //!   by name keeps it, as the rules' own clash rule (`redirect::rules`), so
 //!   a connection goes where the rule that sent it says. Every claimant is
 //!   kept, in name order, so the next takes over when the first goes.
-//! - Values name service ports, never a position in some list, so the map
-//!   stays right when other ports come and go around it.
+//! - Values are the service ports' states in the snapshot that holds the
+//!   map (a port set by a change claims its keys again with its new
+//!   state), never a position in some list, so the map stays right when
+//!   other ports come and go around it and a connection needs no second
+//!   lookup.
 //! - A change costs what it changes: its ports' old keys lose their claims,
 //!   the new ones gain them, in shards shared with the previous snapshot
 //!   (`routes::Sharded`). Only a change of the node's addresses (which
@@ -26,17 +29,20 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::Route;
+use std::sync::Arc;
+
 use super::routes::Sharded;
+use super::{PortState, Route};
 use crate::balance::eligible::Scope;
 use crate::listen::ListenRole;
-use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
+use crate::model::{IpFamily, Protocol, ServicePort};
 use crate::redirect::rules::{Locality, redirected_keys};
 
 /// What a redirected connection's original destination stands for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Destination {
-    pub port: ServicePortName,
+    /// The service port's state in the snapshot that holds this map.
+    pub port: Arc<PortState>,
     /// Internal for a cluster IP, external for an external or LB IP.
     pub scope: Scope,
     /// The address's family: a dual-stack port balances each apart.
@@ -57,10 +63,10 @@ pub struct Destinations {
 impl Destinations {
     /// The destinations of `ports`' TCP service ports (UDP ones keep
     /// proxy ports of their own).
-    pub fn build<'a>(ports: impl IntoIterator<Item = &'a ServicePort>, local: &Locality) -> Self {
+    pub fn build<'a>(ports: impl IntoIterator<Item = &'a Arc<PortState>>, local: &Locality) -> Self {
         let mut d = Self { map: Sharded::default(), local: local.clone() };
-        for sp in ports {
-            d.claim(sp);
+        for port in ports {
+            d.claim(port);
         }
         d
     }
@@ -73,9 +79,9 @@ impl Destinations {
     pub fn with<'a>(
         &self,
         old: impl IntoIterator<Item = &'a ServicePort>,
-        new: impl IntoIterator<Item = &'a ServicePort>,
+        new: impl IntoIterator<Item = &'a Arc<PortState>>,
         local: &Locality,
-        all: impl IntoIterator<Item = &'a ServicePort>,
+        all: impl IntoIterator<Item = &'a Arc<PortState>>,
     ) -> Self {
         if *local != self.local {
             return Self::build(all, local);
@@ -84,8 +90,8 @@ impl Destinations {
         for sp in old {
             next.unclaim(sp);
         }
-        for sp in new {
-            next.claim(sp);
+        for port in new {
+            next.claim(port);
         }
         next
     }
@@ -105,13 +111,14 @@ impl Destinations {
         })
     }
 
-    fn claim(&mut self, sp: &ServicePort) {
+    fn claim(&mut self, port: &Arc<PortState>) {
+        let sp = &port.spec;
         let keys: Vec<(Key, Scope)> = self.keys(sp).collect();
         for (key, scope) in keys {
-            let claim = Destination { port: sp.name.clone(), scope, family: IpFamily::of(key.1) };
+            let claim = Destination { port: Arc::clone(port), scope, family: IpFamily::of(key.1) };
             match self.map.get_mut(&key) {
                 None => self.map.insert(key, vec![claim]),
-                Some(claims) => match claims.binary_search_by(|c| c.port.cmp(&sp.name)) {
+                Some(claims) => match claims.binary_search_by(|c| c.port.spec.name.cmp(&sp.name)) {
                     Ok(i) => claims[i] = claim,
                     Err(i) => claims.insert(i, claim),
                 },
@@ -123,7 +130,7 @@ impl Destinations {
         let keys: Vec<Key> = self.keys(sp).map(|(key, _)| key).collect();
         for key in keys {
             let Some(claims) = self.map.get_mut(&key) else { continue };
-            claims.retain(|c| c.port != sp.name);
+            claims.retain(|c| c.port.spec.name != sp.name);
             if claims.is_empty() {
                 self.map.remove(&key);
             }
@@ -144,10 +151,13 @@ impl Destinations {
         self.len() == 0
     }
 
-    /// Every key with its claimants (to compare two maps).
+    /// Every key with its claimants by name (to compare two maps).
     #[cfg(test)]
-    pub(super) fn entries(&self) -> std::collections::HashMap<Key, Vec<Destination>> {
-        self.map.iter().map(|(k, v)| (*k, v.clone())).collect()
+    pub(super) fn entries(
+        &self,
+    ) -> std::collections::HashMap<Key, Vec<(crate::model::ServicePortName, Scope, IpFamily)>> {
+        let named = |c: &Destination| (c.port.spec.name.clone(), c.scope, c.family);
+        self.map.iter().map(|(k, v)| (*k, v.iter().map(named).collect())).collect()
     }
 }
 
@@ -155,10 +165,10 @@ impl super::Snapshot {
     /// The service port a connection a shared proxy port accepted was
     /// going to (`to`, its original destination), its balancer, and the
     /// listener role it stands in for (as the per-service proxy port that
-    /// would have taken it): one hash lookup, then a search by name.
+    /// would have taken it): one hash lookup.
     pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
         let d = self.destinations.get(protocol, to)?;
-        let port = self.ports.get(&d.port).filter(|p| p.spec.protocol == protocol)?;
+        let port = Some(&d.port).filter(|p| p.spec.protocol == protocol)?;
         let role = match (d.scope, d.family) {
             (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
             (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
@@ -190,7 +200,21 @@ impl super::Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Origin, ServiceName};
+    use crate::balance::BalanceOptions;
+    use crate::balance::health::HealthRegistry;
+    use crate::metrics::Metrics;
+    use crate::model::{Origin, ServiceName, ServicePortName};
+    use crate::snapshot::BalanceContext;
+    use crate::source_ip::SourceOptions;
+
+    /// The served states of `ports`, as a snapshot holds them.
+    fn states(ports: &[&ServicePort]) -> Vec<Arc<PortState>> {
+        let (options, registry, metrics, source) =
+            (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+        let ctx =
+            BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+        ports.iter().map(|sp| Arc::new(PortState::build((*sp).clone(), None, &ctx))).collect()
+    }
 
     fn sp(name: &str, protocol: Protocol, port: u16) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
@@ -209,16 +233,18 @@ mod tests {
         web.load_balancer_ips = vec!["10.98.0.1".parse().unwrap()];
         let mut dns = sp("dns", Protocol::Udp, 53);
         dns.cluster_ips = vec!["10.96.0.53".parse().unwrap()];
-        let d = Destinations::build([&web, &dns], &Locality::default());
+        let d = Destinations::build(&states(&[&web, &dns]), &Locality::default());
         assert_eq!(d.len(), 4);
-        let got = |s| d.get(Protocol::Tcp, to(s)).map(|d| (d.port.service.name.clone(), d.scope, d.family));
+        let got = |s| {
+            d.get(Protocol::Tcp, to(s)).map(|d| (d.port.spec.name.service.name.clone(), d.scope, d.family))
+        };
         assert_eq!(got("10.96.0.10:80"), Some(("web".into(), Scope::Internal, IpFamily::V4)));
         assert_eq!(got("[fd00:96::10]:80"), Some(("web".into(), Scope::Internal, IpFamily::V6)));
         assert_eq!(got("[::ffff:10.96.0.10]:80"), Some(("web".into(), Scope::Internal, IpFamily::V4)));
         assert_eq!(got("10.97.0.1:80").map(|g| g.1), Some(Scope::External));
         assert_eq!(got("10.98.0.1:80").map(|g| g.1), Some(Scope::External));
         assert_eq!(got("10.96.0.10:81"), None, "another port of the same address");
-        assert_eq!(d.get(Protocol::Udp, to("10.96.0.53:53")), None);
+        assert!(d.get(Protocol::Udp, to("10.96.0.53:53")).is_none());
     }
 
     #[test]
@@ -278,8 +304,11 @@ mod tests {
         let (mut a, mut b) = (sp("a", Protocol::Tcp, 80), sp("b", Protocol::Tcp, 80));
         a.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
         b.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
-        let d = Destinations::build([&a, &b], &Locality::default());
-        assert_eq!(d.get(Protocol::Tcp, to("10.96.0.1:80")).map(|d| d.port.service.name.as_str()), Some("a"));
+        let d = Destinations::build(&states(&[&a, &b]), &Locality::default());
+        assert_eq!(
+            d.get(Protocol::Tcp, to("10.96.0.1:80")).map(|d| d.port.spec.name.service.name.as_str()),
+            Some("a")
+        );
     }
 
     #[test]
@@ -294,9 +323,10 @@ mod tests {
         a.external_ips = vec![vip];
         b.cluster_ips = vec![vip];
         let local = Locality::from_addrs([vip]);
-        let d = Destinations::build([&a, &b], &local);
-        let routed =
-            d.get(Protocol::Tcp, SocketAddr::new(vip, 80)).map(|d| (d.port.service.name.as_str(), d.scope));
+        let d = Destinations::build(&states(&[&a, &b]), &local);
+        let routed = d
+            .get(Protocol::Tcp, SocketAddr::new(vip, 80))
+            .map(|d| (d.port.spec.name.service.name.as_str(), d.scope));
         assert_eq!(routed, Some(("b", Scope::Internal)));
         let shared: SocketAddr = "127.0.0.1:30000".parse().unwrap();
         let rules = |sp| PortRules { shared: true, ..PortRules::new(sp, shared) };
