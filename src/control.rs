@@ -259,8 +259,9 @@ impl Control {
         let new_addresses: u64 = counted.iter().map(|(_, n)| n).sum();
         let old_addresses: u64 =
             c.old.iter().chain(&again).filter_map(|sp| self.addresses.get(&sp.name)).sum();
-        let udp =
-            |ports: &[ServicePort]| ports.iter().filter(|sp| sp.protocol == Protocol::Udp).count() as u64;
+        let udp = |ports: &[Arc<ServicePort>]| {
+            ports.iter().filter(|sp| sp.protocol == Protocol::Udp).count() as u64
+        };
         let listen_addresses = (self.listen_addresses + new_addresses).saturating_sub(old_addresses);
         let shared = budget::shared_addresses(opts);
         let udp_ports = (self.udp_ports + udp(&c.set)).saturating_sub(udp(&c.old));
@@ -278,10 +279,10 @@ impl Control {
         lap(&mut stages.budget);
 
         leaving.extend(again.iter().map(|p| p.name.clone()));
-        let binding: Cow<'_, [ServicePort]> = match again.is_empty() {
+        let binding: Cow<'_, [Arc<ServicePort>]> = match again.is_empty() {
             true => Cow::Borrowed(&c.set),
             false => {
-                let mut all: Vec<ServicePort> = c.set.iter().chain(&again).cloned().collect();
+                let mut all: Vec<Arc<ServicePort>> = c.set.iter().chain(&again).cloned().collect();
                 all.sort_by(|a, b| a.name.cmp(&b.name));
                 Cow::Owned(all)
             }
@@ -325,9 +326,9 @@ impl Control {
                 let found = loops::find(std::slice::from_ref(&p.spec), &new_own, &local);
                 if !found.is_empty() {
                     looping.extend(found);
-                    let mut spec = p.spec.clone();
+                    let mut spec = ServicePort::clone(&p.spec);
                     loops::strip(std::slice::from_mut(&mut spec), &new_own, &local);
-                    caught.push(spec);
+                    caught.push(Arc::new(spec));
                 }
             }
         }
@@ -339,7 +340,7 @@ impl Control {
 
         drop(binding);
         let PortChange { mut set, removed, old, changes } = self.table.commit(prepared);
-        for number in old.iter().flat_map(endpoint_numbers) {
+        for number in old.iter().flat_map(|sp| endpoint_numbers(sp)) {
             if let Some(n) = self.endpoint_numbers.get_mut(&number) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -347,7 +348,7 @@ impl Control {
                 }
             }
         }
-        for number in set.iter().flat_map(endpoint_numbers) {
+        for number in set.iter().flat_map(|sp| endpoint_numbers(sp)) {
             *self.endpoint_numbers.entry(number).or_default() += 1;
         }
         // Ports bound again keep what they held and lose what they lost.
@@ -364,7 +365,15 @@ impl Control {
             .collect();
         set.extend(again);
         if !looping.is_empty() {
-            loops::strip_by(&mut set, &own, &local);
+            // Only the ports that lose an endpoint become copies of their own.
+            for sp in &mut set {
+                let mut one = [ServicePort::clone(sp)];
+                loops::strip_by(&mut one, &own, &local);
+                let [stripped] = one;
+                if stripped.endpoints.len() != sp.endpoints.len() {
+                    *sp = Arc::new(stripped);
+                }
+            }
         }
         // A caught port's kept listeners come back as its own: the index
         // drops them first, or it would hold them twice.
@@ -429,11 +438,11 @@ impl Control {
     /// table, sorted by name.
     fn bound_again(
         &self,
-        set: &[ServicePort],
+        set: &[Arc<ServicePort>],
         leaving: &HashSet<ServicePortName>,
         node_ips: &[IpAddr],
         replan: Vec<&ServicePortName>,
-    ) -> Vec<ServicePort> {
+    ) -> Vec<Arc<ServicePort>> {
         let set_names: HashSet<&ServicePortName> = set.iter().map(|p| &p.name).collect();
         let unchanged = |n: &ServicePortName| !set_names.contains(n) && !leaving.contains(n);
         let mut again: BTreeSet<&ServicePortName> =

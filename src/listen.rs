@@ -324,7 +324,7 @@ impl Binder {
     /// `leaving` (it changes or goes with this update).
     pub fn bind_changed(
         &mut self,
-        ports: &[ServicePort],
+        ports: &[impl std::borrow::Borrow<ServicePort>],
         held: &Held,
         leaving: &dyn Fn(&ServicePortName) -> bool,
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
@@ -351,6 +351,7 @@ impl Binder {
         }
 
         for sp in ports {
+            let sp: &ServicePort = sp.borrow();
             // An IPv6 twin asks for its IPv4 twin's number: maps read alike.
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
             for (role, ip, port) in plan_port(sp, &self.opts, &node_ips, &redirected) {

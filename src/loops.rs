@@ -87,9 +87,14 @@ fn in_list(own: &[OwnAddress]) -> impl Fn(Protocol, u16) -> Vec<OwnAddress> + '_
 }
 
 /// [`find`], with the own addresses on each port number from `own`.
-pub fn find_by(ports: &[ServicePort], own: &Lookup<'_>, local: &[IpAddr]) -> Vec<ConfigError> {
+pub fn find_by(
+    ports: &[impl std::borrow::Borrow<ServicePort>],
+    own: &Lookup<'_>,
+    local: &[IpAddr],
+) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for sp in ports {
+        let sp: &ServicePort = sp.borrow();
         for (i, ep) in sp.endpoints.iter().enumerate() {
             let (ip, port) = (ep.addr.0.ip(), ep.addr.0.port());
             if let Some(hit) =

@@ -117,7 +117,7 @@ impl ServiceHealth {
     /// Bring the servers to match `snapshot`: open new ports, close
     /// dropped ones, update every count. Must run on a tokio runtime.
     pub fn sync(&mut self, snapshot: &Snapshot) {
-        let wanted = Self::wanted(snapshot.health_checked().map(|p| &p.spec), self.node_name.as_deref());
+        let wanted = Self::wanted(snapshot.health_checked().map(|p| &*p.spec), self.node_name.as_deref());
         self.servers.retain(|port, server| {
             let keep = wanted.get(port).is_some_and(|(service, _)| *service == server.service);
             if !keep {

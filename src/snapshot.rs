@@ -54,7 +54,9 @@ pub use view::{BalancersView, EndpointView, FamilyView, ListenerView, PortView, 
 /// a dual-stack port, each family.
 #[derive(Debug)]
 pub struct PortState {
-    pub spec: ServicePort,
+    /// The table's own copy, shared (not cloned) by every snapshot that
+    /// serves this version of the port.
+    pub spec: Arc<ServicePort>,
     pub balancers: Balancers,
     /// Its counters, one slot per worker; kept across reloads.
     pub metrics: Arc<PortMetrics>,
@@ -115,7 +117,7 @@ impl PortState {
 impl PortState {
     /// A service port's state; balancers whose inputs did not change are
     /// taken over from `prev`.
-    fn build(spec: ServicePort, prev: Option<&Balancers>, ctx: &BalanceContext<'_>) -> Self {
+    fn build(spec: Arc<ServicePort>, prev: Option<&Balancers>, ctx: &BalanceContext<'_>) -> Self {
         let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
             [Scope::Internal, Scope::External].map(|scope| {
                 let prev = prev.map(|p| &p[usize::from(scope == Scope::External)]);
@@ -126,7 +128,7 @@ impl PortState {
         // port's listeners all have a family of their own.
         let balancers = if dual_stack(&spec) {
             Balancers::PerFamily(Box::new([IpFamily::V4, IpFamily::V6].map(|family| {
-                let mut of_family = spec.clone();
+                let mut of_family = ServicePort::clone(&spec);
                 of_family.endpoints.retain(|e| IpFamily::of(e.addr.0.ip()) == family);
                 let prev = match prev {
                     Some(Balancers::PerFamily(f)) => Some(&f[family_index(family)]),
@@ -256,7 +258,7 @@ pub struct Snapshot {
 /// What an update changes, for [`Snapshot::update`].
 pub struct PortUpdate<'a> {
     /// Service ports added or changed (new versions), sorted by name.
-    pub set: Vec<ServicePort>,
+    pub set: Vec<Arc<ServicePort>>,
     /// Service ports removed, sorted.
     pub removed: &'a [ServicePortName],
     /// The listeners of the set ports (new or kept).
@@ -271,11 +273,12 @@ impl Snapshot {
     /// from `previous` (same `Arc`: rotation, pins and counts go on).
     pub fn new(
         generation: u64,
-        mut ports: Vec<ServicePort>,
+        ports: Vec<impl Into<Arc<ServicePort>>>,
         listeners: Vec<Arc<Listener>>,
         previous: &Snapshot,
         ctx: &BalanceContext<'_>,
     ) -> Self {
+        let mut ports: Vec<Arc<ServicePort>> = ports.into_iter().map(Into::into).collect();
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         let update = PortUpdate { set: ports, removed: &[], listeners, old_listeners: Vec::new() };
         let mut snapshot = Self::build(&Snapshot::default(), previous, generation, update, ctx);
@@ -351,7 +354,7 @@ impl Snapshot {
             (false, true) => Destinations::build(&ports, &Locality::from_interfaces()),
             (false, false) => {
                 let changed = built.iter().map(|p| &p.spec.name).chain(removed);
-                let old = changed.filter_map(|n| base.port(n)).map(|p| &p.spec);
+                let old = changed.filter_map(|n| base.port(n)).map(|p| &*p.spec);
                 base.destinations.with(old, &built, &Locality::from_interfaces(), &ports)
             }
         };

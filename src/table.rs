@@ -24,6 +24,7 @@
 //! the rest, as kube-proxy does, instead of freezing every update.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::config::join::{
     check_node_ports, join_service, own_slices, slice_warning, unique_services, unique_slices,
@@ -43,11 +44,11 @@ pub struct Table {
     services: BTreeMap<ServiceName, Service>,
     slices: BTreeMap<SliceKey, EndpointSlice>,
     /// Slice keys by the Service they name (which may not exist).
-    by_service: HashMap<ServiceName, BTreeSet<SliceKey>>,
+    by_service: HashMap<ServiceName, SmallSet<SliceKey>>,
     /// Each Service's joined ports and its own cross-object errors.
     joined: HashMap<ServiceName, Joined>,
     /// Which Services claim each nodePort.
-    claims: HashMap<Claim, BTreeSet<ServiceName>>,
+    claims: HashMap<Claim, SmallSet<ServiceName>>,
     /// The clash errors of each claim more than one Service holds.
     clashes: HashMap<Claim, Vec<String>>,
     /// Errors of the last full state's lists (duplicate objects).
@@ -59,8 +60,9 @@ pub struct Table {
 /// One Service, joined.
 #[derive(Clone, Debug, Default)]
 struct Joined {
-    /// In the Service's port order.
-    ports: Vec<ServicePort>,
+    /// In the Service's port order. Each is the one copy of its service
+    /// port: a change and the snapshot share it.
+    ports: Vec<Arc<ServicePort>>,
     /// As reported (a tolerant table logs each new one once).
     errors: Vec<String>,
 }
@@ -68,12 +70,13 @@ struct Joined {
 /// What a change does to the service ports.
 #[derive(Debug, Default)]
 pub struct PortChange {
-    /// Service ports added or changed, new versions, sorted by name.
-    pub set: Vec<ServicePort>,
+    /// Service ports added or changed, new versions, sorted by name (the
+    /// table's own, shared).
+    pub set: Vec<Arc<ServicePort>>,
     /// Service ports removed, sorted.
     pub removed: Vec<ServicePortName>,
     /// The previous versions of the changed and removed ones.
-    pub old: Vec<ServicePort>,
+    pub old: Vec<Arc<ServicePort>>,
     /// As kube-proxy counts them (metrics).
     pub changes: Changes,
 }
@@ -200,21 +203,24 @@ impl Table {
         for &name in &touched {
             let old = self.joined.get(name);
             old_errors.extend(old.iter().flat_map(|j| &j.errors));
-            let new = service_after(name).map(|service| {
+            let mut new = service_after(name).map(|service| {
                 let mut keys: BTreeSet<&SliceKey> = self.by_service.get(name).into_iter().flatten().collect();
                 keys.extend(new_slices.get(name).into_iter().flatten().copied());
                 let mut own: Vec<&EndpointSlice> =
                     keys.into_iter().filter_map(slice_after).filter(|s| &s.service == name).collect();
                 own_slices(&mut own, &mut warnings);
                 let mut found = Vec::new();
-                let ports = join_service(service, &own, &mut found, &mut warnings);
+                let ports = join_service(service, &own, &mut found, &mut warnings)
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
                 let j = Joined { ports, errors: found.iter().map(ToString::to_string).collect() };
                 errors.extend(found);
                 j
             });
             diff_ports(
                 old.map(|j| &j.ports[..]).unwrap_or_default(),
-                new.as_ref().map(|j| &j.ports[..]),
+                new.as_mut().map(|j| &mut j.ports[..]),
                 &mut change,
             );
             joined.push((name.clone(), new));
@@ -319,16 +325,59 @@ impl Table {
     }
 
     /// One service port as joined (before any endpoint loop is stripped).
-    pub fn port(&self, name: &ServicePortName) -> Option<&ServicePort> {
+    pub fn port(&self, name: &ServicePortName) -> Option<&Arc<ServicePort>> {
         self.joined.get(&name.service)?.ports.iter().find(|p| p.name == *name)
     }
 
     /// Every service port, sorted by name (a full rebuild's input).
-    pub fn ports(&self) -> Vec<ServicePort> {
-        let mut ports: Vec<ServicePort> =
+    pub fn ports(&self) -> Vec<Arc<ServicePort>> {
+        let mut ports: Vec<Arc<ServicePort>> =
             self.joined.values().flat_map(|j| j.ports.iter().cloned()).collect();
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         ports
+    }
+}
+
+/// A set kept as a sorted `Vec`: most of the table's per-Service sets
+/// hold one or two entries (a Service's slices, a nodePort's holders),
+/// where a `BTreeSet` would allocate a whole node (hundreds of bytes) each.
+#[derive(Debug)]
+struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    fn insert(&mut self, value: T) {
+        if let Err(at) = self.0.binary_search(&value) {
+            // The first entry takes room for one (a `Vec` would take four).
+            if self.0.is_empty() {
+                self.0.reserve_exact(1);
+            }
+            self.0.insert(at, value);
+        }
+    }
+
+    fn remove(&mut self, value: &T) {
+        if let Ok(at) = self.0.binary_search(value) {
+            self.0.remove(at);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
     }
 }
 
@@ -347,18 +396,20 @@ fn claims(service: &Service) -> impl Iterator<Item = Claim> + '_ {
 
 /// Record what one Service's ports going from `old` to `new` changes, as
 /// kube-proxy counts endpoint and service changes (a port added or removed
-/// counts as both).
-fn diff_ports(old: &[ServicePort], new: Option<&[ServicePort]>, change: &mut PortChange) {
+/// counts as both). An unchanged port keeps its old `Arc` (the one the
+/// snapshot holds too), so it is not held twice.
+fn diff_ports(old: &[Arc<ServicePort>], new: Option<&mut [Arc<ServicePort>]>, change: &mut PortChange) {
     let new = new.unwrap_or_default();
     let c = &mut change.changes;
-    for port in new {
+    for port in new.iter_mut() {
         let Some(before) = old.iter().find(|o| o.name == port.name) else {
             c.endpoints += 1;
             c.services += 1;
-            change.set.push(port.clone());
+            change.set.push(Arc::clone(port));
             continue;
         };
         if before == port {
+            *port = Arc::clone(before);
             continue;
         }
         if before.endpoints == port.endpoints {
@@ -371,13 +422,13 @@ fn diff_ports(old: &[ServicePort], new: Option<&[ServicePort]>, change: &mut Por
                 c.services += 1;
             }
         }
-        change.old.push(before.clone());
-        change.set.push(port.clone());
+        change.old.push(Arc::clone(before));
+        change.set.push(Arc::clone(port));
     }
     for before in old.iter().filter(|o| !new.iter().any(|n| n.name == o.name)) {
         c.endpoints += 1;
         c.services += 1;
-        change.old.push(before.clone());
+        change.old.push(Arc::clone(before));
         change.removed.push(before.name.clone());
     }
 }

@@ -336,7 +336,7 @@ fn random_changes_match_the_same_state_applied_whole() {
             .ports
             .iter()
             .map(|p| {
-                let mut spec = p.spec.clone();
+                let mut spec = ringport::model::ServicePort::clone(&p.spec);
                 spec.origin = Origin(String::new());
                 format!("{spec:?}")
             })

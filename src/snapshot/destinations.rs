@@ -213,7 +213,7 @@ mod tests {
             (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
         let ctx =
             BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
-        ports.iter().map(|sp| Arc::new(PortState::build((*sp).clone(), None, &ctx))).collect()
+        ports.iter().map(|sp| Arc::new(PortState::build(Arc::new((*sp).clone()), None, &ctx))).collect()
     }
 
     fn sp(name: &str, protocol: Protocol, port: u16) -> ServicePort {

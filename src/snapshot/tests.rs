@@ -141,7 +141,7 @@ fn an_update_keeps_unchanged_ports_pointer_equal_and_names_changed_listeners() {
     // b's endpoints change: its listener is kept, a and c are untouched.
     let b = of(&s1, "b");
     let update = PortUpdate {
-        set: vec![port("b", &[2, 4])],
+        set: vec![Arc::new(port("b", &[2, 4]))],
         removed: &[],
         listeners: b.clone(),
         old_listeners: b.iter().map(|l| l.id).collect(),

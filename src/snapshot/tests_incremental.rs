@@ -102,7 +102,7 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
             last.into_iter().filter_map(|(n, sp)| Some((n, sp?))).collect();
         let changed: Vec<ServicePortName> = set.keys().chain(&removed).cloned().collect();
         let update = PortUpdate {
-            set: set.into_values().collect(),
+            set: set.into_values().map(Arc::new).collect(),
             removed: &removed,
             listeners: vec![],
             old_listeners: vec![],
@@ -168,7 +168,8 @@ fn a_one_port_change_copies_one_chunk_of_ports_and_shares_the_rest() {
     let s1 = Snapshot::new(1, ports.clone(), vec![], &Snapshot::default(), &ctx);
     let mut changed = ports[37].clone();
     changed.endpoints.clear();
-    let update = PortUpdate { set: vec![changed], removed: &[], listeners: vec![], old_listeners: vec![] };
+    let update =
+        PortUpdate { set: vec![Arc::new(changed)], removed: &[], listeners: vec![], old_listeners: vec![] };
     let s2 = Snapshot::update(&s1, 2, update, &ctx);
     assert_eq!(s2.ports.chunk_count(), s1.ports.chunk_count());
     assert_eq!(s2.ports.shared_chunks(&s1.ports), s1.ports.chunk_count() - 1, "one chunk copied");

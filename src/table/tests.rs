@@ -4,6 +4,7 @@
 use super::{Delta, Table};
 use crate::config::{Manifests, join, parse_str};
 use crate::model::{ServiceName, ServicePort};
+use std::sync::Arc;
 
 /// A Service whose named targetPort no slice port carries: a
 /// cross-object error (`join`), not an invalid object.
@@ -79,7 +80,7 @@ fn agrees_with_join(table: &Table) {
     let services: Vec<_> = table.services.values().cloned().collect();
     let slices: Vec<_> = table.slices.values().cloned().collect();
     let (ports, _) = join(&services, &slices);
-    assert_eq!(table.ports(), ports);
+    assert_eq!(table.ports(), ports.into_iter().map(Arc::new).collect::<Vec<_>>());
 }
 
 fn manifests() -> Manifests {
@@ -236,7 +237,7 @@ fn a_node_port_clash_with_an_unchanged_service_is_found_and_cleared() {
     delta.services.insert(named("a"), None);
     tolerant.try_apply(delta).unwrap();
     assert!(tolerant.clashes.is_empty());
-    let ports: Vec<ServicePort> = tolerant.ports();
+    let ports: Vec<Arc<ServicePort>> = tolerant.ports();
     assert_eq!(ports.len(), 1);
 }
 
