@@ -119,10 +119,7 @@ impl PortState {
     /// taken over from `prev`.
     fn build(spec: Arc<ServicePort>, prev: Option<&Balancers>, ctx: &BalanceContext<'_>) -> Self {
         let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
-            [Scope::Internal, Scope::External].map(|scope| {
-                let prev = prev.map(|p| &p[usize::from(scope == Scope::External)]);
-                Balancer::build(spec, scope, ctx.options, ctx.registry, prev)
-            })
+            Balancer::build_pair(spec, ctx.options, ctx.registry, prev)
         };
         // Only the balancers traffic uses are built: a dual-stack
         // port's listeners all have a family of their own.

@@ -52,6 +52,16 @@ impl Pins {
         self.timeout
     }
 
+    /// A table of its own with the same pins (for a balancer that stops
+    /// sharing its pins with another).
+    pub fn copy(&self) -> Self {
+        let shard = |s: &Mutex<Shard>| {
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            Mutex::new(Shard { pins: s.pins.clone(), sweep_at: s.sweep_at })
+        };
+        Self { timeout: self.timeout, shards: self.shards.iter().map(shard).collect() }
+    }
+
     fn shard(&self, client: IpAddr) -> std::sync::MutexGuard<'_, Shard> {
         let i = (super::hash_ip(client) as usize) % SHARDS;
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())

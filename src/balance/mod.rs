@@ -26,6 +26,12 @@
 //!   workers together.
 //! - A balancer is rebuilt only when its inputs change; the rebuild
 //!   reshuffles the rotation and keeps the pins to endpoints that remain.
+//! - A service port's internal and external traffic share one balancer
+//!   ([`Balancer::build_pair`]) when their inputs are equal (the common
+//!   case: both traffic policies `Cluster`): one rotation and one affinity
+//!   pin table for both scopes, as kube-proxy's userspace mode had one
+//!   balancer per service port. They split when the inputs differ (a
+//!   `Local` policy), each then with its own copy of the pins.
 
 pub mod affinity;
 pub mod eligible;
@@ -68,14 +74,28 @@ struct Inputs {
     affinity: Affinity,
 }
 
-/// The selection state of one service port for one traffic scope.
+impl Inputs {
+    fn of(sp: &ServicePort, scope: Scope, opts: &BalanceOptions) -> Self {
+        Self {
+            endpoints: eligible::eligible(sp, scope, &opts.locality),
+            protocol: sp.protocol,
+            scheduler: sp.scheduler.unwrap_or(opts.scheduler),
+            affinity: sp.affinity,
+        }
+    }
+}
+
+/// The selection state of one service port for one traffic scope (or
+/// both: [`Balancer::build_pair`]).
 #[derive(Debug)]
 pub struct Balancer {
     inputs: Inputs,
     /// Rotation order: shuffled for rr/random/lc/p2c, address order for the
     /// hashing schedulers (so every rebuild hashes alike).
     endpoints: Vec<Arc<EndpointState>>,
-    index: HashMap<EndpointAddr, usize>,
+    /// Position of each endpoint in `endpoints`, for a large set only: a
+    /// few are found as fast by a scan (see [`Balancer::position`]).
+    index: Option<HashMap<EndpointAddr, usize>>,
     next: AtomicUsize,
     pins: Option<Arc<Pins>>,
     maglev: Option<Maglev>,
@@ -92,27 +112,67 @@ impl Balancer {
         registry: &HealthRegistry,
         previous: Option<&Arc<Balancer>>,
     ) -> Arc<Balancer> {
-        let inputs = Inputs {
-            endpoints: eligible::eligible(sp, scope, &opts.locality),
-            protocol: sp.protocol,
-            scheduler: sp.scheduler.unwrap_or(opts.scheduler),
-            affinity: sp.affinity,
-        };
+        let inputs = Inputs::of(sp, scope, opts);
+        let pins = previous.and_then(|p| p.pins.clone());
+        Self::reuse_or_new(inputs, registry, previous, pins)
+    }
+
+    /// `[internal, external]` for `sp`: one balancer for both scopes when
+    /// their inputs are equal (module header), else one each. `previous`
+    /// is the pair of the port's previous version: a balancer whose inputs
+    /// did not change is kept, and a pair that splits gives the external
+    /// balancer a copy of the shared pins.
+    pub fn build_pair(
+        sp: &ServicePort,
+        opts: &BalanceOptions,
+        registry: &HealthRegistry,
+        previous: Option<&[Arc<Balancer>; 2]>,
+    ) -> [Arc<Balancer>; 2] {
+        let internal = Self::build(sp, Scope::Internal, opts, registry, previous.map(|p| &p[0]));
+        let inputs = Inputs::of(sp, Scope::External, opts);
+        if internal.inputs == inputs {
+            return [Arc::clone(&internal), internal];
+        }
+        let external = previous.map(|p| &p[1]);
+        match previous.filter(|p| Arc::ptr_eq(&p[0], &p[1])) {
+            // The pair splits: the shared pins went on with the internal
+            // balancer; the external one starts from a copy of them.
+            Some([shared, _]) => {
+                let pins = shared.pins.as_ref().map(|p| Arc::new(p.copy()));
+                let new = Self::new(inputs, registry, Some(shared), pins, &mut fastrand::Rng::new());
+                [internal, Arc::new(new)]
+            }
+            None => {
+                let pins = external.and_then(|p| p.pins.clone());
+                [internal, Self::reuse_or_new(inputs, registry, external, pins)]
+            }
+        }
+    }
+
+    /// `previous` itself when its inputs equal `inputs`, else a new
+    /// balancer (reshuffled, with `pins` for its affinity).
+    fn reuse_or_new(
+        inputs: Inputs,
+        registry: &HealthRegistry,
+        previous: Option<&Arc<Balancer>>,
+        pins: Option<Arc<Pins>>,
+    ) -> Arc<Balancer> {
         if let Some(prev) = previous
             && prev.inputs == inputs
         {
             return Arc::clone(prev);
         }
-        Arc::new(Self::new(inputs, registry, previous.map(AsRef::as_ref), &mut fastrand::Rng::new()))
+        let previous = previous.map(AsRef::as_ref);
+        Arc::new(Self::new(inputs, registry, previous, pins, &mut fastrand::Rng::new()))
     }
 
     fn new(
         inputs: Inputs,
         registry: &HealthRegistry,
         previous: Option<&Balancer>,
+        pins: Option<Arc<Pins>>,
         rng: &mut fastrand::Rng,
     ) -> Self {
-        let pins = previous.and_then(|p| p.pins.clone());
         let mut order = inputs.endpoints.clone();
         // Candidates index endpoints in a u32 (see `slot`).
         order.truncate(MAX_ENDPOINTS);
@@ -138,7 +198,7 @@ impl Balancer {
             })
             .flatten();
         Self {
-            index: order.iter().enumerate().map(|(i, e)| (*e, i)).collect(),
+            index: (order.len() > SCAN_MAX).then(|| order.iter().enumerate().map(|(i, e)| (*e, i)).collect()),
             endpoints: order.into_iter().map(|e| registry.state(inputs.protocol, e)).collect(),
             inputs,
             next: AtomicUsize::new(0),
@@ -149,6 +209,14 @@ impl Balancer {
 
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
+    }
+
+    /// Where `endpoint` is in the rotation, if it is there.
+    fn position(&self, endpoint: EndpointAddr) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(&endpoint).copied(),
+            None => self.endpoints.iter().position(|e| e.addr == endpoint),
+        }
     }
 
     /// The endpoints in rotation order.
@@ -175,10 +243,10 @@ impl Balancer {
                 .pinned_or(
                     ip,
                     now,
-                    |e| self.index.get(&e).is_some_and(|&i| !self.ejected(i, now)),
+                    |e| self.position(e).is_some_and(|i| !self.ejected(i, now)),
                     || self.endpoint(self.first_choice(ip, now)),
                 )
-                .and_then(|e| self.index.get(&e).copied())
+                .and_then(|e| self.position(e))
                 .unwrap_or(0),
             None => self.first_choice(ip, now),
         };
@@ -362,6 +430,9 @@ pub struct BalancerView {
     pub endpoints: Vec<(EndpointAddr, HealthView)>,
 }
 
+/// The most endpoints a balancer finds by a scan rather than an index.
+const SCAN_MAX: usize = 16;
+
 /// The most endpoints one balancer holds: its indices fit a
 /// [`Candidates`] slot (the rest of a larger set is never chosen).
 const MAX_ENDPOINTS: usize = u32::MAX as usize;
@@ -417,5 +488,7 @@ fn hash_ip_seeded(ip: IpAddr, seed: u64) -> u64 {
     }
 }
 
+#[cfg(test)]
+mod pair_tests;
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,8 @@ fn all_failing(b: &Balancer, c: ClientAddr, now: Instant) -> Vec<usize> {
 
 /// A balancer shuffled with a fixed seed.
 fn seeded(i: Inputs, registry: &HealthRegistry, previous: Option<&Balancer>, seed: u64) -> Balancer {
-    Balancer::new(i, registry, previous, &mut fastrand::Rng::with_seed(seed))
+    let pins = previous.and_then(|p| p.pins.clone());
+    Balancer::new(i, registry, previous, pins, &mut fastrand::Rng::with_seed(seed))
 }
 
 fn rr(eps: &[u8]) -> Balancer {
@@ -427,7 +428,7 @@ fn udp_failures_leave_the_tcp_service_on_the_same_endpoint_untouched() {
     udp_inputs.protocol = Protocol::Udp;
     let udp = seeded(udp_inputs, &registry, None, 4);
     // Pin client 1 (TCP) to endpoint 1, and open a UDP flow to it.
-    let shared = tcp.index[&ep(1)];
+    let shared = tcp.position(ep(1)).expect("endpoint 1");
     tcp.connected(client(1), shared, t0);
     udp.flow_opened(client(2), 0, t0);
     for _ in 0..5 {
