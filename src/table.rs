@@ -41,8 +41,10 @@ type Claim = (u16, Protocol);
 
 #[derive(Debug, Default)]
 pub struct Table {
-    services: BTreeMap<ServiceName, Service>,
-    slices: BTreeMap<SliceKey, EndpointSlice>,
+    /// Boxed: a B-tree node holds its values inline, half empty after
+    /// sorted inserts, and a Service or a slice is hundreds of bytes.
+    services: BTreeMap<ServiceName, Box<Service>>,
+    slices: BTreeMap<SliceKey, Box<EndpointSlice>>,
     /// Slice keys by the Service they name (which may not exist).
     by_service: HashMap<ServiceName, SmallSet<SliceKey>>,
     /// Each Service's joined ports and its own cross-object errors.
@@ -90,8 +92,8 @@ impl PortChange {
 /// A change worked out against the table, not yet committed.
 #[derive(Debug)]
 pub struct Prepared {
-    services: BTreeMap<ServiceName, Option<Service>>,
-    slices: BTreeMap<SliceKey, Option<EndpointSlice>>,
+    services: BTreeMap<ServiceName, Option<Box<Service>>>,
+    slices: BTreeMap<SliceKey, Option<Box<EndpointSlice>>>,
     joined: Vec<(ServiceName, Option<Joined>)>,
     clashes: Vec<(Claim, Vec<String>)>,
     listed: Option<Vec<String>>,
@@ -126,27 +128,38 @@ impl Table {
 
     /// The change a whole new state makes: the objects that differ from
     /// the table's, by equality. Duplicates in its lists are reported
-    /// (the first definition is kept), not collapsed.
+    /// (the first definition is kept), not collapsed. The objects that
+    /// differ are moved out of `manifests`, not copied: a first load never
+    /// holds the whole state twice.
     pub fn prepare_replace(&self, manifests: Manifests) -> Result<Prepared, Vec<ConfigError>> {
+        let Manifests { services, slices, .. } = manifests;
         let mut listed = Vec::new();
-        let services = unique_services(&manifests.services, &mut listed);
-        let slices = unique_slices(&manifests.slices, &mut listed);
         let mut ops = Ops::default();
-        let names: HashSet<&ServiceName> = services.iter().map(|s| &s.name).collect();
-        for name in self.services.keys().filter(|n| !names.contains(n)) {
-            ops.services.insert(name.clone(), None);
+        let keep = {
+            let unique = unique_services(&services, &mut listed);
+            let names: HashSet<&ServiceName> = unique.iter().map(|s| &s.name).collect();
+            for name in self.services.keys().filter(|n| !names.contains(n)) {
+                ops.services.insert(name.clone(), None);
+            }
+            firsts(&services, &unique)
+        };
+        for s in services.into_iter().zip(keep).filter_map(|(s, keep)| keep.then_some(s)) {
+            if self.services.get(&s.name).map(|b| &**b) != Some(&s) {
+                ops.services.insert(s.name.clone(), Some(Box::new(s)));
+            }
         }
-        for s in services.into_iter().filter(|s| self.services.get(&s.name) != Some(*s)) {
-            ops.services.insert(s.name.clone(), Some(s.clone()));
-        }
-        let keys: HashSet<(&ServiceName, SliceKind)> = slices.iter().map(|s| (&s.id, s.kind)).collect();
-        for key in self.slices.keys().filter(|(id, kind)| !keys.contains(&(id, *kind))) {
-            ops.slices.insert(key.clone(), None);
-        }
-        for s in slices {
+        let keep = {
+            let unique = unique_slices(&slices, &mut listed);
+            let keys: HashSet<(&ServiceName, SliceKind)> = unique.iter().map(|s| (&s.id, s.kind)).collect();
+            for key in self.slices.keys().filter(|(id, kind)| !keys.contains(&(id, *kind))) {
+                ops.slices.insert(key.clone(), None);
+            }
+            firsts(&slices, &unique)
+        };
+        for s in slices.into_iter().zip(keep).filter_map(|(s, keep)| keep.then_some(s)) {
             let key = (s.id.clone(), s.kind);
-            if self.slices.get(&key) != Some(s) {
-                ops.slices.insert(key, Some(s.clone()));
+            if self.slices.get(&key).map(|b| &**b) != Some(&s) {
+                ops.slices.insert(key, Some(Box::new(s)));
             }
         }
         self.prepare_ops(ops, Some(listed))
@@ -155,7 +168,8 @@ impl Table {
     /// The change a delta makes. A slice set by name replaces every slice
     /// of that name (of any kind); removed, they all go.
     pub fn prepare(&self, delta: Delta) -> Result<Prepared, Vec<ConfigError>> {
-        let mut ops = Ops { services: delta.services, slices: BTreeMap::new() };
+        let services = delta.services.into_iter().map(|(name, s)| (name, s.map(Box::new))).collect();
+        let mut ops = Ops { services, slices: BTreeMap::new() };
         for (id, slice) in delta.slices {
             let lowest = (id.clone(), SliceKind::EndpointSlice);
             let highest = (id.clone(), SliceKind::Endpoints { subset: usize::MAX });
@@ -163,7 +177,7 @@ impl Table {
                 ops.slices.insert(key.clone(), None);
             }
             if let Some(s) = slice {
-                ops.slices.insert((s.id.clone(), s.kind), Some(s));
+                ops.slices.insert((s.id.clone(), s.kind), Some(Box::new(s)));
             }
         }
         self.prepare_ops(ops, None)
@@ -171,12 +185,12 @@ impl Table {
 
     fn prepare_ops(&self, ops: Ops, listed: Option<Vec<ConfigError>>) -> Result<Prepared, Vec<ConfigError>> {
         let service_after = |name: &ServiceName| match ops.services.get(name) {
-            Some(set) => set.as_ref(),
-            None => self.services.get(name),
+            Some(set) => set.as_deref(),
+            None => self.services.get(name).map(|s| &**s),
         };
         let slice_after = |key: &SliceKey| match ops.slices.get(key) {
-            Some(set) => set.as_ref(),
-            None => self.slices.get(key),
+            Some(set) => set.as_deref(),
+            None => self.slices.get(key).map(|s| &**s),
         };
         // The Services this touches: set or removed, or whose slices are.
         let mut touched: BTreeSet<&ServiceName> = ops.services.keys().collect();
@@ -230,7 +244,7 @@ impl Table {
         // nodePort clashes: every claim the touched Services held or hold.
         let mut affected: BTreeSet<Claim> = BTreeSet::new();
         for &name in &touched {
-            affected.extend(self.services.get(name).into_iter().flat_map(claims));
+            affected.extend(self.services.get(name).into_iter().flat_map(|s| claims(s)));
             affected.extend(service_after(name).into_iter().flat_map(claims));
         }
         let mut clashes = Vec::with_capacity(affected.len());
@@ -384,8 +398,15 @@ impl<'a, T> IntoIterator for &'a SmallSet<T> {
 /// Objects to set or remove, by key.
 #[derive(Default)]
 struct Ops {
-    services: BTreeMap<ServiceName, Option<Service>>,
-    slices: BTreeMap<SliceKey, Option<EndpointSlice>>,
+    services: BTreeMap<ServiceName, Option<Box<Service>>>,
+    slices: BTreeMap<SliceKey, Option<Box<EndpointSlice>>>,
+}
+
+/// Which of `all` are in `unique` (a subset of references into it, in
+/// order): the first definitions to keep.
+fn firsts<T>(all: &[T], unique: &[&T]) -> Vec<bool> {
+    let mut unique = unique.iter().peekable();
+    all.iter().map(|t| unique.next_if(|u| std::ptr::eq(**u, t)).is_some()).collect()
 }
 
 /// The nodePorts a Service claims (a port may claim one twice: an error).

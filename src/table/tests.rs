@@ -3,7 +3,7 @@
 
 use super::{Delta, Table};
 use crate::config::{Manifests, join, parse_str};
-use crate::model::{ServiceName, ServicePort};
+use crate::model::{EndpointSlice, Service, ServiceName, ServicePort};
 use std::sync::Arc;
 
 /// A Service whose named targetPort no slice port carries: a
@@ -77,8 +77,8 @@ fn addrs(table: &Table, service: &str) -> Vec<String> {
 
 /// The table's ports are what a whole join of its objects gives.
 fn agrees_with_join(table: &Table) {
-    let services: Vec<_> = table.services.values().cloned().collect();
-    let slices: Vec<_> = table.slices.values().cloned().collect();
+    let services: Vec<_> = table.services.values().map(|s| Service::clone(s)).collect();
+    let slices: Vec<_> = table.slices.values().map(|s| EndpointSlice::clone(s)).collect();
     let (ports, _) = join(&services, &slices);
     assert_eq!(table.ports(), ports.into_iter().map(Arc::new).collect::<Vec<_>>());
 }
