@@ -49,12 +49,20 @@ impl Default for HealthPolicy {
     }
 }
 
+/// What every state of one registry shares: kept once, not per endpoint
+/// (a process holds one state per endpoint address, hundreds of
+/// thousands at scale).
+#[derive(Debug)]
+struct Settings {
+    epoch: Instant,
+    policy: HealthPolicy,
+}
+
 /// Health and load of one endpoint address.
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: EndpointAddr,
-    epoch: Instant,
-    policy: HealthPolicy,
+    settings: Arc<Settings>,
     /// Consecutive failures since the last success or ejection.
     failures: AtomicU32,
     /// Ejections since the last success (sets the back-off).
@@ -85,11 +93,10 @@ pub struct HealthView {
 }
 
 impl EndpointState {
-    fn new(addr: EndpointAddr, epoch: Instant, policy: HealthPolicy) -> Self {
+    fn new(addr: EndpointAddr, settings: Arc<Settings>) -> Self {
         Self {
             addr,
-            epoch,
-            policy,
+            settings,
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
@@ -101,7 +108,7 @@ impl EndpointState {
     }
 
     fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(now.saturating_duration_since(self.settings.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub fn is_ejected(&self, now: Instant) -> bool {
@@ -168,11 +175,12 @@ impl EndpointState {
         // Readmitted after an ejection but not yet proven by a success, one
         // failure is enough to eject again (a half-open probe).
         let ejections = self.ejections.load(Ordering::Acquire);
-        let threshold = if ejections > 0 { 1 } else { self.policy.failures };
-        if self.policy.failures == 0 || failures < threshold {
+        let policy = &self.settings.policy;
+        let threshold = if ejections > 0 { 1 } else { policy.failures };
+        if policy.failures == 0 || failures < threshold {
             return false;
         }
-        let backoff = self.policy.base.saturating_mul(1u32 << ejections.min(16)).min(self.policy.max);
+        let backoff = policy.base.saturating_mul(1u32 << ejections.min(16)).min(policy.max);
         let until = self.nanos(now).saturating_add(u64::try_from(backoff.as_nanos()).unwrap_or(u64::MAX));
         // Of failures crossing the threshold at once, the one that moves
         // the deadline from what it saw ejects; the others were part of
@@ -207,14 +215,13 @@ impl EndpointState {
 /// by the control plane; balancers hold the states themselves.
 #[derive(Debug)]
 pub struct HealthRegistry {
-    epoch: Instant,
-    policy: HealthPolicy,
+    settings: Arc<Settings>,
     states: Mutex<HashMap<(Protocol, EndpointAddr), Weak<EndpointState>>>,
 }
 
 impl HealthRegistry {
     pub fn new(policy: HealthPolicy, epoch: Instant) -> Self {
-        Self { epoch, policy, states: Mutex::new(HashMap::new()) }
+        Self { settings: Arc::new(Settings { epoch, policy }), states: Mutex::new(HashMap::new()) }
     }
 
     /// The state of `addr` for `protocol` traffic: the existing one while
@@ -224,7 +231,7 @@ impl HealthRegistry {
         if let Some(state) = states.get(&(protocol, addr)).and_then(Weak::upgrade) {
             return state;
         }
-        let state = Arc::new(EndpointState::new(addr, self.epoch, self.policy));
+        let state = Arc::new(EndpointState::new(addr, Arc::clone(&self.settings)));
         states.insert((protocol, addr), Arc::downgrade(&state));
         state
     }
