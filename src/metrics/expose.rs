@@ -209,7 +209,7 @@ impl Metrics {
             .0
             .iter()
             .map(|(l, ps)| {
-                (l.clone(), ps.iter().flat_map(|p| p.slots.iter().map(|s| &s.connect_duration)).collect())
+                (l.clone(), ps.iter().flat_map(|p| p.counted().iter().map(|s| &s.connect_duration)).collect())
             })
             .collect();
         histogram(e, CONNECT_DURATION, "Time from accept to a connected endpoint", &hists)?;

@@ -252,17 +252,27 @@ impl PortCounters {
 pub struct PortMetrics {
     name: ServicePortName,
     protocol: Protocol,
-    slots: Box<[PortCounters]>,
+    workers: usize,
+    /// Made at the port's first count: most of 100k service ports never
+    /// see a connection, and a worker's slot is hundreds of bytes.
+    slots: std::sync::OnceLock<Box<[PortCounters]>>,
 }
 
 impl PortMetrics {
     /// Worker `worker`'s slot (the last one if out of range, never a panic).
     pub fn slot(&self, worker: usize) -> &PortCounters {
-        &self.slots[worker.min(self.slots.len() - 1)]
+        let slots =
+            self.slots.get_or_init(|| (0..self.workers.max(1)).map(|_| PortCounters::default()).collect());
+        &slots[worker.min(slots.len() - 1)]
+    }
+
+    /// The slots counted in so far (none before the first count: all zero).
+    fn counted(&self) -> &[PortCounters] {
+        self.slots.get().map_or(&[], |s| &s[..])
     }
 
     fn sum(&self, f: impl Fn(&PortCounters) -> &AtomicU64) -> u64 {
-        self.slots.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        self.counted().iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
     }
 }
 
@@ -536,8 +546,8 @@ impl Metrics {
         if let Some(m) = ports.get(&key).and_then(Weak::upgrade) {
             return m;
         }
-        let slots = (0..self.workers).map(|_| PortCounters::default()).collect();
-        let m = Arc::new(PortMetrics { name: name.clone(), protocol, slots });
+        let slots = std::sync::OnceLock::new();
+        let m = Arc::new(PortMetrics { name: name.clone(), protocol, workers: self.workers, slots });
         ports.insert(key, Arc::downgrade(&m));
         m
     }

@@ -32,6 +32,19 @@ fn per_worker_counters_are_summed_at_scrape() {
 }
 
 #[test]
+fn a_port_takes_its_worker_slots_at_its_first_count_and_scrapes_as_zero_before() {
+    let metrics = Arc::new(Metrics::new(2));
+    let port = metrics.port(&web(), Protocol::Tcp);
+    assert!(port.counted().is_empty(), "no slot before any count");
+    let text = scrape(&metrics);
+    assert!(text.contains(&format!("ringport_connections_accepted_total{{{WEB}}} 0")), "{text}");
+    port.slot(1).add(&port.slot(1).accepted, 2);
+    assert_eq!(port.counted().len(), 2, "one slot per worker, made together");
+    let text = scrape(&metrics);
+    assert!(text.contains(&format!("ringport_connections_accepted_total{{{WEB}}} 2")), "{text}");
+}
+
+#[test]
 fn histogram_buckets_are_cumulative_once_and_inf_equals_count() {
     let metrics = Arc::new(Metrics::new(2));
     let port = metrics.port(&web(), Protocol::Tcp);
