@@ -179,6 +179,17 @@ impl DesiredRules {
             self.orphaned = true;
             return self.update(snapshot, local);
         }
+        // The very same ports, listeners and locality (a periodic resync
+        // of an unchanged state): the rules stand. The entries are not
+        // rebuilt, which would hold two lists of every port at once.
+        if same_locality
+            && changes.same
+            && self.last_listeners.is_some()
+            && self.entries.len() == snapshot.ports.len()
+            && self.entries.iter().zip(&snapshot.ports).all(|(e, p)| Arc::ptr_eq(&e.port, p))
+        {
+            return Update { wrong_family: self.wrong_family, ..Update::default() };
+        }
         // Entries whose proxy listeners came or went, found by name in the
         // entries (sorted by name): a few lookups, not one per port.
         let dirty: HashSet<usize> = changes

@@ -137,6 +137,28 @@ fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_o
 }
 
 #[test]
+fn an_unchanged_snapshot_changes_nothing_and_keeps_every_entry() {
+    let specs = [spec("a", Protocol::Tcp, "10.96.0.1", 2), spec("b", Protocol::Udp, "10.96.0.2", 0)];
+    let mut d = DesiredRules::default();
+    let s1 = snapshot(1, &specs, &Snapshot::default());
+    step(&mut d, &s1);
+    let entries: Vec<*const PortState> = d.entries.iter().map(|e| Arc::as_ptr(&e.port)).collect();
+    let serials: Vec<u64> = d.entries.iter().map(|e| e.serial).collect();
+    let rules = d.rules().clone();
+    // Again, as a periodic resync does.
+    let u = step(&mut d, &s1);
+    assert_eq!((u.ports_changed, u.rewrite), (0, false));
+    assert!(u.diff.add.is_empty() && u.diff.remove.is_empty() && u.diff.reject.is_empty());
+    assert_eq!(d.rules(), &rules);
+    assert_eq!(d.entries.iter().map(|e| Arc::as_ptr(&e.port)).collect::<Vec<_>>(), entries);
+    assert_eq!(d.entries.iter().map(|e| e.serial).collect::<Vec<_>>(), serials);
+    // A change after it is still seen.
+    let s2 = snapshot(2, &specs[..1], &s1);
+    let u = step(&mut d, &s2);
+    assert_eq!(u.ports_changed, 1);
+}
+
+#[test]
 fn only_service_ports_whose_inputs_changed_are_made_again_and_the_rules_match_the_whole_snapshots() {
     let mut specs: Vec<ServicePort> = (0..20)
         .map(|i| {
