@@ -195,6 +195,16 @@ impl SourcePlan {
             (true, true, false) => Some(Some(Fallback::Unavailable)),
             (true, true, true) => None,
         };
+        // Not asked: every endpoint is what `of` says of an unknown one, so
+        // none is kept (most ports of a large node).
+        if setup == Some(None) {
+            return Self {
+                endpoints: Vec::new(),
+                active: false,
+                mark: options.mark,
+                routes: options.routes.clone(),
+            };
+        }
         let routes = options.routes.load();
         let mut endpoints: Vec<(EndpointAddr, Source)> = spec
             .endpoints
