@@ -224,10 +224,7 @@ impl Table {
                     keys.into_iter().filter_map(slice_after).filter(|s| &s.service == name).collect();
                 own_slices(&mut own, &mut warnings);
                 let mut found = Vec::new();
-                let ports = join_service(service, &own, &mut found, &mut warnings)
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect();
+                let ports = shared(join_service(service, &own, &mut found, &mut warnings));
                 let j = Joined { ports, errors: found.iter().map(ToString::to_string).collect() };
                 errors.extend(found);
                 j
@@ -400,6 +397,15 @@ impl<'a, T> IntoIterator for &'a SmallSet<T> {
 struct Ops {
     services: BTreeMap<ServiceName, Option<Box<Service>>>,
     slices: BTreeMap<SliceKey, Option<Box<EndpointSlice>>>,
+}
+
+/// Each port behind its own `Arc`, in a list of its own size: a `collect`
+/// would reuse the list of ports in place and keep its 300-odd bytes per
+/// port for an 8-byte pointer.
+fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
+    let mut shared = Vec::with_capacity(ports.len());
+    shared.extend(ports.into_iter().map(Arc::new));
+    shared
 }
 
 /// Which of `all` are in `unique` (a subset of references into it, in
