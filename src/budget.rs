@@ -15,9 +15,7 @@
 //! bound, and a listener kept from the previous configuration is counted
 //! once although its sockets already exist.
 
-use std::net::IpAddr;
-
-use crate::listen::{self, ListenOptions};
+use crate::listen::{self, ListenOptions, NodeView};
 use crate::model::{Protocol, ServicePort};
 
 /// Descriptors kept for the admin servers: their connection cap (the
@@ -84,10 +82,10 @@ impl Budget {
         Self { limit, workers, udp_max_flows }
     }
 
-    /// The descriptors `ports` need, listening as `opts` and `node_ips` say.
-    pub fn demand(&self, ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Demand {
+    /// The descriptors `ports` need, listening as `opts` says on `node`.
+    pub fn demand(&self, ports: &[ServicePort], opts: &ListenOptions, node: &NodeView) -> Demand {
         let listen_addresses: u64 =
-            ports.iter().map(|sp| addresses(sp, opts, node_ips)).sum::<u64>() + shared_addresses(opts);
+            ports.iter().map(|sp| addresses(sp, opts, node)).sum::<u64>() + shared_addresses(opts);
         let any_udp = ports.iter().any(|sp| sp.protocol == Protocol::Udp);
         self.demand_of(listen_addresses, any_udp)
     }
@@ -116,17 +114,18 @@ impl Budget {
         &self,
         ports: &[ServicePort],
         opts: &ListenOptions,
-        node_ips: &[IpAddr],
+        node: &NodeView,
     ) -> Result<Demand, BudgetError> {
-        self.fits(self.demand(ports, opts, node_ips))
+        self.fits(self.demand(ports, opts, node))
     }
 }
 
 /// The listen addresses of one service port (a change counts the
-/// difference: those of its new ports less those of its old ones).
-pub fn addresses(sp: &ServicePort, opts: &ListenOptions, node_ips: &[IpAddr]) -> u64 {
-    let redirected = listen::redirected_by_rules(opts.redirect_rules);
-    listen::plan_port(sp, opts, node_ips, &redirected).len() as u64
+/// difference: those of its new ports less those of its old ones), on
+/// `node`: the view the whole update plans against, read once, not once
+/// per port.
+pub fn addresses(sp: &ServicePort, opts: &ListenOptions, node: &NodeView) -> u64 {
+    listen::plan_port(sp, opts, node).len() as u64
 }
 
 /// The shared proxy ports' listen addresses (none in per-service mode):
@@ -171,12 +170,12 @@ mod tests {
     #[test]
     fn twenty_thousand_service_ports_do_not_fit_in_twenty_thousand_fds() {
         let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
-        let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
-        let err = budget.check(&ports(20_000, Protocol::Tcp), &opts(), &node_ips).unwrap_err();
+        let node = NodeView::of(vec![Ipv4Addr::UNSPECIFIED.into()], vec![], false);
+        let err = budget.check(&ports(20_000, Protocol::Tcp), &opts(), &node).unwrap_err();
         // A proxy port and a node port each, on two workers.
         assert_eq!(err.demand.listening_sockets, 80_000);
         assert!(err.to_string().contains("RLIMIT_NOFILE is 20000"), "{err}");
-        assert!(budget.check(&ports(1_000, Protocol::Tcp), &opts(), &node_ips).is_ok());
+        assert!(budget.check(&ports(1_000, Protocol::Tcp), &opts(), &node).is_ok());
     }
 
     #[test]
@@ -197,20 +196,25 @@ mod tests {
             }
             ports
         };
-        let few = budget.demand(&cluster_ip_only(100), &shared, &[]);
-        let many = budget.check(&cluster_ip_only(10_000), &shared, &[]).expect("fits");
+        // Cluster IPs only: no node ports, nothing local to tell apart.
+        let off_node = NodeView::of(vec![], vec![], true);
+        let few = budget.demand(&cluster_ip_only(100), &shared, &off_node);
+        let many = budget.check(&cluster_ip_only(10_000), &shared, &off_node).expect("fits");
         assert_eq!((few.listen_addresses, many.listen_addresses), (2, 2), "one per family");
         assert_eq!(many.listening_sockets, 4);
         let per_service =
             ListenOptions { proxy_port_mode: crate::listen::ProxyPortMode::PerService, ..shared };
-        assert_eq!(budget.demand(&cluster_ip_only(10_000), &per_service, &[]).listening_sockets, 20_000);
+        assert_eq!(
+            budget.demand(&cluster_ip_only(10_000), &per_service, &off_node).listening_sockets,
+            20_000
+        );
     }
 
     #[test]
     fn udp_flows_count_only_when_a_port_is_udp() {
         let budget = Budget { limit: 20_000, workers: 2, udp_max_flows: 8192 };
-        let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
-        assert_eq!(budget.demand(&ports(10, Protocol::Tcp), &opts(), &node_ips).udp_flows, 0);
-        assert_eq!(budget.demand(&ports(10, Protocol::Udp), &opts(), &node_ips).udp_flows, 8192);
+        let node = NodeView::of(vec![Ipv4Addr::UNSPECIFIED.into()], vec![], false);
+        assert_eq!(budget.demand(&ports(10, Protocol::Tcp), &opts(), &node).udp_flows, 0);
+        assert_eq!(budget.demand(&ports(10, Protocol::Udp), &opts(), &node).udp_flows, 8192);
     }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use crate::budget::Budget;
 use crate::config::{self, ConfigErrors, Manifests};
-use crate::listen::{self, ListenOptions, ListenRole};
+use crate::listen::{self, ListenOptions, ListenRole, NodeView};
 use crate::loops;
 use crate::model::{Endpoint, ServicePort};
 
@@ -59,22 +59,23 @@ fn judge(loaded: Result<Manifests, ConfigErrors>, opts: &ListenOptions, budget: 
     report.warnings.extend(joined.warnings.iter().map(ToString::to_string));
     report.errors.extend(joined.errors.iter().map(ToString::to_string));
     let ports = joined.ports;
-    let node_ips = listen::node_addresses(&opts.nodeport_addresses);
-    if let Err(e) = budget.check(&ports, opts, &node_ips) {
+    // One view of the node for every check, as for one update of `run`.
+    let node = NodeView::now(opts);
+    if let Err(e) = budget.check(&ports, opts, &node) {
         report.errors.push(format!("the configuration: {e}"));
     }
-    let own = loops::planned(&ports, opts, &node_ips);
-    report.errors.extend(loops::find(&ports, &own, &loops::local_ips()).iter().map(ToString::to_string));
+    let own = loops::planned(&ports, opts, &node);
+    report.errors.extend(loops::find(&ports, &own, &node.local).iter().map(ToString::to_string));
     if report.ok() {
-        report.table = render(&ports, opts);
+        report.table = render(&ports, opts, &node);
         report.service_ports = ports.len();
     }
     report
 }
 
 /// The table `ringport check` prints: one row per service port, with where
-/// it would listen and every endpoint with its conditions.
-pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
+/// it would listen on `node` and every endpoint with its conditions.
+pub fn render(ports: &[ServicePort], opts: &ListenOptions, node: &NodeView) -> String {
     let rows: Vec<[String; 5]> = ports
         .iter()
         .map(|sp| {
@@ -82,7 +83,7 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
                 sp.name.to_string(),
                 sp.protocol.to_string(),
                 sp.port.to_string(),
-                listens(sp, opts),
+                listens(sp, opts, node),
                 endpoints(&sp.endpoints),
             ]
         })
@@ -90,7 +91,7 @@ pub fn render(ports: &[ServicePort], opts: &ListenOptions) -> String {
     crate::text_table::render(["SERVICE PORT", "PROTO", "PORT", "LISTENS", "ENDPOINTS"], &rows)
 }
 
-fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
+fn listens(sp: &ServicePort, opts: &ListenOptions, node: &NodeView) -> String {
     let at = |ip: IpAddr| {
         let ip = if ip.is_ipv6() { format!("[{ip}]") } else { ip.to_string() };
         match &opts.proxy_port_range {
@@ -100,18 +101,15 @@ fn listens(sp: &ServicePort, opts: &ListenOptions) -> String {
     };
     let proxy = at(opts.bind_address);
     let proxy6 = opts.bind_address6.map(at).unwrap_or_default();
-    let redirected = listen::redirected_by_rules(opts.redirect_rules);
     let shared = listen::shared_plan(opts).into_iter().filter(|_| sp.protocol == crate::model::Protocol::Tcp);
     let shared = shared.map(|(role, ip)| format!("{role} (shared) {}", at(ip)));
-    let node_ips = listen::node_addresses(&opts.nodeport_addresses);
-    let own =
-        listen::plan_port(sp, opts, &node_ips, redirected).into_iter().map(|(role, ip, port)| match role {
-            ListenRole::Proxy => format!("proxy {proxy}"),
-            ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
-            ListenRole::Proxy6 => format!("proxy6 {proxy6}"),
-            ListenRole::ExternalProxy6 => format!("externalProxy6 {proxy6}"),
-            _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
-        });
+    let own = listen::plan_port(sp, opts, node).into_iter().map(|(role, ip, port)| match role {
+        ListenRole::Proxy => format!("proxy {proxy}"),
+        ListenRole::ExternalProxy => format!("externalProxy {proxy}"),
+        ListenRole::Proxy6 => format!("proxy6 {proxy6}"),
+        ListenRole::ExternalProxy6 => format!("externalProxy6 {proxy6}"),
+        _ => format!("{role} {}", std::net::SocketAddr::new(ip, port)),
+    });
     shared.chain(own).collect::<Vec<_>>().join(", ")
 }
 

@@ -17,7 +17,7 @@ use crate::balance::health::HealthRegistry;
 use crate::budget::{self, Budget};
 use crate::config::{ConfigError, ConfigErrorKind, Manifests};
 use crate::dataplane::DataPlane;
-use crate::listen::{self, BindError, Binder, Held, Listener, ListenerId};
+use crate::listen::{self, BindError, Binder, Held, Listener, ListenerId, NodeView};
 use crate::log_cap;
 use crate::loops::{self, OwnAddress};
 use crate::metrics::{Changes, Metrics};
@@ -225,11 +225,11 @@ impl Control {
         // among them every port whose plan depends on an input that moved
         // since the last update: the node's addresses.
         let opts = self.binder.options();
-        let node_ips = listen::node_addresses(&opts.nodeport_addresses);
-        let mut local = loops::local_ips();
-        local.sort();
-        local.dedup();
-        let inputs = PlanInputs { node_ips: node_ips.clone(), local: local.clone() };
+        // One view of the node (one read of its interfaces) for the whole
+        // update: the budget, the binder and the loop check plan with it.
+        let node = NodeView::now(opts);
+        let local = node.local.clone();
+        let inputs = PlanInputs { node_ips: node.node_ips.clone(), local: local.clone() };
         let previous = self.snapshot.load_full();
         let c = &prepared.change;
         let mut leaving: HashSet<ServicePortName> = c.old.iter().map(|p| p.name.clone()).collect();
@@ -246,7 +246,7 @@ impl Control {
                 previous.ports.iter().map(|p| &p.spec).filter(|sp| depends(sp)).map(|sp| &sp.name).collect()
             }
         };
-        let again = self.bound_again(&c.set, &leaving, &node_ips, replan);
+        let again = self.bound_again(&c.set, &leaving, &node, replan);
 
         // The budget: the listen addresses of the ports bound, counted
         // against the running total less what each counted last time.
@@ -254,7 +254,7 @@ impl Control {
             .set
             .iter()
             .chain(&again)
-            .map(|sp| (sp.name.clone(), budget::addresses(sp, opts, &node_ips)))
+            .map(|sp| (sp.name.clone(), budget::addresses(sp, opts, &node)))
             .collect();
         let new_addresses: u64 = counted.iter().map(|(_, n)| n).sum();
         let old_addresses: u64 =
@@ -288,7 +288,7 @@ impl Control {
             }
         };
         let (mut listeners, bind_errors) =
-            self.binder.bind_changed(&binding, &self.held, &|p| leaving.contains(p));
+            self.binder.bind_changed(&binding, &self.held, &|p| leaving.contains(p), &node);
         lap(&mut stages.bind);
 
         // Only now are the proxy ports known. New listeners of a refused
@@ -440,7 +440,7 @@ impl Control {
         &self,
         set: &[Arc<ServicePort>],
         leaving: &HashSet<ServicePortName>,
-        node_ips: &[IpAddr],
+        node: &NodeView,
         replan: Vec<&ServicePortName>,
     ) -> Vec<Arc<ServicePort>> {
         let set_names: HashSet<&ServicePortName> = set.iter().map(|p| &p.name).collect();
@@ -448,9 +448,8 @@ impl Control {
         let mut again: BTreeSet<&ServicePortName> =
             self.unbound.iter().chain(replan).filter(|n| unchanged(n)).collect();
         let opts = self.binder.options();
-        let redirected = listen::redirected_by_rules(opts.redirect_rules);
         for sp in set {
-            for (role, ip, port) in listen::plan_port(sp, opts, node_ips, &redirected) {
+            for (role, ip, port) in listen::plan_port(sp, opts, node) {
                 if role.is_proxy() {
                     continue;
                 }

@@ -49,7 +49,7 @@ mod plan;
 mod shared;
 pub use held::Held;
 use held::Used;
-pub use plan::{node_addresses, plan, redirected_by_rules};
+pub use plan::{NodeView, node_addresses, plan};
 pub use shared::{ProxyPortMode, plan_port, shared_plan};
 
 /// Backlog of every listening socket (the kernel caps it at somaxconn).
@@ -305,7 +305,8 @@ impl Binder {
         previous: &[Arc<Listener>],
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
         let held = Held::of(previous);
-        let (mut listeners, errors) = self.bind_changed(ports, &held, &|_| true);
+        let node = NodeView::now(&self.opts);
+        let (mut listeners, errors) = self.bind_changed(ports, &held, &|_| true, &node);
         // A whole bind lists the shared proxy ports too, kept or new.
         for (role, _) in shared_plan(&self.opts) {
             if let Some(kept) = held.listener(&ListenKey::shared(role))
@@ -321,15 +322,15 @@ impl Binder {
     /// configuration whose other ports keep the listeners `held` has. A
     /// listener `held` has with an unchanged key is reused; an address
     /// another port's listener holds is a clash, unless that port is
-    /// `leaving` (it changes or goes with this update).
+    /// `leaving` (it changes or goes with this update). Planned against
+    /// `node`, the update's one view of the node.
     pub fn bind_changed(
         &mut self,
         ports: &[impl std::borrow::Borrow<ServicePort>],
         held: &Held,
         leaving: &dyn Fn(&ServicePortName) -> bool,
+        node: &NodeView,
     ) -> (Vec<Arc<Listener>>, Vec<BindError>) {
-        let node_ips = node_addresses(&self.opts.nodeport_addresses);
-        let redirected = redirected_by_rules(self.opts.redirect_rules);
         let mut claimed: HashMap<(SocketAddr, Protocol), ServicePortName> = HashMap::new();
         let mut used_proxy_ports = Used::new(held);
         // The shared proxy ports are bound once, with the first bind.
@@ -354,7 +355,7 @@ impl Binder {
             let sp: &ServicePort = sp.borrow();
             // An IPv6 twin asks for its IPv4 twin's number: maps read alike.
             let mut proxy_ports: HashMap<ListenRole, u16> = HashMap::new();
-            for (role, ip, port) in plan_port(sp, &self.opts, &node_ips, &redirected) {
+            for (role, ip, port) in plan_port(sp, &self.opts, node) {
                 let key = ListenKey { port: sp.name.clone(), protocol: sp.protocol, role, wanted_port: port };
                 let addr = SocketAddr::new(ip, port);
                 let elsewhere = held.claimant(addr, sp.protocol).filter(|o| !leaving(o));

@@ -20,7 +20,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use crate::config::{ConfigError, ConfigErrorKind, service_ref};
-use crate::listen::{self, ListenOptions, ListenRole, Listener};
+use crate::listen::{self, ListenOptions, ListenRole, Listener, NodeView};
 use crate::model::{Protocol, ServicePort};
 
 /// An address ringport listens on (or may listen on: a port range).
@@ -39,8 +39,7 @@ pub fn of_listeners(listeners: &[Arc<Listener>]) -> Vec<OwnAddress> {
 
 /// The addresses `ports` would listen on, for `ringport check`: proxy
 /// ports are known only as `--proxy-port-range`, or not at all.
-pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr]) -> Vec<OwnAddress> {
-    let redirected = listen::redirected_by_rules(opts.redirect_rules);
+pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node: &NodeView) -> Vec<OwnAddress> {
     let mut out = Vec::new();
     // The shared proxy ports, where known (a range): every TCP port's.
     for (role, ip) in listen::shared_plan(opts) {
@@ -49,7 +48,7 @@ pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr])
         }
     }
     for sp in ports {
-        for (role, ip, port) in listen::plan_port(sp, opts, node_ips, &redirected) {
+        for (role, ip, port) in listen::plan_port(sp, opts, node) {
             let proxy = role.is_proxy();
             let ports = match (proxy, &opts.proxy_port_range) {
                 (true, Some(range)) => range.clone(),
@@ -60,11 +59,6 @@ pub fn planned(ports: &[ServicePort], opts: &ListenOptions, node_ips: &[IpAddr])
         }
     }
     out
-}
-
-/// This node's addresses now (loopback is always local).
-pub fn local_ips() -> Vec<IpAddr> {
-    if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect()
 }
 
 /// One error per endpoint of `ports` that is an own address.
@@ -209,9 +203,9 @@ mod tests {
             redirect_rules: false,
             proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         };
-        let node_ips = [Ipv4Addr::UNSPECIFIED.into()];
+        let node = NodeView::of(vec![Ipv4Addr::UNSPECIFIED.into()], vec![], false);
         let ports = [port_with("127.0.0.1:20050")];
-        let own = planned(&ports, &opts, &node_ips);
+        let own = planned(&ports, &opts, &node);
         assert_eq!(find(&ports, &own, &[]).len(), 1);
         let mut stripped = vec![port_with("127.0.0.1:30080")];
         strip(&mut stripped, &own, &[]);

@@ -1,47 +1,85 @@
 //! Where one service port listens ([`plan`]): its proxy ports, per
 //! family, and its node ports, external IPs and LoadBalancer IPs; and the
-//! node addresses and locality the plan is made against. Pure but for
-//! reading the node's interfaces, so `check` and the fd budget plan exactly
-//! what the [`Binder`](super::Binder) binds.
+//! node it is planned against ([`NodeView`]: the node's addresses, read
+//! once per update). Pure but for that one read, so `check`, the fd budget,
+//! the loop check and the [`Binder`](super::Binder) plan exactly alike.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use socket2::{Domain, Socket, Type};
 
-use super::ListenRole;
+use super::{ListenOptions, ListenRole};
 use crate::model::{IpFamily, ServicePort};
+
+/// What this node looks like for one update: its interface addresses and
+/// the addresses node ports listen on, read once (one netlink dump) and
+/// used by everything the update plans (the fd budget, the binder, the loop
+/// check, `ringport check`), so that all of them see one node. Two views
+/// compare equal when every plan made against them would be the same.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeView {
+    /// Where node ports listen ([`node_addresses`]).
+    pub node_ips: Vec<IpAddr>,
+    /// Every address on this node's interfaces, sorted, without repeats:
+    /// whether an endpoint is local (loops) and an external or LB IP
+    /// listened on or redirected.
+    pub local: Vec<IpAddr>,
+    /// `--redirect` is on: rules send non-local external and LB IPs to
+    /// the external proxy port.
+    rules: bool,
+}
+
+impl NodeView {
+    /// The node now, as `opts` plans against it.
+    pub fn now(opts: &ListenOptions) -> Self {
+        let mut local: Vec<IpAddr> =
+            if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect();
+        local.sort();
+        local.dedup();
+        let node_ips = node_addresses_among(&opts.nodeport_addresses, &local);
+        Self { node_ips, local, rules: opts.redirect_rules }
+    }
+
+    /// A view of a node with these addresses (tests, and callers that
+    /// read the node themselves).
+    pub fn of(node_ips: Vec<IpAddr>, mut local: Vec<IpAddr>, rules: bool) -> Self {
+        local.sort();
+        local.dedup();
+        Self { node_ips, local, rules }
+    }
+
+    /// Whether the rules send external or LB IP `ip` to the external proxy
+    /// port: rules on and `ip` not on this node's interfaces.
+    pub fn redirected(&self, ip: &IpAddr) -> bool {
+        self.rules && self.local.binary_search(ip).is_err()
+    }
+}
 
 /// Addresses node ports listen on: every address (one wildcard socket
 /// per family, IPv6 only where the kernel has it) unless
 /// `--nodeport-addresses` narrows them to matching local ones.
 pub fn node_addresses(nets: &[IpNet]) -> Vec<IpAddr> {
     if nets.is_empty() {
+        return node_addresses_among(nets, &[]);
+    }
+    let local: Vec<IpAddr> =
+        if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect();
+    node_addresses_among(nets, &local)
+}
+
+/// [`node_addresses`] among the node's addresses `local`.
+fn node_addresses_among(nets: &[IpNet], local: &[IpAddr]) -> Vec<IpAddr> {
+    if nets.is_empty() {
         let v6 = Socket::new(Domain::IPV6, Type::DGRAM, None).is_ok();
         let any6 = v6.then_some(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED));
         return std::iter::once(Ipv4Addr::UNSPECIFIED.into()).chain(any6).collect();
     }
-    let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|i| i.ip())
-        .filter(|ip| nets.iter().any(|net| net.contains(ip)))
-        .collect();
+    let mut ips: Vec<IpAddr> =
+        local.iter().copied().filter(|ip| nets.iter().any(|net| net.contains(ip))).collect();
     ips.sort();
     ips.dedup();
     ips
-}
-
-/// Whether the rules send an external or LB IP to the external proxy port:
-/// with `rules` on, every IP not on this node's interfaces now.
-pub fn redirected_by_rules(rules: bool) -> impl Fn(&IpAddr) -> bool {
-    let local: HashSet<IpAddr> = if rules {
-        if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip()).collect()
-    } else {
-        HashSet::new()
-    };
-    move |ip| rules && !local.contains(ip)
 }
 
 /// Every `(role, ip, port)` one service port should listen on.
@@ -132,5 +170,42 @@ mod tests {
         assert_eq!(roles(&sp, None), [ListenRole::Proxy], "no IPv6 proxy address: the one proxy port");
         sp.cluster_ips.push("10.96.0.1".parse().unwrap());
         assert_eq!(roles(&sp, Some("fd72::1")), [ListenRole::Proxy, ListenRole::Proxy6]);
+    }
+
+    #[test]
+    fn the_node_view_decides_which_external_ips_are_redirected_for_every_planner() {
+        let opts = ListenOptions {
+            bind_address: "169.254.99.1".parse().unwrap(),
+            bind_address6: None,
+            proxy_port_range: None,
+            nodeport_addresses: vec![],
+            workers: 2,
+            redirect_rules: true,
+            proxy_port_mode: super::super::ProxyPortMode::PerService,
+        };
+        let on_node: IpAddr = "192.0.2.7".parse().unwrap();
+        let elsewhere: IpAddr = "198.51.100.9".parse().unwrap();
+        let node = NodeView::of(vec![Ipv4Addr::UNSPECIFIED.into()], vec![on_node, on_node], true);
+        assert_eq!(node.local, [on_node], "sorted, without repeats");
+        assert!(!node.redirected(&on_node) && node.redirected(&elsewhere));
+        let without_rules = NodeView::of(vec![], vec![on_node], false);
+        assert!(!without_rules.redirected(&elsewhere), "nothing is redirected without rules");
+
+        let mut sp = port("a", Some(30080));
+        sp.external_ips = vec![on_node];
+        let roles = |sp: &ServicePort| -> Vec<ListenRole> {
+            super::super::plan_port(sp, &opts, &node).into_iter().map(|(r, ..)| r).collect()
+        };
+        let node_port = ListenRole::NodePort(Ipv4Addr::UNSPECIFIED.into());
+        // A local external IP is listened on, not redirected.
+        assert_eq!(roles(&sp), [ListenRole::Proxy, node_port, ListenRole::External(on_node)]);
+        sp.external_ips = vec![elsewhere];
+        assert_eq!(
+            roles(&sp),
+            [ListenRole::Proxy, ListenRole::ExternalProxy, node_port, ListenRole::External(elsewhere)],
+            "a redirected one gets an external proxy port"
+        );
+        // The budget counts exactly what the binder plans, on the same view.
+        assert_eq!(crate::budget::addresses(&sp, &opts, &node), roles(&sp).len() as u64);
     }
 }

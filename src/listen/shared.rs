@@ -18,7 +18,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use super::{BindError, Binder, ListenKey, ListenOptions, ListenRole, Listener, plan};
+use super::{BindError, Binder, ListenKey, ListenOptions, ListenRole, Listener, NodeView, plan};
 use crate::model::{Protocol, ServiceName, ServicePort, ServicePortName};
 
 /// `--proxy-port-mode`.
@@ -55,15 +55,11 @@ fn own_proxy_ports(sp: &ServicePort, opts: &ListenOptions) -> bool {
 }
 
 /// Every `(role, ip, port)` one service port listens on under `opts`: its
-/// [`plan`], less the proxy ports a shared one replaces. What the binder,
-/// the fd budget, `check` and the loop check all plan with.
-pub fn plan_port(
-    sp: &ServicePort,
-    opts: &ListenOptions,
-    node_ips: &[IpAddr],
-    redirected: impl Fn(&IpAddr) -> bool,
-) -> Vec<(ListenRole, IpAddr, u16)> {
-    let mut planned = plan(sp, (opts.bind_address, opts.bind_address6), node_ips, redirected);
+/// [`plan`] against `node`, less the proxy ports a shared one replaces.
+/// What the binder, the fd budget, `check` and the loop check all plan with.
+pub fn plan_port(sp: &ServicePort, opts: &ListenOptions, node: &NodeView) -> Vec<(ListenRole, IpAddr, u16)> {
+    let binds = (opts.bind_address, opts.bind_address6);
+    let mut planned = plan(sp, binds, &node.node_ips, |ip| node.redirected(ip));
     if !own_proxy_ports(sp, opts) {
         planned.retain(|(role, ..)| !role.is_proxy());
     }
