@@ -38,6 +38,9 @@ use super::{
 };
 use crate::model::Origin;
 
+mod json;
+use json::JsonDocument;
+
 /// The largest manifest file read. The API server takes request bodies of
 /// up to 3 MiB; a file of many objects may be larger, but not this large.
 pub const MAX_FILE_BYTES: u64 = 16 << 20;
@@ -268,14 +271,11 @@ impl Collector {
     }
 
     fn json_documents(&mut self, text: &str, file: &str) {
-        let stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        let stream = serde_json::Deserializer::from_str(text).into_iter::<JsonDocument>();
         for (i, document) in stream.enumerate() {
             let place = Place { file, document: i + 1, item: None };
-            let value = document
-                .map_err(ConfigErrorKind::Json)
-                .and_then(|json| serde_norway::to_value(json).map_err(ConfigErrorKind::Yaml));
-            match value {
-                Ok(value) => self.document(value, place),
+            match document.map_err(ConfigErrorKind::Json) {
+                Ok(JsonDocument(value)) => self.document(value, place),
                 Err(kind) => {
                     self.errors.push(file_error(&place.origin().0, kind));
                     break;
@@ -437,7 +437,7 @@ impl Collector {
     where
         T: DeserializeOwned + Serialize,
     {
-        let decoded: Result<T, _> = serde_path_to_error::deserialize(value.clone());
+        let decoded: Result<T, _> = serde_path_to_error::deserialize(&value);
         match decoded {
             Ok(typed) => {
                 for field in unknown_fields(&value, &typed) {
