@@ -38,7 +38,9 @@ use super::{
 };
 use crate::model::Origin;
 
+mod fields;
 mod json;
+use fields::KnownFields;
 use json::JsonDocument;
 
 /// The largest manifest file read. The API server takes request bodies of
@@ -181,6 +183,7 @@ impl Place<'_> {
 struct Collector {
     manifests: Manifests,
     errors: Vec<ConfigError>,
+    known: KnownFields,
 }
 
 impl Collector {
@@ -440,7 +443,7 @@ impl Collector {
         let decoded: Result<T, _> = serde_path_to_error::deserialize(&value);
         match decoded {
             Ok(typed) => {
-                for field in unknown_fields(&value, &typed) {
+                for field in self.known.unknown_fields(&value, &typed) {
                     self.warn(Warning {
                         origin: origin.clone(),
                         object: Some(object.clone()),
@@ -497,38 +500,5 @@ fn peek_object(map: &Mapping, kind: &str) -> ObjectRef {
         kind: kind.to_owned(),
         namespace: field("namespace").unwrap_or("default").to_owned(),
         name: field("name").unwrap_or_default().to_owned(),
-    }
-}
-
-/// Paths of mapping keys present in `input` but gone once `typed` is
-/// serialized again: the fields the Kubernetes type ignored. Keys whose value
-/// is null carry nothing and are not reported.
-fn unknown_fields<T: Serialize>(input: &Value, typed: &T) -> Vec<String> {
-    let mut found = Vec::new();
-    if let Ok(kept) = serde_norway::to_value(typed) {
-        diff_keys(input, &kept, String::new(), &mut found);
-    }
-    found
-}
-
-fn diff_keys(input: &Value, kept: &Value, path: String, found: &mut Vec<String>) {
-    match (input, kept) {
-        (Value::Mapping(input), Value::Mapping(kept)) => {
-            for (key, value) in input {
-                let name = key.as_str().map_or_else(|| format!("{key:?}"), str::to_owned);
-                let child = if path.is_empty() { name } else { format!("{path}.{name}") };
-                match kept.get(key) {
-                    Some(kept_value) => diff_keys(value, kept_value, child, found),
-                    None if value.is_null() => {}
-                    None => found.push(child),
-                }
-            }
-        }
-        (Value::Sequence(input), Value::Sequence(kept)) => {
-            for (i, (value, kept_value)) in input.iter().zip(kept).enumerate() {
-                diff_keys(value, kept_value, format!("{path}[{i}]"), found);
-            }
-        }
-        _ => {}
     }
 }
