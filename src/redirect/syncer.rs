@@ -440,6 +440,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
                 // 200 and systemd hears READY=1, both once rules exist.
                 if !ready.swap(true, Ordering::AcqRel) {
                     crate::systemd::notify("READY=1");
+                    tracing::info!(generation = snapshot.generation, "ready: the redirect rules exist");
                 }
                 // One line per sync, never one per rule; a periodic check
                 // that found nothing to do only at debug.

@@ -135,6 +135,17 @@ pub struct FileLoader {
     committed: bool,
     /// Trigger times before this are not this process's to measure.
     started: SystemTime,
+    /// Time this load spent reading files and parsing them.
+    spent: Spent,
+}
+
+/// Where a load's time went, logged for the first load (the start).
+#[derive(Debug, Default)]
+struct Spent {
+    files: usize,
+    bytes: usize,
+    read: std::time::Duration,
+    parse: std::time::Duration,
 }
 
 /// One load: the change or every error, whether a file's objects were kept
@@ -174,6 +185,7 @@ impl FileLoader {
             proposed: None,
             committed: false,
             started: SystemTime::now(),
+            spent: Spent::default(),
         }
     }
 
@@ -184,6 +196,7 @@ impl FileLoader {
     /// Read what changed on disk since the state served, as a change to it;
     /// with `reread` (SIGHUP), every file, as a whole state.
     pub fn load(&mut self, reread: bool) -> Loaded {
+        self.spent = Spent::default();
         let listed = config::manifest_files(&self.path);
         let mut errors = listed.errors;
         let mut warnings = listed.warnings;
@@ -223,6 +236,21 @@ impl FileLoader {
         if let Some(errors) = ConfigErrors::from_vec(errors) {
             self.proposed = None;
             return Loaded { result: Err(errors), recheck, triggers: Vec::new(), warnings };
+        }
+        if !self.committed {
+            let s = &self.spent;
+            tracing::info!(
+                files = s.files,
+                bytes = s.bytes,
+                objects = changed
+                    .iter()
+                    .flat_map(|(_, new)| new)
+                    .map(|(_, m)| m.services.len() + m.slices.len())
+                    .sum::<usize>(),
+                read_ms = s.read.as_secs_f64() * 1e3,
+                parse_ms = s.parse.as_secs_f64() * 1e3,
+                "manifests read"
+            );
         }
         let triggers = self.triggers(&changed);
         // A SIGHUP asks for everything again: a whole state.
@@ -284,10 +312,13 @@ impl FileLoader {
             return Read::Same;
         }
         let read_at = SystemTime::now();
+        let clock = std::time::Instant::now();
         let text = match config::read_manifest(file) {
             Ok(text) => text,
             Err(kind) => return Read::Failed(vec![file_error(file, kind)]),
         };
+        self.spent.read += clock.elapsed();
+        (self.spent.files, self.spent.bytes) = (self.spent.files + 1, self.spent.bytes + text.len());
         let version = Version { stamp, hash: hash(&text), read_at };
         if let Some((v, _)) = self.served.get_mut(file)
             && v.hash == version.hash
@@ -300,7 +331,10 @@ impl FileLoader {
             // Kept if it was served; a new empty file serves nothing yet.
             return if served.is_some() { Read::Empty } else { Read::Same };
         }
-        match config::parse_str(&text, &file.display().to_string()) {
+        let clock = std::time::Instant::now();
+        let parsed = config::parse_str(&text, &file.display().to_string());
+        self.spent.parse += clock.elapsed();
+        match parsed {
             Ok(m) => Read::New(version, m),
             Err(_) if version.written().is_some_and(|w| w + SETTLE > read_at) => Read::Unsettled,
             Err(e) => Read::Failed(e.into_vec()),
