@@ -97,7 +97,9 @@ fn read_bounded(file: &Path) -> Result<String, ConfigErrorKind> {
     if size > MAX_FILE_BYTES {
         return Err(ConfigErrorKind::TooLarge { size, max: MAX_FILE_BYTES });
     }
-    let mut bytes = Vec::new();
+    // Sized once (a file that grew meanwhile still reads, in more steps):
+    // growing by doubling would copy a large file's text several times.
+    let mut bytes = Vec::with_capacity(size as usize + 1);
     opened.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(ConfigErrorKind::Io)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(ConfigErrorKind::TooLarge { size: bytes.len() as u64, max: MAX_FILE_BYTES });
