@@ -442,7 +442,12 @@ impl Collector {
     where
         T: DeserializeOwned + Serialize,
     {
-        let decoded: Result<T, _> = serde_path_to_error::deserialize(&value);
+        // Tracking the path costs an allocation per key: only a document
+        // that fails is decoded again to say where (it fails the same way).
+        let decoded: Result<T, _> = match <T as serde::Deserialize>::deserialize(&value) {
+            Ok(typed) => Ok(typed),
+            Err(_) => serde_path_to_error::deserialize(&value),
+        };
         match decoded {
             Ok(typed) => {
                 for field in self.known.unknown_fields(&value, &typed) {
