@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use ringport::balance::BalanceOptions;
 use ringport::balance::health::HealthRegistry;
+use ringport::budget::Budget;
 use ringport::config::{Manifests, parse_str};
 use ringport::control::Control;
 use ringport::dataplane::{DataPlane, WorkerConfig};
@@ -39,6 +40,15 @@ impl Rig {
 
     /// As [`Rig::new`], node ports on the node addresses in `nodeport`.
     fn with(tolerant: bool, nodeport: Vec<ipnet::IpNet>) -> Self {
+        Self::build(tolerant, nodeport, None)
+    }
+
+    /// As [`Rig::new`], refusing what does not fit `budget`.
+    fn with_budget(budget: Budget) -> Self {
+        Self::build(false, Vec::new(), Some(budget))
+    }
+
+    fn build(tolerant: bool, nodeport: Vec<ipnet::IpNet>, budget: Option<Budget>) -> Self {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let metrics = Arc::new(Metrics::new(1));
         let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
@@ -61,11 +71,23 @@ impl Rig {
             Arc::new(AtomicBool::new(false)),
         );
         let control = if tolerant { control.tolerate_cross_object_errors() } else { control };
+        let control = match budget {
+            Some(budget) => control.with_budget(budget),
+            None => control,
+        };
         Self { control, metrics, data_plane: Some(data_plane) }
     }
 
     /// Add or replace the objects of `yaml`.
     fn set(&mut self, yaml: &str) -> ringport::control::Applied {
+        self.try_set(yaml).expect("update applied").expect("a change")
+    }
+
+    /// [`Rig::set`], refused or not.
+    fn try_set(
+        &mut self,
+        yaml: &str,
+    ) -> Result<Option<ringport::control::Applied>, ringport::control::Rejected> {
         let m = parse_str(yaml, "test").expect("manifest");
         let mut delta = Delta::default();
         for s in m.services {
@@ -74,10 +96,7 @@ impl Rig {
         for sl in m.slices {
             delta.slices.insert(sl.id.clone(), Some(sl));
         }
-        self.control
-            .apply(delta, self.data_plane.as_ref().expect("running"))
-            .expect("update applied")
-            .expect("a change")
+        self.control.apply(delta, self.data_plane.as_ref().expect("running"))
     }
 
     /// Remove the Service `name` and its slice `name-1`.
@@ -416,4 +435,28 @@ fn a_deleted_port_is_forgotten_by_its_update() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     rig.delete("a");
     assert_eq!(rig.metrics.remembered(), 1, "the deleted port's counters are still remembered");
+}
+
+/// The fd budget counts what a change adds less what the ports it replaces
+/// counted (from one view of the node per update): a port that gains an
+/// address fits where counting its old addresses too would not.
+#[test]
+fn the_budget_counts_what_a_change_adds_less_what_it_replaces() {
+    let fixed = Budget { limit: 0, workers: 1, udp_max_flows: 0 }.demand_of(0, false).fixed;
+    // Room for three listen addresses on the one worker, no more.
+    let mut rig = Rig::with_budget(Budget { limit: fixed + 3, workers: 1, udp_max_flows: 0 });
+    let port = common::free_port();
+    rig.set(&service("a", 1, port, &[], &[backend()]));
+    rig.set(&service("b", 2, port, &[], &[backend()]));
+    // a: a proxy port and an external IP; 2 + 1 for b.
+    rig.set(&service("a", 1, port, &["127.0.0.9"], &[backend()]));
+    let generation = rig.control.current().generation;
+    let refused = rig.try_set(&service("b", 2, port, &["127.0.0.10"], &[backend()])).expect_err("4 > 3");
+    let why: Vec<String> = refused.0.iter().map(ToString::to_string).collect();
+    assert!(why.iter().any(|e| e.contains("4 listen addresses")), "{why:?}");
+    assert_eq!(rig.control.current().generation, generation, "the last good state serves");
+    // a gives its address back: b's fits.
+    rig.set(&service("a", 1, port, &[], &[backend()]));
+    rig.set(&service("b", 2, port, &["127.0.0.10"], &[backend()]));
+    assert_eq!(rig.external_owners(), vec![(SocketAddr::from(([127, 0, 0, 10], port)), "b".to_string())]);
 }
