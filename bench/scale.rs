@@ -147,9 +147,10 @@ fn run_one(
     let snapshot = snapshot_build_ms(&hist);
     let rules = node::log_duration_ms(&log, "redirect rules synced", "full=true")
         .map_or("-".into(), |v| format!("{v:.1}"));
+    let note = start_note(&log);
     match ready {
         Ok(t) => format!(
-            "| {mode} | {n} | {} ms | {:.1} | {fds} | {used} | {inuse} | {mem} | {snapshot} | {rules} | {resync} | |\n",
+            "| {mode} | {n} | {} ms | {:.1} | {fds} | {used} | {inuse} | {mem} | {snapshot} | {rules} | {resync} | {note} |\n",
             node::ms(t),
             rss as f64 / 1024.0
         ),
@@ -157,6 +158,20 @@ fn run_one(
             "| {mode} | {n} | never ({why}) | - | - | {used} | {inuse} | {mem} | - | - | - | {} |\n",
             node::last_error(&log).replace('|', "/")
         ),
+    }
+}
+
+/// Where the start went before the first apply, from ringport's own
+/// "manifests read" line (binaries that log it): reading and parsing.
+fn start_note(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.contains("manifests read")) else { return String::new() };
+    let field = |name: &str| -> Option<f64> {
+        line.split(&format!("{name}=")).nth(1)?.split_whitespace().next()?.parse().ok()
+    };
+    match (field("read_ms"), field("parse_ms")) {
+        (Some(read), Some(parse)) => format!("read {read:.0} ms, parse {parse:.0} ms"),
+        _ => String::new(),
     }
 }
 
