@@ -1,6 +1,8 @@
 //! The desired rules, kept across syncs and recomputed per service port:
-//! a new snapshot costs one pointer compare per unchanged service port,
-//! not the building and diffing of every rule.
+//! a new snapshot costs what changed since the last one (the chunks of
+//! its port list the last snapshot did not share, compared port by port
+//! by pointer), not the building and diffing of every rule, nor a walk
+//! over every port.
 //!
 //! For each service port the state remembers what its rules were made
 //! from (its `Arc<PortState>`, its proxy ports, each family's emptiness,
@@ -31,7 +33,10 @@ use ipnet::IpNet;
 use super::rules::{self, Diff, Locality, PortRules, RuleKey, RuleSet, Target};
 use crate::listen::{ListenRole, Listener};
 use crate::model::{IpFamily, Protocol, ProxyPort, ServicePort, ServicePortName};
-use crate::snapshot::{Emptiness, PortState, Snapshot};
+use crate::snapshot::{Emptiness, PortState, Ports, Snapshot};
+
+mod entries;
+use entries::Entries;
 
 /// What one key is to one service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +94,9 @@ pub struct Update {
     /// Service ports whose rules were made again (added and removed ones
     /// included).
     pub ports_changed: usize,
+    /// Service ports looked at: those of the chunks of the port list that
+    /// changed since the last update (every port when all changed).
+    pub examined: usize,
     /// `(key, kept, dropped)`: clashes among the keys this update touched.
     pub clashes: Vec<(RuleKey, ServicePortName, ServicePortName)>,
     /// LB IPs left open (no source range of their family), of the service
@@ -101,8 +109,11 @@ pub struct Update {
 /// The rules a sequence of snapshots wants, kept up to date per port.
 #[derive(Default)]
 pub struct DesiredRules {
-    /// Sorted by name, as a snapshot's ports are.
-    entries: Vec<Entry>,
+    /// One per port of the last snapshot, sorted by name.
+    entries: Entries,
+    /// The last snapshot's ports (the same `PortState`s the entries hold):
+    /// the chunks a new snapshot shares with them hold no change.
+    last_ports: Option<Ports>,
     /// The last snapshot's listeners (not the snapshot: its balancers and
     /// endpoints are not kept alive for this): an entry's proxy ports stand
     /// while its proxy listeners are the same `Arc`s (compared by pointer,
@@ -148,16 +159,13 @@ impl DesiredRules {
 
     /// Bring the rules to `snapshot`'s, with `local` the node's addresses.
     ///
-    /// An unchanged service port (the same `Arc`, the same proxy
-    /// listeners, the same locality) costs one pointer compare: nothing of
-    /// it is read, no reference count touched. Ports are joined with the
-    /// entries in name order, the order a snapshot keeps them in.
+    /// Only the ports of the chunks of the snapshot's port list that the
+    /// last snapshot did not share are looked at (found by name in the
+    /// entries, changed in place): a sync costs what changed since the
+    /// last one, however many snapshots ago, not one step per port. Of
+    /// those, an unchanged one (the same `Arc`, the same proxy listeners,
+    /// the same locality) costs one pointer compare.
     pub fn update(&mut self, snapshot: &Arc<Snapshot>, local: &Locality) -> Update {
-        // The join below relies on it.
-        debug_assert!(
-            snapshot.ports.iter().zip(snapshot.ports.iter().skip(1)).all(|(a, b)| a.spec.name < b.spec.name),
-            "a snapshot's ports are sorted by name"
-        );
         if self.orphaned {
             let old = std::mem::take(self);
             let mut update = self.update(snapshot, local);
@@ -167,8 +175,13 @@ impl DesiredRules {
             return update;
         }
         let same_locality = self.locality.as_ref() == Some(local);
-        let last_listeners = self.last_listeners.as_deref().map_or(&[][..], |v| &v[..]);
-        let changes = ListenerChanges::between(last_listeners, &snapshot.listeners);
+        let changes = match &self.last_listeners {
+            // The very same list: nothing came or went (no walk over it).
+            Some(last) if Arc::ptr_eq(last, &snapshot.listeners) => ListenerChanges::same(),
+            last => {
+                ListenerChanges::between(last.as_deref().map_or(&[][..], |v| &v[..]), &snapshot.listeners)
+            }
+        };
         // The shared proxy ports are listeners too: the same while they are.
         let shared = match changes.same {
             true => self.shared,
@@ -179,63 +192,49 @@ impl DesiredRules {
             self.orphaned = true;
             return self.update(snapshot, local);
         }
-        // The very same ports, listeners and locality (a periodic resync
-        // of an unchanged state): the rules stand. The entries are not
-        // rebuilt, which would hold two lists of every port at once.
-        if same_locality
-            && changes.same
-            && self.last_listeners.is_some()
-            && self.entries.len() == snapshot.ports.len()
-            && self.entries.iter().zip(&snapshot.ports).all(|(e, p)| Arc::ptr_eq(&e.port, p))
-        {
-            return Update { wrong_family: self.wrong_family, ..Update::default() };
-        }
-        // Entries whose proxy listeners came or went, found by name in the
-        // entries (sorted by name): a few lookups, not one per port.
-        let dirty: HashSet<usize> = changes
-            .names
-            .iter()
-            .filter_map(|n| self.entries.binary_search_by(|e| e.port.spec.name.cmp(n)).ok())
+        // The ports to look at: those of the chunks this snapshot and the
+        // last one do not share (every port set or removed since is among
+        // them) and those whose proxy listeners came or went; every port
+        // when the node's addresses changed (or at the first update).
+        let last = self.last_ports.take().unwrap_or_default();
+        let none = Ports::default();
+        let (since_new, since_old) = match same_locality {
+            true => (&last, &snapshot.ports),
+            false => (&none, &none),
+        };
+        let mut names: Vec<&ServicePortName> = snapshot
+            .ports
+            .unshared(since_new)
+            .chain(last.unshared(since_old))
+            .map(|p| &p.spec.name)
+            .chain(&changes.names)
             .collect();
-        let mut update = Update::default();
+        names.sort_unstable();
+        names.dedup();
+        let mut update = Update { examined: names.len(), ..Update::default() };
         let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
         let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
-        let mut old = std::mem::take(&mut self.entries).into_iter().enumerate().peekable();
-        let mut entries = Vec::with_capacity(snapshot.ports.len());
-        let mut mark = None;
-        for port in &snapshot.ports {
-            let mut previous = None;
-            while let Some((_, e)) = old.peek() {
-                // Equal pointers are equal names: no string compare then.
-                let order = match Arc::ptr_eq(&e.port, port) {
-                    true => std::cmp::Ordering::Equal,
-                    false => e.port.spec.name.cmp(&port.spec.name),
-                };
-                match order {
-                    std::cmp::Ordering::Equal => {
-                        previous = old.next();
-                        break;
-                    }
-                    std::cmp::Ordering::Greater => break,
-                    std::cmp::Ordering::Less => {
-                        if let Some((_, gone)) = old.next() {
-                            self.retract(&gone, &mut touched, &mut touched_fw);
-                            update.ports_changed += 1;
-                        }
-                    }
+        for name in names {
+            let previous = self.entries.remove(name);
+            let Some(port) = snapshot.ports.get(name) else {
+                if let Some(gone) = previous {
+                    self.retract(&gone, &mut touched, &mut touched_fw);
+                    update.ports_changed += 1;
                 }
-            }
-            let same_arc = previous.as_ref().is_some_and(|(_, p)| Arc::ptr_eq(&p.port, port));
-            let same_proxies = previous.as_ref().is_some_and(|(i, _)| !dirty.contains(i));
-            if let (true, true, true, Some((_, p))) = (same_arc, same_proxies, same_locality, &previous) {
-                mark = mark.or(p.mark);
-                if let Some((_, p)) = previous {
-                    entries.push(p);
-                }
+                continue;
+            };
+            let same_arc = previous.as_ref().is_some_and(|p| Arc::ptr_eq(&p.port, port));
+            let same_proxies = !changes.names.contains(name);
+            if same_arc
+                && same_proxies
+                && same_locality
+                && let Some(p) = previous
+            {
+                self.entries.insert(p);
                 continue;
             }
             let inputs = match &previous {
-                Some((i, p)) => Inputs {
+                Some(p) => Inputs {
                     own_proxy: p.inputs.own_proxy,
                     proxy: [None; 2],
                     external_proxy: p.inputs.external_proxy,
@@ -243,22 +242,17 @@ impl DesiredRules {
                     remote: remote(&port.spec, local),
                     shared: p.inputs.shared,
                 }
-                .with_changes(!dirty.contains(i), &port.spec.name, &changes),
-                None => {
-                    Inputs::default().with_changes(false, &port.spec.name, &changes).with_state(port, local)
-                }
+                .with_changes(same_proxies, name, &changes),
+                None => Inputs::default().with_changes(false, name, &changes).with_state(port, local),
             }
             .with_shared(port, shared);
             let port_mark = port.source.active().then(|| port.source.mark());
-            mark = mark.or(port_mark);
-            match previous {
-                Some((_, p))
-                    if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) =>
-                {
-                    entries.push(Entry { port: Arc::clone(port), mark: port_mark, inputs, ..p });
+            let entry = match previous {
+                Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
+                    Entry { port: Arc::clone(port), mark: port_mark, inputs, ..p }
                 }
                 previous => {
-                    if let Some((_, p)) = &previous {
+                    if let Some(p) = &previous {
                         self.retract(p, &mut touched, &mut touched_fw);
                     }
                     let claims = claims_of(port, &inputs, local, &mut update);
@@ -266,23 +260,22 @@ impl DesiredRules {
                     let serial = self.next_serial;
                     let entry = Entry { port: Arc::clone(port), serial, mark: port_mark, inputs, claims };
                     self.claim(&entry, &mut touched, &mut touched_fw);
-                    entries.push(entry);
                     update.ports_changed += 1;
+                    entry
                 }
-            }
+            };
+            self.entries.insert(entry);
         }
-        for (_, gone) in old {
-            self.retract(&gone, &mut touched, &mut touched_fw);
-            update.ports_changed += 1;
-        }
-        self.entries = entries;
+        debug_assert_eq!(self.entries.len(), snapshot.ports.len(), "one entry per port");
         if !changes.same || self.last_listeners.is_none() {
             self.last_listeners = Some(Arc::clone(&snapshot.listeners));
         }
+        self.last_ports = Some(snapshot.ports.clone());
         self.locality = Some(local.clone());
         self.shared = shared;
         self.settle(&touched, &mut update);
         update.rewrite = self.settle_firewall(&touched_fw);
+        let mark = self.entries.mark();
         update.rewrite |= self.rules.transparent != mark;
         self.rules.transparent = mark;
         update.wrong_family = self.wrong_family;
@@ -458,6 +451,10 @@ impl<'a> ListenerChanges<'a> {
         }
         let names = came.keys().map(|(n, _)| (*n).clone()).chain(went.keys().cloned()).collect();
         Self { same, came, went, names }
+    }
+
+    fn same() -> Self {
+        Self { same: true, ..Self::default() }
     }
 }
 

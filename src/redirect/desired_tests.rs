@@ -8,7 +8,7 @@ use crate::balance::health::HealthRegistry;
 use crate::listen::{ListenKey, ListenerId};
 use crate::metrics::Metrics;
 use crate::model::{Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
-use crate::snapshot::BalanceContext;
+use crate::snapshot::{BalanceContext, PortUpdate};
 use crate::source_ip::SourceOptions;
 
 fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServicePort {
@@ -319,4 +319,121 @@ fn a_tcp_port_on_the_shared_proxy_ports_that_becomes_udp_under_the_same_name_lea
     let s2 = snapshot_with(2, std::slice::from_ref(&x), &s1, &shared);
     step(&mut d, &s2);
     assert!(d.rules().redirects.values().all(|t| t.proxy_port != ProxyPort(29999)), "{:?}", d.rules());
+}
+
+/// xorshift, seeded from the process id (printed, to replay a failure).
+fn rng() -> impl FnMut(u64) -> u64 {
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
+    eprintln!("seed {seed:#x}");
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
+/// A random service port `s<i>`: few addresses, so ports often clash;
+/// 10.200.0.1 (local to `step`) among the external IPs now and then.
+fn random_port(i: u64, next: &mut impl FnMut(u64) -> u64) -> ServicePort {
+    let protocol = if next(4) == 0 { Protocol::Udp } else { Protocol::Tcp };
+    let mut sp = spec(&format!("s{i:03}"), protocol, &format!("10.96.0.{}", next(5)), next(3) as usize);
+    let ip = |s: String| s.parse::<std::net::IpAddr>().expect("ip");
+    sp.external_ips = (0..next(3)).map(|_| ip(format!("10.97.0.{}", next(3)))).collect();
+    if next(5) == 0 {
+        sp.external_ips.push(ip("10.200.0.1".into()));
+    }
+    sp.load_balancer_ips = (0..next(2)).map(|_| ip(format!("10.98.0.{}", next(2)))).collect();
+    if next(3) == 0 {
+        sp.load_balancer_source_ranges = vec![format!("10.{}.0.0/16", next(3)).parse().expect("range")];
+    }
+    sp
+}
+
+/// The proxy listener (no socket) of a UDP port (TCP ones use the shared
+/// ports): the previous one of the same key, else a new one.
+fn own_listener(sp: &ServicePort, previous: &Snapshot, id: &mut u64) -> Option<Arc<Listener>> {
+    if sp.protocol != Protocol::Udp {
+        return None;
+    }
+    let key =
+        ListenKey { port: sp.name.clone(), protocol: sp.protocol, role: ListenRole::Proxy, wanted_port: 0 };
+    let kept = previous.listeners.iter().find(|l| l.key == key).cloned();
+    Some(kept.unwrap_or_else(|| {
+        *id += 1;
+        let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + (*id % 10_000) as u16));
+        Arc::new(Listener::without_sockets(ListenerId(*id), key, addr))
+    }))
+}
+
+#[test]
+fn random_changes_synced_now_and_then_give_the_rules_of_the_whole_snapshot_looking_at_changed_chunks_only() {
+    const NAMES: u64 = 60;
+    const STEPS: usize = 200;
+    let mut next = rng();
+    let (options, registry, metrics, source) =
+        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+    let mut id = 1_000u64;
+    let shared = vec![Arc::new(Listener::without_sockets(
+        ListenerId(1),
+        ListenKey::shared(ListenRole::Proxy),
+        "127.0.0.1:29999".parse().unwrap(),
+    ))];
+    let mut state: BTreeMap<ServicePortName, ServicePort> = BTreeMap::new();
+    for i in (0..NAMES).step_by(2) {
+        let sp = random_port(i, &mut next);
+        state.insert(sp.name.clone(), sp);
+    }
+    let mut listeners = shared.clone();
+    listeners.extend(state.values().filter_map(|sp| own_listener(sp, &Snapshot::default(), &mut id)));
+    let mut snap =
+        Arc::new(Snapshot::new(1, state.values().cloned().collect(), listeners, &Snapshot::default(), &ctx));
+    let mut d = DesiredRules::default();
+    step(&mut d, &snap);
+    let (mut behind, mut small_syncs) = (0, 0);
+    for round in 0..STEPS {
+        // One port set or removed, now and then a whole rebuild.
+        let sp = random_port(next(NAMES), &mut next);
+        let gone = next(3) == 0;
+        let name = sp.name.clone();
+        let old_listeners: Vec<ListenerId> =
+            snap.listeners.iter().filter(|l| l.key.port == name).map(|l| l.id).collect();
+        let generation = snap.generation + 1;
+        snap = Arc::new(if next(25) == 0 {
+            match gone {
+                true => state.remove(&name),
+                false => state.insert(name.clone(), sp),
+            };
+            let mut listeners = shared.clone();
+            listeners.extend(state.values().filter_map(|sp| own_listener(sp, &snap, &mut id)));
+            behind = usize::MAX / 2;
+            Snapshot::new(generation, state.values().cloned().collect(), listeners, &snap, &ctx)
+        } else if gone {
+            state.remove(&name);
+            let removed = [name];
+            let update = PortUpdate { set: vec![], removed: &removed, listeners: vec![], old_listeners };
+            Snapshot::update(&snap, generation, update, &ctx)
+        } else {
+            let listeners = own_listener(&sp, &snap, &mut id).into_iter().collect();
+            state.insert(name, sp.clone());
+            let update = PortUpdate { set: vec![Arc::new(sp)], removed: &[], listeners, old_listeners };
+            Snapshot::update(&snap, generation, update, &ctx)
+        });
+        behind += 1;
+        // The syncer runs now and then, often several snapshots behind.
+        if next(3) != 0 {
+            continue;
+        }
+        let u = step(&mut d, &snap);
+        d.entries.check();
+        assert_eq!(d.entries.len(), state.len(), "round {round}");
+        // Tiny chunks (at most 8 ports): a few changes look at a few chunks.
+        if behind <= 2 {
+            assert!(u.examined <= 9 * behind, "round {round}: {} looked at, {behind} behind", u.examined);
+            small_syncs += 1;
+        }
+        behind = 0;
+    }
+    assert!(small_syncs > 10, "the incremental path ran ({small_syncs} times)");
 }

@@ -54,6 +54,15 @@ impl Ports {
         self.chunks.iter().flat_map(|c| c.iter())
     }
 
+    /// The ports of the chunks `other` does not hold (told by pointer,
+    /// while `other` keeps them alive): every port set or removed between
+    /// the two lists is among them, with the rest of its chunk.
+    pub fn unshared<'a>(&'a self, other: &Ports) -> impl Iterator<Item = &'a Arc<PortState>> {
+        let theirs: std::collections::HashSet<*const Vec<Arc<PortState>>> =
+            other.chunks.iter().map(Arc::as_ptr).collect();
+        self.chunks.iter().filter(move |c| !theirs.contains(&Arc::as_ptr(c))).flat_map(|c| c.iter())
+    }
+
     /// A service port by name.
     pub fn get(&self, name: &ServicePortName) -> Option<&Arc<PortState>> {
         let chunk = self.chunks.get(self.chunk_for(name))?;
