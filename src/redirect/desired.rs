@@ -194,23 +194,22 @@ impl DesiredRules {
         }
         // The ports to look at: those of the chunks this snapshot and the
         // last one do not share (every port set or removed since is among
-        // them) and those whose proxy listeners came or went; every port
-        // when the node's addresses changed (or at the first update).
+        // them) whose state is not the same `Arc` on both sides, and those
+        // whose proxy listeners came or went; every port when the node's
+        // addresses changed (or at the first update).
         let last = self.last_ports.take().unwrap_or_default();
         let none = Ports::default();
         let (since_new, since_old) = match same_locality {
             true => (&last, &snapshot.ports),
             false => (&none, &none),
         };
-        let mut names: Vec<&ServicePortName> = snapshot
-            .ports
-            .unshared(since_new)
-            .chain(last.unshared(since_old))
-            .map(|p| &p.spec.name)
-            .chain(&changes.names)
-            .collect();
-        names.sort_unstable();
-        names.dedup();
+        let mut names =
+            changed_names(snapshot.ports.unshared(since_new), last.unshared(since_old), same_locality);
+        if !changes.names.is_empty() {
+            names.extend(&changes.names);
+            names.sort_unstable();
+            names.dedup();
+        }
         let mut update = Update { examined: names.len(), ..Update::default() };
         let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
         let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
@@ -385,6 +384,37 @@ impl DesiredRules {
             changed |= old != new;
         }
         changed
+    }
+}
+
+/// The names of two sorted runs of ports (new, old) that are not the same
+/// `Arc` on both sides, in name order, each once; all of them unless
+/// `skip_same`. Equal pointers are equal names: no string compare then.
+fn changed_names<'a>(
+    new: impl Iterator<Item = &'a Arc<PortState>>,
+    old: impl Iterator<Item = &'a Arc<PortState>>,
+    skip_same: bool,
+) -> Vec<&'a ServicePortName> {
+    use std::cmp::Ordering;
+    let (mut new, mut old) = (new.peekable(), old.peekable());
+    let mut names = Vec::new();
+    loop {
+        let order = match (new.peek(), old.peek()) {
+            (Some(n), Some(o)) if Arc::ptr_eq(n, o) => Ordering::Equal,
+            (Some(n), Some(o)) => n.spec.name.cmp(&o.spec.name),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => return names,
+        };
+        let (n, o) = match order {
+            Ordering::Less => (new.next(), None),
+            Ordering::Greater => (None, old.next()),
+            Ordering::Equal => (new.next(), old.next()),
+        };
+        let same = matches!((n, o), (Some(n), Some(o)) if Arc::ptr_eq(n, o));
+        if let Some(p) = n.or(o).filter(|_| !(same && skip_same)) {
+            names.push(&p.spec.name);
+        }
     }
 }
 

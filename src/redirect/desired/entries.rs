@@ -16,9 +16,12 @@ use crate::model::ServicePortName;
 /// twice that. Tests use tiny chunks, so a few ports already split them.
 const CHUNK: usize = if cfg!(test) { 4 } else { 512 };
 
+/// Entries are boxed: an insert or a removal in a chunk moves pointers,
+/// not entries of a few hundred bytes each.
 #[derive(Default)]
 struct Chunk {
-    entries: Vec<Entry>,
+    #[allow(clippy::vec_box)] // on purpose: see the type's doc
+    entries: Vec<Box<Entry>>,
     /// Entries with a transparent mark.
     marked: usize,
 }
@@ -38,7 +41,7 @@ impl Entries {
     /// The entries in name order.
     #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.chunks.iter().flat_map(|c| c.entries.iter())
+        self.chunks.iter().flat_map(|c| c.entries.iter().map(|e| &**e))
     }
 
     /// The chunk `name` is in or would go in: the first whose last entry
@@ -59,11 +62,12 @@ impl Entries {
         if chunk.entries.is_empty() {
             self.chunks.remove(at);
         }
-        Some(entry)
+        Some(*entry)
     }
 
     /// Put `entry` in its place by name (in place of its namesake, if any).
     pub(super) fn insert(&mut self, entry: Entry) {
+        let entry = Box::new(entry);
         let marked = usize::from(entry.mark.is_some());
         if self.chunks.is_empty() {
             self.chunks.push(Chunk::default());
