@@ -1,7 +1,8 @@
 //! ClientIP session affinity: which endpoint each client IP is pinned to.
 //!
-//! One [`Pins`] table per service port (and traffic scope), shared by every
-//! worker: SO_REUSEPORT spreads one client's connections over all workers,
+//! One [`Pins`] table per service port while its internal and external
+//! traffic share one balancer (their inputs are equal), else one per
+//! traffic scope (see `Balancer::build_pair`); shared by every worker: SO_REUSEPORT spreads one client's connections over all workers,
 //! so affinity must hold for the whole process. The table is split into
 //! shards by client IP, each behind its own mutex; a lock is held only for
 //! one map lookup and insert per new connection of an affinity service.
@@ -60,6 +61,29 @@ impl Pins {
             Mutex::new(Shard { pins: s.pins.clone(), sweep_at: s.sweep_at })
         };
         Self { timeout: self.timeout, shards: self.shards.iter().map(shard).collect() }
+    }
+
+    /// Take in `other`'s pins to endpoints `keep` lets through (a pair of
+    /// balancers that joins again). When a client is pinned in both
+    /// tables, the pin used last wins: its latest choice through either
+    /// scope. One shard of each is locked at a time.
+    pub fn merge(&self, other: &Pins, keep: impl Fn(EndpointAddr) -> bool) {
+        if std::ptr::eq(self, other) {
+            return;
+        }
+        for (mine, theirs) in self.shards.iter().zip(&other.shards) {
+            let theirs: Vec<(IpAddr, Pin)> = {
+                let theirs = theirs.lock().unwrap_or_else(|p| p.into_inner());
+                theirs.pins.iter().filter(|(_, p)| keep(p.endpoint)).map(|(c, p)| (*c, *p)).collect()
+            };
+            let mut mine = mine.lock().unwrap_or_else(|p| p.into_inner());
+            for (client, pin) in theirs {
+                let slot = mine.pins.entry(client).or_insert(pin);
+                if pin.last_used > slot.last_used {
+                    *slot = pin;
+                }
+            }
+        }
     }
 
     fn shard(&self, client: IpAddr) -> std::sync::MutexGuard<'_, Shard> {

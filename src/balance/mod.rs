@@ -31,7 +31,9 @@
 //!   case: both traffic policies `Cluster`): one rotation and one affinity
 //!   pin table for both scopes, as kube-proxy's userspace mode had one
 //!   balancer per service port. They split when the inputs differ (a
-//!   `Local` policy), each then with its own copy of the pins.
+//!   `Local` policy), each then with its own copy of the pins, and join
+//!   again when the inputs are equal again. A side whose inputs did not
+//!   change keeps its balancer whole through a split or a rejoin.
 
 pub mod affinity;
 pub mod eligible;
@@ -119,33 +121,58 @@ impl Balancer {
 
     /// `[internal, external]` for `sp`: one balancer for both scopes when
     /// their inputs are equal (module header), else one each. `previous`
-    /// is the pair of the port's previous version: a balancer whose inputs
-    /// did not change is kept, and a pair that splits gives the external
-    /// balancer a copy of the shared pins.
+    /// is the pair of the port's previous version. A side whose inputs
+    /// equal a previous balancer's keeps that balancer whole (rotation and
+    /// pins); a pair that splits gives the side that changed a copy of the
+    /// shared pins, taken before any are dropped; a pair that rejoins keeps
+    /// the balancer whose inputs did not change and takes in the other's
+    /// pins to endpoints it has ([`Pins::merge`]: the later-used pin wins).
     pub fn build_pair(
         sp: &ServicePort,
         opts: &BalanceOptions,
         registry: &HealthRegistry,
         previous: Option<&[Arc<Balancer>; 2]>,
     ) -> [Arc<Balancer>; 2] {
-        let internal = Self::build(sp, Scope::Internal, opts, registry, previous.map(|p| &p[0]));
-        let inputs = Inputs::of(sp, Scope::External, opts);
-        if internal.inputs == inputs {
-            return [Arc::clone(&internal), internal];
+        let internal = Inputs::of(sp, Scope::Internal, opts);
+        let external = Inputs::of(sp, Scope::External, opts);
+        let [old_internal, old_external] = previous.map_or([None, None], |[i, e]| [Some(i), Some(e)]);
+        let shared = previous.filter(|[i, e]| Arc::ptr_eq(i, e)).map(|[s, _]| s);
+        let own_pins = |b: Option<&Arc<Balancer>>| b.and_then(|b| b.pins.clone());
+        if internal == external {
+            let unchanged = [old_internal, old_external].into_iter().flatten().find(|b| b.inputs == internal);
+            let joined = match unchanged {
+                Some(b) => Arc::clone(b),
+                None => Self::reuse_or_new(internal, registry, old_internal, own_pins(old_internal)),
+            };
+            if shared.is_none() {
+                // The pair rejoins: the other side's pins come along.
+                for other in [old_internal, old_external].into_iter().flatten() {
+                    if !Arc::ptr_eq(other, &joined)
+                        && let (Some(into), Some(from)) = (&joined.pins, &other.pins)
+                    {
+                        into.merge(from, |e| joined.position(e).is_some());
+                    }
+                }
+            }
+            return [Arc::clone(&joined), joined];
         }
-        let external = previous.map(|p| &p[1]);
-        match previous.filter(|p| Arc::ptr_eq(&p[0], &p[1])) {
-            // The pair splits: the shared pins went on with the internal
-            // balancer; the external one starts from a copy of them.
-            Some([shared, _]) => {
-                let pins = shared.pins.as_ref().map(|p| Arc::new(p.copy()));
-                let new = Self::new(inputs, registry, Some(shared), pins, &mut fastrand::Rng::new());
-                [internal, Arc::new(new)]
-            }
-            None => {
-                let pins = external.and_then(|p| p.pins.clone());
-                [internal, Self::reuse_or_new(inputs, registry, external, pins)]
-            }
+        let Some(shared) = shared else {
+            return [
+                Self::reuse_or_new(internal, registry, old_internal, own_pins(old_internal)),
+                Self::reuse_or_new(external, registry, old_external, own_pins(old_external)),
+            ];
+        };
+        // The pair splits. The copy is taken before `new` drops the pins
+        // to endpoints a side no longer has (it does so in place).
+        let copy = || shared.pins.as_ref().map(|p| Arc::new(p.copy()));
+        let new = |inputs, pins| {
+            Arc::new(Self::new(inputs, registry, Some(shared), pins, &mut fastrand::Rng::new()))
+        };
+        if external == shared.inputs {
+            [new(internal, copy()), Arc::clone(shared)]
+        } else {
+            let copy = copy();
+            [Self::reuse_or_new(internal, registry, Some(shared), shared.pins.clone()), new(external, copy)]
         }
     }
 

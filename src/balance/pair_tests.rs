@@ -120,3 +120,101 @@ fn a_large_endpoint_set_finds_its_pins_through_the_index() {
     let [small, _] = Balancer::build_pair(&port(3, TrafficPolicy::Cluster, sticky()), &opts, &registry, None);
     assert!(small.index.is_none(), "3 endpoints are scanned");
 }
+
+/// `sp` with `internalTrafficPolicy` set to `policy`.
+fn with_internal(mut sp: ServicePort, policy: TrafficPolicy) -> ServicePort {
+    sp.internal_policy = policy;
+    sp
+}
+
+/// Pin `c` to `e` through `b`, as a connection that reached `e` does.
+fn pin_to(b: &Balancer, c: u8, e: EndpointAddr, now: Instant) {
+    let i = b.position(e).expect("the endpoint is in the balancer");
+    b.connected(client(c), i, now);
+    assert_eq!(b.pin(client(c).0.ip(), now), Some(e));
+}
+
+#[test]
+fn a_split_by_the_internal_policy_keeps_the_external_balancer_and_its_pins() {
+    let (opts, registry) = (options(), HealthRegistry::default());
+    let now = Instant::now();
+    let cluster = port(4, TrafficPolicy::Cluster, sticky());
+    let shared = Balancer::build_pair(&cluster, &opts, &registry, None);
+    assert!(Arc::ptr_eq(&shared[0], &shared[1]));
+    pin_to(&shared[1], 1, ep(2), now); // a node-port client, pinned off this node
+    pin_to(&shared[1], 2, ep(3), now);
+
+    let split =
+        Balancer::build_pair(&with_internal(cluster, TrafficPolicy::Local), &opts, &registry, Some(&shared));
+    assert_eq!(split[1].endpoints().count(), 4);
+    assert_eq!(split[1].pin(client(1).0.ip(), now), Some(ep(2)), "the external pin stays");
+    assert!(
+        Arc::ptr_eq(&split[1], &shared[1]),
+        "external inputs unchanged: the same balancer, rotation and pins"
+    );
+    assert!(!Arc::ptr_eq(&split[0], &split[1]));
+    let pinned = |c: u8| split[0].pin(client(c).0.ip(), now);
+    assert_eq!(pinned(1), None, "internal traffic no longer has 10.0.0.2");
+    assert_eq!(pinned(2), Some(ep(3)), "internal starts from a copy of the pins to its endpoints");
+}
+
+#[test]
+fn a_rejoin_by_the_internal_policy_keeps_the_external_balancer_and_merges_the_pins() {
+    let (opts, registry) = (options(), HealthRegistry::default());
+    let now = Instant::now();
+    let cluster = port(4, TrafficPolicy::Cluster, sticky());
+    let split =
+        Balancer::build_pair(&with_internal(cluster.clone(), TrafficPolicy::Local), &opts, &registry, None);
+    assert!(!Arc::ptr_eq(&split[0], &split[1]));
+    let later = now + std::time::Duration::from_secs(1);
+    pin_to(&split[1], 1, ep(2), now);
+    pin_to(&split[0], 2, ep(1), now); // only internal has a pin for client 2
+    // Client 3 is pinned apart in the two scopes; the later pin wins.
+    pin_to(&split[1], 3, ep(4), now);
+    pin_to(&split[0], 3, ep(3), later);
+    pin_to(&split[0], 4, ep(1), now);
+    pin_to(&split[1], 4, ep(2), later);
+
+    let rejoined = Balancer::build_pair(&cluster, &opts, &registry, Some(&split));
+    assert!(Arc::ptr_eq(&rejoined[0], &rejoined[1]), "equal inputs again: one balancer");
+    let pinned = |c: u8| rejoined[0].pin(client(c).0.ip(), later);
+    assert_eq!(pinned(1), Some(ep(2)), "the external pin stays");
+    assert_eq!(pinned(2), Some(ep(1)), "the internal pin joins");
+    assert_eq!(pinned(3), Some(ep(3)), "the internal pin was used later");
+    assert_eq!(pinned(4), Some(ep(2)), "the external pin was used later");
+    assert!(Arc::ptr_eq(&rejoined[1], &split[1]), "external inputs unchanged: its balancer is kept");
+}
+
+#[test]
+fn a_rejoin_by_the_external_policy_keeps_the_pins_made_through_the_external_scope() {
+    let (opts, registry) = (options(), HealthRegistry::default());
+    let now = Instant::now();
+    let split = Balancer::build_pair(&port(4, TrafficPolicy::Local, sticky()), &opts, &registry, None);
+    assert!(!Arc::ptr_eq(&split[0], &split[1]));
+    pin_to(&split[1], 1, ep(3), now);
+    pin_to(&split[0], 2, ep(4), now);
+
+    let rejoined =
+        Balancer::build_pair(&port(4, TrafficPolicy::Cluster, sticky()), &opts, &registry, Some(&split));
+    assert!(Arc::ptr_eq(&rejoined[0], &rejoined[1]), "equal inputs again: one balancer");
+    assert_eq!(rejoined[1].pin(client(1).0.ip(), now), Some(ep(3)), "the external pin stays");
+    assert_eq!(rejoined[1].pin(client(2).0.ip(), now), Some(ep(4)), "the internal pin stays");
+    assert!(Arc::ptr_eq(&rejoined[0], &split[0]), "internal inputs unchanged: its balancer is kept");
+}
+
+#[test]
+fn a_split_that_changes_both_sides_copies_the_pins_before_either_drops_any() {
+    let (opts, registry) = (options(), HealthRegistry::default());
+    let now = Instant::now();
+    let shared = Balancer::build_pair(&port(4, TrafficPolicy::Cluster, sticky()), &opts, &registry, None);
+    pin_to(&shared[0], 1, ep(2), now);
+    pin_to(&shared[0], 2, ep(4), now);
+    // 10.0.0.4 goes and internal traffic turns Local in one update.
+    let changed = with_internal(port(3, TrafficPolicy::Cluster, sticky()), TrafficPolicy::Local);
+    let split = Balancer::build_pair(&changed, &opts, &registry, Some(&shared));
+    assert!(!Arc::ptr_eq(&split[0], &split[1]));
+    assert_eq!(split[1].endpoints().count(), 3);
+    assert_eq!(split[1].pin(client(1).0.ip(), now), Some(ep(2)), "external still has 10.0.0.2");
+    assert_eq!(split[1].pin(client(2).0.ip(), now), None, "10.0.0.4 is gone");
+    assert_eq!(split[0].pin(client(1).0.ip(), now), None, "internal no longer has 10.0.0.2");
+}
