@@ -116,6 +116,11 @@ impl ServiceHealth {
 
     /// Bring the servers to match `snapshot`: open new ports, close
     /// dropped ones, update every count. Must run on a tokio runtime.
+    ///
+    /// Cost: a walk over every health-checked port and its endpoints (H
+    /// ports) at each publication, changed or not: the counts are made
+    /// afresh rather than kept up to date per changed port
+    /// (docs/architecture.md, "What stays O(N) per update").
     pub fn sync(&mut self, snapshot: &Snapshot) {
         let wanted = Self::wanted(snapshot.health_checked().map(|p| &*p.spec), self.node_name.as_deref());
         self.servers.retain(|port, server| {

@@ -25,7 +25,6 @@
 //!   service port changed since the previous generation, so a worker one
 //!   generation behind follows those alone.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -247,9 +246,9 @@ pub struct Snapshot {
     /// service port's, per worker (`Metrics::unmatched`).
     unmatched: Arc<[AtomicU64]>,
     /// The ports with a `healthCheckNodePort`, by name: what
-    /// `service_health` follows, without a walk over every port. Shared
-    /// with the previous snapshot while no such port changes.
-    health_checked: Arc<BTreeMap<ServicePortName, Arc<PortState>>>,
+    /// `service_health` follows, without a walk over every port. Chunked
+    /// like `ports`: an update copies the chunks it touches.
+    health_checked: Ports,
 }
 
 /// What an update changes, for [`Snapshot::update`].
@@ -373,7 +372,7 @@ impl Snapshot {
 
     /// The service ports with a `healthCheckNodePort`, in name order.
     pub fn health_checked(&self) -> impl Iterator<Item = &Arc<PortState>> {
-        self.health_checked.values()
+        self.health_checked.iter()
     }
 
     /// A service port by name.
@@ -433,26 +432,20 @@ impl Snapshot {
     }
 }
 
-/// `previous` (the ports with a `healthCheckNodePort`) after `built` were
-/// set and `removed` went: copied only when one of them has or had one.
-fn health_checked(
-    previous: &Arc<BTreeMap<ServicePortName, Arc<PortState>>>,
-    built: &[Arc<PortState>],
-    removed: &[ServicePortName],
-) -> Arc<BTreeMap<ServicePortName, Arc<PortState>>> {
-    let names = || built.iter().map(|p| &p.spec.name).chain(removed);
-    let touched = built.iter().any(|p| p.spec.health_check_node_port.is_some())
-        || names().any(|n| previous.contains_key(n));
-    if !touched {
-        return Arc::clone(previous);
+/// `previous` (the ports with a `healthCheckNodePort`) after `built`
+/// (sorted) were set and `removed` went: the chunks of `previous` that a
+/// port with or without one falls in are copied, the rest shared.
+fn health_checked(previous: &Ports, built: &[Arc<PortState>], removed: &[ServicePortName]) -> Ports {
+    let checked = |p: &&Arc<PortState>| p.spec.health_check_node_port.is_some();
+    let set: Vec<Arc<PortState>> = built.iter().filter(checked).cloned().collect();
+    let unchecked = built.iter().filter(|p| !checked(p)).map(|p| &p.spec.name);
+    let mut gone: Vec<ServicePortName> =
+        unchecked.chain(removed).filter(|n| previous.get(n).is_some()).cloned().collect();
+    if set.is_empty() && gone.is_empty() {
+        return previous.clone();
     }
-    let mut next = BTreeMap::clone(previous);
-    for name in names() {
-        next.remove(name);
-    }
-    let checked = built.iter().filter(|p| p.spec.health_check_node_port.is_some());
-    next.extend(checked.map(|p| (p.spec.name.clone(), Arc::clone(p))));
-    Arc::new(next)
+    gone.sort();
+    previous.with(&set, &gone)
 }
 
 /// The current snapshot, shared by the control plane (writer) and every

@@ -150,6 +150,7 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
             .map(|p| format!("{:?}", p.spec))
             .collect();
         assert!(checked(&whole) == walked, "step {step}: every health-checked port, in name order");
+        updated.health_checked.check();
         for p in updated.health_checked() {
             assert!(Arc::ptr_eq(p, updated.port(&p.spec.name).expect("port")), "step {step}: current state");
         }
@@ -174,4 +175,47 @@ fn a_one_port_change_copies_one_chunk_of_ports_and_shares_the_rest() {
     assert_eq!(s2.ports.chunk_count(), s1.ports.chunk_count());
     assert_eq!(s2.ports.shared_chunks(&s1.ports), s1.ports.chunk_count() - 1, "one chunk copied");
     assert!(s2.ports[37].spec.endpoints.is_empty());
+}
+
+#[test]
+fn a_health_checked_port_change_copies_one_chunk_of_the_health_checked_ports() {
+    let mut next = rng();
+    let (options, registry, metrics, source) =
+        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
+    let mut ports: Vec<ServicePort> = (0..100).map(|i| random_port(i, &mut next)).collect();
+    for (i, p) in ports.iter_mut().enumerate() {
+        p.health_check_node_port = (i % 10 != 0).then_some(30_000 + i as u16);
+    }
+    let s1 = Snapshot::new(1, ports.clone(), vec![], &Snapshot::default(), &ctx);
+    let chunks = s1.health_checked.chunk_count();
+    assert!(chunks > 2 && s1.health_checked.len() == 90);
+    let update = |s: &Snapshot, generation, set: ServicePort| {
+        let set = vec![Arc::new(set)];
+        Snapshot::update(
+            s,
+            generation,
+            PortUpdate { set, removed: &[], listeners: vec![], old_listeners: vec![] },
+            &ctx,
+        )
+    };
+    // A health-checked port changes: one chunk copied.
+    let mut changed = ports[37].clone();
+    changed.endpoints.clear();
+    let s2 = update(&s1, 2, changed);
+    assert_eq!(s2.health_checked.shared_chunks(&s1.health_checked), chunks - 1, "one chunk copied");
+    assert!(s2.health_checked().any(|p| p.spec.name == ports[37].name && p.spec.endpoints.is_empty()));
+    // A port without one changes: every chunk shared.
+    let mut other = ports[40].clone();
+    other.endpoints.clear();
+    let s3 = update(&s2, 3, other);
+    assert_eq!(s3.health_checked.shared_chunks(&s2.health_checked), chunks, "nothing copied");
+    // A port loses its healthCheckNodePort: it goes, one chunk copied.
+    let mut unchecked = ports[55].clone();
+    unchecked.health_check_node_port = None;
+    let s4 = update(&s3, 4, unchecked);
+    assert_eq!(s4.health_checked.len(), 89);
+    assert!(s4.health_checked.shared_chunks(&s3.health_checked) >= chunks - 1, "one chunk copied");
+    assert!(s4.health_checked().all(|p| p.spec.name != ports[55].name));
+    s4.health_checked.check();
 }
