@@ -34,5 +34,7 @@ pub mod source_ip;
 pub mod status;
 pub mod systemd;
 pub mod table;
+#[cfg(test)]
+mod test_rng;
 mod text_table;
 pub mod version;

@@ -323,14 +323,7 @@ fn a_tcp_port_on_the_shared_proxy_ports_that_becomes_udp_under_the_same_name_lea
 
 /// xorshift, seeded from the process id (printed, to replay a failure).
 fn rng() -> impl FnMut(u64) -> u64 {
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
-    eprintln!("seed {seed:#x}");
-    move |n| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    }
+    crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d)
 }
 
 /// A random service port `s<i>`: few addresses, so ports often clash;

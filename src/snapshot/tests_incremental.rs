@@ -13,14 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 /// xorshift, seeded from the process id (printed, to replay a failure).
 fn rng() -> impl FnMut(u64) -> u64 {
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-    eprintln!("seed {seed:#x}");
-    move |n| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    }
+    crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15)
 }
 
 /// A random service port named `s<i>`: few addresses to pick from, so two
