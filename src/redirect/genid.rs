@@ -55,16 +55,23 @@ pub fn read_logged() -> Option<u32> {
 
 /// The current ruleset generation id of this network namespace.
 pub fn read() -> io::Result<u32> {
+    let socket = netfilter_socket()?;
+    socket.send(&request())?;
+    let mut answer = [0u8; 512];
+    let n = (&socket).read(&mut answer)?;
+    parse(&answer[..n])
+}
+
+/// A netfilter netlink socket to ask the kernel about nf_tables, which
+/// gives up on an answer after 1 s (this check and `handles`' dump).
+pub(super) fn netfilter_socket() -> io::Result<Socket> {
     let socket = Socket::new(
         Domain::from(libc::AF_NETLINK),
         Type::RAW,
         Some(Protocol::from(libc::NETLINK_NETFILTER)),
     )?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-    socket.send(&request())?;
-    let mut answer = [0u8; 512];
-    let n = (&socket).read(&mut answer)?;
-    parse(&answer[..n])
+    Ok(socket)
 }
 
 /// `NFT_MSG_GETGEN`, family `AF_UNSPEC`; the kernel (port 0) is the

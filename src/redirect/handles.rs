@@ -17,9 +17,6 @@
 //! No `unsafe` (socket2 does the system calls), as in [`super::genid`].
 
 use std::io::{self, Read};
-use std::time::Duration;
-
-use socket2::{Domain, Protocol, Socket, Type};
 
 const SUBSYS: u16 = 10 << 8;
 const NLMSG_ERROR: u16 = 2;
@@ -59,12 +56,7 @@ pub fn read(family: u8, table: &str) -> io::Result<Vec<(u16, u64)>> {
 }
 
 fn dump(kind: Kind, family: u8, table: &str, out: &mut Vec<(u16, u64)>) -> io::Result<()> {
-    let socket = Socket::new(
-        Domain::from(libc::AF_NETLINK),
-        Type::RAW,
-        Some(Protocol::from(libc::NETLINK_NETFILTER)),
-    )?;
-    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let socket = super::genid::netfilter_socket()?;
     socket.send(&request(kind, family, table))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
