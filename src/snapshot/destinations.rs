@@ -251,9 +251,10 @@ mod tests {
     fn a_shared_port_routes_by_destination_always_serves_and_counts_what_maps_to_nothing() {
         use crate::balance::BalanceOptions;
         use crate::balance::health::HealthRegistry;
-        use crate::listen::{Binder, ListenOptions, ProxyPortMode};
+        use crate::listen::ProxyPortMode;
         use crate::metrics::Metrics;
         use crate::model::{Endpoint, EndpointAddr};
+        use crate::snapshot::tests::loopback_binder;
         use crate::snapshot::{BalanceContext, Snapshot};
         use crate::source_ip::SourceOptions;
         let mut web = sp("web", Protocol::Tcp, 80);
@@ -262,15 +263,7 @@ mod tests {
         web.endpoints = vec![Endpoint::ready(EndpointAddr(to("10.0.0.1:8080")))];
         let mut empty = sp("empty", Protocol::Tcp, 80);
         empty.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
-        let mut binder = Binder::new(ListenOptions {
-            bind_address: "127.0.0.1".parse().unwrap(),
-            bind_address6: None,
-            proxy_port_range: None,
-            nodeport_addresses: vec![],
-            workers: 2,
-            redirect_rules: true,
-            proxy_port_mode: ProxyPortMode::Shared,
-        });
+        let mut binder = loopback_binder(2, true, ProxyPortMode::Shared, false);
         let ports = vec![web, empty];
         let (listeners, errors) = binder.bind(&ports, &[]);
         assert!(errors.iter().all(|e| e.is_benign()), "only the non-local externalIP: {errors:?}");

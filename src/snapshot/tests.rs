@@ -7,6 +7,25 @@ use crate::model::{ClientAddr, Endpoint, EndpointAddr, Origin, Protocol, Service
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// A binder on 127.0.0.1 (and `::1` with `v6`), no port range, no node
+/// port addresses: what these tests and their neighbours bind with.
+pub(super) fn loopback_binder(
+    workers: usize,
+    rules: bool,
+    mode: crate::listen::ProxyPortMode,
+    v6: bool,
+) -> Binder {
+    Binder::new(ListenOptions {
+        bind_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        bind_address6: v6.then_some(std::net::Ipv6Addr::LOCALHOST.into()),
+        proxy_port_range: None,
+        nodeport_addresses: vec![],
+        workers,
+        redirect_rules: rules,
+        proxy_port_mode: mode,
+    })
+}
+
 fn port(name: &str, eps: &[u8]) -> ServicePort {
     let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
     let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
@@ -57,15 +76,7 @@ fn first(snap: &Snapshot, name: &str) -> EndpointAddr {
 #[test]
 fn removing_another_service_leaves_this_ones_rotation_untouched() {
     let registry = HealthRegistry::default();
-    let mut binder = Binder::new(ListenOptions {
-        bind_address: "127.0.0.1".parse().unwrap(),
-        bind_address6: None,
-        proxy_port_range: None,
-        nodeport_addresses: vec![],
-        workers: 1,
-        redirect_rules: false,
-        proxy_port_mode: crate::listen::ProxyPortMode::PerService,
-    });
+    let mut binder = loopback_binder(1, false, crate::listen::ProxyPortMode::PerService, false);
     let s1 = build(
         vec![port("bar", &[1, 2, 3]), port("foo", &[4, 5])],
         &Snapshot::default(),
@@ -89,15 +100,7 @@ fn removing_another_service_leaves_this_ones_rotation_untouched() {
 #[test]
 fn a_dual_stack_port_has_an_ipv6_twin_on_the_same_number_balancing_ipv6_endpoints_only() {
     let registry = HealthRegistry::default();
-    let mut binder = Binder::new(ListenOptions {
-        bind_address: "127.0.0.1".parse().unwrap(),
-        bind_address6: Some("::1".parse().unwrap()),
-        proxy_port_range: None,
-        nodeport_addresses: vec![],
-        workers: 1,
-        redirect_rules: true,
-        proxy_port_mode: crate::listen::ProxyPortMode::PerService,
-    });
+    let mut binder = loopback_binder(1, true, crate::listen::ProxyPortMode::PerService, true);
     let mut dual = port("dual", &[1, 2]);
     dual.cluster_ips = vec!["10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap()];
     dual.endpoints.push(Endpoint::ready(EndpointAddr("[fd00::7]:80".parse().unwrap())));
@@ -117,15 +120,7 @@ fn a_dual_stack_port_has_an_ipv6_twin_on_the_same_number_balancing_ipv6_endpoint
 #[test]
 fn an_update_keeps_unchanged_ports_pointer_equal_and_names_changed_listeners() {
     let registry = HealthRegistry::default();
-    let mut binder = Binder::new(ListenOptions {
-        bind_address: "127.0.0.1".parse().unwrap(),
-        bind_address6: None,
-        proxy_port_range: None,
-        nodeport_addresses: vec![],
-        workers: 1,
-        redirect_rules: false,
-        proxy_port_mode: crate::listen::ProxyPortMode::PerService,
-    });
+    let mut binder = loopback_binder(1, false, crate::listen::ProxyPortMode::PerService, false);
     let s1 = build(
         vec![port("a", &[1]), port("b", &[2]), port("c", &[3])],
         &Snapshot::default(),

@@ -6,8 +6,9 @@
 //! from the same service ports, and it shares what it did not change.
 
 use super::*;
-use crate::listen::{Binder, ListenOptions, ProxyPortMode};
+use crate::listen::ProxyPortMode;
 use crate::model::{Endpoint, EndpointAddr, Origin, Protocol, ServiceName};
+use crate::snapshot::tests::loopback_binder;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
@@ -48,15 +49,7 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
     const NAMES: u64 = 60;
     const STEPS: usize = 150;
     let mut next = rng();
-    let mut binder = Binder::new(ListenOptions {
-        bind_address: "127.0.0.1".parse().unwrap(),
-        bind_address6: None,
-        proxy_port_range: None,
-        nodeport_addresses: vec![],
-        workers: 1,
-        redirect_rules: true,
-        proxy_port_mode: ProxyPortMode::Shared,
-    });
+    let mut binder = loopback_binder(1, true, ProxyPortMode::Shared, false);
     let (options, registry, metrics, source) =
         (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
