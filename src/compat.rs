@@ -104,10 +104,14 @@ pub fn check_args(args: &[OsString]) -> Result<(), CompatError> {
 /// than "no Service in ...". Only each YAML document's own top-level `kind`
 /// and `apiVersion` count (a ConfigMap that carries a kube-proxy
 /// configuration in its data is an ordinary object). Directories,
-/// unreadable files and unparsable documents pass (the manifest loader
-/// reports those).
+/// unreadable, oversized or too deeply nested files and unparsable
+/// documents pass (the manifest loader reports those): the file is read
+/// and parsed under the loader's own bounds.
 pub fn check_config(path: &Path) -> Result<(), CompatError> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = crate::config::read_manifest(path) else { return Ok(()) };
+    if crate::config::too_deep(&text) {
+        return Ok(());
+    }
     for doc in serde_norway::Deserializer::from_str(&text) {
         // The first document that does not parse ends the scan: the
         // parser may report it again for every later one, without end.

@@ -71,6 +71,37 @@ fn flow_nesting_a_hundred_thousand_deep_fails_fast_naming_the_file() {
     assert_refused(&out, &["deep.yaml", "nest deeper than 64"]);
 }
 
+/// JSON objects nested 200k deep: the JSON parser stops at its recursion
+/// limit, and the kube-proxy-configuration scan of `--config` (a YAML
+/// parse, quadratic in flow depth: over 20 s for 100k deep) must not see
+/// the text first. A hang, not a speed, is what the 60 s bound catches.
+#[test]
+fn json_objects_two_hundred_thousand_deep_fail_fast_naming_the_file() {
+    let text = format!("{}1{}\n", "{\"a\": ".repeat(200_000), "}".repeat(200_000));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("deep.json");
+    std::fs::write(&file, text).expect("write manifest");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringport"))
+        .arg("check")
+        .arg("--config")
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ringport check");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringport check still reading a 200k-deep JSON file after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_refused(&out, &["deep.json", "recursion limit exceeded"]);
+}
+
 #[test]
 fn a_file_over_the_size_bound_is_not_read() {
     let text = format!("# {}\n{}", "x".repeat(17 << 20), service("web", "{ports: [{port: 80}]}"));

@@ -116,6 +116,13 @@ pub fn parse_str(text: &str, file: &str) -> Result<Manifests, ConfigErrors> {
     collector.finish()
 }
 
+/// Whether a YAML text nests flow collections deeper than
+/// [`MAX_FLOW_DEPTH`]: the parser's scan of such a text takes time
+/// quadratic in its depth, so nothing may hand it to the parser.
+pub fn too_deep(text: &str) -> bool {
+    flow_depth(text, MAX_FLOW_DEPTH) > MAX_FLOW_DEPTH
+}
+
 /// The deepest nesting of flow collections in a YAML text, counted in one
 /// linear pass; stops counting past `limit`. Brackets in comments and
 /// quoted scalars do not count, nor do brackets inside a word (`a[0]`), so
@@ -257,7 +264,7 @@ impl Collector {
     }
 
     fn yaml_documents(&mut self, text: &str, file: &str) {
-        if flow_depth(text, MAX_FLOW_DEPTH) > MAX_FLOW_DEPTH {
+        if too_deep(text) {
             self.errors.push(file_error(file, ConfigErrorKind::TooDeep { max: MAX_FLOW_DEPTH }));
             return;
         }
