@@ -5,7 +5,8 @@
 //! 1k) and each proxy-port mode the binary has (`per-service`; `shared`
 //! when `ringport run --help` lists `--proxy-port-mode`), in a fresh
 //! private network namespace: N Services with one TCP port each and 2 or 3
-//! placeholder endpoints (2.5 on average, never contacted), in JSON
+//! placeholder endpoints (2.5 on average, never contacted; with
+//! `--node-ports M` the first M are NodePort Services), in JSON
 //! manifest files of 5,000 Services each, served by the real `ringport run --source file --redirect
 //! nft --workers 2` under the hard RLIMIT_NOFILE. Reports: time from start
 //! to /readyz 200, fds, RSS, the namespace's socket figures, the snapshot
@@ -32,12 +33,23 @@ fn main() {
     let mut sizes = vec![1_000, 5_000, 9_000, 10_000, 100_000];
     let mut idle = true;
     let mut keep = false;
+    let mut node_ports = 0;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
             "--quick" => (sizes, idle) = (vec![1_000], false),
             "--no-idle" => idle = false,
             "--keep" => keep = true,
+            "--node-ports" => {
+                i += 1;
+                node_ports = args.get(i).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                if node_ports > NODE_PORTS {
+                    eprintln!(
+                        "bench/scale.rs: --node-ports takes 0..={NODE_PORTS} (the default node-port range)"
+                    );
+                    std::process::exit(2);
+                }
+            }
             "--sizes" => {
                 i += 1;
                 sizes = args
@@ -47,7 +59,7 @@ fn main() {
             }
             other => {
                 eprintln!(
-                    "bench/scale.rs: unknown argument {other} (--quick, --sizes N,N, --no-idle, --keep)"
+                    "bench/scale.rs: unknown argument {other} (--quick, --sizes N,N, --node-ports N, --no-idle, --keep)"
                 );
                 std::process::exit(2);
             }
@@ -69,7 +81,7 @@ fn main() {
     let load = node::loadavg();
     for &n in &sizes {
         let config = scratch.path().join(format!("services-{n}"));
-        write_manifests(&config, n);
+        write_manifests(&config, n, node_ports);
         for mode in &modes {
             let row = run_one(&bin, &config, n, mode, &modes, scratch.path(), idle);
             print!("{row}");
@@ -96,15 +108,24 @@ fn main() {
     }
 }
 
+/// How many node ports the default range (30000-32767) holds.
+const NODE_PORTS: usize = 2_768;
+
 /// N Services and their EndpointSlices as concatenated JSON objects, in a
 /// directory of files of [`PER_FILE`] Services each (one file of 100k would
-/// pass ringport's 16 MiB limit per manifest file).
-fn write_manifests(dir: &std::path::Path, n: usize) {
+/// pass ringport's 16 MiB limit per manifest file). The first `node_ports`
+/// Services are of type NodePort (30000, 30001, ...).
+fn write_manifests(dir: &std::path::Path, n: usize, node_ports: usize) {
     std::fs::create_dir_all(dir).expect("manifest dir");
     for start in (0..n).step_by(PER_FILE) {
         let mut text = String::with_capacity(PER_FILE * 600);
         for i in start..(start + PER_FILE).min(n) {
-            text.push_str(&node::service(i).to_string());
+            let mut service = node::service(i);
+            if i < node_ports {
+                service["spec"]["type"] = "NodePort".into();
+                service["spec"]["ports"][0]["nodePort"] = (30_000 + i).into();
+            }
+            text.push_str(&service.to_string());
             text.push('\n');
             text.push_str(&node::slice(i, &node::placeholder_endpoints(i, 0), None).to_string());
             text.push('\n');

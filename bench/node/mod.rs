@@ -47,6 +47,10 @@ pub fn enter_private_netns(who: &str) {
     // connections must not fill its table with TIME_WAIT entries.
     let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait", "1");
     let _ = std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "10000 65000");
+    // The node-port range stays out of that range, as on a node (Kubernetes
+    // asks for it): else a socket's ephemeral port, the shared proxy port's
+    // among them, can take a node port before its listener is bound.
+    let _ = std::fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", "30000-32767");
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) {
