@@ -104,7 +104,7 @@ fn main() {
     let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("proxy port");
     let port = listener.local_addr().expect("addr").port();
     std::thread::spawn(move || for _ in listener.incoming() {});
-    let service = ServicePortName { service: ServiceName::new("bench", "svc"), port: String::new() };
+    let service = ServicePortName { service: ServiceName::new("bench", "svc"), port: "".into() };
     let key = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(VIP.into()), dport: 80 };
     let rules: Rules = [(key, Target { proxy_port: ProxyPort(port), service })].into_iter().collect();
 

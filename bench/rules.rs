@@ -213,7 +213,7 @@ fn service_ports(n: u32) -> (Vec<ServicePort>, Vec<Arc<Listener>>) {
             service: ServiceName::new("bench", format!("svc-{i:06}")),
             port: "http".into(),
         };
-        let mut sp = ServicePort::new(name, Origin("bench".into()), Protocol::Tcp, 80);
+        let mut sp = ServicePort::new(name, Origin::new("bench"), Protocol::Tcp, 80);
         sp.cluster_ips = vec![vip(i).into()];
         // 2.5 endpoints per service port on average.
         let count = 2 + i % 2;

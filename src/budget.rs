@@ -148,7 +148,7 @@ mod tests {
                     service: ServiceName::new("default", format!("s{i}")),
                     port: "".into(),
                 };
-                let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+                let mut sp = ServicePort::new(name, Origin::new("test"), protocol, 80);
                 sp.node_port = Some(30000 + (i % 2000) as u16);
                 sp
             })

@@ -269,7 +269,7 @@ impl Control {
             && let Err(e) = budget.fits(budget.demand_of(listen_addresses + shared, udp_ports > 0))
         {
             let error = ConfigError {
-                origin: Origin("the configuration".into()),
+                origin: Origin::new("the configuration"),
                 object: None,
                 field: None,
                 kind: ConfigErrorKind::FdBudget(e),

@@ -242,7 +242,7 @@ mod tests {
 
     fn port(service: &str, name: &str, hc: Option<u16>, endpoints: Vec<Endpoint>) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", service), port: name.into() };
-        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
         sp.health_check_node_port = hc;
         sp.endpoints = endpoints;
         sp

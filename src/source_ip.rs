@@ -280,8 +280,8 @@ mod tests {
     use crate::model::{Endpoint, Origin, Protocol, ServiceName, ServicePortName};
 
     fn spec(source_ip: Option<SourceIp>) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", "web"), port: String::new() };
-        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        let name = ServicePortName { service: ServiceName::new("default", "web"), port: "".into() };
+        let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
         sp.source_ip = source_ip;
         let ep = |ip: [u8; 4], node: Option<&str>| {
             let mut e = Endpoint::ready(EndpointAddr(SocketAddr::from((ip, 8080))));

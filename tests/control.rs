@@ -124,7 +124,7 @@ impl Rig {
             .listeners
             .iter()
             .filter(|l| matches!(l.key.role, ListenRole::External(_)))
-            .map(|l| (l.addr, l.key.port.service.name.clone()))
+            .map(|l| (l.addr, l.key.port.service.name.to_string()))
             .collect();
         owners.sort();
         owners
@@ -356,7 +356,7 @@ fn random_changes_match_the_same_state_applied_whole() {
             .iter()
             .map(|p| {
                 let mut spec = ringport::model::ServicePort::clone(&p.spec);
-                spec.origin = Origin(String::new());
+                spec.origin = Origin::new("");
                 format!("{spec:?}")
             })
             .collect();

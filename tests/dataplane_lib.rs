@@ -17,8 +17,8 @@ use ringport::model::*;
 use ringport::snapshot::{BalanceContext, Snapshot};
 
 fn service_port(endpoints: &[SocketAddr]) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", "echo"), port: String::new() };
-    let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 80);
+    let name = ServicePortName { service: ServiceName::new("default", "echo"), port: "".into() };
+    let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 80);
     sp.endpoints = endpoints.iter().map(|a| Endpoint::ready(EndpointAddr(*a))).collect();
     sp
 }

@@ -21,7 +21,7 @@ use ringport::redirect::syncer::SyncKind;
 use ringport::redirect::{Intercept, Syncer, genid};
 
 fn rules(n: u8) -> Rules {
-    let service = ServicePortName { service: ServiceName::new("default", "web"), port: String::new() };
+    let service = ServicePortName { service: ServiceName::new("default", "web"), port: "".into() };
     (1..=n)
         .map(|i| {
             let key =

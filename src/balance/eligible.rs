@@ -43,7 +43,7 @@ pub fn eligible(sp: &ServicePort, scope: Scope, here: &Locality) -> Vec<Endpoint
         TrafficPolicy::Local => sp
             .endpoints
             .iter()
-            .filter(|e| here.node_name.is_some() && e.node_name == here.node_name)
+            .filter(|e| here.node_name.is_some() && e.node_name.as_deref() == here.node_name.as_deref())
             .collect(),
     };
     let mut usable: Vec<&Endpoint> = in_scope.iter().copied().filter(|e| e.conditions.ready).collect();
@@ -62,13 +62,13 @@ fn prefer_nearby<'a>(
     here: &Locality,
 ) -> Vec<&'a Endpoint> {
     let same_node = |e: &&Endpoint| match &here.node_name {
-        Some(node) if !e.hints_nodes.is_empty() => e.hints_nodes.contains(node),
-        Some(node) => e.node_name.as_ref() == Some(node),
+        Some(node) if !e.hints_nodes().is_empty() => e.hints_nodes().iter().any(|h| h == node),
+        Some(node) => e.node_name.as_deref() == Some(node.as_str()),
         None => false,
     };
     let same_zone = |e: &&Endpoint| match &here.zone {
-        Some(zone) if !e.hints_zones.is_empty() => e.hints_zones.contains(zone),
-        Some(zone) => e.zone.as_ref() == Some(zone),
+        Some(zone) if !e.hints_zones().is_empty() => e.hints_zones().iter().any(|h| h == zone),
+        Some(zone) => e.zone.as_deref() == Some(zone.as_str()),
         None => false,
     };
     let tiers: &[&dyn Fn(&&Endpoint) -> bool] = match distribution {
@@ -97,8 +97,7 @@ mod tests {
             conditions: Conditions { ready: c.0, serving: c.1, terminating: c.2 },
             node_name: Some(node.into()),
             zone: Some(zone.into()),
-            hints_zones: vec![],
-            hints_nodes: vec![],
+            hints: None,
         }
     }
 
@@ -107,8 +106,8 @@ mod tests {
     const GONE: (bool, bool, bool) = (false, false, true);
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", "s"), port: String::new() };
-        let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+        let name = ServicePortName { service: ServiceName::new("default", "s"), port: "".into() };
+        let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
         sp.endpoints = endpoints;
         sp
     }
@@ -161,7 +160,7 @@ mod tests {
     #[test]
     fn slice_hints_override_the_endpoints_own_zone() {
         let mut a = ep(1, "n1", "z1", READY);
-        a.hints_zones = vec!["z2".into()];
+        a.hints = crate::model::Hints::new(vec!["z2".into()], vec![]);
         let mut sp = port(vec![a, ep(2, "n2", "z2", READY)]);
         sp.distribution = TrafficDistribution::PreferSameZone;
         let z2 = Locality { node_name: None, zone: Some("z2".into()) };

@@ -23,13 +23,13 @@ fn client(n: u8) -> ClientAddr {
 
 /// A port with endpoints `1..=n`; the odd ones on this node (`here`).
 fn port(n: u8, external_policy: TrafficPolicy, affinity: Affinity) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", "s"), port: String::new() };
-    let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+    let name = ServicePortName { service: ServiceName::new("default", "s"), port: "".into() };
+    let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
     sp.external_policy = external_policy;
     sp.affinity = affinity;
     sp.endpoints = (1..=n)
         .map(|i| Endpoint {
-            node_name: Some(if i % 2 == 1 { "here" } else { "there" }.to_owned()),
+            node_name: Some(if i % 2 == 1 { "here" } else { "there" }.into()),
             conditions: Conditions::default(),
             ..Endpoint::ready(ep(i))
         })

@@ -448,8 +448,8 @@ fn udp_failures_leave_the_tcp_service_on_the_same_endpoint_untouched() {
 // ---- the builder and eligibility ----------------------------------------
 
 fn port(eps: &[(u8, bool)]) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", "s"), port: String::new() };
-    let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+    let name = ServicePortName { service: ServiceName::new("default", "s"), port: "".into() };
+    let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
     sp.endpoints = eps
         .iter()
         .map(|&(n, ready)| Endpoint {
@@ -457,8 +457,7 @@ fn port(eps: &[(u8, bool)]) -> ServicePort {
             conditions: Conditions { ready, serving: ready, terminating: false },
             node_name: None,
             zone: None,
-            hints_zones: vec![],
-            hints_nodes: vec![],
+            hints: None,
         })
         .collect();
     sp

@@ -278,20 +278,19 @@ fn endpoints_for(
                 conditions: endpoint.conditions,
                 node_name: endpoint.node_name.clone(),
                 zone: endpoint.zone.clone(),
-                hints_zones: endpoint.hints_zones.clone(),
-                hints_nodes: endpoint.hints_nodes.clone(),
+                hints: endpoint.hints.clone(),
             }));
         }
     }
     if !matched && slices.iter().any(|s| !s.ports.is_empty()) {
         let kind = match &spec.target_port {
             TargetPort::Name(target) => ConfigErrorKind::TargetPortNameNotFound {
-                target: target.clone(),
-                port_name: spec.name.clone(),
+                target: target.to_string(),
+                port_name: spec.name.to_string(),
                 protocol: spec.protocol,
             },
             TargetPort::Number(target) => ConfigErrorKind::ServicePortNotFound {
-                port_name: spec.name.clone(),
+                port_name: spec.name.to_string(),
                 target: *target,
                 protocol: spec.protocol,
             },

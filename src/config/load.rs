@@ -36,7 +36,7 @@ use super::{
     ConfigError, ConfigErrorKind, ConfigErrors, Conversion, Manifests, ObjectRef, Warning, WarningKind,
     service_from_k8s, slice_from_endpoints, slice_from_k8s,
 };
-use crate::model::Origin;
+use crate::model::{Name, Origin};
 
 mod fields;
 mod json;
@@ -167,14 +167,18 @@ fn flow_depth(text: &str, limit: usize) -> usize {
 }
 
 fn file_error(file: &str, kind: ConfigErrorKind) -> ConfigError {
-    ConfigError { origin: Origin(file.to_owned()), object: None, field: None, kind }
+    origin_error(Origin::new(file), kind)
+}
+
+fn origin_error(origin: Origin, kind: ConfigErrorKind) -> ConfigError {
+    ConfigError { origin, object: None, field: None, kind }
 }
 
 /// Where a document sits: `file (document 2)` or, for an item of a List,
 /// `file (document 2, items[0])`.
 #[derive(Clone, Copy)]
 struct Place<'a> {
-    file: &'a str,
+    file: &'a Name,
     document: usize,
     item: Option<usize>,
 }
@@ -182,8 +186,8 @@ struct Place<'a> {
 impl Place<'_> {
     fn origin(self) -> Origin {
         match self.item {
-            None => Origin(format!("{} (document {})", self.file, self.document)),
-            Some(item) => Origin(format!("{} (document {}, items[{item}])", self.file, self.document)),
+            None => Origin::document(self.file.clone(), self.document),
+            Some(item) => Origin::item(self.file.clone(), self.document, item),
         }
     }
 }
@@ -246,7 +250,7 @@ impl Collector {
         files.sort();
         if files.is_empty() {
             self.warn(Warning {
-                origin: Origin(shown),
+                origin: Origin::new(shown),
                 object: None,
                 field: None,
                 kind: WarningKind::EmptyDirectory,
@@ -268,6 +272,8 @@ impl Collector {
             self.errors.push(file_error(file, ConfigErrorKind::TooDeep { max: MAX_FLOW_DEPTH }));
             return;
         }
+        // Every object of the file shares its path.
+        let file = &Name::interned(file);
         for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
             let place = Place { file, document: i + 1, item: None };
             match <Value as serde::Deserialize>::deserialize(document) {
@@ -275,7 +281,7 @@ impl Collector {
                 Err(source) => {
                     // The parser cannot resynchronise after a syntax error:
                     // it would repeat the same error forever.
-                    self.errors.push(file_error(&place.origin().0, ConfigErrorKind::Yaml(source)));
+                    self.errors.push(origin_error(place.origin(), ConfigErrorKind::Yaml(source)));
                     break;
                 }
             }
@@ -284,12 +290,13 @@ impl Collector {
 
     fn json_documents(&mut self, text: &str, file: &str) {
         let stream = serde_json::Deserializer::from_str(text).into_iter::<JsonDocument>();
+        let file = &Name::interned(file);
         for (i, document) in stream.enumerate() {
             let place = Place { file, document: i + 1, item: None };
             match document.map_err(ConfigErrorKind::Json) {
                 Ok(JsonDocument(value)) => self.document(value, place),
                 Err(kind) => {
-                    self.errors.push(file_error(&place.origin().0, kind));
+                    self.errors.push(origin_error(place.origin(), kind));
                     break;
                 }
             }
@@ -301,7 +308,7 @@ impl Collector {
         let origin = place.origin();
         let Value::Mapping(map) = &value else {
             if !value.is_null() {
-                self.errors.push(file_error(&origin.0, ConfigErrorKind::NotAnObject));
+                self.errors.push(origin_error(origin, ConfigErrorKind::NotAnObject));
             }
             return;
         };
@@ -377,7 +384,7 @@ impl Collector {
             let item_place = Place { item: Some(i), ..place };
             // An empty item is not an empty document: it is an error.
             if item.is_null() {
-                self.errors.push(file_error(&item_place.origin().0, ConfigErrorKind::NotAnObject));
+                self.errors.push(origin_error(item_place.origin(), ConfigErrorKind::NotAnObject));
                 continue;
             }
             self.document(item, item_place);

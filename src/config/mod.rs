@@ -93,11 +93,15 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// The namespace defaults to `default`, as `kubectl apply` does.
     pub fn from_meta(kind: impl Into<String>, meta: &ObjectMeta) -> Self {
-        Self { kind: kind.into(), namespace: namespace_of(meta), name: meta.name.clone().unwrap_or_default() }
+        Self {
+            kind: kind.into(),
+            namespace: namespace_of(meta).to_owned(),
+            name: meta.name.clone().unwrap_or_default(),
+        }
     }
 
     fn of(kind: impl fmt::Display, name: &ServiceName) -> Self {
-        Self { kind: kind.to_string(), namespace: name.namespace.clone(), name: name.name.clone() }
+        Self { kind: kind.to_string(), namespace: name.namespace.to_string(), name: name.name.to_string() }
     }
 }
 
@@ -454,23 +458,27 @@ impl Diagnostics {
 }
 
 /// `metadata.namespace`, defaulting to `default`.
-pub(crate) fn namespace_of(meta: &ObjectMeta) -> String {
+pub(crate) fn namespace_of(meta: &ObjectMeta) -> &str {
     match meta.namespace.as_deref() {
-        Some(ns) if !ns.is_empty() => ns.to_owned(),
-        _ => "default".to_owned(),
+        Some(ns) if !ns.is_empty() => ns,
+        _ => "default",
     }
 }
 
 /// `metadata.name`, which every object needs, following `rule`; and
 /// `metadata.namespace`, when given, a DNS-1123 label.
-pub(crate) fn required_name(diag: &mut Diagnostics, meta: &ObjectMeta, rule: NameRule) -> Option<String> {
+pub(crate) fn required_name<'a>(
+    diag: &mut Diagnostics,
+    meta: &'a ObjectMeta,
+    rule: NameRule,
+) -> Option<&'a str> {
     if let Some(ns) = meta.namespace.as_deref().filter(|ns| !ns.is_empty()) {
         diag.check(|| "metadata.namespace".to_owned(), check_name(ns, NameRule::Dns1123Label));
     }
     match meta.name.as_deref() {
         Some(name) if !name.is_empty() => {
             diag.check(|| "metadata.name".to_owned(), check_name(name, rule))?;
-            Some(name.to_owned())
+            Some(name)
         }
         _ => {
             diag.error("metadata.name", ConfigErrorKind::Required);

@@ -20,7 +20,7 @@ use super::{
     check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, IpFamily, Origin, Protocol, ProxyProtocol, Scheduler, ServiceName, ServicePortSpec,
+    self, Affinity, IpFamily, Name, Origin, Protocol, ProxyProtocol, Scheduler, ServiceName, ServicePortSpec,
     SourceIp, TargetPort, TrafficDistribution, TrafficPolicy,
 };
 
@@ -313,7 +313,7 @@ fn ports(
         diag.error("spec.ports", ConfigErrorKind::NoPorts);
         return Vec::new();
     }
-    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<Name, usize> = HashMap::new();
     let mut numbers: HashMap<(u16, Protocol), usize> = HashMap::new();
     let mut out = Vec::with_capacity(ports.len());
     for (i, raw) in ports.iter().enumerate() {
@@ -324,7 +324,7 @@ fn ports(
             && let Some(first) = names.insert(port.name.clone(), i)
         {
             let kind = ConfigErrorKind::DuplicatePortName {
-                name: port.name.clone(),
+                name: port.name.to_string(),
                 first: format!("spec.ports[{first}].name"),
             };
             diag.error(format!("spec.ports[{i}].name"), kind);
@@ -352,7 +352,7 @@ fn service_port(
     service_type: Option<ServiceType>,
 ) -> Option<ServicePortSpec> {
     let at = |field: &str| format!("spec.ports[{i}].{field}");
-    let name = given(&raw.name).unwrap_or_default().to_owned();
+    let name = Name::interned(given(&raw.name).unwrap_or_default());
     if name.is_empty() && several {
         diag.error(at("name"), ConfigErrorKind::PortNameRequired);
     }
@@ -371,7 +371,7 @@ fn service_port(
             None
         }
         Some(IntOrString::String(s)) => {
-            diag.check(|| at("targetPort"), port_name(s)).map(|()| TargetPort::Name(s.clone()))
+            diag.check(|| at("targetPort"), port_name(s)).map(|()| TargetPort::Name(Name::interned(s)))
         }
     };
     let node_port = match (raw.node_port, service_type) {

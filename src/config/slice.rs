@@ -20,7 +20,7 @@ use super::{
     AddressUse, ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, NameRule, ObjectRef, Skip,
     WarningKind, check_name, endpoint_address, ip, namespace_of, port_number, protocol, required_name,
 };
-use crate::model::{self, Conditions, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
+use crate::model::{self, Conditions, Hints, Name, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
 
 /// The label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -81,7 +81,7 @@ pub fn slice_from_k8s(
 
     // Placeholders only where an error was recorded, so `finish` fails.
     let value = model::EndpointSlice {
-        id: ServiceName::new(namespace.clone(), name.unwrap_or_default()),
+        id: ServiceName::new(namespace, name.unwrap_or_default()),
         kind: SliceKind::EndpointSlice,
         service: ServiceName::new(namespace, service.cloned().unwrap_or_default()),
         origin: diag.origin().clone(),
@@ -185,11 +185,11 @@ fn slice_ports<'a>(
     field: &str,
     raw: impl Iterator<Item = RawPort<'a>>,
 ) -> Vec<SlicePort> {
-    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<Name, usize> = HashMap::new();
     let mut out = Vec::new();
     for (i, raw) in raw.enumerate() {
         let at = |f: &str| format!("{field}[{i}].{f}");
-        let name = raw.name.unwrap_or_default().to_owned();
+        let name = Name::interned(raw.name.unwrap_or_default());
         if !name.is_empty() {
             diag.check(|| at("name"), check_name(&name, NameRule::Dns1123Label));
         }
@@ -203,7 +203,7 @@ fn slice_ports<'a>(
         let protocol = diag.check(|| at("protocol"), protocol(raw.protocol.filter(|p| !p.is_empty())));
         if let Some(first) = names.insert(name.clone(), i) {
             let kind = ConfigErrorKind::DuplicatePortName {
-                name: name.clone(),
+                name: name.to_string(),
                 first: format!("{field}[{first}].name"),
             };
             diag.error(at("name"), kind);
@@ -250,13 +250,16 @@ fn slice_endpoint(
     let hints = endpoint.hints.as_ref();
     let hints_zones = hints.and_then(|h| h.for_zones.as_deref()).unwrap_or_default();
     let hints_nodes = hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or_default();
+    let interned = |name: &String| Name::interned(name);
     Some(SliceEndpoint {
-        addresses,
+        addresses: addresses.into(),
         conditions,
         node_name: non_empty(endpoint.node_name.as_deref()),
         zone: non_empty(endpoint.zone.as_deref()),
-        hints_zones: hints_zones.iter().map(|z| z.name.clone()).collect(),
-        hints_nodes: hints_nodes.iter().map(|n| n.name.clone()).collect(),
+        hints: Hints::new(
+            hints_zones.iter().map(|z| interned(&z.name)).collect(),
+            hints_nodes.iter().map(|n| interned(&n.name)).collect(),
+        ),
     })
 }
 
@@ -270,12 +273,11 @@ fn address_endpoint(
     let checked = ip(&address.ip).and_then(|addr| usable(diag, field.clone(), addr));
     let addr = diag.check(|| field, checked)?;
     Some(SliceEndpoint {
-        addresses: vec![addr],
+        addresses: addr.into(),
         conditions: Conditions { ready, serving: ready, terminating: false },
         node_name: non_empty(address.node_name.as_deref()),
         zone: None,
-        hints_zones: Vec::new(),
-        hints_nodes: Vec::new(),
+        hints: None,
     })
 }
 
@@ -288,6 +290,7 @@ fn usable(diag: &mut Diagnostics, field: String, addr: IpAddr) -> Result<IpAddr,
     Ok(addr)
 }
 
-fn non_empty(value: Option<&str>) -> Option<String> {
-    value.filter(|v| !v.is_empty()).map(str::to_owned)
+/// Node names and zones repeat across endpoints: interned.
+fn non_empty(value: Option<&str>) -> Option<Name> {
+    value.filter(|v| !v.is_empty()).map(Name::interned)
 }

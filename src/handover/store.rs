@@ -63,7 +63,7 @@ pub(super) fn key_of_store_name(name: &str, local: SocketAddr) -> Option<ListenK
     let (namespace, service, port) = (parts.next()?, parts.next()?, parts.next()?);
     let port = crate::model::ServicePortName {
         service: crate::model::ServiceName::new(namespace, service),
-        port: port.to_owned(),
+        port: port.into(),
     };
     Some(ListenKey { port, protocol, role, wanted_port })
 }

@@ -169,7 +169,7 @@ mod tests {
             proxy_port_mode: crate::listen::ProxyPortMode::PerService,
         });
         let name = ServicePortName { service: ServiceName::new("default", "a"), port: "".into() };
-        let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);
+        let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 8080);
         let vip: IpAddr = "10.96.0.10".parse().unwrap();
         sp.cluster_ips = vec![vip];
         b.prefer_proxy_ports([((Protocol::Tcp, vip, 8080), outside)]);
@@ -193,7 +193,7 @@ mod tests {
         });
         let sp = |name: &str, vip: &str| {
             let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
-            let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 80);
+            let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 80);
             sp.cluster_ips = vec![vip.parse().unwrap()];
             sp
         };

@@ -133,7 +133,7 @@ mod tests {
 
     fn port(name: &str, node_port: Option<u16>) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
-        let mut sp = ServicePort::new(name, Origin("test".into()), Protocol::Tcp, 8080);
+        let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 8080);
         sp.node_port = node_port;
         sp
     }

@@ -46,7 +46,7 @@ impl ListenKey {
 /// The name shared listeners go by: no Service has an empty namespace (nor
 /// spaces in its name); it prints as "shared proxy port" in logs.
 fn shared_name() -> ServicePortName {
-    ServicePortName { service: ServiceName::new("", "shared proxy port"), port: String::new() }
+    ServicePortName { service: ServiceName::new("", "shared proxy port"), port: Default::default() }
 }
 
 /// Whether `sp` gets proxy ports of its own under `opts`.
@@ -175,8 +175,8 @@ mod tests {
     }
 
     fn port(name: &str, protocol: Protocol) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-        let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+        let name = ServicePortName { service: ServiceName::new("default", name), port: Default::default() };
+        let mut sp = ServicePort::new(name, Origin::new("test"), protocol, 80);
         sp.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
         sp
     }

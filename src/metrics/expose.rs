@@ -67,9 +67,9 @@ impl<'a> Groups<'a> {
 
 fn port_labels(p: &PortMetrics) -> Labels {
     vec![
-        ("namespace", LabelValue(p.name.service.namespace.clone())),
-        ("service", LabelValue(p.name.service.name.clone())),
-        ("port", LabelValue(p.name.port.clone())),
+        ("namespace", LabelValue(p.name.service.namespace.to_string())),
+        ("service", LabelValue(p.name.service.name.to_string())),
+        ("port", LabelValue(p.name.port.to_string())),
     ]
 }
 

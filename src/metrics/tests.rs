@@ -151,7 +151,7 @@ fn summary_and_off_detail_cut_per_port_series() {
 #[test]
 fn a_port_nothing_holds_is_no_longer_exposed() {
     let metrics = Arc::new(Metrics::new(1));
-    let name = ServicePortName { service: ServiceName::new("default", "gone"), port: String::new() };
+    let name = ServicePortName { service: ServiceName::new("default", "gone"), port: "".into() };
     drop(metrics.port(&name, Protocol::Tcp));
     metrics.prune();
     assert!(!scrape(&metrics).contains("\"gone\""));
@@ -188,7 +188,7 @@ fn build_info_and_kube_proxy_names_are_exposed() {
 #[test]
 fn each_port_exposes_only_the_series_of_its_protocol() {
     let metrics = Arc::new(Metrics::new(1));
-    let name = |n: &str| ServicePortName { service: ServiceName::new("default", n), port: String::new() };
+    let name = |n: &str| ServicePortName { service: ServiceName::new("default", n), port: "".into() };
     let (_web, _dns) = (metrics.port(&name("web"), Protocol::Tcp), metrics.port(&name("dns"), Protocol::Udp));
     let text = scrape(&metrics);
     let series = |service: &str| -> Vec<&str> {

@@ -12,8 +12,8 @@ use crate::snapshot::{BalanceContext, PortUpdate};
 use crate::source_ip::SourceOptions;
 
 fn spec(name: &str, protocol: Protocol, vip: &str, endpoints: usize) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-    let mut sp = ServicePort::new(name, Origin("test".into()), protocol, 80);
+    let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+    let mut sp = ServicePort::new(name, Origin::new("test"), protocol, 80);
     sp.cluster_ips = vec![vip.parse().unwrap()];
     sp.endpoints = (0..endpoints)
         .map(|i| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)))))
@@ -222,7 +222,7 @@ fn rules_given_whole_or_read_back_are_diffed_whole_by_the_next_snapshot() {
     // A previous run's rules, without names, one of them stale.
     let mut read_back = fresh.rules().clone();
     for t in read_back.redirects.values_mut() {
-        t.service = ServicePortName { service: ServiceName::new("", ""), port: String::new() };
+        t.service = ServicePortName { service: ServiceName::new("", ""), port: "".into() };
     }
     let stale = RuleKey {
         protocol: Protocol::Tcp,

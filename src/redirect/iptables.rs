@@ -175,7 +175,7 @@ pub fn parse_save(saved: &str) -> super::rules::Rules {
             let key = super::rules::RuleKey { protocol, daddr: crate::model::ServiceVip(ip), dport };
             let service = crate::model::ServicePortName {
                 service: crate::model::ServiceName::new("", ""),
-                port: String::new(),
+                port: Default::default(),
             };
             Some((key, super::rules::Target { proxy_port: crate::model::ProxyPort(proxy), service }))
         })();
@@ -414,9 +414,8 @@ mod tests {
     fn a_tcp_port_without_endpoints_on_a_shared_proxy_port_is_reset_by_a_rule() {
         use crate::redirect::rules::{Locality, PortRules, desired};
         use crate::snapshot::Emptiness;
-        let name = ServicePortName { service: ServiceName::new("default", "empty"), port: String::new() };
-        let mut sp =
-            crate::model::ServicePort::new(name, crate::model::Origin("t".into()), Protocol::Tcp, 80);
+        let name = ServicePortName { service: ServiceName::new("default", "empty"), port: "".into() };
+        let mut sp = crate::model::ServicePort::new(name, crate::model::Origin::new("t"), Protocol::Tcp, 80);
         sp.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
         let none = Emptiness { internal: true, external: true, has_endpoints: false };
         let port = |shared| PortRules {

@@ -112,7 +112,7 @@ pub fn parse_table(listing: &str) -> Option<RuleSet> {
                 (MAP4 | MAP6, Some(p)) => {
                     let service = crate::model::ServicePortName {
                         service: crate::model::ServiceName::new("", ""),
-                        port: String::new(),
+                        port: Default::default(),
                     };
                     rules.redirects.insert(key, Target { proxy_port: crate::model::ProxyPort(p), service });
                 }

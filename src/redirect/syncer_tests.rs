@@ -61,7 +61,7 @@ impl Recorder {
 }
 
 fn rules(n: u8) -> Rules {
-    let service = ServicePortName { service: ServiceName::new("default", "x"), port: String::new() };
+    let service = ServicePortName { service: ServiceName::new("default", "x"), port: "".into() };
     (0..n)
         .map(|i| {
             let key =
@@ -111,7 +111,7 @@ fn first_sync_replaces_then_changes_are_incremental_and_a_failure_forces_a_repla
 fn conntrack_is_cleared_for_every_udp_key_at_start_and_then_only_for_udp_keys_whose_fate_changed() {
     let rec = Recorder::default();
     let mut s = Syncer::new(Box::new(rec.clone()));
-    let service = ServicePortName { service: ServiceName::new("default", "dns"), port: String::new() };
+    let service = ServicePortName { service: ServiceName::new("default", "dns"), port: "".into() };
     let udp = |i: u8, port: u16| {
         let key = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip([10, 96, 0, i].into()), dport: 53 };
         (key, Target { proxy_port: ProxyPort(port), service: service.clone() })

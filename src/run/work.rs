@@ -95,7 +95,7 @@ mod tests {
             Update::Changes(d) | Update::Then(_, d) => d,
             Update::Full(_) => return Vec::new(),
         };
-        delta.services.keys().map(|n| n.name.clone()).collect()
+        delta.services.keys().map(|n| n.name.to_string()).collect()
     }
 
     #[test]

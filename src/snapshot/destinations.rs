@@ -217,8 +217,8 @@ mod tests {
     }
 
     fn sp(name: &str, protocol: Protocol, port: u16) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-        ServicePort::new(name, Origin("test".into()), protocol, port)
+        let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+        ServicePort::new(name, Origin::new("test"), protocol, port)
     }
 
     fn to(s: &str) -> SocketAddr {

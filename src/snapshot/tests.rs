@@ -27,8 +27,8 @@ pub(super) fn loopback_binder(
 }
 
 fn port(name: &str, eps: &[u8]) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-    let mut sp = ServicePort::new(name, Origin("t".into()), Protocol::Tcp, 80);
+    let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+    let mut sp = ServicePort::new(name, Origin::new("t"), Protocol::Tcp, 80);
     sp.endpoints =
         eps.iter().map(|n| Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, *n], 80))))).collect();
     sp

@@ -21,10 +21,9 @@ fn rng() -> impl FnMut(u64) -> u64 {
 /// ports often claim the same one; 127.0.0.1 as an external IP is local
 /// (left out of the destinations); one in eight is UDP (left out too).
 fn random_port(i: u64, next: &mut impl FnMut(u64) -> u64) -> ServicePort {
-    let name =
-        ServicePortName { service: ServiceName::new("default", format!("s{i:03}")), port: String::new() };
+    let name = ServicePortName { service: ServiceName::new("default", format!("s{i:03}")), port: "".into() };
     let protocol = if next(8) == 0 { Protocol::Udp } else { Protocol::Tcp };
-    let mut sp = ServicePort::new(name, Origin("t".into()), protocol, 80 + next(2) as u16);
+    let mut sp = ServicePort::new(name, Origin::new("t"), protocol, 80 + next(2) as u16);
     let ip = |s: String| s.parse::<IpAddr>().expect("ip");
     sp.cluster_ips = vec![ip(format!("10.96.0.{}", next(6)))];
     if next(4) == 0 {

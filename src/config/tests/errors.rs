@@ -8,7 +8,7 @@ use crate::model::{Origin, Protocol, ServiceName};
 #[test]
 fn error_display_names_origin_object_field_and_problem() {
     let error = ConfigError {
-        origin: Origin("examples/bad.yaml (document 2)".into()),
+        origin: Origin::new("examples/bad.yaml (document 2)"),
         object: Some(ObjectRef::of("Service", &ServiceName::new("default", "web"))),
         field: Some("spec.ports[0].port".into()),
         kind: port_number(70000).unwrap_err(),
@@ -23,7 +23,7 @@ fn error_display_names_origin_object_field_and_problem() {
 #[test]
 fn config_errors_print_one_per_line() {
     let make = |n: &str| ConfigError {
-        origin: Origin(n.into()),
+        origin: Origin::new(n),
         object: None,
         field: None,
         kind: ConfigErrorKind::NotAnObject,

@@ -34,7 +34,7 @@ fn documents_are_numbered_from_one_and_empty_ones_are_ignored() {
     let text =
         format!("---\n{SERVICE}---\n---\n# only a comment\n---\n{}---\n", SERVICE.replace("web", "api"));
     let m = manifests(&text);
-    let origins: Vec<_> = m.services.iter().map(|s| s.origin.0.as_str()).collect();
+    let origins: Vec<_> = m.services.iter().map(|s| s.origin.to_string()).collect();
     assert_eq!(origins, ["t.yaml (document 1)", "t.yaml (document 4)"]);
     assert!(m.warnings.is_empty());
     assert!(manifests("").services.is_empty());
@@ -50,7 +50,7 @@ fn a_v1_list_is_read_item_by_item() {
         "out of range",
     );
     let good = manifests(&text.replace("port: 0", "port: 81"));
-    let origins: Vec<_> = good.services.iter().map(|s| s.origin.0.as_str()).collect();
+    let origins: Vec<_> = good.services.iter().map(|s| s.origin.to_string()).collect();
     assert_eq!(origins, ["t.yaml (document 1, items[0])", "t.yaml (document 1, items[1])"]);
 }
 

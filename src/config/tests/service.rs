@@ -37,7 +37,7 @@ fn bad(spec: &str, field: &str, problem: &str) {
 fn minimal_service_gets_the_api_defaults() {
     let s = service("{clusterIP: 10.96.0.10, ports: [{port: 80}]}");
     assert_eq!(s.name, ServiceName::new("default", "web"));
-    assert_eq!(s.origin.0, "t.yaml (document 1)");
+    assert_eq!(s.origin.to_string(), "t.yaml (document 1)");
     assert_eq!(s.cluster_ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
     let port = &s.ports[0];
     assert_eq!((port.name.as_str(), port.protocol, port.port), ("", Protocol::Tcp, 80));
@@ -78,7 +78,7 @@ fn external_name_service_is_skipped_with_the_reason() {
 #[test]
 fn headless_service_is_skipped_through_the_api_conversion_too() {
     let raw: Service = serde_norway::from_str(&svc("{clusterIP: None, ports: [{port: 80}]}")).unwrap();
-    let converted = service_from_k8s(&raw, Origin("api".into())).unwrap();
+    let converted = service_from_k8s(&raw, Origin::new("api")).unwrap();
     assert_eq!(converted, Conversion::Skipped(Skip::Headless));
     let listed = svc("{clusterIPs: [None], ports: [{port: 80}]}");
     assert_eq!(warnings(&listed)[0].kind, WarningKind::Skipped(Skip::Headless));
@@ -87,7 +87,7 @@ fn headless_service_is_skipped_through_the_api_conversion_too() {
 #[test]
 fn service_from_k8s_names_the_callers_origin_in_errors() {
     let raw: Service = serde_norway::from_str(&svc("{ports: [{port: 0}]}")).unwrap();
-    let errors = service_from_k8s(&raw, Origin("kube-apiserver".into())).unwrap_err();
+    let errors = service_from_k8s(&raw, Origin::new("kube-apiserver")).unwrap_err();
     assert_eq!(
         errors.to_string(),
         "kube-apiserver: Service default/web: spec.ports[0].port: 0 is out of range 1-65535"

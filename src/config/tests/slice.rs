@@ -6,7 +6,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::{assert_error, manifests};
 use crate::config::{Conversion, Skip, WarningKind, slice_from_k8s};
-use crate::model::{self, Conditions, Origin, Protocol, ServiceName, SliceKind, SlicePort};
+use crate::model::{self, Conditions, Name, Origin, Protocol, ServiceName, SliceKind, SlicePort};
 
 const AT: &str = "t.yaml (document 1): EndpointSlice default/web-abc: ";
 
@@ -67,10 +67,26 @@ fn node_zone_and_hints_are_kept() {
     );
     let e = &s.endpoints[0];
     assert_eq!((e.node_name.as_deref(), e.zone.as_deref()), (Some("node-a"), Some("zone-1")));
+    let hints = e.hints.as_deref().unwrap();
     assert_eq!(
-        (e.hints_zones.as_slice(), e.hints_nodes.as_slice()),
-        (&["zone-1".to_owned()][..], &["node-a".to_owned()][..])
+        (&hints.zones[..], &hints.nodes[..]),
+        (&[Name::from("zone-1")][..], &[Name::from("node-a")][..])
     );
+}
+
+#[test]
+fn endpoints_share_their_node_zone_and_port_names() {
+    let s = slice(
+        "[{name: http, port: 80}]",
+        "[{addresses: [127.0.0.1], nodeName: node-a, zone: zone-1, hints: {forZones: [{name: zone-1}]}}, \
+          {addresses: [127.0.0.2], nodeName: node-a, zone: zone-1}]",
+    );
+    let [a, b] = &s.endpoints[..] else { panic!("two endpoints: {:?}", s.endpoints) };
+    let shared = |x: &Option<Name>, y: &Option<Name>| x.as_ref().unwrap().shares(y.as_ref().unwrap());
+    assert!(shared(&a.node_name, &b.node_name) && shared(&a.zone, &b.zone));
+    assert!(a.hints.as_ref().unwrap().zones[0].shares(a.zone.as_ref().unwrap()));
+    assert!(b.hints.is_none(), "no hints, no allocation");
+    assert!(s.ports[0].name.shares(&Name::interned("http")));
 }
 
 #[test]
@@ -107,7 +123,7 @@ fn addresses_must_parse_and_match_the_address_type() {
     let mapped = slice_text("[{port: 80}]", "[{addresses: ['::ffff:10.0.0.1']}]").replace("IPv4", "IPv6");
     assert_error(&mapped, &format!("{AT}endpoints[0].addresses[0]: "), "IPv4-mapped");
     let v6 = slice_text("[{port: 80}]", "[{addresses: ['::1']}]").replace("IPv4", "IPv6");
-    assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses, ["::1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses[..], ["::1".parse::<IpAddr>().unwrap()]);
 }
 
 #[test]
@@ -139,7 +155,7 @@ fn endpoints_become_one_slice_with_ready_and_not_ready_addresses() {
         (s.kind, &s.id, &s.service),
         (SliceKind::Endpoints { subset: 0 }, &ServiceName::new("default", "legacy"), &s.id)
     );
-    assert_eq!(s.ports, [SlicePort { name: String::new(), port: 9000, protocol: Protocol::Tcp }]);
+    assert_eq!(s.ports, [SlicePort { name: "".into(), port: 9000, protocol: Protocol::Tcp }]);
     let ready = &s.endpoints[0];
     assert_eq!((ready.conditions, ready.node_name.as_deref()), (Conditions::default(), Some("node-a")));
     let not_ready = Conditions { ready: false, serving: false, terminating: false };
@@ -178,8 +194,8 @@ fn endpoints_errors_name_the_subset_list_and_port() {
 fn slice_from_k8s_takes_an_api_object_and_its_origin() {
     let raw: EndpointSlice =
         serde_norway::from_str(&slice_text("[{port: 80}]", "[{addresses: [127.0.0.1]}]")).unwrap();
-    let Conversion::Accepted { value, warnings } = slice_from_k8s(&raw, Origin("api".into())).unwrap() else {
+    let Conversion::Accepted { value, warnings } = slice_from_k8s(&raw, Origin::new("api")).unwrap() else {
         panic!("skipped");
     };
-    assert_eq!((value.origin.0.as_str(), warnings.len()), ("api", 0));
+    assert_eq!((value.origin.to_string().as_str(), warnings.len()), ("api", 0));
 }

@@ -4,8 +4,8 @@ use super::*;
 use crate::model::{Endpoint, EndpointAddr, Origin, ServiceName};
 
 fn sp(name: &str, protocol: Protocol, port: u16) -> ServicePort {
-    let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-    ServicePort::new(name, Origin("test".into()), protocol, port)
+    let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+    ServicePort::new(name, Origin::new("test"), protocol, port)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -194,7 +194,7 @@ fn set_diff_tracks_rejects_names_changed_udp_keys_and_asks_for_a_rewrite_when_th
     let udp = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip(ip("10.96.0.53")), dport: 53 };
     let target = Target {
         proxy_port: ProxyPort(31000),
-        service: ServicePortName { service: ServiceName::new("default", "dns"), port: String::new() },
+        service: ServicePortName { service: ServiceName::new("default", "dns"), port: "".into() },
     };
     let old = RuleSet { reject: [udp].into(), ..RuleSet::default() };
     let new = RuleSet::from_redirects([(udp, target)].into_iter().collect());
@@ -210,7 +210,7 @@ fn set_diff_tracks_rejects_names_changed_udp_keys_and_asks_for_a_rewrite_when_th
 fn diff_removes_gone_keys_adds_new_ones_and_replaces_changed_targets() {
     let target = |port| Target {
         proxy_port: ProxyPort(port),
-        service: ServicePortName { service: ServiceName::new("default", "x"), port: String::new() },
+        service: ServicePortName { service: ServiceName::new("default", "x"), port: "".into() },
     };
     let old: Rules = [
         (key("10.96.0.1", 80), target(1)),

@@ -431,11 +431,12 @@ fn same_objects(a: &Manifests, b: &Manifests) -> bool {
 }
 
 fn file_error(file: &Path, kind: ConfigErrorKind) -> ConfigError {
-    ConfigError { origin: Origin(file.display().to_string()), object: None, field: None, kind }
+    ConfigError { origin: Origin::new(file.display().to_string()), object: None, field: None, kind }
 }
 
 fn kept(file: &Path, kind: WarningKind) -> Warning {
-    let warning = Warning { origin: Origin(file.display().to_string()), object: None, field: None, kind };
+    let warning =
+        Warning { origin: Origin::new(file.display().to_string()), object: None, field: None, kind };
     tracing::warn!(%warning, "manifest warning");
     warning
 }

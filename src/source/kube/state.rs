@@ -99,7 +99,7 @@ impl Convert for model::Service {
         filter.foreign(&raw.metadata)
     }
     fn convert(raw: &Service) -> Result<Conversion<Self>, ConfigErrors> {
-        config::service_from_k8s(raw, Origin(API_ORIGIN.to_owned()))
+        config::service_from_k8s(raw, Origin::new(API_ORIGIN))
     }
 }
 
@@ -110,7 +110,7 @@ impl Convert for model::EndpointSlice {
         &raw.metadata
     }
     fn convert(raw: &EndpointSlice) -> Result<Conversion<Self>, ConfigErrors> {
-        config::slice_from_k8s(raw, Origin(API_ORIGIN.to_owned()))
+        config::slice_from_k8s(raw, Origin::new(API_ORIGIN))
     }
 }
 
@@ -271,7 +271,7 @@ fn reject(errors: ConfigErrors, object: &ObjectRef, kept: bool) -> Outcome {
 fn key_of(meta: &ObjectMeta) -> Option<ServiceName> {
     let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
     let namespace = meta.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default");
-    Some(ServiceName::new(namespace.to_owned(), name.to_owned()))
+    Some(ServiceName::new(namespace, name))
 }
 
 /// Everything both watchers delivered, validated, and what changed since

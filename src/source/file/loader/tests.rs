@@ -55,7 +55,7 @@ fn delta(loaded: &Loaded) -> &Delta {
 
 /// (name, set or removed) of each entry of a delta.
 fn entries<T>(map: &BTreeMap<ServiceName, Option<T>>) -> Vec<(String, bool)> {
-    map.iter().map(|(k, v)| (k.name.clone(), v.is_some())).collect()
+    map.iter().map(|(k, v)| (k.name.to_string(), v.is_some())).collect()
 }
 
 fn write(dir: &Path, file: &str, text: &str) {
@@ -131,7 +131,7 @@ fn an_object_moved_between_files_is_set_not_removed() {
     let d = delta(&loaded);
     assert_eq!(entries(&d.services), [("m".to_owned(), true)]);
     let moved = d.services.values().next().unwrap().as_ref().unwrap();
-    assert!(moved.origin.0.contains("b.yaml"), "{}", moved.origin.0);
+    assert!(moved.origin.to_string().contains("b.yaml"), "{}", moved.origin);
 }
 
 #[test]

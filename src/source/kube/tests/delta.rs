@@ -19,7 +19,7 @@ fn delta(state: &mut ClusterState) -> Delta {
 
 /// (name, set or removed) of each entry.
 fn entries<T>(map: &std::collections::BTreeMap<ServiceName, Option<T>>) -> Vec<(String, bool)> {
-    map.iter().map(|(k, v)| (k.name.clone(), v.is_some())).collect()
+    map.iter().map(|(k, v)| (k.name.to_string(), v.is_some())).collect()
 }
 
 #[test]

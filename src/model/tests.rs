@@ -1,0 +1,67 @@
+//! The model's compact representations: origins print as the text they
+//! replaced, and the sizes of the types held hundreds of thousands of times
+//! are pinned, so that a field that makes them grow is a decision, not an
+//! accident. (Before the shared names: `SliceEndpoint` 128 bytes and
+//! `Endpoint` 136, plus a heap allocation for each address list, name, zone
+//! and hint.)
+
+use std::mem::size_of;
+use std::net::IpAddr;
+
+use super::{Addresses, Endpoint, Hints, Name, Origin, ServiceName, ServicePortName, SliceEndpoint};
+
+#[test]
+fn origins_print_as_the_file_document_and_item() {
+    let file = Name::interned("examples/web.yaml");
+    assert_eq!(Origin::document(file.clone(), 2).to_string(), "examples/web.yaml (document 2)");
+    assert_eq!(Origin::item(file.clone(), 2, 0).to_string(), "examples/web.yaml (document 2, items[0])");
+    assert_eq!(Origin::item(file.clone(), 1, 17).to_string(), "examples/web.yaml (document 1, items[17])");
+    assert_eq!(Origin::new("kube-apiserver").to_string(), "kube-apiserver");
+    assert_eq!(
+        serde_json::to_string(&Origin::document(file.clone(), 3)).unwrap(),
+        r#""examples/web.yaml (document 3)""#
+    );
+    assert!(Origin::document(file.clone(), 1).place().shares(&file), "the place is shared, not copied");
+}
+
+#[test]
+fn addresses_hold_one_inline_and_any_other_count_boxed() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let one = Addresses::from(vec![ip("10.0.0.1")]);
+    assert!(matches!(one, Addresses::One(_)));
+    assert_eq!(one.as_slice(), [ip("10.0.0.1")]);
+    let two = Addresses::from(vec![ip("10.0.0.1"), ip("10.0.0.2")]);
+    assert_eq!(two.iter().copied().collect::<Vec<_>>(), [ip("10.0.0.1"), ip("10.0.0.2")]);
+    assert!(Addresses::from(Vec::new()).is_empty());
+    assert_eq!(serde_json::to_string(&one).unwrap(), r#"["10.0.0.1"]"#);
+}
+
+#[test]
+fn endpoints_without_hints_carry_no_hint_allocation() {
+    assert_eq!(Hints::new(Vec::new(), Vec::new()), None);
+    let hints = Hints::new(vec!["z1".into()], Vec::new()).unwrap();
+    let mut e = Endpoint::ready(super::EndpointAddr("10.0.0.1:80".parse().unwrap()));
+    assert_eq!((e.hints_zones(), e.hints_nodes()), (&[][..], &[][..]));
+    e.hints = Some(hints);
+    assert_eq!((e.hints_zones(), e.hints_nodes()), (&[Name::from("z1")][..], &[][..]));
+}
+
+#[test]
+fn names_are_one_shared_pointer_each() {
+    assert_eq!(size_of::<Name>(), 16);
+    assert_eq!(size_of::<Option<Name>>(), 16);
+    assert_eq!(size_of::<ServiceName>(), 32);
+    assert_eq!(size_of::<ServicePortName>(), 48);
+}
+
+#[test]
+fn origin_is_no_larger_than_the_string_it_replaced() {
+    assert_eq!(size_of::<Origin>(), 24);
+}
+
+#[test]
+fn endpoints_keep_one_address_inline_and_hints_out_of_line() {
+    assert_eq!(size_of::<Addresses>(), 24);
+    assert_eq!(size_of::<SliceEndpoint>(), 72);
+    assert_eq!(size_of::<Endpoint>(), 80);
+}
