@@ -75,6 +75,15 @@ fn node_zone_and_hints_are_kept() {
 }
 
 #[test]
+fn a_slice_keeps_no_spare_room_for_its_endpoints_or_ports() {
+    let s = slice(
+        "[{name: a, port: 80}, {name: b, port: 81}]",
+        "[{addresses: [10.0.0.1]}, {addresses: [10.0.0.2]}]",
+    );
+    assert_eq!((s.endpoints.capacity(), s.ports.capacity()), (2, 2));
+}
+
+#[test]
 fn endpoints_share_their_node_zone_and_port_names() {
     let s = slice(
         "[{name: http, port: 80}]",
