@@ -7,18 +7,22 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
+mod addresses;
 mod name;
+mod origin;
 #[cfg(test)]
 mod tests;
 
+use addresses::serialize_hints;
+pub use addresses::{Addresses, Hints};
 pub use name::Name;
+pub use origin::Origin;
 
 /// `namespace/name` of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
@@ -321,66 +325,6 @@ impl Default for Conditions {
     }
 }
 
-/// Where a model object came from, for error messages: a place (a file, or
-/// the Kubernetes API) and, for an object of a file, the document's index in
-/// it and the List item's. Kept apart, not formatted: every object has one,
-/// and the place is shared, so cloning one never allocates.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Origin {
-    place: Name,
-    /// The document, numbered from 1; `None` for the whole place.
-    document: Option<NonZeroU32>,
-    /// The List item's index + 1; `None` outside a List. (Both fit in the
-    /// room of the niche, so an origin is no larger than the `String` it
-    /// replaced.)
-    item: Option<NonZeroU32>,
-}
-
-impl Origin {
-    /// A whole place: a file, a directory, or a source such as the API.
-    pub fn new(place: impl AsRef<str>) -> Self {
-        Self { place: Name::interned(place.as_ref()), document: None, item: None }
-    }
-
-    /// `file (document N)`; documents are numbered from 1.
-    pub fn document(file: Name, document: usize) -> Self {
-        Self { place: file, document: Some(counted(document)), item: None }
-    }
-
-    /// `file (document N, items[I])`; items are indexed from 0.
-    pub fn item(file: Name, document: usize, item: usize) -> Self {
-        Self { place: file, document: Some(counted(document)), item: Some(counted(item.saturating_add(1))) }
-    }
-
-    /// The file or source, without the document.
-    pub fn place(&self) -> &Name {
-        &self.place
-    }
-}
-
-/// A count from 1. Documents and items are bounded by the manifest size
-/// limit, far below `u32::MAX`, so the clamping never shows.
-fn counted(n: usize) -> NonZeroU32 {
-    u32::try_from(n).ok().and_then(NonZeroU32::new).unwrap_or(NonZeroU32::MAX)
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.place)?;
-        match (self.document, self.item) {
-            (None, _) => Ok(()),
-            (Some(document), None) => write!(f, " (document {document})"),
-            (Some(document), Some(item)) => write!(f, " (document {document}, items[{}])", item.get() - 1),
-        }
-    }
-}
-
-impl Serialize for Origin {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
 /// One validated port of a validated [`Service`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePortSpec {
@@ -468,87 +412,6 @@ pub struct SliceEndpoint {
     pub zone: Option<Name>,
     #[serde(serialize_with = "serialize_hints")]
     pub hints: Option<Arc<Hints>>,
-}
-
-/// An endpoint's addresses: nearly always exactly one, which is kept inline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Addresses {
-    One(IpAddr),
-    /// None, or more than one.
-    Many(Box<[IpAddr]>),
-}
-
-impl Addresses {
-    pub fn as_slice(&self) -> &[IpAddr] {
-        match self {
-            Addresses::One(ip) => std::slice::from_ref(ip),
-            Addresses::Many(ips) => ips,
-        }
-    }
-}
-
-impl std::ops::Deref for Addresses {
-    type Target = [IpAddr];
-
-    fn deref(&self) -> &[IpAddr] {
-        self.as_slice()
-    }
-}
-
-impl<'a> IntoIterator for &'a Addresses {
-    type Item = &'a IpAddr;
-    type IntoIter = std::slice::Iter<'a, IpAddr>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.as_slice().iter()
-    }
-}
-
-impl From<Vec<IpAddr>> for Addresses {
-    fn from(ips: Vec<IpAddr>) -> Self {
-        match *ips {
-            [ip] => Addresses::One(ip),
-            _ => Addresses::Many(ips.into_boxed_slice()),
-        }
-    }
-}
-
-impl From<IpAddr> for Addresses {
-    fn from(ip: IpAddr) -> Self {
-        Addresses::One(ip)
-    }
-}
-
-impl Serialize for Addresses {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.as_slice().serialize(serializer)
-    }
-}
-
-/// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`), rare
-/// enough to live behind one pointer, shared by the joined [`Endpoint`]s of
-/// every address and port.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Hints {
-    pub zones: Box<[Name]>,
-    pub nodes: Box<[Name]>,
-}
-
-impl Hints {
-    /// `None` when there are no hints at all.
-    pub fn new(zones: Vec<Name>, nodes: Vec<Name>) -> Option<Arc<Hints>> {
-        if zones.is_empty() && nodes.is_empty() {
-            return None;
-        }
-        Some(Arc::new(Hints { zones: zones.into(), nodes: nodes.into() }))
-    }
-}
-
-fn serialize_hints<S: serde::Serializer>(
-    hints: &Option<Arc<Hints>>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    hints.as_deref().serialize(serializer)
 }
 
 /// Which Kubernetes object an [`EndpointSlice`] was built from. kube-proxy
