@@ -17,6 +17,16 @@
 //! - One [`EndpointState`] per protocol and endpoint address for the whole
 //!   process (through [`HealthRegistry`]), so ejection and active-connection
 //!   counts survive reloads and are the same for every worker.
+//! - A state exists only once it matters: a balancer holds a
+//!   [`HealthCell`] per endpoint, empty until its first attempt (most of
+//!   100k service ports never see a connection). An empty cell reads as a
+//!   fresh state would (admitted, nothing active), with no lock and no
+//!   write. Its first use takes the registry's lock once, to find the state
+//!   another balancer made or to make it; a balancer built while an older
+//!   one holds a state takes it at build, so an ejection or a count
+//!   survives the reload. (A state made by an older balancer after a newer
+//!   one was built reaches the newer one at its own first use of that
+//!   endpoint: at most one attempt that a shared state would have skipped.)
 //! - TCP and UDP never share a state: a UDP endpoint's ICMP port-unreachable
 //!   says nothing about the TCP server on the same `ip:port` (DNS on 53,
 //!   HTTPS and QUIC on 443), so it must not eject it, move its pins, or
@@ -26,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -58,10 +68,10 @@ struct Settings {
     policy: HealthPolicy,
 }
 
-/// Health and load of one endpoint address.
+/// Health and load of one endpoint address (the address is its
+/// [`HealthCell`]'s and the registry's key, not kept here).
 #[derive(Debug)]
 pub struct EndpointState {
-    pub addr: EndpointAddr,
     settings: Arc<Settings>,
     /// Consecutive failures since the last success or ejection.
     failures: AtomicU32,
@@ -78,7 +88,7 @@ pub struct EndpointState {
 }
 
 /// A point-in-time view, for `/debug/snapshot` and tests.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct HealthView {
     pub ejected: bool,
     pub consecutive_failures: u32,
@@ -93,9 +103,8 @@ pub struct HealthView {
 }
 
 impl EndpointState {
-    fn new(addr: EndpointAddr, settings: Arc<Settings>) -> Self {
+    fn new(settings: Arc<Settings>) -> Self {
         Self {
-            addr,
             settings,
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
@@ -211,34 +220,57 @@ impl EndpointState {
     }
 }
 
-/// Hands out the one [`EndpointState`] of each protocol and address. Held
-/// by the control plane; balancers hold the states themselves.
-#[derive(Debug)]
+/// Hands out the one [`EndpointState`] of each protocol and address. Cheap
+/// to clone (one shared registry): the control plane holds it, and each
+/// balancer a clone, to make its endpoints' states when they first matter.
+#[derive(Debug, Clone)]
 pub struct HealthRegistry {
+    shared: Arc<Registry>,
+}
+
+#[derive(Debug)]
+struct Registry {
     settings: Arc<Settings>,
     states: Mutex<HashMap<(Protocol, EndpointAddr), Weak<EndpointState>>>,
 }
 
+type States = HashMap<(Protocol, EndpointAddr), Weak<EndpointState>>;
+
 impl HealthRegistry {
     pub fn new(policy: HealthPolicy, epoch: Instant) -> Self {
-        Self { settings: Arc::new(Settings { epoch, policy }), states: Mutex::new(HashMap::new()) }
+        let settings = Arc::new(Settings { epoch, policy });
+        Self { shared: Arc::new(Registry { settings, states: Mutex::new(HashMap::new()) }) }
+    }
+
+    fn states(&self) -> std::sync::MutexGuard<'_, States> {
+        self.shared.states.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The state of `addr` for `protocol` traffic: the existing one while
-    /// any balancer holds it.
+    /// anything holds it, else a new one.
     pub fn state(&self, protocol: Protocol, addr: EndpointAddr) -> Arc<EndpointState> {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.states();
         if let Some(state) = states.get(&(protocol, addr)).and_then(Weak::upgrade) {
             return state;
         }
-        let state = Arc::new(EndpointState::new(addr, Arc::clone(&self.settings)));
+        let state = Arc::new(EndpointState::new(Arc::clone(&self.shared.settings)));
         states.insert((protocol, addr), Arc::downgrade(&state));
         state
     }
 
+    /// A balancer's cell for `addr`: holding the existing state, if
+    /// anything holds one, else empty until the endpoint first matters.
+    pub fn cell(&self, protocol: Protocol, addr: EndpointAddr) -> HealthCell {
+        let state = OnceLock::new();
+        if let Some(existing) = self.states().get(&(protocol, addr)).and_then(Weak::upgrade) {
+            let _ = state.set(existing);
+        }
+        HealthCell { addr, state }
+    }
+
     /// Forget these addresses where no balancer holds them any more.
     pub fn forget(&self, addrs: impl IntoIterator<Item = (Protocol, EndpointAddr)>) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states = self.states();
         for key in addrs {
             if states.get(&key).is_some_and(|s| s.strong_count() == 0) {
                 states.remove(&key);
@@ -248,8 +280,52 @@ impl HealthRegistry {
 
     /// Forget addresses no balancer holds any more.
     pub fn prune(&self) {
-        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        states.retain(|_, s| s.strong_count() > 0);
+        self.states().retain(|_, s| s.strong_count() > 0);
+    }
+
+    /// How many states the registry knows of (held or not yet forgotten).
+    pub fn len(&self) -> usize {
+        self.states().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One endpoint of a balancer: its address, and its [`EndpointState`] once
+/// the endpoint matters (module header). Reads of an empty cell see a
+/// fresh state's values; [`HealthCell::state`] fills it.
+#[derive(Debug)]
+pub struct HealthCell {
+    pub addr: EndpointAddr,
+    state: OnceLock<Arc<EndpointState>>,
+}
+
+impl HealthCell {
+    /// The state, made (or found in `registry`) on first use. Workers
+    /// racing to fill one cell get the same state, and so do balancers
+    /// racing to fill cells of the same protocol and address (the
+    /// registry's lock decides).
+    pub fn state(&self, registry: &HealthRegistry, protocol: Protocol) -> &EndpointState {
+        self.state.get_or_init(|| registry.state(protocol, self.addr))
+    }
+
+    /// The state, if the endpoint has mattered yet.
+    pub fn existing(&self) -> Option<&EndpointState> {
+        self.state.get().map(|s| &**s)
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.existing().is_some_and(|s| s.is_ejected(now))
+    }
+
+    pub fn active(&self) -> u32 {
+        self.existing().map_or(0, EndpointState::active)
+    }
+
+    pub fn view(&self, now: Instant) -> HealthView {
+        self.existing().map_or_else(HealthView::default, |s| s.view(now))
     }
 }
 
@@ -326,7 +402,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &registry.state(Protocol::Tcp, addr)));
         drop(a);
         registry.prune();
-        assert!(registry.states.lock().unwrap().is_empty());
+        assert!(registry.is_empty());
     }
 
     #[test]

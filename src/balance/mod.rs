@@ -40,7 +40,7 @@ pub mod eligible;
 pub mod health;
 pub mod maglev;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,7 +50,7 @@ use serde::Serialize;
 
 use self::affinity::Pins;
 use self::eligible::{Locality, Scope};
-use self::health::{EndpointState, HealthRegistry, HealthView};
+use self::health::{EndpointState, HealthCell, HealthRegistry, HealthView};
 use self::maglev::Maglev;
 use crate::model::{Affinity, ClientAddr, EndpointAddr, Protocol, Scheduler, ServicePort};
 
@@ -66,9 +66,11 @@ pub struct BalanceOptions {
 }
 
 /// Everything that decides a balancer; equal inputs mean the same balancer.
+/// Made for each build and compared with what a balancer holds
+/// ([`Balancer::serves`]); a balancer keeps its endpoints once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Inputs {
-    /// Eligible endpoints, in address order.
+    /// Eligible endpoints, in address order, each once.
     endpoints: Vec<EndpointAddr>,
     /// Health and load are kept per protocol (see `health.rs`).
     protocol: Protocol,
@@ -78,8 +80,13 @@ struct Inputs {
 
 impl Inputs {
     fn of(sp: &ServicePort, scope: Scope, opts: &BalanceOptions) -> Self {
+        let mut endpoints = eligible::eligible(sp, scope, &opts.locality);
+        // Already so from the join; kept so here, as the balancer finds an
+        // endpoint by a binary search.
+        endpoints.sort_unstable();
+        endpoints.dedup();
         Self {
-            endpoints: eligible::eligible(sp, scope, &opts.locality),
+            endpoints,
             protocol: sp.protocol,
             scheduler: sp.scheduler.unwrap_or(opts.scheduler),
             affinity: sp.affinity,
@@ -91,13 +98,21 @@ impl Inputs {
 /// both: [`Balancer::build_pair`]).
 #[derive(Debug)]
 pub struct Balancer {
-    inputs: Inputs,
-    /// Rotation order: shuffled for rr/random/lc/p2c, address order for the
-    /// hashing schedulers (so every rebuild hashes alike).
-    endpoints: Vec<Arc<EndpointState>>,
-    /// Position of each endpoint in `endpoints`, for a large set only: a
-    /// few are found as fast by a scan (see [`Balancer::position`]).
-    index: Option<HashMap<EndpointAddr, usize>>,
+    /// The eligible endpoints in address order (the inputs' own list, not
+    /// a copy of it), each with its health once it matters; a candidate is
+    /// an index into it.
+    endpoints: Box<[HealthCell]>,
+    /// Round robin's and least-connections' rotation: a shuffle of the
+    /// indices of `endpoints` (empty for the other schedulers: random
+    /// draws need none, and the hashing ones use address order, so every
+    /// rebuild hashes alike).
+    rotation: Box<[u32]>,
+    /// Health and load are kept per protocol (see `health.rs`).
+    protocol: Protocol,
+    scheduler: Scheduler,
+    affinity: Affinity,
+    /// Where the endpoints' states are made when they first matter.
+    registry: HealthRegistry,
     next: AtomicUsize,
     pins: Option<Arc<Pins>>,
     maglev: Option<Maglev>,
@@ -139,7 +154,7 @@ impl Balancer {
         let shared = previous.filter(|[i, e]| Arc::ptr_eq(i, e)).map(|[s, _]| s);
         let own_pins = |b: Option<&Arc<Balancer>>| b.and_then(|b| b.pins.clone());
         if internal == external {
-            let unchanged = [old_internal, old_external].into_iter().flatten().find(|b| b.inputs == internal);
+            let unchanged = [old_internal, old_external].into_iter().flatten().find(|b| b.serves(&internal));
             let joined = match unchanged {
                 Some(b) => Arc::clone(b),
                 None => Self::reuse_or_new(internal, registry, old_internal, own_pins(old_internal)),
@@ -168,7 +183,7 @@ impl Balancer {
         let new = |inputs, pins| {
             Arc::new(Self::new(inputs, registry, Some(shared), pins, &mut fastrand::Rng::new()))
         };
-        if external == shared.inputs {
+        if shared.serves(&external) {
             [new(internal, copy()), Arc::clone(shared)]
         } else {
             let copy = copy();
@@ -185,7 +200,7 @@ impl Balancer {
         pins: Option<Arc<Pins>>,
     ) -> Arc<Balancer> {
         if let Some(prev) = previous
-            && prev.inputs == inputs
+            && prev.serves(&inputs)
         {
             return Arc::clone(prev);
         }
@@ -200,55 +215,82 @@ impl Balancer {
         pins: Option<Arc<Pins>>,
         rng: &mut fastrand::Rng,
     ) -> Self {
-        let mut order = inputs.endpoints.clone();
+        let Inputs { mut endpoints, protocol, scheduler, affinity } = inputs;
         // Candidates index endpoints in a u32 (see `slot`).
-        order.truncate(MAX_ENDPOINTS);
-        if matches!(inputs.scheduler, Scheduler::Rr | Scheduler::Random | Scheduler::Lc | Scheduler::P2c) {
-            rng.shuffle(&mut order);
-        }
-        let pins = match inputs.affinity {
+        endpoints.truncate(MAX_ENDPOINTS);
+        let rotation = match scheduler {
+            Scheduler::Rr | Scheduler::Lc => {
+                let mut order: Box<[u32]> = (0..endpoints.len()).map(slot).collect();
+                rng.shuffle(&mut order);
+                order
+            }
+            _ => Box::default(),
+        };
+        let pins = match affinity {
             Affinity::None => None,
             Affinity::ClientIp { timeout } => Some(match pins {
                 Some(p) if p.timeout() == timeout => {
-                    p.retain(&order.iter().copied().collect::<HashSet<_>>());
+                    p.retain(&endpoints.iter().copied().collect::<HashSet<_>>());
                     p
                 }
                 _ => Arc::new(Pins::new(timeout)),
             }),
         };
-        let maglev = (inputs.scheduler == Scheduler::Maglev)
+        let maglev = (scheduler == Scheduler::Maglev)
             .then(|| {
                 // After a removal, keep the survivors' slots (only the
                 // removed endpoints' clients move); otherwise build afresh.
-                let shrunk = previous.and_then(|p| Some((p.maglev.as_ref()?, &p.inputs.endpoints)));
-                shrunk.and_then(|(m, old)| m.shrink(old, &order)).or_else(|| Maglev::new(&order))
+                let shrunk = previous.and_then(|p| {
+                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(|e| e.addr).collect();
+                    p.maglev.as_ref()?.shrink(&old, &endpoints)
+                });
+                shrunk.or_else(|| Maglev::new(&endpoints))
             })
             .flatten();
         Self {
-            index: (order.len() > SCAN_MAX).then(|| order.iter().enumerate().map(|(i, e)| (*e, i)).collect()),
-            endpoints: order.into_iter().map(|e| registry.state(inputs.protocol, e)).collect(),
-            inputs,
+            endpoints: endpoints.into_iter().map(|e| registry.cell(protocol, e)).collect(),
+            rotation,
+            protocol,
+            scheduler,
+            affinity,
+            registry: registry.clone(),
             next: AtomicUsize::new(0),
             pins,
             maglev,
         }
     }
 
+    /// Whether this balancer is the one `inputs` make (its rotation aside).
+    fn serves(&self, inputs: &Inputs) -> bool {
+        self.protocol == inputs.protocol
+            && self.scheduler == inputs.scheduler
+            && self.affinity == inputs.affinity
+            && self.endpoints.len() == inputs.endpoints.len().min(MAX_ENDPOINTS)
+            && self.endpoints.iter().zip(&inputs.endpoints).all(|(e, i)| e.addr == *i)
+    }
+
+    /// The endpoint at position `at` of the rotation.
+    fn rotated(&self, at: usize) -> usize {
+        self.rotation.get(at).map_or(at, |&i| i as usize)
+    }
+
+    /// Endpoint `i`'s state, made on its first use.
+    fn state(&self, i: usize) -> Option<&EndpointState> {
+        Some(self.endpoints.get(i)?.state(&self.registry, self.protocol))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
 
-    /// Where `endpoint` is in the rotation, if it is there.
+    /// The candidate index of `endpoint`, if the balancer has it.
     fn position(&self, endpoint: EndpointAddr) -> Option<usize> {
-        match &self.index {
-            Some(index) => index.get(&endpoint).copied(),
-            None => self.endpoints.iter().position(|e| e.addr == endpoint),
-        }
+        self.endpoints.binary_search_by(|e| e.addr.cmp(&endpoint)).ok()
     }
 
     /// The endpoints in rotation order.
     pub fn endpoints(&self) -> impl Iterator<Item = EndpointAddr> + '_ {
-        self.endpoints.iter().map(|e| e.addr)
+        (0..self.endpoints.len()).map(|at| self.endpoints[self.rotated(at)].addr)
     }
 
     /// The endpoint a candidate index stands for.
@@ -336,14 +378,16 @@ impl Balancer {
     fn choose(&self, client: IpAddr, salt: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.endpoints.len();
         let active = |i: usize| self.endpoints[i].active();
-        let rr = || self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // The next position of the rotation (a candidate index for `rotated`).
+        let turn = || self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let rr = || self.rotated(turn());
         let hashed = |t: u64| {
             let h = match (salt, t) {
                 (0, 0) => hash_ip(client),
                 _ => hash_ip_seeded(client, (salt << 32) | t),
             };
             match &self.maglev {
-                Some(m) if self.inputs.scheduler == Scheduler::Maglev => m.lookup(h),
+                Some(m) if self.scheduler == Scheduler::Maglev => m.lookup(h),
                 _ => (h % n as u64) as usize,
             }
         };
@@ -361,13 +405,14 @@ impl Balancer {
             }
             (1..n).map(|k| (last + k) % n).find(|&i| allowed(i))
         };
-        match self.inputs.scheduler {
+        match self.scheduler {
             Scheduler::Rr => draw(&|_| rr()),
             Scheduler::Random => draw(&|_| fastrand::usize(..n)),
             Scheduler::Lc => {
                 // Ties go round robin, so equal loads still spread.
-                let start = rr();
-                (0..n).map(|k| (start + k) % n).filter(|&i| allowed(i)).min_by_key(|&i| active(i))
+                let start = turn();
+                let order = (0..n).map(|k| self.rotated((start + k) % n));
+                order.filter(|&i| allowed(i)).min_by_key(|&i| active(i))
             }
             Scheduler::P2c => {
                 let a = draw(&|_| fastrand::usize(..n))?;
@@ -386,7 +431,7 @@ impl Balancer {
 
     /// A connect to candidate `i` is about to start.
     pub fn attempting(&self, i: usize) {
-        if let Some(e) = self.endpoints.get(i) {
+        if let Some(e) = self.state(i) {
             e.attempted();
         }
     }
@@ -403,34 +448,36 @@ impl Balancer {
     /// A UDP flow to candidate `i` opened: it counts as active and (with
     /// affinity) becomes the client's pin; health waits for an answer.
     pub fn flow_opened(&self, client: ClientAddr, i: usize, now: Instant) {
-        let Some(e) = self.endpoints.get(i) else { return };
+        let (Some(e), Some(addr)) = (self.state(i), self.endpoint(i)) else { return };
         e.opened();
         if let Some(pins) = &self.pins
-            && pins.get(client.0.ip(), now) != Some(e.addr)
+            && pins.get(client.0.ip(), now) != Some(addr)
         {
-            pins.repin(client.0.ip(), e.addr, now);
+            pins.repin(client.0.ip(), addr, now);
         }
     }
 
     /// Candidate `i` answered a datagram: it is healthy. True when this
     /// readmits an endpoint that had been ejected.
     pub fn answered(&self, i: usize) -> bool {
-        self.endpoints.get(i).is_some_and(|e| e.succeeded())
+        self.state(i).is_some_and(EndpointState::succeeded)
     }
 
     /// The connect to candidate `i` failed: count it for passive health and
     /// reset the client's pin if it pointed there. True if now ejected.
     pub fn failed(&self, client: ClientAddr, i: usize, now: Instant) -> bool {
-        let Some(e) = self.endpoints.get(i) else { return false };
+        let (Some(e), Some(addr)) = (self.state(i), self.endpoint(i)) else { return false };
         if let Some(pins) = &self.pins {
-            pins.unpin(client.0.ip(), e.addr);
+            pins.unpin(client.0.ip(), addr);
         }
         e.failed(now)
     }
 
     /// A connection counted by [`Balancer::connected`] ended.
     pub fn closed(&self, i: usize) {
-        if let Some(e) = self.endpoints.get(i) {
+        // A connection counted was counted in a state: an empty cell has
+        // nothing to close.
+        if let Some(e) = self.endpoints.get(i).and_then(HealthCell::existing) {
             e.closed();
         }
     }
@@ -440,10 +487,11 @@ impl Balancer {
         self.pins.as_ref().and_then(|p| p.get(client, now))
     }
 
-    /// Rotation order with each endpoint's health, for `/debug/snapshot`.
+    /// Each endpoint with its health, in candidate (address) order, for
+    /// `/debug/snapshot`; zeros for an endpoint that never mattered.
     pub fn view(&self, now: Instant) -> BalancerView {
         BalancerView {
-            scheduler: self.inputs.scheduler,
+            scheduler: self.scheduler,
             pins: self.pins.as_ref().map_or(0, |p| p.len()),
             endpoints: self.endpoints.iter().map(|e| (e.addr, e.view(now))).collect(),
         }
@@ -456,9 +504,6 @@ pub struct BalancerView {
     pub pins: usize,
     pub endpoints: Vec<(EndpointAddr, HealthView)>,
 }
-
-/// The most endpoints a balancer finds by a scan rather than an index.
-const SCAN_MAX: usize = 16;
 
 /// The most endpoints one balancer holds: its indices fit a
 /// [`Candidates`] slot (the rest of a larger set is never chosen).
@@ -517,5 +562,7 @@ fn hash_ip_seeded(ip: IpAddr, seed: u64) -> u64 {
 
 #[cfg(test)]
 mod pair_tests;
+#[cfg(test)]
+mod state_tests;
 #[cfg(test)]
 mod tests;

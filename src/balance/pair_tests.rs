@@ -107,18 +107,15 @@ fn a_pair_that_splits_keeps_the_internal_balancer_and_copies_the_pins() {
 }
 
 #[test]
-fn a_large_endpoint_set_finds_its_pins_through_the_index() {
+fn a_large_endpoint_set_finds_its_pins() {
     let (opts, registry) = (options(), HealthRegistry::default());
     let now = Instant::now();
     let [b, _] = Balancer::build_pair(&port(40, TrafficPolicy::Cluster, sticky()), &opts, &registry, None);
-    assert!(b.index.is_some(), "40 endpoints are indexed");
     let first = b.next_candidate(&mut b.pick(client(9), now, 4), now).expect("a candidate");
     b.connected(client(9), first, now);
     for _ in 0..20 {
         assert_eq!(b.next_candidate(&mut b.pick(client(9), now, 4), now), Some(first), "the pin holds");
     }
-    let [small, _] = Balancer::build_pair(&port(3, TrafficPolicy::Cluster, sticky()), &opts, &registry, None);
-    assert!(small.index.is_none(), "3 endpoints are scanned");
 }
 
 /// `sp` with `internalTrafficPolicy` set to `policy`.

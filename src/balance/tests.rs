@@ -10,15 +10,15 @@ use super::health::HealthPolicy;
 use super::*;
 use crate::model::{Conditions, Endpoint, Origin, Protocol, ServiceName, ServicePortName};
 
-fn ep(n: u8) -> EndpointAddr {
+pub(super) fn ep(n: u8) -> EndpointAddr {
     EndpointAddr(SocketAddr::from(([10, 0, 0, n], 80)))
 }
 
-fn client(n: u8) -> ClientAddr {
+pub(super) fn client(n: u8) -> ClientAddr {
     ClientAddr(SocketAddr::from(([127, 0, 1, n], 40_000)))
 }
 
-fn inputs(eps: &[u8], scheduler: Scheduler, affinity: Affinity) -> Inputs {
+pub(super) fn inputs(eps: &[u8], scheduler: Scheduler, affinity: Affinity) -> Inputs {
     let mut endpoints: Vec<_> = eps.iter().map(|n| ep(*n)).collect();
     endpoints.sort();
     Inputs { endpoints, protocol: Protocol::Tcp, scheduler, affinity }
@@ -40,7 +40,12 @@ fn all_failing(b: &Balancer, c: ClientAddr, now: Instant) -> Vec<usize> {
 }
 
 /// A balancer shuffled with a fixed seed.
-fn seeded(i: Inputs, registry: &HealthRegistry, previous: Option<&Balancer>, seed: u64) -> Balancer {
+pub(super) fn seeded(
+    i: Inputs,
+    registry: &HealthRegistry,
+    previous: Option<&Balancer>,
+    seed: u64,
+) -> Balancer {
     let pins = previous.and_then(|p| p.pins.clone());
     Balancer::new(i, registry, previous, pins, &mut fastrand::Rng::with_seed(seed))
 }
@@ -103,7 +108,7 @@ fn replacing_the_endpoint_set_restarts_the_rotation() {
     let now = Instant::now();
     next(&old, client(1), now);
     let new = seeded(inputs(&[4, 5, 6], Scheduler::Rr, Affinity::None), &registry, Some(&old), 3);
-    let first = new.endpoints[0].addr;
+    let first = new.endpoints().next().expect("an endpoint");
     assert_eq!(next(&new, client(1), now), Some(first), "index restarts at 0");
     let empty = seeded(inputs(&[], Scheduler::Rr, Affinity::None), &registry, Some(&new), 3);
     assert_eq!(first_of(&empty, client(1), now), None);
