@@ -32,11 +32,13 @@ use ipnet::IpNet;
 
 use super::rules::{self, Diff, Locality, PortRules, RuleKey, RuleSet, Target};
 use crate::listen::{ListenRole, Listener};
-use crate::model::{IpFamily, Protocol, ProxyPort, ServicePort, ServicePortName};
-use crate::snapshot::{Emptiness, PortState, Ports, Snapshot};
+use crate::model::{ProxyPort, ServicePort, ServicePortName};
+use crate::snapshot::{PortState, Ports, Snapshot};
 
 mod entries;
 use entries::Entries;
+mod inputs;
+use inputs::Inputs;
 
 /// What one key is to one service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,28 +48,12 @@ enum Fate {
     Drop,
 }
 
-/// What a service port's rules are made from, besides its spec.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Inputs {
-    /// The port's own proxy listeners, per family.
-    own_proxy: [Option<SocketAddr>; 2],
-    /// The proxy ports its rules send to: the shared ones for a TCP port
-    /// when there are any, else its own (made anew by `with_shared` at
-    /// every update, never carried over).
-    proxy: [Option<SocketAddr>; 2],
-    external_proxy: [Option<SocketAddr>; 2],
-    emptiness: [Emptiness; 2],
-    /// Per external IP, then per LB IP: not on this node (so redirected).
-    remote: Vec<bool>,
-    /// A TCP port served by the shared proxy ports (`proxy` holds them).
-    shared: bool,
-}
-
-/// One service port's rules, made for it alone.
+/// One service port's rules, made for it alone (boxed slices: most ports
+/// claim one key, and a large node keeps 100k of these).
 #[derive(Debug, Default)]
 struct Claims {
-    keys: Vec<(RuleKey, Fate)>,
-    firewall: Vec<(RuleKey, Vec<IpNet>)>,
+    keys: Box<[(RuleKey, Fate)]>,
+    firewall: Box<[(RuleKey, Vec<IpNet>)]>,
     wrong_family: usize,
 }
 
@@ -75,10 +61,15 @@ struct Entry {
     port: Arc<PortState>,
     /// Tells this entry's claims from a later entry's of the same name.
     serial: u64,
-    /// Transparent mode's reply mark, when the port uses it.
-    mark: Option<u32>,
     inputs: Inputs,
     claims: Claims,
+}
+
+impl Entry {
+    /// Transparent mode's reply mark, when the port uses it.
+    fn mark(&self) -> Option<u32> {
+        self.port.source.active().then(|| self.port.source.mark())
+    }
 }
 
 /// A claim on a key: by which service port (name, entry) and to what end.
@@ -233,31 +224,24 @@ impl DesiredRules {
                 continue;
             }
             let inputs = match &previous {
-                Some(p) => Inputs {
-                    own_proxy: p.inputs.own_proxy,
-                    proxy: [None; 2],
-                    external_proxy: p.inputs.external_proxy,
-                    emptiness: if same_arc { p.inputs.emptiness } else { emptiness(port) },
-                    remote: remote(&port.spec, local),
-                    shared: p.inputs.shared,
+                Some(p) => {
+                    let emptiness = if same_arc { p.inputs.emptiness } else { inputs::emptiness(port) };
+                    p.inputs.again(port, emptiness, local, same_proxies, &changes)
                 }
-                .with_changes(same_proxies, name, &changes),
-                None => Inputs::default().with_changes(false, name, &changes).with_state(port, local),
-            }
-            .with_shared(port, shared);
-            let port_mark = port.source.active().then(|| port.source.mark());
+                None => Inputs::new(port, local, &changes),
+            };
             let entry = match previous {
                 Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
-                    Entry { port: Arc::clone(port), mark: port_mark, inputs, ..p }
+                    Entry { port: Arc::clone(port), inputs, ..p }
                 }
                 previous => {
                     if let Some(p) = &previous {
                         self.retract(p, &mut touched, &mut touched_fw);
                     }
-                    let claims = claims_of(port, &inputs, local, &mut update);
+                    let claims = claims_of(port, &inputs, shared, local, &mut update);
                     self.next_serial += 1;
                     let serial = self.next_serial;
-                    let entry = Entry { port: Arc::clone(port), serial, mark: port_mark, inputs, claims };
+                    let entry = Entry { port: Arc::clone(port), serial, inputs, claims };
                     self.claim(&entry, &mut touched, &mut touched_fw);
                     update.ports_changed += 1;
                     entry
@@ -488,62 +472,6 @@ impl<'a> ListenerChanges<'a> {
     }
 }
 
-const PROXY_ROLES: [ListenRole; 4] =
-    [ListenRole::Proxy, ListenRole::Proxy6, ListenRole::ExternalProxy, ListenRole::ExternalProxy6];
-
-impl Inputs {
-    /// With the proxy listeners of `name` that went removed and those that
-    /// came added (none when `unchanged`).
-    fn with_changes(
-        mut self,
-        unchanged: bool,
-        name: &ServicePortName,
-        changes: &ListenerChanges<'_>,
-    ) -> Self {
-        if unchanged {
-            return self;
-        }
-        let mut set = |role: ListenRole, addr: Option<SocketAddr>| match role {
-            ListenRole::Proxy => self.own_proxy[0] = addr,
-            ListenRole::Proxy6 => self.own_proxy[1] = addr,
-            ListenRole::ExternalProxy => self.external_proxy[0] = addr,
-            ListenRole::ExternalProxy6 => self.external_proxy[1] = addr,
-            _ => {}
-        };
-        for role in changes.went.get(name).into_iter().flatten() {
-            set(*role, None);
-        }
-        for role in PROXY_ROLES {
-            if let Some(addr) = changes.came.get(&(name, role)) {
-                set(role, Some(*addr));
-            }
-        }
-        self
-    }
-
-    /// A TCP port goes to the shared proxy ports, when there are any (it
-    /// has no proxy port of its own then), as `rules::from_snapshot` does.
-    fn with_shared(self, port: &PortState, shared: Option<[Option<SocketAddr>; 2]>) -> Self {
-        match shared.filter(|_| port.spec.protocol == Protocol::Tcp) {
-            Some(proxy) => Self { proxy, shared: true, ..self },
-            None => Self { proxy: self.own_proxy, shared: false, ..self },
-        }
-    }
-
-    /// With the port's own emptiness and the locality of its addresses.
-    fn with_state(self, port: &PortState, local: &Locality) -> Self {
-        Self { emptiness: emptiness(port), remote: remote(&port.spec, local), ..self }
-    }
-}
-
-fn emptiness(port: &PortState) -> [Emptiness; 2] {
-    [IpFamily::V4, IpFamily::V6].map(|f| port.emptiness(f))
-}
-
-fn remote(spec: &ServicePort, local: &Locality) -> Vec<bool> {
-    spec.external_ips.iter().chain(&spec.load_balancer_ips).map(|ip| !local.is_local(*ip)).collect()
-}
-
 /// Whether two specs make the same rules given the same inputs: every
 /// field [`rules::desired`] reads.
 fn same_rule_spec(a: &ServicePort, b: &ServicePort) -> bool {
@@ -559,16 +487,23 @@ fn same_rule_spec(a: &ServicePort, b: &ServicePort) -> bool {
 
 /// The port's rules made for it alone, by the code that makes a whole
 /// snapshot's; a port without a proxy port claims nothing.
-fn claims_of(port: &PortState, inputs: &Inputs, local: &Locality, update: &mut Update) -> Claims {
-    if inputs.proxy.iter().all(Option::is_none) {
+fn claims_of(
+    port: &PortState,
+    inputs: &Inputs,
+    shared: Option<[Option<SocketAddr>; 2]>,
+    local: &Locality,
+    update: &mut Update,
+) -> Claims {
+    let (proxy, shared) = inputs.proxy(&port.spec, shared);
+    if proxy.iter().all(Option::is_none) {
         return Claims::default();
     }
     let p = PortRules {
         spec: &port.spec,
-        proxy: inputs.proxy,
-        external_proxy: inputs.external_proxy,
+        proxy,
+        external_proxy: inputs.external_proxy(),
         emptiness: inputs.emptiness,
-        shared: inputs.shared,
+        shared,
     };
     let d = rules::desired([p], local);
     update.open_without_ranges.extend(d.open_without_ranges);

@@ -57,7 +57,7 @@ impl Entries {
         let chunk = self.chunks.get_mut(at)?;
         let i = chunk.entries.binary_search_by(|e| e.port.spec.name.cmp(name)).ok()?;
         let entry = chunk.entries.remove(i);
-        chunk.marked -= usize::from(entry.mark.is_some());
+        chunk.marked -= usize::from(entry.mark().is_some());
         self.len -= 1;
         if chunk.entries.is_empty() {
             self.chunks.remove(at);
@@ -68,7 +68,7 @@ impl Entries {
     /// Put `entry` in its place by name (in place of its namesake, if any).
     pub(super) fn insert(&mut self, entry: Entry) {
         let entry = Box::new(entry);
-        let marked = usize::from(entry.mark.is_some());
+        let marked = usize::from(entry.mark().is_some());
         if self.chunks.is_empty() {
             self.chunks.push(Chunk::default());
         }
@@ -78,7 +78,7 @@ impl Entries {
         match chunk.entries.binary_search_by(|e| e.port.spec.name.cmp(&entry.port.spec.name)) {
             Ok(i) => {
                 let old = std::mem::replace(&mut chunk.entries[i], entry);
-                chunk.marked = chunk.marked + marked - usize::from(old.mark.is_some());
+                chunk.marked = chunk.marked + marked - usize::from(old.mark().is_some());
                 return;
             }
             // Filling in name order (a first sync): full chunks, none split.
@@ -92,7 +92,7 @@ impl Entries {
                     let mut upper = chunk.entries.split_off(chunk.entries.len() / 2);
                     upper.shrink_to_fit();
                     chunk.entries.shrink_to_fit();
-                    let upper_marked = upper.iter().filter(|e| e.mark.is_some()).count();
+                    let upper_marked = upper.iter().filter(|e| e.mark().is_some()).count();
                     chunk.marked -= upper_marked;
                     self.chunks.insert(at + 1, Chunk { entries: upper, marked: upper_marked });
                 }
@@ -103,7 +103,7 @@ impl Entries {
 
     /// The first transparent mark by name.
     pub(super) fn mark(&self) -> Option<u32> {
-        self.chunks.iter().find(|c| c.marked > 0)?.entries.iter().find_map(|e| e.mark)
+        self.chunks.iter().find(|c| c.marked > 0)?.entries.iter().find_map(|e| e.mark())
     }
 
     /// The module's invariants hold (for tests).
@@ -115,7 +115,7 @@ impl Entries {
         );
         assert_eq!(self.len, self.iter().count());
         for c in &self.chunks {
-            assert_eq!(c.marked, c.entries.iter().filter(|e| e.mark.is_some()).count(), "marks counted");
+            assert_eq!(c.marked, c.entries.iter().filter(|e| e.mark().is_some()).count(), "marks counted");
         }
         let names: Vec<_> = self.iter().map(|e| &e.port.spec.name).collect();
         assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted, each name once");
