@@ -59,8 +59,6 @@ struct Claims {
 
 struct Entry {
     port: Arc<PortState>,
-    /// Tells this entry's claims from a later entry's of the same name.
-    serial: u64,
     inputs: Inputs,
     claims: Claims,
 }
@@ -72,8 +70,10 @@ impl Entry {
     }
 }
 
-/// A claim on a key: by which service port (name, entry) and to what end.
-type Claim<T> = (ServicePortName, u64, T);
+/// A claim on a key: by which service port and to what end. A port claims
+/// a key once, and its old entry's claims go before its new one's come, so
+/// the name tells a key's claims apart.
+type Claim<T> = (ServicePortName, T);
 
 /// What an update changed.
 #[derive(Debug, Default)]
@@ -115,8 +115,12 @@ pub struct DesiredRules {
     /// The shared proxy ports at the last update (`--proxy-port-mode
     /// shared`), when there are any.
     shared: Option<[Option<SocketAddr>; 2]>,
-    next_serial: u64,
-    /// Every claim on a key, in name order: the first one wins.
+    /// The claims on a key that the rules alone do not tell, in name
+    /// order (the first wins): of every key claimed by two ports or more,
+    /// or rejected or dropped. A key that one port alone redirects (most
+    /// keys) is not here: its rule names the port and the proxy port, so
+    /// its claim is read back from the rule when a second one comes. Every
+    /// key an update touches is here until [`DesiredRules::settle`].
     claimants: HashMap<RuleKey, Vec<Claim<Fate>>>,
     firewall_claimants: HashMap<RuleKey, Vec<Claim<Vec<IpNet>>>>,
     wrong_family: usize,
@@ -239,9 +243,7 @@ impl DesiredRules {
                         self.retract(p, &mut touched, &mut touched_fw);
                     }
                     let claims = claims_of(port, &inputs, shared, local, &mut update);
-                    self.next_serial += 1;
-                    let serial = self.next_serial;
-                    let entry = Entry { port: Arc::clone(port), serial, inputs, claims };
+                    let entry = Entry { port: Arc::clone(port), inputs, claims };
                     self.claim(&entry, &mut touched, &mut touched_fw);
                     update.ports_changed += 1;
                     entry
@@ -266,18 +268,21 @@ impl DesiredRules {
     }
 
     fn retract(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
+        let name = &e.port.spec.name;
         for (key, _) in &e.claims.keys {
-            if let Some(list) = self.claimants.get_mut(key) {
-                list.retain(|(_, serial, _)| *serial != e.serial);
-                if list.is_empty() {
-                    self.claimants.remove(key);
+            match self.claimants.get_mut(key) {
+                Some(list) => list.retain(|(n, _)| n != name),
+                // A key this port alone redirected: no claim is left.
+                None => {
+                    debug_assert!(self.rules.redirects.get(key).is_some_and(|t| t.service == *name));
+                    self.claimants.insert(*key, Vec::new());
                 }
             }
             touched.insert(*key);
         }
         for (key, _) in &e.claims.firewall {
             if let Some(list) = self.firewall_claimants.get_mut(key) {
-                list.retain(|(_, serial, _)| *serial != e.serial);
+                list.retain(|(n, _)| n != name);
                 if list.is_empty() {
                     self.firewall_claimants.remove(key);
                 }
@@ -290,29 +295,46 @@ impl DesiredRules {
     fn claim(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
         let name = &e.port.spec.name;
         for (key, fate) in &e.claims.keys {
-            let list = self.claimants.entry(*key).or_default();
-            insert_claim(list, (name.clone(), e.serial, fate.clone()));
+            let list = self.claimants.entry(*key).or_insert_with(|| {
+                // Not touched by this update yet: the rule, if any, is
+                // the claim of the one port that redirects the key.
+                let sole = self.rules.redirects.get(key);
+                sole.map(|t| (t.service.clone(), Fate::Redirect(t.proxy_port))).into_iter().collect()
+            });
+            insert_claim(list, (name.clone(), fate.clone()));
             touched.insert(*key);
         }
         for (key, ranges) in &e.claims.firewall {
             let list = self.firewall_claimants.entry(*key).or_default();
-            insert_claim(list, (name.clone(), e.serial, ranges.clone()));
+            insert_claim(list, (name.clone(), ranges.clone()));
             touched_fw.insert(*key);
         }
         self.wrong_family += e.claims.wrong_family;
     }
 
     /// Give each touched key to its first claimant, and say what changed.
+    /// A key left with one claim, a redirect, is then told by its rule
+    /// alone (see `claimants`).
     fn settle(&mut self, touched: &BTreeSet<RuleKey>, update: &mut Update) {
         let d = &mut update.diff;
+        // A first sync adds every rule: the B-tree is then built in one go
+        // from the sorted adds, its nodes full (inserted one by one in key
+        // order, they would be left half full).
+        let fresh = self.rules.redirects.is_empty();
+        if fresh {
+            d.add.reserve_exact(touched.len());
+        }
         for key in touched {
-            let winner = self.claimants.get(key).and_then(|list| {
-                for (lost, _, _) in list.iter().skip(1) {
-                    update.clashes.push((*key, list[0].0.clone(), lost.clone()));
-                }
-                list.first()
-            });
-            let new = winner.map(|(name, _, fate)| match fate {
+            let told_by_rule = |list: &[Claim<Fate>]| matches!(list, [] | [(_, Fate::Redirect(_))]);
+            let list = match self.claimants.get(key) {
+                Some(list) if told_by_rule(list) => self.claimants.remove(key).unwrap_or_default(),
+                Some(list) => list.clone(),
+                None => Vec::new(),
+            };
+            for (lost, _) in list.iter().skip(1) {
+                update.clashes.push((*key, list[0].0.clone(), lost.clone()));
+            }
+            let new = list.first().map(|(name, fate)| match fate {
                 Fate::Redirect(p) => {
                     (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: name.clone() }))
                 }
@@ -331,6 +353,7 @@ impl DesiredRules {
             let was_rejected = r.reject.remove(key);
             let was_dropped = r.dropped.remove(key);
             match new {
+                Some((Fate::Redirect(_), Some(t))) if fresh => d.add.push((*key, t)),
                 Some((Fate::Redirect(_), Some(t))) => {
                     d.add.push((*key, t.clone()));
                     r.redirects.insert(*key, t);
@@ -354,13 +377,16 @@ impl DesiredRules {
                 _ => {}
             }
         }
+        if fresh {
+            self.rules.redirects = d.add.iter().cloned().collect();
+        }
     }
 
     /// Whether the firewall changed.
     fn settle_firewall(&mut self, touched: &BTreeSet<RuleKey>) -> bool {
         let mut changed = false;
         for key in touched {
-            let new = self.firewall_claimants.get(key).and_then(|l| l.first()).map(|(_, _, r)| r.clone());
+            let new = self.firewall_claimants.get(key).and_then(|l| l.first()).map(|(_, r)| r.clone());
             let old = match &new {
                 Some(ranges) => self.rules.firewall.insert(*key, ranges.clone()),
                 None => self.rules.firewall.remove(key),
@@ -408,7 +434,7 @@ fn insert_claim<T>(list: &mut Vec<Claim<T>>, claim: Claim<T>) {
     if list.is_empty() {
         list.reserve_exact(1);
     }
-    let at = list.partition_point(|(n, _, _)| *n < claim.0);
+    let at = list.partition_point(|(n, _)| *n < claim.0);
     list.insert(at, claim);
 }
 
