@@ -319,10 +319,12 @@ impl DesiredRules {
         let d = &mut update.diff;
         // A first sync adds every rule: the B-tree is then built in one go
         // from the sorted adds, its nodes full (inserted one by one in key
-        // order, they would be left half full).
+        // order, they would be left half full), and the diff's adds are
+        // copied from it (at most two copies of 100k targets at once).
         let fresh = self.rules.redirects.is_empty();
+        let mut fresh_adds = Vec::new();
         if fresh {
-            d.add.reserve_exact(touched.len());
+            fresh_adds.reserve_exact(touched.len());
         }
         for key in touched {
             let told_by_rule = |list: &[Claim<Fate>]| matches!(list, [] | [(_, Fate::Redirect(_))]);
@@ -353,7 +355,7 @@ impl DesiredRules {
             let was_rejected = r.reject.remove(key);
             let was_dropped = r.dropped.remove(key);
             match new {
-                Some((Fate::Redirect(_), Some(t))) if fresh => d.add.push((*key, t)),
+                Some((Fate::Redirect(_), Some(t))) if fresh => fresh_adds.push((*key, t)),
                 Some((Fate::Redirect(_), Some(t))) => {
                     d.add.push((*key, t.clone()));
                     r.redirects.insert(*key, t);
@@ -378,7 +380,12 @@ impl DesiredRules {
             }
         }
         if fresh {
-            self.rules.redirects = d.add.iter().cloned().collect();
+            self.rules.redirects = fresh_adds.into_iter().collect();
+            d.add = self.rules.redirects.iter().map(|(k, t)| (*k, t.clone())).collect();
+        }
+        // A first sync fills the map with every key until it settles them.
+        if self.claimants.capacity() > 4 * self.claimants.len() + 64 {
+            self.claimants.shrink_to_fit();
         }
     }
 
