@@ -248,8 +248,12 @@ fn service_ports(n: u32) -> (Vec<ServicePort>, Vec<Arc<Listener>>) {
 /// one removed and added back, and every port's state rebuilt.
 fn snapshot_changes_on_top_of_100k() {
     let n = 100_000;
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let (specs, listeners) = service_ports(n);
     let base = Arc::new(Snapshot::new(1, specs.clone(), listeners.clone(), &Snapshot::default(), &ctx));

@@ -34,11 +34,13 @@ use crate::balance::eligible::Scope;
 use crate::balance::health::HealthRegistry;
 use crate::balance::{BalanceOptions, Balancer};
 use crate::listen::{ListenRole, Listener, ListenerId};
-use crate::metrics::{Metrics, PortMetrics};
+use crate::metrics::Metrics;
 use crate::model::{IpFamily, ProxyPort, ServicePort, ServicePortName};
 use crate::redirect::rules::Locality;
 use crate::source_ip::{SourceOptions, SourcePlan};
 
+mod counters;
+pub use counters::Counters;
 mod destinations;
 pub use destinations::{Destination, Destinations};
 mod ports;
@@ -57,8 +59,9 @@ pub struct PortState {
     /// serves this version of the port.
     pub spec: Arc<ServicePort>,
     pub balancers: Balancers,
-    /// Its counters, one slot per worker; kept across reloads.
-    pub metrics: Arc<PortMetrics>,
+    /// Its counters, one slot per worker; kept across reloads, registered
+    /// at the first count when `/metrics` shows none per port.
+    pub metrics: Counters,
     /// Whose address each endpoint sees (transparent mode).
     pub source: SourcePlan,
 }
@@ -114,9 +117,10 @@ impl PortState {
 }
 
 impl PortState {
-    /// A service port's state; balancers whose inputs did not change are
-    /// taken over from `prev`.
-    fn build(spec: Arc<ServicePort>, prev: Option<&Balancers>, ctx: &BalanceContext<'_>) -> Self {
+    /// A service port's state; balancers whose inputs did not change, and
+    /// the counters, are taken over from `previous` (its previous version).
+    fn build(spec: Arc<ServicePort>, previous: Option<&PortState>, ctx: &BalanceContext<'_>) -> Self {
+        let prev = previous.map(|p| &p.balancers);
         let pair = |spec: &ServicePort, prev: Option<&[Arc<Balancer>; 2]>| {
             Balancer::build_pair(spec, ctx.options, ctx.registry, prev)
         };
@@ -139,7 +143,7 @@ impl PortState {
             };
             Balancers::One(pair(&spec, prev))
         };
-        let metrics = ctx.metrics.port(&spec.name, spec.protocol);
+        let metrics = Counters::new(ctx.metrics, &spec, previous.map(|p| &p.metrics));
         let node = ctx.options.locality.node_name.as_deref();
         let source = SourcePlan::build(&spec, ctx.source, node);
         PortState { spec, balancers, metrics, source }
@@ -160,7 +164,7 @@ fn dual_stack(spec: &ServicePort) -> bool {
 pub struct BalanceContext<'a> {
     pub options: &'a BalanceOptions,
     pub registry: &'a HealthRegistry,
-    pub metrics: &'a Metrics,
+    pub metrics: &'a Arc<Metrics>,
     pub source: &'a SourceOptions,
 }
 
@@ -308,8 +312,8 @@ impl Snapshot {
         let built: Vec<Arc<PortState>> = set
             .into_iter()
             .map(|spec| {
-                let prev = balancers.port(&spec.name).map(|p| &p.balancers);
-                Arc::new(PortState::build(spec, prev, ctx))
+                let previous = balancers.port(&spec.name).map(|p| &**p);
+                Arc::new(PortState::build(spec, previous, ctx))
             })
             .collect();
         let ports = base.ports.with(&built, removed);

@@ -69,7 +69,7 @@ fn serve_backend(
     assert!(errors.is_empty(), "{errors:?}");
     let proxy = listeners[0].addr;
     let (options, registry, metrics) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(workers));
+        (BalanceOptions::default(), HealthRegistry::default(), Arc::new(Metrics::new(workers)));
     let source = ringport::source_ip::SourceOptions::default();
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let next = Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx);

@@ -529,7 +529,7 @@ impl Metrics {
         self.detail.store(detail as u8, Ordering::Relaxed);
     }
 
-    fn detail(&self) -> PortDetail {
+    pub fn detail(&self) -> PortDetail {
         match self.detail.load(Ordering::Relaxed) {
             0 => PortDetail::Full,
             1 => PortDetail::Summary,

@@ -57,8 +57,12 @@ fn snapshot_with(
         })
         .chain(extra.iter().cloned())
         .collect();
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     Arc::new(Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx))
 }
@@ -365,8 +369,12 @@ fn random_changes_synced_now_and_then_give_the_rules_of_the_whole_snapshot_looki
     const NAMES: u64 = 60;
     const STEPS: usize = 200;
     let mut next = rng();
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let mut id = 1_000u64;
     let shared = vec![Arc::new(Listener::without_sockets(

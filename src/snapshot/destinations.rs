@@ -209,8 +209,12 @@ mod tests {
 
     /// The served states of `ports`, as a snapshot holds them.
     fn states(ports: &[&ServicePort]) -> Vec<Arc<PortState>> {
-        let (options, registry, metrics, source) =
-            (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+        let (options, registry, metrics, source) = (
+            BalanceOptions::default(),
+            HealthRegistry::default(),
+            Arc::new(Metrics::new(1)),
+            SourceOptions::default(),
+        );
         let ctx =
             BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
         ports.iter().map(|sp| Arc::new(PortState::build(Arc::new((*sp).clone()), None, &ctx))).collect()
@@ -267,8 +271,12 @@ mod tests {
         let ports = vec![web, empty];
         let (listeners, errors) = binder.bind(&ports, &[]);
         assert!(errors.iter().all(|e| e.is_benign()), "only the non-local externalIP: {errors:?}");
-        let (options, registry, metrics, source) =
-            (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(2), SourceOptions::default());
+        let (options, registry, metrics, source) = (
+            BalanceOptions::default(),
+            HealthRegistry::default(),
+            Arc::new(Metrics::new(2)),
+            SourceOptions::default(),
+        );
         let ctx =
             BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
         let snap = Snapshot::new(1, ports, listeners, &Snapshot::default(), &ctx);

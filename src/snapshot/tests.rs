@@ -56,7 +56,7 @@ fn build(
 ) -> Snapshot {
     let (listeners, errors) = binder.bind(&ports, &previous.listeners);
     assert!(errors.is_empty(), "{errors:?}");
-    let (options, metrics) = (BalanceOptions::default(), Metrics::new(1));
+    let (options, metrics) = (BalanceOptions::default(), Arc::new(Metrics::new(1)));
     let source = SourceOptions::default();
     let ctx = BalanceContext { options: &options, registry, metrics: &metrics, source: &source };
     Snapshot::new(previous.generation + 1, ports, listeners, previous, &ctx)
@@ -127,7 +127,8 @@ fn an_update_keeps_unchanged_ports_pointer_equal_and_names_changed_listeners() {
         &mut binder,
         &registry,
     );
-    let (options, metrics, source) = (BalanceOptions::default(), Metrics::new(1), SourceOptions::default());
+    let (options, metrics, source) =
+        (BalanceOptions::default(), Arc::new(Metrics::new(1)), SourceOptions::default());
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let of = |s: &Snapshot, name: &str| -> Vec<Arc<Listener>> {
         s.listeners.iter().filter(|l| l.key.port.service.name == name).cloned().collect()

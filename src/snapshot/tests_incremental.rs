@@ -49,8 +49,12 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
     const STEPS: usize = 150;
     let mut next = rng();
     let mut binder = loopback_binder(1, true, ProxyPortMode::Shared, false);
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let mut state: BTreeMap<ServicePortName, ServicePort> = BTreeMap::new();
     for i in 0..NAMES / 2 {
@@ -147,8 +151,12 @@ fn random_changes_give_the_ports_destinations_and_routes_of_the_same_state_built
 #[test]
 fn a_one_port_change_copies_one_chunk_of_ports_and_shares_the_rest() {
     let mut next = rng();
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let ports: Vec<ServicePort> = (0..100).map(|i| random_port(i, &mut next)).collect();
     let s1 = Snapshot::new(1, ports.clone(), vec![], &Snapshot::default(), &ctx);
@@ -165,8 +173,12 @@ fn a_one_port_change_copies_one_chunk_of_ports_and_shares_the_rest() {
 #[test]
 fn a_health_checked_port_change_copies_one_chunk_of_the_health_checked_ports() {
     let mut next = rng();
-    let (options, registry, metrics, source) =
-        (BalanceOptions::default(), HealthRegistry::default(), Metrics::new(1), SourceOptions::default());
+    let (options, registry, metrics, source) = (
+        BalanceOptions::default(),
+        HealthRegistry::default(),
+        Arc::new(Metrics::new(1)),
+        SourceOptions::default(),
+    );
     let ctx = BalanceContext { options: &options, registry: &registry, metrics: &metrics, source: &source };
     let mut ports: Vec<ServicePort> = (0..100).map(|i| random_port(i, &mut next)).collect();
     for (i, p) in ports.iter_mut().enumerate() {
