@@ -439,3 +439,10 @@ fn random_changes_synced_now_and_then_give_the_rules_of_the_whole_snapshot_looki
     }
     assert!(small_syncs > 10, "the incremental path ran ({small_syncs} times)");
 }
+
+#[test]
+fn an_entry_stays_small() {
+    // One per service port (100k on a large node): the inputs and claims
+    // are boxed slices and an optional box, the target proxy ports derived.
+    assert!(std::mem::size_of::<Entry>() <= 80, "{}", std::mem::size_of::<Entry>());
+}
