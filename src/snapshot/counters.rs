@@ -68,8 +68,8 @@ mod tests {
     use crate::source_ip::SourceOptions;
 
     fn port(name: &str, protocol: Protocol, endpoints: u8) -> ServicePort {
-        let name = ServicePortName { service: ServiceName::new("default", name), port: String::new() };
-        let mut sp = ServicePort::new(name, Origin("t".into()), protocol, 80);
+        let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
+        let mut sp = ServicePort::new(name, Origin::new("t"), protocol, 80);
         let addr = |n| EndpointAddr(SocketAddr::from(([10, 0, 0, n], 80)));
         sp.endpoints = (1..=endpoints).map(|n| Endpoint::ready(addr(n))).collect();
         sp
