@@ -96,8 +96,8 @@ fn run(n: usize) {
     let mut manifests = Manifests::default();
     for i in 0..n {
         let (s, sl) = object(&service, &slice, i, 0);
-        manifests.services.push(s);
-        manifests.slices.push(sl);
+        manifests.services.push(Arc::new(s));
+        manifests.slices.push(Arc::new(sl));
     }
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
@@ -149,7 +149,7 @@ fn run(n: usize) {
         let i = (k * 7919) % n;
         let (_, sl) = object(&service, &slice, i, k + 1);
         let mut delta = Delta::default();
-        delta.slices.insert(sl.id.clone(), Some(sl));
+        delta.slices.insert(sl.id.clone(), Some(Arc::new(sl)));
         endpoint.push(control.apply(delta, &data_plane).expect("endpoint change").expect("a change").stages);
     }
     row(n, "one endpoint change", &endpoint);
@@ -158,8 +158,8 @@ fn run(n: usize) {
     for k in 0..SAMPLES {
         let (s, sl) = object(&service, &slice, n + k, 0);
         let mut delta = Delta::default();
-        delta.services.insert(s.name.clone(), Some(s));
-        delta.slices.insert(sl.id.clone(), Some(sl));
+        delta.services.insert(s.name.clone(), Some(Arc::new(s)));
+        delta.slices.insert(sl.id.clone(), Some(Arc::new(sl)));
         let a = control.apply(delta, &data_plane).expect("service add").expect("a change");
         assert_eq!(a.service_ports, n + k + 1);
         added.push(a.stages);
@@ -180,7 +180,7 @@ fn run(n: usize) {
         let i = (k * 104_729) % n;
         let (_, sl) = object(&service, &slice, i, SAMPLES + k + 1);
         let mut m = manifests.clone();
-        m.slices[i] = sl;
+        m.slices[i] = Arc::new(sl);
         relist.push(control.replace(m, &data_plane).expect("relist").expect("a change").stages);
     }
     row(n, "full replace, one change", &relist);

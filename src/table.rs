@@ -41,10 +41,12 @@ type Claim = (u16, Protocol);
 
 #[derive(Debug, Default)]
 pub struct Table {
-    /// Boxed: a B-tree node holds its values inline, half empty after
-    /// sorted inserts, and a Service or a slice is hundreds of bytes.
-    services: BTreeMap<ServiceName, Box<Service>>,
-    slices: BTreeMap<SliceKey, Box<EndpointSlice>>,
+    /// Shared with the source that made them (one copy of each object);
+    /// behind a pointer also because a B-tree node holds its values
+    /// inline, half empty after sorted inserts, and a Service or a slice is
+    /// hundreds of bytes.
+    services: BTreeMap<ServiceName, Arc<Service>>,
+    slices: BTreeMap<SliceKey, Arc<EndpointSlice>>,
     /// Slice keys by the Service they name (which may not exist).
     by_service: HashMap<ServiceName, SmallSet<SliceKey>>,
     /// Each Service's joined ports and its own cross-object errors.
@@ -92,8 +94,8 @@ impl PortChange {
 /// A change worked out against the table, not yet committed.
 #[derive(Debug)]
 pub struct Prepared {
-    services: BTreeMap<ServiceName, Option<Box<Service>>>,
-    slices: BTreeMap<SliceKey, Option<Box<EndpointSlice>>>,
+    services: BTreeMap<ServiceName, Option<Arc<Service>>>,
+    slices: BTreeMap<SliceKey, Option<Arc<EndpointSlice>>>,
     joined: Vec<(ServiceName, Option<Joined>)>,
     clashes: Vec<(Claim, Vec<String>)>,
     listed: Option<Vec<String>>,
@@ -129,8 +131,7 @@ impl Table {
     /// The change a whole new state makes: the objects that differ from
     /// the table's, by equality. Duplicates in its lists are reported
     /// (the first definition is kept), not collapsed. The objects that
-    /// differ are moved out of `manifests`, not copied: a first load never
-    /// holds the whole state twice.
+    /// differ are taken from `manifests` as they are, shared, not copied.
     pub fn prepare_replace(&self, manifests: Manifests) -> Result<Prepared, Vec<ConfigError>> {
         let Manifests { services, slices, .. } = manifests;
         let mut listed = Vec::new();
@@ -144,8 +145,8 @@ impl Table {
             firsts(&services, &unique)
         };
         for s in services.into_iter().zip(keep).filter_map(|(s, keep)| keep.then_some(s)) {
-            if self.services.get(&s.name).map(|b| &**b) != Some(&s) {
-                ops.services.insert(s.name.clone(), Some(Box::new(s)));
+            if !self.services.get(&s.name).is_some_and(|old| same(old, &s)) {
+                ops.services.insert(s.name.clone(), Some(s));
             }
         }
         let keep = {
@@ -158,8 +159,8 @@ impl Table {
         };
         for s in slices.into_iter().zip(keep).filter_map(|(s, keep)| keep.then_some(s)) {
             let key = (s.id.clone(), s.kind);
-            if self.slices.get(&key).map(|b| &**b) != Some(&s) {
-                ops.slices.insert(key, Some(Box::new(s)));
+            if !self.slices.get(&key).is_some_and(|old| same(old, &s)) {
+                ops.slices.insert(key, Some(s));
             }
         }
         self.prepare_ops(ops, Some(listed))
@@ -168,8 +169,7 @@ impl Table {
     /// The change a delta makes. A slice set by name replaces every slice
     /// of that name (of any kind); removed, they all go.
     pub fn prepare(&self, delta: Delta) -> Result<Prepared, Vec<ConfigError>> {
-        let services = delta.services.into_iter().map(|(name, s)| (name, s.map(Box::new))).collect();
-        let mut ops = Ops { services, slices: BTreeMap::new() };
+        let mut ops = Ops { services: delta.services, slices: BTreeMap::new() };
         for (id, slice) in delta.slices {
             let lowest = (id.clone(), SliceKind::EndpointSlice);
             let highest = (id.clone(), SliceKind::Endpoints { subset: usize::MAX });
@@ -177,7 +177,7 @@ impl Table {
                 ops.slices.insert(key.clone(), None);
             }
             if let Some(s) = slice {
-                ops.slices.insert((s.id.clone(), s.kind), Some(Box::new(s)));
+                ops.slices.insert((s.id.clone(), s.kind), Some(s));
             }
         }
         self.prepare_ops(ops, None)
@@ -403,8 +403,8 @@ impl<'a, T> IntoIterator for &'a SmallSet<T> {
 /// Objects to set or remove, by key.
 #[derive(Default)]
 struct Ops {
-    services: BTreeMap<ServiceName, Option<Box<Service>>>,
-    slices: BTreeMap<SliceKey, Option<Box<EndpointSlice>>>,
+    services: BTreeMap<ServiceName, Option<Arc<Service>>>,
+    slices: BTreeMap<SliceKey, Option<Arc<EndpointSlice>>>,
 }
 
 /// Each port behind its own `Arc`, in a list of its own size: a `collect`
@@ -418,9 +418,15 @@ fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
 
 /// Which of `all` are in `unique` (a subset of references into it, in
 /// order): the first definitions to keep.
-fn firsts<T>(all: &[T], unique: &[&T]) -> Vec<bool> {
+fn firsts<T>(all: &[Arc<T>], unique: &[&T]) -> Vec<bool> {
     let mut unique = unique.iter().peekable();
-    all.iter().map(|t| unique.next_if(|u| std::ptr::eq(**u, t)).is_some()).collect()
+    all.iter().map(|t| unique.next_if(|u| std::ptr::eq(**u, &**t)).is_some()).collect()
+}
+
+/// Whether two shared objects are equal: the same allocation (a source
+/// that kept an unchanged object), or equal by value.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }
 
 /// The nodePorts a Service claims (a port may claim one twice: an error).
@@ -473,9 +479,9 @@ fn diff_ports(old: &[Arc<ServicePort>], new: Option<&mut [Arc<ServicePort>]>, ch
 /// sends one instead of its whole state.
 #[derive(Clone, Debug, Default)]
 pub struct Delta {
-    pub services: BTreeMap<ServiceName, Option<Service>>,
+    pub services: BTreeMap<ServiceName, Option<Arc<Service>>>,
     /// Keyed by the slice's own name (`EndpointSlice::id`).
-    pub slices: BTreeMap<ServiceName, Option<EndpointSlice>>,
+    pub slices: BTreeMap<ServiceName, Option<Arc<EndpointSlice>>>,
 }
 
 impl Delta {

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::{ConfigError, ConfigErrorKind, ObjectRef, Warning, WarningKind, service_ref, slice_ref};
 use crate::model::{
@@ -33,8 +34,8 @@ pub struct Joined {
 
 /// [`join_with_warnings`] for callers that only log the warnings.
 pub fn join(
-    services: &[model::Service],
-    slices: &[model::EndpointSlice],
+    services: &[Arc<model::Service>],
+    slices: &[Arc<model::EndpointSlice>],
 ) -> (Vec<ServicePort>, Vec<ConfigError>) {
     let joined = join_with_warnings(services, slices);
     (joined.ports, joined.errors)
@@ -42,7 +43,7 @@ pub fn join(
 
 /// Joins Services and slices into service ports, with the cross-object
 /// errors and warnings.
-pub fn join_with_warnings(services: &[model::Service], slices: &[model::EndpointSlice]) -> Joined {
+pub fn join_with_warnings(services: &[Arc<model::Service>], slices: &[Arc<model::EndpointSlice>]) -> Joined {
     let mut joined = Joined::default();
     let services = unique_services(services, &mut joined.errors);
     let slices = unique_slices(slices, &mut joined.errors);
@@ -82,12 +83,12 @@ pub fn join_service(
 /// First definition wins; later ones are errors naming the first. Input
 /// order is kept, so clash errors name the later definition.
 pub(crate) fn unique_services<'a>(
-    services: &'a [model::Service],
+    services: &'a [Arc<model::Service>],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<&'a model::Service> {
     let mut seen: HashMap<&ServiceName, &Origin> = HashMap::new();
     let mut unique = Vec::with_capacity(services.len());
-    for service in services {
+    for service in services.iter().map(|s| &**s) {
         if let Some(first) = seen.get(&service.name) {
             errors.push(duplicate(service_ref(&service.name), &service.origin, first));
         } else {
@@ -101,12 +102,12 @@ pub(crate) fn unique_services<'a>(
 /// An Endpoints object and an EndpointSlice may share a name; two slices
 /// of one kind may not.
 pub(crate) fn unique_slices<'a>(
-    slices: &'a [model::EndpointSlice],
+    slices: &'a [Arc<model::EndpointSlice>],
     errors: &mut Vec<ConfigError>,
 ) -> Vec<&'a model::EndpointSlice> {
     let mut seen: HashMap<(SliceKind, &ServiceName), &Origin> = HashMap::new();
     let mut unique = Vec::with_capacity(slices.len());
-    for slice in slices {
+    for slice in slices.iter().map(|s| &**s) {
         if let Some(first) = seen.get(&(slice.kind, &slice.id)) {
             errors.push(duplicate(slice_ref(slice.kind, &slice.id), &slice.origin, first));
         } else {

@@ -25,6 +25,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -396,7 +397,7 @@ impl Collector {
             return;
         };
         if let Some(service) = self.accept(service_from_k8s(&svc, origin.clone()), origin, object) {
-            self.manifests.services.push(service);
+            self.manifests.services.push(Arc::new(service));
         }
     }
 
@@ -405,7 +406,7 @@ impl Collector {
             return;
         };
         if let Some(slice) = self.accept(slice_from_k8s(&slice, origin.clone()), origin, object) {
-            self.manifests.slices.push(slice);
+            self.manifests.slices.push(Arc::new(slice));
         }
     }
 
@@ -439,7 +440,7 @@ impl Collector {
         };
         match slice_from_endpoints(&endpoints, origin) {
             Ok((slices, warnings)) => {
-                self.manifests.slices.extend(slices);
+                self.manifests.slices.extend(slices.into_iter().map(Arc::new));
                 self.manifests.warnings.extend(warnings);
             }
             Err(errors) => self.errors.extend(errors),

@@ -26,6 +26,7 @@ mod slice;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -40,11 +41,13 @@ pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;
 pub use slice::{TRIGGER_TIME_ANNOTATION, slice_from_endpoints, slice_from_k8s, trigger_time};
 
-/// Everything read from manifest files: validated, not yet joined.
+/// Everything read from manifest files: validated, not yet joined. Each
+/// object is shared (`Arc`): the file loader's per-file state, a whole
+/// state or a delta made of it, and the table hold one copy between them.
 #[derive(Clone, Debug, Default)]
 pub struct Manifests {
-    pub services: Vec<model::Service>,
-    pub slices: Vec<model::EndpointSlice>,
+    pub services: Vec<Arc<model::Service>>,
+    pub slices: Vec<Arc<model::EndpointSlice>>,
     /// Non-fatal findings (skipped objects, ignored values) for the caller to
     /// print; each was also logged with `tracing::warn!`.
     pub warnings: Vec<Warning>,

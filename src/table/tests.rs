@@ -77,8 +77,8 @@ fn addrs(table: &Table, service: &str) -> Vec<String> {
 
 /// The table's ports are what a whole join of its objects gives.
 fn agrees_with_join(table: &Table) {
-    let services: Vec<_> = table.services.values().map(|s| Service::clone(s)).collect();
-    let slices: Vec<_> = table.slices.values().map(|s| EndpointSlice::clone(s)).collect();
+    let services: Vec<_> = table.services.values().cloned().collect();
+    let slices: Vec<_> = table.slices.values().cloned().collect();
     let (ports, _) = join(&services, &slices);
     assert_eq!(table.ports(), ports.into_iter().map(Arc::new).collect::<Vec<_>>());
 }
@@ -140,10 +140,10 @@ fn a_slice_moving_to_another_service_changes_both_and_only_them() {
     assert_eq!(table.try_replace(m.clone()).unwrap().set.len(), 2);
     assert_eq!(addrs(&table, "a"), ["10.1.0.1:8080", "10.1.0.2:8080"]);
 
-    let mut moved = m.slices[1].clone();
+    let mut moved = EndpointSlice::clone(&m.slices[1]);
     moved.service = named("b");
     let mut delta = Delta::default();
-    delta.slices.insert(moved.id.clone(), Some(moved));
+    delta.slices.insert(moved.id.clone(), Some(Arc::new(moved)));
     let change = table.try_apply(delta).unwrap();
     let names: Vec<_> = change.set.iter().map(|p| p.name.service.name.as_str()).collect();
     assert_eq!(names, ["a", "b"]);
@@ -196,7 +196,7 @@ fn a_full_state_is_diffed_and_duplicates_are_reported() {
 
     // One slice differs, one Service goes.
     let mut next = m.clone();
-    next.slices[2].endpoints[0].addresses = vec!["10.2.0.9".parse().unwrap()].into();
+    Arc::make_mut(&mut next.slices[2]).endpoints[0].addresses = vec!["10.2.0.9".parse().unwrap()].into();
     next.services.remove(0);
     let change = table.try_replace(next.clone()).unwrap();
     assert_eq!(change.set.iter().map(|p| p.name.service.name.clone()).collect::<Vec<_>>(), ["b"]);
@@ -220,10 +220,10 @@ fn a_node_port_clash_with_an_unchanged_service_is_found_and_cleared() {
     let m = manifests();
     table.try_replace(m.clone()).unwrap();
     // b takes a's nodePort: a clash with an object the delta leaves alone.
-    let mut b = m.services[1].clone();
+    let mut b = Service::clone(&m.services[1]);
     b.ports[0].node_port = Some(30080);
     let mut delta = Delta::default();
-    delta.services.insert(b.name.clone(), Some(b.clone()));
+    delta.services.insert(b.name.clone(), Some(Arc::new(b)));
     let errors = table.try_apply(delta.clone()).unwrap_err();
     assert_eq!(errors.len(), 1);
     assert!(errors[0].to_string().contains("nodePort 30080/TCP is already used"), "{}", errors[0]);
@@ -252,4 +252,31 @@ fn a_prepared_change_not_committed_leaves_the_table_as_it_was() {
     drop(prepared);
     assert_eq!(table.ports().len(), 2);
     agrees_with_join(&table);
+}
+
+#[test]
+fn the_table_holds_the_objects_it_is_given_and_keeps_its_own_when_equal() {
+    let mut table = Table::default();
+    let m = manifests();
+    table.try_replace(m.clone()).unwrap();
+    let name = &m.services[0].name;
+    assert!(Arc::ptr_eq(&table.services[name], &m.services[0]), "one copy, shared");
+    let key = (m.slices[0].id.clone(), m.slices[0].kind);
+    assert!(Arc::ptr_eq(&table.slices[&key], &m.slices[0]));
+
+    // An equal object in another allocation changes nothing, and the table
+    // keeps the copy it shares.
+    let mut again = m.clone();
+    again.services[0] = Arc::new(Service::clone(&m.services[0]));
+    assert!(table.try_replace(again).unwrap().is_empty());
+    assert!(Arc::ptr_eq(&table.services[name], &m.services[0]));
+
+    // A delta's object is taken as it is.
+    let mut b = Service::clone(&m.services[1]);
+    b.ports[0].port = 81;
+    let b = Arc::new(b);
+    let mut delta = Delta::default();
+    delta.services.insert(b.name.clone(), Some(Arc::clone(&b)));
+    table.try_apply(delta).unwrap();
+    assert!(Arc::ptr_eq(&table.services[&b.name], &b));
 }

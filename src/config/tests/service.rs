@@ -20,9 +20,9 @@ fn svc(spec: &str) -> String {
 }
 
 fn service(spec: &str) -> model::Service {
-    let mut manifests = manifests(&svc(spec));
+    let manifests = manifests(&svc(spec));
     assert_eq!(manifests.services.len(), 1, "{manifests:?}");
-    manifests.services.remove(0)
+    model::Service::clone(&manifests.services[0])
 }
 
 fn warnings(text: &str) -> Vec<Warning> {

@@ -21,7 +21,7 @@ fn slice_text(ports: &str, endpoints: &str) -> String {
 }
 
 fn slice(ports: &str, endpoints: &str) -> model::EndpointSlice {
-    manifests(&slice_text(ports, endpoints)).slices.remove(0)
+    model::EndpointSlice::clone(&manifests(&slice_text(ports, endpoints)).slices[0])
 }
 
 fn bad(ports: &str, endpoints: &str, field: &str, problem: &str) {

@@ -35,6 +35,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::SETTLE;
@@ -375,12 +376,12 @@ impl FileLoader {
         }
         for m in new {
             for s in &m.services {
-                if services.remove(&s.name) != Some(s) {
+                if !services.remove(&s.name).is_some_and(|old| same(old, s)) {
                     delta.services.insert(s.name.clone(), Some(s.clone()));
                 }
             }
             for s in &m.slices {
-                if slices.remove(&s.id) != Some(s) {
+                if !slices.remove(&s.id).is_some_and(|old| same(old, s)) {
                     delta.slices.insert(s.id.clone(), Some(s.clone()));
                 }
             }
@@ -391,7 +392,7 @@ impl FileLoader {
         delta
     }
 
-    /// Everything served once `changed` is.
+    /// Everything served once `changed` is: each object shared, not copied.
     fn whole(&self, changed: &Changed) -> Manifests {
         let touched: HashSet<&PathBuf> = changed.iter().map(|(f, _)| f).collect();
         let mut out = Manifests::default();
@@ -427,7 +428,14 @@ impl FileLoader {
 }
 
 fn same_objects(a: &Manifests, b: &Manifests) -> bool {
-    a.services == b.services && a.slices == b.slices
+    let services =
+        a.services.len() == b.services.len() && a.services.iter().zip(&b.services).all(|(a, b)| same(a, b));
+    services && a.slices.len() == b.slices.len() && a.slices.iter().zip(&b.slices).all(|(a, b)| same(a, b))
+}
+
+/// Equal objects: one shared copy, or equal by value.
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
 }
 
 fn file_error(file: &Path, kind: ConfigErrorKind) -> ConfigError {

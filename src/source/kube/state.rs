@@ -19,8 +19,11 @@
 //!   is exactly what the whole state would hold for each touched name, so
 //!   the table, fed the first state and then each delta, always equals the
 //!   whole state: a slice is in it only while its Service is.
+//! - Each served object is one allocation (`Arc`), shared with the updates
+//!   and the table; an event that brings an equal object keeps it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1::Service;
@@ -114,12 +117,14 @@ impl Convert for model::EndpointSlice {
     }
 }
 
-/// One kind's objects: what is served, and a relist being gathered.
+/// One kind's objects: what is served, and a relist being gathered. Each
+/// is shared (`Arc`) with the updates made of it and with the table: one
+/// copy of each object.
 #[derive(Debug)]
 struct Objects<T> {
-    live: BTreeMap<ServiceName, T>,
+    live: BTreeMap<ServiceName, Arc<T>>,
     /// `Some` between `Init` and `InitDone`.
-    relisting: Option<BTreeMap<ServiceName, T>>,
+    relisting: Option<BTreeMap<ServiceName, Arc<T>>>,
     /// A first `InitDone` has been seen.
     synced: bool,
 }
@@ -213,10 +218,10 @@ fn differing<T: PartialEq>(
 /// Converts `raw` into `target`: stored when valid, removed when skipped,
 /// `previous` restored when invalid. The flag says whether `target`
 /// changed.
-fn store<T: Convert>(
-    target: &mut BTreeMap<ServiceName, T>,
+fn store<T: Convert + PartialEq>(
+    target: &mut BTreeMap<ServiceName, Arc<T>>,
     raw: &T::Raw,
-    previous: Option<T>,
+    previous: Option<Arc<T>>,
     filter: &Filter,
 ) -> (Outcome, bool) {
     let meta = T::meta(raw);
@@ -237,6 +242,9 @@ fn store<T: Convert>(
     }
     match T::convert(raw) {
         Ok(Conversion::Accepted { value, .. }) => {
+            // An unchanged object (a resync, a relist) keeps the copy the
+            // table shares.
+            let value = previous.filter(|p| **p == value).unwrap_or_else(|| Arc::new(value));
             target.insert(key, value);
             (Outcome::Stored, true)
         }
@@ -439,7 +447,7 @@ impl ClusterState {
     /// is unknown (not created yet, skipped, another proxy's) are left out
     /// here rather than warned about by `join` on every update.
     pub fn manifests(&self) -> Manifests {
-        let services: Vec<model::Service> = self.services.live.values().cloned().collect();
+        let services: Vec<Arc<model::Service>> = self.services.live.values().cloned().collect();
         let slices = self
             .slices
             .live

@@ -35,9 +35,14 @@ fn a_delta_carries_the_touched_objects_and_the_slices_of_a_service_that_comes_or
     assert!(d.services.is_empty());
     assert_eq!(entries(&d.slices), [("web-1".to_owned(), true)]);
 
-    // The same object again: nothing to publish.
+    // The same object again: nothing to publish, and the copy the table
+    // was given stays the one served (shared, not held twice).
+    let given = d.slices.values().next().cloned().flatten().expect("set");
     state.handle_slice(Event::Apply(slice("web-1", "web", &["10.1.0.2"])));
     assert!(state.take_update().is_none(), "an unchanged object is no change");
+    let whole = state.manifests();
+    let served = whole.slices.iter().find(|s| s.id == given.id).expect("served");
+    assert!(std::sync::Arc::ptr_eq(served, &given));
 
     // db's Service appears: its slice, held back until now, comes with it.
     state.handle_service(Event::Apply(service("db", "10.0.0.2", 5432)));
