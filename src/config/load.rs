@@ -16,6 +16,15 @@
 //! reported as warnings rather than silently dropped, because a misspelt
 //! `targetPort` would otherwise mean "same as port".
 //!
+//! A file's next version can be parsed in part ([`parse_changed`]): its
+//! text is cut into documents without parsing it (`split`), and a document
+//! whose text and index are those of the previous parse lends its objects
+//! (shared, origins and all: the index is part of what must match, so an
+//! origin never names a stale index); only the others are parsed. Whatever
+//! the split cannot cut exactly, and any syntax error (whose position is
+//! the whole text's), is parsed whole as before, so errors, warnings and
+//! document indexes are exactly those of [`parse_str`].
+//!
 //! Hostile input is bounded before the parser sees it: a file larger than
 //! [`MAX_FILE_BYTES`] is not read at all, and a YAML file whose flow
 //! collections (`[`, `{`) nest deeper than [`MAX_FLOW_DEPTH`] is refused by
@@ -41,8 +50,11 @@ use crate::model::{Name, Origin};
 
 mod fields;
 mod json;
+mod reuse;
+mod split;
 use fields::KnownFields;
 use json::JsonDocument;
+pub use reuse::{Documents, Parsed, parse_changed};
 
 /// The largest manifest file read. The API server takes request bodies of
 /// up to 3 MiB; a file of many objects may be larger, but not this large.
@@ -198,6 +210,11 @@ struct Collector {
     manifests: Manifests,
     errors: Vec<ConfigError>,
     known: KnownFields,
+    /// Documents parsed (not reused).
+    parsed: usize,
+    /// When asked for: the ends of what each document parsed made, in the
+    /// lists of `manifests` (services, slices, warnings).
+    ends: Option<Vec<[usize; 3]>>,
 }
 
 impl Collector {
@@ -262,46 +279,62 @@ impl Collector {
 
     fn file(&mut self, text: &str, file: &str) {
         if file.ends_with(".json") {
-            self.json_documents(text, file);
+            self.json_documents(text, file, 1);
+        } else if too_deep(text) {
+            self.errors.push(file_error(file, ConfigErrorKind::TooDeep { max: MAX_FLOW_DEPTH }));
         } else {
-            self.yaml_documents(text, file);
+            self.yaml_documents(text, file, 1);
         }
     }
 
-    fn yaml_documents(&mut self, text: &str, file: &str) {
-        if too_deep(text) {
-            self.errors.push(file_error(file, ConfigErrorKind::TooDeep { max: MAX_FLOW_DEPTH }));
-            return;
-        }
+    /// The documents of a YAML text whose first is document `first` of
+    /// its file; how many, or `None` after a syntax error.
+    fn yaml_documents(&mut self, text: &str, file: &str, first: usize) -> Option<usize> {
         // Every object of the file shares its path.
         let file = &Name::interned(file);
+        let mut count = 0;
         for (i, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-            let place = Place { file, document: i + 1, item: None };
+            let place = Place { file, document: first + i, item: None };
+            self.parsed += 1;
             match <Value as serde::Deserialize>::deserialize(document) {
-                Ok(value) => self.document(value, place),
+                Ok(value) => {
+                    self.document(value, place);
+                    self.end_document();
+                }
                 Err(source) => {
                     // The parser cannot resynchronise after a syntax error:
                     // it would repeat the same error forever.
                     self.errors.push(origin_error(place.origin(), ConfigErrorKind::Yaml(source)));
-                    break;
+                    return None;
                 }
             }
+            count += 1;
         }
+        Some(count)
     }
 
-    fn json_documents(&mut self, text: &str, file: &str) {
+    /// The documents of a JSON text whose first is document `first` of
+    /// its file; how many, or `None` after a syntax error.
+    fn json_documents(&mut self, text: &str, file: &str, first: usize) -> Option<usize> {
         let stream = serde_json::Deserializer::from_str(text).into_iter::<JsonDocument>();
         let file = &Name::interned(file);
+        let mut count = 0;
         for (i, document) in stream.enumerate() {
-            let place = Place { file, document: i + 1, item: None };
+            let place = Place { file, document: first + i, item: None };
+            self.parsed += 1;
             match document.map_err(ConfigErrorKind::Json) {
-                Ok(JsonDocument(value)) => self.document(value, place),
+                Ok(JsonDocument(value)) => {
+                    self.document(value, place);
+                    self.end_document();
+                }
                 Err(kind) => {
                     self.errors.push(origin_error(place.origin(), kind));
-                    break;
+                    return None;
                 }
             }
+            count += 1;
         }
+        Some(count)
     }
 
     /// One document (or List item): dispatch on apiVersion/kind.
@@ -487,6 +520,14 @@ impl Collector {
             }
         }
     }
+}
+
+/// A hash of a text, the same in every run of the process.
+pub fn hash_text(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 fn is_manifest(path: &Path) -> bool {

@@ -34,8 +34,8 @@ use crate::model::{self, Origin, Protocol, ServiceName, SliceKind};
 
 pub use join::{Joined, join, join_with_warnings};
 pub use load::{
-    MAX_FILE_BYTES, MAX_FLOW_DEPTH, ManifestFiles, is_manifest_name, load_path, manifest_files, parse_str,
-    read_manifest, too_deep,
+    Documents, MAX_FILE_BYTES, MAX_FLOW_DEPTH, ManifestFiles, Parsed, hash_text, is_manifest_name, load_path,
+    manifest_files, parse_changed, parse_str, read_manifest, too_deep,
 };
 pub use names::{AddressUse, NameRule, check_name, endpoint_address};
 pub use service::service_from_k8s;

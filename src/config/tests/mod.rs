@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 mod errors;
+mod incremental;
 mod join;
 mod load;
 mod service;

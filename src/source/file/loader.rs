@@ -7,13 +7,15 @@
 //! before it was read (a filesystem's timestamps tick coarsely, e.g. ext4's
 //! every few ms, and an inode number is reused: a second write in the same
 //! tick could keep the stamp, as git's "racy clean" entries); it is parsed
-//! again only when its text differs (by hash). A SIGHUP reads every file
-//! again. The
+//! again only when its text differs (by hash), and then only the documents
+//! whose text or index differ from the version served
+//! ([`config::parse_changed`]): the others lend their objects, shared. A
+//! SIGHUP reads every file again. The
 //! changed files' objects are compared with what those files held before,
 //! and only the objects that differ go into a [`Delta`]: a file rewritten
 //! with one slice changed costs the table one slice. A directory of a
-//! thousand files thus costs a `stat` of each per change, and a parse of
-//! the one that changed.
+//! thousand files thus costs a `stat` of each per change, a read and a
+//! split of the one that changed, and a parse of its changed documents.
 //!
 //! Invariants:
 //! - What is served is known per file (`served`), and only changes when
@@ -39,7 +41,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::SETTLE;
-use crate::config::{self, ConfigError, ConfigErrorKind, ConfigErrors, Manifests, Warning, WarningKind};
+use crate::config::{
+    self, ConfigError, ConfigErrorKind, ConfigErrors, Documents, Manifests, Warning, WarningKind,
+};
 use crate::model::{Origin, ServiceName};
 use crate::source::Change;
 use crate::table::Delta;
@@ -97,13 +101,6 @@ impl Version {
     }
 }
 
-fn hash(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
-
 /// A name in the table: Services and slices have separate names.
 type Key = (bool, ServiceName);
 
@@ -112,17 +109,27 @@ fn keys(m: &Manifests) -> impl Iterator<Item = Key> + '_ {
     services.chain(m.slices.iter().map(|s| (false, s.id.clone())))
 }
 
-/// The files a load found changed, each with its new version and objects
-/// (`None`: removed).
-type Changed = Vec<(PathBuf, Option<(Version, Manifests)>)>;
+/// One version of a file: when it was read, its objects, and where each
+/// of its documents went (so that its next version parses only the
+/// documents that changed).
+#[derive(Debug)]
+struct Held {
+    version: Version,
+    manifests: Manifests,
+    documents: Documents,
+}
+
+/// The files a load found changed, each with its new version (`None`:
+/// removed).
+type Changed = Vec<(PathBuf, Option<Held>)>;
 
 /// Reads the manifests under a path, as changes to what is served (module
 /// header).
 #[derive(Debug)]
 pub struct FileLoader {
     path: PathBuf,
-    /// Per file: the version served and its objects.
-    served: BTreeMap<PathBuf, (Version, Manifests)>,
+    /// Per file: the version served.
+    served: BTreeMap<PathBuf, Held>,
     /// How many objects of what is served hold each name.
     holders: HashMap<Key, u32>,
     /// The names more than one object holds.
@@ -147,6 +154,8 @@ struct Spent {
     bytes: usize,
     read: std::time::Duration,
     parse: std::time::Duration,
+    /// Documents parsed (those whose text was unchanged were not).
+    documents: usize,
 }
 
 /// One load: the change or every error, whether a file's objects were kept
@@ -171,7 +180,7 @@ enum Read {
     /// half done), and it is read again [`SETTLE`] later.
     Unsettled,
     /// A new version, with its objects.
-    New(Version, Manifests),
+    New(Held),
     Failed(Vec<ConfigError>),
 }
 
@@ -213,10 +222,15 @@ impl FileLoader {
                     recheck = true;
                     warnings.push(kept(&file, WarningKind::UnsettledFileKept));
                 }
-                Read::New(version, m) => match self.served.get_mut(&file) {
-                    // Reformatted, not changed: only the version is new.
-                    Some(served) if same_objects(&served.1, &m) => served.0 = version,
-                    _ => changed.push((file, Some((version, m)))),
+                Read::New(new) => match self.served.get_mut(&file) {
+                    // Reformatted, not changed: only the version is new
+                    // (and where its documents went, warnings included).
+                    Some(served) if same_objects(&served.manifests, &new.manifests) => {
+                        served.version = new.version;
+                        served.documents = new.documents;
+                        served.manifests.warnings = new.manifests.warnings;
+                    }
+                    _ => changed.push((file, Some(new))),
                 },
                 Read::Failed(e) => errors.extend(e),
             }
@@ -246,8 +260,9 @@ impl FileLoader {
                 objects = changed
                     .iter()
                     .flat_map(|(_, new)| new)
-                    .map(|(_, m)| m.services.len() + m.slices.len())
+                    .map(|h| h.manifests.services.len() + h.manifests.slices.len())
                     .sum::<usize>(),
+                documents = s.documents,
                 read_ms = s.read.as_secs_f64() * 1e3,
                 parse_ms = s.parse.as_secs_f64() * 1e3,
                 "manifests read"
@@ -268,8 +283,8 @@ impl FileLoader {
     pub fn commit(&mut self) {
         let Some(changed) = self.proposed.take() else { return };
         for (file, new) in changed {
-            if let Some((_, old)) = self.served.remove(&file) {
-                for key in keys(&old) {
+            if let Some(old) = self.served.remove(&file) {
+                for key in keys(&old.manifests) {
                     if let Some(n) = self.holders.get_mut(&key) {
                         *n -= 1;
                         if *n <= 1 {
@@ -282,15 +297,15 @@ impl FileLoader {
                 }
             }
             match new {
-                Some((version, m)) => {
-                    for key in keys(&m) {
+                Some(new) => {
+                    for key in keys(&new.manifests) {
                         let n = self.holders.entry(key.clone()).or_default();
                         *n += 1;
                         if *n > 1 {
                             self.crowded.insert(key);
                         }
                     }
-                    self.served.insert(file, (version, m));
+                    self.served.insert(file, new);
                 }
                 None => {
                     self.gone.remove(&file);
@@ -307,7 +322,7 @@ impl FileLoader {
             Ok(stamp) => stamp,
             Err(e) => return Read::Failed(vec![file_error(file, ConfigErrorKind::Io(e))]),
         };
-        let served = self.served.get(file).map(|(v, _)| *v);
+        let served = self.served.get(file).map(|h| h.version);
         if !reread && served.is_some_and(|v| v.stamp == stamp && !v.racy()) {
             self.gone.remove(file);
             return Read::Same;
@@ -320,11 +335,11 @@ impl FileLoader {
         };
         self.spent.read += clock.elapsed();
         (self.spent.files, self.spent.bytes) = (self.spent.files + 1, self.spent.bytes + text.len());
-        let version = Version { stamp, hash: hash(&text), read_at };
-        if let Some((v, _)) = self.served.get_mut(file)
-            && v.hash == version.hash
+        let version = Version { stamp, hash: config::hash_text(&text), read_at };
+        if let Some(h) = self.served.get_mut(file)
+            && h.version.hash == version.hash
         {
-            *v = version;
+            h.version = version;
             self.gone.remove(file);
             return Read::Same;
         }
@@ -333,10 +348,12 @@ impl FileLoader {
             return if served.is_some() { Read::Empty } else { Read::Same };
         }
         let clock = std::time::Instant::now();
-        let parsed = config::parse_str(&text, &file.display().to_string());
+        let before = self.served.get(file).map(|h| (&h.manifests, &h.documents));
+        let parsed = config::parse_changed(&text, &file.display().to_string(), before);
         self.spent.parse += clock.elapsed();
-        match parsed {
-            Ok(m) => Read::New(version, m),
+        self.spent.documents += parsed.parsed;
+        match parsed.result {
+            Ok((manifests, documents)) => Read::New(Held { version, manifests, documents }),
             Err(_) if version.written().is_some_and(|w| w + SETTLE > read_at) => Read::Unsettled,
             Err(e) => Read::Failed(e.into_vec()),
         }
@@ -346,10 +363,10 @@ impl FileLoader {
     fn crowded_after(&self, changed: &Changed) -> HashSet<Key> {
         let mut after: HashMap<Key, i64> = HashMap::new();
         for (file, new) in changed {
-            for key in self.served.get(file).into_iter().flat_map(|(_, m)| keys(m)) {
+            for key in self.served.get(file).into_iter().flat_map(|h| keys(&h.manifests)) {
                 *after.entry(key).or_insert(0) -= 1;
             }
-            for key in new.iter().flat_map(|(_, m)| keys(m)) {
+            for key in new.iter().flat_map(|h| keys(&h.manifests)) {
                 *after.entry(key).or_insert(0) += 1;
             }
         }
@@ -367,8 +384,8 @@ impl FileLoader {
     /// held twice (so each touched name has one value, or none).
     fn delta(&self, changed: &Changed) -> Delta {
         let mut delta = Delta::default();
-        let old = changed.iter().filter_map(|(file, _)| self.served.get(file).map(|(_, m)| m));
-        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|(_, m)| m));
+        let old = changed.iter().filter_map(|(file, _)| self.served.get(file).map(|h| &h.manifests));
+        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|h| &h.manifests));
         let (mut services, mut slices) = (BTreeMap::new(), BTreeMap::new());
         for m in old {
             services.extend(m.services.iter().map(|s| (&s.name, s)));
@@ -396,8 +413,8 @@ impl FileLoader {
     fn whole(&self, changed: &Changed) -> Manifests {
         let touched: HashSet<&PathBuf> = changed.iter().map(|(f, _)| f).collect();
         let mut out = Manifests::default();
-        let unchanged = self.served.iter().filter(|(f, _)| !touched.contains(f)).map(|(_, (_, m))| m);
-        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|(_, m)| m));
+        let unchanged = self.served.iter().filter(|(f, _)| !touched.contains(f)).map(|(_, h)| &h.manifests);
+        let new = changed.iter().filter_map(|(_, new)| new.as_ref().map(|h| &h.manifests));
         for m in unchanged.chain(new) {
             out.services.extend(m.services.iter().cloned());
             out.slices.extend(m.slices.iter().cloned());
@@ -415,12 +432,12 @@ impl FileLoader {
         let old: HashSet<(&ServiceName, SystemTime)> = changed
             .iter()
             .filter_map(|(file, _)| self.served.get(file))
-            .flat_map(|(_, m)| m.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
+            .flat_map(|h| h.manifests.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
             .collect();
         changed
             .iter()
             .filter_map(|(_, new)| new.as_ref())
-            .flat_map(|(_, m)| m.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
+            .flat_map(|h| h.manifests.slices.iter().filter_map(|s| Some((&s.id, s.trigger?))))
             .filter(|(id, t)| *t >= self.started && !old.contains(&(*id, *t)))
             .map(|(_, t)| t)
             .collect()
@@ -433,7 +450,7 @@ fn same_objects(a: &Manifests, b: &Manifests) -> bool {
     services && a.slices.len() == b.slices.len() && a.slices.iter().zip(&b.slices).all(|(a, b)| same(a, b))
 }
 
-/// Equal objects: one shared copy, or equal by value.
+/// Equal objects: one shared copy (a document reused), or equal by value.
 fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
 }

@@ -265,6 +265,50 @@ fn a_dangling_link_is_an_error_naming_it() {
     assert!(errors.contains("web.yaml") && errors.contains("dangling"), "{errors}");
 }
 
+#[test]
+fn a_changed_document_is_the_only_one_parsed_and_is_sent_as_a_whole_parse_makes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts = |ip: &str| -> Vec<String> {
+        (0..20)
+            .flat_map(|i| {
+                let name = format!("s{i}");
+                let at = if i == 7 { ip } else { "10.1.0.1" };
+                [service(&name, 80), slice(&format!("{name}-1"), &name, at, None)]
+            })
+            .collect()
+    };
+    write(dir.path(), "a.yaml", &doc(&parts("10.1.0.1")));
+    let mut loader = FileLoader::new(dir.path());
+    load(&mut loader);
+    assert_eq!(loader.spent.documents, 40);
+
+    write(dir.path(), "a.yaml", &doc(&parts("10.1.0.2")));
+    let loaded = load(&mut loader);
+    assert_eq!(loader.spent.documents, 1, "one document of 40 changed");
+    let d = delta(&loaded);
+    assert!(d.services.is_empty());
+    assert_eq!(entries(&d.slices), [("s7-1".to_owned(), true)]);
+    // Exactly the object a whole parse makes, origin included.
+    let fresh = config::load_path(dir.path()).unwrap();
+    let set = d.slices.values().next().unwrap().as_ref().unwrap();
+    assert_eq!(**set, *fresh.slices[7]);
+    assert_eq!(set.origin.0, format!("{} (document 16)", dir.path().join("a.yaml").display()));
+
+    // A document inserted first moves every other: each is parsed again
+    // and sent with the origin of its new index.
+    let mut moved = parts("10.1.0.2");
+    moved.insert(0, service("new", 80));
+    write(dir.path(), "a.yaml", &doc(&moved));
+    let loaded = load(&mut loader);
+    assert_eq!(loader.spent.documents, 41);
+    let d = delta(&loaded);
+    assert_eq!((d.services.len(), d.slices.len()), (21, 20));
+    let fresh = config::load_path(dir.path()).unwrap();
+    for s in &fresh.services {
+        assert_eq!(d.services[&s.name].as_deref(), Some(&**s));
+    }
+}
+
 /// Random rewrites of a few files: a table fed each load (whole or
 /// delta) serves what a table fed a fresh whole load of the files would.
 #[test]
