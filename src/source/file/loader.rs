@@ -101,12 +101,23 @@ impl Version {
     }
 }
 
-/// A name in the table: Services and slices have separate names.
-type Key = (bool, ServiceName);
+/// A name in the table (Services and slices have separate names), by its
+/// hash: the loader holds one per object served, and a name would be one
+/// more copy of every name. Two names of one hash only look crowded, which
+/// costs a whole state (the table then finds no duplicate), never a delta
+/// that is wrong.
+type Key = u64;
 
 fn keys(m: &Manifests) -> impl Iterator<Item = Key> + '_ {
-    let services = m.services.iter().map(|s| (true, s.name.clone()));
-    services.chain(m.slices.iter().map(|s| (false, s.id.clone())))
+    let services = m.services.iter().map(|s| key(true, &s.name));
+    services.chain(m.slices.iter().map(|s| key(false, &s.id)))
+}
+
+fn key(service: bool, name: &ServiceName) -> Key {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (service, name).hash(&mut h);
+    h.finish()
 }
 
 /// One version of a file: when it was read, its objects, and where each
@@ -299,7 +310,7 @@ impl FileLoader {
             match new {
                 Some(new) => {
                     for key in keys(&new.manifests) {
-                        let n = self.holders.entry(key.clone()).or_default();
+                        let n = self.holders.entry(key).or_default();
                         *n += 1;
                         if *n > 1 {
                             self.crowded.insert(key);
@@ -371,7 +382,7 @@ impl FileLoader {
             }
         }
         let mut crowded: HashSet<Key> =
-            self.crowded.iter().filter(|k| !after.contains_key(*k)).cloned().collect();
+            self.crowded.iter().filter(|k| !after.contains_key(*k)).copied().collect();
         for (key, d) in after {
             if i64::from(self.holders.get(&key).copied().unwrap_or(0)) + d > 1 {
                 crowded.insert(key);
