@@ -129,6 +129,9 @@ impl Collector {
         let m = &self.manifests;
         if let Some(ends) = &mut self.ends {
             ends.push([m.services.len(), m.slices.len(), m.warnings.len()]);
+            if ends.len() > split::MAX_PIECES {
+                self.ends = None;
+            }
         }
     }
 

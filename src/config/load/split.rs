@@ -7,7 +7,14 @@
 //! end marker, a byte-order mark, a JSON value that is not an object or an
 //! array, unbalanced brackets) gives `None`, and the caller parses the whole
 //! text as before. Both scans are one linear pass that keeps a counter and
-//! a flag, whatever the nesting.
+//! a flag, whatever the nesting; a text of more than [`MAX_PIECES`]
+//! documents is not split (nor are its documents kept apart), so that a
+//! hostile file of millions of empty documents costs what it did, not a
+//! record per document.
+
+/// The most documents of a file that are split and kept apart: a 16 MiB
+/// file of real objects holds a few tens of thousands.
+pub(super) const MAX_PIECES: usize = 1 << 16;
 
 /// The pieces of a YAML text: each line opening with `---` (then a space,
 /// a tab or the line's end) starts one, and the text before the first such
@@ -30,10 +37,16 @@ pub(super) fn yaml(text: &str) -> Option<Vec<&str>> {
             return None;
         }
         if at > start && marker(bytes, b"---") {
+            if pieces.len() == MAX_PIECES {
+                return None;
+            }
             pieces.push(&text[start..at]);
             start = at;
         }
         at += line.len();
+    }
+    if pieces.len() == MAX_PIECES {
+        return None;
     }
     pieces.push(&text[start..]);
     if pieces.len() > 1 && pieces[0].lines().all(blank) {
@@ -81,6 +94,9 @@ pub(super) fn json(text: &str) -> Option<Vec<&str>> {
             b'}' | b']' => {
                 depth = depth.checked_sub(1)?;
                 if depth == 0 {
+                    if pieces.len() == MAX_PIECES {
+                        return None;
+                    }
                     pieces.push(&text[start..=i]);
                 }
             }
@@ -119,6 +135,10 @@ mod tests {
         assert_eq!(yaml("%YAML 1.2\n---\na: 1\n"), None);
         assert_eq!(yaml("a: 1\n...\n---\nb: 2\n"), None);
         assert_eq!(yaml("\u{feff}a: 1\n"), None);
+        assert_eq!(yaml(&"---\n".repeat(MAX_PIECES)).map(|p| p.len()), Some(MAX_PIECES));
+        assert!(yaml(&"---\n".repeat(MAX_PIECES + 1)).is_none(), "too many documents to keep apart");
+        assert_eq!(json(&"{}".repeat(MAX_PIECES)).map(|p| p.len()), Some(MAX_PIECES));
+        assert!(json(&"{}".repeat(MAX_PIECES + 1)).is_none());
     }
 
     #[test]
