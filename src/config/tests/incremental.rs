@@ -195,5 +195,5 @@ fn one_changed_document_of_many_is_the_only_one_parsed_and_a_moved_one_is_parsed
     let next = parse_changed(&moved.join("---\n"), "t.yaml", Some((&m, &d)));
     assert_eq!(next.parsed, 51);
     let (n, _) = next.result.unwrap();
-    assert_eq!(n.services[1].origin.0, "t.yaml (document 2)");
+    assert_eq!(n.services[1].origin.to_string(), "t.yaml (document 2)");
 }

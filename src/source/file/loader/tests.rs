@@ -292,7 +292,7 @@ fn a_changed_document_is_the_only_one_parsed_and_is_sent_as_a_whole_parse_makes_
     let fresh = config::load_path(dir.path()).unwrap();
     let set = d.slices.values().next().unwrap().as_ref().unwrap();
     assert_eq!(**set, *fresh.slices[7]);
-    assert_eq!(set.origin.0, format!("{} (document 16)", dir.path().join("a.yaml").display()));
+    assert_eq!(set.origin.to_string(), format!("{} (document 16)", dir.path().join("a.yaml").display()));
 
     // A document inserted first moves every other: each is parsed again
     // and sent with the origin of its new index.
