@@ -22,6 +22,7 @@ pub mod handover;
 pub mod listen;
 pub mod log_cap;
 pub mod loops;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod proxy_protocol;

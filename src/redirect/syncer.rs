@@ -430,6 +430,7 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         metrics.sync.record(started.elapsed(), result_kind);
         match result {
             Ok(r) => {
+                crate::memory::release_after(r.ports_changed);
                 observe(metrics, &timed, r.added + r.removed > 0, SystemTime::now());
                 timed.clear();
                 if periodic || r.full {

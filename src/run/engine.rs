@@ -232,6 +232,7 @@ impl Engine {
             Ok(Some(a)) => {
                 self.published(triggers);
                 summary(&a, why);
+                crate::memory::release_after(a.summary.set + a.summary.removed);
             }
             Err(rejected) => {
                 done.refused = true;
