@@ -47,10 +47,10 @@ pub struct Table {
     /// hundreds of bytes.
     services: BTreeMap<ServiceName, Arc<Service>>,
     slices: BTreeMap<SliceKey, Arc<EndpointSlice>>,
-    /// Slice keys by the Service they name (which may not exist).
-    by_service: HashMap<ServiceName, SmallSet<SliceKey>>,
-    /// Each Service's joined ports and its own cross-object errors.
-    joined: HashMap<ServiceName, Joined>,
+    /// Per Service name, one entry: the slices that name it (the Service
+    /// may not exist) and, when it exists, its joined ports and errors.
+    /// One map, so each name is kept once (it was two maps).
+    by_service: HashMap<ServiceName, Entry>,
     /// Which Services claim each nodePort.
     claims: HashMap<Claim, SmallSet<ServiceName>>,
     /// The clash errors of each claim more than one Service holds.
@@ -61,14 +61,31 @@ pub struct Table {
     tolerant: bool,
 }
 
-/// One Service, joined.
+/// What the table keeps of one Service name; dropped once all empty.
+#[derive(Debug, Default)]
+struct Entry {
+    /// The slices naming it.
+    slices: SmallSet<SliceKey>,
+    /// Empty when there is no such Service.
+    joined: Joined,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.slices.is_empty() && self.joined.ports.is_empty() && self.joined.errors.is_empty()
+    }
+}
+
+/// One Service, joined. Lists at their exact length: most Services have
+/// one port and no error, so a slot costs no spare room and no errors
+/// cost no allocation.
 #[derive(Clone, Debug, Default)]
 struct Joined {
     /// In the Service's port order. Each is the one copy of its service
     /// port: a change and the snapshot share it.
-    ports: Vec<Arc<ServicePort>>,
+    ports: Box<[Arc<ServicePort>]>,
     /// As reported (a tolerant table logs each new one once).
-    errors: Vec<String>,
+    errors: Box<[String]>,
 }
 
 /// What a change does to the service ports.
@@ -215,10 +232,11 @@ impl Table {
         let (mut errors, mut old_errors) = (Vec::new(), Vec::new());
         let mut change = PortChange::default();
         for &name in &touched {
-            let old = self.joined.get(name);
+            let old = self.by_service.get(name).map(|e| &e.joined);
             old_errors.extend(old.iter().flat_map(|j| &j.errors));
             let mut new = service_after(name).map(|service| {
-                let mut keys: BTreeSet<&SliceKey> = self.by_service.get(name).into_iter().flatten().collect();
+                let mut keys: BTreeSet<&SliceKey> =
+                    self.by_service.get(name).into_iter().flat_map(|e| &e.slices).collect();
                 keys.extend(new_slices.get(name).into_iter().flatten().copied());
                 let mut own: Vec<&EndpointSlice> =
                     keys.into_iter().filter_map(slice_after).filter(|s| &s.service == name).collect();
@@ -311,24 +329,19 @@ impl Table {
             }
         }
         for (key, slice) in slices {
-            if let Some(old) = self.slices.remove(&key)
-                && let Some(set) = self.by_service.get_mut(&old.service)
-            {
-                set.remove(&key);
-                if set.is_empty() {
-                    self.by_service.remove(&old.service);
-                }
+            if let Some(old) = self.slices.remove(&key) {
+                self.update_entry(&old.service, |e| e.slices.remove(&key));
             }
             if let Some(new) = slice {
-                self.by_service.entry(new.service.clone()).or_default().insert(key.clone());
+                self.by_service.entry(new.service.clone()).or_default().slices.insert(key.clone());
                 self.slices.insert(key, new);
             }
         }
         for (name, j) in joined {
             match j {
-                Some(j) => self.joined.insert(name, j),
-                None => self.joined.remove(&name),
-            };
+                Some(j) => self.by_service.entry(name).or_default().joined = j,
+                None => self.update_entry(&name, |e| e.joined = Joined::default()),
+            }
         }
         for (claim, found) in clashes {
             if found.is_empty() {
@@ -343,15 +356,25 @@ impl Table {
         change
     }
 
+    /// Change the entry of `name`, if it has one; drop it once empty.
+    fn update_entry(&mut self, name: &ServiceName, f: impl FnOnce(&mut Entry)) {
+        if let Some(entry) = self.by_service.get_mut(name) {
+            f(entry);
+            if entry.is_empty() {
+                self.by_service.remove(name);
+            }
+        }
+    }
+
     /// One service port as joined (before any endpoint loop is stripped).
     pub fn port(&self, name: &ServicePortName) -> Option<&Arc<ServicePort>> {
-        self.joined.get(&name.service)?.ports.iter().find(|p| p.name == *name)
+        self.by_service.get(&name.service)?.joined.ports.iter().find(|p| p.name == *name)
     }
 
     /// Every service port, sorted by name (a full rebuild's input).
     pub fn ports(&self) -> Vec<Arc<ServicePort>> {
         let mut ports: Vec<Arc<ServicePort>> =
-            self.joined.values().flat_map(|j| j.ports.iter().cloned()).collect();
+            self.by_service.values().flat_map(|e| e.joined.ports.iter().cloned()).collect();
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         ports
     }
@@ -410,10 +433,10 @@ struct Ops {
 /// Each port behind its own `Arc`, in a list of its own size: a `collect`
 /// would reuse the list of ports in place and keep its 300-odd bytes per
 /// port for an 8-byte pointer.
-fn shared(ports: Vec<ServicePort>) -> Vec<Arc<ServicePort>> {
+fn shared(ports: Vec<ServicePort>) -> Box<[Arc<ServicePort>]> {
     let mut shared = Vec::with_capacity(ports.len());
     shared.extend(ports.into_iter().map(Arc::new));
-    shared
+    shared.into_boxed_slice()
 }
 
 /// Which of `all` are in `unique` (a subset of references into it, in

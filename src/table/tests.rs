@@ -280,3 +280,34 @@ fn the_table_holds_the_objects_it_is_given_and_keeps_its_own_when_equal() {
     table.try_apply(delta).unwrap();
     assert!(Arc::ptr_eq(&table.services[&b.name], &b));
 }
+
+#[test]
+fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
+    let mut table = Table::default();
+    table.try_replace(manifests()).unwrap();
+    assert_eq!(table.by_service.len(), 2);
+    assert_eq!(table.by_service[&named("a")].slices.0.len(), 2);
+    assert_eq!(table.by_service[&named("a")].joined.ports.len(), 1);
+
+    // The Service goes, its slices stay: the entry keeps only them.
+    let mut delta = Delta::default();
+    delta.services.insert(named("a"), None);
+    table.try_apply(delta).unwrap();
+    let a = &table.by_service[&named("a")];
+    assert!(a.joined.ports.is_empty() && a.joined.errors.is_empty());
+    assert_eq!(a.slices.0.len(), 2);
+
+    // Its slices go too: nothing is kept of the name.
+    let mut delta = Delta::default();
+    delta.slices.insert(named("a-1"), None);
+    delta.slices.insert(named("a-2"), None);
+    table.try_apply(delta).unwrap();
+    assert!(!table.by_service.contains_key(&named("a")));
+    assert_eq!(table.by_service.len(), 1);
+}
+
+#[test]
+fn an_entry_holds_a_service_s_slices_ports_and_errors_in_56_bytes() {
+    // Was two maps' values, 24 + 48 bytes, under two copies of the name.
+    assert_eq!(std::mem::size_of::<super::Entry>(), 56);
+}
