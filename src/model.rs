@@ -353,11 +353,26 @@ impl fmt::Display for TargetPort {
 }
 
 /// A validated `v1/Service` that the proxy serves (never headless, never
-/// ExternalName: those are dropped during validation).
+/// ExternalName: those are dropped during validation). What it sets for
+/// all its ports is in [`ServiceSettings`], shared with its joined service
+/// ports (and read through `Deref`: `service.cluster_ips`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: ServiceName,
     pub origin: Origin,
+    #[serde(flatten, serialize_with = "serialize_shared")]
+    pub settings: Arc<ServiceSettings>,
+    pub ports: Vec<ServicePortSpec>,
+    /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`
+    /// (each port takes what its protocol allows).
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// What a Service sets for all its ports, held once: a [`Service`] and
+/// each of its joined [`ServicePort`]s share one (there are 100k of each
+/// at scale; a copy per port was ~200 bytes and two allocations).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSettings {
     /// `spec.clusterIPs` (or `spec.clusterIP`); may be empty for a Service
     /// that has none yet, which is then served on node ports and external
     /// addresses only.
@@ -371,7 +386,6 @@ pub struct Service {
     /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
     pub load_balancer_ips: Vec<IpAddr>,
     pub load_balancer_source_ranges: Vec<IpNet>,
-    pub ports: Vec<ServicePortSpec>,
     pub affinity: Affinity,
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
@@ -381,8 +395,6 @@ pub struct Service {
     /// `ringport.io/source-ip`; `None` means the process default
     /// (`--transparent`).
     pub source_ip: Option<SourceIp>,
-    /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`.
-    pub proxy_protocol: ProxyProtocol,
     /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
     /// without the prefix, sorted by key.
     pub ringport_annotations: Vec<(String, String)>,
@@ -391,6 +403,57 @@ pub struct Service {
     /// whether this node has a local endpoint.
     pub health_check_node_port: Option<u16>,
 }
+
+impl Default for ServiceSettings {
+    /// No addresses, and every policy at its Kubernetes default.
+    fn default() -> Self {
+        Self {
+            cluster_ips: Vec::new(),
+            ip_families: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            affinity: Affinity::None,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            distribution: TrafficDistribution::Any,
+            scheduler: None,
+            source_ip: None,
+            ringport_annotations: Vec::new(),
+            health_check_node_port: None,
+        }
+    }
+}
+
+/// Settings serialize as the fields of their holder (serde's `rc`
+/// feature is off).
+fn serialize_shared<S: serde::Serializer>(settings: &Arc<ServiceSettings>, s: S) -> Result<S::Ok, S::Error> {
+    settings.serialize(s)
+}
+
+/// Reading a setting through the Service or service port that holds it;
+/// writing one copies the settings first if they are shared
+/// (`Arc::make_mut`), so a write never reaches another holder.
+macro_rules! settings_deref {
+    ($holder:ty) => {
+        impl std::ops::Deref for $holder {
+            type Target = ServiceSettings;
+
+            fn deref(&self) -> &ServiceSettings {
+                &self.settings
+            }
+        }
+
+        impl std::ops::DerefMut for $holder {
+            fn deref_mut(&mut self) -> &mut ServiceSettings {
+                Arc::make_mut(&mut self.settings)
+            }
+        }
+    };
+}
+
+settings_deref!(Service);
+settings_deref!(ServicePort);
 
 /// A port an [`EndpointSlice`] carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -493,31 +556,23 @@ impl Endpoint {
 }
 
 /// One service port with everything the data plane needs: the unit that
-/// gets listeners, a balancer and (later) redirect rules.
+/// gets listeners, a balancer and (later) redirect rules. Its Service's
+/// settings (addresses, policies, annotations; [`ServiceSettings`]) are the
+/// Service's own, shared, read through `Deref`: `port.cluster_ips`.
+/// `ip_families` there: node ports listen on node addresses of these
+/// families only; empty, every family.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub name: ServicePortName,
     pub origin: Origin,
     pub protocol: Protocol,
     pub port: u16,
-    pub cluster_ips: Vec<IpAddr>,
-    /// The Service's families ([`Service::ip_families`]): node ports listen
-    /// on node addresses of these families only; empty: every family.
-    pub ip_families: Vec<IpFamily>,
     pub node_port: Option<u16>,
-    pub external_ips: Vec<IpAddr>,
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
-    pub affinity: Affinity,
-    pub external_policy: TrafficPolicy,
-    pub internal_policy: TrafficPolicy,
-    pub distribution: TrafficDistribution,
-    pub scheduler: Option<Scheduler>,
-    pub source_ip: Option<SourceIp>,
+    /// The Service's, as this port's protocol takes it
+    /// ([`ProxyProtocol::for_protocol`]).
     pub proxy_protocol: ProxyProtocol,
-    pub ringport_annotations: Vec<(String, String)>,
-    /// The Service's `spec.healthCheckNodePort` (same on each of its ports).
-    pub health_check_node_port: Option<u16>,
+    #[serde(flatten, serialize_with = "serialize_shared")]
+    pub settings: Arc<ServiceSettings>,
     /// Sorted by address, deduplicated.
     pub endpoints: Vec<Endpoint>,
 }
@@ -531,21 +586,9 @@ impl ServicePort {
             origin,
             protocol,
             port,
-            cluster_ips: Vec::new(),
-            ip_families: Vec::new(),
             node_port: None,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            load_balancer_source_ranges: Vec::new(),
-            affinity: Affinity::None,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            distribution: TrafficDistribution::Any,
-            scheduler: None,
-            source_ip: None,
             proxy_protocol: ProxyProtocol::default(),
-            ringport_annotations: Vec::new(),
-            health_check_node_port: None,
+            settings: Arc::default(),
             endpoints: Vec::new(),
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -91,21 +92,23 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
     let service = model::Service {
         name: ServiceName::new(namespace_of(&svc.metadata), name.unwrap_or_default()),
         origin: diag.origin().clone(),
-        cluster_ips,
-        ip_families,
-        external_ips,
-        load_balancer_ips,
-        load_balancer_source_ranges,
+        settings: Arc::new(model::ServiceSettings {
+            cluster_ips,
+            ip_families,
+            external_ips,
+            load_balancer_ips,
+            load_balancer_source_ranges,
+            affinity: affinity.unwrap_or(Affinity::None),
+            external_policy: external_policy.unwrap_or_default(),
+            internal_policy: internal_policy.unwrap_or_default(),
+            distribution,
+            scheduler,
+            source_ip,
+            ringport_annotations,
+            health_check_node_port,
+        }),
         ports,
-        affinity: affinity.unwrap_or(Affinity::None),
-        external_policy: external_policy.unwrap_or_default(),
-        internal_policy: internal_policy.unwrap_or_default(),
-        distribution,
-        scheduler,
-        source_ip,
         proxy_protocol,
-        ringport_annotations,
-        health_check_node_port,
     };
     diag.finish(service)
 }
