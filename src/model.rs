@@ -382,10 +382,9 @@ pub struct ServiceSettings {
     /// kube-proxy does; empty (no cluster IP, no `ipFamilies`: an edge
     /// Service) takes endpoints of any family.
     pub ip_families: Vec<IpFamily>,
-    pub external_ips: Vec<IpAddr>,
-    /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// Read through `Deref` too: `settings.external_ips`.
+    #[serde(flatten, serialize_with = "serialize_shared")]
+    pub extras: Arc<ServiceExtras>,
     pub affinity: Affinity,
     pub external_policy: TrafficPolicy,
     pub internal_policy: TrafficPolicy,
@@ -395,9 +394,6 @@ pub struct ServiceSettings {
     /// `ringport.io/source-ip`; `None` means the process default
     /// (`--transparent`).
     pub source_ip: Option<SourceIp>,
-    /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
-    /// without the prefix, sorted by key.
-    pub ringport_annotations: Vec<(String, String)>,
     /// `spec.healthCheckNodePort` (LoadBalancer with
     /// `externalTrafficPolicy: Local` only): where load balancers ask
     /// whether this node has a local endpoint.
@@ -410,50 +406,75 @@ impl Default for ServiceSettings {
         Self {
             cluster_ips: Vec::new(),
             ip_families: Vec::new(),
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            load_balancer_source_ranges: Vec::new(),
+            extras: ServiceExtras::none(),
             affinity: Affinity::None,
             external_policy: TrafficPolicy::Cluster,
             internal_policy: TrafficPolicy::Cluster,
             distribution: TrafficDistribution::Any,
             scheduler: None,
             source_ip: None,
-            ringport_annotations: Vec::new(),
             health_check_node_port: None,
         }
     }
 }
 
-/// Settings serialize as the fields of their holder (serde's `rc`
+/// The settings that almost every Service leaves empty, out of line: a
+/// Service without any shares one empty value, so they cost it a pointer
+/// (they were 96 bytes of empty lists in each).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ServiceExtras {
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
+    /// without the prefix, sorted by key.
+    pub ringport_annotations: Vec<(String, String)>,
+}
+
+impl ServiceExtras {
+    /// The shared empty value.
+    pub fn none() -> Arc<Self> {
+        static NONE: std::sync::LazyLock<Arc<ServiceExtras>> = std::sync::LazyLock::new(Arc::default);
+        Arc::clone(&NONE)
+    }
+
+    /// These, shared if empty.
+    pub fn shared(self) -> Arc<Self> {
+        if self == Self::default() { Self::none() } else { Arc::new(self) }
+    }
+}
+
+/// Shared settings serialize as the fields of their holder (serde's `rc`
 /// feature is off).
-fn serialize_shared<S: serde::Serializer>(settings: &Arc<ServiceSettings>, s: S) -> Result<S::Ok, S::Error> {
-    settings.serialize(s)
+fn serialize_shared<T: Serialize, S: serde::Serializer>(shared: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+    shared.serialize(s)
 }
 
 /// Reading a setting through the Service or service port that holds it;
 /// writing one copies the settings first if they are shared
 /// (`Arc::make_mut`), so a write never reaches another holder.
 macro_rules! settings_deref {
-    ($holder:ty) => {
+    ($holder:ty, $field:ident, $target:ty) => {
         impl std::ops::Deref for $holder {
-            type Target = ServiceSettings;
+            type Target = $target;
 
-            fn deref(&self) -> &ServiceSettings {
-                &self.settings
+            fn deref(&self) -> &$target {
+                &self.$field
             }
         }
 
         impl std::ops::DerefMut for $holder {
-            fn deref_mut(&mut self) -> &mut ServiceSettings {
-                Arc::make_mut(&mut self.settings)
+            fn deref_mut(&mut self) -> &mut $target {
+                Arc::make_mut(&mut self.$field)
             }
         }
     };
 }
 
-settings_deref!(Service);
-settings_deref!(ServicePort);
+settings_deref!(Service, settings, ServiceSettings);
+settings_deref!(ServicePort, settings, ServiceSettings);
+settings_deref!(ServiceSettings, extras, ServiceExtras);
 
 /// A port an [`EndpointSlice`] carries.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

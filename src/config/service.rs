@@ -95,16 +95,19 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
         settings: Arc::new(model::ServiceSettings {
             cluster_ips,
             ip_families,
-            external_ips,
-            load_balancer_ips,
-            load_balancer_source_ranges,
+            extras: model::ServiceExtras {
+                external_ips,
+                load_balancer_ips,
+                load_balancer_source_ranges,
+                ringport_annotations,
+            }
+            .shared(),
             affinity: affinity.unwrap_or(Affinity::None),
             external_policy: external_policy.unwrap_or_default(),
             internal_policy: internal_policy.unwrap_or_default(),
             distribution,
             scheduler,
             source_ip,
-            ringport_annotations,
             health_check_node_port,
         }),
         ports,
