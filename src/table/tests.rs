@@ -311,3 +311,18 @@ fn an_entry_holds_a_service_s_slices_ports_and_errors_in_56_bytes() {
     // Was two maps' values, 24 + 48 bytes, under two copies of the name.
     assert_eq!(std::mem::size_of::<super::Entry>(), 56);
 }
+
+#[test]
+fn new_keys_are_merged_in_order_whether_the_map_is_rebuilt_or_not() {
+    use std::collections::BTreeMap;
+    let mut map: BTreeMap<u32, u32> = (0..10).map(|k| (k * 2, k)).collect();
+    let mut expected = map.clone();
+    let small = vec![(1, 100), (5, 101)];
+    let large: Vec<_> = (0..20).map(|k| (k * 2 + 101, k)).collect();
+    for batch in [small, large] {
+        expected.extend(batch.iter().copied());
+        super::insert_sorted(&mut map, batch);
+        assert_eq!(map, expected);
+    }
+    assert_eq!(map.len(), 32);
+}
