@@ -88,16 +88,14 @@ fn prefer_nearby<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Conditions, Origin, Protocol, ServiceName, ServicePortName};
+    use crate::model::{Conditions, Origin, Placement, Protocol, ServiceName, ServicePortName};
     use std::net::SocketAddr;
 
     fn ep(last: u8, node: &str, zone: &str, c: (bool, bool, bool)) -> Endpoint {
         Endpoint {
             addr: EndpointAddr(SocketAddr::from(([10, 0, 0, last], 80))),
             conditions: Conditions { ready: c.0, serving: c.1, terminating: c.2 },
-            node_name: Some(node.into()),
-            zone: Some(zone.into()),
-            hints: None,
+            place: Placement { node_name: Some(node.into()), zone: Some(zone.into()), hints: None }.shared(),
         }
     }
 

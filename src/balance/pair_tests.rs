@@ -9,8 +9,8 @@ use super::eligible::Locality;
 use super::health::HealthRegistry;
 use super::{BalanceOptions, Balancer};
 use crate::model::{
-    Affinity, ClientAddr, Conditions, Endpoint, EndpointAddr, Origin, Protocol, ServiceName, ServicePort,
-    ServicePortName, TrafficPolicy,
+    Affinity, ClientAddr, Conditions, Endpoint, EndpointAddr, Origin, Placement, Protocol, ServiceName,
+    ServicePort, ServicePortName, TrafficPolicy,
 };
 
 fn ep(n: u8) -> EndpointAddr {
@@ -29,7 +29,11 @@ fn port(n: u8, external_policy: TrafficPolicy, affinity: Affinity) -> ServicePor
     sp.affinity = affinity;
     sp.endpoints = (1..=n)
         .map(|i| Endpoint {
-            node_name: Some(if i % 2 == 1 { "here" } else { "there" }.into()),
+            place: Placement {
+                node_name: Some(if i % 2 == 1 { "here" } else { "there" }.into()),
+                ..Placement::default()
+            }
+            .shared(),
             conditions: Conditions::default(),
             ..Endpoint::ready(ep(i))
         })

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::health::HealthPolicy;
 use super::*;
-use crate::model::{Conditions, Endpoint, Origin, Protocol, ServiceName, ServicePortName};
+use crate::model::{Conditions, Endpoint, Origin, Placement, Protocol, ServiceName, ServicePortName};
 
 pub(super) fn ep(n: u8) -> EndpointAddr {
     EndpointAddr(SocketAddr::from(([10, 0, 0, n], 80)))
@@ -460,9 +460,7 @@ fn port(eps: &[(u8, bool)]) -> ServicePort {
         .map(|&(n, ready)| Endpoint {
             addr: ep(n),
             conditions: Conditions { ready, serving: ready, terminating: false },
-            node_name: None,
-            zone: None,
-            hints: None,
+            place: Placement::none(),
         })
         .collect();
     sp

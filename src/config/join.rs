@@ -277,9 +277,7 @@ fn endpoints_for(
             endpoints.extend(endpoint.addresses.iter().map(|ip| Endpoint {
                 addr: EndpointAddr(SocketAddr::new(*ip, port.port)),
                 conditions: endpoint.conditions,
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                hints: endpoint.hints.clone(),
+                place: Arc::clone(&endpoint.place),
             }));
         }
     }

@@ -20,7 +20,9 @@ use super::{
     AddressUse, ConfigErrorKind, ConfigErrors, Conversion, Diagnostics, NameRule, ObjectRef, Skip,
     WarningKind, check_name, endpoint_address, ip, namespace_of, port_number, protocol, required_name,
 };
-use crate::model::{self, Conditions, Hints, Name, Origin, ServiceName, SliceEndpoint, SliceKind, SlicePort};
+use crate::model::{
+    self, Conditions, Hints, Name, Origin, Placement, ServiceName, SliceEndpoint, SliceKind, SlicePort,
+};
 
 /// The label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -255,12 +257,15 @@ fn slice_endpoint(
     Some(SliceEndpoint {
         addresses: addresses.into(),
         conditions,
-        node_name: non_empty(endpoint.node_name.as_deref()),
-        zone: non_empty(endpoint.zone.as_deref()),
-        hints: Hints::new(
-            hints_zones.iter().map(|z| interned(&z.name)).collect(),
-            hints_nodes.iter().map(|n| interned(&n.name)).collect(),
-        ),
+        place: Placement {
+            node_name: non_empty(endpoint.node_name.as_deref()),
+            zone: non_empty(endpoint.zone.as_deref()),
+            hints: Hints::new(
+                hints_zones.iter().map(|z| interned(&z.name)).collect(),
+                hints_nodes.iter().map(|n| interned(&n.name)).collect(),
+            ),
+        }
+        .shared(),
     })
 }
 
@@ -276,9 +281,8 @@ fn address_endpoint(
     Some(SliceEndpoint {
         addresses: addr.into(),
         conditions: Conditions { ready, serving: ready, terminating: false },
-        node_name: non_empty(address.node_name.as_deref()),
-        zone: None,
-        hints: None,
+        place: Placement { node_name: non_empty(address.node_name.as_deref()), ..Placement::default() }
+            .shared(),
     })
 }
 

@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    Addresses, Endpoint, Hints, Name, Origin, Protocol, Service, ServiceExtras, ServiceName, ServicePort,
-    ServicePortName, ServiceSettings, SliceEndpoint,
+    Addresses, Endpoint, Hints, Name, Origin, Placement, Protocol, Service, ServiceExtras, ServiceName,
+    ServicePort, ServicePortName, ServiceSettings, SliceEndpoint,
 };
 
 #[test]
@@ -65,10 +65,23 @@ fn origin_is_no_larger_than_the_string_it_replaced() {
 }
 
 #[test]
-fn endpoints_keep_one_address_inline_and_hints_out_of_line() {
+fn endpoints_keep_one_address_inline_and_node_zone_hints_behind_one_pointer() {
+    // Node, zone and hints inline were 40 bytes: 72 and 80 bytes each.
     assert_eq!(size_of::<Addresses>(), 24);
-    assert_eq!(size_of::<SliceEndpoint>(), 72);
-    assert_eq!(size_of::<Endpoint>(), 80);
+    assert_eq!(size_of::<SliceEndpoint>(), 40);
+    assert_eq!(size_of::<Endpoint>(), 48);
+}
+
+#[test]
+fn an_endpoint_without_node_zone_or_hints_shares_the_one_empty_placement() {
+    let e = Endpoint::ready(super::EndpointAddr("10.0.0.1:80".parse().unwrap()));
+    assert!(Arc::ptr_eq(&e.place, &Placement::none()));
+    assert!(Arc::ptr_eq(&Placement::default().shared(), &Placement::none()));
+    let mut on_node = e.clone();
+    on_node.node_name = Some(Name::from("n1"));
+    assert!(!Arc::ptr_eq(&on_node.place, &Placement::none()), "a write copies the shared value");
+    assert_eq!((e.node_name.as_deref(), on_node.node_name.as_deref()), (None, Some("n1")));
+    assert_eq!(Placement::none().node_name, None);
 }
 
 #[test]
