@@ -535,7 +535,7 @@ pub enum SliceKind {
     EndpointSlice,
     /// One subset of a `v1/Endpoints`, converted into the slice shape (each
     /// subset has its own ports, so each becomes its own slice).
-    Endpoints { subset: usize },
+    Endpoints { subset: u32 },
 }
 
 impl fmt::Display for SliceKind {
@@ -560,8 +560,9 @@ pub struct EndpointSlice {
     /// Endpoints object's own name).
     pub service: ServiceName,
     pub origin: Origin,
-    pub ports: Vec<SlicePort>,
-    pub endpoints: Vec<SliceEndpoint>,
+    /// Both lists at their exact length (there are 100k slices at scale).
+    pub ports: Box<[SlicePort]>,
+    pub endpoints: Box<[SliceEndpoint]>,
     /// Its `endpoints.kubernetes.io/last-change-trigger-time`, when it
     /// carries a readable one: when the change that made it happened, for
     /// the network programming latency.

@@ -189,7 +189,7 @@ impl Table {
         let mut ops = Ops { services: delta.services, slices: BTreeMap::new() };
         for (id, slice) in delta.slices {
             let lowest = (id.clone(), SliceKind::EndpointSlice);
-            let highest = (id.clone(), SliceKind::Endpoints { subset: usize::MAX });
+            let highest = (id.clone(), SliceKind::Endpoints { subset: u32::MAX });
             for key in self.slices.range(lowest..=highest).map(|(k, _)| k) {
                 ops.slices.insert(key.clone(), None);
             }

@@ -88,8 +88,8 @@ pub fn slice_from_k8s(
         kind: SliceKind::EndpointSlice,
         service: ServiceName::new(namespace, service.cloned().unwrap_or_default()),
         origin: diag.origin().clone(),
-        ports,
-        endpoints,
+        ports: ports.into(),
+        endpoints: endpoints.into(),
         trigger: trigger_time(meta),
     };
     diag.finish(value)
@@ -119,13 +119,14 @@ pub fn slice_from_endpoints(
     let name = required_name(&mut diag, &ep.metadata, NameRule::Dns1123Subdomain).unwrap_or_default();
     let id = ServiceName::new(namespace_of(&ep.metadata), name);
     let origin = diag.origin().clone();
-    let slice = |subset, ports, endpoints| model::EndpointSlice {
+    let slice = |subset: usize, ports: Vec<SlicePort>, endpoints: Vec<SliceEndpoint>| model::EndpointSlice {
         id: id.clone(),
-        kind: SliceKind::Endpoints { subset },
+        // No input holds 2^32 subsets (the loader bounds its size).
+        kind: SliceKind::Endpoints { subset: u32::try_from(subset).unwrap_or(u32::MAX) },
         service: id.clone(),
         origin: origin.clone(),
-        ports,
-        endpoints,
+        ports: ports.into(),
+        endpoints: endpoints.into(),
         trigger: trigger_time(&ep.metadata),
     };
     let mut slices = Vec::new();

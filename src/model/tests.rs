@@ -11,8 +11,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{
-    Addresses, Endpoint, Hints, Name, Origin, Placement, Protocol, Service, ServiceExtras, ServiceName,
-    ServicePort, ServicePortName, ServiceSettings, SliceEndpoint,
+    Addresses, Endpoint, EndpointSlice, Hints, Name, Origin, Placement, Protocol, Service, ServiceExtras,
+    ServiceName, ServicePort, ServicePortName, ServiceSettings, SliceEndpoint, SliceKind,
 };
 
 #[test]
@@ -115,4 +115,11 @@ fn a_setting_written_through_a_holder_changes_that_holder_only() {
     assert!(ServiceExtras::none().external_ips.is_empty(), "and the shared empty extras");
     assert_eq!(other.external_ips, ["192.0.2.1".parse::<IpAddr>().unwrap()]);
     assert_eq!(other.cluster_ips, port.cluster_ips);
+}
+
+#[test]
+fn a_slice_holds_its_lists_at_their_length_and_its_kind_in_8_bytes() {
+    // Two `Vec`s and a `usize` subset index: 168 bytes.
+    assert_eq!(size_of::<SliceKind>(), 8);
+    assert_eq!(size_of::<EndpointSlice>(), 144);
 }
