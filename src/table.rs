@@ -76,16 +76,49 @@ impl Entry {
     }
 }
 
-/// One Service, joined. Lists at their exact length: most Services have
-/// one port and no error, so a slot costs no spare room and no errors
-/// cost no allocation.
+/// One Service, joined. Most Services have one port and no error: the
+/// port is held without a list, and no errors cost no allocation.
 #[derive(Clone, Debug, Default)]
 struct Joined {
     /// In the Service's port order. Each is the one copy of its service
     /// port: a change and the snapshot share it.
-    ports: Box<[Arc<ServicePort>]>,
+    ports: Ports,
     /// As reported (a tolerant table logs each new one once).
     errors: Box<[String]>,
+}
+
+/// A Service's joined ports, read as a slice: one alone, or a list at
+/// its exact length (16 bytes either way).
+#[derive(Clone, Debug)]
+enum Ports {
+    One(Arc<ServicePort>),
+    Many(Box<[Arc<ServicePort>]>),
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports::Many(Box::default())
+    }
+}
+
+impl std::ops::Deref for Ports {
+    type Target = [Arc<ServicePort>];
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            Ports::One(port) => std::slice::from_ref(port),
+            Ports::Many(ports) => ports,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Ports {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        match self {
+            Ports::One(port) => std::slice::from_mut(port),
+            Ports::Many(ports) => ports,
+        }
+    }
 }
 
 /// What a change does to the service ports.
@@ -452,13 +485,18 @@ struct Ops {
     slices: BTreeMap<SliceKey, Option<Arc<EndpointSlice>>>,
 }
 
-/// Each port behind its own `Arc`, in a list of its own size: a `collect`
-/// would reuse the list of ports in place and keep its 300-odd bytes per
-/// port for an 8-byte pointer.
-fn shared(ports: Vec<ServicePort>) -> Box<[Arc<ServicePort>]> {
+/// Each port behind its own `Arc`; several in a list of its own size: a
+/// `collect` would reuse the list of ports in place and keep its 120 bytes
+/// per port for an 8-byte pointer.
+fn shared(mut ports: Vec<ServicePort>) -> Ports {
+    if ports.len() == 1
+        && let Some(port) = ports.pop()
+    {
+        return Ports::One(Arc::new(port));
+    }
     let mut shared = Vec::with_capacity(ports.len());
     shared.extend(ports.into_iter().map(Arc::new));
-    shared.into_boxed_slice()
+    Ports::Many(shared.into_boxed_slice())
 }
 
 /// Which of `all` are in `unique` (a subset of references into it, in

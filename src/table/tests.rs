@@ -287,7 +287,7 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     table.try_replace(manifests()).unwrap();
     assert_eq!(table.by_service.len(), 2);
     assert_eq!(table.by_service[&named("a")].slices.0.len(), 2);
-    assert_eq!(table.by_service[&named("a")].joined.ports.len(), 1);
+    assert!(matches!(table.by_service[&named("a")].joined.ports, super::Ports::One(_)), "one port, no list");
 
     // The Service goes, its slices stay: the entry keeps only them.
     let mut delta = Delta::default();
@@ -310,6 +310,7 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
 fn an_entry_holds_a_service_s_slices_ports_and_errors_in_56_bytes() {
     // Was two maps' values, 24 + 48 bytes, under two copies of the name.
     assert_eq!(std::mem::size_of::<super::Entry>(), 56);
+    assert_eq!(std::mem::size_of::<super::Ports>(), 16);
 }
 
 #[test]
@@ -325,4 +326,23 @@ fn new_keys_are_merged_in_order_whether_the_map_is_rebuilt_or_not() {
         assert_eq!(map, expected);
     }
     assert_eq!(map.len(), 32);
+}
+
+#[test]
+fn a_service_of_two_ports_keeps_both_in_its_list() {
+    const TWO_PORTS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80}, {name: https, port: 443}]
+";
+    let mut table = Table::default();
+    table.try_replace(parse_str(TWO_PORTS, "t.yaml").unwrap()).unwrap();
+    assert!(matches!(table.by_service[&named("web")].joined.ports, super::Ports::Many(_)));
+    let names: Vec<String> = table.ports().iter().map(|p| p.name.to_string()).collect();
+    assert_eq!(names, ["default/web:http", "default/web:https"]);
+    let https = crate::model::ServicePortName { service: named("web"), port: "https".into() };
+    assert_eq!(table.port(&https).map(|p| p.port), Some(443));
 }
