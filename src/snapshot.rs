@@ -422,7 +422,7 @@ impl Snapshot {
     /// The mark of the rule that hands replies to transparent sockets, when
     /// some endpoint gets its client's address (the rules follow it).
     pub fn transparent_mark(&self) -> Option<u32> {
-        self.ports.iter().find(|p| p.source.active()).map(|p| p.source.mark())
+        self.ports.iter().find_map(|p| p.source.active_mark())
     }
 
     /// The proxy port of a service port, if it is bound: the IPv4 one, or

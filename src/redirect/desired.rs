@@ -66,7 +66,7 @@ struct Entry {
 impl Entry {
     /// Transparent mode's reply mark, when the port uses it.
     fn mark(&self) -> Option<u32> {
-        self.port.source.active().then(|| self.port.source.mark())
+        self.port.source.active_mark()
     }
 }
 
