@@ -102,11 +102,9 @@ pub struct Balancer {
     /// a copy of it), each with its health once it matters; a candidate is
     /// an index into it.
     endpoints: Box<[HealthCell]>,
-    /// Round robin's and least-connections' rotation: a shuffle of the
-    /// indices of `endpoints` (empty for the other schedulers: random
-    /// draws need none, and the hashing ones use address order, so every
-    /// rebuild hashes alike).
-    rotation: Box<[u32]>,
+    /// The order the scheduler follows: a rotation, a Maglev table, or
+    /// neither.
+    order: Order,
     /// Health and load are kept per protocol (see `health.rs`).
     protocol: Protocol,
     scheduler: Scheduler,
@@ -115,7 +113,27 @@ pub struct Balancer {
     registry: HealthRegistry,
     next: AtomicUsize,
     pins: Option<Arc<Pins>>,
-    maglev: Option<Maglev>,
+}
+
+/// The order a balancer's scheduler follows over its endpoints: one field
+/// for what only one scheduler or another needs, so a balancer (one or two
+/// per service port) carries 16 bytes for it, not 40.
+#[derive(Debug)]
+enum Order {
+    /// Round robin's and least-connections' rotation: a shuffle of the
+    /// indices of `endpoints`. Empty for address order: random draws need
+    /// no other, and the hashing schedulers use it, so every rebuild
+    /// hashes alike. (A third variant would cost the enum a tag: 8 more
+    /// bytes.)
+    Rotation(Box<[u32]>),
+    /// Maglev's lookup table (a port without endpoints has none).
+    Maglev(Box<Maglev>),
+}
+
+impl Order {
+    fn address() -> Self {
+        Order::Rotation(Box::default())
+    }
 }
 
 impl Balancer {
@@ -218,13 +236,25 @@ impl Balancer {
         let Inputs { mut endpoints, protocol, scheduler, affinity } = inputs;
         // Candidates index endpoints in a u32 (see `slot`).
         endpoints.truncate(MAX_ENDPOINTS);
-        let rotation = match scheduler {
+        let order = match scheduler {
             Scheduler::Rr | Scheduler::Lc => {
-                let mut order: Box<[u32]> = (0..endpoints.len()).map(slot).collect();
-                rng.shuffle(&mut order);
-                order
+                let mut rotation: Box<[u32]> = (0..endpoints.len()).map(slot).collect();
+                rng.shuffle(&mut rotation);
+                Order::Rotation(rotation)
             }
-            _ => Box::default(),
+            Scheduler::Maglev => {
+                // After a removal, keep the survivors' slots (only the
+                // removed endpoints' clients move); otherwise build afresh.
+                let shrunk = previous.and_then(|p| {
+                    let Order::Maglev(table) = &p.order else { return None };
+                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(|e| e.addr).collect();
+                    table.shrink(&old, &endpoints)
+                });
+                shrunk
+                    .or_else(|| Maglev::new(&endpoints))
+                    .map_or(Order::address(), |m| Order::Maglev(Box::new(m)))
+            }
+            _ => Order::address(),
         };
         let pins = match affinity {
             Affinity::None => None,
@@ -236,27 +266,15 @@ impl Balancer {
                 _ => Arc::new(Pins::new(timeout)),
             }),
         };
-        let maglev = (scheduler == Scheduler::Maglev)
-            .then(|| {
-                // After a removal, keep the survivors' slots (only the
-                // removed endpoints' clients move); otherwise build afresh.
-                let shrunk = previous.and_then(|p| {
-                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(|e| e.addr).collect();
-                    p.maglev.as_ref()?.shrink(&old, &endpoints)
-                });
-                shrunk.or_else(|| Maglev::new(&endpoints))
-            })
-            .flatten();
         Self {
             endpoints: endpoints.into_iter().map(|e| registry.cell(protocol, e)).collect(),
-            rotation,
+            order,
             protocol,
             scheduler,
             affinity,
             registry: registry.clone(),
             next: AtomicUsize::new(0),
             pins,
-            maglev,
         }
     }
 
@@ -271,7 +289,10 @@ impl Balancer {
 
     /// The endpoint at position `at` of the rotation.
     fn rotated(&self, at: usize) -> usize {
-        self.rotation.get(at).map_or(at, |&i| i as usize)
+        match &self.order {
+            Order::Rotation(rotation) => rotation.get(at).map_or(at, |&i| i as usize),
+            _ => at,
+        }
     }
 
     /// Endpoint `i`'s state, made on its first use.
@@ -386,8 +407,8 @@ impl Balancer {
                 (0, 0) => hash_ip(client),
                 _ => hash_ip_seeded(client, (salt << 32) | t),
             };
-            match &self.maglev {
-                Some(m) if self.scheduler == Scheduler::Maglev => m.lookup(h),
+            match &self.order {
+                Order::Maglev(m) => m.lookup(h),
                 _ => (h % n as u64) as usize,
             }
         };

@@ -112,3 +112,10 @@ fn an_endpoint_costs_its_balancers_48_bytes_until_it_matters() {
     // 250k times at 100k service ports.
     assert!(std::mem::size_of::<health::HealthCell>() <= 48, "{}", std::mem::size_of::<health::HealthCell>());
 }
+
+#[test]
+fn a_balancer_costs_80_bytes_besides_its_endpoints() {
+    // One or two per service port: the scheduler's order (a rotation or a
+    // Maglev table) is one field, the table out of line.
+    assert_eq!(std::mem::size_of::<Balancer>(), 80);
+}
