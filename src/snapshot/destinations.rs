@@ -35,7 +35,7 @@ use super::routes::Sharded;
 use super::{PortState, Route};
 use crate::balance::eligible::Scope;
 use crate::listen::ListenRole;
-use crate::model::{IpFamily, Protocol, ServicePort};
+use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
 use crate::redirect::rules::{Locality, redirected_keys};
 
 /// What a redirected connection's original destination stands for.
@@ -55,7 +55,7 @@ type Key = (Protocol, IpAddr, u16);
 #[derive(Debug, Default, Clone)]
 pub struct Destinations {
     /// Each key's claimants, sorted by service port name, never empty.
-    map: Sharded<Key, Vec<Destination>>,
+    map: Sharded<Key, Claims>,
     /// The node's addresses the map was built with.
     local: Locality,
 }
@@ -117,11 +117,8 @@ impl Destinations {
         for (key, scope) in keys {
             let claim = Destination { port: Arc::clone(port), scope, family: IpFamily::of(key.1) };
             match self.map.get_mut(&key) {
-                None => self.map.insert(key, vec![claim]),
-                Some(claims) => match claims.binary_search_by(|c| c.port.spec.name.cmp(&sp.name)) {
-                    Ok(i) => claims[i] = claim,
-                    Err(i) => claims.insert(i, claim),
-                },
+                None => self.map.insert(key, Claims::One(claim)),
+                Some(claims) => claims.claim(claim),
             }
         }
     }
@@ -130,8 +127,7 @@ impl Destinations {
         let keys: Vec<Key> = self.keys(sp).map(|(key, _)| key).collect();
         for key in keys {
             let Some(claims) = self.map.get_mut(&key) else { continue };
-            claims.retain(|c| c.port.spec.name != sp.name);
-            if claims.is_empty() {
+            if !claims.unclaim(&sp.name) {
                 self.map.remove(&key);
             }
         }
@@ -139,7 +135,7 @@ impl Destinations {
 
     /// What `to` (a connection's original destination) stands for.
     pub fn get(&self, protocol: Protocol, to: SocketAddr) -> Option<&Destination> {
-        self.map.get(&(protocol, to.ip().to_canonical(), to.port()))?.first()
+        self.map.get(&(protocol, to.ip().to_canonical(), to.port())).map(Claims::first)
     }
 
     /// How many addresses it maps.
@@ -157,7 +153,66 @@ impl Destinations {
         &self,
     ) -> std::collections::HashMap<Key, Vec<(crate::model::ServicePortName, Scope, IpFamily)>> {
         let named = |c: &Destination| (c.port.spec.name.clone(), c.scope, c.family);
-        self.map.iter().map(|(k, v)| (*k, v.iter().map(named).collect())).collect()
+        self.map.iter().map(|(k, v)| (*k, v.as_slice().iter().map(named).collect())).collect()
+    }
+}
+
+/// One key's claimants, in name order. Nearly every key has one, kept
+/// inline: a `Vec` of one would cost each key an allocation of its own.
+#[derive(Clone, Debug)]
+enum Claims {
+    One(Destination),
+    /// Two or more (boxed: the map's every value is then 16 bytes).
+    Many(Box<Vec<Destination>>),
+}
+
+impl Claims {
+    /// The claimant that keeps the key: the first by name.
+    fn first(&self) -> &Destination {
+        &self.as_slice()[0]
+    }
+
+    fn as_slice(&self) -> &[Destination] {
+        match self {
+            Claims::One(d) => std::slice::from_ref(d),
+            Claims::Many(list) => list,
+        }
+    }
+
+    /// Add `claim`, or replace its port's own earlier claim.
+    fn claim(&mut self, claim: Destination) {
+        let name = &claim.port.spec.name;
+        match self.as_slice().binary_search_by(|c| c.port.spec.name.cmp(name)) {
+            Ok(i) => match self {
+                Claims::One(d) => *d = claim,
+                Claims::Many(list) => list[i] = claim,
+            },
+            Err(i) => match self {
+                Claims::One(d) => {
+                    let mut list = vec![d.clone()];
+                    list.insert(i, claim);
+                    *self = Claims::Many(Box::new(list));
+                }
+                Claims::Many(list) => list.insert(i, claim),
+            },
+        }
+    }
+
+    /// Drop `name`'s claim; whether any claim is left (else the caller
+    /// drops the key).
+    fn unclaim(&mut self, name: &ServicePortName) -> bool {
+        match self {
+            Claims::One(d) => d.port.spec.name != *name,
+            Claims::Many(list) => {
+                list.retain(|c| c.port.spec.name != *name);
+                match list.as_slice() {
+                    [] => return false,
+                    [only] => *self = Claims::One(only.clone()),
+                    _ => {}
+                }
+                true
+            }
+        }
     }
 }
 
@@ -310,6 +365,34 @@ mod tests {
             d.get(Protocol::Tcp, to("10.96.0.1:80")).map(|d| d.port.spec.name.service.name.as_str()),
             Some("a")
         );
+    }
+
+    #[test]
+    fn claimants_of_one_key_come_and_go_in_name_order_and_one_alone_is_kept_inline() {
+        // Pinned: 100k keys hold one each, most of them one claimant.
+        assert_eq!(std::mem::size_of::<Claims>(), 16);
+        let ports: Vec<ServicePort> = ["c", "a", "b"].map(|n| sp(n, Protocol::Tcp, 80)).into();
+        let states = states(&ports.iter().collect::<Vec<_>>());
+        let claim = |i: usize| Destination {
+            port: Arc::clone(&states[i]),
+            scope: Scope::Internal,
+            family: IpFamily::V4,
+        };
+        let names = |c: &Claims| -> Vec<String> {
+            c.as_slice().iter().map(|d| d.port.spec.name.service.name.to_string()).collect()
+        };
+        let mut claims = Claims::One(claim(0));
+        claims.claim(claim(1));
+        claims.claim(claim(2));
+        claims.claim(claim(1));
+        assert_eq!(names(&claims), ["a", "b", "c"], "each once, in name order");
+        assert_eq!(claims.first().port.spec.name.service.name.as_str(), "a");
+        assert!(claims.unclaim(&ports[1].name));
+        assert!(claims.unclaim(&ports[0].name));
+        assert!(matches!(claims, Claims::One(_)), "one left: back inline");
+        assert_eq!(names(&claims), ["b"]);
+        assert!(claims.unclaim(&ports[0].name), "not a claimant: b stays");
+        assert!(!claims.unclaim(&ports[2].name), "the last one goes: the key goes");
     }
 
     #[test]
