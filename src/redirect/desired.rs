@@ -357,7 +357,7 @@ impl DesiredRules {
             match new {
                 Some((Fate::Redirect(_), Some(t))) if fresh => fresh_adds.push((*key, t)),
                 Some((Fate::Redirect(_), Some(t))) => {
-                    d.add.push((*key, t.clone()));
+                    d.add.push((*key, t.proxy_port));
                     r.redirects.insert(*key, t);
                 }
                 Some((Fate::Reject, _)) => {
@@ -381,7 +381,7 @@ impl DesiredRules {
         }
         if fresh {
             self.rules.redirects = fresh_adds.into_iter().collect();
-            d.add = self.rules.redirects.iter().map(|(k, t)| (*k, t.clone())).collect();
+            d.add = self.rules.redirects.iter().map(|(k, t)| (*k, t.proxy_port)).collect();
         }
         // A first sync fills the map with every key until it settles them.
         if self.claimants.capacity() > 4 * self.claimants.len() + 64 {

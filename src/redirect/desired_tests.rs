@@ -67,14 +67,18 @@ fn snapshot_with(
     Arc::new(Snapshot::new(generation, specs.to_vec(), listeners, previous, &ctx))
 }
 
-/// `diff` applied to `old`, as a backend applies it.
-fn applied(old: &RuleSet, diff: &Diff) -> RuleSet {
+/// `diff` applied to `old`, as a backend applies it; an add's service
+/// (which the diff does not carry) read from `new`.
+fn applied(old: &RuleSet, diff: &Diff, new: &RuleSet) -> RuleSet {
     let mut r = old.clone();
     for k in &diff.remove {
         assert!(r.redirects.remove(k).is_some(), "removed {k:?} was not there");
     }
-    for (k, t) in &diff.add {
-        assert!(r.redirects.insert(*k, t.clone()).is_none(), "added {k:?} was there");
+    for (k, p) in &diff.add {
+        let service =
+            new.redirects.get(k).map(|t| t.service.clone()).expect("an added key is in the new rules");
+        let t = Target { proxy_port: *p, service };
+        assert!(r.redirects.insert(*k, t).is_none(), "added {k:?} was there");
     }
     for k in &diff.unreject {
         assert!(r.reject.remove(k));
@@ -102,7 +106,7 @@ fn step(d: &mut DesiredRules, snap: &Arc<Snapshot>) -> Update {
     assert_eq!(d.rules().reject, whole.rules.reject);
     assert_eq!(d.rules().dropped, whole.rules.dropped);
     assert_eq!(d.rules().firewall, whole.rules.firewall);
-    let mut after = applied(&before, &update.diff);
+    let mut after = applied(&before, &update.diff, d.rules());
     after.firewall = d.rules().firewall.clone();
     after.transparent = d.rules().transparent;
     assert_eq!(&after, d.rules(), "the diff turns the old rules into the new");
@@ -131,7 +135,7 @@ fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_o
     let b_port = d.rules().redirects[&key].proxy_port;
     assert_ne!(a_port, b_port);
     assert_eq!(u.diff.remove, vec![key]);
-    assert_eq!(u.diff.add, vec![(key, Target { proxy_port: b_port, service: b.name.clone() })]);
+    assert_eq!(u.diff.add, vec![(key, b_port)]);
     assert!(u.clashes.is_empty());
     // It comes back first by name and takes the key again.
     let s3 = snapshot(3, &[a.clone(), b], &s2);

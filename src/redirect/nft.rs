@@ -279,8 +279,7 @@ pub fn render_update(diff: &Diff) -> String {
         }
     }
     for (map, v6) in [(MAP4, false), (MAP6, true)] {
-        let added =
-            diff.add.iter().filter(|(k, _)| k.is_ipv6() == v6).map(|(k, t)| element(k, Some(t.proxy_port.0)));
+        let added = diff.add.iter().filter(|(k, _)| k.is_ipv6() == v6).map(|(k, p)| element(k, Some(p.0)));
         add_elements(&mut s, "add", map, added);
     }
     s
@@ -403,7 +402,7 @@ mod tests {
         let (gone, _) = rule("10.96.0.2", 80, 0);
         let (changed, _) = rule("10.96.0.3", 80, 0);
         let diff =
-            Diff { remove: vec![gone, changed], add: vec![rule("10.96.0.3", 80, 31003)], ..Diff::default() };
+            Diff { remove: vec![gone, changed], add: vec![(changed, ProxyPort(31003))], ..Diff::default() };
         assert_eq!(
             render_update(&diff),
             "delete element inet ringport svc4 {\n  tcp . 10.96.0.2 . 80,\n  tcp . 10.96.0.3 . 80\n}\n\

@@ -302,10 +302,14 @@ pub fn from_snapshot(snapshot: &Snapshot, local: &Locality) -> Desired {
 /// What turns one rule set into another. A key whose target changed is
 /// both removed and added. The firewall has no incremental form: when it
 /// changes, the backends rewrite everything.
+///
+/// An add names its proxy port alone, what a backend writes: the service
+/// it is for is in the new rules (a first sync adds 100k keys, and a
+/// `Target` each would be a second copy of those rules' names).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Diff {
     pub remove: Vec<RuleKey>,
-    pub add: Vec<(RuleKey, Target)>,
+    pub add: Vec<(RuleKey, ProxyPort)>,
     pub unreject: Vec<RuleKey>,
     pub reject: Vec<RuleKey>,
     pub undrop: Vec<RuleKey>,
@@ -359,7 +363,7 @@ pub fn diff(old: &Rules, new: &Rules) -> Diff {
                 o.next();
             }
             (None, Some((nk, nt))) => {
-                d.add.push((**nk, (*nt).clone()));
+                d.add.push((**nk, nt.proxy_port));
                 n.next();
             }
             (Some((ok, ot)), Some((nk, nt))) => match ok.cmp(nk) {
@@ -368,13 +372,13 @@ pub fn diff(old: &Rules, new: &Rules) -> Diff {
                     o.next();
                 }
                 std::cmp::Ordering::Greater => {
-                    d.add.push((**nk, (*nt).clone()));
+                    d.add.push((**nk, nt.proxy_port));
                     n.next();
                 }
                 std::cmp::Ordering::Equal => {
                     if ot != nt {
                         d.remove.push(**ok);
-                        d.add.push((**nk, (*nt).clone()));
+                        d.add.push((**nk, nt.proxy_port));
                     }
                     o.next();
                     n.next();

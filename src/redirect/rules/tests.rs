@@ -228,6 +228,10 @@ fn diff_removes_gone_keys_adds_new_ones_and_replaces_changed_targets() {
     .collect();
     let d = diff(&old, &new);
     assert_eq!(d.remove, vec![key("10.96.0.2", 80), key("10.96.0.3", 80)]);
-    assert_eq!(d.add, vec![(key("10.96.0.3", 80), target(33)), (key("10.96.0.4", 80), target(4))]);
+    let port = |t: Target| t.proxy_port;
+    assert_eq!(
+        d.add,
+        vec![(key("10.96.0.3", 80), port(target(33))), (key("10.96.0.4", 80), port(target(4)))]
+    );
     assert!(diff(&new, &new).is_empty());
 }
