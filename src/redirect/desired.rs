@@ -39,6 +39,8 @@ mod entries;
 use entries::Entries;
 mod inputs;
 use inputs::Inputs;
+mod sorted;
+use sorted::SortedRules;
 
 /// What one key is to one service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,15 +319,11 @@ impl DesiredRules {
     /// alone (see `claimants`).
     fn settle(&mut self, touched: &BTreeSet<RuleKey>, update: &mut Update) {
         let d = &mut update.diff;
-        // A first sync adds every rule: the B-tree is then built in one go
-        // from the sorted adds, its nodes full (inserted one by one in key
-        // order, they would be left half full), and the diff's adds are
-        // copied from it (at most two copies of 100k targets at once).
+        // A first sync adds every rule: the B-tree is then built as the
+        // keys come, with full nodes (`sorted`), and the diff's adds (keys
+        // and proxy ports) read from it.
         let fresh = self.rules.redirects.is_empty();
-        let mut fresh_adds = Vec::new();
-        if fresh {
-            fresh_adds.reserve_exact(touched.len());
-        }
+        let mut fresh_adds = SortedRules::default();
         for key in touched {
             let told_by_rule = |list: &[Claim<Fate>]| matches!(list, [] | [(_, Fate::Redirect(_))]);
             let list = match self.claimants.get(key) {
@@ -355,7 +353,7 @@ impl DesiredRules {
             let was_rejected = r.reject.remove(key);
             let was_dropped = r.dropped.remove(key);
             match new {
-                Some((Fate::Redirect(_), Some(t))) if fresh => fresh_adds.push((*key, t)),
+                Some((Fate::Redirect(_), Some(t))) if fresh => fresh_adds.push(*key, t),
                 Some((Fate::Redirect(_), Some(t))) => {
                     d.add.push((*key, t.proxy_port));
                     r.redirects.insert(*key, t);
@@ -380,7 +378,7 @@ impl DesiredRules {
             }
         }
         if fresh {
-            self.rules.redirects = fresh_adds.into_iter().collect();
+            self.rules.redirects = fresh_adds.finish();
             d.add = self.rules.redirects.iter().map(|(k, t)| (*k, t.proxy_port)).collect();
         }
         // A first sync fills the map with every key until it settles them.
