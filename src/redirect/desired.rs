@@ -50,13 +50,31 @@ enum Fate {
     Drop,
 }
 
-/// One service port's rules, made for it alone (boxed slices: most ports
-/// claim one key, and a large node keeps 100k of these).
+/// One service port's rules, made for it alone (a boxed slice: most ports
+/// claim one key, and a large node keeps 100k of these), what few ports
+/// have out of line.
 #[derive(Debug, Default)]
 struct Claims {
     keys: Box<[(RuleKey, Fate)]>,
-    firewall: Box<[(RuleKey, Vec<IpNet>)]>,
+    rare: Option<Box<RareClaims>>,
+}
+
+/// A port's firewall claims (LB IPs with source ranges) and its addresses
+/// without a proxy port of their family: none for most ports.
+#[derive(Debug, Default)]
+struct RareClaims {
+    firewall: Vec<(RuleKey, Vec<IpNet>)>,
     wrong_family: usize,
+}
+
+impl Claims {
+    fn firewall(&self) -> &[(RuleKey, Vec<IpNet>)] {
+        self.rare.as_ref().map_or(&[], |r| &r.firewall)
+    }
+
+    fn wrong_family(&self) -> usize {
+        self.rare.as_ref().map_or(0, |r| r.wrong_family)
+    }
 }
 
 struct Entry {
@@ -282,7 +300,7 @@ impl DesiredRules {
             }
             touched.insert(*key);
         }
-        for (key, _) in &e.claims.firewall {
+        for (key, _) in e.claims.firewall() {
             if let Some(list) = self.firewall_claimants.get_mut(key) {
                 list.retain(|(n, _)| n != name);
                 if list.is_empty() {
@@ -291,7 +309,7 @@ impl DesiredRules {
             }
             touched_fw.insert(*key);
         }
-        self.wrong_family -= e.claims.wrong_family;
+        self.wrong_family -= e.claims.wrong_family();
     }
 
     fn claim(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
@@ -306,12 +324,12 @@ impl DesiredRules {
             insert_claim(list, (name.clone(), fate.clone()));
             touched.insert(*key);
         }
-        for (key, ranges) in &e.claims.firewall {
+        for (key, ranges) in e.claims.firewall() {
             let list = self.firewall_claimants.entry(*key).or_default();
             insert_claim(list, (name.clone(), ranges.clone()));
             touched_fw.insert(*key);
         }
-        self.wrong_family += e.claims.wrong_family;
+        self.wrong_family += e.claims.wrong_family();
     }
 
     /// Give each touched key to its first claimant, and say what changed.
@@ -542,11 +560,9 @@ fn claims_of(
     keys.extend(d.rules.redirects.into_iter().map(|(k, t)| (k, Fate::Redirect(t.proxy_port))));
     keys.extend(d.rules.reject.into_iter().map(|k| (k, Fate::Reject)));
     keys.extend(d.rules.dropped.into_iter().map(|k| (k, Fate::Drop)));
-    Claims {
-        keys: keys.into_iter().collect(),
-        firewall: d.rules.firewall.into_iter().collect(),
-        wrong_family: d.wrong_family,
-    }
+    let rare = RareClaims { firewall: d.rules.firewall.into_iter().collect(), wrong_family: d.wrong_family };
+    let rare = (!rare.firewall.is_empty() || rare.wrong_family > 0).then(|| Box::new(rare));
+    Claims { keys: keys.into_iter().collect(), rare }
 }
 
 #[cfg(test)]
