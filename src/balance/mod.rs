@@ -108,7 +108,6 @@ pub struct Balancer {
     /// Health and load are kept per protocol (see `health.rs`).
     protocol: Protocol,
     scheduler: Scheduler,
-    affinity: Affinity,
     /// Where the endpoints' states are made when they first matter.
     registry: HealthRegistry,
     next: AtomicUsize,
@@ -271,7 +270,6 @@ impl Balancer {
             order,
             protocol,
             scheduler,
-            affinity,
             registry: registry.clone(),
             next: AtomicUsize::new(0),
             pins,
@@ -282,9 +280,19 @@ impl Balancer {
     fn serves(&self, inputs: &Inputs) -> bool {
         self.protocol == inputs.protocol
             && self.scheduler == inputs.scheduler
-            && self.affinity == inputs.affinity
+            && self.affinity() == inputs.affinity
             && self.endpoints.len() == inputs.endpoints.len().min(MAX_ENDPOINTS)
             && self.endpoints.iter().zip(&inputs.endpoints).all(|(e, i)| e.addr == *i)
+    }
+
+    /// Its session affinity: told by its pins, which it has with ClientIP
+    /// affinity alone, and whose timeout is the affinity's (16 bytes a
+    /// balancer need not keep).
+    fn affinity(&self) -> Affinity {
+        match &self.pins {
+            Some(pins) => Affinity::ClientIp { timeout: pins.timeout() },
+            None => Affinity::None,
+        }
     }
 
     /// The endpoint at position `at` of the rotation.
