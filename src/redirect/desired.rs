@@ -278,7 +278,7 @@ impl DesiredRules {
         self.last_ports = Some(snapshot.ports.clone());
         self.locality = Some(local.clone());
         self.shared = shared;
-        self.settle(&touched, &mut update);
+        self.settle(touched, &mut update);
         update.rewrite = self.settle_firewall(&touched_fw);
         let mark = self.entries.mark();
         update.rewrite |= self.rules.transparent != mark;
@@ -335,14 +335,14 @@ impl DesiredRules {
     /// Give each touched key to its first claimant, and say what changed.
     /// A key left with one claim, a redirect, is then told by its rule
     /// alone (see `claimants`).
-    fn settle(&mut self, touched: &BTreeSet<RuleKey>, update: &mut Update) {
+    fn settle(&mut self, touched: BTreeSet<RuleKey>, update: &mut Update) {
         let d = &mut update.diff;
         // A first sync adds every rule: the B-tree is then built as the
         // keys come, with full nodes (`sorted`), and the diff's adds (keys
         // and proxy ports) read from it.
         let fresh = self.rules.redirects.is_empty();
         let mut fresh_adds = SortedRules::default();
-        for key in touched {
+        for key in &touched {
             let told_by_rule = |list: &[Claim<Fate>]| matches!(list, [] | [(_, Fate::Redirect(_))]);
             let list = match self.claimants.get(key) {
                 Some(list) if told_by_rule(list) => self.claimants.remove(key).unwrap_or_default(),
@@ -395,13 +395,16 @@ impl DesiredRules {
                 _ => {}
             }
         }
+        // A first sync fills the map (and `touched`) with every key until
+        // it settles them: both go before the rules and the diff's adds
+        // are finished, the load's peak.
+        drop(touched);
+        if self.claimants.capacity() > 4 * self.claimants.len() + 64 {
+            self.claimants.shrink_to_fit();
+        }
         if fresh {
             self.rules.redirects = fresh_adds.finish();
             d.add = self.rules.redirects.iter().map(|(k, t)| (*k, t.proxy_port)).collect();
-        }
-        // A first sync fills the map with every key until it settles them.
-        if self.claimants.capacity() > 4 * self.claimants.len() + 64 {
-            self.claimants.shrink_to_fit();
         }
     }
 
