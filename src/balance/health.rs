@@ -265,7 +265,7 @@ impl HealthRegistry {
         if let Some(existing) = self.states().get(&(protocol, addr)).and_then(Weak::upgrade) {
             let _ = state.set(existing);
         }
-        HealthCell { addr, state }
+        HealthCell { addr: CellAddr::from(addr), state }
     }
 
     /// Forget these addresses where no balancer holds them any more.
@@ -298,17 +298,53 @@ impl HealthRegistry {
 /// fresh state's values; [`HealthCell::state`] fills it.
 #[derive(Debug)]
 pub struct HealthCell {
-    pub addr: EndpointAddr,
+    addr: CellAddr,
     state: OnceLock<Arc<EndpointState>>,
 }
 
+/// An endpoint's address in 20 bytes, not a `SocketAddr`'s 32 (an IPv6
+/// one's flow info and scope id, which an endpoint's address never has:
+/// Kubernetes gives IPs without zones): 250k cells at 100k service ports.
+#[derive(Clone, Copy, Debug)]
+struct CellAddr {
+    /// An IPv4 address is kept as its IPv6-mapped form.
+    ip: [u8; 16],
+    port: u16,
+    v4: bool,
+}
+
+impl From<EndpointAddr> for CellAddr {
+    fn from(addr: EndpointAddr) -> Self {
+        let ip = match addr.0.ip() {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        Self { ip: ip.octets(), port: addr.0.port(), v4: addr.0.is_ipv4() }
+    }
+}
+
+impl From<CellAddr> for EndpointAddr {
+    fn from(addr: CellAddr) -> Self {
+        let v6 = std::net::Ipv6Addr::from(addr.ip);
+        let ip = match addr.v4 {
+            true => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+            false => std::net::IpAddr::V6(v6),
+        };
+        EndpointAddr(std::net::SocketAddr::new(ip, addr.port))
+    }
+}
+
 impl HealthCell {
+    pub fn addr(&self) -> EndpointAddr {
+        self.addr.into()
+    }
+
     /// The state, made (or found in `registry`) on first use. Workers
     /// racing to fill one cell get the same state, and so do balancers
     /// racing to fill cells of the same protocol and address (the
     /// registry's lock decides).
     pub fn state(&self, registry: &HealthRegistry, protocol: Protocol) -> &EndpointState {
-        self.state.get_or_init(|| registry.state(protocol, self.addr))
+        self.state.get_or_init(|| registry.state(protocol, self.addr()))
     }
 
     /// The state, if the endpoint has mattered yet.
@@ -338,6 +374,15 @@ impl Default for HealthRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_gives_back_the_address_it_was_made_with() {
+        let registry = HealthRegistry::default();
+        for a in ["10.0.0.1:80", "[fd00::1]:8080", "[::ffff:10.0.0.1]:80", "0.0.0.0:0", "[::]:65535"] {
+            let addr = EndpointAddr(a.parse().unwrap());
+            assert_eq!(registry.cell(Protocol::Tcp, addr).addr(), addr, "{a}");
+        }
+    }
     use std::net::SocketAddr;
 
     fn state(t0: Instant) -> Arc<EndpointState> {

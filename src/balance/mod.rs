@@ -246,7 +246,7 @@ impl Balancer {
                 // removed endpoints' clients move); otherwise build afresh.
                 let shrunk = previous.and_then(|p| {
                     let Order::Maglev(table) = &p.order else { return None };
-                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(|e| e.addr).collect();
+                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(HealthCell::addr).collect();
                     table.shrink(&old, &endpoints)
                 });
                 shrunk
@@ -282,7 +282,7 @@ impl Balancer {
             && self.scheduler == inputs.scheduler
             && self.affinity() == inputs.affinity
             && self.endpoints.len() == inputs.endpoints.len().min(MAX_ENDPOINTS)
-            && self.endpoints.iter().zip(&inputs.endpoints).all(|(e, i)| e.addr == *i)
+            && self.endpoints.iter().zip(&inputs.endpoints).all(|(e, i)| e.addr() == *i)
     }
 
     /// Its session affinity: told by its pins, which it has with ClientIP
@@ -314,17 +314,17 @@ impl Balancer {
 
     /// The candidate index of `endpoint`, if the balancer has it.
     fn position(&self, endpoint: EndpointAddr) -> Option<usize> {
-        self.endpoints.binary_search_by(|e| e.addr.cmp(&endpoint)).ok()
+        self.endpoints.binary_search_by(|e| e.addr().cmp(&endpoint)).ok()
     }
 
     /// The endpoints in rotation order.
     pub fn endpoints(&self) -> impl Iterator<Item = EndpointAddr> + '_ {
-        (0..self.endpoints.len()).map(|at| self.endpoints[self.rotated(at)].addr)
+        (0..self.endpoints.len()).map(|at| self.endpoints[self.rotated(at)].addr())
     }
 
     /// The endpoint a candidate index stands for.
     pub fn endpoint(&self, candidate: usize) -> Option<EndpointAddr> {
-        self.endpoints.get(candidate).map(|e| e.addr)
+        self.endpoints.get(candidate).map(HealthCell::addr)
     }
 
     /// The candidates for one new connection from `client`, at most
@@ -522,7 +522,7 @@ impl Balancer {
         BalancerView {
             scheduler: self.scheduler,
             pins: self.pins.as_ref().map_or(0, |p| p.len()),
-            endpoints: self.endpoints.iter().map(|e| (e.addr, e.view(now))).collect(),
+            endpoints: self.endpoints.iter().map(|e| (e.addr(), e.view(now))).collect(),
         }
     }
 }
