@@ -39,6 +39,7 @@ mod entries;
 use entries::Entries;
 mod inputs;
 use inputs::Inputs;
+mod first;
 mod sorted;
 use sorted::SortedRules;
 
@@ -226,6 +227,8 @@ impl DesiredRules {
             names.dedup();
         }
         let mut update = Update { examined: names.len(), ..Update::default() };
+        // From nothing, every key's claims are settled at once, by key.
+        let first = self.from_nothing();
         let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
         let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
         for name in names {
@@ -264,7 +267,7 @@ impl DesiredRules {
                     }
                     let claims = claims_of(port, &inputs, shared, local, &mut update);
                     let entry = Entry { port: Arc::clone(port), inputs, claims };
-                    self.claim(&entry, &mut touched, &mut touched_fw);
+                    self.claim(&entry, (!first).then_some(&mut touched), &mut touched_fw);
                     update.ports_changed += 1;
                     entry
                 }
@@ -278,7 +281,10 @@ impl DesiredRules {
         self.last_ports = Some(snapshot.ports.clone());
         self.locality = Some(local.clone());
         self.shared = shared;
-        self.settle(touched, &mut update);
+        match first {
+            true => self.settle_first(&mut update),
+            false => self.settle(touched, &mut update),
+        }
         update.rewrite = self.settle_firewall(&touched_fw);
         let mark = self.entries.mark();
         update.rewrite |= self.rules.transparent != mark;
@@ -312,17 +318,26 @@ impl DesiredRules {
         self.wrong_family -= e.claims.wrong_family();
     }
 
-    fn claim(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
+    /// Add `e`'s claims; its keys' alone when `touched` (else a first
+    /// sync lists them in `settle_first`).
+    fn claim(
+        &mut self,
+        e: &Entry,
+        touched: Option<&mut BTreeSet<RuleKey>>,
+        touched_fw: &mut BTreeSet<RuleKey>,
+    ) {
         let name = &e.port.spec.name;
-        for (key, fate) in &e.claims.keys {
-            let list = self.claimants.entry(*key).or_insert_with(|| {
-                // Not touched by this update yet: the rule, if any, is
-                // the claim of the one port that redirects the key.
-                let sole = self.rules.redirects.get(key);
-                sole.map(|t| (t.service.clone(), Fate::Redirect(t.proxy_port))).into_iter().collect()
-            });
-            insert_claim(list, (name.clone(), fate.clone()));
-            touched.insert(*key);
+        if let Some(touched) = touched {
+            for (key, fate) in &e.claims.keys {
+                let list = self.claimants.entry(*key).or_insert_with(|| {
+                    // Not touched by this update yet: the rule, if any, is
+                    // the claim of the one port that redirects the key.
+                    let sole = self.rules.redirects.get(key);
+                    sole.map(|t| (t.service.clone(), Fate::Redirect(t.proxy_port))).into_iter().collect()
+                });
+                insert_claim(list, (name.clone(), fate.clone()));
+                touched.insert(*key);
+            }
         }
         for (key, ranges) in e.claims.firewall() {
             let list = self.firewall_claimants.entry(*key).or_default();

@@ -39,7 +39,6 @@ impl Entries {
     }
 
     /// The entries in name order.
-    #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.chunks.iter().flat_map(|c| c.entries.iter().map(|e| &**e))
     }
