@@ -340,7 +340,7 @@ mod tests {
     #[test]
     fn the_annotation_overrides_the_flag_and_a_missing_setup_is_a_fallback() {
         let proxy = SourcePlan::build(&spec(Some(SourceIp::Proxy)), &on(), Some("a"));
-        assert!(!proxy.active_mark().is_some());
+        assert_eq!(proxy.active_mark(), None);
         assert_eq!(proxy.of(addr("10.220.0.5:8080")), Source::Proxy(None));
         let off = SourceOptions { transparent: false, ..on() };
         let asked = SourcePlan::build(&spec(Some(SourceIp::Preserve)), &off, Some("a"));
@@ -349,7 +349,7 @@ mod tests {
         assert_eq!(not_asked.of(addr("10.220.0.5:8080")), Source::Proxy(None));
         let broken = SourceOptions { ready: false, ..on() };
         let plan = SourcePlan::build(&spec(None), &broken, Some("a"));
-        assert!(!plan.active_mark().is_some());
+        assert_eq!(plan.active_mark(), None);
         let client = ClientAddr("10.220.0.9:5000".parse().unwrap());
         assert_eq!(
             plan.decide(addr("10.220.0.5:8080"), client, false),
@@ -383,7 +383,7 @@ mod tests {
         let plan = SourcePlan::build(&sp, &options, Some("a"));
         assert_eq!(plan.of(addr("10.220.0.5:8080")), Source::Proxy(Some(Fallback::NodeAddress)));
         assert_eq!(plan.of(addr("127.0.0.1:8080")), Source::Proxy(Some(Fallback::NodeAddress)));
-        assert!(!plan.active_mark().is_some());
+        assert_eq!(plan.active_mark(), None);
     }
 
     #[test]

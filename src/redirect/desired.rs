@@ -228,7 +228,7 @@ impl DesiredRules {
         }
         let mut update = Update { examined: names.len(), ..Update::default() };
         // From nothing, every key's claims are settled at once, by key.
-        let first = self.from_nothing();
+        let first = self.holds_nothing();
         let mut touched: BTreeSet<RuleKey> = BTreeSet::new();
         let mut touched_fw: BTreeSet<RuleKey> = BTreeSet::new();
         for name in names {

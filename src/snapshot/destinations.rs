@@ -163,6 +163,7 @@ impl Destinations {
 enum Claims {
     One(Destination),
     /// Two or more (boxed: the map's every value is then 16 bytes).
+    #[allow(clippy::box_collection)] // on purpose: see above
     Many(Box<Vec<Destination>>),
 }
 

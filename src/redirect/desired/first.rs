@@ -15,7 +15,7 @@ use super::{DesiredRules, Entry, Fate, SortedRules, Update};
 
 impl DesiredRules {
     /// Whether an update starts from nothing: no entry, rule or claim.
-    pub(super) fn from_nothing(&self) -> bool {
+    pub(super) fn holds_nothing(&self) -> bool {
         self.entries.len() == 0
             && self.claimants.is_empty()
             && self.rules.redirects.is_empty()
@@ -32,7 +32,7 @@ impl DesiredRules {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
             claims.extend(e.claims.keys.iter().map(|(key, fate)| (*key, i, fate.clone())));
         }
-        claims.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        claims.sort_unstable_by_key(|c| (c.0, c.1));
         let name = |i: u32| &all[i as usize].port.spec.name;
         let mut adds = SortedRules::default();
         for run in claims.chunk_by(|a, b| a.0 == b.0) {
