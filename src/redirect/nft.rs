@@ -207,15 +207,27 @@ pub fn render_replace(rules: &RuleSet, to: Intercept) -> String {
         super::transparent::nft_chain(&mut s, mark);
     }
     s += "}\n";
-    let (v4, v6): (Vec<_>, Vec<_>) = rules.redirects.iter().partition(|(k, _)| !k.is_ipv6());
-    add_elements(&mut s, "add", MAP4, v4.iter().map(|(k, t)| element(k, Some(t.proxy_port.0))));
-    add_elements(&mut s, "add", MAP6, v6.iter().map(|(k, t)| element(k, Some(t.proxy_port.0))));
-    let (r4, r6): (Vec<_>, Vec<_>) = rules.reject.iter().partition(|k| !k.is_ipv6());
-    add_elements(&mut s, "add", REJECT4, r4.iter().map(|k| element(k, None)));
-    add_elements(&mut s, "add", REJECT6, r6.iter().map(|k| element(k, None)));
-    let (d4, d6): (Vec<_>, Vec<_>) = rules.dropped.iter().partition(|k| !k.is_ipv6());
-    add_elements(&mut s, "add", DROP4, d4.iter().map(|k| element(k, None)));
-    add_elements(&mut s, "add", DROP6, d6.iter().map(|k| element(k, None)));
+    // The elements (100k at 100k service ports) in room taken at once, as
+    // long as their text: grown by doubling, the text would take up to
+    // twice its size, and a copy at each growth, at the first sync (the
+    // load's peak).
+    let redirects = rules.redirects.iter().map(|(k, t)| element_len(k, Some(t.proxy_port.0)));
+    let others = rules.reject.iter().chain(&rules.dropped).map(|k| element_len(k, None));
+    s.reserve(redirects.chain(others).sum::<usize>() + 6 * 64);
+    for (map, v6) in [(MAP4, false), (MAP6, true)] {
+        let of_family = rules.redirects.iter().filter(|(k, _)| k.is_ipv6() == v6);
+        add_elements(&mut s, "add", map, of_family.map(|(k, t)| element(k, Some(t.proxy_port.0))));
+    }
+    for (keys, set4, set6) in [(&rules.reject, REJECT4, REJECT6), (&rules.dropped, DROP4, DROP6)] {
+        for (set, v6) in [(set4, false), (set6, true)] {
+            add_elements(
+                &mut s,
+                "add",
+                set,
+                keys.iter().filter(|k| k.is_ipv6() == v6).map(|k| element(k, None)),
+            );
+        }
+    }
     for (fam, v6) in [("4", false), ("6", true)] {
         let guarded: Vec<_> = rules.firewall.iter().filter(|(k, _)| k.is_ipv6() == v6).collect();
         add_elements(&mut s, "add", &format!("fw{fam}"), guarded.iter().map(|(k, _)| element(k, None)));
@@ -301,6 +313,19 @@ fn add_elements(s: &mut String, verb: &str, map: &str, elements: impl Iterator<I
     s.push_str("\n}\n");
 }
 
+/// The length of `element`'s text and its separator (`,\n  `), counted
+/// without writing it (an IPv6 address is written: rare, and its
+/// shortening rules are many).
+fn element_len(key: &RuleKey, proxy_port: Option<u16>) -> usize {
+    let digits = |n: u32| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let ip = match key.daddr.0 {
+        std::net::IpAddr::V4(v4) => v4.octets().iter().map(|o| digits(u32::from(*o))).sum::<usize>() + 3,
+        v6 => v6.to_string().len(),
+    };
+    let port = proxy_port.map_or(0, |p| 3 + digits(u32::from(p)));
+    4 + "tcp . ".len() + ip + " . ".len() + digits(u32::from(key.dport)) + port
+}
+
 fn element(key: &RuleKey, proxy_port: Option<u16>) -> String {
     let proto = match key.protocol {
         crate::model::Protocol::Tcp => "tcp",
@@ -332,6 +357,18 @@ mod tests {
         let key = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(daddr.parse().unwrap()), dport };
         let service = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
         (key, Target { proxy_port: ProxyPort(proxy), service })
+    }
+
+    #[test]
+    fn a_whole_table_is_rendered_into_room_taken_once_as_long_as_its_text() {
+        let ip = |i: u32| std::net::Ipv4Addr::from(0x0a60_0000 + i).to_string();
+        let mut rules = RuleSet::from_redirects((0..3000).map(|i| rule(&ip(i), 80, 30000)).collect());
+        rules.redirects.insert(rule("fd00::1", 443, 31001).0, rule("fd00::1", 443, 31001).1);
+        rules.reject.insert(rule(&ip(5000), 53, 0).0);
+        let text = render_replace(&rules, Intercept::Redirect);
+        assert_eq!(text.matches(" : 30000").count(), 3000);
+        // The element's lengths are counted exactly; the head is a guess.
+        assert!(text.capacity() <= text.len() + 6 * 64, "{} bytes in {}", text.len(), text.capacity());
     }
 
     #[test]
