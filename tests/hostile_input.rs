@@ -87,6 +87,20 @@ fn flow_nesting_a_hundred_thousand_deep_fails_fast_naming_the_file() {
     assert_refused(&out, &["deep.yaml", "nest deeper than 64"]);
 }
 
+/// A comment ends at any line break libyaml knows, a lone `\r` too: the
+/// bound must see the brackets on the line after it (it once took `#\r`
+/// for a comment running on, and the parser then spent seconds on them).
+#[test]
+fn flow_nesting_after_a_comment_ended_by_a_carriage_return_is_refused() {
+    for text in [
+        format!("#\rx: {}{}\n", "[".repeat(100), "]".repeat(100)),
+        format!("#\u{2028}x: {}{}\n", "[".repeat(100), "]".repeat(100)),
+    ] {
+        let out = check_text("deep.yaml", &text, &[]);
+        assert_refused(&out, &["deep.yaml", "nest deeper than 64"]);
+    }
+}
+
 /// JSON objects nested 200k deep: the JSON parser stops at its recursion
 /// limit, and the kube-proxy-configuration scan of `--config` (a YAML
 /// parse, quadratic in flow depth: over 20 s for 100k deep) must not see

@@ -145,11 +145,11 @@ fn flow_depth(text: &str, limit: usize) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     let mut quote: Option<u8> = None;
     let mut comment = false;
-    let mut prev = b'\n';
+    let (mut prev, mut before) = (b'\n', b'\n');
     let mut escaped = false;
     for &b in text.as_bytes() {
         if comment {
-            comment = b != b'\n';
+            comment = !ends_line(before, prev, b);
         } else if let Some(q) = quote {
             if escaped {
                 escaped = false;
@@ -174,9 +174,29 @@ fn flow_depth(text: &str, limit: usize) -> usize {
                 _ => {}
             }
         }
-        prev = b;
+        (before, prev) = (prev, b);
     }
     deepest
+}
+
+/// Whether byte `b`, after `before` and `prev`, ends a line as libyaml sees
+/// it: `\n`, `\r` (alone too), or the last byte of NEL (U+0085), LS
+/// (U+2028) or PS (U+2029). A comment runs to the first of these: a comment
+/// taken to run to `\n` alone let `#\r` hide a line of brackets from the
+/// bound, and the parser then spent seconds on it.
+fn ends_line(before: u8, prev: u8, b: u8) -> bool {
+    matches!(b, b'\n' | b'\r')
+        || (prev == 0xC2 && b == 0x85)
+        || (before == 0xE2 && prev == 0x80 && matches!(b, 0xA8 | 0xA9))
+}
+
+/// Whether a text breaks a line anywhere with something libyaml reads as a
+/// line break but a split on `\n` does not: a `\r` not followed by `\n`,
+/// NEL, LS or PS.
+pub(super) fn other_line_breaks(text: &str) -> bool {
+    text.contains(['\u{85}', '\u{2028}', '\u{2029}'])
+        || text.as_bytes().windows(2).any(|w| w[0] == b'\r' && w[1] != b'\n')
+        || text.ends_with('\r')
 }
 
 fn file_error(file: &str, kind: ConfigErrorKind) -> ConfigError {

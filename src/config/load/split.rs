@@ -4,7 +4,8 @@
 //! Invariant: a split is exact or there is none. Each piece, parsed alone,
 //! yields exactly the documents the whole text yields at that place, in
 //! order; whatever the split does not model (a YAML directive or document
-//! end marker, a byte-order mark, a JSON value that is not an object or an
+//! end marker, a byte-order mark, a line break other than `\n` and `\r\n`,
+//! a JSON value that is not an object or an
 //! array, unbalanced brackets) gives `None`, and the caller parses the whole
 //! text as before. Both scans are one linear pass that keeps a counter and
 //! a flag, whatever the nesting; a text of more than [`MAX_PIECES`]
@@ -24,7 +25,10 @@ pub(super) const MAX_PIECES: usize = 1 << 16;
 /// document, in a block scalar or a quoted one alike (where the parser
 /// calls it an error, it does so piece by piece as well).
 pub(super) fn yaml(text: &str) -> Option<Vec<&str>> {
-    if text.contains('\u{feff}') {
+    // Lines are cut at `\n`: a text that libyaml also breaks elsewhere (a
+    // lone `\r`, NEL, LS, PS) could hide a document marker or a document
+    // in what looks like a comment line here.
+    if text.contains('\u{feff}') || super::other_line_breaks(text) {
         return None;
     }
     let mut pieces = Vec::new();

@@ -197,3 +197,23 @@ fn one_changed_document_of_many_is_the_only_one_parsed_and_a_moved_one_is_parsed
     let (n, _) = next.result.unwrap();
     assert_eq!(n.services[1].origin.to_string(), "t.yaml (document 2)");
 }
+
+/// Line breaks libyaml reads and a split on `\n` does not (a lone `\r`,
+/// NEL, LS, PS): a document behind one must not be taken for a comment
+/// line and dropped, nor shift the indexes after it.
+#[test]
+fn a_text_broken_by_other_line_breaks_reads_as_parsed_whole() {
+    let first = parse_changed(&service("a", 80), "t.yaml", None).result.unwrap();
+    let before = Some((&first.0, &first.1));
+    let one = service("b", 81).replace('\n', "\r");
+    for text in [
+        format!("# a\r{one}---\n{}", service("c", 82)),
+        format!("  \r  \n---\n{}", service("c", 82)),
+        format!("# a\u{85}{}---\n{}", service("b", 81), service("c", 82)),
+        format!("# a\u{2028}{}---\n{}", service("b", 81), service("c", 82)),
+    ] {
+        let whole = parse_str(&text, "t.yaml").map_err(|e| e.to_string());
+        let part = parse_changed(&text, "t.yaml", before).result.map(|(m, _)| m).map_err(|e| e.to_string());
+        assert_eq!(outcome(&part), outcome(&whole), "{text:?}");
+    }
+}
