@@ -26,7 +26,11 @@
 //!   one holds a state takes it at build, so an ejection or a count
 //!   survives the reload. (A state made by an older balancer after a newer
 //!   one was built reaches the newer one at its own first use of that
-//!   endpoint: at most one attempt that a shared state would have skipped.)
+//!   endpoint, if the older balancer still holds it then. If the older
+//!   balancer is dropped first, that state goes with it, and the newer one
+//!   starts the endpoint afresh: failures counted, or an ejection made, in
+//!   the moments between a snapshot's build and its publication can be
+//!   lost, and the endpoint takes `failures` attempts to be ejected again.)
 //! - TCP and UDP never share a state: a UDP endpoint's ICMP port-unreachable
 //!   says nothing about the TCP server on the same `ip:port` (DNS on 53,
 //!   HTTPS and QUIC on 443), so it must not eject it, move its pins, or
@@ -262,10 +266,15 @@ impl HealthRegistry {
     /// anything holds one, else empty until the endpoint first matters.
     pub fn cell(&self, protocol: Protocol, addr: EndpointAddr) -> HealthCell {
         let state = OnceLock::new();
-        if let Some(existing) = self.states().get(&(protocol, addr)).and_then(Weak::upgrade) {
+        if let Some(existing) = self.existing(protocol, addr) {
             let _ = state.set(existing);
         }
         HealthCell { addr: CellAddr::from(addr), state }
+    }
+
+    /// The state some balancer holds for `addr`, if any (none is made).
+    pub fn existing(&self, protocol: Protocol, addr: EndpointAddr) -> Option<Arc<EndpointState>> {
+        self.states().get(&(protocol, addr)).and_then(Weak::upgrade)
     }
 
     /// Forget these addresses where no balancer holds them any more.
@@ -360,8 +369,17 @@ impl HealthCell {
         self.existing().map_or(0, EndpointState::active)
     }
 
-    pub fn view(&self, now: Instant) -> HealthView {
-        self.existing().map_or_else(HealthView::default, |s| s.view(now))
+    /// For `/debug/snapshot` and `ringport status`: an empty cell shows the
+    /// state another balancer made for the same address (the other scope
+    /// of a `Local` policy, another Service on the same pod), so an
+    /// endpoint ejected through one is not shown up through the other.
+    pub fn view(&self, registry: &HealthRegistry, protocol: Protocol, now: Instant) -> HealthView {
+        match self.existing() {
+            Some(s) => s.view(now),
+            None => {
+                registry.existing(protocol, self.addr()).map_or_else(HealthView::default, |s| s.view(now))
+            }
+        }
     }
 }
 

@@ -517,12 +517,17 @@ impl Balancer {
     }
 
     /// Each endpoint with its health, in candidate (address) order, for
-    /// `/debug/snapshot`; zeros for an endpoint that never mattered.
+    /// `/debug/snapshot`; zeros for an endpoint that never mattered to
+    /// any balancer.
     pub fn view(&self, now: Instant) -> BalancerView {
         BalancerView {
             scheduler: self.scheduler,
             pins: self.pins.as_ref().map_or(0, |p| p.len()),
-            endpoints: self.endpoints.iter().map(|e| (e.addr(), e.view(now))).collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| (e.addr(), e.view(&self.registry, self.protocol, now)))
+                .collect(),
         }
     }
 }

@@ -120,3 +120,23 @@ fn a_balancer_costs_64_bytes_besides_its_endpoints() {
     // is its pins'. With the `Arc`'s counts, 80 B: an allocator size class.
     assert_eq!(std::mem::size_of::<Balancer>(), 64);
 }
+
+/// Two balancers of one address (the scopes of a `Local` policy, or two
+/// Services on one pod): an endpoint ejected through one shows ejected
+/// through the other too, which has not used it yet.
+#[test]
+fn an_endpoint_ejected_through_one_balancer_shows_ejected_through_another_that_never_used_it() {
+    let registry = HealthRegistry::default();
+    let now = Instant::now();
+    let used = seeded(inputs(&[1, 2], Scheduler::Rr, Affinity::None), &registry, None, 1);
+    let idle = seeded(inputs(&[1, 3], Scheduler::Rr, Affinity::None), &registry, None, 2);
+    let i = used.position(ep(1)).expect("endpoint 1");
+    for _ in 0..3 {
+        used.attempting(i);
+        used.failed(client(1), i, now);
+    }
+    let shown = |b: &Balancer| b.view(now).endpoints.into_iter().find(|(a, _)| *a == ep(1)).map(|(_, h)| h);
+    assert!(shown(&used).is_some_and(|h| h.ejected), "ejected where it failed");
+    assert!(held(&idle, ep(1)).is_none(), "the other balancer made no state");
+    assert_eq!(shown(&idle), shown(&used), "and shows the one the registry holds");
+}
