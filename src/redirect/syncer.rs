@@ -430,7 +430,6 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
         metrics.sync.record(started.elapsed(), result_kind);
         match result {
             Ok(r) => {
-                crate::memory::release_after(r.ports_changed);
                 observe(metrics, &timed, r.added + r.removed > 0, SystemTime::now());
                 timed.clear();
                 if periodic || r.full {
@@ -468,6 +467,10 @@ fn run(mut syncer: Syncer, inbox: &(Mutex<Inbox>, Condvar), ready: &AtomicBool, 
                 } else {
                     synced!(info);
                 }
+                // Last: the purge takes milliseconds after a large sync,
+                // which neither readiness nor the latency timed above
+                // should wait for.
+                crate::memory::release_after(r.ports_changed);
             }
             Err(e) => {
                 failed = true;
