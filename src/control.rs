@@ -104,7 +104,9 @@ pub struct Control {
     /// Ports with a listen address not served (not benign): bound again at
     /// each update.
     unbound: BTreeSet<ServicePortName>,
-    /// What each port's listen addresses counted in `listen_addresses`.
+    /// What each port's listen addresses counted in `listen_addresses`;
+    /// a port that counted none has no entry (in shared mode, most: their
+    /// proxy ports are the shared ones; 100k entries were 7.5 MB).
     addresses: HashMap<ServicePortName, u64>,
     /// What the last update planned listeners against.
     plan_inputs: Option<PlanInputs>,
@@ -404,7 +406,7 @@ impl Control {
         for n in &leaving {
             self.addresses.remove(n);
         }
-        self.addresses.extend(counted);
+        self.addresses.extend(counted.into_iter().filter(|(_, n)| *n > 0));
         self.plan_inputs = Some(inputs);
         lap(&mut stages.commit);
 
