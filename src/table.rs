@@ -26,6 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use keyed::{BySlice, Services, SliceKey, SliceKeyed, Slices};
+
 use crate::config::join::{
     check_node_ports, join_service, own_slices, slice_warning, unique_services, unique_slices,
 };
@@ -33,20 +35,15 @@ use crate::config::{ConfigError, ConfigErrorKind, Manifests, WarningKind};
 use crate::metrics::Changes;
 use crate::model::{EndpointSlice, Protocol, Service, ServiceName, ServicePort, ServicePortName, SliceKind};
 
-/// A slice's key: its own name and kind (an Endpoints object and an
-/// EndpointSlice may share a name; each Endpoints subset is a slice).
-type SliceKey = (ServiceName, SliceKind);
 /// A nodePort (or healthCheckNodePort) claim.
 type Claim = (u16, Protocol);
 
 #[derive(Debug, Default)]
 pub struct Table {
-    /// Shared with the source that made them (one copy of each object);
-    /// behind a pointer also because a B-tree node holds its values
-    /// inline, half empty after sorted inserts, and a Service or a slice is
-    /// hundreds of bytes.
-    services: BTreeMap<ServiceName, Arc<Service>>,
-    slices: BTreeMap<SliceKey, Arc<EndpointSlice>>,
+    /// Shared with the source that made them (one copy of each object),
+    /// in sets keyed by what each object holds (`keyed`).
+    services: Services,
+    slices: Slices,
     /// Per Service name, one entry: the slices that name it (the Service
     /// may not exist) and, when it exists, its joined ports and errors.
     /// One map, so each name is kept once (it was two maps).
@@ -64,8 +61,9 @@ pub struct Table {
 /// What the table keeps of one Service name; dropped once all empty.
 #[derive(Debug, Default)]
 struct Entry {
-    /// The slices naming it.
-    slices: SmallSet<SliceKey>,
+    /// The slices naming it: the table's own pointers (a copy of each
+    /// one's key was 40 bytes more, in an allocation of its own).
+    slices: SmallSet<BySlice>,
     /// Empty when there is no such Service.
     joined: Joined,
 }
@@ -189,7 +187,7 @@ impl Table {
         let keep = {
             let unique = unique_services(&services, &mut listed);
             let names: HashSet<&ServiceName> = unique.iter().map(|s| &s.name).collect();
-            for name in self.services.keys().filter(|n| !names.contains(n)) {
+            for name in self.services.values().map(|s| &s.name).filter(|n| !names.contains(n)) {
                 ops.services.insert(name.clone(), None);
             }
             firsts(&services, &unique)
@@ -202,8 +200,8 @@ impl Table {
         let keep = {
             let unique = unique_slices(&slices, &mut listed);
             let keys: HashSet<(&ServiceName, SliceKind)> = unique.iter().map(|s| (&s.id, s.kind)).collect();
-            for key in self.slices.keys().filter(|(id, kind)| !keys.contains(&(id, *kind))) {
-                ops.slices.insert(key.clone(), None);
+            for s in self.slices.values().filter(|s| !keys.contains(&(&s.id, s.kind))) {
+                ops.slices.insert((s.id.clone(), s.kind), None);
             }
             firsts(&slices, &unique)
         };
@@ -221,10 +219,8 @@ impl Table {
     pub fn prepare(&self, delta: Delta) -> Result<Prepared, Vec<ConfigError>> {
         let mut ops = Ops { services: delta.services, slices: BTreeMap::new() };
         for (id, slice) in delta.slices {
-            let lowest = (id.clone(), SliceKind::EndpointSlice);
-            let highest = (id.clone(), SliceKind::Endpoints { subset: u32::MAX });
-            for key in self.slices.range(lowest..=highest).map(|(k, _)| k) {
-                ops.slices.insert(key.clone(), None);
+            for s in self.slices.named(&id) {
+                ops.slices.insert((s.id.clone(), s.kind), None);
             }
             if let Some(s) = slice {
                 ops.slices.insert((s.id.clone(), s.kind), Some(s));
@@ -238,7 +234,7 @@ impl Table {
             Some(set) => set.as_deref(),
             None => self.services.get(name).map(|s| &**s),
         };
-        let slice_after = |key: &SliceKey| match ops.slices.get(key) {
+        let slice_after = |key: &dyn SliceKeyed| match ops.slices.get(key) {
             Some(set) => set.as_deref(),
             None => self.slices.get(key).map(|s| &**s),
         };
@@ -268,11 +264,11 @@ impl Table {
             let old = self.by_service.get(name).map(|e| &e.joined);
             old_errors.extend(old.iter().flat_map(|j| &j.errors));
             let mut new = service_after(name).map(|service| {
-                let mut keys: BTreeSet<&SliceKey> =
-                    self.by_service.get(name).into_iter().flat_map(|e| &e.slices).collect();
-                keys.extend(new_slices.get(name).into_iter().flatten().copied());
+                let mut keys: BTreeSet<(&ServiceName, SliceKind)> =
+                    self.by_service.get(name).into_iter().flat_map(|e| &e.slices).map(|s| s.key()).collect();
+                keys.extend(new_slices.get(name).into_iter().flatten().map(|k| k.key()));
                 let mut own: Vec<&EndpointSlice> =
-                    keys.into_iter().filter_map(slice_after).filter(|s| &s.service == name).collect();
+                    keys.iter().filter_map(|k| slice_after(k)).filter(|s| &s.service == name).collect();
                 own_slices(&mut own, &mut warnings);
                 let mut found = Vec::new();
                 let ports = shared(join_service(service, &own, &mut found, &mut warnings));
@@ -345,7 +341,7 @@ impl Table {
         let Prepared { services, slices, joined, clashes, listed, change } = prepared;
         let mut added = Vec::new();
         for (name, service) in services {
-            if let Some(old) = self.services.remove(&name) {
+            if let Some(old) = self.services.take(&name) {
                 for claim in claims(&old) {
                     if let Some(set) = self.claims.get_mut(&claim) {
                         set.remove(&name);
@@ -359,10 +355,10 @@ impl Table {
                 for claim in claims(&new) {
                     self.claims.entry(claim).or_default().insert(name.clone());
                 }
-                added.push((name, new));
+                added.push(new);
             }
         }
-        insert_sorted(&mut self.services, added);
+        self.services.insert_sorted(added);
         // Room for the new names at once: growing by doubling holds the
         // old hash table and the new one together.
         let new_names =
@@ -370,15 +366,16 @@ impl Table {
         self.by_service.reserve(new_names);
         let mut added = Vec::new();
         for (key, slice) in slices {
-            if let Some(old) = self.slices.remove(&key) {
-                self.update_entry(&old.service, |e| e.slices.remove(&key));
+            if let Some(old) = self.slices.take(&key) {
+                self.update_entry(&old.service, |e| e.slices.remove(&old));
             }
             if let Some(new) = slice {
-                self.by_service.entry(new.service.clone()).or_default().slices.insert(key.clone());
-                added.push((key, new));
+                let new = BySlice(new);
+                self.by_service.entry(new.service.clone()).or_default().slices.insert(new.clone());
+                added.push(new);
             }
         }
-        insert_sorted(&mut self.slices, added);
+        self.slices.insert_sorted(added);
         for (name, j) in joined {
             match j {
                 Some(j) => self.by_service.entry(name).or_default().joined = j,
@@ -422,37 +419,68 @@ impl Table {
     }
 }
 
-/// A set kept as a sorted `Vec`: most of the table's per-Service sets
-/// hold one or two entries (a Service's slices, a nodePort's holders),
-/// where a `BTreeSet` would allocate a whole node (hundreds of bytes) each.
+/// A set kept as a sorted list: most of the table's per-Service sets
+/// hold one entry (a Service's slice, a nodePort's holder), held inline
+/// without an allocation; more are a list at its exact length (where a
+/// `BTreeSet` would allocate a whole node, hundreds of bytes, each).
 #[derive(Debug)]
-struct SmallSet<T>(Vec<T>);
+enum SmallSet<T> {
+    One(T),
+    Many(Box<[T]>),
+}
 
 impl<T> Default for SmallSet<T> {
     fn default() -> Self {
-        Self(Vec::new())
+        SmallSet::Many(Box::default())
+    }
+}
+
+impl<T> std::ops::Deref for SmallSet<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            SmallSet::One(one) => std::slice::from_ref(one),
+            SmallSet::Many(many) => many,
+        }
     }
 }
 
 impl<T: Ord> SmallSet<T> {
     fn insert(&mut self, value: T) {
-        if let Err(at) = self.0.binary_search(&value) {
-            // The first entry takes room for one (a `Vec` would take four).
-            if self.0.is_empty() {
-                self.0.reserve_exact(1);
-            }
-            self.0.insert(at, value);
-        }
+        let Err(at) = self.binary_search(&value) else {
+            return;
+        };
+        let mut all = std::mem::take(self).into_vec();
+        all.insert(at, value);
+        *self = Self::from_vec(all);
     }
 
     fn remove(&mut self, value: &T) {
-        if let Ok(at) = self.0.binary_search(value) {
-            self.0.remove(at);
+        let Ok(at) = self.binary_search(value) else {
+            return;
+        };
+        let mut all = std::mem::take(self).into_vec();
+        all.remove(at);
+        *self = Self::from_vec(all);
+    }
+
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            SmallSet::One(one) => vec![one],
+            SmallSet::Many(many) => many.into_vec(),
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    fn from_vec(mut all: Vec<T>) -> Self {
+        match all.pop() {
+            Some(one) if all.is_empty() => SmallSet::One(one),
+            Some(last) => {
+                all.push(last);
+                SmallSet::Many(all.into_boxed_slice())
+            }
+            None => SmallSet::default(),
+        }
     }
 }
 
@@ -461,20 +489,7 @@ impl<'a, T> IntoIterator for &'a SmallSet<T> {
     type IntoIter = std::slice::Iter<'a, T>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-/// Insert `added`, sorted, of keys not in `map`. A batch as large as the
-/// map rebuilds it whole: a B-tree filled one insert after another keeps
-/// its nodes about half full, one built from a sorted list fills them (a
-/// first load of 100k Services and slices: ~10 MB less).
-fn insert_sorted<K: Ord, V>(map: &mut BTreeMap<K, V>, added: Vec<(K, V)>) {
-    if added.len() >= map.len() {
-        let old = std::mem::take(map);
-        *map = old.into_iter().chain(added).collect();
-    } else {
-        map.extend(added);
+        self.iter()
     }
 }
 
@@ -575,5 +590,6 @@ impl Delta {
     }
 }
 
+mod keyed;
 #[cfg(test)]
 mod tests;

@@ -260,16 +260,16 @@ fn the_table_holds_the_objects_it_is_given_and_keeps_its_own_when_equal() {
     let m = manifests();
     table.try_replace(m.clone()).unwrap();
     let name = &m.services[0].name;
-    assert!(Arc::ptr_eq(&table.services[name], &m.services[0]), "one copy, shared");
+    assert!(Arc::ptr_eq(table.services.get(name).unwrap(), &m.services[0]), "one copy, shared");
     let key = (m.slices[0].id.clone(), m.slices[0].kind);
-    assert!(Arc::ptr_eq(&table.slices[&key], &m.slices[0]));
+    assert!(Arc::ptr_eq(table.slices.get(&key).unwrap(), &m.slices[0]));
 
     // An equal object in another allocation changes nothing, and the table
     // keeps the copy it shares.
     let mut again = m.clone();
     again.services[0] = Arc::new(Service::clone(&m.services[0]));
     assert!(table.try_replace(again).unwrap().is_empty());
-    assert!(Arc::ptr_eq(&table.services[name], &m.services[0]));
+    assert!(Arc::ptr_eq(table.services.get(name).unwrap(), &m.services[0]));
 
     // A delta's object is taken as it is.
     let mut b = Service::clone(&m.services[1]);
@@ -278,7 +278,7 @@ fn the_table_holds_the_objects_it_is_given_and_keeps_its_own_when_equal() {
     let mut delta = Delta::default();
     delta.services.insert(b.name.clone(), Some(Arc::clone(&b)));
     table.try_apply(delta).unwrap();
-    assert!(Arc::ptr_eq(&table.services[&b.name], &b));
+    assert!(Arc::ptr_eq(table.services.get(&b.name).unwrap(), &b));
 }
 
 #[test]
@@ -286,7 +286,8 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     let mut table = Table::default();
     table.try_replace(manifests()).unwrap();
     assert_eq!(table.by_service.len(), 2);
-    assert_eq!(table.by_service[&named("a")].slices.0.len(), 2);
+    assert_eq!(table.by_service[&named("a")].slices.len(), 2);
+    assert!(matches!(table.by_service[&named("b")].slices, super::SmallSet::One(_)), "one slice, no list");
     assert!(matches!(table.by_service[&named("a")].joined.ports, super::Ports::One(_)), "one port, no list");
 
     // The Service goes, its slices stay: the entry keeps only them.
@@ -295,7 +296,7 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     table.try_apply(delta).unwrap();
     let a = &table.by_service[&named("a")];
     assert!(a.joined.ports.is_empty() && a.joined.errors.is_empty());
-    assert_eq!(a.slices.0.len(), 2);
+    assert_eq!(a.slices.len(), 2);
 
     // Its slices go too: nothing is kept of the name.
     let mut delta = Delta::default();
@@ -307,25 +308,47 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
 }
 
 #[test]
-fn an_entry_holds_a_service_s_slices_ports_and_errors_in_56_bytes() {
-    // Was two maps' values, 24 + 48 bytes, under two copies of the name.
-    assert_eq!(std::mem::size_of::<super::Entry>(), 56);
+fn an_entry_holds_a_service_s_slices_ports_and_errors_in_48_bytes() {
+    // Was two maps' values, 24 + 48 bytes, under two copies of the name;
+    // then 56, with its slices' keys in a `Vec`.
+    assert_eq!(std::mem::size_of::<super::Entry>(), 48);
+    assert_eq!(std::mem::size_of::<super::SmallSet<super::BySlice>>(), 16);
     assert_eq!(std::mem::size_of::<super::Ports>(), 16);
 }
 
 #[test]
-fn new_keys_are_merged_in_order_whether_the_map_is_rebuilt_or_not() {
-    use std::collections::BTreeMap;
-    let mut map: BTreeMap<u32, u32> = (0..10).map(|k| (k * 2, k)).collect();
-    let mut expected = map.clone();
-    let small = vec![(1, 100), (5, 101)];
-    let large: Vec<_> = (0..20).map(|k| (k * 2 + 101, k)).collect();
+fn new_keys_are_merged_in_order_whether_the_set_is_rebuilt_or_not() {
+    use std::collections::BTreeSet;
+    let mut set: BTreeSet<u32> = (0..10).map(|k| k * 2).collect();
+    let mut expected = set.clone();
+    let small = vec![1, 5];
+    let large: Vec<_> = (0..20).map(|k| k * 2 + 101).collect();
     for batch in [small, large] {
         expected.extend(batch.iter().copied());
-        super::insert_sorted(&mut map, batch);
-        assert_eq!(map, expected);
+        super::keyed::insert_sorted(&mut set, batch);
+        assert_eq!(set, expected);
     }
-    assert_eq!(map.len(), 32);
+    assert_eq!(set.len(), 32);
+}
+
+#[test]
+fn a_small_set_keeps_its_values_sorted_one_inline_and_more_in_a_list() {
+    let mut set = super::SmallSet::default();
+    assert!(set.is_empty());
+    set.insert(5);
+    assert!(matches!(set, super::SmallSet::One(5)));
+    set.insert(5);
+    assert_eq!(&set[..], [5], "a value once");
+    set.insert(9);
+    set.insert(1);
+    assert!(matches!(&set, super::SmallSet::Many(all) if all.len() == 3));
+    assert_eq!(&set[..], [1, 5, 9]);
+    set.remove(&7);
+    set.remove(&5);
+    set.remove(&1);
+    assert!(matches!(set, super::SmallSet::One(9)));
+    set.remove(&9);
+    assert!(set.is_empty());
 }
 
 #[test]
