@@ -45,9 +45,13 @@ pub struct Table {
     services: Services,
     slices: Slices,
     /// Per Service name, one entry: the slices that name it (the Service
-    /// may not exist) and, when it exists, its joined ports and errors.
+    /// may not exist) and, when it exists, its joined ports.
     /// One map, so each name is kept once (it was two maps).
     by_service: HashMap<ServiceName, Entry>,
+    /// The cross-object errors of each Service that has some (as
+    /// reported: a tolerant table logs each new one once). Few have any:
+    /// kept apart, they cost the other entries no room.
+    errors: HashMap<ServiceName, Box<[String]>>,
     /// Which Services claim each nodePort.
     claims: HashMap<Claim, SmallSet<ServiceName>>,
     /// The clash errors of each claim more than one Service holds.
@@ -64,24 +68,26 @@ struct Entry {
     /// The slices naming it: the table's own pointers (a copy of each
     /// one's key was 40 bytes more, in an allocation of its own).
     slices: SmallSet<BySlice>,
-    /// Empty when there is no such Service.
-    joined: Joined,
+    /// The Service's joined ports, in its port order; none when there is
+    /// no such Service. Each is the one copy of its service port: a change
+    /// and the snapshot share it.
+    ports: Ports,
 }
 
 impl Entry {
     fn is_empty(&self) -> bool {
-        self.slices.is_empty() && self.joined.ports.is_empty() && self.joined.errors.is_empty()
+        self.slices.is_empty() && self.ports.is_empty()
     }
 }
 
-/// One Service, joined. Most Services have one port and no error: the
-/// port is held without a list, and no errors cost no allocation.
+/// One Service, joined (a prepared change's). Most Services have one
+/// port and no error: the port is held without a list, and no errors cost
+/// no allocation.
 #[derive(Clone, Debug, Default)]
 struct Joined {
-    /// In the Service's port order. Each is the one copy of its service
-    /// port: a change and the snapshot share it.
+    /// In the Service's port order.
     ports: Ports,
-    /// As reported (a tolerant table logs each new one once).
+    /// As reported.
     errors: Box<[String]>,
 }
 
@@ -261,8 +267,8 @@ impl Table {
         let (mut errors, mut old_errors) = (Vec::new(), Vec::new());
         let mut change = PortChange::default();
         for &name in &touched {
-            let old = self.by_service.get(name).map(|e| &e.joined);
-            old_errors.extend(old.iter().flat_map(|j| &j.errors));
+            let old = self.by_service.get(name).map(|e| &e.ports[..]);
+            old_errors.extend(self.errors.get(name).into_iter().flatten());
             let mut new = service_after(name).map(|service| {
                 let mut keys: BTreeSet<(&ServiceName, SliceKind)> =
                     self.by_service.get(name).into_iter().flat_map(|e| &e.slices).map(|s| s.key()).collect();
@@ -276,11 +282,7 @@ impl Table {
                 errors.extend(found);
                 j
             });
-            diff_ports(
-                old.map(|j| &j.ports[..]).unwrap_or_default(),
-                new.as_mut().map(|j| &mut j.ports[..]),
-                &mut change,
-            );
+            diff_ports(old.unwrap_or_default(), new.as_mut().map(|j| &mut j.ports[..]), &mut change);
             joined.push((name.clone(), new));
         }
         crate::log_cap::warn(&warnings, "manifest warning");
@@ -377,10 +379,17 @@ impl Table {
         }
         self.slices.insert_sorted(added);
         for (name, j) in joined {
-            match j {
-                Some(j) => self.by_service.entry(name).or_default().joined = j,
-                None => self.update_entry(&name, |e| e.joined = Joined::default()),
+            let Some(Joined { ports, errors }) = j else {
+                self.errors.remove(&name);
+                self.update_entry(&name, |e| e.ports = Ports::default());
+                continue;
+            };
+            if errors.is_empty() {
+                self.errors.remove(&name);
+            } else {
+                self.errors.insert(name.clone(), errors);
             }
+            self.by_service.entry(name).or_default().ports = ports;
         }
         for (claim, found) in clashes {
             if found.is_empty() {
@@ -407,13 +416,13 @@ impl Table {
 
     /// One service port as joined (before any endpoint loop is stripped).
     pub fn port(&self, name: &ServicePortName) -> Option<&Arc<ServicePort>> {
-        self.by_service.get(&name.service)?.joined.ports.iter().find(|p| p.name == *name)
+        self.by_service.get(&name.service)?.ports.iter().find(|p| p.name == *name)
     }
 
     /// Every service port, sorted by name (a full rebuild's input).
     pub fn ports(&self) -> Vec<Arc<ServicePort>> {
         let mut ports: Vec<Arc<ServicePort>> =
-            self.by_service.values().flat_map(|e| e.joined.ports.iter().cloned()).collect();
+            self.by_service.values().flat_map(|e| e.ports.iter().cloned()).collect();
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         ports
     }

@@ -288,14 +288,14 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     assert_eq!(table.by_service.len(), 2);
     assert_eq!(table.by_service[&named("a")].slices.len(), 2);
     assert!(matches!(table.by_service[&named("b")].slices, super::SmallSet::One(_)), "one slice, no list");
-    assert!(matches!(table.by_service[&named("a")].joined.ports, super::Ports::One(_)), "one port, no list");
+    assert!(matches!(table.by_service[&named("a")].ports, super::Ports::One(_)), "one port, no list");
 
     // The Service goes, its slices stay: the entry keeps only them.
     let mut delta = Delta::default();
     delta.services.insert(named("a"), None);
     table.try_apply(delta).unwrap();
     let a = &table.by_service[&named("a")];
-    assert!(a.joined.ports.is_empty() && a.joined.errors.is_empty());
+    assert!(a.ports.is_empty() && table.errors.is_empty());
     assert_eq!(a.slices.len(), 2);
 
     // Its slices go too: nothing is kept of the name.
@@ -308,10 +308,10 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
 }
 
 #[test]
-fn an_entry_holds_a_service_s_slices_ports_and_errors_in_48_bytes() {
+fn an_entry_holds_a_service_s_slices_and_ports_in_32_bytes() {
     // Was two maps' values, 24 + 48 bytes, under two copies of the name;
-    // then 56, with its slices' keys in a `Vec`.
-    assert_eq!(std::mem::size_of::<super::Entry>(), 48);
+    // then 56, with its slices' keys in a `Vec` and its errors.
+    assert_eq!(std::mem::size_of::<super::Entry>(), 32);
     assert_eq!(std::mem::size_of::<super::SmallSet<super::BySlice>>(), 16);
     assert_eq!(std::mem::size_of::<super::Ports>(), 16);
 }
@@ -363,9 +363,37 @@ spec:
 ";
     let mut table = Table::default();
     table.try_replace(parse_str(TWO_PORTS, "t.yaml").unwrap()).unwrap();
-    assert!(matches!(table.by_service[&named("web")].joined.ports, super::Ports::Many(_)));
+    assert!(matches!(table.by_service[&named("web")].ports, super::Ports::Many(_)));
     let names: Vec<String> = table.ports().iter().map(|p| p.name.to_string()).collect();
     assert_eq!(names, ["default/web:http", "default/web:https"]);
     let https = crate::model::ServicePortName { service: named("web"), port: "https".into() };
     assert_eq!(table.port(&https).map(|p| p.port), Some(443));
+}
+
+#[test]
+fn a_service_s_cross_object_errors_are_kept_apart_until_it_is_joined_without_them() {
+    let manifests = parse_str(UNMATCHED, "t.yaml").unwrap();
+    let mut table = Table::tolerant();
+    table.try_replace(manifests.clone()).unwrap();
+    let web = named("web");
+    assert_eq!(table.errors.len(), 1);
+    assert_eq!(table.errors[&web].len(), 1);
+    assert!(table.errors[&web][0].contains("targetPort"), "{}", table.errors[&web][0]);
+
+    // Its slice goes: joined again, without the error.
+    let mut delta = Delta::default();
+    delta.slices.insert(manifests.slices[0].id.clone(), None);
+    table.try_apply(delta).unwrap();
+    assert!(table.errors.is_empty());
+    assert_eq!(table.ports().len(), 1);
+
+    // Back; then the Service goes: its errors go with it, its slice stays.
+    table.try_replace(manifests.clone()).unwrap();
+    assert_eq!(table.errors.len(), 1);
+    let mut delta = Delta::default();
+    delta.services.insert(web.clone(), None);
+    table.try_apply(delta).unwrap();
+    assert!(table.errors.is_empty());
+    assert!(table.by_service[&web].ports.is_empty());
+    assert_eq!(table.by_service[&web].slices.len(), 1);
 }
