@@ -149,7 +149,7 @@ mod tests {
                     port: "".into(),
                 };
                 let mut sp = ServicePort::new(name, Origin::new("test"), protocol, 80);
-                sp.node_port = Some(30000 + (i % 2000) as u16);
+                sp.node_port = std::num::NonZeroU16::new(30000 + (i % 2000) as u16);
                 sp
             })
             .collect()

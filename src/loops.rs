@@ -159,7 +159,7 @@ mod tests {
     fn port_with(endpoint: &str) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", "web"), port: "".into() };
         let mut sp = ServicePort::new(name, Origin::new("t.yaml"), Protocol::Tcp, 80);
-        sp.node_port = Some(30080);
+        sp.node_port = std::num::NonZeroU16::new(30080);
         sp.endpoints = vec![Endpoint::ready(EndpointAddr(endpoint.parse().unwrap()))];
         sp
     }

@@ -329,7 +329,7 @@ fn service_port(service: &model::Service, spec: &ServicePortSpec, endpoints: Vec
         origin: service.origin.clone(),
         protocol: spec.protocol,
         port: spec.port,
-        node_port: spec.node_port,
+        node_port: spec.node_port.and_then(std::num::NonZeroU16::new),
         proxy_protocol: service.proxy_protocol.for_protocol(spec.protocol),
         settings: Arc::clone(&service.settings),
         endpoints,

@@ -119,6 +119,7 @@ pub fn plan(
         // Only the Service's families: a `[::]` node port of an IPv4-only
         // Service would balance IPv6 clients over IPv4 endpoints.
         let served = |ip: &&IpAddr| sp.ip_families.is_empty() || sp.ip_families.contains(&IpFamily::of(**ip));
+        let node_port = node_port.get();
         out.extend(node_ips.iter().filter(served).map(|ip| (ListenRole::NodePort(*ip), *ip, node_port)));
     }
     out.extend(sp.external_ips.iter().map(|ip| (ListenRole::External(*ip), *ip, sp.port)));
@@ -134,7 +135,7 @@ mod tests {
     fn port(name: &str, node_port: Option<u16>) -> ServicePort {
         let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
         let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 8080);
-        sp.node_port = node_port;
+        sp.node_port = node_port.and_then(std::num::NonZeroU16::new);
         sp
     }
 

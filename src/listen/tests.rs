@@ -7,7 +7,7 @@ fn port(name: &str, ext: Vec<IpAddr>, node_port: Option<u16>) -> ServicePort {
     let name = ServicePortName { service: ServiceName::new("default", name), port: "".into() };
     let mut sp = ServicePort::new(name, Origin::new("test"), Protocol::Tcp, 8080);
     sp.external_ips = ext;
-    sp.node_port = node_port;
+    sp.node_port = node_port.and_then(std::num::NonZeroU16::new);
     sp
 }
 

@@ -26,7 +26,7 @@ fn cluster_ips_and_non_local_external_addresses_get_rules_and_local_ones_do_not(
     web.cluster_ips = vec![ip("10.96.0.10")];
     web.external_ips = vec![ip("10.97.0.1"), ip("10.200.0.1")];
     web.load_balancer_ips = vec![ip("10.98.0.1"), ip("10.200.0.2")];
-    web.node_port = Some(30080);
+    web.node_port = std::num::NonZeroU16::new(30080);
     let local = Locality::from_addrs([ip("10.200.0.1"), ip("10.200.0.2")]);
     let d = desired([PortRules::new(&web, v4_proxy(31000))], &local);
     let keys: Vec<RuleKey> = d.rules.redirects.keys().copied().collect();
