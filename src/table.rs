@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use keyed::{BySlice, Services, SliceKey, SliceKeyed, Slices};
+use keyed::{BySlice, Entry, Services, SliceKey, SliceKeyed, Slices, SmallSet};
 
 use crate::config::join::{
     check_node_ports, join_service, own_slices, slice_warning, unique_services, unique_slices,
@@ -45,9 +45,9 @@ pub struct Table {
     services: Services,
     slices: Slices,
     /// Per Service name, one entry: the slices that name it (the Service
-    /// may not exist) and, when it exists, its joined ports.
-    /// One map, so each name is kept once (it was two maps).
-    by_service: HashMap<ServiceName, Entry>,
+    /// may not exist) and, when it exists, its joined ports. One set, found
+    /// by the name its slices and ports carry (no copy of it is kept).
+    by_service: HashSet<Entry>,
     /// The cross-object errors of each Service that has some (as
     /// reported: a tolerant table logs each new one once). Few have any:
     /// kept apart, they cost the other entries no room.
@@ -60,24 +60,6 @@ pub struct Table {
     listed: Vec<String>,
     /// Serve through cross-object errors (module header).
     tolerant: bool,
-}
-
-/// What the table keeps of one Service name; dropped once all empty.
-#[derive(Debug, Default)]
-struct Entry {
-    /// The slices naming it: the table's own pointers (a copy of each
-    /// one's key was 40 bytes more, in an allocation of its own).
-    slices: SmallSet<BySlice>,
-    /// The Service's joined ports, in its port order; none when there is
-    /// no such Service. Each is the one copy of its service port: a change
-    /// and the snapshot share it.
-    ports: Ports,
-}
-
-impl Entry {
-    fn is_empty(&self) -> bool {
-        self.slices.is_empty() && self.ports.is_empty()
-    }
 }
 
 /// One Service, joined (a prepared change's). Most Services have one
@@ -363,17 +345,16 @@ impl Table {
         self.services.insert_sorted(added);
         // Room for the new names at once: growing by doubling holds the
         // old hash table and the new one together.
-        let new_names =
-            joined.iter().filter(|(n, j)| j.is_some() && !self.by_service.contains_key(n)).count();
+        let new_names = joined.iter().filter(|(n, j)| j.is_some() && !self.by_service.contains(n)).count();
         self.by_service.reserve(new_names);
         let mut added = Vec::new();
         for (key, slice) in slices {
             if let Some(old) = self.slices.take(&key) {
-                self.update_entry(&old.service, |e| e.slices.remove(&old));
+                self.change_entry(&old.service, |e| e.slices.remove(&old));
             }
             if let Some(new) = slice {
                 let new = BySlice(new);
-                self.by_service.entry(new.service.clone()).or_default().slices.insert(new.clone());
+                self.change_entry(&new.service, |e| e.slices.insert(new.clone()));
                 added.push(new);
             }
         }
@@ -381,7 +362,7 @@ impl Table {
         for (name, j) in joined {
             let Some(Joined { ports, errors }) = j else {
                 self.errors.remove(&name);
-                self.update_entry(&name, |e| e.ports = Ports::default());
+                self.change_entry(&name, |e| e.ports = Ports::default());
                 continue;
             };
             if errors.is_empty() {
@@ -389,7 +370,7 @@ impl Table {
             } else {
                 self.errors.insert(name.clone(), errors);
             }
-            self.by_service.entry(name).or_default().ports = ports;
+            self.change_entry(&name, |e| e.ports = ports);
         }
         for (claim, found) in clashes {
             if found.is_empty() {
@@ -404,13 +385,14 @@ impl Table {
         change
     }
 
-    /// Change the entry of `name`, if it has one; drop it once empty.
-    fn update_entry(&mut self, name: &ServiceName, f: impl FnOnce(&mut Entry)) {
-        if let Some(entry) = self.by_service.get_mut(name) {
-            f(entry);
-            if entry.is_empty() {
-                self.by_service.remove(name);
-            }
+    /// Change the entry of `name` (a new one if it has none); drop it
+    /// once empty. It is taken out and put back: found by the name its
+    /// contents carry, it cannot change in place.
+    fn change_entry(&mut self, name: &ServiceName, f: impl FnOnce(&mut Entry)) {
+        let mut entry = self.by_service.take(name).unwrap_or_default();
+        f(&mut entry);
+        if !entry.is_empty() {
+            self.by_service.insert(entry);
         }
     }
 
@@ -422,83 +404,9 @@ impl Table {
     /// Every service port, sorted by name (a full rebuild's input).
     pub fn ports(&self) -> Vec<Arc<ServicePort>> {
         let mut ports: Vec<Arc<ServicePort>> =
-            self.by_service.values().flat_map(|e| e.ports.iter().cloned()).collect();
+            self.by_service.iter().flat_map(|e| e.ports.iter().cloned()).collect();
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         ports
-    }
-}
-
-/// A set kept as a sorted list: most of the table's per-Service sets
-/// hold one entry (a Service's slice, a nodePort's holder), held inline
-/// without an allocation; more are a list at its exact length (where a
-/// `BTreeSet` would allocate a whole node, hundreds of bytes, each).
-#[derive(Debug)]
-enum SmallSet<T> {
-    One(T),
-    Many(Box<[T]>),
-}
-
-impl<T> Default for SmallSet<T> {
-    fn default() -> Self {
-        SmallSet::Many(Box::default())
-    }
-}
-
-impl<T> std::ops::Deref for SmallSet<T> {
-    type Target = [T];
-
-    fn deref(&self) -> &[T] {
-        match self {
-            SmallSet::One(one) => std::slice::from_ref(one),
-            SmallSet::Many(many) => many,
-        }
-    }
-}
-
-impl<T: Ord> SmallSet<T> {
-    fn insert(&mut self, value: T) {
-        let Err(at) = self.binary_search(&value) else {
-            return;
-        };
-        let mut all = std::mem::take(self).into_vec();
-        all.insert(at, value);
-        *self = Self::from_vec(all);
-    }
-
-    fn remove(&mut self, value: &T) {
-        let Ok(at) = self.binary_search(value) else {
-            return;
-        };
-        let mut all = std::mem::take(self).into_vec();
-        all.remove(at);
-        *self = Self::from_vec(all);
-    }
-
-    fn into_vec(self) -> Vec<T> {
-        match self {
-            SmallSet::One(one) => vec![one],
-            SmallSet::Many(many) => many.into_vec(),
-        }
-    }
-
-    fn from_vec(mut all: Vec<T>) -> Self {
-        match all.pop() {
-            Some(one) if all.is_empty() => SmallSet::One(one),
-            Some(last) => {
-                all.push(last);
-                SmallSet::Many(all.into_boxed_slice())
-            }
-            None => SmallSet::default(),
-        }
-    }
-}
-
-impl<'a, T> IntoIterator for &'a SmallSet<T> {
-    type Item = &'a T;
-    type IntoIter = std::slice::Iter<'a, T>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
     }
 }
 

@@ -3,14 +3,17 @@
 //! keeps a copy of the key beside each pointer (a node holds its keys
 //! inline): 40 and 48 bytes per object where the pointer alone is 8, ~9 MB
 //! at 100k Services and 100k slices. Iteration and lookups keep the order
-//! and answers of the maps they replace.
+//! and answers of the maps they replace. Likewise each Service name's
+//! [`Entry`] is found by the name its slices and ports carry.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
 use std::ops::{Bound, Deref};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use super::Ports;
 use crate::model::{EndpointSlice, Service, ServiceName, SliceKind};
 
 /// A slice's key: its own name and kind (an Endpoints object and an
@@ -71,6 +74,132 @@ impl Slices {
     /// Add `added`, sorted by key, none of them in the set.
     pub(super) fn insert_sorted(&mut self, added: Vec<BySlice>) {
         insert_sorted(&mut self.0, added);
+    }
+}
+
+/// What the table keeps of one Service name; dropped once all empty. Kept
+/// in a set, found by the name its slices or ports carry: a map's copy of
+/// the name was 32 bytes of every hash-table slot (~4 MB at 100k Services).
+#[derive(Debug, Default)]
+pub(super) struct Entry {
+    /// The slices naming it: the table's own pointers (a copy of each
+    /// one's key was 40 bytes more, in an allocation of its own).
+    pub(super) slices: SmallSet<BySlice>,
+    /// The Service's joined ports, in its port order; none when there is
+    /// no such Service. Each is the one copy of its service port: a change
+    /// and the snapshot share it.
+    pub(super) ports: Ports,
+}
+
+impl Entry {
+    pub(super) fn is_empty(&self) -> bool {
+        self.slices.is_empty() && self.ports.is_empty()
+    }
+
+    /// The Service name its ports and slices carry. An empty entry (only
+    /// ever outside the set: `Table::change_entry`) has none to give, and
+    /// answers a name no Service has.
+    fn name(&self) -> &ServiceName {
+        static NONE: LazyLock<ServiceName> = LazyLock::new(|| ServiceName::new("", ""));
+        match (self.ports.first(), self.slices.first()) {
+            (Some(port), _) => &port.name.service,
+            (None, Some(slice)) => &slice.service,
+            (None, None) => &NONE,
+        }
+    }
+}
+
+impl Borrow<ServiceName> for Entry {
+    fn borrow(&self) -> &ServiceName {
+        self.name()
+    }
+}
+
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.name().hash(state);
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Entry {}
+
+/// A set kept as a sorted list: most of the table's per-Service sets
+/// hold one entry (a Service's slice, a nodePort's holder), held inline
+/// without an allocation; more are a list at its exact length (where a
+/// `BTreeSet` would allocate a whole node, hundreds of bytes, each).
+#[derive(Debug)]
+pub(super) enum SmallSet<T> {
+    One(T),
+    Many(Box<[T]>),
+}
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        SmallSet::Many(Box::default())
+    }
+}
+
+impl<T> std::ops::Deref for SmallSet<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            SmallSet::One(one) => std::slice::from_ref(one),
+            SmallSet::Many(many) => many,
+        }
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    pub(super) fn insert(&mut self, value: T) {
+        let Err(at) = self.binary_search(&value) else {
+            return;
+        };
+        let mut all = std::mem::take(self).into_vec();
+        all.insert(at, value);
+        *self = Self::from_vec(all);
+    }
+
+    pub(super) fn remove(&mut self, value: &T) {
+        let Ok(at) = self.binary_search(value) else {
+            return;
+        };
+        let mut all = std::mem::take(self).into_vec();
+        all.remove(at);
+        *self = Self::from_vec(all);
+    }
+
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            SmallSet::One(one) => vec![one],
+            SmallSet::Many(many) => many.into_vec(),
+        }
+    }
+
+    fn from_vec(mut all: Vec<T>) -> Self {
+        match all.pop() {
+            Some(one) if all.is_empty() => SmallSet::One(one),
+            Some(last) => {
+                all.push(last);
+                SmallSet::Many(all.into_boxed_slice())
+            }
+            None => SmallSet::default(),
+        }
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
     }
 }
 

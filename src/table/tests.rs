@@ -286,15 +286,21 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     let mut table = Table::default();
     table.try_replace(manifests()).unwrap();
     assert_eq!(table.by_service.len(), 2);
-    assert_eq!(table.by_service[&named("a")].slices.len(), 2);
-    assert!(matches!(table.by_service[&named("b")].slices, super::SmallSet::One(_)), "one slice, no list");
-    assert!(matches!(table.by_service[&named("a")].ports, super::Ports::One(_)), "one port, no list");
+    assert_eq!(table.by_service.get(&named("a")).unwrap().slices.len(), 2);
+    assert!(
+        matches!(table.by_service.get(&named("b")).unwrap().slices, super::SmallSet::One(_)),
+        "one slice, no list"
+    );
+    assert!(
+        matches!(table.by_service.get(&named("a")).unwrap().ports, super::Ports::One(_)),
+        "one port, no list"
+    );
 
     // The Service goes, its slices stay: the entry keeps only them.
     let mut delta = Delta::default();
     delta.services.insert(named("a"), None);
     table.try_apply(delta).unwrap();
-    let a = &table.by_service[&named("a")];
+    let a = &table.by_service.get(&named("a")).unwrap();
     assert!(a.ports.is_empty() && table.errors.is_empty());
     assert_eq!(a.slices.len(), 2);
 
@@ -303,7 +309,7 @@ fn a_service_name_has_one_entry_dropped_with_the_last_object_naming_it() {
     delta.slices.insert(named("a-1"), None);
     delta.slices.insert(named("a-2"), None);
     table.try_apply(delta).unwrap();
-    assert!(!table.by_service.contains_key(&named("a")));
+    assert!(!table.by_service.contains(&named("a")));
     assert_eq!(table.by_service.len(), 1);
 }
 
@@ -363,7 +369,7 @@ spec:
 ";
     let mut table = Table::default();
     table.try_replace(parse_str(TWO_PORTS, "t.yaml").unwrap()).unwrap();
-    assert!(matches!(table.by_service[&named("web")].ports, super::Ports::Many(_)));
+    assert!(matches!(table.by_service.get(&named("web")).unwrap().ports, super::Ports::Many(_)));
     let names: Vec<String> = table.ports().iter().map(|p| p.name.to_string()).collect();
     assert_eq!(names, ["default/web:http", "default/web:https"]);
     let https = crate::model::ServicePortName { service: named("web"), port: "https".into() };
@@ -394,6 +400,6 @@ fn a_service_s_cross_object_errors_are_kept_apart_until_it_is_joined_without_the
     delta.services.insert(web.clone(), None);
     table.try_apply(delta).unwrap();
     assert!(table.errors.is_empty());
-    assert!(table.by_service[&web].ports.is_empty());
-    assert_eq!(table.by_service[&web].slices.len(), 1);
+    assert!(table.by_service.get(&web).unwrap().ports.is_empty());
+    assert_eq!(table.by_service.get(&web).unwrap().slices.len(), 1);
 }
