@@ -48,7 +48,22 @@ impl Rig {
         Self::build(false, Vec::new(), Some(budget))
     }
 
+    /// As [`Rig::with_budget`], every service port served through the
+    /// shared proxy ports.
+    fn shared_with_budget(budget: Budget) -> Self {
+        Self::build_in(ProxyPortMode::Shared, false, Vec::new(), Some(budget))
+    }
+
     fn build(tolerant: bool, nodeport: Vec<ipnet::IpNet>, budget: Option<Budget>) -> Self {
+        Self::build_in(ProxyPortMode::PerService, tolerant, nodeport, budget)
+    }
+
+    fn build_in(
+        mode: ProxyPortMode,
+        tolerant: bool,
+        nodeport: Vec<ipnet::IpNet>,
+        budget: Option<Budget>,
+    ) -> Self {
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let metrics = Arc::new(Metrics::new(1));
         let config = WorkerConfig { workers: 1, pin: false, ..WorkerConfig::default() };
@@ -60,7 +75,7 @@ impl Rig {
             nodeport_addresses: nodeport,
             workers: 1,
             redirect_rules: false,
-            proxy_port_mode: ProxyPortMode::PerService,
+            proxy_port_mode: mode,
         });
         let control = Control::new(
             binder,
@@ -435,6 +450,31 @@ fn a_deleted_port_is_forgotten_by_its_update() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     rig.delete("a");
     assert_eq!(rig.metrics.remembered(), 1, "the deleted port's counters are still remembered");
+}
+
+/// In shared mode a port without an external IP counts no listen address
+/// of its own (the shared proxy port counts once): one that gains an
+/// address and gives it back counts it while it holds it, and only then.
+#[test]
+fn the_budget_counts_a_shared_mode_port_s_own_addresses_as_they_come_and_go() {
+    let fixed = Budget { limit: 0, workers: 1, udp_max_flows: 0 }.demand_of(0, false).fixed;
+    // The shared proxy port and one external IP, no more.
+    let mut rig = Rig::shared_with_budget(Budget { limit: fixed + 2, workers: 1, udp_max_flows: 0 });
+    let port = common::free_port();
+    rig.set(&service("a", 1, port, &[], &[backend()]));
+    rig.set(&service("b", 2, port, &[], &[backend()]));
+    rig.set(&service("a", 1, port, &["127.0.0.9"], &[backend()]));
+    let refused = rig.try_set(&service("b", 2, port, &["127.0.0.10"], &[backend()])).expect_err("3 > 2");
+    let why: Vec<String> = refused.0.iter().map(ToString::to_string).collect();
+    assert!(why.iter().any(|e| e.contains("3 listen addresses")), "{why:?}");
+    // a gives its address back (counting none again): b's fits, and a
+    // port changed without a change to what it counts still counts none.
+    rig.set(&service("a", 1, port, &[], &[backend()]));
+    rig.set(&service("b", 2, port, &["127.0.0.10"], &[backend()]));
+    rig.set(&service("a", 1, port, &[], &[backend(), SocketAddr::from(([127, 0, 0, 2], 9))]));
+    assert_eq!(rig.external_owners(), vec![(SocketAddr::from(([127, 0, 0, 10], port)), "b".to_string())]);
+    let refused = rig.try_set(&service("a", 1, port, &["127.0.0.9"], &[backend()])).expect_err("3 > 2");
+    assert!(refused.0.iter().any(|e| e.to_string().contains("3 listen addresses")));
 }
 
 /// The fd budget counts what a change adds less what the ports it replaces
