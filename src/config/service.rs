@@ -21,8 +21,8 @@ use super::{
     check_name, ip, namespace_of, port_name, port_number, protocol, required_name,
 };
 use crate::model::{
-    self, Affinity, IpFamily, Name, Origin, Protocol, ProxyProtocol, Scheduler, ServiceName, ServicePortSpec,
-    SourceIp, TargetPort, TrafficDistribution, TrafficPolicy,
+    self, Affinity, IpFamilies, IpFamily, Name, Origin, Protocol, ProxyProtocol, Scheduler, ServiceName,
+    ServicePortSpec, SourceIp, TargetPort, TrafficDistribution, TrafficPolicy,
 };
 
 /// Annotations under this prefix tune ringport per Service.
@@ -100,15 +100,15 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
                 load_balancer_ips,
                 load_balancer_source_ranges,
                 ringport_annotations,
+                affinity: affinity.unwrap_or(Affinity::None),
+                health_check_node_port,
             }
             .shared(),
-            affinity: affinity.unwrap_or(Affinity::None),
             external_policy: external_policy.unwrap_or_default(),
             internal_policy: internal_policy.unwrap_or_default(),
             distribution,
             scheduler,
             source_ip,
-            health_check_node_port,
         }),
         ports,
         proxy_protocol,
@@ -199,7 +199,7 @@ fn cluster_ips(diag: &mut Diagnostics, spec: &ServiceSpec) -> Vec<IpAddr> {
 /// The families served are the cluster IPs' when there are any (a
 /// PreferDualStack Service given one IPv4 cluster IP serves IPv4 alone,
 /// whatever `ipFamilies` hoped for), else `ipFamilies`.
-fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> Vec<IpFamily> {
+fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> IpFamilies {
     let raw = spec.ip_families.as_deref().unwrap_or_default();
     let mut families = Vec::with_capacity(raw.len());
     for (i, value) in raw.iter().enumerate() {
@@ -262,7 +262,9 @@ fn ip_families(diag: &mut Diagnostics, spec: &ServiceSpec, cluster_ips: &[IpAddr
     }
     // The families served: the cluster IPs' (one listener each), else
     // ipFamilies (a Service without cluster IPs that names them).
-    if of_ips.is_empty() { declared } else { of_ips }
+    // Each family once: a list that repeats one (two cluster IPs of one
+    // family, a repeated `ipFamilies` entry) was an error above.
+    if of_ips.is_empty() { declared.into_iter().collect() } else { of_ips.into_iter().collect() }
 }
 
 /// Parses a list of IPs, naming each bad entry `field[i]`.

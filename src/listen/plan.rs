@@ -145,7 +145,7 @@ mod tests {
             vec![Ipv4Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::UNSPECIFIED.into()];
         let node_port_ips = |families: Vec<IpFamily>| -> Vec<IpAddr> {
             let mut sp = port("a", Some(30080));
-            sp.ip_families = families;
+            sp.ip_families = families.into_iter().collect();
             let planned = plan(&sp, (Ipv4Addr::LOCALHOST.into(), None), &node_ips, |_| false);
             planned
                 .into_iter()
