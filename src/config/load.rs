@@ -32,6 +32,7 @@
 //! (100k nested `[` took 30 s). Block nesting and alias expansion are bounded
 //! by the YAML crate itself (its recursion and repetition limits).
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,7 +47,7 @@ use super::{
     ConfigError, ConfigErrorKind, ConfigErrors, Conversion, Manifests, ObjectRef, Warning, WarningKind,
     service_from_k8s, slice_from_endpoints, slice_from_k8s,
 };
-use crate::model::{Name, Origin};
+use crate::model::{Name, Origin, ServiceName};
 
 mod fields;
 mod json;
@@ -235,6 +236,10 @@ struct Collector {
     /// When asked for: the ends of what each document parsed made, in the
     /// lists of `manifests` (services, slices, warnings).
     ends: Option<Vec<[usize; 3]>>,
+    /// The names of the Services parsed so far, for the EndpointSlices
+    /// that follow them to share (a slice's `kubernetes.io/service-name`
+    /// was a copy of its Service's name: 24 bytes per slice at 100k).
+    service_names: HashSet<ServiceName>,
 }
 
 impl Collector {
@@ -450,6 +455,7 @@ impl Collector {
             return;
         };
         if let Some(service) = self.accept(service_from_k8s(&svc, origin.clone()), origin, object) {
+            self.service_names.insert(service.name.clone());
             self.manifests.services.push(Arc::new(service));
         }
     }
@@ -458,7 +464,10 @@ impl Collector {
         let Some(slice) = self.decode::<EndpointSlice>(value, &origin, &object) else {
             return;
         };
-        if let Some(slice) = self.accept(slice_from_k8s(&slice, origin.clone()), origin, object) {
+        if let Some(mut slice) = self.accept(slice_from_k8s(&slice, origin.clone()), origin, object) {
+            if let Some(name) = self.service_names.get(&slice.service) {
+                slice.service = name.clone();
+            }
             self.manifests.slices.push(Arc::new(slice));
         }
     }

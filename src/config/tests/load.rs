@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::{assert_error, manifests};
 use crate::config::{WarningKind, load_path, parse_str};
+use crate::model::ServiceName;
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
 
@@ -59,6 +60,21 @@ fn typed_list_items_may_omit_api_version_and_kind() {
     let text = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSliceList\nitems:\n\
                 - metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}\n  addressType: IPv4\n  endpoints: []\n";
     assert_eq!(manifests(text).slices[0].id.name, "web-1");
+}
+
+#[test]
+fn a_slice_after_its_service_shares_the_services_name() {
+    let slice = |service: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\nendpoints: []\n\
+             metadata: {{name: {service}-1, labels: {{kubernetes.io/service-name: {service}}}}}\n"
+        )
+    };
+    let m = manifests(&format!("{SERVICE}---\n{}---\n{}", slice("web"), slice("api")));
+    let (service, [web, api]) = (&m.services[0].name, &m.slices[..]) else { panic!("{m:?}") };
+    assert_eq!(web.service, *service);
+    assert!(web.service.name.shares(&service.name), "one allocation for the two");
+    assert_eq!(api.service, ServiceName::new("default", "api"), "another Service's slice keeps its own name");
 }
 
 #[test]
