@@ -17,6 +17,7 @@ mod addresses;
 mod families;
 mod name;
 mod origin;
+mod specs;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +26,7 @@ pub use addresses::{Addresses, Hints};
 pub use families::IpFamilies;
 pub use name::Name;
 pub use origin::Origin;
+pub use specs::PortSpecs;
 
 /// `namespace/name` of a Service.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
@@ -363,7 +365,8 @@ pub struct Service {
     pub origin: Origin,
     #[serde(flatten, serialize_with = "serialize_shared")]
     pub settings: Arc<ServiceSettings>,
-    pub ports: Vec<ServicePortSpec>,
+    /// The usual single port inline.
+    pub ports: PortSpecs,
     /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`
     /// (each port takes what its protocol allows).
     pub proxy_protocol: ProxyProtocol,

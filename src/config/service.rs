@@ -110,7 +110,7 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
             scheduler,
             source_ip,
         }),
-        ports,
+        ports: ports.into(),
         proxy_protocol,
     };
     diag.finish(service)
