@@ -28,7 +28,7 @@ use ringport::control::{Control, Stages};
 use ringport::dataplane::{DataPlane, WorkerConfig};
 use ringport::listen::{Binder, ListenOptions, ProxyPortMode};
 use ringport::metrics::Metrics;
-use ringport::model::{EndpointSlice, Protocol, Service, ServiceName};
+use ringport::model::{EndpointSlice, Protocol, Service, ServiceName, SlicePort};
 use ringport::snapshot::Snapshot;
 use ringport::table::Delta;
 
@@ -199,7 +199,9 @@ fn object(service: &Service, slice: &EndpointSlice, i: usize, version: usize) ->
     let mut sl = slice.clone();
     sl.id = ServiceName::new("bench", format!("s{i}-1"));
     sl.service = name;
-    sl.ports[0].protocol = protocol;
+    let mut ports = sl.ports.to_vec();
+    ports[0].protocol = protocol;
+    sl.ports = SlicePort::shared(&ports);
     let base = 0x0a01_0000 + (i as u32) * 4;
     let template = sl.endpoints[0].clone();
     sl.endpoints = (0..2 + i % 2)

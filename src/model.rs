@@ -476,7 +476,10 @@ impl Serialize for ServiceSettings {
 
 /// Shared settings serialize as the fields of their holder (serde's `rc`
 /// feature is off).
-fn serialize_shared<T: Serialize, S: serde::Serializer>(shared: &Arc<T>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_shared<T: Serialize + ?Sized, S: serde::Serializer>(
+    shared: &Arc<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     shared.serialize(s)
 }
 
@@ -506,12 +509,24 @@ settings_deref!(ServicePort, settings, ServiceSettings);
 settings_deref!(ServiceSettings, extras, ServiceExtras);
 
 /// A port an [`EndpointSlice`] carries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct SlicePort {
     /// Matches the Service port of the same name.
     pub name: Name,
     pub port: u16,
     pub protocol: Protocol,
+}
+
+impl SlicePort {
+    /// The one shared copy of a slice's port list: slices of many Services
+    /// carry the same list (one `http` port on 8080), so each held its own
+    /// copy of the same 24 bytes. Interned like names (the interner keeps
+    /// only what is held elsewhere, plus as much garbage again).
+    pub fn shared(ports: &[SlicePort]) -> Arc<[SlicePort]> {
+        static LISTS: std::sync::LazyLock<std::sync::Mutex<name::Interner<[SlicePort]>>> =
+            std::sync::LazyLock::new(|| std::sync::Mutex::new(name::Interner::new()));
+        LISTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(ports)
+    }
 }
 
 /// One endpoint of an [`EndpointSlice`]: addresses × the slice's ports.
@@ -589,8 +604,11 @@ pub struct EndpointSlice {
     /// Endpoints object's own name).
     pub service: ServiceName,
     pub origin: Origin,
-    /// Both lists at their exact length (there are 100k slices at scale).
-    pub ports: Box<[SlicePort]>,
+    /// Both lists at their exact length (there are 100k slices at scale);
+    /// the ports shared with every slice that has the same
+    /// ([`SlicePort::shared`]).
+    #[serde(serialize_with = "serialize_shared")]
+    pub ports: Arc<[SlicePort]>,
     pub endpoints: Box<[SliceEndpoint]>,
     /// Its `endpoints.kubernetes.io/last-change-trigger-time`, when it
     /// carries a readable one: when the change that made it happened, for

@@ -88,7 +88,7 @@ pub fn slice_from_k8s(
         kind: SliceKind::EndpointSlice,
         service: ServiceName::new(namespace, service.cloned().unwrap_or_default()),
         origin: diag.origin().clone(),
-        ports: ports.into(),
+        ports: SlicePort::shared(&ports),
         endpoints: endpoints.into(),
         trigger: trigger_time(meta),
     };
@@ -125,7 +125,7 @@ pub fn slice_from_endpoints(
         kind: SliceKind::Endpoints { subset: u32::try_from(subset).unwrap_or(u32::MAX) },
         service: id.clone(),
         origin: origin.clone(),
-        ports: ports.into(),
+        ports: SlicePort::shared(&ports),
         endpoints: endpoints.into(),
         trigger: trigger_time(&ep.metadata),
     };

@@ -31,7 +31,7 @@ impl Name {
     /// `value`, sharing one allocation with every other live `Name`
     /// interned with the same text.
     pub fn interned(value: &str) -> Self {
-        INTERNER.lock().unwrap_or_else(PoisonError::into_inner).get(value)
+        Name(INTERNER.lock().unwrap_or_else(PoisonError::into_inner).get(value))
     }
 
     pub fn as_str(&self) -> &str {
@@ -44,37 +44,45 @@ impl Name {
     }
 }
 
-/// Below this many entries the interner never sweeps: a handful of
+/// Below this many entries an interner never sweeps: a handful of
 /// namespaces and port names is not worth walking over.
 const MIN_SWEEP: usize = 1024;
 
-struct Interner {
-    names: HashSet<Arc<str>>,
+/// Equal values, shared: each value asked for is held once, as long as
+/// someone else holds it too (module header).
+pub(super) struct Interner<T: ?Sized> {
+    values: HashSet<Arc<T>>,
     /// Entries left after the last sweep (the live ones then).
     live: usize,
 }
 
-static INTERNER: LazyLock<Mutex<Interner>> =
-    LazyLock::new(|| Mutex::new(Interner { names: HashSet::new(), live: 0 }));
+static INTERNER: LazyLock<Mutex<Interner<str>>> = LazyLock::new(|| Mutex::new(Interner::new()));
 
-impl Interner {
-    fn get(&mut self, value: &str) -> Name {
-        if let Some(known) = self.names.get(value) {
-            return Name(Arc::clone(known));
+impl<T: ?Sized + Eq + std::hash::Hash> Interner<T>
+where
+    for<'a> Arc<T>: From<&'a T>,
+{
+    pub(super) fn new() -> Self {
+        Self { values: HashSet::new(), live: 0 }
+    }
+
+    pub(super) fn get(&mut self, value: &T) -> Arc<T> {
+        if let Some(known) = self.values.get(value) {
+            return Arc::clone(known);
         }
-        if self.names.len() >= (2 * self.live).max(MIN_SWEEP) {
+        if self.values.len() >= (2 * self.live).max(MIN_SWEEP) {
             // Held only here: nobody will ask for it by pointer again.
-            self.names.retain(|name| Arc::strong_count(name) > 1);
-            self.live = self.names.len();
+            self.values.retain(|value| Arc::strong_count(value) > 1);
+            self.live = self.values.len();
         }
-        let name: Arc<str> = Arc::from(value);
-        self.names.insert(Arc::clone(&name));
-        Name(name)
+        let value: Arc<T> = Arc::from(value);
+        self.values.insert(Arc::clone(&value));
+        value
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.names.len()
+        self.values.len()
     }
 }
 
@@ -227,15 +235,15 @@ mod tests {
     fn interner_forgets_names_nobody_holds_once_it_has_doubled() {
         // A private interner: the process-wide one is shared with tests
         // running in parallel.
-        let mut interner = Interner { names: HashSet::new(), live: 0 };
-        let kept: Vec<Name> = (0..MIN_SWEEP).map(|i| interner.get(&format!("kept-{i}"))).collect();
+        let mut interner = Interner::<str>::new();
+        let kept: Vec<Name> = (0..MIN_SWEEP).map(|i| Name(interner.get(&format!("kept-{i}")))).collect();
         // A hostile stream of names that are dropped at once.
         for i in 0..20 * MIN_SWEEP {
             drop(interner.get(&format!("random-{i}")));
             assert!(interner.len() <= 2 * MIN_SWEEP + 1, "grew to {} after {i}", interner.len());
         }
         // What is still held is still shared.
-        assert!(interner.get("kept-7").shares(&kept[7]));
+        assert!(Name(interner.get("kept-7")).shares(&kept[7]));
         drop(kept);
         for i in 0..2 * MIN_SWEEP {
             drop(interner.get(&format!("later-{i}")));

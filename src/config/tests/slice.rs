@@ -41,6 +41,16 @@ fn slice_belongs_to_the_labelled_service_in_its_own_namespace() {
 }
 
 #[test]
+fn slices_with_the_same_ports_share_one_list() {
+    let web = slice("[{name: http, port: 8080}]", "[]");
+    let api = slice("[{name: http, port: 8080}]", "[{addresses: [127.0.0.1]}]");
+    assert!(std::sync::Arc::ptr_eq(&web.ports, &api.ports), "one allocation for the two");
+    let other = slice("[{name: http, port: 8081}]", "[]");
+    assert_eq!(other.ports[0].port, 8081);
+    assert!(!std::sync::Arc::ptr_eq(&web.ports, &other.ports));
+}
+
+#[test]
 fn missing_service_name_label_is_an_error_naming_metadata_labels() {
     let text = slice_text("[]", "[]").replace("labels: {kubernetes.io/service-name: web}", "labels: {}");
     assert_error(&text, &format!("{AT}metadata.labels: "), "kubernetes.io/service-name label is required");
