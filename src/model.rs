@@ -329,7 +329,7 @@ impl Default for Conditions {
 }
 
 /// One validated port of a validated [`Service`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ServicePortSpec {
     /// `ports[].name`; empty for an unnamed single port.
     pub name: Name,
@@ -340,7 +340,7 @@ pub struct ServicePortSpec {
 }
 
 /// `ports[].targetPort`: a number, or the name of a port the endpoints carry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum TargetPort {
     Number(u16),
     Name(Name),
@@ -365,7 +365,7 @@ pub struct Service {
     pub origin: Origin,
     #[serde(flatten, serialize_with = "serialize_shared")]
     pub settings: Arc<ServiceSettings>,
-    /// The usual single port inline.
+    /// Shared with every Service that has the same list.
     pub ports: PortSpecs,
     /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`
     /// (each port takes what its protocol allows).

@@ -1,49 +1,45 @@
-//! [`PortSpecs`]: a Service's ports, the usual single one inline.
+//! [`PortSpecs`]: a Service's ports, one shared copy of each list.
 //!
-//! Nearly every Service has one port; kept inline it costs no allocation of
-//! its own (a `Vec` of one was a 40-byte allocation and 24 bytes in each
-//! Service). It reads, compares, prints and serializes as the list it
-//! replaced.
+//! Services repeat the same port lists (one `http` port 80 to 8080): each
+//! distinct list is held once, interned as names are, and a Service holds a
+//! pointer to it (a `Vec` of one was a 40-byte allocation and 24 bytes in
+//! each Service). It reads, compares, prints and serializes as the list it
+//! replaced; a write through it copies the list first.
 
 use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use serde::Serialize;
 
 use super::ServicePortSpec;
+use super::name::Interner;
 
 /// A Service's ports, in the order given.
 #[derive(Clone, PartialEq, Eq)]
-pub enum PortSpecs {
-    One(ServicePortSpec),
-    /// None, or more than one.
-    Many(Box<[ServicePortSpec]>),
-}
+pub struct PortSpecs(Arc<[ServicePortSpec]>);
 
 impl PortSpecs {
     pub fn as_slice(&self) -> &[ServicePortSpec] {
-        match self {
-            PortSpecs::One(port) => std::slice::from_ref(port),
-            PortSpecs::Many(ports) => ports,
-        }
+        &self.0
+    }
+
+    /// Whether `self` and `other` are the same allocation (not only equal).
+    pub fn shares(&self, other: &PortSpecs) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
 impl Default for PortSpecs {
     fn default() -> Self {
-        PortSpecs::Many(Box::default())
+        PortSpecs::from(Vec::new())
     }
 }
 
 impl From<Vec<ServicePortSpec>> for PortSpecs {
-    fn from(mut ports: Vec<ServicePortSpec>) -> Self {
-        match ports.pop() {
-            Some(port) if ports.is_empty() => PortSpecs::One(port),
-            Some(last) => {
-                ports.push(last);
-                PortSpecs::Many(ports.into_boxed_slice())
-            }
-            None => PortSpecs::default(),
-        }
+    fn from(ports: Vec<ServicePortSpec>) -> Self {
+        static LISTS: LazyLock<Mutex<Interner<[ServicePortSpec]>>> =
+            LazyLock::new(|| Mutex::new(Interner::new()));
+        PortSpecs(LISTS.lock().unwrap_or_else(PoisonError::into_inner).get(&ports))
     }
 }
 
@@ -51,16 +47,15 @@ impl std::ops::Deref for PortSpecs {
     type Target = [ServicePortSpec];
 
     fn deref(&self) -> &[ServicePortSpec] {
-        self.as_slice()
+        &self.0
     }
 }
 
+/// A write copies the list first if it is shared, so it never reaches
+/// another Service.
 impl std::ops::DerefMut for PortSpecs {
     fn deref_mut(&mut self) -> &mut [ServicePortSpec] {
-        match self {
-            PortSpecs::One(port) => std::slice::from_mut(port),
-            PortSpecs::Many(ports) => ports,
-        }
+        Arc::make_mut(&mut self.0)
     }
 }
 
@@ -102,14 +97,22 @@ mod tests {
     }
 
     #[test]
-    fn one_port_is_held_inline_and_any_other_count_boxed() {
+    fn equal_lists_are_one_allocation_and_a_write_copies() {
         let one = PortSpecs::from(vec![spec(80)]);
-        assert!(matches!(one, PortSpecs::One(_)));
         assert_eq!(*one, [spec(80)]);
+        let again = PortSpecs::from(vec![spec(80)]);
+        assert!(one.shares(&again), "one copy of equal lists");
         let two = PortSpecs::from(vec![spec(80), spec(443)]);
         assert_eq!(two.iter().map(|p| p.port).collect::<Vec<_>>(), [80, 443]);
         assert!(PortSpecs::from(Vec::new()).is_empty());
-        assert_eq!(PortSpecs::from(vec![spec(80)]), one);
+        let mut changed = again.clone();
+        changed[0].node_port = Some(30080);
+        assert_eq!(
+            (one[0].node_port, changed[0].node_port),
+            (None, Some(30080)),
+            "the write copied the list"
+        );
+        assert!(PortSpecs::from(vec![spec(80)]).shares(&one));
     }
 
     #[test]
@@ -117,10 +120,6 @@ mod tests {
         let ports = PortSpecs::from(vec![spec(80)]);
         assert_eq!(format!("{ports:?}"), format!("{:?}", vec![spec(80)]));
         assert_eq!(serde_json::to_string(&ports).unwrap(), serde_json::to_string(&vec![spec(80)]).unwrap());
-        assert_eq!(
-            std::mem::size_of::<PortSpecs>(),
-            std::mem::size_of::<ServicePortSpec>(),
-            "no tag of its own"
-        );
+        assert_eq!(std::mem::size_of::<PortSpecs>(), 16);
     }
 }
