@@ -10,13 +10,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
 use serde::Serialize;
 
 mod addresses;
 mod families;
 mod name;
 mod origin;
+mod settings;
 mod specs;
 #[cfg(test)]
 mod tests;
@@ -26,6 +26,7 @@ pub use addresses::{Addresses, Hints};
 pub use families::IpFamilies;
 pub use name::Name;
 pub use origin::Origin;
+pub use settings::{ServiceExtras, ServiceSettings};
 pub use specs::PortSpecs;
 
 /// `namespace/name` of a Service.
@@ -359,119 +360,14 @@ impl fmt::Display for TargetPort {
 /// ExternalName: those are dropped during validation). What it sets for
 /// all its ports is in [`ServiceSettings`], shared with its joined service
 /// ports (and read through `Deref`: `service.cluster_ips`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// (Its PROXY protocol annotations are among them: `service.proxy_protocol`.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: ServiceName,
     pub origin: Origin,
-    #[serde(flatten, serialize_with = "serialize_shared")]
     pub settings: Arc<ServiceSettings>,
     /// Shared with every Service that has the same list.
     pub ports: PortSpecs,
-    /// `ringport.io/proxy-protocol` and `ringport.io/accept-proxy-protocol`
-    /// (each port takes what its protocol allows).
-    pub proxy_protocol: ProxyProtocol,
-}
-
-/// What a Service sets for all its ports, held once: a [`Service`] and
-/// each of its joined [`ServicePort`]s share one (there are 100k of each
-/// at scale; a copy per port was ~200 bytes and two allocations). Kept
-/// within 40 bytes, so that with its reference counts it fills a 56-byte
-/// allocation: what most Services leave unset is in [`ServiceExtras`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSettings {
-    /// `spec.clusterIPs` (or `spec.clusterIP`); may be empty for a Service
-    /// that has none yet, which is then served on node ports and external
-    /// addresses only.
-    pub cluster_ips: Vec<IpAddr>,
-    /// The families it serves (those of its cluster IPs, else
-    /// `spec.ipFamilies`), primary first. Endpoints of another family are not used, as
-    /// kube-proxy does; empty (no cluster IP, no `ipFamilies`: an edge
-    /// Service) takes endpoints of any family.
-    pub ip_families: IpFamilies,
-    /// Read through `Deref` too: `settings.external_ips`.
-    pub extras: Arc<ServiceExtras>,
-    pub external_policy: TrafficPolicy,
-    pub internal_policy: TrafficPolicy,
-    pub distribution: TrafficDistribution,
-    /// `ringport.io/scheduler`; `None` means the process default.
-    pub scheduler: Option<Scheduler>,
-    /// `ringport.io/source-ip`; `None` means the process default
-    /// (`--transparent`).
-    pub source_ip: Option<SourceIp>,
-}
-
-impl Default for ServiceSettings {
-    /// No addresses, and every policy at its Kubernetes default.
-    fn default() -> Self {
-        Self {
-            cluster_ips: Vec::new(),
-            ip_families: IpFamilies::default(),
-            extras: ServiceExtras::none(),
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            distribution: TrafficDistribution::Any,
-            scheduler: None,
-            source_ip: None,
-        }
-    }
-}
-
-/// The settings that almost every Service leaves empty, out of line: a
-/// Service without any shares one empty value, so they cost it a pointer
-/// (they were 96 bytes of empty lists in each, and session affinity and the
-/// health-check node port another 24 bytes of settings).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceExtras {
-    pub external_ips: Vec<IpAddr>,
-    /// `status.loadBalancer.ingress[].ip` (LoadBalancer only).
-    pub load_balancer_ips: Vec<IpAddr>,
-    pub load_balancer_source_ranges: Vec<IpNet>,
-    /// Annotations under `ringport.io/` (e.g. `ringport.io/scheduler`),
-    /// without the prefix, sorted by key.
-    pub ringport_annotations: Vec<(String, String)>,
-    pub affinity: Affinity,
-    /// `spec.healthCheckNodePort` (LoadBalancer with
-    /// `externalTrafficPolicy: Local` only): where load balancers ask
-    /// whether this node has a local endpoint.
-    pub health_check_node_port: Option<u16>,
-}
-
-impl ServiceExtras {
-    /// The shared empty value.
-    pub fn none() -> Arc<Self> {
-        static NONE: std::sync::LazyLock<Arc<ServiceExtras>> = std::sync::LazyLock::new(Arc::default);
-        Arc::clone(&NONE)
-    }
-
-    /// These, shared if empty.
-    pub fn shared(self) -> Arc<Self> {
-        if self == Self::default() { Self::none() } else { Arc::new(self) }
-    }
-}
-
-/// The settings serialize as one flat list of fields, in the order they
-/// had before affinity and the health-check node port moved into the
-/// extras (the snapshot's JSON is read by people and scripts).
-impl Serialize for ServiceSettings {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let extras = &*self.extras;
-        let mut fields = s.serialize_struct("ServiceSettings", 13)?;
-        fields.serialize_field("cluster_ips", &self.cluster_ips)?;
-        fields.serialize_field("ip_families", &self.ip_families)?;
-        fields.serialize_field("external_ips", &extras.external_ips)?;
-        fields.serialize_field("load_balancer_ips", &extras.load_balancer_ips)?;
-        fields.serialize_field("load_balancer_source_ranges", &extras.load_balancer_source_ranges)?;
-        fields.serialize_field("ringport_annotations", &extras.ringport_annotations)?;
-        fields.serialize_field("affinity", &extras.affinity)?;
-        fields.serialize_field("external_policy", &self.external_policy)?;
-        fields.serialize_field("internal_policy", &self.internal_policy)?;
-        fields.serialize_field("distribution", &self.distribution)?;
-        fields.serialize_field("scheduler", &self.scheduler)?;
-        fields.serialize_field("source_ip", &self.source_ip)?;
-        fields.serialize_field("health_check_node_port", &extras.health_check_node_port)?;
-        fields.end()
-    }
 }
 
 /// Shared settings serialize as the fields of their holder (serde's `rc`

@@ -109,9 +109,9 @@ pub fn service_from_k8s(svc: &Service, origin: Origin) -> Result<Conversion<mode
             distribution,
             scheduler,
             source_ip,
+            proxy_protocol,
         }),
         ports: ports.into(),
-        proxy_protocol,
     };
     diag.finish(service)
 }

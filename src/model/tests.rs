@@ -91,8 +91,9 @@ fn a_service_and_its_ports_share_one_copy_of_its_settings() {
     // `ServicePort` 120, its `Option<u16>` nodePort 4 bytes.
     // A Service points to one shared copy of its port list (it was 96
     // bytes and a 40-byte allocation for a list of one: with its reference
-    // counts, 112 + 40 bytes of heap, now 112).
-    assert_eq!(size_of::<Service>(), 88);
+    // counts, 112 + 40 bytes of heap), and keeps its PROXY protocol with
+    // its settings: 96 bytes of heap.
+    assert_eq!(size_of::<Service>(), 80);
     assert_eq!(size_of::<ServicePort>(), 112);
 }
 
@@ -148,4 +149,121 @@ fn a_slice_holds_its_lists_at_their_length_and_its_kind_in_8_bytes() {
     // Two `Vec`s and a `usize` subset index: 168 bytes.
     assert_eq!(size_of::<SliceKind>(), 8);
     assert_eq!(size_of::<EndpointSlice>(), 144);
+}
+
+/// The Service as it was laid out before its fields moved (settings out of
+/// line, extras out of line, PROXY protocol last), with derived `Debug` and
+/// serialization: what a Service must still print as.
+mod old {
+    use std::net::IpAddr;
+
+    use ipnet::IpNet;
+    use serde::Serialize;
+
+    use crate::model::{
+        Affinity, IpFamily, Origin, ProxyProtocol, Scheduler, ServiceName, ServicePortSpec, SourceIp,
+        TrafficDistribution, TrafficPolicy,
+    };
+
+    #[derive(Debug, Serialize)]
+    pub struct ServiceExtras {
+        pub external_ips: Vec<IpAddr>,
+        pub load_balancer_ips: Vec<IpAddr>,
+        pub load_balancer_source_ranges: Vec<IpNet>,
+        pub ringport_annotations: Vec<(String, String)>,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct ServiceSettings {
+        pub cluster_ips: Vec<IpAddr>,
+        pub ip_families: Vec<IpFamily>,
+        #[serde(flatten)]
+        pub extras: ServiceExtras,
+        pub affinity: Affinity,
+        pub external_policy: TrafficPolicy,
+        pub internal_policy: TrafficPolicy,
+        pub distribution: TrafficDistribution,
+        pub scheduler: Option<Scheduler>,
+        pub source_ip: Option<SourceIp>,
+        pub health_check_node_port: Option<u16>,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub struct Service {
+        pub name: ServiceName,
+        pub origin: Origin,
+        #[serde(flatten)]
+        pub settings: ServiceSettings,
+        pub ports: Vec<ServicePortSpec>,
+        pub proxy_protocol: ProxyProtocol,
+    }
+}
+
+#[test]
+fn a_service_prints_and_serializes_as_it_did_before_its_fields_moved() {
+    use super::{
+        Affinity, IpFamily, ProxyProtocol, ProxyVersion, Scheduler, ServicePortSpec, SourceIp, TargetPort,
+        TrafficDistribution, TrafficPolicy,
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let port = ServicePortSpec {
+        name: Name::from("http"),
+        protocol: Protocol::Tcp,
+        port: 80,
+        target_port: TargetPort::Name(Name::from("web")),
+        node_port: Some(30080),
+    };
+    let affinity = Affinity::ClientIp { timeout: std::time::Duration::from_secs(60) };
+    let proxy_protocol = ProxyProtocol { send: Some(ProxyVersion::V2), accept: None };
+    let annotations = vec![("scheduler".to_owned(), "lc".to_owned())];
+    let ranges = vec!["10.0.0.0/8".parse().unwrap()];
+    let service = Service {
+        name: ServiceName::new("default", "web"),
+        origin: Origin::document(Name::interned("t.yaml"), 3),
+        settings: Arc::new(ServiceSettings {
+            cluster_ips: vec![ip("10.96.0.1"), ip("fd00::1")],
+            ip_families: [IpFamily::V4, IpFamily::V6].into_iter().collect(),
+            extras: Arc::new(ServiceExtras {
+                external_ips: vec![ip("192.0.2.1")],
+                load_balancer_ips: vec![ip("192.0.2.2")],
+                load_balancer_source_ranges: ranges.clone(),
+                ringport_annotations: annotations.clone(),
+                affinity,
+                health_check_node_port: Some(32000),
+            }),
+            external_policy: TrafficPolicy::Local,
+            internal_policy: TrafficPolicy::Cluster,
+            distribution: TrafficDistribution::PreferSameZone,
+            scheduler: Some(Scheduler::Lc),
+            source_ip: Some(SourceIp::Proxy),
+            proxy_protocol,
+        }),
+        ports: vec![port.clone()].into(),
+    };
+    let before = old::Service {
+        name: ServiceName::new("default", "web"),
+        origin: Origin::document(Name::interned("t.yaml"), 3),
+        settings: old::ServiceSettings {
+            cluster_ips: vec![ip("10.96.0.1"), ip("fd00::1")],
+            ip_families: vec![IpFamily::V4, IpFamily::V6],
+            extras: old::ServiceExtras {
+                external_ips: vec![ip("192.0.2.1")],
+                load_balancer_ips: vec![ip("192.0.2.2")],
+                load_balancer_source_ranges: ranges,
+                ringport_annotations: annotations,
+            },
+            affinity,
+            external_policy: TrafficPolicy::Local,
+            internal_policy: TrafficPolicy::Cluster,
+            distribution: TrafficDistribution::PreferSameZone,
+            scheduler: Some(Scheduler::Lc),
+            source_ip: Some(SourceIp::Proxy),
+            health_check_node_port: Some(32000),
+        },
+        ports: vec![port],
+        proxy_protocol,
+    };
+    assert_eq!(format!("{service:?}"), format!("{before:?}"));
+    assert_eq!(format!("{service:#?}"), format!("{before:#?}"));
+    assert_eq!(serde_json::to_string(&service).unwrap(), serde_json::to_string(&before).unwrap());
 }
