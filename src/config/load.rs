@@ -246,7 +246,15 @@ impl Collector {
     fn finish(self) -> Result<Manifests, ConfigErrors> {
         match ConfigErrors::from_vec(self.errors) {
             Some(errors) => Err(errors),
-            None => Ok(self.manifests),
+            None => {
+                // Kept as long as the file is served: at their length, not
+                // with what growing by doubling left (up to half again).
+                let mut manifests = self.manifests;
+                manifests.services.shrink_to_fit();
+                manifests.slices.shrink_to_fit();
+                manifests.warnings.shrink_to_fit();
+                Ok(manifests)
+            }
         }
     }
 

@@ -78,6 +78,13 @@ fn a_slice_after_its_service_shares_the_services_name() {
 }
 
 #[test]
+fn a_files_objects_are_kept_at_their_count() {
+    let text: Vec<String> = (0..5).map(|i| SERVICE.replace("name: web", &format!("name: web{i}"))).collect();
+    let m = manifests(&text.join("---\n"));
+    assert_eq!((m.services.len(), m.services.capacity()), (5, 5), "no room left from growing");
+}
+
+#[test]
 fn unknown_kinds_are_skipped_with_a_warning() {
     let text =
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cfg}}\ndata: {{a: b}}\n---\n{SERVICE}");
