@@ -208,7 +208,7 @@ fn object(service: &Service, slice: &EndpointSlice, i: usize, version: usize) ->
         .map(|e| {
             let mut ep = template.clone();
             let ip = base + e as u32 + if e == 0 { (version as u32) << 24 >> 8 } else { 0 };
-            ep.addresses = IpAddr::V4(Ipv4Addr::from(ip)).into();
+            ep.set_addresses(IpAddr::V4(Ipv4Addr::from(ip)));
             ep
         })
         .collect();

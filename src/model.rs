@@ -17,6 +17,7 @@ mod families;
 mod name;
 mod origin;
 mod settings;
+mod slice_endpoint;
 mod specs;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ pub use families::IpFamilies;
 pub use name::Name;
 pub use origin::Origin;
 pub use settings::{ServiceExtras, ServiceSettings};
+pub use slice_endpoint::SliceEndpoint;
 pub use specs::PortSpecs;
 
 /// `namespace/name` of a Service.
@@ -425,18 +427,6 @@ impl SlicePort {
     }
 }
 
-/// One endpoint of an [`EndpointSlice`]: addresses × the slice's ports.
-/// There are hundreds of thousands of these, so they are kept small: the
-/// usual single address inline, node, zone and hints behind one pointer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SliceEndpoint {
-    pub addresses: Addresses,
-    pub conditions: Conditions,
-    /// Read through `Deref`: `endpoint.node_name`.
-    #[serde(flatten, serialize_with = "serialize_shared")]
-    pub place: Arc<Placement>,
-}
-
 /// Where an endpoint runs and where it is hinted to serve, behind one
 /// pointer: a slice endpoint and every [`Endpoint`] joined from it (one
 /// per address and port) share it, and an endpoint with none of them
@@ -462,7 +452,6 @@ impl Placement {
     }
 }
 
-settings_deref!(SliceEndpoint, place, Placement);
 settings_deref!(Endpoint, place, Placement);
 
 /// Which Kubernetes object an [`EndpointSlice`] was built from. kube-proxy

@@ -185,7 +185,7 @@ fn warn_unserved_families(
         let mut unserved: Vec<IpFamily> = slice
             .endpoints
             .iter()
-            .flat_map(|e| &e.addresses)
+            .flat_map(|e| e.addresses())
             .filter(|ip| !serves(service, **ip))
             .map(|ip| IpFamily::of(*ip))
             .collect();
@@ -274,10 +274,10 @@ fn endpoints_for(
         };
         matched = true;
         for endpoint in &slice.endpoints {
-            endpoints.extend(endpoint.addresses.iter().map(|ip| Endpoint {
+            endpoints.extend(endpoint.addresses().iter().map(|ip| Endpoint {
                 addr: EndpointAddr(SocketAddr::new(*ip, port.port)),
-                conditions: endpoint.conditions,
-                place: Arc::clone(&endpoint.place),
+                conditions: endpoint.conditions(),
+                place: Arc::clone(endpoint.place()),
             }));
         }
     }

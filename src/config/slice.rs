@@ -255,19 +255,15 @@ fn slice_endpoint(
     let hints_zones = hints.and_then(|h| h.for_zones.as_deref()).unwrap_or_default();
     let hints_nodes = hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or_default();
     let interned = |name: &String| Name::interned(name);
-    Some(SliceEndpoint {
-        addresses: addresses.into(),
-        conditions,
-        place: Placement {
-            node_name: non_empty(endpoint.node_name.as_deref()),
-            zone: non_empty(endpoint.zone.as_deref()),
-            hints: Hints::new(
-                hints_zones.iter().map(|z| interned(&z.name)).collect(),
-                hints_nodes.iter().map(|n| interned(&n.name)).collect(),
-            ),
-        }
-        .shared(),
-    })
+    let place = Placement {
+        node_name: non_empty(endpoint.node_name.as_deref()),
+        zone: non_empty(endpoint.zone.as_deref()),
+        hints: Hints::new(
+            hints_zones.iter().map(|z| interned(&z.name)).collect(),
+            hints_nodes.iter().map(|n| interned(&n.name)).collect(),
+        ),
+    };
+    Some(SliceEndpoint::new(addresses, conditions, place.shared()))
 }
 
 /// One `subsets[i].addresses[j]` or `notReadyAddresses[j]`.
@@ -279,12 +275,8 @@ fn address_endpoint(
 ) -> Option<SliceEndpoint> {
     let checked = ip(&address.ip).and_then(|addr| usable(diag, field.clone(), addr));
     let addr = diag.check(|| field, checked)?;
-    Some(SliceEndpoint {
-        addresses: addr.into(),
-        conditions: Conditions { ready, serving: ready, terminating: false },
-        place: Placement { node_name: non_empty(address.node_name.as_deref()), ..Placement::default() }
-            .shared(),
-    })
+    let place = Placement { node_name: non_empty(address.node_name.as_deref()), ..Placement::default() };
+    Some(SliceEndpoint::new(addr, Conditions { ready, serving: ready, terminating: false }, place.shared()))
 }
 
 /// `addr` unless no connection can go there; a link-local one is warned

@@ -196,7 +196,8 @@ fn a_full_state_is_diffed_and_duplicates_are_reported() {
 
     // One slice differs, one Service goes.
     let mut next = m.clone();
-    Arc::make_mut(&mut next.slices[2]).endpoints[0].addresses = vec!["10.2.0.9".parse().unwrap()].into();
+    Arc::make_mut(&mut next.slices[2]).endpoints[0]
+        .set_addresses(vec!["10.2.0.9".parse::<std::net::IpAddr>().unwrap()]);
     next.services.remove(0);
     let change = table.try_replace(next.clone()).unwrap();
     assert_eq!(change.set.iter().map(|p| p.name.service.name.clone()).collect::<Vec<_>>(), ["b"]);

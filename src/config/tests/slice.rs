@@ -63,7 +63,7 @@ fn conditions_default_to_ready_serving_follows_ready_terminating_false() {
         "[{addresses: [127.0.0.1]}, {addresses: [127.0.0.2], conditions: {ready: false}}, \
           {addresses: [127.0.0.3], conditions: {ready: false, serving: true, terminating: true}}]",
     );
-    let conditions: Vec<_> = s.endpoints.iter().map(|e| e.conditions).collect();
+    let conditions: Vec<_> = s.endpoints.iter().map(|e| e.conditions()).collect();
     let c = |ready, serving, terminating| Conditions { ready, serving, terminating };
     assert_eq!(conditions, [c(true, true, false), c(false, false, false), c(false, true, true)]);
 }
@@ -144,7 +144,7 @@ fn addresses_must_parse_and_match_the_address_type() {
     let mapped = slice_text("[{port: 80}]", "[{addresses: ['::ffff:10.0.0.1']}]").replace("IPv4", "IPv6");
     assert_error(&mapped, &format!("{AT}endpoints[0].addresses[0]: "), "IPv4-mapped");
     let v6 = slice_text("[{port: 80}]", "[{addresses: ['::1']}]").replace("IPv4", "IPv6");
-    assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses[..], ["::1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(manifests(&v6).slices[0].endpoints[0].addresses()[..], ["::1".parse::<IpAddr>().unwrap()]);
 }
 
 #[test]
@@ -178,9 +178,9 @@ fn endpoints_become_one_slice_with_ready_and_not_ready_addresses() {
     );
     assert_eq!(*s.ports, [SlicePort { name: "".into(), port: 9000, protocol: Protocol::Tcp }]);
     let ready = &s.endpoints[0];
-    assert_eq!((ready.conditions, ready.node_name.as_deref()), (Conditions::default(), Some("node-a")));
+    assert_eq!((ready.conditions(), ready.node_name.as_deref()), (Conditions::default(), Some("node-a")));
     let not_ready = Conditions { ready: false, serving: false, terminating: false };
-    assert_eq!(s.endpoints[1].conditions, not_ready);
+    assert_eq!(s.endpoints[1].conditions(), not_ready);
 }
 
 #[test]
@@ -190,7 +190,8 @@ fn each_endpoints_subset_becomes_a_slice_with_its_own_ports() {
          - addresses: [{{ip: 127.0.0.2}}]\n  ports: [{{port: 9001}}]\n"
     );
     let slices = manifests(&text).slices;
-    let got: Vec<_> = slices.iter().map(|s| (s.kind, s.ports[0].port, s.endpoints[0].addresses[0])).collect();
+    let got: Vec<_> =
+        slices.iter().map(|s| (s.kind, s.ports[0].port, s.endpoints[0].addresses()[0])).collect();
     assert_eq!(
         got,
         [
