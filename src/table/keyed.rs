@@ -346,7 +346,7 @@ mod tests {
             kind,
             service: ServiceName::new("default", "web"),
             origin: Origin::new("test"),
-            ports: Box::default(),
+            ports: Arc::from([]),
             endpoints: Box::default(),
             trigger: None,
         })
@@ -391,8 +391,7 @@ mod tests {
                 name: ServiceName::new("default", name),
                 origin: Origin::new("test"),
                 settings: Arc::default(),
-                ports: Vec::new(),
-                proxy_protocol: Default::default(),
+                ports: Default::default(),
             })
         };
         services.insert_sorted(vec![service("a"), service("b")]);
