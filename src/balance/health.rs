@@ -17,11 +17,12 @@
 //! - One [`EndpointState`] per protocol and endpoint address for the whole
 //!   process (through [`HealthRegistry`]), so ejection and active-connection
 //!   counts survive reloads and are the same for every worker.
-//! - A state exists only once it matters: a balancer holds a
-//!   [`HealthCell`] per endpoint, empty until its first attempt (most of
-//!   100k service ports never see a connection). An empty cell reads as a
-//!   fresh state would (admitted, nothing active), with no lock and no
-//!   write. Its first use takes the registry's lock once, to find the state
+//! - A state exists only once it matters: a balancer's [`HealthCells`]
+//!   are one empty pointer until its first attempt (most of 100k service
+//!   ports never see a connection), then a cell per endpoint, empty until
+//!   that endpoint's first attempt. An empty cell reads as a fresh state
+//!   would (admitted, nothing active), with no lock and no write. Its
+//!   first use takes the registry's lock once, to find the state
 //!   another balancer made or to make it; a balancer built while an older
 //!   one holds a state takes it at build, so an ejection or a count
 //!   survives the reload. (A state made by an older balancer after a newer
@@ -73,7 +74,7 @@ struct Settings {
 }
 
 /// Health and load of one endpoint address (the address is its
-/// [`HealthCell`]'s and the registry's key, not kept here).
+/// balancer's and the registry's key, not kept here).
 #[derive(Debug)]
 pub struct EndpointState {
     settings: Arc<Settings>,
@@ -262,14 +263,23 @@ impl HealthRegistry {
         state
     }
 
-    /// A balancer's cell for `addr`: holding the existing state, if
-    /// anything holds one, else empty until the endpoint first matters.
-    pub fn cell(&self, protocol: Protocol, addr: EndpointAddr) -> HealthCell {
-        let state = OnceLock::new();
-        if let Some(existing) = self.existing(protocol, addr) {
-            let _ = state.set(existing);
-        }
-        HealthCell { addr: CellAddr::from(addr), state }
+    /// The states something holds of `addrs`, in their order, under one
+    /// lock; `None` when it holds none of them (then nothing is made).
+    fn held(&self, protocol: Protocol, addrs: &[EndpointAddr]) -> Option<Box<[Cell]>> {
+        let states = self.states();
+        let held = |a: &EndpointAddr| states.get(&(protocol, *a)).and_then(Weak::upgrade);
+        addrs.iter().any(|a| held(a).is_some()).then(|| {
+            addrs
+                .iter()
+                .map(|a| {
+                    let cell = Cell::new();
+                    if let Some(state) = held(a) {
+                        let _ = cell.set(state);
+                    }
+                    cell
+                })
+                .collect()
+        })
     }
 
     /// The state some balancer holds for `addr`, if any (none is made).
@@ -302,83 +312,81 @@ impl HealthRegistry {
     }
 }
 
-/// One endpoint of a balancer: its address, and its [`EndpointState`] once
-/// the endpoint matters (module header). Reads of an empty cell see a
-/// fresh state's values; [`HealthCell::state`] fills it.
+/// One endpoint's state, once it matters.
+type Cell = OnceLock<Arc<EndpointState>>;
+
+/// The states of a balancer's endpoints, by candidate index: none at all
+/// until the first of them matters (most of 100k service ports never see
+/// a connection), then a cell for each, filled at each one's first use.
+/// Reads of an empty cell see a fresh state's values (module header).
+#[derive(Debug, Default)]
+pub struct HealthCells {
+    /// Boxed twice, so that a balancer pays one pointer for its states
+    /// until they are made.
+    cells: OnceLock<Box<Cells>>,
+}
+
 #[derive(Debug)]
-pub struct HealthCell {
-    addr: CellAddr,
-    state: OnceLock<Arc<EndpointState>>,
+struct Cells {
+    states: Box<[Cell]>,
 }
 
-/// An endpoint's address in 20 bytes, not a `SocketAddr`'s 32 (an IPv6
-/// one's flow info and scope id, which an endpoint's address never has:
-/// Kubernetes gives IPs without zones): 250k cells at 100k service ports.
-#[derive(Clone, Copy, Debug)]
-struct CellAddr {
-    /// An IPv4 address is kept as its IPv6-mapped form.
-    ip: [u8; 16],
-    port: u16,
-    v4: bool,
-}
-
-impl From<EndpointAddr> for CellAddr {
-    fn from(addr: EndpointAddr) -> Self {
-        let ip = match addr.0.ip() {
-            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            std::net::IpAddr::V6(v6) => v6,
-        };
-        Self { ip: ip.octets(), port: addr.0.port(), v4: addr.0.is_ipv4() }
-    }
-}
-
-impl From<CellAddr> for EndpointAddr {
-    fn from(addr: CellAddr) -> Self {
-        let v6 = std::net::Ipv6Addr::from(addr.ip);
-        let ip = match addr.v4 {
-            true => v6.to_ipv4_mapped().map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-            false => std::net::IpAddr::V6(v6),
-        };
-        EndpointAddr(std::net::SocketAddr::new(ip, addr.port))
-    }
-}
-
-impl HealthCell {
-    pub fn addr(&self) -> EndpointAddr {
-        self.addr.into()
+impl HealthCells {
+    /// The cells of a balancer of `addrs` (its endpoints, by candidate
+    /// index), holding the states something already holds (a previous
+    /// balancer's), so an ejection or a count survives a reload.
+    pub fn new(registry: &HealthRegistry, protocol: Protocol, addrs: &[EndpointAddr]) -> Self {
+        let cells = OnceLock::new();
+        if let Some(states) = registry.held(protocol, addrs) {
+            let _ = cells.set(Box::new(Cells { states }));
+        }
+        Self { cells }
     }
 
-    /// The state, made (or found in `registry`) on first use. Workers
-    /// racing to fill one cell get the same state, and so do balancers
-    /// racing to fill cells of the same protocol and address (the
-    /// registry's lock decides).
-    pub fn state(&self, registry: &HealthRegistry, protocol: Protocol) -> &EndpointState {
-        self.state.get_or_init(|| registry.state(protocol, self.addr()))
+    /// Endpoint `i`'s state, if it has mattered yet.
+    pub fn existing(&self, i: usize) -> Option<&EndpointState> {
+        self.cells.get()?.states.get(i)?.get().map(|s| &**s)
     }
 
-    /// The state, if the endpoint has mattered yet.
-    pub fn existing(&self) -> Option<&EndpointState> {
-        self.state.get().map(|s| &**s)
+    /// Endpoint `i`'s state (its address `addr`, one of `len`), made or
+    /// found in `registry` on first use; `None` past the last endpoint.
+    /// Workers racing to fill one cell get the same state, and so do
+    /// balancers racing to fill cells of the same protocol and address
+    /// (the registry's lock decides).
+    pub fn state(
+        &self,
+        i: usize,
+        len: usize,
+        addr: EndpointAddr,
+        registry: &HealthRegistry,
+        protocol: Protocol,
+    ) -> Option<&EndpointState> {
+        let cells =
+            self.cells.get_or_init(|| Box::new(Cells { states: (0..len).map(|_| Cell::new()).collect() }));
+        Some(cells.states.get(i)?.get_or_init(|| registry.state(protocol, addr)))
     }
 
-    pub fn is_ejected(&self, now: Instant) -> bool {
-        self.existing().is_some_and(|s| s.is_ejected(now))
-    }
-
-    pub fn active(&self) -> u32 {
-        self.existing().map_or(0, EndpointState::active)
+    /// Whether any state is held (for tests).
+    #[cfg(test)]
+    pub fn made(&self) -> bool {
+        self.cells.get().is_some()
     }
 
     /// For `/debug/snapshot` and `ringport status`: an empty cell shows the
     /// state another balancer made for the same address (the other scope
     /// of a `Local` policy, another Service on the same pod), so an
     /// endpoint ejected through one is not shown up through the other.
-    pub fn view(&self, registry: &HealthRegistry, protocol: Protocol, now: Instant) -> HealthView {
-        match self.existing() {
+    pub fn view(
+        &self,
+        i: usize,
+        addr: EndpointAddr,
+        registry: &HealthRegistry,
+        protocol: Protocol,
+        now: Instant,
+    ) -> HealthView {
+        match self.existing(i) {
             Some(s) => s.view(now),
-            None => {
-                registry.existing(protocol, self.addr()).map_or_else(HealthView::default, |s| s.view(now))
-            }
+            None => registry.existing(protocol, addr).map_or_else(HealthView::default, |s| s.view(now)),
         }
     }
 }
@@ -393,14 +401,6 @@ impl Default for HealthRegistry {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cell_gives_back_the_address_it_was_made_with() {
-        let registry = HealthRegistry::default();
-        for a in ["10.0.0.1:80", "[fd00::1]:8080", "[::ffff:10.0.0.1]:80", "0.0.0.0:0", "[::]:65535"] {
-            let addr = EndpointAddr(a.parse().unwrap());
-            assert_eq!(registry.cell(Protocol::Tcp, addr).addr(), addr, "{a}");
-        }
-    }
     use std::net::SocketAddr;
 
     fn state(t0: Instant) -> Arc<EndpointState> {

@@ -37,20 +37,22 @@
 
 pub mod affinity;
 pub mod eligible;
+mod endpoints;
 pub mod health;
 pub mod maglev;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use self::affinity::Pins;
 use self::eligible::{Locality, Scope};
-use self::health::{EndpointState, HealthCell, HealthRegistry, HealthView};
+use self::endpoints::Slot;
+use self::health::{EndpointState, HealthCells, HealthRegistry, HealthView};
 use self::maglev::Maglev;
 use crate::model::{Affinity, ClientAddr, EndpointAddr, Protocol, Scheduler, ServicePort};
 
@@ -98,41 +100,23 @@ impl Inputs {
 /// both: [`Balancer::build_pair`]).
 #[derive(Debug)]
 pub struct Balancer {
-    /// The eligible endpoints in address order (the inputs' own list, not
-    /// a copy of it), each with its health once it matters; a candidate is
-    /// an index into it.
-    endpoints: Box<[HealthCell]>,
-    /// The order the scheduler follows: a rotation, a Maglev table, or
-    /// neither.
-    order: Order,
+    /// The eligible endpoints in address order, a candidate an index into
+    /// it; each slot also holds the rotation's entry at its position.
+    endpoints: Box<[Slot]>,
+    /// The endpoints' health states, by candidate index, once they matter.
+    health: HealthCells,
+    /// Maglev's lookup table (Maglev's alone, and only with endpoints).
+    maglev: Option<Box<Maglev>>,
     /// Health and load are kept per protocol (see `health.rs`).
     protocol: Protocol,
     scheduler: Scheduler,
     /// Where the endpoints' states are made when they first matter.
     registry: HealthRegistry,
-    next: AtomicUsize,
+    /// The next position of the rotation, over all workers. 32 bits keep
+    /// the balancer at 64 bytes; it wraps after 4 billion picks, when the
+    /// rotation restarts from its first position once.
+    next: AtomicU32,
     pins: Option<Arc<Pins>>,
-}
-
-/// The order a balancer's scheduler follows over its endpoints: one field
-/// for what only one scheduler or another needs, so a balancer (one or two
-/// per service port) carries 16 bytes for it, not 40.
-#[derive(Debug)]
-enum Order {
-    /// Round robin's and least-connections' rotation: a shuffle of the
-    /// indices of `endpoints`. Empty for address order: random draws need
-    /// no other, and the hashing schedulers use it, so every rebuild
-    /// hashes alike. (A third variant would cost the enum a tag: 8 more
-    /// bytes.)
-    Rotation(Box<[u32]>),
-    /// Maglev's lookup table (a port without endpoints has none).
-    Maglev(Box<Maglev>),
-}
-
-impl Order {
-    fn address() -> Self {
-        Order::Rotation(Box::default())
-    }
 }
 
 impl Balancer {
@@ -235,26 +219,26 @@ impl Balancer {
         let Inputs { mut endpoints, protocol, scheduler, affinity } = inputs;
         // Candidates index endpoints in a u32 (see `slot`).
         endpoints.truncate(MAX_ENDPOINTS);
-        let order = match scheduler {
-            Scheduler::Rr | Scheduler::Lc => {
-                let mut rotation: Box<[u32]> = (0..endpoints.len()).map(slot).collect();
-                rng.shuffle(&mut rotation);
-                Order::Rotation(rotation)
-            }
+        // Round robin's and least-connections' rotation is a shuffle of
+        // the candidate indices; the others use address order (random
+        // draws need no other, and the hashing schedulers use it, so every
+        // rebuild hashes alike).
+        let mut rotation: Vec<u32> = (0..endpoints.len()).map(slot).collect();
+        let mut maglev = None;
+        match scheduler {
+            Scheduler::Rr | Scheduler::Lc => rng.shuffle(&mut rotation),
             Scheduler::Maglev => {
                 // After a removal, keep the survivors' slots (only the
                 // removed endpoints' clients move); otherwise build afresh.
                 let shrunk = previous.and_then(|p| {
-                    let Order::Maglev(table) = &p.order else { return None };
-                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(HealthCell::addr).collect();
+                    let table = p.maglev.as_ref()?;
+                    let old: Vec<EndpointAddr> = p.endpoints.iter().map(Slot::addr).collect();
                     table.shrink(&old, &endpoints)
                 });
-                shrunk
-                    .or_else(|| Maglev::new(&endpoints))
-                    .map_or(Order::address(), |m| Order::Maglev(Box::new(m)))
+                maglev = shrunk.or_else(|| Maglev::new(&endpoints)).map(Box::new);
             }
-            _ => Order::address(),
-        };
+            _ => {}
+        }
         let pins = match affinity {
             Affinity::None => None,
             Affinity::ClientIp { timeout } => Some(match pins {
@@ -266,12 +250,13 @@ impl Balancer {
             }),
         };
         Self {
-            endpoints: endpoints.into_iter().map(|e| registry.cell(protocol, e)).collect(),
-            order,
+            health: HealthCells::new(registry, protocol, &endpoints),
+            endpoints: endpoints.iter().zip(rotation).map(|(e, r)| Slot::new(*e, r)).collect(),
+            maglev,
             protocol,
             scheduler,
             registry: registry.clone(),
-            next: AtomicUsize::new(0),
+            next: AtomicU32::new(0),
             pins,
         }
     }
@@ -297,15 +282,13 @@ impl Balancer {
 
     /// The endpoint at position `at` of the rotation.
     fn rotated(&self, at: usize) -> usize {
-        match &self.order {
-            Order::Rotation(rotation) => rotation.get(at).map_or(at, |&i| i as usize),
-            _ => at,
-        }
+        self.endpoints.get(at).map_or(at, |s| s.rotated as usize)
     }
 
     /// Endpoint `i`'s state, made on its first use.
     fn state(&self, i: usize) -> Option<&EndpointState> {
-        Some(self.endpoints.get(i)?.state(&self.registry, self.protocol))
+        let addr = self.endpoints.get(i)?.addr();
+        self.health.state(i, self.endpoints.len(), addr, &self.registry, self.protocol)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -324,7 +307,7 @@ impl Balancer {
 
     /// The endpoint a candidate index stands for.
     pub fn endpoint(&self, candidate: usize) -> Option<EndpointAddr> {
-        self.endpoints.get(candidate).map(HealthCell::addr)
+        self.endpoints.get(candidate).map(Slot::addr)
     }
 
     /// The candidates for one new connection from `client`, at most
@@ -389,7 +372,7 @@ impl Balancer {
     }
 
     fn ejected(&self, i: usize, now: Instant) -> bool {
-        self.endpoints[i].is_ejected(now)
+        self.health.existing(i).is_some_and(|s| s.is_ejected(now))
     }
 
     /// The scheduler's first choice among the healthy endpoints, or among
@@ -406,18 +389,18 @@ impl Balancer {
     /// sequence). `None` only when nothing is allowed.
     fn choose(&self, client: IpAddr, salt: u64, allowed: impl Fn(usize) -> bool) -> Option<usize> {
         let n = self.endpoints.len();
-        let active = |i: usize| self.endpoints[i].active();
+        let active = |i: usize| self.health.existing(i).map_or(0, EndpointState::active);
         // The next position of the rotation (a candidate index for `rotated`).
-        let turn = || self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let turn = || self.next.fetch_add(1, Ordering::Relaxed) as usize % n;
         let rr = || self.rotated(turn());
         let hashed = |t: u64| {
             let h = match (salt, t) {
                 (0, 0) => hash_ip(client),
                 _ => hash_ip_seeded(client, (salt << 32) | t),
             };
-            match &self.order {
-                Order::Maglev(m) => m.lookup(h),
-                _ => (h % n as u64) as usize,
+            match &self.maglev {
+                Some(m) => m.lookup(h),
+                None => (h % n as u64) as usize,
             }
         };
         // Draw up to n times, skipping what is not allowed; round robin thus
@@ -506,7 +489,7 @@ impl Balancer {
     pub fn closed(&self, i: usize) {
         // A connection counted was counted in a state: an empty cell has
         // nothing to close.
-        if let Some(e) = self.endpoints.get(i).and_then(HealthCell::existing) {
+        if let Some(e) = self.health.existing(i) {
             e.closed();
         }
     }
@@ -526,7 +509,8 @@ impl Balancer {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(|e| (e.addr(), e.view(&self.registry, self.protocol, now)))
+                .enumerate()
+                .map(|(i, e)| (e.addr(), self.health.view(i, e.addr(), &self.registry, self.protocol, now)))
                 .collect(),
         }
     }

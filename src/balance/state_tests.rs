@@ -12,7 +12,7 @@ use super::*;
 /// The state `b` holds for `addr`, if it made or took one.
 fn held(b: &Balancer, addr: EndpointAddr) -> Option<*const EndpointState> {
     let i = b.position(addr)?;
-    b.endpoints[i].existing().map(std::ptr::from_ref)
+    b.health.existing(i).map(std::ptr::from_ref)
 }
 
 #[test]
@@ -23,6 +23,7 @@ fn a_new_balancer_makes_no_state_until_an_endpoint_is_tried() {
     let mut c = b.pick(client(1), now, 4);
     let first = b.next_candidate(&mut c, now).expect("a candidate");
     assert_eq!(registry.len(), 0, "built and picked: no state yet");
+    assert!(!b.health.made(), "nor room for one");
     assert!(b.view(now).endpoints.iter().all(|(_, h)| *h == HealthView::default()), "zeros without state");
     assert_eq!(b.view(now).endpoints.len(), 3, "every endpoint is shown");
     b.attempting(first);
@@ -106,18 +107,11 @@ fn an_endpoint_ejected_under_one_balancer_is_still_ejected_in_its_successor() {
 }
 
 #[test]
-fn an_endpoint_costs_its_balancers_40_bytes_until_it_matters() {
-    // The address and an empty cell: a state (and the registry's entry)
-    // comes only with the first attempt. A field added here is paid
-    // 250k times at 100k service ports.
-    assert_eq!(std::mem::size_of::<health::HealthCell>(), 40);
-}
-
-#[test]
 fn a_balancer_costs_64_bytes_besides_its_endpoints() {
-    // One or two per service port: the scheduler's order (a rotation or a
-    // Maglev table) is one field, the table out of line, and the affinity
-    // is its pins'. With the `Arc`'s counts, 80 B: an allocator size class.
+    // One or two per service port: the rotation is in the endpoints'
+    // slots, a Maglev table out of line, the health states one pointer
+    // until they matter, and the affinity is its pins'. With the `Arc`'s
+    // counts, 80 B: an allocator size class.
     assert_eq!(std::mem::size_of::<Balancer>(), 64);
 }
 

@@ -368,7 +368,7 @@ fn an_ejected_endpoints_share_spreads_evenly_over_the_survivors() {
         3,
     );
     let (served, lost) = spread_with_one_dead(&b, 1, t0);
-    assert!(b.endpoints[1].is_ejected(t0), "three failures eject it");
+    assert!(b.ejected(1, t0), "three failures eject it");
     assert_eq!(lost, 0);
     assert!(
         served.values().all(|&n| (399..=401).contains(&n)),
