@@ -19,12 +19,24 @@ const PROXY_ROLES: [ListenRole; 4] =
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct Inputs {
-    /// The port's own proxy listeners, by `PROXY_ROLES`; none at all (no
-    /// allocation) for most ports of a node with shared proxy ports.
-    listeners: Option<Box<[Option<SocketAddr>; 4]>>,
+    /// What most ports of a node with shared proxy ports have none of (no
+    /// allocation then, and an entry of 48 bytes: an allocator size class).
+    rare: Option<Box<RareInputs>>,
     pub(super) emptiness: [Emptiness; 2],
+}
+
+/// Never all empty: then there is none (so equal inputs compare equal).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct RareInputs {
+    /// The port's own proxy listeners, by `PROXY_ROLES`.
+    listeners: [Option<SocketAddr>; 4],
     /// Per external IP, then per LB IP: not on this node (so redirected).
     remote: Box<[bool]>,
+}
+
+fn rare(listeners: [Option<SocketAddr>; 4], remote: Box<[bool]>) -> Option<Box<RareInputs>> {
+    let any = listeners.iter().any(Option::is_some) || !remote.is_empty();
+    any.then(|| Box::new(RareInputs { listeners, remote }))
 }
 
 impl Inputs {
@@ -39,7 +51,7 @@ impl Inputs {
         same_proxies: bool,
         changes: &ListenerChanges<'_>,
     ) -> Self {
-        let again = Self { listeners: self.listeners.clone(), emptiness, remote: remote(&port.spec, local) };
+        let again = Self { rare: rare(self.listeners(), remote(&port.spec, local)), emptiness };
         match same_proxies {
             true => again,
             false => again.with_changes(&port.spec.name, changes),
@@ -48,14 +60,14 @@ impl Inputs {
 
     /// A new port's inputs.
     pub(super) fn new(port: &PortState, local: &Locality, changes: &ListenerChanges<'_>) -> Self {
-        let fresh = Self { listeners: None, emptiness: emptiness(port), remote: remote(&port.spec, local) };
+        let fresh = Self { rare: rare([None; 4], remote(&port.spec, local)), emptiness: emptiness(port) };
         fresh.with_changes(&port.spec.name, changes)
     }
 
     /// With the proxy listeners of `name` that went removed and those that
     /// came added.
     fn with_changes(mut self, name: &ServicePortName, changes: &ListenerChanges<'_>) -> Self {
-        let mut all = self.listeners.as_deref().copied().unwrap_or_default();
+        let mut all = self.listeners();
         let at = |role: &ListenRole| PROXY_ROLES.iter().position(|r| r == role);
         for i in changes.went.get(name).into_iter().flatten().filter_map(at) {
             all[i] = None;
@@ -65,12 +77,17 @@ impl Inputs {
                 all[i] = Some(*addr);
             }
         }
-        self.listeners = all.iter().any(Option::is_some).then(|| Box::new(all));
+        let remote = self.rare.take().map(|r| r.remote).unwrap_or_default();
+        self.rare = rare(all, remote);
         self
     }
 
+    fn listeners(&self) -> [Option<SocketAddr>; 4] {
+        self.rare.as_ref().map_or([None; 4], |r| r.listeners)
+    }
+
     fn listener(&self, i: usize) -> Option<SocketAddr> {
-        self.listeners.as_ref().and_then(|l| l[i])
+        self.rare.as_ref().and_then(|r| r.listeners[i])
     }
 
     /// The external proxy ports, per family.
