@@ -165,7 +165,7 @@ async fn snapshot(State(s): State<AdminState>) -> impl IntoResponse {
             daddr: key.daddr.0,
             dport: key.dport,
             proxy_port: target.proxy_port.0,
-            service_port: target.service.to_string(),
+            service_port: target.name().to_string(),
         })
         .collect();
     Json(SnapshotWithRules { snapshot: snapshot.view(), redirect_rules: rules })

@@ -26,7 +26,7 @@ fn rules(n: u8) -> Rules {
         .map(|i| {
             let key =
                 RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip([10, 96, 0, i].into()), dport: 80 };
-            (key, Target { proxy_port: ProxyPort(31_000 + u16::from(i)), service: service.clone() })
+            (key, Target::named(ProxyPort(31_000 + u16::from(i)), service.clone()))
         })
         .collect()
 }

@@ -259,6 +259,9 @@ impl DesiredRules {
             };
             let entry = match previous {
                 Some(p) if p.inputs == inputs && (same_arc || same_rule_spec(&p.port.spec, &port.spec)) => {
+                    if !same_arc {
+                        self.renew_targets(&p.claims, &port.spec);
+                    }
                     Entry { port: Arc::clone(port), inputs, ..p }
                 }
                 previous => {
@@ -293,6 +296,20 @@ impl DesiredRules {
         update
     }
 
+    /// The rules a port's `claims` won name `spec`, its new version (the
+    /// same rules): a rule must not keep an older version of its port, and
+    /// all it holds, alive.
+    fn renew_targets(&mut self, claims: &Claims, spec: &Arc<ServicePort>) {
+        for (key, fate) in &claims.keys {
+            if let Fate::Redirect(_) = fate
+                && let Some(t) = self.rules.redirects.get_mut(key)
+                && t.name() == &spec.name
+            {
+                t.service = Some(Arc::clone(spec));
+            }
+        }
+    }
+
     fn retract(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
         let name = &e.port.spec.name;
         for (key, _) in &e.claims.keys {
@@ -300,7 +317,7 @@ impl DesiredRules {
                 Some(list) => list.retain(|(n, _)| n != name),
                 // A key this port alone redirected: no claim is left.
                 None => {
-                    debug_assert!(self.rules.redirects.get(key).is_some_and(|t| t.service == *name));
+                    debug_assert!(self.rules.redirects.get(key).is_some_and(|t| t.name() == name));
                     self.claimants.insert(*key, Vec::new());
                 }
             }
@@ -333,7 +350,7 @@ impl DesiredRules {
                     // Not touched by this update yet: the rule, if any, is
                     // the claim of the one port that redirects the key.
                     let sole = self.rules.redirects.get(key);
-                    sole.map(|t| (t.service.clone(), Fate::Redirect(t.proxy_port))).into_iter().collect()
+                    sole.map(|t| (t.name().clone(), Fate::Redirect(t.proxy_port))).into_iter().collect()
                 });
                 insert_claim(list, (name.clone(), fate.clone()));
                 touched.insert(*key);
@@ -369,15 +386,19 @@ impl DesiredRules {
             }
             let new = list.first().map(|(name, fate)| match fate {
                 Fate::Redirect(p) => {
-                    (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: name.clone() }))
+                    // The spec the winner's entry holds (every claimant has one).
+                    let spec = self.entries.get(name).map(|e| Arc::clone(&e.port.spec));
+                    debug_assert!(spec.is_some(), "a claimant without an entry");
+                    (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: spec }))
                 }
                 other => (other.clone(), None),
             });
             let r = &mut self.rules;
-            let old_target = r.redirects.get(key);
-            if let (Some((Fate::Redirect(_), Some(t))), Some(o)) = (&new, old_target)
-                && o == t
+            if let (Some((Fate::Redirect(_), Some(t))), Some(o)) = (&new, r.redirects.get_mut(key))
+                && *o == *t
             {
+                // The same rule; it holds the newest spec, not an old one.
+                o.service.clone_from(&t.service);
                 continue;
             }
             if r.redirects.remove(key).is_some() {

@@ -126,12 +126,12 @@ fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_o
         dport: 80,
     };
     assert_eq!(u.clashes, vec![(key, a.name.clone(), b.name.clone())]);
-    assert_eq!(d.rules().redirects[&key].service, a.name);
+    assert_eq!(d.rules().redirects[&key].name(), &a.name);
     let a_port = d.rules().redirects[&key].proxy_port;
     // The owner goes: the loser takes the key, to its own proxy port.
     let s2 = snapshot(2, std::slice::from_ref(&b), &s1);
     let u = step(&mut d, &s2);
-    assert_eq!(d.rules().redirects[&key].service, b.name);
+    assert_eq!(d.rules().redirects[&key].name(), &b.name);
     let b_port = d.rules().redirects[&key].proxy_port;
     assert_ne!(a_port, b_port);
     assert_eq!(u.diff.remove, vec![key]);
@@ -140,7 +140,7 @@ fn a_clashing_key_stays_with_the_first_by_name_and_passes_to_the_next_when_the_o
     // It comes back first by name and takes the key again.
     let s3 = snapshot(3, &[a.clone(), b], &s2);
     let u = step(&mut d, &s3);
-    assert_eq!(d.rules().redirects[&key].service, a.name);
+    assert_eq!(d.rules().redirects[&key].name(), &a.name);
     assert_eq!(u.clashes.len(), 1);
 }
 
@@ -231,14 +231,14 @@ fn rules_given_whole_or_read_back_are_diffed_whole_by_the_next_snapshot() {
     // A previous run's rules, without names, one of them stale.
     let mut read_back = fresh.rules().clone();
     for t in read_back.redirects.values_mut() {
-        t.service = ServicePortName { service: ServiceName::new("", ""), port: "".into() };
+        t.service = None;
     }
     let stale = RuleKey {
         protocol: Protocol::Tcp,
         daddr: crate::model::ServiceVip("10.96.9.9".parse().unwrap()),
         dport: 80,
     };
-    read_back.redirects.insert(stale, Target { proxy_port: ProxyPort(1), service: specs[0].name.clone() });
+    read_back.redirects.insert(stale, Target::named(ProxyPort(1), specs[0].name.clone()));
     let mut d = DesiredRules::orphaned(read_back);
     let u = d.update(&s1, &Locality::default());
     assert_eq!((u.diff.remove, u.diff.add.len()), (vec![stale], 0), "only the stale rule goes");
@@ -450,4 +450,37 @@ fn an_entry_stays_small() {
     // and claims are boxed slices and optional boxes, the target proxy
     // ports derived. 48 B is an allocator size class; 64 B was the next.
     assert_eq!(std::mem::size_of::<Entry>(), 48);
+}
+
+#[test]
+fn a_rule_holds_its_ports_newest_spec_and_keeps_no_older_one_alive() {
+    // Rules name their port by its spec (shared, 8 bytes). A new version
+    // of the port making the same rules (its endpoints changed) keeps its
+    // claims, and its rule moves to the new spec: the old one, with its
+    // endpoints, goes with the snapshot that held it.
+    let mut a = spec("a", Protocol::Tcp, "10.96.0.1", 2);
+    let mut d = DesiredRules::default();
+    let s1 = snapshot(1, std::slice::from_ref(&a), &Snapshot::default());
+    step(&mut d, &s1);
+    let old = Arc::downgrade(&s1.port(&a.name).expect("a").spec);
+    a.endpoints.push(Endpoint::ready(EndpointAddr(SocketAddr::from(([10, 0, 0, 9], 8080)))));
+    let s2 = snapshot(2, std::slice::from_ref(&a), &s1);
+    assert_eq!(step(&mut d, &s2).ports_changed, 0, "the same rules: claims kept");
+    drop(s1);
+    assert!(old.upgrade().is_none(), "the old spec is dropped with its snapshot");
+    let key = RuleKey {
+        protocol: Protocol::Tcp,
+        daddr: crate::model::ServiceVip("10.96.0.1".parse().unwrap()),
+        dport: 80,
+    };
+    let held = d.rules().redirects[&key].service.as_ref().expect("named");
+    assert!(Arc::ptr_eq(held, &s2.port(&a.name).expect("a").spec));
+    // A version with other rules (a second cluster IP) is claimed again:
+    // the rule it keeps as it was moves to the new spec too.
+    let old = Arc::downgrade(&s2.port(&a.name).expect("a").spec);
+    a.cluster_ips.push("10.96.0.2".parse().unwrap());
+    let s3 = snapshot(3, std::slice::from_ref(&a), &s2);
+    assert_eq!(step(&mut d, &s3).ports_changed, 1);
+    drop(s2);
+    assert!(old.upgrade().is_none(), "the old spec is dropped with its snapshot");
 }

@@ -173,11 +173,7 @@ pub fn parse_save(saved: &str) -> super::rules::Rules {
                 None => after("--to-ports")?.parse().ok()?,
             };
             let key = super::rules::RuleKey { protocol, daddr: crate::model::ServiceVip(ip), dport };
-            let service = crate::model::ServicePortName {
-                service: crate::model::ServiceName::new("", ""),
-                port: Default::default(),
-            };
-            Some((key, super::rules::Target { proxy_port: crate::model::ProxyPort(proxy), service }))
+            Some((key, super::rules::Target::unnamed(crate::model::ProxyPort(proxy))))
         })();
         if let Some((key, target)) = parsed {
             rules.insert(key, target);
@@ -227,7 +223,7 @@ pub fn render_restore(
         match table {
             "nat" => {
                 for (key, target) in rules.redirects.iter().filter(|(k, _)| mine(k)) {
-                    let comment = target.service.to_string().replace('"', "");
+                    let comment = target.name().to_string().replace('"', "");
                     let jump = match dnat {
                         Some(addr) => {
                             let to = std::net::SocketAddr::new(addr, target.proxy_port.0);
@@ -358,12 +354,7 @@ mod tests {
         let mut set = RuleSet::from_redirects(
             [("10.96.0.1", 31000), ("fd00::1", 31001)]
                 .into_iter()
-                .map(|(ip, proxy)| {
-                    (
-                        key(ip, Protocol::Tcp),
-                        Target { proxy_port: ProxyPort(proxy), service: service.clone() },
-                    )
-                })
+                .map(|(ip, proxy)| (key(ip, Protocol::Tcp), Target::named(ProxyPort(proxy), service.clone())))
                 .collect(),
         );
         set.reject.insert(key("10.96.0.53", Protocol::Udp));
@@ -418,10 +409,11 @@ mod tests {
         let mut sp = crate::model::ServicePort::new(name, crate::model::Origin::new("t"), Protocol::Tcp, 80);
         sp.cluster_ips = vec!["10.96.0.20".parse().unwrap()];
         let none = Emptiness { internal: true, external: true, has_endpoints: false };
+        let spec = std::sync::Arc::new(sp);
         let port = |shared| PortRules {
             emptiness: [none; 2],
             shared,
-            ..PortRules::new(&sp, "169.254.99.1:31000".parse().unwrap())
+            ..PortRules::new(&spec, "169.254.99.1:31000".parse().unwrap())
         };
         let own = desired([port(false)], &Locality::default()).rules;
         assert_eq!((own.redirects.len(), own.reject.len()), (1, 0), "a paused own proxy port refuses it");

@@ -110,11 +110,7 @@ pub fn parse_table(listing: &str) -> Option<RuleSet> {
             let key = RuleKey { protocol, daddr, dport: parts.next()?.parse().ok()? };
             match (name, port) {
                 (MAP4 | MAP6, Some(p)) => {
-                    let service = crate::model::ServicePortName {
-                        service: crate::model::ServiceName::new("", ""),
-                        port: Default::default(),
-                    };
-                    rules.redirects.insert(key, Target { proxy_port: crate::model::ProxyPort(p), service });
+                    rules.redirects.insert(key, Target::unnamed(crate::model::ProxyPort(p)));
                 }
                 (REJECT4 | REJECT6, None) => drop(rules.reject.insert(key)),
                 (DROP4 | DROP6, None) => drop(rules.dropped.insert(key)),
@@ -356,7 +352,7 @@ mod tests {
     fn rule(daddr: &str, dport: u16, proxy: u16) -> (RuleKey, Target) {
         let key = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(daddr.parse().unwrap()), dport };
         let service = ServicePortName { service: ServiceName::new("default", "web"), port: "http".into() };
-        (key, Target { proxy_port: ProxyPort(proxy), service })
+        (key, Target::named(ProxyPort(proxy), service))
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, LazyLock};
 
 use ipnet::IpNet;
 
@@ -54,10 +55,59 @@ impl RuleKey {
 }
 
 /// Where a rule sends the packet, and for whom (kept for comments).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Targets are equal when they name the same proxy port and service port.
+#[derive(Clone)]
 pub struct Target {
     pub proxy_port: ProxyPort,
-    pub service: ServicePortName,
+    /// The service port's spec, shared, for its name: 8 bytes in each of
+    /// 100k rules, where a copy of the name took 48. None for a rule read
+    /// back from a previous run (no name). The desired rules keep it the
+    /// spec their entry holds, so a rule never keeps an older version of
+    /// its port alive (`desired.rs`).
+    pub service: Option<Arc<ServicePort>>,
+}
+
+/// What a rule with no service port names (read back from a previous
+/// run's table).
+static UNNAMED: LazyLock<ServicePortName> =
+    LazyLock::new(|| ServicePortName { service: crate::model::ServiceName::new("", ""), port: "".into() });
+
+impl Target {
+    pub fn new(proxy_port: ProxyPort, service: &Arc<ServicePort>) -> Self {
+        Self { proxy_port, service: Some(Arc::clone(service)) }
+    }
+
+    /// A target for a service port known by its name alone (a rule set
+    /// made whole, not from a snapshot: tests, tools): a spec carrying the
+    /// name is made for it.
+    pub fn named(proxy_port: ProxyPort, name: ServicePortName) -> Self {
+        let spec = ServicePort::new(name, crate::model::Origin::new(""), Protocol::Tcp, 0);
+        Self { proxy_port, service: Some(Arc::new(spec)) }
+    }
+
+    /// A rule's target without a name (read back).
+    pub fn unnamed(proxy_port: ProxyPort) -> Self {
+        Self { proxy_port, service: None }
+    }
+
+    /// The service port it is for (empty when read back).
+    pub fn name(&self) -> &ServicePortName {
+        self.service.as_ref().map_or(&UNNAMED, |s| &s.name)
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.proxy_port == other.proxy_port && self.name() == other.name()
+    }
+}
+
+impl Eq for Target {}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("proxy_port", &self.proxy_port).field("service", self.name()).finish()
+    }
 }
 
 /// A full set of redirects, ordered so that rendered text is stable.
@@ -120,7 +170,7 @@ impl Locality {
 /// judged by its family's endpoints.
 #[derive(Clone, Copy, Debug)]
 pub struct PortRules<'a> {
-    pub spec: &'a ServicePort,
+    pub spec: &'a Arc<ServicePort>,
     /// Its proxy ports (internal scope: cluster IPs), where bound.
     pub proxy: [Option<SocketAddr>; 2],
     /// Its external proxy ports (external scope: non-local external and LB
@@ -135,7 +185,7 @@ pub struct PortRules<'a> {
 
 impl<'a> PortRules<'a> {
     /// A service port with endpoints in both scopes and one proxy port.
-    pub fn new(spec: &'a ServicePort, proxy: SocketAddr) -> Self {
+    pub fn new(spec: &'a Arc<ServicePort>, proxy: SocketAddr) -> Self {
         let full = Emptiness { internal: false, external: false, has_endpoints: has_endpoints(spec) };
         Self { spec, proxy: [None; 2], external_proxy: [None; 2], emptiness: [full; 2], shared: false }
             .with_proxy(proxy)
@@ -223,7 +273,7 @@ pub fn desired<'a>(ports: impl IntoIterator<Item = PortRules<'a>>, local: &Local
             } else if empty && (key.is_udp() || p.shared) {
                 out.rules.reject.insert(key);
             } else {
-                let target = Target { proxy_port: ProxyPort(proxy.port()), service: sp.name.clone() };
+                let target = Target::new(ProxyPort(proxy.port()), sp);
                 out.rules.redirects.insert(key, target);
             }
         }

@@ -66,7 +66,7 @@ fn rules(n: u8) -> Rules {
         .map(|i| {
             let key =
                 RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip([10, 96, 0, i].into()), dport: 80 };
-            (key, Target { proxy_port: ProxyPort(31000), service: service.clone() })
+            (key, Target::named(ProxyPort(31000), service.clone()))
         })
         .collect()
 }
@@ -114,7 +114,7 @@ fn conntrack_is_cleared_for_every_udp_key_at_start_and_then_only_for_udp_keys_wh
     let service = ServicePortName { service: ServiceName::new("default", "dns"), port: "".into() };
     let udp = |i: u8, port: u16| {
         let key = RuleKey { protocol: Protocol::Udp, daddr: ServiceVip([10, 96, 0, i].into()), dport: 53 };
-        (key, Target { proxy_port: ProxyPort(port), service: service.clone() })
+        (key, Target::named(ProxyPort(port), service.clone()))
     };
     let mut set =
         RuleSet::from_redirects(rules(2).into_iter().chain([udp(50, 31000), udp(51, 31001)]).collect());

@@ -415,8 +415,9 @@ mod tests {
         assert_eq!(routed, Some(("b", Scope::Internal)));
         let shared: SocketAddr = "127.0.0.1:30000".parse().unwrap();
         let rules = |sp| PortRules { shared: true, ..PortRules::new(sp, shared) };
+        let (a, b) = (Arc::new(a), Arc::new(b));
         let want = desired([rules(&a), rules(&b)], &local);
         let key = want.rules.redirects.keys().find(|k| k.daddr.0 == vip).expect("a rule for vip");
-        assert_eq!(want.rules.redirects[key].service, b.name, "the rule and the map agree");
+        assert_eq!(want.rules.redirects[key].name(), &b.name, "the rule and the map agree");
     }
 }

@@ -50,6 +50,13 @@ impl Entries {
         at.min(self.chunks.len().saturating_sub(1))
     }
 
+    /// The entry of `name`, if there is one.
+    pub(super) fn get(&self, name: &ServicePortName) -> Option<&Entry> {
+        let chunk = self.chunks.get(self.chunk_for(name))?;
+        let i = chunk.entries.binary_search_by(|e| e.port.spec.name.cmp(name)).ok()?;
+        Some(&chunk.entries[i])
+    }
+
     /// Take out the entry of `name`, if there is one.
     pub(super) fn remove(&mut self, name: &ServicePortName) -> Option<Entry> {
         let at = self.chunk_for(name);

@@ -41,9 +41,7 @@ impl DesiredRules {
                 update.clashes.push((*key, name(*first).clone(), name(*lost).clone()));
             }
             match fate {
-                Fate::Redirect(p) => {
-                    adds.push(*key, Target { proxy_port: *p, service: name(*first).clone() })
-                }
+                Fate::Redirect(p) => adds.push(*key, Target::new(*p, &all[*first as usize].port.spec)),
                 Fate::Reject => {
                     rules.reject.insert(*key);
                     update.diff.reject.push(*key);

@@ -61,7 +61,7 @@ mod tests {
                 daddr: ServiceVip(std::net::Ipv4Addr::from(0x0a60_0000 + i).into()),
                 dport: 80,
             };
-            (key, Target { proxy_port: ProxyPort(i as u16), service: service.clone() })
+            (key, Target::named(ProxyPort(i as u16), service.clone()))
         };
         for n in [0, 1, 2, 3, 4, 7, 100, 1000] {
             let mut sorted = SortedRules::default();
