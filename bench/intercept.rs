@@ -106,7 +106,7 @@ fn main() {
     std::thread::spawn(move || for _ in listener.incoming() {});
     let service = ServicePortName { service: ServiceName::new("bench", "svc"), port: "".into() };
     let key = RuleKey { protocol: Protocol::Tcp, daddr: ServiceVip(VIP.into()), dport: 80 };
-    let rules: Rules = [(key, Target { proxy_port: ProxyPort(port), service })].into_iter().collect();
+    let rules: Rules = [(key, Target::named(ProxyPort(port), service))].into_iter().collect();
 
     println!("| mechanism | client | round | median | p99 | no answer |\n|---|---|---|---|---|---|");
     let dnat = Intercept::ProxyAddress { v4: DEFAULT_PROXY_ADDRESS, v6: None };

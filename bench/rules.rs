@@ -121,6 +121,8 @@ fn vip(i: u32) -> Ipv4Addr {
 /// [`PROBE_INDEX`] (or the last one) points at that proxy port.
 fn rules(n: u32, probe: Option<u16>) -> Rules {
     let service = ServicePortName { service: ServiceName::new("bench", "svc"), port: "http".into() };
+    // One spec for every rule, as the rules of one service port share it.
+    let named = Target::named(ProxyPort(0), service);
     let probe_at = PROBE_INDEX.min(n - 1);
     (0..n)
         .map(|i| {
@@ -129,7 +131,7 @@ fn rules(n: u32, probe: Option<u16>) -> Rules {
                 Some(p) if i == probe_at => p,
                 _ => 20_000 + (i % 40_000) as u16,
             };
-            (key, Target { proxy_port: ProxyPort(port), service: service.clone() })
+            (key, Target { proxy_port: ProxyPort(port), ..named.clone() })
         })
         .collect()
 }
