@@ -21,7 +21,8 @@
 //!   map (a port set by a change claims its keys again with its new
 //!   state), never a position in some list, so the map stays right when
 //!   other ports come and go around it and a connection needs no second
-//!   lookup.
+//!   lookup. A key's scope and family are not kept: they follow from the
+//!   key and its port (internal for one of the port's cluster IPs).
 //! - A change costs what it changes: its ports' old keys lose their claims,
 //!   the new ones gain them, in shards shared with the previous snapshot
 //!   (`routes::Sharded`). Only a change of the node's addresses (which
@@ -35,14 +36,14 @@ use super::routes::Sharded;
 use super::{PortState, Route};
 use crate::balance::eligible::Scope;
 use crate::listen::ListenRole;
-use crate::model::{IpFamily, Protocol, ServicePort, ServicePortName};
+use crate::model::{IpFamily, Protocol, ServicePort};
 use crate::redirect::rules::{Locality, redirected_keys};
 
 /// What a redirected connection's original destination stands for.
-#[derive(Clone, Debug)]
-pub struct Destination {
+#[derive(Clone, Copy, Debug)]
+pub struct Destination<'a> {
     /// The service port's state in the snapshot that holds this map.
-    pub port: Arc<PortState>,
+    pub port: &'a Arc<PortState>,
     /// Internal for a cluster IP, external for an external or LB IP.
     pub scope: Scope,
     /// The address's family: a dual-stack port balances each apart.
@@ -54,8 +55,12 @@ type Key = (Protocol, IpAddr, u16);
 /// The map of every address a shared proxy port may be sent.
 #[derive(Debug, Default, Clone)]
 pub struct Destinations {
-    /// Each key's claimants, sorted by service port name, never empty.
-    map: Sharded<Key, Claims>,
+    /// Each key's first claimant by service port name: the one it goes to.
+    /// One pointer a key (100k keys hold one each, at 32 bytes an entry).
+    map: Sharded<Key, Arc<PortState>>,
+    /// The other claimants of a key claimed more than once, in name order
+    /// (the next takes the key when the first goes); empty for most.
+    rest: Sharded<Key, Vec<Arc<PortState>>>,
     /// The node's addresses the map was built with.
     local: Locality,
 }
@@ -64,7 +69,7 @@ impl Destinations {
     /// The destinations of `ports`' TCP service ports (UDP ones keep
     /// proxy ports of their own).
     pub fn build<'a>(ports: impl IntoIterator<Item = &'a Arc<PortState>>, local: &Locality) -> Self {
-        let mut d = Self { map: Sharded::default(), local: local.clone() };
+        let mut d = Self { map: Sharded::default(), rest: Sharded::default(), local: local.clone() };
         for port in ports {
             d.claim(port);
         }
@@ -112,13 +117,29 @@ impl Destinations {
     }
 
     fn claim(&mut self, port: &Arc<PortState>) {
-        let sp = &port.spec;
-        let keys: Vec<(Key, Scope)> = self.keys(sp).collect();
-        for (key, scope) in keys {
-            let claim = Destination { port: Arc::clone(port), scope, family: IpFamily::of(key.1) };
-            match self.map.get_mut(&key) {
-                None => self.map.insert(key, Claims::One(claim)),
-                Some(claims) => claims.claim(claim),
+        let name = &port.spec.name;
+        let keys: Vec<Key> = self.keys(&port.spec).map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(first) = self.map.get_mut(&key) else {
+                self.map.insert(key, Arc::clone(port));
+                continue;
+            };
+            let other = match first.spec.name.cmp(name) {
+                std::cmp::Ordering::Equal => {
+                    *first = Arc::clone(port);
+                    continue;
+                }
+                // It comes first by name: the first so far is the next.
+                std::cmp::Ordering::Greater => std::mem::replace(first, Arc::clone(port)),
+                std::cmp::Ordering::Less => Arc::clone(port),
+            };
+            let Some(rest) = self.rest.get_mut(&key) else {
+                self.rest.insert(key, vec![other]);
+                continue;
+            };
+            match rest.binary_search_by(|p| p.spec.name.cmp(&other.spec.name)) {
+                Ok(i) => rest[i] = other,
+                Err(i) => rest.insert(i, other),
             }
         }
     }
@@ -126,16 +147,34 @@ impl Destinations {
     fn unclaim(&mut self, sp: &ServicePort) {
         let keys: Vec<Key> = self.keys(sp).map(|(key, _)| key).collect();
         for key in keys {
-            let Some(claims) = self.map.get_mut(&key) else { continue };
-            if !claims.unclaim(&sp.name) {
-                self.map.remove(&key);
+            let Some(first) = self.map.get_mut(&key) else { continue };
+            if first.spec.name != sp.name {
+                if let Some(rest) = self.rest.get_mut(&key) {
+                    rest.retain(|p| p.spec.name != sp.name);
+                    if rest.is_empty() {
+                        self.rest.remove(&key);
+                    }
+                }
+                continue;
+            }
+            // The first goes: the next by name takes the key, if any.
+            let next = self.rest.get_mut(&key).map(|rest| rest.remove(0));
+            match next {
+                Some(next) => {
+                    *first = next;
+                    if self.rest.get(&key).is_some_and(Vec::is_empty) {
+                        self.rest.remove(&key);
+                    }
+                }
+                None => drop(self.map.remove(&key)),
             }
         }
     }
 
     /// What `to` (a connection's original destination) stands for.
-    pub fn get(&self, protocol: Protocol, to: SocketAddr) -> Option<&Destination> {
-        self.map.get(&(protocol, to.ip().to_canonical(), to.port())).map(Claims::first)
+    pub fn get(&self, protocol: Protocol, to: SocketAddr) -> Option<Destination<'_>> {
+        let key = (protocol, to.ip().to_canonical(), to.port());
+        self.map.get(&key).map(|port| destination(&key, port))
     }
 
     /// How many addresses it maps.
@@ -152,69 +191,21 @@ impl Destinations {
     pub(super) fn entries(
         &self,
     ) -> std::collections::HashMap<Key, Vec<(crate::model::ServicePortName, Scope, IpFamily)>> {
-        let named = |c: &Destination| (c.port.spec.name.clone(), c.scope, c.family);
-        self.map.iter().map(|(k, v)| (*k, v.as_slice().iter().map(named).collect())).collect()
+        let named = |k: &Key, p| {
+            let d = destination(k, p);
+            (d.port.spec.name.clone(), d.scope, d.family)
+        };
+        let claimants = |k: &Key, first| std::iter::once(first).chain(self.rest.get(k).into_iter().flatten());
+        self.map.iter().map(|(k, first)| (*k, claimants(k, first).map(|p| named(k, p)).collect())).collect()
     }
 }
 
-/// One key's claimants, in name order. Nearly every key has one, kept
-/// inline: a `Vec` of one would cost each key an allocation of its own.
-#[derive(Clone, Debug)]
-enum Claims {
-    One(Destination),
-    /// Two or more (boxed: the map's every value is then 16 bytes).
-    #[allow(clippy::box_collection)] // on purpose: see above
-    Many(Box<Vec<Destination>>),
-}
-
-impl Claims {
-    /// The claimant that keeps the key: the first by name.
-    fn first(&self) -> &Destination {
-        &self.as_slice()[0]
-    }
-
-    fn as_slice(&self) -> &[Destination] {
-        match self {
-            Claims::One(d) => std::slice::from_ref(d),
-            Claims::Many(list) => list,
-        }
-    }
-
-    /// Add `claim`, or replace its port's own earlier claim.
-    fn claim(&mut self, claim: Destination) {
-        let name = &claim.port.spec.name;
-        match self.as_slice().binary_search_by(|c| c.port.spec.name.cmp(name)) {
-            Ok(i) => match self {
-                Claims::One(d) => *d = claim,
-                Claims::Many(list) => list[i] = claim,
-            },
-            Err(i) => match self {
-                Claims::One(d) => {
-                    let mut list = vec![d.clone()];
-                    list.insert(i, claim);
-                    *self = Claims::Many(Box::new(list));
-                }
-                Claims::Many(list) => list.insert(i, claim),
-            },
-        }
-    }
-
-    /// Drop `name`'s claim; whether any claim is left (else the caller
-    /// drops the key).
-    fn unclaim(&mut self, name: &ServicePortName) -> bool {
-        match self {
-            Claims::One(d) => d.port.spec.name != *name,
-            Claims::Many(list) => {
-                list.retain(|c| c.port.spec.name != *name);
-                match list.as_slice() {
-                    [] => return false,
-                    [only] => *self = Claims::One(only.clone()),
-                    _ => {}
-                }
-                true
-            }
-        }
-    }
+/// `key` as its claimant `port` sees it: internal for one of its cluster
+/// IPs, as `keys` made it (a cluster IP comes first there), else external.
+fn destination<'a>(key: &Key, port: &'a Arc<PortState>) -> Destination<'a> {
+    let internal = port.spec.cluster_ips.iter().any(|ip| ip.to_canonical() == key.1);
+    let scope = if internal { Scope::Internal } else { Scope::External };
+    Destination { port, scope, family: IpFamily::of(key.1) }
 }
 
 impl super::Snapshot {
@@ -224,7 +215,7 @@ impl super::Snapshot {
     /// would have taken it): one hash lookup.
     pub fn route_to(&self, protocol: Protocol, to: SocketAddr) -> Option<(Route<'_>, ListenRole)> {
         let d = self.destinations.get(protocol, to)?;
-        let port = Some(&d.port).filter(|p| p.spec.protocol == protocol)?;
+        let port = Some(d.port).filter(|p| p.spec.protocol == protocol)?;
         let role = match (d.scope, d.family) {
             (Scope::Internal, IpFamily::V4) => ListenRole::Proxy,
             (Scope::Internal, IpFamily::V6) => ListenRole::Proxy6,
@@ -369,31 +360,36 @@ mod tests {
     }
 
     #[test]
-    fn claimants_of_one_key_come_and_go_in_name_order_and_one_alone_is_kept_inline() {
-        // Pinned: 100k keys hold one each, most of them one claimant.
-        assert_eq!(std::mem::size_of::<Claims>(), 16);
-        let ports: Vec<ServicePort> = ["c", "a", "b"].map(|n| sp(n, Protocol::Tcp, 80)).into();
+    fn claimants_of_one_key_come_and_go_in_name_order_and_one_alone_is_the_maps_alone() {
+        // Pinned: 100k keys hold one each, most of them one claimant: a
+        // key and a pointer, nothing else.
+        assert_eq!(std::mem::size_of::<(Key, Arc<PortState>)>(), 32);
+        let mut ports: Vec<ServicePort> = ["c", "a", "b"].map(|n| sp(n, Protocol::Tcp, 80)).into();
+        for p in &mut ports {
+            p.cluster_ips = vec!["10.96.0.1".parse().unwrap()];
+        }
         let states = states(&ports.iter().collect::<Vec<_>>());
-        let claim = |i: usize| Destination {
-            port: Arc::clone(&states[i]),
-            scope: Scope::Internal,
-            family: IpFamily::V4,
+        let (local, key) = (Locality::default(), (Protocol::Tcp, "10.96.0.1".parse().unwrap(), 80));
+        let names = |d: &Destinations| -> Vec<String> {
+            let entries = d.entries();
+            entries.get(&key).into_iter().flatten().map(|(n, _, _)| n.service.name.to_string()).collect()
         };
-        let names = |c: &Claims| -> Vec<String> {
-            c.as_slice().iter().map(|d| d.port.spec.name.service.name.to_string()).collect()
-        };
-        let mut claims = Claims::One(claim(0));
-        claims.claim(claim(1));
-        claims.claim(claim(2));
-        claims.claim(claim(1));
-        assert_eq!(names(&claims), ["a", "b", "c"], "each once, in name order");
-        assert_eq!(claims.first().port.spec.name.service.name.as_str(), "a");
-        assert!(claims.unclaim(&ports[1].name));
-        assert!(claims.unclaim(&ports[0].name));
-        assert!(matches!(claims, Claims::One(_)), "one left: back inline");
-        assert_eq!(names(&claims), ["b"]);
-        assert!(claims.unclaim(&ports[0].name), "not a claimant: b stays");
-        assert!(!claims.unclaim(&ports[2].name), "the last one goes: the key goes");
+        let gone =
+            |d: &Destinations, i: usize| d.with([&*states[i].spec], std::iter::empty(), &local, &states);
+        let d = Destinations::build(&states, &local);
+        assert_eq!(names(&d), ["a", "b", "c"], "each once, in name order");
+        let d = d.with([&*states[2].spec], [&states[2]], &local, &states);
+        assert_eq!(names(&d), ["a", "b", "c"], "set again: still once");
+        let first =
+            |d: &Destinations| d.get(Protocol::Tcp, to("10.96.0.1:80")).map(|d| d.port.spec.name.clone());
+        assert_eq!(first(&d), Some(ports[1].name.clone()));
+        let d = gone(&gone(&d, 2), 1);
+        assert_eq!(names(&d), ["c"], "the first goes: the next takes the key");
+        assert_eq!(first(&d), Some(ports[0].name.clone()));
+        assert_eq!(d.rest.len(), 0, "one left: in the map alone");
+        let d = gone(&d, 1);
+        assert_eq!(names(&d), ["c"], "not a claimant: c stays");
+        assert!(gone(&d, 0).is_empty(), "the last one goes: the key goes");
     }
 
     #[test]
