@@ -51,13 +51,47 @@ enum Fate {
     Drop,
 }
 
-/// One service port's rules, made for it alone (a boxed slice: most ports
-/// claim one key, and a large node keeps 100k of these), what few ports
-/// have out of line.
+/// One service port's rules, made for it alone, what few ports have out
+/// of line.
 #[derive(Debug, Default)]
 struct Claims {
-    keys: Box<[(RuleKey, Fate)]>,
+    keys: Keys,
     rare: Option<Box<RareClaims>>,
+}
+
+/// A port's claimed keys. Most ports claim one key, and a large node keeps
+/// 100k of these: one is kept inline (24 bytes, the size of a boxed
+/// slice's pointer and length with the enum's tag in a niche), not in an
+/// allocation of its own.
+#[derive(Debug)]
+enum Keys {
+    One((RuleKey, Fate)),
+    /// None, or two or more.
+    Many(Box<[(RuleKey, Fate)]>),
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::Many(Box::default())
+    }
+}
+
+impl Keys {
+    fn as_slice(&self) -> &[(RuleKey, Fate)] {
+        match self {
+            Keys::One(claim) => std::slice::from_ref(claim),
+            Keys::Many(claims) => claims,
+        }
+    }
+}
+
+impl From<Vec<(RuleKey, Fate)>> for Keys {
+    fn from(mut claims: Vec<(RuleKey, Fate)>) -> Self {
+        match claims.len() {
+            1 => claims.pop().map_or_else(Keys::default, Keys::One),
+            _ => Keys::Many(claims.into_boxed_slice()),
+        }
+    }
 }
 
 /// A port's firewall claims (LB IPs with source ranges) and its addresses
@@ -300,7 +334,7 @@ impl DesiredRules {
     /// same rules): a rule must not keep an older version of its port, and
     /// all it holds, alive.
     fn renew_targets(&mut self, claims: &Claims, spec: &Arc<ServicePort>) {
-        for (key, fate) in &claims.keys {
+        for (key, fate) in claims.keys.as_slice() {
             if let Fate::Redirect(_) = fate
                 && let Some(t) = self.rules.redirects.get_mut(key)
                 && t.name() == &spec.name
@@ -312,7 +346,7 @@ impl DesiredRules {
 
     fn retract(&mut self, e: &Entry, touched: &mut BTreeSet<RuleKey>, touched_fw: &mut BTreeSet<RuleKey>) {
         let name = &e.port.spec.name;
-        for (key, _) in &e.claims.keys {
+        for (key, _) in e.claims.keys.as_slice() {
             match self.claimants.get_mut(key) {
                 Some(list) => list.retain(|(n, _)| n != name),
                 // A key this port alone redirected: no claim is left.
@@ -345,7 +379,7 @@ impl DesiredRules {
     ) {
         let name = &e.port.spec.name;
         if let Some(touched) = touched {
-            for (key, fate) in &e.claims.keys {
+            for (key, fate) in e.claims.keys.as_slice() {
                 let list = self.claimants.entry(*key).or_insert_with(|| {
                     // Not touched by this update yet: the rule, if any, is
                     // the claim of the one port that redirects the key.
@@ -601,7 +635,7 @@ fn claims_of(
     keys.extend(d.rules.dropped.into_iter().map(|k| (k, Fate::Drop)));
     let rare = RareClaims { firewall: d.rules.firewall.into_iter().collect(), wrong_family: d.wrong_family };
     let rare = (!rare.firewall.is_empty() || rare.wrong_family > 0).then(|| Box::new(rare));
-    Claims { keys: keys.into_iter().collect(), rare }
+    Claims { keys: Keys::from(keys.into_iter().collect::<Vec<_>>()), rare }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ impl DesiredRules {
         let mut claims: Vec<(RuleKey, u32, Fate)> = Vec::new();
         for (i, e) in all.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            claims.extend(e.claims.keys.iter().map(|(key, fate)| (*key, i, fate.clone())));
+            claims.extend(e.claims.keys.as_slice().iter().map(|(key, fate)| (*key, i, fate.clone())));
         }
         claims.sort_unstable_by_key(|c| (c.0, c.1));
         let name = |i: u32| &all[i as usize].port.spec.name;
