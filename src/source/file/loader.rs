@@ -141,8 +141,9 @@ pub struct FileLoader {
     path: PathBuf,
     /// Per file: the version served.
     served: BTreeMap<PathBuf, Held>,
-    /// How many objects of what is served hold each name.
-    holders: HashMap<Key, u32>,
+    /// The name of each object served, sorted (a name held twice is there
+    /// twice): 8 bytes an object, where a map of counts took 22.
+    held: Vec<Key>,
     /// The names more than one object holds.
     crowded: HashSet<Key>,
     /// Files found gone at a load, whose objects were kept once.
@@ -200,7 +201,7 @@ impl FileLoader {
         Self {
             path: path.to_path_buf(),
             served: BTreeMap::new(),
-            holders: HashMap::new(),
+            held: Vec::new(),
             crowded: HashSet::new(),
             gone: HashSet::new(),
             proposed: None,
@@ -293,34 +294,33 @@ impl FileLoader {
     /// The last load is served now.
     pub fn commit(&mut self) {
         let Some(changed) = self.proposed.take() else { return };
+        let (mut removed, mut added) = (Vec::new(), Vec::new());
         for (file, new) in changed {
             if let Some(old) = self.served.remove(&file) {
-                for key in keys(&old.manifests) {
-                    if let Some(n) = self.holders.get_mut(&key) {
-                        *n -= 1;
-                        if *n <= 1 {
-                            self.crowded.remove(&key);
-                        }
-                        if *n == 0 {
-                            self.holders.remove(&key);
-                        }
-                    }
-                }
+                removed.extend(keys(&old.manifests));
             }
             match new {
                 Some(new) => {
-                    for key in keys(&new.manifests) {
-                        let n = self.holders.entry(key).or_default();
-                        *n += 1;
-                        if *n > 1 {
-                            self.crowded.insert(key);
-                        }
-                    }
+                    added.extend(keys(&new.manifests));
                     self.served.insert(file, new);
                 }
                 None => {
                     self.gone.remove(&file);
                 }
+            }
+        }
+        added.sort_unstable();
+        removed.sort_unstable();
+        let (added, removed) = net(&added, &removed);
+        update(&mut self.held, &added, &removed);
+        // Only the names held once more or once less can be crowded or
+        // no longer.
+        let touched: HashSet<Key> = added.into_iter().chain(removed).collect();
+        for key in touched {
+            if holders(&self.held, key) > 1 {
+                self.crowded.insert(key);
+            } else {
+                self.crowded.remove(&key);
             }
         }
         self.committed = true;
@@ -384,7 +384,8 @@ impl FileLoader {
         let mut crowded: HashSet<Key> =
             self.crowded.iter().filter(|k| !after.contains_key(*k)).copied().collect();
         for (key, d) in after {
-            if i64::from(self.holders.get(&key).copied().unwrap_or(0)) + d > 1 {
+            let holders = i64::try_from(holders(&self.held, key)).unwrap_or(i64::MAX);
+            if holders.saturating_add(d) > 1 {
                 crowded.insert(key);
             }
         }
@@ -453,6 +454,70 @@ impl FileLoader {
             .map(|(_, t)| t)
             .collect()
     }
+}
+
+/// Takes one of each of `removed` (sorted, and held: they are the keys of
+/// objects served) out of the sorted keys `held`, and puts `added`
+/// (sorted) in, in place
+/// (a map of counts cost 22 bytes a name): each run of keys between two
+/// changes moves once, in memory already in use.
+fn update(held: &mut Vec<Key>, added: &[Key], removed: &[Key]) {
+    // Out: the runs move down over the keys removed.
+    let (mut read, mut write) = (0, 0);
+    for &key in removed {
+        let at = read + held[read..].partition_point(|k| *k < key);
+        // A key removed that is not held (never: commit removes only what
+        // it added) takes nothing.
+        if held.get(at) == Some(&key) {
+            held.copy_within(read..at, write);
+            (write, read) = (write + at - read, at + 1);
+        }
+    }
+    let len = held.len();
+    held.copy_within(read..len, write);
+    held.truncate(write + len - read);
+    // In: from the back, the runs move up over the keys added.
+    let mut end = held.len();
+    held.reserve_exact(added.len());
+    held.resize(end + added.len(), 0);
+    let mut top = held.len();
+    for &key in added.iter().rev() {
+        let at = held[..end].partition_point(|k| *k <= key);
+        held.copy_within(at..end, top - (end - at));
+        top -= end - at + 1;
+        held[top] = key;
+        end = at;
+    }
+}
+
+/// The keys `added` and `removed` (sorted) less those in both: a file
+/// rewritten mostly keeps its names, and then moves no key of `held`.
+fn net(added: &[Key], removed: &[Key]) -> (Vec<Key>, Vec<Key>) {
+    use std::cmp::Ordering;
+    let (mut a, mut r) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&x), Some(&y)) = (added.get(i), removed.get(j)) {
+        match x.cmp(&y) {
+            Ordering::Less => {
+                a.push(x);
+                i += 1;
+            }
+            Ordering::Greater => {
+                r.push(y);
+                j += 1;
+            }
+            Ordering::Equal => (i, j) = (i + 1, j + 1),
+        }
+    }
+    a.extend_from_slice(&added[i..]);
+    r.extend_from_slice(&removed[j..]);
+    (a, r)
+}
+
+/// How many objects served hold `key`.
+fn holders(held: &[Key], key: Key) -> usize {
+    let start = held.partition_point(|k| *k < key);
+    held[start..].iter().take_while(|k| **k == key).count()
 }
 
 fn same_objects(a: &Manifests, b: &Manifests) -> bool {

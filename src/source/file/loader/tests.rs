@@ -222,6 +222,60 @@ fn a_duplicate_across_files_is_a_whole_state_the_table_refuses_naming_both_files
 }
 
 #[test]
+fn held_names_are_a_sorted_list_with_a_name_once_per_holder() {
+    let updated = |held: &[Key], added: &[Key], removed: &[Key]| {
+        let (mut held, mut added, mut removed) = (held.to_vec(), added.to_vec(), removed.to_vec());
+        added.sort_unstable();
+        removed.sort_unstable();
+        update(&mut held, &added, &removed);
+        held
+    };
+    assert_eq!(updated(&[1, 3, 3, 7], &[9, 3, 0], &[7, 3]), [0, 1, 3, 3, 9]);
+    assert_eq!(updated(&[], &[5, 2, 5], &[]), [2, 5, 5]);
+    assert_eq!(updated(&[2, 5, 5], &[], &[5, 5, 2]), [] as [Key; 0]);
+    assert_eq!(updated(&[2, 5], &[], &[4, 5]), [2], "a key not held takes nothing");
+    // Against a sort of what is left, under random changes.
+    let mut next = crate::test_rng::xorshift(0x00dd_ba11);
+    let mut held: Vec<Key> = Vec::new();
+    for step in 0..500 {
+        let removed: Vec<Key> = held.iter().copied().filter(|_| next(4) == 0).collect();
+        let mut added: Vec<Key> = (0..next(8)).map(|_| next(40)).collect();
+        added.sort_unstable();
+        let mut want = held.clone();
+        for r in &removed {
+            let at = want.iter().position(|k| k == r).unwrap();
+            want.remove(at);
+        }
+        want.extend(&added);
+        want.sort_unstable();
+        // Whether or not the keys in both are taken out first.
+        let (added, removed) = if next(2) == 0 { net(&added, &removed) } else { (added, removed) };
+        update(&mut held, &added, &removed);
+        assert_eq!(held, want, "step {step}");
+    }
+}
+
+/// (A table refuses such a state; the loader alone keeps count of it.)
+#[test]
+fn a_name_held_in_two_files_is_crowded_until_one_lets_it_go_then_loads_are_deltas() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &doc(&[service("web", 80), service("db", 80)]));
+    write(dir.path(), "b.yaml", &service("web", 81));
+    let mut loader = FileLoader::new(dir.path());
+    whole(&load(&mut loader));
+    assert_eq!((loader.held.len(), loader.crowded.len()), (3, 1));
+    write(dir.path(), "a.yaml", &doc(&[service("web", 82), service("db", 80)]));
+    whole(&load(&mut loader));
+    write(dir.path(), "b.yaml", &service("api", 81));
+    delta(&load(&mut loader));
+    assert!(loader.crowded.is_empty());
+    assert_eq!((loader.held.len(), loader.held.capacity()), (3, 3), "one key an object, no spare room");
+    assert!(loader.held.is_sorted());
+    write(dir.path(), "a.yaml", &doc(&[service("web", 83), service("db", 80)]));
+    assert_eq!(entries(&delta(&load(&mut loader)).services), [("web".to_owned(), true)]);
+}
+
+#[test]
 fn an_endpoints_of_two_subsets_shares_its_name_so_loads_stay_whole() {
     let dir = tempfile::tempdir().unwrap();
     let endpoints = "apiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n\
