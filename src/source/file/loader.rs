@@ -311,16 +311,22 @@ impl FileLoader {
         }
         added.sort_unstable();
         removed.sort_unstable();
-        let (added, removed) = net(&added, &removed);
+        let (mut added, mut removed) = net(&added, &removed);
         update(&mut self.held, &added, &removed);
-        // Only the names held once more or once less can be crowded or
-        // no longer.
-        let touched: HashSet<Key> = added.into_iter().chain(removed).collect();
-        for key in touched {
-            if holders(&self.held, key) > 1 {
-                self.crowded.insert(key);
-            } else {
-                self.crowded.remove(&key);
+        if added.len() + removed.len() > self.held.len() / 16 {
+            // Most names (a first load): one pass over them all.
+            self.crowded = self.held.windows(2).filter(|w| w[0] == w[1]).map(|w| w[0]).collect();
+        } else {
+            // Only the names held once more or once less can be crowded
+            // or no longer.
+            added.dedup();
+            removed.dedup();
+            for key in added.into_iter().chain(removed) {
+                if holders(&self.held, key) > 1 {
+                    self.crowded.insert(key);
+                } else {
+                    self.crowded.remove(&key);
+                }
             }
         }
         self.committed = true;

@@ -261,18 +261,24 @@ fn a_name_held_in_two_files_is_crowded_until_one_lets_it_go_then_loads_are_delta
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.yaml", &doc(&[service("web", 80), service("db", 80)]));
     write(dir.path(), "b.yaml", &service("web", 81));
+    // Enough other names that a change of one is looked up alone.
+    let others: Vec<String> = (0..40).map(|i| service(&format!("o{i}"), 80)).collect();
+    write(dir.path(), "others.yaml", &doc(&others));
     let mut loader = FileLoader::new(dir.path());
     whole(&load(&mut loader));
-    assert_eq!((loader.held.len(), loader.crowded.len()), (3, 1));
+    assert_eq!((loader.held.len(), loader.crowded.len()), (43, 1));
     write(dir.path(), "a.yaml", &doc(&[service("web", 82), service("db", 80)]));
     whole(&load(&mut loader));
     write(dir.path(), "b.yaml", &service("api", 81));
     delta(&load(&mut loader));
     assert!(loader.crowded.is_empty());
-    assert_eq!((loader.held.len(), loader.held.capacity()), (3, 3), "one key an object, no spare room");
+    assert_eq!((loader.held.len(), loader.held.capacity()), (43, 43), "one key an object, no spare room");
     assert!(loader.held.is_sorted());
     write(dir.path(), "a.yaml", &doc(&[service("web", 83), service("db", 80)]));
     assert_eq!(entries(&delta(&load(&mut loader)).services), [("web".to_owned(), true)]);
+    write(dir.path(), "b.yaml", &service("db", 81));
+    whole(&load(&mut loader));
+    assert_eq!(loader.crowded.len(), 1, "db, twice now");
 }
 
 #[test]
