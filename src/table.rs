@@ -336,6 +336,9 @@ impl Table {
                 }
             }
             if let Some(new) = service {
+                // The sets find an object by its own name: an op under
+                // another name would leave the old object in place.
+                debug_assert_eq!(new.name, name, "a Service op under another name");
                 for claim in claims(&new) {
                     self.claims.entry(claim).or_default().insert(name.clone());
                 }
@@ -353,6 +356,7 @@ impl Table {
                 self.change_entry(&old.service, |e| e.slices.remove(&old));
             }
             if let Some(new) = slice {
+                debug_assert!(new.id == key.0 && new.kind == key.1, "a slice op under another key");
                 let new = BySlice(new);
                 self.change_entry(&new.service, |e| e.slices.insert(new.clone()));
                 added.push(new);

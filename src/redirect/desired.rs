@@ -423,6 +423,9 @@ impl DesiredRules {
                     // The spec the winner's entry holds (every claimant has one).
                     let spec = self.entries.get(name).map(|e| Arc::clone(&e.port.spec));
                     debug_assert!(spec.is_some(), "a claimant without an entry");
+                    // Never seen; should it happen, the rule keeps its spec
+                    // (and its name) rather than lose them.
+                    let spec = spec.or_else(|| self.rules.redirects.get(key).and_then(|o| o.service.clone()));
                     (Fate::Redirect(*p), Some(Target { proxy_port: *p, service: spec }))
                 }
                 other => (other.clone(), None),

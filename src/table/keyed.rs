@@ -157,9 +157,17 @@ impl<T> std::ops::Deref for SmallSet<T> {
 }
 
 impl<T: Ord> SmallSet<T> {
+    /// Insert `value`; an equal one already held is replaced by it.
     pub(super) fn insert(&mut self, value: T) {
-        let Err(at) = self.binary_search(&value) else {
-            return;
+        let at = match self.binary_search(&value) {
+            Ok(at) => {
+                match self {
+                    SmallSet::One(one) => *one = value,
+                    SmallSet::Many(many) => many[at] = value,
+                }
+                return;
+            }
+            Err(at) => at,
         };
         let mut all = std::mem::take(self).into_vec();
         all.insert(at, value);
@@ -322,16 +330,20 @@ impl Ord for BySlice {
     }
 }
 
-/// Insert `added`, sorted, of values not in `set`. A batch as large as the
-/// set rebuilds it whole: a B-tree filled one insert after another keeps
-/// its nodes about half full, one built from a sorted list fills them (a
-/// first load of 100k Services and slices: ~10 MB less, as maps).
+/// Insert `added`, sorted; a value equal to one in `set` replaces it (the
+/// callers take the old one out first). A batch as large as the set
+/// rebuilds it whole: a B-tree filled one insert after another keeps its
+/// nodes about half full, one built from a sorted list fills them (a first
+/// load of 100k Services and slices: ~10 MB less, as maps).
 pub(super) fn insert_sorted<T: Ord>(set: &mut BTreeSet<T>, added: Vec<T>) {
     if added.len() >= set.len() {
         let old = std::mem::take(set);
+        // Of equal values the collect keeps the last: the added one.
         *set = old.into_iter().chain(added).collect();
     } else {
-        set.extend(added);
+        for value in added {
+            set.replace(value);
+        }
     }
 }
 
@@ -401,6 +413,33 @@ mod tests {
         assert!(services.get(&ServiceName::new("default", "ab")).is_some());
         assert!(services.take(&ServiceName::new("default", "a")).is_some());
         assert!(services.get(&ServiceName::new("default", "a")).is_none());
+    }
+
+    #[test]
+    fn an_object_inserted_over_an_equal_one_replaces_it_in_sets_and_small_sets() {
+        let (old, new) = (slice("a", SliceKind::EndpointSlice), slice("a", SliceKind::EndpointSlice));
+        let held = |set: &SmallSet<BySlice>| set.iter().map(|s| Arc::clone(&s.0)).collect::<Vec<_>>();
+        let mut one = SmallSet::default();
+        one.insert(BySlice(Arc::clone(&old)));
+        one.insert(BySlice(Arc::clone(&new)));
+        assert!(matches!(held(&one).as_slice(), [s] if Arc::ptr_eq(s, &new)), "one held inline");
+        let mut many = SmallSet::default();
+        many.insert(BySlice(slice("b", SliceKind::EndpointSlice)));
+        many.insert(BySlice(Arc::clone(&old)));
+        many.insert(BySlice(Arc::clone(&new)));
+        assert!(matches!(held(&many).as_slice(), [s, _] if Arc::ptr_eq(s, &new)), "in a list");
+        // A small batch goes in one by one; a large one rebuilds the set.
+        for (before, batch) in [(3, 1), (0, 2)] {
+            let mut set: BTreeSet<BySlice> =
+                (0..before).map(|i| BySlice(slice(&format!("z{i}"), SliceKind::EndpointSlice))).collect();
+            set.insert(BySlice(Arc::clone(&old)));
+            let mut added = vec![BySlice(Arc::clone(&new))];
+            added.extend((1..batch).map(|i| BySlice(slice(&format!("y{i}"), SliceKind::EndpointSlice))));
+            added.sort();
+            insert_sorted(&mut set, added);
+            let a = set.iter().find(|s| s.id.name.as_str() == "a").unwrap();
+            assert!(Arc::ptr_eq(&a.0, &new), "{before} held, {batch} added");
+        }
     }
 
     #[test]
