@@ -310,6 +310,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Before the first large allocation.
+    ringport::memory::no_huge_pages();
     // Before clap: a kube-proxy flag gets its ringport equivalent, not
     // clap's bare "unexpected argument".
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
