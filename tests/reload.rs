@@ -166,7 +166,13 @@ fn a_changed_file_of_a_directory_is_one_apply_and_its_slice_trigger_time_is_meas
     write(&web(&["10.1.0.1"], &now()));
     let g = proxy.wait_newer_than(g)["generation"].as_u64().expect("generation");
     let count = "ringport_network_programming_duration_seconds_count";
-    let timed = proxy.metric(count).expect("the histogram");
+    // The engine times a change just after its snapshot is published, so
+    // the snapshot can be seen first: read the count once the first write
+    // is timed (nothing before it carried a trigger time), not at once.
+    // Read at once, the count could miss the first write's observation,
+    // which then met the check meant for the second.
+    eventually(Duration::from_secs(10), "the first change is timed", || proxy.metric(count) == Some(1.0));
+    let timed = 1.0;
 
     write(&web(&["10.1.0.1", "10.1.0.2"], &now()));
     let snap = proxy.wait_newer_than(g);
