@@ -381,6 +381,25 @@ fn serialize_shared<T: Serialize + ?Sized, S: serde::Serializer>(
     shared.serialize(s)
 }
 
+/// `none()`, one shared empty value of a type most holders leave empty,
+/// and `shared()`, a value behind an `Arc`: that one if it is empty.
+macro_rules! shared_if_empty {
+    ($ty:ty) => {
+        impl $ty {
+            /// The shared empty value.
+            pub fn none() -> Arc<Self> {
+                static NONE: std::sync::LazyLock<Arc<$ty>> = std::sync::LazyLock::new(Arc::default);
+                Arc::clone(&NONE)
+            }
+
+            /// This, shared if empty.
+            pub fn shared(self) -> Arc<Self> {
+                if self == Self::default() { Self::none() } else { Arc::new(self) }
+            }
+        }
+    };
+}
+
 /// Reading a setting through the Service or service port that holds it;
 /// writing one copies the settings first if they are shared
 /// (`Arc::make_mut`), so a write never reaches another holder.
@@ -405,6 +424,7 @@ macro_rules! settings_deref {
 settings_deref!(Service, settings, ServiceSettings);
 settings_deref!(ServicePort, settings, ServiceSettings);
 settings_deref!(ServiceSettings, extras, ServiceExtras);
+shared_if_empty!(ServiceExtras);
 
 /// A port an [`EndpointSlice`] carries.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -439,18 +459,7 @@ pub struct Placement {
     pub hints: Option<Arc<Hints>>,
 }
 
-impl Placement {
-    /// The shared empty value.
-    pub fn none() -> Arc<Self> {
-        static NONE: std::sync::LazyLock<Arc<Placement>> = std::sync::LazyLock::new(Arc::default);
-        Arc::clone(&NONE)
-    }
-
-    /// This, shared if empty.
-    pub fn shared(self) -> Arc<Self> {
-        if self == Self::default() { Self::none() } else { Arc::new(self) }
-    }
-}
+shared_if_empty!(Placement);
 
 settings_deref!(Endpoint, place, Placement);
 

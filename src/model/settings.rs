@@ -92,19 +92,6 @@ pub struct ServiceExtras {
     pub health_check_node_port: Option<u16>,
 }
 
-impl ServiceExtras {
-    /// The shared empty value.
-    pub fn none() -> Arc<Self> {
-        static NONE: std::sync::LazyLock<Arc<ServiceExtras>> = std::sync::LazyLock::new(Arc::default);
-        Arc::clone(&NONE)
-    }
-
-    /// These, shared if empty.
-    pub fn shared(self) -> Arc<Self> {
-        if self == Self::default() { Self::none() } else { Arc::new(self) }
-    }
-}
-
 /// The settings serialize as one flat list of fields, in the order they
 /// had before affinity and the health-check node port moved into the
 /// extras (the snapshot's JSON is read by people and scripts).
